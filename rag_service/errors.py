@@ -1,0 +1,30 @@
+"""Domain errors. The server maps each kind to one gRPC status code (server.STATUS_FOR); stages raise these and know
+nothing of gRPC."""
+
+
+class RagError(Exception):
+    """Base class of every error rag-service reports to a caller."""
+
+
+class InvalidArgument(RagError, ValueError):
+    """A request field is outside its contract. `field` names it, so the caller can fix its request."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class Overloaded(RagError):
+    """Admission control refused the request: too much work in flight."""
+
+
+class Unavailable(RagError):
+    """The server cannot serve now (no index loaded, draining)."""
+
+
+class IndexFormatError(RagError):
+    """An index on disk is missing, corrupt or of another format; the message names the file and the problem."""
+
+
+class BuildError(RagError):
+    """An index build failed; the previously published index is untouched."""

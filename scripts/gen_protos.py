@@ -1,0 +1,45 @@
+"""Generate rag_service/pb from protos/ with grpc_tools.protoc (run by the build; run it by hand after editing a proto).
+
+protoc writes absolute imports ("from rag.v1 import ..."); they are rewritten to live under rag_service.pb so the
+generated code needs no sys.path tricks.
+"""
+
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOS = ROOT / "protos"
+OUT = ROOT / "rag_service" / "pb"
+
+
+def main() -> int:
+    from grpc_tools import protoc
+    import grpc_tools
+
+    protos = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
+    well_known = str(Path(grpc_tools.__file__).parent / "_proto")
+    OUT.mkdir(parents=True, exist_ok=True)
+    rc = protoc.main(["grpc_tools.protoc", f"-I{PROTOS}", f"-I{well_known}", f"--python_out={OUT}",
+                      f"--pyi_out={OUT}", f"--grpc_python_out={OUT}", *protos])
+    if rc != 0:
+        print(f"protoc failed with exit code {rc}", file=sys.stderr)
+        return rc
+    packages = {str(Path(p).parent).replace("/", ".") for p in protos}
+    for generated in OUT.rglob("*.py*"):
+        if generated.suffix not in (".py", ".pyi"):
+            continue
+        text = generated.read_text()
+        for pkg in packages:
+            text = re.sub(rf"^from {re.escape(pkg)} import", f"from rag_service.pb.{pkg} import", text, flags=re.M)
+        generated.write_text(text)
+    for directory in {OUT, *(p.parent for p in OUT.rglob("*_pb2.py"))}:
+        d = directory
+        while d != OUT.parent:
+            (d / "__init__.py").touch()
+            d = d.parent
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

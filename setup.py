@@ -1,0 +1,75 @@
+"""Build glue: compiles rag_service._native with CMake and generates gRPC code from protos/.
+
+Environment switches:
+  RAG_SERVICE_CUDA=OFF|ON|AUTO   (default AUTO: CUDA sources are compiled when nvcc is found)
+  RAG_CUDA_ARCHITECTURES="80;90" (CMAKE_CUDA_ARCHITECTURES for the CUDA sources)
+  RAG_BUILD_TYPE=Release         (CMake build type)
+"""
+
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _find_nvcc() -> str | None:
+    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11
+
+        extdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_temp = Path(self.build_temp).resolve() / ext.name
+        build_temp.mkdir(parents=True, exist_ok=True)
+
+        cuda = os.environ.get("RAG_SERVICE_CUDA", "AUTO").upper()
+        nvcc = _find_nvcc() if cuda != "OFF" else None
+        if cuda == "ON" and nvcc is None:
+            raise RuntimeError("RAG_SERVICE_CUDA=ON but nvcc was not found (set CUDACXX or put nvcc on PATH)")
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('RAG_BUILD_TYPE', 'Release')}",
+            f"-DRAG_WITH_CUDA={'ON' if nvcc else 'OFF'}",
+        ]
+        if nvcc:
+            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('RAG_CUDA_ARCHITECTURES', '80;90')}")
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+        subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
+        subprocess.run(["cmake", "--build", ".", "--parallel", str(os.cpu_count() or 2)], cwd=build_temp, check=True)
+
+
+class BuildPyWithProtos(build_py):
+    def run(self) -> None:
+        runpy.run_path(str(ROOT / "scripts" / "gen_protos.py"), run_name="__main__")
+        super().run()
+
+
+setup(
+    packages=["rag_service", "rag_service.pb", "rag_service.pb.rag", "rag_service.pb.rag.v1",
+              "rag_service.index", "rag_service.cli", "rag_service.bench"],
+    ext_modules=[CMakeExtension("rag_service._native")],
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithProtos},
+    package_data={"rag_service.pb.rag.v1": ["*.pyi"], "rag_service": ["py.typed"]},
+)
