@@ -15,7 +15,6 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
-from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -60,16 +59,18 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "--parallel", str(os.cpu_count() or 2)], cwd=build_temp, check=True)
 
 
-class BuildPyWithProtos(build_py):
-    def run(self) -> None:
-        runpy.run_path(str(ROOT / "scripts" / "gen_protos.py"), run_name="__main__")
-        super().run()
+def generate_protos() -> None:
+    # Before setup(): the generated packages must exist when setuptools lists them (egg_info, build_py).
+    generator = runpy.run_path(str(ROOT / "scripts" / "gen_protos.py"))
+    if generator["main"]() != 0:
+        raise RuntimeError("generating gRPC code from protos/ failed")
 
 
+generate_protos()
 setup(
     packages=["rag_service", "rag_service.pb", "rag_service.pb.rag", "rag_service.pb.rag.v1",
               "rag_service.index", "rag_service.cli", "rag_service.bench"],
     ext_modules=[CMakeExtension("rag_service._native")],
-    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithProtos},
+    cmdclass={"build_ext": CMakeBuild},
     package_data={"rag_service.pb.rag.v1": ["*.pyi"], "rag_service": ["py.typed"]},
 )

@@ -1,0 +1,1 @@
+"""What `rag-bench` runs (an installed command needs installed code); the experiments themselves live in bench/."""

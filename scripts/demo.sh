@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Sets up, builds an index of the bundled demo corpus (the Python standard library's docstrings), serves it on
+# $PORT (default 50051) and answers a query over gRPC. The server then keeps running until Ctrl-C, unless
+# RAG_DEMO_ONESHOT=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+. "${VENV:-.venv}/bin/activate"
+export HF_HUB_OFFLINE=1
+PORT=${PORT:-50051}
+QUERY=${QUERY:-how do I read a CSV file into dictionaries}
+
+python -m rag_service.demo --output indexes/demo-corpus.jsonl
+rag-index build --input indexes/demo-corpus.jsonl --output indexes/demo --name demo
+
+rag-serve --index indexes/demo --port "$PORT" &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server' EXIT INT TERM
+
+python - "$PORT" "$QUERY" <<'PY'
+import sys
+from rag_service.client import RetrieverClient
+
+port, query = sys.argv[1], sys.argv[2]
+with RetrieverClient(f"localhost:{port}", timeout=10) as client:
+    client.wait_until_serving(timeout=300)
+    info = client.index_info()
+    print(f"\nindex {info.name} {info.version}: {info.document_count} documents, {info.chunk_count} chunks")
+    result = client.search(query, top_k=5)
+    print(f"query: {query!r} -> {len(result.contexts)} contexts in {result.server_time_us / 1000:.1f} ms (server)")
+    for rank, ctx in enumerate(result.contexts, 1):
+        first_line = ctx.text.splitlines()[0][:90]
+        print(f"{rank}. {ctx.score:.3f}  {ctx.title:<40} {first_line}")
+    filtered = client.search("parse a date string", top_k=3, filters={"module": "datetime"})
+    print("\nwith filters={'module': 'datetime'}: " + ", ".join(c.doc_id for c in filtered.contexts))
+PY
+
+if [ "${RAG_DEMO_ONESHOT:-0}" = "1" ]; then
+  exit 0
+fi
+echo "rag-serve is serving indexes/demo on localhost:$PORT (Ctrl-C stops it)"
+wait $server
