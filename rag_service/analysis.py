@@ -1,0 +1,73 @@
+"""Text analysis for BM25: the same analyzer runs at build and at query time, and its settings are recorded in the
+index manifest so a server can rebuild exactly the analyzer an index was built with."""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+import Stemmer
+
+# Lucene's EnglishAnalyzer.ENGLISH_STOP_WORDS_SET (33 words). Kept identical so BM25 numbers are comparable with
+# Lucene/Anserini runs over the same corpus.
+LUCENE_ENGLISH_STOP_WORDS: frozenset[str] = frozenset(
+    """a an and are as at be but by for if in into is it no not of on or such that the their then there these they
+    this to was will with""".split()
+)
+
+STOPWORD_SETS: dict[str, frozenset[str]] = {"english": LUCENE_ENGLISH_STOP_WORDS}
+
+# \w is Unicode-aware for str patterns: letters and digits of every script (plus "_") form tokens.
+_WORD = re.compile(r"\w+")
+
+
+class Analyzer:
+    """lowercase -> Unicode word tokens -> stop words removed -> Snowball stem.
+
+    `stemmer` is a Snowball algorithm name known to PyStemmer ("english", ...) or None; `stopwords` is a key of
+    STOPWORD_SETS or None. Safe to share between threads: PyStemmer objects are not thread-safe (they keep a stem
+    cache), so each thread lazily gets its own.
+    """
+
+    def __init__(self, stemmer: str | None = "english", stopwords: str | None = "english") -> None:
+        if stemmer is not None and stemmer not in Stemmer.algorithms():
+            raise ValueError(f"unknown stemmer {stemmer!r}; known: {', '.join(Stemmer.algorithms())}")
+        if stopwords is not None and stopwords not in STOPWORD_SETS:
+            raise ValueError(f"unknown stop word set {stopwords!r}; known: {', '.join(STOPWORD_SETS)}")
+        self.stemmer = stemmer
+        self.stopwords = stopwords
+        self._stop = STOPWORD_SETS[stopwords] if stopwords else frozenset()
+        self._local = threading.local()
+
+    def _stemmer(self) -> Stemmer.Stemmer | None:
+        if self.stemmer is None:
+            return None
+        stemmer = getattr(self._local, "stemmer", None)
+        if stemmer is None:
+            stemmer = Stemmer.Stemmer(self.stemmer)
+            self._local.stemmer = stemmer
+        return stemmer
+
+    def tokens(self, text: str) -> list[str]:
+        words = [w for w in _WORD.findall(text.lower()) if w not in self._stop]
+        stemmer = self._stemmer()
+        return stemmer.stemWords(words) if stemmer is not None else words
+
+    def settings(self) -> dict[str, Any]:
+        """What the manifest records; `Analyzer.from_settings` rebuilds the same analyzer."""
+        return {
+            "tokenizer": "unicode-word",
+            "lowercase": True,
+            "stopwords": self.stopwords,
+            "stemmer": self.stemmer,
+        }
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> Analyzer:
+        if settings.get("tokenizer", "unicode-word") != "unicode-word" or settings.get("lowercase", True) is not True:
+            raise ValueError(f"unsupported analyzer settings: {settings}")
+        return cls(stemmer=settings.get("stemmer"), stopwords=settings.get("stopwords"))
+
+    def __repr__(self) -> str:
+        return f"Analyzer(stemmer={self.stemmer!r}, stopwords={self.stopwords!r})"

@@ -1,0 +1,1 @@
+"""Command-line entry points (rag-index, rag-serve, rag-bench)."""

@@ -1,0 +1,334 @@
+"""`rag-index build`: documents in, a published index version out.
+
+Stages, each timed into the manifest: read -> chunk -> store -> BM25 -> encode -> dense -> publish. Everything is
+written into a private temp directory under the index root and published atomically at the end (see publish.py), so
+a failure anywhere leaves the previously published index exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from rag_service import dense as dense_mod
+from rag_service import lexical
+from rag_service.analysis import Analyzer
+from rag_service.encode import Encoder
+from rag_service.errors import BuildError
+from rag_service.index import manifest as manifest_mod
+from rag_service.index import publish as publish_mod
+from rag_service.index.chunking import Chunk, Chunker, Document, dense_text, lexical_text
+from rag_service.index.store import write_store
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    chunk_tokens: int = 256
+    chunk_overlap: int = 64
+    k1: float = 0.9
+    b: float = 0.4
+    idf: str = "lucene"
+    dense_index: str = "auto"
+    hnsw_threshold: int = dense_mod.DEFAULT_HNSW_THRESHOLD
+    batch_size: int = 64
+    name: str | None = None  # default: the output directory's name
+    keep: int = 3
+    stemmer: str | None = "english"
+    stopwords: str | None = "english"
+
+    def validate(self) -> None:
+        """Raises BuildError naming the first bad setting."""
+        problems = []
+        if self.chunk_tokens < 1:
+            problems.append(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        if not 0 <= self.chunk_overlap < max(self.chunk_tokens, 1):
+            problems.append(
+                f"chunk_overlap must be >= 0 and < chunk_tokens ({self.chunk_tokens}), got {self.chunk_overlap}"
+            )
+        if not (math.isfinite(self.k1) and self.k1 >= 0):
+            problems.append(f"k1 must be a finite number >= 0, got {self.k1}")
+        if not (math.isfinite(self.b) and 0 <= self.b <= 1):
+            problems.append(f"b must be between 0 and 1, got {self.b}")
+        if self.idf not in lexical.IDF_KINDS:
+            problems.append(f"idf must be one of {', '.join(lexical.IDF_KINDS)}, got {self.idf!r}")
+        if self.dense_index not in dense_mod.DENSE_KINDS:
+            problems.append(f"dense_index must be one of {', '.join(dense_mod.DENSE_KINDS)}, got {self.dense_index!r}")
+        if self.hnsw_threshold < 1:
+            problems.append(f"hnsw_threshold must be >= 1, got {self.hnsw_threshold}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.keep < 1:
+            problems.append(f"keep must be >= 1, got {self.keep}")
+        if self.name is not None and not self.name.strip():
+            problems.append("name must not be empty")
+        try:
+            Analyzer(stemmer=self.stemmer, stopwords=self.stopwords)
+        except ValueError as e:
+            problems.append(str(e))
+        if problems:
+            raise BuildError("invalid build config: " + "; ".join(problems))
+
+
+# Input ------------------------------------------------------------------------------------------------------------
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+
+
+def read_beir_jsonl(path: Path, progress: bool = False) -> list[Document]:
+    """A BEIR corpus.jsonl: one object per line with `_id`, `text`, optional `title` and `metadata` (an object).
+    Errors name the line; blank lines are skipped."""
+    docs: list[Document] = []
+    first_line: dict[str, int] = {}
+    total = _count_lines(path) if progress else None
+    with open(path, "rb") as f, tqdm(total=total, desc="reading", unit="doc", disable=not progress,
+                                     dynamic_ncols=True) as bar:
+        for lineno, raw in enumerate(f, 1):
+            bar.update(1)
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BuildError(f"{where}: not UTF-8: {e}") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BuildError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise BuildError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            doc_id = obj.get("_id")
+            if isinstance(doc_id, int) and not isinstance(doc_id, bool):
+                doc_id = str(doc_id)
+            if not isinstance(doc_id, str) or not doc_id:
+                raise BuildError(f"{where}: missing or empty '_id' (a string)")
+            text = obj.get("text")
+            if not isinstance(text, str):
+                raise BuildError(f"{where}: document {doc_id!r}: missing 'text' (a string)")
+            title = obj.get("title") or ""
+            if not isinstance(title, str):
+                raise BuildError(f"{where}: document {doc_id!r}: 'title' must be a string")
+            metadata = obj.get("metadata") or {}
+            if not isinstance(metadata, dict):
+                raise BuildError(f"{where}: document {doc_id!r}: 'metadata' must be a JSON object")
+            if doc_id in first_line:
+                raise BuildError(f"{where}: duplicate _id {doc_id!r} (first on line {first_line[doc_id]})")
+            first_line[doc_id] = lineno
+            docs.append(Document(id=doc_id, title=title, text=text, metadata=metadata))
+    return docs
+
+
+_HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
+_FENCE = re.compile(r"^ {0,3}(```|~~~)")
+
+
+def markdown_title(text: str) -> str | None:
+    """Text of the first ATX heading ("# Title") outside fenced code blocks."""
+    in_fence = False
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            in_fence = not in_fence
+        elif not in_fence and (m := _HEADING.match(line)):
+            return m.group(1).strip()
+    return None
+
+
+def _text_files(root: Path) -> Iterator[Path]:
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):  # .git, editor swap files, ...
+            continue
+        if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
+            yield path
+
+
+def read_text_folder(root: Path, progress: bool = False) -> list[Document]:
+    """Every .txt/.md file under `root`: id = relative path, title = first Markdown heading (.md) or the file stem."""
+    docs = []
+    for path in tqdm(list(_text_files(root)), desc="reading", unit="doc", disable=not progress, dynamic_ncols=True):
+        rel = path.relative_to(root).as_posix()
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise BuildError(f"{path}: not UTF-8: {e}") from None
+        except OSError as e:
+            raise BuildError(f"{path}: cannot read: {e}") from None
+        title = (markdown_title(text) if path.suffix.lower() == ".md" else None) or path.stem
+        docs.append(Document(id=rel, title=title, text=text, metadata={"path": rel}))
+    return docs
+
+
+def read_corpus(input_path: Path | str, progress: bool = False) -> tuple[list[Document], str]:
+    """Documents and the input kind ("beir-jsonl" or "folder")."""
+    path = Path(input_path)
+    if path.is_dir():
+        docs, kind = read_text_folder(path, progress), "folder"
+    elif path.is_file():
+        docs, kind = read_beir_jsonl(path, progress), "beir-jsonl"
+    else:
+        raise BuildError(f"{path}: no such file or directory")
+    if not docs:
+        what = "no .txt/.md files" if kind == "folder" else "no documents"
+        raise BuildError(f"{path}: {what}")
+    return docs, kind
+
+
+# Build ------------------------------------------------------------------------------------------------------------
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def stage(self, name: str) -> _Stage:
+        return _Stage(self, name)
+
+
+class _Stage:
+    def __init__(self, timer: _Timer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.timer.seconds[self.name] = round(elapsed, 3)
+        if exc[0] is None:
+            log.info("%s: %.2fs", self.name, elapsed)
+
+
+def build_index(
+    input_path: Path | str,
+    output_root: Path | str,
+    config: BuildConfig = BuildConfig(),
+    encoder: Encoder | None = None,
+    progress: bool = True,
+) -> Path:
+    """Builds an index of `input_path` and publishes it under `output_root`; returns the new version directory.
+
+    Raises BuildError for bad input or config; the previously published version is left untouched on any failure.
+    """
+    config.validate()
+    started = time.perf_counter()
+    root = Path(output_root).absolute()
+    if root.exists() and not root.is_dir():
+        raise BuildError(f"{root}: exists and is not a directory")
+    name = config.name or root.name
+    timer = _Timer()
+
+    if encoder is None:
+        with timer.stage("load_model"):
+            encoder = Encoder()
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        publish_mod.remove_stale_tmp(root)
+        tmp = publish_mod.make_tmp_dir(root)
+    except OSError as e:
+        raise BuildError(f"{root}: cannot prepare the index root: {e}") from e
+    try:
+        with timer.stage("read"):
+            docs, input_kind = read_corpus(input_path, progress)
+
+        with timer.stage("chunk"):
+            chunker = Chunker(encoder, config.chunk_tokens, config.chunk_overlap)
+            chunks: list[Chunk] = []
+            for doc_chunks in tqdm(chunker.chunk_documents(docs), total=len(docs), desc="chunking", unit="doc",
+                                   disable=not progress, dynamic_ncols=True):
+                chunks.extend(doc_chunks)
+
+        with timer.stage("store"):
+            write_store(tmp, docs, chunks)
+
+        with timer.stage("bm25"):
+            analyzer = Analyzer(stemmer=config.stemmer, stopwords=config.stopwords)
+            token_lists = (
+                analyzer.tokens(lexical_text(docs[c.doc].title, c.text))
+                for c in tqdm(chunks, desc="bm25", unit="chunk", disable=not progress, dynamic_ncols=True)
+            )
+            params = lexical.BM25Params(k1=config.k1, b=config.b, idf=config.idf)
+            postings = lexical.build_postings(token_lists, params)
+            postings.write(tmp, analyzer)
+
+        with timer.stage("encode"):
+            texts = [dense_text(docs[c.doc].title, c.text) for c in chunks]
+            vectors = encoder.encode_documents(texts, batch_size=config.batch_size, progress=progress)
+        encode_rate = len(chunks) / max(timer.seconds["encode"], 1e-9)
+
+        with timer.stage("dense"):
+            kind = dense_mod.choose_kind(config.dense_index, len(chunks), config.hnsw_threshold)
+            index = dense_mod.build_dense_index(vectors, kind, progress=progress)
+            dense_mod.write_dense(tmp, index, vectors, kind)
+            del index
+
+        with timer.stage("checksums"):
+            publish_mod.fsync_tree(tmp)
+            files = manifest_mod.file_entries(tmp)
+
+        created = manifest_mod.utc_now()
+        manifest: dict[str, Any] = {
+            "format_version": manifest_mod.FORMAT_VERSION,
+            "name": name,
+            "version": manifest_mod.make_version(created, files),
+            "created_at": manifest_mod.iso_utc(created),
+            "build_seconds": round(time.perf_counter() - started, 3),
+            "timings": {**timer.seconds, "encode_chunks_per_second": round(encode_rate, 1)},
+            "source": {"input": str(Path(input_path).absolute()), "kind": input_kind},
+            "model": {"name": encoder.name, "dim": encoder.dim, "max_seq_length": encoder.max_seq_length},
+            "analyzer": analyzer.settings(),
+            "params": {
+                "chunk_tokens": config.chunk_tokens,
+                "chunk_overlap": config.chunk_overlap,
+                "effective_chunk_tokens": chunker.effective_chunk_tokens,
+                "dense_text": "title. text",
+                "bm25_text": "title text",
+                "k1": config.k1,
+                "b": config.b,
+                "idf": config.idf,
+                "dense_index": kind,
+                "dense_index_requested": config.dense_index,
+                "hnsw_threshold": config.hnsw_threshold,
+                "hnsw_m": dense_mod.HNSW_M,
+                "hnsw_ef_construction": dense_mod.HNSW_EF_CONSTRUCTION,
+                "hnsw_ef_search_min": dense_mod.HNSW_EF_SEARCH_MIN,
+                "batch_size": config.batch_size,
+            },
+            "counts": {
+                "documents": len(docs),
+                "chunks": len(chunks),
+                "vocabulary": len(postings.vocab),
+                "postings": int(len(postings.docs)),
+            },
+            "bm25": {"avgdl": postings.avgdl},
+            "metadata_fields": sorted({key for d in docs for key in d.metadata}),
+            "files": files,
+        }
+        published = publish_mod.publish(root, tmp, manifest, keep=config.keep)
+    except BuildError:
+        raise
+    except (OSError, ValueError) as e:
+        raise BuildError(f"build of {input_path} failed: {e}") from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("built %s: %d documents, %d chunks in %.1fs", published, len(docs), len(chunks),
+             time.perf_counter() - started)
+    return published

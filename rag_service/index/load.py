@@ -1,0 +1,110 @@
+"""Loading a published index version for serving."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rag_service.analysis import Analyzer
+from rag_service.dense import DenseIndex
+from rag_service.errors import IndexFormatError
+from rag_service.index.manifest import MANIFEST_FILE, check_files, read_manifest
+from rag_service.index.publish import CURRENT
+from rag_service.index.store import DocStore
+from rag_service.lexical import BM25Index
+
+log = logging.getLogger(__name__)
+
+
+def resolve_version_dir(path: Path | str) -> Path:
+    """The version directory `path` means: itself when it holds manifest.json, else what its CURRENT points to."""
+    path = Path(path)
+    if (path / MANIFEST_FILE).is_file():
+        return path.resolve()
+    link = path / CURRENT
+    if link.is_symlink() or link.exists():
+        target = link.resolve()
+        if not (target / MANIFEST_FILE).is_file():
+            raise IndexFormatError(f"{link}: points to {target}, which holds no {MANIFEST_FILE}")
+        return target
+    if not path.exists():
+        raise IndexFormatError(f"{path}: no such index (path does not exist)")
+    raise IndexFormatError(f"{path}: not an index: no {MANIFEST_FILE} and no {CURRENT} link")
+
+
+@dataclass
+class Index:
+    """One loaded index version: everything a query needs, read-only and shareable between threads."""
+
+    path: Path
+    manifest: dict[str, Any]
+    store: DocStore
+    bm25: BM25Index
+    dense: DenseIndex
+    analyzer: Analyzer
+    load_seconds: float = field(default=0.0)
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def n_docs(self) -> int:
+        return self.store.n_docs
+
+    @property
+    def n_chunks(self) -> int:
+        return self.store.n_chunks
+
+    @property
+    def metadata_fields(self) -> list[str]:
+        return self.store.metadata_fields
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """{name, dim, max_seq_length} of the encoder the index was built with; queries must use the same."""
+        return dict(self.manifest["model"])
+
+    def filter_mask(self, filters: Mapping[str, str] | None) -> np.ndarray | None:
+        return self.store.filter_mask(filters)
+
+
+def load_index(path: Path | str, *, verify_checksums: bool = True, search_threads: int = 1) -> Index:
+    """Loads the index at `path` (an index root or a version directory).
+
+    Always checks the format version and that every file in the manifest is present with its recorded size;
+    `verify_checksums` also recomputes every sha256 (reads every byte once). Raises IndexFormatError.
+    """
+    started = time.perf_counter()
+    directory = resolve_version_dir(path)
+    manifest = read_manifest(directory)
+    check_files(directory, manifest, checksums=verify_checksums)
+    analyzer = Analyzer.from_settings(manifest["analyzer"])
+    store = DocStore.load(directory)
+    bm25 = BM25Index.load(directory, analyzer=analyzer)
+    dense = DenseIndex.load(directory, search_threads=search_threads)
+    counts = manifest["counts"]
+    for what, actual in (("chunks", store.n_chunks), ("documents", store.n_docs)):
+        if counts.get(what) != actual:
+            raise IndexFormatError(f"{directory}: manifest counts {counts.get(what)} {what}, files hold {actual}")
+    if bm25.n_chunks != store.n_chunks or dense.n != store.n_chunks:
+        raise IndexFormatError(f"{directory}: chunk counts differ: store {store.n_chunks}, bm25 {bm25.n_chunks}, "
+                               f"dense {dense.n}")
+    if dense.dim != manifest["model"]["dim"]:
+        raise IndexFormatError(f"{directory}: dense dim {dense.dim}, manifest model dim {manifest['model']['dim']}")
+    elapsed = time.perf_counter() - started
+    log.info("loaded index %s version %s (%d docs, %d chunks) from %s in %.3fs%s", manifest["name"],
+             manifest["version"], store.n_docs, store.n_chunks, directory, elapsed,
+             " with checksums" if verify_checksums else "")
+    return Index(path=directory, manifest=manifest, store=store, bm25=bm25, dense=dense, analyzer=analyzer,
+                 load_seconds=elapsed)

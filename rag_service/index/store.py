@@ -1,0 +1,236 @@
+"""Document store: chunk texts, document ids/titles/metadata and the metadata filter index, all memory-mapped.
+
+Nothing is parsed at load: a string column is one UTF-8 blob (`<name>.bin`) plus int64 offsets (`<name>_offsets.npy`,
+n + 1 entries), so `load` costs a few mmaps whatever the corpus size, and each lookup decodes one slice.
+
+Files:
+    chunk_text.bin/_offsets.npy      chunk texts
+    doc_id.bin/_offsets.npy          document ids
+    doc_title.bin/_offsets.npy       document titles
+    doc_metadata.bin/_offsets.npy    one JSON object per document ("" when it has none), JSON types kept
+    chunk_doc.npy                    int32 document index per chunk
+    chunk_no.npy                     int32 position of the chunk in its document
+    chunk_span.npy                   int64 (chunks, 2) character span of the chunk in its document's text
+    meta_fields.json                 filterable fields: name, value list (strings), codes file
+    meta_codes_<k>.npy               int32 per chunk: index into field k's value list, -1 = field absent
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rag_service.errors import IndexFormatError, InvalidArgument
+from rag_service.index.chunking import Chunk, Document, chunk_id
+
+CHUNK_TEXT = "chunk_text"
+DOC_ID = "doc_id"
+DOC_TITLE = "doc_title"
+DOC_METADATA = "doc_metadata"
+CHUNK_DOC_FILE = "chunk_doc.npy"
+CHUNK_NO_FILE = "chunk_no.npy"
+CHUNK_SPAN_FILE = "chunk_span.npy"
+META_FIELDS_FILE = "meta_fields.json"
+
+
+def metadata_value_str(value: Any) -> str:
+    """How a metadata value compares in filters: strings as they are, anything else as its JSON text."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+# Writing ----------------------------------------------------------------------------------------------------------
+
+
+def _write_strings(directory: Path, name: str, values: Sequence[str]) -> list[Path]:
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    blob_path = directory / f"{name}.bin"
+    with open(blob_path, "wb") as f:
+        pos = 0
+        for i, value in enumerate(values):
+            data = value.encode("utf-8")
+            f.write(data)
+            pos += len(data)
+            offsets[i + 1] = pos
+    offsets_path = directory / f"{name}_offsets.npy"
+    np.save(offsets_path, offsets)
+    return [blob_path, offsets_path]
+
+
+def write_store(directory: Path, docs: Sequence[Document], chunks: Sequence[Chunk]) -> list[Path]:
+    """Writes the store for `chunks` (in chunk id order) of `docs`; returns the files written."""
+    directory = Path(directory)
+    files: list[Path] = []
+    files += _write_strings(directory, CHUNK_TEXT, [c.text for c in chunks])
+    files += _write_strings(directory, DOC_ID, [d.id for d in docs])
+    files += _write_strings(directory, DOC_TITLE, [d.title for d in docs])
+    files += _write_strings(
+        directory,
+        DOC_METADATA,
+        [json.dumps(d.metadata, ensure_ascii=False, separators=(",", ":")) if d.metadata else "" for d in docs],
+    )
+    chunk_doc = np.fromiter((c.doc for c in chunks), dtype=np.int32, count=len(chunks))
+    chunk_no = np.fromiter((c.no for c in chunks), dtype=np.int32, count=len(chunks))
+    spans = np.array([(c.start, c.end) for c in chunks], dtype=np.int64).reshape(len(chunks), 2)
+    for name, arr in ((CHUNK_DOC_FILE, chunk_doc), (CHUNK_NO_FILE, chunk_no), (CHUNK_SPAN_FILE, spans)):
+        np.save(directory / name, arr)
+        files.append(directory / name)
+
+    # Filter index: code per document per field, then expanded to chunks so a filter is one vectorised compare.
+    field_names = sorted({key for d in docs for key in d.metadata})
+    fields = []
+    for k, field in enumerate(field_names):
+        codes_of: dict[str, int] = {}
+        doc_codes = np.full(len(docs), -1, dtype=np.int32)
+        for i, d in enumerate(docs):
+            if field in d.metadata:
+                doc_codes[i] = codes_of.setdefault(metadata_value_str(d.metadata[field]), len(codes_of))
+        codes_file = f"meta_codes_{k}.npy"
+        np.save(directory / codes_file, doc_codes[chunk_doc] if len(chunks) else np.zeros(0, np.int32))
+        files.append(directory / codes_file)
+        fields.append({"name": field, "values": list(codes_of), "codes": codes_file})
+    with open(directory / META_FIELDS_FILE, "w", encoding="utf-8") as f:
+        json.dump({"fields": fields}, f, ensure_ascii=False)
+    files.append(directory / META_FIELDS_FILE)
+    return files
+
+
+# Reading ----------------------------------------------------------------------------------------------------------
+
+
+def _mapped(path: Path) -> np.ndarray:
+    # A plain ndarray view of the mapping: np.memmap would leak its subclass into every result computed from it.
+    return np.asarray(np.load(path, mmap_mode="r"))
+
+
+class StringColumn:
+    """Read-only strings backed by an mmapped UTF-8 blob; slicing an mmap needs no seek, so it is thread-safe."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        blob_path = directory / f"{name}.bin"
+        self.offsets = np.load(directory / f"{name}_offsets.npy", mmap_mode="r")
+        if self.offsets.dtype != np.int64 or self.offsets.ndim != 1 or len(self.offsets) == 0:
+            raise IndexFormatError(f"{directory / name}_offsets.npy: expected a non-empty 1-d int64 array")
+        size = blob_path.stat().st_size
+        if int(self.offsets[-1]) != size:
+            raise IndexFormatError(f"{blob_path}: {size} bytes but offsets end at {int(self.offsets[-1])}")
+        if size == 0:
+            self._blob: mmap.mmap | bytes = b""  # mmap refuses empty files
+        else:
+            with open(blob_path, "rb") as f:
+                self._blob = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range [0, {len(self)})")
+        return self._blob[int(self.offsets[i]) : int(self.offsets[i + 1])].decode("utf-8")
+
+
+class DocStore:
+    def __init__(self, directory: Path | str) -> None:
+        directory = Path(directory)
+        self.path = directory
+        try:
+            self._chunk_text = StringColumn(directory, CHUNK_TEXT)
+            self._doc_id = StringColumn(directory, DOC_ID)
+            self._doc_title = StringColumn(directory, DOC_TITLE)
+            self._doc_metadata = StringColumn(directory, DOC_METADATA)
+            self.chunk_docs: np.ndarray = _mapped(directory / CHUNK_DOC_FILE)
+            self.chunk_nos: np.ndarray = _mapped(directory / CHUNK_NO_FILE)
+            self.chunk_spans: np.ndarray = _mapped(directory / CHUNK_SPAN_FILE)
+            with open(directory / META_FIELDS_FILE, encoding="utf-8") as f:
+                fields = json.load(f)["fields"]
+            self._codes = {fd["name"]: _mapped(directory / fd["codes"]) for fd in fields}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise IndexFormatError(f"{directory}: cannot read document store: {e}") from e
+        # Built once here, read-only afterwards, so lookups from many threads need no lock.
+        self._value_codes: dict[str, dict[str, int]] = {
+            fd["name"]: {value: code for code, value in enumerate(fd["values"])} for fd in fields
+        }
+        self.n_docs = len(self._doc_id)
+        self.n_chunks = len(self._chunk_text)
+        for name, arr in (("chunk_doc", self.chunk_docs), ("chunk_no", self.chunk_nos), *self._codes.items()):
+            if len(arr) != self.n_chunks:
+                raise IndexFormatError(f"{directory}: {name} has {len(arr)} entries for {self.n_chunks} chunks")
+        for name, col in (("doc_title", self._doc_title), ("doc_metadata", self._doc_metadata)):
+            if len(col) != self.n_docs:
+                raise IndexFormatError(f"{directory}: {name} has {len(col)} entries for {self.n_docs} documents")
+
+    @classmethod
+    def load(cls, directory: Path | str) -> DocStore:
+        return cls(directory)
+
+    def __repr__(self) -> str:
+        return f"DocStore(docs={self.n_docs}, chunks={self.n_chunks}, metadata_fields={self.metadata_fields})"
+
+    # Chunks -------------------------------------------------------------------------------------------------------
+
+    def chunk_text(self, i: int) -> str:
+        return self._chunk_text[i]
+
+    def chunk_doc(self, i: int) -> int:
+        return int(self.chunk_docs[i])
+
+    def chunk_no(self, i: int) -> int:
+        return int(self.chunk_nos[i])
+
+    def chunk_id(self, i: int) -> str:
+        return chunk_id(self.doc_id(self.chunk_doc(i)), self.chunk_no(i))
+
+    def chunk_span(self, i: int) -> tuple[int, int]:
+        """[start, end) of the chunk in its document's text."""
+        start, end = self.chunk_spans[i]
+        return int(start), int(end)
+
+    # Documents ----------------------------------------------------------------------------------------------------
+
+    def doc_id(self, d: int) -> str:
+        return self._doc_id[d]
+
+    def doc_title(self, d: int) -> str:
+        return self._doc_title[d]
+
+    def doc_metadata_raw(self, d: int) -> dict[str, Any]:
+        """Metadata with its JSON types, as given at build time."""
+        text = self._doc_metadata[d]
+        return json.loads(text) if text else {}
+
+    def doc_metadata(self, d: int) -> dict[str, str]:
+        """Metadata with values as strings, the form filters compare against (see metadata_value_str)."""
+        return {k: metadata_value_str(v) for k, v in self.doc_metadata_raw(d).items()}
+
+    # Filters ------------------------------------------------------------------------------------------------------
+
+    @property
+    def metadata_fields(self) -> list[str]:
+        return list(self._codes)
+
+    def filter_mask(self, filters: Mapping[str, str] | None) -> np.ndarray | None:
+        """bool per chunk, True where every filter field equals its value; None when there are no filters.
+
+        An unknown field is the caller's mistake (InvalidArgument); a known field with a value no document has
+        simply matches nothing.
+        """
+        if not filters:
+            return None
+        mask: np.ndarray | None = None
+        for field, value in filters.items():
+            codes = self._codes.get(field)
+            if codes is None:
+                known = ", ".join(self._codes) or "(none)"
+                raise InvalidArgument(f"filters[{field}]", f"unknown metadata field; known: {known}")
+            code = self._value_codes[field].get(metadata_value_str(value))
+            if code is None:
+                return np.zeros(self.n_chunks, dtype=np.bool_)
+            hit = codes == code
+            mask = hit if mask is None else (mask & hit)
+        return mask

@@ -1,0 +1,147 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# ======================================================================================================================
+# Index build fixtures (rag-index build: encoder, corpus files). Owned by the index build; add other fixtures below.
+# ======================================================================================================================
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """One Encoder for the whole session: loading the model takes seconds."""
+    from rag_service.encode import Encoder
+
+    return Encoder()
+
+
+def _write_corpus(path: Path, docs: Iterable[Mapping[str, Any]]) -> Path:
+    """Writes `docs` (dicts with `_id`, `text`, optional `title` and `metadata`) as a BEIR corpus.jsonl."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps(dict(doc), ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_corpus() -> Callable[[Path, Iterable[Mapping[str, Any]]], Path]:
+    """`write_corpus(path, docs) -> path`: a small BEIR corpus.jsonl (a fixture because tests import with importlib
+    mode, so they cannot import helpers from conftest)."""
+    return _write_corpus
+
+
+# ======================================================================================================================
+# End of index build fixtures.
+# ======================================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Served index fixtures: a served test index: a small corpus built by the real build code and served by a real server on a free port.
+# ---------------------------------------------------------------------------------------------------------------------
+import asyncio
+import threading
+from dataclasses import dataclass
+
+GLACIER_TEXT = " ".join([
+    "A glacier is a persistent body of dense ice that is constantly moving under its own weight.",
+    "Glaciers form where the accumulation of snow exceeds its ablation over many years, often centuries.",
+    "As the ice sheet flows it erodes rock and carries debris, leaving moraines, drumlins and eskers behind.",
+    "Valley glaciers carve U-shaped valleys, and when they retreat they leave lakes dammed by terminal moraine.",
+    "Ice cores drilled from glaciers record past climate, trapping bubbles of ancient air for hundreds of millennia.",
+    "Today most mountain glaciers are retreating, and their meltwater feeds rivers that millions of people rely on.",
+])
+
+SERVER_DOCS = [
+    ("volcano", "Volcanoes", "A volcano erupts when magma rises through the crust and lava, ash and gases escape "
+     "through a vent.", {"topic": "geology", "year": 2001}),
+    ("glacier", "Glaciers", GLACIER_TEXT, {"topic": "geology", "year": 1999}),
+    ("earthquake", "Earthquakes", "Earthquakes are the shaking of the surface caused by a sudden slip on a fault, "
+     "releasing stored elastic strain energy as seismic waves.", {"topic": "geology", "year": 2010}),
+    ("photosynthesis", "Photosynthesis", "Green plants use chlorophyll to turn sunlight, water and carbon dioxide "
+     "into sugar and oxygen in their leaves.", {"topic": "biology", "year": 2005}),
+    ("dna", "DNA", "Deoxyribonucleic acid carries genetic instructions as a double helix of paired nucleotide bases.",
+     {"topic": "biology", "year": 2003}),
+    ("aqueduct", "Roman aqueducts", "The ancient Romans built aqueducts of stone arches that carried water by "
+     "gravity from distant springs into their cities.", {"topic": "history", "year": 1980}),
+    ("printing", "The printing press", "Gutenberg's movable type printing press spread books and literacy across "
+     "Europe in the fifteenth century.", {"topic": "history", "year": 1985}),
+    ("light", "Speed of light", "The speed of light in a vacuum is exactly 299,792,458 metres per second, a "
+     "universal physical constant.", {"topic": "physics", "year": 2019}),
+    ("gravity", "Gravity", "Gravity attracts masses to one another; Newton described it as a force and Einstein as "
+     "the curvature of spacetime.", {"topic": "physics", "year": 2015}),
+    ("bridge", "Suspension bridges", "A suspension bridge hangs its deck from vertical cables attached to main "
+     "cables slung between towers, an engineering feat of the modern era.", {"topic": "engineering", "year": 1990}),
+    ("coffee", "Coffee", "Coffee is brewed from roasted beans of the Coffea plant; caffeine makes it a stimulant.",
+     {"topic": "food", "year": 2012}),
+    ("bread", "Sourdough bread", "Sourdough is leavened by wild yeast and lactic acid bacteria in a fermented "
+     "starter of flour and water.", {"topic": "food", "year": 2020}),
+]
+
+
+def write_server_corpus(path: Path) -> Path:
+    return _write_corpus(path, ({"_id": i, "title": t, "text": x, "metadata": m} for i, t, x, m in SERVER_DOCS))
+
+
+@dataclass
+class ServedIndex:
+    root: Path
+    port: int
+    n_docs: int
+    n_chunks: int
+
+
+class ServerThread:
+    """Runs a RagServer on its own event loop in a background thread, so sync tests use ordinary channels."""
+
+    def __init__(self, config, encoder) -> None:
+        self.config, self.encoder = config, encoder
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self):
+        from rag_service.server import create_server
+
+        self.thread.start()
+        future = asyncio.run_coroutine_threadsafe(create_server(self.config, encoder=self.encoder), self.loop)
+        self.server, self.port = future.result(timeout=300)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(timeout=60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def built_index(tmp_path_factory, encoder) -> Path:
+    """Index root built from SERVER_DOCS with small chunks so the glacier document spans several."""
+    from rag_service.index.build import BuildConfig, build_index
+
+    work = tmp_path_factory.mktemp("served")
+    corpus = write_server_corpus(work / "corpus.jsonl")
+    root = work / "testidx"
+    build_index(corpus, root, BuildConfig(chunk_tokens=64, chunk_overlap=16), encoder=encoder, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def served_index(built_index, encoder):
+    from rag_service.config import ServerConfig
+    from rag_service.index.load import load_index
+
+    index = load_index(built_index)
+    with ServerThread(ServerConfig(index=built_index, port=0, warmup_queries=2), encoder) as running:
+        yield ServedIndex(root=built_index, port=running.port, n_docs=index.n_docs, n_chunks=index.n_chunks)

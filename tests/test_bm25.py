@@ -1,0 +1,211 @@
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from rank_bm25 import BM25Okapi
+
+from rag_service.analysis import Analyzer
+from rag_service.errors import InvalidArgument
+from rag_service.lexical import (
+    DOCS_FILE,
+    INDPTR_FILE,
+    VOCAB_FILE,
+    WEIGHTS_FILE,
+    BM25Index,
+    BM25Params,
+    build_postings,
+    idf_values,
+)
+
+
+def make_index(tmp_path, corpus, analyzer=None, **params):
+    postings = build_postings(corpus, BM25Params(**params))
+    postings.write(tmp_path, analyzer or Analyzer())
+    return BM25Index.load(tmp_path)
+
+
+def random_corpus(rng, n_docs, vocab_size):
+    vocab = [f"t{i}" for i in range(vocab_size)]
+    # Zipf-ish term choice, so some terms are in more than half the documents (negative okapi idf).
+    p = 1.0 / np.arange(1, vocab_size + 1)
+    p /= p.sum()
+    corpus = [list(rng.choice(vocab, size=int(rng.integers(0, 40)), p=p)) for _ in range(n_docs)]
+    corpus[0] = corpus[0] or ["t0"]  # rank-bm25 divides by avgdl
+    return corpus, vocab
+
+
+def random_queries(rng, vocab):
+    queries = [[], ["unknown"], ["t0"], ["t1", "t1", "t1"], ["nope", "t2", "zzz"]]
+    for _ in range(8):
+        q = list(rng.choice(vocab, size=int(rng.integers(1, 8))))
+        q += q[: int(rng.integers(0, 3))]  # repeated terms count again, as in rank-bm25
+        if rng.random() < 0.3:
+            q.append("never-seen")
+        queries.append(q)
+    return queries
+
+
+def reference_scores(reference: BM25Okapi, query) -> np.ndarray:
+    if reference.k1 > 0:
+        return reference.get_scores(query)
+    # With k1 = 0 rank-bm25 computes 0/0 for documents without a term; the limit (and our score) is 0 there, so
+    # score term by term and zero those.
+    total = np.zeros(reference.corpus_size)
+    with np.errstate(invalid="ignore"):
+        for term in query:
+            total += np.nan_to_num(reference.get_scores([term]), nan=0.0)
+    return total
+
+
+def lucene_idf(reference: BM25Okapi) -> dict[str, float]:
+    n = reference.corpus_size
+    df: dict[str, int] = {}
+    for freqs in reference.doc_freqs:
+        for term in freqs:
+            df[term] = df.get(term, 0) + 1
+    return {t: float(np.log(1 + (n - d + 0.5) / (d + 0.5))) for t, d in df.items()}
+
+
+CASES = [(seed, k1, b) for seed in range(4) for k1, b in [(0.9, 0.4), (1.5, 0.75), (1.2, 0.0), (0.0, 1.0)]]
+
+
+@pytest.mark.parametrize("seed,k1,b", CASES)
+def test_okapi_scores_match_rank_bm25(tmp_path, seed, k1, b):
+    rng = np.random.default_rng(seed)
+    corpus, vocab = random_corpus(rng, n_docs=int(rng.integers(5, 120)), vocab_size=int(rng.integers(3, 60)))
+    index = make_index(tmp_path, corpus, k1=k1, b=b, idf="okapi")
+    reference = BM25Okapi(corpus, k1=k1, b=b)
+    for query in random_queries(rng, vocab):
+        np.testing.assert_allclose(index.score_all(query), reference_scores(reference, query), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed,k1,b", CASES)
+def test_lucene_scores_match_rank_bm25_with_lucene_idf(tmp_path, seed, k1, b):
+    rng = np.random.default_rng(100 + seed)
+    corpus, vocab = random_corpus(rng, n_docs=int(rng.integers(5, 120)), vocab_size=int(rng.integers(3, 60)))
+    index = make_index(tmp_path, corpus, k1=k1, b=b, idf="lucene")
+    reference = BM25Okapi(corpus, k1=k1, b=b)
+    reference.idf = lucene_idf(reference)
+    for query in random_queries(rng, vocab):
+        expected = reference_scores(reference, query)
+        np.testing.assert_allclose(index.score_all(query), expected, rtol=1e-5, atol=1e-5)
+        # search returns exactly the positive scores, best first, ties by id
+        ids, scores = index.search_tokens(query, depth=len(corpus))
+        ours = index.score_all(query)
+        order = np.lexsort((np.arange(len(corpus)), -ours))
+        order = order[ours[order] > 0]
+        np.testing.assert_array_equal(ids, order)
+        np.testing.assert_array_equal(scores, ours[order])
+        assert set(ids) == set(np.flatnonzero(expected > 1e-6)) | set(np.flatnonzero(ours > 0))
+
+
+def test_idf_formulas():
+    df = np.array([1, 5, 9, 10])
+    np.testing.assert_allclose(idf_values(df, 10, "lucene"), np.log(1 + (10 - df + 0.5) / (df + 0.5)))
+    okapi = idf_values(df, 10, "okapi", epsilon=0.25)
+    raw = np.log(10 - df + 0.5) - np.log(df + 0.5)
+    assert (raw[2:] < 0).all()
+    np.testing.assert_allclose(okapi, np.where(raw < 0, 0.25 * raw.mean(), raw))
+
+
+def test_empty_and_unknown_queries_find_nothing(tmp_path):
+    index = make_index(tmp_path, [["a", "b"], ["b", "c"]])
+    for query in ([], ["zzz"], ["zzz", "yyy"]):
+        ids, scores = index.search_tokens(query, depth=10)
+        assert ids.dtype == np.int64 and scores.dtype == np.float32
+        assert len(ids) == len(scores) == 0
+        assert not index.score_all(query).any()
+
+
+def test_ties_break_by_id_and_depth_cuts(tmp_path):
+    # Docs 1, 3, 5, 7 are identical (equal scores); doc 4 has the term twice (higher); the rest lack it.
+    corpus = [["x", "y"], ["a", "y"], ["x"], ["a", "y"], ["a", "a"], ["a", "y"], ["z"], ["a", "y"]]
+    index = make_index(tmp_path, corpus)
+    ids, scores = index.search_tokens(["a"], depth=10)
+    assert ids.tolist() == [4, 1, 3, 5, 7]
+    assert scores[0] > scores[1] == scores[2] == scores[3] == scores[4] > 0
+    ids3, scores3 = index.search_tokens(["a"], depth=3)
+    assert ids3.tolist() == [4, 1, 3]
+    np.testing.assert_array_equal(scores3, scores[:3])
+    assert index.search_tokens(["a"], depth=1)[0].tolist() == [4]
+
+
+def test_many_ties_beyond_depth_keep_the_lowest_ids(tmp_path):
+    corpus = [["same"] for _ in range(300)]
+    index = make_index(tmp_path, corpus)
+    ids, _ = index.search_tokens(["same"], depth=17)
+    assert ids.tolist() == list(range(17))
+
+
+def test_mask_is_applied_before_the_top_n_cut(tmp_path):
+    rng = np.random.default_rng(7)
+    corpus, vocab = random_corpus(rng, n_docs=400, vocab_size=30)
+    index = make_index(tmp_path, corpus)
+    mask = rng.random(400) < 0.2
+    for query in random_queries(rng, vocab):
+        full_ids, full_scores = index.search_tokens(query, depth=400)
+        allowed = mask[full_ids]
+        for depth in (1, 5, 50):
+            ids, scores = index.search_tokens(query, depth=depth, mask=mask)
+            np.testing.assert_array_equal(ids, full_ids[allowed][:depth])
+            np.testing.assert_array_equal(scores, full_scores[allowed][:depth])
+    none_ids, _ = index.search_tokens(["t0"], depth=10, mask=np.zeros(400, dtype=bool))
+    assert len(none_ids) == 0
+
+
+def test_bad_arguments(tmp_path):
+    index = make_index(tmp_path, [["a"], ["b"]])
+    with pytest.raises(InvalidArgument) as err:
+        index.search_tokens(["a"], depth=0)
+    assert err.value.field == "depth"
+    with pytest.raises(ValueError, match="shape"):
+        index.search_tokens(["a"], depth=1, mask=np.ones(3, dtype=bool))
+
+
+def test_params_are_validated():
+    for params in (BM25Params(k1=-1), BM25Params(b=1.5), BM25Params(idf="tfidf")):
+        with pytest.raises(ValueError):
+            build_postings([["a"]], params)
+
+
+def test_search_analyzes_the_query_like_the_documents(tmp_path):
+    analyzer = Analyzer()
+    texts = ["Volcanoes erupt lava and magma", "The ocean is deep and blue", "Running volcano tours"]
+    index = make_index(tmp_path, [analyzer.tokens(t) for t in texts], analyzer=analyzer)
+    ids, _ = index.search("the VOLCANO erupted", depth=5)
+    assert ids.tolist() == [0, 2]
+    assert index.search("and the of", depth=5)[0].tolist() == []  # stop words only
+
+
+def test_on_disk_layout(tmp_path):
+    corpus = [["b", "a", "b"], ["c"], ["a", "c", "c"]]
+    make_index(tmp_path, corpus, k1=1.2, b=0.75)
+    vocab = json.loads((tmp_path / VOCAB_FILE).read_text())
+    assert vocab == {"a": 0, "b": 1, "c": 2}
+    indptr = np.load(tmp_path / INDPTR_FILE)
+    docs = np.load(tmp_path / DOCS_FILE)
+    weights = np.load(tmp_path / WEIGHTS_FILE)
+    assert (indptr.dtype, docs.dtype, weights.dtype) == (np.int64, np.int32, np.float32)
+    assert indptr.tolist() == [0, 2, 3, 5]
+    assert docs.tolist() == [0, 2, 0, 1, 2]  # per term, chunk ids ascending
+    index = BM25Index.load(tmp_path)
+    assert isinstance(np.load(tmp_path / DOCS_FILE, mmap_mode="r"), np.memmap)
+    assert index.n_chunks == 3 and index.avgdl == pytest.approx(7 / 3)
+
+
+def test_concurrent_searches_agree_with_sequential(tmp_path):
+    rng = np.random.default_rng(3)
+    corpus, vocab = random_corpus(rng, n_docs=2000, vocab_size=200)
+    index = make_index(tmp_path, corpus)
+    queries = [random_queries(rng, vocab)[-1] for _ in range(200)]
+    mask = rng.random(2000) < 0.5
+    expected = [index.search_tokens(q, 20, mask if i % 2 else None) for i, q in enumerate(queries)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(lambda iq: index.search_tokens(iq[1], 20, mask if iq[0] % 2 else None),
+                            enumerate(queries)))
+    for (e_ids, e_scores), (g_ids, g_scores) in zip(expected, got):
+        np.testing.assert_array_equal(e_ids, g_ids)
+        np.testing.assert_array_equal(e_scores, g_scores)
