@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rag_service.client import RetrieverClient, RetrieverError
-from rag_service.config import ServerConfig
+from rag_service.config import SearchDefaults, ServerConfig
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 from rag_service.server import RagServer
@@ -71,8 +71,9 @@ def test_rrf_fusion(client):
     result = client.search("the speed of light in a vacuum", top_k=4, fusion="rrf", debug=True)
     assert result.contexts[0].doc_id == "light"
     top = result.contexts[0]
-    # Rank 1 in both lists with the default weight 0.5 and k = 60.
-    assert top.score == pytest.approx(0.5 / 61 + 0.5 / 61, rel=1e-5)
+    # Rank 1 in both lists with the default weight 0.5.
+    k = SearchDefaults().rrf_k
+    assert top.score == pytest.approx(0.5 / (k + 1) + 0.5 / (k + 1), rel=1e-5)
 
 
 def test_long_document_is_split_into_chunks_that_keep_its_metadata(client):
