@@ -11,14 +11,14 @@ export HF_HUB_OFFLINE=1
 PORT=${PORT:-50051}
 QUERY=${QUERY:-how do I read a CSV file into dictionaries}
 
-python -m rag_service.demo --output indexes/demo-corpus.jsonl
+python -I -m rag_service.demo --output indexes/demo-corpus.jsonl
 rag-index build --input indexes/demo-corpus.jsonl --output indexes/demo --name demo
 
 rag-serve --index indexes/demo --port "$PORT" &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server' EXIT INT TERM
 
-python - "$PORT" "$QUERY" <<'PY'
+python -I - "$PORT" "$QUERY" <<'PY'
 import sys
 from rag_service.client import RetrieverClient
 

@@ -11,4 +11,4 @@ python -m pip install -q --upgrade pip
 # torch first and pinned: sentence-transformers would otherwise pull a CUDA build of several GB.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q ".[test]"
-python -c "import rag_service._native as n; print('rag_service._native built; HAS_CUDA =', n.HAS_CUDA)"
+python -I -c "import rag_service._native as n; print('rag_service._native built; HAS_CUDA =', n.HAS_CUDA)"
