@@ -30,8 +30,8 @@ with RetrieverClient(f"localhost:{port}", timeout=10) as client:
     result = client.search(query, top_k=5)
     print(f"query: {query!r} -> {len(result.contexts)} contexts in {result.server_time_us / 1000:.1f} ms (server)")
     for rank, ctx in enumerate(result.contexts, 1):
-        first_line = ctx.text.splitlines()[0][:90]
-        print(f"{rank}. {ctx.score:.3f}  {ctx.title:<40} {first_line}")
+        snippet = " ".join(ctx.text.split())[:80]
+        print(f"{rank}. {ctx.score:.3f}  {ctx.chunk_id:<28} {snippet}")
     filtered = client.search("parse a date string", top_k=3, filters={"module": "datetime"})
     print("\nwith filters={'module': 'datetime'}: " + ", ".join(c.doc_id for c in filtered.contexts))
 PY

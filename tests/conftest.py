@@ -42,6 +42,17 @@ def write_corpus() -> Callable[[Path, Iterable[Mapping[str, Any]]], Path]:
     return _write_corpus
 
 
+@pytest.fixture
+def ext():
+    """The compiled extension. Missing is a failure, not a skip: CI builds it, so its absence is a broken build."""
+    try:
+        from rag_service import _native
+    except ImportError as error:
+        pytest.fail(f"rag_service._native is not built ({error!r}); build it with "
+                    "`python setup.py build_ext --inplace` or `pip install .`")
+    return _native
+
+
 # ======================================================================================================================
 # End of index build fixtures.
 # ======================================================================================================================

@@ -14,21 +14,6 @@ import pytest
 from rag_service import native, reference
 from rag_service.reference import FusionResult, fuse_reference
 
-try:
-    from rag_service import _native
-except ImportError as error:  # reported by every test that needs it, as a failure
-    _native = None
-    _IMPORT_ERROR = repr(error)
-
-
-@pytest.fixture
-def ext():
-    if _native is None:
-        pytest.fail(f"rag_service._native is not built ({_IMPORT_ERROR}); build it with "
-                    "`python setup.py build_ext --inplace` or `pip install .`")
-    return _native
-
-
 def i64(values) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 

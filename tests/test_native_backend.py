@@ -16,23 +16,10 @@ import pytest
 from rag_service import native
 from rag_service.reference import fuse_reference
 
-try:
-    from rag_service import _native
-except ImportError as error:  # reported as a failure by the tests that need it
-    _native = None
-    _IMPORT_ERROR = repr(error)
 
 ENV = native.BACKEND_ENV
 ARGS = (np.array([1, 2, 3], dtype=np.int64), np.array([3, 2, 1], dtype=np.float32),
         np.array([3, 5], dtype=np.int64), np.array([0.9, 0.1], dtype=np.float32))
-
-
-@pytest.fixture
-def ext():
-    if _native is None:
-        pytest.fail(f"rag_service._native is not built ({_IMPORT_ERROR}); build it with "
-                    "`python setup.py build_ext --inplace` or `pip install .`")
-    return _native
 
 
 @pytest.fixture

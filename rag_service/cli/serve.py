@@ -40,6 +40,7 @@ def main(index, host, port, workers, config_file, log_level) -> None:
     """Serve a rag-service index over gRPC (Retriever, health, reflection)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from installed packages, never from a hub
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it narrates every SIMD variant it tries
     from pydantic import ValidationError
 
     from rag_service.config import load_config
