@@ -149,6 +149,12 @@ def built_index(tmp_path_factory, encoder) -> Path:
 
 
 @pytest.fixture(scope="session")
+def server_thread():
+    """`server_thread(config, encoder)`: a context manager running a RagServer in a background thread."""
+    return ServerThread
+
+
+@pytest.fixture(scope="session")
 def served_index(built_index, encoder):
     from rag_service.config import ServerConfig
     from rag_service.index.load import load_index

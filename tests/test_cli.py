@@ -8,11 +8,12 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from rag_service.client import RetrieverClient
+from rag_service.client import RetrieverClient, RetrieverError
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +50,28 @@ def test_rag_index_build_then_rag_serve_answers_and_drains_on_sigterm(tmp_path, 
             result = client.search("why does iron rust", top_k=2)
             assert result.contexts[0].doc_id == "rust"
             assert [c.doc_id for c in client.search("tea", filters={"lang": "de"}).contexts] == ["kite"]
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0
+            # SIGTERM under load: requests in flight finish, later ones are refused as UNAVAILABLE, exit code 0.
+            outcomes: list[str] = []
+
+            def load() -> None:
+                while True:
+                    try:
+                        client.search("iron oxide", top_k=3, timeout=10)
+                        outcomes.append("OK")
+                    except RetrieverError as error:
+                        outcomes.append(error.code.name)
+                        return
+
+            threads = [threading.Thread(target=load) for _ in range(3)]
+            for t in threads:
+                t.start()
+            time.sleep(1.0)
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=30) == 0
+            for t in threads:
+                t.join(timeout=30)
+        assert outcomes.count("OK") > 3
+        assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
         assert "draining" in server.stderr.read()
     finally:
         if server.poll() is None:

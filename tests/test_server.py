@@ -193,3 +193,34 @@ def test_server_is_unavailable_and_not_serving_until_the_index_is_loaded(served_
     status, error = asyncio.run(scenario())
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert error.code() == grpc.StatusCode.UNAVAILABLE and "loading" in error.details()
+
+
+def test_admission_control_sheds_load_past_max_in_flight(built_index, encoder, server_thread):
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    config = ServerConfig(index=built_index, port=0, workers=1, max_in_flight=1, warmup_queries=0)
+    with server_thread(config, encoder) as running, \
+            grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.RetrieverStub(channel)
+        stub.Search(pb.SearchRequest(query="warm up"), timeout=30)
+        barrier = Barrier(16)
+
+        def call(i: int) -> grpc.StatusCode:
+            barrier.wait()
+            try:
+                stub.Search(pb.SearchRequest(query=f"glacier ice number {i}", top_k=50), timeout=30)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                assert "in flight" in error.details()
+                return error.code()
+
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(call, range(16)))
+        assert grpc.StatusCode.OK in codes
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        shed = running.server.metrics.registry.get_sample_value("rag_requests_shed_total")
+        assert shed == codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        # Shedding is immediate and leaves the server healthy.
+        assert stub.Search(pb.SearchRequest(query="water"), timeout=30).contexts
