@@ -99,7 +99,7 @@ class Pipeline:
             dense = self.index.dense.search(query_vector, params.depth, mask)
         with timer.stage("fusion"):
             fused = fusion.fuse(bm25, dense, method=params.fusion, dense_weight=params.dense_weight,
-                                top_k=max(params.top_k, 1), rrf_k=params.rrf_k)
+                                top_k=params.top_k, rrf_k=params.rrf_k)
         return Candidates(bm25=bm25, dense=dense, fused=fused)
 
     def search(self, params: SearchParams) -> SearchResult:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import ir_measures
-import numpy as np
 
-from rag_service.pipeline import Pipeline, SearchParams
+from rag_service.pipeline import Candidates, Pipeline, SearchParams
 
 MEASURES = (ir_measures.nDCG @ 10, ir_measures.R @ 100, ir_measures.RR @ 10)
 METHODS = ("bm25", "dense", "fused")
@@ -29,26 +28,16 @@ def doc_run(doc_of_chunk: Iterable[str], limit: int = 100) -> dict[str, float]:
     return run
 
 
-@dataclass
-class QueryCandidates:
-    """Per-retriever chunk rankings of one query, at the deepest depth asked for."""
-
-    bm25: tuple[np.ndarray, np.ndarray]
-    dense: tuple[np.ndarray, np.ndarray]
-
-
 def collect_candidates(pipeline: Pipeline, queries: Mapping[str, str], params: SearchParams,
-                       batch_size: int = 64) -> dict[str, QueryCandidates]:
-    """Encodes all queries in batches, then runs both first-stage retrievers for each."""
+                       batch_size: int = 64) -> dict[str, Candidates]:
+    """Encodes all queries in batches, then runs the pipeline's first stage for each at params.depth."""
     qids = list(queries)
-    vectors = np.concatenate([pipeline.encoder.encode_queries([queries[q] for q in qids[i:i + batch_size]])
-                              for i in range(0, len(qids), batch_size)]) if qids else np.zeros((0, 1), np.float32)
     out = {}
-    for qid, vector in zip(qids, vectors):
-        p = replace(params, query=queries[qid])
-        mask = pipeline.index.filter_mask(p.filters)
-        out[qid] = QueryCandidates(bm25=pipeline.index.bm25.search(p.query, p.depth, mask),
-                                   dense=pipeline.index.dense.search(vector, p.depth, mask))
+    for start in range(0, len(qids), batch_size):
+        batch = qids[start:start + batch_size]
+        vectors = pipeline.encoder.encode_queries([queries[q] for q in batch])
+        for qid, vector in zip(batch, vectors):
+            out[qid] = pipeline.retrieve(replace(params, query=queries[qid]), query_vector=vector)
     return out
 
 
@@ -58,7 +47,7 @@ def chunk_doc_ids(pipeline: Pipeline) -> list[str]:
     return [store.doc_id(store.chunk_doc(i)) for i in range(pipeline.index.n_chunks)]
 
 
-def method_runs(doc_ids: list[str], candidates: Mapping[str, QueryCandidates], params: SearchParams,
+def method_runs(doc_ids: list[str], candidates: Mapping[str, Candidates], params: SearchParams,
                 methods: Iterable[str] = METHODS, limit: int = 100) -> dict[str, dict[str, dict[str, float]]]:
     """Document runs per method from collected candidates, truncated to params.depth per retriever."""
     from rag_service import fusion
