@@ -206,6 +206,17 @@ def _sift_down(hs, hi, size, pos):  # noqa: ANN001, ANN202
             return
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _sift_up(hs, hi, pos):  # noqa: ANN001, ANN202
+    while pos > 0:
+        parent = (pos - 1) // 2
+        if not _worse(hs[pos], hi[pos], hs[parent], hi[parent]):
+            return
+        hs[pos], hs[parent] = hs[parent], hs[pos]
+        hi[pos], hi[parent] = hi[parent], hi[pos]
+        pos = parent
+
+
 @njit(cache=True, nogil=True)
 def _top_n(indptr, docs, weights, term_ids, n_docs, mask, use_mask, depth):  # noqa: ANN001, ANN202
     acc = _accumulate(indptr, docs, weights, term_ids, n_docs)
@@ -226,18 +237,10 @@ def _top_n(indptr, docs, weights, term_ids, n_docs, mask, use_mask, depth):  # n
             if use_mask and not mask[d]:
                 continue
             if size < depth:
-                pos = size
-                hs[pos] = s
-                hi[pos] = d
+                hs[size] = s
+                hi[size] = d
+                _sift_up(hs, hi, size)
                 size += 1
-                while pos > 0:
-                    parent = (pos - 1) // 2
-                    if _worse(hs[pos], hi[pos], hs[parent], hi[parent]):
-                        hs[pos], hs[parent] = hs[parent], hs[pos]
-                        hi[pos], hi[parent] = hi[parent], hi[pos]
-                        pos = parent
-                    else:
-                        break
             elif _worse(hs[0], hi[0], s, d):
                 hs[0] = s
                 hi[0] = d

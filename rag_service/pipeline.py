@@ -6,9 +6,6 @@ server can report per-stage latency.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +14,7 @@ from rag_service import fusion
 from rag_service.encode import Encoder
 from rag_service.index.load import Index
 from rag_service.native import FusionResult
+from rag_service.timing import StageTimer
 
 
 @dataclass(frozen=True)
@@ -57,19 +55,6 @@ class SearchResult:
     contexts: list[ContextResult]
     index_version: str
     stage_us: dict[str, int]
-
-
-class StageTimer:
-    def __init__(self) -> None:
-        self.us: dict[str, int] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter_ns()
-        try:
-            yield
-        finally:
-            self.us[name] = self.us.get(name, 0) + (time.perf_counter_ns() - start) // 1000
 
 
 class Pipeline:

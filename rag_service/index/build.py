@@ -29,6 +29,7 @@ from rag_service.index import manifest as manifest_mod
 from rag_service.index import publish as publish_mod
 from rag_service.index.chunking import Chunk, Chunker, Document, dense_text, lexical_text
 from rag_service.index.store import write_store
+from rag_service.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -193,28 +194,6 @@ def read_corpus(input_path: Path | str, progress: bool = False) -> tuple[list[Do
 # Build ------------------------------------------------------------------------------------------------------------
 
 
-class _Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def stage(self, name: str) -> _Stage:
-        return _Stage(self, name)
-
-
-class _Stage:
-    def __init__(self, timer: _Timer, name: str) -> None:
-        self.timer, self.name = timer, name
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        elapsed = time.perf_counter() - self.start
-        self.timer.seconds[self.name] = round(elapsed, 3)
-        if exc[0] is None:
-            log.info("%s: %.2fs", self.name, elapsed)
-
-
 def build_index(
     input_path: Path | str,
     output_root: Path | str,
@@ -232,7 +211,7 @@ def build_index(
     if root.exists() and not root.is_dir():
         raise BuildError(f"{root}: exists and is not a directory")
     name = config.name or root.name
-    timer = _Timer()
+    timer = StageTimer()
 
     if encoder is None:
         with timer.stage("load_model"):
@@ -271,7 +250,7 @@ def build_index(
         with timer.stage("encode"):
             texts = [dense_text(docs[c.doc].title, c.text) for c in chunks]
             vectors = encoder.encode_documents(texts, batch_size=config.batch_size, progress=progress)
-        encode_rate = len(chunks) / max(timer.seconds["encode"], 1e-9)
+        encode_rate = len(chunks) / max(timer.seconds("encode"), 1e-9)
 
         with timer.stage("dense"):
             kind = dense_mod.choose_kind(config.dense_index, len(chunks), config.hnsw_threshold)
@@ -290,7 +269,8 @@ def build_index(
             "version": manifest_mod.make_version(created, files),
             "created_at": manifest_mod.iso_utc(created),
             "build_seconds": round(time.perf_counter() - started, 3),
-            "timings": {**timer.seconds, "encode_chunks_per_second": round(encode_rate, 1)},
+            "timings": {**{k: round(us / 1e6, 3) for k, us in timer.us.items()},
+                        "encode_chunks_per_second": round(encode_rate, 1)},
             "source": {"input": str(Path(input_path).absolute()), "kind": input_kind},
             "model": {"name": encoder.name, "dim": encoder.dim, "max_seq_length": encoder.max_seq_length},
             "analyzer": analyzer.settings(),
