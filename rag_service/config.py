@@ -21,6 +21,12 @@ class SearchDefaults(BaseModel):
     fusion: Literal["rrf", "weighted"] = "weighted"
     dense_weight: float = Field(0.5, ge=0.0, le=1.0)
     rrf_k: float = Field(10.0, gt=0.0)
+    # Second stage (issue: native reranker and context filter); set by measurement in bench/README.md.
+    rerank: bool = True
+    rerank_depth: int = Field(100, ge=1)
+    mmr_lambda: float = Field(1.0, ge=0.0, le=1.0)
+    dedup_threshold: float = Field(1.0, gt=0.0, le=1.0)
+    max_context_tokens: int = Field(0, ge=0)
 
 
 class Limits(BaseModel):
@@ -31,6 +37,9 @@ class Limits(BaseModel):
     max_depth: int = Field(2000, ge=100)
     max_filters: int = Field(16, ge=0)
     max_filter_value_chars: int = Field(1024, ge=1)
+    max_rerank_depth: int = Field(2000, ge=100)
+    max_context_tokens: int = Field(1_000_000, ge=1)
+    max_budget_ms: int = Field(600_000, ge=1)
 
 
 class ServerConfig(BaseSettings):

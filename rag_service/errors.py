@@ -22,6 +22,10 @@ class Unavailable(RagError):
     """The server cannot serve now (no index loaded, draining)."""
 
 
+class DeadlineExceeded(RagError):
+    """The request's deadline or latency budget passed before its work finished; the work was stopped."""
+
+
 class IndexFormatError(RagError):
     """An index on disk is missing, corrupt or of another format; the message names the file and the problem."""
 

@@ -6,12 +6,14 @@ server can report per-stage latency.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from rag_service import fusion
 from rag_service.encode import Encoder
+from rag_service.errors import DeadlineExceeded
 from rag_service.index.load import Index
 from rag_service.native import FusionResult
 from rag_service.timing import StageTimer
@@ -26,6 +28,13 @@ class SearchParams:
     dense_weight: float = 0.5
     rrf_k: float = 60.0
     filters: dict[str, str] = field(default_factory=dict)
+    rerank: bool = True
+    rerank_depth: int = 100
+    max_context_tokens: int = 0  # 0: no budget
+    mmr_lambda: float = 1.0
+    dedup_threshold: float = 1.0
+    budget_ms: float | None = None  # the request's latency budget, for the adaptive pipeline
+    cache: str = "default"  # default | bypass | exact_only | strict
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,9 @@ class ContextResult:
     score: float
     bm25_score: float | None
     dense_score: float | None
+    rerank_score: float | None = None
+    features: dict[str, float] | None = None  # the reranker's inputs, reported with debug
+    tokens: int = 0  # counted with the model's tokenizer, toward max_context_tokens
 
 
 @dataclass
@@ -55,6 +67,15 @@ class SearchResult:
     contexts: list[ContextResult]
     index_version: str
     stage_us: dict[str, int]
+    context_tokens: int = 0
+    route: str = "full"  # the adaptive pipeline's choice, and why
+    route_reason: str = ""
+
+
+def check_deadline(deadline: float | None, stage: str) -> None:
+    """Stops a request whose caller has given up: work past the deadline is wasted and delays the others."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded(f"deadline passed before stage {stage!r}; the request was stopped there")
 
 
 class Pipeline:
@@ -70,26 +91,36 @@ class Pipeline:
     def version(self) -> str:
         return self.index.version
 
+    def encode(self, query: str) -> np.ndarray:
+        return self.encoder.encode_queries([query])[0]
+
     def retrieve(self, params: SearchParams, timer: StageTimer | None = None,
-                 query_vector: np.ndarray | None = None) -> Candidates:
+                 query_vector: np.ndarray | None = None, deadline: float | None = None) -> Candidates:
+        """`deadline` is on the time.monotonic() clock; past it, the next stage raises DeadlineExceeded."""
         timer = timer or StageTimer()
         with timer.stage("filter"):
             mask = self.index.filter_mask(params.filters)
         if query_vector is None:
+            check_deadline(deadline, "encode")
             with timer.stage("encode"):
-                query_vector = self.encoder.encode_queries([params.query])[0]
+                query_vector = self.encode(params.query)
+        check_deadline(deadline, "lexical")
         with timer.stage("lexical"):
             bm25 = self.index.bm25.search(params.query, params.depth, mask)
+        check_deadline(deadline, "dense")
         with timer.stage("dense"):
             dense = self.index.dense.search(query_vector, params.depth, mask)
+        check_deadline(deadline, "fusion")
         with timer.stage("fusion"):
             fused = fusion.fuse(bm25, dense, method=params.fusion, dense_weight=params.dense_weight,
                                 top_k=params.top_k, rrf_k=params.rrf_k)
         return Candidates(bm25=bm25, dense=dense, fused=fused)
 
-    def search(self, params: SearchParams) -> SearchResult:
-        timer = StageTimer()
-        candidates = self.retrieve(params, timer)
+    def search(self, params: SearchParams, *, query_vector: np.ndarray | None = None,
+               deadline: float | None = None, timer: StageTimer | None = None) -> SearchResult:
+        timer = timer or StageTimer()
+        candidates = self.retrieve(params, timer, query_vector=query_vector, deadline=deadline)
+        check_deadline(deadline, "assemble")
         with timer.stage("assemble"):
             contexts = self.assemble(candidates.fused)
         return SearchResult(contexts=contexts, index_version=self.version, stage_us=timer.us)

@@ -14,6 +14,8 @@ from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pipeline import SearchParams
 
 FUSION_NAMES = {pb.FUSION_RRF: "rrf", pb.FUSION_WEIGHTED: "weighted"}
+CACHE_MODES = {pb.CACHE_DEFAULT: "default", pb.CACHE_BYPASS: "bypass", pb.CACHE_EXACT_ONLY: "exact_only",
+               pb.CACHE_STRICT: "strict"}
 
 
 def _has_control_chars(text: str) -> bool:
@@ -61,5 +63,39 @@ def search_params(request: pb.SearchRequest, defaults: SearchDefaults, limits: L
         if len(value) > limits.max_filter_value_chars:
             raise InvalidArgument(f"filters[{name}]", f"value longer than {limits.max_filter_value_chars} characters")
 
+    rerank = request.rerank if request.HasField("rerank") else defaults.rerank
+    if request.HasField("rerank_depth"):
+        rerank_depth = request.rerank_depth
+        if not 1 <= rerank_depth <= limits.max_rerank_depth:
+            raise InvalidArgument("rerank_depth", f"must be between 1 and {limits.max_rerank_depth}, got {rerank_depth}")
+    else:
+        rerank_depth = defaults.rerank_depth
+    # The reranker can only see what the first stage fetched, and must see at least what is returned.
+    rerank_depth = max(min(rerank_depth, depth), min(top_k, depth))
+
+    max_context_tokens = request.max_context_tokens if request.HasField("max_context_tokens") \
+        else defaults.max_context_tokens
+    if max_context_tokens > limits.max_context_tokens:
+        raise InvalidArgument("max_context_tokens",
+                              f"must be at most {limits.max_context_tokens}, got {max_context_tokens}")
+
+    mmr_lambda = request.mmr_lambda if request.HasField("mmr_lambda") else defaults.mmr_lambda
+    if not (math.isfinite(mmr_lambda) and 0.0 <= mmr_lambda <= 1.0):
+        raise InvalidArgument("mmr_lambda", f"must be between 0 and 1, got {mmr_lambda}")
+    dedup = request.dedup_threshold if request.HasField("dedup_threshold") else defaults.dedup_threshold
+    if not (math.isfinite(dedup) and 0.0 < dedup <= 1.0):
+        raise InvalidArgument("dedup_threshold", f"must be in (0, 1], got {dedup}")
+
+    budget_ms = None
+    if request.HasField("budget_ms"):
+        if not 1 <= request.budget_ms <= limits.max_budget_ms:
+            raise InvalidArgument("budget_ms", f"must be between 1 and {limits.max_budget_ms}, got {request.budget_ms}")
+        budget_ms = float(request.budget_ms)
+
+    if request.cache not in CACHE_MODES:
+        raise InvalidArgument("cache", f"unknown cache mode {request.cache}")
+
     return SearchParams(query=query, top_k=top_k, depth=depth, fusion=fusion, dense_weight=float(dense_weight),
-                        rrf_k=defaults.rrf_k, filters=dict(request.filters))
+                        rrf_k=defaults.rrf_k, filters=dict(request.filters), rerank=rerank, rerank_depth=rerank_depth,
+                        max_context_tokens=max_context_tokens, mmr_lambda=float(mmr_lambda),
+                        dedup_threshold=float(dedup), budget_ms=budget_ms, cache=CACHE_MODES[request.cache])

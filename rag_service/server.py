@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from rag_service import native
 from rag_service.config import ServerConfig
 from rag_service.encode import Encoder
-from rag_service.errors import IndexFormatError, InvalidArgument, Overloaded, RagError, Unavailable
+from rag_service.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Overloaded, RagError, Unavailable
 from rag_service.index.load import load_index
 from rag_service.metrics import Metrics
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
@@ -38,6 +38,7 @@ STATUS_FOR: dict[type[RagError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     IndexFormatError: grpc.StatusCode.FAILED_PRECONDITION,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -72,13 +73,17 @@ def load_pipeline(config: ServerConfig, encoder: Encoder | None = None) -> Pipel
 
 def to_context(context, debug: bool) -> pb.Context:
     msg = pb.Context(doc_id=context.doc_id, chunk_id=context.chunk_id, title=context.title, text=context.text,
-                     metadata=context.metadata, score=context.score)
+                     metadata=context.metadata, score=context.score, tokens=context.tokens)
     if debug:
         msg.fused_score = context.score
         if context.bm25_score is not None:
             msg.bm25_score = context.bm25_score
         if context.dense_score is not None:
             msg.dense_score = context.dense_score
+        if context.rerank_score is not None:
+            msg.rerank_score = context.rerank_score
+        if context.features:
+            msg.features.update(context.features)
     return msg
 
 
@@ -116,9 +121,11 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             self.metrics.in_flight.inc()
             admitted = True
             params = search_params(request, self.config.defaults, self.config.limits)
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
             validated = time.perf_counter_ns()
             result = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed_search, pipeline,
-                                                                      params, validated)
+                                                                      params, validated, deadline)
         except Exception as error:  # noqa: BLE001 - every failure becomes a status, never a crash
             await self._fail(context, "Search", error)
             raise  # unreachable: abort raises
@@ -132,16 +139,19 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self.metrics.request_seconds.labels("Search").observe(total_us / 1e6)
         self.metrics.requests.labels("Search", "OK").inc()
         response = pb.SearchResponse(contexts=[to_context(c, request.debug) for c in result.contexts],
-                                     index_version=result.index_version, server_time_us=total_us)
+                                     index_version=result.index_version, server_time_us=total_us,
+                                     context_tokens=result.context_tokens, route=result.route,
+                                     route_reason=result.route_reason)
         if request.debug:
             response.stage_time_us.update(result.stage_us)
         return response
 
     @staticmethod
-    def _timed_search(pipeline: Pipeline, params: SearchParams, submitted_ns: int) -> SearchResult:
+    def _timed_search(pipeline: Pipeline, params: SearchParams, submitted_ns: int,
+                      deadline: float | None) -> SearchResult:
         # Time spent waiting for a worker thread is latency too; report it as its own stage.
         queued_us = (time.perf_counter_ns() - submitted_ns) // 1000
-        result = pipeline.search(params)
+        result = pipeline.search(params, deadline=deadline)
         result.stage_us["queue"] = queued_us
         return result
 
