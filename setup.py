@@ -72,5 +72,5 @@ setup(
               "rag_service.index", "rag_service.cli", "rag_service.bench"],
     ext_modules=[CMakeExtension("rag_service._native")],
     cmdclass={"build_ext": CMakeBuild},
-    package_data={"rag_service.pb.rag.v1": ["*.pyi"], "rag_service": ["py.typed"]},
+    package_data={"rag_service.pb.rag.v1": ["*.pyi"], "rag_service": ["py.typed", "rerank_model.json"]},
 )

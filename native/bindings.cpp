@@ -7,7 +7,9 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -15,8 +17,11 @@
 #include <vector>
 
 #include "src/fusion.hpp"
+#include "src/rerank.hpp"
+#include "src/simd.hpp"
 #if defined(RAG_HAS_CUDA)
 #include "cuda/device.hpp"
+#include "cuda/rerank.hpp"
 #endif
 
 namespace py = pybind11;
@@ -98,6 +103,223 @@ py::tuple fuse(const py::handle& bm25_ids, const py::handle& bm25_scores, const 
     return to_numpy(std::move(result));
 }
 
+// ---- rerank and context-filter kernels ----
+
+std::string type_name(const py::handle& obj) { return std::string(py::str(py::type::handle_of(obj).attr("__name__"))); }
+
+// A 2-D, C-contiguous, aligned, native-byte-order ndarray whose dtype is one of `allowed` (numpy type numbers), or
+// ValueError naming `name`.
+py::array checked_matrix(const py::handle& obj, const char* name, std::initializer_list<int> allowed,
+                         const char* dtype_names) {
+    if (!py::isinstance<py::array>(obj)) {
+        fail(std::string(name) + " must be a numpy.ndarray of " + dtype_names + ", got " + type_name(obj));
+    }
+    auto arr = py::reinterpret_borrow<py::array>(obj);
+    if (arr.ndim() != 2) fail(std::string(name) + " must be 2-D, got " + std::to_string(arr.ndim()) + "-D");
+    const py::dtype dt = arr.dtype();
+    bool ok = false;
+    for (const int num : allowed) ok |= dt.normalized_num() == num;
+    if (!ok || !native_byte_order(dt)) {
+        fail(std::string(name) + " must have dtype " + dtype_names + ", got " + std::string(py::str(dt)));
+    }
+    if ((arr.flags() & py::array::c_style) == 0) fail(std::string(name) + " must be C-contiguous");
+    if ((arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) == 0) fail(std::string(name) + " must be aligned");
+    return arr;
+}
+
+constexpr int kNpyInt8 = py::detail::npy_api::NPY_BYTE_;
+constexpr int kNpyHalf = 23;  // NPY_HALF (pybind11 has no constant for it)
+constexpr int kNpyFloat = py::detail::npy_api::NPY_FLOAT_;
+
+template <typename T>
+const T* data_of(const py::array& arr) {
+    return static_cast<const T*>(arr.data());
+}
+
+std::size_t len(const py::array& arr) { return static_cast<std::size_t>(arr.shape(0)); }
+
+rag::simd::Level simd_arg(const std::string& simd) { return rag::simd::parse(simd); }
+
+void require_cuda([[maybe_unused]] const char* kernel) {
+#if !defined(RAG_HAS_CUDA)
+    throw std::runtime_error(std::string(kernel) + ": this rag_service._native was built without CUDA");
+#endif
+}
+
+// offsets must have n_chunks + 1 >= 1 entries; the per-candidate ranges are checked by the kernels.
+std::size_t chunks_of(const py::array& offsets, const char* name) {
+    if (offsets.shape(0) < 1) fail(std::string(name) + " must have at least one entry (n_chunks + 1)");
+    return len(offsets) - 1;
+}
+
+py::array_t<float> window_maxsim(const py::handle& query_obj, const py::handle& offsets_obj,
+                                 const py::handle& vectors_obj, const py::handle& scales_obj,
+                                 const py::handle& candidates_obj, double temperature, bool use_cuda,
+                                 const std::string& simd) {
+    const py::array query = checked_vector<float>(query_obj, "query", "float32");
+    const py::array offsets = checked_vector<std::int64_t>(offsets_obj, "offsets", "int64");
+    const py::array vectors = checked_matrix(vectors_obj, "vectors", {kNpyInt8, kNpyHalf, kNpyFloat},
+                                             "int8, float16 or float32");
+    const py::array candidates = checked_vector<std::int64_t>(candidates_obj, "candidates", "int64");
+    rag::WindowStore store;
+    store.offsets = data_of<std::int64_t>(offsets);
+    store.n_chunks = chunks_of(offsets, "offsets");
+    store.vectors = vectors.data();
+    store.n_windows = static_cast<std::size_t>(vectors.shape(0));
+    store.d = static_cast<std::size_t>(vectors.shape(1));
+    if (len(query) != store.d) {
+        fail("vectors must have " + std::to_string(len(query)) + " columns (the query's dimension), got " +
+             std::to_string(store.d));
+    }
+    const int num = vectors.dtype().normalized_num();
+    py::array scales;
+    if (num == kNpyInt8) {
+        store.type = rag::VectorType::kInt8;
+        if (scales_obj.is_none()) fail("scales is required (float32[n_windows]) when vectors are int8");
+        scales = checked_vector<float>(scales_obj, "scales", "float32");
+        if (len(scales) != store.n_windows) {
+            fail("scales must have one entry per row of vectors (" + std::to_string(store.n_windows) + "), got " +
+                 std::to_string(len(scales)));
+        }
+        store.scales = data_of<float>(scales);
+    } else {
+        store.type = num == kNpyHalf ? rag::VectorType::kFloat16 : rag::VectorType::kFloat32;
+        if (!scales_obj.is_none()) {
+            fail("scales must be None when vectors are " + std::string(py::str(vectors.dtype())) +
+                 " (only int8 vectors are scaled)");
+        }
+    }
+    const rag::simd::Level level = simd_arg(simd);
+    if (use_cuda) require_cuda("window_maxsim");
+    const std::size_t m = len(candidates);
+    py::array_t<float> out({static_cast<py::ssize_t>(m), py::ssize_t{3}});
+    float* result = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        if (use_cuda) {
+#if defined(RAG_HAS_CUDA)
+            rag::check_window_args(data_of<float>(query), store, data_of<std::int64_t>(candidates), m, temperature);
+            rag::cuda::window_maxsim(data_of<float>(query), store, data_of<std::int64_t>(candidates), m,
+                                     temperature, result);
+#endif
+        } else {
+            rag::window_maxsim(data_of<float>(query), store, data_of<std::int64_t>(candidates), m, temperature,
+                               level, result);
+        }
+    }
+    return out;
+}
+
+py::tuple proximity(const py::handle& terms_obj, const py::handle& offsets_obj, const py::handle& tokens_obj,
+                    const py::handle& candidates_obj) {
+    const py::array terms = checked_vector<std::int32_t>(terms_obj, "query_terms", "int32");
+    const py::array offsets = checked_vector<std::int64_t>(offsets_obj, "token_offsets", "int64");
+    const py::array tokens = checked_vector<std::int32_t>(tokens_obj, "tokens", "int32");
+    const py::array candidates = checked_vector<std::int64_t>(candidates_obj, "candidates", "int64");
+    const rag::TokenStore store{data_of<std::int64_t>(offsets), chunks_of(offsets, "token_offsets"),
+                                data_of<std::int32_t>(tokens), len(tokens)};
+    const std::size_t m = len(candidates);
+    py::array_t<std::int32_t> span(static_cast<py::ssize_t>(m));
+    py::array_t<std::int32_t> matched(static_cast<py::ssize_t>(m));
+    std::int32_t* span_out = span.mutable_data();
+    std::int32_t* matched_out = matched.mutable_data();
+    {
+        py::gil_scoped_release release;
+        rag::proximity(data_of<std::int32_t>(terms), len(terms), store, data_of<std::int64_t>(candidates), m,
+                       span_out, matched_out);
+    }
+    return py::make_tuple(span, matched);
+}
+
+py::array_t<float> linear_scores(const py::handle& features_obj, const py::handle& weights_obj, double bias) {
+    const py::array features = checked_matrix(features_obj, "features", {kNpyFloat}, "float32");
+    const py::array weights = checked_vector<float>(weights_obj, "weights", "float32");
+    const std::size_t m = static_cast<std::size_t>(features.shape(0));
+    const std::size_t f = static_cast<std::size_t>(features.shape(1));
+    if (len(weights) != f) {
+        fail("weights must have one entry per column of features (" + std::to_string(f) + "), got " +
+             std::to_string(len(weights)));
+    }
+    py::array_t<float> out(static_cast<py::ssize_t>(m));
+    float* result = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        rag::linear_scores(data_of<float>(features), m, f, data_of<float>(weights), bias, result);
+    }
+    return out;
+}
+
+py::array_t<float> similarity_matrix(const py::handle& vectors_obj, bool use_cuda, const std::string& simd) {
+    const py::array vectors = checked_matrix(vectors_obj, "vectors", {kNpyFloat}, "float32");
+    const rag::simd::Level level = simd_arg(simd);
+    if (use_cuda) require_cuda("similarity_matrix");
+    const std::size_t m = static_cast<std::size_t>(vectors.shape(0));
+    const std::size_t d = static_cast<std::size_t>(vectors.shape(1));
+    py::array_t<float> out({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(m)});
+    float* result = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        if (use_cuda) {
+#if defined(RAG_HAS_CUDA)
+            rag::check_finite(data_of<float>(vectors), m, d, "vectors");
+            rag::cuda::similarity_matrix(data_of<float>(vectors), m, d, result);
+#endif
+        } else {
+            rag::similarity_matrix(data_of<float>(vectors), m, d, level, result);
+        }
+    }
+    return out;
+}
+
+py::array_t<std::int64_t> mmr_select(const py::handle& relevance_obj, const py::handle& sim_obj, double mmr_lambda,
+                                     std::int64_t k, double dedup_threshold, bool use_cuda,
+                                     const std::string& simd) {
+    const py::array relevance = checked_vector<float>(relevance_obj, "relevance", "float32");
+    const py::array sim = checked_matrix(sim_obj, "sim", {kNpyFloat}, "float32");
+    const std::size_t m = len(relevance);
+    if (static_cast<std::size_t>(sim.shape(0)) != m || static_cast<std::size_t>(sim.shape(1)) != m) {
+        fail("sim must be (" + std::to_string(m) + ", " + std::to_string(m) + ") (one row and column per relevance "
+             "entry), got (" + std::to_string(sim.shape(0)) + ", " + std::to_string(sim.shape(1)) + ")");
+    }
+    const rag::simd::Level level = simd_arg(simd);
+    if (use_cuda) require_cuda("mmr_select");
+    auto chosen = std::make_unique<std::vector<std::int64_t>>();
+    {
+        py::gil_scoped_release release;
+        if (use_cuda) {
+#if defined(RAG_HAS_CUDA)
+            rag::check_mmr_args(data_of<float>(relevance), data_of<float>(sim), m, mmr_lambda, k, dedup_threshold);
+            *chosen = rag::cuda::mmr_select(data_of<float>(relevance), data_of<float>(sim), m, mmr_lambda, k,
+                                            dedup_threshold);
+            // The rows the greedy loop read, in pick order (all but the k-th pick's): the C++ kernel stops at the
+            // first non-finite one, and the picks before it are the same on both.
+            const std::size_t limit = std::min(m, static_cast<std::size_t>(std::max<std::int64_t>(k, 0)));
+            const std::size_t read = chosen->size() == limit && limit > 0 ? limit - 1 : chosen->size();
+            for (std::size_t j = 0; j < read; ++j) {
+                const auto pick = static_cast<std::size_t>((*chosen)[j]);
+                rag::check_sim_row(data_of<float>(sim) + pick * m, pick, m);
+            }
+#endif
+        } else {
+            *chosen = rag::mmr_select(data_of<float>(relevance), data_of<float>(sim), m, mmr_lambda, k,
+                                      dedup_threshold, level);
+        }
+    }
+    // Hand the vector to NumPy without copying: a capsule owns it.
+    std::vector<std::int64_t>* owned = chosen.get();
+    const py::capsule base(owned, [](void* p) noexcept { delete static_cast<std::vector<std::int64_t>*>(p); });
+    chosen.release();
+    return py::array_t<std::int64_t>(static_cast<py::ssize_t>(owned->size()), owned->data(), base);
+}
+
+py::list simd_levels() {
+    py::list levels;
+    for (const auto level : {rag::simd::Level::kScalar, rag::simd::Level::kAvx2, rag::simd::Level::kAvx512}) {
+        if (rag::simd::supported(level)) levels.append(rag::simd::name(level));
+    }
+    return levels;
+}
+
 py::tuple cuda_device_count() {
 #if defined(RAG_HAS_CUDA)
     rag::cuda::DeviceCount probe;
@@ -150,4 +372,34 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           "rrf_k > 0. Returns the top min(top_k, |union|) ids by fused score (ties: id ascending) with each\n"
           "retriever's raw score (NaN when absent). Every invalid argument raises ValueError. See\n"
           "rag_service.reference.fuse_reference for the exact semantics.");
+
+    m.def("simd_level", [] { return std::string(rag::simd::name(rag::simd::best_level())); },
+          "simd_level() -> str\n\nThe widest SIMD level the kernels use on this CPU: 'avx512', 'avx2' or 'scalar'.");
+    m.def("simd_levels", &simd_levels,
+          "simd_levels() -> list[str]\n\nEvery SIMD level this CPU can run (for forcing one with simd=..., in tests).");
+
+    m.def("window_maxsim", &window_maxsim, py::arg("query"), py::arg("offsets"), py::arg("vectors"),
+          py::arg("scales"), py::arg("candidates"), py::arg("temperature") = 0.05, py::arg("cuda") = false,
+          py::arg("simd") = "",
+          "window_maxsim(query, offsets, vectors, scales, candidates, temperature=0.05, cuda=False, simd='')\n"
+          "    -> float32[m, 3]\n\n"
+          "Per candidate chunk: max, top-2 mean and soft max of the query's dot products with the chunk's window\n"
+          "vectors (CSR: offsets int64[n_chunks + 1]; vectors int8 with scales float32[n_windows], or float16 /\n"
+          "float32 with scales=None); NaN row for a chunk without windows. simd forces 'scalar', 'avx2' or\n"
+          "'avx512' ('' = best); cuda=True runs the CUDA twin. See rag_service.reference.window_maxsim_reference.");
+    m.def("proximity", &proximity, py::arg("query_terms"), py::arg("token_offsets"), py::arg("tokens"),
+          py::arg("candidates"),
+          "proximity(query_terms, token_offsets, tokens, candidates) -> tuple[span int32[m], matched int32[m]]\n\n"
+          "See rag_service.reference.proximity_reference.");
+    m.def("linear_scores", &linear_scores, py::arg("features"), py::arg("weights"), py::arg("bias"),
+          "linear_scores(features, weights, bias) -> float32[m]\n\n"
+          "See rag_service.reference.linear_scores_reference.");
+    m.def("similarity_matrix", &similarity_matrix, py::arg("vectors"), py::arg("cuda") = false,
+          py::arg("simd") = "",
+          "similarity_matrix(vectors, cuda=False, simd='') -> float32[m, m]\n\n"
+          "See rag_service.reference.similarity_matrix_reference.");
+    m.def("mmr_select", &mmr_select, py::arg("relevance"), py::arg("sim"), py::arg("mmr_lambda"), py::arg("k"),
+          py::arg("dedup_threshold"), py::arg("cuda") = false, py::arg("simd") = "",
+          "mmr_select(relevance, sim, mmr_lambda, k, dedup_threshold, cuda=False, simd='') -> int64[<= k]\n\n"
+          "See rag_service.reference.mmr_select_reference.");
 }

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import grpc
@@ -19,6 +21,10 @@ from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
 FUSION = {None: pb.FUSION_UNSPECIFIED, "rrf": pb.FUSION_RRF, "weighted": pb.FUSION_WEIGHTED}
+CACHE = {None: pb.CACHE_DEFAULT, "default": pb.CACHE_DEFAULT, "bypass": pb.CACHE_BYPASS,
+         "exact_only": pb.CACHE_EXACT_ONLY, "strict": pb.CACHE_STRICT}
+SERVED_FROM = {pb.SERVED_FROM_MISS: "miss", pb.SERVED_FROM_EXACT: "exact", pb.SERVED_FROM_SEMANTIC: "semantic",
+               pb.SERVED_FROM_PREFETCHED: "prefetched"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,11 @@ class Context:
     bm25_score: float | None = None
     dense_score: float | None = None
     fused_score: float | None = None
+    # With debug: the reranker's score and inputs (None / empty when it did not run).
+    rerank_score: float | None = None
+    features: dict[str, float] = field(default_factory=dict)
+    # Tokens of this context toward max_context_tokens (the model's tokenizer).
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,10 @@ class SearchResult:
     index_version: str
     server_time_us: int
     stage_time_us: dict[str, int] = field(default_factory=dict)
+    # How the server answered: "miss", "exact", "semantic" or "prefetched"; the cosine for semantic hits.
+    served_from: str = "miss"
+    cache_similarity: float | None = None
+    context_tokens: int = 0  # tokens of all contexts, as counted toward max_context_tokens
 
 
 class RetrieverError(Exception):
@@ -56,20 +71,47 @@ def _optional(msg, name: str):
     return getattr(msg, name) if msg.HasField(name) else None
 
 
+def _result(reply: pb.SearchResponse) -> SearchResult:
+    return SearchResult(contexts=[_context(c) for c in reply.contexts], index_version=reply.index_version,
+                        server_time_us=reply.server_time_us, stage_time_us=dict(reply.stage_time_us),
+                        served_from=SERVED_FROM.get(reply.served_from, "miss"),
+                        cache_similarity=_optional(reply, "cache_similarity"), context_tokens=reply.context_tokens)
+
+
 def _context(msg: pb.Context) -> Context:
     return Context(doc_id=msg.doc_id, chunk_id=msg.chunk_id, title=msg.title, text=msg.text,
                    metadata=dict(msg.metadata), score=msg.score, bm25_score=_optional(msg, "bm25_score"),
-                   dense_score=_optional(msg, "dense_score"), fused_score=_optional(msg, "fused_score"))
+                   dense_score=_optional(msg, "dense_score"), fused_score=_optional(msg, "fused_score"),
+                   rerank_score=_optional(msg, "rerank_score"), features=dict(msg.features), tokens=msg.tokens)
+
+
+def _pem(value: bytes | str | Path | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
 
 
 class RetrieverClient:
-    """Blocking client over one channel. `target` is any gRPC target ("host:port", "dns:///name:port")."""
+    """Blocking client over one channel. `target` is any gRPC target ("host:port", "dns:///name:port").
+
+    `token` is sent as `authorization: Bearer <token>` on read RPCs, `admin_token` on admin RPCs (reload). TLS is used
+    when `tls_ca` (the CA that signed the server's certificate; PEM bytes or a file) is given; `tls_cert`/`tls_key`
+    add a client certificate for servers that require mutual TLS.
+    """
 
     def __init__(self, target: str, *, timeout: float = 5.0, channel: grpc.Channel | None = None,
-                 options: list[tuple[str, object]] | None = None) -> None:
+                 options: list[tuple[str, object]] | None = None, token: str | None = None,
+                 admin_token: str | None = None, tls_ca: bytes | str | Path | None = None,
+                 tls_cert: bytes | str | Path | None = None, tls_key: bytes | str | Path | None = None) -> None:
         self._own_channel = channel is None
+        if channel is None and tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=_pem(tls_ca), private_key=_pem(tls_key),
+                                                       certificate_chain=_pem(tls_cert))
+            channel = grpc.secure_channel(target, credentials, options=options or [])
         self.channel = channel or grpc.insecure_channel(target, options=options or [])
         self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._admin_metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
         self._stub = pb_grpc.RetrieverStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -83,34 +125,75 @@ class RetrieverClient:
         if self._own_channel:
             self.channel.close()
 
-    def _call(self, method, request, timeout: float | None):
+    def _call(self, method, request, timeout: float | None, metadata=None):
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(request, timeout=self.timeout if timeout is None else timeout,
+                          metadata=self._metadata if metadata is None else metadata)
         except grpc.RpcError as error:
             raise RetrieverError(error.code(), error.details() or "") from error
 
     def search(self, query: str, *, top_k: int | None = None, depth: int | None = None,
                fusion: Literal["rrf", "weighted"] | None = None, dense_weight: float | None = None,
                filters: dict[str, str] | None = None, debug: bool = False,
+               cache: Literal["default", "bypass", "exact_only", "strict"] | None = None,
+               rerank: bool | None = None, rerank_depth: int | None = None, max_context_tokens: int | None = None,
+               mmr_lambda: float | None = None, dedup_threshold: float | None = None,
                timeout: float | None = None) -> SearchResult:
+        """None leaves a parameter to the server's default."""
         if fusion not in FUSION:
             raise ValueError(f"fusion must be 'rrf', 'weighted' or None, got {fusion!r}")
-        request = pb.SearchRequest(query=query, fusion=FUSION[fusion], filters=filters or {}, debug=debug)
+        if cache not in CACHE:
+            raise ValueError(f"cache must be one of 'default', 'bypass', 'exact_only', 'strict' or None, got {cache!r}")
+        request = pb.SearchRequest(query=query, fusion=FUSION[fusion], filters=filters or {}, debug=debug,
+                                   cache=CACHE[cache])
         if top_k is not None:
             request.top_k = top_k
         if depth is not None:
             request.depth = depth
         if dense_weight is not None:
             request.dense_weight = dense_weight
-        reply = self._call(self._stub.Search, request, timeout)
-        return SearchResult(contexts=[_context(c) for c in reply.contexts], index_version=reply.index_version,
-                            server_time_us=reply.server_time_us, stage_time_us=dict(reply.stage_time_us))
+        for name, value in (("rerank", rerank), ("rerank_depth", rerank_depth),
+                            ("max_context_tokens", max_context_tokens), ("mmr_lambda", mmr_lambda),
+                            ("dedup_threshold", dedup_threshold)):
+            if value is not None:
+                setattr(request, name, value)
+        return _result(self._call(self._stub.Search, request, timeout))
+
+    def prefetch(self, queries: Iterable[str | pb.SearchRequest], *,
+                 timeout: float | None = None) -> pb.PrefetchResponse:
+        """Names searches expected soon (plain queries, or requests with their parameters); the server fills its
+        cache in the background. The reply counts what was accepted and what was dropped (queue full, server busy)."""
+        requests = [q if isinstance(q, pb.SearchRequest) else pb.SearchRequest(query=q) for q in queries]
+        return self._call(self._stub.Prefetch, pb.PrefetchRequest(requests=requests), timeout)
+
+    def stream_search(self, drafts: Iterable[tuple[str | pb.SearchRequest, bool]], *,
+                      timeout: float | None = None) -> Iterator[SearchResult]:
+        """Sends (draft, final) pairs as the user types (a draft is a query or a request with its parameters) and
+        yields one result per final draft. The server searches speculatively on drafts; pace the iterator as the
+        typing goes (it is consumed on gRPC's thread)."""
+        def messages():
+            for draft, final in drafts:
+                request = draft if isinstance(draft, pb.SearchRequest) else pb.SearchRequest(query=draft)
+                yield pb.QueryDraft(request=request, final=final)
+
+        try:
+            for reply in self._stub.StreamSearch(messages(), timeout=self.timeout if timeout is None else timeout,
+                                                 metadata=self._metadata):
+                yield _result(reply)
+        except grpc.RpcError as error:
+            raise RetrieverError(error.code(), error.details() or "") from error
 
     def index_info(self, *, timeout: float | None = None) -> pb.IndexInfo:
         return self._call(self._stub.GetIndexInfo, pb.GetIndexInfoRequest(), timeout)
 
+    def reload(self, path: str = "", *, timeout: float | None = 120.0) -> pb.ReloadIndexResponse:
+        """Asks the server to load, check, warm and swap in the index at `path` (inside its index root; "" = the
+        index it was started with, CURRENT followed anew). Needs `admin_token`."""
+        return self._call(self._stub.ReloadIndex, pb.ReloadIndexRequest(path=path), timeout,
+                          metadata=self._admin_metadata)
+
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        reply = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        reply = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout, ())
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def wait_until_serving(self, timeout: float = 60.0) -> None:

@@ -4,6 +4,10 @@ Files:
     dense.faiss         the faiss index (faiss.write_index)
     vectors.npy         float32 (chunks, dim), the exact vectors, memory-mapped: rescoring and exact filtered search
     dense_params.json   kind, dim, count and HNSW parameters
+    dense_codes.faiss   optional (build option dense_codes): int8 scalar (sq8) or 1-bit (binary) codes of the same
+                        vectors; when present the unfiltered first stage scans the codes for `oversample` times the
+                        asked depth and rescores those candidates exactly with vectors.npy (issue 5)
+    dense_codes.json    kind, bytes, oversample
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ INDEX_FILE = "dense.faiss"
 VECTORS_FILE = "vectors.npy"
 PARAMS_FILE = "dense_params.json"
 FILES = (INDEX_FILE, VECTORS_FILE, PARAMS_FILE)
+CODES_FILE = "dense_codes.faiss"
+CODES_PARAMS_FILE = "dense_codes.json"
+CODE_KINDS = ("none", "sq8", "binary")
+# Candidates taken from the codes per result asked, before exact rescoring. SciFact (10k chunks, MiniLM), depth 100:
+# the smallest factors reaching recall@100 >= 0.99 against the float index (bench/quantized_dense.py, bench/README.md).
+DEFAULT_OVERSAMPLE = {"sq8": 2, "binary": 20}
 
 DENSE_KINDS = ("auto", "flat", "hnsw")
 HNSW_M = 32
@@ -117,6 +127,46 @@ def write_dense(directory: Path, index: faiss.Index, vectors: np.ndarray, kind: 
     return [directory / name for name in FILES]
 
 
+def build_codes(vectors: np.ndarray, kind: str) -> faiss.Index | faiss.IndexBinary:
+    """sq8: one byte per dimension with per-dimension ranges trained on the vectors (4x smaller than float32);
+    binary: the sign of each dimension (32x smaller), searched by Hamming distance."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1]
+    with omp_threads(os.cpu_count() or 1):
+        if kind == "sq8":
+            index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)
+            index.add(vectors)
+            return index
+        if kind == "binary":
+            if dim % 8:
+                raise ValueError(f"binary codes need a dimension divisible by 8, got {dim}")
+            index = faiss.IndexBinaryFlat(dim)
+            index.add(binary_codes(vectors))
+            return index
+    raise ValueError(f"dense codes must be one of sq8, binary, got {kind!r}")
+
+
+def binary_codes(vectors: np.ndarray) -> np.ndarray:
+    return np.packbits(np.asarray(vectors) > 0, axis=-1)
+
+
+def write_codes(directory: Path, vectors: np.ndarray, kind: str, oversample: int | None = None) -> list[Path]:
+    directory = Path(directory)
+    index = build_codes(vectors, kind)
+    if kind == "binary":
+        faiss.write_index_binary(index, str(directory / CODES_FILE))
+    else:
+        faiss.write_index(index, str(directory / CODES_FILE))
+    code_bytes = int(index.code_size) * int(index.ntotal)
+    params = {"kind": kind, "count": int(index.ntotal), "code_bytes": code_bytes,
+              "float_bytes": int(vectors.shape[0]) * int(vectors.shape[1]) * 4,
+              "oversample": int(oversample or DEFAULT_OVERSAMPLE[kind])}
+    with open(directory / CODES_PARAMS_FILE, "w", encoding="utf-8") as f:
+        json.dump(params, f, indent=2)
+    return [directory / CODES_FILE, directory / CODES_PARAMS_FILE]
+
+
 def _sorted_hits(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keep = ids >= 0  # faiss pads with -1 when fewer than k results exist
     ids = ids[keep].astype(np.int64, copy=False)
@@ -137,8 +187,17 @@ class DenseIndex:
         search_threads: int = 1,
         use_gpu: bool | None = None,
         path: Path | None = None,
+        codes: faiss.Index | faiss.IndexBinary | None = None,
+        codes_params: dict[str, Any] | None = None,
+        oversample: int | None = None,
     ) -> None:
         self.path = path
+        self.codes = codes
+        self.codes_params = codes_params or {}
+        self.codes_kind = str(self.codes_params.get("kind", "none")) if codes is not None else "none"
+        if oversample is not None and oversample < 1:
+            raise ValueError(f"oversample must be >= 1, got {oversample}")
+        self.oversample = int(oversample or self.codes_params.get("oversample", 1))
         self.kind = str(params["kind"])
         self.dim = int(params["dim"])
         self.n = int(params["count"])
@@ -155,12 +214,24 @@ class DenseIndex:
         if use_gpu and self.kind == "flat" and gpu_available():
             self._gpu_resources = faiss.StandardGpuResources()
             self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
+        if use_gpu and self.codes is not None and gpu_available():
+            self._gpu_resources = self._gpu_resources or faiss.StandardGpuResources()
+            try:
+                # faiss-gpu holds flat scalar-quantized and binary indexes; the rescoring reads the candidates'
+                # float rows and costs microseconds, so it stays on the host.
+                if self.codes_kind == "binary":
+                    self.codes = faiss.GpuIndexBinaryFlat(self._gpu_resources, self.codes)
+                else:
+                    self.codes = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.codes)
+            except (RuntimeError, AttributeError) as e:
+                log.warning("dense codes stay on the CPU: faiss-gpu cannot hold %s codes (%s)", self.codes_kind, e)
         self.device = "gpu" if self._gpu_index is not None else "cpu"
         log.info("dense index: %s, %d vectors of dim %d, searching on %s", self.kind, self.n, self.dim, self.device)
 
     @classmethod
     def load(
-        cls, directory: Path | str, search_threads: int = 1, use_gpu: bool | None = None
+        cls, directory: Path | str, search_threads: int = 1, use_gpu: bool | None = None,
+        use_codes: bool = True, oversample: int | None = None,
     ) -> DenseIndex:
         """`search_threads` is faiss's OpenMP thread count per query: 1 at serve time, so a query does not start
         threads that compete with the server's own pool."""
@@ -172,8 +243,17 @@ class DenseIndex:
             # A flat index is just its vectors: map them instead of reading them into memory.
             flags = faiss.IO_FLAG_MMAP if params["kind"] == "flat" else 0
             index = faiss.read_index(str(directory / INDEX_FILE), flags)
+            codes, codes_params = None, None
+            if use_codes and (directory / CODES_PARAMS_FILE).is_file():
+                with open(directory / CODES_PARAMS_FILE, encoding="utf-8") as f:
+                    codes_params = json.load(f)
+                reader = faiss.read_index_binary if codes_params["kind"] == "binary" else faiss.read_index
+                codes = reader(str(directory / CODES_FILE))
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # faiss reports read errors as RuntimeError
             raise IndexFormatError(f"{directory}: cannot read dense index: {e}") from e
+        if codes is not None and codes.ntotal != len(vectors):
+            raise IndexFormatError(f"{directory}: {CODES_FILE} holds {codes.ntotal} codes, {VECTORS_FILE} "
+                                   f"{len(vectors)} vectors")
         if vectors.dtype != np.float32 or vectors.ndim != 2:
             raise IndexFormatError(
                 f"{directory / VECTORS_FILE}: expected 2-d float32, got {vectors.ndim}-d {vectors.dtype}"
@@ -183,10 +263,19 @@ class DenseIndex:
                 f"{directory}: {INDEX_FILE} holds {index.ntotal} vectors of dim {index.d}, "
                 f"{VECTORS_FILE} {vectors.shape[0]} of dim {vectors.shape[1]}, {PARAMS_FILE} says {params['count']}"
             )
-        return cls(index, vectors, params, search_threads=search_threads, use_gpu=use_gpu, path=directory)
+        return cls(index, vectors, params, search_threads=search_threads, use_gpu=use_gpu, path=directory,
+                   codes=codes, codes_params=codes_params, oversample=oversample)
 
     def __repr__(self) -> str:
-        return f"DenseIndex(kind={self.kind!r}, n={self.n}, dim={self.dim}, device={self.device!r})"
+        return (f"DenseIndex(kind={self.kind!r}, n={self.n}, dim={self.dim}, codes={self.codes_kind!r}, "
+                f"device={self.device!r})")
+
+    @property
+    def searched_bytes(self) -> int:
+        """Bytes the unfiltered first stage scans: the codes when present, else the float vectors."""
+        if self.codes is not None:
+            return int(self.codes_params.get("code_bytes", 0))
+        return self.n * self.dim * 4
 
     def _query(self, query: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
@@ -232,6 +321,8 @@ class DenseIndex:
         return _sorted_hits(ids[0], scores[0])
 
     def _search_all(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.codes is not None:
+            return self._search_codes(q, k)
         if self._gpu_index is not None:
             with self._gpu_lock:
                 scores, ids = self._gpu_index.search(q, k)
@@ -242,6 +333,19 @@ class DenseIndex:
         else:
             scores, ids = self._cpu_index.search(q, k)
         return _sorted_hits(ids[0], scores[0])
+
+    def _search_codes(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates from the codes, then exact inner products from the float vectors: the reply's scores and order
+        are those of the float index over the candidates, so only recall (not scores) depends on the codes."""
+        wide = min(self.n, k * self.oversample)
+        if self.codes_kind == "binary":
+            _, ids = self.codes.search(binary_codes(q), wide)
+        else:
+            _, ids = self.codes.search(q, wide)
+        ids = ids[0]
+        ids = np.sort(ids[ids >= 0])  # ascending ids read the memory-mapped rows in file order
+        hits, scores = _sorted_hits(ids, self.vectors[ids] @ q[0])
+        return hits[:k], scores[:k]
 
     def _exact_subset(self, q: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         # A full sort rather than argpartition, so ties at the cut are broken by id like everywhere else.

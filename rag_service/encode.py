@@ -5,6 +5,7 @@ Callers own the Encoder (one per process is plenty: loading takes seconds); noth
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -57,7 +58,92 @@ def _spans(enc) -> TokenSpans:  # noqa: ANN001 (tokenizers.Encoding)
     return TokenSpans(offsets=offsets, word_ids=word_ids)
 
 
-class Encoder:
+class _EncoderBase:
+    """Token counting and batching shared by the torch and ONNX encoders; subclasses provide _embed_batch and set
+    name, dim, max_seq_length, num_special_tokens and _counter (a tokenizers.Tokenizer without truncation/padding,
+    whose settings are never changed after construction, so calls on it need no lock)."""
+
+    name: str
+    dim: int
+    max_seq_length: int
+    num_special_tokens: int
+    backend: str
+    _counter: Tokenizer
+    # Throughput of the last encode_documents call, for build logs and the manifest.
+    last_docs_per_second: float = 0.0
+
+    def _embed_batch(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    # Tokens -------------------------------------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        """Number of model tokens in `text`, without special tokens and without truncation."""
+        return len(self._counter.encode(text, add_special_tokens=False).ids)
+
+    def token_spans(self, text: str) -> TokenSpans:
+        return _spans(self._counter.encode(text, add_special_tokens=False))
+
+    def token_spans_batch(self, texts: Sequence[str]) -> list[TokenSpans]:
+        """token_spans for many texts; the Rust tokenizer spreads a batch over all cores."""
+        return [_spans(enc) for enc in self._counter.encode_batch(list(texts), add_special_tokens=False)]
+
+    # Vectors ------------------------------------------------------------------------------------------------------
+
+    def encode_documents(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """(n, dim) float32, L2-normalised, in input order.
+
+        Texts are batched longest-first by token count so each batch pads to similar lengths (SciFact chunks: about
+        half the padded tokens of input order). The throughput is logged and kept in last_docs_per_second.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        texts = list(texts)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        started = time.perf_counter()
+        # Truncated at max_seq_length like the model does, so 10k-token documents do not sort as "longer" than
+        # 300-token ones that pad the same. encode_batch tokenises on every core.
+        lengths = np.fromiter(
+            (min(len(e.ids), self.max_seq_length) for e in self._counter.encode_batch(texts, add_special_tokens=False)),
+            dtype=np.int64, count=len(texts),
+        )
+        order = np.argsort(-lengths, kind="stable")
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(texts), desc=f"encoding ({self.backend})", unit="chunk", unit_scale=True,
+                       dynamic_ncols=True)
+        try:
+            for start in range(0, len(texts), batch_size):
+                idx = order[start : start + batch_size]
+                out[idx] = self._embed_batch([texts[i] for i in idx])
+                if bar is not None:
+                    bar.update(len(idx))
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - started
+        self.last_docs_per_second = len(texts) / max(seconds, 1e-9)
+        log.info("encoded %d texts with %s in %.1fs (%.1f/s)", len(texts), self.backend, seconds,
+                 self.last_docs_per_second)
+        return out
+
+    def encode_queries(self, texts: Sequence[str] | str) -> np.ndarray:
+        """(n, dim) float32, L2-normalised. A bare string is treated as one query."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if len(texts) <= _QUERY_BATCH:
+            return self._embed_batch(texts) if texts else np.empty((0, self.dim), dtype=np.float32)
+        return np.concatenate(
+            [self._embed_batch(texts[i : i + _QUERY_BATCH]) for i in range(0, len(texts), _QUERY_BATCH)]
+        )
+
+
+class Encoder(_EncoderBase):
     """Encodes documents and queries into L2-normalised float32 vectors.
 
     Thread safety: the HF fast tokenizer is one Rust object whose truncation/padding settings transformers rewrites on
@@ -66,6 +152,8 @@ class Encoder:
     eval mode is safe to call from several threads. Token counting uses a separate tokenizer copy whose settings are
     never changed after construction, so it needs no lock.
     """
+
+    backend = "torch"
 
     def __init__(self, model_path: str | None = None, device: str | None = None) -> None:
         path = model_path if model_path is not None else default_model_path()
@@ -100,21 +188,6 @@ class Encoder:
     def __repr__(self) -> str:
         return f"Encoder(name={self.name!r}, dim={self.dim}, device={self.device!r})"
 
-    # Tokens -------------------------------------------------------------------------------------------------------
-
-    def count_tokens(self, text: str) -> int:
-        """Number of model tokens in `text`, without special tokens and without truncation."""
-        return len(self._counter.encode(text, add_special_tokens=False).ids)
-
-    def token_spans(self, text: str) -> TokenSpans:
-        return _spans(self._counter.encode(text, add_special_tokens=False))
-
-    def token_spans_batch(self, texts: Sequence[str]) -> list[TokenSpans]:
-        """token_spans for many texts; the Rust tokenizer spreads a batch over all cores."""
-        return [_spans(enc) for enc in self._counter.encode_batch(list(texts), add_special_tokens=False)]
-
-    # Vectors ------------------------------------------------------------------------------------------------------
-
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
         with self._tokenize_lock:
             features = self._model.preprocess(texts)
@@ -126,47 +199,96 @@ class Encoder:
             embeddings = torch.nn.functional.normalize(embeddings.float(), p=2, dim=1)
         return embeddings.cpu().numpy().astype(np.float32, copy=False)
 
-    def encode_documents(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """(n, dim) float32, L2-normalised, in input order.
 
-        Texts are batched longest-first by token count so each batch pads to similar lengths: on SciFact-like
-        corpora this cuts encode time substantially versus input order.
-        """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        texts = list(texts)
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
+class OnnxEncoder(_EncoderBase):
+    """The exported sentence embedding (rag_service.onnx_export) run by ONNX Runtime: fp32 or int8.
+
+    Same interface as Encoder. Thread safety: the tokenizer's truncation/padding are set here once and never changed,
+    and InferenceSession.run may be called from several threads at once, so no lock is needed.
+    """
+
+    def __init__(self, directory: Path | str, kind: str = "onnx-int8", threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        from rag_service import onnx_export
+
+        if kind not in onnx_export.ONNX_FILE_FOR:
+            raise ValueError(f"ONNX encoder kind must be one of {', '.join(onnx_export.ONNX_FILE_FOR)}, got {kind!r}")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        directory = Path(directory)
+        if not onnx_export.has_export(directory):
+            raise FileNotFoundError(f"{directory}: no exported encoder ({', '.join(onnx_export.FILES)}); "
+                                    "rebuild the index with rag-index build, or use the torch encoder")
+        started = time.perf_counter()
+        with open(directory / onnx_export.CONFIG_FILE, encoding="utf-8") as f:
+            config = json.load(f)
+        self.config = config
+        self.backend = kind
+        self.name: str = str(config["model"])
+        self.dim: int = int(config["dim"])
+        self.max_seq_length: int = int(config["max_seq_length"])
+        self.num_special_tokens: int = int(config["num_special_tokens"])
+        self.threads = threads
+        self.model_file = directory / onnx_export.ONNX_FILE_FOR[kind]
+        tokenizer_file = str(directory / onnx_export.TOKENIZER_FILE)
+        self._counter = Tokenizer.from_file(tokenizer_file)
+        self._counter.no_truncation()
+        self._counter.no_padding()
+        self._tokenizer = Tokenizer.from_file(tokenizer_file)
+        self._tokenizer.enable_truncation(max_length=self.max_seq_length)
+        self._tokenizer.enable_padding()
+        self._inputs = tuple(config["inputs"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Busy-waiting worker threads steal the cores the server's other requests run on.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(str(self.model_file), options, providers=["CPUExecutionProvider"])
+        log.info("loaded %s encoder %s (dim %d) from %s with %d thread(s) in %.2fs", kind, self.name, self.dim,
+                 self.model_file, threads, time.perf_counter() - started)
+
+    def __repr__(self) -> str:
+        return f"OnnxEncoder(name={self.name!r}, kind={self.backend!r}, threads={self.threads})"
+
+    def _embed_batch(self, texts: list[str]) -> np.ndarray:
         if not texts:
-            return out
-        # Truncated at max_seq_length like the model does, so 10k-token documents do not sort as "longer" than
-        # 300-token ones that pad the same.
-        lengths = np.fromiter(
-            (min(self.count_tokens(t), self.max_seq_length) for t in texts), dtype=np.int64, count=len(texts)
-        )
-        order = np.argsort(-lengths, kind="stable")
-        bar = None
-        if progress:
-            from tqdm import tqdm
+            return np.empty((0, self.dim), dtype=np.float32)
+        encodings = self._tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        feeds = {"input_ids": ids,
+                 "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+                 "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
+        (embeddings,) = self._session.run(None, {k: feeds[k] for k in self._inputs})
+        return np.ascontiguousarray(embeddings, dtype=np.float32)
 
-            bar = tqdm(total=len(texts), desc="encoding", unit="chunk", unit_scale=True, dynamic_ncols=True)
-        try:
-            for start in range(0, len(texts), batch_size):
-                idx = order[start : start + batch_size]
-                out[idx] = self._embed_batch([texts[i] for i in idx])
-                if bar is not None:
-                    bar.update(len(idx))
-        finally:
-            if bar is not None:
-                bar.close()
-        return out
 
-    def encode_queries(self, texts: Sequence[str] | str) -> np.ndarray:
-        """(n, dim) float32, L2-normalised. A bare string is treated as one query."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if len(texts) <= _QUERY_BATCH:
-            return self._embed_batch(texts) if texts else np.empty((0, self.dim), dtype=np.float32)
-        return np.concatenate(
-            [self._embed_batch(texts[i : i + _QUERY_BATCH]) for i in range(0, len(texts), _QUERY_BATCH)]
-        )
+QueryEncoder = Encoder | OnnxEncoder
+
+
+def load_encoder(kind: str, directory: Path | str | None = None, model_path: str | None = None,
+                 threads: int = 1) -> QueryEncoder:
+    """The encoder `kind` names (onnx_export.ENCODER_KINDS): ONNX from `directory` (an index version or an export),
+    torch from `model_path` (default: the packaged model)."""
+    from rag_service import onnx_export
+
+    if kind not in onnx_export.ENCODER_KINDS:
+        raise ValueError(f"encoder must be one of {', '.join(onnx_export.ENCODER_KINDS)}, got {kind!r}")
+    if kind == "torch":
+        return Encoder(model_path)
+    if directory is None:
+        raise ValueError(f"encoder {kind!r} needs the directory of an ONNX export")
+    return OnnxEncoder(directory, kind, threads=threads)
+
+
+def load_index_encoder(kind: str, index_dir: Path | str, model_path: str | None = None,
+                       threads: int = 1) -> QueryEncoder:
+    """The query encoder for a loaded index: the ONNX export inside it, or torch. An index built before exports
+    existed (or with export_onnx off) falls back to torch, with a warning saying how to get the fast path."""
+    from rag_service import onnx_export
+
+    if kind != "torch" and not onnx_export.has_export(index_dir):
+        log.warning("%s holds no ONNX encoder export; encoding queries with torch (slower). Rebuild the index "
+                    "with rag-index build to get %s", index_dir, kind)
+        kind = "torch"
+    return load_encoder(kind, index_dir, model_path, threads)

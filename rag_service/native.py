@@ -4,27 +4,44 @@ Import this module, never rag_service._native directly. Like faiss's loader, it 
 when that fails, logs why and serves every kernel from rag_service.reference instead (same results, slower).
 
 Backend choice, made per call (or per explicit fusion_backend() resolve), never frozen at import:
-  RAG_SERVICE_BACKEND=auto   (default) C++ when the extension imports, else NumPy
+  RAG_SERVICE_BACKEND=auto   (default) C++ when the extension imports, else NumPy; a kernel with a CUDA twin
+                             (window_maxsim, similarity_matrix, mmr_select) runs on CUDA when the extension was built
+                             with CUDA, a device answers and the call is large enough to pay for the transfers
+                             (CUDA_MIN_WORK)
                       cpp    C++; RuntimeError if the extension is missing
                       cuda   the CUDA kernel where one exists, C++ for the others; RuntimeError if the extension was
                              built without CUDA or no device answers
                       numpy  the NumPy references
+
+Kernels: fuse (score fusion); window_maxsim, proximity, linear_scores (rerank features and model);
+similarity_matrix, mmr_select (context filter). Semantics: the *_reference functions in rag_service.reference.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 import logging
 import os
 from typing import Any
 
 import numpy as np
 
-from rag_service.reference import FusionResult, fuse_reference
+from rag_service.reference import (
+    SOFTMAX_TEMPERATURE,
+    FusionResult,
+    fuse_reference,
+    linear_scores_reference,
+    mmr_select_reference,
+    proximity_reference,
+    similarity_matrix_reference,
+    window_maxsim_reference,
+)
 
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV",
+    "CUDA_MIN_WORK",
     "HAS_CUDA",
     "HAS_NATIVE",
     "NATIVE_IMPORT_ERROR",
@@ -33,7 +50,14 @@ __all__ = [
     "cuda_device_status",
     "fuse",
     "fusion_backend",
+    "kernel_backend",
+    "linear_scores",
+    "mmr_select",
+    "proximity",
     "requested_backend",
+    "similarity_matrix",
+    "simd_level",
+    "window_maxsim",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,6 +82,11 @@ else:
 
 HAS_NATIVE: bool = _native is not None
 HAS_CUDA: bool = bool(_native.HAS_CUDA) if _native is not None else False  # the extension was built with CUDA
+# The rerank / context-filter kernels arrived after fusion: an extension built from older sources lacks them.
+_HAS_RERANK_KERNELS: bool = _native is not None and hasattr(_native, "window_maxsim")
+if _native is not None and not _HAS_RERANK_KERNELS:
+    logger.warning("rag_service._native predates the rerank kernels; they run on the NumPy references until it is "
+                   "rebuilt (`python setup.py build_ext --inplace` or `pip install .`)")
 
 
 @functools.lru_cache(maxsize=1)
@@ -192,3 +221,174 @@ def backend_info() -> dict[str, Any]:
         "cuda_reason": reason,
         "fusion_backend": fusion_backend(),
     }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rerank and context-filter kernels
+# --------------------------------------------------------------------------------------------------------------------
+
+# Below these amounts of work (multiply-adds) "auto" keeps a kernel with a CUDA twin on the CPU: the C++ kernel reads
+# the rows once at memory speed, while CUDA must first gather and copy them over PCIe (~25 GB/s) and pay ~10-20 us of
+# launches and synchronisation. Estimates from those costs, not measured on a GPU (none was available): a request's
+# 100-200 candidates stay well below them; bulk scoring (benchmarks, offline evaluation) crosses them.
+CUDA_MIN_WORK = {
+    "window_maxsim": 64 << 20,      # candidate windows x d
+    "similarity_matrix": 256 << 20,  # m x m x d
+    "mmr_select": 64 << 20,          # m x m x k (the greedy loop; the matrix itself must come over too)
+}
+
+_KERNEL_CUDA_TWIN = {"window_maxsim": True, "similarity_matrix": True, "mmr_select": True, "proximity": False,
+                     "linear_scores": False}
+
+
+def kernel_backend(kernel: str, backend: str | None = None, *, work: int = 0) -> str:
+    """The backend ("cuda", "cpp" or "numpy") that runs `kernel` for a call of `work` multiply-adds.
+
+    backend=None resolves RAG_SERVICE_BACKEND now. "auto" picks CUDA only for a kernel with a CUDA twin, when the
+    extension was built with CUDA, a device answers and work >= CUDA_MIN_WORK[kernel]; else C++ (NumPy when the
+    extension is missing or predates these kernels). Forcing "cpp" or "cuda" when it cannot be met raises
+    RuntimeError saying how to get it; an unknown name raises ValueError.
+    """
+    if kernel not in _KERNEL_CUDA_TWIN:
+        raise ValueError(f"kernel must be one of {', '.join(sorted(_KERNEL_CUDA_TWIN))}, got {kernel!r}")
+    twin = _KERNEL_CUDA_TWIN[kernel]
+    chosen = _resolve(kernel, twin, backend)
+    if chosen != "numpy" and not _HAS_RERANK_KERNELS:
+        if (backend or requested_backend()) == "auto":
+            return "numpy"
+        raise RuntimeError(f"rag_service._native was built from sources older than the {kernel} kernel; rebuild it "
+                           "(`python setup.py build_ext --inplace` or `pip install .`)")
+    if chosen == "cpp" and twin and HAS_CUDA and work >= CUDA_MIN_WORK[kernel] \
+            and (backend or requested_backend()) == "auto" and cuda_device_status()[0]:
+        return "cuda"
+    return chosen
+
+
+def _on_device(kernel: str, backend: str | None, cuda_call, cpp_call):
+    """cuda_call(); when "auto" chose CUDA and the device fails (out of memory, a reset, a lost driver), logs why and
+    returns cpp_call() instead: the request still gets its answer. A forced "cuda" raises."""
+    try:
+        return cuda_call()
+    except RuntimeError as error:
+        if (backend or requested_backend()) == "cuda":
+            raise
+        logger.warning("CUDA %s failed (%s); running it on the C++ backend", kernel, error)
+        return cpp_call()
+
+
+def simd_level() -> str:
+    """The widest SIMD instruction set the C++ kernels use on this CPU: "avx512", "avx2" or "scalar" ("none" when
+    the native extension or its rerank kernels are missing)."""
+    return str(_native.simd_level()) if _HAS_RERANK_KERNELS else "none"
+
+
+def _as_float32_matrix(values: Any, name: str) -> np.ndarray:
+    """values as a 2-D float32 array: float32 input is used as is (the native boundary checks its layout), other
+    numbers are converted (a copy); anything else raises ValueError naming the argument."""
+    array = np.asarray(values)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got {array.ndim}-D")
+    if array.dtype == _FLOAT32:
+        return array
+    if array.size and array.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must hold numbers, got dtype {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def window_maxsim(
+    query: Any,
+    offsets: np.ndarray,
+    vectors: np.ndarray,
+    scales: np.ndarray | None,
+    candidates: Any,
+    *,
+    temperature: float = SOFTMAX_TEMPERATURE,
+    backend: str | None = None,
+) -> np.ndarray:
+    """Window MaxSim features of each candidate chunk: float32[m, 3] = [max, mean of the top 2, soft max].
+
+    query: float32[d] (converted from other float/int arrays); offsets int64[n_chunks + 1] CSR over vectors' rows;
+    vectors int8[n_windows, d] with scales float32[n_windows], or float16/float32[n_windows, d] with scales=None (the
+    store is not converted: it is usually a memory map, and a copy per call would cost more than the kernel);
+    candidates: chunk ids (converted to int64). A candidate without windows gets NaN in all three columns. Semantics
+    and errors: rag_service.reference.window_maxsim_reference.
+    """
+    q = _as_vector(query, _FLOAT32, "query")
+    ids = _as_vector(candidates, _INT64, "candidates")
+    work = 0
+    if isinstance(offsets, np.ndarray) and isinstance(vectors, np.ndarray) and offsets.ndim == 1 and offsets.size \
+            and vectors.ndim == 2 and ids.size:
+        # an upper bound without touching the windows: the candidates' share of the store
+        work = int(ids.size * max(int(offsets[-1]) - int(offsets[0]), 0) // max(offsets.size - 1, 1)) \
+            * int(vectors.shape[1])
+    chosen = kernel_backend("window_maxsim", backend, work=work)
+    if chosen == "numpy":
+        return window_maxsim_reference(q, offsets, vectors, scales, ids, temperature=temperature)
+
+    def run(cuda: bool) -> np.ndarray:
+        return _native.window_maxsim(q, offsets, vectors, scales, ids, float(temperature), cuda)
+
+    return _on_device("window_maxsim", backend, lambda: run(True), lambda: run(False)) if chosen == "cuda" \
+        else run(False)
+
+
+def proximity(query_terms: Any, token_offsets: np.ndarray, tokens: np.ndarray, candidates: Any,
+              *, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(span int32[m], matched int32[m]): per candidate chunk, how many distinct query terms occur in its token
+    stream and the shortest span of tokens covering all of them (1 for one term, 0 for none). query_terms are
+    converted to int32 (distinct, >= 0), candidates to int64; token_offsets int64 and tokens int32 as stored.
+    Semantics and errors: rag_service.reference.proximity_reference."""
+    terms = np.asarray(query_terms)
+    if terms.ndim == 1 and terms.dtype != np.int32:
+        if terms.size and terms.dtype.kind not in "iu":
+            raise ValueError(f"query_terms must hold integers, got dtype {terms.dtype}")
+        if terms.size and (terms.min() < np.iinfo(np.int32).min or terms.max() > np.iinfo(np.int32).max):
+            raise ValueError("query_terms must fit in int32")
+        terms = terms.astype(np.int32)
+    terms = _as_vector(terms, np.dtype(np.int32), "query_terms")
+    ids = _as_vector(candidates, _INT64, "candidates")
+    if kernel_backend("proximity", backend) == "numpy":
+        return proximity_reference(terms, token_offsets, tokens, ids)
+    return _native.proximity(terms, token_offsets, tokens, ids)
+
+
+def linear_scores(features: Any, weights: Any, bias: float, *, backend: str | None = None) -> np.ndarray:
+    """float32[m]: features float32[m, f] @ weights float32[f] + bias, summed in float64. Semantics and errors:
+    rag_service.reference.linear_scores_reference."""
+    f = _as_float32_matrix(features, "features")
+    w = _as_vector(weights, _FLOAT32, "weights")
+    if kernel_backend("linear_scores", backend) == "numpy":
+        return linear_scores_reference(f, w, bias)
+    return _native.linear_scores(np.ascontiguousarray(f), w, float(bias))
+
+
+def similarity_matrix(vectors: Any, *, backend: str | None = None) -> np.ndarray:
+    """float32[m, m] of pairwise dot products of vectors' rows (float32[m, d], unit rows give cosines). Semantics and
+    errors: rag_service.reference.similarity_matrix_reference."""
+    v = _as_float32_matrix(vectors, "vectors")
+    chosen = kernel_backend("similarity_matrix", backend, work=v.shape[0] * v.shape[0] * v.shape[1])
+    if chosen == "numpy":
+        return similarity_matrix_reference(v)
+    if chosen == "cuda":
+        return _on_device("similarity_matrix", backend, lambda: _native.similarity_matrix(v, True),
+                          lambda: _native.similarity_matrix(v, False))
+    return _native.similarity_matrix(v, False)
+
+
+def mmr_select(relevance: Any, sim: Any, mmr_lambda: float, k: int, dedup_threshold: float,
+               *, backend: str | None = None) -> np.ndarray:
+    """int64[<= k]: indices picked by greedy MMR (first the most relevant; then max lambda * relevance - (1 - lambda)
+    * max similarity to those picked; ties to the lower index), dropping every candidate whose similarity to a pick
+    is above dedup_threshold. Semantics and errors: rag_service.reference.mmr_select_reference."""
+    rel = _as_vector(relevance, _FLOAT32, "relevance")
+    s = _as_float32_matrix(sim, "sim")
+    k = operator.index(k)
+    chosen = kernel_backend("mmr_select", backend, work=s.shape[0] * s.shape[0] * max(min(k, s.shape[0]), 0))
+    if chosen == "numpy":
+        return mmr_select_reference(rel, s, mmr_lambda, k, dedup_threshold)
+
+    def run(cuda: bool) -> np.ndarray:
+        return _native.mmr_select(rel, s, float(mmr_lambda), k, float(dedup_threshold), cuda)
+
+    return _on_device("mmr_select", backend, lambda: run(True), lambda: run(False)) if chosen == "cuda" \
+        else run(False)

@@ -1,4 +1,4 @@
-"""The request path, stage by stage: filter mask, encode, lexical || dense, fusion, assemble.
+"""The request path, stage by stage: filter mask, encode, lexical || dense, fusion, rerank, contexts, assemble.
 
 Plain function calls on plain data: the pipeline knows no gRPC, stages know no pipeline. Each stage is timed so the
 server can report per-stage latency.
@@ -7,11 +7,12 @@ server can report per-stage latency.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from rag_service import fusion
+from rag_service import adaptive, context_filter, fusion
+from rag_service import rerank as rerank_mod
 from rag_service.encode import Encoder
 from rag_service.errors import DeadlineExceeded
 from rag_service.index.load import Index
@@ -51,6 +52,7 @@ class ContextResult:
     rerank_score: float | None = None
     features: dict[str, float] | None = None  # the reranker's inputs, reported with debug
     tokens: int = 0  # counted with the model's tokenizer, toward max_context_tokens
+    fused_score: float | None = None  # the fusion score; `score` is the reranker's when it ran
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Candidates:
     bm25: tuple[np.ndarray, np.ndarray]
     dense: tuple[np.ndarray, np.ndarray]
     fused: FusionResult
+    query_vector: np.ndarray | None = None
 
 
 @dataclass
@@ -81,17 +84,30 @@ def check_deadline(deadline: float | None, stage: str) -> None:
 class Pipeline:
     """One index and one query encoder; thread-safe (stages allocate per call), so a thread pool can share it."""
 
-    def __init__(self, index: Index, encoder: Encoder) -> None:
+    def __init__(self, index: Index, encoder: Encoder, rerank_model: rerank_mod.RerankModel | None = None,
+                 policy: adaptive.AdaptivePolicy | None = None) -> None:
+        """`rerank_model`: the combiner of the rerank stage; None loads the one shipped in the package."""
         if encoder.dim != index.manifest["model"]["dim"]:
             raise ValueError(f"encoder dimension {encoder.dim} != index dimension {index.manifest['model']['dim']}")
         self.index = index
         self.encoder = encoder
+        # No windows (an index built before the reranker): the rerank stage is skipped, the load logged why.
+        self.rerank_store = (rerank_mod.RerankStore.create(index.windows, index.bm25, index.dense.vectors)
+                             if index.windows is not None else None)
+        self.rerank_model = rerank_model or (rerank_mod.RerankModel.load() if self.rerank_store is not None else None)
+        # Tokens per chunk, counted on first use: tokenizing a passage costs ~0.1-0.7 ms and every reply reports
+        # its contexts' tokens. -1 = not counted yet; concurrent writers store the same value.
+        self._chunk_tokens = np.full(index.n_chunks, -1, np.int32)
+        # Route choice per request (budget, load, retriever agreement); see adaptive.py.
+        self.policy = policy or adaptive.AdaptivePolicy()
 
     @property
     def version(self) -> str:
         return self.index.version
 
-    def encode(self, query: str) -> np.ndarray:
+    def encode(self, query: str, deadline: float | None = None) -> np.ndarray:
+        if deadline is not None and hasattr(self.encoder, "encode_one"):  # a MicroBatcher bounds its wait by it
+            return self.encoder.encode_one(query, deadline)
         return self.encoder.encode_queries([query])[0]
 
     def retrieve(self, params: SearchParams, timer: StageTimer | None = None,
@@ -103,7 +119,7 @@ class Pipeline:
         if query_vector is None:
             check_deadline(deadline, "encode")
             with timer.stage("encode"):
-                query_vector = self.encode(params.query)
+                query_vector = self.encode(params.query, deadline)
         check_deadline(deadline, "lexical")
         with timer.stage("lexical"):
             bm25 = self.index.bm25.search(params.query, params.depth, mask)
@@ -114,23 +130,85 @@ class Pipeline:
         with timer.stage("fusion"):
             fused = fusion.fuse(bm25, dense, method=params.fusion, dense_weight=params.dense_weight,
                                 top_k=params.top_k, rrf_k=params.rrf_k)
-        return Candidates(bm25=bm25, dense=dense, fused=fused)
+        return Candidates(bm25=bm25, dense=dense, fused=fused, query_vector=query_vector)
 
     def search(self, params: SearchParams, *, query_vector: np.ndarray | None = None,
                deadline: float | None = None, timer: StageTimer | None = None) -> SearchResult:
         timer = timer or StageTimer()
-        candidates = self.retrieve(params, timer, query_vector=query_vector, deadline=deadline)
+        plan = self.policy.plan(params, deadline, self.policy.enter(), query_vector is not None,
+                                self.rerank_store is not None)
+        try:
+            return self._search(plan, query_vector=query_vector, deadline=deadline, timer=timer)
+        finally:
+            self.policy.leave()
+
+    def _search(self, plan: adaptive.Plan, *, query_vector: np.ndarray | None, deadline: float | None,
+                timer: StageTimer) -> SearchResult:
+        params = plan.params
+        filter_params = context_filter.FilterParams(
+            top_k=params.top_k, mmr_lambda=params.mmr_lambda, dedup_threshold=params.dedup_threshold,
+            max_context_tokens=params.max_context_tokens)
+        reranking = params.rerank and self.rerank_store is not None
+        # The second stage sees the fused top rerank_depth; without it (and without a filter) fusion's top_k is final.
+        pool = max(params.top_k, params.rerank_depth) if reranking or not filter_params.is_identity else params.top_k
+        candidates = self.retrieve(replace(params, top_k=pool), timer, query_vector=query_vector, deadline=deadline)
+        fused = candidates.fused
+        depth, route, reason = (self.policy.rerank_depth(plan, candidates.bm25[0], candidates.dense[0], len(fused.ids))
+                                if reranking else (0, plan.route, plan.reason))
+        reranked = None
+        if depth > 0:
+            check_deadline(deadline, "rerank")
+            with timer.stage("rerank"):
+                reranked = rerank_mod.rerank(self.rerank_store, self.rerank_model, params.query,
+                                             candidates.query_vector, fused.ids[:depth], fused.scores[:depth],
+                                             candidates.bm25[0], candidates.dense[0])
+        check_deadline(deadline, "contexts")
+        with timer.stage("contexts"):
+            order, relevance = np.arange(len(fused.ids)), fused.scores
+            if reranked is not None:
+                # Candidates past rerank_depth (a caller asking for more contexts than were reranked) follow the
+                # reranked ones in fused order, below every reranked score.
+                tail = np.arange(len(reranked.order), len(fused.ids))
+                order = np.concatenate([reranked.order, tail])
+                floor = float(reranked.scores.min()) if len(reranked.scores) else 0.0
+                relevance = np.concatenate([reranked.scores, floor - 1.0 - fused.scores.max(initial=0.0)
+                                            + fused.scores[tail]]).astype(np.float32)
+            ids = fused.ids[order]
+            vectors = (np.asarray(self.index.dense.vectors[ids]) if not filter_params.is_identity
+                       else np.zeros((len(ids), 0), np.float32))
+            store = self.index.store
+            selection = context_filter.select(relevance, vectors, lambda i: store.chunk_text(int(ids[i])),
+                                              self.encoder.count_tokens, filter_params,
+                                              count_at=lambda i: self.chunk_tokens(int(ids[i])))
         check_deadline(deadline, "assemble")
         with timer.stage("assemble"):
-            contexts = self.assemble(candidates.fused)
-        return SearchResult(contexts=contexts, index_version=self.version, stage_us=timer.us)
+            contexts = self.assemble(fused, order, selection, reranked)
+        self.policy.observe(timer.us, depth)
+        return SearchResult(contexts=contexts, index_version=self.version, stage_us=timer.us,
+                            context_tokens=selection.total_tokens, route=route, route_reason=reason)
 
-    def assemble(self, fused: FusionResult) -> list[ContextResult]:
+    def chunk_tokens(self, chunk: int) -> int:
+        count = int(self._chunk_tokens[chunk])
+        if count < 0:
+            count = self.encoder.count_tokens(self.index.store.chunk_text(chunk))
+            self._chunk_tokens[chunk] = count
+        return count
+
+    def assemble(self, fused: FusionResult, order: np.ndarray | None = None,
+                 selection: context_filter.Selection | None = None,
+                 reranked: rerank_mod.Reranked | None = None) -> list[ContextResult]:
+        """Contexts for the fused candidates at positions order[selection.positions] (default: all, fused order)."""
         store = self.index.store
         out = []
-        for chunk, score, bm25, dense in zip(fused.ids.tolist(), fused.scores.tolist(), fused.bm25.tolist(),
-                                             fused.dense.tolist()):
+        order = np.arange(len(fused.ids)) if order is None else order
+        positions = selection.positions if selection is not None else list(range(len(order)))
+        for n, pos in enumerate(positions):
+            at = int(order[pos])
+            chunk, score = int(fused.ids[at]), float(fused.scores[at])
+            bm25, dense = float(fused.bm25[at]), float(fused.dense[at])
             doc = store.chunk_doc(chunk)
+            rerank_score = float(reranked.scores[pos]) if reranked is not None and pos < len(reranked.scores) \
+                else None
             out.append(ContextResult(
                 chunk=chunk,
                 doc_id=store.doc_id(doc),
@@ -138,8 +216,12 @@ class Pipeline:
                 title=store.doc_title(doc),
                 text=store.chunk_text(chunk),
                 metadata=store.doc_metadata(doc),
-                score=score,
+                score=rerank_score if rerank_score is not None else score,
                 bm25_score=None if bm25 != bm25 else bm25,  # NaN: the retriever did not return this chunk
                 dense_score=None if dense != dense else dense,
+                rerank_score=rerank_score,
+                features=reranked.feature_dict(pos) if rerank_score is not None else None,
+                tokens=selection.tokens[n] if selection is not None and selection.tokens else 0,
+                fused_score=score,
             ))
         return out

@@ -41,10 +41,14 @@ def test_rag_index_build_then_rag_serve_answers_and_drains_on_sigterm(tmp_path, 
     server = subprocess.Popen(
         [sys.executable, "-m", "rag_service.cli.serve", "--index", str(tmp_path / "idx"), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # Read the log as it comes: one JSON line per request would fill the pipe and stall the server's logging.
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(server.stderr), daemon=True)
+    reader.start()
     try:
         line = server.stdout.readline()  # printed once the index is loaded, warm and SERVING
         match = re.search(r"SERVING .* on [\d.]+:(\d+)", line)
-        assert match, (line, server.stderr.read() if server.poll() is not None else "")
+        assert match, (line, server.wait(timeout=10), reader.join(timeout=10), "".join(log))
         with RetrieverClient(f"127.0.0.1:{match.group(1)}", timeout=10) as client:
             assert client.health() == "SERVING"
             result = client.search("why does iron rust", top_k=2)
@@ -72,7 +76,8 @@ def test_rag_index_build_then_rag_serve_answers_and_drains_on_sigterm(tmp_path, 
                 t.join(timeout=30)
         assert outcomes.count("OK") > 3
         assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
-        assert "draining" in server.stderr.read()
+        reader.join(timeout=30)
+        assert "draining" in "".join(log)
     finally:
         if server.poll() is None:
             server.kill()

@@ -49,7 +49,8 @@ def test_debug_reports_scores_and_stage_timings(client):
     result = client.search("photosynthesis in green plants chlorophyll", top_k=3, debug=True)
     top = result.contexts[0]
     assert top.doc_id == "photosynthesis"
-    assert top.fused_score == pytest.approx(top.score)
+    # rerank is on by default: the ranking's score is the reranker's, the fusion score is reported beside it
+    assert top.rerank_score == pytest.approx(top.score) and top.fused_score is not None
     assert top.bm25_score > 0 and 0 < top.dense_score <= 1.0001
     assert {"validate", "queue", "filter", "encode", "lexical", "dense", "fusion", "assemble"} <= set(
         result.stage_time_us)
@@ -57,18 +58,22 @@ def test_debug_reports_scores_and_stage_timings(client):
 
 
 def test_dense_weight_extremes_follow_one_retriever(client):
-    bm25_only = client.search("ancient roman aqueducts carried water", top_k=8, dense_weight=0.0, debug=True)
+    # rerank off and no MMR/dedup: the contexts are fusion's ranking as it is
+    plain = {"rerank": False, "mmr_lambda": 1.0, "dedup_threshold": 1.0}
+    bm25_only = client.search("ancient roman aqueducts carried water", top_k=8, dense_weight=0.0, debug=True,
+                              **plain)
     # Min-max normalisation puts the weakest BM25 hit at 0, level with chunks BM25 did not return: compare above 0.
     bm25_scores = [c.bm25_score for c in bm25_only.contexts if c.score > 0]
     assert len(bm25_scores) >= 3 and bm25_scores == sorted(bm25_scores, reverse=True)
-    dense_only = client.search("ancient roman aqueducts carried water", top_k=8, dense_weight=1.0, debug=True)
+    dense_only = client.search("ancient roman aqueducts carried water", top_k=8, dense_weight=1.0, debug=True,
+                               **plain)
     dense_scores = [c.dense_score for c in dense_only.contexts if c.score > 0]
     assert len(dense_scores) >= 3 and dense_scores == sorted(dense_scores, reverse=True)
     assert bm25_only.contexts[0].doc_id == dense_only.contexts[0].doc_id == "aqueduct"
 
 
 def test_rrf_fusion(client):
-    result = client.search("the speed of light in a vacuum", top_k=4, fusion="rrf", debug=True)
+    result = client.search("the speed of light in a vacuum", top_k=4, fusion="rrf", debug=True, rerank=False)
     assert result.contexts[0].doc_id == "light"
     top = result.contexts[0]
     # Rank 1 in both lists with the default weight 0.5.
@@ -156,11 +161,26 @@ def _search_error(stub, **fields) -> grpc.RpcError:
     ({"query": "ok", "filters": {"color": "red"}}, "filters[color]"),
     ({"query": "ok", "filters": {f"f{i}": "v" for i in range(17)}}, "filters"),
     ({"query": "ok", "filters": {"topic": "v" * 2000}}, "filters[topic]"),
+    ({"query": "ok", "rerank_depth": 0}, "rerank_depth"),
+    ({"query": "ok", "rerank_depth": 100000}, "rerank_depth"),
+    ({"query": "ok", "max_context_tokens": 2_000_000}, "max_context_tokens"),
+    ({"query": "ok", "mmr_lambda": 1.5}, "mmr_lambda"),
+    ({"query": "ok", "mmr_lambda": math.nan}, "mmr_lambda"),
+    ({"query": "ok", "dedup_threshold": 0.0}, "dedup_threshold"),
+    ({"query": "ok", "dedup_threshold": 1.01}, "dedup_threshold"),
+    ({"query": "ok", "budget_ms": 0}, "budget_ms"),
+    ({"query": "ok", "cache": 9}, "cache"),
 ])
 def test_bad_input_is_invalid_argument_naming_the_field(stub, fields, field_name):
     error = _search_error(stub, **fields)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith(field_name + ":"), error.details()
+
+
+def test_expired_deadline_is_deadline_exceeded_not_a_late_answer(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Search(pb.SearchRequest(query="how are lists sorted"), timeout=1e-4)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def test_oversized_request_is_refused_by_the_transport(stub):

@@ -1,12 +1,24 @@
-"""`rag-bench`: retrieval quality (and, with later issues, latency under load and peer comparisons)."""
+"""`rag-bench`: retrieval quality, latency under open-loop load, and rag-service beside its peers.
+
+    rag-bench quality --dataset scifact=/tmp/idx/scifact:../shared/data/scifact --significance fused,bm25
+    rag-bench latency --index /tmp/idx/scifact --queries ../shared/data/scifact/queries.jsonl --qps 5,10,20
+    rag-bench compare --index /tmp/idx/scifact --data ../shared/data/scifact
+    rag-bench scale --sizes 10000,100000
+
+Heavy imports (torch, the peers) happen inside the commands, so `--help` is instant.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import click
+
+_PATH = click.Path(exists=True, path_type=Path)
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -15,37 +27,320 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _write_json(path: Path | None, report: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {path}")
+
+
+def _progress_bar(desc: str, unit: str):
+    """A tqdm bar driven by (done, total) callbacks."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit=unit, dynamic_ncols=True, leave=False, mininterval=1.0)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    return bar, update
+
+
+def _split_pair(value: str, option: str) -> tuple[str, str]:
+    a, sep, b = value.partition(",")
+    if not sep or not a.strip() or not b.strip():
+        raise click.BadParameter(f"expected two method names as A,B, got {value!r}", param_hint=option)
+    return a.strip(), b.strip()
+
+
+def _rates(value: str) -> list[float]:
+    try:
+        rates = [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint="--qps") from None
+    if not rates or any(r <= 0 for r in rates):
+        raise click.BadParameter(f"rates must be > 0, got {value!r}", param_hint="--qps")
+    return rates
+
+
+def _dataset(spec: str, split: str) -> tuple[str, Path, Path, Path]:
+    """NAME=INDEX:BEIR_DIR -> name, index, queries.jsonl, qrels/<split>.tsv."""
+    name, eq, rest = spec.partition("=")
+    index, colon, beir = rest.partition(":")
+    if not eq or not colon or not name.strip():
+        raise click.BadParameter(f"expected NAME=INDEX:BEIR_DIR, got {spec!r}", param_hint="--dataset")
+    index, beir = Path(index), Path(beir)
+    queries, qrels = beir / "queries.jsonl", beir / "qrels" / f"{split}.tsv"
+    for path in (index, queries, qrels):
+        if not path.exists():
+            raise click.BadParameter(f"{spec!r}: {path} does not exist", param_hint="--dataset")
+    return name.strip(), index, queries, qrels
+
+
+def _encoder_kinds() -> tuple[str, ...]:
+    """Query encoders the quality command can measure: torch (sentence-transformers) and the fast path's ONNX
+    exports (rag_service.onnx_export.ENCODER_KINDS)."""
+    from rag_service import onnx_export
+
+    return tuple(onnx_export.ENCODER_KINDS)
+
+
+def _make_encoder(kind: str, index_dir: Path, onnx_dir: Path | None):
+    """No silent fallback: a quality row labelled onnx-int8 must have been encoded by it."""
+    from rag_service import encode, onnx_export
+
+    if kind not in _encoder_kinds():
+        raise click.BadParameter(f"unknown encoder {kind!r}; available: {', '.join(_encoder_kinds())}",
+                                 param_hint="--encoder")
+    if kind == "torch":
+        return encode.load_encoder("torch")
+    directory = onnx_dir or index_dir
+    if not onnx_export.has_export(directory):
+        raise click.ClickException(f"{directory} holds no ONNX encoder export for --encoder {kind}: rebuild the "
+                                   "index with rag-index build, or pass --onnx-dir with an export")
+    return encode.load_encoder(kind, directory)
+
+
 @main.command()
-@click.option("--index", "index_path", required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--queries", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="BEIR queries.jsonl or one query per line.")
-@click.option("--qrels", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="BEIR qrels TSV (query-id, corpus-id, score).")
+@click.option("--index", "index_path", type=_PATH, help="One index (with --queries and --qrels).")
+@click.option("--queries", type=_FILE, help="BEIR queries.jsonl or one query per line.")
+@click.option("--qrels", type=_FILE, help="BEIR qrels TSV (query-id, corpus-id, score).")
+@click.option("--dataset", "datasets", multiple=True, metavar="NAME=INDEX:BEIR_DIR",
+              help="A data set (repeatable): its index and its BEIR folder (queries.jsonl, qrels/<split>.tsv).")
+@click.option("--split", default="test", help="qrels split for --dataset.")
+@click.option("--method", "methods", multiple=True, metavar="SPEC",
+              help="A row (repeatable): bm25, dense, fused (first stage), pipeline (the whole request path with the "
+                   "server defaults) or NAME=pipeline:field=value,... with SearchParams fields, e.g. "
+                   "norerank=pipeline:rerank=off  [default: bm25, dense, fused]")
+@click.option("--significance", "pairs", multiple=True, metavar="A,B",
+              help="Paired t-test and Wilcoxon between two methods on per-query values (repeatable).")
+@click.option("--encoder", "encoder_kind", default="torch",
+              help="Query encoder: torch, onnx-int8 or onnx-fp32 (the ONNX export inside each index, or --onnx-dir).")
+@click.option("--onnx-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A directory holding an ONNX encoder export, for --encoder onnx-*.")
 @click.option("--depth", type=int, help="Candidates per retriever [default: the server default].")
 @click.option("--fusion", type=click.Choice(["rrf", "weighted"]), help="[default: the server default]")
 @click.option("--dense-weight", type=float, help="[default: the server default]")
+@click.option("--per-query", is_flag=True, help="Keep per-query values in the JSON report.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report here.")
-def quality(index_path, queries, qrels, depth, fusion, dense_weight, json_out) -> None:
-    """nDCG@10, recall@100 and MRR@10 per method (BM25, dense, fused) on judged queries."""
+def quality(index_path, queries, qrels, datasets, split, methods, pairs, encoder_kind, onnx_dir, depth, fusion,
+            dense_weight, per_query, json_out) -> None:
+    """nDCG@10, recall@100 and MRR@10 per method on judged queries, on one or several data sets."""
+    if index_path is not None and not datasets:
+        if queries is None or qrels is None:
+            raise click.UsageError("--index needs --queries and --qrels")
+        sets = [(index_path.name, index_path, queries, qrels)]
+    elif datasets and index_path is None and queries is None and qrels is None:
+        sets = [_dataset(spec, split) for spec in datasets]
+        if len({s[0] for s in sets}) != len(sets):
+            raise click.BadParameter("data set names must differ", param_hint="--dataset")
+    else:
+        raise click.UsageError("give either --index with --queries and --qrels, or one or more --dataset")
+    significance = [_split_pair(p, "--significance") for p in pairs]
+
+    # After the arguments are checked: these import torch.
     from rag_service.bench.data import load_qrels, load_queries
-    from rag_service.bench.quality import format_table, quality_report
+    from rag_service.bench.quality import Method, format_table, parse_method, quality_report
     from rag_service.config import SearchDefaults
-    from rag_service.encode import Encoder
     from rag_service.index.load import load_index
     from rag_service.pipeline import Pipeline, SearchParams
+
+    try:
+        rows = [parse_method(m) for m in methods] or None
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--method") from error
 
     defaults = SearchDefaults()
     params = SearchParams(query="", top_k=defaults.top_k, depth=depth or defaults.depth,
                           fusion=fusion or defaults.fusion,
                           dense_weight=defaults.dense_weight if dense_weight is None else dense_weight,
-                          rrf_k=defaults.rrf_k)
-    pipeline = Pipeline(load_index(index_path), Encoder())
-    report = quality_report(pipeline, load_queries(queries), load_qrels(qrels), params)
-    click.echo(f"index {report['index']} ({report['index_version']}), {report['queries']} judged queries, "
-               f"depth {params.depth}, fusion {params.fusion}, dense_weight {params.dense_weight}")
+                          rrf_k=defaults.rrf_k, rerank=defaults.rerank, rerank_depth=defaults.rerank_depth,
+                          mmr_lambda=defaults.mmr_lambda, dedup_threshold=defaults.dedup_threshold,
+                          max_context_tokens=defaults.max_context_tokens, cache="bypass")
+    reports = {}
+    encoders: dict[Path, object] = {}
+    for name, index, query_file, qrels_file in sets:
+        loaded = load_index(index)
+        source = Path(onnx_dir or loaded.path) if encoder_kind != "torch" else Path("torch")
+        if source not in encoders:
+            encoders[source] = _make_encoder(encoder_kind, Path(loaded.path), onnx_dir)
+        pipeline = Pipeline(loaded, encoders[source])
+        try:
+            report = quality_report(pipeline, load_queries(query_file), load_qrels(qrels_file), params,
+                                    methods=rows or [Method(m, m) for m in ("bm25", "dense", "fused")],
+                                    significance=significance, keep_per_query=per_query)
+        except ValueError as error:
+            raise click.ClickException(f"{name}: {error}") from error
+        report["encoder_kind"] = encoder_kind
+        report["encoder"] = repr(pipeline.encoder)
+        click.echo(f"index {report['index']} ({report['index_version']}), {report['queries']} judged queries, "
+                   f"depth {params.depth}, fusion {params.fusion}, dense_weight {params.dense_weight}")
+        click.echo(format_table(report) + "\n")
+        reports[name] = report
+    if datasets:
+        _write_json(json_out, {"tool": "rag-bench quality", "split": split, "datasets": reports})
+    else:
+        _write_json(json_out, next(iter(reports.values())))
+
+
+def _load_query_texts(path: Path, limit: int | None, seed: int) -> list[str]:
+    from rag_service.bench.data import load_queries
+
+    texts = list(load_queries(path).values())
+    if not texts:
+        raise click.BadParameter(f"{path}: no queries", param_hint="--queries")
+    random.Random(seed).shuffle(texts)
+    return texts[:limit] if limit else texts
+
+
+@main.command()
+@click.option("--target", help="A running server (host:port).")
+@click.option("--index", "index_path", type=_PATH, help="Or an index: served by a rag-serve child on a free port.")
+@click.option("--queries", required=True, type=_FILE, help="BEIR queries.jsonl or one query per line.")
+@click.option("--qps", "qps", default="50,100,200", help="Offered rates, requests/s, comma-separated.")
+@click.option("--duration", type=float, default=20.0, help="Measured seconds per rate.")
+@click.option("--warmup", type=float, default=3.0, help="Seconds sent before measuring, per rate and call kind.")
+@click.option("--processes", type=int, default=0, help="Client processes; 0: one per 400 requests/s.")
+@click.option("--arrival", type=click.Choice(["constant", "poisson"]), default="constant")
+@click.option("--seed", type=int, default=0, help="Query order and Poisson arrivals.")
+@click.option("--limit", type=int, help="Use only this many queries (after the seeded shuffle).")
+@click.option("--top-k", type=int, default=10)
+@click.option("--depth", type=int, help="[default: the server default]")
+@click.option("--rerank", type=click.Choice(["server", "on", "off"]), default="server")
+@click.option("--cache", type=click.Choice(["bypass", "default", "exact_only", "strict"]), default="bypass",
+              help="The requests' cache mode: bypass makes every request do the full work.")
+@click.option("--debug/--no-debug", default=True, help="Ask for stage_time_us (server-side stage timings).")
+@click.option("--timeout", type=float, default=10.0, help="Per-request deadline, seconds.")
+@click.option("--max-lag-ms", type=float, default=5.0, help="Send-lag p99 above this: generator fell behind.")
+@click.option("--floor/--no-floor", default=True, help="Also measure the empty call (health Check).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--plots", "plot_dir", type=click.Path(file_okay=False, path_type=Path), help="PNG figures here.")
+def latency(target, index_path, queries, qps, duration, warmup, processes, arrival, seed, limit, top_k, depth, rerank,
+            cache, debug, timeout, max_lag_ms, floor, json_out, plot_dir) -> None:
+    """Open-loop latency at fixed arrival rates, beside the empty-call floor."""
+    import contextlib
+
+    from rag_service.bench.latency import LatencyConfig, RequestOptions, format_table, run_latency
+    from rag_service.bench.serve import ServerProcess
+
+    if (target is None) == (index_path is None):
+        raise click.UsageError("give exactly one of --target and --index")
+    options = RequestOptions(top_k=top_k, depth=depth, debug=debug, cache=cache,
+                             rerank=None if rerank == "server" else rerank == "on", timeout_s=timeout)
+    texts = _load_query_texts(queries, limit, seed)
+    with contextlib.ExitStack() as stack:
+        if index_path is not None:
+            click.echo(f"starting rag-serve on {index_path} ...")
+            target = stack.enter_context(ServerProcess(index_path)).target
+        config = LatencyConfig(target=target, queries=texts, rates=_rates(qps), duration_s=duration,
+                               warmup_s=warmup, processes=processes, arrival=arrival, seed=seed,
+                               max_lag_ms=max_lag_ms, floor=floor, options=options)
+        bar, update = _progress_bar("requests", "req")
+        try:
+            report = run_latency(config, progress=update)
+        except ValueError as error:
+            raise click.ClickException(str(error)) from error
+        finally:
+            bar.close()
+    report["target"] = target if index_path is None else f"rag-serve --index {index_path}"
+    click.echo(f"{report['target']}: {len(texts)} queries, {report['processes']} client processes, "
+               f"{duration:g} s per rate after {warmup:g} s warm-up, {arrival} arrivals, cache {cache}")
     click.echo(format_table(report))
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    _write_json(json_out, report)
+    if plot_dir is not None:
+        from rag_service.bench.plots import latency_plots
+
+        for path in latency_plots(report, plot_dir):
+            click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--data", "beir", required=True, type=_PATH, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/).")
+@click.option("--split", default="test", help="qrels split: its judged queries are the queries timed.")
+@click.option("--index", "index_path", type=_PATH, help="rag-service index of the same corpus (served by a child).")
+@click.option("--target", help="Or a running rag-service (host:port) serving the same corpus.")
+@click.option("--systems", default="rag-service,ensemble,bm25s,lancedb,lancedb (vector given)",
+              help="Comma-separated subset of the systems.")
+@click.option("--limit", type=int, help="Time only this many queries (after the seeded shuffle).")
+@click.option("--seed", type=int, default=0)
+@click.option("--warmup", type=int, default=20, help="Queries per system before timing.")
+@click.option("--k", type=int, default=10, help="Documents per query (nDCG@10).")
+@click.option("--rag-top-k", type=int, default=20,
+              help="Chunks asked of rag-service; its first k distinct documents are its ranking.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/bench"),
+              help="Document embeddings and peer indexes are kept here between runs.")
+@click.option("--threads", type=int, default=1,
+              help="torch threads in this process and OMP_NUM_THREADS of the served rag-service; 0: defaults.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--plots", "plot_dir", type=click.Path(file_okay=False, path_type=Path))
+def compare(beir, split, index_path, target, systems, limit, seed, warmup, k, rag_top_k, cache_dir, threads, json_out,
+            plot_dir) -> None:
+    """rag-service (gRPC) beside a LangChain-style ensemble, bm25s + faiss and LanceDB hybrid, interleaved."""
+    from rag_service.bench.compare import CompareConfig, format_table, run_compare
+    from rag_service.bench.data import load_qrels, load_queries
+
+    queries = load_queries(beir / "queries.jsonl")
+    qrels_file = beir / "qrels" / f"{split}.tsv"
+    qrels = load_qrels(qrels_file) if qrels_file.exists() else None
+    qids = [q for q in queries if qrels is None or q in qrels]
+    random.Random(seed).shuffle(qids)
+    qids = qids[:limit] if limit else qids
+    config = CompareConfig(corpus=beir, queries={q: queries[q] for q in qids}, qrels=qrels, index=index_path,
+                           target=target, systems=[s.strip() for s in systems.split(",") if s.strip()], k=k,
+                           rag_top_k=rag_top_k, warmup=warmup, cache_dir=cache_dir, name=beir.name,
+                           threads=threads or None)
+    bar, update = _progress_bar("queries x systems", "q")
+    try:
+        report = run_compare(config, progress=update)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    finally:
+        bar.close()
+    click.echo(format_table(report))
+    _write_json(json_out, report)
+    if plot_dir is not None:
+        from rag_service.bench.plots import compare_plots
+
+        for path in compare_plots(report, plot_dir):
+            click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--sizes", default="10000,100000,1000000", help="Passages per synthetic corpus, comma-separated.")
+@click.option("--systems", default="rag-service,ensemble,bm25s,lancedb,lancedb (vector given)")
+@click.option("--queries", "n_queries", type=int, default=200, help="Known-item queries per corpus.")
+@click.option("--seed", type=int, default=0)
+@click.option("--warmup", type=int, default=10)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/bench"),
+              help="Corpora, indexes and peer indexes are kept here and reused.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--plots", "plot_dir", type=click.Path(file_okay=False, path_type=Path))
+def scale(sizes, systems, n_queries, seed, warmup, cache_dir, json_out, plot_dir) -> None:
+    """The comparison on synthetic corpora of growing size (hashed document vectors: latency only)."""
+    from rag_service.bench.scale import format_table, run_scale
+
+    try:
+        counts = [int(x) for x in sizes.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {sizes!r}", param_hint="--sizes") from None
+    if not counts or any(n < 10 for n in counts):
+        raise click.BadParameter("each size must be at least 10 passages", param_hint="--sizes")
+    bar, update = _progress_bar("queries x systems", "q")
+    try:
+        report = run_scale(counts, cache_dir, systems=[s.strip() for s in systems.split(",") if s.strip()],
+                           queries=n_queries, seed=seed, warmup=warmup, progress=update, log=click.echo)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    finally:
+        bar.close()
+    click.echo(format_table(report))
+    _write_json(json_out, report)
+    if plot_dir is not None:
+        from rag_service.bench.plots import scale_plot
+
+        click.echo(f"wrote {scale_plot(report, plot_dir / 'scale_p99.png')}")
 
 
 if __name__ == "__main__":

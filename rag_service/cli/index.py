@@ -3,6 +3,8 @@
     rag-index build --input corpus.jsonl --output indexes/scifact
     rag-index info indexes/scifact
     rag-index verify indexes/scifact
+    rag-index add indexes/scifact --input new_docs.jsonl
+    rag-index delete indexes/scifact --id doc-17 --id doc-18
 """
 
 from __future__ import annotations
@@ -61,16 +63,26 @@ def cli(verbose: bool) -> None:
               help="sentence-transformers model folder (default: the packaged all-MiniLM-L6-v2).")
 @click.option("--device", default=None, help="Encoder device (default: cuda if available, else cpu).")
 @click.option("--keep", type=int, default=3, show_default=True, help="Versions to keep (CURRENT is always kept).")
+@click.option("--window-sentences", type=int, default=2, show_default=True,
+              help="Sentences per reranker window (0: no windows, rerank off for this index).")
+@click.option("--document-encoder", type=click.Choice(["auto", "torch", "onnx-fp32"]), default="auto",
+              show_default=True, help="Encoder of the chunk vectors (auto: torch on CUDA, else ONNX fp32).")
+@click.option("--dense-codes", type=click.Choice(["none", "sq8", "binary"]), default="none", show_default=True,
+              help="Quantized codes for the dense first stage, rescored exactly with the float vectors.")
+@click.option("--no-onnx", is_flag=True, help="Do not export the ONNX query encoders into the index.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def build(input_path: Path, output: Path, name: str | None, chunk_tokens: int, chunk_overlap: int, k1: float,
           b: float, idf: str, dense_index: str, hnsw_threshold: int | None, batch_size: int, model: Path | None,
-          device: str | None, keep: int, no_progress: bool) -> None:
+          device: str | None, keep: int, window_sentences: int, document_encoder: str, dense_codes: str,
+          no_onnx: bool, no_progress: bool) -> None:
     """Build an index and publish it atomically."""
     from rag_service.index.build import BuildConfig, build_index
 
     extra: dict[str, Any] = {} if hnsw_threshold is None else {"hnsw_threshold": hnsw_threshold}
     config = BuildConfig(chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, k1=k1, b=b, idf=idf,
-                         dense_index=dense_index, batch_size=batch_size, name=name, keep=keep, **extra)
+                         dense_index=dense_index, batch_size=batch_size, name=name, keep=keep,
+                         window_sentences=window_sentences, document_encoder=document_encoder,
+                         dense_codes=dense_codes, export_onnx=not no_onnx, **extra)
     try:
         config.validate()  # before the model loads: a typo should fail in milliseconds
         from rag_service.encode import Encoder
@@ -146,6 +158,75 @@ def verify(directory: Path) -> None:
     total = sum(entry["bytes"] for entry in manifest["files"].values())
     click.echo(f"OK {version_dir}: {len(manifest['files'])} files, {_human_bytes(total)} verified in "
                f"{time.perf_counter() - started:.2f}s")
+
+
+def _update(directory: Path, model: Path | None, device: str | None, keep: int | None, no_progress: bool,
+            **change) -> None:
+    from rag_service.encode import Encoder
+    from rag_service.index.update import update_index
+
+    try:
+        encoder = Encoder(str(model) if model is not None else None, device=device)
+        result = update_index(directory, encoder=encoder, keep=keep, progress=not no_progress, **change)
+    except (RagError, FileNotFoundError) as e:
+        raise _fail(e) from None
+    click.echo(f"published  {result.version_dir}  (from {result.base_version})")
+    click.echo(f"documents  {result.documents}: {result.added} added, {result.replaced} replaced, "
+               f"{result.deleted} deleted")
+    click.echo(f"encoded    {result.encoded} new texts, reused {result.reused} embeddings")
+    click.echo("serving    send SIGHUP to rag-serve, or call ReloadIndex, to serve it")
+
+
+_update_options = [
+    click.option("--model", "model", type=click.Path(path_type=Path), default=None,
+                 help="sentence-transformers model folder (must be the index's model; default: the packaged one)."),
+    click.option("--device", default=None, help="Encoder device (default: cuda if available, else cpu)."),
+    click.option("--keep", type=int, default=None, help="Versions to keep (default: as the index was built)."),
+    click.option("--no-progress", is_flag=True, help="No progress bars."),
+]
+
+
+def _with_update_options(command):
+    for option in reversed(_update_options):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
+              help="BEIR corpus.jsonl, or a folder of .txt/.md files: documents to add (an existing id is replaced).")
+@_with_update_options
+def add(directory: Path, input_path: Path, model: Path | None, device: str | None, keep: int | None,
+        no_progress: bool) -> None:
+    """Add (or replace) documents and publish a new version; only new text is encoded."""
+    from rag_service.index.build import read_corpus
+
+    try:
+        docs, _ = read_corpus(input_path)
+    except RagError as e:
+        raise _fail(e) from None
+    _update(directory, model, device, keep, no_progress, add=docs)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--id", "ids", multiple=True, help="Document id to delete (repeatable).")
+@click.option("--ids-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="File with one document id per line.")
+@_with_update_options
+def delete(directory: Path, ids: tuple[str, ...], ids_file: Path | None, model: Path | None, device: str | None,
+           keep: int | None, no_progress: bool) -> None:
+    """Delete documents by id and publish a new version."""
+    wanted = list(ids)
+    if ids_file is not None:
+        try:
+            wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as e:
+            raise click.ClickException(f"{ids_file}: cannot read: {e.strerror or e}") from None
+    if not wanted:
+        raise click.UsageError("give --id ID (repeatable) or --ids-file FILE")
+    _update(directory, model, device, keep, no_progress, delete=list(dict.fromkeys(wanted)))
 
 
 def main(argv: list[str] | None = None) -> None:

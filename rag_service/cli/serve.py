@@ -1,4 +1,4 @@
-"""`rag-serve`: serve an index over gRPC until SIGTERM/SIGINT, then drain and exit 0."""
+"""`rag-serve`: serve an index over gRPC until SIGTERM/SIGINT, then drain and exit 0; SIGHUP reloads the index."""
 
 from __future__ import annotations
 
@@ -14,14 +14,32 @@ import click
 async def _serve(config) -> None:
     from rag_service.server import RagServer
 
+    log = logging.getLogger("rag_service")
     server = RagServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    async def reload() -> None:
+        try:
+            await server.reload()
+        except Exception as error:  # noqa: BLE001 - a failed reload keeps serving; reload() logged why
+            log.warning("SIGHUP reload failed: %s", error)
+
+    def on_hup() -> None:
+        log.info("SIGHUP: reloading %s", config.index)
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await server.start()
-        print(f"rag-serve: SERVING {config.index} on {config.host}:{server.port}", flush=True)
+        metrics = f"; metrics on http://{config.metrics_host}:{server.metrics_port}/metrics" \
+            if server.metrics_port is not None else ""
+        print(f"rag-serve: SERVING {config.index} on {config.host}:{server.port}{metrics}", flush=True)
         await stop.wait()
         logging.getLogger("rag_service").info("signal received: draining (grace %.1f s)", config.grace_seconds)
     finally:
@@ -35,11 +53,20 @@ async def _serve(config) -> None:
 @click.option("--workers", type=int, help="Pipeline threads [default: 2].")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
               help="TOML file with any ServerConfig field; RAG_* environment variables override it.")
+@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port at /metrics (0: a free one).")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def main(index, host, port, workers, config_file, log_level) -> None:
-    """Serve a rag-service index over gRPC (Retriever, health, reflection)."""
+@click.option("--log-format", default="json", type=click.Choice(["json", "text"]),
+              help="json: one JSON object per line (one per request at INFO).")
+def main(index, host, port, workers, config_file, metrics_port, log_level, log_format) -> None:
+    """Serve a rag-service index over gRPC (Retriever, health, reflection).
+
+    Tokens and TLS files come from the environment (RAG_ADMIN_TOKEN, RAG_SEARCH_TOKEN, RAG_ADMIN_TOKEN_FILE,
+    RAG_TLS_CERT_FILE, ...) or the --config file, never from the command line.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from installed packages, never from a hub
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from rag_service.logs import configure_logging
+
+    configure_logging(log_level, log_format)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it narrates every SIMD variant it tries
     from pydantic import ValidationError
 
@@ -47,12 +74,13 @@ def main(index, host, port, workers, config_file, log_level) -> None:
     from rag_service.errors import RagError
 
     try:
-        config = load_config(config_file, index=index, host=host, port=port, workers=workers)
+        config = load_config(config_file, index=index, host=host, port=port, workers=workers,
+                             metrics_port=metrics_port)
     except (ValidationError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
     try:
         asyncio.run(_serve(config))
-    except (RagError, OSError) as error:
+    except (RagError, OSError, ValueError) as error:
         raise click.ClickException(str(error)) from error
 
 

@@ -7,13 +7,15 @@ a failure anywhere leaves the previously published index exactly as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,13 @@ from tqdm import tqdm
 from rag_service import dense as dense_mod
 from rag_service import lexical
 from rag_service.analysis import Analyzer
-from rag_service.encode import Encoder
+from rag_service import onnx_export
+from rag_service.encode import Encoder, OnnxEncoder
 from rag_service.errors import BuildError
 from rag_service.index import manifest as manifest_mod
 from rag_service.index import publish as publish_mod
+from rag_service.index import source as source_mod
+from rag_service.index import windows as windows_mod
 from rag_service.index.chunking import Chunk, Chunker, Document, dense_text, lexical_text
 from rag_service.index.store import write_store
 from rag_service.timing import StageTimer
@@ -50,6 +55,13 @@ class BuildConfig:
     keep: int = 3
     stemmer: str | None = "english"
     stopwords: str | None = "english"
+    # Issue 5 (fast path): the ONNX query encoders exported into the index, the encoder of the chunk vectors
+    # (auto: torch on a CUDA device, else ONNX fp32), and quantized codes for the dense first stage.
+    export_onnx: bool = True
+    document_encoder: str = "auto"
+    dense_codes: str = "none"
+    # Sentence windows per chunk for the reranker (index/windows.py); 0 builds none (rerank is then off).
+    window_sentences: int = windows_mod.DEFAULT_WINDOW_SENTENCES
 
     def validate(self) -> None:
         """Raises BuildError naming the first bad setting."""
@@ -72,8 +84,16 @@ class BuildConfig:
             problems.append(f"hnsw_threshold must be >= 1, got {self.hnsw_threshold}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.document_encoder not in ("auto", "torch", "onnx-fp32"):
+            problems.append(f"document_encoder must be auto, torch or onnx-fp32, got {self.document_encoder!r}")
+        if self.document_encoder == "onnx-fp32" and not self.export_onnx:
+            problems.append("document_encoder onnx-fp32 needs export_onnx")
+        if self.dense_codes not in dense_mod.CODE_KINDS:
+            problems.append(f"dense_codes must be one of {', '.join(dense_mod.CODE_KINDS)}, got {self.dense_codes!r}")
         if self.keep < 1:
             problems.append(f"keep must be >= 1, got {self.keep}")
+        if self.window_sentences < 0:
+            problems.append(f"window_sentences must be >= 0, got {self.window_sentences}")
         if self.name is not None and not self.name.strip():
             problems.append("name must not be empty")
         try:
@@ -200,6 +220,10 @@ def build_index(
     config: BuildConfig = BuildConfig(),
     encoder: Encoder | None = None,
     progress: bool = True,
+    *,
+    documents: list[Document] | None = None,
+    extra_manifest: dict[str, Any] | None = None,
+    wrap_encoder: Callable[[Any], Any] | None = None,
 ) -> Path:
     """Builds an index of `input_path` and publishes it under `output_root`; returns the new version directory.
 
@@ -224,8 +248,32 @@ def build_index(
     except OSError as e:
         raise BuildError(f"{root}: cannot prepare the index root: {e}") from e
     try:
+        encoder_export: dict[str, Any] | None = None
+        if config.export_onnx:
+            with timer.stage("export_onnx"):
+                exported = onnx_export.cached_export(getattr(encoder, "model_path", None))
+                onnx_export.copy_export(exported, tmp)
+                with open(tmp / onnx_export.CONFIG_FILE, encoding="utf-8") as f:
+                    encoder_export = json.load(f)
+            document_encoder = config.document_encoder
+            if document_encoder == "auto":
+                document_encoder = "torch" if getattr(encoder, "device", "cpu").startswith("cuda") else "onnx-fp32"
+            if document_encoder == "onnx-fp32" and type(encoder) is Encoder:
+                # Same weights and tokenizer (cosine >= 0.9999 to torch, bench/README.md "Issue 5"); every later
+                # stage (chunking, vectors, windows) uses it. Only a plain torch Encoder is swapped: a wrapper
+                # (rag-index add's cache of known vectors) knows which texts need the model at all, so it is kept.
+                encoder = OnnxEncoder(tmp, "onnx-fp32", threads=os.cpu_count() or 1)
+            else:
+                document_encoder = getattr(encoder, "backend", document_encoder)
+        else:
+            document_encoder = "torch"
+        if wrap_encoder is not None:  # an update's encoder that reuses stored vectors (index/update.py)
+            encoder = wrap_encoder(encoder)
+
         with timer.stage("read"):
-            docs, input_kind = read_corpus(input_path, progress)
+            # `documents` (an incremental update, index/update.py) replaces reading `input_path`.
+            docs, input_kind = (list(documents), "update") if documents is not None \
+                else read_corpus(input_path, progress)
 
         with timer.stage("chunk"):
             chunker = Chunker(encoder, config.chunk_tokens, config.chunk_overlap)
@@ -236,6 +284,7 @@ def build_index(
 
         with timer.stage("store"):
             write_store(tmp, docs, chunks)
+            source_mod.write_documents(tmp, docs)
 
         with timer.stage("bm25"):
             analyzer = Analyzer(stemmer=config.stemmer, stopwords=config.stopwords)
@@ -256,7 +305,15 @@ def build_index(
             kind = dense_mod.choose_kind(config.dense_index, len(chunks), config.hnsw_threshold)
             index = dense_mod.build_dense_index(vectors, kind, progress=progress)
             dense_mod.write_dense(tmp, index, vectors, kind)
+            if config.dense_codes != "none":
+                dense_mod.write_codes(tmp, vectors, config.dense_codes)
             del index
+
+        window_params = None
+        if config.window_sentences:
+            with timer.stage("windows"):
+                window_params = build_window_files(tmp, docs, chunks, analyzer, postings.vocab, encoder, config,
+                                                   progress)
 
         with timer.stage("checksums"):
             publish_mod.fsync_tree(tmp)
@@ -290,6 +347,8 @@ def build_index(
                 "hnsw_ef_construction": dense_mod.HNSW_EF_CONSTRUCTION,
                 "hnsw_ef_search_min": dense_mod.HNSW_EF_SEARCH_MIN,
                 "batch_size": config.batch_size,
+                "document_encoder": document_encoder,
+                "dense_codes": config.dense_codes,
             },
             "counts": {
                 "documents": len(docs),
@@ -298,7 +357,12 @@ def build_index(
                 "postings": int(len(postings.docs)),
             },
             "bm25": {"avgdl": postings.avgdl},
+            **({"encoder_export": {"files": list(onnx_export.FILES), **encoder_export}} if encoder_export else {}),
+            **({"windows": window_params} if window_params is not None else {}),
             "metadata_fields": sorted({key for d in docs for key in d.metadata}),
+            # What an incremental update rebuilds with (index/update.py), whatever settings later builds add.
+            "build_config": dataclasses.asdict(config),
+            **(extra_manifest or {}),
             "files": files,
         }
         published = publish_mod.publish(root, tmp, manifest, keep=config.keep)
@@ -312,3 +376,19 @@ def build_index(
     log.info("built %s: %d documents, %d chunks in %.1fs", published, len(docs), len(chunks),
              time.perf_counter() - started)
     return published
+
+
+def build_window_files(directory: Path, docs: list[Document], chunks: list[Chunk], analyzer: Analyzer,
+                       vocab: list[str], encoder: Encoder, config: BuildConfig, progress: bool) -> dict[str, Any]:
+    """The reranker's step: sentence windows of every chunk, embedded, and the chunks' token streams as BM25 term ids
+    (index/windows.py). Returns what the manifest records under "windows"."""
+    started = time.perf_counter()
+    data = windows_mod.build_windows(
+        [docs[c.doc].title for c in chunks], [c.text for c in chunks], analyzer,
+        {term: i for i, term in enumerate(vocab)}, encoder, window_sentences=config.window_sentences,
+        batch_size=config.batch_size, progress=progress)
+    data.write(directory)
+    seconds = time.perf_counter() - started
+    log.info("windows: %d (%d distinct) for %d chunks, %d tokens, %.1f MB in %.1fs", data.n_windows,
+             data.params["unique_windows"], len(chunks), data.params["tokens"], data.nbytes() / 1e6, seconds)
+    return {**data.params, "bytes": data.nbytes(), "seconds": round(seconds, 3)}

@@ -17,6 +17,8 @@ from rag_service.errors import IndexFormatError
 from rag_service.index.manifest import MANIFEST_FILE, check_files, read_manifest
 from rag_service.index.publish import CURRENT
 from rag_service.index.store import DocStore
+from rag_service.index.windows import PARAMS_FILE as WINDOWS_PARAMS_FILE
+from rag_service.index.windows import WindowData
 from rag_service.lexical import BM25Index
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class Index:
     dense: DenseIndex
     analyzer: Analyzer
     load_seconds: float = field(default=0.0)
+    windows: WindowData | None = None  # sentence windows and token streams for the reranker; None in older indexes
 
     @property
     def name(self) -> str:
@@ -102,9 +105,15 @@ def load_index(path: Path | str, *, verify_checksums: bool = True, search_thread
                                f"dense {dense.n}")
     if dense.dim != manifest["model"]["dim"]:
         raise IndexFormatError(f"{directory}: dense dim {dense.dim}, manifest model dim {manifest['model']['dim']}")
+    windows = None
+    if WINDOWS_PARAMS_FILE in manifest["files"]:
+        windows = WindowData.load(directory, n_chunks=store.n_chunks, dim=int(manifest["model"]["dim"]))
+    else:
+        log.warning("index %s has no sentence windows (built before the reranker): rerank is off for it; rebuild it "
+                    "with rag-index build to enable it", directory)
     elapsed = time.perf_counter() - started
     log.info("loaded index %s version %s (%d docs, %d chunks) from %s in %.3fs%s", manifest["name"],
              manifest["version"], store.n_docs, store.n_chunks, directory, elapsed,
              " with checksums" if verify_checksums else "")
     return Index(path=directory, manifest=manifest, store=store, bm25=bm25, dense=dense, analyzer=analyzer,
-                 load_seconds=elapsed)
+                 load_seconds=elapsed, windows=windows)

@@ -1,0 +1,158 @@
+"""The adaptive pipeline's policy: which route a request takes, so it finishes within its latency budget.
+
+Routes, most to least work:
+    full        first stage at the asked depth, rerank of the asked rerank_depth
+    light       rerank of fewer candidates (as many as the budget allows, at least LIGHT_MIN)
+    confident   no rerank: BM25 and dense agree on the top results, so the fused order is already trusted
+    fused       no rerank: not asked for, no windows in the index, not affordable within the budget, or load
+    shallow     a shallower first stage and no rerank: even the first stage at full depth would not fit
+
+The budget is the tighter of SearchParams.budget_ms and the call's deadline. Costs come from the pipeline's own stage
+timings (an exponentially weighted mean per stage, and per reranked candidate), so they follow the machine's current
+load; the in-flight count adds an immediate signal: with more searches in flight than `busy_in_flight`, the rerank is
+shortened or skipped before queues build up. The confidence rule (top-N agreement of the two retrievers) was chosen on
+SciFact train (bench/adaptive.py, bench/README.md "Issue 5").
+
+The policy object is shared by all pipeline threads; its state is a handful of floats and a counter under one lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+FULL, LIGHT, CONFIDENT, FUSED, SHALLOW = "full", "light", "confident", "fused", "shallow"
+ROUTES = (FULL, LIGHT, CONFIDENT, FUSED, SHALLOW)
+LIGHT_MIN = 20
+SHALLOW_DEPTH = 30
+# Cold-start costs (ms) on the 2-core reference machine, replaced by measurements after a few requests.
+_INITIAL_MS = {"encode": 3.0, "lexical": 2.0, "dense": 1.0, "fusion": 0.2, "contexts": 0.3, "assemble": 0.2}
+_INITIAL_RERANK_MS_PER_CANDIDATE = 0.05
+_ALPHA = 0.1  # weight of the newest sample in the moving means
+# Share of the remaining budget that planning keeps in reserve for what the model does not see (queueing, GC, reply).
+_SAFETY = 0.8
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    enabled: bool = True
+    # Skip the rerank when the two retrievers' top `agree_top` share at least `agree_min` chunks.
+    confidence: bool = True
+    agree_top: int = 5
+    agree_min: int = 4
+    # More searches than this in flight in the pipeline: the cheaper route (light rerank, or none).
+    busy_in_flight: int = 2
+    busy_rerank_depth: int = 30
+    # A rerank of fewer candidates than this is not worth its fixed cost: the fused order is kept instead.
+    light_min: int = LIGHT_MIN
+
+
+@dataclass(frozen=True)
+class Plan:
+    params: object  # SearchParams, with depth possibly lowered
+    route: str
+    reason: str
+    budget_end: float | None  # monotonic time the request should be done by; None: no budget
+    in_flight: int
+
+
+def agreement(bm25_ids: np.ndarray, dense_ids: np.ndarray, top: int) -> int:
+    """How many of the top `top` chunks of the two retrievers are the same."""
+    return len(np.intersect1d(np.asarray(bm25_ids[:top]), np.asarray(dense_ids[:top]), assume_unique=True))
+
+
+class AdaptivePolicy:
+    def __init__(self, config: AdaptiveConfig = AdaptiveConfig()) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._stage_ms = dict(_INITIAL_MS)
+        self._rerank_ms_per_candidate = _INITIAL_RERANK_MS_PER_CANDIDATE
+        self.in_flight = 0
+
+    # Bookkeeping -----------------------------------------------------------------------------------------------------
+
+    def enter(self) -> int:
+        with self._lock:
+            self.in_flight += 1
+            return self.in_flight
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def observe(self, stage_us: dict[str, int], reranked: int) -> None:
+        """Folds one finished request's stage timings into the cost model."""
+        with self._lock:
+            for stage, us in stage_us.items():
+                if stage in self._stage_ms:
+                    self._stage_ms[stage] += _ALPHA * (us / 1000.0 - self._stage_ms[stage])
+            if reranked > 0 and "rerank" in stage_us:
+                per = stage_us["rerank"] / 1000.0 / reranked
+                self._rerank_ms_per_candidate += _ALPHA * (per - self._rerank_ms_per_candidate)
+
+    def estimates(self) -> dict[str, float]:
+        with self._lock:
+            return {**self._stage_ms, "rerank_per_candidate": self._rerank_ms_per_candidate}
+
+    # Decisions -------------------------------------------------------------------------------------------------------
+
+    def plan(self, params, deadline: float | None, in_flight: int, encoded: bool,  # noqa: ANN001 (SearchParams)
+             rerank_available: bool) -> Plan:
+        """Before the first stage: the budget, and whether the first stage must be made shallower."""
+        now = time.monotonic()
+        ends = [e for e in (deadline, None if params.budget_ms is None else now + params.budget_ms / 1000.0)
+                if e is not None]
+        budget_end = min(ends) if ends else None
+        if not params.rerank:
+            return Plan(params, FUSED, "rerank not requested", budget_end, in_flight)
+        if not rerank_available:
+            return Plan(params, FUSED, "index has no sentence windows for the reranker", budget_end, in_flight)
+        if not self.config.enabled or budget_end is None:
+            return Plan(params, FULL, "no latency budget" if self.config.enabled else "adaptive routing off",
+                        budget_end, in_flight)
+        est = self.estimates()
+        first = est["lexical"] + est["dense"] + est["fusion"] + est["contexts"] + est["assemble"]
+        if not encoded:
+            first += est["encode"]
+        left_ms = (budget_end - now) * 1000.0 * _SAFETY
+        if first > left_ms and params.depth > SHALLOW_DEPTH:
+            shallow = replace(params, depth=SHALLOW_DEPTH, rerank_depth=min(params.rerank_depth, SHALLOW_DEPTH))
+            return Plan(shallow, SHALLOW, f"{left_ms / _SAFETY:.1f} ms left, first stage needs ~{first:.1f} ms: "
+                        f"depth {params.depth} -> {SHALLOW_DEPTH}, no rerank", budget_end, in_flight)
+        return Plan(params, FULL, "within budget", budget_end, in_flight)
+
+    def rerank_depth(self, plan: Plan, bm25_ids: np.ndarray, dense_ids: np.ndarray,
+                     available: int) -> tuple[int, str, str]:
+        """After the first stage: how many candidates to rerank (0: none), the route and the reason."""
+        params = plan.params
+        if plan.route in (FUSED, SHALLOW):
+            return 0, plan.route, plan.reason
+        cfg = self.config
+        asked = min(params.rerank_depth, available)
+        # The reranked candidates are the reply's pool: never fewer than top_k of them.
+        least = max(self.config.light_min, params.top_k)
+        if cfg.enabled and cfg.confidence:
+            agree = agreement(bm25_ids, dense_ids, cfg.agree_top)
+            if agree >= cfg.agree_min:
+                return 0, CONFIDENT, f"bm25 and dense agree on {agree} of their top {cfg.agree_top}"
+        if not cfg.enabled:
+            return asked, FULL, plan.reason
+        depth, route, reason = asked, FULL, plan.reason
+        busy_depth = max(cfg.busy_rerank_depth, params.top_k)
+        if plan.in_flight > cfg.busy_in_flight and asked > busy_depth:
+            depth, route = busy_depth, LIGHT
+            reason = f"{plan.in_flight} searches in flight (busy above {cfg.busy_in_flight}): rerank {depth} of {asked}"
+        if plan.budget_end is not None:
+            est = self.estimates()
+            left_ms = (plan.budget_end - time.monotonic()) * 1000.0 * _SAFETY - est["contexts"] - est["assemble"]
+            affordable = int(left_ms / max(est["rerank_per_candidate"], 1e-6))
+            if affordable < min(least, asked):
+                return 0, FUSED, (f"{max(left_ms, 0.0) / _SAFETY:.1f} ms left: rerank of {least} candidates "
+                                  f"would need ~{least * est['rerank_per_candidate']:.1f} ms")
+            if affordable < depth:
+                depth, route = affordable, LIGHT
+                reason = f"{left_ms / _SAFETY:.1f} ms left: rerank {depth} of {asked}"
+        return depth, route, reason

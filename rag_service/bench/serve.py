@@ -1,0 +1,83 @@
+"""A real `rag-serve` in a child process, for benchmarks that need a server of their own (`--index` instead of
+`--target`): port 0, so runs never collide, and its pid, so its resident memory can be read."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+_SERVING = re.compile(r"rag-serve: SERVING .* on (?P<host>\S+):(?P<port>\d+)")
+
+
+class ServerProcess:
+    """`with ServerProcess(index) as server: server.target` -> "127.0.0.1:<port>"; stopped with SIGTERM on exit."""
+
+    def __init__(self, index: Path, *, workers: int | None = None, start_timeout: float = 600.0,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.index = Path(index)
+        self.workers = workers
+        self.start_timeout = start_timeout
+        self.extra_env = extra_env or {}
+        self.process: subprocess.Popen | None = None
+        self.target = ""
+        self.port = 0
+        self.start_seconds = 0.0
+        self._log: deque[str] = deque(maxlen=50)
+
+    def __enter__(self) -> ServerProcess:
+        command = [sys.executable, "-m", "rag_service.cli.serve", "--index", str(self.index), "--port", "0",
+                   "--log-level", "WARNING"]
+        if self.workers:
+            command += ["--workers", str(self.workers)]
+        started = time.monotonic()
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, "HF_HUB_OFFLINE": "1", **self.extra_env})
+        found: dict[str, str] = {}
+        ready = threading.Event()
+
+        def read() -> None:  # drains the pipe for the server's whole life so it never blocks on a full pipe
+            assert self.process is not None and self.process.stdout is not None
+            for line in self.process.stdout:
+                self._log.append(line.rstrip())
+                match = _SERVING.search(line)
+                if match and not ready.is_set():
+                    found.update(match.groupdict())
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(self.start_timeout) or not found:
+            self.stop()
+            raise RuntimeError(f"rag-serve did not start on {self.index}:\n" + "\n".join(self._log))
+        self.start_seconds = time.monotonic() - started
+        self.port = int(found["port"])
+        self.target = f"127.0.0.1:{self.port}"
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def rss_bytes(self) -> int:
+        import psutil
+
+        return psutil.Process(self.pid).memory_info().rss
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

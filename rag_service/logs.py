@@ -1,0 +1,135 @@
+"""Structured logs: JSON lines (python-json-logger) and one INFO line per RPC with a request id, status and time.
+
+The request id comes from the caller's `x-request-id` metadata when it sends a usable one, else it is generated; it is
+echoed back in the trailing metadata and attached to every log record written while the RPC runs on the event loop.
+Query text is user data and is logged only when the server is configured to (log_queries).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import re
+import sys
+import time
+import uuid
+
+import grpc
+from pythonjsonlogger.json import JsonFormatter
+
+REQUEST_ID_HEADER = "x-request-id"
+_USABLE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")  # anything else could forge log structure or bloat it
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("rag_request_id", default=None)
+
+access_log = logging.getLogger("rag_service.access")
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            rid = request_id.get()
+            if rid is not None:
+                record.request_id = rid
+        return True
+
+
+def make_handler(fmt: str = "json", stream=None) -> logging.Handler:
+    """A stream handler writing JSON lines (or plain text) with request ids attached."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                                           rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RequestIdFilter())
+    return handler
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json", stream=None) -> None:
+    """Root logging for a server process: JSON lines (or plain text) on stderr, request ids attached."""
+    handler = make_handler(fmt, stream)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _incoming_id(metadata) -> str | None:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER:
+            value = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+            return value if _USABLE_ID.match(value) else None
+    return None
+
+
+class RequestLogInterceptor(grpc.aio.ServerInterceptor):
+    """Outermost interceptor: sees every RPC of `service`, including those refused by later interceptors."""
+
+    def __init__(self, service: str, *, log_queries: bool = False) -> None:
+        self.prefix = f"/{service}/"
+        self.log_queries = log_queries
+
+    async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(self.prefix):
+            return handler
+        name = method[len(self.prefix):]
+        rid = _incoming_id(handler_call_details.invocation_metadata) or uuid.uuid4().hex
+        behavior = (handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream)
+        log_queries = self.log_queries
+
+        def begin(context) -> float:
+            request_id.set(rid)
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+            return time.perf_counter()
+
+        def end(context, started: float, request, error: BaseException | None) -> None:
+            if isinstance(error, grpc.aio.AbortError) or error is None:
+                code = context.code() or grpc.StatusCode.OK
+            elif isinstance(error, BaseException) and type(error).__name__ == "CancelledError":
+                code = grpc.StatusCode.CANCELLED
+            else:
+                code = grpc.StatusCode.UNKNOWN
+            code_name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            extra = {"request_id": rid, "method": name, "code": code_name,
+                     "ms": round((time.perf_counter() - started) * 1000, 3), "peer": context.peer()}
+            if log_queries and request is not None and hasattr(request, "query"):
+                extra["query"] = request.query
+            access_log.info("%s %s", name, code_name, extra=extra)
+
+        if inspect.isasyncgenfunction(behavior):
+            async def wrapped(request, context):
+                started = begin(context)
+                error = None
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except BaseException as e:
+                    error = e
+                    raise
+                finally:
+                    end(context, started, None if handler.request_streaming else request, error)
+        else:
+            async def wrapped(request, context):
+                started = begin(context)
+                error = None
+                try:
+                    result = behavior(request, context)
+                    return await result if inspect.isawaitable(result) else result
+                except BaseException as e:
+                    error = e
+                    raise
+                finally:
+                    end(context, started, None if handler.request_streaming else request, error)
+
+        kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
+                 (False, True): grpc.unary_stream_rpc_method_handler,
+                 (True, False): grpc.stream_unary_rpc_method_handler,
+                 (True, True): grpc.stream_stream_rpc_method_handler}
+        make = kinds[(handler.request_streaming, handler.response_streaming)]
+        return make(wrapped, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)

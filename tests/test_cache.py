@@ -1,0 +1,318 @@
+"""The exact and semantic cache: unit checks of keys and the store, then end to end on a real server over a real
+channel (served_from, strict mode, bypass, reload invalidation, TTL, memory bound, single flight)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from prometheus_client import generate_latest
+
+from rag_service.cache import CachedSearch, normalise, params_key, strict_signature
+from rag_service.client import RetrieverClient
+from rag_service.config import CacheConfig, ServerConfig
+from rag_service.index.build import BuildConfig, build_index
+from rag_service.metrics import Metrics
+from rag_service.pb.rag.v1 import retrieval_pb2 as pb
+from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
+from rag_service.pipeline import SearchParams
+
+MISS, EXACT, SEMANTIC, PREFETCHED = (pb.SERVED_FROM_MISS, pb.SERVED_FROM_EXACT, pb.SERVED_FROM_SEMANTIC,
+                                     pb.SERVED_FROM_PREFETCHED)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SlowCountingPipeline:
+    """Delegates to a real pipeline; counts searches and makes each one slow enough for requests to pile up."""
+
+    def __init__(self, inner, delay: float) -> None:
+        self.inner, self.delay, self.calls = inner, delay, 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def search(self, params, **kwargs):
+        with self._lock:
+            self.calls += 1
+        time.sleep(self.delay)
+        return self.inner.search(params, **kwargs)
+
+
+@contextlib.contextmanager
+def serve(server_thread, encoder, index, **cache):
+    # No load-driven routes: answers compared across requests must not depend on how many searches overlapped.
+    config = ServerConfig(index=index, port=0, warmup_queries=0, adaptive_busy_in_flight=1000,
+                          cache=CacheConfig(**cache))
+    with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        running.stub = pb_grpc.RetrieverStub(channel)
+        running.servicer = running.server.servicer
+        yield running
+
+
+@pytest.fixture(scope="module")
+def running(server_thread, encoder, built_index):
+    with serve(server_thread, encoder, built_index) as r:
+        yield r
+
+
+def search(stub, query: str, **fields) -> pb.SearchResponse:
+    return stub.Search(pb.SearchRequest(query=query, **fields), timeout=30)
+
+
+def chunks(response: pb.SearchResponse) -> list[str]:
+    return [c.chunk_id for c in response.contexts]
+
+
+def metric(running, name: str, **labels) -> float:
+    value = running.servicer.metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+# -- keys and the store, without a server --------------------------------------------------------------------------
+
+
+def test_normalise_folds_what_a_user_cannot_tell_apart():
+    assert normalise("  What  is\tDNA?\n") == "what is dna?"
+    assert normalise("ＤＮＡ ﬁles") == normalise("dna files")  # NFKC: full-width letters, ligatures
+    assert normalise("Straße") == normalise("STRASSE")  # case folding, not just lower()
+    assert normalise("dna?") != normalise("dna")  # punctuation is not normalised away: that is the semantic cache's
+
+
+def test_every_result_changing_parameter_is_in_the_key():
+    base = SearchParams(query="q")
+    changed = [SearchParams(query="q", top_k=5), SearchParams(query="q", depth=50), SearchParams(query="q", fusion="rrf"),
+               SearchParams(query="q", dense_weight=0.3), SearchParams(query="q", rrf_k=20.0),
+               SearchParams(query="q", filters={"topic": "geology"}), SearchParams(query="q", rerank=False),
+               SearchParams(query="q", rerank_depth=50), SearchParams(query="q", max_context_tokens=256),
+               SearchParams(query="q", mmr_lambda=0.5), SearchParams(query="q", dedup_threshold=0.9),
+               SearchParams(query="q", budget_ms=20.0)]
+    keys = {params_key(p) for p in changed}
+    assert params_key(base) not in keys and len(keys) == len(changed)
+    assert params_key(SearchParams(query="q", cache="strict")) == params_key(base)
+    assert params_key(SearchParams(query="q", filters={"a": "1", "b": "2"})) == \
+        params_key(SearchParams(query="q", filters={"b": "2", "a": "1"}))
+
+
+def test_strict_signature_keeps_order_negation_and_prepositions():
+    assert strict_signature("Flights from New York to Florida") != strict_signature("flights from Florida to New York")
+    assert strict_signature("Is the drug effective?") == strict_signature("is drug effective")
+    assert strict_signature("the drug is effective") != strict_signature("the drug is not effective")
+    assert strict_signature("glaciers carving valleys") == strict_signature("glacier carves valley")  # stemmed
+
+
+def test_store_evicts_least_recently_used_and_expires_by_insertion_time(served_index, encoder):
+    from rag_service.index.load import load_index
+    from rag_service.pipeline import Pipeline
+
+    pipeline = Pipeline(load_index(served_index.root), encoder)
+    clock = FakeClock()
+    probe = CachedSearch(CacheConfig(), Metrics(), clock)
+    probe.run(pipeline, SearchParams(query="volcano lava", cache="exact_only"))
+    one_entry = probe.store.bytes
+    cache = CachedSearch(CacheConfig(max_bytes=int(one_entry * 2.5), ttl_seconds=60), Metrics(), clock)
+    queries = ["volcano lava", "glacier ice", "coffee beans"]
+    for q in queries[:2]:
+        assert cache.run(pipeline, SearchParams(query=q, cache="exact_only")).served_from == "miss"
+    assert cache.run(pipeline, SearchParams(query="VOLCANO  lava", cache="exact_only")).served_from == "exact"
+    cache.run(pipeline, SearchParams(query=queries[2], cache="exact_only"))  # evicts "glacier ice", used least lately
+    assert cache.store.bytes <= cache.config.max_bytes and len(cache.store) == 2
+    assert cache.run(pipeline, SearchParams(query="volcano lava", cache="exact_only")).served_from == "exact"
+    clock.now += 59
+    assert cache.run(pipeline, SearchParams(query="coffee beans", cache="exact_only")).served_from == "exact"
+    clock.now += 2  # "volcano lava" was inserted 61 s ago: its hits did not extend its life
+    assert cache.run(pipeline, SearchParams(query="volcano lava", cache="exact_only")).served_from == "miss"
+    assert cache.metrics.registry.get_sample_value("rag_cache_expired_total") >= 1
+    assert cache.metrics.registry.get_sample_value("rag_cache_evictions_total", {"reason": "lru"}) >= 1
+
+
+def test_answers_cut_short_by_load_or_budget_are_served_but_not_kept(served_index, encoder):
+    import dataclasses
+
+    from rag_service.index.load import load_index
+    from rag_service.pipeline import Pipeline
+
+    real = Pipeline(load_index(served_index.root), encoder)
+
+    class Degraded:  # the adaptive pipeline took the light route (load) for this answer
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def search(self, params, **kwargs):
+            return dataclasses.replace(real.search(params, **kwargs), route="light", route_reason="busy")
+
+    cache = CachedSearch(CacheConfig(), Metrics())
+    params = SearchParams(query="earthquake fault slip seismic waves")
+    assert cache.run(Degraded(), params).served_from == "miss"
+    assert cache.run(Degraded(), params).served_from == "miss" and len(cache.store) == 0
+    assert cache.run(real, params).served_from == "miss"
+    assert cache.run(real, params).served_from == "exact"
+
+
+# -- end to end ----------------------------------------------------------------------------------------------------
+
+
+def test_repeated_query_is_an_exact_hit(running):
+    first = search(running.stub, "how does a suspension bridge hang its deck")
+    assert first.served_from == MISS and not first.HasField("cache_similarity")
+    again = search(running.stub, "  How does a SUSPENSION bridge hang its deck ")
+    assert again.served_from == EXACT
+    assert chunks(again) == chunks(first) and [c.score for c in again.contexts] == [c.score for c in first.contexts]
+    assert again.index_version == first.index_version
+    # Another parameter that changes the result is another entry.
+    assert search(running.stub, "how does a suspension bridge hang its deck", top_k=3).served_from == MISS
+    assert metric(running, "rag_cache_hits_total", kind="exact") >= 1
+    exposed = generate_latest(running.servicer.metrics.registry).decode()
+    assert 'rag_cache_hits_total{kind="exact"}' in exposed and "rag_cache_bytes" in exposed
+
+
+def test_paraphrase_passing_the_guard_is_a_semantic_hit(running):
+    cached = search(running.stub, "how do volcanoes erupt with lava and magma")
+    asked = search(running.stub, "how do volcanoes erupt with magma and lava", debug=True)
+    assert asked.served_from == SEMANTIC
+    assert asked.cache_similarity >= running.servicer.config.cache.semantic_min_cosine
+    assert chunks(asked) == chunks(cached)
+    assert "cache_semantic" in asked.stage_time_us and "lexical" not in asked.stage_time_us  # pipeline not run
+    # Exact-only requests never take a semantic hit.
+    exact_only = search(running.stub, "how do volcanoes erupt with magma and lava", cache=pb.CACHE_EXACT_ONLY)
+    assert exact_only.served_from == MISS
+    # An unrelated question is not served from the cache.
+    assert search(running.stub, "sourdough starter yeast bacteria").served_from == MISS
+
+
+def test_strict_mode_refuses_the_word_order_pair(running):
+    search(running.stub, "heat flows from the volcano to the glacier")
+    swapped = "heat flows from the glacier to the volcano"
+    assert search(running.stub, swapped, cache=pb.CACHE_STRICT).served_from == MISS
+    # Near-verbatim (an article, case, punctuation) is still a strict semantic hit.
+    search(running.stub, "why do glaciers carve valleys")
+    near = search(running.stub, "Why do the glaciers carve valleys?", cache=pb.CACHE_STRICT)
+    assert near.served_from == SEMANTIC and near.cache_similarity > 0.9
+
+
+def test_default_mode_serves_the_word_order_pair_when_retrieval_agrees(running):
+    # For a retriever the swapped pair retrieves the same contexts (the guard checks the BM25 candidates agree), so
+    # the default mode may serve it; strict mode above is for callers that cache answers.
+    first = search(running.stub, "roman aqueducts carried water from springs to cities")
+    swapped = search(running.stub, "roman aqueducts carried water from cities to springs")
+    assert swapped.served_from == SEMANTIC and chunks(swapped) == chunks(first)
+
+
+def test_bypass_never_reads_or_writes(running):
+    query = "printing press movable type literacy"
+    entries = running.servicer.cache.store.__len__()
+    assert search(running.stub, query, cache=pb.CACHE_BYPASS).served_from == MISS
+    assert len(running.servicer.cache.store) == entries
+    assert search(running.stub, query).served_from == MISS  # the bypassed search wrote nothing
+    assert search(running.stub, query).served_from == EXACT
+    assert search(running.stub, query, cache=pb.CACHE_BYPASS).served_from == MISS  # and reads nothing
+
+
+def test_invalid_cache_mode_names_the_field(running):
+    with pytest.raises(grpc.RpcError) as error:
+        running.stub.Search(pb.SearchRequest(query="dna", cache=17), timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache" in error.value.details()
+
+
+def test_ttl_expiry_with_a_controllable_clock(server_thread, encoder, built_index):
+    with serve(server_thread, encoder, built_index, ttl_seconds=100) as r:
+        clock = FakeClock()
+        r.servicer.cache.clock = clock
+        query = "speed of light in a vacuum"
+        assert search(r.stub, query).served_from == MISS
+        clock.now += 99
+        assert search(r.stub, query).served_from == EXACT
+        clock.now += 2  # 101 s after insertion: a hit at 99 s did not extend it
+        assert search(r.stub, query).served_from == MISS
+        assert metric(r, "rag_cache_expired_total") == 1
+        # A paraphrase of an expired entry is no semantic hit either.
+        clock.now += 101
+        assert search(r.stub, "speed of light in vacuum").served_from == MISS
+
+
+def test_memory_bound_holds_under_a_flood_of_distinct_queries(server_thread, encoder, built_index):
+    with serve(server_thread, encoder, built_index, max_bytes=60_000) as r:
+        store = r.servicer.cache.store
+        words = ["glacier", "volcano", "coffee", "bridge", "gravity", "light", "bread", "dna", "printing", "aqueduct"]
+        queries = [f"{words[i % 10]} {words[(i * 3 + 1) % 10]} question {i}" for i in range(40)]
+        peak = 0
+        for q in queries:
+            assert search(r.stub, q, cache=pb.CACHE_EXACT_ONLY).served_from == MISS
+            peak = max(peak, store.bytes)
+            assert r.servicer.metrics.registry.get_sample_value("rag_cache_bytes") == store.bytes
+        assert 0 < peak <= 60_000
+        assert metric(r, "rag_cache_evictions_total", reason="lru") >= 30
+        assert 1 <= len(store) < 10
+        assert search(r.stub, queries[-1], cache=pb.CACHE_EXACT_ONLY).served_from == EXACT
+        assert search(r.stub, queries[0], cache=pb.CACHE_EXACT_ONLY).served_from == MISS  # evicted long ago
+
+
+def test_identical_concurrent_searches_do_the_work_once(server_thread, encoder, built_index):
+    with serve(server_thread, encoder, built_index) as r:
+        slow = SlowCountingPipeline(r.servicer.pipeline, delay=0.5)
+        r.servicer.pipeline = slow
+        request = pb.SearchRequest(query="chlorophyll turns sunlight into sugar")
+        with ThreadPoolExecutor(12) as pool:
+            replies = list(pool.map(lambda _: r.stub.Search(request, timeout=30), range(12)))
+        assert slow.calls == 1
+        served = sorted(reply.served_from for reply in replies)
+        assert served.count(MISS) == 1 and served.count(EXACT) == 11
+        assert len({tuple(chunks(reply)) for reply in replies}) == 1
+        assert metric(r, "rag_cache_hits_total", kind="coalesced") + metric(r, "rag_cache_hits_total", kind="exact") \
+            == 11
+
+
+def test_leader_past_its_deadline_does_not_fail_the_others(server_thread, encoder, built_index):
+    with serve(server_thread, encoder, built_index) as r:
+        slow = SlowCountingPipeline(r.servicer.pipeline, delay=0.6)
+        r.servicer.pipeline = slow
+        request = pb.SearchRequest(query="wild yeast lactic acid bacteria")
+        leader = r.stub.Search.future(request, timeout=0.3)
+        time.sleep(0.1)
+        follower = r.stub.Search.future(request, timeout=30)
+        with pytest.raises(grpc.RpcError) as error:
+            leader.result()
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert follower.result().contexts[0].doc_id == "bread"
+
+
+RELOAD_DOCS = [
+    {"_id": "tides", "title": "Tides", "text": "Tides are the rise and fall of sea levels caused by the Moon's gravity."},
+    {"_id": "comets", "title": "Comets", "text": "A comet is an icy body that grows a tail of gas and dust near the Sun."},
+    {"_id": "coral", "title": "Coral reefs", "text": "Coral reefs are built by colonies of tiny animals in warm seas."},
+]
+
+
+def test_reload_drops_every_entry_of_the_old_version(server_thread, encoder, write_corpus, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", RELOAD_DOCS)
+    root = tmp_path / "idx"
+    build_index(corpus, root, BuildConfig(), encoder=encoder, progress=False)
+    config = ServerConfig(index=root, port=0, warmup_queries=0, admin_token="secret")
+    with server_thread(config, encoder) as r, RetrieverClient(f"127.0.0.1:{r.port}", admin_token="secret",
+                                                               timeout=60) as client:
+        stub = pb_grpc.RetrieverStub(client.channel)
+        cache = r.server.servicer.cache
+        first = search(stub, "why does the sea rise and fall")
+        assert search(stub, "why does the sea rise and fall").served_from == EXACT
+        assert len(cache.store) == 1
+        time.sleep(1.1)  # versions are named by build time
+        build_index(corpus, root, BuildConfig(), encoder=encoder, progress=False)
+        reloaded = client.reload()
+        assert reloaded.previous_version == first.index_version != reloaded.version
+        assert len(cache.store) == 0 and cache.store.version == reloaded.version  # dropped at the swap
+        registry = r.server.metrics.registry
+        assert registry.get_sample_value("rag_cache_evictions_total", {"reason": "version"}) == 1
+        again = search(stub, "why does the sea rise and fall")
+        assert again.served_from == MISS and again.index_version == reloaded.version
+        assert search(stub, "why does the sea rise and fall").served_from == EXACT
