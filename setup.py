@@ -26,6 +26,21 @@ def _find_nvcc() -> str | None:
     return None
 
 
+def _drop_stale_cmake_cache(build_temp: Path) -> None:
+    """Removes a CMake cache whose recorded tools are gone (an earlier pip build environment), so CMake reconfigures
+    instead of failing; the object files stay and are reused."""
+    cache = build_temp / "CMakeCache.txt"
+    if not cache.exists():
+        return
+    for line in cache.read_text(errors="replace").splitlines():
+        if line.startswith(("CMAKE_MAKE_PROGRAM:", "CMAKE_COMMAND:")):
+            tool = line.split("=", 1)[-1].strip()
+            if tool and not Path(tool).exists():
+                cache.unlink()
+                shutil.rmtree(build_temp / "CMakeFiles", ignore_errors=True)
+                return
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -53,8 +68,12 @@ class CMakeBuild(build_ext):
         if nvcc:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
             args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('RAG_CUDA_ARCHITECTURES', '80;90')}")
-        if shutil.which("ninja"):
-            args.append("-GNinja")
+        ninja = shutil.which("ninja")
+        if ninja:
+            # pip builds in a throw-away environment: name this build's ninja, or a CMake cache left by an earlier
+            # `pip install .` in this clone points at one that no longer exists.
+            args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        _drop_stale_cmake_cache(build_temp)
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
         subprocess.run(["cmake", "--build", ".", "--parallel", str(os.cpu_count() or 2)], cwd=build_temp, check=True)
 
