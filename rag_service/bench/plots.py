@@ -120,6 +120,11 @@ def compare_plots(report: dict, out_dir: Path, prefix: str = "compare") -> list[
     return paths
 
 
+def scale_plots(report: dict, out_dir: Path) -> list[Path]:
+    """The scale figures in `out_dir`, like latency_plots and compare_plots."""
+    return [scale_plot(report, out_dir / "scale_p99.png")]
+
+
 def scale_plot(report: dict, out_path: Path) -> Path:
     """p99 (and p50) against corpus size, one line per system."""
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,18 @@ def _write_json(path: Path | None, report: dict) -> None:
         click.echo(f"wrote {path}")
 
 
+def _publish(report: dict, table: str, json_out: Path | None, plot_dir: Path | None, plot: str) -> None:
+    """Prints the table, writes the JSON and, when asked, the figures (`plot` names a function of bench.plots;
+    matplotlib is imported only then)."""
+    click.echo(table)
+    _write_json(json_out, report)
+    if plot_dir is not None:
+        from rag_service.bench import plots
+
+        for path in getattr(plots, plot)(report, plot_dir):
+            click.echo(f"wrote {path}")
+
+
 def _progress_bar(desc: str, unit: str):
     """A tqdm bar driven by (done, total) callbacks."""
     from tqdm import tqdm
@@ -247,13 +259,7 @@ def latency(target, index_path, queries, qps, duration, warmup, processes, arriv
     report["target"] = target if index_path is None else f"rag-serve --index {index_path}"
     click.echo(f"{report['target']}: {len(texts)} queries, {report['processes']} client processes, "
                f"{duration:g} s per rate after {warmup:g} s warm-up, {arrival} arrivals, cache {cache}")
-    click.echo(format_table(report))
-    _write_json(json_out, report)
-    if plot_dir is not None:
-        from rag_service.bench.plots import latency_plots
-
-        for path in latency_plots(report, plot_dir):
-            click.echo(f"wrote {path}")
+    _publish(report, format_table(report), json_out, plot_dir, "latency_plots")
 
 
 @main.command()
@@ -298,13 +304,7 @@ def compare(beir, split, index_path, target, systems, limit, seed, warmup, k, ra
         raise click.ClickException(str(error)) from error
     finally:
         bar.close()
-    click.echo(format_table(report))
-    _write_json(json_out, report)
-    if plot_dir is not None:
-        from rag_service.bench.plots import compare_plots
-
-        for path in compare_plots(report, plot_dir):
-            click.echo(f"wrote {path}")
+    _publish(report, format_table(report), json_out, plot_dir, "compare_plots")
 
 
 @main.command()
@@ -335,12 +335,7 @@ def scale(sizes, systems, n_queries, seed, warmup, cache_dir, json_out, plot_dir
         raise click.ClickException(str(error)) from error
     finally:
         bar.close()
-    click.echo(format_table(report))
-    _write_json(json_out, report)
-    if plot_dir is not None:
-        from rag_service.bench.plots import scale_plot
-
-        click.echo(f"wrote {scale_plot(report, plot_dir / 'scale_p99.png')}")
+    _publish(report, format_table(report), json_out, plot_dir, "scale_plots")
 
 
 if __name__ == "__main__":
