@@ -100,10 +100,14 @@ class AdaptivePolicy:
     # Decisions -------------------------------------------------------------------------------------------------------
 
     def plan(self, params, deadline: float | None, in_flight: int, encoded: bool,  # noqa: ANN001 (SearchParams)
-             rerank_available: bool) -> Plan:
-        """Before the first stage: the budget, and whether the first stage must be made shallower."""
+             rerank_available: bool, arrival: float | None = None) -> Plan:
+        """Before the first stage: the budget, and whether the first stage must be made shallower.
+
+        `arrival`: when the server received the request (time.monotonic()); `budget_ms` counts from then, so time
+        spent queued for a pipeline thread is charged to the budget as it is to the deadline."""
         now = time.monotonic()
-        ends = [e for e in (deadline, None if params.budget_ms is None else now + params.budget_ms / 1000.0)
+        start = now if arrival is None else min(arrival, now)
+        ends = [e for e in (deadline, None if params.budget_ms is None else start + params.budget_ms / 1000.0)
                 if e is not None]
         budget_end = min(ends) if ends else None
         if not params.rerank:

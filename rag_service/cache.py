@@ -82,7 +82,9 @@ def strict_signature(query: str) -> tuple[str, ...]:
 
 def cacheable(pipeline: Pipeline, params: SearchParams, result: SearchResult) -> bool:
     """Answers the adaptive pipeline cut short (load, a tight budget: adaptive.py) are served but not kept: a later
-    request with room to spare must get what its parameters ask for."""
+    request with room to spare must get what its parameters ask for. Nor are a router's partial replies."""
+    if result.partial:
+        return False
     if result.route in (adaptive.FULL, adaptive.CONFIDENT):
         return True
     if result.route == adaptive.FUSED:  # by design when no rerank was asked or the index cannot rerank; else budget
@@ -391,8 +393,7 @@ class CachedSearch:
         bm25 = pipeline.index.bm25
         cached = self._idf
         if cached is None or cached[0] is not bm25:
-            df = np.diff(np.asarray(bm25.indptr))
-            idf = idf_values(df, bm25.n_chunks, bm25.idf_kind)
+            idf = idf_values(bm25.df, bm25.corpus_chunks, bm25.idf_kind)  # a shard's df and N are the corpus'''s
             cached = self._idf = (bm25, idf, float(idf.max()) if len(idf) else 1.0)
         _, idf, top = cached
         vocab = bm25.vocab
@@ -431,7 +432,8 @@ class CachedSearch:
 
     # -- the synchronous path -----------------------------------------------------------------------------------------
     def run(self, pipeline: Pipeline, params: SearchParams, deadline: float | None = None, *,
-            query_vector: np.ndarray | None = None, origin: str = LIVE, key: tuple | None = None) -> Served:
+            query_vector: np.ndarray | None = None, origin: str = LIVE, key: tuple | None = None,
+            arrival: float | None = None) -> Served:
         """Exact lookup, encode, semantic lookup, pipeline, store. Runs on a pipeline thread (never the event loop);
         `query_vector` lets a caller that has encoded already (a batch) skip the encoder."""
         check_deadline(deadline, "queue")
@@ -439,7 +441,7 @@ class CachedSearch:
         timer = StageTimer()
         if mode == "bypass":
             self.metrics.cache_misses.labels(mode).inc()
-            return Served(pipeline.search(params, query_vector=query_vector, deadline=deadline, timer=timer))
+            return Served(pipeline.search(params, query_vector=query_vector, deadline=deadline, timer=timer, arrival=arrival))
         with timer.stage("cache"):
             key = key or self.key(pipeline, params)
             hit = self.lookup_exact(pipeline, params, key)
@@ -457,7 +459,7 @@ class CachedSearch:
                 hit.result.stage_us.update(timer.us)
                 return hit
         self.metrics.cache_misses.labels(mode).inc()
-        result = pipeline.search(params, query_vector=query_vector, deadline=deadline, timer=timer)
+        result = pipeline.search(params, query_vector=query_vector, deadline=deadline, timer=timer, arrival=arrival)
         with timer.stage("cache_store"):
             self._store(pipeline, params, key, query_vector, result, lexical, origin)
         return Served(result, MISS, None, origin)
@@ -466,10 +468,13 @@ class CachedSearch:
                lexical: list[np.ndarray], origin: str) -> None:
         if result.index_version != key[0] or not cacheable(pipeline, params, result):
             return
-        bm25 = lexical[0] if lexical else self._lexical(pipeline, params)
+        if self.config.semantic:
+            bm25 = lexical[0] if lexical else self._lexical(pipeline, params)
+            terms = self.query_terms(pipeline, params.query)
+        else:  # the guard's inputs serve semantic lookups only (a router has no index to compute them from)
+            bm25, terms = np.zeros(0, np.int64), {}
         vector = np.ascontiguousarray(vector, dtype=np.float32)
         signature = strict_signature(params.query)
-        terms = self.query_terms(pipeline, params.query)
         kept = _copy(result, {})
         entry = Entry(key=key, group=(key[0], key[2]), result=kept, vector=vector, lexical=bm25, terms=terms,
                       signature=signature, nbytes=entry_bytes(key[1], kept, vector, bm25, signature, terms),
@@ -489,11 +494,12 @@ class CachedSearch:
 
     # -- the server's path --------------------------------------------------------------------------------------------
     async def search(self, pipeline: Pipeline, params: SearchParams, *, deadline: float | None, execute: Execute,
-                     origin: str = LIVE) -> Served:
+                     origin: str = LIVE, arrival: float | None = None) -> Served:
         """Exact hits are answered on the event loop; identical concurrent misses share one computation (single
         flight); the rest runs `self.run` on a pipeline thread through `execute`."""
         if self.mode(params) == "bypass":
-            return await execute(functools.partial(self.run, pipeline, params, deadline, origin=origin))
+            return await execute(functools.partial(self.run, pipeline, params, deadline, origin=origin,
+                                                   arrival=arrival))
         key = self.key(pipeline, params)
         while True:
             started = time.perf_counter_ns()
@@ -516,7 +522,8 @@ class CachedSearch:
         flight = asyncio.get_running_loop().create_future()
         self._flights[key] = flight
         try:
-            served = await execute(functools.partial(self.run, pipeline, params, deadline, origin=origin, key=key))
+            served = await execute(functools.partial(self.run, pipeline, params, deadline, origin=origin, key=key,
+                                                             arrival=arrival))
         except BaseException as error:
             gone = isinstance(error, (DeadlineExceeded, asyncio.CancelledError))
             flight.set_exception(_LeaderGone() if gone else error)

@@ -4,10 +4,21 @@
     with RetrieverClient("localhost:50051") as client:
         for ctx in client.search("how do I parse JSON?", top_k=5).contexts:
             print(ctx.score, ctx.doc_id, ctx.title)
+
+Several identical replicas are balanced by gRPC itself, client side: a target that resolves to several addresses (a
+DNS name such as a Kubernetes headless Service, or a static list from `replica_target`) with `load_balancing=
+"round_robin"` sends each call to the next ready replica, and `retries` re-sends a call that failed with UNAVAILABLE
+(a replica that died or is draining) to another one, both through gRPC's service config:
+
+    with RetrieverClient("dns:///rag-serve.search.svc.cluster.local:50051", load_balancing="round_robin",
+                         retries=3) as client:
+        result = client.search("how do I parse JSON?")
+        print(result.served_by, result.index_version)
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +36,44 @@ CACHE = {None: pb.CACHE_DEFAULT, "default": pb.CACHE_DEFAULT, "bypass": pb.CACHE
          "exact_only": pb.CACHE_EXACT_ONLY, "strict": pb.CACHE_STRICT}
 SERVED_FROM = {pb.SERVED_FROM_MISS: "miss", pb.SERVED_FROM_EXACT: "exact", pb.SERVED_FROM_SEMANTIC: "semantic",
                pb.SERVED_FROM_PREFETCHED: "prefetched"}
+SERVED_BY_HEADER = "x-served-by"  # trailing metadata: the replica that answered (ServerConfig.replica_name)
+SERVICE = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
+# Read RPCs are safe to send again; ReloadIndex is aimed at one server and is never retried.
+RETRIED_METHODS = ("Search", "StreamSearch", "GetIndexInfo", "Prefetch")
+
+
+def replica_target(addresses: Iterable[str]) -> str:
+    """A gRPC target naming a fixed set of replicas ("10.0.0.5:50051", "[fd00::5]:50051"): `ipv4:///a,b` or
+    `ipv6:///a,b`, for when there is no DNS name that resolves to all of them."""
+    addresses = [a.strip() for a in addresses if a.strip()]
+    if not addresses:
+        raise ValueError("replica_target: give at least one HOST:PORT")
+    v6 = [a.startswith("[") for a in addresses]
+    if any(v6) and not all(v6):
+        raise ValueError(f"replica_target: cannot mix IPv4 and IPv6 addresses in one target: {addresses}")
+    return f"{'ipv6' if all(v6) else 'ipv4'}:///{','.join(addresses)}"
+
+
+def service_config(*, load_balancing: Literal["round_robin", "pick_first"] | None = "round_robin",
+                   retries: int = 0, initial_backoff: float = 0.05, max_backoff: float = 1.0) -> str:
+    """gRPC service config (JSON) for a channel over replicas: the load-balancing policy and a retry policy that
+    re-sends the read RPCs up to `retries` more times on UNAVAILABLE, with exponential backoff and jitter (gRFC A6).
+    A retried call keeps its deadline: the attempts share it."""
+    if not 0 <= retries <= 4:  # gRPC caps maxAttempts at 5
+        raise ValueError(f"retries must be between 0 and 4, got {retries}")
+    if load_balancing not in ("round_robin", "pick_first", None):
+        raise ValueError(f"load_balancing must be 'round_robin', 'pick_first' or None, got {load_balancing!r}")
+    config: dict = {}
+    if load_balancing is not None:
+        config["loadBalancingConfig"] = [{load_balancing: {}}]
+    if retries:
+        config["methodConfig"] = [{
+            "name": [{"service": SERVICE, "method": m} for m in RETRIED_METHODS],
+            "retryPolicy": {"maxAttempts": retries + 1, "initialBackoff": f"{initial_backoff}s",
+                            "maxBackoff": f"{max_backoff}s", "backoffMultiplier": 2,
+                            "retryableStatusCodes": ["UNAVAILABLE"]},
+        }]
+    return json.dumps(config)
 
 
 @dataclass(frozen=True)
@@ -56,26 +105,43 @@ class SearchResult:
     served_from: str = "miss"
     cache_similarity: float | None = None
     context_tokens: int = 0  # tokens of all contexts, as counted toward max_context_tokens
+    # The replica that answered (its x-served-by trailing metadata; "" from a server that does not send it).
+    served_by: str = ""
+    # From a router over shards: true when some shard did not answer, so its documents are missing; which did.
+    partial: bool = False
+    shards_answered: list[str] = field(default_factory=list)
+    shards_missing: list[str] = field(default_factory=list)
 
 
 class RetrieverError(Exception):
-    """A failed call: `code` is the gRPC status code, `details` the server's message (it names the bad field)."""
+    """A failed call: `code` is the gRPC status code, `details` the server's message (it names the bad field);
+    `served_by` the replica that refused it, when one answered at all."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, served_by: str = "") -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.served_by = served_by
 
 
 def _optional(msg, name: str):
     return getattr(msg, name) if msg.HasField(name) else None
 
 
-def _result(reply: pb.SearchResponse) -> SearchResult:
+def _served_by(metadata) -> str:
+    for key, value in metadata or ():
+        if key == SERVED_BY_HEADER:
+            return value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    return ""
+
+
+def _result(reply: pb.SearchResponse, served_by: str = "") -> SearchResult:
     return SearchResult(contexts=[_context(c) for c in reply.contexts], index_version=reply.index_version,
                         server_time_us=reply.server_time_us, stage_time_us=dict(reply.stage_time_us),
                         served_from=SERVED_FROM.get(reply.served_from, "miss"),
-                        cache_similarity=_optional(reply, "cache_similarity"), context_tokens=reply.context_tokens)
+                        cache_similarity=_optional(reply, "cache_similarity"), context_tokens=reply.context_tokens,
+                        served_by=served_by, partial=reply.partial, shards_answered=list(reply.shards_answered),
+                        shards_missing=list(reply.shards_missing))
 
 
 def _context(msg: pb.Context) -> Context:
@@ -92,23 +158,48 @@ def _pem(value: bytes | str | Path | None) -> bytes | None:
 
 
 class RetrieverClient:
-    """Blocking client over one channel. `target` is any gRPC target ("host:port", "dns:///name:port").
+    """Blocking client over one channel. `target` is any gRPC target ("host:port", "dns:///name:port",
+    `replica_target([...])`).
 
     `token` is sent as `authorization: Bearer <token>` on read RPCs, `admin_token` on admin RPCs (reload). TLS is used
     when `tls_ca` (the CA that signed the server's certificate; PEM bytes or a file) is given; `tls_cert`/`tls_key`
     add a client certificate for servers that require mutual TLS.
+
+    Replicas: `load_balancing="round_robin"` spreads calls over every address the target resolves to (gRPC's default,
+    pick_first, sends them all to one), and `retries=N` re-sends a read call that failed with UNAVAILABLE up to N more
+    times, each time to the next replica; see `service_config`. Leave both None to keep gRPC's defaults or a
+    "grpc.service_config" given in `options`. `keepalive` (seconds) pings each connection that has calls in flight
+    that often and gives it as long to answer: a replica cut off the network (no reset, so nothing else notices)
+    then fails its calls with UNAVAILABLE, retried elsewhere, instead of holding them until their deadline.
     """
 
     def __init__(self, target: str, *, timeout: float = 5.0, channel: grpc.Channel | None = None,
                  options: list[tuple[str, object]] | None = None, token: str | None = None,
                  admin_token: str | None = None, tls_ca: bytes | str | Path | None = None,
-                 tls_cert: bytes | str | Path | None = None, tls_key: bytes | str | Path | None = None) -> None:
+                 tls_cert: bytes | str | Path | None = None, tls_key: bytes | str | Path | None = None,
+                 load_balancing: Literal["round_robin", "pick_first"] | None = None,
+                 retries: int | None = None, keepalive: float | None = None) -> None:
+        options = list(options or [])
+        if keepalive is not None:
+            if keepalive <= 0:
+                raise ValueError(f"keepalive must be > 0 seconds, got {keepalive}")
+            # Only while calls are in flight (keepalive_permit_without_calls stays 0): servers refuse idle pings.
+            options += [("grpc.keepalive_time_ms", int(keepalive * 1000)),
+                        ("grpc.keepalive_timeout_ms", int(keepalive * 1000))]
+        if load_balancing is not None or retries is not None:
+            if any(name == "grpc.service_config" for name, _ in options):
+                raise ValueError("give load_balancing/retries or a grpc.service_config option, not both")
+            if channel is not None:
+                raise ValueError("load_balancing/retries configure a channel this client creates; "
+                                 "pass them to the channel you give instead")
+            options.append(("grpc.service_config", service_config(load_balancing=load_balancing,
+                                                                  retries=retries or 0)))
         self._own_channel = channel is None
         if channel is None and tls_ca is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=_pem(tls_ca), private_key=_pem(tls_key),
                                                        certificate_chain=_pem(tls_cert))
-            channel = grpc.secure_channel(target, credentials, options=options or [])
-        self.channel = channel or grpc.insecure_channel(target, options=options or [])
+            channel = grpc.secure_channel(target, credentials, options=options)
+        self.channel = channel or grpc.insecure_channel(target, options=options)
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._admin_metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
@@ -126,11 +217,16 @@ class RetrieverClient:
             self.channel.close()
 
     def _call(self, method, request, timeout: float | None, metadata=None):
+        return self._call_with_served_by(method, request, timeout, metadata)[0]
+
+    def _call_with_served_by(self, method, request, timeout: float | None, metadata=None):
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout,
-                          metadata=self._metadata if metadata is None else metadata)
+            reply, call = method.with_call(request, timeout=self.timeout if timeout is None else timeout,
+                                           metadata=self._metadata if metadata is None else metadata)
         except grpc.RpcError as error:
-            raise RetrieverError(error.code(), error.details() or "") from error
+            served_by = _served_by(error.trailing_metadata()) if hasattr(error, "trailing_metadata") else ""
+            raise RetrieverError(error.code(), error.details() or "", served_by) from error
+        return reply, _served_by(call.trailing_metadata())
 
     def search(self, query: str, *, top_k: int | None = None, depth: int | None = None,
                fusion: Literal["rrf", "weighted"] | None = None, dense_weight: float | None = None,
@@ -138,14 +234,15 @@ class RetrieverClient:
                cache: Literal["default", "bypass", "exact_only", "strict"] | None = None,
                rerank: bool | None = None, rerank_depth: int | None = None, max_context_tokens: int | None = None,
                mmr_lambda: float | None = None, dedup_threshold: float | None = None,
-               timeout: float | None = None) -> SearchResult:
-        """None leaves a parameter to the server's default."""
+               require_complete: bool = False, timeout: float | None = None) -> SearchResult:
+        """None leaves a parameter to the server's default. `require_complete` (routers over shards): fail rather
+        than answer from the shards that did answer."""
         if fusion not in FUSION:
             raise ValueError(f"fusion must be 'rrf', 'weighted' or None, got {fusion!r}")
         if cache not in CACHE:
             raise ValueError(f"cache must be one of 'default', 'bypass', 'exact_only', 'strict' or None, got {cache!r}")
         request = pb.SearchRequest(query=query, fusion=FUSION[fusion], filters=filters or {}, debug=debug,
-                                   cache=CACHE[cache])
+                                   cache=CACHE[cache], require_complete=require_complete)
         if top_k is not None:
             request.top_k = top_k
         if depth is not None:
@@ -157,7 +254,7 @@ class RetrieverClient:
                             ("dedup_threshold", dedup_threshold)):
             if value is not None:
                 setattr(request, name, value)
-        return _result(self._call(self._stub.Search, request, timeout))
+        return _result(*self._call_with_served_by(self._stub.Search, request, timeout))
 
     def prefetch(self, queries: Iterable[str | pb.SearchRequest], *,
                  timeout: float | None = None) -> pb.PrefetchResponse:

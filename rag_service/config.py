@@ -131,6 +131,19 @@ class ServerConfig(BaseSettings):
     metrics_host: str = "127.0.0.1"
     # Query text is user data: kept out of the request log unless asked for.
     log_queries: bool = False
+    # Replicas (issue 8): names this server in every reply's trailing metadata (x-served-by) and in its request log, so
+    # callers and operators see how load spreads; default host:pid (the pod name and pid under Kubernetes).
+    replica_name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/+=-]+$")
+    # Close each client connection after this long (a GOAWAY; calls in flight get max_connection_age_grace_seconds to
+    # finish) so clients that balance round_robin over a DNS name re-resolve it and find replicas added since (an
+    # autoscaler's new pods). None: connections live until a side closes them.
+    max_connection_age_seconds: float | None = Field(None, gt=0.0)
+    max_connection_age_grace_seconds: float = Field(30.0, ge=0.0)
+    # Router role (rag_service/shard/router.py): the shard servers' addresses, one per shard of the set; `index` is
+    # then the router directory a sharded build wrote (OUT/router). Empty: serve `index` itself.
+    shards: list[str] = Field(default_factory=list)
+    # The longest the router waits for a shard when the call has no (shorter) deadline.
+    shard_timeout_seconds: float = Field(5.0, gt=0.0)
     defaults: SearchDefaults = SearchDefaults()
     limits: Limits = Limits()
     cache: CacheConfig = CacheConfig()

@@ -79,8 +79,12 @@ def choose_kind(kind: str, n: int, hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD)
     return kind
 
 
-def build_dense_index(vectors: np.ndarray, kind: str, progress: bool = False) -> faiss.Index:
+def build_dense_index(vectors: np.ndarray, kind: str, progress: bool = False, *, hnsw_m: int = HNSW_M,
+                      ef_construction: int = HNSW_EF_CONSTRUCTION) -> faiss.Index:
     """A faiss index over `vectors` (already normalised), built on the CPU with every core.
+
+    `hnsw_m` and `ef_construction` trade graph quality for build time (the defaults suit corpora up to a few hundred
+    thousand chunks on two cores; bench/README.md "Issue 3" measures cheaper settings for 1M).
 
     A GPU would not help here: a flat "build" is a memory copy, and faiss builds HNSW graphs on the CPU only. The GPU
     is used at build time for encoding, which dominates.
@@ -94,8 +98,10 @@ def build_dense_index(vectors: np.ndarray, kind: str, progress: bool = False) ->
             return index
         if kind != "hnsw":
             raise ValueError(f"kind must be flat or hnsw, got {kind!r}")
-        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        if hnsw_m < 2 or ef_construction < 1:
+            raise ValueError(f"hnsw_m must be >= 2 and ef_construction >= 1, got {hnsw_m} and {ef_construction}")
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
         index.hnsw.efSearch = HNSW_EF_SEARCH_MIN
         step = 16_384
         bar = None
@@ -114,14 +120,15 @@ def build_dense_index(vectors: np.ndarray, kind: str, progress: bool = False) ->
         return index
 
 
-def write_dense(directory: Path, index: faiss.Index, vectors: np.ndarray, kind: str) -> list[Path]:
+def write_dense(directory: Path, index: faiss.Index, vectors: np.ndarray, kind: str, *, hnsw_m: int = HNSW_M,
+                ef_construction: int = HNSW_EF_CONSTRUCTION) -> list[Path]:
     directory = Path(directory)
     faiss.write_index(index, str(directory / INDEX_FILE))
     np.save(directory / VECTORS_FILE, np.ascontiguousarray(vectors, dtype=np.float32))
     params: dict[str, Any] = {"kind": kind, "dim": int(vectors.shape[1]), "count": int(len(vectors)),
                               "metric": "inner_product", "normalized": True}
     if kind == "hnsw":
-        params.update(hnsw_m=HNSW_M, ef_construction=HNSW_EF_CONSTRUCTION, ef_search_min=HNSW_EF_SEARCH_MIN)
+        params.update(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search_min=HNSW_EF_SEARCH_MIN)
     with open(directory / PARAMS_FILE, "w", encoding="utf-8") as f:
         json.dump(params, f, indent=2)
     return [directory / name for name in FILES]

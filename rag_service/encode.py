@@ -10,7 +10,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,8 @@ import numpy as np
 # Models come from installed packages only; never let a missing file turn into a network call.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from sentence_transformers import SentenceTransformer  # noqa: E402
+# torch and sentence-transformers (9 s to import here) load only with the torch Encoder: the ONNX encoder, the
+# tokenizer and a Ray build's workers (index/ray_build.py) need neither.
 from tokenizers import Tokenizer  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 # Bounds activation memory when a caller hands encode_queries a long list.
 _QUERY_BATCH = 64
+# Serialises changes to torch's per-process thread count (Encoder._embed_batches).
+_THREADS_LOCK = threading.Lock()
 
 
 def default_model_path() -> str:
@@ -38,7 +41,32 @@ def default_model_path() -> str:
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def cpu_has_amx_bf16() -> bool:
+    """True where torch's CPU matrix products run bf16 on AMX tiles (Intel Sapphire Rapids and later).
+
+    There bf16 document encoding is ~3x a float32 sentence-transformers encode at cosine >= 0.9999 (bench/README.md,
+    "Issue 5"); elsewhere bf16 is emulated or runs on AVX-512 and gains little, so builds keep ONNX fp32.
+    RAG_DISABLE_AMX=1 answers False (to compare, or to keep vectors bit-identical across a mixed fleet).
+    """
+    if os.environ.get("RAG_DISABLE_AMX", "").strip() in ("1", "true", "yes"):
+        return False
+    import torch
+
+    # Private helpers (torch 2.3+); a torch without them gets the safe answer.
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    try:
+        return bool(amx and bf16 and amx() and bf16() and torch.backends.mkldnn.is_available())
+    except RuntimeError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -90,6 +118,26 @@ class _EncoderBase:
 
     # Vectors ------------------------------------------------------------------------------------------------------
 
+    def plan_batches(self, texts: Sequence[str], batch_size: int) -> list[np.ndarray]:
+        """Row numbers of the batches encode_documents embeds, in order: longest first by token count, so each batch
+        pads to similar lengths (SciFact chunks: about half the padded tokens of input order)."""
+        # Truncated at max_seq_length like the model does, so 10k-token documents do not sort as "longer" than
+        # 300-token ones that pad the same. encode_batch tokenises on every core.
+        lengths = np.fromiter(
+            (min(len(e.ids), self.max_seq_length) for e in self._counter.encode_batch(list(texts),
+                                                                                     add_special_tokens=False)),
+            dtype=np.int64, count=len(texts),
+        )
+        order = np.argsort(-lengths, kind="stable")
+        return [order[start : start + batch_size] for start in range(0, len(texts), batch_size)]
+
+    def _embed_batches(self, texts: list[str], batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows, vectors) of each planned batch, in any order. An override may embed them elsewhere (a Ray cluster,
+        index/ray_build.py) but must embed exactly these batches: a row's vector depends on the batch it was padded
+        with (ONNX Runtime and torch, ~1e-7), not on the thread count."""
+        for idx in batches:
+            yield idx, self._embed_batch([texts[i] for i in idx])
+
     def encode_documents(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """(n, dim) float32, L2-normalised, in input order.
 
@@ -103,13 +151,7 @@ class _EncoderBase:
         if not texts:
             return out
         started = time.perf_counter()
-        # Truncated at max_seq_length like the model does, so 10k-token documents do not sort as "longer" than
-        # 300-token ones that pad the same. encode_batch tokenises on every core.
-        lengths = np.fromiter(
-            (min(len(e.ids), self.max_seq_length) for e in self._counter.encode_batch(texts, add_special_tokens=False)),
-            dtype=np.int64, count=len(texts),
-        )
-        order = np.argsort(-lengths, kind="stable")
+        batches = self.plan_batches(texts, batch_size)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -117,9 +159,8 @@ class _EncoderBase:
             bar = tqdm(total=len(texts), desc=f"encoding ({self.backend})", unit="chunk", unit_scale=True,
                        dynamic_ncols=True)
         try:
-            for start in range(0, len(texts), batch_size):
-                idx = order[start : start + batch_size]
-                out[idx] = self._embed_batch([texts[i] for i in idx])
+            for idx, vectors in self._embed_batches(texts, batches):
+                out[idx] = vectors
                 if bar is not None:
                     bar.update(len(idx))
         finally:
@@ -155,15 +196,25 @@ class Encoder(_EncoderBase):
 
     backend = "torch"
 
-    def __init__(self, model_path: str | None = None, device: str | None = None) -> None:
+    def __init__(self, model_path: str | None = None, device: str | None = None, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         path = model_path if model_path is not None else default_model_path()
         if not Path(path).is_dir():
             raise FileNotFoundError(f"model folder not found: {path}")
         self.model_path = str(path)
         self.device = device or default_device()
+        self.precision = precision
         started = time.perf_counter()
+        import torch
+        from sentence_transformers import SentenceTransformer
+
         self._model = SentenceTransformer(self.model_path, device=self.device)
         self._model.eval()
+        if precision == "bf16":
+            # Only the transformer: pooling and normalisation then run in float32 on its (upcast) token outputs.
+            self._model[0].to(torch.bfloat16)
+            self.backend = "torch-bf16"
         is_default = model_path is None or Path(path).resolve() == Path(default_model_path()).resolve()
         self.name = DEFAULT_MODEL_NAME if is_default else Path(path).resolve().name
         # Renamed get_embedding_dimension in sentence-transformers 6; the old name warns there.
@@ -186,15 +237,57 @@ class Encoder(_EncoderBase):
         )
 
     def __repr__(self) -> str:
-        return f"Encoder(name={self.name!r}, dim={self.dim}, device={self.device!r})"
+        return f"Encoder(name={self.name!r}, dim={self.dim}, device={self.device!r}, precision={self.precision!r})"
+
+    def as_bf16(self) -> Encoder:
+        """This encoder's model in bf16 (itself if it is one), loaded once per encoder and then reused: builds swap
+        to it for document vectors while the caller's fp32 encoder stays as it was."""
+        if self.precision == "bf16":
+            return self
+        with self._tokenize_lock:
+            twin = getattr(self, "_bf16_twin", None)
+            if twin is None:
+                twin = self._bf16_twin = Encoder(self.model_path, device=self.device, precision="bf16")
+        return twin
+
+    def _embed_batches(self, texts: list[str], batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """bf16 on a CPU: one batch per core at once, each single-threaded. Once AMX has made the matrix products
+        cheap, the rest is many small memory-bound operators whose fork/join across cores costs more than it saves
+        (more still on a shared machine, where one preempted thread stalls the team): ~1.3x the chunks/s of
+        batches spread over the cores (bench/README.md, "Issue 5"). Same batches, so the same vectors."""
+        import torch
+
+        workers = min(torch.get_num_threads(), len(batches))
+        if self.precision != "bf16" or self.device != "cpu" or workers <= 1:
+            yield from super()._embed_batches(texts, batches)
+            return
+        # torch's thread count is per process: set for this call and restored. Builds, the only callers with many
+        # batches, run in their own process, never beside a server's query encoder.
+        with _THREADS_LOCK:
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
+                    yield from zip(batches, pool.map(lambda idx: self._embed_batch([texts[i] for i in idx]), batches))
+            finally:
+                torch.set_num_threads(before)
 
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
+        import torch
+
         with self._tokenize_lock:
             features = self._model.preprocess(texts)
         device = self._model.device
         features = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
         with torch.inference_mode():
-            embeddings = self._model(features)["sentence_embedding"]
+            if self.precision == "bf16":
+                features = self._model[0](features)
+                features["token_embeddings"] = features["token_embeddings"].float()
+                for module in list(self._model)[1:]:
+                    features = module(features)
+                embeddings = features["sentence_embedding"]
+            else:
+                embeddings = self._model(features)["sentence_embedding"]
             # The stock model ends in a Normalize module; normalise anyway so any model gives cosine = inner product.
             embeddings = torch.nn.functional.normalize(embeddings.float(), p=2, dim=1)
         return embeddings.cpu().numpy().astype(np.float32, copy=False)

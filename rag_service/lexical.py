@@ -38,6 +38,11 @@ DOC_LENGTHS_FILE = "bm25_doc_lengths.npy"
 VOCAB_FILE = "bm25_vocab.json"
 PARAMS_FILE = "bm25_params.json"
 FILES = (INDPTR_FILE, DOCS_FILE, WEIGHTS_FILE, DOC_LENGTHS_FILE, VOCAB_FILE, PARAMS_FILE)
+# Only in a shard (rag_service/shard/split.py): int64 document frequency per term over the WHOLE corpus. A shard keeps
+# the corpus vocabulary, its own postings with the corpus' impacts, and params "corpus_chunks"/"avgdl" of the corpus,
+# so every statistic that reads df or N (idf of the reranker's features, the cache's term weights) means the same as
+# in one index of the whole corpus.
+DF_FILE = "bm25_df.npy"
 
 
 @dataclass(frozen=True)
@@ -272,6 +277,7 @@ class BM25Index:
         vocab: dict[str, int],
         params: dict[str, Any],
         analyzer: Analyzer,
+        df: np.ndarray | None = None,
     ) -> None:
         # numba types np.memmap poorly; plain ndarray views of the same mapped buffer cost nothing.
         self.indptr = np.asarray(indptr)
@@ -286,6 +292,16 @@ class BM25Index:
         self.b = float(params["b"])
         self.idf_kind = str(params["idf"])
         self.avgdl = float(params["avgdl"])
+        # The corpus this index's statistics describe: itself, or for a shard the whole corpus (DF_FILE).
+        self.corpus_chunks = int(params.get("corpus_chunks", self.n_chunks))
+        self._df = None if df is None else np.asarray(df)
+
+    @property
+    def df(self) -> np.ndarray:
+        """int64 document frequency per term id over the corpus (a shard's are global, see DF_FILE)."""
+        if self._df is None:
+            self._df = np.diff(self.indptr)
+        return self._df
 
     @classmethod
     def load(cls, directory: Path | str, analyzer: Analyzer | None = None, warmup: bool = True) -> BM25Index:
@@ -312,9 +328,18 @@ class BM25Index:
         if len(indptr) != len(vocab) + 1 or len(docs) != len(weights) or (len(indptr) and indptr[-1] != len(docs)):
             raise IndexFormatError(f"{directory}: BM25 arrays disagree in length (vocab {len(vocab)}, "
                                    f"indptr {len(indptr)}, docs {len(docs)}, weights {len(weights)})")
+        df = None
+        if (directory / DF_FILE).is_file():
+            try:
+                df = np.load(directory / DF_FILE, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise IndexFormatError(f"{directory / DF_FILE}: cannot read: {e}") from e
+            if df.dtype != np.int64 or df.shape != (len(vocab),):
+                raise IndexFormatError(f"{directory / DF_FILE}: expected int64 ({len(vocab)},), got {df.dtype} "
+                                       f"{df.shape}")
         if analyzer is None:
             analyzer = Analyzer.from_settings(params["analyzer"])
-        index = cls(indptr, docs, weights, doc_lengths, vocab, params, analyzer)
+        index = cls(indptr, docs, weights, doc_lengths, vocab, params, analyzer, df=df)
         if warmup:
             # Compiles (or loads from numba's cache) both kernel variants before the first real query.
             index.search_tokens([], 1)

@@ -19,6 +19,7 @@ import grpc
 from pythonjsonlogger.json import JsonFormatter
 
 REQUEST_ID_HEADER = "x-request-id"
+SERVED_BY_HEADER = "x-served-by"
 _USABLE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")  # anything else could forge log structure or bloat it
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("rag_request_id", default=None)
@@ -68,9 +69,11 @@ def _incoming_id(metadata) -> str | None:
 class RequestLogInterceptor(grpc.aio.ServerInterceptor):
     """Outermost interceptor: sees every RPC of `service`, including those refused by later interceptors."""
 
-    def __init__(self, service: str, *, log_queries: bool = False) -> None:
+    def __init__(self, service: str, *, log_queries: bool = False, served_by: str | None = None) -> None:
         self.prefix = f"/{service}/"
         self.log_queries = log_queries
+        # Echoed as x-served-by beside the request id, and logged: which replica answered (issue 8).
+        self.served_by = served_by
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         handler = await continuation(handler_call_details)
@@ -81,10 +84,12 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
         rid = _incoming_id(handler_call_details.invocation_metadata) or uuid.uuid4().hex
         behavior = (handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream)
         log_queries = self.log_queries
+        served_by = self.served_by
+        trailing = ((SERVED_BY_HEADER, served_by),) if served_by else ()
 
         def begin(context) -> float:
             request_id.set(rid)
-            context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, rid), *trailing))
             return time.perf_counter()
 
         def end(context, started: float, request, error: BaseException | None) -> None:
@@ -97,6 +102,8 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
             code_name = code.name if isinstance(code, grpc.StatusCode) else str(code)
             extra = {"request_id": rid, "method": name, "code": code_name,
                      "ms": round((time.perf_counter() - started) * 1000, 3), "peer": context.peer()}
+            if served_by:
+                extra["served_by"] = served_by
             if log_queries and request is not None and hasattr(request, "query"):
                 extra["query"] = request.query
             access_log.info("%s %s", name, code_name, extra=extra)

@@ -36,6 +36,7 @@ class SearchParams:
     dedup_threshold: float = 1.0
     budget_ms: float | None = None  # the request's latency budget, for the adaptive pipeline
     cache: str = "default"  # default | bypass | exact_only | strict
+    require_complete: bool = False  # router only: a shard that does not answer fails the request (shard/router.py)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,10 @@ class SearchResult:
     context_tokens: int = 0
     route: str = "full"  # the adaptive pipeline's choice, and why
     route_reason: str = ""
+    # Router only (shard/router.py): some shard did not answer, so its documents are missing; which ones did.
+    partial: bool = False
+    shards_answered: list[str] = field(default_factory=list)
+    shards_missing: list[str] = field(default_factory=list)
 
 
 def check_deadline(deadline: float | None, stage: str) -> None:
@@ -133,10 +138,12 @@ class Pipeline:
         return Candidates(bm25=bm25, dense=dense, fused=fused, query_vector=query_vector)
 
     def search(self, params: SearchParams, *, query_vector: np.ndarray | None = None,
-               deadline: float | None = None, timer: StageTimer | None = None) -> SearchResult:
+               deadline: float | None = None, timer: StageTimer | None = None,
+               arrival: float | None = None) -> SearchResult:
         timer = timer or StageTimer()
         plan = self.policy.plan(params, deadline, self.policy.enter(), query_vector is not None,
-                                self.rerank_store is not None)
+                                self.rerank_store is not None,
+                                arrival)
         try:
             return self._search(plan, query_vector=query_vector, deadline=deadline, timer=timer)
         finally:
@@ -164,15 +171,7 @@ class Pipeline:
                                              candidates.bm25[0], candidates.dense[0])
         check_deadline(deadline, "contexts")
         with timer.stage("contexts"):
-            order, relevance = np.arange(len(fused.ids)), fused.scores
-            if reranked is not None:
-                # Candidates past rerank_depth (a caller asking for more contexts than were reranked) follow the
-                # reranked ones in fused order, below every reranked score.
-                tail = np.arange(len(reranked.order), len(fused.ids))
-                order = np.concatenate([reranked.order, tail])
-                floor = float(reranked.scores.min()) if len(reranked.scores) else 0.0
-                relevance = np.concatenate([reranked.scores, floor - 1.0 - fused.scores.max(initial=0.0)
-                                            + fused.scores[tail]]).astype(np.float32)
+            order, relevance = rerank_mod.final_order(fused.scores, reranked)
             ids = fused.ids[order]
             vectors = (np.asarray(self.index.dense.vectors[ids]) if not filter_params.is_identity
                        else np.zeros((len(ids), 0), np.float32))

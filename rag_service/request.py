@@ -98,4 +98,5 @@ def search_params(request: pb.SearchRequest, defaults: SearchDefaults, limits: L
     return SearchParams(query=query, top_k=top_k, depth=depth, fusion=fusion, dense_weight=float(dense_weight),
                         rrf_k=defaults.rrf_k, filters=dict(request.filters), rerank=rerank, rerank_depth=rerank_depth,
                         max_context_tokens=max_context_tokens, mmr_lambda=float(mmr_lambda),
-                        dedup_threshold=float(dedup), budget_ms=budget_ms, cache=CACHE_MODES[request.cache])
+                        dedup_threshold=float(dedup), budget_ms=budget_ms, cache=CACHE_MODES[request.cache],
+                        require_complete=request.require_complete)

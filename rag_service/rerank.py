@@ -214,21 +214,32 @@ class RerankStore:
 
     @classmethod
     def create(cls, windows: WindowData, bm25: BM25Index, vectors: np.ndarray) -> RerankStore:
-        spans = np.asarray(windows.window_spans)
-        avg_window = float((spans[:, 1] - spans[:, 0]).mean()) if len(spans) else 1.0
-        titles = np.asarray(windows.title_lengths)
-        avg_title = float(titles[titles > 0].mean()) if np.any(titles > 0) else 1.0
-        return cls(windows=windows, bm25=bm25, vectors=vectors, avg_title=avg_title, avg_window=avg_window)
+        # A shard carries the whole corpus' averages (shard/split.py) so its features equal one index's.
+        corpus = windows.params.get("corpus") or {}
+        avg_title, avg_window = corpus.get("avg_title"), corpus.get("avg_window")
+        if avg_title is None or avg_window is None:
+            avg_title, avg_window = corpus_averages(windows)
+        return cls(windows=windows, bm25=bm25, vectors=vectors, avg_title=float(avg_title),
+                   avg_window=float(avg_window))
 
     def query_terms(self, query: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(distinct term ids int32, count in the query float64, idf float64) of the query's known terms."""
         counts = Counter(int(t) for t in self.bm25.term_ids(self.bm25.analyzer.tokens(query)).tolist())
         terms = np.asarray(sorted(counts), dtype=np.int32)
         qcount = np.asarray([counts[t] for t in terms.tolist()], dtype=np.float64)
-        df = (self.bm25.indptr[terms.astype(np.int64) + 1] - self.bm25.indptr[terms.astype(np.int64)]) \
-            if len(terms) else np.zeros(0, np.int64)
-        idf = idf_values(df, self.bm25.n_chunks, self.bm25.idf_kind) if len(terms) else np.zeros(0)
+        df = self.bm25.df[terms.astype(np.int64)] if len(terms) else np.zeros(0, np.int64)
+        idf = idf_values(df, self.bm25.corpus_chunks, self.bm25.idf_kind) if len(terms) else np.zeros(0)
         return terms, qcount, np.asarray(idf, dtype=np.float64)
+
+
+def corpus_averages(windows: WindowData) -> tuple[float, float]:
+    """(mean title length over chunks with a title, mean window length) in tokens: the b-normalisation of the
+    title and window BM25 features."""
+    spans = np.asarray(windows.window_spans)
+    avg_window = float((spans[:, 1] - spans[:, 0]).mean()) if len(spans) else 1.0
+    titles = np.asarray(windows.title_lengths)
+    avg_title = float(titles[titles > 0].mean()) if np.any(titles > 0) else 1.0
+    return avg_title, avg_window
 
 
 def _by_max(values: np.ndarray) -> np.ndarray:
@@ -242,40 +253,59 @@ def _reciprocal_ranks(ranked: np.ndarray, candidates: np.ndarray) -> np.ndarray:
                       dtype=np.float32)
 
 
-def compute_features(store: RerankStore, query: str, query_vector: np.ndarray, candidates: np.ndarray,
-                     fused_scores: np.ndarray, bm25_ranked: np.ndarray, dense_ranked: np.ndarray) -> np.ndarray:
-    """float32 (m, len(FEATURES)) for `candidates` (chunk ids in fused order, best first)."""
+# Columns of local_features: what depends on one candidate alone (and corpus statistics), so a shard that holds the
+# candidate computes it bit for bit as one index would (rag_service/shard/).
+LOCAL_FEATURES = ("bm25_raw", "bm25_title_raw", "bm25_window_raw", "coverage", "win_max", "win_top2", "win_soft",
+                  "proximity")
+
+
+def local_features(store: RerankStore, query: str, query_vector: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """float32 (m, len(LOCAL_FEATURES)) per candidate: raw BM25 of chunk/title/best window, coverage, window MaxSim
+    (NaN for a chunk without windows) and proximity. Each row depends on its candidate only."""
+    cands = np.ascontiguousarray(candidates, dtype=np.int64)
+    out = np.zeros((len(cands), len(LOCAL_FEATURES)), dtype=np.float32)
+    if len(cands) == 0:
+        return out
+    q = np.ascontiguousarray(query_vector, dtype=np.float32)
+    w = store.windows
+    out[:, 4:7] = native.window_maxsim(q, w.window_offsets, w.vectors, w.scales, cands)
+    terms, qcount, idf = store.query_terms(query)
+    bm25 = store.bm25
+    out[:, 0:4] = _lexical_features(w.tokens, w.token_offsets, w.title_lengths, w.window_offsets, w.window_spans,
+                                    cands, terms, qcount, idf, bm25.k1, bm25.b, bm25.avgdl, store.avg_title,
+                                    store.avg_window)
+    span, matched = native.proximity(terms, w.token_offsets, w.tokens, cands)
+    out[:, 7] = np.where(matched >= 2, matched / np.maximum(span, 1), 0.0)
+    return out
+
+
+def finish_features(local: np.ndarray, vectors: np.ndarray, query_vector: np.ndarray, candidates: np.ndarray,
+                    fused_scores: np.ndarray, bm25_ranked: np.ndarray, dense_ranked: np.ndarray) -> np.ndarray:
+    """float32 (m, len(FEATURES)) from the candidates' local features and chunk vectors (in fused order, best first)
+    plus what needs the whole candidate list: scales by the query's best, ranks, the PRF centroid."""
     cands = np.ascontiguousarray(candidates, dtype=np.int64)
     m = len(cands)
     out = np.zeros((m, len(FEATURES)), dtype=np.float32)
     if m == 0:
         return out
     q = np.ascontiguousarray(query_vector, dtype=np.float32)
-    w = store.windows
-    vecs = np.asarray(store.vectors[cands], dtype=np.float32)
+    vecs = np.asarray(vectors, dtype=np.float32)
     dense = vecs @ q
-    maxsim = native.window_maxsim(q, w.window_offsets, w.vectors, w.scales, cands)
     # A chunk without windows (empty title and text) falls back on its own vector.
-    maxsim = np.where(np.isnan(maxsim), dense[:, None], maxsim)
-    terms, qcount, idf = store.query_terms(query)
-    bm25 = store.bm25
-    lexical = _lexical_features(w.tokens, w.token_offsets, w.title_lengths, w.window_offsets, w.window_spans, cands,
-                                terms, qcount, idf, bm25.k1, bm25.b, bm25.avgdl, store.avg_title, store.avg_window)
-    span, matched = native.proximity(terms, w.token_offsets, w.tokens, cands)
-    prox = np.where(matched >= 2, matched / np.maximum(span, 1), 0.0)
+    maxsim = np.where(np.isnan(local[:, 4:7]), dense[:, None], local[:, 4:7])
     centroid = vecs[:_PRF_TOP].mean(axis=0)
     centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
     columns = {
         "fused": fused_scores,
-        "bm25": _by_max(lexical[:, 0]),
+        "bm25": _by_max(local[:, 0]),
         "dense": dense,
         "win_max": maxsim[:, 0],
         "win_top2": maxsim[:, 1],
         "win_soft": maxsim[:, 2],
-        "bm25_title": _by_max(lexical[:, 1]),
-        "bm25_window": _by_max(lexical[:, 2]),
-        "proximity": prox,
-        "coverage": lexical[:, 3],
+        "bm25_title": _by_max(local[:, 1]),
+        "bm25_window": _by_max(local[:, 2]),
+        "proximity": local[:, 7],
+        "coverage": local[:, 3],
         "rr_bm25": _reciprocal_ranks(bm25_ranked, cands),
         "rr_dense": _reciprocal_ranks(dense_ranked, cands),
         "prf": vecs @ centroid,
@@ -283,6 +313,17 @@ def compute_features(store: RerankStore, query: str, query_vector: np.ndarray, c
     for j, name in enumerate(FEATURES):
         out[:, j] = columns[name]
     return out
+
+
+def compute_features(store: RerankStore, query: str, query_vector: np.ndarray, candidates: np.ndarray,
+                     fused_scores: np.ndarray, bm25_ranked: np.ndarray, dense_ranked: np.ndarray) -> np.ndarray:
+    """float32 (m, len(FEATURES)) for `candidates` (chunk ids in fused order, best first)."""
+    cands = np.ascontiguousarray(candidates, dtype=np.int64)
+    if len(cands) == 0:
+        return np.zeros((0, len(FEATURES)), dtype=np.float32)
+    local = local_features(store, query, query_vector, cands)
+    return finish_features(local, np.asarray(store.vectors[cands], dtype=np.float32), query_vector, cands,
+                           fused_scores, bm25_ranked, dense_ranked)
 
 
 @dataclass
@@ -302,6 +343,24 @@ def rerank(store: RerankStore, model: RerankModel, query: str, query_vector: np.
            fused_scores: np.ndarray, bm25_ranked: np.ndarray, dense_ranked: np.ndarray) -> Reranked:
     """Scores `candidates` with `model` and sorts them by score (ties keep the fused order)."""
     features = compute_features(store, query, query_vector, candidates, fused_scores, bm25_ranked, dense_ranked)
+    return rank(model, candidates, features)
+
+
+def final_order(fused_scores: np.ndarray, reranked: Reranked | None) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in the fused list in final order, and the relevance the context filter ranks them by.
+
+    Candidates past rerank_depth (a caller asking for more contexts than were reranked) follow the reranked ones in
+    fused order, below every reranked score. Shared by a single index and the shard router, so both rank alike."""
+    if reranked is None:
+        return np.arange(len(fused_scores)), fused_scores
+    tail = np.arange(len(reranked.order), len(fused_scores))
+    floor = float(reranked.scores.min()) if len(reranked.scores) else 0.0
+    relevance = np.concatenate([reranked.scores, floor - 1.0 - fused_scores.max(initial=0.0) + fused_scores[tail]])
+    return np.concatenate([reranked.order, tail]), relevance.astype(np.float32)
+
+
+def rank(model: RerankModel, candidates: np.ndarray, features: np.ndarray) -> Reranked:
+    """Scores feature rows (FEATURES columns) of `candidates` and sorts by score, ties in the given order."""
     scores = model.score(features) if len(candidates) else np.zeros(0, np.float32)
     order = np.argsort(-scores, kind="stable")
     return Reranked(ids=np.asarray(candidates, dtype=np.int64)[order], scores=scores[order],

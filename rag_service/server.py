@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -68,6 +70,10 @@ WARMUP_QUERIES = ("what is the effect of", "how does it work", "definition and e
 def load_pipeline(config: ServerConfig, encoder: Encoder | None = None) -> Pipeline:
     # A misconfigured RAG_SERVICE_BACKEND must stop the start, not fail every request later.
     log.info("native backends: %s", native.backend_info())
+    if config.shards:  # the router role: the same interface over a shard set (shard/router.py)
+        from rag_service.shard.router import load_router
+
+        return load_router(config, encoder)  # type: ignore[return-value]
     index = load_index(config.index, verify_checksums=config.verify_checksums)
     encoder = encoder or load_index_encoder(config.query_encoder, index.path, config.model_path,
                                             config.encoder_threads)
@@ -167,7 +173,9 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self.last_arrival = 0.0  # time.monotonic() of the latest Search, so a drain can wait for a quiet moment
         # Set by RagServer: loads, validates, warms and swaps in the index at a path ("" = the configured one).
         self.reloader: Callable[[str], Awaitable[ReloadResult]] | None = None
-        self.cache = CachedSearch(config.cache, metrics)
+        # A router holds no index to check a semantic hit's lexical guard against: exact (and strict) hits only.
+        self.cache = CachedSearch(config.cache.model_copy(update={"semantic": False}) if config.shards
+                                  else config.cache, metrics)
         self.prefetcher = Prefetcher(self.cache, config.cache, metrics, pipeline=lambda: self.pipeline,
                                      live=lambda: self.in_flight)
 
@@ -188,7 +196,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
         start = time.perf_counter_ns()
         admitted = False
-        self.last_arrival = time.monotonic()
+        arrival = self.last_arrival = time.monotonic()
         try:
             if self.draining:
                 raise Unavailable("the server is shutting down; retry on another replica")
@@ -208,7 +216,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             deadline = None if remaining is None else time.monotonic() + remaining
             validated = time.perf_counter_ns()
             # Exact hits are answered here on the event loop; misses run on a pipeline thread via _execute.
-            served = await self.cache.search(pipeline, params, deadline=deadline, execute=self._execute)
+            served = await self.cache.search(pipeline, params, deadline=deadline, execute=self._execute,
+                                             arrival=arrival)
         except Exception as error:  # noqa: BLE001 - every failure becomes a status, never a crash
             await self._fail(context, "Search", error)
             raise  # unreachable: abort raises
@@ -229,7 +238,9 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         response = pb.SearchResponse(contexts=[to_context(c, request.debug) for c in result.contexts],
                                      index_version=result.index_version, server_time_us=total_us,
                                      context_tokens=result.context_tokens, route=result.route,
-                                     route_reason=result.route_reason, served_from=SERVED_FROM[served.served_from])
+                                     route_reason=result.route_reason, served_from=SERVED_FROM[served.served_from],
+                                     partial=result.partial, shards_answered=result.shards_answered,
+                                     shards_missing=result.shards_missing)
         if served.similarity is not None:
             response.cache_similarity = served.similarity
         if request.debug:
@@ -411,20 +422,35 @@ class RagServer:
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", 64 << 20),
                    ("grpc.so_reuseport", 0)]
+        if config.max_connection_age_seconds is not None:
+            options += [("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_seconds * 1000))]
+        self.replica_name = config.replica_name or f"{socket.gethostname()}:{os.getpid()}"
         admin_token = auth.load_token(config.admin_token, config.admin_token_file, "admin_token")
         search_token = auth.load_token(config.search_token, config.search_token_file, "search_token")
 
         def refused(method: str, code: grpc.StatusCode) -> None:
             self.metrics.requests.labels(method, code.name).inc()
 
-        self.request_log = logs.RequestLogInterceptor(SERVICE_NAME, log_queries=config.log_queries)
+        self.request_log = logs.RequestLogInterceptor(SERVICE_NAME, log_queries=config.log_queries,
+                                                      served_by=self.replica_name)
         interceptors = [self.request_log,
                         wire.MalformedRequestInterceptor(
                             SERVICE_NAME, lambda method: refused(method, grpc.StatusCode.INVALID_ARGUMENT)),
                         auth.AuthInterceptor(SERVICE_NAME, admin_token=admin_token, search_token=search_token,
                                              on_refused=refused)]
+        # The internal Shard service (shard/service.py) answers on a shard index; its callers need the search token.
+        from rag_service.shard.service import SERVICE_NAME as SHARD_SERVICE
+        from rag_service.shard.service import ShardServicer
+
+        interceptors.append(auth.AuthInterceptor(SHARD_SERVICE, admin_token=admin_token, search_token=search_token,
+                                                 on_refused=refused))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_RetrieverServicer_to_server(self.servicer, self.server)
+        from rag_service.pb.rag.v1 import shard_pb2_grpc
+
+        self.shard_servicer = ShardServicer(lambda: self.servicer.pipeline, self.executor, status_for)
+        shard_pb2_grpc.add_ShardServicer_to_server(self.shard_servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -54,3 +54,23 @@ def test_same_results_from_many_threads():
     expected = [analyzer.tokens(t) for t in texts]
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert list(pool.map(analyzer.tokens, texts)) == expected
+
+
+def test_memoised_words_give_the_unmemoised_tokens_across_calls_and_a_cleared_memo(monkeypatch):
+    import Stemmer
+
+    from rag_service import analysis
+
+    stemmer = Stemmer.Stemmer("english")
+
+    def reference(text: str) -> list[str]:
+        words = analysis._WORD.findall(text.lower())
+        return stemmer.stemWords([w for w in words if w not in LUCENE_ENGLISH_STOP_WORDS])
+
+    monkeypatch.setattr(analysis, "_MEMO_LIMIT", 4)  # cleared and refilled many times below
+    analyzer = Analyzer()
+    texts = ["The cats and the running dogs", "cats CATS cat's", "", "of the a", "Generalizations were cycling fast",
+             "the cats and the running dogs again"] * 3
+    for text in texts:
+        assert analyzer.tokens(text) == reference(text)
+    assert len(analyzer._memo()) <= 4 + len(set(analysis._WORD.findall(texts[-1].lower())))

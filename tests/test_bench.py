@@ -121,6 +121,17 @@ def test_open_loop_charges_a_server_stall_to_every_request_scheduled_during_it()
     assert histogram.get_value_at_percentile(50) < 200_000  # most requests were not behind the stall
 
 
+def test_latency_requests_carry_the_budget_only_when_given():
+    def requests(**options):
+        task = lat.WorkerTask(target="unused", kind="search", offsets=[0.0, 0.1], query_ids=[0, 1],
+                              queries=["first query", "second query"], warmup_s=0.0, start_at=0.0,
+                              options=lat.RequestOptions(**options))
+        return lat._search_requests(task)
+
+    assert all(r.HasField("budget_ms") and r.budget_ms == 25 for r in requests(budget_ms=25))
+    assert not any(r.HasField("budget_ms") for r in requests())
+
+
 # Latency against a real server ------------------------------------------------------------------------------------
 
 
@@ -308,19 +319,65 @@ def test_scale_run_builds_a_hashed_index_and_times_the_peers(tmp_path, encoder):
     from rag_service.bench.scale import format_table, run_scale
     from rag_service.index.load import load_index
 
-    report = run_scale([80, 160], tmp_path, systems=["bm25s", "lancedb (vector given)"], queries=8, warmup=1,
-                       encoder=encoder, log=lambda line: None)
+    report = run_scale([80, 160], tmp_path, systems=["bm25s", "ensemble", "lancedb (vector given)"], queries=8,
+                       warmup=1, encoder=encoder, log=lambda line: None, excluded={"ensemble": "measured: too big"})
     assert [run["passages"] for run in report["runs"]] == [80, 160]
     for run in report["runs"]:
         assert run["corpus"]["documents"] == run["passages"] and run["queries"] == 8
         assert list(run["systems"]) == ["bm25s", "lancedb (vector given)"]
+        assert run["did_not_fit"] == {"ensemble": "measured: too big"}
+        assert run["dense_recall"] is None  # a flat index at this size: exact by construction
         # Hashed document vectors against model-encoded queries: latency is real, the rankings are not judged here.
         assert all(0.0 <= row["recall@10"] <= 1.0 for row in run["systems"].values())
         assert "hash_embed" in run["embeddings"]
     index = load_index(tmp_path / "synthetic" / "idx-n160-s0")
     assert index.n_docs == 160
-    assert "160" in format_table(report)
+    assert "160" in format_table(report) and "ensemble did not fit: measured: too big" in format_table(report)
     assert scale_plot(report, tmp_path / "scale.png").read_bytes().startswith(PNG)
+
+
+def test_hash_embed_equals_the_word_by_word_definition():
+    import zlib
+
+    from rag_service.bench import synthetic
+
+    texts = ["Alpha beta alpha", "", "gamma  delta\tEPSILON", "alpha"] * 3 + [f"w{i} x{i % 7}" for i in range(50)]
+    expected = np.zeros((len(texts), 384), np.float32)
+    for row, text in enumerate(texts):
+        for word in text.lower().split():
+            h = zlib.crc32(word.encode())
+            expected[row, h % 384] += 1.0 if (h >> 16) & 1 else -1.0
+    expected /= np.maximum(np.linalg.norm(expected, axis=1, keepdims=True), 1e-12)
+    assert np.array_equal(synthetic.hash_embed(texts), expected)
+
+
+def test_dense_recall_compares_hnsw_with_exact_search(tmp_path):
+    from rag_service import dense as dense_mod
+    from rag_service.bench.scale import dense_recall
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((2000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for kind, folder in (("hnsw", tmp_path / "h"), ("flat", tmp_path / "f")):
+        folder.mkdir()
+        index = dense_mod.build_dense_index(vectors, kind, hnsw_m=4, ef_construction=8)
+        dense_mod.write_dense(folder, index, vectors, kind, hnsw_m=4, ef_construction=8)
+    assert dense_recall(tmp_path / "f", vectors[:20]) is None
+    queries = vectors[:50] + 0.1 * rng.standard_normal((50, 32)).astype(np.float32)
+    recall = dense_recall(tmp_path / "h", queries, block=300)  # exact top 100 merged over 7 blocks
+    assert (recall["hnsw_m"], recall["ef_construction"], recall["queries"]) == (4, 8, 50)
+    exact = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")
+    graph = dense_mod.DenseIndex.load(tmp_path / "h")
+    for k in (10, 100):
+        found = [graph.search(q, k)[0] for q in queries]
+        expected = np.mean([len(set(f.tolist()) & set(e[:k].tolist())) / k for f, e in zip(found, exact)])
+        assert recall[f"recall@{k}"] == pytest.approx(expected, abs=1e-4) and expected < 1.0  # a weak graph misses some
+    assert recall["ef_search@100"] == 128
+
+
+def test_scale_cli_rejects_a_malformed_did_not_fit():
+    result = run_cli("scale", "--sizes", "100", "--did-not-fit", "nosuchsystem=reason")
+    assert result.returncode == 2 and "--did-not-fit" in result.stderr
 
 
 def test_latency_names_an_unreachable_target():

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -175,3 +176,16 @@ def test_concurrent_searches_agree_with_sequential(tmp_path, data, kind):
     for (e_ids, e_scores), (g_ids, g_scores) in zip(expected, got):
         np.testing.assert_array_equal(e_ids, g_ids)
         np.testing.assert_array_equal(e_scores, g_scores)
+
+
+def test_cheaper_hnsw_construction_is_recorded_and_still_searches(tmp_path, data):
+    vectors, queries = data
+    index = build_dense_index(vectors, "hnsw", hnsw_m=8, ef_construction=16)
+    assert index.hnsw.efConstruction == 16
+    write_dense(tmp_path, index, vectors, "hnsw", hnsw_m=8, ef_construction=16)
+    params = json.loads((tmp_path / "dense_params.json").read_text())
+    assert (params["hnsw_m"], params["ef_construction"]) == (8, 16)
+    ids, _ = DenseIndex.load(tmp_path).search(queries[0], 10)
+    assert len(set(ids.tolist()) & set(exact_top(vectors, queries[0], 10)[0].tolist())) >= 5
+    with pytest.raises(ValueError, match="ef_construction"):
+        build_dense_index(vectors, "hnsw", ef_construction=0)

@@ -10,7 +10,10 @@ import onnx
 import pytest
 
 from rag_service import onnx_export
-from rag_service.encode import Encoder, OnnxEncoder, load_encoder, load_index_encoder
+from rag_service.encode import Encoder, OnnxEncoder, cpu_has_amx_bf16, load_encoder, load_index_encoder
+from rag_service.index.build import BuildConfig, auto_document_encoder, build_index
+from rag_service.index.chunking import dense_text
+from rag_service.index.load import load_index
 from rag_service.index.manifest import read_manifest, sha256_file
 
 # Realistic queries of several lengths: the int8 agreement is measured on these, padded together in one batch.
@@ -134,10 +137,58 @@ def test_build_puts_the_export_in_the_index_with_checksums(built_index, encoder)
     for name in onnx_export.FILES:
         assert manifest["files"][name]["sha256"] == sha256_file(version / name)
     assert manifest["encoder_export"]["model"] == "all-MiniLM-L6-v2"
-    assert manifest["params"]["document_encoder"] == "onnx-fp32"
+    assert manifest["params"]["document_encoder"] == auto_document_encoder("cpu")
+    assert manifest["params"]["document_encoder_requested"] == "auto"
     enc = load_index_encoder("onnx-int8", version)
     assert isinstance(enc, OnnxEncoder) and enc.backend == "onnx-int8"
     assert (enc.encode_queries(QUERIES) * encoder.encode_queries(QUERIES)).sum(1).mean() > 0.985
+
+
+# bf16 document encoding (builds on a CPU with AMX) ------------------------------------------------------------------
+
+LONG_DOCS = [" ".join(DOCS[i:] + DOCS[:i]) * 2 for i in range(0, len(DOCS), 2)]  # 256 tokens (truncated), like chunks
+
+
+@pytest.mark.skipif(not cpu_has_amx_bf16(), reason="the CPU has no AMX bf16: builds there use ONNX fp32, and torch's "
+                                                   "emulated bf16 would take the test's time for a path never taken")
+def test_bf16_document_vectors_agree_with_the_reference(encoder):
+    bf16 = encoder.as_bf16()
+    assert bf16.backend == "torch-bf16" and bf16.precision == "bf16" and encoder.precision == "fp32"
+    assert encoder.as_bf16() is bf16 and bf16.as_bf16() is bf16
+    texts = DOCS + LONG_DOCS
+    vectors = bf16.encode_documents(texts, batch_size=4)
+    reference = encoder.encode_documents(texts)
+    assert vectors.dtype == np.float32 and vectors.shape == reference.shape
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # The bar of the issue is 0.999; SciFact chunks give min 0.9999 (bench/README.md, "Issue 5").
+    assert (vectors * reference).sum(1).min() > 0.999
+    assert (bf16.encode_queries(QUERIES) * encoder.encode_queries(QUERIES)).sum(1).min() > 0.999
+
+
+def test_cpu_feature_check_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("RAG_DISABLE_AMX", "1")
+    assert cpu_has_amx_bf16() is False
+    assert auto_document_encoder("cpu") == "onnx-fp32" and auto_document_encoder("cpu", onnx=False) == "torch"
+    assert auto_document_encoder("cuda:0") == "torch"
+    with pytest.raises(ValueError, match="precision"):
+        Encoder(precision="int4")
+
+
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
+def test_auto_document_encoder_follows_the_cpu(amx, monkeypatch, encoder, tmp_path, write_corpus):
+    """A CPU without AMX falls back to ONNX fp32 by itself; with it, the chunk vectors come from torch in bf16.
+    The feature check is forced both ways so each branch runs on any CI machine."""
+    monkeypatch.setattr("rag_service.encode.cpu_has_amx_bf16", lambda: amx)
+    corpus = write_corpus(tmp_path / "corpus.jsonl",
+                          [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate(DOCS)])
+    version = build_index(corpus, tmp_path / "idx", BuildConfig(window_sentences=0), encoder=encoder, progress=False)
+    manifest = read_manifest(version)
+    assert manifest["params"]["document_encoder"] == ("torch-bf16" if amx else "onnx-fp32")
+    assert manifest["params"]["document_encoder_requested"] == "auto"
+    index = load_index(version)
+    store = index.store
+    texts = [dense_text(store.doc_title(store.chunk_doc(i)), store.chunk_text(i)) for i in range(index.n_chunks)]
+    assert (np.asarray(index.dense.vectors) * encoder.encode_documents(texts)).sum(1).min() > 0.999
 
 
 def test_server_encodes_queries_with_onnx_int8_by_default(built_index, server_thread):

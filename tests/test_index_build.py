@@ -191,7 +191,8 @@ def test_bad_chunk_settings(encoder):
 @pytest.mark.parametrize("kwargs,match", [
     ({"k1": -0.1}, "k1"), ({"b": 1.1}, "b must"), ({"idf": "tfidf"}, "idf"), ({"dense_index": "ivf"}, "dense_index"),
     ({"batch_size": 0}, "batch_size"), ({"keep": 0}, "keep"), ({"chunk_tokens": 0}, "chunk_tokens"),
-    ({"stemmer": "klingon"}, "klingon"),
+    ({"stemmer": "klingon"}, "klingon"), ({"hnsw_m": 1}, "hnsw_m"),
+    ({"hnsw_ef_construction": 0}, "hnsw_ef_construction"),
 ])
 def test_config_is_validated(kwargs, match):
     with pytest.raises(BuildError, match=match):
@@ -308,7 +309,8 @@ def test_vectors_match_the_encoder(index, encoder):
     store = index.store
     i = 0
     expected = encoder.encode_documents([dense_text(store.doc_title(store.chunk_doc(i)), store.chunk_text(i))])[0]
-    np.testing.assert_allclose(index.dense.vectors[i], expected, atol=1e-5)
+    # The build's document encoder is ONNX fp32 or, on a CPU with AMX, torch in bf16 (cosine >= 0.9999 to fp32).
+    assert float(index.dense.vectors[i] @ expected) > 0.9999
     norms = np.linalg.norm(np.asarray(index.dense.vectors), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
 

@@ -120,3 +120,22 @@ def test_build_option_records_codes_in_the_manifest_and_serves_them(tmp_path, wr
     np.testing.assert_allclose(result.contexts[0].dense_score,
                                float(index.dense.vectors[result.contexts[0].chunk]
                                      @ encoder.encode_queries("slow rivers of mountain ice")[0]), rtol=1e-4)
+
+
+@pytest.mark.skipif(dense_mod.gpu_available(), reason="checks the fallback of a host without a GPU")
+@pytest.mark.parametrize("use_gpu", [None, True])
+@pytest.mark.parametrize("kind", ["none", "sq8", "binary"])
+def test_a_host_without_gpu_searches_on_the_cpu(tmp_path, data, use_gpu, kind):
+    """faiss-cpu has no StandardGpuResources: asking for the GPU (or leaving it to auto) must give the CPU index,
+    the codes included, with the same results."""
+    vectors, queries = data
+    write(tmp_path, vectors, kind)
+    reference = dense_mod.DenseIndex.load(tmp_path, use_gpu=False)
+    index = dense_mod.DenseIndex.load(tmp_path, use_gpu=use_gpu)
+    assert index.device == "cpu" and index._gpu_index is None
+    assert type(index.codes) is type(reference.codes)
+    for q in queries[:5]:
+        ids, scores = index.search(q, 20)
+        want, want_scores = reference.search(q, 20)
+        np.testing.assert_array_equal(ids, want)
+        np.testing.assert_allclose(scores, want_scores)

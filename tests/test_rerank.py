@@ -60,6 +60,29 @@ def test_chunk_windows_spans_index_the_bm25_token_stream():
         assert cw.tokens[a:b] == analyzer.tokens(window)
 
 
+def test_upper_case_detection_matches_str_isupper():
+    for text in ("all lower . here", "One capital", "ÀB c", "abc É", "", "123 ...", "Ⅻ roman", "ǅ titlecase", "ß"):
+        assert windows_mod._has_upper(text) == any(c.isupper() for c in text), text
+
+
+def test_windows_embedded_in_blocks_equal_one_call(monkeypatch):
+    from rag_service.bench.synthetic import HashingDocumentEncoder
+
+    analyzer = Analyzer()
+    titles = ["Glacier flow", "", "Ice"] * 4
+    texts = ["Ice moves downhill. Snow accumulates yearly. Moraines remain behind.", "lower case only . two",
+             "One. Two. Three."] * 4
+    terms = sorted({t for a, b in zip(titles, texts) for t in analyzer.tokens(f"{a} {b}")})
+    vocab = {t: i for i, t in enumerate(terms)}
+    encoder = HashingDocumentEncoder(type("Dim", (), {"dim": 384})())
+    whole = windows_mod.build_windows(titles, texts, analyzer, vocab, encoder)
+    monkeypatch.setattr(windows_mod, "EMBED_BLOCK", 2)
+    blocked = windows_mod.build_windows(titles, texts, analyzer, vocab, encoder)
+    assert whole.params == blocked.params and whole.params["unique_windows"] > 2
+    for name in ("window_offsets", "vectors", "scales", "window_spans", "token_offsets", "tokens", "title_lengths"):
+        assert np.array_equal(getattr(whole, name), getattr(blocked, name)), name
+
+
 def test_quantized_rows_keep_cosines():
     rng = np.random.default_rng(0)
     v = rng.normal(size=(50, 384)).astype(np.float32)

@@ -120,7 +120,10 @@ def _run_compare(config: CompareConfig, progress: Callable[[int, int], None] | N
     model_name = peers_mod.default_model_name()
     rss_model = _rss()
     query_vectors = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    if config.doc_embedder is None:
+    if not any(s != RAG for s in config.systems):
+        # rag-service alone (a scale run where the peers did not fit): nothing to embed its documents for.
+        doc_vectors, encode_seconds, cached = None, 0.0, False
+    elif config.doc_embedder is None:
         doc_vectors, encode_seconds, cached = peers_mod.embed_corpus(model, corpus.texts, model_name,
                                                                      config.cache_dir, progress=progress is not None)
     else:

@@ -64,6 +64,7 @@ class RequestOptions:
     cache: str = "bypass"  # every request does the full work unless the caller allows the cache
     rerank: bool | None = None  # None: the server's default
     timeout_s: float = 10.0
+    budget_ms: int | None = None  # the adaptive pipeline's latency budget; None: from the deadline, if any
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ def _search_requests(task: WorkerTask) -> list:
                 request.depth = options.depth
             if options.rerank is not None:
                 request.rerank = options.rerank
+            if options.budget_ms is not None:
+                request.budget_ms = options.budget_ms
             made[q] = request
         out.append(made[q])
     return out

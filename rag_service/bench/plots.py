@@ -130,12 +130,14 @@ def scale_plot(report: dict, out_path: Path) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     runs = report["runs"]
     sizes = [run["passages"] for run in runs]
-    names = list(runs[0]["systems"]) if runs else []
+    # A system left out of some sizes (it did not fit) is drawn over the sizes it ran at.
+    names = list(dict.fromkeys(name for run in runs for name in run["systems"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in names:
-        ax.plot(sizes, [run["systems"][name]["latency_ms"]["p99"] for run in runs], "-o", label=f"{name} p99")
-        ax.plot(sizes, [run["systems"][name]["latency_ms"]["p50"] for run in runs], ":", alpha=0.6,
-                label=f"{name} p50")
+        ran = [(size, run["systems"][name]["latency_ms"]) for size, run in zip(sizes, runs) if name in run["systems"]]
+        xs = [size for size, _ in ran]
+        line = ax.plot(xs, [lat["p99"] for _, lat in ran], "-o", label=f"{name} p99")[0]
+        ax.plot(xs, [lat["p50"] for _, lat in ran], ":", alpha=0.6, color=line.get_color(), label=f"{name} p50")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("passages")

@@ -79,13 +79,26 @@ def generate(folder: Path, passages: int, *, queries: int = 300, seed: int = 0, 
 def hash_embed(texts: Sequence[str], dim: int = 384) -> np.ndarray:
     """Signed feature hashing of lower-cased words into `dim` dimensions, L2-normalised (deterministic: crc32)."""
     out = np.zeros((len(texts), dim), dtype=np.float32)
-    cache: dict[str, int] = {}
-    for row, text in enumerate(texts):
-        for word in text.lower().split():
-            h = cache.get(word)
-            if h is None:
-                h = cache[word] = zlib.crc32(word.encode())
-            out[row, h % dim] += 1.0 if (h >> 16) & 1 else -1.0
+    # Each distinct word's (dimension, sign) is hashed once; rows are summed with one bincount per block of rows
+    # (the counts are small integers, so the sums are exact in any order).
+    codes: dict[str, int] = {}  # word -> dimension + 1, negated for a negative sign
+    block = max(1, (1 << 24) // dim)
+    for begin in range(0, len(texts), block):
+        words = [text.lower().split() for text in texts[begin : begin + block]]
+        flat: list[int] = []
+        for ws in words:
+            try:
+                flat.extend([codes[w] for w in ws])
+            except KeyError:
+                for w in ws:
+                    if w not in codes:
+                        h = zlib.crc32(w.encode())
+                        codes[w] = (h % dim + 1) * (1 if (h >> 16) & 1 else -1)
+                flat.extend(map(codes.__getitem__, ws))
+        signed = np.asarray(flat, dtype=np.int64)
+        rows = np.repeat(np.arange(len(words), dtype=np.int64), [len(ws) for ws in words])
+        sums = np.bincount(rows * dim + np.abs(signed) - 1, weights=np.sign(signed), minlength=len(words) * dim)
+        out[begin : begin + len(words)] = sums.reshape(len(words), dim)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     out /= np.maximum(norms, 1e-12)
     return out

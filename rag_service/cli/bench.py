@@ -225,12 +225,14 @@ def _load_query_texts(path: Path, limit: int | None, seed: int) -> list[str]:
               help="The requests' cache mode: bypass makes every request do the full work.")
 @click.option("--debug/--no-debug", default=True, help="Ask for stage_time_us (server-side stage timings).")
 @click.option("--timeout", type=float, default=10.0, help="Per-request deadline, seconds.")
+@click.option("--budget-ms", type=click.IntRange(min=1), default=None,
+              help="Latency budget per request for the adaptive pipeline (budget_ms); unset: the deadline's.")
 @click.option("--max-lag-ms", type=float, default=5.0, help="Send-lag p99 above this: generator fell behind.")
 @click.option("--floor/--no-floor", default=True, help="Also measure the empty call (health Check).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--plots", "plot_dir", type=click.Path(file_okay=False, path_type=Path), help="PNG figures here.")
 def latency(target, index_path, queries, qps, duration, warmup, processes, arrival, seed, limit, top_k, depth, rerank,
-            cache, debug, timeout, max_lag_ms, floor, json_out, plot_dir) -> None:
+            cache, debug, timeout, budget_ms, max_lag_ms, floor, json_out, plot_dir) -> None:
     """Open-loop latency at fixed arrival rates, beside the empty-call floor."""
     import contextlib
 
@@ -240,7 +242,8 @@ def latency(target, index_path, queries, qps, duration, warmup, processes, arriv
     if (target is None) == (index_path is None):
         raise click.UsageError("give exactly one of --target and --index")
     options = RequestOptions(top_k=top_k, depth=depth, debug=debug, cache=cache,
-                             rerank=None if rerank == "server" else rerank == "on", timeout_s=timeout)
+                             rerank=None if rerank == "server" else rerank == "on", timeout_s=timeout,
+                             budget_ms=budget_ms)
     texts = _load_query_texts(queries, limit, seed)
     with contextlib.ExitStack() as stack:
         if index_path is not None:
@@ -317,7 +320,16 @@ def compare(beir, split, index_path, target, systems, limit, seed, warmup, k, ra
               help="Corpora, indexes and peer indexes are kept here and reused.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--plots", "plot_dir", type=click.Path(file_okay=False, path_type=Path))
-def scale(sizes, systems, n_queries, seed, warmup, cache_dir, json_out, plot_dir) -> None:
+@click.option("--hnsw-ef-construction", type=click.IntRange(min=1), default=None,
+              help="HNSW construction beam of rag-service's index (default: the build's, 200); lower builds faster. "
+                   "The index is cached per setting, and recall@10/100 against exact search is reported.")
+@click.option("--did-not-fit", "did_not_fit", multiple=True, metavar="SYSTEM=REASON",
+              help="Leave SYSTEM out of these sizes and report REASON (a measured one) in its place; repeatable.")
+@click.option("--include", "include", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="An earlier `rag-bench scale --json` result: its runs of other sizes join this call's table, JSON "
+                   "and plot (to add a size to an earlier run without repeating it).")
+def scale(sizes, systems, n_queries, seed, warmup, cache_dir, json_out, plot_dir, hnsw_ef_construction,
+          did_not_fit, include) -> None:
     """The comparison on synthetic corpora of growing size (hashed document vectors: latency only)."""
     from rag_service.bench.scale import format_table, run_scale
 
@@ -327,14 +339,34 @@ def scale(sizes, systems, n_queries, seed, warmup, cache_dir, json_out, plot_dir
         raise click.BadParameter(f"expected comma-separated integers, got {sizes!r}", param_hint="--sizes") from None
     if not counts or any(n < 10 for n in counts):
         raise click.BadParameter("each size must be at least 10 passages", param_hint="--sizes")
+    names = [s.strip() for s in systems.split(",") if s.strip()]
+    excluded = {}
+    for item in did_not_fit:
+        system, sep, reason = item.partition("=")
+        if not sep or system.strip() not in names or not reason.strip():
+            raise click.BadParameter(f"expected SYSTEM=REASON with SYSTEM one of {', '.join(names)}, got {item!r}",
+                                     param_hint="--did-not-fit")
+        excluded[system.strip()] = reason.strip()
+    earlier = []
+    if include is not None:
+        try:
+            earlier = json.loads(include.read_text())["runs"]
+            earlier = [run for run in earlier if int(run["passages"]) not in counts]
+        except (ValueError, KeyError, TypeError) as error:
+            raise click.BadParameter(f"{include}: not a rag-bench scale result ({error})",
+                                     param_hint="--include") from None
     bar, update = _progress_bar("queries x systems", "q")
     try:
-        report = run_scale(counts, cache_dir, systems=[s.strip() for s in systems.split(",") if s.strip()],
-                           queries=n_queries, seed=seed, warmup=warmup, progress=update, log=click.echo)
+        report = run_scale(counts, cache_dir, systems=names, queries=n_queries, seed=seed, warmup=warmup,
+                           progress=update, log=click.echo, hnsw_ef_construction=hnsw_ef_construction,
+                           excluded=excluded)
     except ValueError as error:
         raise click.ClickException(str(error)) from error
     finally:
         bar.close()
+    if earlier:
+        report["runs"] = sorted(earlier + report["runs"], key=lambda run: run["passages"])
+        report["included_from"] = str(include)
     _publish(report, format_table(report), json_out, plot_dir, "scale_plots")
 
 

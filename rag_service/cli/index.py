@@ -3,12 +3,15 @@
     rag-index build --input corpus.jsonl --output indexes/scifact
     rag-index info indexes/scifact
     rag-index verify indexes/scifact
+    rag-index build --input corpus.jsonl --output indexes/scifact-3 --shards 3
+    rag-index shard indexes/scifact indexes/scifact-3 --shards 3
     rag-index add indexes/scifact --input new_docs.jsonl
     rag-index delete indexes/scifact --id doc-17 --id doc-18
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -65,16 +68,29 @@ def cli(verbose: bool) -> None:
 @click.option("--keep", type=int, default=3, show_default=True, help="Versions to keep (CURRENT is always kept).")
 @click.option("--window-sentences", type=int, default=2, show_default=True,
               help="Sentences per reranker window (0: no windows, rerank off for this index).")
-@click.option("--document-encoder", type=click.Choice(["auto", "torch", "onnx-fp32"]), default="auto",
-              show_default=True, help="Encoder of the chunk vectors (auto: torch on CUDA, else ONNX fp32).")
+@click.option("--document-encoder", type=click.Choice(["auto", "torch", "torch-bf16", "onnx-fp32"]), default="auto",
+              show_default=True,
+              help="Encoder of the chunk vectors (auto: torch on CUDA, torch-bf16 on a CPU with AMX, else ONNX fp32).")
 @click.option("--dense-codes", type=click.Choice(["none", "sq8", "binary"]), default="none", show_default=True,
               help="Quantized codes for the dense first stage, rescored exactly with the float vectors.")
 @click.option("--no-onnx", is_flag=True, help="Do not export the ONNX query encoders into the index.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="Split into N shards with the whole corpus' statistics: OUTPUT/shard-<i> (each a normal index) and "
+                   "OUTPUT/router (for rag-serve --shards).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Chunk and encode on a Ray cluster (Ray Data): a local one without ADDRESS, else auto, HOST:PORT or "
+                   "ray://HOST:PORT. Same index, byte for byte. Needs pip install 'rag-service[ray]'.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+              help="Ray encoder actors / chunking tasks at once (default: the cluster's CPUs, or GPUs).")
+@click.option("--ray-cpus-per-worker", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--ray-gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="GPUs per Ray encoder actor (with --document-encoder torch).")
 def build(input_path: Path, output: Path, name: str | None, chunk_tokens: int, chunk_overlap: int, k1: float,
           b: float, idf: str, dense_index: str, hnsw_threshold: int | None, batch_size: int, model: Path | None,
           device: str | None, keep: int, window_sentences: int, document_encoder: str, dense_codes: str,
-          no_onnx: bool, no_progress: bool) -> None:
+          no_onnx: bool, no_progress: bool, shards: int | None, ray_address: str | None, ray_workers: int | None,
+          ray_cpus_per_worker: int, ray_gpus_per_worker: float) -> None:
     """Build an index and publish it atomically."""
     from rag_service.index.build import BuildConfig, build_index
 
@@ -85,14 +101,62 @@ def build(input_path: Path, output: Path, name: str | None, chunk_tokens: int, c
                          dense_codes=dense_codes, export_onnx=not no_onnx, **extra)
     try:
         config.validate()  # before the model loads: a typo should fail in milliseconds
+        if ray_address is not None:
+            import functools
+
+            from rag_service.index.ray_build import RayOptions, build_index_on_ray, import_ray
+
+            ray_options = RayOptions(address=ray_address, workers=ray_workers, cpus_per_worker=ray_cpus_per_worker,
+                                     gpus_per_worker=ray_gpus_per_worker)
+            ray_options.validate()
+            import_ray()
+            # Every build below (whole, or before sharding) runs its chunking and encoding on the cluster.
+            build_index = functools.partial(build_index_on_ray, options=ray_options)  # noqa: F811
         from rag_service.encode import Encoder
 
         encoder = Encoder(str(model) if model is not None else None, device=device)
+        if shards is not None:
+            # The whole index first, then sliced (shard/split.py): every statistic stays the corpus'.
+            import shutil
+
+            whole = output / f".unsharded-{os.getpid()}"
+            try:
+                built = build_index(input_path, whole, dataclasses.replace(config, keep=1, name=config.name or
+                                                                           output.name),
+                                    encoder=encoder, progress=not no_progress)
+                _split(built, output, shards, keep)
+            finally:
+                shutil.rmtree(whole, ignore_errors=True)
+            return
         version_dir = build_index(input_path, output, config, encoder=encoder, progress=not no_progress)
     except (RagError, FileNotFoundError) as e:
         raise _fail(e) from None
     manifest = json.loads((version_dir / "manifest.json").read_text(encoding="utf-8"))
     _print_summary(version_dir, manifest)
+
+
+def _split(source: Path, output: Path, shards: int, keep: int) -> None:
+    from rag_service.shard.split import split_index
+
+    result = split_index(source, output, shards, keep=keep)
+    for i, version_dir in enumerate(result.shards):
+        manifest = json.loads((version_dir / "manifest.json").read_text(encoding="utf-8"))
+        click.echo(f"shard {i}    {version_dir}  ({manifest['counts']['documents']} documents, "
+                   f"{manifest['counts']['chunks']} chunks)")
+    click.echo(f"router     {result.router}  (shard set {result.set_id}, statistics {result.stats_sha256[:16]})")
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--shards", type=click.IntRange(min=1), required=True, help="Number of shards.")
+@click.option("--keep", type=int, default=3, show_default=True, help="Versions to keep per shard.")
+def shard(source: Path, output: Path, shards: int, keep: int) -> None:
+    """Split a built index into N shards (as build --shards does, without rebuilding): OUTPUT/shard-<i>, OUTPUT/router."""
+    try:
+        _split(source, output, shards, keep)
+    except RagError as e:
+        raise _fail(e) from None
 
 
 def _dir_bytes(directory: Path) -> int:

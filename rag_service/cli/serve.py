@@ -39,7 +39,8 @@ async def _serve(config) -> None:
         await server.start()
         metrics = f"; metrics on http://{config.metrics_host}:{server.metrics_port}/metrics" \
             if server.metrics_port is not None else ""
-        print(f"rag-serve: SERVING {config.index} on {config.host}:{server.port}{metrics}", flush=True)
+        role = f" as router over {len(config.shards)} shards" if config.shards else ""
+        print(f"rag-serve: SERVING {config.index}{role} on {config.host}:{server.port}{metrics}", flush=True)
         await stop.wait()
         logging.getLogger("rag_service").info("signal received: draining (grace %.1f s)", config.grace_seconds)
     finally:
@@ -54,10 +55,12 @@ async def _serve(config) -> None:
 @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
               help="TOML file with any ServerConfig field; RAG_* environment variables override it.")
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port at /metrics (0: a free one).")
+@click.option("--shards", help="Router role: comma-separated shard server addresses (HOST:PORT), one per shard of "
+              "the set; --index is then the router directory of the sharded build (OUT/router).")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--log-format", default="json", type=click.Choice(["json", "text"]),
               help="json: one JSON object per line (one per request at INFO).")
-def main(index, host, port, workers, config_file, metrics_port, log_level, log_format) -> None:
+def main(index, host, port, workers, config_file, metrics_port, shards, log_level, log_format) -> None:
     """Serve a rag-service index over gRPC (Retriever, health, reflection).
 
     Tokens and TLS files come from the environment (RAG_ADMIN_TOKEN, RAG_SEARCH_TOKEN, RAG_ADMIN_TOKEN_FILE,
@@ -74,8 +77,11 @@ def main(index, host, port, workers, config_file, metrics_port, log_level, log_f
     from rag_service.errors import RagError
 
     try:
+        shard_list = None if shards is None else [a.strip() for a in shards.split(",") if a.strip()]
+        if shard_list is not None and not shard_list:
+            raise click.BadParameter("give at least one HOST:PORT", param_hint="--shards")
         config = load_config(config_file, index=index, host=host, port=port, workers=workers,
-                             metrics_port=metrics_port)
+                             metrics_port=metrics_port, shards=shard_list)
     except (ValidationError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
     try:

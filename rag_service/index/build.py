@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,22 @@ from rag_service.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
+# Encoders of the chunk vectors (BuildConfig.document_encoder); auto picks one for the hardware at run time.
+DOCUMENT_ENCODERS = ("auto", "torch", "torch-bf16", "onnx-fp32")
+
+
+def auto_document_encoder(device: str, onnx: bool = True) -> str:
+    """torch on a CUDA device; torch in bf16 on a CPU with AMX (~3x a float32 encode at cosine >= 0.9999 to it,
+    bench/README.md "Issue 5"); else ONNX fp32 (1.2x), or torch without an ONNX export."""
+    from rag_service.encode import cpu_has_amx_bf16
+
+    if device.startswith("cuda"):
+        return "torch"
+    if cpu_has_amx_bf16():
+        return "torch-bf16"
+    return "onnx-fp32" if onnx else "torch"
+
+
 TEXT_SUFFIXES = (".txt", ".md")
 
 
@@ -50,13 +66,18 @@ class BuildConfig:
     idf: str = "lucene"
     dense_index: str = "auto"
     hnsw_threshold: int = dense_mod.DEFAULT_HNSW_THRESHOLD
+    # Graph degree and construction beam of an HNSW index; lower ef_construction builds faster at some recall cost
+    # (the 1M-passage scale run, bench/README.md "Issue 3").
+    hnsw_m: int = dense_mod.HNSW_M
+    hnsw_ef_construction: int = dense_mod.HNSW_EF_CONSTRUCTION
     batch_size: int = 64
     name: str | None = None  # default: the output directory's name
     keep: int = 3
     stemmer: str | None = "english"
     stopwords: str | None = "english"
     # Issue 5 (fast path): the ONNX query encoders exported into the index, the encoder of the chunk vectors
-    # (auto: torch on a CUDA device, else ONNX fp32), and quantized codes for the dense first stage.
+    # (auto_document_encoder: torch on a CUDA device, torch-bf16 on a CPU with AMX, else ONNX fp32), and quantized
+    # codes for the dense first stage.
     export_onnx: bool = True
     document_encoder: str = "auto"
     dense_codes: str = "none"
@@ -82,10 +103,15 @@ class BuildConfig:
             problems.append(f"dense_index must be one of {', '.join(dense_mod.DENSE_KINDS)}, got {self.dense_index!r}")
         if self.hnsw_threshold < 1:
             problems.append(f"hnsw_threshold must be >= 1, got {self.hnsw_threshold}")
+        if self.hnsw_m < 2:
+            problems.append(f"hnsw_m must be >= 2, got {self.hnsw_m}")
+        if self.hnsw_ef_construction < 1:
+            problems.append(f"hnsw_ef_construction must be >= 1, got {self.hnsw_ef_construction}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.document_encoder not in ("auto", "torch", "onnx-fp32"):
-            problems.append(f"document_encoder must be auto, torch or onnx-fp32, got {self.document_encoder!r}")
+        if self.document_encoder not in DOCUMENT_ENCODERS:
+            problems.append(f"document_encoder must be one of {', '.join(DOCUMENT_ENCODERS)}, "
+                            f"got {self.document_encoder!r}")
         if self.document_encoder == "onnx-fp32" and not self.export_onnx:
             problems.append("document_encoder onnx-fp32 needs export_onnx")
         if self.dense_codes not in dense_mod.CODE_KINDS:
@@ -224,6 +250,7 @@ def build_index(
     documents: list[Document] | None = None,
     extra_manifest: dict[str, Any] | None = None,
     wrap_encoder: Callable[[Any], Any] | None = None,
+    chunk_documents: Callable[[Chunker, list[Document]], Iterable[list[Chunk]]] | None = None,
 ) -> Path:
     """Builds an index of `input_path` and publishes it under `output_root`; returns the new version directory.
 
@@ -257,8 +284,10 @@ def build_index(
                     encoder_export = json.load(f)
             document_encoder = config.document_encoder
             if document_encoder == "auto":
-                document_encoder = "torch" if getattr(encoder, "device", "cpu").startswith("cuda") else "onnx-fp32"
-            if document_encoder == "onnx-fp32" and type(encoder) is Encoder:
+                document_encoder = auto_document_encoder(getattr(encoder, "device", "cpu"))
+            if document_encoder == "torch-bf16" and type(encoder) is Encoder:
+                encoder = encoder.as_bf16()
+            elif document_encoder == "onnx-fp32" and type(encoder) is Encoder:
                 # Same weights and tokenizer (cosine >= 0.9999 to torch, bench/README.md "Issue 5"); every later
                 # stage (chunking, vectors, windows) uses it. Only a plain torch Encoder is swapped: a wrapper
                 # (rag-index add's cache of known vectors) knows which texts need the model at all, so it is kept.
@@ -266,8 +295,15 @@ def build_index(
             else:
                 document_encoder = getattr(encoder, "backend", document_encoder)
         else:
-            document_encoder = "torch"
-        if wrap_encoder is not None:  # an update's encoder that reuses stored vectors (index/update.py)
+            document_encoder = config.document_encoder
+            if document_encoder == "auto":
+                document_encoder = auto_document_encoder(getattr(encoder, "device", "cpu"), onnx=False)
+            if document_encoder == "torch-bf16" and type(encoder) is Encoder:
+                encoder = encoder.as_bf16()
+            document_encoder = getattr(encoder, "backend", "torch")
+        # An update's encoder that reuses stored vectors (index/update.py), or one that embeds the planned batches
+        # on a Ray cluster (index/ray_build.py).
+        if wrap_encoder is not None:
             encoder = wrap_encoder(encoder)
 
         with timer.stage("read"):
@@ -278,7 +314,9 @@ def build_index(
         with timer.stage("chunk"):
             chunker = Chunker(encoder, config.chunk_tokens, config.chunk_overlap)
             chunks: list[Chunk] = []
-            for doc_chunks in tqdm(chunker.chunk_documents(docs), total=len(docs), desc="chunking", unit="doc",
+            # A Ray build runs the same chunker on the cluster (index/ray_build.py); either way: per document, in order.
+            per_document = chunker.chunk_documents(docs) if chunk_documents is None else chunk_documents(chunker, docs)
+            for doc_chunks in tqdm(per_document, total=len(docs), desc="chunking", unit="doc",
                                    disable=not progress, dynamic_ncols=True):
                 chunks.extend(doc_chunks)
 
@@ -303,8 +341,9 @@ def build_index(
 
         with timer.stage("dense"):
             kind = dense_mod.choose_kind(config.dense_index, len(chunks), config.hnsw_threshold)
-            index = dense_mod.build_dense_index(vectors, kind, progress=progress)
-            dense_mod.write_dense(tmp, index, vectors, kind)
+            hnsw = {"hnsw_m": config.hnsw_m, "ef_construction": config.hnsw_ef_construction}
+            index = dense_mod.build_dense_index(vectors, kind, progress=progress, **hnsw)
+            dense_mod.write_dense(tmp, index, vectors, kind, **hnsw)
             if config.dense_codes != "none":
                 dense_mod.write_codes(tmp, vectors, config.dense_codes)
             del index
@@ -343,11 +382,12 @@ def build_index(
                 "dense_index": kind,
                 "dense_index_requested": config.dense_index,
                 "hnsw_threshold": config.hnsw_threshold,
-                "hnsw_m": dense_mod.HNSW_M,
-                "hnsw_ef_construction": dense_mod.HNSW_EF_CONSTRUCTION,
+                "hnsw_m": config.hnsw_m,
+                "hnsw_ef_construction": config.hnsw_ef_construction,
                 "hnsw_ef_search_min": dense_mod.HNSW_EF_SEARCH_MIN,
                 "batch_size": config.batch_size,
                 "document_encoder": document_encoder,
+                "document_encoder_requested": config.document_encoder,
                 "dense_codes": config.dense_codes,
             },
             "counts": {

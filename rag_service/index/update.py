@@ -174,6 +174,10 @@ def update_index(root: Path | str, *, add: Sequence[Document] = (), delete: Sequ
         check_files(base, manifest, checksums=True)  # never build on a corrupt base
     except RagError as error:
         raise BuildError(f"cannot update from {base}: {error}") from None
+    if "shard" in manifest:
+        raise BuildError(f"{base}: is shard {manifest['shard']['index']} of {manifest['shard']['count']}; its "
+                         "statistics are the whole corpus', which an update of one shard would break: update the "
+                         "unsharded index and split it again (rag-index shard), or rebuild with --shards")
     if SOURCE_FILE not in manifest["files"]:
         raise BuildError(f"{base}: keeps no source documents ({SOURCE_FILE}); this index predates incremental "
                          "updates, rebuild it once with `rag-index build`")

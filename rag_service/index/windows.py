@@ -54,6 +54,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
 # Lower-cased corpora (Cranfield: "... a slipstream . an experimental study ...") have no capital to look for: there a
 # stop followed by white space ends a sentence, except after a single letter ("e.g. ", "u. s.").
 _SENTENCE_END_LOWER = re.compile(r"(?<=[.!?])(?<![^\w]\w[.!?])[\"')\]]*\s+(?=\S)")
+_UPPER = re.compile(r"[A-Z]")
 
 
 class DocumentEncoder(Protocol):
@@ -62,12 +63,20 @@ class DocumentEncoder(Protocol):
     def encode_documents(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray: ...
 
 
+def _has_upper(text: str) -> bool:
+    """any(c.isupper() for c in text), without a Python-level loop over the characters of an all-lower-case text
+    (str.islower() is True only when no character is upper case; it was 46% of the windows stage on such text)."""
+    if text.islower():
+        return False
+    return _UPPER.search(text) is not None if text.isascii() else any(c.isupper() for c in text)
+
+
 def split_sentences(text: str) -> list[tuple[int, int]]:
     """Character spans [start, end) of the sentences of `text`; together with the white space between them they cover
     the text, so analysing each sentence yields exactly the tokens of the whole text, in order."""
     spans = []
     start = 0
-    pattern = _SENTENCE_END if any(c.isupper() for c in text) else _SENTENCE_END_LOWER
+    pattern = _SENTENCE_END if _has_upper(text) else _SENTENCE_END_LOWER
     for m in pattern.finditer(text):
         if m.start() > start:
             spans.append((start, m.start()))
@@ -209,6 +218,25 @@ class WindowData:
                    tokens=tokens, title_lengths=title_lengths, params=params)
 
 
+# Unique windows embedded per call above this many: a 1M-passage corpus has about 2.2M distinct windows, whose float32
+# vectors (3.4 GB) would otherwise all be held at once before quantisation to int8. Smaller corpora (every test, SciFact) are
+# embedded in one call exactly as before.
+EMBED_BLOCK = 262_144
+
+
+def _embed_quantized(encoder: DocumentEncoder, texts: list[str], batch_size: int,
+                     progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    if len(texts) <= EMBED_BLOCK:
+        return quantize_rows(encoder.encode_documents(texts, batch_size=batch_size, progress=progress))
+    q = np.empty((len(texts), int(encoder.dim)), dtype=np.int8)
+    scales = np.empty(len(texts), dtype=np.float32)
+    for start in range(0, len(texts), EMBED_BLOCK):
+        block = texts[start : start + EMBED_BLOCK]
+        q[start : start + len(block)], scales[start : start + len(block)] = quantize_rows(
+            encoder.encode_documents(block, batch_size=batch_size, progress=progress))
+    return q, scales
+
+
 def build_windows(titles: Sequence[str], texts: Sequence[str], analyzer: Analyzer, vocab: Mapping[str, int],
                   encoder: DocumentEncoder, *, window_sentences: int = DEFAULT_WINDOW_SENTENCES,
                   batch_size: int = 64, progress: bool = False) -> WindowData:
@@ -238,9 +266,9 @@ def build_windows(titles: Sequence[str], texts: Sequence[str], analyzer: Analyze
         token_ids.append(ids)
         t_off[i + 1] = t_off[i] + len(ids)
         title_lengths[i] = cw.title_length
-    embedded = encoder.encode_documents(list(unique), batch_size=batch_size, progress=progress)
+    q, scales = _embed_quantized(encoder, list(unique), batch_size, progress)
+    del unique
     rows = np.asarray(window_rows, dtype=np.int64)
-    q, scales = quantize_rows(embedded)
     dim = int(encoder.dim)
     params = {
         "window_sentences": window_sentences,
@@ -249,7 +277,7 @@ def build_windows(titles: Sequence[str], texts: Sequence[str], analyzer: Analyze
         "storage": STORAGE,
         "dim": dim,
         "windows": int(len(rows)),
-        "unique_windows": int(len(unique)),
+        "unique_windows": int(len(q)),
         "tokens": int(t_off[-1]),
     }
     return WindowData(

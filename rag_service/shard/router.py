@@ -1,0 +1,494 @@
+"""The router role (`rag-serve --shards ADDR,...`): the Retriever API over a shard set, answering as one index would.
+
+Per request: encode the query once; ask every shard for its BM25 and dense top-depth (raw scores, global chunk ids)
+concurrently, within the caller's remaining deadline; merge each retriever's lists (score desc, then global id asc,
+the order one index returns) and fuse them with the same fusion code; ask the shards holding the fused pool for the
+reranker's per-candidate features, vectors, token counts and texts; then rerank, filter and pack exactly as
+Pipeline._search does. Shards compute the per-candidate features with the corpus' statistics
+(rag_service.rerank.local_features); the router adds what needs the whole candidate list (ranks, scale by the best,
+PRF), from the same code, so with exact (flat) dense search the reply equals the single index's.
+
+A shard that fails or misses the deadline leaves the reply partial (SearchResult.partial, shards_missing) unless the
+request sets require_complete, which turns it into UNAVAILABLE (or DEADLINE_EXCEEDED) naming the shard.
+
+ShardedPipeline has Pipeline's interface (search, encode, version, index, encoder), so the server's cache, admission
+control, deadlines, adaptive routes, metrics and validation run unchanged in front of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from rag_service import adaptive, context_filter, fusion
+from rag_service import rerank as rerank_mod
+from rag_service.encode import Encoder
+from rag_service.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Unavailable
+from rag_service.native import FusionResult
+from rag_service.pb.rag.v1 import shard_pb2 as spb
+from rag_service.pb.rag.v1 import shard_pb2_grpc as spb_grpc
+from rag_service.pipeline import ContextResult, SearchParams, SearchResult, check_deadline
+from rag_service.shard.split import read_router
+from rag_service.timing import StageTimer
+
+log = logging.getLogger(__name__)
+
+# Channel options: the fused pool's texts and vectors (100 x (1.5 kB + text)) exceed gRPC's 4 MB default only for
+# very deep requests, but a deep one must not fail on size.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+# Share of the caller's remaining time one fan-out may wait for a shard (the rest finishes the reply).
+SHARD_SHARE = 0.5
+
+
+@dataclass
+class ShardClient:
+    address: str
+    channel: grpc.Channel
+    stub: spb_grpc.ShardStub
+    info: spb.ShardInfo
+    version: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.info.index}@{self.address}"
+
+
+@dataclass
+class DenseView:
+    kind: str
+
+
+@dataclass
+class RouterIndex:
+    """What the server reads from `pipeline.index` (GetIndexInfo, metrics), for a shard set."""
+
+    path: Path
+    manifest: dict[str, Any]
+    n_docs: int
+    n_chunks: int
+    metadata_fields: list[str]
+    dense: DenseView
+    version: str = ""
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+
+@dataclass
+class _Rows:
+    """Per fused-pool position: chunk vector and (first `depth` positions) the reranker's local features."""
+
+    vectors: np.ndarray
+    features: np.ndarray
+    missing: set[int] = field(default_factory=set)  # shard positions that did not answer
+
+
+class _ShardLost(Exception):
+    def __init__(self, shard: int) -> None:
+        super().__init__(shard)
+        self.shard = shard
+
+
+class _Details:
+    """Reply fields and token counts of pool positions, fetched from their shards when first needed: counting a
+    chunk's tokens costs up to a millisecond the first time, so only candidates that may enter the reply are asked
+    for (as Pipeline counts only those)."""
+
+    def __init__(self, pipeline: ShardedPipeline, query: str, ids: np.ndarray, where: np.ndarray,
+                 versions: dict[int, str], deadline: float | None, complete: bool, block: int) -> None:
+        self.pipeline, self.query, self.ids, self.where = pipeline, query, ids, where
+        self.versions, self.deadline, self.complete, self.block = versions, deadline, complete, block
+        self.chunks: dict[int, spb.ChunkData] = {}
+        self.tokens: dict[int, int] = {}
+        self.lost: set[int] = set()
+
+    def ensure(self, positions: list[int]) -> None:
+        wanted = [p for p in positions if p not in self.chunks]
+        if not wanted:
+            return
+        by_shard: dict[int, list[int]] = {}
+        for pos in wanted:
+            by_shard.setdefault(int(self.where[pos]), []).append(pos)
+        set_id = self.pipeline.router["set_id"]
+        requests = {i: spb.FetchRequest(query=self.query, chunks=self.ids[at].tolist(), set_id=set_id,
+                                        version=self.versions[i], with_details=True)
+                    for i, at in by_shard.items()}
+        replies, failures = self.pipeline._call("Fetch", requests, self.deadline, self.complete)
+        for i, reply in replies.items():
+            for k, pos in enumerate(by_shard[i]):
+                self.chunks[pos] = reply.chunks[k]
+                self.tokens[pos] = int(reply.tokens[k])
+        if failures:
+            self.lost |= set(failures)
+            raise _ShardLost(min(failures))
+
+    def tokens_at(self, pos: int, upcoming: np.ndarray) -> int:
+        """Tokens of position `pos`; a miss also fetches the next `block` unfetched positions of `upcoming` (the
+        likely next picks), so a filter walking the ranking costs one round trip per block, not per candidate."""
+        if pos not in self.tokens:
+            batch = [pos] + [int(p) for p in upcoming if int(p) not in self.chunks and int(p) != pos][:self.block - 1]
+            self.ensure(batch)
+        return self.tokens[pos]
+
+
+def _merge(ids: list[np.ndarray], scores: list[np.ndarray], depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-shard top lists -> the global top `depth`, ordered as one index orders them (score desc, id asc)."""
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    all_ids = np.concatenate(ids).astype(np.int64, copy=False)
+    all_scores = np.concatenate(scores).astype(np.float32, copy=False)
+    order = np.lexsort((all_ids, -all_scores))[:depth]
+    return all_ids[order], all_scores[order]
+
+
+class ShardedPipeline:
+    """A shard set behind Pipeline's interface. Thread-safe: per-request state only, channels are shared."""
+
+    def __init__(self, router_dir: Path | str, addresses: list[str], encoder: Encoder, *,
+                 rerank_model: rerank_mod.RerankModel | None = None, policy: adaptive.AdaptivePolicy | None = None,
+                 timeout_s: float = 5.0, connect_timeout_s: float = 30.0, token: str | None = None) -> None:
+        self.router_dir = Path(router_dir)
+        self.router = read_router(self.router_dir)
+        self.encoder = encoder
+        self.timeout_s = timeout_s
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        model = self.router["model"]
+        if encoder.name != model["name"] or encoder.dim != model["dim"]:
+            raise IndexFormatError(f"{self.router_dir}: the shard set was built with model {model['name']!r} (dim "
+                                   f"{model['dim']}), the router encodes with {encoder.name!r} (dim {encoder.dim})")
+        if not addresses:
+            raise InvalidArgument("shards", "no shard addresses given")
+        self.shards = [self._connect(a, connect_timeout_s) for a in addresses]
+        self._check_set()
+        self.shards.sort(key=lambda s: s.info.index)
+        self.can_rerank = all(s.info.can_rerank for s in self.shards)
+        self.rerank_model = rerank_model or (rerank_mod.RerankModel.load() if self.can_rerank else None)
+        self.rerank_store = True if self.can_rerank else None  # read by cache.cacheable: "can this rerank"
+        self.policy = policy or adaptive.AdaptivePolicy()
+        self.metadata_fields = frozenset(self.router.get("metadata_fields", []))
+        self._lock = threading.Lock()
+        self.dim = int(model["dim"])
+        first = self.shards[0].info
+        self.index = RouterIndex(
+            path=self.router_dir.resolve(),
+            manifest={"name": self.router.get("name", "shards"), "version": "", "format_version": 1,
+                      "created_at": self.router.get("created_at", "1970-01-01T00:00:00Z"), "model": model,
+                      "params": {**dict(first.build_params), "shards": str(len(self.shards)),
+                                 "shard_set": self.router["set_id"]},
+                      "build_seconds": 0.0},
+            n_docs=int(first.corpus_document_count), n_chunks=int(first.corpus_chunk_count),
+            metadata_fields=sorted(self.metadata_fields), dense=DenseView(first.build_params.get("dense_index", "")))
+        self._refresh_version()
+
+    # -- set up ----------------------------------------------------------------------------------------------------
+    def _connect(self, address: str, timeout_s: float) -> ShardClient:
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        stub = spb_grpc.ShardStub(channel)
+        give_up = time.monotonic() + timeout_s
+        while True:
+            try:
+                # wait_for_ready: a shard started with the router may not listen yet; UNAVAILABLE from a listening
+                # one: its index is still loading. Both are waited out until the connect timeout.
+                info = stub.GetShardInfo(spb.GetShardInfoRequest(), timeout=max(give_up - time.monotonic(), 0.01),
+                                         wait_for_ready=True, metadata=self.metadata)
+                return ShardClient(address=address, channel=channel, stub=stub, info=info, version=info.version)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + 0.2 < give_up:
+                    time.sleep(0.2)
+                    continue
+                channel.close()
+                raise Unavailable(f"shard {address}: {error.code().name}: {error.details()}") from None
+
+    def _check_set(self) -> None:
+        router = self.router
+        count = int(router["count"])
+        problems = []
+        for s in self.shards:
+            if s.info.set_id != router["set_id"] or s.info.stats_sha256 != router["stats_sha256"]:
+                problems.append(f"{s.address} holds shard {s.info.index} of set {s.info.set_id} (statistics "
+                                f"{s.info.stats_sha256[:12]}), the router's set is {router['set_id']} (statistics "
+                                f"{router['stats_sha256'][:12]})")
+            elif s.info.count != count:
+                problems.append(f"{s.address}: shard of a {s.info.count}-shard set, the router's has {count}")
+        held = sorted(s.info.index for s in self.shards)
+        if not problems and held != list(range(count)):
+            problems.append(f"the addresses hold shards {held}; the set needs each of 0..{count - 1} exactly once")
+        if problems:
+            for s in self.shards:
+                s.channel.close()
+            raise IndexFormatError("shards do not form the router's shard set: " + "; ".join(problems))
+
+    def close(self) -> None:
+        for s in self.shards:
+            s.channel.close()
+
+    # -- Pipeline's interface --------------------------------------------------------------------------------------
+    def _refresh_version(self) -> None:
+        version = f"{self.router['set_id']}:" + ",".join(s.version for s in self.shards)
+        self.index.version = version
+        self.index.manifest["version"] = version
+
+    @property
+    def version(self) -> str:
+        """The shard set and each shard's serving version: a shard's reload changes it (and so the cache key)."""
+        return self.index.version
+
+    def encode(self, query: str, deadline: float | None = None) -> np.ndarray:
+        if deadline is not None and hasattr(self.encoder, "encode_one"):
+            return self.encoder.encode_one(query, deadline)
+        return self.encoder.encode_queries([query])[0]
+
+    def search(self, params: SearchParams, *, query_vector: np.ndarray | None = None,
+               deadline: float | None = None, timer: StageTimer | None = None,
+               arrival: float | None = None) -> SearchResult:
+        timer = timer or StageTimer()
+        plan = self.policy.plan(params, deadline, self.policy.enter(), query_vector is not None, self.can_rerank, arrival)
+        try:
+            return self._search(plan, query_vector=query_vector, deadline=deadline, timer=timer)
+        finally:
+            self.policy.leave()
+
+    # -- fan-out ---------------------------------------------------------------------------------------------------
+    def _call(self, method: str, requests: dict[int, Any], deadline: float | None,
+              require_complete: bool) -> tuple[dict[int, Any], dict[int, str]]:
+        """Sends requests[i] to shard i concurrently; returns (answers, failures) by shard position.
+
+        A shard gets at most SHARD_SHARE of the caller's remaining time: a hung shard then costs part of the budget,
+        and the rest still finishes the partial reply before the caller gives up."""
+        timeout = self.timeout_s if deadline is None else \
+            min(self.timeout_s, max((deadline - time.monotonic()) * SHARD_SHARE, 1e-3))
+        futures = {i: getattr(self.shards[i].stub, method).future(req, timeout=timeout, metadata=self.metadata)
+                   for i, req in requests.items()}
+        answers: dict[int, Any] = {}
+        failures: dict[int, str] = {}
+        for i, future in futures.items():
+            try:
+                answers[i] = future.result()
+            except grpc.RpcError as error:
+                failures[i] = f"{error.code().name}: {error.details()}"
+                if require_complete:
+                    for other in futures.values():
+                        other.cancel()
+                    label = self.shards[i].label
+                    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None \
+                            and time.monotonic() >= deadline:
+                        raise DeadlineExceeded(f"shard {label} did not answer {method} before the deadline") \
+                            from None
+                    raise Unavailable(f"shard {label} failed ({method}): {failures[i]}; the request asked for "
+                                      "require_complete") from None
+        for i, why in failures.items():
+            log.warning("shard %s failed %s: %s", self.shards[i].label, method, why)
+        return answers, failures
+
+    # -- the request path ------------------------------------------------------------------------------------------
+    def _search(self, plan: adaptive.Plan, *, query_vector: np.ndarray | None, deadline: float | None,
+                timer: StageTimer) -> SearchResult:
+        params = plan.params
+        filter_params = context_filter.FilterParams(
+            top_k=params.top_k, mmr_lambda=params.mmr_lambda, dedup_threshold=params.dedup_threshold,
+            max_context_tokens=params.max_context_tokens)
+        reranking = params.rerank and self.can_rerank
+        pool = max(params.top_k, params.rerank_depth) if reranking or not filter_params.is_identity else params.top_k
+        with timer.stage("filter"):
+            for name in params.filters:
+                if name not in self.metadata_fields:
+                    known = ", ".join(sorted(self.metadata_fields)) or "(none)"
+                    raise InvalidArgument(f"filters[{name}]", f"unknown metadata field; known: {known}")
+        if query_vector is None:
+            check_deadline(deadline, "encode")
+            with timer.stage("encode"):
+                query_vector = self.encode(params.query, deadline)
+        q = np.ascontiguousarray(query_vector, dtype=np.float32)
+        q_bytes = q.astype("<f4", copy=False).tobytes()
+        set_id = self.router["set_id"]
+        complete = params.require_complete
+
+        check_deadline(deadline, "shards")
+        with timer.stage("shards"):
+            request = spb.CandidatesRequest(query=params.query, query_vector=q_bytes, depth=params.depth,
+                                            filters=params.filters, set_id=set_id)
+            answers, failures = self._call("Candidates", dict.fromkeys(range(len(self.shards)), request), deadline,
+                                           complete)
+            if not answers:
+                self._no_shard(failures, deadline)
+            changed = False
+            for i, answer in answers.items():
+                if answer.version != self.shards[i].version:
+                    with self._lock:
+                        self.shards[i].version = answer.version
+                    changed = True
+            if changed:
+                self._refresh_version()
+            order = sorted(answers)
+            bm25 = _merge([np.asarray(answers[i].bm25_ids, np.int64) for i in order],
+                          [np.asarray(answers[i].bm25_scores, np.float32) for i in order], params.depth)
+            dense = _merge([np.asarray(answers[i].dense_ids, np.int64) for i in order],
+                           [np.asarray(answers[i].dense_scores, np.float32) for i in order], params.depth)
+            owner = {int(c): i for i in order for c in (*answers[i].bm25_ids, *answers[i].dense_ids)}
+        check_deadline(deadline, "fusion")
+        with timer.stage("fusion"):
+            fused = fusion.fuse(bm25, dense, method=params.fusion, dense_weight=params.dense_weight, top_k=pool,
+                                rrf_k=params.rrf_k)
+        depth, route, reason = (self.policy.rerank_depth(plan, bm25[0], dense[0], len(fused.ids))
+                                if reranking else (0, plan.route, plan.reason))
+
+        check_deadline(deadline, "fetch")
+        with timer.stage("fetch"):
+            where = np.asarray([owner[int(c)] for c in fused.ids.tolist()], dtype=np.int64)
+            versions = {i: answers[i].version for i in answers}
+            need_vectors = depth > 0 or not filter_params.is_identity
+            rows = self._fetch_rows(params.query, q_bytes, fused.ids, where, depth, versions, deadline, complete,
+                                    need_vectors)
+        missing = set(failures) | rows.missing
+        if rows.missing:
+            # Survivors on a shard that failed now cannot be finished: they leave the reply (which is partial).
+            keep = ~np.isin(where, list(rows.missing))
+            fused = FusionResult(fused.ids[keep], fused.scores[keep], fused.bm25[keep], fused.dense[keep])
+            kept_features = keep[:len(rows.features)]
+            rows = _Rows(vectors=rows.vectors[keep], features=rows.features[kept_features], missing=rows.missing)
+            where = where[keep]
+            depth = min(depth, len(rows.features))
+
+        reranked = None
+        if depth > 0:
+            check_deadline(deadline, "rerank")
+            with timer.stage("rerank"):
+                cands = fused.ids[:depth]
+                features = rerank_mod.finish_features(rows.features[:depth], rows.vectors[:depth], q, cands,
+                                                      fused.scores[:depth], bm25[0], dense[0])
+                reranked = rerank_mod.rank(self.rerank_model, cands, features)
+        check_deadline(deadline, "contexts")
+        with timer.stage("contexts"):
+            ranked, relevance = rerank_mod.final_order(fused.scores, reranked)
+            details = _Details(self, params.query, fused.ids, where, versions, deadline, complete,
+                               block=max(params.top_k, 1))
+            while True:
+                # `alive`: ranking positions whose shard still answers; a shard lost while fetching details takes
+                # its candidates out and the filter runs again on the rest.
+                alive = np.flatnonzero(~np.isin(where[ranked], list(details.lost)))
+                order_ = ranked[alive]
+                vectors = (rows.vectors[order_] if not filter_params.is_identity
+                           else np.zeros((len(order_), 0), np.float32))
+                try:
+                    if filter_params.is_identity:
+                        details.ensure(order_[:params.top_k].tolist())
+                    selection = context_filter.select(
+                        relevance[alive], vectors, lambda i: self._text(details, order_, i),
+                        self.encoder.count_tokens, filter_params,
+                        count_at=lambda i: details.tokens_at(int(order_[i]), order_[i + 1:]))
+                    details.ensure([int(order_[i]) for i in selection.positions])
+                    break
+                except _ShardLost:
+                    continue
+        missing |= details.lost
+        check_deadline(deadline, "assemble")
+        with timer.stage("assemble"):
+            contexts = self._assemble(fused, order_, alive, selection, reranked, details)
+        # The adaptive cost model knows Pipeline's stages: the fan-out stands for lexical + dense, and the fetch of
+        # features is part of what a rerank costs here.
+        us = timer.us
+        self.policy.observe({**us, "lexical": us.get("shards", 0), "dense": 0,
+                             "rerank": us.get("rerank", 0) + us.get("fetch", 0)}, depth)
+        labels = [s.label for s in self.shards]
+        return SearchResult(contexts=contexts, index_version=self.version, stage_us=timer.us,
+                            context_tokens=selection.total_tokens, route=route, route_reason=reason,
+                            partial=bool(missing), shards_answered=[labels[i] for i in range(len(labels))
+                                                                    if i not in missing],
+                            shards_missing=[labels[i] for i in sorted(missing)])
+
+    @staticmethod
+    def _text(details: _Details, order_: np.ndarray, i: int) -> str:
+        details.ensure([int(order_[i])])
+        return details.chunks[int(order_[i])].text
+
+    def _no_shard(self, failures: dict[int, str], deadline: float | None) -> None:
+        detail = "; ".join(f"{self.shards[i].label}: {why}" for i, why in sorted(failures.items()))
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"no shard answered before the deadline ({detail})")
+        raise Unavailable(f"no shard answered: {detail}")
+
+    def _fetch_rows(self, query: str, q_bytes: bytes, ids: np.ndarray, where: np.ndarray, depth: int,
+                    versions: dict[int, str], deadline: float | None, complete: bool, with_vectors: bool) -> _Rows:
+        """Vectors of every pooled candidate and local features of the first `depth`, from the shards that hold
+        them, concurrently; rows in pool order."""
+        m = len(ids)
+        vectors = np.zeros((m, self.dim if with_vectors else 0), np.float32)
+        features = np.zeros((min(depth, m), len(rerank_mod.LOCAL_FEATURES)), np.float32)
+        if not with_vectors and depth == 0:
+            return _Rows(vectors=vectors, features=features)
+        requests: dict[int, spb.FetchRequest] = {}
+        positions: dict[int, np.ndarray] = {}
+        for i in sorted(set(where.tolist())):
+            at = np.flatnonzero(where == i)
+            positions[i] = at
+            requests[i] = spb.FetchRequest(query=query, query_vector=q_bytes, chunks=ids[at].tolist(),
+                                           features=int(np.count_nonzero(at < depth)),
+                                           set_id=self.router["set_id"], version=versions[i],
+                                           with_vectors=with_vectors)
+        replies, failures = self._call("Fetch", requests, deadline, complete)
+        if not replies and m:
+            self._no_shard(failures, deadline)
+        for i, reply in replies.items():
+            at = positions[i]
+            if with_vectors:
+                vectors[at] = np.frombuffer(reply.vectors, dtype="<f4").reshape(len(at), self.dim)
+            n = int(np.count_nonzero(at < depth))
+            if n:
+                features[at[:n]] = np.frombuffer(reply.features, dtype="<f4").reshape(n, -1)
+        return _Rows(vectors=vectors, features=features, missing=set(failures))
+
+    def _assemble(self, fused: FusionResult, order: np.ndarray, alive: np.ndarray,
+                  selection: context_filter.Selection, reranked: rerank_mod.Reranked | None,
+                  details: _Details) -> list[ContextResult]:
+        out = []
+        for n, pos in enumerate(selection.positions):
+            at = int(order[pos])
+            rank = int(alive[pos])  # position in the reranked list
+            chunk, score = int(fused.ids[at]), float(fused.scores[at])
+            bm25, dense = float(fused.bm25[at]), float(fused.dense[at])
+            data = details.chunks[at]
+            rerank_score = float(reranked.scores[rank]) if reranked is not None and rank < len(reranked.scores) \
+                else None
+            out.append(ContextResult(
+                chunk=chunk, doc_id=data.doc_id, chunk_id=data.chunk_id, title=data.title, text=data.text,
+                metadata=dict(data.metadata), score=rerank_score if rerank_score is not None else score,
+                bm25_score=None if bm25 != bm25 else bm25, dense_score=None if dense != dense else dense,
+                rerank_score=rerank_score,
+                features=reranked.feature_dict(rank) if rerank_score is not None else None,
+                tokens=selection.tokens[n] if selection.tokens else 0, fused_score=score))
+        return out
+
+
+def load_router(config: Any, encoder: Encoder | None = None) -> ShardedPipeline:
+    """The router's pipeline for a ServerConfig with `shards`: the encoder from the router directory (`index`)."""
+    from rag_service.adaptive import AdaptiveConfig, AdaptivePolicy
+    from rag_service.batching import MicroBatcher
+    from rag_service.encode import load_index_encoder
+    from rag_service.server import WARMUP_QUERIES
+
+    router_dir = Path(config.index)
+    read_router(router_dir)  # a wrong directory fails here, before the model loads
+    encoder = encoder or load_index_encoder(config.query_encoder, router_dir, config.model_path,
+                                            config.encoder_threads)
+    if config.micro_batch_ms > 0 and not isinstance(encoder, MicroBatcher):
+        encoder = MicroBatcher(encoder, window_ms=config.micro_batch_ms, max_batch=config.micro_batch_max)
+    policy = AdaptivePolicy(AdaptiveConfig(enabled=config.adaptive, confidence=config.adaptive_confidence,
+                                           busy_in_flight=config.adaptive_busy_in_flight))
+    token = config.search_token.get_secret_value() if config.search_token is not None else None
+    pipeline = ShardedPipeline(router_dir, list(config.shards), encoder, policy=policy,
+                               timeout_s=config.shard_timeout_seconds, token=token)
+    defaults = config.defaults
+    for query in WARMUP_QUERIES[: config.warmup_queries]:
+        pipeline.search(SearchParams(query=query, top_k=defaults.top_k, depth=defaults.depth, fusion=defaults.fusion,
+                                     dense_weight=defaults.dense_weight, rrf_k=defaults.rrf_k))
+    log.info("router over %d shards of set %s: %s", len(pipeline.shards), pipeline.router["set_id"],
+             ", ".join(s.label for s in pipeline.shards))
+    return pipeline
