@@ -6,6 +6,12 @@ Routes, most to least work:
     confident   no rerank: BM25 and dense agree on the top results, so the fused order is already trusted
     fused       no rerank: not asked for, no windows in the index, not affordable within the budget, or load
     shallow     a shallower first stage and no rerank: even the first stage at full depth would not fit
+    lexical     BM25 alone, no query encode, no dense retrieval, no rerank (its features need the query vector):
+                the budget left cannot pay for the encode and the first stage, but can for BM25 and the contexts.
+                On a CPU the encode is most of a request (~6 of ~8 ms at p50 here, ONNX int8), so this is the one
+                route that cuts what load makes expensive. Quality is BM25's (SciFact test nDCG@10 0.6865 against
+                0.7448 for the full pipeline). Only a pipeline with a local BM25 index plans it (not the shard
+                router), and only before the query is encoded: CachedSearch asks for the plan before its encode.
 
 The budget is the tighter of SearchParams.budget_ms and the call's deadline. Costs come from the pipeline's own stage
 timings (an exponentially weighted mean per stage, and per reranked candidate), so they follow the machine's current
@@ -24,8 +30,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-FULL, LIGHT, CONFIDENT, FUSED, SHALLOW = "full", "light", "confident", "fused", "shallow"
-ROUTES = (FULL, LIGHT, CONFIDENT, FUSED, SHALLOW)
+FULL, LIGHT, CONFIDENT, FUSED, SHALLOW, LEXICAL = "full", "light", "confident", "fused", "shallow", "lexical"
+ROUTES = (FULL, LIGHT, CONFIDENT, FUSED, SHALLOW, LEXICAL)
 LIGHT_MIN = 20
 SHALLOW_DEPTH = 30
 # Cold-start costs (ms) on the 2-core reference machine, replaced by measurements after a few requests.
@@ -48,6 +54,13 @@ class AdaptiveConfig:
     busy_rerank_depth: int = 30
     # A rerank of fewer candidates than this is not worth its fixed cost: the fused order is kept instead.
     light_min: int = LIGHT_MIN
+    # The lexical route (BM25 alone) when the budget left cannot pay for the query encode.
+    lexical: bool = True
+    # Lexical requests do not encode, so they do not refresh the encode cost: once its last measurement is older than
+    # this, a request encodes anyway (a probe), so a cost inflated by a past burst cannot keep every request lexical.
+    # With the moving mean's weight (_ALPHA) a probe every 0.25 s brings an inflated estimate back within ~3 s; at
+    # 1 s it took >10 s, and at 40 req/s most requests went lexical long after the burst (bench/latency_ab.py).
+    lexical_probe_s: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,7 @@ class AdaptivePolicy:
         self._stage_ms = dict(_INITIAL_MS)
         self._rerank_ms_per_candidate = _INITIAL_RERANK_MS_PER_CANDIDATE
         self.in_flight = 0
+        self._encode_seen: float | None = None  # time.monotonic() of the latest encode timing observed
 
     # Bookkeeping -----------------------------------------------------------------------------------------------------
 
@@ -89,6 +103,8 @@ class AdaptivePolicy:
             for stage, us in stage_us.items():
                 if stage in self._stage_ms:
                     self._stage_ms[stage] += _ALPHA * (us / 1000.0 - self._stage_ms[stage])
+            if "encode" in stage_us:
+                self._encode_seen = time.monotonic()
             if reranked > 0 and "rerank" in stage_us:
                 per = stage_us["rerank"] / 1000.0 / reranked
                 self._rerank_ms_per_candidate += _ALPHA * (per - self._rerank_ms_per_candidate)
@@ -100,16 +116,23 @@ class AdaptivePolicy:
     # Decisions -------------------------------------------------------------------------------------------------------
 
     def plan(self, params, deadline: float | None, in_flight: int, encoded: bool,  # noqa: ANN001 (SearchParams)
-             rerank_available: bool, arrival: float | None = None) -> Plan:
-        """Before the first stage: the budget, and whether the first stage must be made shallower.
+             rerank_available: bool, arrival: float | None = None, lexical_available: bool = False) -> Plan:
+        """Before the first stage: the budget, whether to skip the encoder (lexical) and whether the first stage must
+        be made shallower.
 
         `arrival`: when the server received the request (time.monotonic()); `budget_ms` counts from then, so time
-        spent queued for a pipeline thread is charged to the budget as it is to the deadline."""
+        spent queued for a pipeline thread is charged to the budget as it is to the deadline.
+        `lexical_available`: the caller can answer from BM25 alone (a local index); False for the shard router."""
         now = time.monotonic()
         start = now if arrival is None else min(arrival, now)
         ends = [e for e in (deadline, None if params.budget_ms is None else start + params.budget_ms / 1000.0)
                 if e is not None]
         budget_end = min(ends) if ends else None
+        if lexical_available and not encoded and budget_end is not None and self.config.enabled \
+                and self.config.lexical:
+            lexical = self._lexical_plan(params, budget_end, now, in_flight)
+            if lexical is not None:
+                return lexical
         if not params.rerank:
             return Plan(params, FUSED, "rerank not requested", budget_end, in_flight)
         if not rerank_available:
@@ -128,11 +151,28 @@ class AdaptivePolicy:
                         f"depth {params.depth} -> {SHALLOW_DEPTH}, no rerank", budget_end, in_flight)
         return Plan(params, FULL, "within budget", budget_end, in_flight)
 
+    def _lexical_plan(self, params, budget_end: float, now: float, in_flight: int) -> Plan | None:  # noqa: ANN001
+        """The lexical route when encode + first stage do not fit the budget left and BM25 + contexts do."""
+        with self._lock:
+            est = {**self._stage_ms}
+            seen = self._encode_seen
+        if seen is None or now - seen > self.config.lexical_probe_s:
+            return None  # no recent measurement of the encode: this request measures it
+        left_ms = (budget_end - now) * 1000.0 * _SAFETY
+        tail = est["contexts"] + est["assemble"]
+        needed = est["encode"] + est["lexical"] + est["dense"] + est["fusion"] + tail
+        alone = est["lexical"] + tail
+        if needed <= left_ms or alone > left_ms:
+            return None
+        return Plan(params, LEXICAL, f"{left_ms / _SAFETY:.1f} ms left, encode + first stage need ~{needed:.1f} ms "
+                    f"(encode ~{est['encode']:.1f} ms): BM25 alone (~{alone:.1f} ms), no dense, no rerank",
+                    budget_end, in_flight)
+
     def rerank_depth(self, plan: Plan, bm25_ids: np.ndarray, dense_ids: np.ndarray,
                      available: int) -> tuple[int, str, str]:
         """After the first stage: how many candidates to rerank (0: none), the route and the reason."""
         params = plan.params
-        if plan.route in (FUSED, SHALLOW):
+        if plan.route in (FUSED, SHALLOW, LEXICAL):
             return 0, plan.route, plan.reason
         cfg = self.config
         asked = min(params.rerank_depth, available)

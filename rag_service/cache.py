@@ -441,13 +441,21 @@ class CachedSearch:
         timer = StageTimer()
         if mode == "bypass":
             self.metrics.cache_misses.labels(mode).inc()
-            return Served(pipeline.search(params, query_vector=query_vector, deadline=deadline, timer=timer, arrival=arrival))
+            return Served(pipeline.search(params, query_vector=query_vector, deadline=deadline, timer=timer,
+                                          arrival=arrival))
         with timer.stage("cache"):
             key = key or self.key(pipeline, params)
             hit = self.lookup_exact(pipeline, params, key)
         if hit is not None:
             return hit
         if query_vector is None:
+            # The adaptive pipeline may answer from BM25 alone when the budget left cannot pay for the encode: that
+            # decision comes before the encode below, and its cut-short answer is neither looked up nor stored.
+            plan = pipeline.plan(params, deadline=deadline, arrival=arrival)
+            if plan.route == adaptive.LEXICAL:
+                self.metrics.cache_misses.labels(mode).inc()
+                return Served(pipeline.search(params, deadline=deadline, timer=timer, arrival=arrival, plan=plan),
+                              MISS, None, origin)
             check_deadline(deadline, "encode")
             with timer.stage("encode"):
                 query_vector = pipeline.encode(params.query, deadline)

@@ -105,6 +105,8 @@ class ServerConfig(BaseSettings):
     adaptive: bool = True
     adaptive_confidence: bool = True
     adaptive_busy_in_flight: int = Field(2, ge=1)
+    # The lexical route: BM25 alone, no query encode, when the budget left cannot pay for the encode (adaptive.py).
+    adaptive_lexical: bool = True
     max_message_bytes: int = Field(1 << 20, ge=1024)
     # Requests admitted but waiting for a pipeline thread. Past this they are refused at once: a queue of q requests
     # adds up to q/workers service times to every admitted request. One per default worker absorbs bursts and keeps

@@ -116,11 +116,24 @@ class Pipeline:
         return self.encoder.encode_queries([query])[0]
 
     def retrieve(self, params: SearchParams, timer: StageTimer | None = None,
-                 query_vector: np.ndarray | None = None, deadline: float | None = None) -> Candidates:
-        """`deadline` is on the time.monotonic() clock; past it, the next stage raises DeadlineExceeded."""
+                 query_vector: np.ndarray | None = None, deadline: float | None = None,
+                 lexical_only: bool = False) -> Candidates:
+        """`deadline` is on the time.monotonic() clock; past it, the next stage raises DeadlineExceeded.
+        `lexical_only`: no encode and no dense retrieval; fusion sees an empty dense list, so the BM25 order stands
+        and every candidate's dense score is missing (the adaptive pipeline's lexical route)."""
         timer = timer or StageTimer()
         with timer.stage("filter"):
             mask = self.index.filter_mask(params.filters)
+        if lexical_only:
+            check_deadline(deadline, "lexical")
+            with timer.stage("lexical"):
+                bm25 = self.index.bm25.search(params.query, params.depth, mask)
+            dense = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+            check_deadline(deadline, "fusion")
+            with timer.stage("fusion"):
+                fused = fusion.fuse(bm25, dense, method=params.fusion, dense_weight=params.dense_weight,
+                                    top_k=params.top_k, rrf_k=params.rrf_k)
+            return Candidates(bm25=bm25, dense=dense, fused=fused, query_vector=None)
         if query_vector is None:
             check_deadline(deadline, "encode")
             with timer.stage("encode"):
@@ -137,13 +150,23 @@ class Pipeline:
                                 top_k=params.top_k, rrf_k=params.rrf_k)
         return Candidates(bm25=bm25, dense=dense, fused=fused, query_vector=query_vector)
 
+    def plan(self, params: SearchParams, *, deadline: float | None = None, encoded: bool = False,
+             arrival: float | None = None) -> adaptive.Plan:
+        """The adaptive route before any work, for a caller that would encode first (CachedSearch): a lexical plan
+        means no encode at all; pass it to `search`. Any other plan is made again by `search`, later and with the
+        query vector in hand."""
+        return self.policy.plan(params, deadline, self.policy.in_flight + 1, encoded, self.rerank_store is not None,
+                                arrival, lexical_available=True)
+
     def search(self, params: SearchParams, *, query_vector: np.ndarray | None = None,
                deadline: float | None = None, timer: StageTimer | None = None,
-               arrival: float | None = None) -> SearchResult:
+               arrival: float | None = None, plan: adaptive.Plan | None = None) -> SearchResult:
+        """`plan`: a lexical plan from `self.plan` (the caller skipped the encode for it); otherwise planned here."""
         timer = timer or StageTimer()
-        plan = self.policy.plan(params, deadline, self.policy.enter(), query_vector is not None,
-                                self.rerank_store is not None,
-                                arrival)
+        in_flight = self.policy.enter()
+        if plan is None or plan.route != adaptive.LEXICAL:
+            plan = self.policy.plan(params, deadline, in_flight, query_vector is not None,
+                                    self.rerank_store is not None, arrival, lexical_available=True)
         try:
             return self._search(plan, query_vector=query_vector, deadline=deadline, timer=timer)
         finally:
@@ -155,10 +178,13 @@ class Pipeline:
         filter_params = context_filter.FilterParams(
             top_k=params.top_k, mmr_lambda=params.mmr_lambda, dedup_threshold=params.dedup_threshold,
             max_context_tokens=params.max_context_tokens)
-        reranking = params.rerank and self.rerank_store is not None
+        lexical_only = plan.route == adaptive.LEXICAL
+        # No rerank on the lexical route: the reranker's features need the query vector (rerank.py).
+        reranking = params.rerank and self.rerank_store is not None and not lexical_only
         # The second stage sees the fused top rerank_depth; without it (and without a filter) fusion's top_k is final.
         pool = max(params.top_k, params.rerank_depth) if reranking or not filter_params.is_identity else params.top_k
-        candidates = self.retrieve(replace(params, top_k=pool), timer, query_vector=query_vector, deadline=deadline)
+        candidates = self.retrieve(replace(params, top_k=pool), timer, query_vector=query_vector, deadline=deadline,
+                                   lexical_only=lexical_only)
         fused = candidates.fused
         depth, route, reason = (self.policy.rerank_depth(plan, candidates.bm25[0], candidates.dense[0], len(fused.ids))
                                 if reranking else (0, plan.route, plan.reason))

@@ -84,7 +84,8 @@ def load_pipeline(config: ServerConfig, encoder: Encoder | None = None) -> Pipel
         raise IndexFormatError(f"{index.path}/manifest.json: index was built with model {model['name']!r}, "
                                f"the server encodes queries with {encoder.name!r}")
     policy = AdaptivePolicy(AdaptiveConfig(enabled=config.adaptive, confidence=config.adaptive_confidence,
-                                           busy_in_flight=config.adaptive_busy_in_flight))
+                                           busy_in_flight=config.adaptive_busy_in_flight,
+                                           lexical=config.adaptive_lexical))
     pipeline = Pipeline(index, encoder, policy=policy)
     defaults = config.defaults
     for query in WARMUP_QUERIES[: config.warmup_queries]:

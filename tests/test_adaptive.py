@@ -1,4 +1,5 @@
-"""The adaptive pipeline: each route (full, light, confident, fused, shallow) taken for its reason, on a real index."""
+"""The adaptive pipeline: each route (full, light, confident, fused, shallow, lexical) taken for its reason, on a real
+index."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import grpc
 import numpy as np
 import pytest
 
-from rag_service.adaptive import (CONFIDENT, FULL, FUSED, LIGHT, SHALLOW, SHALLOW_DEPTH, AdaptiveConfig,
+from rag_service.adaptive import (CONFIDENT, FULL, FUSED, LEXICAL, LIGHT, SHALLOW, SHALLOW_DEPTH, AdaptiveConfig,
                                   AdaptivePolicy, agreement)
 from rag_service.pipeline import Pipeline, SearchParams
 
 QUERY = "ice cores record past climate in glaciers"
 NO_CONFIDENCE = AdaptiveConfig(confidence=False)
+# Lexical route tests: the encode measurement the pipeline() helper feeds in stays recent for as long as a test runs.
+LEXICAL_TESTS = AdaptiveConfig(confidence=False, lexical_probe_s=600.0)
+# An encode the budget cannot pay for (50 ms of a 30 ms budget), a BM25 stage it can (1 ms).
+SLOW_ENCODE = {"encode": 50.0, "lexical": 1.0, "dense": 1.0, "rerank_per_candidate": 0.01}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +91,9 @@ def test_budget_counts_from_arrival(index, encoder):
     """Time queued before a pipeline thread picks the request up is spent from its budget, as from a deadline."""
     import time
 
-    p = pipeline(index, encoder, lexical=2.0, dense=2.0, encode=5.0, rerank_per_candidate=0.01)
+    # No lexical route here: with 5 ms left it would also fit, and this test is about the budget's start.
+    p = pipeline(index, encoder, AdaptiveConfig(confidence=False, lexical=False), lexical=2.0, dense=2.0, encode=5.0,
+                 rerank_per_candidate=0.01)
     params = SearchParams(query=QUERY, budget_ms=100)
     now = time.monotonic()
     fresh = p.policy.plan(params, None, 1, False, True, arrival=now)
@@ -96,6 +103,74 @@ def test_budget_counts_from_arrival(index, encoder):
     assert waited.route == SHALLOW
     result = p.search(params, arrival=time.monotonic() - 0.095)
     assert result.route == SHALLOW
+
+
+def _no_encode(*args, **kwargs):
+    pytest.fail("the lexical route encoded the query")
+
+
+def test_budget_too_small_for_the_encode_is_the_lexical_route(index, encoder):
+    p = pipeline(index, encoder, LEXICAL_TESTS, **SLOW_ENCODE)
+    p.encode = _no_encode
+    params = SearchParams(query=QUERY, top_k=3, budget_ms=30)
+    plan = p.plan(params)
+    assert plan.route == LEXICAL, plan.reason
+    assert "encode + first stage need ~5" in plan.reason and "BM25 alone" in plan.reason
+    result = p.search(params)
+    assert result.route == LEXICAL and "BM25 alone" in result.route_reason
+    assert "encode" not in result.stage_us and "dense" not in result.stage_us and "rerank" not in result.stage_us
+    # BM25's order and scores; nothing from the dense retriever or the reranker.
+    ids, scores = index.bm25.search(QUERY, 3, index.filter_mask({}))
+    assert [c.chunk for c in result.contexts] == [int(i) for i in ids]
+    assert [c.bm25_score for c in result.contexts] == pytest.approx([float(x) for x in scores])
+    assert result.contexts[0].doc_id == "glacier"
+    for c in result.contexts:
+        assert c.dense_score is None and c.rerank_score is None and c.features is None
+    # The same costs and a budget that pays for the encode: the full pipeline again.
+    assert p.plan(replace_budget(params, 600_000)).route == FULL
+
+
+def replace_budget(params: SearchParams, budget_ms: float) -> SearchParams:
+    import dataclasses
+
+    return dataclasses.replace(params, budget_ms=budget_ms)
+
+
+def test_lexical_route_is_planned_only_when_bm25_fits_and_the_encode_is_still_to_do(index, encoder):
+    params = SearchParams(query=QUERY, top_k=3, depth=200, budget_ms=30)
+    # BM25 alone would not fit either: the shallow route, as before.
+    slow_bm25 = pipeline(index, encoder, LEXICAL_TESTS, encode=50.0, lexical=100.0, dense=1.0)
+    assert slow_bm25.plan(params).route == SHALLOW
+    p = pipeline(index, encoder, LEXICAL_TESTS, **SLOW_ENCODE)
+    # The caller has the query vector already: the encode is paid, so no reason to drop the dense retriever.
+    assert p.plan(params, encoded=True).route == FULL
+    # A pipeline that cannot answer from BM25 alone (the shard router) never gets it.
+    assert p.policy.plan(params, None, 1, False, True).route != LEXICAL
+    # Adaptive routing off, or the lexical route off: not planned.
+    assert pipeline(index, encoder, AdaptiveConfig(enabled=False, lexical_probe_s=600.0), **SLOW_ENCODE) \
+        .plan(params).route == FULL
+    assert pipeline(index, encoder, AdaptiveConfig(confidence=False, lexical=False), **SLOW_ENCODE) \
+        .plan(params).route != LEXICAL
+    # No recent measurement of the encode (lexical requests do not make any): this request encodes and measures.
+    stale = pipeline(index, encoder, AdaptiveConfig(confidence=False, lexical_probe_s=0.0), **SLOW_ENCODE)
+    assert stale.plan(params).route != LEXICAL
+    assert pipeline(index, encoder, LEXICAL_TESTS, lexical=1.0).plan(params).route != LEXICAL  # encode never seen
+
+
+def test_lexical_answers_skip_the_cache_encode_and_are_not_kept(index, encoder):
+    from rag_service.cache import MISS, CachedSearch
+    from rag_service.config import CacheConfig
+    from rag_service.metrics import Metrics
+
+    p = pipeline(index, encoder, LEXICAL_TESTS, **SLOW_ENCODE)
+    p.encode = _no_encode  # neither the cache's encode (semantic lookup) nor the pipeline's
+    cache = CachedSearch(CacheConfig(), Metrics())
+    params = SearchParams(query=QUERY, top_k=3, budget_ms=30)
+    for _ in range(2):
+        served = cache.run(p, params)
+        assert served.served_from == MISS and served.result.route == LEXICAL
+        assert served.result.contexts[0].doc_id == "glacier"
+    assert len(cache.store) == 0
 
 
 def test_load_takes_the_light_route(index, encoder):
@@ -147,3 +222,26 @@ def test_route_and_reason_reach_the_grpc_reply(served_index):
                              timeout=30)
     assert (off.route, off.route_reason) == ("fused", "rerank not requested")
     assert budget.route in ("full", "confident") and budget.route_reason
+
+
+def test_lexical_route_reaches_the_grpc_reply(server_thread, built_index, encoder):
+    from rag_service.config import ServerConfig
+    from rag_service.pb.rag.v1 import retrieval_pb2 as pb
+    from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
+
+    config = ServerConfig(index=built_index, port=0, warmup_queries=0)
+    with server_thread(config, encoder) as running:
+        served = running.server.servicer.pipeline
+        served.policy = pipeline(served.index, encoder, LEXICAL_TESTS, **SLOW_ENCODE).policy
+        served.encode = _no_encode
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.RetrieverStub(channel)
+            replies = [stub.Search(pb.SearchRequest(query=QUERY, top_k=3, budget_ms=30, debug=True), timeout=30)
+                       for _ in range(2)]
+    for reply in replies:
+        assert reply.route == "lexical" and "BM25 alone" in reply.route_reason
+        assert reply.served_from == pb.SERVED_FROM_MISS  # the first answer was not kept for the second
+        assert reply.contexts[0].doc_id == "glacier"
+        assert "encode" not in reply.stage_time_us and "dense" not in reply.stage_time_us
+        for c in reply.contexts:
+            assert c.HasField("bm25_score") and not c.HasField("dense_score") and not c.HasField("rerank_score")

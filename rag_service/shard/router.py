@@ -246,11 +246,19 @@ class ShardedPipeline:
             return self.encoder.encode_one(query, deadline)
         return self.encoder.encode_queries([query])[0]
 
+    def plan(self, params: SearchParams, *, deadline: float | None = None, encoded: bool = False,
+             arrival: float | None = None) -> adaptive.Plan:
+        """As Pipeline.plan, but never the lexical route: a shard's Candidates answers with BM25 and dense together,
+        for a query vector the router sends, so the router always encodes."""
+        return self.policy.plan(params, deadline, self.policy.in_flight + 1, encoded, self.can_rerank, arrival)
+
     def search(self, params: SearchParams, *, query_vector: np.ndarray | None = None,
                deadline: float | None = None, timer: StageTimer | None = None,
-               arrival: float | None = None) -> SearchResult:
+               arrival: float | None = None, plan: adaptive.Plan | None = None) -> SearchResult:
+        """`plan` is accepted for Pipeline's interface and ignored: the router plans here, never lexical."""
         timer = timer or StageTimer()
-        plan = self.policy.plan(params, deadline, self.policy.enter(), query_vector is not None, self.can_rerank, arrival)
+        plan = self.policy.plan(params, deadline, self.policy.enter(), query_vector is not None, self.can_rerank,
+                                arrival)
         try:
             return self._search(plan, query_vector=query_vector, deadline=deadline, timer=timer)
         finally:
