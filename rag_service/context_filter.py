@@ -41,6 +41,12 @@ class FilterParams:
     shingle_threshold: float = SHINGLE_THRESHOLD  # Jaccard of word 5-shingles above which it is one too; 1.0: off
     max_context_tokens: int = 0  # 0: no budget
 
+    @classmethod
+    def of(cls, params) -> FilterParams:  # noqa: ANN001 (pipeline.SearchParams; importing it here would cycle)
+        """The filter a search request asks for."""
+        return cls(top_k=params.top_k, mmr_lambda=params.mmr_lambda, dedup_threshold=params.dedup_threshold,
+                   max_context_tokens=params.max_context_tokens)
+
     @property
     def is_identity(self) -> bool:
         return (self.mmr_lambda >= 1.0 and self.dedup_threshold >= 1.0 and self.shingle_threshold >= 1.0

@@ -175,9 +175,7 @@ class Pipeline:
     def _search(self, plan: adaptive.Plan, *, query_vector: np.ndarray | None, deadline: float | None,
                 timer: StageTimer) -> SearchResult:
         params = plan.params
-        filter_params = context_filter.FilterParams(
-            top_k=params.top_k, mmr_lambda=params.mmr_lambda, dedup_threshold=params.dedup_threshold,
-            max_context_tokens=params.max_context_tokens)
+        filter_params = context_filter.FilterParams.of(params)
         lexical_only = plan.route == adaptive.LEXICAL
         # No rerank on the lexical route: the reranker's features need the query vector (rerank.py).
         reranking = params.rerank and self.rerank_store is not None and not lexical_only

@@ -46,8 +46,9 @@ def _publish(report: dict, table: str, json_out: Path | None, plot_dir: Path | N
             click.echo(f"wrote {path}")
 
 
-def _progress_bar(desc: str, unit: str):
-    """A tqdm bar driven by (done, total) callbacks."""
+def _with_progress(desc: str, unit: str, run):  # noqa: ANN001, ANN202 (run: progress callback -> report)
+    """Runs `run(progress)` under a tqdm bar driven by its (done, total) callbacks; a ValueError (bad input found
+    while running) becomes a clean CLI error."""
     from tqdm import tqdm
 
     bar = tqdm(desc=desc, unit=unit, dynamic_ncols=True, leave=False, mininterval=1.0)
@@ -57,7 +58,12 @@ def _progress_bar(desc: str, unit: str):
             bar.total = total
         bar.update(done - bar.n)
 
-    return bar, update
+    try:
+        return run(update)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    finally:
+        bar.close()
 
 
 def _split_pair(value: str, option: str) -> tuple[str, str]:
@@ -252,13 +258,7 @@ def latency(target, index_path, queries, qps, duration, warmup, processes, arriv
         config = LatencyConfig(target=target, queries=texts, rates=_rates(qps), duration_s=duration,
                                warmup_s=warmup, processes=processes, arrival=arrival, seed=seed,
                                max_lag_ms=max_lag_ms, floor=floor, options=options)
-        bar, update = _progress_bar("requests", "req")
-        try:
-            report = run_latency(config, progress=update)
-        except ValueError as error:
-            raise click.ClickException(str(error)) from error
-        finally:
-            bar.close()
+        report = _with_progress("requests", "req", lambda update: run_latency(config, progress=update))
     report["target"] = target if index_path is None else f"rag-serve --index {index_path}"
     click.echo(f"{report['target']}: {len(texts)} queries, {report['processes']} client processes, "
                f"{duration:g} s per rate after {warmup:g} s warm-up, {arrival} arrivals, cache {cache}")
@@ -300,13 +300,7 @@ def compare(beir, split, index_path, target, systems, limit, seed, warmup, k, ra
                            target=target, systems=[s.strip() for s in systems.split(",") if s.strip()], k=k,
                            rag_top_k=rag_top_k, warmup=warmup, cache_dir=cache_dir, name=beir.name,
                            threads=threads or None)
-    bar, update = _progress_bar("queries x systems", "q")
-    try:
-        report = run_compare(config, progress=update)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from error
-    finally:
-        bar.close()
+    report = _with_progress("queries x systems", "q", lambda update: run_compare(config, progress=update))
     _publish(report, format_table(report), json_out, plot_dir, "compare_plots")
 
 
@@ -355,15 +349,9 @@ def scale(sizes, systems, n_queries, seed, warmup, cache_dir, json_out, plot_dir
         except (ValueError, KeyError, TypeError) as error:
             raise click.BadParameter(f"{include}: not a rag-bench scale result ({error})",
                                      param_hint="--include") from None
-    bar, update = _progress_bar("queries x systems", "q")
-    try:
-        report = run_scale(counts, cache_dir, systems=names, queries=n_queries, seed=seed, warmup=warmup,
-                           progress=update, log=click.echo, hnsw_ef_construction=hnsw_ef_construction,
-                           excluded=excluded)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from error
-    finally:
-        bar.close()
+    report = _with_progress("queries x systems", "q", lambda update: run_scale(
+        counts, cache_dir, systems=names, queries=n_queries, seed=seed, warmup=warmup, progress=update,
+        log=click.echo, hnsw_ef_construction=hnsw_ef_construction, excluded=excluded))
     if earlier:
         report["runs"] = sorted(earlier + report["runs"], key=lambda run: run["passages"])
         report["included_from"] = str(include)

@@ -300,9 +300,7 @@ class ShardedPipeline:
     def _search(self, plan: adaptive.Plan, *, query_vector: np.ndarray | None, deadline: float | None,
                 timer: StageTimer) -> SearchResult:
         params = plan.params
-        filter_params = context_filter.FilterParams(
-            top_k=params.top_k, mmr_lambda=params.mmr_lambda, dedup_threshold=params.dedup_threshold,
-            max_context_tokens=params.max_context_tokens)
+        filter_params = context_filter.FilterParams.of(params)
         reranking = params.rerank and self.can_rerank
         pool = max(params.top_k, params.rerank_depth) if reranking or not filter_params.is_identity else params.top_k
         with timer.stage("filter"):
