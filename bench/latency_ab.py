@@ -72,7 +72,31 @@ def summarize(rows: list[dict]) -> dict:
             "p50_max": float(p50.max()), "p99_median": float(np.median(p99)), "p99_min": float(p99.min()),
             "p99_max": float(p99.max()), "sent": int(sum(r["sent"] for r in rows)),
             "ok": int(sum(r["ok"] for r in rows)), "errors": dict(errors), "routes": dict(routes.most_common()),
+            "within_budget": (int(sum(r["within_budget"] for r in rows)) if all("within_budget" in r for r in rows)
+                              else None),
             "load_avg": [r["load_avg"] for r in rows]}
+
+
+def parse_quality(text: str) -> dict[str, float]:
+    """ROUTE=nDCG,...,*=nDCG: a route's measured quality (bench/adaptive.py), '*' for every other route."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        route, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--route-quality {text!r}: expected ROUTE=VALUE[,...]")
+        out[route] = float(value)
+    if "*" not in out:
+        raise argparse.ArgumentTypeError(f"--route-quality {text!r}: needs '*=VALUE' for the other routes")
+    return out
+
+
+def expected_quality(routes: dict[str, int], quality: dict[str, float]) -> float | None:
+    """The answered requests' mean quality, from the share of each route. Unbiased when the route does not depend on
+    the query (the brownout dimmer picks by error diffusion, not by content); an estimate, not a measurement."""
+    total = sum(routes.values())
+    if not total:
+        return None
+    return sum(n * quality.get(route, quality["*"]) for route, n in routes.items()) / total
 
 
 def main() -> None:
@@ -93,6 +117,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--prime", type=float, default=0.0,
+                        help="seconds of unmeasured traffic at the lowest rate sent to every server before round 1: "
+                             "a fresh server's first requests are slow (its per-chunk token counts are still being "
+                             "filled), which would charge round 1 for the start-up, not the setting")
+    parser.add_argument("--route-quality", type=parse_quality, default=None,
+                        help="ROUTE=nDCG,...,*=nDCG: print each variant's expected quality from its route mix, e.g. "
+                             "lexical=0.6865,*=0.7426 (SciFact test, bench/README.md)")
     args = parser.parse_args(argv)
     rates = [float(x) for x in args.qps.split(",") if x.strip()]
     names = [name for name, _ in args.variant]
@@ -105,6 +136,12 @@ def main() -> None:
                    for name, env in args.variant}
         print("servers: " + ", ".join(f"{n} {s.target} ({args.variant[i][1]})"
                                       for i, (n, s) in enumerate(servers.items())), flush=True)
+        if args.prime > 0:
+            priming = argparse.Namespace(**{**vars(args), "duration": args.prime, "warmup": 0.0,
+                                            "seed": args.seed + 1})
+            for name in names:
+                one_run(servers[name].target, args.queries, min(rates), priming, extra)
+            print(f"primed every server with {args.prime:g} s at {min(rates):g}/s", flush=True)
         for r in range(args.rounds):
             order = names if r % 2 == 0 else names[::-1]
             for rate in rates:
@@ -127,9 +164,13 @@ def main() -> None:
         for name in names:
             s = summary[name][f"{rate:g}"]
             failed = s["sent"] - s["ok"]
+            within = "" if s["within_budget"] is None else f"in budget {s['within_budget'] / s['sent']:.1%}  "
+            if args.route_quality:
+                s["expected_quality"] = expected_quality(s["routes"], args.route_quality)
+                within += f"quality ~{s['expected_quality']:.4f}  "
             print(f"{rate:>6g}/s {name:<10} p50 {s['p50_median']:8.1f} [{s['p50_min']:.1f}-{s['p50_max']:.1f}]  "
                   f"p99 {s['p99_median']:8.1f} [{s['p99_min']:.1f}-{s['p99_max']:.1f}]  failed {failed}/{s['sent']} "
-                  f"{s['errors'] or ''}  routes {s['routes']}")
+                  f"{s['errors'] or ''}  {within}routes {s['routes']}")
     if args.json:
         args.json.write_text(json.dumps({"variants": dict(args.variant), "rates": rates, "extra": extra,
                                          "summary": summary}, indent=2))

@@ -13,6 +13,15 @@ Routes, most to least work:
                 0.7448 for the full pipeline). Only a pipeline with a local BM25 index plans it (not the shard
                 router), and only before the query is encoded: CachedSearch asks for the plan before its encode.
 
+Brownout (a dimmer, after Klein et al., "Brownout: building more robust cloud applications", ICSE 2014): under
+sustained load no per-request rule helps, because a request that finds its budget spent has already waited behind
+requests that took the full pipeline, and the two cores are saturated by all of them. The dimmer watches the server
+time of recent budgeted requests as a share of their budgets and keeps its 95th percentile under a target share by
+letting only a fraction of requests (its level, 0..1) take the full pipeline; the others take the lexical route, which
+costs a fraction of the CPU (no encode, no dense, no rerank). The level moves by integral control every few finished
+requests, so it falls as load rises and climbs back when the tail has room; requests are chosen by error diffusion, so
+exactly `level` of them get the full pipeline, deterministically.
+
 The budget is the tighter of SearchParams.budget_ms and the call's deadline. Costs come from the pipeline's own stage
 timings (an exponentially weighted mean per stage, and per reranked candidate), so they follow the machine's current
 load; the in-flight count adds an immediate signal: with more searches in flight than `busy_in_flight`, the rerank is
@@ -24,6 +33,7 @@ The policy object is shared by all pipeline threads; its state is a handful of f
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -61,6 +71,15 @@ class AdaptiveConfig:
     # With the moving mean's weight (_ALPHA) a probe every 0.25 s brings an inflated estimate back within ~3 s; at
     # 1 s it took >10 s, and at 40 req/s most requests went lexical long after the burst (bench/latency_ab.py).
     lexical_probe_s: float = 0.25
+    # Brownout (module docstring): keep the p95 of recent budgeted requests' server time (arrival to result) under
+    # `brownout_target` of their budget. The rest of the budget is for what the server cannot see: the network, the
+    # client's own send lag, and the p95-to-p99 gap. Updated every `brownout_period` finished budgeted requests from
+    # the last `brownout_window`; `brownout_gain` is the largest change of the level in one update.
+    brownout: bool = True
+    brownout_target: float = 0.5
+    brownout_window: int = 40
+    brownout_period: int = 10
+    brownout_gain: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -70,11 +89,50 @@ class Plan:
     reason: str
     budget_end: float | None  # monotonic time the request should be done by; None: no budget
     in_flight: int
+    start: float | None = None  # monotonic time the budget counts from (the arrival)
 
 
 def agreement(bm25_ids: np.ndarray, dense_ids: np.ndarray, top: int) -> int:
     """How many of the top `top` chunks of the two retrievers are the same."""
     return len(np.intersect1d(np.asarray(bm25_ids[:top]), np.asarray(dense_ids[:top]), assume_unique=True))
+
+
+class Dimmer:
+    """The brownout dimmer: the share of budgeted requests that may take the full pipeline. Not thread-safe on its
+    own: AdaptivePolicy calls it under its lock."""
+
+    def __init__(self, target: float, window: int, period: int, gain: float) -> None:
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"brownout_target must be in (0, 1], got {target}")
+        if window < 1 or period < 1 or gain <= 0.0:
+            raise ValueError("brownout_window and brownout_period must be >= 1 and brownout_gain > 0")
+        self.target, self.period, self.gain = target, period, gain
+        self.level = 1.0
+        self.tail = 0.0  # the p95 of the window at the last update, as a share of the budget
+        self._shares: collections.deque[float] = collections.deque(maxlen=window)
+        self._since_update = 0
+        self._credit = 0.0
+
+    def observe(self, share: float) -> None:
+        """One finished request's server time as a share of its budget (1.0: it used all of it)."""
+        self._shares.append(share)
+        self._since_update += 1
+        if self._since_update >= self.period:
+            self._since_update = 0
+            self.tail = float(np.percentile(np.fromiter(self._shares, np.float64), 95))
+            # Relative error, capped: a tail 10x over target must not slam the level to 0 from one bad window.
+            error = max(-1.0, min(1.0, (self.target - self.tail) / self.target))
+            self.level = min(1.0, max(0.0, self.level + self.gain * error))
+
+    def admit_full(self) -> bool:
+        """Whether this request may take the full pipeline: `level` of the calls over time say yes."""
+        if self.level >= 1.0:
+            return True
+        self._credit += self.level
+        if self._credit >= 1.0:
+            self._credit -= 1.0
+            return True
+        return False
 
 
 class AdaptivePolicy:
@@ -85,6 +143,8 @@ class AdaptivePolicy:
         self._rerank_ms_per_candidate = _INITIAL_RERANK_MS_PER_CANDIDATE
         self.in_flight = 0
         self._encode_seen: float | None = None  # time.monotonic() of the latest encode timing observed
+        self.dimmer = Dimmer(config.brownout_target, config.brownout_window, config.brownout_period,
+                             config.brownout_gain)
 
     # Bookkeeping -----------------------------------------------------------------------------------------------------
 
@@ -93,9 +153,18 @@ class AdaptivePolicy:
             self.in_flight += 1
             return self.in_flight
 
-    def leave(self) -> None:
+    def leave(self, plan: Plan | None = None) -> None:
+        """The request planned as `plan` is done (answered or failed): its server time feeds the dimmer."""
+        now = time.monotonic()
         with self._lock:
             self.in_flight -= 1
+            if plan is not None and plan.budget_end is not None and plan.start is not None and self.config.brownout:
+                self.dimmer.observe((now - plan.start) / max(plan.budget_end - plan.start, 1e-6))
+
+    def brownout_level(self) -> float:
+        """The share of budgeted requests currently let through to the full pipeline (a metric)."""
+        with self._lock:
+            return self.dimmer.level
 
     def observe(self, stage_us: dict[str, int], reranked: int) -> None:
         """Folds one finished request's stage timings into the cost model."""
@@ -128,6 +197,11 @@ class AdaptivePolicy:
         ends = [e for e in (deadline, None if params.budget_ms is None else start + params.budget_ms / 1000.0)
                 if e is not None]
         budget_end = min(ends) if ends else None
+        planned = self._plan(params, budget_end, now, in_flight, encoded, rerank_available, lexical_available)
+        return replace(planned, start=start)
+
+    def _plan(self, params, budget_end: float | None, now: float, in_flight: int, encoded: bool,  # noqa: ANN001
+              rerank_available: bool, lexical_available: bool) -> Plan:
         if lexical_available and not encoded and budget_end is not None and self.config.enabled \
                 and self.config.lexical:
             lexical = self._lexical_plan(params, budget_end, now, in_flight)
@@ -156,6 +230,12 @@ class AdaptivePolicy:
         with self._lock:
             est = {**self._stage_ms}
             seen = self._encode_seen
+            dimmed = self.config.brownout and not self.dimmer.admit_full()
+            level, tail = self.dimmer.level, self.dimmer.tail
+        if dimmed:
+            return Plan(params, LEXICAL, f"brownout: recent p95 server time {tail:.0%} of the budget (target "
+                        f"{self.config.brownout_target:.0%}), full pipeline for {level:.0%} of requests: BM25 alone",
+                        budget_end, in_flight)
         if seen is None or now - seen > self.config.lexical_probe_s:
             return None  # no recent measurement of the encode: this request measures it
         left_ms = (budget_end - now) * 1000.0 * _SAFETY

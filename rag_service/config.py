@@ -107,6 +107,11 @@ class ServerConfig(BaseSettings):
     adaptive_busy_in_flight: int = Field(2, ge=1)
     # The lexical route: BM25 alone, no query encode, when the budget left cannot pay for the encode (adaptive.py).
     adaptive_lexical: bool = True
+    # Brownout (adaptive.py): under sustained load, only a share of budgeted requests takes the full pipeline, the
+    # rest the lexical route, so the p95 of recent server time stays under `adaptive_brownout_target` of the budget.
+    # Needs adaptive_lexical. Target set by bench/README.md "Issue 5", "Brownout".
+    adaptive_brownout: bool = True
+    adaptive_brownout_target: float = Field(0.5, gt=0.0, le=1.0)
     max_message_bytes: int = Field(1 << 20, ge=1024)
     # Requests admitted but waiting for a pipeline thread. Past this they are refused at once: a queue of q requests
     # adds up to q/workers service times to every admitted request. One per default worker absorbs bursts and keeps

@@ -170,7 +170,7 @@ class Pipeline:
         try:
             return self._search(plan, query_vector=query_vector, deadline=deadline, timer=timer)
         finally:
-            self.policy.leave()
+            self.policy.leave(plan)
 
     def _search(self, plan: adaptive.Plan, *, query_vector: np.ndarray | None, deadline: float | None,
                 timer: StageTimer) -> SearchResult:

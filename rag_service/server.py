@@ -85,7 +85,8 @@ def load_pipeline(config: ServerConfig, encoder: Encoder | None = None) -> Pipel
                                f"the server encodes queries with {encoder.name!r}")
     policy = AdaptivePolicy(AdaptiveConfig(enabled=config.adaptive, confidence=config.adaptive_confidence,
                                            busy_in_flight=config.adaptive_busy_in_flight,
-                                           lexical=config.adaptive_lexical))
+                                           lexical=config.adaptive_lexical, brownout=config.adaptive_brownout,
+                                           brownout_target=config.adaptive_brownout_target))
     pipeline = Pipeline(index, encoder, policy=policy)
     defaults = config.defaults
     for query in WARMUP_QUERIES[: config.warmup_queries]:
@@ -226,6 +227,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             if admitted:
                 self.in_flight -= 1
                 self.metrics.in_flight.dec()
+        self.metrics.full_share.set(pipeline.policy.brownout_level())
         return self._respond("Search", request, served, start, validated)
 
     def _respond(self, method: str, request: pb.SearchRequest, served: Served, start: int,

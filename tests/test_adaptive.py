@@ -245,3 +245,129 @@ def test_lexical_route_reaches_the_grpc_reply(server_thread, built_index, encode
         assert "encode" not in reply.stage_time_us and "dense" not in reply.stage_time_us
         for c in reply.contexts:
             assert c.HasField("bm25_score") and not c.HasField("dense_score") and not c.HasField("rerank_score")
+
+
+# Brownout: the dimmer -------------------------------------------------------------------------------------------------
+
+def test_dimmer_lowers_the_full_share_while_the_tail_is_over_target_and_raises_it_after():
+    from rag_service.adaptive import Dimmer
+
+    dimmer = Dimmer(target=0.5, window=20, period=10, gain=0.25)
+    assert dimmer.level == 1.0 and all(dimmer.admit_full() for _ in range(50))
+    for _ in range(10):
+        dimmer.observe(1.0)  # every request used its whole budget: twice the target
+    assert dimmer.level == pytest.approx(0.75) and dimmer.tail == pytest.approx(1.0)
+    admitted = sum(dimmer.admit_full() for _ in range(400))
+    assert admitted == 300  # error diffusion: exactly the level's share, no randomness
+    for _ in range(30):
+        dimmer.observe(3.0)  # far over: the step is capped at the gain, the level at 0
+    assert dimmer.level == pytest.approx(0.0)
+    assert not any(dimmer.admit_full() for _ in range(100))
+    for _ in range(30):
+        # Half the target: once the window holds only these (the second update), the level climbs by half the gain.
+        dimmer.observe(0.25)
+    assert dimmer.level == pytest.approx(0.25)
+    for _ in range(200):
+        dimmer.observe(0.1)
+    assert dimmer.level == 1.0  # never above 1
+
+
+def test_dimmer_level_moves_only_every_period():
+    from rag_service.adaptive import Dimmer
+
+    dimmer = Dimmer(target=0.5, window=40, period=10, gain=0.25)
+    for _ in range(9):
+        dimmer.observe(5.0)
+    assert dimmer.level == 1.0
+    dimmer.observe(5.0)
+    assert dimmer.level == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("kwargs", [dict(target=0.0), dict(target=1.5), dict(window=0), dict(period=0),
+                                    dict(gain=0.0)])
+def test_dimmer_rejects_bad_settings(kwargs):
+    from rag_service.adaptive import Dimmer
+
+    settings = dict(target=0.5, window=40, period=10, gain=0.25) | kwargs
+    with pytest.raises(ValueError, match="brownout"):
+        Dimmer(**settings)
+
+
+def _overrun(policy: AdaptivePolicy, requests: int, share: float, budget_ms: float = 30.0) -> None:
+    """`requests` budgeted requests that each took `share` of their budget (planned, then finished)."""
+    import time
+
+    for _ in range(requests):
+        policy.enter()
+        plan = policy.plan(SearchParams(query=QUERY, budget_ms=budget_ms), None, 1, False, True,
+                           arrival=time.monotonic() - share * budget_ms / 1000.0)
+        policy.leave(plan)
+
+
+def test_sustained_overrun_sends_budgeted_requests_down_the_lexical_route(index, encoder):
+    p = pipeline(index, encoder, NO_CONFIDENCE, encode=1.0, lexical=1.0, dense=1.0, rerank_per_candidate=0.001)
+    params = SearchParams(query=QUERY, top_k=3, budget_ms=60_000)
+    assert p.plan(params).route == FULL  # a cheap encode and a huge budget: nothing else would go lexical
+    _overrun(p.policy, 40, share=0.95)  # the recent tail at 95% of the budget, target 50%
+    level = p.policy.brownout_level()
+    assert 0.0 < level < 1.0
+    routes = [p.plan(params) for _ in range(40)]
+    lexical = [r for r in routes if r.route == LEXICAL]
+    assert abs(len(lexical) - 40 * (1 - level)) <= 1
+    assert "brownout" in lexical[0].reason and "BM25 alone" in lexical[0].reason
+    p.encode = _no_encode
+    result = p.search(params, plan=lexical[0])
+    assert result.route == LEXICAL and "encode" not in result.stage_us
+    # Requests without any budget are never dimmed; nor is a caller that has the query vector already.
+    assert all(p.plan(SearchParams(query=QUERY, top_k=3)).route == FULL for _ in range(20))
+    assert all(p.plan(params, encoded=True).route != LEXICAL for _ in range(20))
+    # A tail well under target brings the full pipeline back to every request.
+    _overrun(p.policy, 200, share=0.05)
+    assert p.policy.brownout_level() == 1.0
+    assert all(p.plan(params).route == FULL for _ in range(20))
+
+
+def test_brownout_off_or_lexical_off_never_dims(index, encoder):
+    for config in (AdaptiveConfig(confidence=False, brownout=False), AdaptiveConfig(confidence=False, lexical=False),
+                   AdaptiveConfig(confidence=False, enabled=False)):
+        p = pipeline(index, encoder, config, encode=1.0, lexical=1.0, dense=1.0)
+        _overrun(p.policy, 40, share=0.95)
+        assert all(p.plan(SearchParams(query=QUERY, top_k=3, budget_ms=60_000)).route != LEXICAL
+                   for _ in range(20)), config
+
+
+def test_failed_requests_count_against_the_budget_too(index, encoder):
+    import time
+
+    from rag_service.errors import DeadlineExceeded
+
+    p = pipeline(index, encoder, NO_CONFIDENCE, encode=1.0, lexical=1.0, dense=1.0)
+    for _ in range(20):
+        with pytest.raises(DeadlineExceeded):
+            # Already past its deadline on arrival: stopped before its first stage, and still observed.
+            p.search(SearchParams(query=QUERY, top_k=3), deadline=time.monotonic() - 0.01,
+                     arrival=time.monotonic() - 0.02)
+    assert p.policy.brownout_level() < 1.0
+
+
+def test_brownout_reaches_the_grpc_reply_and_the_metric(server_thread, built_index, encoder):
+    from rag_service.config import ServerConfig
+    from rag_service.pb.rag.v1 import retrieval_pb2 as pb
+    from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
+
+    config = ServerConfig(index=built_index, port=0, warmup_queries=0, adaptive_brownout_target=0.4)
+    with server_thread(config, encoder) as running:
+        policy = running.server.servicer.pipeline.policy
+        assert policy.config.brownout and policy.config.brownout_target == 0.4
+        _overrun(policy, 80, share=2.0)  # long past the budget: the dimmer closes
+        assert policy.brownout_level() == 0.0
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.RetrieverStub(channel)
+            dimmed = stub.Search(pb.SearchRequest(query=QUERY, top_k=3, budget_ms=60_000, debug=True), timeout=30)
+            unbudgeted = stub.Search(pb.SearchRequest(query=QUERY, top_k=3, cache=pb.CACHE_BYPASS), timeout=None)
+        metrics = running.server.metrics
+        share = metrics.registry.get_sample_value("rag_adaptive_full_share")
+    assert dimmed.route == "lexical" and "brownout" in dimmed.route_reason
+    assert "encode" not in dimmed.stage_time_us and dimmed.contexts[0].doc_id == "glacier"
+    assert unbudgeted.route in ("full", "confident")
+    assert share == 0.0

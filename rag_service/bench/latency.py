@@ -146,7 +146,9 @@ def run_worker(task: WorkerTask) -> dict:
     lock = threading.Lock()
     outstanding = len(task.offsets)
     all_done = threading.Event()
-    window = {"first_due": math.inf, "last_done": -math.inf, "ok": 0, "sent": 0}
+    window = {"first_due": math.inf, "last_done": -math.inf, "ok": 0, "sent": 0, "within_budget": 0}
+    # Answered OK within the budget, from the scheduled send (the client's view): the adaptive pipeline's goodput.
+    budget_s = None if task.options.budget_ms is None else task.options.budget_ms / 1000.0
     if outstanding == 0:
         all_done.set()
 
@@ -159,6 +161,8 @@ def run_worker(task: WorkerTask) -> dict:
                 if code == grpc.StatusCode.OK:
                     latency.record_value(clamp_us(finished - due))
                     window["ok"] += 1
+                    if budget_s is not None and finished - due <= budget_s:
+                        window["within_budget"] += 1
                     window["last_done"] = max(window["last_done"], finished)
                     reply = future.result()
                     if task.kind == "search":
@@ -246,7 +250,7 @@ def merge(parts: Sequence[dict], kind: str, rate: float, config: LatencyConfig) 
     stages: dict[str, HdrHistogram] = {}
     errors: Counter[str] = Counter()
     routes: Counter[str] = Counter()
-    first_due, last_done, ok, sent = math.inf, -math.inf, 0, 0
+    first_due, last_done, ok, sent, within = math.inf, -math.inf, 0, 0, 0
     for part in parts:
         latency.decode_and_add(part["latency"].encode())
         lag.decode_and_add(part["lag"].encode())
@@ -258,6 +262,7 @@ def merge(parts: Sequence[dict], kind: str, rate: float, config: LatencyConfig) 
         first_due, last_done = min(first_due, part["first_due"]), max(last_done, part["last_done"])
         ok += part["ok"]
         sent += part["sent"]
+        within += part["within_budget"]
     span = last_done - first_due if ok and last_done > first_due else math.nan
     lag_summary = summarize(lag)
     result = {
@@ -267,6 +272,8 @@ def merge(parts: Sequence[dict], kind: str, rate: float, config: LatencyConfig) 
         "behind_schedule": lag_summary["p99"] > config.max_lag_ms,
         "histogram": latency.encode().decode(),
     }
+    if kind == "search" and config.options.budget_ms is not None:
+        result["within_budget"] = within
     if kind == "search" and server.get_total_count():
         result["server_time_ms"] = summarize(server)
         result["routes"] = dict(routes.most_common())
