@@ -26,7 +26,7 @@ from pathlib import Path
 import ir_measures
 import numpy as np
 
-from rag_service.adaptive import AdaptiveConfig, AdaptivePolicy, agreement
+from rag_service.adaptive import LEXICAL, AdaptiveConfig, AdaptivePolicy, Plan, agreement
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import doc_run
 from rag_service.encode import load_index_encoder
@@ -66,14 +66,19 @@ def main() -> None:
     judged = {q: queries[q] for q in qrels if q in queries}
     store = index.store
 
-    def run_route(name: str, params: SearchParams, config: AdaptiveConfig) -> dict:
+    def run_route(name: str, params: SearchParams, config: AdaptiveConfig, lexical: bool = False) -> dict:
+        """`lexical`: every request takes the lexical route (BM25 alone, no encode), as the brownout sends it."""
         pipeline = Pipeline(index, encoder, policy=AdaptivePolicy(config))
+
+        def search(p: SearchParams):  # noqa: ANN202
+            return pipeline.search(p, plan=Plan(p, LEXICAL, "forced", None, 1) if lexical else None)
+
         for q in list(judged.values())[:10]:  # warm-up, and the cost model's first samples
-            pipeline.search(replace(params, query=q))
+            search(replace(params, query=q))
         run, times, routes, docs = {}, [], Counter(), {}
         for qid, text in judged.items():
             started = time.perf_counter()
-            result = pipeline.search(replace(params, query=text))
+            result = search(replace(params, query=text))
             times.append(time.perf_counter() - started)
             routes[result.route] += 1
             run[qid] = doc_run(c.doc_id for c in result.contexts)
@@ -92,6 +97,7 @@ def main() -> None:
         report["light"] = run_route("light (rerank 30)", replace(base, rerank_depth=30), forced)
         report["fused"] = run_route("fused (no rerank)", replace(base, rerank=False), forced)
         report["shallow"] = run_route("shallow (depth 30)", replace(base, depth=30, rerank=False), forced)
+        report["lexical"] = run_route("lexical (BM25 alone)", base, forced, lexical=True)
         report["adaptive"] = run_route("adaptive, no budget", base, AdaptiveConfig())
     for budget in (float(b) for b in args.budgets.split(",") if b):
         report[f"adaptive {budget:g} ms"] = run_route(f"adaptive, budget {budget:g} ms",

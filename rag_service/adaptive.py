@@ -20,7 +20,8 @@ time of recent budgeted requests as a share of their budgets and keeps its 95th 
 letting only a fraction of requests (its level, 0..1) take the full pipeline; the others take the lexical route, which
 costs a fraction of the CPU (no encode, no dense, no rerank). The level moves by integral control every few finished
 requests, so it falls as load rises and climbs back when the tail has room; requests are chosen by error diffusion, so
-exactly `level` of them get the full pipeline, deterministically.
+exactly `level` of them get the full pipeline, deterministically. Only requests planned while another search is in
+flight are dimmed: on an idle server the full pipeline delays nobody.
 
 The budget is the tighter of SearchParams.budget_ms and the call's deadline. Costs come from the pipeline's own stage
 timings (an exponentially weighted mean per stage, and per reranked candidate), so they follow the machine's current
@@ -230,7 +231,9 @@ class AdaptivePolicy:
         with self._lock:
             est = {**self._stage_ms}
             seen = self._encode_seen
-            dimmed = self.config.brownout and not self.dimmer.admit_full()
+            # Only while another search is in flight: dimming an idle server's one request frees no capacity for
+            # anyone, it only costs that request quality (a closed loop at a tight budget would go lexical).
+            dimmed = self.config.brownout and in_flight > 1 and not self.dimmer.admit_full()
             level, tail = self.dimmer.level, self.dimmer.tail
         if dimmed:
             return Plan(params, LEXICAL, f"brownout: recent p95 server time {tail:.0%} of the budget (target "

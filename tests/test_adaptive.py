@@ -311,6 +311,9 @@ def test_sustained_overrun_sends_budgeted_requests_down_the_lexical_route(index,
     _overrun(p.policy, 40, share=0.95)  # the recent tail at 95% of the budget, target 50%
     level = p.policy.brownout_level()
     assert 0.0 < level < 1.0
+    # Alone in the pipeline a request is never dimmed: the full pipeline delays nobody.
+    assert all(p.plan(params).route == FULL for _ in range(20))
+    p.policy.enter()  # another search in flight from here on
     routes = [p.plan(params) for _ in range(40)]
     lexical = [r for r in routes if r.route == LEXICAL]
     assert abs(len(lexical) - 40 * (1 - level)) <= 1
@@ -318,6 +321,7 @@ def test_sustained_overrun_sends_budgeted_requests_down_the_lexical_route(index,
     p.encode = _no_encode
     result = p.search(params, plan=lexical[0])
     assert result.route == LEXICAL and "encode" not in result.stage_us
+    del p.encode
     # Requests without any budget are never dimmed; nor is a caller that has the query vector already.
     assert all(p.plan(SearchParams(query=QUERY, top_k=3)).route == FULL for _ in range(20))
     assert all(p.plan(params, encoded=True).route != LEXICAL for _ in range(20))
@@ -332,6 +336,7 @@ def test_brownout_off_or_lexical_off_never_dims(index, encoder):
                    AdaptiveConfig(confidence=False, enabled=False)):
         p = pipeline(index, encoder, config, encode=1.0, lexical=1.0, dense=1.0)
         _overrun(p.policy, 40, share=0.95)
+        p.policy.enter()
         assert all(p.plan(SearchParams(query=QUERY, top_k=3, budget_ms=60_000)).route != LEXICAL
                    for _ in range(20)), config
 
@@ -361,6 +366,7 @@ def test_brownout_reaches_the_grpc_reply_and_the_metric(server_thread, built_ind
         assert policy.config.brownout and policy.config.brownout_target == 0.4
         _overrun(policy, 80, share=2.0)  # long past the budget: the dimmer closes
         assert policy.brownout_level() == 0.0
+        policy.enter()  # a search in flight besides the ones below
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.RetrieverStub(channel)
             dimmed = stub.Search(pb.SearchRequest(query=QUERY, top_k=3, budget_ms=60_000, debug=True), timeout=30)
