@@ -7,7 +7,8 @@ Routes, most to least work:
     fused       no rerank: not asked for, no windows in the index, not affordable within the budget, or load
     shallow     a shallower first stage and no rerank: even the first stage at full depth would not fit
     lexical     BM25 alone, no query encode, no dense retrieval, no rerank (its features need the query vector):
-                the budget left cannot pay for the encode and the first stage, but can for BM25 and the contexts.
+                the budget left cannot pay for the encode and the first stage, but can for BM25 and the contexts;
+                or the brownout dimmer (below) sends it there under sustained load.
                 On a CPU the encode is most of a request (~6 of ~8 ms at p50 here, ONNX int8), so this is the one
                 route that cuts what load makes expensive. Quality is BM25's (SciFact test nDCG@10 0.6865 against
                 0.7448 for the full pipeline). Only a pipeline with a local BM25 index plans it (not the shard
@@ -15,13 +16,13 @@ Routes, most to least work:
 
 Brownout (a dimmer, after Klein et al., "Brownout: building more robust cloud applications", ICSE 2014): under
 sustained load no per-request rule helps, because a request that finds its budget spent has already waited behind
-requests that took the full pipeline, and the two cores are saturated by all of them. The dimmer watches the server
+requests that took the full pipeline, and the cores are saturated by all of them. The dimmer watches the server
 time of recent budgeted requests as a share of their budgets and keeps its 95th percentile under a target share by
 letting only a fraction of requests (its level, 0..1) take the full pipeline; the others take the lexical route, which
 costs a fraction of the CPU (no encode, no dense, no rerank). The level moves by integral control every few finished
 requests, so it falls as load rises and climbs back when the tail has room; requests are chosen by error diffusion, so
 exactly `level` of them get the full pipeline, deterministically. Only requests planned while another search is in
-flight are dimmed: on an idle server the full pipeline delays nobody.
+flight are dimmed: on an idle server the full pipeline delays nobody. Figures: bench/README.md, "Brownout".
 
 The budget is the tighter of SearchParams.budget_ms and the call's deadline. Costs come from the pipeline's own stage
 timings (an exponentially weighted mean per stage, and per reranked candidate), so they follow the machine's current
@@ -29,7 +30,8 @@ load; the in-flight count adds an immediate signal: with more searches in flight
 shortened or skipped before queues build up. The confidence rule (top-N agreement of the two retrievers) was chosen on
 SciFact train (bench/adaptive.py, bench/README.md "Issue 5").
 
-The policy object is shared by all pipeline threads; its state is a handful of floats and a counter under one lock.
+The policy object is shared by all pipeline threads; its state (a handful of floats, a counter, the dimmer's window of
+recent budget shares) is under one lock.
 """
 
 from __future__ import annotations
