@@ -28,7 +28,6 @@ class Metrics:
                             registry=self.registry)
         self.full_share = Gauge("rag_adaptive_full_share", "Share of budgeted requests the brownout dimmer lets take "
                                 "the full pipeline (the rest take the lexical route)", registry=self.registry)
-        self.full_share.set(1.0)
         self.deadline_stops = Counter("rag_deadline_stops", "Requests whose pipeline work was stopped or dropped "
                                       "from the queue because their deadline passed or the caller went away",
                                       registry=self.registry)

@@ -180,6 +180,9 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                                   else config.cache, metrics)
         self.prefetcher = Prefetcher(self.cache, config.cache, metrics, pipeline=lambda: self.pipeline,
                                      live=lambda: self.in_flight)
+        # Read at scrape time from whichever pipeline is serving (a reload swaps in a new policy, level 1).
+        metrics.full_share.set_function(
+            lambda: self.pipeline.policy.brownout_level() if self.pipeline is not None else 1.0)
 
     def _pipeline(self) -> Pipeline:
         if self.pipeline is None:
@@ -227,7 +230,6 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             if admitted:
                 self.in_flight -= 1
                 self.metrics.in_flight.dec()
-        self.metrics.full_share.set(pipeline.policy.brownout_level())
         return self._respond("Search", request, served, start, validated)
 
     def _respond(self, method: str, request: pb.SearchRequest, served: Served, start: int,
