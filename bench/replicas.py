@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rag_service.bench.serve import stop_processes
 from rag_service.client import RetrieverClient, RetrieverError, replica_target
 
 ADMIN = "bench-replicas-admin"
@@ -104,11 +105,7 @@ def main() -> None:
             t.join()
         client.close()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            p.wait(timeout=60)
+        stop_processes(procs, timeout=60)
 
     report = {"replicas": args.replicas, "workers": args.workers, "threads": args.threads,
               "reload_load_seconds": [round(s, 2) for s in reload_seconds], "phases": {}}

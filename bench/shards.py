@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rag_service.bench.data import load_queries  # noqa: E402
+from rag_service.bench.serve import stop_processes  # noqa: E402
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb  # noqa: E402
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -67,13 +68,7 @@ def processes(specs: list[tuple[list[str], Path]]):
     try:
         yield [address(p, log) for p, (_, log) in zip(procs, specs)]
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
 
 
 @contextmanager

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from rag_service.bench.serve import stop_processes
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 from rag_service.pb.rag.v1 import shard_pb2 as spb
@@ -182,14 +183,7 @@ def cluster(sharded, tmp_path_factory, server_thread, encoder):
                 yield {"single": pb_grpc.RetrieverStub(cs), "router": pb_grpc.RetrieverStub(cr), "procs": procs,
                        "addresses": addresses, "out": out, "router_server": router}
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
 
 
 SETTINGS = [

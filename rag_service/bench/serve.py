@@ -15,6 +15,20 @@ from pathlib import Path
 _SERVING = re.compile(r"rag-serve: SERVING .* on (?P<host>\S+):(?P<port>\d+)")
 
 
+def stop_processes(processes, timeout: float = 30.0) -> None:  # noqa: ANN001 (subprocess.Popen)
+    """SIGTERM to every process still running (all at once, so their drains overlap), then a wait for each; one that
+    outlives `timeout` is killed."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class ServerProcess:
     """`with ServerProcess(index) as server: server.target` -> "127.0.0.1:<port>"; stopped with SIGTERM on exit."""
 
@@ -71,13 +85,8 @@ class ServerProcess:
         return psutil.Process(self.pid).memory_info().rss
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_processes([self.process])
 
     def __exit__(self, *exc) -> None:
         self.stop()
