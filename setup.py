@@ -88,8 +88,10 @@ def generate_protos() -> None:
 generate_protos()
 setup(
     packages=["rag_service", "rag_service.pb", "rag_service.pb.rag", "rag_service.pb.rag.v1",
-              "rag_service.index", "rag_service.cli", "rag_service.bench", "rag_service.shard"],
+              "rag_service.index", "rag_service.cli", "rag_service.bench", "rag_service.shard",
+              "rag_service.core", "rag_service.kernels", "rag_service.encoder", "rag_service.retrievers",
+              "rag_service.search", "rag_service.api"],
     ext_modules=[CMakeExtension("rag_service._native")],
     cmdclass={"build_ext": CMakeBuild},
-    package_data={"rag_service.pb.rag.v1": ["*.pyi"], "rag_service": ["py.typed", "rerank_model.json"]},
+    package_data={"rag_service.pb.rag.v1": ["*.pyi"], "rag_service": ["py.typed"], "rag_service.search": ["rerank_model.json"]},
 )

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def encoder():
     """One Encoder for the whole session: loading the model takes seconds."""
-    from rag_service.encode import Encoder
+    from rag_service.encoder.encode import Encoder
 
     return Encoder()
 
@@ -122,7 +122,7 @@ class ServerThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self):
-        from rag_service.server import create_server
+        from rag_service.api.server import create_server
 
         self.thread.start()
         future = asyncio.run_coroutine_threadsafe(create_server(self.config, encoder=self.encoder), self.loop)
@@ -156,7 +156,7 @@ def server_thread():
 
 @pytest.fixture(scope="session")
 def served_index(built_index, encoder):
-    from rag_service.config import ServerConfig
+    from rag_service.core.config import ServerConfig
     from rag_service.index.load import load_index
 
     index = load_index(built_index)

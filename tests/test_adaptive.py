@@ -7,9 +7,9 @@ import grpc
 import numpy as np
 import pytest
 
-from rag_service.adaptive import (CONFIDENT, FULL, FUSED, LEXICAL, LIGHT, SHALLOW, SHALLOW_DEPTH, AdaptiveConfig,
+from rag_service.search.adaptive import (CONFIDENT, FULL, FUSED, LEXICAL, LIGHT, SHALLOW, SHALLOW_DEPTH, AdaptiveConfig,
                                   AdaptivePolicy, agreement)
-from rag_service.pipeline import Pipeline, SearchParams
+from rag_service.search.pipeline import Pipeline, SearchParams
 
 QUERY = "ice cores record past climate in glaciers"
 NO_CONFIDENCE = AdaptiveConfig(confidence=False)
@@ -158,9 +158,9 @@ def test_lexical_route_is_planned_only_when_bm25_fits_and_the_encode_is_still_to
 
 
 def test_lexical_answers_skip_the_cache_encode_and_are_not_kept(index, encoder):
-    from rag_service.cache import MISS, CachedSearch
-    from rag_service.config import CacheConfig
-    from rag_service.metrics import Metrics
+    from rag_service.search.cache import MISS, CachedSearch
+    from rag_service.core.config import CacheConfig
+    from rag_service.core.metrics import Metrics
 
     p = pipeline(index, encoder, LEXICAL_TESTS, **SLOW_ENCODE)
     p.encode = _no_encode  # neither the cache's encode (semantic lookup) nor the pipeline's
@@ -225,7 +225,7 @@ def test_route_and_reason_reach_the_grpc_reply(served_index):
 
 
 def test_lexical_route_reaches_the_grpc_reply(server_thread, built_index, encoder):
-    from rag_service.config import ServerConfig
+    from rag_service.core.config import ServerConfig
     from rag_service.pb.rag.v1 import retrieval_pb2 as pb
     from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -250,7 +250,7 @@ def test_lexical_route_reaches_the_grpc_reply(server_thread, built_index, encode
 # Brownout: the dimmer -------------------------------------------------------------------------------------------------
 
 def test_dimmer_lowers_the_full_share_while_the_tail_is_over_target_and_raises_it_after():
-    from rag_service.adaptive import Dimmer
+    from rag_service.search.adaptive import Dimmer
 
     dimmer = Dimmer(target=0.5, window=20, period=10, gain=0.25)
     assert dimmer.level == 1.0 and all(dimmer.admit_full() for _ in range(50))
@@ -273,7 +273,7 @@ def test_dimmer_lowers_the_full_share_while_the_tail_is_over_target_and_raises_i
 
 
 def test_dimmer_level_moves_only_every_period():
-    from rag_service.adaptive import Dimmer
+    from rag_service.search.adaptive import Dimmer
 
     dimmer = Dimmer(target=0.5, window=40, period=10, gain=0.25)
     for _ in range(9):
@@ -286,7 +286,7 @@ def test_dimmer_level_moves_only_every_period():
 @pytest.mark.parametrize("kwargs", [dict(target=0.0), dict(target=1.5), dict(window=0), dict(period=0),
                                     dict(gain=0.0)])
 def test_dimmer_rejects_bad_settings(kwargs):
-    from rag_service.adaptive import Dimmer
+    from rag_service.search.adaptive import Dimmer
 
     settings = dict(target=0.5, window=40, period=10, gain=0.25) | kwargs
     with pytest.raises(ValueError, match="brownout"):
@@ -344,7 +344,7 @@ def test_brownout_off_or_lexical_off_never_dims(index, encoder):
 def test_failed_requests_count_against_the_budget_too(index, encoder):
     import time
 
-    from rag_service.errors import DeadlineExceeded
+    from rag_service.core.errors import DeadlineExceeded
 
     p = pipeline(index, encoder, NO_CONFIDENCE, encode=1.0, lexical=1.0, dense=1.0)
     for _ in range(20):
@@ -356,7 +356,7 @@ def test_failed_requests_count_against_the_budget_too(index, encoder):
 
 
 def test_brownout_reaches_the_grpc_reply_and_the_metric(server_thread, built_index, encoder):
-    from rag_service.config import ServerConfig
+    from rag_service.core.config import ServerConfig
     from rag_service.pb.rag.v1 import retrieval_pb2 as pb
     from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 

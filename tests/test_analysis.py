@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rag_service.analysis import LUCENE_ENGLISH_STOP_WORDS, Analyzer
+from rag_service.retrievers.analysis import LUCENE_ENGLISH_STOP_WORDS, Analyzer
 
 
 def test_lowercases_drops_stop_words_and_stems():
@@ -59,7 +59,7 @@ def test_same_results_from_many_threads():
 def test_memoised_words_give_the_unmemoised_tokens_across_calls_and_a_cleared_memo(monkeypatch):
     import Stemmer
 
-    from rag_service import analysis
+    from rag_service.retrievers import analysis
 
     stemmer = Stemmer.Stemmer("english")
 

@@ -355,7 +355,7 @@ def test_hash_embed_equals_the_word_by_word_definition():
 
 
 def test_dense_recall_compares_hnsw_with_exact_search(tmp_path):
-    from rag_service import dense as dense_mod
+    from rag_service.retrievers import dense as dense_mod
     from rag_service.bench.scale import dense_recall
 
     rng = np.random.default_rng(3)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from rag_service.analysis import Analyzer
-from rag_service.errors import InvalidArgument
-from rag_service.lexical import (
+from rag_service.retrievers.analysis import Analyzer
+from rag_service.core.errors import InvalidArgument
+from rag_service.retrievers.lexical import (
     DOCS_FILE,
     INDPTR_FILE,
     VOCAB_FILE,

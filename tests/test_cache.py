@@ -12,14 +12,14 @@ import grpc
 import pytest
 from prometheus_client import generate_latest
 
-from rag_service.cache import CachedSearch, normalise, params_key, strict_signature
+from rag_service.search.cache import CachedSearch, normalise, params_key, strict_signature
 from rag_service.client import RetrieverClient
-from rag_service.config import CacheConfig, ServerConfig
+from rag_service.core.config import CacheConfig, ServerConfig
 from rag_service.index.build import BuildConfig, build_index
-from rag_service.metrics import Metrics
+from rag_service.core.metrics import Metrics
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
-from rag_service.pipeline import SearchParams
+from rag_service.search.pipeline import SearchParams
 
 MISS, EXACT, SEMANTIC, PREFETCHED = (pb.SERVED_FROM_MISS, pb.SERVED_FROM_EXACT, pb.SERVED_FROM_SEMANTIC,
                                      pb.SERVED_FROM_PREFETCHED)
@@ -114,7 +114,7 @@ def test_strict_signature_keeps_order_negation_and_prepositions():
 
 def test_store_evicts_least_recently_used_and_expires_by_insertion_time(served_index, encoder):
     from rag_service.index.load import load_index
-    from rag_service.pipeline import Pipeline
+    from rag_service.search.pipeline import Pipeline
 
     pipeline = Pipeline(load_index(served_index.root), encoder)
     clock = FakeClock()
@@ -141,7 +141,7 @@ def test_answers_cut_short_by_load_or_budget_are_served_but_not_kept(served_inde
     import dataclasses
 
     from rag_service.index.load import load_index
-    from rag_service.pipeline import Pipeline
+    from rag_service.search.pipeline import Pipeline
 
     real = Pipeline(load_index(served_index.root), encoder)
 

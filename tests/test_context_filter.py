@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rag_service import context_filter as cf
+from rag_service.search import context_filter as cf
 from rag_service.index.load import load_index
-from rag_service.pipeline import Pipeline, SearchParams
+from rag_service.search.pipeline import Pipeline, SearchParams
 
 
 def unit(*rows):

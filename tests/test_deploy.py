@@ -114,7 +114,7 @@ def test_pods_probe_grpc_health_on_the_serving_port_with_resources():
 def test_environment_is_a_valid_server_configuration(monkeypatch):
     """Every RAG_* variable names a ServerConfig field (a typo would be ignored by nobody: extra="forbid" refuses
     unknown settings at start) and its value passes the field's validation."""
-    from rag_service.config import ServerConfig, load_config
+    from rag_service.core.config import ServerConfig, load_config
 
     for workload in _workloads():
         (container,) = workload["spec"]["template"]["spec"]["containers"]

@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
-from rag_service import onnx_export
-from rag_service.encode import Encoder, OnnxEncoder, cpu_has_amx_bf16, load_encoder, load_index_encoder
+from rag_service.encoder import onnx_export
+from rag_service.encoder.encode import Encoder, OnnxEncoder, cpu_has_amx_bf16, load_encoder, load_index_encoder
 from rag_service.index.build import BuildConfig, auto_document_encoder, build_index
 from rag_service.index.chunking import dense_text
 from rag_service.index.load import load_index
@@ -124,7 +124,7 @@ def test_loader_errors_and_fallback(export_dir, tmp_path):
 
 
 def test_fallback_to_torch_for_an_index_without_export(tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="rag_service.encode"):
+    with caplog.at_level("WARNING", logger="rag_service.encoder.encode"):
         enc = load_index_encoder("onnx-int8", tmp_path)
     assert isinstance(enc, Encoder) and "no ONNX encoder export" in caplog.text
 
@@ -178,7 +178,7 @@ def test_cpu_feature_check_can_be_turned_off(monkeypatch):
 def test_auto_document_encoder_follows_the_cpu(amx, monkeypatch, encoder, tmp_path, write_corpus):
     """A CPU without AMX falls back to ONNX fp32 by itself; with it, the chunk vectors come from torch in bf16.
     The feature check is forced both ways so each branch runs on any CI machine."""
-    monkeypatch.setattr("rag_service.encode.cpu_has_amx_bf16", lambda: amx)
+    monkeypatch.setattr("rag_service.encoder.encode.cpu_has_amx_bf16", lambda: amx)
     corpus = write_corpus(tmp_path / "corpus.jsonl",
                           [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate(DOCS)])
     version = build_index(corpus, tmp_path / "idx", BuildConfig(window_sentences=0), encoder=encoder, progress=False)
@@ -192,7 +192,7 @@ def test_auto_document_encoder_follows_the_cpu(amx, monkeypatch, encoder, tmp_pa
 
 
 def test_server_encodes_queries_with_onnx_int8_by_default(built_index, server_thread):
-    from rag_service.config import ServerConfig
+    from rag_service.core.config import ServerConfig
     from rag_service.pb.rag.v1 import retrieval_pb2 as pb
     from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -207,7 +207,7 @@ def test_server_encodes_queries_with_onnx_int8_by_default(built_index, server_th
     assert reply.contexts[0].doc_id == "glacier"
 
 
-# Micro-batching (rag_service/batching.py) -----------------------------------------------------------------------------
+# Micro-batching (rag_service/encoder/batching.py) -----------------------------------------------------------------------------
 
 class CountingEncoder:
     """Wraps a real encoder and records the size of every batch it is given."""
@@ -231,7 +231,7 @@ def _concurrently(fn, args):
 
 
 def test_micro_batcher_encodes_concurrent_queries_together(export_dir):
-    from rag_service.batching import MicroBatcher
+    from rag_service.encoder.batching import MicroBatcher
 
     # fp32: its vectors do not depend on the batch. int8's do a little (dynamic quantization scales activations per
     # batch: cosine ~0.994 between a query encoded alone and in a batch), see bench/README.md.
@@ -252,7 +252,7 @@ def test_micro_batcher_encodes_concurrent_queries_together(export_dir):
 def test_micro_batcher_wait_is_bounded_by_the_deadline(export_dir):
     import time
 
-    from rag_service.batching import MicroBatcher
+    from rag_service.encoder.batching import MicroBatcher
 
     batcher = MicroBatcher(OnnxEncoder(export_dir, "onnx-int8"), window_ms=5000)
     started = time.monotonic()
@@ -261,7 +261,7 @@ def test_micro_batcher_wait_is_bounded_by_the_deadline(export_dir):
 
 
 def test_micro_batcher_errors_reach_every_waiter(export_dir):
-    from rag_service.batching import MicroBatcher
+    from rag_service.encoder.batching import MicroBatcher
 
     batcher = MicroBatcher(CountingEncoder(OnnxEncoder(export_dir, "onnx-int8"), fail=True), window_ms=100)
 
@@ -278,8 +278,8 @@ def test_micro_batcher_errors_reach_every_waiter(export_dir):
 
 
 def test_server_with_micro_batching_answers_concurrent_searches(built_index, server_thread):
-    from rag_service.batching import MicroBatcher
-    from rag_service.config import ServerConfig
+    from rag_service.encoder.batching import MicroBatcher
+    from rag_service.core.config import ServerConfig
     from rag_service.pb.rag.v1 import retrieval_pb2 as pb
     from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 

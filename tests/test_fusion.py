@@ -11,8 +11,8 @@ import threading
 import numpy as np
 import pytest
 
-from rag_service import native, reference
-from rag_service.reference import FusionResult, fuse_reference
+from rag_service.kernels import native, reference
+from rag_service.kernels.reference import FusionResult, fuse_reference
 
 def i64(values) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)

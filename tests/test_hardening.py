@@ -21,8 +21,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from rag_service.config import ServerConfig
-from rag_service.logs import make_handler
+from rag_service.core.config import ServerConfig
+from rag_service.api.logs import make_handler
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 

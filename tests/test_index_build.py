@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from rag_service.cli.index import cli
-from rag_service.errors import BuildError, IndexFormatError, InvalidArgument
+from rag_service.core.errors import BuildError, IndexFormatError, InvalidArgument
 from rag_service.index import publish
 from rag_service.index.build import BuildConfig, build_index, markdown_title
 from rag_service.index.chunking import Chunker, Document, dense_text
@@ -491,7 +491,7 @@ def test_failed_build_leaves_the_published_index_alone(tmp_path, encoder, publis
 
 def test_failure_after_writing_started_leaves_no_trace(tmp_path, encoder, published, write_corpus, monkeypatch):
     root, version_dir = published
-    from rag_service import dense
+    from rag_service.retrievers import dense
 
     def explode(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -582,9 +582,9 @@ def test_build_killed_midway_leaves_the_published_index_alone(tmp_path, encoder,
 
 
 def test_cli_build_info_verify(tmp_path, encoder, write_corpus, monkeypatch):
-    import rag_service.encode
+    import rag_service.encoder.encode
 
-    monkeypatch.setattr(rag_service.encode, "Encoder", lambda *args, **kwargs: encoder)
+    monkeypatch.setattr(rag_service.encoder.encode, "Encoder", lambda *args, **kwargs: encoder)
     corpus = write_corpus(tmp_path / "c.jsonl", TINY)
     root = tmp_path / "cli-index"
     runner = CliRunner()

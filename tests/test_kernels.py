@@ -1,5 +1,5 @@
 """The rerank and context-filter kernels: C++ (every SIMD level this CPU runs) and CUDA against the NumPy references
-in rag_service.reference, on seeded random and adversarial inputs, plus the boundary checks and the facade's backend
+in rag_service.kernels.reference, on seeded random and adversarial inputs, plus the boundary checks and the facade's backend
 choice. Agreement is 1e-5 relative (scores near 0 get an absolute 1e-6: float32 sums in another order)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rag_service import native
-from rag_service import reference as ref
+from rag_service.kernels import native
+from rag_service.kernels import reference as ref
 
 RTOL, ATOL = 1e-5, 1e-6
 D = 384
@@ -484,7 +484,7 @@ def test_auto_falls_back_to_cpp_when_the_device_fails(ext, monkeypatch, caplog):
     monkeypatch.setattr(native, "CUDA_MIN_WORK", dict.fromkeys(native.CUDA_MIN_WORK, 0))
     query, offsets, vectors, scales = store_of(np.int8, [2, 3])
     expected = ext.window_maxsim(query, offsets, vectors, scales, np.array([1, 0], dtype=np.int64))
-    with caplog.at_level("WARNING", logger="rag_service.native"):
+    with caplog.at_level("WARNING", logger="rag_service.kernels.native"):
         got = native.window_maxsim(query, offsets, vectors, scales, [1, 0], backend="auto")
     np.testing.assert_array_equal(got, expected)
     assert "CUDA window_maxsim failed" in caplog.text

@@ -1,4 +1,4 @@
-"""The facade rag_service.native: what the extension was built with, CUDA probing, and backend selection through
+"""The facade rag_service.kernels.native: what the extension was built with, CUDA probing, and backend selection through
 RAG_SERVICE_BACKEND (resolved per call, so monkeypatching the environment is enough)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rag_service import native
-from rag_service.reference import fuse_reference
+from rag_service.kernels import native
+from rag_service.kernels.reference import fuse_reference
 
 
 ENV = native.BACKEND_ENV
@@ -201,7 +201,7 @@ def test_numpy_fallback_when_the_extension_does_not_import(tmp_path):
         sys.modules["rag_service._native"] = None  # makes the import raise ImportError
         logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="LOG %(name)s %(message)s")
         import numpy as np
-        from rag_service import native
+        from rag_service.kernels import native
         assert native.HAS_NATIVE is False and native.HAS_CUDA is False, native.HAS_NATIVE
         assert native.NATIVE_IMPORT_ERROR
         assert native.fusion_backend() == "numpy"
@@ -226,5 +226,5 @@ def test_numpy_fallback_when_the_extension_does_not_import(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "FALLBACK OK" in done.stdout
-    assert "LOG rag_service.native rag_service._native is not available" in done.stdout
+    assert "LOG rag_service.kernels.native rag_service._native is not available" in done.stdout
     assert "pip install ." in done.stdout

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from rag_service.cli.index import cli
-from rag_service.errors import BuildError
+from rag_service.core.errors import BuildError
 from rag_service.index.build import BuildConfig, build_index
 from rag_service.index.ray_build import RayBuild, RayOptions, build_index_on_ray, import_ray
 
@@ -100,9 +100,9 @@ def test_ray_build_writes_the_single_process_index_byte_for_byte(single, on_ray)
 
 def test_cli_ray_build_again_is_the_same_index(cluster, corpus, single, on_ray, encoder, monkeypatch):
     """rag-index build --ray into the root of the first Ray build: a new version, the same arrays."""
-    import rag_service.encode
+    import rag_service.encoder.encode
 
-    monkeypatch.setattr(rag_service.encode, "Encoder", lambda *args, **kwargs: encoder)
+    monkeypatch.setattr(rag_service.encoder.encode, "Encoder", lambda *args, **kwargs: encoder)
     root = on_ray.parent
     result = CliRunner().invoke(cli, ["build", "--input", str(corpus), "--output", str(root), "--no-progress",
                                       *CLI_CONFIG, "--ray", "--ray-workers", "2"])
@@ -158,7 +158,7 @@ def test_without_ray_installed_the_error_says_how_to_install(corpus, tmp_path, m
 def test_the_request_path_does_not_import_ray():
     import subprocess
 
-    code = ("import sys, rag_service.server, rag_service.pipeline, rag_service.cli.serve; "
+    code = ("import sys, rag_service.api.server, rag_service.search.pipeline, rag_service.cli.serve; "
             "print(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rag_service.client import RetrieverClient, RetrieverError
-from rag_service.config import ServerConfig, load_config
+from rag_service.core.config import ServerConfig, load_config
 from rag_service.index.load import resolve_version_dir
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
@@ -105,7 +105,7 @@ def test_without_an_admin_token_admin_rpcs_are_refused(served_index):
 
 
 def test_tokens_come_from_the_environment_or_a_file(tmp_path, monkeypatch):
-    from rag_service.auth import load_token
+    from rag_service.api.auth import load_token
 
     monkeypatch.setenv("RAG_ADMIN_TOKEN", "from-env")
     config = load_config(index=tmp_path)

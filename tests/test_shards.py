@@ -91,7 +91,7 @@ def sharded(tmp_path_factory, encoder, write_corpus):
 # -- the split itself -----------------------------------------------------------------------------------------------
 
 def test_shards_are_normal_indexes_with_global_statistics(sharded):
-    from rag_service import rerank
+    from rag_service.search import rerank
     from rag_service.index.load import load_index
 
     single_root, out = sharded
@@ -131,7 +131,7 @@ def test_shards_are_normal_indexes_with_global_statistics(sharded):
 
 
 def test_split_refuses_a_shard_and_too_many_shards(sharded, tmp_path):
-    from rag_service.errors import BuildError
+    from rag_service.core.errors import BuildError
     from rag_service.shard.split import split_index
 
     single_root, out = sharded
@@ -166,7 +166,7 @@ def wait_serving(proc: subprocess.Popen, log: Path) -> int:
 @pytest.fixture(scope="module")
 def cluster(sharded, tmp_path_factory, server_thread, encoder):
     """Three shard processes, a router and a single-index server (both in this process, on real channels)."""
-    from rag_service.config import ServerConfig
+    from rag_service.core.config import ServerConfig
 
     single_root, out = sharded
     logs = tmp_path_factory.mktemp("shard-logs")
@@ -249,7 +249,7 @@ def test_router_validation_names_the_field(cluster):
 
 @pytest.mark.slow
 def test_router_refuses_an_incomplete_or_foreign_shard_set(cluster, encoder):
-    from rag_service.errors import IndexFormatError
+    from rag_service.core.errors import IndexFormatError
     from rag_service.shard.router import ShardedPipeline
 
     with pytest.raises(IndexFormatError, match=r"each of 0\.\.2 exactly once"):
@@ -306,10 +306,10 @@ def test_a_shard_failing_after_the_first_stage_leaves_a_partial_reply(sharded, s
     token counts (with_details): its candidates leave the reply, which is partial."""
     from contextlib import ExitStack
 
-    from rag_service.config import ServerConfig
-    from rag_service.errors import Unavailable
+    from rag_service.core.config import ServerConfig
+    from rag_service.core.errors import Unavailable
     from rag_service.index.load import load_index
-    from rag_service.pipeline import SearchParams
+    from rag_service.search.pipeline import SearchParams
     from rag_service.shard.router import ShardedPipeline
 
     _, out = sharded

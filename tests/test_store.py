@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from rag_service.errors import IndexFormatError, InvalidArgument
+from rag_service.core.errors import IndexFormatError, InvalidArgument
 from rag_service.index.chunking import Chunk, Document
 from rag_service.index.store import DocStore, metadata_value_str, write_store
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from rag_service.config import ServerConfig
-from rag_service.errors import BuildError
+from rag_service.core.config import ServerConfig
+from rag_service.core.errors import BuildError
 from rag_service.index.build import BuildConfig, build_index
 from rag_service.index.chunking import Document
 from rag_service.index.load import load_index, resolve_version_dir

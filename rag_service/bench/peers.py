@@ -68,13 +68,13 @@ def sentence_transformer(model_path: str | None = None):
     """The model every peer uses, loaded the way their users load it (no rag-service code in between)."""
     from sentence_transformers import SentenceTransformer
 
-    from rag_service.encode import default_model_path
+    from rag_service.encoder.encode import default_model_path
 
     return SentenceTransformer(model_path or default_model_path(), device="cpu")
 
 
 def default_model_name() -> str:
-    from rag_service.encode import DEFAULT_MODEL_NAME
+    from rag_service.encoder.encode import DEFAULT_MODEL_NAME
 
     return DEFAULT_MODEL_NAME
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import ir_measures
 
-from rag_service.pipeline import Candidates, Pipeline, SearchParams
+from rag_service.search.pipeline import Candidates, Pipeline, SearchParams
 
 MEASURES = (ir_measures.nDCG @ 10, ir_measures.R @ 100, ir_measures.RR @ 10)
 METHODS = ("bm25", "dense", "fused")
@@ -111,7 +111,7 @@ def chunk_doc_ids(pipeline: Pipeline) -> list[str]:
 def method_runs(doc_ids: list[str], candidates: Mapping[str, Candidates], params: SearchParams,
                 methods: Iterable[str] = METHODS, limit: int = 100) -> dict[str, dict[str, dict[str, float]]]:
     """Document runs per method from collected candidates, truncated to params.depth per retriever."""
-    from rag_service import fusion
+    from rag_service.search import fusion
 
     runs: dict[str, dict[str, dict[str, float]]] = {m: {} for m in methods}
     for qid, cand in candidates.items():

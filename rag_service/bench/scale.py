@@ -48,7 +48,7 @@ def dense_recall(index_dir: Path, queries: np.ndarray, ks: Sequence[int] = (10, 
     search over its own vectors, for `queries` (n, dim); None for a flat index (exact by construction)."""
     import faiss
 
-    from rag_service import dense as dense_mod
+    from rag_service.retrievers import dense as dense_mod
 
     index_dir = Path(index_dir).resolve()
     params = json.loads((index_dir / dense_mod.PARAMS_FILE).read_text())
@@ -83,7 +83,7 @@ def run_scale(sizes: Sequence[int], cache_dir: Path, *, systems: Sequence[str], 
               excluded: Mapping[str, str] | None = None) -> dict:
     """`hnsw_ef_construction` overrides the build's HNSW construction beam; `excluded` maps a system to the measured
     reason it was left out (reported in each run's "did_not_fit", never silently dropped)."""
-    from rag_service.encode import Encoder
+    from rag_service.encoder.encode import Encoder
 
     encoder = encoder or Encoder()
     excluded = dict(excluded or {})

@@ -99,15 +99,15 @@ def _dataset(spec: str, split: str) -> tuple[str, Path, Path, Path]:
 
 def _encoder_kinds() -> tuple[str, ...]:
     """Query encoders the quality command can measure: torch (sentence-transformers) and the fast path's ONNX
-    exports (rag_service.onnx_export.ENCODER_KINDS)."""
-    from rag_service import onnx_export
+    exports (rag_service.encoder.onnx_export.ENCODER_KINDS)."""
+    from rag_service.encoder import onnx_export
 
     return tuple(onnx_export.ENCODER_KINDS)
 
 
 def _make_encoder(kind: str, index_dir: Path, onnx_dir: Path | None):
     """No silent fallback: a quality row labelled onnx-int8 must have been encoded by it."""
-    from rag_service import encode, onnx_export
+    from rag_service.encoder import encode, onnx_export
 
     if kind not in _encoder_kinds():
         raise click.BadParameter(f"unknown encoder {kind!r}; available: {', '.join(_encoder_kinds())}",
@@ -161,9 +161,9 @@ def quality(index_path, queries, qrels, datasets, split, methods, pairs, encoder
     # After the arguments are checked: these import torch.
     from rag_service.bench.data import load_qrels, load_queries
     from rag_service.bench.quality import Method, format_table, parse_method, quality_report
-    from rag_service.config import SearchDefaults
+    from rag_service.core.config import SearchDefaults
     from rag_service.index.load import load_index
-    from rag_service.pipeline import Pipeline, SearchParams
+    from rag_service.search.pipeline import Pipeline, SearchParams
 
     try:
         rows = [parse_method(m) for m in methods] or None

@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from rag_service.errors import RagError
+from rag_service.core.errors import RagError
 
 
 def _human_bytes(n: float) -> str:
@@ -112,7 +112,7 @@ def build(input_path: Path, output: Path, name: str | None, chunk_tokens: int, c
             import_ray()
             # Every build below (whole, or before sharding) runs its chunking and encoding on the cluster.
             build_index = functools.partial(build_index_on_ray, options=ray_options)  # noqa: F811
-        from rag_service.encode import Encoder
+        from rag_service.encoder.encode import Encoder
 
         encoder = Encoder(str(model) if model is not None else None, device=device)
         if shards is not None:
@@ -226,7 +226,7 @@ def verify(directory: Path) -> None:
 
 def _update(directory: Path, model: Path | None, device: str | None, keep: int | None, no_progress: bool,
             **change) -> None:
-    from rag_service.encode import Encoder
+    from rag_service.encoder.encode import Encoder
     from rag_service.index.update import update_index
 
     try:

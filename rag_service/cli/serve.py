@@ -12,7 +12,7 @@ import click
 
 
 async def _serve(config) -> None:
-    from rag_service.server import RagServer
+    from rag_service.api.server import RagServer
 
     log = logging.getLogger("rag_service")
     server = RagServer(config)
@@ -67,14 +67,14 @@ def main(index, host, port, workers, config_file, metrics_port, shards, log_leve
     RAG_TLS_CERT_FILE, ...) or the --config file, never from the command line.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from installed packages, never from a hub
-    from rag_service.logs import configure_logging
+    from rag_service.api.logs import configure_logging
 
     configure_logging(log_level, log_format)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it narrates every SIMD variant it tries
     from pydantic import ValidationError
 
-    from rag_service.config import load_config
-    from rag_service.errors import RagError
+    from rag_service.core.config import load_config
+    from rag_service.core.errors import RagError
 
     try:
         shard_list = None if shards is None else [a.strip() for a in shards.split(",") if a.strip()]

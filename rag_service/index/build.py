@@ -22,19 +22,19 @@ from typing import Any
 
 from tqdm import tqdm
 
-from rag_service import dense as dense_mod
-from rag_service import lexical
-from rag_service.analysis import Analyzer
-from rag_service import onnx_export
-from rag_service.encode import Encoder, OnnxEncoder
-from rag_service.errors import BuildError
+from rag_service.retrievers import dense as dense_mod
+from rag_service.retrievers import lexical
+from rag_service.retrievers.analysis import Analyzer
+from rag_service.encoder import onnx_export
+from rag_service.encoder.encode import Encoder, OnnxEncoder
+from rag_service.core.errors import BuildError
 from rag_service.index import manifest as manifest_mod
 from rag_service.index import publish as publish_mod
 from rag_service.index import source as source_mod
 from rag_service.index import windows as windows_mod
 from rag_service.index.chunking import Chunk, Chunker, Document, dense_text, lexical_text
 from rag_service.index.store import write_store
-from rag_service.timing import StageTimer
+from rag_service.core.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ DOCUMENT_ENCODERS = ("auto", "torch", "torch-bf16", "onnx-fp32")
 def auto_document_encoder(device: str, onnx: bool = True) -> str:
     """torch on a CUDA device; torch in bf16 on a CPU with AMX (~3x a float32 encode at cosine >= 0.9999 to it,
     bench/README.md "Issue 5"); else ONNX fp32 (1.2x), or torch without an ONNX export."""
-    from rag_service.encode import cpu_has_amx_bf16
+    from rag_service.encoder.encode import cpu_has_amx_bf16
 
     if device.startswith("cuda"):
         return "torch"

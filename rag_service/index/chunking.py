@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # encode imports torch; the store and the loader import this module and need neither
-    from rag_service.encode import TokenSpans
+    from rag_service.encoder.encode import TokenSpans
 
 
 @dataclass(frozen=True)

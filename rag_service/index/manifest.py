@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rag_service.errors import IndexFormatError
+from rag_service.core.errors import IndexFormatError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rag_service.errors import BuildError
+from rag_service.core.errors import BuildError
 from rag_service.index.manifest import MANIFEST_FILE, write_manifest
 
 log = logging.getLogger(__name__)

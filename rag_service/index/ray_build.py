@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from rag_service import onnx_export
-from rag_service.encode import Encoder, OnnxEncoder, _EncoderBase, default_model_path
-from rag_service.errors import BuildError
+from rag_service.encoder import onnx_export
+from rag_service.encoder.encode import Encoder, OnnxEncoder, _EncoderBase, default_model_path
+from rag_service.core.errors import BuildError
 from rag_service.index.build import BuildConfig, build_index
 from rag_service.index.chunking import Chunk, Chunker, Document
 

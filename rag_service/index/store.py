@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from rag_service.errors import IndexFormatError, InvalidArgument
+from rag_service.core.errors import IndexFormatError, InvalidArgument
 from rag_service.index.chunking import Chunk, Document, chunk_id
 
 CHUNK_TEXT = "chunk_text"

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from rag_service.errors import BuildError, RagError
+from rag_service.core.errors import BuildError, RagError
 from rag_service.index.chunking import Document, dense_text
 from rag_service.index.manifest import check_files, read_manifest
 from rag_service.index.publish import CURRENT, current_version_dir, root_lock
@@ -213,7 +213,7 @@ def update_index(root: Path | str, *, add: Sequence[Document] = (), delete: Sequ
         raise BuildError(f"the update would leave {root} without documents; an index needs at least one")
 
     if encoder is None:
-        from rag_service.encode import Encoder
+        from rag_service.encoder.encode import Encoder
 
         encoder = Encoder()
     model = manifest["model"]

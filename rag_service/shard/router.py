@@ -5,7 +5,7 @@ concurrently, within the caller's remaining deadline; merge each retriever's lis
 the order one index returns) and fuse them with the same fusion code; ask the shards holding the fused pool for the
 reranker's per-candidate features, vectors, token counts and texts; then rerank, filter and pack exactly as
 Pipeline._search does. Shards compute the per-candidate features with the corpus' statistics
-(rag_service.rerank.local_features); the router adds what needs the whole candidate list (ranks, scale by the best,
+(rag_service.search.rerank.local_features); the router adds what needs the whole candidate list (ranks, scale by the best,
 PRF), from the same code, so with exact (flat) dense search the reply equals the single index's.
 
 A shard that fails or misses the deadline leaves the reply partial (SearchResult.partial, shards_missing) unless the
@@ -27,16 +27,16 @@ from typing import Any
 import grpc
 import numpy as np
 
-from rag_service import adaptive, context_filter, fusion
-from rag_service import rerank as rerank_mod
-from rag_service.encode import Encoder
-from rag_service.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Unavailable
-from rag_service.native import FusionResult
+from rag_service.search import adaptive, context_filter, fusion
+from rag_service.search import rerank as rerank_mod
+from rag_service.encoder.encode import Encoder
+from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Unavailable
+from rag_service.kernels.native import FusionResult
 from rag_service.pb.rag.v1 import shard_pb2 as spb
 from rag_service.pb.rag.v1 import shard_pb2_grpc as spb_grpc
-from rag_service.pipeline import ContextResult, SearchParams, SearchResult, check_deadline
+from rag_service.search.pipeline import ContextResult, SearchParams, SearchResult, check_deadline
 from rag_service.shard.split import read_router
-from rag_service.timing import StageTimer
+from rag_service.core.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -475,10 +475,10 @@ class ShardedPipeline:
 
 def load_router(config: Any, encoder: Encoder | None = None) -> ShardedPipeline:
     """The router's pipeline for a ServerConfig with `shards`: the encoder from the router directory (`index`)."""
-    from rag_service.adaptive import AdaptiveConfig, AdaptivePolicy
-    from rag_service.batching import MicroBatcher
-    from rag_service.encode import load_index_encoder
-    from rag_service.server import WARMUP_QUERIES
+    from rag_service.search.adaptive import AdaptiveConfig, AdaptivePolicy
+    from rag_service.encoder.batching import MicroBatcher
+    from rag_service.encoder.encode import load_index_encoder
+    from rag_service.api.server import WARMUP_QUERIES
 
     router_dir = Path(config.index)
     read_router(router_dir)  # a wrong directory fails here, before the model loads

@@ -1,0 +1,183 @@
+"""Overload: offer about twice the load a rag-serve process sustains and check that it sheds fast and stays healthy.
+
+    python bench/experiments/overload.py --index /tmp/idx/scifact --queries ../shared/data/scifact/queries.jsonl
+
+Phases, against one `rag-serve` process (its own PID, so its RSS is measured alone):
+  1. capacity: closed loop with as many concurrent callers as pipeline threads (every thread busy, nothing queued):
+     the sustained throughput X and the nominal latency (p50/p99) at full utilisation.
+  2. overload: open loop, Poisson arrivals at `--factor` x X (default 2x) for `--seconds`: admitted requests'
+     p50/p99 against nominal, how fast refusals come back, the server's RSS over time.
+  3. after: health and a probe query.
+Every request bypasses the result cache (CACHE_BYPASS), so every admitted request runs the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rag_service.pb.rag.v1 import retrieval_pb2 as pb
+from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
+
+
+def read_queries(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int, every: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.process = psutil.Process(pid)
+        self.every = every
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.samples.append(self.process.memory_info().rss / 2**20)
+            self.stop.wait(self.every)
+
+
+async def closed_loop(stub, queries: list[str], concurrency: int, seconds: float, rng: random.Random):
+    latencies: list[float] = []
+    codes: dict[str, int] = {}
+    end = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        while time.perf_counter() < end:
+            request = pb.SearchRequest(query=rng.choice(queries), cache=pb.CACHE_BYPASS)
+            started = time.perf_counter()
+            try:
+                await stub.Search(request, timeout=10)
+                latencies.append(time.perf_counter() - started)
+                codes["OK"] = codes.get("OK", 0) + 1
+            except grpc.aio.AioRpcError as error:
+                codes[error.code().name] = codes.get(error.code().name, 0) + 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return latencies, codes, time.perf_counter() - started
+
+
+async def open_loop(stub, queries: list[str], rate: float, seconds: float, rng: random.Random):
+    ok: list[float] = []
+    refused: list[float] = []
+    codes: dict[str, int] = {}
+    tasks = []
+
+    async def one(query: str) -> None:
+        started = time.perf_counter()
+        try:
+            await stub.Search(pb.SearchRequest(query=query, cache=pb.CACHE_BYPASS), timeout=10)
+            ok.append(time.perf_counter() - started)
+            codes["OK"] = codes.get("OK", 0) + 1
+        except grpc.aio.AioRpcError as error:
+            refused.append(time.perf_counter() - started)
+            codes[error.code().name] = codes.get(error.code().name, 0) + 1
+
+    started = time.perf_counter()
+    next_at = started
+    while next_at < started + seconds:
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(rng.choice(queries))))
+        next_at += rng.expovariate(rate)
+    offered_seconds = time.perf_counter() - started
+    await asyncio.gather(*tasks)
+    return ok, refused, codes, len(tasks) / offered_seconds
+
+
+async def run(args: argparse.Namespace, port: int, pid: int) -> dict:
+    rng = random.Random(args.seed)
+    queries = read_queries(args.queries)
+    rss = RssSampler(pid)
+    rss.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.RetrieverStub(channel)
+        await closed_loop(stub, queries, args.workers, 5, rng)  # warm every stage and the OS page cache
+        rss_start = rss.samples[-1]
+        latencies, codes, elapsed = await closed_loop(stub, queries, args.workers, args.seconds, rng)
+        capacity = len(latencies) / elapsed
+        nominal = {"capacity_rps": capacity, "p50_ms": pct(latencies, 50) * 1e3, "p99_ms": pct(latencies, 99) * 1e3,
+                   "codes": codes}
+        print(f"capacity {capacity:.1f} req/s; nominal p50 {nominal['p50_ms']:.1f} ms p99 {nominal['p99_ms']:.1f} ms",
+              flush=True)
+        ok, refused, codes, offered = await open_loop(stub, queries, args.factor * capacity, args.seconds, rng)
+        overload = {"offered_rps": offered, "ok_rps": len(ok) / args.seconds, "codes": codes,
+                    "shed_fraction": codes.get("RESOURCE_EXHAUSTED", 0) / max(sum(codes.values()), 1),
+                    "admitted_p50_ms": pct(ok, 50) * 1e3, "admitted_p99_ms": pct(ok, 99) * 1e3,
+                    "refused_p50_ms": pct(refused, 50) * 1e3, "refused_p99_ms": pct(refused, 99) * 1e3}
+        overload["admitted_p99_over_nominal"] = overload["admitted_p99_ms"] / nominal["p99_ms"]
+        print(json.dumps(overload, indent=1), flush=True)
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        probe = await stub.Search(pb.SearchRequest(query=queries[0], cache=pb.CACHE_BYPASS), timeout=10)
+    rss.stop.set()
+    rss.join()
+    return {"nominal": nominal, "overload": overload,
+            "after": {"health": health_pb2.HealthCheckResponse.ServingStatus.Name(health.status),
+                      "probe_contexts": len(probe.contexts)},
+            "rss_mib": {"start": rss_start, "peak": max(rss.samples), "end": rss.samples[-1]}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", type=Path, default=Path("/tmp/idx/scifact"))
+    parser.add_argument("--queries", type=Path, default=Path("../shared/data/scifact/queries.jsonl"))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--max-queued", type=int, default=None, help="server max_queued (default: its default)")
+    parser.add_argument("--max-in-flight", type=int, default=None)
+    parser.add_argument("--factor", type=float, default=2.0, help="offered load as a multiple of capacity")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.max_queued is not None:
+        env["RAG_MAX_QUEUED"] = str(args.max_queued)
+    if args.max_in_flight is not None:
+        env["RAG_MAX_IN_FLIGHT"] = str(args.max_in_flight)
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"overload-server-{os.getpid()}.log"
+    with open(log_path, "w") as log:
+        # INFO: one JSON access line per request, as in production.
+        server = subprocess.Popen([sys.executable, "-m", "rag_service.cli.serve", "--index", str(args.index),
+                                   "--port", "0", "--workers", str(args.workers)], stdout=subprocess.PIPE,
+                                  stderr=log, text=True, env=env)
+        try:
+            line = server.stdout.readline()
+            match = re.search(r"on [\d.]+:(\d+)", line)
+            if not match:
+                raise SystemExit(f"server did not start: {line!r}; see {log_path}")
+            report = asyncio.run(run(args, int(match.group(1)), server.pid))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            code = server.wait(timeout=60)
+    report["server_exit_code"] = code
+    report["config"] = {k: str(v) for k, v in vars(args).items()}
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

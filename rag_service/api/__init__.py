@@ -1,0 +1,1 @@
+"""The gRPC face: server, request validation, RPC wrapper, auth, logs, the internal Shard service."""

@@ -1,0 +1,574 @@
+"""gRPC server: the Retriever service, health, reflection, admission control and the error-to-status mapping.
+
+CPU work (the pipeline) runs on a thread pool, never on the event loop; the event loop only validates, admits and
+replies. The index is loaded and warmed before health reports SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from rag_service.api import auth, logs, wire
+
+from rag_service.kernels import native
+from rag_service.core.config import ServerConfig
+from rag_service.search.adaptive import AdaptiveConfig, AdaptivePolicy
+from rag_service.encoder.batching import MicroBatcher
+from rag_service.encoder.encode import Encoder, load_index_encoder
+from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Overloaded, RagError, Unavailable
+from rag_service.index.load import load_index
+from rag_service.index.publish import CURRENT
+from rag_service.search.cache import EXACT, MISS, PREFETCHED, SEMANTIC, CachedSearch, Served
+from rag_service.core.metrics import Metrics
+from rag_service.pb.rag.v1 import retrieval_pb2 as pb
+from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
+from rag_service.search.pipeline import Pipeline, SearchParams
+from rag_service.search.prefetch import Prefetcher
+from rag_service.api.request import search_params
+from rag_service.search.speculate import DraftSession
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
+
+# The one mapping from domain errors to status codes.
+STATUS_FOR: dict[type[RagError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    IndexFormatError: grpc.StatusCode.FAILED_PRECONDITION,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_for(error: RagError) -> grpc.StatusCode:
+    for kind in type(error).__mro__:
+        if kind in STATUS_FOR:
+            return STATUS_FOR[kind]
+    return grpc.StatusCode.INTERNAL
+
+
+# Warm-up touches every stage (numba compilation, faiss pages, the encoder's first call) before SERVING.
+WARMUP_QUERIES = ("what is the effect of", "how does it work", "definition and examples", "error handling",
+                  "performance of the method", "history", "configuration options", "results compared")
+
+
+def load_pipeline(config: ServerConfig, encoder: Encoder | None = None) -> Pipeline:
+    # A misconfigured RAG_SERVICE_BACKEND must stop the start, not fail every request later.
+    log.info("native backends: %s", native.backend_info())
+    if config.shards:  # the router role: the same interface over a shard set (shard/router.py)
+        from rag_service.shard.router import load_router
+
+        return load_router(config, encoder)  # type: ignore[return-value]
+    index = load_index(config.index, verify_checksums=config.verify_checksums)
+    encoder = encoder or load_index_encoder(config.query_encoder, index.path, config.model_path,
+                                            config.encoder_threads)
+    if config.micro_batch_ms > 0 and not isinstance(encoder, MicroBatcher):
+        encoder = MicroBatcher(encoder, window_ms=config.micro_batch_ms, max_batch=config.micro_batch_max)
+    model = index.manifest["model"]
+    if encoder.name != model["name"]:
+        raise IndexFormatError(f"{index.path}/manifest.json: index was built with model {model['name']!r}, "
+                               f"the server encodes queries with {encoder.name!r}")
+    policy = AdaptivePolicy(AdaptiveConfig(enabled=config.adaptive, confidence=config.adaptive_confidence,
+                                           busy_in_flight=config.adaptive_busy_in_flight,
+                                           lexical=config.adaptive_lexical, brownout=config.adaptive_brownout,
+                                           brownout_target=config.adaptive_brownout_target))
+    pipeline = Pipeline(index, encoder, policy=policy)
+    defaults = config.defaults
+    for query in WARMUP_QUERIES[: config.warmup_queries]:
+        pipeline.search(SearchParams(query=query, top_k=defaults.top_k, depth=defaults.depth, fusion=defaults.fusion,
+                                     dense_weight=defaults.dense_weight, rrf_k=defaults.rrf_k))
+    return pipeline
+
+
+# A drain waits for this long without new Search calls (bounded by the grace period) before the server stops.
+DRAIN_QUIET_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    previous_version: str
+    version: str
+    load_seconds: float
+
+
+def index_root_of(config: ServerConfig) -> Path:
+    """The directory ReloadIndex paths must stay inside: configured, else the root `index` belongs to."""
+    if config.index_root is not None:
+        return Path(config.index_root).resolve()
+    index = Path(config.index)
+    return (index if (index / CURRENT).is_symlink() or (index / CURRENT).exists() else index.parent).resolve()
+
+
+def confine(path: str, root: Path) -> Path:
+    """`path` (relative to `root`, or absolute) resolved with every symlink followed; it must stay inside `root`."""
+    if "\0" in path:
+        raise InvalidArgument("path", "contains a NUL character")
+    given = Path(path)
+    if ".." in given.parts:
+        raise InvalidArgument("path", f"{path[:200]!r} contains '..'; give a path inside the index root")
+    try:
+        resolved = (given if given.is_absolute() else root / given).resolve()
+    except OSError as error:  # a name too long for the file system, a symlink loop, ...
+        raise InvalidArgument("path", f"cannot be resolved: {error.strerror or error}") from None
+    if not resolved.is_relative_to(root):
+        raise InvalidArgument("path", f"{path[:200]!r} resolves outside the index root {root}")
+    return resolved
+
+
+SERVED_FROM = {MISS: pb.SERVED_FROM_MISS, EXACT: pb.SERVED_FROM_EXACT, SEMANTIC: pb.SERVED_FROM_SEMANTIC,
+               PREFETCHED: pb.SERVED_FROM_PREFETCHED}
+
+
+def prefetch_params(i: int, request: pb.SearchRequest, config: ServerConfig) -> SearchParams:
+    """Validates the i-th request of a Prefetch; errors name it (requests[2].top_k)."""
+    try:
+        params = search_params(request, config.defaults, config.limits)
+    except InvalidArgument as error:
+        raise InvalidArgument(f"requests[{i}].{error.field}", str(error).split(": ", 1)[-1]) from error
+    if params.cache == "bypass":
+        raise InvalidArgument(f"requests[{i}].cache", "CACHE_BYPASS cannot be prefetched: it never fills the cache")
+    return params
+
+
+def to_context(context, debug: bool) -> pb.Context:
+    msg = pb.Context(doc_id=context.doc_id, chunk_id=context.chunk_id, title=context.title, text=context.text,
+                     metadata=context.metadata, score=context.score, tokens=context.tokens)
+    if debug:
+        msg.fused_score = context.fused_score if context.fused_score is not None else context.score
+        if context.bm25_score is not None:
+            msg.bm25_score = context.bm25_score
+        if context.dense_score is not None:
+            msg.dense_score = context.dense_score
+        if context.rerank_score is not None:
+            msg.rerank_score = context.rerank_score
+        if context.features:
+            msg.features.update(context.features)
+    return msg
+
+
+class RetrieverServicer(pb_grpc.RetrieverServicer):
+    def __init__(self, config: ServerConfig, executor: ThreadPoolExecutor, metrics: Metrics) -> None:
+        self.config = config
+        self.executor = executor
+        self.metrics = metrics
+        self.pipeline: Pipeline | None = None
+        self.in_flight = 0  # touched only on the event loop thread
+        # Admitted work not yet picked up by a pipeline thread; the workers decrement it, hence the lock.
+        self.queued = 0
+        self._queued_lock = threading.Lock()
+        self.draining = False
+        self.last_arrival = 0.0  # time.monotonic() of the latest Search, so a drain can wait for a quiet moment
+        # Set by RagServer: loads, validates, warms and swaps in the index at a path ("" = the configured one).
+        self.reloader: Callable[[str], Awaitable[ReloadResult]] | None = None
+        # A router holds no index to check a semantic hit's lexical guard against: exact (and strict) hits only.
+        self.cache = CachedSearch(config.cache.model_copy(update={"semantic": False}) if config.shards
+                                  else config.cache, metrics)
+        self.prefetcher = Prefetcher(self.cache, config.cache, metrics, pipeline=lambda: self.pipeline,
+                                     live=lambda: self.in_flight)
+        # Read at scrape time from whichever pipeline is serving (a reload swaps in a new policy, level 1).
+        metrics.full_share.set_function(
+            lambda: self.pipeline.policy.brownout_level() if self.pipeline is not None else 1.0)
+
+    def _pipeline(self) -> Pipeline:
+        if self.pipeline is None:
+            raise Unavailable("the index is still loading; retry when health reports SERVING")
+        return self.pipeline
+
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
+        if isinstance(error, RagError):
+            code, message = status_for(error), str(error)
+        else:
+            log.exception("internal error in %s", method)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
+        self.metrics.requests.labels(method, code.name).inc()
+        await context.abort(code, message)
+
+    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+        start = time.perf_counter_ns()
+        admitted = False
+        arrival = self.last_arrival = time.monotonic()
+        try:
+            if self.draining:
+                raise Unavailable("the server is shutting down; retry on another replica")
+            pipeline = self._pipeline()
+            if self.in_flight >= self.config.max_in_flight:
+                self.metrics.shed.inc()
+                raise Overloaded(f"{self.in_flight} requests in flight (limit {self.config.max_in_flight}); retry later")
+            if self.queued >= self.config.max_queued and self.in_flight >= self.config.workers:
+                self.metrics.shed.inc()
+                raise Overloaded(f"{self.queued} requests queued for a pipeline thread (limit "
+                                 f"{self.config.max_queued}); retry later")
+            self.in_flight += 1
+            self.metrics.in_flight.inc()
+            admitted = True
+            params = search_params(request, self.config.defaults, self.config.limits)
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            validated = time.perf_counter_ns()
+            # Exact hits are answered here on the event loop; misses run on a pipeline thread via _execute.
+            served = await self.cache.search(pipeline, params, deadline=deadline, execute=self._execute,
+                                             arrival=arrival)
+        except Exception as error:  # noqa: BLE001 - every failure becomes a status, never a crash
+            await self._fail(context, "Search", error)
+            raise  # unreachable: abort raises
+        finally:
+            if admitted:
+                self.in_flight -= 1
+                self.metrics.in_flight.dec()
+        return self._respond("Search", request, served, start, validated)
+
+    def _respond(self, method: str, request: pb.SearchRequest, served: Served, start: int,
+                 validated: int) -> pb.SearchResponse:
+        result = served.result
+        result.stage_us["validate"] = (validated - start) // 1000
+        total_us = (time.perf_counter_ns() - start) // 1000
+        self.metrics.observe_stages(result.stage_us)
+        self.metrics.request_seconds.labels(method).observe(total_us / 1e6)
+        self.metrics.requests.labels(method, "OK").inc()
+        response = pb.SearchResponse(contexts=[to_context(c, request.debug) for c in result.contexts],
+                                     index_version=result.index_version, server_time_us=total_us,
+                                     context_tokens=result.context_tokens, route=result.route,
+                                     route_reason=result.route_reason, served_from=SERVED_FROM[served.served_from],
+                                     partial=result.partial, shards_answered=result.shards_answered,
+                                     shards_missing=result.shards_missing)
+        if served.similarity is not None:
+            response.cache_similarity = served.similarity
+        if request.debug:
+            response.stage_time_us.update(result.stage_us)
+        return response
+
+    def _execute(self, work: Callable[[], Served]) -> Awaitable[Served]:
+        """Runs the cache's miss path on a pipeline thread, counted as queued until a thread picks it up."""
+        with self._queued_lock:
+            self.queued += 1
+        self.metrics.queued.inc()
+        return self._await_work(self.executor.submit(self._timed_search, work, time.perf_counter_ns()))
+
+    async def _await_work(self, future: concurrent.futures.Future) -> Served:
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # The caller gave up (deadline passed or cancelled) while its work was still queued: drop the work, and
+            # count it out of the queue here, since no pipeline thread ever will.
+            if future.cancel():
+                with self._queued_lock:
+                    self.queued -= 1
+                self.metrics.queued.dec()
+                self.metrics.deadline_stops.inc()
+            raise
+
+    def _timed_search(self, work: Callable[[], Served], submitted_ns: int) -> Served:
+        with self._queued_lock:
+            self.queued -= 1
+        self.metrics.queued.dec()
+        # Time spent waiting for a worker thread is latency too; report it as its own stage.
+        queued_us = (time.perf_counter_ns() - submitted_ns) // 1000
+        try:
+            served = work()  # CachedSearch.run: checks the deadline first (stage "queue")
+        except DeadlineExceeded:
+            self.metrics.deadline_stops.inc()
+            raise
+        served.result.stage_us["queue"] = queued_us
+        return served
+
+    async def Prefetch(self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext) -> pb.PrefetchResponse:
+        try:
+            self._pipeline()
+            limit = self.config.cache.max_prefetch_requests
+            if len(request.requests) > limit:
+                raise InvalidArgument("requests", f"has {len(request.requests)} entries; the limit is {limit}")
+            batch = [prefetch_params(i, r, self.config) for i, r in enumerate(request.requests)]
+            accepted, dropped = self.prefetcher.submit(batch)
+        except Exception as error:  # noqa: BLE001
+            await self._fail(context, "Prefetch", error)
+            raise
+        self.metrics.requests.labels("Prefetch", "OK").inc()
+        return pb.PrefetchResponse(accepted=accepted, dropped=dropped)
+
+    async def StreamSearch(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        # Reads and writes through the context, not an async generator: a generator left suspended by a cancelled
+        # stream was followed by a segfault in grpc's cygrpc here (grpcio 1.85, bench/experiments/stream_search.py on SciFact).
+        session = DraftSession(self.cache, self._execute, self.metrics,
+                               debounce_s=self.config.cache.stream_debounce_ms / 1000,
+                               allowed=lambda: self.in_flight < self.config.cache.speculative_busy_in_flight)
+        try:
+            while True:
+                draft = await context.read()
+                if draft is grpc.aio.EOF:
+                    break
+                start = time.perf_counter_ns()
+                if self.draining:
+                    raise Unavailable("the server is shutting down; retry on another replica")
+                pipeline = self._pipeline()
+                if not draft.final:
+                    try:
+                        params = search_params(draft.request, self.config.defaults, self.config.limits)
+                    except InvalidArgument:
+                        continue  # a draft mid-typing may be blank or incomplete: nothing to speculate on
+                    session.draft(pipeline, params)
+                    continue
+                if self.in_flight >= self.config.max_in_flight:
+                    self.metrics.shed.inc()
+                    raise Overloaded(f"{self.in_flight} requests in flight (limit {self.config.max_in_flight}); "
+                                     "retry later")
+                params = search_params(draft.request, self.config.defaults, self.config.limits)
+                remaining = context.time_remaining()
+                deadline = None if remaining is None else time.monotonic() + remaining
+                validated = time.perf_counter_ns()
+                self.in_flight += 1
+                self.metrics.in_flight.inc()
+                try:
+                    served = await session.final(pipeline, params, deadline)
+                finally:
+                    self.in_flight -= 1
+                    self.metrics.in_flight.dec()
+                await context.write(self._respond("StreamSearch", draft.request, served, start, validated))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            await self._fail(context, "StreamSearch", error)
+            raise
+        finally:
+            session.close()
+
+    async def ReloadIndex(self, request: pb.ReloadIndexRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ReloadIndexResponse:
+        try:
+            if self.reloader is None:
+                raise Unavailable("this server cannot reload its index")
+            result = await self.reloader(request.path)
+        except Exception as error:  # noqa: BLE001
+            await self._fail(context, "ReloadIndex", error)
+            raise
+        self.metrics.requests.labels("ReloadIndex", "OK").inc()
+        return pb.ReloadIndexResponse(previous_version=result.previous_version, version=result.version,
+                                      load_seconds=result.load_seconds)
+
+    async def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context: grpc.aio.ServicerContext) -> pb.IndexInfo:
+        try:
+            index = self._pipeline().index
+        except Exception as error:  # noqa: BLE001
+            await self._fail(context, "GetIndexInfo", error)
+            raise
+        manifest = index.manifest
+        built = Timestamp()
+        built.FromJsonString(manifest["created_at"])
+        backends = native.backend_info()
+        self.metrics.requests.labels("GetIndexInfo", "OK").inc()
+        return pb.IndexInfo(
+            name=manifest["name"], version=manifest["version"], document_count=index.n_docs,
+            chunk_count=index.n_chunks, embedding_model=manifest["model"]["name"],
+            embedding_dim=manifest["model"]["dim"],
+            build_params={k: str(v) for k, v in manifest["params"].items()}, build_time=built,
+            build_seconds=float(manifest.get("build_seconds", 0.0)), format_version=manifest["format_version"],
+            metadata_fields=list(index.metadata_fields), native_has_cuda=backends["built_with_cuda"],
+            cuda_device_available=backends["cuda_device_available"], fusion_backend=backends["fusion_backend"],
+            dense_index_type=index.dense.kind,
+        )
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rag-service")
+    except PackageNotFoundError:
+        return "source"
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    """TLS from PEM files; with a client CA the server also demands and checks client certificates (mTLS)."""
+    def read(path: Path | None) -> bytes | None:
+        return None if path is None else Path(path).read_bytes()
+
+    client_ca = read(config.tls_client_ca_file)
+    return grpc.ssl_server_credentials([(read(config.tls_key_file), read(config.tls_cert_file))],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+class RagServer:
+    """A rag-service server: bind, start, load and warm the index, report SERVING; stop drains in-flight work."""
+
+    # Called as hook(old_pipeline, new_pipeline) after every swap: caches keyed by the old index version drop it here.
+    on_index_swap: list[Callable[[Pipeline | None, Pipeline], None]]
+
+    def __init__(self, config: ServerConfig, *, encoder: Encoder | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.metrics.build_info.info({"version": _package_version(), **{k: str(v) for k, v in
+                                                                        native.backend_info().items()}})
+        self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rag-pipeline")
+        # Reloads load and warm beside the serving index on their own thread, never on a pipeline thread.
+        self._reload_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rag-reload")
+        self._reload_lock = asyncio.Lock()
+        self.index_root = index_root_of(config)
+        self.servicer = RetrieverServicer(config, self.executor, self.metrics)
+        self.servicer.reloader = self.reload
+        self.health = HealthServicer()
+        self._encoder = encoder
+        self.on_index_swap = [lambda old, new: self.servicer.cache.invalidate(new.version)]
+        self._metrics_http = None
+        self.metrics_port: int | None = None
+        options = [("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_send_message_length", 64 << 20),
+                   ("grpc.so_reuseport", 0)]
+        if config.max_connection_age_seconds is not None:
+            options += [("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_seconds * 1000))]
+        self.replica_name = config.replica_name or f"{socket.gethostname()}:{os.getpid()}"
+        admin_token = auth.load_token(config.admin_token, config.admin_token_file, "admin_token")
+        search_token = auth.load_token(config.search_token, config.search_token_file, "search_token")
+
+        def refused(method: str, code: grpc.StatusCode) -> None:
+            self.metrics.requests.labels(method, code.name).inc()
+
+        self.request_log = logs.RequestLogInterceptor(SERVICE_NAME, log_queries=config.log_queries,
+                                                      served_by=self.replica_name)
+        interceptors = [self.request_log,
+                        wire.MalformedRequestInterceptor(
+                            SERVICE_NAME, lambda method: refused(method, grpc.StatusCode.INVALID_ARGUMENT)),
+                        auth.AuthInterceptor(SERVICE_NAME, admin_token=admin_token, search_token=search_token,
+                                             on_refused=refused)]
+        # The internal Shard service (shard/service.py) answers on a shard index; its callers need the search token.
+        from rag_service.api.shard_service import SERVICE_NAME as SHARD_SERVICE
+        from rag_service.api.shard_service import ShardServicer
+
+        interceptors.append(auth.AuthInterceptor(SHARD_SERVICE, admin_token=admin_token, search_token=search_token,
+                                                 on_refused=refused))
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        pb_grpc.add_RetrieverServicer_to_server(self.servicer, self.server)
+        from rag_service.pb.rag.v1 import shard_pb2_grpc
+
+        self.shard_servicer = ShardServicer(lambda: self.servicer.pipeline, self.executor, status_for)
+        shard_pb2_grpc.add_ShardServicer_to_server(self.shard_servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert_file is not None:
+            self.port = self.server.add_secure_port(address, server_credentials(config))
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def listen(self) -> None:
+        """Starts answering RPCs; health says NOT_SERVING and Search UNAVAILABLE until load() has finished."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        log.info("listening on %s:%d", self.config.host, self.port)
+
+    async def load(self) -> None:
+        """Loads and warms the index off the event loop, then reports SERVING."""
+        started = time.perf_counter()
+        pipeline = await asyncio.get_running_loop().run_in_executor(
+            self.executor, load_pipeline, self.config, self._encoder)
+        self.servicer.pipeline = pipeline
+        self.metrics.set_index(pipeline.index)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving index %s version %s (%d chunks) after %.1f s", pipeline.index.name, pipeline.version,
+                 pipeline.index.n_chunks, time.perf_counter() - started)
+
+    async def reload(self, path: str = "") -> ReloadResult:
+        """Loads the index at `path` (inside the index root; "" = the configured index, CURRENT followed anew) beside
+        the serving one, validates (format, checksums, model) and warms it, then swaps it in. Requests in flight
+        finish on the index they started on; a failure leaves the serving index untouched and raises."""
+        async with self._reload_lock:
+            target = confine(path, self.index_root) if path else Path(self.config.index)
+            current = self.servicer.pipeline
+            encoder = current.encoder if current is not None else self._encoder
+            started = time.perf_counter()
+            try:
+                pipeline = await asyncio.get_running_loop().run_in_executor(
+                    self._reload_executor, load_pipeline, self.config.model_copy(update={"index": target}), encoder)
+            except Exception as error:
+                self.metrics.reloads.labels("failed").inc()
+                if isinstance(error, OSError):  # unreadable path or file: a bad index, not a server fault
+                    error = IndexFormatError(f"{str(target)[:300]}: cannot be read: {error.strerror or error}")
+                log.error("reload of %s failed, still serving %s: %s", target,
+                          current.version if current else "nothing", error)
+                raise error from None
+            seconds = time.perf_counter() - started
+            # One reference assignment: a request reads self.pipeline once, so it runs wholly on one index.
+            self.servicer.pipeline = pipeline
+            self.metrics.set_index(pipeline.index)
+            self.metrics.reloads.labels("ok").inc()
+            for hook in self.on_index_swap:
+                hook(current, pipeline)
+            previous = current.version if current is not None else ""
+            log.info("reloaded: serving %s version %s (was %s) after %.2f s", pipeline.index.path, pipeline.version,
+                     previous, seconds)
+            if current is None:
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            return ReloadResult(previous_version=previous, version=pipeline.version, load_seconds=seconds)
+
+    async def start(self) -> int:
+        if self.config.metrics_port is not None:
+            self._metrics_http, self.metrics_port = self.metrics.serve_http(self.config.metrics_port,
+                                                                            self.config.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
+        await self.listen()
+        await self.load()
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Reports NOT_SERVING, then (after the configured notice, when called without an explicit grace) refuses new
+        requests and lets in-flight ones finish within the grace period; health keeps answering while they drain."""
+        loop = asyncio.get_running_loop()
+        notice = self.config.shutdown_notice_seconds if grace is None else 0.0
+        grace = self.config.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.metrics.draining.set(1)
+        if notice > 0:
+            await asyncio.sleep(notice)
+        self.servicer.draining = True
+        drain_until = loop.time() + grace
+        # Until in-flight work is done and callers have stopped arriving (each now gets UNAVAILABLE from us, a clean
+        # answer to retry elsewhere): gRPC cancels calls still in transit when the server itself stops.
+        while loop.time() < drain_until and (
+                self.servicer.in_flight or time.monotonic() - self.servicer.last_arrival < DRAIN_QUIET_SECONDS):
+            await asyncio.sleep(0.01)
+        await self.server.stop(max(0.0, drain_until - loop.time()))
+        await self.servicer.prefetcher.close()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self._reload_executor.shutdown(wait=False, cancel_futures=True)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def create_server(config: ServerConfig, *, encoder: Encoder | None = None) -> tuple[RagServer, int]:
+    """Binds, starts and loads; returns once the index is warm and health says SERVING."""
+    server = RagServer(config, encoder=encoder)
+    try:
+        port = await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    return server, port

@@ -1,0 +1,186 @@
+"""The shard side of sharded serving: the internal rag.v1.Shard service, served by `rag-serve` beside Retriever.
+
+A shard server is an ordinary server of a shard index (it answers Retriever too, over its own documents). For the
+router it returns first-stage candidates with raw scores and global chunk ids, and, for the candidates that survive
+fusion, the reranker's per-candidate features, chunk vectors, token counts and reply fields. Work runs on the
+server's pipeline threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from rag_service.search import rerank as rerank_mod
+from rag_service.core.errors import IndexFormatError, InvalidArgument, RagError, Unavailable
+from rag_service.pb.rag.v1 import shard_pb2 as spb
+from rag_service.pb.rag.v1 import shard_pb2_grpc as spb_grpc
+from rag_service.search.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = spb.DESCRIPTOR.services_by_name["Shard"].full_name
+MAX_DEPTH = 2000
+MAX_FETCH = 4000
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """What a loaded shard index adds to its pipeline: its place in the set and its chunks' global ids."""
+
+    pipeline: Pipeline
+    shard: dict[str, Any]
+    global_ids: np.ndarray  # int64, ascending: local chunk i is global chunk global_ids[i]
+    global_fields: frozenset[str]
+
+    @classmethod
+    def of(cls, pipeline: Pipeline) -> ShardState:
+        index = pipeline.index
+        shard = index.manifest.get("shard")
+        if shard is None:
+            raise IndexFormatError(f"{index.path} is not a shard (no 'shard' entry in its manifest); build one with "
+                                   "rag-index build --shards N")
+        ids = np.load(index.path / shard["chunk_ids"], mmap_mode="r")
+        if ids.dtype != np.int64 or ids.shape != (index.n_chunks,) or np.any(np.diff(ids) <= 0):
+            raise IndexFormatError(f"{index.path / shard['chunk_ids']}: expected {index.n_chunks} ascending int64 "
+                                   "chunk ids")
+        return cls(pipeline=pipeline, shard=shard, global_ids=np.asarray(ids),
+                   global_fields=frozenset(shard.get("metadata_fields", [])))
+
+    def local(self, chunks: np.ndarray) -> np.ndarray:
+        at = np.searchsorted(self.global_ids, chunks)
+        at = np.minimum(at, len(self.global_ids) - 1)
+        bad = self.global_ids[at] != chunks
+        if np.any(bad):
+            raise InvalidArgument("chunks", f"chunk {int(chunks[np.argmax(bad)])} is not held by shard "
+                                            f"{self.shard['index']}")
+        return at.astype(np.int64)
+
+
+def query_vector(data: bytes, dim: int) -> np.ndarray:
+    if len(data) != 4 * dim:
+        raise InvalidArgument("query_vector", f"has {len(data)} bytes; expected {dim} float32 values ({4 * dim} "
+                                              "bytes)")
+    q = np.frombuffer(data, dtype="<f4")
+    if not np.all(np.isfinite(q)):
+        raise InvalidArgument("query_vector", "has non-finite values")
+    return q
+
+
+class ShardServicer(spb_grpc.ShardServicer):
+    def __init__(self, pipeline: Callable[[], Pipeline | None], executor: ThreadPoolExecutor,
+                 status_for: Callable[[RagError], grpc.StatusCode]) -> None:
+        self._pipeline = pipeline
+        self.executor = executor
+        self.status_for = status_for
+        self._state: ShardState | None = None
+
+    def state(self) -> ShardState:
+        pipeline = self._pipeline()
+        if pipeline is None:
+            raise Unavailable("the index is still loading; retry when health reports SERVING")
+        state = self._state
+        if state is None or state.pipeline is not pipeline:  # first call, or a reload swapped the index in
+            state = self._state = ShardState.of(pipeline)
+        return state
+
+    async def _run(self, context: grpc.aio.ServicerContext, work: Callable[[], Any]) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        except RagError as error:
+            await context.abort(self.status_for(error), str(error))
+        except Exception as error:  # noqa: BLE001 - a failure is a status, never a crash
+            log.exception("internal error in Shard")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the log")
+
+    async def GetShardInfo(self, request: spb.GetShardInfoRequest, context: grpc.aio.ServicerContext) -> spb.ShardInfo:
+        return await self._run(context, self._info)
+
+    def _info(self) -> spb.ShardInfo:
+        state = self.state()
+        index, shard = state.pipeline.index, state.shard
+        manifest = index.manifest
+        return spb.ShardInfo(
+            index=shard["index"], count=shard["count"], set_id=shard["set_id"], stats_sha256=shard["stats_sha256"],
+            version=index.version, name=index.name, chunk_count=index.n_chunks, document_count=index.n_docs,
+            embedding_model=manifest["model"]["name"], embedding_dim=manifest["model"]["dim"],
+            metadata_fields=sorted(state.global_fields), can_rerank=state.pipeline.rerank_store is not None,
+            corpus_chunk_count=shard["corpus"]["chunks"], corpus_document_count=shard["corpus"]["documents"],
+            build_params={k: str(v) for k, v in manifest["params"].items()})
+
+    def _check_set(self, state: ShardState, set_id: str) -> None:
+        if set_id != state.shard["set_id"]:
+            raise IndexFormatError(f"shard {state.shard['index']} belongs to shard set {state.shard['set_id']}, the "
+                                   f"router to {set_id!r}: restart the router with this set's router directory")
+
+    async def Candidates(self, request: spb.CandidatesRequest,
+                         context: grpc.aio.ServicerContext) -> spb.CandidatesResponse:
+        return await self._run(context, lambda: self._candidates(request))
+
+    def _candidates(self, request: spb.CandidatesRequest) -> spb.CandidatesResponse:
+        state = self.state()
+        self._check_set(state, request.set_id)
+        index = state.pipeline.index
+        if not 1 <= request.depth <= MAX_DEPTH:
+            raise InvalidArgument("depth", f"must be between 1 and {MAX_DEPTH}, got {request.depth}")
+        q = query_vector(request.query_vector, index.dense.dim)
+        filters = dict(request.filters)
+        for name in filters:
+            if name not in state.global_fields:
+                known = ", ".join(sorted(state.global_fields)) or "(none)"
+                raise InvalidArgument(f"filters[{name}]", f"unknown metadata field; known: {known}")
+        if any(name not in index.metadata_fields for name in filters):
+            # A field of the corpus that none of this shard's documents has: nothing here matches.
+            mask = np.zeros(index.n_chunks, dtype=np.bool_)
+        else:
+            mask = index.filter_mask(filters)
+        b_ids, b_scores = index.bm25.search(request.query, request.depth, mask)
+        d_ids, d_scores = index.dense.search(q, request.depth, mask)
+        g = state.global_ids
+        return spb.CandidatesResponse(bm25_ids=g[b_ids].tolist(), bm25_scores=b_scores.tolist(),
+                                      dense_ids=g[d_ids].tolist(), dense_scores=d_scores.tolist(),
+                                      version=index.version)
+
+    async def Fetch(self, request: spb.FetchRequest, context: grpc.aio.ServicerContext) -> spb.FetchResponse:
+        return await self._run(context, lambda: self._fetch(request))
+
+    def _fetch(self, request: spb.FetchRequest) -> spb.FetchResponse:
+        state = self.state()
+        self._check_set(state, request.set_id)
+        pipeline = state.pipeline
+        index = pipeline.index
+        if request.version != index.version:
+            raise IndexFormatError(f"shard {state.shard['index']} serves version {index.version} now, the candidates "
+                                   f"came from {request.version!r}")
+        if len(request.chunks) > MAX_FETCH:
+            raise InvalidArgument("chunks", f"has {len(request.chunks)} entries; the limit is {MAX_FETCH}")
+        if request.features > len(request.chunks):
+            raise InvalidArgument("features", f"is {request.features}, more than the {len(request.chunks)} chunks")
+        local = state.local(np.asarray(request.chunks, dtype=np.int64))
+        response = spb.FetchResponse(version=index.version)
+        if request.with_vectors:
+            response.vectors = np.ascontiguousarray(index.dense.vectors[local], dtype="<f4").tobytes()
+        if request.features:
+            if pipeline.rerank_store is None:
+                raise IndexFormatError(f"shard {state.shard['index']} has no sentence windows: it cannot rerank")
+            q = query_vector(request.query_vector, index.dense.dim)
+            local_rows = rerank_mod.local_features(pipeline.rerank_store, request.query, q,
+                                                   local[:request.features])
+            response.features = np.ascontiguousarray(local_rows, dtype="<f4").tobytes()
+            response.feature_names.extend(rerank_mod.LOCAL_FEATURES)
+        if not request.with_details:
+            return response
+        store = index.store
+        response.tokens.extend(pipeline.chunk_tokens(int(c)) for c in local.tolist())
+        for c in local.tolist():
+            doc = store.chunk_doc(c)
+            response.chunks.add(doc_id=store.doc_id(doc), chunk_id=store.chunk_id(c), title=store.doc_title(doc),
+                                text=store.chunk_text(c), metadata=store.doc_metadata(doc))
+        return response

@@ -1,0 +1,96 @@
+"""The server's metrics, in one place; `rag-serve --metrics-port N` exposes them as Prometheus text at /metrics.
+
+A registry per server instance, not prometheus_client's global one: tests start many servers in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+# Stage latencies run from tens of microseconds (fusion) to tens of milliseconds (encode under load).
+STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter("rag_requests", "RPCs by method and status code", ["method", "code"],
+                                registry=self.registry)
+        self.request_seconds = Histogram("rag_request_seconds", "Server time per RPC", ["method"],
+                                         buckets=STAGE_BUCKETS, registry=self.registry)
+        self.stage_seconds = Histogram("rag_stage_seconds", "Time per pipeline stage", ["stage"],
+                                       buckets=STAGE_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge("rag_requests_in_flight", "Search requests admitted and not finished",
+                               registry=self.registry)
+        self.shed = Counter("rag_requests_shed", "Requests refused by admission control (in-flight or queue bound)",
+                            registry=self.registry)
+        self.queued = Gauge("rag_requests_queued", "Admitted requests waiting for a pipeline thread",
+                            registry=self.registry)
+        self.full_share = Gauge("rag_adaptive_full_share", "Share of budgeted requests the brownout dimmer lets take "
+                                "the full pipeline (the rest take the lexical route)", registry=self.registry)
+        self.deadline_stops = Counter("rag_deadline_stops", "Requests whose pipeline work was stopped or dropped "
+                                      "from the queue because their deadline passed or the caller went away",
+                                      registry=self.registry)
+        self.index_info = Info("rag_index", "The index being served", registry=self.registry)
+        self.index_documents = Gauge("rag_index_documents", "Documents in the served index", registry=self.registry)
+        self.index_chunks = Gauge("rag_index_chunks", "Chunks in the served index", registry=self.registry)
+        self.index_loaded = Gauge("rag_index_loaded_timestamp_seconds", "When the served index was swapped in",
+                                  registry=self.registry)
+        self.reloads = Counter("rag_index_reloads", "Index reload attempts by result", ["result"],
+                               registry=self.registry)
+        self.build_info = Info("rag_build", "rag-service version and native backends", registry=self.registry)
+        self.draining = Gauge("rag_draining", "1 while the server drains for shutdown", registry=self.registry)
+        self._add_cache_metrics()
+
+    def _add_cache_metrics(self) -> None:
+        """Cache, prefetch and speculative retrieval (rag_service/search/cache.py, prefetch.py, speculate.py)."""
+        r = self.registry
+        self.cache_hits = Counter("rag_cache_hits", "Searches answered from the cache, by kind (exact, semantic, "
+                                  "prefetched, coalesced = waited for an identical search in flight)", ["kind"],
+                                  registry=r)
+        self.cache_misses = Counter("rag_cache_misses", "Searches that ran the pipeline, by cache mode", ["mode"],
+                                    registry=r)
+        self.cache_guard_rejections = Counter("rag_cache_guard_rejections", "Semantic candidates above the cosine "
+                                              "threshold refused by the fidelity guard (default) or strict check",
+                                              ["mode"], registry=r)
+        self.cache_evictions = Counter("rag_cache_evictions", "Entries evicted: lru (memory bound), version (index "
+                                       "replaced)", ["reason"], registry=r)
+        self.cache_expired = Counter("rag_cache_expired", "Entries dropped at the end of their time to live",
+                                     registry=r)
+        self.cache_bytes = Gauge("rag_cache_bytes", "Estimated bytes held by cache entries", registry=r)
+        self.cache_entries = Gauge("rag_cache_entries", "Entries in the cache", registry=r)
+        self.cache_similarity = Histogram("rag_cache_semantic_similarity", "Cosine of semantic hits",
+                                          buckets=(0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 1.0),
+                                          registry=r)
+        self.prefetch_accepted = Counter("rag_prefetch_accepted", "Prefetch requests queued", registry=r)
+        self.prefetch_dropped = Counter("rag_prefetch_dropped", "Prefetch requests dropped (queue_full, busy, "
+                                        "disabled)", ["reason"], registry=r)
+        self.prefetch_completed = Counter("rag_prefetch_completed", "Prefetch requests run to the end, by outcome "
+                                          "(filled, cached = already there, failed)", ["outcome"], registry=r)
+        self.prefetch_used = Counter("rag_prefetch_used", "Prefetched entries later served to a search", registry=r)
+        self.prefetch_queued = Gauge("rag_prefetch_queued", "Prefetch requests waiting", registry=r)
+        self.speculative = Counter("rag_speculative", "StreamSearch speculative retrieval by outcome (started, "
+                                   "cancelled, stale, used, skipped_busy)", ["outcome"], registry=r)
+
+    def set_index(self, index) -> None:
+        """Describes the index now serving (called at load and after every reload)."""
+        manifest = index.manifest
+        self.index_info.info({"name": index.name, "version": index.version,
+                              "format_version": str(manifest.get("format_version", "")),
+                              "model": str(manifest["model"]["name"]),
+                              "created_at": str(manifest.get("created_at", "")),
+                              "path": str(index.path)})
+        self.index_documents.set(index.n_docs)
+        self.index_chunks.set(index.n_chunks)
+        self.index_loaded.set_to_current_time()
+
+    def serve_http(self, port: int, host: str = "127.0.0.1"):
+        """Starts the Prometheus /metrics endpoint on a daemon thread; returns (http_server, actual_port)."""
+        from prometheus_client import start_http_server
+
+        http_server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return http_server, http_server.server_address[1]
+
+    def observe_stages(self, stage_us: dict[str, int]) -> None:
+        for stage, us in stage_us.items():
+            self.stage_seconds.labels(stage).observe(us / 1e6)

@@ -1,0 +1,1 @@
+"""Text to vectors: the query and document encoders (torch, ONNX), micro-batching, ONNX export."""

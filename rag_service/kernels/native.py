@@ -1,0 +1,394 @@
+"""Facade over the native kernels in rag_service._native, with the NumPy references as fallback.
+
+Import this module, never rag_service._native directly. Like faiss's loader, it tries the compiled extension and,
+when that fails, logs why and serves every kernel from rag_service.kernels.reference instead (same results, slower).
+
+Backend choice, made per call (or per explicit fusion_backend() resolve), never frozen at import:
+  RAG_SERVICE_BACKEND=auto   (default) C++ when the extension imports, else NumPy; a kernel with a CUDA twin
+                             (window_maxsim, similarity_matrix, mmr_select) runs on CUDA when the extension was built
+                             with CUDA, a device answers and the call is large enough to pay for the transfers
+                             (CUDA_MIN_WORK)
+                      cpp    C++; RuntimeError if the extension is missing
+                      cuda   the CUDA kernel where one exists, C++ for the others; RuntimeError if the extension was
+                             built without CUDA or no device answers
+                      numpy  the NumPy references
+
+Kernels: fuse (score fusion); window_maxsim, proximity, linear_scores (rerank features and model);
+similarity_matrix, mmr_select (context filter). Semantics: the *_reference functions in rag_service.kernels.reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from rag_service.kernels.reference import (
+    SOFTMAX_TEMPERATURE,
+    FusionResult,
+    fuse_reference,
+    linear_scores_reference,
+    mmr_select_reference,
+    proximity_reference,
+    similarity_matrix_reference,
+    window_maxsim_reference,
+)
+
+__all__ = [
+    "BACKENDS",
+    "BACKEND_ENV",
+    "CUDA_MIN_WORK",
+    "HAS_CUDA",
+    "HAS_NATIVE",
+    "NATIVE_IMPORT_ERROR",
+    "FusionResult",
+    "backend_info",
+    "cuda_device_status",
+    "fuse",
+    "fusion_backend",
+    "kernel_backend",
+    "linear_scores",
+    "mmr_select",
+    "proximity",
+    "requested_backend",
+    "similarity_matrix",
+    "simd_level",
+    "window_maxsim",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKEND_ENV = "RAG_SERVICE_BACKEND"
+BACKENDS = ("auto", "cuda", "cpp", "numpy")
+
+_BUILD_HINT = "install rag-service from source with `pip install .` (needs a C++17 compiler and CMake >= 3.24)"
+_CUDA_HINT = ("rebuild it with nvcc on PATH (or CUDACXX set) and CUDA forced on: `RAG_SERVICE_CUDA=ON pip install .` "
+              "(no GPU is needed to build)")
+
+try:
+    from rag_service import _native
+except ImportError as _error:
+    _native = None
+    NATIVE_IMPORT_ERROR: str | None = f"{type(_error).__name__}: {_error}"
+    logger.warning("rag_service._native is not available (%s); using the NumPy reference kernels, which are slower. "
+                   "To get the native kernels, %s.", NATIVE_IMPORT_ERROR, _BUILD_HINT)
+else:
+    NATIVE_IMPORT_ERROR = None
+    logger.debug("loaded %s", _native.BUILD_INFO)
+
+HAS_NATIVE: bool = _native is not None
+HAS_CUDA: bool = bool(_native.HAS_CUDA) if _native is not None else False  # the extension was built with CUDA
+# The rerank / context-filter kernels arrived after fusion: an extension built from older sources lacks them.
+_HAS_RERANK_KERNELS: bool = _native is not None and hasattr(_native, "window_maxsim")
+if _native is not None and not _HAS_RERANK_KERNELS:
+    logger.warning("rag_service._native predates the rerank kernels; they run on the NumPy references until it is "
+                   "rebuilt (`python setup.py build_ext --inplace` or `pip install .`)")
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_device_status() -> tuple[bool, str]:
+    """(available, reason): whether a CUDA device answers; reason says why not ("" when available). Cached."""
+    if _native is None:
+        return False, f"rag_service._native is not available ({NATIVE_IMPORT_ERROR})"
+    if not HAS_CUDA:
+        return False, "rag_service._native was built without CUDA"
+    count, error = _native.cuda_device_count()
+    if count > 0:
+        return True, ""
+    return False, error or "no CUDA device found"
+
+
+def requested_backend() -> str:
+    """The backend RAG_SERVICE_BACKEND asks for, read now: one of BACKENDS ("auto" when unset or empty)."""
+    raw = os.environ.get(BACKEND_ENV, "")
+    value = raw.strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={raw!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _log_no_cuda_twin(kernel: str) -> None:
+    """Logs once per kernel that the CUDA backend serves it on C++ (the cache makes it once)."""
+    logger.info("backend 'cuda': kernel %r has no CUDA implementation and runs on the C++ backend", kernel)
+
+
+def _resolve(kernel: str, has_cuda_twin: bool, backend: str | None) -> str:
+    """The backend ("cuda", "cpp" or "numpy") that runs `kernel`, for an explicit `backend` or, when None, the
+    environment's choice. Raises ValueError for an unknown name and RuntimeError when the choice cannot be met."""
+    if backend is None:
+        requested, source = requested_backend(), BACKEND_ENV
+    else:
+        requested, source = backend, "backend"
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if requested == "numpy":
+        return "numpy"
+    if requested == "auto":
+        # auto never picks CUDA by itself: a device transfer pays off only for large inputs, so a kernel that gets a
+        # CUDA twin should be chosen for it explicitly ("cuda") until there is a measured size threshold.
+        return "cpp" if HAS_NATIVE else "numpy"
+    if not HAS_NATIVE:
+        raise RuntimeError(f"{source}={requested!r} needs the native extension rag_service._native, which is not "
+                           f"available ({NATIVE_IMPORT_ERROR}); {_BUILD_HINT}")
+    if requested == "cpp":
+        return "cpp"
+    if not HAS_CUDA:
+        raise RuntimeError(f"{source}='cuda' but rag_service._native was built without CUDA; {_CUDA_HINT}")
+    available, reason = cuda_device_status()
+    if not available:
+        raise RuntimeError(f"{source}='cuda' but no CUDA device is usable: {reason}")
+    if has_cuda_twin:
+        return "cuda"
+    _log_no_cuda_twin(kernel)
+    return "cpp"
+
+
+def fusion_backend(backend: str | None = None) -> str:
+    """The backend fuse() runs on: "cpp" or "numpy". backend=None resolves RAG_SERVICE_BACKEND now."""
+    # Fusion has no CUDA twin: with candidate lists of a few hundred ids the kernel takes microseconds on the CPU,
+    # less than a single host-to-device transfer and launch would, so "cuda" runs it on C++.
+    return _resolve("fusion", False, backend)
+
+
+_INT64 = np.dtype(np.int64)
+_FLOAT32 = np.dtype(np.float32)
+
+
+def _as_vector(values: Any, dtype: np.dtype, name: str) -> np.ndarray:
+    """values as a 1-D C-contiguous array of dtype (int64 ids or float32 scores); ValueError naming the argument when
+    it cannot be one without losing information (float ids, out-of-range values, non-numbers)."""
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got {array.ndim}-D")
+    if array.dtype == dtype:  # the common case: no conversion
+        return np.ascontiguousarray(array)
+    kinds = "iu" if dtype == _INT64 else "fiu"
+    if array.size and array.dtype.kind not in kinds:
+        raise ValueError(f"{name} must hold {'integers' if kinds == 'iu' else 'numbers'}, got dtype {array.dtype}")
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} has ids beyond the int64 range")
+    with np.errstate(over="ignore"):
+        converted = np.ascontiguousarray(array, dtype=dtype)
+    if dtype == _FLOAT32 and array.dtype.kind == "f" and array.size:
+        out_of_range = np.isfinite(array) & ~np.isfinite(converted)
+        if out_of_range.any():
+            at = int(np.flatnonzero(out_of_range)[0])
+            raise ValueError(f"{name} must fit in float32, got {array[at]} at index {at}")
+    return converted
+
+
+def fuse(
+    bm25_ids: Any,
+    bm25_scores: Any,
+    dense_ids: Any,
+    dense_scores: Any,
+    *,
+    method: str = "weighted",
+    dense_weight: float = 0.5,
+    top_k: int = 10,
+    rrf_k: float = 60.0,
+    backend: str | None = None,
+) -> FusionResult:
+    """Fuse a BM25 and a dense candidate list (each in rank order) into the top_k of their union.
+
+    Semantics: rag_service.kernels.reference.fuse_reference. Inputs are converted to int64 ids / float32 scores, 1-D and
+    C-contiguous; anything else wrong raises ValueError naming the argument. backend=None uses RAG_SERVICE_BACKEND
+    (see fusion_backend); "cpp" or "numpy" (or any of BACKENDS) pick one explicitly.
+    """
+    chosen = fusion_backend(backend)
+    b_ids = _as_vector(bm25_ids, _INT64, "bm25_ids")
+    b_scores = _as_vector(bm25_scores, _FLOAT32, "bm25_scores")
+    d_ids = _as_vector(dense_ids, _INT64, "dense_ids")
+    d_scores = _as_vector(dense_scores, _FLOAT32, "dense_scores")
+    if chosen == "cpp":
+        return FusionResult(*_native.fuse(b_ids, b_scores, d_ids, d_scores, method, dense_weight, top_k, rrf_k))
+    return fuse_reference(b_ids, b_scores, d_ids, d_scores, method=method, dense_weight=dense_weight, top_k=top_k,
+                          rrf_k=rrf_k)
+
+
+def backend_info() -> dict[str, Any]:
+    """What this process runs on: built_with_cuda, cuda_device_available, cuda_reason ("" when available) and
+    fusion_backend ("cpp"/"numpy", as RAG_SERVICE_BACKEND resolves now; raises like fuse() when it cannot)."""
+    available, reason = cuda_device_status()
+    return {
+        "built_with_cuda": HAS_CUDA,
+        "cuda_device_available": available,
+        "cuda_reason": reason,
+        "fusion_backend": fusion_backend(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rerank and context-filter kernels
+# --------------------------------------------------------------------------------------------------------------------
+
+# Below these amounts of work (multiply-adds) "auto" keeps a kernel with a CUDA twin on the CPU: the C++ kernel reads
+# the rows once at memory speed, while CUDA must first gather and copy them over PCIe (~25 GB/s) and pay ~10-20 us of
+# launches and synchronisation. Estimates from those costs, not measured on a GPU (none was available): a request's
+# 100-200 candidates stay well below them; bulk scoring (benchmarks, offline evaluation) crosses them.
+CUDA_MIN_WORK = {
+    "window_maxsim": 64 << 20,      # candidate windows x d
+    "similarity_matrix": 256 << 20,  # m x m x d
+    "mmr_select": 64 << 20,          # m x m x k (the greedy loop; the matrix itself must come over too)
+}
+
+_KERNEL_CUDA_TWIN = {"window_maxsim": True, "similarity_matrix": True, "mmr_select": True, "proximity": False,
+                     "linear_scores": False}
+
+
+def kernel_backend(kernel: str, backend: str | None = None, *, work: int = 0) -> str:
+    """The backend ("cuda", "cpp" or "numpy") that runs `kernel` for a call of `work` multiply-adds.
+
+    backend=None resolves RAG_SERVICE_BACKEND now. "auto" picks CUDA only for a kernel with a CUDA twin, when the
+    extension was built with CUDA, a device answers and work >= CUDA_MIN_WORK[kernel]; else C++ (NumPy when the
+    extension is missing or predates these kernels). Forcing "cpp" or "cuda" when it cannot be met raises
+    RuntimeError saying how to get it; an unknown name raises ValueError.
+    """
+    if kernel not in _KERNEL_CUDA_TWIN:
+        raise ValueError(f"kernel must be one of {', '.join(sorted(_KERNEL_CUDA_TWIN))}, got {kernel!r}")
+    twin = _KERNEL_CUDA_TWIN[kernel]
+    chosen = _resolve(kernel, twin, backend)
+    if chosen != "numpy" and not _HAS_RERANK_KERNELS:
+        if (backend or requested_backend()) == "auto":
+            return "numpy"
+        raise RuntimeError(f"rag_service._native was built from sources older than the {kernel} kernel; rebuild it "
+                           "(`python setup.py build_ext --inplace` or `pip install .`)")
+    if chosen == "cpp" and twin and HAS_CUDA and work >= CUDA_MIN_WORK[kernel] \
+            and (backend or requested_backend()) == "auto" and cuda_device_status()[0]:
+        return "cuda"
+    return chosen
+
+
+def _on_device(kernel: str, backend: str | None, cuda_call, cpp_call):
+    """cuda_call(); when "auto" chose CUDA and the device fails (out of memory, a reset, a lost driver), logs why and
+    returns cpp_call() instead: the request still gets its answer. A forced "cuda" raises."""
+    try:
+        return cuda_call()
+    except RuntimeError as error:
+        if (backend or requested_backend()) == "cuda":
+            raise
+        logger.warning("CUDA %s failed (%s); running it on the C++ backend", kernel, error)
+        return cpp_call()
+
+
+def simd_level() -> str:
+    """The widest SIMD instruction set the C++ kernels use on this CPU: "avx512", "avx2" or "scalar" ("none" when
+    the native extension or its rerank kernels are missing)."""
+    return str(_native.simd_level()) if _HAS_RERANK_KERNELS else "none"
+
+
+def _as_float32_matrix(values: Any, name: str) -> np.ndarray:
+    """values as a 2-D float32 array: float32 input is used as is (the native boundary checks its layout), other
+    numbers are converted (a copy); anything else raises ValueError naming the argument."""
+    array = np.asarray(values)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got {array.ndim}-D")
+    if array.dtype == _FLOAT32:
+        return array
+    if array.size and array.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must hold numbers, got dtype {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def window_maxsim(
+    query: Any,
+    offsets: np.ndarray,
+    vectors: np.ndarray,
+    scales: np.ndarray | None,
+    candidates: Any,
+    *,
+    temperature: float = SOFTMAX_TEMPERATURE,
+    backend: str | None = None,
+) -> np.ndarray:
+    """Window MaxSim features of each candidate chunk: float32[m, 3] = [max, mean of the top 2, soft max].
+
+    query: float32[d] (converted from other float/int arrays); offsets int64[n_chunks + 1] CSR over vectors' rows;
+    vectors int8[n_windows, d] with scales float32[n_windows], or float16/float32[n_windows, d] with scales=None (the
+    store is not converted: it is usually a memory map, and a copy per call would cost more than the kernel);
+    candidates: chunk ids (converted to int64). A candidate without windows gets NaN in all three columns. Semantics
+    and errors: rag_service.kernels.reference.window_maxsim_reference.
+    """
+    q = _as_vector(query, _FLOAT32, "query")
+    ids = _as_vector(candidates, _INT64, "candidates")
+    work = 0
+    if isinstance(offsets, np.ndarray) and isinstance(vectors, np.ndarray) and offsets.ndim == 1 and offsets.size \
+            and vectors.ndim == 2 and ids.size:
+        # an upper bound without touching the windows: the candidates' share of the store
+        work = int(ids.size * max(int(offsets[-1]) - int(offsets[0]), 0) // max(offsets.size - 1, 1)) \
+            * int(vectors.shape[1])
+    chosen = kernel_backend("window_maxsim", backend, work=work)
+    if chosen == "numpy":
+        return window_maxsim_reference(q, offsets, vectors, scales, ids, temperature=temperature)
+
+    def run(cuda: bool) -> np.ndarray:
+        return _native.window_maxsim(q, offsets, vectors, scales, ids, float(temperature), cuda)
+
+    return _on_device("window_maxsim", backend, lambda: run(True), lambda: run(False)) if chosen == "cuda" \
+        else run(False)
+
+
+def proximity(query_terms: Any, token_offsets: np.ndarray, tokens: np.ndarray, candidates: Any,
+              *, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(span int32[m], matched int32[m]): per candidate chunk, how many distinct query terms occur in its token
+    stream and the shortest span of tokens covering all of them (1 for one term, 0 for none). query_terms are
+    converted to int32 (distinct, >= 0), candidates to int64; token_offsets int64 and tokens int32 as stored.
+    Semantics and errors: rag_service.kernels.reference.proximity_reference."""
+    terms = np.asarray(query_terms)
+    if terms.ndim == 1 and terms.dtype != np.int32:
+        if terms.size and terms.dtype.kind not in "iu":
+            raise ValueError(f"query_terms must hold integers, got dtype {terms.dtype}")
+        if terms.size and (terms.min() < np.iinfo(np.int32).min or terms.max() > np.iinfo(np.int32).max):
+            raise ValueError("query_terms must fit in int32")
+        terms = terms.astype(np.int32)
+    terms = _as_vector(terms, np.dtype(np.int32), "query_terms")
+    ids = _as_vector(candidates, _INT64, "candidates")
+    if kernel_backend("proximity", backend) == "numpy":
+        return proximity_reference(terms, token_offsets, tokens, ids)
+    return _native.proximity(terms, token_offsets, tokens, ids)
+
+
+def linear_scores(features: Any, weights: Any, bias: float, *, backend: str | None = None) -> np.ndarray:
+    """float32[m]: features float32[m, f] @ weights float32[f] + bias, summed in float64. Semantics and errors:
+    rag_service.kernels.reference.linear_scores_reference."""
+    f = _as_float32_matrix(features, "features")
+    w = _as_vector(weights, _FLOAT32, "weights")
+    if kernel_backend("linear_scores", backend) == "numpy":
+        return linear_scores_reference(f, w, bias)
+    return _native.linear_scores(np.ascontiguousarray(f), w, float(bias))
+
+
+def similarity_matrix(vectors: Any, *, backend: str | None = None) -> np.ndarray:
+    """float32[m, m] of pairwise dot products of vectors' rows (float32[m, d], unit rows give cosines). Semantics and
+    errors: rag_service.kernels.reference.similarity_matrix_reference."""
+    v = _as_float32_matrix(vectors, "vectors")
+    chosen = kernel_backend("similarity_matrix", backend, work=v.shape[0] * v.shape[0] * v.shape[1])
+    if chosen == "numpy":
+        return similarity_matrix_reference(v)
+    if chosen == "cuda":
+        return _on_device("similarity_matrix", backend, lambda: _native.similarity_matrix(v, True),
+                          lambda: _native.similarity_matrix(v, False))
+    return _native.similarity_matrix(v, False)
+
+
+def mmr_select(relevance: Any, sim: Any, mmr_lambda: float, k: int, dedup_threshold: float,
+               *, backend: str | None = None) -> np.ndarray:
+    """int64[<= k]: indices picked by greedy MMR (first the most relevant; then max lambda * relevance - (1 - lambda)
+    * max similarity to those picked; ties to the lower index), dropping every candidate whose similarity to a pick
+    is above dedup_threshold. Semantics and errors: rag_service.kernels.reference.mmr_select_reference."""
+    rel = _as_vector(relevance, _FLOAT32, "relevance")
+    s = _as_float32_matrix(sim, "sim")
+    k = operator.index(k)
+    chosen = kernel_backend("mmr_select", backend, work=s.shape[0] * s.shape[0] * max(min(k, s.shape[0]), 0))
+    if chosen == "numpy":
+        return mmr_select_reference(rel, s, mmr_lambda, k, dedup_threshold)
+
+    def run(cuda: bool) -> np.ndarray:
+        return _native.mmr_select(rel, s, float(mmr_lambda), k, float(dedup_threshold), cuda)
+
+    return _on_device("mmr_select", backend, lambda: run(True), lambda: run(False)) if chosen == "cuda" \
+        else run(False)

@@ -1,0 +1,460 @@
+"""NumPy references of every native kernel: readable, slow, and the specification the C++ (and any CUDA) code must meet.
+
+Each kernel has its own section below. A reference takes the same arguments as the native kernel, raises the same
+ValueErrors (messages name the argument) and returns the same result type; tests compare the two on seeded random
+inputs. A reference is strict about dtypes and shapes like the native boundary (rag_service.kernels.native does the lenient
+conversions); it accepts any memory layout, which is a C++ concern rather than part of the semantics.
+
+Kernels:
+  * fusion -- fuse_reference: merge a BM25 and a dense candidate list into one ranking.
+  * rerank features -- window_maxsim_reference (MaxSim of the query against each candidate's stored window vectors),
+    proximity_reference (shortest token span covering the query terms present), linear_scores_reference (the fitted
+    linear model over assembled features).
+  * context filter -- similarity_matrix_reference (pairwise dot products of the candidates' vectors) and
+    mmr_select_reference (greedy maximal marginal relevance with near-duplicate removal).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "FUSION_METHODS",
+    "SOFTMAX_TEMPERATURE",
+    "FusionResult",
+    "fuse_reference",
+    "linear_scores_reference",
+    "mmr_select_reference",
+    "proximity_reference",
+    "similarity_matrix_reference",
+    "window_maxsim_reference",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared argument checks
+# --------------------------------------------------------------------------------------------------------------------
+
+def _check_vector(value: object, name: str, dtype: type[np.generic]) -> np.ndarray:
+    """value must be a 1-D ndarray of exactly `dtype` (native byte order); returns it unchanged."""
+    expected = np.dtype(dtype)
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{name} must be a numpy.ndarray of {expected}, got {type(value).__name__}")
+    if value.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got {value.ndim}-D")
+    if value.dtype != expected or not value.dtype.isnative:
+        raise ValueError(f"{name} must have dtype {expected}, got {value.dtype}")
+    return value
+
+
+def _check_finite(scores: np.ndarray, name: str) -> None:
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise ValueError(f"{name} must be finite, got {scores[bad[0]]:g} at index {bad[0]}")
+
+
+def _check_unique(ids: np.ndarray, name: str) -> None:
+    """Reports the first position (scanning in list order) whose id occurred earlier, as the C++ kernel does."""
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    repeats = np.flatnonzero(first[inverse] != np.arange(ids.size))
+    if repeats.size:
+        j = repeats[0]
+        raise ValueError(f"{name} must not repeat an id: {ids[j]} at positions {first[inverse[j]]} and {j}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Kernel: fusion
+# --------------------------------------------------------------------------------------------------------------------
+
+FUSION_METHODS = ("rrf", "weighted")
+
+
+class FusionResult(NamedTuple):
+    """The fused top-k, best first. bm25/dense are each retriever's raw score, NaN where the id is absent."""
+
+    ids: np.ndarray     # int64[k]
+    scores: np.ndarray  # float32[k], the fused score
+    bm25: np.ndarray    # float32[k]
+    dense: np.ndarray   # float32[k]
+
+
+def _fusion_contributions(scores: np.ndarray, method: str, factor: float, rrf_k: float) -> np.ndarray:
+    """One list's contribution to the fused score of each of its ids, in list (rank) order, as float64.
+
+    weighted: factor * min-max normalised score, where a list whose scores are all equal normalises to 1.0.
+    rrf:      factor / (rrf_k + rank), rank 1-based.
+    The operation order is the C++ kernel's, so the two agree bit for bit (which makes tie-breaking agree).
+    """
+    if scores.size == 0:
+        return np.zeros(0, dtype=np.float64)
+    if method == "rrf":
+        ranks = np.arange(1, scores.size + 1, dtype=np.float64)
+        return factor / (rrf_k + ranks)
+    lo, hi = np.float64(scores.min()), np.float64(scores.max())
+    if hi > lo:
+        normalised = (scores.astype(np.float64) - lo) / (hi - lo)
+    else:
+        normalised = np.ones(scores.size, dtype=np.float64)
+    return factor * normalised
+
+
+def fuse_reference(
+    bm25_ids: np.ndarray,
+    bm25_scores: np.ndarray,
+    dense_ids: np.ndarray,
+    dense_scores: np.ndarray,
+    *,
+    method: str,
+    dense_weight: float,
+    top_k: int,
+    rrf_k: float = 60.0,
+) -> FusionResult:
+    """Fuse two candidate lists, each in rank order (position 0 is rank 1; either may be empty).
+
+    Inputs: ids int64 1-D, scores float32 1-D and finite, equal length per list, no id twice in one list;
+    method "rrf" or "weighted"; 0 <= dense_weight (w) <= 1; top_k >= 1; rrf_k finite and > 0. Otherwise ValueError.
+
+    For every id in the union of both lists (an id absent from a list contributes 0 from it):
+      weighted: fused = (1 - w) * norm(bm25) + w * norm(dense), norm(s) = (s - min) / (max - min) over that list,
+                or 1.0 when max == min
+      rrf:      fused = (1 - w) / (rrf_k + rank_bm25) + w / (rrf_k + rank_dense)
+    computed in float64. The result is sorted by fused descending, exact ties by id ascending, cut to
+    min(top_k, |union|), with fused cast to float32 at the end and each retriever's raw score (NaN when absent).
+    """
+    _check_vector(bm25_ids, "bm25_ids", np.int64)
+    _check_vector(bm25_scores, "bm25_scores", np.float32)
+    if bm25_ids.size != bm25_scores.size:
+        raise ValueError(f"bm25_ids and bm25_scores must have the same length, got {bm25_ids.size} and "
+                         f"{bm25_scores.size}")
+    _check_vector(dense_ids, "dense_ids", np.int64)
+    _check_vector(dense_scores, "dense_scores", np.float32)
+    if dense_ids.size != dense_scores.size:
+        raise ValueError(f"dense_ids and dense_scores must have the same length, got {dense_ids.size} and "
+                         f"{dense_scores.size}")
+    if method not in FUSION_METHODS:
+        raise ValueError(f"method must be 'rrf' or 'weighted', got {method!r}")
+    if not 0.0 <= dense_weight <= 1.0:
+        raise ValueError(f"dense_weight must be in [0, 1], got {dense_weight:g}")
+    top_k = operator.index(top_k)  # an int, as the native boundary requires (a float raises TypeError)
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if not (np.isfinite(rrf_k) and rrf_k > 0):
+        raise ValueError(f"rrf_k must be finite and > 0, got {rrf_k:g}")
+    _check_finite(bm25_scores, "bm25_scores")
+    _check_finite(dense_scores, "dense_scores")
+    _check_unique(bm25_ids, "bm25_ids")
+    _check_unique(dense_ids, "dense_ids")
+
+    w = float(dense_weight)
+    union = np.union1d(bm25_ids, dense_ids)  # sorted ascending, so a stable sort below breaks ties by id
+    at_bm25 = np.searchsorted(union, bm25_ids)
+    at_dense = np.searchsorted(union, dense_ids)
+
+    fused = np.zeros(union.size, dtype=np.float64)
+    fused[at_bm25] = _fusion_contributions(bm25_scores, method, 1.0 - w, float(rrf_k))
+    fused[at_dense] += _fusion_contributions(dense_scores, method, w, float(rrf_k))
+
+    raw_bm25 = np.full(union.size, np.nan, dtype=np.float32)
+    raw_bm25[at_bm25] = bm25_scores
+    raw_dense = np.full(union.size, np.nan, dtype=np.float32)
+    raw_dense[at_dense] = dense_scores
+
+    order = np.argsort(-fused, kind="stable")[: min(top_k, union.size)]
+    return FusionResult(ids=union[order], scores=fused[order].astype(np.float32), bm25=raw_bm25[order],
+                        dense=raw_dense[order])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared checks for the rerank and context-filter kernels
+# --------------------------------------------------------------------------------------------------------------------
+
+def _check_matrix(value: object, name: str, dtypes: tuple[type[np.generic], ...]) -> np.ndarray:
+    """value must be a 2-D ndarray of one of `dtypes` (native byte order); returns it unchanged."""
+    expected = " or ".join(str(np.dtype(d)) for d in dtypes)
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{name} must be a numpy.ndarray of {expected}, got {type(value).__name__}")
+    if value.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got {value.ndim}-D")
+    if value.dtype not in [np.dtype(d) for d in dtypes] or not value.dtype.isnative:
+        raise ValueError(f"{name} must have dtype {expected}, got {value.dtype}")
+    return value
+
+
+def _check_finite_matrix(values: np.ndarray, name: str) -> None:
+    bad = np.argwhere(~np.isfinite(values))
+    if bad.size:
+        i, j = (int(x) for x in bad[0])
+        raise ValueError(f"{name} must be finite, got {values[i, j]:g} at [{i}, {j}]")
+
+
+def _check_offsets(offsets: np.ndarray, name: str, total: int, total_name: str) -> None:
+    """CSR offsets: at least one entry (n_chunks + 1). Ranges are checked per candidate (_check_ranges): a call reads
+    only its candidates' rows, and checking the whole index on every call would cost more than the kernel."""
+    if offsets.size == 0:
+        raise ValueError(f"{name} must have at least one entry (n_chunks + 1)")
+
+
+def _check_ranges(offsets: np.ndarray, name: str, candidates: np.ndarray, total: int, total_name: str) -> None:
+    """For each candidate c: 0 <= offsets[c] <= offsets[c + 1] <= total (rows of total_name)."""
+    start, stop = offsets[candidates], offsets[candidates + 1]
+    bad = np.flatnonzero((start < 0) | (stop < start) | (stop > total))
+    if bad.size:
+        c = candidates[bad[0]]
+        raise ValueError(f"{name} of chunk {c} are [{offsets[c]}, {offsets[c + 1]}), not a range within the {total} "
+                         f"rows of {total_name}")
+
+
+def _check_ids(ids: np.ndarray, name: str, n: int) -> None:
+    bad = np.flatnonzero((ids < 0) | (ids >= n))
+    if bad.size:
+        raise ValueError(f"{name} must be in [0, {n}), got {ids[bad[0]]} at index {bad[0]}")
+
+
+def _check_float(value: object, name: str, *, allow_inf: bool = False) -> float:
+    """value as a Python float (an int or a NumPy scalar is fine); NaN (and inf unless allowed) raise ValueError."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if np.isnan(number) or (not allow_inf and np.isinf(number)):
+        raise ValueError(f"{name} must be {'a number' if allow_inf else 'finite'}, got {number:g}")
+    return number
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Kernel: window MaxSim (rerank feature)
+# --------------------------------------------------------------------------------------------------------------------
+
+SOFTMAX_TEMPERATURE = 0.05
+
+
+def _check_window_store(offsets: object, vectors: object, scales: object, d: int | None) -> tuple[int, int]:
+    """Checks the CSR window store; returns (n_chunks, n_windows)."""
+    _check_vector(offsets, "offsets", np.int64)
+    _check_matrix(vectors, "vectors", (np.int8, np.float16, np.float32))
+    n_windows, width = vectors.shape  # type: ignore[union-attr]
+    if d is not None and width != d:
+        raise ValueError(f"vectors must have {d} columns (the query's dimension), got {width}")
+    if vectors.dtype == np.int8:  # type: ignore[union-attr]
+        if scales is None:
+            raise ValueError("scales is required (float32[n_windows]) when vectors are int8")
+        _check_vector(scales, "scales", np.float32)
+        if scales.size != n_windows:  # type: ignore[union-attr]
+            raise ValueError(f"scales must have one entry per row of vectors ({n_windows}), got {scales.size}")
+    elif scales is not None:
+        raise ValueError(f"scales must be None when vectors are {vectors.dtype} (only int8 vectors are scaled)")
+    _check_offsets(offsets, "offsets", n_windows, "vectors")  # type: ignore[arg-type]
+    return offsets.size - 1, n_windows  # type: ignore[union-attr]
+
+
+def window_maxsim_reference(
+    query: np.ndarray,
+    offsets: np.ndarray,
+    vectors: np.ndarray,
+    scales: np.ndarray | None,
+    candidates: np.ndarray,
+    *,
+    temperature: float = SOFTMAX_TEMPERATURE,
+) -> np.ndarray:
+    """MaxSim of a query against each candidate chunk's window vectors.
+
+    Inputs: query float32[d], finite (unit norm, so the dot products are cosines); offsets int64[n_chunks + 1], a CSR
+    index: chunk c owns rows offsets[c]:offsets[c + 1] of vectors (for each candidate c, 0 <= offsets[c] <=
+    offsets[c + 1] <= n_windows; only the candidates' entries are checked);
+    vectors int8[n_windows, d] with scales float32[n_windows] (a row's value is int8 * scale), or float16 / float32
+    [n_windows, d] with scales=None; candidates int64[m], chunk ids in [0, n_chunks) (repeats allowed); temperature
+    finite and > 0. Otherwise ValueError naming the argument. A non-finite window score (NaN or inf in a candidate's
+    rows or scales) raises ValueError too: only the candidates' rows are read, so only they are checked.
+
+    Returns float32[m, 3], per candidate: [max window score, mean of the two best (the max when only one window),
+    soft max = T * log(sum exp(s / T)) - T * log(count) (<= max; T = temperature)]. A candidate without windows gets
+    NaN in all three columns (the caller substitutes its own value). Scores accumulate in float32 (int8 rows are
+    dotted with the query, then multiplied by the row's scale); the soft max is computed in float64 from them.
+    """
+    _check_vector(query, "query", np.float32)
+    _check_finite(query, "query")
+    _, n_windows = _check_window_store(offsets, vectors, scales, query.size)
+    n_chunks = offsets.size - 1
+    _check_vector(candidates, "candidates", np.int64)
+    _check_ids(candidates, "candidates", n_chunks)
+    _check_ranges(offsets, "offsets", candidates, n_windows, "vectors")
+    temperature = _check_float(temperature, "temperature")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature:g}")
+
+    out = np.full((candidates.size, 3), np.nan, dtype=np.float32)
+    for row, chunk in enumerate(candidates):
+        start, stop = int(offsets[chunk]), int(offsets[chunk + 1])
+        if stop == start:
+            continue
+        scores = vectors[start:stop].astype(np.float32) @ query
+        if scales is not None:
+            scores = scores * scales[start:stop]
+        if not np.all(np.isfinite(scores)):
+            raise ValueError(f"vectors (or scales) of chunk {chunk} (rows {start}:{stop}) hold non-finite values")
+        best = np.sort(scores)[::-1]
+        top = best[0]
+        top2 = (best[0] + best[1]) / np.float32(2) if best.size > 1 else top
+        s = best.astype(np.float64)
+        soft = temperature * np.log(np.sum(np.exp((s - s[0]) / temperature))) + s[0] - temperature * np.log(s.size)
+        out[row] = (top, top2, min(soft, float(top)))  # rounding may put the soft max a hair above the max
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Kernel: term proximity (rerank feature)
+# --------------------------------------------------------------------------------------------------------------------
+
+def proximity_reference(
+    query_terms: np.ndarray,
+    token_offsets: np.ndarray,
+    tokens: np.ndarray,
+    candidates: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shortest span of each candidate's token stream that covers every query term it contains.
+
+    Inputs: query_terms int32[q], distinct term ids >= 0; token_offsets int64[n_chunks + 1] (CSR over tokens, like
+    window_maxsim's offsets); tokens int32[n_tokens], each chunk's analysed tokens as term ids in position order (any
+    value not among query_terms, e.g. -1 for a token that is not a term, simply never matches); candidates int64[m]
+    in [0, n_chunks). Otherwise ValueError naming the argument.
+
+    Returns (span int32[m], matched int32[m]): matched = how many distinct query terms occur in the chunk; span = the
+    length in tokens of the shortest run of positions containing each of those terms (1 when matched == 1, 0 when
+    matched == 0).
+    """
+    _check_vector(query_terms, "query_terms", np.int32)
+    _check_vector(token_offsets, "token_offsets", np.int64)
+    _check_vector(tokens, "tokens", np.int32)
+    _check_vector(candidates, "candidates", np.int64)
+    negative = np.flatnonzero(query_terms < 0)
+    if negative.size:
+        raise ValueError(f"query_terms must be >= 0, got {query_terms[negative[0]]} at index {negative[0]}")
+    _check_unique(query_terms.astype(np.int64), "query_terms")
+    _check_offsets(token_offsets, "token_offsets", tokens.size, "tokens")
+    _check_ids(candidates, "candidates", token_offsets.size - 1)
+    _check_ranges(token_offsets, "token_offsets", candidates, tokens.size, "tokens")
+
+    span = np.zeros(candidates.size, dtype=np.int32)
+    matched = np.zeros(candidates.size, dtype=np.int32)
+    for row, chunk in enumerate(candidates):
+        stream = tokens[token_offsets[chunk]: token_offsets[chunk + 1]]
+        positions = np.flatnonzero(np.isin(stream, query_terms))
+        terms = stream[positions]
+        need = np.unique(terms).size
+        matched[row] = need
+        if need == 0:
+            continue
+        # Sliding window over the hits: grow on the right, shrink on the left while every present term stays inside.
+        counts: dict[int, int] = {}
+        best = len(stream)
+        left = 0
+        for right, term in enumerate(terms.tolist()):
+            counts[term] = counts.get(term, 0) + 1
+            while len(counts) == need:
+                best = min(best, int(positions[right] - positions[left]) + 1)
+                leaving = int(terms[left])
+                counts[leaving] -= 1
+                if counts[leaving] == 0:
+                    del counts[leaving]
+                left += 1
+        span[row] = best
+    return span, matched
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Kernel: linear scores (the fitted rerank model)
+# --------------------------------------------------------------------------------------------------------------------
+
+def linear_scores_reference(features: np.ndarray, weights: np.ndarray, bias: float) -> np.ndarray:
+    """features @ weights + bias, per candidate.
+
+    Inputs: features float32[m, f], finite; weights float32[f], finite; bias a finite number. Otherwise ValueError.
+    Returns float32[m], computed in float64 (sum over features in column order, then + bias) and rounded once.
+    """
+    _check_matrix(features, "features", (np.float32,))
+    _check_vector(weights, "weights", np.float32)
+    if features.shape[1] != weights.size:
+        raise ValueError(f"weights must have one entry per column of features ({features.shape[1]}), got "
+                         f"{weights.size}")
+    _check_finite(weights, "weights")
+    _check_finite_matrix(features, "features")
+    bias = _check_float(bias, "bias")
+    total = np.zeros(features.shape[0], dtype=np.float64)
+    for j in range(features.shape[1]):
+        total += features[:, j].astype(np.float64) * np.float64(weights[j])
+    return (total + bias).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Kernels: similarity matrix and MMR (context filter)
+# --------------------------------------------------------------------------------------------------------------------
+
+def similarity_matrix_reference(vectors: np.ndarray) -> np.ndarray:
+    """float32[m, m] of the rows' pairwise dot products (cosines for unit rows). vectors: float32[m, d], finite."""
+    _check_matrix(vectors, "vectors", (np.float32,))
+    _check_finite_matrix(vectors, "vectors")
+    return vectors @ vectors.T
+
+
+def mmr_select_reference(
+    relevance: np.ndarray,
+    sim: np.ndarray,
+    mmr_lambda: float,
+    k: int,
+    dedup_threshold: float,
+) -> np.ndarray:
+    """Greedy maximal marginal relevance with near-duplicate removal; returns the chosen indices in pick order.
+
+    Inputs: relevance float32[m], finite; sim float32[m, m] (expected symmetric; row i is the similarity of candidate
+    i to the others); 0 <= mmr_lambda <= 1; k >= 0; dedup_threshold a number (inf disables dedup). Otherwise
+    ValueError naming the argument. Only the rows of picked candidates are read (the row of the k-th pick is not:
+    nothing follows it), so only they must be finite (a non-finite value there raises ValueError): checking all
+    m * m entries would cost more than the selection.
+
+    The first pick is the most relevant candidate. Then, while fewer than k are chosen and candidates remain, pick the
+    remaining i maximising lambda * relevance[i] - (1 - lambda) * max(sim[j, i] for chosen j), computed in float64 in
+    that operation order. Ties go to the lower index. After each pick j, every remaining i with sim[j, i] >
+    dedup_threshold is dropped for good. With lambda = 1 and no similarity above dedup_threshold the result is the
+    relevance order (ties by index), cut to k. Returns int64[<= k].
+    """
+    _check_vector(relevance, "relevance", np.float32)
+    _check_matrix(sim, "sim", (np.float32,))
+    m = relevance.size
+    if sim.shape != (m, m):
+        raise ValueError(f"sim must be ({m}, {m}) (one row and column per relevance entry), got {sim.shape}")
+    mmr_lambda = _check_float(mmr_lambda, "mmr_lambda")
+    if not 0.0 <= mmr_lambda <= 1.0:
+        raise ValueError(f"mmr_lambda must be in [0, 1], got {mmr_lambda:g}")
+    k = operator.index(k)
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    dedup_threshold = _check_float(dedup_threshold, "dedup_threshold", allow_inf=True)
+    _check_finite(relevance, "relevance")
+
+    chosen: list[int] = []
+    if m == 0 or k == 0:
+        return np.zeros(0, dtype=np.int64)
+    alive = np.ones(m, dtype=bool)
+    nearest = np.full(m, -np.inf, dtype=np.float64)  # max similarity to the chosen ones
+    rel = relevance.astype(np.float64)
+    pick = int(np.argmax(relevance))  # argmax returns the first maximum: the lower index wins ties
+    while True:
+        chosen.append(pick)
+        alive[pick] = False
+        if len(chosen) == min(k, m):
+            break
+        row = sim[pick].astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(row))
+        if bad.size:
+            raise ValueError(f"sim must be finite, got {row[bad[0]]:g} at [{pick}, {bad[0]}]")
+        alive &= ~(row > dedup_threshold)
+        nearest = np.maximum(nearest, row)
+        if not alive.any():
+            break
+        gain = mmr_lambda * rel - (1.0 - mmr_lambda) * nearest
+        gain[~alive] = -np.inf
+        pick = int(np.argmax(gain))
+    return np.asarray(chosen, dtype=np.int64)

@@ -1,0 +1,366 @@
+"""Dense retrieval over L2-normalised chunk vectors with faiss (inner product = cosine).
+
+Files:
+    dense.faiss         the faiss index (faiss.write_index)
+    vectors.npy         float32 (chunks, dim), the exact vectors, memory-mapped: rescoring and exact filtered search
+    dense_params.json   kind, dim, count and HNSW parameters
+    dense_codes.faiss   optional (build option dense_codes): int8 scalar (sq8) or 1-bit (binary) codes of the same
+                        vectors; when present the unfiltered first stage scans the codes for `oversample` times the
+                        asked depth and rescores those candidates exactly with vectors.npy (issue 5)
+    dense_codes.json    kind, bytes, oversample
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from rag_service.core.errors import IndexFormatError, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "dense.faiss"
+VECTORS_FILE = "vectors.npy"
+PARAMS_FILE = "dense_params.json"
+FILES = (INDEX_FILE, VECTORS_FILE, PARAMS_FILE)
+CODES_FILE = "dense_codes.faiss"
+CODES_PARAMS_FILE = "dense_codes.json"
+CODE_KINDS = ("none", "sq8", "binary")
+# Candidates taken from the codes per result asked, before exact rescoring. SciFact (10k chunks, MiniLM), depth 100:
+# the smallest factors reaching recall@100 >= 0.99 against the float index (bench/experiments/quantized_dense.py, bench/README.md).
+DEFAULT_OVERSAMPLE = {"sq8": 2, "binary": 20}
+
+DENSE_KINDS = ("auto", "flat", "hnsw")
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH_MIN = 128
+
+# Exact (flat) search below this many chunks, HNSW above. Measured on the 2-core build machine, one query, one OpenMP
+# thread, dim 384, k=100, p50: 5k chunks 0.4 ms, 10k 0.8 ms, 50k 3.9 ms, 100k 14 ms, 200k 24 ms (memory-bound: a
+# second thread does not help). 50k keeps exact search at a few ms per query; beyond that HNSW is the better trade:
+# on SciFact's 10k MiniLM vectors, efSearch 128 gives recall@10 0.999 against exact at 0.3 ms (on 50k synthetic,
+# noisier vectors: 0.83 at 0.7 ms, so exact stays the default wherever it is affordable).
+DEFAULT_HNSW_THRESHOLD = 50_000
+
+# With a filter, HNSW walks the graph skipping disallowed nodes, which degrades when few are allowed. Up to this many
+# allowed chunks an exact scan of their vectors is both cheaper and exact.
+EXACT_FILTER_LIMIT = 20_000
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+@contextlib.contextmanager
+def omp_threads(n: int) -> Iterator[None]:
+    """OpenMP's thread count is per calling thread (libgomp keeps it in the thread's ICV), so set and restore."""
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+def choose_kind(kind: str, n: int, hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD) -> str:
+    if kind not in DENSE_KINDS:
+        raise ValueError(f"dense index must be one of {', '.join(DENSE_KINDS)}, got {kind!r}")
+    if kind == "auto":
+        return "hnsw" if n >= hnsw_threshold else "flat"
+    return kind
+
+
+def build_dense_index(vectors: np.ndarray, kind: str, progress: bool = False, *, hnsw_m: int = HNSW_M,
+                      ef_construction: int = HNSW_EF_CONSTRUCTION) -> faiss.Index:
+    """A faiss index over `vectors` (already normalised), built on the CPU with every core.
+
+    `hnsw_m` and `ef_construction` trade graph quality for build time (the defaults suit corpora up to a few hundred
+    thousand chunks on two cores; bench/README.md "Issue 3" measures cheaper settings for 1M).
+
+    A GPU would not help here: a flat "build" is a memory copy, and faiss builds HNSW graphs on the CPU only. The GPU
+    is used at build time for encoding, which dominates.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1]
+    with omp_threads(os.cpu_count() or 1):
+        if kind == "flat":
+            index = faiss.IndexFlatIP(dim)
+            index.add(vectors)
+            return index
+        if kind != "hnsw":
+            raise ValueError(f"kind must be flat or hnsw, got {kind!r}")
+        if hnsw_m < 2 or ef_construction < 1:
+            raise ValueError(f"hnsw_m must be >= 2 and ef_construction >= 1, got {hnsw_m} and {ef_construction}")
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.hnsw.efSearch = HNSW_EF_SEARCH_MIN
+        step = 16_384
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(vectors), desc="hnsw", unit="vec", unit_scale=True, dynamic_ncols=True)
+        try:
+            for start in range(0, len(vectors), step):
+                index.add(vectors[start : start + step])
+                if bar is not None:
+                    bar.update(min(step, len(vectors) - start))
+        finally:
+            if bar is not None:
+                bar.close()
+        return index
+
+
+def write_dense(directory: Path, index: faiss.Index, vectors: np.ndarray, kind: str, *, hnsw_m: int = HNSW_M,
+                ef_construction: int = HNSW_EF_CONSTRUCTION) -> list[Path]:
+    directory = Path(directory)
+    faiss.write_index(index, str(directory / INDEX_FILE))
+    np.save(directory / VECTORS_FILE, np.ascontiguousarray(vectors, dtype=np.float32))
+    params: dict[str, Any] = {"kind": kind, "dim": int(vectors.shape[1]), "count": int(len(vectors)),
+                              "metric": "inner_product", "normalized": True}
+    if kind == "hnsw":
+        params.update(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search_min=HNSW_EF_SEARCH_MIN)
+    with open(directory / PARAMS_FILE, "w", encoding="utf-8") as f:
+        json.dump(params, f, indent=2)
+    return [directory / name for name in FILES]
+
+
+def build_codes(vectors: np.ndarray, kind: str) -> faiss.Index | faiss.IndexBinary:
+    """sq8: one byte per dimension with per-dimension ranges trained on the vectors (4x smaller than float32);
+    binary: the sign of each dimension (32x smaller), searched by Hamming distance."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1]
+    with omp_threads(os.cpu_count() or 1):
+        if kind == "sq8":
+            index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)
+            index.add(vectors)
+            return index
+        if kind == "binary":
+            if dim % 8:
+                raise ValueError(f"binary codes need a dimension divisible by 8, got {dim}")
+            index = faiss.IndexBinaryFlat(dim)
+            index.add(binary_codes(vectors))
+            return index
+    raise ValueError(f"dense codes must be one of sq8, binary, got {kind!r}")
+
+
+def binary_codes(vectors: np.ndarray) -> np.ndarray:
+    return np.packbits(np.asarray(vectors) > 0, axis=-1)
+
+
+def write_codes(directory: Path, vectors: np.ndarray, kind: str, oversample: int | None = None) -> list[Path]:
+    directory = Path(directory)
+    index = build_codes(vectors, kind)
+    if kind == "binary":
+        faiss.write_index_binary(index, str(directory / CODES_FILE))
+    else:
+        faiss.write_index(index, str(directory / CODES_FILE))
+    code_bytes = int(index.code_size) * int(index.ntotal)
+    params = {"kind": kind, "count": int(index.ntotal), "code_bytes": code_bytes,
+              "float_bytes": int(vectors.shape[0]) * int(vectors.shape[1]) * 4,
+              "oversample": int(oversample or DEFAULT_OVERSAMPLE[kind])}
+    with open(directory / CODES_PARAMS_FILE, "w", encoding="utf-8") as f:
+        json.dump(params, f, indent=2)
+    return [directory / CODES_FILE, directory / CODES_PARAMS_FILE]
+
+
+def _sorted_hits(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keep = ids >= 0  # faiss pads with -1 when fewer than k results exist
+    ids = ids[keep].astype(np.int64, copy=False)
+    scores = scores[keep].astype(np.float32, copy=False)
+    # Same order as BM25: score desc, then id asc, so equal scores rank the same on every run and device.
+    order = np.lexsort((ids, -scores))
+    return ids[order], scores[order]
+
+
+class DenseIndex:
+    """A loaded dense index. search() is safe to call from several threads at once."""
+
+    def __init__(
+        self,
+        index: faiss.Index,
+        vectors: np.ndarray,
+        params: dict[str, Any],
+        search_threads: int = 1,
+        use_gpu: bool | None = None,
+        path: Path | None = None,
+        codes: faiss.Index | faiss.IndexBinary | None = None,
+        codes_params: dict[str, Any] | None = None,
+        oversample: int | None = None,
+    ) -> None:
+        self.path = path
+        self.codes = codes
+        self.codes_params = codes_params or {}
+        self.codes_kind = str(self.codes_params.get("kind", "none")) if codes is not None else "none"
+        if oversample is not None and oversample < 1:
+            raise ValueError(f"oversample must be >= 1, got {oversample}")
+        self.oversample = int(oversample or self.codes_params.get("oversample", 1))
+        self.kind = str(params["kind"])
+        self.dim = int(params["dim"])
+        self.n = int(params["count"])
+        self.params = params
+        self.vectors = vectors
+        self.search_threads = max(1, int(search_threads))
+        self._cpu_index = index
+        self._gpu_index = None
+        self._gpu_resources = None
+        # StandardGpuResources is not thread-safe: GPU searches take turns.
+        self._gpu_lock = threading.Lock()
+        if use_gpu is None:
+            use_gpu = gpu_available()
+        if use_gpu and self.kind == "flat" and gpu_available():
+            self._gpu_resources = faiss.StandardGpuResources()
+            self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
+        if use_gpu and self.codes is not None and gpu_available():
+            self._gpu_resources = self._gpu_resources or faiss.StandardGpuResources()
+            try:
+                # faiss-gpu holds flat scalar-quantized and binary indexes; the rescoring reads the candidates'
+                # float rows and costs microseconds, so it stays on the host.
+                if self.codes_kind == "binary":
+                    self.codes = faiss.GpuIndexBinaryFlat(self._gpu_resources, self.codes)
+                else:
+                    self.codes = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.codes)
+            except (RuntimeError, AttributeError) as e:
+                log.warning("dense codes stay on the CPU: faiss-gpu cannot hold %s codes (%s)", self.codes_kind, e)
+        self.device = "gpu" if self._gpu_index is not None else "cpu"
+        log.info("dense index: %s, %d vectors of dim %d, searching on %s", self.kind, self.n, self.dim, self.device)
+
+    @classmethod
+    def load(
+        cls, directory: Path | str, search_threads: int = 1, use_gpu: bool | None = None,
+        use_codes: bool = True, oversample: int | None = None,
+    ) -> DenseIndex:
+        """`search_threads` is faiss's OpenMP thread count per query: 1 at serve time, so a query does not start
+        threads that compete with the server's own pool."""
+        directory = Path(directory)
+        try:
+            with open(directory / PARAMS_FILE, encoding="utf-8") as f:
+                params = json.load(f)
+            vectors = np.asarray(np.load(directory / VECTORS_FILE, mmap_mode="r"))
+            # A flat index is just its vectors: map them instead of reading them into memory.
+            flags = faiss.IO_FLAG_MMAP if params["kind"] == "flat" else 0
+            index = faiss.read_index(str(directory / INDEX_FILE), flags)
+            codes, codes_params = None, None
+            if use_codes and (directory / CODES_PARAMS_FILE).is_file():
+                with open(directory / CODES_PARAMS_FILE, encoding="utf-8") as f:
+                    codes_params = json.load(f)
+                reader = faiss.read_index_binary if codes_params["kind"] == "binary" else faiss.read_index
+                codes = reader(str(directory / CODES_FILE))
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # faiss reports read errors as RuntimeError
+            raise IndexFormatError(f"{directory}: cannot read dense index: {e}") from e
+        if codes is not None and codes.ntotal != len(vectors):
+            raise IndexFormatError(f"{directory}: {CODES_FILE} holds {codes.ntotal} codes, {VECTORS_FILE} "
+                                   f"{len(vectors)} vectors")
+        if vectors.dtype != np.float32 or vectors.ndim != 2:
+            raise IndexFormatError(
+                f"{directory / VECTORS_FILE}: expected 2-d float32, got {vectors.ndim}-d {vectors.dtype}"
+            )
+        if index.ntotal != len(vectors) or index.d != vectors.shape[1] or params["count"] != len(vectors):
+            raise IndexFormatError(
+                f"{directory}: {INDEX_FILE} holds {index.ntotal} vectors of dim {index.d}, "
+                f"{VECTORS_FILE} {vectors.shape[0]} of dim {vectors.shape[1]}, {PARAMS_FILE} says {params['count']}"
+            )
+        return cls(index, vectors, params, search_threads=search_threads, use_gpu=use_gpu, path=directory,
+                   codes=codes, codes_params=codes_params, oversample=oversample)
+
+    def __repr__(self) -> str:
+        return (f"DenseIndex(kind={self.kind!r}, n={self.n}, dim={self.dim}, codes={self.codes_kind!r}, "
+                f"device={self.device!r})")
+
+    @property
+    def searched_bytes(self) -> int:
+        """Bytes the unfiltered first stage scans: the codes when present, else the float vectors."""
+        if self.codes is not None:
+            return int(self.codes_params.get("code_bytes", 0))
+        return self.n * self.dim * 4
+
+    def _query(self, query: np.ndarray) -> np.ndarray:
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+        if q.shape[1] != self.dim:
+            raise InvalidArgument("query", f"vector has dimension {q.shape[1]}, index has {self.dim}")
+        return q
+
+    def search(
+        self, query: np.ndarray, depth: int, mask: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top `depth` chunks by inner product as (ids int64, scores float32), score desc then id asc.
+
+        `query` is one normalised vector (dim,) or (1, dim). With `mask` (bool per chunk) only allowed chunks are
+        searched: exact for a flat index and for HNSW when at most EXACT_FILTER_LIMIT chunks are allowed.
+        """
+        if depth < 1:
+            raise InvalidArgument("depth", f"must be >= 1, got {depth}")
+        q = self._query(query)
+        k = min(depth, self.n)
+        if k == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        # libgomp keeps the thread count per calling thread, so it is set on the thread that searches.
+        faiss.omp_set_num_threads(self.search_threads)
+        if mask is None:
+            return self._search_all(q, k)
+        mask = np.ascontiguousarray(mask, dtype=np.bool_)
+        if mask.shape != (self.n,):
+            raise ValueError(f"mask must have shape ({self.n},), got {mask.shape}")
+        allowed = np.flatnonzero(mask)
+        if len(allowed) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if self.kind == "hnsw" and len(allowed) <= EXACT_FILTER_LIMIT:
+            return self._exact_subset(q, allowed, k)
+        # Bitmap: bit i of byte i >> 3 (little bit order) says whether id i may be returned. `packed` must outlive
+        # the search: the selector holds only a pointer to it.
+        packed = np.packbits(mask, bitorder="little")
+        selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(packed))
+        if self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(k, HNSW_EF_SEARCH_MIN))
+        else:
+            params = faiss.SearchParameters(sel=selector)
+        scores, ids = self._cpu_index.search(q, k, params=params)
+        return _sorted_hits(ids[0], scores[0])
+
+    def _search_all(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.codes is not None:
+            return self._search_codes(q, k)
+        if self._gpu_index is not None:
+            with self._gpu_lock:
+                scores, ids = self._gpu_index.search(q, k)
+        elif self.kind == "hnsw":
+            # Per-call parameters, not index.hnsw.efSearch: the index object is shared by all threads.
+            params = faiss.SearchParametersHNSW(efSearch=max(k, HNSW_EF_SEARCH_MIN))
+            scores, ids = self._cpu_index.search(q, k, params=params)
+        else:
+            scores, ids = self._cpu_index.search(q, k)
+        return _sorted_hits(ids[0], scores[0])
+
+    def _search_codes(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates from the codes, then exact inner products from the float vectors: the reply's scores and order
+        are those of the float index over the candidates, so only recall (not scores) depends on the codes."""
+        wide = min(self.n, k * self.oversample)
+        if self.codes_kind == "binary":
+            _, ids = self.codes.search(binary_codes(q), wide)
+        else:
+            _, ids = self.codes.search(q, wide)
+        ids = ids[0]
+        ids = np.sort(ids[ids >= 0])  # ascending ids read the memory-mapped rows in file order
+        hits, scores = _sorted_hits(ids, self.vectors[ids] @ q[0])
+        return hits[:k], scores[:k]
+
+    def _exact_subset(self, q: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # A full sort rather than argpartition, so ties at the cut are broken by id like everywhere else.
+        ids, scores = _sorted_hits(allowed, self.vectors[allowed] @ q[0])
+        return ids[:k], scores[:k]
+
+    def rescore(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact inner products of `query` with the vectors of chunks `ids` (float32), e.g. for BM25-only hits."""
+        q = self._query(query)
+        ids = np.asarray(ids, dtype=np.int64)
+        return (self.vectors[ids] @ q[0]).astype(np.float32, copy=False)

@@ -1,0 +1,287 @@
+"""The adaptive pipeline's policy: which route a request takes, so it finishes within its latency budget.
+
+Routes, most to least work:
+    full        first stage at the asked depth, rerank of the asked rerank_depth
+    light       rerank of fewer candidates (as many as the budget allows, at least LIGHT_MIN)
+    confident   no rerank: BM25 and dense agree on the top results, so the fused order is already trusted
+    fused       no rerank: not asked for, no windows in the index, not affordable within the budget, or load
+    shallow     a shallower first stage and no rerank: even the first stage at full depth would not fit
+    lexical     BM25 alone, no query encode, no dense retrieval, no rerank (its features need the query vector):
+                the budget left cannot pay for the encode and the first stage, but can for BM25 and the contexts;
+                or the brownout dimmer (below) sends it there under sustained load.
+                On a CPU the encode is most of a request (~6 of ~8 ms at p50 here, ONNX int8), so this is the one
+                route that cuts what load makes expensive. Quality is BM25's (SciFact test nDCG@10 0.6865 against
+                0.7448 for the full pipeline). Only a pipeline with a local BM25 index plans it (not the shard
+                router), and only before the query is encoded: CachedSearch asks for the plan before its encode.
+
+Brownout (a dimmer, after Klein et al., "Brownout: building more robust cloud applications", ICSE 2014): under
+sustained load no per-request rule helps, because a request that finds its budget spent has already waited behind
+requests that took the full pipeline, and the cores are saturated by all of them. The dimmer watches the server
+time of recent budgeted requests as a share of their budgets and keeps its 95th percentile under a target share by
+letting only a fraction of requests (its level, 0..1) take the full pipeline; the others take the lexical route, which
+costs a fraction of the CPU (no encode, no dense, no rerank). The level moves by integral control every few finished
+requests, so it falls as load rises and climbs back when the tail has room; requests are chosen by error diffusion, so
+exactly `level` of them get the full pipeline, deterministically. Only requests planned while another search is in
+flight are dimmed: on an idle server the full pipeline delays nobody. Figures: bench/README.md, "Brownout".
+
+The budget is the tighter of SearchParams.budget_ms and the call's deadline. Costs come from the pipeline's own stage
+timings (an exponentially weighted mean per stage, and per reranked candidate), so they follow the machine's current
+load; the in-flight count adds an immediate signal: with more searches in flight than `busy_in_flight`, the rerank is
+shortened or skipped before queues build up. The confidence rule (top-N agreement of the two retrievers) was chosen on
+SciFact train (bench/experiments/adaptive.py, bench/README.md "Issue 5").
+
+The policy object is shared by all pipeline threads; its state (a handful of floats, a counter, the dimmer's window of
+recent budget shares) is under one lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+FULL, LIGHT, CONFIDENT, FUSED, SHALLOW, LEXICAL = "full", "light", "confident", "fused", "shallow", "lexical"
+ROUTES = (FULL, LIGHT, CONFIDENT, FUSED, SHALLOW, LEXICAL)
+LIGHT_MIN = 20
+SHALLOW_DEPTH = 30
+# Cold-start costs (ms) on the 2-core reference machine, replaced by measurements after a few requests.
+_INITIAL_MS = {"encode": 3.0, "lexical": 2.0, "dense": 1.0, "fusion": 0.2, "contexts": 0.3, "assemble": 0.2}
+_INITIAL_RERANK_MS_PER_CANDIDATE = 0.05
+_ALPHA = 0.1  # weight of the newest sample in the moving means
+# Share of the remaining budget that planning keeps in reserve for what the model does not see (queueing, GC, reply).
+_SAFETY = 0.8
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    enabled: bool = True
+    # Skip the rerank when the two retrievers' top `agree_top` share at least `agree_min` chunks.
+    confidence: bool = True
+    agree_top: int = 5
+    agree_min: int = 4
+    # More searches than this in flight in the pipeline: the cheaper route (light rerank, or none).
+    busy_in_flight: int = 2
+    busy_rerank_depth: int = 30
+    # A rerank of fewer candidates than this is not worth its fixed cost: the fused order is kept instead.
+    light_min: int = LIGHT_MIN
+    # The lexical route (BM25 alone) when the budget left cannot pay for the query encode.
+    lexical: bool = True
+    # Lexical requests do not encode, so they do not refresh the encode cost: once its last measurement is older than
+    # this, a request encodes anyway (a probe), so a cost inflated by a past burst cannot keep every request lexical.
+    # With the moving mean's weight (_ALPHA) a probe every 0.25 s brings an inflated estimate back within ~3 s; at
+    # 1 s it took >10 s, and at 40 req/s most requests went lexical long after the burst (bench/experiments/latency_ab.py).
+    lexical_probe_s: float = 0.25
+    # Brownout (module docstring): keep the p95 of recent budgeted requests' server time (arrival to result) under
+    # `brownout_target` of their budget. The rest of the budget is for what the server cannot see: the network, the
+    # client's own send lag, and the p95-to-p99 gap. Updated every `brownout_period` finished budgeted requests from
+    # the last `brownout_window`; `brownout_gain` is the largest change of the level in one update.
+    brownout: bool = True
+    brownout_target: float = 0.5
+    brownout_window: int = 40
+    brownout_period: int = 10
+    brownout_gain: float = 0.25
+
+
+@dataclass(frozen=True)
+class Plan:
+    params: object  # SearchParams, with depth possibly lowered
+    route: str
+    reason: str
+    budget_end: float | None  # monotonic time the request should be done by; None: no budget
+    in_flight: int
+    start: float | None = None  # monotonic time the budget counts from (the arrival)
+
+
+def agreement(bm25_ids: np.ndarray, dense_ids: np.ndarray, top: int) -> int:
+    """How many of the top `top` chunks of the two retrievers are the same."""
+    return len(np.intersect1d(np.asarray(bm25_ids[:top]), np.asarray(dense_ids[:top]), assume_unique=True))
+
+
+class Dimmer:
+    """The brownout dimmer: the share of budgeted requests that may take the full pipeline. Not thread-safe on its
+    own: AdaptivePolicy calls it under its lock."""
+
+    def __init__(self, target: float, window: int, period: int, gain: float) -> None:
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"brownout_target must be in (0, 1], got {target}")
+        if window < 1 or period < 1 or gain <= 0.0:
+            raise ValueError("brownout_window and brownout_period must be >= 1 and brownout_gain > 0")
+        self.target, self.period, self.gain = target, period, gain
+        self.level = 1.0
+        self.tail = 0.0  # the p95 of the window at the last update, as a share of the budget
+        self._shares: collections.deque[float] = collections.deque(maxlen=window)
+        self._since_update = 0
+        self._credit = 0.0
+
+    def observe(self, share: float) -> None:
+        """One finished request's server time as a share of its budget (1.0: it used all of it)."""
+        self._shares.append(share)
+        self._since_update += 1
+        if self._since_update >= self.period:
+            self._since_update = 0
+            self.tail = float(np.percentile(np.fromiter(self._shares, np.float64), 95))
+            # Relative error, capped: a tail 10x over target must not slam the level to 0 from one bad window.
+            error = max(-1.0, min(1.0, (self.target - self.tail) / self.target))
+            self.level = min(1.0, max(0.0, self.level + self.gain * error))
+
+    def admit_full(self) -> bool:
+        """Whether this request may take the full pipeline: `level` of the calls over time say yes."""
+        if self.level >= 1.0:
+            return True
+        self._credit += self.level
+        if self._credit >= 1.0:
+            self._credit -= 1.0
+            return True
+        return False
+
+
+class AdaptivePolicy:
+    def __init__(self, config: AdaptiveConfig = AdaptiveConfig()) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._stage_ms = dict(_INITIAL_MS)
+        self._rerank_ms_per_candidate = _INITIAL_RERANK_MS_PER_CANDIDATE
+        self.in_flight = 0
+        self._encode_seen: float | None = None  # time.monotonic() of the latest encode timing observed
+        self.dimmer = Dimmer(config.brownout_target, config.brownout_window, config.brownout_period,
+                             config.brownout_gain)
+
+    # Bookkeeping -----------------------------------------------------------------------------------------------------
+
+    def enter(self) -> int:
+        with self._lock:
+            self.in_flight += 1
+            return self.in_flight
+
+    def leave(self, plan: Plan | None = None) -> None:
+        """The request planned as `plan` is done (answered or failed): its server time feeds the dimmer."""
+        now = time.monotonic()
+        with self._lock:
+            self.in_flight -= 1
+            if plan is not None and plan.budget_end is not None and plan.start is not None and self.config.brownout:
+                self.dimmer.observe((now - plan.start) / max(plan.budget_end - plan.start, 1e-6))
+
+    def brownout_level(self) -> float:
+        """The share of budgeted requests currently let through to the full pipeline (a metric)."""
+        with self._lock:
+            return self.dimmer.level
+
+    def observe(self, stage_us: dict[str, int], reranked: int) -> None:
+        """Folds one finished request's stage timings into the cost model."""
+        with self._lock:
+            for stage, us in stage_us.items():
+                if stage in self._stage_ms:
+                    self._stage_ms[stage] += _ALPHA * (us / 1000.0 - self._stage_ms[stage])
+            if "encode" in stage_us:
+                self._encode_seen = time.monotonic()
+            if reranked > 0 and "rerank" in stage_us:
+                per = stage_us["rerank"] / 1000.0 / reranked
+                self._rerank_ms_per_candidate += _ALPHA * (per - self._rerank_ms_per_candidate)
+
+    def estimates(self) -> dict[str, float]:
+        with self._lock:
+            return {**self._stage_ms, "rerank_per_candidate": self._rerank_ms_per_candidate}
+
+    # Decisions -------------------------------------------------------------------------------------------------------
+
+    def plan(self, params, deadline: float | None, in_flight: int, encoded: bool,  # noqa: ANN001 (SearchParams)
+             rerank_available: bool, arrival: float | None = None, lexical_available: bool = False) -> Plan:
+        """Before the first stage: the budget, whether to skip the encoder (lexical) and whether the first stage must
+        be made shallower.
+
+        `arrival`: when the server received the request (time.monotonic()); `budget_ms` counts from then, so time
+        spent queued for a pipeline thread is charged to the budget as it is to the deadline.
+        `lexical_available`: the caller can answer from BM25 alone (a local index); False for the shard router."""
+        now = time.monotonic()
+        start = now if arrival is None else min(arrival, now)
+        ends = [e for e in (deadline, None if params.budget_ms is None else start + params.budget_ms / 1000.0)
+                if e is not None]
+        budget_end = min(ends) if ends else None
+        planned = self._plan(params, budget_end, now, in_flight, encoded, rerank_available, lexical_available)
+        return replace(planned, start=start)
+
+    def _plan(self, params, budget_end: float | None, now: float, in_flight: int, encoded: bool,  # noqa: ANN001
+              rerank_available: bool, lexical_available: bool) -> Plan:
+        if lexical_available and not encoded and budget_end is not None and self.config.enabled \
+                and self.config.lexical:
+            lexical = self._lexical_plan(params, budget_end, now, in_flight)
+            if lexical is not None:
+                return lexical
+        if not params.rerank:
+            return Plan(params, FUSED, "rerank not requested", budget_end, in_flight)
+        if not rerank_available:
+            return Plan(params, FUSED, "index has no sentence windows for the reranker", budget_end, in_flight)
+        if not self.config.enabled or budget_end is None:
+            return Plan(params, FULL, "no latency budget" if self.config.enabled else "adaptive routing off",
+                        budget_end, in_flight)
+        est = self.estimates()
+        first = est["lexical"] + est["dense"] + est["fusion"] + est["contexts"] + est["assemble"]
+        if not encoded:
+            first += est["encode"]
+        left_ms = (budget_end - now) * 1000.0 * _SAFETY
+        if first > left_ms and params.depth > SHALLOW_DEPTH:
+            shallow = replace(params, depth=SHALLOW_DEPTH, rerank_depth=min(params.rerank_depth, SHALLOW_DEPTH))
+            return Plan(shallow, SHALLOW, f"{left_ms / _SAFETY:.1f} ms left, first stage needs ~{first:.1f} ms: "
+                        f"depth {params.depth} -> {SHALLOW_DEPTH}, no rerank", budget_end, in_flight)
+        return Plan(params, FULL, "within budget", budget_end, in_flight)
+
+    def _lexical_plan(self, params, budget_end: float, now: float, in_flight: int) -> Plan | None:  # noqa: ANN001
+        """The lexical route when encode + first stage do not fit the budget left and BM25 + contexts do."""
+        with self._lock:
+            est = {**self._stage_ms}
+            seen = self._encode_seen
+            # Only while another search is in flight: dimming an idle server's one request frees no capacity for
+            # anyone, it only costs that request quality (a closed loop at a tight budget would go lexical).
+            dimmed = self.config.brownout and in_flight > 1 and not self.dimmer.admit_full()
+            level, tail = self.dimmer.level, self.dimmer.tail
+        if dimmed:
+            return Plan(params, LEXICAL, f"brownout: recent p95 server time {tail:.0%} of the budget (target "
+                        f"{self.config.brownout_target:.0%}), full pipeline for {level:.0%} of requests: BM25 alone",
+                        budget_end, in_flight)
+        if seen is None or now - seen > self.config.lexical_probe_s:
+            return None  # no recent measurement of the encode: this request measures it
+        left_ms = (budget_end - now) * 1000.0 * _SAFETY
+        tail = est["contexts"] + est["assemble"]
+        needed = est["encode"] + est["lexical"] + est["dense"] + est["fusion"] + tail
+        alone = est["lexical"] + tail
+        if needed <= left_ms or alone > left_ms:
+            return None
+        return Plan(params, LEXICAL, f"{left_ms / _SAFETY:.1f} ms left, encode + first stage need ~{needed:.1f} ms "
+                    f"(encode ~{est['encode']:.1f} ms): BM25 alone (~{alone:.1f} ms), no dense, no rerank",
+                    budget_end, in_flight)
+
+    def rerank_depth(self, plan: Plan, bm25_ids: np.ndarray, dense_ids: np.ndarray,
+                     available: int) -> tuple[int, str, str]:
+        """After the first stage: how many candidates to rerank (0: none), the route and the reason."""
+        params = plan.params
+        if plan.route in (FUSED, SHALLOW, LEXICAL):
+            return 0, plan.route, plan.reason
+        cfg = self.config
+        asked = min(params.rerank_depth, available)
+        # The reranked candidates are the reply's pool: never fewer than top_k of them.
+        least = max(self.config.light_min, params.top_k)
+        if cfg.enabled and cfg.confidence:
+            agree = agreement(bm25_ids, dense_ids, cfg.agree_top)
+            if agree >= cfg.agree_min:
+                return 0, CONFIDENT, f"bm25 and dense agree on {agree} of their top {cfg.agree_top}"
+        if not cfg.enabled:
+            return asked, FULL, plan.reason
+        depth, route, reason = asked, FULL, plan.reason
+        busy_depth = max(cfg.busy_rerank_depth, params.top_k)
+        if plan.in_flight > cfg.busy_in_flight and asked > busy_depth:
+            depth, route = busy_depth, LIGHT
+            reason = f"{plan.in_flight} searches in flight (busy above {cfg.busy_in_flight}): rerank {depth} of {asked}"
+        if plan.budget_end is not None:
+            est = self.estimates()
+            left_ms = (plan.budget_end - time.monotonic()) * 1000.0 * _SAFETY - est["contexts"] - est["assemble"]
+            affordable = int(left_ms / max(est["rerank_per_candidate"], 1e-6))
+            if affordable < min(least, asked):
+                return 0, FUSED, (f"{max(left_ms, 0.0) / _SAFETY:.1f} ms left: rerank of {least} candidates "
+                                  f"would need ~{least * est['rerank_per_candidate']:.1f} ms")
+            if affordable < depth:
+                depth, route = affordable, LIGHT
+                reason = f"{left_ms / _SAFETY:.1f} ms left: rerank {depth} of {asked}"
+        return depth, route, reason

@@ -1,0 +1,552 @@
+"""Cache stage: earlier answers served again, exactly or for a near-identical query, never across index versions.
+
+    request -> exact lookup (normalised query + every result-changing parameter + index version)   hit: reply
+            -> encode -> semantic lookup (nearest cached query embeddings, then a fidelity guard)   hit: reply
+            -> rest of the pipeline with the same vector -> store
+
+A semantic hit must return what a fresh search would have returned (fidelity), so cosine alone does not decide: the
+guard also asks that the two queries share their rare terms (IDF-weighted) and that the new query's BM25 top
+candidates overlap those stored with the entry. Thresholds come from
+bench/experiments/cache_fidelity.py (figures in bench/README.md). Strict mode, for callers that cache generated answers on top of
+ours, only serves near-verbatim queries: the same content words, stemmed, in the same order.
+
+The store is thread-safe (exact lookups run on the event loop, semantic lookups and inserts on pipeline threads);
+single flight (identical concurrent requests do the work once) lives on the event loop in `CachedSearch.search`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import re
+import sys
+import threading
+import time
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rag_service.search import adaptive
+from rag_service.retrievers.analysis import Analyzer
+from rag_service.core.config import CacheConfig
+from rag_service.core.errors import DeadlineExceeded
+from rag_service.retrievers.lexical import idf_values
+from rag_service.core.metrics import Metrics
+from rag_service.search.pipeline import Pipeline, SearchParams, SearchResult, check_deadline
+from rag_service.core.timing import StageTimer
+
+log = logging.getLogger(__name__)
+
+MISS, EXACT, SEMANTIC, PREFETCHED = "miss", "exact", "semantic", "prefetched"
+# Where an entry came from: a live search, Prefetch, or speculative retrieval on a StreamSearch draft.
+LIVE, PREFETCH, SPECULATIVE = "live", "prefetch", "speculative"
+
+_SPACE = re.compile(r"\s+")
+# Parameters that do not change the result: the query is keyed normalised, and the cache mode only says how to look.
+_NOT_KEYED = frozenset({"query", "cache"})
+_KEYED_FIELDS = tuple(f.name for f in dataclasses.fields(SearchParams) if f.name not in _NOT_KEYED)
+
+# Words whose presence or absence never changes what a question asks; everything else, negations and prepositions
+# included ("not", "from", "to"), stays in the strict signature.
+_STRICT_IGNORED = frozenset("a an the is are was were be been being am do does did please".split())
+_STRICT_ANALYZER = Analyzer(stemmer="english", stopwords=None)
+_STRICT_IGNORED_STEMS = frozenset(_STRICT_ANALYZER.tokens(" ".join(sorted(_STRICT_IGNORED))))
+
+
+def normalise(query: str) -> str:
+    """Unicode NFKC, case folded, white space collapsed: the forms a user cannot tell apart."""
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", query).casefold())).strip()
+
+
+def params_key(params: SearchParams) -> tuple:
+    """Every SearchParams field that can change the result (new fields are keyed automatically)."""
+    values = []
+    for name in _KEYED_FIELDS:
+        value = getattr(params, name)
+        if isinstance(value, dict):
+            value = tuple(sorted(value.items()))
+        values.append(value)
+    return tuple(values)
+
+
+def strict_signature(query: str) -> tuple[str, ...]:
+    """Content words in order after normalisation and stemming; equal signatures mean near-verbatim queries."""
+    return tuple(t for t in _STRICT_ANALYZER.tokens(normalise(query)) if t not in _STRICT_IGNORED_STEMS)
+
+
+def cacheable(pipeline: Pipeline, params: SearchParams, result: SearchResult) -> bool:
+    """Answers the adaptive pipeline cut short (load, a tight budget: adaptive.py) are served but not kept: a later
+    request with room to spare must get what its parameters ask for. Nor are a router's partial replies."""
+    if result.partial:
+        return False
+    if result.route in (adaptive.FULL, adaptive.CONFIDENT):
+        return True
+    if result.route == adaptive.FUSED:  # by design when no rerank was asked or the index cannot rerank; else budget
+        return not params.rerank or getattr(pipeline, "rerank_store", None) is None
+    return False
+
+
+def term_overlap(a: dict[str, float], b: dict[str, float]) -> float:
+    """IDF-weighted Jaccard of two queries' index terms: a changed rare word ("increases" / "decreases", another
+    outcome) weighs more than an added common one ("true" in "is it true that")."""
+    union = sum(a.values()) + sum(w for t, w in b.items() if t not in a)
+    if union == 0:
+        return 1.0
+    return sum(w for t, w in a.items() if t in b) / union
+
+
+def lexical_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of BM25 candidates two queries have in common; two queries with no lexical match agree (1.0)."""
+    size = max(len(a), len(b))
+    if size == 0:
+        return 1.0
+    return len(np.intersect1d(a, b, assume_unique=True)) / size
+
+
+@dataclass(frozen=True)
+class Served:
+    """A search result and how it was served: MISS, EXACT, SEMANTIC or PREFETCHED (+ cosine for semantic hits)."""
+
+    result: SearchResult
+    served_from: str = MISS
+    similarity: float | None = None
+    origin: str = LIVE  # who computed it: a leader's origin tells coalesced followers what to report
+
+
+@dataclass(eq=False)
+class Entry:
+    key: tuple
+    group: tuple  # (index version, params key): semantic hits only within a group
+    result: SearchResult
+    vector: np.ndarray
+    lexical: np.ndarray  # BM25 top guard_depth chunk ids, sorted: the fidelity guard compares these
+    terms: dict[str, float]  # the query's index terms and their idf: the guard's term overlap
+    signature: tuple[str, ...]
+    nbytes: int
+    inserted: float
+    origin: str = LIVE
+    used: bool = False
+    slot: int = -1
+
+
+def _sizeof_result(result: SearchResult) -> int:
+    # An estimate of what the entry keeps alive: the strings dominate; object headers are counted roughly.
+    n = 400 + 64 * len(result.stage_us)
+    for c in result.contexts:
+        n += 350 + sum(sys.getsizeof(s) for s in (c.doc_id, c.chunk_id, c.title, c.text))
+        n += sum(sys.getsizeof(k) + sys.getsizeof(v) + 40 for k, v in c.metadata.items())
+        if c.features:
+            n += 100 * len(c.features)
+    return n
+
+
+def entry_bytes(query: str, result: SearchResult, vector: np.ndarray, lexical: np.ndarray,
+                signature: tuple[str, ...], terms: dict[str, float]) -> int:
+    return (600 + sys.getsizeof(query) + _sizeof_result(result) + vector.nbytes + lexical.nbytes
+            + sum(sys.getsizeof(t) + 8 for t in signature) + sum(sys.getsizeof(t) + 100 for t in terms))
+
+
+class CacheStore:
+    """Entries bounded in bytes, evicted least recently used, expiring a fixed time after insertion (a hit does not
+    extend it), for one index version at a time; plus a matrix of their query embeddings for semantic lookups."""
+
+    def __init__(self, config: CacheConfig, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._reset()
+        self.version: str | None = None
+
+    def _reset(self) -> None:
+        self._lru: OrderedDict[tuple, Entry] = OrderedDict()
+        # TTL counts from insertion and is the same for every entry, so insertion order is expiry order.
+        self._by_age: OrderedDict[tuple, Entry] = OrderedDict()
+        self._signatures: dict[tuple, tuple] = {}
+        self._groups: dict[tuple, int] = {}
+        self._vectors: np.ndarray | None = None
+        self._slot_group = np.empty(0, dtype=np.int64)
+        self._slot_entry: list[Entry | None] = []
+        self._free: list[int] = []
+        self.bytes = 0
+        self._publish()
+
+    def _publish(self) -> None:
+        self.metrics.cache_bytes.set(self.bytes)
+        self.metrics.cache_entries.set(len(self._lru))
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    # -- version ------------------------------------------------------------------------------------------------------
+    def use_version(self, version: str) -> None:
+        """Makes `version` current; entries of any other version are dropped (they could never be served again)."""
+        with self._lock:
+            self._use_version(version)
+
+    def _use_version(self, version: str) -> None:
+        if version == self.version:
+            return
+        if self._lru:
+            self.metrics.cache_evictions.labels("version").inc(len(self._lru))
+            log.info("index version %s replaces %s: %d cache entries dropped", version, self.version, len(self._lru))
+        self._reset()
+        self.version = version
+
+    def clear(self) -> None:
+        with self._lock:
+            self._reset()
+
+    # -- removal ------------------------------------------------------------------------------------------------------
+    def _remove(self, entry: Entry) -> None:
+        del self._lru[entry.key]
+        self._by_age.pop(entry.key, None)
+        sig_key = (entry.group, entry.signature)
+        if self._signatures.get(sig_key) == entry.key:
+            del self._signatures[sig_key]
+        if entry.slot >= 0:
+            self._slot_group[entry.slot] = -1
+            self._slot_entry[entry.slot] = None
+            self._free.append(entry.slot)
+        self.bytes -= entry.nbytes
+
+    def _expire(self, now: float) -> None:
+        ttl = self.config.ttl_seconds
+        expired = 0
+        while self._by_age:
+            entry = next(iter(self._by_age.values()))
+            if now - entry.inserted < ttl:
+                break
+            self._remove(entry)
+            expired += 1
+        if expired:
+            self.metrics.cache_expired.inc(expired)
+            self._publish()
+
+    # -- lookups ------------------------------------------------------------------------------------------------------
+    def get(self, key: tuple) -> Entry | None:
+        """The live entry for `key` (an exact hit), marked recently used."""
+        with self._lock:
+            self._use_version(key[0])
+            self._expire(self.clock())
+            entry = self._lru.get(key)
+            if entry is not None:
+                self._lru.move_to_end(key)
+            return entry
+
+    def nearest(self, group: tuple, vector: np.ndarray, min_cosine: float, k: int) -> list[tuple[Entry, float]]:
+        """Up to `k` entries of `group` whose query embeddings have cosine >= min_cosine with `vector`, best first."""
+        with self._lock:
+            self._expire(self.clock())
+            gid = self._groups.get(group)
+            if gid is None or self._vectors is None:
+                return []
+            used = len(self._slot_entry)
+            sims = self._vectors[:used] @ vector
+            sims[self._slot_group[:used] != gid] = -np.inf
+            above = np.flatnonzero(sims >= min_cosine)
+            if len(above) > k:
+                above = above[np.argpartition(-sims[above], k - 1)[:k]]
+            above = above[np.argsort(-sims[above], kind="stable")]
+            return [(self._slot_entry[i], float(sims[i])) for i in above]
+
+    def by_signature(self, group: tuple, signature: tuple[str, ...]) -> Entry | None:
+        with self._lock:
+            self._expire(self.clock())
+            key = self._signatures.get((group, signature))
+            return None if key is None else self._lru.get(key)
+
+    def touch(self, entry: Entry) -> bool:
+        """Marks a semantic hit recently used; False when the entry left the cache meanwhile."""
+        with self._lock:
+            if self._lru.get(entry.key) is not entry:
+                return False
+            self._lru.move_to_end(entry.key)
+            return True
+
+    # -- insert -------------------------------------------------------------------------------------------------------
+    def put(self, entry: Entry) -> bool:
+        with self._lock:
+            if entry.key[0] != self.version:
+                return False  # computed on an index that has since been replaced
+            if entry.nbytes > self.config.max_bytes:
+                return False
+            self._expire(self.clock())
+            old = self._lru.get(entry.key)
+            if old is not None:
+                self._remove(old)
+            while self._lru and self.bytes + entry.nbytes > self.config.max_bytes:
+                self._remove(next(iter(self._lru.values())))
+                self.metrics.cache_evictions.labels("lru").inc()
+            self._lru[entry.key] = entry
+            self._by_age[entry.key] = entry
+            self._signatures[(entry.group, entry.signature)] = entry.key
+            entry.slot = self._slot_for(entry)
+            self.bytes += entry.nbytes
+            self._publish()
+            return True
+
+    def _slot_for(self, entry: Entry) -> int:
+        gid = self._groups.setdefault(entry.group, len(self._groups))
+        if self._free:
+            slot = self._free.pop()
+        else:
+            slot = len(self._slot_entry)
+            self._slot_entry.append(None)
+            if self._vectors is None or slot >= len(self._vectors):
+                grown = np.zeros((max(64, 2 * slot), len(entry.vector)), dtype=np.float32)
+                groups = np.full(len(grown), -1, dtype=np.int64)
+                if self._vectors is not None:
+                    grown[:slot] = self._vectors[:slot]
+                    groups[:slot] = self._slot_group[:slot]
+                self._vectors, self._slot_group = grown, groups
+        self._vectors[slot] = entry.vector
+        self._slot_group[slot] = gid
+        self._slot_entry[slot] = entry
+        return slot
+
+
+def _copy(result: SearchResult, stage_us: dict[str, int]) -> SearchResult:
+    # The server annotates the result it gets (stage times): a hit gets its own object, the entry stays untouched.
+    return dataclasses.replace(result, contexts=list(result.contexts), stage_us=stage_us)
+
+
+class _LeaderGone(Exception):
+    """The request doing the work for a single flight stopped (its deadline, its caller) before finishing."""
+
+
+# Runs a zero-argument callable on a pipeline thread and returns its Served (the server supplies it).
+Execute = Callable[[Callable[[], Served]], Awaitable[Served]]
+
+
+class CachedSearch:
+    """The cache stage around `Pipeline.search`: the server calls `search` (async, single flight) instead of the
+    pipeline; `run` is the same path, synchronous, for a pipeline thread or an in-process benchmark."""
+
+    def __init__(self, config: CacheConfig, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.store = CacheStore(config, self.metrics, clock)
+        self._flights: dict[tuple, asyncio.Future] = {}  # touched only on the event loop
+        self._idf: tuple[object, np.ndarray, float] | None = None  # (BM25 index, idf per term id, max idf)
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self.store.clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self.store.clock = clock
+
+    def invalidate(self, version: str) -> None:
+        """The server swapped in index `version`: every entry of another version goes now."""
+        self.store.use_version(version)
+
+    def mode(self, params: SearchParams) -> str:
+        if not self.config.enabled:
+            return "bypass"
+        if params.cache == "default" and not self.config.semantic:
+            return "exact_only"
+        return params.cache
+
+    @staticmethod
+    def key(pipeline: Pipeline, params: SearchParams) -> tuple:
+        return (pipeline.version, normalise(params.query), params_key(params))
+
+    # -- hits ---------------------------------------------------------------------------------------------------------
+    def _hit(self, entry: Entry, kind: str, started_ns: int, similarity: float | None = None) -> Served:
+        served_from = kind
+        if kind == EXACT and entry.origin != LIVE:
+            served_from = PREFETCHED
+        if entry.origin == PREFETCH and not entry.used:
+            self.metrics.prefetch_used.inc()
+        entry.used = True
+        self.metrics.cache_hits.labels(served_from).inc()
+        if similarity is not None:
+            self.metrics.cache_similarity.observe(similarity)
+        result = _copy(entry.result, {"cache": (time.perf_counter_ns() - started_ns) // 1000})
+        return Served(result, served_from, similarity, entry.origin)
+
+    def lookup_exact(self, pipeline: Pipeline, params: SearchParams, key: tuple | None = None) -> Served | None:
+        """Exact hit or None; cheap enough for the event loop."""
+        started = time.perf_counter_ns()
+        if self.mode(params) == "bypass":
+            return None
+        entry = self.store.get(key or self.key(pipeline, params))
+        return None if entry is None else self._hit(entry, EXACT, started)
+
+    def _lexical(self, pipeline: Pipeline, params: SearchParams) -> np.ndarray:
+        index = pipeline.index
+        ids, _ = index.bm25.search(params.query, self.config.guard_depth, index.filter_mask(params.filters))
+        return np.sort(np.asarray(ids, dtype=np.int64))
+
+    def query_terms(self, pipeline: Pipeline, query: str) -> dict[str, float]:
+        """The query's index terms (the BM25 analyzer's) with their idf; a term the index lacks weighs the most."""
+        bm25 = pipeline.index.bm25
+        cached = self._idf
+        if cached is None or cached[0] is not bm25:
+            idf = idf_values(bm25.df, bm25.corpus_chunks, bm25.idf_kind)  # a shard's df and N are the corpus'''s
+            cached = self._idf = (bm25, idf, float(idf.max()) if len(idf) else 1.0)
+        _, idf, top = cached
+        vocab = bm25.vocab
+        return {t: (float(idf[vocab[t]]) if t in vocab else top) for t in bm25.analyzer.tokens(query)}
+
+    def lookup_semantic(self, pipeline: Pipeline, params: SearchParams, key: tuple, vector: np.ndarray,
+                        strict: bool, lexical: list[np.ndarray]) -> Served | None:
+        """A semantic hit for `vector` or None. `lexical` receives the query's BM25 guard candidates if computed,
+        so a miss stores them without searching twice."""
+        started = time.perf_counter_ns()
+        group = (key[0], key[2])
+        config = self.config
+        if strict:
+            entry = self.store.by_signature(group, strict_signature(params.query))
+            if entry is None:
+                return None
+            similarity = float(entry.vector @ vector)
+            if similarity < config.strict_min_cosine:
+                self.metrics.cache_guard_rejections.labels("strict").inc()
+                return None
+            if self.store.touch(entry):
+                return self._hit(entry, SEMANTIC, started, similarity)
+            return None
+        candidates = self.store.nearest(group, vector, config.semantic_min_cosine, config.semantic_candidates)
+        if not candidates:
+            return None
+        terms = self.query_terms(pipeline, params.query)
+        lexical.append(self._lexical(pipeline, params))
+        for entry, similarity in candidates:
+            if (term_overlap(terms, entry.terms) >= config.guard_min_term_overlap
+                    and lexical_overlap(lexical[0], entry.lexical) >= config.guard_min_overlap
+                    and self.store.touch(entry)):
+                return self._hit(entry, SEMANTIC, started, similarity)
+        self.metrics.cache_guard_rejections.labels("default").inc()
+        return None
+
+    # -- the synchronous path -----------------------------------------------------------------------------------------
+    def run(self, pipeline: Pipeline, params: SearchParams, deadline: float | None = None, *,
+            query_vector: np.ndarray | None = None, origin: str = LIVE, key: tuple | None = None,
+            arrival: float | None = None) -> Served:
+        """Exact lookup, encode, semantic lookup, pipeline, store. Runs on a pipeline thread (never the event loop);
+        `query_vector` lets a caller that has encoded already (a batch) skip the encoder."""
+        check_deadline(deadline, "queue")
+        mode = self.mode(params)
+        timer = StageTimer()
+        if mode == "bypass":
+            self.metrics.cache_misses.labels(mode).inc()
+            return Served(pipeline.search(params, query_vector=query_vector, deadline=deadline, timer=timer,
+                                          arrival=arrival))
+        with timer.stage("cache"):
+            key = key or self.key(pipeline, params)
+            hit = self.lookup_exact(pipeline, params, key)
+        if hit is not None:
+            return hit
+        if query_vector is None:
+            # The adaptive pipeline may answer from BM25 alone when the budget left cannot pay for the encode: that
+            # decision comes before the encode below, and its cut-short answer is neither looked up nor stored.
+            plan = pipeline.plan(params, deadline=deadline, arrival=arrival)
+            if plan.route == adaptive.LEXICAL:
+                self.metrics.cache_misses.labels(mode).inc()
+                return Served(pipeline.search(params, deadline=deadline, timer=timer, arrival=arrival, plan=plan),
+                              MISS, None, origin)
+            check_deadline(deadline, "encode")
+            with timer.stage("encode"):
+                query_vector = pipeline.encode(params.query, deadline)
+        lexical: list[np.ndarray] = []
+        if mode in ("default", "strict"):
+            with timer.stage("cache_semantic"):
+                hit = self.lookup_semantic(pipeline, params, key, query_vector, mode == "strict", lexical)
+            if hit is not None:
+                hit.result.stage_us.update(timer.us)
+                return hit
+        self.metrics.cache_misses.labels(mode).inc()
+        result = pipeline.search(params, query_vector=query_vector, deadline=deadline, timer=timer, arrival=arrival)
+        with timer.stage("cache_store"):
+            self._store(pipeline, params, key, query_vector, result, lexical, origin)
+        return Served(result, MISS, None, origin)
+
+    def _store(self, pipeline: Pipeline, params: SearchParams, key: tuple, vector: np.ndarray, result: SearchResult,
+               lexical: list[np.ndarray], origin: str) -> None:
+        if result.index_version != key[0] or not cacheable(pipeline, params, result):
+            return
+        if self.config.semantic:
+            bm25 = lexical[0] if lexical else self._lexical(pipeline, params)
+            terms = self.query_terms(pipeline, params.query)
+        else:  # the guard's inputs serve semantic lookups only (a router has no index to compute them from)
+            bm25, terms = np.zeros(0, np.int64), {}
+        vector = np.ascontiguousarray(vector, dtype=np.float32)
+        signature = strict_signature(params.query)
+        kept = _copy(result, {})
+        entry = Entry(key=key, group=(key[0], key[2]), result=kept, vector=vector, lexical=bm25, terms=terms,
+                      signature=signature, nbytes=entry_bytes(key[1], kept, vector, bm25, signature, terms),
+                      inserted=self.store.clock(), origin=origin)
+        self.store.put(entry)
+
+    def probe(self, pipeline: Pipeline, params: SearchParams, query_vector: np.ndarray) -> Served | None:
+        """The lookups of `run` without the search or the store (benchmarks measure hit decisions with it)."""
+        mode = self.mode(params)
+        if mode == "bypass":
+            return None
+        key = self.key(pipeline, params)
+        hit = self.lookup_exact(pipeline, params, key)
+        if hit is None and mode in ("default", "strict"):
+            hit = self.lookup_semantic(pipeline, params, key, query_vector, mode == "strict", [])
+        return hit
+
+    # -- the server's path --------------------------------------------------------------------------------------------
+    async def search(self, pipeline: Pipeline, params: SearchParams, *, deadline: float | None, execute: Execute,
+                     origin: str = LIVE, arrival: float | None = None) -> Served:
+        """Exact hits are answered on the event loop; identical concurrent misses share one computation (single
+        flight); the rest runs `self.run` on a pipeline thread through `execute`."""
+        if self.mode(params) == "bypass":
+            return await execute(functools.partial(self.run, pipeline, params, deadline, origin=origin,
+                                                   arrival=arrival))
+        key = self.key(pipeline, params)
+        while True:
+            started = time.perf_counter_ns()
+            hit = self.lookup_exact(pipeline, params, key)
+            if hit is not None:
+                return hit
+            flight = self._flights.get(key)
+            if flight is None:
+                break
+            try:
+                served = await asyncio.shield(flight)
+            except _LeaderGone:
+                continue  # the leader stopped; this request's own deadline may still allow the work
+            self.metrics.cache_hits.labels("coalesced").inc()
+            served_from = served.served_from
+            if served_from == MISS:
+                served_from = EXACT if served.origin == LIVE else PREFETCHED
+            result = _copy(served.result, {"cache": (time.perf_counter_ns() - started) // 1000})
+            return Served(result, served_from, served.similarity, served.origin)
+        flight = asyncio.get_running_loop().create_future()
+        self._flights[key] = flight
+        try:
+            served = await execute(functools.partial(self.run, pipeline, params, deadline, origin=origin, key=key,
+                                                             arrival=arrival))
+        except BaseException as error:
+            gone = isinstance(error, (DeadlineExceeded, asyncio.CancelledError))
+            flight.set_exception(_LeaderGone() if gone else error)
+            flight.exception()  # retrieved: no "never retrieved" warning when nobody was waiting
+            raise
+        else:
+            flight.set_result(served)
+        finally:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+        return served
+
+    def stats(self) -> dict[str, Any]:
+        return {"entries": len(self.store), "bytes": self.store.bytes, "version": self.store.version}
+
+
+__all__ = ["CachedSearch", "CacheStore", "Served", "normalise", "params_key", "strict_signature", "lexical_overlap",
+           "MISS", "EXACT", "SEMANTIC", "PREFETCHED", "LIVE", "PREFETCH", "SPECULATIVE"]
