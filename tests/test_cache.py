@@ -19,7 +19,7 @@ from rag_service.index.build import BuildConfig, build_index
 from rag_service.core.metrics import Metrics
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
-from rag_service.search.pipeline import SearchParams
+from rag_service.core.params import SearchParams
 
 MISS, EXACT, SEMANTIC, PREFETCHED = (pb.SERVED_FROM_MISS, pb.SERVED_FROM_EXACT, pb.SERVED_FROM_SEMANTIC,
                                      pb.SERVED_FROM_PREFETCHED)
@@ -138,24 +138,23 @@ def test_store_evicts_least_recently_used_and_expires_by_insertion_time(served_i
 
 
 def test_answers_cut_short_by_load_or_budget_are_served_but_not_kept(served_index, encoder):
-    import dataclasses
-
     from rag_service.index.load import load_index
     from rag_service.search.pipeline import Pipeline
 
-    real = Pipeline(load_index(served_index.root), encoder)
+    index = load_index(served_index.root)
 
-    class Degraded:  # the adaptive pipeline took the light route (load) for this answer
-        def __getattr__(self, name):
-            return getattr(real, name)
+    class Degraded(Pipeline):  # the adaptive pipeline took the light route (load) for this answer
+        def _rank(self, *args, **kwargs):
+            result = super()._rank(*args, **kwargs)
+            result.route, result.route_reason = "light", "busy"
+            return result
 
-        def search(self, params, **kwargs):
-            return dataclasses.replace(real.search(params, **kwargs), route="light", route_reason="busy")
-
+    degraded, real = Degraded(index, encoder), Pipeline(index, encoder)
     cache = CachedSearch(CacheConfig(), Metrics())
     params = SearchParams(query="earthquake fault slip seismic waves")
-    assert cache.run(Degraded(), params).served_from == "miss"
-    assert cache.run(Degraded(), params).served_from == "miss" and len(cache.store) == 0
+    first = cache.run(degraded, params)
+    assert first.served_from == "miss" and not first.result.complete
+    assert cache.run(degraded, params).served_from == "miss" and len(cache.store) == 0
     assert cache.run(real, params).served_from == "miss"
     assert cache.run(real, params).served_from == "exact"
 

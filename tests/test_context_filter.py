@@ -7,7 +7,8 @@ import pytest
 
 from rag_service.search import context_filter as cf
 from rag_service.index.load import load_index
-from rag_service.search.pipeline import Pipeline, SearchParams
+from rag_service.search.pipeline import Pipeline
+from rag_service.core.params import SearchParams
 
 
 def unit(*rows):

@@ -18,7 +18,7 @@ from rag_service.index.load import resolve_version_dir
 from rag_service.index.manifest import MANIFEST_FILE
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
-from rag_service.api.server import load_pipeline
+from rag_service.api.loader import load_searcher
 
 ADMIN = "reload-admin-token"
 AUTH = (("authorization", f"Bearer {ADMIN}"),)
@@ -190,7 +190,7 @@ def corrupt_versions(two_versions):
 def test_corrupt_index_fails_to_load_naming_the_file(corrupt_versions, encoder, kind):
     d, expected = corrupt_versions[kind]
     with pytest.raises(IndexFormatError) as info:
-        load_pipeline(ServerConfig(index=d, warmup_queries=0), encoder)
+        load_searcher(ServerConfig(index=d, warmup_queries=0), encoder)
     assert str(d / expected.split(":")[0]) in str(info.value) and expected in str(info.value)
 
 

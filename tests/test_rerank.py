@@ -14,7 +14,8 @@ from rag_service.core.errors import IndexFormatError
 from rag_service.index import windows as windows_mod
 from rag_service.index.chunking import lexical_text
 from rag_service.index.load import load_index, resolve_version_dir
-from rag_service.search.pipeline import Pipeline, SearchParams
+from rag_service.search.pipeline import Pipeline
+from rag_service.core.params import SearchParams
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 
 

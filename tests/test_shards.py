@@ -309,7 +309,7 @@ def test_a_shard_failing_after_the_first_stage_leaves_a_partial_reply(sharded, s
     from rag_service.core.config import ServerConfig
     from rag_service.core.errors import Unavailable
     from rag_service.index.load import load_index
-    from rag_service.search.pipeline import SearchParams
+    from rag_service.core.params import SearchParams
     from rag_service.shard.router import ShardedPipeline
 
     _, out = sharded

@@ -34,7 +34,8 @@ from rag_service.bench.quality import chunk_doc_ids, doc_run, evaluate  # noqa: 
 from rag_service.core.config import SearchDefaults  # noqa: E402
 from rag_service.encoder.encode import Encoder  # noqa: E402
 from rag_service.index.load import load_index  # noqa: E402
-from rag_service.search.pipeline import Pipeline, SearchParams  # noqa: E402
+from rag_service.search.pipeline import Pipeline
+from rag_service.core.params import SearchParams  # noqa: E402
 
 FEATURES = rerank_mod.FEATURES
 

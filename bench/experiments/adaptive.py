@@ -31,7 +31,8 @@ from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import doc_run
 from rag_service.encoder.encode import load_index_encoder
 from rag_service.index.load import load_index
-from rag_service.search.pipeline import Pipeline, SearchParams
+from rag_service.search.pipeline import Pipeline
+from rag_service.core.params import SearchParams
 
 NDCG = ir_measures.nDCG @ 10
 
@@ -43,6 +44,14 @@ def ndcg(run: dict[str, dict[str, float]], qrels) -> float:  # noqa: ANN001
 
 def per_query(run, qrels) -> dict[str, float]:  # noqa: ANN001
     return {m.query_id: float(m.value) for m in ir_measures.iter_calc([NDCG], qrels, run)}
+
+
+class AlwaysLexical(AdaptivePolicy):
+    """Plans every request down the lexical route, as the brownout sends a share of them."""
+
+    def plan(self, params, deadline, in_flight, encoded, rerank_available, arrival=None,  # noqa: ANN001
+             lexical_available=False) -> Plan:
+        return Plan(params, LEXICAL, "forced", None, in_flight, start=time.monotonic())
 
 
 def main() -> None:
@@ -68,10 +77,8 @@ def main() -> None:
 
     def run_route(name: str, params: SearchParams, config: AdaptiveConfig, lexical: bool = False) -> dict:
         """`lexical`: every request takes the lexical route (BM25 alone, no encode), as the brownout sends it."""
-        pipeline = Pipeline(index, encoder, policy=AdaptivePolicy(config))
-
-        def search(p: SearchParams):  # noqa: ANN202
-            return pipeline.search(p, plan=Plan(p, LEXICAL, "forced", None, 1) if lexical else None)
+        pipeline = Pipeline(index, encoder, policy=(AlwaysLexical if lexical else AdaptivePolicy)(config))
+        search = pipeline.search
 
         for q in list(judged.values())[:10]:  # warm-up, and the cost model's first samples
             search(replace(params, query=q))

@@ -34,7 +34,8 @@ from rag_service.bench.quality import quality_report
 from rag_service.encoder.encode import Encoder, OnnxEncoder, _EncoderBase
 from rag_service.index.chunking import dense_text
 from rag_service.index.load import load_index
-from rag_service.search.pipeline import Pipeline, SearchParams
+from rag_service.search.pipeline import Pipeline
+from rag_service.core.params import SearchParams
 
 KINDS = ("torch", "onnx-fp32", "onnx-int8")
 

@@ -32,7 +32,8 @@ from rag_service.core.config import CacheConfig
 from rag_service.encoder.encode import Encoder
 from rag_service.index.load import load_index
 from rag_service.core.metrics import Metrics
-from rag_service.search.pipeline import Pipeline, SearchParams
+from rag_service.search.pipeline import Pipeline
+from rag_service.core.params import SearchParams
 
 TOP_K = 10
 ADDABLE = ("the", "a", "of", "in", "for", "that")

@@ -18,7 +18,8 @@ from rag_service.bench.data import load_qrels, load_queries  # noqa: E402
 from rag_service.bench.quality import doc_run, evaluate  # noqa: E402
 from rag_service.encoder.encode import Encoder  # noqa: E402
 from rag_service.index.load import load_index  # noqa: E402
-from rag_service.search.pipeline import Pipeline, SearchParams  # noqa: E402
+from rag_service.search.pipeline import Pipeline
+from rag_service.core.params import SearchParams  # noqa: E402
 idx, qpath, qrels_path = sys.argv[1:4]
 p = Pipeline(load_index(idx, verify_checksums=False), Encoder())
 qrels = load_qrels(Path(qrels_path)); qs = {q: t for q, t in load_queries(Path(qpath)).items() if q in qrels}

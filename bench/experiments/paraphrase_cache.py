@@ -29,12 +29,13 @@ from rag_service.core.config import CacheConfig
 from rag_service.encoder.encode import Encoder
 from rag_service.index.load import load_index
 from rag_service.core.metrics import Metrics
-from rag_service.search.pipeline import Pipeline, SearchParams, SearchResult
+from rag_service.search.pipeline import Pipeline
+from rag_service.core.params import SearchParams, SearchResult
 
 
 class Lookahead:
-    """The real pipeline for everything the cache asks of it (version, index, encoder), but searches that return no
-    contexts: this benchmark never looks at them."""
+    """The real pipeline for everything the cache asks of it (version, capabilities, guard, encoder), but searches
+    that return no contexts (this benchmark never looks at them); what it answers is stored as a real search's is."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.inner = pipeline
@@ -42,8 +43,11 @@ class Lookahead:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def search(self, params, **kwargs) -> SearchResult:
-        return SearchResult(contexts=[], index_version=self.inner.version, stage_us={})
+    def search(self, params, *, query_vector=None, cache=None, **kwargs) -> SearchResult:
+        result = SearchResult(contexts=[], index_version=self.inner.version, stage_us={})
+        if cache is not None:
+            cache.store(query_vector, result, self.inner.guard)
+        return result
 
 
 def read_pairs(path: Path) -> list[tuple[str, str, int]]:

@@ -24,7 +24,8 @@ from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import quality_report
 from rag_service.encoder.encode import OnnxEncoder
 from rag_service.index.load import load_index
-from rag_service.search.pipeline import Pipeline, SearchParams
+from rag_service.search.pipeline import Pipeline
+from rag_service.core.params import SearchParams
 
 
 def main() -> None:

@@ -25,7 +25,8 @@ from rag_service.bench.data import load_queries  # noqa: E402
 from rag_service.core.config import SearchDefaults  # noqa: E402
 from rag_service.encoder.encode import Encoder  # noqa: E402
 from rag_service.index.load import load_index  # noqa: E402
-from rag_service.search.pipeline import Pipeline, SearchParams  # noqa: E402
+from rag_service.search.pipeline import Pipeline
+from rag_service.core.params import SearchParams  # noqa: E402
 
 
 def main() -> None:

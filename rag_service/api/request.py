@@ -11,7 +11,7 @@ import unicodedata
 from rag_service.core.config import Limits, SearchDefaults
 from rag_service.core.errors import InvalidArgument
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
-from rag_service.search.pipeline import SearchParams
+from rag_service.core.params import SearchParams
 
 FUSION_NAMES = {pb.FUSION_RRF: "rrf", pb.FUSION_WEIGHTED: "weighted"}
 CACHE_MODES = {pb.CACHE_DEFAULT: "default", pb.CACHE_BYPASS: "bypass", pb.CACHE_EXACT_ONLY: "exact_only",

@@ -28,17 +28,16 @@ from rag_service.api import auth, logs, wire
 
 from rag_service.kernels import native
 from rag_service.core.config import ServerConfig
-from rag_service.search.adaptive import AdaptiveConfig, AdaptivePolicy
-from rag_service.encoder.batching import MicroBatcher
-from rag_service.encoder.encode import Encoder, load_index_encoder
+from rag_service.encoder.encode import Encoder
 from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Overloaded, RagError, Unavailable
-from rag_service.index.load import load_index
 from rag_service.index.publish import CURRENT
 from rag_service.search.cache import EXACT, MISS, PREFETCHED, SEMANTIC, CachedSearch, Served
 from rag_service.core.metrics import Metrics
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
-from rag_service.search.pipeline import Pipeline, SearchParams
+from rag_service.api.loader import load_searcher
+from rag_service.search.searcher import Searcher
+from rag_service.core.params import SearchParams
 from rag_service.search.prefetch import Prefetcher
 from rag_service.api.request import search_params
 from rag_service.search.speculate import DraftSession
@@ -62,39 +61,6 @@ def status_for(error: RagError) -> grpc.StatusCode:
         if kind in STATUS_FOR:
             return STATUS_FOR[kind]
     return grpc.StatusCode.INTERNAL
-
-
-# Warm-up touches every stage (numba compilation, faiss pages, the encoder's first call) before SERVING.
-WARMUP_QUERIES = ("what is the effect of", "how does it work", "definition and examples", "error handling",
-                  "performance of the method", "history", "configuration options", "results compared")
-
-
-def load_pipeline(config: ServerConfig, encoder: Encoder | None = None) -> Pipeline:
-    # A misconfigured RAG_SERVICE_BACKEND must stop the start, not fail every request later.
-    log.info("native backends: %s", native.backend_info())
-    if config.shards:  # the router role: the same interface over a shard set (shard/router.py)
-        from rag_service.shard.router import load_router
-
-        return load_router(config, encoder)  # type: ignore[return-value]
-    index = load_index(config.index, verify_checksums=config.verify_checksums)
-    encoder = encoder or load_index_encoder(config.query_encoder, index.path, config.model_path,
-                                            config.encoder_threads)
-    if config.micro_batch_ms > 0 and not isinstance(encoder, MicroBatcher):
-        encoder = MicroBatcher(encoder, window_ms=config.micro_batch_ms, max_batch=config.micro_batch_max)
-    model = index.manifest["model"]
-    if encoder.name != model["name"]:
-        raise IndexFormatError(f"{index.path}/manifest.json: index was built with model {model['name']!r}, "
-                               f"the server encodes queries with {encoder.name!r}")
-    policy = AdaptivePolicy(AdaptiveConfig(enabled=config.adaptive, confidence=config.adaptive_confidence,
-                                           busy_in_flight=config.adaptive_busy_in_flight,
-                                           lexical=config.adaptive_lexical, brownout=config.adaptive_brownout,
-                                           brownout_target=config.adaptive_brownout_target))
-    pipeline = Pipeline(index, encoder, policy=policy)
-    defaults = config.defaults
-    for query in WARMUP_QUERIES[: config.warmup_queries]:
-        pipeline.search(SearchParams(query=query, top_k=defaults.top_k, depth=defaults.depth, fusion=defaults.fusion,
-                                     dense_weight=defaults.dense_weight, rrf_k=defaults.rrf_k))
-    return pipeline
 
 
 # A drain waits for this long without new Search calls (bounded by the grace period) before the server stops.
@@ -168,7 +134,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self.config = config
         self.executor = executor
         self.metrics = metrics
-        self.pipeline: Pipeline | None = None
+        self.pipeline: Searcher | None = None
         self.in_flight = 0  # touched only on the event loop thread
         # Admitted work not yet picked up by a pipeline thread; the workers decrement it, hence the lock.
         self.queued = 0
@@ -177,16 +143,14 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self.last_arrival = 0.0  # time.monotonic() of the latest Search, so a drain can wait for a quiet moment
         # Set by RagServer: loads, validates, warms and swaps in the index at a path ("" = the configured one).
         self.reloader: Callable[[str], Awaitable[ReloadResult]] | None = None
-        # A router holds no index to check a semantic hit's lexical guard against: exact (and strict) hits only.
-        self.cache = CachedSearch(config.cache.model_copy(update={"semantic": False}) if config.shards
-                                  else config.cache, metrics)
+        self.cache = CachedSearch(config.cache, metrics)
         self.prefetcher = Prefetcher(self.cache, config.cache, metrics, pipeline=lambda: self.pipeline,
                                      live=lambda: self.in_flight)
         # Read at scrape time from whichever pipeline is serving (a reload swaps in a new policy, level 1).
         metrics.full_share.set_function(
             lambda: self.pipeline.policy.brownout_level() if self.pipeline is not None else 1.0)
 
-    def _pipeline(self) -> Pipeline:
+    def _pipeline(self) -> Searcher:
         if self.pipeline is None:
             raise Unavailable("the index is still loading; retry when health reports SERVING")
         return self.pipeline
@@ -363,7 +327,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
 
     async def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context: grpc.aio.ServicerContext) -> pb.IndexInfo:
         try:
-            index = self._pipeline().index
+            index = self._pipeline().summary()
         except Exception as error:  # noqa: BLE001
             await self._fail(context, "GetIndexInfo", error)
             raise
@@ -380,7 +344,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             build_seconds=float(manifest.get("build_seconds", 0.0)), format_version=manifest["format_version"],
             metadata_fields=list(index.metadata_fields), native_has_cuda=backends["built_with_cuda"],
             cuda_device_available=backends["cuda_device_available"], fusion_backend=backends["fusion_backend"],
-            dense_index_type=index.dense.kind,
+            dense_index_type=index.dense_kind,
         )
 
 
@@ -407,7 +371,7 @@ class RagServer:
     """A rag-service server: bind, start, load and warm the index, report SERVING; stop drains in-flight work."""
 
     # Called as hook(old_pipeline, new_pipeline) after every swap: caches keyed by the old index version drop it here.
-    on_index_swap: list[Callable[[Pipeline | None, Pipeline], None]]
+    on_index_swap: list[Callable[[Searcher | None, Searcher], None]]
 
     def __init__(self, config: ServerConfig, *, encoder: Encoder | None = None) -> None:
         self.config = config
@@ -484,12 +448,12 @@ class RagServer:
         """Loads and warms the index off the event loop, then reports SERVING."""
         started = time.perf_counter()
         pipeline = await asyncio.get_running_loop().run_in_executor(
-            self.executor, load_pipeline, self.config, self._encoder)
+            self.executor, load_searcher, self.config, self._encoder)
         self.servicer.pipeline = pipeline
-        self.metrics.set_index(pipeline.index)
+        self.metrics.set_index(pipeline.summary())
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving index %s version %s (%d chunks) after %.1f s", pipeline.index.name, pipeline.version,
-                 pipeline.index.n_chunks, time.perf_counter() - started)
+        log.info("serving index %s version %s (%d chunks) after %.1f s", pipeline.summary().name, pipeline.version,
+                 pipeline.summary().n_chunks, time.perf_counter() - started)
 
     async def reload(self, path: str = "") -> ReloadResult:
         """Loads the index at `path` (inside the index root; "" = the configured index, CURRENT followed anew) beside
@@ -502,7 +466,7 @@ class RagServer:
             started = time.perf_counter()
             try:
                 pipeline = await asyncio.get_running_loop().run_in_executor(
-                    self._reload_executor, load_pipeline, self.config.model_copy(update={"index": target}), encoder)
+                    self._reload_executor, load_searcher, self.config.model_copy(update={"index": target}), encoder)
             except Exception as error:
                 self.metrics.reloads.labels("failed").inc()
                 if isinstance(error, OSError):  # unreadable path or file: a bad index, not a server fault
@@ -513,12 +477,12 @@ class RagServer:
             seconds = time.perf_counter() - started
             # One reference assignment: a request reads self.pipeline once, so it runs wholly on one index.
             self.servicer.pipeline = pipeline
-            self.metrics.set_index(pipeline.index)
+            self.metrics.set_index(pipeline.summary())
             self.metrics.reloads.labels("ok").inc()
             for hook in self.on_index_swap:
                 hook(current, pipeline)
             previous = current.version if current is not None else ""
-            log.info("reloaded: serving %s version %s (was %s) after %.2f s", pipeline.index.path, pipeline.version,
+            log.info("reloaded: serving %s version %s (was %s) after %.2f s", pipeline.summary().path, pipeline.version,
                      previous, seconds)
             if current is None:
                 await self._set_health(health_pb2.HealthCheckResponse.SERVING)

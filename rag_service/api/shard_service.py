@@ -23,6 +23,7 @@ from rag_service.core.errors import IndexFormatError, InvalidArgument, RagError,
 from rag_service.pb.rag.v1 import shard_pb2 as spb
 from rag_service.pb.rag.v1 import shard_pb2_grpc as spb_grpc
 from rag_service.search.pipeline import Pipeline
+from rag_service.search.searcher import Searcher
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def query_vector(data: bytes, dim: int) -> np.ndarray:
 
 
 class ShardServicer(spb_grpc.ShardServicer):
-    def __init__(self, pipeline: Callable[[], Pipeline | None], executor: ThreadPoolExecutor,
+    def __init__(self, pipeline: Callable[[], Searcher | None], executor: ThreadPoolExecutor,
                  status_for: Callable[[RagError], grpc.StatusCode]) -> None:
         self._pipeline = pipeline
         self.executor = executor
@@ -86,6 +87,8 @@ class ShardServicer(spb_grpc.ShardServicer):
         pipeline = self._pipeline()
         if pipeline is None:
             raise Unavailable("the index is still loading; retry when health reports SERVING")
+        if not isinstance(pipeline, Pipeline):
+            raise IndexFormatError("this server routes to shards; it holds no shard index to answer for")
         state = self._state
         if state is None or state.pipeline is not pipeline:  # first call, or a reload swapped the index in
             state = self._state = ShardState.of(pipeline)
@@ -111,7 +114,7 @@ class ShardServicer(spb_grpc.ShardServicer):
             index=shard["index"], count=shard["count"], set_id=shard["set_id"], stats_sha256=shard["stats_sha256"],
             version=index.version, name=index.name, chunk_count=index.n_chunks, document_count=index.n_docs,
             embedding_model=manifest["model"]["name"], embedding_dim=manifest["model"]["dim"],
-            metadata_fields=sorted(state.global_fields), can_rerank=state.pipeline.rerank_store is not None,
+            metadata_fields=sorted(state.global_fields), can_rerank=state.pipeline.capabilities.rerank,
             corpus_chunk_count=shard["corpus"]["chunks"], corpus_document_count=shard["corpus"]["documents"],
             build_params={k: str(v) for k, v in manifest["params"].items()})
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field, fields, replace
 
 import ir_measures
 
-from rag_service.search.pipeline import Candidates, Pipeline, SearchParams
+from rag_service.search.pipeline import Candidates, Pipeline
+
+from rag_service.core.params import SearchParams
 
 MEASURES = (ir_measures.nDCG @ 10, ir_measures.R @ 100, ir_measures.RR @ 10)
 METHODS = ("bm25", "dense", "fused")

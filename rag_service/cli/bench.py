@@ -163,7 +163,8 @@ def quality(index_path, queries, qrels, datasets, split, methods, pairs, encoder
     from rag_service.bench.quality import Method, format_table, parse_method, quality_report
     from rag_service.core.config import SearchDefaults
     from rag_service.index.load import load_index
-    from rag_service.search.pipeline import Pipeline, SearchParams
+    from rag_service.search.pipeline import Pipeline
+    from rag_service.core.params import SearchParams
 
     try:
         rows = [parse_method(m) for m in methods] or None
@@ -171,12 +172,14 @@ def quality(index_path, queries, qrels, datasets, split, methods, pairs, encoder
         raise click.BadParameter(str(error), param_hint="--method") from error
 
     defaults = SearchDefaults()
-    params = SearchParams(query="", top_k=defaults.top_k, depth=depth or defaults.depth,
-                          fusion=fusion or defaults.fusion,
-                          dense_weight=defaults.dense_weight if dense_weight is None else dense_weight,
-                          rrf_k=defaults.rrf_k, rerank=defaults.rerank, rerank_depth=defaults.rerank_depth,
-                          mmr_lambda=defaults.mmr_lambda, dedup_threshold=defaults.dedup_threshold,
-                          max_context_tokens=defaults.max_context_tokens, cache="bypass")
+    overrides: dict[str, object] = {"cache": "bypass"}
+    if depth:
+        overrides["depth"] = depth
+    if fusion:
+        overrides["fusion"] = fusion
+    if dense_weight is not None:
+        overrides["dense_weight"] = dense_weight
+    params = SearchParams.from_defaults("", defaults, **overrides)
     reports = {}
     encoders: dict[Path, object] = {}
     for name, index, query_file, qrels_file in sets:

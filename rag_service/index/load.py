@@ -81,6 +81,14 @@ class Index:
     def filter_mask(self, filters: Mapping[str, str] | None) -> np.ndarray | None:
         return self.store.filter_mask(filters)
 
+    # What the semantic cache's guard asks (search/searcher.py, LexicalGuard): this index's own view of a query.
+    def query_terms(self, query: str) -> dict[str, float]:
+        return self.bm25.query_terms(query)
+
+    def lexical_candidates(self, query: str, filters: Mapping[str, str], depth: int) -> np.ndarray:
+        ids, _ = self.bm25.search(query, depth, self.filter_mask(filters))
+        return np.sort(np.asarray(ids, dtype=np.int64))
+
 
 def load_index(path: Path | str, *, verify_checksums: bool = True, search_threads: int = 1) -> Index:
     """Loads the index at `path` (an index root or a version directory).

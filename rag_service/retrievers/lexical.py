@@ -14,6 +14,8 @@ rank-bm25 does), of that term's impact in the chunk; k1 and b cannot change with
 
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 from array import array
@@ -372,6 +374,19 @@ class BM25Index:
         if mask is None:
             return _top_n(self.indptr, self.docs, self.weights, tids, self.n_chunks, _NO_MASK, False, depth)
         return _top_n(self.indptr, self.docs, self.weights, tids, self.n_chunks, mask, True, depth)
+
+    @functools.cached_property
+    def _idf(self) -> tuple[np.ndarray, float]:
+        # Computed once per loaded index, on first use (the semantic cache's guard is its only reader).
+        idf = idf_values(self.df, self.corpus_chunks, self.idf_kind)  # a shard's df and N are the corpus's
+        return idf, float(idf.max()) if len(idf) else 1.0
+
+    def query_terms(self, query: str) -> dict[str, float]:
+        """The query's index terms (this index's analyzer) with their idf; a term the index lacks weighs the most
+        (it is rarer than any term it has)."""
+        idf, top = self._idf
+        vocab = self.vocab
+        return {t: (float(idf[vocab[t]]) if t in vocab else top) for t in self.analyzer.tokens(query)}
 
     def search(self, query: str, depth: int, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         return self.search_tokens(self.analyzer.tokens(query), depth, mask)

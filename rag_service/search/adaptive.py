@@ -12,7 +12,7 @@ Routes, most to least work:
                 On a CPU the encode is most of a request (~6 of ~8 ms at p50 here, ONNX int8), so this is the one
                 route that cuts what load makes expensive. Quality is BM25's (SciFact test nDCG@10 0.6865 against
                 0.7448 for the full pipeline). Only a pipeline with a local BM25 index plans it (not the shard
-                router), and only before the query is encoded: CachedSearch asks for the plan before its encode.
+                router), and only before the query is encoded: SearcherBase.search plans before its encode.
 
 Brownout (a dimmer, after Klein et al., "Brownout: building more robust cloud applications", ICSE 2014): under
 sustained load no per-request rule helps, because a request that finds its budget spent has already waited behind
@@ -42,6 +42,8 @@ import time
 from dataclasses import dataclass, replace
 
 import numpy as np
+
+from rag_service.core.params import SearchParams
 
 FULL, LIGHT, CONFIDENT, FUSED, SHALLOW, LEXICAL = "full", "light", "confident", "fused", "shallow", "lexical"
 ROUTES = (FULL, LIGHT, CONFIDENT, FUSED, SHALLOW, LEXICAL)
@@ -87,7 +89,7 @@ class AdaptiveConfig:
 
 @dataclass(frozen=True)
 class Plan:
-    params: object  # SearchParams, with depth possibly lowered
+    params: SearchParams  # with depth possibly lowered
     route: str
     reason: str
     budget_end: float | None  # monotonic time the request should be done by; None: no budget
@@ -187,7 +189,7 @@ class AdaptivePolicy:
 
     # Decisions -------------------------------------------------------------------------------------------------------
 
-    def plan(self, params, deadline: float | None, in_flight: int, encoded: bool,  # noqa: ANN001 (SearchParams)
+    def plan(self, params: SearchParams, deadline: float | None, in_flight: int, encoded: bool,
              rerank_available: bool, arrival: float | None = None, lexical_available: bool = False) -> Plan:
         """Before the first stage: the budget, whether to skip the encoder (lexical) and whether the first stage must
         be made shallower.
@@ -203,7 +205,7 @@ class AdaptivePolicy:
         planned = self._plan(params, budget_end, now, in_flight, encoded, rerank_available, lexical_available)
         return replace(planned, start=start)
 
-    def _plan(self, params, budget_end: float | None, now: float, in_flight: int, encoded: bool,  # noqa: ANN001
+    def _plan(self, params: SearchParams, budget_end: float | None, now: float, in_flight: int, encoded: bool,
               rerank_available: bool, lexical_available: bool) -> Plan:
         if lexical_available and not encoded and budget_end is not None and self.config.enabled \
                 and self.config.lexical:
@@ -228,7 +230,8 @@ class AdaptivePolicy:
                         f"depth {params.depth} -> {SHALLOW_DEPTH}, no rerank", budget_end, in_flight)
         return Plan(params, FULL, "within budget", budget_end, in_flight)
 
-    def _lexical_plan(self, params, budget_end: float, now: float, in_flight: int) -> Plan | None:  # noqa: ANN001
+    def _lexical_plan(self, params: SearchParams, budget_end: float, now: float,
+                      in_flight: int) -> Plan | None:
         """The lexical route when encode + first stage do not fit the budget left and BM25 + contexts do."""
         with self._lock:
             est = {**self._stage_ms}

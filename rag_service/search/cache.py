@@ -1,12 +1,17 @@
 """Cache stage: earlier answers served again, exactly or for a near-identical query, never across index versions.
 
     request -> exact lookup (normalised query + every result-changing parameter + index version)   hit: reply
-            -> encode -> semantic lookup (nearest cached query embeddings, then a fidelity guard)   hit: reply
-            -> rest of the pipeline with the same vector -> store
+            -> searcher.search(params, cache=stage), which encodes and then calls the stage:
+               semantic lookup (nearest cached query embeddings, then a fidelity guard)   hit: reply
+               -> rest of the pipeline with the same vector -> stage.store
+
+`CachedSearch` wraps a Searcher (search/searcher.py) and calls its `search` once per request; the semantic part is a
+stage the searcher calls after its encode, so the encode and the route decision stay with the searcher.
 
 A semantic hit must return what a fresh search would have returned (fidelity), so cosine alone does not decide: the
 guard also asks that the two queries share their rare terms (IDF-weighted) and that the new query's BM25 top
-candidates overlap those stored with the entry. Thresholds come from
+candidates overlap those stored with the entry; both come from the searcher's `guard` (the index's own analyzer and
+BM25). A searcher without a guard (the shard router) gets exact and strict hits only. Thresholds come from
 bench/experiments/cache_fidelity.py (figures in bench/README.md). Strict mode, for callers that cache generated answers on top of
 ours, only serves near-verbatim queries: the same content words, stemmed, in the same order.
 
@@ -28,18 +33,16 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from rag_service.search import adaptive
-from rag_service.retrievers.analysis import Analyzer
 from rag_service.core.config import CacheConfig
 from rag_service.core.errors import DeadlineExceeded
-from rag_service.retrievers.lexical import idf_values
 from rag_service.core.metrics import Metrics
-from rag_service.search.pipeline import Pipeline, SearchParams, SearchResult, check_deadline
+from rag_service.core.params import SearchParams, SearchResult, check_deadline
 from rag_service.core.timing import StageTimer
+from rag_service.retrievers.analysis import Analyzer
+from rag_service.search.searcher import LexicalGuard, Searcher
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +81,6 @@ def params_key(params: SearchParams) -> tuple:
 def strict_signature(query: str) -> tuple[str, ...]:
     """Content words in order after normalisation and stemming; equal signatures mean near-verbatim queries."""
     return tuple(t for t in _STRICT_ANALYZER.tokens(normalise(query)) if t not in _STRICT_IGNORED_STEMS)
-
-
-def cacheable(pipeline: Pipeline, params: SearchParams, result: SearchResult) -> bool:
-    """Answers the adaptive pipeline cut short (load, a tight budget: adaptive.py) are served but not kept: a later
-    request with room to spare must get what its parameters ask for. Nor are a router's partial replies."""
-    if result.partial:
-        return False
-    if result.route in (adaptive.FULL, adaptive.CONFIDENT):
-        return True
-    if result.route == adaptive.FUSED:  # by design when no rerank was asked or the index cannot rerank; else budget
-        return not params.rerank or getattr(pipeline, "rerank_store", None) is None
-    return False
 
 
 def term_overlap(a: dict[str, float], b: dict[str, float]) -> float:
@@ -327,8 +318,8 @@ Execute = Callable[[Callable[[], Served]], Awaitable[Served]]
 
 
 class CachedSearch:
-    """The cache stage around `Pipeline.search`: the server calls `search` (async, single flight) instead of the
-    pipeline; `run` is the same path, synchronous, for a pipeline thread or an in-process benchmark."""
+    """The cache around a Searcher: the server calls `search` (async, single flight); `run` is the same path,
+    synchronous, for a pipeline thread or an in-process benchmark. Either calls the searcher's `search` once."""
 
     def __init__(self, config: CacheConfig, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -336,7 +327,6 @@ class CachedSearch:
         self.metrics = metrics or Metrics()
         self.store = CacheStore(config, self.metrics, clock)
         self._flights: dict[tuple, asyncio.Future] = {}  # touched only on the event loop
-        self._idf: tuple[object, np.ndarray, float] | None = None  # (BM25 index, idf per term id, max idf)
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -350,16 +340,16 @@ class CachedSearch:
         """The server swapped in index `version`: every entry of another version goes now."""
         self.store.use_version(version)
 
-    def mode(self, params: SearchParams) -> str:
+    def mode(self, params: SearchParams, searcher: Searcher) -> str:
         if not self.config.enabled:
             return "bypass"
-        if params.cache == "default" and not self.config.semantic:
+        if params.cache == "default" and not (self.config.semantic and searcher.capabilities.semantic_guard):
             return "exact_only"
         return params.cache
 
     @staticmethod
-    def key(pipeline: Pipeline, params: SearchParams) -> tuple:
-        return (pipeline.version, normalise(params.query), params_key(params))
+    def key(searcher: Searcher, params: SearchParams) -> tuple:
+        return (searcher.version, normalise(params.query), params_key(params))
 
     # -- hits ---------------------------------------------------------------------------------------------------------
     def _hit(self, entry: Entry, kind: str, started_ns: int, similarity: float | None = None) -> Served:
@@ -375,34 +365,18 @@ class CachedSearch:
         result = _copy(entry.result, {"cache": (time.perf_counter_ns() - started_ns) // 1000})
         return Served(result, served_from, similarity, entry.origin)
 
-    def lookup_exact(self, pipeline: Pipeline, params: SearchParams, key: tuple | None = None) -> Served | None:
+    def lookup_exact(self, searcher: Searcher, params: SearchParams, key: tuple | None = None) -> Served | None:
         """Exact hit or None; cheap enough for the event loop."""
         started = time.perf_counter_ns()
-        if self.mode(params) == "bypass":
+        if self.mode(params, searcher) == "bypass":
             return None
-        entry = self.store.get(key or self.key(pipeline, params))
+        entry = self.store.get(key or self.key(searcher, params))
         return None if entry is None else self._hit(entry, EXACT, started)
 
-    def _lexical(self, pipeline: Pipeline, params: SearchParams) -> np.ndarray:
-        index = pipeline.index
-        ids, _ = index.bm25.search(params.query, self.config.guard_depth, index.filter_mask(params.filters))
-        return np.sort(np.asarray(ids, dtype=np.int64))
-
-    def query_terms(self, pipeline: Pipeline, query: str) -> dict[str, float]:
-        """The query's index terms (the BM25 analyzer's) with their idf; a term the index lacks weighs the most."""
-        bm25 = pipeline.index.bm25
-        cached = self._idf
-        if cached is None or cached[0] is not bm25:
-            idf = idf_values(bm25.df, bm25.corpus_chunks, bm25.idf_kind)  # a shard's df and N are the corpus'''s
-            cached = self._idf = (bm25, idf, float(idf.max()) if len(idf) else 1.0)
-        _, idf, top = cached
-        vocab = bm25.vocab
-        return {t: (float(idf[vocab[t]]) if t in vocab else top) for t in bm25.analyzer.tokens(query)}
-
-    def lookup_semantic(self, pipeline: Pipeline, params: SearchParams, key: tuple, vector: np.ndarray,
-                        strict: bool, lexical: list[np.ndarray]) -> Served | None:
+    def lookup_semantic(self, params: SearchParams, key: tuple, vector: np.ndarray, strict: bool,
+                        guard: LexicalGuard | None, lexical: list[np.ndarray]) -> Served | None:
         """A semantic hit for `vector` or None. `lexical` receives the query's BM25 guard candidates if computed,
-        so a miss stores them without searching twice."""
+        so a miss stores them without searching twice. Without a guard only strict hits are possible."""
         started = time.perf_counter_ns()
         group = (key[0], key[2])
         config = self.config
@@ -417,11 +391,13 @@ class CachedSearch:
             if self.store.touch(entry):
                 return self._hit(entry, SEMANTIC, started, similarity)
             return None
+        if guard is None:
+            return None
         candidates = self.store.nearest(group, vector, config.semantic_min_cosine, config.semantic_candidates)
         if not candidates:
             return None
-        terms = self.query_terms(pipeline, params.query)
-        lexical.append(self._lexical(pipeline, params))
+        terms = guard.query_terms(params.query)
+        lexical.append(guard.lexical_candidates(params.query, params.filters, config.guard_depth))
         for entry, similarity in candidates:
             if (term_overlap(terms, entry.terms) >= config.guard_min_term_overlap
                     and lexical_overlap(lexical[0], entry.lexical) >= config.guard_min_overlap
@@ -431,55 +407,41 @@ class CachedSearch:
         return None
 
     # -- the synchronous path -----------------------------------------------------------------------------------------
-    def run(self, pipeline: Pipeline, params: SearchParams, deadline: float | None = None, *,
+    def run(self, searcher: Searcher, params: SearchParams, deadline: float | None = None, *,
             query_vector: np.ndarray | None = None, origin: str = LIVE, key: tuple | None = None,
             arrival: float | None = None) -> Served:
-        """Exact lookup, encode, semantic lookup, pipeline, store. Runs on a pipeline thread (never the event loop);
-        `query_vector` lets a caller that has encoded already (a batch) skip the encoder."""
+        """Exact lookup, then the searcher's search with this request's cache stage. Runs on a pipeline thread
+        (never the event loop); `query_vector` lets a caller that has encoded already (a batch) skip the encoder."""
         check_deadline(deadline, "queue")
-        mode = self.mode(params)
+        mode = self.mode(params, searcher)
         timer = StageTimer()
         if mode == "bypass":
             self.metrics.cache_misses.labels(mode).inc()
-            return Served(pipeline.search(params, query_vector=query_vector, deadline=deadline, timer=timer,
+            return Served(searcher.search(params, query_vector=query_vector, deadline=deadline, timer=timer,
                                           arrival=arrival))
         with timer.stage("cache"):
-            key = key or self.key(pipeline, params)
-            hit = self.lookup_exact(pipeline, params, key)
+            key = key or self.key(searcher, params)
+            hit = self.lookup_exact(searcher, params, key)
         if hit is not None:
             return hit
-        if query_vector is None:
-            # The adaptive pipeline may answer from BM25 alone when the budget left cannot pay for the encode: that
-            # decision comes before the encode below, and its cut-short answer is neither looked up nor stored.
-            plan = pipeline.plan(params, deadline=deadline, arrival=arrival)
-            if plan.route == adaptive.LEXICAL:
-                self.metrics.cache_misses.labels(mode).inc()
-                return Served(pipeline.search(params, deadline=deadline, timer=timer, arrival=arrival, plan=plan),
-                              MISS, None, origin)
-            check_deadline(deadline, "encode")
-            with timer.stage("encode"):
-                query_vector = pipeline.encode(params.query, deadline)
-        lexical: list[np.ndarray] = []
-        if mode in ("default", "strict"):
-            with timer.stage("cache_semantic"):
-                hit = self.lookup_semantic(pipeline, params, key, query_vector, mode == "strict", lexical)
-            if hit is not None:
-                hit.result.stage_us.update(timer.us)
-                return hit
+        stage = _RequestStage(self, params, key, mode, origin)
+        result = searcher.search(params, query_vector=query_vector, deadline=deadline, timer=timer, arrival=arrival,
+                                 cache=stage)
+        if stage.hit is not None:
+            stage.hit.result.stage_us.update(timer.us)
+            return stage.hit
         self.metrics.cache_misses.labels(mode).inc()
-        result = pipeline.search(params, query_vector=query_vector, deadline=deadline, timer=timer, arrival=arrival)
-        with timer.stage("cache_store"):
-            self._store(pipeline, params, key, query_vector, result, lexical, origin)
         return Served(result, MISS, None, origin)
 
-    def _store(self, pipeline: Pipeline, params: SearchParams, key: tuple, vector: np.ndarray, result: SearchResult,
-               lexical: list[np.ndarray], origin: str) -> None:
-        if result.index_version != key[0] or not cacheable(pipeline, params, result):
+    def _store(self, params: SearchParams, key: tuple, vector: np.ndarray, result: SearchResult,
+               guard: LexicalGuard | None, lexical: list[np.ndarray], origin: str) -> None:
+        if result.index_version != key[0] or not result.complete:
             return
-        if self.config.semantic:
-            bm25 = lexical[0] if lexical else self._lexical(pipeline, params)
-            terms = self.query_terms(pipeline, params.query)
-        else:  # the guard's inputs serve semantic lookups only (a router has no index to compute them from)
+        if self.config.semantic and guard is not None:
+            bm25 = lexical[0] if lexical else guard.lexical_candidates(params.query, params.filters,
+                                                                       self.config.guard_depth)
+            terms = guard.query_terms(params.query)
+        else:  # the guard's inputs serve semantic lookups only
             bm25, terms = np.zeros(0, np.int64), {}
         vector = np.ascontiguousarray(vector, dtype=np.float32)
         signature = strict_signature(params.query)
@@ -489,29 +451,29 @@ class CachedSearch:
                       inserted=self.store.clock(), origin=origin)
         self.store.put(entry)
 
-    def probe(self, pipeline: Pipeline, params: SearchParams, query_vector: np.ndarray) -> Served | None:
+    def probe(self, searcher: Searcher, params: SearchParams, query_vector: np.ndarray) -> Served | None:
         """The lookups of `run` without the search or the store (benchmarks measure hit decisions with it)."""
-        mode = self.mode(params)
+        mode = self.mode(params, searcher)
         if mode == "bypass":
             return None
-        key = self.key(pipeline, params)
-        hit = self.lookup_exact(pipeline, params, key)
+        key = self.key(searcher, params)
+        hit = self.lookup_exact(searcher, params, key)
         if hit is None and mode in ("default", "strict"):
-            hit = self.lookup_semantic(pipeline, params, key, query_vector, mode == "strict", [])
+            hit = self.lookup_semantic(params, key, query_vector, mode == "strict", searcher.guard, [])
         return hit
 
     # -- the server's path --------------------------------------------------------------------------------------------
-    async def search(self, pipeline: Pipeline, params: SearchParams, *, deadline: float | None, execute: Execute,
+    async def search(self, searcher: Searcher, params: SearchParams, *, deadline: float | None, execute: Execute,
                      origin: str = LIVE, arrival: float | None = None) -> Served:
         """Exact hits are answered on the event loop; identical concurrent misses share one computation (single
         flight); the rest runs `self.run` on a pipeline thread through `execute`."""
-        if self.mode(params) == "bypass":
-            return await execute(functools.partial(self.run, pipeline, params, deadline, origin=origin,
+        if self.mode(params, searcher) == "bypass":
+            return await execute(functools.partial(self.run, searcher, params, deadline, origin=origin,
                                                    arrival=arrival))
-        key = self.key(pipeline, params)
+        key = self.key(searcher, params)
         while True:
             started = time.perf_counter_ns()
-            hit = self.lookup_exact(pipeline, params, key)
+            hit = self.lookup_exact(searcher, params, key)
             if hit is not None:
                 return hit
             flight = self._flights.get(key)
@@ -530,8 +492,8 @@ class CachedSearch:
         flight = asyncio.get_running_loop().create_future()
         self._flights[key] = flight
         try:
-            served = await execute(functools.partial(self.run, pipeline, params, deadline, origin=origin, key=key,
-                                                             arrival=arrival))
+            served = await execute(functools.partial(self.run, searcher, params, deadline, origin=origin, key=key,
+                                                     arrival=arrival))
         except BaseException as error:
             gone = isinstance(error, (DeadlineExceeded, asyncio.CancelledError))
             flight.set_exception(_LeaderGone() if gone else error)
@@ -544,8 +506,25 @@ class CachedSearch:
                 del self._flights[key]
         return served
 
-    def stats(self) -> dict[str, Any]:
-        return {"entries": len(self.store), "bytes": self.store.bytes, "version": self.store.version}
+
+class _RequestStage:
+    """The cache's stage inside one search (search/searcher.py, CacheStage): a semantic lookup once the searcher
+    has the query vector, and the store of a fresh answer. Remembers a hit so `CachedSearch.run` can report it."""
+
+    def __init__(self, cache: CachedSearch, params: SearchParams, key: tuple, mode: str, origin: str) -> None:
+        self.cache, self.params, self.key, self.mode, self.origin = cache, params, key, mode, origin
+        self.hit: Served | None = None
+        self._lexical: list[np.ndarray] = []  # the guard's BM25 candidates, computed at most once
+
+    def lookup(self, vector: np.ndarray, guard: LexicalGuard | None) -> SearchResult | None:
+        if self.mode not in ("default", "strict"):
+            return None
+        self.hit = self.cache.lookup_semantic(self.params, self.key, vector, self.mode == "strict", guard,
+                                              self._lexical)
+        return None if self.hit is None else self.hit.result
+
+    def store(self, vector: np.ndarray, result: SearchResult, guard: LexicalGuard | None) -> None:
+        self.cache._store(self.params, self.key, vector, result, guard, self._lexical, self.origin)
 
 
 __all__ = ["CachedSearch", "CacheStore", "Served", "normalise", "params_key", "strict_signature", "lexical_overlap",

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rag_service.core.params import SearchParams
 from rag_service.kernels import native
 
 SHINGLE_WORDS = 5
@@ -42,7 +43,7 @@ class FilterParams:
     max_context_tokens: int = 0  # 0: no budget
 
     @classmethod
-    def of(cls, params) -> FilterParams:  # noqa: ANN001 (pipeline.SearchParams; importing it here would cycle)
+    def of(cls, params: SearchParams) -> FilterParams:
         """The filter a search request asks for."""
         return cls(top_k=params.top_k, mmr_lambda=params.mmr_lambda, dedup_threshold=params.dedup_threshold,
                    max_context_tokens=params.max_context_tokens)

@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from rag_service.search.cache import MISS, PREFETCH, CachedSearch, Served
 from rag_service.core.config import CacheConfig
 from rag_service.core.metrics import Metrics
-from rag_service.search.pipeline import Pipeline, SearchParams
+from rag_service.core.params import SearchParams
+from rag_service.search.searcher import Searcher
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class Prefetcher:
     live searches in flight."""
 
     def __init__(self, cache: CachedSearch, config: CacheConfig, metrics: Metrics, *,
-                 pipeline: Callable[[], Pipeline | None], live: Callable[[], int]) -> None:
+                 pipeline: Callable[[], Searcher | None], live: Callable[[], int]) -> None:
         self.cache = cache
         self.config = config
         self.metrics = metrics

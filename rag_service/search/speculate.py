@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from rag_service.search.cache import EXACT, LIVE, MISS, PREFETCHED, SPECULATIVE, CachedSearch, Execute, Served
 from rag_service.core.metrics import Metrics
-from rag_service.search.pipeline import Pipeline, SearchParams
+from rag_service.core.params import SearchParams
+from rag_service.search.searcher import Searcher
 
 
 @dataclass(eq=False)
@@ -48,9 +49,9 @@ class DraftSession:
         self._latest: _Speculation | None = None
         self._running: asyncio.Task | None = None
 
-    def draft(self, pipeline: Pipeline, params: SearchParams) -> None:
+    def draft(self, pipeline: Searcher, params: SearchParams) -> None:
         """A non-final draft: (re)start speculation for it unless it is the draft already being worked on."""
-        key = (self.cache.key(pipeline, params), self.cache.mode(params))
+        key = (self.cache.key(pipeline, params), self.cache.mode(params, pipeline))
         if self._latest is not None and self._latest.key == key:
             return  # the same normalised draft (a trailing space, a case change): keep its work
         self._discard()
@@ -62,7 +63,7 @@ class DraftSession:
         spec.task.add_done_callback(_retrieve_exception)
         self._latest = spec
 
-    async def _speculate(self, spec: _Speculation, pipeline: Pipeline, params: SearchParams) -> Served:
+    async def _speculate(self, spec: _Speculation, pipeline: Searcher, params: SearchParams) -> Served:
         await asyncio.sleep(self.debounce_s)
         while self._running is not None and not self._running.done():
             await asyncio.wait([self._running])  # at most one speculative search per stream on a thread
@@ -81,9 +82,9 @@ class DraftSession:
         else:
             self.metrics.speculative.labels("stale").inc()
 
-    async def final(self, pipeline: Pipeline, params: SearchParams, deadline: float | None) -> Served:
+    async def final(self, pipeline: Searcher, params: SearchParams, deadline: float | None) -> Served:
         """The answer to a final draft."""
-        key = (self.cache.key(pipeline, params), self.cache.mode(params))
+        key = (self.cache.key(pipeline, params), self.cache.mode(params, pipeline))
         spec = self._latest
         if spec is not None and spec.key == key and spec.started:
             self._latest = None

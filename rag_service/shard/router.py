@@ -11,8 +11,10 @@ PRF), from the same code, so with exact (flat) dense search the reply equals the
 A shard that fails or misses the deadline leaves the reply partial (SearchResult.partial, shards_missing) unless the
 request sets require_complete, which turns it into UNAVAILABLE (or DEADLINE_EXCEEDED) naming the shard.
 
-ShardedPipeline has Pipeline's interface (search, encode, version, index, encoder), so the server's cache, admission
-control, deadlines, adaptive routes, metrics and validation run unchanged in front of it.
+ShardedPipeline is a Searcher (search/searcher.py) like Pipeline: the same front (plan, encode, cache stage) and the
+same reply assembly, so the server's cache, admission control, deadlines, adaptive routes, metrics and validation run
+unchanged in front of it. It never takes the lexical route: a shard answers BM25 and dense together, for a query
+vector the router sends.
 """
 
 from __future__ import annotations
@@ -27,16 +29,17 @@ from typing import Any
 import grpc
 import numpy as np
 
-from rag_service.search import adaptive, context_filter, fusion
-from rag_service.search import rerank as rerank_mod
-from rag_service.encoder.encode import Encoder
 from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Unavailable
+from rag_service.core.params import Capabilities, IndexSummary, SearchResult, check_deadline
+from rag_service.core.timing import StageTimer
+from rag_service.encoder.encode import Encoder
 from rag_service.kernels.native import FusionResult
 from rag_service.pb.rag.v1 import shard_pb2 as spb
 from rag_service.pb.rag.v1 import shard_pb2_grpc as spb_grpc
-from rag_service.search.pipeline import ContextResult, SearchParams, SearchResult, check_deadline
+from rag_service.search import adaptive, context_filter, fusion
+from rag_service.search import rerank as rerank_mod
+from rag_service.search.searcher import ChunkFields, SearcherBase, assemble_contexts
 from rag_service.shard.split import read_router
-from rag_service.core.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -58,28 +61,6 @@ class ShardClient:
     @property
     def label(self) -> str:
         return f"{self.info.index}@{self.address}"
-
-
-@dataclass
-class DenseView:
-    kind: str
-
-
-@dataclass
-class RouterIndex:
-    """What the server reads from `pipeline.index` (GetIndexInfo, metrics), for a shard set."""
-
-    path: Path
-    manifest: dict[str, Any]
-    n_docs: int
-    n_chunks: int
-    metadata_fields: list[str]
-    dense: DenseView
-    version: str = ""
-
-    @property
-    def name(self) -> str:
-        return str(self.manifest["name"])
 
 
 @dataclass
@@ -130,6 +111,11 @@ class _Details:
             self.lost |= set(failures)
             raise _ShardLost(min(failures))
 
+    def fields(self, pos: int) -> ChunkFields:
+        data = self.chunks[pos]
+        return ChunkFields(doc_id=data.doc_id, chunk_id=data.chunk_id, title=data.title, text=data.text,
+                           metadata=dict(data.metadata))
+
     def tokens_at(self, pos: int, upcoming: np.ndarray) -> int:
         """Tokens of position `pos`; a miss also fetches the next `block` unfetched positions of `upcoming` (the
         likely next picks), so a filter walking the ranking costs one round trip per block, not per candidate."""
@@ -149,8 +135,8 @@ def _merge(ids: list[np.ndarray], scores: list[np.ndarray], depth: int) -> tuple
     return all_ids[order], all_scores[order]
 
 
-class ShardedPipeline:
-    """A shard set behind Pipeline's interface. Thread-safe: per-request state only, channels are shared."""
+class ShardedPipeline(SearcherBase):
+    """A shard set as a Searcher. Thread-safe: per-request state only, channels are shared."""
 
     def __init__(self, router_dir: Path | str, addresses: list[str], encoder: Encoder, *,
                  rerank_model: rerank_mod.RerankModel | None = None, policy: adaptive.AdaptivePolicy | None = None,
@@ -171,21 +157,20 @@ class ShardedPipeline:
         self.shards.sort(key=lambda s: s.info.index)
         self.can_rerank = all(s.info.can_rerank for s in self.shards)
         self.rerank_model = rerank_model or (rerank_mod.RerankModel.load() if self.can_rerank else None)
-        self.rerank_store = True if self.can_rerank else None  # read by cache.cacheable: "can this rerank"
+        self._capabilities = Capabilities(rerank=self.can_rerank, lexical_route=False, semantic_guard=False)
         self.policy = policy or adaptive.AdaptivePolicy()
         self.metadata_fields = frozenset(self.router.get("metadata_fields", []))
         self._lock = threading.Lock()
         self.dim = int(model["dim"])
         first = self.shards[0].info
-        self.index = RouterIndex(
-            path=self.router_dir.resolve(),
-            manifest={"name": self.router.get("name", "shards"), "version": "", "format_version": 1,
-                      "created_at": self.router.get("created_at", "1970-01-01T00:00:00Z"), "model": model,
-                      "params": {**dict(first.build_params), "shards": str(len(self.shards)),
-                                 "shard_set": self.router["set_id"]},
-                      "build_seconds": 0.0},
-            n_docs=int(first.corpus_document_count), n_chunks=int(first.corpus_chunk_count),
-            metadata_fields=sorted(self.metadata_fields), dense=DenseView(first.build_params.get("dense_index", "")))
+        self._manifest = {"name": self.router.get("name", "shards"), "version": "", "format_version": 1,
+                          "created_at": self.router.get("created_at", "1970-01-01T00:00:00Z"), "model": model,
+                          "params": {**dict(first.build_params), "shards": str(len(self.shards)),
+                                     "shard_set": self.router["set_id"]},
+                          "build_seconds": 0.0}
+        self._corpus = (int(first.corpus_document_count), int(first.corpus_chunk_count))
+        self._dense_kind = first.build_params.get("dense_index", "")
+        self._version = ""
         self._refresh_version()
 
     # -- set up ----------------------------------------------------------------------------------------------------
@@ -230,39 +215,24 @@ class ShardedPipeline:
         for s in self.shards:
             s.channel.close()
 
-    # -- Pipeline's interface --------------------------------------------------------------------------------------
+    # -- the Searcher's facts ----------------------------------------------------------------------------------------
     def _refresh_version(self) -> None:
-        version = f"{self.router['set_id']}:" + ",".join(s.version for s in self.shards)
-        self.index.version = version
-        self.index.manifest["version"] = version
+        self._version = f"{self.router['set_id']}:" + ",".join(s.version for s in self.shards)
 
     @property
     def version(self) -> str:
         """The shard set and each shard's serving version: a shard's reload changes it (and so the cache key)."""
-        return self.index.version
+        return self._version
 
-    def encode(self, query: str, deadline: float | None = None) -> np.ndarray:
-        if deadline is not None and hasattr(self.encoder, "encode_one"):
-            return self.encoder.encode_one(query, deadline)
-        return self.encoder.encode_queries([query])[0]
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
 
-    def plan(self, params: SearchParams, *, deadline: float | None = None, encoded: bool = False,
-             arrival: float | None = None) -> adaptive.Plan:
-        """As Pipeline.plan, but never the lexical route: a shard's Candidates answers with BM25 and dense together,
-        for a query vector the router sends, so the router always encodes."""
-        return self.policy.plan(params, deadline, self.policy.in_flight + 1, encoded, self.can_rerank, arrival)
-
-    def search(self, params: SearchParams, *, query_vector: np.ndarray | None = None,
-               deadline: float | None = None, timer: StageTimer | None = None,
-               arrival: float | None = None, plan: adaptive.Plan | None = None) -> SearchResult:
-        """`plan` is accepted for Pipeline's interface and ignored: the router plans here, never lexical."""
-        timer = timer or StageTimer()
-        plan = self.policy.plan(params, deadline, self.policy.enter(), query_vector is not None, self.can_rerank,
-                                arrival)
-        try:
-            return self._search(plan, query_vector=query_vector, deadline=deadline, timer=timer)
-        finally:
-            self.policy.leave()
+    def summary(self) -> IndexSummary:
+        return IndexSummary(name=str(self._manifest["name"]), version=self.version, path=str(self.router_dir.resolve()),
+                            manifest={**self._manifest, "version": self.version}, n_docs=self._corpus[0],
+                            n_chunks=self._corpus[1], metadata_fields=sorted(self.metadata_fields),
+                            dense_kind=self._dense_kind)
 
     # -- fan-out ---------------------------------------------------------------------------------------------------
     def _call(self, method: str, requests: dict[int, Any], deadline: float | None,
@@ -297,8 +267,8 @@ class ShardedPipeline:
         return answers, failures
 
     # -- the request path ------------------------------------------------------------------------------------------
-    def _search(self, plan: adaptive.Plan, *, query_vector: np.ndarray | None, deadline: float | None,
-                timer: StageTimer) -> SearchResult:
+    def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
+              timer: StageTimer) -> SearchResult:
         params = plan.params
         filter_params = context_filter.FilterParams.of(params)
         reranking = params.rerank and self.can_rerank
@@ -308,10 +278,8 @@ class ShardedPipeline:
                 if name not in self.metadata_fields:
                     known = ", ".join(sorted(self.metadata_fields)) or "(none)"
                     raise InvalidArgument(f"filters[{name}]", f"unknown metadata field; known: {known}")
-        if query_vector is None:
-            check_deadline(deadline, "encode")
-            with timer.stage("encode"):
-                query_vector = self.encode(params.query, deadline)
+        if query_vector is None:  # never planned: capabilities.lexical_route is False
+            raise ValueError("the shard router needs the query vector")
         q = np.ascontiguousarray(query_vector, dtype=np.float32)
         q_bytes = q.astype("<f4", copy=False).tobytes()
         set_id = self.router["set_id"]
@@ -397,7 +365,7 @@ class ShardedPipeline:
         missing |= details.lost
         check_deadline(deadline, "assemble")
         with timer.stage("assemble"):
-            contexts = self._assemble(fused, order_, alive, selection, reranked, details)
+            contexts = assemble_contexts(fused, order_, selection, reranked, details.fields, ranks=alive)
         # The adaptive cost model knows Pipeline's stages: the fan-out stands for lexical + dense, and the fetch of
         # features is part of what a rerank costs here.
         us = timer.us
@@ -450,51 +418,3 @@ class ShardedPipeline:
             if n:
                 features[at[:n]] = np.frombuffer(reply.features, dtype="<f4").reshape(n, -1)
         return _Rows(vectors=vectors, features=features, missing=set(failures))
-
-    def _assemble(self, fused: FusionResult, order: np.ndarray, alive: np.ndarray,
-                  selection: context_filter.Selection, reranked: rerank_mod.Reranked | None,
-                  details: _Details) -> list[ContextResult]:
-        out = []
-        for n, pos in enumerate(selection.positions):
-            at = int(order[pos])
-            rank = int(alive[pos])  # position in the reranked list
-            chunk, score = int(fused.ids[at]), float(fused.scores[at])
-            bm25, dense = float(fused.bm25[at]), float(fused.dense[at])
-            data = details.chunks[at]
-            rerank_score = float(reranked.scores[rank]) if reranked is not None and rank < len(reranked.scores) \
-                else None
-            out.append(ContextResult(
-                chunk=chunk, doc_id=data.doc_id, chunk_id=data.chunk_id, title=data.title, text=data.text,
-                metadata=dict(data.metadata), score=rerank_score if rerank_score is not None else score,
-                bm25_score=None if bm25 != bm25 else bm25, dense_score=None if dense != dense else dense,
-                rerank_score=rerank_score,
-                features=reranked.feature_dict(rank) if rerank_score is not None else None,
-                tokens=selection.tokens[n] if selection.tokens else 0, fused_score=score))
-        return out
-
-
-def load_router(config: Any, encoder: Encoder | None = None) -> ShardedPipeline:
-    """The router's pipeline for a ServerConfig with `shards`: the encoder from the router directory (`index`)."""
-    from rag_service.search.adaptive import AdaptiveConfig, AdaptivePolicy
-    from rag_service.encoder.batching import MicroBatcher
-    from rag_service.encoder.encode import load_index_encoder
-    from rag_service.api.server import WARMUP_QUERIES
-
-    router_dir = Path(config.index)
-    read_router(router_dir)  # a wrong directory fails here, before the model loads
-    encoder = encoder or load_index_encoder(config.query_encoder, router_dir, config.model_path,
-                                            config.encoder_threads)
-    if config.micro_batch_ms > 0 and not isinstance(encoder, MicroBatcher):
-        encoder = MicroBatcher(encoder, window_ms=config.micro_batch_ms, max_batch=config.micro_batch_max)
-    policy = AdaptivePolicy(AdaptiveConfig(enabled=config.adaptive, confidence=config.adaptive_confidence,
-                                           busy_in_flight=config.adaptive_busy_in_flight))
-    token = config.search_token.get_secret_value() if config.search_token is not None else None
-    pipeline = ShardedPipeline(router_dir, list(config.shards), encoder, policy=policy,
-                               timeout_s=config.shard_timeout_seconds, token=token)
-    defaults = config.defaults
-    for query in WARMUP_QUERIES[: config.warmup_queries]:
-        pipeline.search(SearchParams(query=query, top_k=defaults.top_k, depth=defaults.depth, fusion=defaults.fusion,
-                                     dense_weight=defaults.dense_weight, rrf_k=defaults.rrf_k))
-    log.info("router over %d shards of set %s: %s", len(pipeline.shards), pipeline.router["set_id"],
-             ", ".join(s.label for s in pipeline.shards))
-    return pipeline

@@ -1,0 +1,66 @@
+"""One loader for what a server searches through: a local index (Pipeline) or, with `shards` configured, the router
+over a shard set (ShardedPipeline). Both get their query encoder, adaptive policy and warm-up here, the same way."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rag_service.core.config import ServerConfig
+from rag_service.core.errors import IndexFormatError
+from rag_service.core.params import WARMUP_QUERIES, SearchParams
+from rag_service.encoder.batching import MicroBatcher
+from rag_service.encoder.encode import Encoder, load_index_encoder
+from rag_service.index.load import load_index
+from rag_service.kernels import native
+from rag_service.search.adaptive import AdaptiveConfig, AdaptivePolicy
+from rag_service.search.pipeline import Pipeline
+from rag_service.search.searcher import Searcher
+from rag_service.shard.router import ShardedPipeline
+from rag_service.shard.split import read_router
+
+log = logging.getLogger(__name__)
+
+
+def _query_encoder(config: ServerConfig, model_dir: Path, encoder: Encoder | None) -> Encoder:
+    encoder = encoder or load_index_encoder(config.query_encoder, model_dir, config.model_path,
+                                            config.encoder_threads)
+    if config.micro_batch_ms > 0 and not isinstance(encoder, MicroBatcher):
+        encoder = MicroBatcher(encoder, window_ms=config.micro_batch_ms, max_batch=config.micro_batch_max)
+    return encoder
+
+
+def load_searcher(config: ServerConfig, encoder: Encoder | None = None) -> Searcher:
+    """Loads, checks and warms the searcher `config` describes. `encoder`: reuse one already loaded (a reload keeps
+    the serving one; tests share one)."""
+    # A misconfigured RAG_SERVICE_BACKEND must stop the start, not fail every request later.
+    log.info("native backends: %s", native.backend_info())
+    policy = AdaptivePolicy(AdaptiveConfig(enabled=config.adaptive, confidence=config.adaptive_confidence,
+                                           busy_in_flight=config.adaptive_busy_in_flight,
+                                           lexical=config.adaptive_lexical, brownout=config.adaptive_brownout,
+                                           brownout_target=config.adaptive_brownout_target))
+    searcher: Searcher
+    if config.shards:
+        router_dir = Path(config.index)
+        read_router(router_dir)  # a wrong directory fails here, before the model loads
+        token = config.search_token.get_secret_value() if config.search_token is not None else None
+        searcher = ShardedPipeline(router_dir, list(config.shards), _query_encoder(config, router_dir, encoder),
+                                   policy=policy, timeout_s=config.shard_timeout_seconds, token=token)
+    else:
+        index = load_index(config.index, verify_checksums=config.verify_checksums)
+        query_encoder = _query_encoder(config, index.path, encoder)
+        model = index.manifest["model"]
+        if query_encoder.name != model["name"]:
+            raise IndexFormatError(f"{index.path}/manifest.json: index was built with model {model['name']!r}, "
+                                   f"the server encodes queries with {query_encoder.name!r}")
+        searcher = Pipeline(index, query_encoder, policy=policy)
+    try:
+        for query in WARMUP_QUERIES[: config.warmup_queries]:
+            searcher.search(SearchParams.from_defaults(query, config.defaults))
+    except BaseException:
+        searcher.close()
+        raise
+    summary = searcher.summary()
+    log.info("loaded %s version %s (%d chunks)%s", summary.name, summary.version, summary.n_chunks,
+             f" over {len(config.shards)} shards: {', '.join(config.shards)}" if config.shards else "")
+    return searcher

@@ -1,0 +1,219 @@
+"""What the server searches through: the `Searcher` protocol, and the part of a request that every searcher shares.
+
+Two searchers implement it: `Pipeline` (one local index, search/pipeline.py) and `ShardedPipeline` (a shard set
+behind a router, shard/router.py). Both derive from `SearcherBase`, which owns the front of the request path
+
+    plan (adaptive route) -> encode -> cache stage: semantic lookup -> [the searcher's ranking] -> cache stage: store
+
+and both build their reply contexts with `assemble_contexts`. A searcher supplies only `_rank` (first stage, fusion,
+rerank, context filter) and the few facts below.
+
+The cache reaches a searcher in two places only: an exact lookup before `search` (CachedSearch, search/cache.py), and
+the `CacheStage` passed into `search`, which the searcher calls after its encode. The stage checks a semantic hit with
+the searcher's `guard` (the index's own BM25 terms and candidates), never with the index's internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from rag_service.core.params import (
+    Capabilities,
+    ContextResult,
+    IndexSummary,
+    SearchParams,
+    SearchResult,
+    check_deadline,
+)
+from rag_service.core.timing import StageTimer
+from rag_service.encoder.encode import Encoder
+from rag_service.kernels.native import FusionResult
+from rag_service.search import adaptive
+from rag_service.search import rerank as rerank_mod
+from rag_service.search.context_filter import Selection
+
+
+class LexicalGuard(Protocol):
+    """What the semantic cache asks of an index to tell whether two queries would get the same answer."""
+
+    def query_terms(self, query: str) -> dict[str, float]:
+        """The query's index terms with their idf (a term the index lacks weighs the most)."""
+        ...
+
+    def lexical_candidates(self, query: str, filters: dict[str, str], depth: int) -> np.ndarray:
+        """The query's BM25 top `depth` chunk ids under `filters`, sorted by id."""
+        ...
+
+
+class CacheStage(Protocol):
+    """The cache's part inside a search, called by the searcher once the query vector is known."""
+
+    def lookup(self, vector: np.ndarray, guard: LexicalGuard | None) -> SearchResult | None:
+        """A cached answer for this request (a semantic hit), or None."""
+        ...
+
+    def store(self, vector: np.ndarray, result: SearchResult, guard: LexicalGuard | None) -> None:
+        """Keeps a fresh answer (only complete ones are kept)."""
+        ...
+
+
+class Searcher(Protocol):
+    """The one interface the server, the cache, Prefetch and StreamSearch use, whatever serves the index."""
+
+    policy: adaptive.AdaptivePolicy
+    encoder: Encoder
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    @property
+    def guard(self) -> LexicalGuard | None: ...
+
+    def summary(self) -> IndexSummary: ...
+
+    def encode(self, query: str, deadline: float | None = None) -> np.ndarray: ...
+
+    def search(self, params: SearchParams, *, query_vector: np.ndarray | None = None,
+               deadline: float | None = None, timer: StageTimer | None = None, arrival: float | None = None,
+               cache: CacheStage | None = None) -> SearchResult: ...
+
+    def close(self) -> None: ...
+
+
+class SearcherBase:
+    """The shared front of a search. Subclasses set `encoder`, `policy` and implement `capabilities`, `version`
+    and `_rank`."""
+
+    encoder: Encoder
+    policy: adaptive.AdaptivePolicy
+
+    @property
+    def version(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def capabilities(self) -> Capabilities:
+        raise NotImplementedError
+
+    @property
+    def guard(self) -> LexicalGuard | None:
+        return None
+
+    def close(self) -> None:
+        """Releases what the searcher holds open (channels); a local index holds nothing to release."""
+
+    def encode(self, query: str, deadline: float | None = None) -> np.ndarray:
+        encode_one = getattr(self.encoder, "encode_one", None)
+        if deadline is not None and encode_one is not None:  # a MicroBatcher bounds its wait by the deadline
+            return encode_one(query, deadline)
+        return self.encoder.encode_queries([query])[0]
+
+    def plan(self, params: SearchParams, *, deadline: float | None = None, encoded: bool = False,
+             arrival: float | None = None) -> adaptive.Plan:
+        """The route a request would take now (it changes nothing: tests and benchmarks inspect the policy)."""
+        caps = self.capabilities
+        return self.policy.plan(params, deadline, self.policy.in_flight + 1, encoded, caps.rerank, arrival,
+                                lexical_available=caps.lexical_route)
+
+    def search(self, params: SearchParams, *, query_vector: np.ndarray | None = None,
+               deadline: float | None = None, timer: StageTimer | None = None, arrival: float | None = None,
+               cache: CacheStage | None = None) -> SearchResult:
+        """`deadline` is on the time.monotonic() clock; past it, the next stage raises DeadlineExceeded.
+        `query_vector`: the caller encoded already (a batch, a benchmark). `cache`: the cache's stage for this
+        request (semantic lookup after the encode, store at the end); None for a cache-bypassing caller."""
+        timer = timer or StageTimer()
+        caps = self.capabilities
+        in_flight = self.policy.enter()
+        # The lexical route is decided before the encode: it is the one route that skips it.
+        plan = self.policy.plan(params, deadline, in_flight, query_vector is not None, caps.rerank, arrival,
+                                lexical_available=caps.lexical_route)
+        try:
+            if plan.route == adaptive.LEXICAL:
+                return self._finish(params, self._rank(plan, None, deadline, timer))
+            if query_vector is None:
+                check_deadline(deadline, "encode")
+                with timer.stage("encode"):
+                    query_vector = self.encode(params.query, deadline)
+                # Planned again with the encode paid: the rest of the budget decides depth and rerank.
+                plan = self.policy.plan(params, deadline, in_flight, True, caps.rerank, arrival,
+                                        lexical_available=caps.lexical_route)
+            if cache is not None:
+                with timer.stage("cache_semantic"):
+                    hit = cache.lookup(query_vector, self.guard)
+                if hit is not None:
+                    return hit
+            result = self._finish(params, self._rank(plan, query_vector, deadline, timer))
+            if cache is not None:
+                with timer.stage("cache_store"):
+                    cache.store(query_vector, result, self.guard)
+            return result
+        finally:
+            self.policy.leave(plan)
+
+    def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
+              timer: StageTimer) -> SearchResult:
+        """Everything after the encode: first stage, fusion, rerank, context filter, contexts. `query_vector` is
+        None only on the lexical route."""
+        raise NotImplementedError
+
+    def _finish(self, params: SearchParams, result: SearchResult) -> SearchResult:
+        result.complete = _complete(params, result, self.capabilities)
+        return result
+
+
+def _complete(params: SearchParams, result: SearchResult, caps: Capabilities) -> bool:
+    """Whether `result` is what `params` ask for: not cut short by the adaptive policy (load, a tight budget) nor
+    missing a shard's documents. A later request with room to spare must get the full answer, so the cache keeps only
+    complete results."""
+    if result.partial:
+        return False
+    if result.route in (adaptive.FULL, adaptive.CONFIDENT):
+        return True
+    if result.route == adaptive.FUSED:  # by design when no rerank was asked or the index cannot rerank; else budget
+        return not params.rerank or not caps.rerank
+    return False
+
+
+class ChunkFields(NamedTuple):
+    """A chunk's reply fields, from wherever the searcher keeps them (a local store, a shard's answer)."""
+
+    doc_id: str
+    chunk_id: str
+    title: str
+    text: str
+    metadata: dict[str, str]
+
+
+def assemble_contexts(fused: FusionResult, order: np.ndarray, selection: Selection,
+                      reranked: rerank_mod.Reranked | None, fields: Callable[[int], ChunkFields],
+                      ranks: Sequence[int] | np.ndarray | None = None) -> list[ContextResult]:
+    """Reply contexts for the ranking positions `selection.positions` of `order` (indices into `fused`).
+
+    `fields(at)` gives the reply fields of fused candidate `at`; `ranks[pos]` is ranking position pos's row in
+    `reranked` (default: pos itself)."""
+    out = []
+    for n, pos in enumerate(selection.positions):
+        at = int(order[pos])
+        rank = pos if ranks is None else int(ranks[pos])
+        chunk, score = int(fused.ids[at]), float(fused.scores[at])
+        bm25, dense = float(fused.bm25[at]), float(fused.dense[at])
+        rerank_score = float(reranked.scores[rank]) if reranked is not None and rank < len(reranked.scores) \
+            else None
+        f = fields(at)
+        out.append(ContextResult(
+            chunk=chunk, doc_id=f.doc_id, chunk_id=f.chunk_id, title=f.title, text=f.text, metadata=f.metadata,
+            score=rerank_score if rerank_score is not None else score,
+            bm25_score=None if bm25 != bm25 else bm25,  # NaN: the retriever did not return this chunk
+            dense_score=None if dense != dense else dense,
+            rerank_score=rerank_score,
+            features=reranked.feature_dict(rank) if rerank_score is not None and reranked is not None else None,
+            tokens=selection.tokens[n] if selection.tokens else 0,
+            fused_score=score,
+        ))
+    return out
