@@ -72,23 +72,21 @@ WARMUP_QUERIES = ("what is the effect of", "how does it work", "definition and e
 def load_pipeline(config: ServerConfig, encoder: Encoder | None = None) -> Pipeline:
     # A misconfigured RAG_SERVICE_BACKEND must stop the start, not fail every request later.
     log.info("native backends: %s", native.backend_info())
-    if config.shards:  # the router role: the same interface over a shard set (shard/router.py)
+    if config.router.shards:  # the router role: the same interface over a shard set (shard/router.py)
         from rag_service.shard.router import load_router
 
         return load_router(config, encoder)  # type: ignore[return-value]
     index = load_index(config.index, verify_checksums=config.verify_checksums)
-    encoder = encoder or load_index_encoder(config.query_encoder, index.path, config.model_path,
-                                            config.encoder_threads)
-    if config.micro_batch_ms > 0 and not isinstance(encoder, MicroBatcher):
-        encoder = MicroBatcher(encoder, window_ms=config.micro_batch_ms, max_batch=config.micro_batch_max)
+    encoder = encoder or load_index_encoder(config.encoder.backend, index.path, config.encoder.model_path,
+                                            config.encoder.threads)
+    if config.encoder.micro_batch_ms > 0 and not isinstance(encoder, MicroBatcher):
+        encoder = MicroBatcher(encoder, window_ms=config.encoder.micro_batch_ms,
+                               max_batch=config.encoder.micro_batch_max)
     model = index.manifest["model"]
     if encoder.name != model["name"]:
         raise IndexFormatError(f"{index.path}/manifest.json: index was built with model {model['name']!r}, "
                                f"the server encodes queries with {encoder.name!r}")
-    policy = AdaptivePolicy(AdaptiveConfig(enabled=config.adaptive, confidence=config.adaptive_confidence,
-                                           busy_in_flight=config.adaptive_busy_in_flight,
-                                           lexical=config.adaptive_lexical, brownout=config.adaptive_brownout,
-                                           brownout_target=config.adaptive_brownout_target))
+    policy = AdaptivePolicy(AdaptiveConfig(**config.adaptive.model_dump()))
     pipeline = Pipeline(index, encoder, policy=policy)
     defaults = config.defaults
     for query in WARMUP_QUERIES[: config.warmup_queries]:
@@ -178,7 +176,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         # Set by RagServer: loads, validates, warms and swaps in the index at a path ("" = the configured one).
         self.reloader: Callable[[str], Awaitable[ReloadResult]] | None = None
         # A router holds no index to check a semantic hit's lexical guard against: exact (and strict) hits only.
-        self.cache = CachedSearch(config.cache.model_copy(update={"semantic": False}) if config.shards
+        self.cache = CachedSearch(config.cache.model_copy(update={"semantic": False}) if config.router.shards
                                   else config.cache, metrics)
         self.prefetcher = Prefetcher(self.cache, config.cache, metrics, pipeline=lambda: self.pipeline,
                                      live=lambda: self.in_flight)
@@ -398,8 +396,8 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
     def read(path: Path | None) -> bytes | None:
         return None if path is None else Path(path).read_bytes()
 
-    client_ca = read(config.tls_client_ca_file)
-    return grpc.ssl_server_credentials([(read(config.tls_key_file), read(config.tls_cert_file))],
+    client_ca = read(config.tls.client_ca_file)
+    return grpc.ssl_server_credentials([(read(config.tls.key_file), read(config.tls.cert_file))],
                                        root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
@@ -433,8 +431,8 @@ class RagServer:
             options += [("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_seconds * 1000))]
         self.replica_name = config.replica_name or f"{socket.gethostname()}:{os.getpid()}"
-        admin_token = auth.load_token(config.admin_token, config.admin_token_file, "admin_token")
-        search_token = auth.load_token(config.search_token, config.search_token_file, "search_token")
+        admin_token = auth.load_token(config.auth.admin_token, config.auth.admin_token_file, "auth.admin_token")
+        search_token = auth.load_token(config.auth.search_token, config.auth.search_token_file, "auth.search_token")
 
         def refused(method: str, code: grpc.StatusCode) -> None:
             self.metrics.requests.labels(method, code.name).inc()
@@ -463,7 +461,7 @@ class RagServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert_file is not None:
+        if config.tls.cert_file is not None:
             self.port = self.server.add_secure_port(address, server_credentials(config))
         else:
             self.port = self.server.add_insecure_port(address)
@@ -525,10 +523,10 @@ class RagServer:
             return ReloadResult(previous_version=previous, version=pipeline.version, load_seconds=seconds)
 
     async def start(self) -> int:
-        if self.config.metrics_port is not None:
-            self._metrics_http, self.metrics_port = self.metrics.serve_http(self.config.metrics_port,
-                                                                            self.config.metrics_host)
-            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
+        if self.config.metrics.port is not None:
+            self._metrics_http, self.metrics_port = self.metrics.serve_http(self.config.metrics.port,
+                                                                            self.config.metrics.host)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics_port)
         await self.listen()
         await self.load()
         return self.port

@@ -482,15 +482,15 @@ def load_router(config: Any, encoder: Encoder | None = None) -> ShardedPipeline:
 
     router_dir = Path(config.index)
     read_router(router_dir)  # a wrong directory fails here, before the model loads
-    encoder = encoder or load_index_encoder(config.query_encoder, router_dir, config.model_path,
-                                            config.encoder_threads)
-    if config.micro_batch_ms > 0 and not isinstance(encoder, MicroBatcher):
-        encoder = MicroBatcher(encoder, window_ms=config.micro_batch_ms, max_batch=config.micro_batch_max)
-    policy = AdaptivePolicy(AdaptiveConfig(enabled=config.adaptive, confidence=config.adaptive_confidence,
-                                           busy_in_flight=config.adaptive_busy_in_flight))
-    token = config.search_token.get_secret_value() if config.search_token is not None else None
-    pipeline = ShardedPipeline(router_dir, list(config.shards), encoder, policy=policy,
-                               timeout_s=config.shard_timeout_seconds, token=token)
+    encoder = encoder or load_index_encoder(config.encoder.backend, router_dir, config.encoder.model_path,
+                                            config.encoder.threads)
+    if config.encoder.micro_batch_ms > 0 and not isinstance(encoder, MicroBatcher):
+        encoder = MicroBatcher(encoder, window_ms=config.encoder.micro_batch_ms,
+                               max_batch=config.encoder.micro_batch_max)
+    policy = AdaptivePolicy(AdaptiveConfig(**config.adaptive.model_dump()))
+    token = config.auth.search_token.get_secret_value() if config.auth.search_token is not None else None
+    pipeline = ShardedPipeline(router_dir, list(config.router.shards), encoder, policy=policy,
+                               timeout_s=config.router.shard_timeout_seconds, token=token)
     defaults = config.defaults
     for query in WARMUP_QUERIES[: config.warmup_queries]:
         pipeline.search(SearchParams(query=query, top_k=defaults.top_k, depth=defaults.depth, fusion=defaults.fusion,
