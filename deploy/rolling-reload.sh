@@ -6,7 +6,7 @@
 #
 #   NAMESPACE=search deploy/rolling-reload.sh
 #
-# Needs kubectl access to `exec` into the pods; the admin token comes from the pod's own RAG_ADMIN_TOKEN_FILE.
+# Needs kubectl access to `exec` into the pods; the admin token comes from the pod's own RAG_AUTH__ADMIN_TOKEN_FILE.
 set -euo pipefail
 NAMESPACE=${NAMESPACE:-default}
 SELECTOR=${SELECTOR:-app.kubernetes.io/name=rag-serve}
@@ -18,7 +18,7 @@ read -r -d '' RELOAD <<PY || true
 import os, sys
 from pathlib import Path
 from rag_service.client import RetrieverClient, RetrieverError
-token = os.environ.get("RAG_ADMIN_TOKEN") or Path(os.environ["RAG_ADMIN_TOKEN_FILE"]).read_text().strip()
+token = os.environ.get("RAG_AUTH__ADMIN_TOKEN") or Path(os.environ["RAG_AUTH__ADMIN_TOKEN_FILE"]).read_text().strip()
 with RetrieverClient("127.0.0.1:${PORT}", admin_token=token) as client:
     try:
         reply = client.reload("", timeout=600)

@@ -362,7 +362,7 @@ def test_brownout_reaches_the_grpc_reply_and_the_metric(server_thread, built_ind
     from rag_service.pb.rag.v1 import retrieval_pb2 as pb
     from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
-    config = ServerConfig(index=built_index, port=0, warmup_queries=0, adaptive_brownout_target=0.4)
+    config = ServerConfig(index=built_index, port=0, warmup_queries=0, adaptive={"brownout_target": 0.4})
     with server_thread(config, encoder) as running:
         policy = running.server.servicer.pipeline.policy
         assert policy.config.brownout and policy.config.brownout_target == 0.4

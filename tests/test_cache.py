@@ -53,7 +53,7 @@ class SlowCountingPipeline:
 @contextlib.contextmanager
 def serve(server_thread, encoder, index, **cache):
     # No load-driven routes: answers compared across requests must not depend on how many searches overlapped.
-    config = ServerConfig(index=index, port=0, warmup_queries=0, adaptive_busy_in_flight=1000,
+    config = ServerConfig(index=index, port=0, warmup_queries=0, adaptive={"busy_in_flight": 1000},
                           cache=CacheConfig(**cache))
     with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         running.stub = pb_grpc.RetrieverStub(channel)
@@ -297,7 +297,7 @@ def test_reload_drops_every_entry_of_the_old_version(server_thread, encoder, wri
     corpus = write_corpus(tmp_path / "corpus.jsonl", RELOAD_DOCS)
     root = tmp_path / "idx"
     build_index(corpus, root, BuildConfig(), encoder=encoder, progress=False)
-    config = ServerConfig(index=root, port=0, warmup_queries=0, admin_token="secret")
+    config = ServerConfig(index=root, port=0, warmup_queries=0, auth={"admin_token": "secret"})
     with server_thread(config, encoder) as r, RetrieverClient(f"127.0.0.1:{r.port}", admin_token="secret",
                                                                timeout=60) as client:
         stub = pb_grpc.RetrieverStub(client.channel)

@@ -197,7 +197,7 @@ def test_server_encodes_queries_with_onnx_int8_by_default(built_index, server_th
     from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
     config = ServerConfig(index=built_index, port=0, warmup_queries=1)
-    assert config.query_encoder == "onnx-int8"
+    assert config.encoder.backend == "onnx-int8"
     with server_thread(config, None) as running:
         encoder = running.server.servicer.pipeline.encoder
         assert isinstance(encoder, OnnxEncoder) and encoder.backend == "onnx-int8"
@@ -283,7 +283,7 @@ def test_server_with_micro_batching_answers_concurrent_searches(built_index, ser
     from rag_service.pb.rag.v1 import retrieval_pb2 as pb
     from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
-    config = ServerConfig(index=built_index, port=0, warmup_queries=0, micro_batch_ms=20, workers=4)
+    config = ServerConfig(index=built_index, port=0, warmup_queries=0, encoder={"micro_batch_ms": 20}, workers=4)
     with server_thread(config, None) as running:
         batcher = running.server.servicer.pipeline.encoder
         assert isinstance(batcher, MicroBatcher)

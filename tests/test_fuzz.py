@@ -54,7 +54,7 @@ def search_requests(draw) -> pb.SearchRequest:
 def fuzzed(built_index, encoder, server_thread, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz") / "idx"
     shutil.copytree(built_index, root, symlinks=True)
-    config = ServerConfig(index=root, port=0, warmup_queries=0, admin_token=ADMIN, max_in_flight=8)
+    config = ServerConfig(index=root, port=0, warmup_queries=0, auth={"admin_token": ADMIN}, max_in_flight=8)
     with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         yield running, channel
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)

@@ -130,7 +130,7 @@ def test_drain_reports_not_serving_and_finishes_in_flight_work(built_index, enco
 
 
 def test_metrics_endpoint_serves_prometheus_text(built_index, encoder, server_thread):
-    config = ServerConfig(index=built_index, port=0, warmup_queries=0, metrics_port=0)
+    config = ServerConfig(index=built_index, port=0, warmup_queries=0, metrics={"port": 0})
     with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = pb_grpc.RetrieverStub(channel)
         for query in ("volcano", "dna helix", "bridge cables"):

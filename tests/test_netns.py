@@ -149,7 +149,7 @@ def _rolling_reload(lab, pods: list[str], tmp_path: Path) -> subprocess.Complete
                     f"case $pod in\n{cases}    *) exit 3;;\nesac\n")
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{fake.parent}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "RAG_ADMIN_TOKEN": ADMIN, "PAUSE": "0.2"}
+           "RAG_AUTH__ADMIN_TOKEN": ADMIN, "PAUSE": "0.2"}
     return subprocess.run(["bash", str(DEPLOY / "rolling-reload.sh")], env=env, capture_output=True, text=True,
                           timeout=120)
 
@@ -164,7 +164,7 @@ def test_round_robin_over_dns_across_namespaces_survives_a_replica_dying(lab, bu
     served = {name: netlab.rag_serve(name, ["--index", str(built_index), "--host", "0.0.0.0", "--port", str(PORT),
                                             "--workers", "1"], host=host, log_dir=lab.log_dir,
                                      env={"RAG_WARMUP_QUERIES": "1", "RAG_MAX_CONNECTION_AGE_SECONDS": "1",
-                                          "RAG_MAX_CONNECTION_AGE_GRACE_SECONDS": "10", "RAG_ADMIN_TOKEN": ADMIN})
+                                          "RAG_MAX_CONNECTION_AGE_GRACE_SECONDS": "10", "RAG_AUTH__ADMIN_TOKEN": ADMIN})
               for name, host in replicas.items()}
     for s in served.values():
         assert s.wait_serving().endswith(f":{PORT}")
@@ -258,7 +258,8 @@ def test_router_and_shards_in_their_own_namespaces(lab, sharded, served_index):
     label = {i: f"{i}@{address}" for i, address in enumerate(addresses)}
     router = netlab.rag_serve("router", ["--index", str(sharded.router), "--shards", ",".join(addresses),
                                          "--host", router_host.address, "--port", str(router_port), "--workers", "4"],
-                              host=router_host, log_dir=lab.log_dir, env={**env, "RAG_SHARD_TIMEOUT_SECONDS": "1"})
+                              host=router_host, log_dir=lab.log_dir,
+                              env={**env, "RAG_ROUTER__SHARD_TIMEOUT_SECONDS": "1"})
     router_address = router.wait_serving()
     # The test's own namespace reaches the lab through the bridge: the router against the single index.
     with RetrieverClient(router_address, timeout=20) as direct, \

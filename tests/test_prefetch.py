@@ -18,7 +18,7 @@ from rag_service.api.request import search_params
 @contextlib.contextmanager
 def serve(server_thread, encoder, index, **cache):
     # No load-driven routes: answers compared across requests must not depend on how many searches overlapped.
-    config = ServerConfig(index=index, port=0, warmup_queries=0, adaptive_busy_in_flight=1000,
+    config = ServerConfig(index=index, port=0, warmup_queries=0, adaptive={"busy_in_flight": 1000},
                           cache=CacheConfig(**cache))
     with server_thread(config, encoder) as running, RetrieverClient(f"127.0.0.1:{running.port}", timeout=30) as c:
         running.client = c

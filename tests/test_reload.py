@@ -52,7 +52,7 @@ def two_versions(built_index, encoder, write_corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reloading(two_versions, encoder, server_thread):
     root, a, _, _ = two_versions
-    config = ServerConfig(index=a, index_root=root, port=0, workers=2, warmup_queries=1, admin_token=ADMIN)
+    config = ServerConfig(index=a, index_root=root, port=0, workers=2, warmup_queries=1, auth={"admin_token": ADMIN})
     with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         yield running, pb_grpc.RetrieverStub(channel)
 

@@ -107,7 +107,7 @@ def test_rolling_reload_across_replicas_loses_no_request(versioned_root, built_i
 
     names = ["r1", "r2", "r3"]
     replicas = [netlab.rag_serve(name, ["--index", str(versioned_root), "--port", "0", "--workers", "1"],
-                                 env={"RAG_ADMIN_TOKEN": ADMIN, "RAG_WARMUP_QUERIES": "1"}, log_dir=tmp_path)
+                                 env={"RAG_AUTH__ADMIN_TOKEN": ADMIN, "RAG_WARMUP_QUERIES": "1"}, log_dir=tmp_path)
                 for name in names]
     try:
         addresses = [r.wait_serving() for r in replicas]

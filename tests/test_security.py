@@ -32,7 +32,8 @@ def index_root(built_index, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def secured(index_root, encoder, server_thread):
-    config = ServerConfig(index=index_root, port=0, warmup_queries=0, admin_token=ADMIN, search_token=READER)
+    config = ServerConfig(index=index_root, port=0, warmup_queries=0,
+                          auth={"admin_token": ADMIN, "search_token": READER})
     with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         yield running, pb_grpc.RetrieverStub(channel), channel
 
@@ -101,23 +102,23 @@ def test_without_an_admin_token_admin_rpcs_are_refused(served_index):
             pb_grpc.RetrieverStub(channel).ReloadIndex(pb.ReloadIndexRequest(), metadata=bearer("anything"),
                                                        timeout=30)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "no admin token" in info.value.details() and "RAG_ADMIN_TOKEN" in info.value.details()
+    assert "no admin token" in info.value.details() and "RAG_AUTH__ADMIN_TOKEN" in info.value.details()
 
 
 def test_tokens_come_from_the_environment_or_a_file(tmp_path, monkeypatch):
     from rag_service.api.auth import load_token
 
-    monkeypatch.setenv("RAG_ADMIN_TOKEN", "from-env")
+    monkeypatch.setenv("RAG_AUTH__ADMIN_TOKEN", "from-env")
     config = load_config(index=tmp_path)
-    assert load_token(config.admin_token, config.admin_token_file, "admin_token") == b"from-env"
+    assert load_token(config.auth.admin_token, config.auth.admin_token_file, "admin_token") == b"from-env"
     assert "from-env" not in repr(config)  # a secret: kept out of logs and reprs
-    monkeypatch.delenv("RAG_ADMIN_TOKEN")
+    monkeypatch.delenv("RAG_AUTH__ADMIN_TOKEN")
     (tmp_path / "token").write_text("from-file\n")
-    monkeypatch.setenv("RAG_ADMIN_TOKEN_FILE", str(tmp_path / "token"))
+    monkeypatch.setenv("RAG_AUTH__ADMIN_TOKEN_FILE", str(tmp_path / "token"))
     config = load_config(index=tmp_path)
-    assert load_token(config.admin_token, config.admin_token_file, "admin_token") == b"from-file"
+    assert load_token(config.auth.admin_token, config.auth.admin_token_file, "admin_token") == b"from-file"
     with pytest.raises(ValueError, match="not both"):
-        load_token(SecretStr("x"), config.admin_token_file, "admin_token")
+        load_token(SecretStr("x"), config.auth.admin_token_file, "admin_token")
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         load_token(None, tmp_path / "empty", "admin_token")
@@ -197,8 +198,8 @@ def _search_code(port: int, **tls) -> grpc.StatusCode:
 
 def test_tls(built_index, encoder, server_thread, pki):
     files = pki["files"]
-    config = ServerConfig(index=built_index, port=0, warmup_queries=0, tls_cert_file=files["server.crt"],
-                          tls_key_file=files["server.key"])
+    config = ServerConfig(index=built_index, port=0, warmup_queries=0,
+                          tls={"cert_file": files["server.crt"], "key_file": files["server.key"]})
     with server_thread(config, encoder) as running:
         assert _search_code(running.port, tls_ca=pki["ca"]) == grpc.StatusCode.OK
         assert _search_code(running.port, tls_ca=files["ca"]) == grpc.StatusCode.OK
@@ -209,8 +210,9 @@ def test_tls(built_index, encoder, server_thread, pki):
 
 def test_mutual_tls(built_index, encoder, server_thread, pki):
     files = pki["files"]
-    config = ServerConfig(index=built_index, port=0, warmup_queries=0, tls_cert_file=files["server.crt"],
-                          tls_key_file=files["server.key"], tls_client_ca_file=files["ca"])
+    config = ServerConfig(index=built_index, port=0, warmup_queries=0,
+                          tls={"cert_file": files["server.crt"], "key_file": files["server.key"],
+                               "client_ca_file": files["ca"]})
     with server_thread(config, encoder) as running:
         cert, key = pki["client"]
         assert _search_code(running.port, tls_ca=pki["ca"], tls_cert=cert, tls_key=key) == grpc.StatusCode.OK
@@ -222,6 +224,6 @@ def test_mutual_tls(built_index, encoder, server_thread, pki):
 
 def test_tls_config_is_checked(tmp_path):
     with pytest.raises(ValueError, match="together"):
-        ServerConfig(index=tmp_path, tls_cert_file=tmp_path / "c")
+        ServerConfig(index=tmp_path, tls={"cert_file": tmp_path / "c"})
     with pytest.raises(ValueError, match="mutual TLS"):
-        ServerConfig(index=tmp_path, tls_client_ca_file=tmp_path / "ca")
+        ServerConfig(index=tmp_path, tls={"client_ca_file": tmp_path / "ca"})

@@ -174,8 +174,8 @@ def cluster(sharded, tmp_path_factory, server_thread, encoder):
     try:
         ports = [wait_serving(p, logs / f"shard-{i}.log") for i, p in enumerate(procs)]
         addresses = [f"127.0.0.1:{port}" for port in ports]
-        router_config = ServerConfig(index=out / "router", port=0, warmup_queries=1, shards=addresses,
-                                     shard_timeout_seconds=5.0)
+        router_config = ServerConfig(index=out / "router", port=0, warmup_queries=1,
+                                     router={"shards": addresses, "shard_timeout_seconds": 5.0})
         with server_thread(ServerConfig(index=single_root, port=0, warmup_queries=1), None) as single, \
                 server_thread(router_config, None) as router:
             with grpc.insecure_channel(f"127.0.0.1:{single.port}") as cs, \

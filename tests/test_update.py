@@ -116,7 +116,7 @@ def test_served_index_picks_up_adds_and_never_returns_deleted_documents(root, en
     work = tmp_path / "served"
     shutil.copytree(root, work, symlinks=True)
     admin = (("authorization", "Bearer t0ken"),)
-    config = ServerConfig(index=work, port=0, warmup_queries=0, admin_token="t0ken")
+    config = ServerConfig(index=work, port=0, warmup_queries=0, auth={"admin_token": "t0ken"})
     with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = pb_grpc.RetrieverStub(channel)
 

@@ -37,7 +37,7 @@ ADMIN = "bench-replicas-admin"
 
 
 def start(index: Path, name: str, workers: int) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAG_REPLICA_NAME": name, "RAG_ADMIN_TOKEN": ADMIN}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAG_REPLICA_NAME": name, "RAG_AUTH__ADMIN_TOKEN": ADMIN}
     return subprocess.Popen([sys.executable, "-m", "rag_service.cli.serve", "--index", str(index), "--port", "0",
                              "--workers", str(workers), "--log-level", "WARNING"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)

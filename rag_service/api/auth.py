@@ -53,7 +53,8 @@ def check_bearer(metadata: Iterable | None, expected: bytes | None, *,
     if expected is None:
         if admin:
             return (grpc.StatusCode.PERMISSION_DENIED,
-                    "admin RPCs are disabled: the server has no admin token (set RAG_ADMIN_TOKEN or admin_token_file)")
+                    "admin RPCs are disabled: the server has no admin token "
+                    "(set RAG_AUTH__ADMIN_TOKEN or auth.admin_token_file)")
         return None
     header = _header(metadata, AUTH_HEADER)
     if header is None:

@@ -23,10 +23,10 @@ log = logging.getLogger(__name__)
 
 
 def _query_encoder(config: ServerConfig, model_dir: Path, encoder: Encoder | None) -> Encoder:
-    encoder = encoder or load_index_encoder(config.query_encoder, model_dir, config.model_path,
-                                            config.encoder_threads)
-    if config.micro_batch_ms > 0 and not isinstance(encoder, MicroBatcher):
-        encoder = MicroBatcher(encoder, window_ms=config.micro_batch_ms, max_batch=config.micro_batch_max)
+    settings = config.encoder
+    encoder = encoder or load_index_encoder(settings.backend, model_dir, settings.model_path, settings.threads)
+    if settings.micro_batch_ms > 0 and not isinstance(encoder, MicroBatcher):
+        encoder = MicroBatcher(encoder, window_ms=settings.micro_batch_ms, max_batch=settings.micro_batch_max)
     return encoder
 
 
@@ -35,17 +35,15 @@ def load_searcher(config: ServerConfig, encoder: Encoder | None = None) -> Searc
     the serving one; tests share one)."""
     # A misconfigured RAG_SERVICE_BACKEND must stop the start, not fail every request later.
     log.info("native backends: %s", native.backend_info())
-    policy = AdaptivePolicy(AdaptiveConfig(enabled=config.adaptive, confidence=config.adaptive_confidence,
-                                           busy_in_flight=config.adaptive_busy_in_flight,
-                                           lexical=config.adaptive_lexical, brownout=config.adaptive_brownout,
-                                           brownout_target=config.adaptive_brownout_target))
+    policy = AdaptivePolicy(AdaptiveConfig(**config.adaptive.model_dump()))
     searcher: Searcher
-    if config.shards:
+    shards = config.router.shards
+    if shards:
         router_dir = Path(config.index)
         read_router(router_dir)  # a wrong directory fails here, before the model loads
-        token = config.search_token.get_secret_value() if config.search_token is not None else None
-        searcher = ShardedPipeline(router_dir, list(config.shards), _query_encoder(config, router_dir, encoder),
-                                   policy=policy, timeout_s=config.shard_timeout_seconds, token=token)
+        token = config.auth.search_token.get_secret_value() if config.auth.search_token is not None else None
+        searcher = ShardedPipeline(router_dir, list(shards), _query_encoder(config, router_dir, encoder),
+                                   policy=policy, timeout_s=config.router.shard_timeout_seconds, token=token)
     else:
         index = load_index(config.index, verify_checksums=config.verify_checksums)
         query_encoder = _query_encoder(config, index.path, encoder)
@@ -62,5 +60,5 @@ def load_searcher(config: ServerConfig, encoder: Encoder | None = None) -> Searc
         raise
     summary = searcher.summary()
     log.info("loaded %s version %s (%d chunks)%s", summary.name, summary.version, summary.n_chunks,
-             f" over {len(config.shards)} shards: {', '.join(config.shards)}" if config.shards else "")
+             f" over {len(shards)} shards: {', '.join(shards)}" if shards else "")
     return searcher

@@ -362,8 +362,8 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
     def read(path: Path | None) -> bytes | None:
         return None if path is None else Path(path).read_bytes()
 
-    client_ca = read(config.tls_client_ca_file)
-    return grpc.ssl_server_credentials([(read(config.tls_key_file), read(config.tls_cert_file))],
+    client_ca = read(config.tls.client_ca_file)
+    return grpc.ssl_server_credentials([(read(config.tls.key_file), read(config.tls.cert_file))],
                                        root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
@@ -397,8 +397,8 @@ class RagServer:
             options += [("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_seconds * 1000))]
         self.replica_name = config.replica_name or f"{socket.gethostname()}:{os.getpid()}"
-        admin_token = auth.load_token(config.admin_token, config.admin_token_file, "admin_token")
-        search_token = auth.load_token(config.search_token, config.search_token_file, "search_token")
+        admin_token = auth.load_token(config.auth.admin_token, config.auth.admin_token_file, "auth.admin_token")
+        search_token = auth.load_token(config.auth.search_token, config.auth.search_token_file, "auth.search_token")
 
         def refused(method: str, code: grpc.StatusCode) -> None:
             self.metrics.requests.labels(method, code.name).inc()
@@ -427,7 +427,7 @@ class RagServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert_file is not None:
+        if config.tls.cert_file is not None:
             self.port = self.server.add_secure_port(address, server_credentials(config))
         else:
             self.port = self.server.add_insecure_port(address)
@@ -489,10 +489,10 @@ class RagServer:
             return ReloadResult(previous_version=previous, version=pipeline.version, load_seconds=seconds)
 
     async def start(self) -> int:
-        if self.config.metrics_port is not None:
-            self._metrics_http, self.metrics_port = self.metrics.serve_http(self.config.metrics_port,
-                                                                            self.config.metrics_host)
-            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
+        if self.config.metrics.port is not None:
+            self._metrics_http, self.metrics_port = self.metrics.serve_http(self.config.metrics.port,
+                                                                            self.config.metrics.host)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics_port)
         await self.listen()
         await self.load()
         return self.port
