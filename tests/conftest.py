@@ -11,6 +11,9 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Child processes (`python -m rag_service...`) must import the installed package, not the source tree in the working
+# directory, which has no compiled extension (Python 3.11+ honours this).
+os.environ.setdefault("PYTHONSAFEPATH", "1")
 
 # ======================================================================================================================
 # Index build fixtures (rag-index build: encoder, corpus files). Owned by the index build; add other fixtures below.

@@ -29,6 +29,11 @@ def stop_processes(processes, timeout: float = 30.0) -> None:  # noqa: ANN001 (s
             process.wait()
 
 
+# `python -m` puts the working directory first on sys.path: run from a checkout, the child would import the source
+# tree (without the compiled extension) instead of the installed package. Python 3.11+ honours this variable.
+SAFE_PATH = {"PYTHONSAFEPATH": "1"}
+
+
 class ServerProcess:
     """`with ServerProcess(index) as server: server.target` -> "127.0.0.1:<port>"; stopped with SIGTERM on exit."""
 
@@ -51,7 +56,7 @@ class ServerProcess:
             command += ["--workers", str(self.workers)]
         started = time.monotonic()
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, "HF_HUB_OFFLINE": "1", **self.extra_env})
+                                        env={**os.environ, "HF_HUB_OFFLINE": "1", **SAFE_PATH, **self.extra_env})
         found: dict[str, str] = {}
         ready = threading.Event()
 
