@@ -31,7 +31,7 @@ import torch
 from rag_service.encoder import onnx_export
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import quality_report
-from rag_service.encoder.encode import Encoder, OnnxEncoder, _EncoderBase
+from rag_service.encoder.encode import Encoder, OnnxEncoder, _EncoderBase, default_model_path
 from rag_service.index.chunking import dense_text
 from rag_service.index.load import load_index
 from rag_service.search.pipeline import Pipeline, SearchParams
@@ -113,17 +113,20 @@ def documents(index, n_docs: int, rounds: int, names: list[str], export: Path, t
     n = min(n_docs, index.n_chunks)
     texts = [dense_text(store.doc_title(store.chunk_doc(i)), store.chunk_text(i)) for i in range(n)]
     torch.set_num_threads(threads)
-    reference = Encoder(device="cpu")
-    baseline = reference._model
+    from sentence_transformers import SentenceTransformer
+
+    # The baseline is the library at its defaults, on the model the service loads.
+    baseline = SentenceTransformer(default_model_path(), device="cpu")
+    baseline.eval()
     candidates = doc_candidates(names, export, threads)
     for _, enc, _ in candidates:  # warm-up (first-call allocations, oneDNN kernel generation)
         enc.encode_documents(texts[:8], batch_size=8)
-    baseline.encode(texts[:8])
+    dim = baseline.encode(texts[:8]).shape[1]
     labels = ["SentenceTransformer.encode defaults"] + [label for label, _, _ in candidates]
     seconds = {label: [] for label in labels}
     # CPU time of the process as well: on a shared machine wall time also measures the neighbours' load.
     cpu_seconds = {label: [] for label in labels}
-    vectors = {label: np.empty((n, reference.dim), dtype=np.float32) for label in labels}
+    vectors = {label: np.empty((n, dim), dtype=np.float32) for label in labels}
     bounds = np.linspace(0, n, rounds + 1).astype(int)
     runners = [(labels[0], lambda part: baseline.encode(part, convert_to_numpy=True, normalize_embeddings=True))] + [
         (label, lambda part, enc=enc, b=b: enc.encode_documents(part, batch_size=b)) for label, enc, b in candidates]

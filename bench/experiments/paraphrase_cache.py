@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache_fidelity import embed  # bench/ is sys.path[0] when run as a script
+from cache_fidelity import embed  # the script's folder is sys.path[0] when run as a script
 from rag_service.search.cache import CachedSearch
 from rag_service.core.config import CacheConfig
 from rag_service.encoder.encode import Encoder

@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from rag_service.retrievers import dense as dense_mod
@@ -67,11 +68,13 @@ def main() -> None:
         return row
 
     report = {"chunks": len(vectors), "queries": len(qvec), "float": measure("float flat", flat)}
+    # The coded copies take the same faiss index as the loaded one (read again from its file, mapped if flat).
+    float_index = faiss.read_index(str(flat.path / dense_mod.INDEX_FILE), faiss.IO_FLAG_MMAP if flat.kind == "flat" else 0)
     for kind, factors in (("sq8", (1, 2, 4)), ("binary", (4, 10, 20))):
         codes = dense_mod.build_codes(vectors, kind)
         params = {"kind": kind, "count": int(codes.ntotal), "code_bytes": int(codes.code_size) * int(codes.ntotal)}
         for factor in factors:
-            dense = dense_mod.DenseIndex(flat._cpu_index, flat.vectors, flat.params, codes=codes,
+            dense = dense_mod.DenseIndex(float_index, flat.vectors, flat.params, codes=codes,
                                          codes_params=params, oversample=factor, use_gpu=False)
             report[f"{kind} x{factor}"] = measure(f"{kind} oversample {factor}", dense)
     if args.json:
