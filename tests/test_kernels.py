@@ -1,6 +1,6 @@
 """The rerank and context-filter kernels: C++ (every SIMD level this CPU runs) and CUDA against the NumPy references
-in rag_service.kernels.reference, on seeded random and adversarial inputs, plus the boundary checks and the facade's backend
-choice. Agreement is 1e-5 relative (scores near 0 get an absolute 1e-6: float32 sums in another order)."""
+in rag_service.kernels.reference, on seeded random and adversarial inputs, plus the boundary checks and the facade's
+backend choice. Agreement is 1e-5 relative (scores near 0 get an absolute 1e-6: float32 sums in another order)."""
 
 from __future__ import annotations
 

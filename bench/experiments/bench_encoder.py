@@ -23,14 +23,15 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rag_service.encoder import onnx_export
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import quality_report
+from rag_service.encoder import onnx_export
 from rag_service.encoder.encode import Encoder, OnnxEncoder, _EncoderBase, default_model_path
 from rag_service.index.chunking import dense_text
 from rag_service.index.load import load_index
@@ -142,8 +143,8 @@ def documents(index, n_docs: int, rounds: int, names: list[str], export: Path, t
             f"{label.split(' sorted')[0]} {(hi - lo) / seconds[label][-1]:.1f}/s" for label in labels), flush=True)
     ref = vectors[labels[0]]
     base = np.asarray(seconds[labels[0]])
-    docs: dict[str, object] = {"chunks": n, "rounds": rounds, "threads": threads, "cpu_has_amx_bf16": cpu_has_amx_bf16(),
-                               "load_average_end": os.getloadavg()}
+    docs: dict[str, object] = {"chunks": n, "rounds": rounds, "threads": threads,
+                               "cpu_has_amx_bf16": cpu_has_amx_bf16(), "load_average_end": os.getloadavg()}
     base_cpu = sum(cpu_seconds[labels[0]])
     for label in labels:
         t = np.asarray(seconds[label])
@@ -187,11 +188,7 @@ def document_quality(index, judged: dict[str, str], qrels, export: Path, cache: 
     for query_kind in ("onnx-int8", "torch"):
         enc = make(query_kind, export, 2)
         for docs_kind, dense in (("fp32 (index)", original), ("torch-bf16", swapped)):
-            index.dense = dense
-            try:
-                rep = quality_report(Pipeline(index, enc), judged, qrels, params)
-            finally:
-                index.dense = original
+            rep = quality_report(Pipeline(replace(index, dense=dense), enc), judged, qrels, params)
             row = {m: rep["results"][m]["nDCG@10"] for m in ("dense", "fused")}
             out[f"queries {query_kind}, documents {docs_kind}"] = row
             print(f"  queries {query_kind:<9} documents {docs_kind:<12} nDCG@10 dense {row['dense']:.4f} "

@@ -14,12 +14,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rag_service.bench.data import load_qrels, load_queries  # noqa: E402
-from rag_service.bench.quality import doc_run, evaluate  # noqa: E402
-from rag_service.encoder.encode import Encoder  # noqa: E402
-from rag_service.index.load import load_index  # noqa: E402
-from rag_service.search.pipeline import Pipeline, SearchParams  # noqa: E402
-
+from rag_service.bench.data import load_qrels, load_queries
+from rag_service.bench.quality import doc_run, evaluate
+from rag_service.encoder.encode import Encoder
+from rag_service.index.load import load_index
+from rag_service.search.pipeline import Pipeline, SearchParams
 
 SETTINGS = (("rerank, no filter", 1.0, 1.0, True), ("rerank + filter 0.8/0.9", 0.8, 0.9, True),
             ("fusion", 1.0, 1.0, False))

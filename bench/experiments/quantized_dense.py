@@ -19,12 +19,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from rag_service.retrievers import dense as dense_mod
-from rag_service.encoder import onnx_export
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import quality_report
+from rag_service.encoder import onnx_export
 from rag_service.encoder.encode import OnnxEncoder
 from rag_service.index.load import load_index
+from rag_service.retrievers import dense as dense_mod
 from rag_service.search.pipeline import Pipeline, SearchParams
 
 
@@ -69,7 +69,8 @@ def main() -> None:
 
     report = {"chunks": len(vectors), "queries": len(qvec), "float": measure("float flat", flat)}
     # The coded copies take the same faiss index as the loaded one (read again from its file, mapped if flat).
-    float_index = faiss.read_index(str(flat.path / dense_mod.INDEX_FILE), faiss.IO_FLAG_MMAP if flat.kind == "flat" else 0)
+    flags = faiss.IO_FLAG_MMAP if flat.kind == "flat" else 0
+    float_index = faiss.read_index(str(flat.path / dense_mod.INDEX_FILE), flags)
     for kind, factors in (("sq8", (1, 2, 4)), ("binary", (4, 10, 20))):
         codes = dense_mod.build_codes(vectors, kind)
         params = {"kind": kind, "count": int(codes.ntotal), "code_bytes": int(codes.code_size) * int(codes.ntotal)}
