@@ -586,6 +586,7 @@ def test_cuda_kernels_fail_cleanly_without_a_device(ext):
         ext.mmr_select(np.ones(2, np.float32), np.eye(2, dtype=np.float32), 0.5, 2, 0.9, True)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp16", "fp32"])
 def test_cuda_window_maxsim_matches_cpp(cuda, dtype):
     rng = np.random.default_rng(60)
@@ -604,6 +605,7 @@ def test_cuda_window_maxsim_matches_cpp(cuda, dtype):
             cuda.window_maxsim(query, offsets, nan_vectors, None, np.array([5], np.int64), 0.05, True)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("m,d", [(1, 384), (37, 384), (1000, 384), (130, 17)])
 def test_cuda_similarity_and_mmr_match_cpp(cuda, m, d):
     rng = np.random.default_rng(m)
