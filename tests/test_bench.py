@@ -138,6 +138,7 @@ def test_latency_requests_carry_the_budget_only_when_given():
 # Latency against a real server ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_latency_merges_client_processes_and_reports_floor_and_stages(served_index, tmp_path):
     from rag_service.bench.plots import latency_plots
 
@@ -260,6 +261,7 @@ def test_rag_bench_quality_several_datasets_pipeline_rows_and_significance(built
 # Peers side by side -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compare_runs_every_system_interleaved_on_the_same_queries(served_index, built_index, tmp_path):
     from rag_service.bench.compare import SYSTEMS, CompareConfig, format_table, run_compare
     from rag_service.bench.plots import compare_plots
@@ -317,6 +319,7 @@ def test_synthetic_corpora_are_seeded_and_hash_embeddings_deterministic(tmp_path
     assert not vectors[3].any()
 
 
+@pytest.mark.slow
 def test_scale_run_builds_a_hashed_index_and_times_the_peers(tmp_path, encoder):
     from rag_service.bench.plots import scale_plot
     from rag_service.bench.scale import format_table, run_scale

@@ -293,6 +293,7 @@ RELOAD_DOCS = [
 ]
 
 
+@pytest.mark.slow
 def test_reload_drops_every_entry_of_the_old_version(server_thread, encoder, write_corpus, tmp_path):
     corpus = write_corpus(tmp_path / "corpus.jsonl", RELOAD_DOCS)
     root = tmp_path / "idx"

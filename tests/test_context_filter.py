@@ -81,6 +81,7 @@ def pipeline(built_index, encoder):
     return Pipeline(load_index(built_index), encoder)
 
 
+@pytest.mark.slow
 def test_pipeline_budget_counts_with_the_model_tokenizer(pipeline, encoder):
     for budget in (40, 100, 250):
         result = pipeline.search(SearchParams(query="glaciers and ice sheets", top_k=10, max_context_tokens=budget))

@@ -77,6 +77,7 @@ def test_depth_beyond_the_corpus_drops_padding(tmp_path, data):
     assert len(index.search(queries[0], 5, mask=np.zeros(7, dtype=bool))[0]) == 0
 
 
+@pytest.mark.slow
 def test_hnsw_recall_and_filters(tmp_path, data, monkeypatch):
     vectors, queries = data
     index = saved(tmp_path, vectors, "hnsw")

@@ -100,6 +100,7 @@ def test_token_counting_and_spans_match_the_torch_encoder(export_dir, encoder):
         np.testing.assert_array_equal(enc.token_spans(text).offsets, encoder.token_spans(text).offsets)
 
 
+@pytest.mark.slow
 def test_encode_documents_keeps_input_order_and_truncates_long_texts(export_dir, encoder):
     enc = OnnxEncoder(export_dir, "onnx-fp32", threads=2)
     long_text = " ".join(DOCS * 20)  # far beyond 256 tokens: truncated like sentence-transformers does
@@ -129,6 +130,7 @@ def test_fallback_to_torch_for_an_index_without_export(tmp_path, caplog):
     assert isinstance(enc, Encoder) and "no ONNX encoder export" in caplog.text
 
 
+@pytest.mark.slow
 def test_build_puts_the_export_in_the_index_with_checksums(built_index, encoder):
     from rag_service.index.load import resolve_version_dir
 
@@ -174,6 +176,7 @@ def test_cpu_feature_check_can_be_turned_off(monkeypatch):
         Encoder(precision="int4")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
 def test_auto_document_encoder_follows_the_cpu(amx, monkeypatch, encoder, tmp_path, write_corpus):
     """A CPU without AMX falls back to ONNX fp32 by itself; with it, the chunk vectors come from torch in bf16.
@@ -191,6 +194,7 @@ def test_auto_document_encoder_follows_the_cpu(amx, monkeypatch, encoder, tmp_pa
     assert (np.asarray(index.dense.vectors) * encoder.encode_documents(texts)).sum(1).min() > 0.999
 
 
+@pytest.mark.slow
 def test_server_encodes_queries_with_onnx_int8_by_default(built_index, server_thread):
     from rag_service.core.config import ServerConfig
     from rag_service.pb.rag.v1 import retrieval_pb2 as pb

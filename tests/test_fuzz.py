@@ -74,6 +74,7 @@ def _status(call, request, **kwargs) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+@pytest.mark.slow
 def test_fuzz_search(fuzzed):
     stub = pb_grpc.RetrieverStub(fuzzed[1])
 

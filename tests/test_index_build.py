@@ -90,6 +90,7 @@ def test_encoder_attributes(encoder):
     assert encoder.count_tokens("word " * 1000) == 1000  # not truncated
 
 
+@pytest.mark.slow
 def test_encode_documents_keeps_input_order_and_normalises(encoder):
     texts = ["short", LONG_TEXT[:900], "a medium length sentence about volcanoes", LONG_TEXT[:300], ""]
     batched = encoder.encode_documents(texts, batch_size=2)
@@ -287,6 +288,7 @@ def test_bm25_search_through_the_index(index):
     assert [index.store.doc_id(index.store.chunk_doc(int(i))) for i in ids] == ["bread"]
 
 
+@pytest.mark.slow
 def test_dense_search_finds_a_document_by_its_own_text(index, encoder):
     store = index.store
     for doc in DOCS[:6]:
@@ -433,6 +435,7 @@ def test_markdown_title():
     assert markdown_title("~~~\n# code\n~~~\n") is None
 
 
+@pytest.mark.slow
 def test_hnsw_build(tmp_path, encoder, write_corpus):
     corpus = write_corpus(tmp_path / "c.jsonl", DOCS)
     version_dir = build_index(corpus, tmp_path / "root", BuildConfig(dense_index="hnsw"), encoder=encoder,
@@ -489,6 +492,7 @@ def test_failed_build_leaves_the_published_index_alone(tmp_path, encoder, publis
     assert [p.name for p in publish.version_dirs(root)] == [version_dir.name]
 
 
+@pytest.mark.slow
 def test_failure_after_writing_started_leaves_no_trace(tmp_path, encoder, published, write_corpus, monkeypatch):
     root, version_dir = published
     from rag_service.retrievers import dense
@@ -503,6 +507,7 @@ def test_failure_after_writing_started_leaves_no_trace(tmp_path, encoder, publis
     assert tmp_dirs(root) == []
 
 
+@pytest.mark.slow
 def test_rebuild_publishes_a_new_version_and_keep_prunes(tmp_path, encoder, write_corpus):
     root = tmp_path / "root"
     corpus = write_corpus(tmp_path / "c.jsonl", TINY)
@@ -526,6 +531,7 @@ def test_prune_never_deletes_current(tmp_path):
     assert sorted(p.name for p in publish.version_dirs(root)) == ["v-0", "v-2"]
 
 
+@pytest.mark.slow
 def test_stale_tmp_dirs_of_dead_builds_are_cleaned(tmp_path, encoder, published, write_corpus):
     root, _ = published
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

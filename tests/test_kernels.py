@@ -1,8 +1,13 @@
 """The rerank and context-filter kernels: C++ (every SIMD level this CPU runs) and CUDA against the NumPy references
-in rag_service.kernels.reference, on seeded random and adversarial inputs, plus the boundary checks and the facade's backend
-choice. Agreement is 1e-5 relative (scores near 0 get an absolute 1e-6: float32 sums in another order)."""
+in rag_service.kernels.reference, on seeded random and adversarial inputs, plus the boundary checks and the facade's
+backend choice. Agreement is 1e-5 relative (scores near 0 get an absolute 1e-6: float32 sums in another order)."""
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -135,17 +140,59 @@ def test_window_maxsim_threads_over_large_calls(ext):
                                atol=ATOL)
 
 
-def test_window_maxsim_releases_the_gil(ext):
-    """Two Python threads run the kernel at once and both get the right answer (the GIL is released inside)."""
-    from concurrent.futures import ThreadPoolExecutor
+def _progress_during(call) -> tuple[float, float, int]:
+    """(seconds `call()` took, the longest stretch of it in which a pure-Python thread made no progress, the thread's
+    loop iterations inside it). A call that holds the GIL stops the thread for (nearly) all of its length; one that
+    releases it leaves gaps of a few scheduler slices."""
+    stamps: list[float] = []
+    running, stop = threading.Event(), threading.Event()
 
-    query, offsets, vectors, scales = store_of(np.float16, [5] * 500, seed=7)
-    candidates = np.arange(500, dtype=np.int64)
-    expected = ref.window_maxsim_reference(query, offsets, vectors, scales, candidates)
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda _: ext.window_maxsim(query, offsets, vectors, scales, candidates), range(16)))
-    for got in results:
-        np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+    def count() -> None:
+        running.set()
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    thread = threading.Thread(target=count, daemon=True)
+    thread.start()
+    running.wait()
+    try:
+        start = time.perf_counter()
+        call()
+        end = time.perf_counter()
+    finally:
+        stop.set()
+        thread.join()
+    inside = [t for t in stamps if start < t < end]
+    edges = [start, *inside, end]
+    return end - start, max(b - a for a, b in zip(edges, edges[1:])), len(inside)
+
+
+def test_window_maxsim_releases_the_gil(ext):
+    """While one long window_maxsim call runs (~0.3 s), a pure-Python thread keeps running: the binding drops the GIL
+    around the kernel (py::gil_scoped_release), so the server's other request threads are not stalled by a rerank.
+    A C call that holds the GIL for as long (libc usleep through ctypes.PyDLL) fails the same check."""
+    query, offsets, vectors, scales = store_of(np.int8, [5] * 2000, seed=7)
+    base = np.arange(2000, dtype=np.int64)
+    once = []
+    for _ in range(3):  # the first call also starts the kernel's threads
+        started = time.perf_counter()
+        ext.window_maxsim(query, offsets, vectors, scales, base)
+        once.append(time.perf_counter() - started)
+    candidates = np.tile(base, int(np.clip(0.3 / max(min(once), 1e-5), 1, 2000)))  # repeated ids are allowed
+
+    expected = ext.window_maxsim(query, offsets, vectors, scales, base)
+    got: list[np.ndarray] = []
+    kernel_s, gap, iterations = _progress_during(
+        lambda: got.append(ext.window_maxsim(query, offsets, vectors, scales, candidates)))
+    assert kernel_s > 0.1, f"the call took {kernel_s:.3f} s: too short to tell a released GIL from a held one"
+    assert gap < 0.5 * kernel_s and iterations > 100, (
+        f"a Python thread stood still for {gap:.3f} s of a {kernel_s:.3f} s kernel call ({iterations} iterations)")
+    np.testing.assert_allclose(got[0][: len(base)], expected, rtol=RTOL, atol=ATOL)
+
+    # Negative control: a C call as long that keeps the GIL must fail the check above.
+    hold_gil = ctypes.PyDLL(ctypes.util.find_library("c")).usleep
+    held_s, gap, _ = _progress_during(lambda: hold_gil(int(kernel_s * 1e6)))
+    assert gap >= 0.5 * held_s, f"the check cannot see a held GIL: longest stall {gap:.3f} s of {held_s:.3f} s"
 
 
 def _window_error_cases():
@@ -539,6 +586,7 @@ def test_cuda_kernels_fail_cleanly_without_a_device(ext):
         ext.mmr_select(np.ones(2, np.float32), np.eye(2, dtype=np.float32), 0.5, 2, 0.9, True)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp16", "fp32"])
 def test_cuda_window_maxsim_matches_cpp(cuda, dtype):
     rng = np.random.default_rng(60)
@@ -557,6 +605,7 @@ def test_cuda_window_maxsim_matches_cpp(cuda, dtype):
             cuda.window_maxsim(query, offsets, nan_vectors, None, np.array([5], np.int64), 0.05, True)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("m,d", [(1, 384), (37, 384), (1000, 384), (130, 17)])
 def test_cuda_similarity_and_mmr_match_cpp(cuda, m, d):
     rng = np.random.default_rng(m)

@@ -86,6 +86,7 @@ def test_prefetch_requests_are_validated_and_name_the_field(running):
     assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and "requests" in error.value.details
 
 
+@pytest.mark.slow
 def test_prefetch_queue_is_bounded_and_yields_to_live_searches(server_thread, encoder, built_index):
     with serve(server_thread, encoder, built_index, prefetch_queue=2) as r:
         real = r.servicer.pipeline

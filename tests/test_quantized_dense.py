@@ -92,6 +92,7 @@ def test_bad_codes_and_options_are_refused(tmp_path, data):
         dense_mod.DenseIndex.load(tmp_path)
 
 
+@pytest.mark.slow
 def test_build_option_records_codes_in_the_manifest_and_serves_them(tmp_path, write_corpus, encoder):
     from rag_service.index.build import BuildConfig, build_index
     from rag_service.index.load import load_index

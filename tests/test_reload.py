@@ -57,6 +57,7 @@ def reloading(two_versions, encoder, server_thread):
         yield running, pb_grpc.RetrieverStub(channel)
 
 
+@pytest.mark.slow
 def test_reload_under_continuous_load_fails_no_request(reloading, two_versions):
     running, stub = reloading
     _, a, b, versions = two_versions

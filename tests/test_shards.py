@@ -90,6 +90,7 @@ def sharded(tmp_path_factory, encoder, write_corpus):
 
 # -- the split itself -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_shards_are_normal_indexes_with_global_statistics(sharded):
     from rag_service.search import rerank
     from rag_service.index.load import load_index
@@ -130,6 +131,7 @@ def test_shards_are_normal_indexes_with_global_statistics(sharded):
     assert dup  # the duplicates are somewhere; whether together or apart, ties must still break by global id
 
 
+@pytest.mark.slow
 def test_split_refuses_a_shard_and_too_many_shards(sharded, tmp_path):
     from rag_service.core.errors import BuildError
     from rag_service.shard.split import split_index

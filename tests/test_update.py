@@ -51,6 +51,7 @@ def _files(version_dir):
     return json.loads((version_dir / MANIFEST_FILE).read_text())["files"]
 
 
+@pytest.mark.slow
 def test_update_encodes_only_new_text_and_equals_a_full_rebuild(root, encoder, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(root, work, symlinks=True)
@@ -112,6 +113,7 @@ def test_update_needs_an_index_root(root, encoder):
         update_index(resolve_version_dir(root), delete=["tea"], encoder=encoder)
 
 
+@pytest.mark.slow
 def test_served_index_picks_up_adds_and_never_returns_deleted_documents(root, encoder, server_thread, tmp_path):
     work = tmp_path / "served"
     shutil.copytree(root, work, symlinks=True)

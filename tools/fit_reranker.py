@@ -1,9 +1,11 @@
 """Fits the reranker's linear combination on a TRAIN split by coordinate ascent on nDCG@10; reports test and ablation.
 
-    python tools/fit_reranker.py --index /tmp/rerank/scifact --queries ../shared/data/scifact/queries.jsonl \
+    python tools/fit_reranker.py --index /tmp/lead/scifact_win --queries ../shared/data/scifact/queries.jsonl \
         --train ../shared/data/scifact/qrels/train.tsv --test ../shared/data/scifact/qrels/test.tsv \
-        --also cranfield=/tmp/rerank/cranfield:../shared/data/cranfield/queries.jsonl:../shared/data/cranfield/qrels/test.tsv \
-        --ablation --save rag_service/search/rerank_model.json
+        [--also NAME=INDEX:QUERIES:QRELS] [--ablation] [--save /tmp/rerank_model.json]
+
+A maintainer tool (tools/README.md): it writes a model only where --save says; the shipped one is the package file
+rag_service/search/rerank_model.json, replaced and committed together with the figures in bench/README.md.
 
 Candidates are the pipeline's own (rag_service.search.pipeline.Pipeline.retrieve with the default fusion settings, fused
 top --rerank-depth) and the features are rag_service.search.rerank.compute_features, the code the server runs, so the
@@ -18,7 +20,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,14 +29,14 @@ from numba import njit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rag_service.search import rerank as rerank_mod  # noqa: E402
-from rag_service.bench.data import load_qrels, load_queries  # noqa: E402
-from rag_service.bench.quality import chunk_doc_ids, doc_run, evaluate  # noqa: E402
-from rag_service.core.config import SearchDefaults  # noqa: E402
-from rag_service.encoder.encode import Encoder  # noqa: E402
-from rag_service.index.load import load_index  # noqa: E402
+from rag_service.bench.data import load_qrels, load_queries
+from rag_service.bench.quality import chunk_doc_ids, doc_run, evaluate
+from rag_service.core.config import SearchDefaults
+from rag_service.encoder.encode import Encoder
+from rag_service.index.load import load_index
+from rag_service.search import rerank as rerank_mod
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams  # noqa: E402
+from rag_service.core.params import SearchParams
 
 FEATURES = rerank_mod.FEATURES
 
@@ -223,7 +224,9 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--gbdt", action="store_true", help="also fit and report a gradient-boosted tree combiner")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/rerank/features"))
-    parser.add_argument("--save", type=Path)
+    parser.add_argument("--save", type=Path,
+                        help="write the fitted model (the features with a non-zero weight) to this file; nothing is "
+                             "written without it (the shipped model is rag_service/search/rerank_model.json)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -245,7 +248,6 @@ def main() -> None:
         others[name] = (query_set(odata, odocs, qrels), odocs, qrels)
 
     names = [n for n in args.features.split(",") if n]
-    fused = [FEATURES.index("fused")]
 
     def figures(cols: list[str], w: np.ndarray) -> dict[str, float]:
         c = [FEATURES.index(n) for n in cols]

@@ -26,11 +26,11 @@ from pathlib import Path
 import ir_measures
 import numpy as np
 
-from rag_service.search.adaptive import LEXICAL, AdaptiveConfig, AdaptivePolicy, Plan, agreement
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import doc_run
 from rag_service.encoder.encode import load_index_encoder
 from rag_service.index.load import load_index
+from rag_service.search.adaptive import LEXICAL, AdaptiveConfig, AdaptivePolicy, Plan, agreement
 from rag_service.search.pipeline import Pipeline
 from rag_service.core.params import SearchParams
 
@@ -73,7 +73,6 @@ def main() -> None:
     queries = load_queries(args.data / "queries.jsonl")
     qrels = load_qrels(args.data / "qrels" / f"{args.split}.tsv")
     judged = {q: queries[q] for q in qrels if q in queries}
-    store = index.store
 
     def run_route(name: str, params: SearchParams, config: AdaptiveConfig, lexical: bool = False) -> dict:
         """`lexical`: every request takes the lexical route (BM25 alone, no encode), as the brownout sends it."""
@@ -82,7 +81,7 @@ def main() -> None:
 
         for q in list(judged.values())[:10]:  # warm-up, and the cost model's first samples
             search(replace(params, query=q))
-        run, times, routes, docs = {}, [], Counter(), {}
+        run, times, routes = {}, [], Counter()
         for qid, text in judged.items():
             started = time.perf_counter()
             result = search(replace(params, query=text))

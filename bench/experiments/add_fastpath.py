@@ -15,11 +15,11 @@ import os
 import shutil
 from pathlib import Path
 
-from rag_service.retrievers import dense as dense_mod
 from rag_service.encoder import onnx_export
 from rag_service.index import manifest as manifest_mod
 from rag_service.index import publish as publish_mod
 from rag_service.index.load import resolve_version_dir
+from rag_service.retrievers import dense as dense_mod
 
 
 def main() -> None:

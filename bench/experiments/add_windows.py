@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,12 +24,12 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rag_service.retrievers.analysis import Analyzer  # noqa: E402
-from rag_service.encoder.encode import Encoder  # noqa: E402
-from rag_service.index import manifest as manifest_mod  # noqa: E402
-from rag_service.index import windows as windows_mod  # noqa: E402
-from rag_service.index.load import resolve_version_dir  # noqa: E402
-from rag_service.index.store import DocStore  # noqa: E402
+from rag_service.encoder.encode import Encoder
+from rag_service.index import manifest as manifest_mod
+from rag_service.index import windows as windows_mod
+from rag_service.index.load import resolve_version_dir
+from rag_service.index.store import DocStore
+from rag_service.retrievers.analysis import Analyzer
 
 
 class CachedEncoder:

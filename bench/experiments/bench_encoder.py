@@ -23,15 +23,16 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rag_service.encoder import onnx_export
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import quality_report
-from rag_service.encoder.encode import Encoder, OnnxEncoder, _EncoderBase
+from rag_service.encoder import onnx_export
+from rag_service.encoder.encode import Encoder, OnnxEncoder, _EncoderBase, default_model_path
 from rag_service.index.chunking import dense_text
 from rag_service.index.load import load_index
 from rag_service.search.pipeline import Pipeline
@@ -114,17 +115,20 @@ def documents(index, n_docs: int, rounds: int, names: list[str], export: Path, t
     n = min(n_docs, index.n_chunks)
     texts = [dense_text(store.doc_title(store.chunk_doc(i)), store.chunk_text(i)) for i in range(n)]
     torch.set_num_threads(threads)
-    reference = Encoder(device="cpu")
-    baseline = reference._model
+    from sentence_transformers import SentenceTransformer
+
+    # The baseline is the library at its defaults, on the model the service loads.
+    baseline = SentenceTransformer(default_model_path(), device="cpu")
+    baseline.eval()
     candidates = doc_candidates(names, export, threads)
     for _, enc, _ in candidates:  # warm-up (first-call allocations, oneDNN kernel generation)
         enc.encode_documents(texts[:8], batch_size=8)
-    baseline.encode(texts[:8])
+    dim = baseline.encode(texts[:8]).shape[1]
     labels = ["SentenceTransformer.encode defaults"] + [label for label, _, _ in candidates]
     seconds = {label: [] for label in labels}
     # CPU time of the process as well: on a shared machine wall time also measures the neighbours' load.
     cpu_seconds = {label: [] for label in labels}
-    vectors = {label: np.empty((n, reference.dim), dtype=np.float32) for label in labels}
+    vectors = {label: np.empty((n, dim), dtype=np.float32) for label in labels}
     bounds = np.linspace(0, n, rounds + 1).astype(int)
     runners = [(labels[0], lambda part: baseline.encode(part, convert_to_numpy=True, normalize_embeddings=True))] + [
         (label, lambda part, enc=enc, b=b: enc.encode_documents(part, batch_size=b)) for label, enc, b in candidates]
@@ -140,8 +144,8 @@ def documents(index, n_docs: int, rounds: int, names: list[str], export: Path, t
             f"{label.split(' sorted')[0]} {(hi - lo) / seconds[label][-1]:.1f}/s" for label in labels), flush=True)
     ref = vectors[labels[0]]
     base = np.asarray(seconds[labels[0]])
-    docs: dict[str, object] = {"chunks": n, "rounds": rounds, "threads": threads, "cpu_has_amx_bf16": cpu_has_amx_bf16(),
-                               "load_average_end": os.getloadavg()}
+    docs: dict[str, object] = {"chunks": n, "rounds": rounds, "threads": threads,
+                               "cpu_has_amx_bf16": cpu_has_amx_bf16(), "load_average_end": os.getloadavg()}
     base_cpu = sum(cpu_seconds[labels[0]])
     for label in labels:
         t = np.asarray(seconds[label])
@@ -185,11 +189,7 @@ def document_quality(index, judged: dict[str, str], qrels, export: Path, cache: 
     for query_kind in ("onnx-int8", "torch"):
         enc = make(query_kind, export, 2)
         for docs_kind, dense in (("fp32 (index)", original), ("torch-bf16", swapped)):
-            index.dense = dense
-            try:
-                rep = quality_report(Pipeline(index, enc), judged, qrels, params)
-            finally:
-                index.dense = original
+            rep = quality_report(Pipeline(replace(index, dense=dense), enc), judged, qrels, params)
             row = {m: rep["results"][m]["nDCG@10"] for m in ("dense", "fused")}
             out[f"queries {query_kind}, documents {docs_kind}"] = row
             print(f"  queries {query_kind:<9} documents {docs_kind:<12} nDCG@10 dense {row['dense']:.4f} "

@@ -4,7 +4,8 @@
 
 Each list holds n candidates (bm25 and dense, half of the ids shared, scores in rank order). Per call it times
   native   rag_service._native.fuse (the binding + kernel, strict inputs)
-  facade   rag_service.kernels.native.fuse(backend="cpp") (what the service calls: conversion checks + dispatch + kernel)
+  facade   rag_service.kernels.native.fuse(backend="cpp") (what the service calls: conversion checks, dispatch,
+           kernel)
   numpy    rag_service.kernels.reference.fuse_reference
 and prints the median and p99 in microseconds, and numpy/native ratios.
 """
@@ -16,13 +17,11 @@ import gc
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-
-from rag_service.kernels import native  # noqa: E402
-from rag_service.kernels.reference import fuse_reference  # noqa: E402
+from rag_service.kernels import native
+from rag_service.kernels.reference import fuse_reference
 
 
 def make_lists(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -1,7 +1,8 @@
 """Micro-benchmark of the rerank and context-filter kernels: C++ against the NumPy references (not run by the tests).
 
-    python bench/experiments/bench_kernels.py [--sizes 100 1000 10000] [--kernels window_maxsim_int8 ...] [--budget-s 1.5]
-    python bench/experiments/bench_kernels.py --levels      # the C++ kernels forced to each SIMD level, CPU time per call
+    python bench/experiments/bench_kernels.py [--sizes 100 1000 10000] [--kernels window_maxsim_int8 ...] \
+        [--budget-s 1.5]
+    python bench/experiments/bench_kernels.py --levels   # the C++ kernels forced to each SIMD level, CPU time per call
 
 Inputs are shaped like a real index (SciFact: ~4.4 windows and ~230 tokens per chunk, d = 384):
   window_maxsim_int8 / _fp16   m candidates drawn from a 20,000-chunk store with 1-8 windows per chunk
@@ -10,10 +11,10 @@ Inputs are shaped like a real index (SciFact: ~4.4 windows and ~230 tokens per c
   similarity_matrix            m x 384 unit rows
   mmr_select                   m x m similarity matrix, k = 20, lambda 0.7, dedup 0.95
 For each kernel and size it prints the median and p99 wall time per call (microseconds) and the mean CPU time per
-call (all threads) of the C++ kernel through the facade (rag_service.kernels.native, backend="cpp": what the service calls)
-and of the NumPy reference, their ratios, and the bytes the kernel must read per second against the machine's memory
-bandwidth (a large NumPy copy, read + write bytes per second, measured at start). The references run with one BLAS
-thread (OPENBLAS_NUM_THREADS=1 unless set); the C++ kernels use up to one thread per core for large calls.
+call (all threads) of the C++ kernel through the facade (rag_service.kernels.native, backend="cpp": what the service
+calls) and of the NumPy reference, their ratios, and the bytes the kernel must read per second against the machine's
+memory bandwidth (a large NumPy copy, read + write bytes per second, measured at start). The references run with one
+BLAS thread (OPENBLAS_NUM_THREADS=1 unless set); the C++ kernels use up to one thread per core for large calls.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import gc
 import os
 import sys
 import time
-from pathlib import Path
 
 # One BLAS thread for the references unless the caller says otherwise (set before NumPy loads OpenBLAS): on a shared
 # 2-core machine, idle BLAS threads spin on the cores the other threads need, which inflated the references' times
@@ -31,8 +31,7 @@ from pathlib import Path
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import numpy as np  # noqa: E402
-
+import numpy as np  # noqa: E402 (after the BLAS thread settings above)
 
 from rag_service.kernels import native  # noqa: E402
 from rag_service.kernels import reference as ref  # noqa: E402

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_service.retrievers.analysis import LUCENE_ENGLISH_STOP_WORDS
 from rag_service.bench.data import load_queries
-from rag_service.search.cache import CachedSearch, lexical_overlap, normalise, term_overlap
 from rag_service.core.config import CacheConfig
+from rag_service.core.metrics import Metrics
 from rag_service.encoder.encode import Encoder
 from rag_service.index.load import load_index
-from rag_service.core.metrics import Metrics
+from rag_service.retrievers.analysis import LUCENE_ENGLISH_STOP_WORDS
+from rag_service.search.cache import CachedSearch, lexical_overlap, normalise, term_overlap
 from rag_service.search.pipeline import Pipeline
 from rag_service.core.params import SearchParams
 
@@ -225,7 +225,8 @@ def main() -> None:
     parser.add_argument("--cosine", type=float, help="semantic_min_cosine for the stream run (default: config)")
     parser.add_argument("--depth", type=int, help="guard_depth for the stream run (default: config)")
     parser.add_argument("--overlap", type=float, help="guard_min_overlap for the stream run (default: config)")
-    parser.add_argument("--term-overlap", type=float, help="guard_min_term_overlap for the stream run (default: config)")
+    parser.add_argument("--term-overlap", type=float,
+                        help="guard_min_term_overlap for the stream run (default: config)")
     parser.add_argument("--also", nargs="*", default=[], metavar="COS:DEPTH:OVERLAP:TERMS",
                         help="more default-mode guard settings to run the stream with")
     parser.add_argument("--json", type=Path, help="write all results here")

@@ -1,9 +1,11 @@
 """Context recall at a token budget: naive top-k truncation against the context filter (dedup + MMR + budget fill).
 
-    python bench/experiments/context_recall.py --index /tmp/rerank/scifact --queries ../shared/data/scifact/queries.jsonl \
-        --qrels ../shared/data/scifact/qrels/train.tsv --grid          # choose the filter settings (train)
-    python bench/experiments/context_recall.py --index /tmp/rerank/scifact --queries ../shared/data/scifact/queries.jsonl \
-        --qrels ../shared/data/scifact/qrels/test.tsv                  # report with the defaults (test)
+    python bench/experiments/context_recall.py --index /tmp/rerank/scifact \
+        --queries ../shared/data/scifact/queries.jsonl --qrels ../shared/data/scifact/qrels/train.tsv \
+        --grid                                  # choose the filter settings (train)
+    python bench/experiments/context_recall.py --index /tmp/rerank/scifact \
+        --queries ../shared/data/scifact/queries.jsonl --qrels ../shared/data/scifact/qrels/test.tsv
+                                                # report with the defaults (test)
 
 Per query the pipeline's own candidates are used: fused, reranked with the shipped model (as the server does by
 default), then packed into budgets of 256/512/1024/2048 tokens (the model's tokenizer, on the context text):
@@ -20,7 +22,6 @@ import functools
 import itertools
 import json
 import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,14 +30,14 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rag_service.search import context_filter  # noqa: E402
-from rag_service.search import rerank as rerank_mod  # noqa: E402
-from rag_service.bench.data import load_qrels, load_queries  # noqa: E402
-from rag_service.core.config import SearchDefaults  # noqa: E402
-from rag_service.encoder.encode import Encoder  # noqa: E402
-from rag_service.index.load import load_index  # noqa: E402
+from rag_service.bench.data import load_qrels, load_queries
+from rag_service.core.config import SearchDefaults
+from rag_service.encoder.encode import Encoder
+from rag_service.index.load import load_index
+from rag_service.search import context_filter
+from rag_service.search import rerank as rerank_mod
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams  # noqa: E402
+from rag_service.core.params import SearchParams
 
 BUDGETS = (256, 512, 1024, 2048)
 TOP_K = 1000  # the budget, not top_k, bounds the context here

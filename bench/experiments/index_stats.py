@@ -14,9 +14,9 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rag_service.bench.data import load_queries  # noqa: E402
-from rag_service.encoder.encode import Encoder  # noqa: E402
-from rag_service.index.load import load_index, resolve_version_dir  # noqa: E402
+from rag_service.bench.data import load_queries
+from rag_service.encoder.encode import Encoder
+from rag_service.index.load import load_index, resolve_version_dir
 
 
 def percentiles(name: str, seconds: list[float], unit: float = 1e6, label: str = "us") -> None:

@@ -9,7 +9,8 @@ and they depend on the query (embedding, terms, BM25 candidates, signature), nev
 search returns no contexts (`Lookahead`), which saves 11,668 full searches. A hit on a pair labelled 1 (same meaning)
 is a paraphrase hit; a hit on a pair labelled 0 is a false hit. Strict mode is meant for callers that cache generated
 answers on ours (target: false hits <= 2% on PAWS); the default mode's criterion is retrieval fidelity on the served
-index (bench/experiments/cache_fidelity.py), and PAWS non-paraphrases with the same words often do retrieve the same contexts.
+index (bench/experiments/cache_fidelity.py), and PAWS non-paraphrases with the same words often do retrieve the same
+contexts.
 The guard's BM25 candidates come from --index (these sentences are not about its documents; the guard still compares
 what the index would retrieve for each).
 """
@@ -22,13 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from cache_fidelity import embed  # the script's folder is sys.path[0] when run as a script
 
-from cache_fidelity import embed  # bench/ is sys.path[0] when run as a script
-from rag_service.search.cache import CachedSearch
 from rag_service.core.config import CacheConfig
+from rag_service.core.metrics import Metrics
 from rag_service.encoder.encode import Encoder
 from rag_service.index.load import load_index
-from rag_service.core.metrics import Metrics
+from rag_service.search.cache import CachedSearch
 from rag_service.search.pipeline import Pipeline
 from rag_service.core.params import SearchParams, SearchResult
 

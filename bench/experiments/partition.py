@@ -4,7 +4,7 @@ Two `rag-serve` replicas and a client, each in its own network namespace (tests/
 round_robin with 3 retries on UNAVAILABLE and an 8 s deadline from 2 threads. After 4 s, r1's link goes down: no
 reset, its packets just vanish. Printed: the calls before and after the cut by replica or status, and the slowest.
 
-    python bench/experiments/partition.py --index /tmp/replicas/idx0/root --keepalive 0      # gRPC's default: no keepalive
+    python bench/experiments/partition.py --index /tmp/replicas/idx0/root --keepalive 0  # gRPC's default: no keepalive
     python bench/experiments/partition.py --index /tmp/replicas/idx0/root --keepalive 1
 """
 

@@ -16,14 +16,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import faiss
 import numpy as np
 
-from rag_service.retrievers import dense as dense_mod
-from rag_service.encoder import onnx_export
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import quality_report
+from rag_service.encoder import onnx_export
 from rag_service.encoder.encode import OnnxEncoder
 from rag_service.index.load import load_index
+from rag_service.retrievers import dense as dense_mod
 from rag_service.search.pipeline import Pipeline
 from rag_service.core.params import SearchParams
 
@@ -68,11 +69,14 @@ def main() -> None:
         return row
 
     report = {"chunks": len(vectors), "queries": len(qvec), "float": measure("float flat", flat)}
+    # The coded copies take the same faiss index as the loaded one (read again from its file, mapped if flat).
+    flags = faiss.IO_FLAG_MMAP if flat.kind == "flat" else 0
+    float_index = faiss.read_index(str(flat.path / dense_mod.INDEX_FILE), flags)
     for kind, factors in (("sq8", (1, 2, 4)), ("binary", (4, 10, 20))):
         codes = dense_mod.build_codes(vectors, kind)
         params = {"kind": kind, "count": int(codes.ntotal), "code_bytes": int(codes.code_size) * int(codes.ntotal)}
         for factor in factors:
-            dense = dense_mod.DenseIndex(flat._cpu_index, flat.vectors, flat.params, codes=codes,
+            dense = dense_mod.DenseIndex(float_index, flat.vectors, flat.params, codes=codes,
                                          codes_params=params, oversample=factor, use_gpu=False)
             report[f"{kind} x{factor}"] = measure(f"{kind} oversample {factor}", dense)
     if args.json:

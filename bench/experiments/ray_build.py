@@ -4,8 +4,8 @@ Builds the same corpus single-process, then with 1 and 2 Ray workers (a private 
 reports documents/s and chunks/s of the whole build and the seconds of its chunk, encode and windows stages, and
 checks that every build wrote the same files (manifest checksums) as the single-process one.
 
-    nice -n 10 python bench/experiments/ray_build.py --corpus ../shared/data/scifact/corpus.jsonl --docs 600 \\
-        --out /tmp/ray_helper/bench --json bench/figures/ray_build.json
+    nice -n 10 python bench/experiments/ray_build.py --corpus ../shared/data/scifact/corpus.jsonl --docs 500 \\
+        --out /tmp/ray_helper/bench --json /tmp/ray_helper/ray_build_500.json
 """
 
 from __future__ import annotations

@@ -121,7 +121,8 @@ def main() -> None:
                    "p50_ms": round(float(np.percentile(ok, 50)), 2), "p99_ms": round(float(np.percentile(ok, 99)), 2),
                    "spread": spread}
         report["phases"][name] = figures
-        print(f"{name:8} {end - begin:7.1f} {len(phase):6d} {sum(failed.values()):6d} {len(phase) / (end - begin):8.1f} "
+        rate = len(phase) / (end - begin)
+        print(f"{name:8} {end - begin:7.1f} {len(phase):6d} {sum(failed.values()):6d} {rate:8.1f} "
               f"{figures['p50_ms']:7.1f} {figures['p99_ms']:7.1f}  {spread}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

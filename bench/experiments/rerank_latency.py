@@ -1,7 +1,7 @@
 """Per-stage latency of the second stage (rerank, contexts) beside the first, in one process (not run by the tests).
 
-    python bench/experiments/rerank_latency.py --index /tmp/rerank/scifact --queries ../shared/data/scifact/queries.jsonl \
-        [--limit 300] [--max-context-tokens 1024]
+    python bench/experiments/rerank_latency.py --index /tmp/rerank/scifact \
+        --queries ../shared/data/scifact/queries.jsonl [--limit 300] [--max-context-tokens 1024]
 
 Query vectors are encoded up front (the encoder is not what is measured); each query then runs Pipeline.search with
 the server defaults, with rerank on and off, interleaved so machine noise hits both alike. Prints median and p99 in
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,13 +19,13 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rag_service.kernels import native  # noqa: E402
-from rag_service.bench.data import load_queries  # noqa: E402
-from rag_service.core.config import SearchDefaults  # noqa: E402
-from rag_service.encoder.encode import Encoder  # noqa: E402
-from rag_service.index.load import load_index  # noqa: E402
+from rag_service.bench.data import load_queries
+from rag_service.core.config import SearchDefaults
+from rag_service.encoder.encode import Encoder
+from rag_service.index.load import load_index
+from rag_service.kernels import native
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams  # noqa: E402
+from rag_service.core.params import SearchParams
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-
 from rag_service.bench.data import load_queries
 from rag_service.bench.serve import stop_processes
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb

@@ -255,5 +255,3 @@ class LanceDbPeer(Peer):
                  .limit(k).to_arrow())
         return found.column("id").to_pylist()
 
-
-PEERS = {"ensemble": EnsemblePeer, "bm25s": Bm25sPeer, "lancedb": LanceDbPeer}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,7 +29,6 @@ class _Item:
     error: BaseException | None = None
     taken: bool = False  # in a batch being encoded
     done: bool = False
-    arrived: float = field(default_factory=time.monotonic)
 
 
 class MicroBatcher:

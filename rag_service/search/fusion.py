@@ -7,8 +7,6 @@ import numpy as np
 from rag_service.kernels import native
 from rag_service.kernels.native import FusionResult
 
-METHODS = ("rrf", "weighted")
-
 
 def fuse(
     bm25: tuple[np.ndarray, np.ndarray],
