@@ -78,6 +78,14 @@ class CacheConfig(BaseModel):
     speculative_busy_in_flight: int = Field(8, ge=1)
 
 
+class TracingConfig(BaseModel):
+    """OpenTelemetry tracing (rag_service/core/tracing.py): a span per RPC and per pipeline stage, exported over OTLP."""
+
+    otlp_endpoint: str | None = Field(None, description="OTLP/gRPC collector address (http://host:4317) the spans "
+                                      "are exported to; None: no exporter, and spans cost nothing")
+    service_name: str = Field("rag-service", min_length=1, description="service.name of the exported spans")
+
+
 class ServerConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAG_", env_nested_delimiter="__", extra="forbid")
 
@@ -154,6 +162,7 @@ class ServerConfig(BaseSettings):
     defaults: SearchDefaults = SearchDefaults()
     limits: Limits = Limits()
     cache: CacheConfig = CacheConfig()
+    tracing: TracingConfig = TracingConfig()
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:

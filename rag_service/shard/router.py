@@ -17,6 +17,7 @@ control, deadlines, adaptive routes, metrics and validation run unchanged in fro
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from rag_service.core import tracing
 from rag_service.search import adaptive, context_filter, fusion
 from rag_service.search import rerank as rerank_mod
 from rag_service.encoder.encode import Encoder
@@ -273,8 +275,22 @@ class ShardedPipeline:
         and the rest still finishes the partial reply before the caller gives up."""
         timeout = self.timeout_s if deadline is None else \
             min(self.timeout_s, max((deadline - time.monotonic()) * SHARD_SHARE, 1e-3))
-        futures = {i: getattr(self.shards[i].stub, method).future(req, timeout=timeout, metadata=self.metadata)
-                   for i, req in requests.items()}
+
+        def ended(span, call: grpc.Future) -> None:  # on gRPC's thread, as the call completes
+            code = call.code()
+            error = None if code == grpc.StatusCode.OK else f"{code.name}: {call.details()}"
+            tracing.finish(span, code.value[0], error)
+
+        traced = tracing.request_tracer() is not None
+        futures = {}
+        for i, req in requests.items():
+            # A span per shard call when the request is traced; either way the call carries the trace context on.
+            span = tracing.client_span(spb.DESCRIPTOR.services_by_name["Shard"].full_name, method,
+                                       {"rag.shard": self.shards[i].label}) if traced else None
+            futures[i] = getattr(self.shards[i].stub, method).future(
+                req, timeout=timeout, metadata=tracing.outgoing(self.metadata, span))
+            if span is not None:
+                futures[i].add_done_callback(functools.partial(ended, span))
         answers: dict[int, Any] = {}
         failures: dict[int, str] = {}
         for i, future in futures.items():
