@@ -206,7 +206,7 @@ def test_a_draining_server_refuses_prefetch_and_stream_drafts(one_worker):
 
 # -- the pieces -----------------------------------------------------------------------------------------------------
 
-def test_stages_open_spans_only_inside_a_traced_request():
+def test_stages_open_spans_only_inside_a_traced_request_in_its_context():
     provider, exporter = recorder()
     tracer = tracing.tracer(provider)
     timer = StageTimer()
@@ -244,15 +244,22 @@ def test_outgoing_metadata_carries_the_trace_context():
     assert metadata["traceparent"] == f"00-{TRACE_ID:032x}-{span.get_span_context().span_id:016x}-01"
 
 
-def test_untraced_requests_still_forward_the_callers_context():
-    # The API's no-op provider: nothing records, yet a shard call continues the caller's trace.
-    from opentelemetry.trace import NoOpTracerProvider
-
-    with tracing.server_span(tracing.tracer(NoOpTracerProvider()), "rag.v1.Retriever", "Search", traceparent()):
-        assert tracing.request_tracer() is None
+def test_an_unsampled_callers_decision_reaches_the_shards():
+    provider, exporter = recorder()
+    unsampled = traceparent(sampled=False)
+    with tracing.server_span(tracing.tracer(provider), "rag.v1.Retriever", "Search", unsampled) as span:
+        assert tracing.request_tracer() is None  # nothing records: no stage or shard spans
         assert tracing.client_span("rag.v1.Shard", "Candidates", {}) is None
         metadata = dict(tracing.outgoing(None, None))
-    assert metadata["traceparent"] == traceparent()[0][1]
+    assert metadata["traceparent"] == f"00-{TRACE_ID:032x}-{span.get_span_context().span_id:016x}-00"
+    assert exporter.get_finished_spans() == ()
+
+
+def test_a_server_without_a_provider_opens_no_spans(one_worker):
+    running, stub, _, _ = one_worker
+    assert tracing.installed_provider() is None  # no test sets OpenTelemetry's global provider
+    assert running.server.servicer.rpc.tracer is None and running.server.shard_servicer.rpc.tracer is None
+    assert stub.Search(pb.SearchRequest(query="dna helix"), timeout=30, metadata=traceparent()).contexts
 
 
 def test_an_otlp_endpoint_makes_an_exporting_provider():

@@ -9,6 +9,7 @@ logic: they raise domain errors and return replies.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -43,10 +44,13 @@ def status_for(error: RagError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class Rpc:
-    """Serves the calls of one gRPC service (`service`: its full name, rag.v1.Retriever)."""
+_UNTRACED = contextlib.nullcontext(None)
 
-    def __init__(self, service: str, metrics: Metrics, tracer: Tracer) -> None:
+
+class Rpc:
+    """Serves the calls of one gRPC service (`service`: its full name, rag.v1.Retriever); `tracer` None: no spans."""
+
+    def __init__(self, service: str, metrics: Metrics, tracer: Tracer | None) -> None:
         self.service = service
         self.metrics = metrics
         self.tracer = tracer
@@ -56,7 +60,9 @@ class Rpc:
         """Runs `call` in the RPC's span; a failure aborts the call with its status. `count_ok`: the call counts as one
         answer when it returns (a stream counts each answer itself with `answered`)."""
         started = time.perf_counter()
-        with tracing.server_span(self.tracer, self.service, method, context.invocation_metadata()) as span:
+        scope = _UNTRACED if self.tracer is None else \
+            tracing.server_span(self.tracer, self.service, method, context.invocation_metadata())
+        with scope as span:
             try:
                 result = await call()
             except Exception as error:  # noqa: BLE001 - every failure becomes a status, never a crash
@@ -65,7 +71,7 @@ class Rpc:
                 raise  # unreachable: abort raises
             if count_ok:
                 self.answered(method, time.perf_counter() - started)
-            if span.is_recording():
+            if span is not None and span.is_recording():
                 span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
             return result
 
@@ -74,14 +80,14 @@ class Rpc:
         self.metrics.requests.labels(method, "OK").inc()
         self.metrics.request_seconds.labels(method).observe(seconds)
 
-    def _failed(self, method: str, error: Exception, span: Span) -> tuple[grpc.StatusCode, str]:
+    def _failed(self, method: str, error: Exception, span: Span | None) -> tuple[grpc.StatusCode, str]:
         if isinstance(error, RagError):
             code, message = status_for(error), str(error)
         else:
             log.exception("internal error in %s/%s", self.service, method)
             code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
         self.metrics.requests.labels(method, code.name).inc()
-        if span.is_recording():
+        if span is not None and span.is_recording():
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
             if code == grpc.StatusCode.INTERNAL:

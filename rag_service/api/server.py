@@ -331,12 +331,13 @@ class RagServer:
     def __init__(self, config: ServerConfig, *, encoder: Encoder | None = None,
                  tracer_provider: TracerProvider | None = None) -> None:
         """`tracer_provider`: where the spans go; by default the OTLP exporter of `config.tracing` when it names an
-        endpoint, else OpenTelemetry's global provider (a no-op unless the process installed one)."""
+        endpoint, else the global provider the process installed, else none (no spans, rag_service/core/tracing.py)."""
         self.config = config
         self.metrics = Metrics()
         # A provider made here from the configuration is this server's to flush and shut down on stop.
         self._own_tracer_provider = tracing.provider_from(config.tracing) if tracer_provider is None else None
-        tracer = tracing.tracer(tracer_provider or self._own_tracer_provider)
+        provider = tracer_provider or self._own_tracer_provider or tracing.installed_provider()
+        tracer = None if provider is None else tracing.tracer(provider)
         self.metrics.build_info.info({"version": _package_version(), **{k: str(v) for k, v in
                                                                         native.backend_info().items()}})
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rag-pipeline")

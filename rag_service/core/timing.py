@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from rag_service.core import tracing
+from rag_service.core.tracing import request_tracer
 
 
 class StageTimer:
@@ -21,7 +21,7 @@ class StageTimer:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        tracer = tracing.request_tracer()
+        tracer = request_tracer()
         start = time.perf_counter_ns()
         try:
             if tracer is None:

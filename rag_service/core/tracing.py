@@ -1,16 +1,18 @@
 """OpenTelemetry tracing: a span per RPC (api/rpc.py), per pipeline stage (core/timing.py StageTimer.stage) and per shard call
 (the router's fan-out), continuing the caller's W3C trace context.
 
-The tracer of the request being served travels in a context variable that the RPC wrapper sets only when the RPC's
-span records (a real provider is installed and the trace is sampled). Lower tiers ask `request_tracer()`: None means
-"not traced", and a stage then costs one context-variable read; nothing builds a span or an attribute. Pipeline work
-runs on worker threads, and executors do not carry contextvars across: `carry` binds a callable to the caller's
-context, so the worker's stage spans find the RPC span as their parent.
+A server's provider comes from its creator (tests pass an SDK provider with an in-memory exporter), else from
+`provider_from(config.tracing)` (OTLP when an endpoint is configured), else from `installed_provider()` (one the
+embedding process set as OpenTelemetry's global provider). With none of them the server has no tracer and its RPCs
+open no span at all: even the API's no-op span (extracting the caller's context, attaching a context) cost several
+microseconds per call, measurable on a cache hit (bench/experiments/tracing_overhead.py). Such a server does not
+forward its callers' trace context either.
 
-A server's provider comes from its creator (tests pass an SDK provider with an in-memory exporter) or from
-`provider_from(config.tracing)` (OTLP when an endpoint is configured); with neither, `tracer(None)` is OpenTelemetry's
-global one, the API's no-op unless the embedding process installed a provider. Even a no-op RPC span carries the
-caller's context, so the router still forwards it to the shards.
+The tracer of the request being served travels in a context variable that the RPC wrapper sets only when the RPC's
+span records (the trace is sampled). Lower tiers ask `request_tracer()`: None means "not traced", and a stage then
+costs one context-variable read; nothing builds a span or an attribute. Pipeline work runs on worker threads, and
+executors do not carry contextvars across: `carry` binds a callable to the caller's context, so the worker's stage
+spans find the RPC span as their parent.
 """
 
 from __future__ import annotations
@@ -34,9 +36,15 @@ T = TypeVar("T")
 _request_tracer: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar("rag_request_tracer", default=None)
 
 
-def tracer(provider: TracerProvider | None = None) -> Tracer:
-    """The rag_service tracer of `provider`, or of OpenTelemetry's global provider."""
+def tracer(provider: TracerProvider) -> Tracer:
+    """The rag_service tracer of `provider`."""
     return trace.get_tracer(TRACER_NAME, tracer_provider=provider)
+
+
+def installed_provider() -> TracerProvider | None:
+    """OpenTelemetry's global provider when the process installed one; None while it is the API's no-op default."""
+    provider = trace.get_tracer_provider()
+    return None if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)) else provider
 
 
 def provider_from(config: TracingConfig) -> TracerProvider | None:
@@ -55,9 +63,9 @@ def provider_from(config: TracingConfig) -> TracerProvider | None:
     return provider
 
 
-def request_tracer() -> Tracer | None:
-    """The tracer of the request being served, or None when it is not traced."""
-    return _request_tracer.get()
+# request_tracer() -> the tracer of the request being served, or None when it is not traced. The variable's own
+# method: called for every pipeline stage, it adds no Python frame.
+request_tracer = _request_tracer.get
 
 
 @contextmanager

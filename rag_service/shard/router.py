@@ -284,7 +284,8 @@ class ShardedPipeline:
         traced = tracing.request_tracer() is not None
         futures = {}
         for i, req in requests.items():
-            # A span per shard call when the request is traced; either way the call carries the trace context on.
+            # A span per shard call when the request is traced; the call carries the trace context (an unsampled
+            # caller's too, so the shards do not sample what the caller left out).
             span = tracing.client_span(spb.DESCRIPTOR.services_by_name["Shard"].full_name, method,
                                        {"rag.shard": self.shards[i].label}) if traced else None
             futures[i] = getattr(self.shards[i].stub, method).future(
