@@ -144,8 +144,8 @@ def searches(index: Path, calls: int, blocks: int = 10) -> dict[str, dict[str, f
                 for _ in range(50):
                     stub.Search(request, timeout=30)
             per_block = max(calls // blocks, 1)
-            for _ in range(blocks):
-                for name in modes:
+            for block in range(blocks):
+                for name in modes[block % 3:] + modes[:block % 3]:  # each mode first as often as the others
                     with mode(server, name):
                         for kind, request in kinds.items():
                             for _ in range(per_block):
