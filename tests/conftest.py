@@ -117,10 +117,11 @@ class ServedIndex:
 
 
 class ServerThread:
-    """Runs a RagServer on its own event loop in a background thread, so sync tests use ordinary channels."""
+    """Runs a RagServer on its own event loop in a background thread, so sync tests use ordinary channels.
+    `server_args` go to create_server (tracer_provider=...)."""
 
-    def __init__(self, config, encoder) -> None:
-        self.config, self.encoder = config, encoder
+    def __init__(self, config, encoder, **server_args) -> None:
+        self.config, self.encoder, self.server_args = config, encoder, server_args
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -128,7 +129,8 @@ class ServerThread:
         from rag_service.api.server import create_server
 
         self.thread.start()
-        future = asyncio.run_coroutine_threadsafe(create_server(self.config, encoder=self.encoder), self.loop)
+        future = asyncio.run_coroutine_threadsafe(create_server(self.config, encoder=self.encoder, **self.server_args),
+                                                  self.loop)
         self.server, self.port = future.result(timeout=300)
         return self
 

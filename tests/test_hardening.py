@@ -61,7 +61,7 @@ def test_queued_work_is_bounded_and_expired_work_is_never_run(one_worker):
     hold()
     # Admitted, then waits for the busy thread past its deadline.
     late = stub.Search.future(pb.SearchRequest(query="glacier"), timeout=0.5)
-    assert _wait_for(lambda: running.server.servicer.queued == 1)
+    assert _wait_for(lambda: running.server.servicer.admission.queued == 1)
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
         stub.Search(pb.SearchRequest(query="volcano"), timeout=30)
@@ -76,7 +76,8 @@ def test_queued_work_is_bounded_and_expired_work_is_never_run(one_worker):
         gate.set()
         # The worker reaches the expired request, checks its deadline and drops it before any stage runs.
         assert _wait_for(lambda: _sample(running, "rag_deadline_stops_total") == 1)
-        assert _wait_for(lambda: running.server.servicer.queued == 0 and running.server.servicer.in_flight == 0)
+        admission = running.server.servicer.admission
+        assert _wait_for(lambda: admission.queued == 0 and admission.in_flight == 0)
         assert lexical_calls == []
     finally:
         del bm25.search
@@ -115,9 +116,9 @@ def test_drain_reports_not_serving_and_finishes_in_flight_work(built_index, enco
         gate = threading.Event()
         running.server.executor.submit(gate.wait, 60)
         in_flight = stub.Search.future(pb.SearchRequest(query="coffee"), timeout=60)
-        assert _wait_for(lambda: running.server.servicer.in_flight == 1)
+        assert _wait_for(lambda: running.server.servicer.admission.in_flight == 1)
         stopping = asyncio.run_coroutine_threadsafe(running.server.stop(10.0), running.loop)
-        assert _wait_for(lambda: running.server.servicer.draining)
+        assert _wait_for(lambda: running.server.servicer.admission.draining)
         status = health.Check(health_pb2.HealthCheckRequest(service="rag.v1.Retriever"), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(grpc.RpcError) as info:

@@ -99,7 +99,7 @@ def test_prefetch_queue_is_bounded_and_yields_to_live_searches(server_thread, en
         wait_for(lambda: sample(r, "rag_prefetch_completed_total", outcome="filled") == 2)
         # Busy: a live search in flight, background work is refused.
         live = r.client._stub.Search.future(pb.SearchRequest(query="busy live search about bridges"), timeout=30)
-        wait_for(lambda: r.servicer.in_flight >= 1)
+        wait_for(lambda: r.servicer.admission.in_flight >= 1)
         reply = r.client.prefetch(["bread while busy"])
         assert (reply.accepted, reply.dropped) == (0, 1)
         assert sample(r, "rag_prefetch_dropped_total", reason="busy") == 1

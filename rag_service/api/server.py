@@ -1,7 +1,8 @@
-"""gRPC server: the Retriever service, health, reflection, admission control and the error-to-status mapping.
+"""gRPC server: the Retriever service, health and reflection.
 
-CPU work (the pipeline) runs on a thread pool, never on the event loop; the event loop only validates, admits and
-replies. The index is loaded and warmed before health reports SERVING.
+CPU work (the pipeline) runs on a thread pool, never on the event loop; the event loop only validates, admits
+(api/admission.py) and replies. Every handler runs inside the one RPC wrapper (api/rpc.py: status mapping, counters,
+the RPC's span). The index is loaded and warmed before health reports SERVING.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import concurrent.futures
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,13 +23,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import TracerProvider
 
-from rag_service.api import auth, logs, wire
+from rag_service.api import auth, logs, rpc, wire
+from rag_service.api.admission import Admission
+from rag_service.core import tracing
 
 from rag_service.kernels import native
 from rag_service.core.config import ServerConfig
 from rag_service.encoder.encode import Encoder
-from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Overloaded, RagError, Unavailable
+from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Unavailable
 from rag_service.index.publish import CURRENT
 from rag_service.search.cache import EXACT, MISS, PREFETCHED, SEMANTIC, CachedSearch, Served
 from rag_service.core.metrics import Metrics
@@ -46,21 +49,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
 
-# The one mapping from domain errors to status codes.
-STATUS_FOR: dict[type[RagError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    IndexFormatError: grpc.StatusCode.FAILED_PRECONDITION,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
-
-def status_for(error: RagError) -> grpc.StatusCode:
-    for kind in type(error).__mro__:
-        if kind in STATUS_FOR:
-            return STATUS_FOR[kind]
-    return grpc.StatusCode.INTERNAL
 
 
 # A drain waits for this long without new Search calls (bounded by the grace period) before the server stops.
@@ -130,82 +118,44 @@ def to_context(context, debug: bool) -> pb.Context:
 
 
 class RetrieverServicer(pb_grpc.RetrieverServicer):
-    def __init__(self, config: ServerConfig, executor: ThreadPoolExecutor, metrics: Metrics) -> None:
+    def __init__(self, config: ServerConfig, executor: ThreadPoolExecutor, metrics: Metrics, calls: rpc.Rpc) -> None:
         self.config = config
         self.executor = executor
         self.metrics = metrics
+        self.rpc = calls
         self.pipeline: Searcher | None = None
-        self.in_flight = 0  # touched only on the event loop thread
-        # Admitted work not yet picked up by a pipeline thread; the workers decrement it, hence the lock.
-        self.queued = 0
-        self._queued_lock = threading.Lock()
-        self.draining = False
-        self.last_arrival = 0.0  # time.monotonic() of the latest Search, so a drain can wait for a quiet moment
+        self.admission = Admission(config, metrics, lambda: self.pipeline)
         # Set by RagServer: loads, validates, warms and swaps in the index at a path ("" = the configured one).
         self.reloader: Callable[[str], Awaitable[ReloadResult]] | None = None
         self.cache = CachedSearch(config.cache, metrics)
         self.prefetcher = Prefetcher(self.cache, config.cache, metrics, pipeline=lambda: self.pipeline,
-                                     live=lambda: self.in_flight)
+                                     live=lambda: self.admission.in_flight)
         # Read at scrape time from whichever pipeline is serving (a reload swaps in a new policy, level 1).
         metrics.full_share.set_function(
             lambda: self.pipeline.policy.brownout_level() if self.pipeline is not None else 1.0)
 
-    def _pipeline(self) -> Searcher:
-        if self.pipeline is None:
-            raise Unavailable("the index is still loading; retry when health reports SERVING")
-        return self.pipeline
+    @staticmethod
+    def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
 
-    async def _fail(self, context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
-        if isinstance(error, RagError):
-            code, message = status_for(error), str(error)
-        else:
-            log.exception("internal error in %s", method)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
-        self.metrics.requests.labels(method, code.name).inc()
-        await context.abort(code, message)
-
+    @rpc.unary
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
         start = time.perf_counter_ns()
-        admitted = False
-        arrival = self.last_arrival = time.monotonic()
-        try:
-            if self.draining:
-                raise Unavailable("the server is shutting down; retry on another replica")
-            pipeline = self._pipeline()
-            if self.in_flight >= self.config.max_in_flight:
-                self.metrics.shed.inc()
-                raise Overloaded(f"{self.in_flight} requests in flight (limit {self.config.max_in_flight}); retry later")
-            if self.queued >= self.config.max_queued and self.in_flight >= self.config.workers:
-                self.metrics.shed.inc()
-                raise Overloaded(f"{self.queued} requests queued for a pipeline thread (limit "
-                                 f"{self.config.max_queued}); retry later")
-            self.in_flight += 1
-            self.metrics.in_flight.inc()
-            admitted = True
+        with self.admission.search() as admitted:
             params = search_params(request, self.config.defaults, self.config.limits)
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
+            deadline = self._deadline(context)
             validated = time.perf_counter_ns()
             # Exact hits are answered here on the event loop; misses run on a pipeline thread via _execute.
-            served = await self.cache.search(pipeline, params, deadline=deadline, execute=self._execute,
-                                             arrival=arrival)
-        except Exception as error:  # noqa: BLE001 - every failure becomes a status, never a crash
-            await self._fail(context, "Search", error)
-            raise  # unreachable: abort raises
-        finally:
-            if admitted:
-                self.in_flight -= 1
-                self.metrics.in_flight.dec()
-        return self._respond("Search", request, served, start, validated)
+            served = await self.cache.search(admitted.pipeline, params, deadline=deadline, execute=self._execute,
+                                             arrival=admitted.arrival)
+        return self._respond(request, served, start, validated)
 
-    def _respond(self, method: str, request: pb.SearchRequest, served: Served, start: int,
-                 validated: int) -> pb.SearchResponse:
+    def _respond(self, request: pb.SearchRequest, served: Served, start: int, validated: int) -> pb.SearchResponse:
         result = served.result
         result.stage_us["validate"] = (validated - start) // 1000
         total_us = (time.perf_counter_ns() - start) // 1000
         self.metrics.observe_stages(result.stage_us)
-        self.metrics.request_seconds.labels(method).observe(total_us / 1e6)
-        self.metrics.requests.labels(method, "OK").inc()
         response = pb.SearchResponse(contexts=[to_context(c, request.debug) for c in result.contexts],
                                      index_version=result.index_version, server_time_us=total_us,
                                      context_tokens=result.context_tokens, route=result.route,
@@ -219,11 +169,11 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         return response
 
     def _execute(self, work: Callable[[], Served]) -> Awaitable[Served]:
-        """Runs the cache's miss path on a pipeline thread, counted as queued until a thread picks it up."""
-        with self._queued_lock:
-            self.queued += 1
-        self.metrics.queued.inc()
-        return self._await_work(self.executor.submit(self._timed_search, work, time.perf_counter_ns()))
+        """Runs the cache's miss path on a pipeline thread, counted as queued until a thread picks it up. The
+        thread runs in the request's context, so its stage spans are children of the RPC's span."""
+        self.admission.enqueue()
+        return self._await_work(self.executor.submit(tracing.carry(self._timed_search, work,
+                                                                   time.perf_counter_ns())))
 
     async def _await_work(self, future: concurrent.futures.Future) -> Served:
         try:
@@ -232,16 +182,12 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             # The caller gave up (deadline passed or cancelled) while its work was still queued: drop the work, and
             # count it out of the queue here, since no pipeline thread ever will.
             if future.cancel():
-                with self._queued_lock:
-                    self.queued -= 1
-                self.metrics.queued.dec()
+                self.admission.dequeue()
                 self.metrics.deadline_stops.inc()
             raise
 
     def _timed_search(self, work: Callable[[], Served], submitted_ns: int) -> Served:
-        with self._queued_lock:
-            self.queued -= 1
-        self.metrics.queued.dec()
+        self.admission.dequeue()
         # Time spent waiting for a worker thread is latency too; report it as its own stage.
         queued_us = (time.perf_counter_ns() - submitted_ns) // 1000
         try:
@@ -252,90 +198,65 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         served.result.stage_us["queue"] = queued_us
         return served
 
+    @rpc.unary
     async def Prefetch(self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext) -> pb.PrefetchResponse:
-        try:
-            self._pipeline()
-            limit = self.config.cache.max_prefetch_requests
-            if len(request.requests) > limit:
-                raise InvalidArgument("requests", f"has {len(request.requests)} entries; the limit is {limit}")
-            batch = [prefetch_params(i, r, self.config) for i, r in enumerate(request.requests)]
-            accepted, dropped = self.prefetcher.submit(batch)
-        except Exception as error:  # noqa: BLE001
-            await self._fail(context, "Prefetch", error)
-            raise
-        self.metrics.requests.labels("Prefetch", "OK").inc()
+        self.admission.open()
+        limit = self.config.cache.max_prefetch_requests
+        if len(request.requests) > limit:
+            raise InvalidArgument("requests", f"has {len(request.requests)} entries; the limit is {limit}")
+        batch = [prefetch_params(i, r, self.config) for i, r in enumerate(request.requests)]
+        accepted, dropped = self.prefetcher.submit(batch)
         return pb.PrefetchResponse(accepted=accepted, dropped=dropped)
 
+    @rpc.stream
     async def StreamSearch(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         # Reads and writes through the context, not an async generator: a generator left suspended by a cancelled
         # stream was followed by a segfault in grpc's cygrpc here (grpcio 1.85, bench/experiments/stream_search.py on SciFact).
         session = DraftSession(self.cache, self._execute, self.metrics,
                                debounce_s=self.config.cache.stream_debounce_ms / 1000,
-                               allowed=lambda: self.in_flight < self.config.cache.speculative_busy_in_flight)
+                               allowed=lambda: self.admission.in_flight < self.config.cache.speculative_busy_in_flight)
         try:
             while True:
                 draft = await context.read()
                 if draft is grpc.aio.EOF:
                     break
                 start = time.perf_counter_ns()
-                if self.draining:
-                    raise Unavailable("the server is shutting down; retry on another replica")
-                pipeline = self._pipeline()
                 if not draft.final:
+                    pipeline = self.admission.open()
                     try:
                         params = search_params(draft.request, self.config.defaults, self.config.limits)
                     except InvalidArgument:
                         continue  # a draft mid-typing may be blank or incomplete: nothing to speculate on
                     session.draft(pipeline, params)
                     continue
-                if self.in_flight >= self.config.max_in_flight:
-                    self.metrics.shed.inc()
-                    raise Overloaded(f"{self.in_flight} requests in flight (limit {self.config.max_in_flight}); "
-                                     "retry later")
-                params = search_params(draft.request, self.config.defaults, self.config.limits)
-                remaining = context.time_remaining()
-                deadline = None if remaining is None else time.monotonic() + remaining
-                validated = time.perf_counter_ns()
-                self.in_flight += 1
-                self.metrics.in_flight.inc()
-                try:
-                    served = await session.final(pipeline, params, deadline)
-                finally:
-                    self.in_flight -= 1
-                    self.metrics.in_flight.dec()
-                await context.write(self._respond("StreamSearch", draft.request, served, start, validated))
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # noqa: BLE001
-            await self._fail(context, "StreamSearch", error)
-            raise
+                # The final request is admitted as a Search is (in flight and queue, api/admission.py).
+                with self.admission.search() as admitted:
+                    params = search_params(draft.request, self.config.defaults, self.config.limits)
+                    deadline = self._deadline(context)
+                    validated = time.perf_counter_ns()
+                    served = await session.final(admitted.pipeline, params, deadline)
+                response = self._respond(draft.request, served, start, validated)
+                self.rpc.answered("StreamSearch", response.server_time_us / 1e6)
+                await context.write(response)
         finally:
             session.close()
 
+    @rpc.unary
     async def ReloadIndex(self, request: pb.ReloadIndexRequest,
                           context: grpc.aio.ServicerContext) -> pb.ReloadIndexResponse:
-        try:
-            if self.reloader is None:
-                raise Unavailable("this server cannot reload its index")
-            result = await self.reloader(request.path)
-        except Exception as error:  # noqa: BLE001
-            await self._fail(context, "ReloadIndex", error)
-            raise
-        self.metrics.requests.labels("ReloadIndex", "OK").inc()
+        if self.reloader is None:
+            raise Unavailable("this server cannot reload its index")
+        result = await self.reloader(request.path)
         return pb.ReloadIndexResponse(previous_version=result.previous_version, version=result.version,
                                       load_seconds=result.load_seconds)
 
+    @rpc.unary
     async def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context: grpc.aio.ServicerContext) -> pb.IndexInfo:
-        try:
-            index = self._pipeline().summary()
-        except Exception as error:  # noqa: BLE001
-            await self._fail(context, "GetIndexInfo", error)
-            raise
+        index = self.admission.loaded().summary()
         manifest = index.manifest
         built = Timestamp()
         built.FromJsonString(manifest["created_at"])
         backends = native.backend_info()
-        self.metrics.requests.labels("GetIndexInfo", "OK").inc()
         return pb.IndexInfo(
             name=manifest["name"], version=manifest["version"], document_count=index.n_docs,
             chunk_count=index.n_chunks, embedding_model=manifest["model"]["name"],
@@ -373,9 +294,16 @@ class RagServer:
     # Called as hook(old_pipeline, new_pipeline) after every swap: caches keyed by the old index version drop it here.
     on_index_swap: list[Callable[[Searcher | None, Searcher], None]]
 
-    def __init__(self, config: ServerConfig, *, encoder: Encoder | None = None) -> None:
+    def __init__(self, config: ServerConfig, *, encoder: Encoder | None = None,
+                 tracer_provider: TracerProvider | None = None) -> None:
+        """`tracer_provider`: where the spans go; by default the OTLP exporter of `config.tracing` when it names an
+        endpoint, else the global provider the process installed, else none (no spans, rag_service/core/tracing.py)."""
         self.config = config
         self.metrics = Metrics()
+        # A provider made here from the configuration is this server's to flush and shut down on stop.
+        self._own_tracer_provider = tracing.provider_from(config.tracing) if tracer_provider is None else None
+        provider = tracer_provider or self._own_tracer_provider or tracing.installed_provider()
+        tracer = None if provider is None else tracing.tracer(provider)
         self.metrics.build_info.info({"version": _package_version(), **{k: str(v) for k, v in
                                                                         native.backend_info().items()}})
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rag-pipeline")
@@ -383,7 +311,8 @@ class RagServer:
         self._reload_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rag-reload")
         self._reload_lock = asyncio.Lock()
         self.index_root = index_root_of(config)
-        self.servicer = RetrieverServicer(config, self.executor, self.metrics)
+        self.servicer = RetrieverServicer(config, self.executor, self.metrics,
+                                          rpc.Rpc(SERVICE_NAME, self.metrics, tracer))
         self.servicer.reloader = self.reload
         self.health = HealthServicer()
         self._encoder = encoder
@@ -420,7 +349,8 @@ class RagServer:
         pb_grpc.add_RetrieverServicer_to_server(self.servicer, self.server)
         from rag_service.pb.rag.v1 import shard_pb2_grpc
 
-        self.shard_servicer = ShardServicer(lambda: self.servicer.pipeline, self.executor, status_for)
+        self.shard_servicer = ShardServicer(lambda: self.servicer.pipeline, self.executor,
+                                            rpc.Rpc(SHARD_SERVICE, self.metrics, tracer))
         shard_pb2_grpc.add_ShardServicer_to_server(self.shard_servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -507,12 +437,13 @@ class RagServer:
         self.metrics.draining.set(1)
         if notice > 0:
             await asyncio.sleep(notice)
-        self.servicer.draining = True
+        admission = self.servicer.admission
+        admission.draining = True
         drain_until = loop.time() + grace
         # Until in-flight work is done and callers have stopped arriving (each now gets UNAVAILABLE from us, a clean
         # answer to retry elsewhere): gRPC cancels calls still in transit when the server itself stops.
         while loop.time() < drain_until and (
-                self.servicer.in_flight or time.monotonic() - self.servicer.last_arrival < DRAIN_QUIET_SECONDS):
+                admission.in_flight or time.monotonic() - admission.last_arrival < DRAIN_QUIET_SECONDS):
             await asyncio.sleep(0.01)
         await self.server.stop(max(0.0, drain_until - loop.time()))
         await self.servicer.prefetcher.close()
@@ -522,14 +453,19 @@ class RagServer:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
+        if self._own_tracer_provider is not None:
+            # Exports what is still batched; off the loop, since a collector that is down makes it wait.
+            await loop.run_in_executor(None, self._own_tracer_provider.shutdown)
+            self._own_tracer_provider = None
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
 
 
-async def create_server(config: ServerConfig, *, encoder: Encoder | None = None) -> tuple[RagServer, int]:
+async def create_server(config: ServerConfig, *, encoder: Encoder | None = None,
+                        tracer_provider: TracerProvider | None = None) -> tuple[RagServer, int]:
     """Binds, starts and loads; returns once the index is warm and health says SERVING."""
-    server = RagServer(config, encoder=encoder)
+    server = RagServer(config, encoder=encoder, tracer_provider=tracer_provider)
     try:
         port = await server.start()
     except BaseException:

@@ -3,13 +3,13 @@
 A shard server is an ordinary server of a shard index (it answers Retriever too, over its own documents). For the
 router it returns first-stage candidates with raw scores and global chunk ids, and, for the candidates that survive
 fusion, the reranker's per-candidate features, chunk vectors, token counts and reply fields. Work runs on the
-server's pipeline threads, never on the event loop.
+server's pipeline threads, never on the event loop; every handler runs inside the RPC wrapper (api/rpc.py), so a shard
+call continues the router's trace.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,14 +18,14 @@ from typing import Any
 import grpc
 import numpy as np
 
+from rag_service.api import rpc
+from rag_service.core import tracing
 from rag_service.search import rerank as rerank_mod
-from rag_service.core.errors import IndexFormatError, InvalidArgument, RagError, Unavailable
+from rag_service.core.errors import IndexFormatError, InvalidArgument, Unavailable
 from rag_service.pb.rag.v1 import shard_pb2 as spb
 from rag_service.pb.rag.v1 import shard_pb2_grpc as spb_grpc
 from rag_service.search.pipeline import Pipeline
 from rag_service.search.searcher import Searcher
-
-log = logging.getLogger(__name__)
 
 SERVICE_NAME = spb.DESCRIPTOR.services_by_name["Shard"].full_name
 MAX_DEPTH = 2000
@@ -76,11 +76,10 @@ def query_vector(data: bytes, dim: int) -> np.ndarray:
 
 
 class ShardServicer(spb_grpc.ShardServicer):
-    def __init__(self, pipeline: Callable[[], Searcher | None], executor: ThreadPoolExecutor,
-                 status_for: Callable[[RagError], grpc.StatusCode]) -> None:
+    def __init__(self, pipeline: Callable[[], Searcher | None], executor: ThreadPoolExecutor, calls: rpc.Rpc) -> None:
         self._pipeline = pipeline
         self.executor = executor
-        self.status_for = status_for
+        self.rpc = calls
         self._state: ShardState | None = None
 
     def state(self) -> ShardState:
@@ -94,17 +93,12 @@ class ShardServicer(spb_grpc.ShardServicer):
             state = self._state = ShardState.of(pipeline)
         return state
 
-    async def _run(self, context: grpc.aio.ServicerContext, work: Callable[[], Any]) -> Any:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, work)
-        except RagError as error:
-            await context.abort(self.status_for(error), str(error))
-        except Exception as error:  # noqa: BLE001 - a failure is a status, never a crash
-            log.exception("internal error in Shard")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the log")
+    async def _run(self, work: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, tracing.carry(work))
 
+    @rpc.unary
     async def GetShardInfo(self, request: spb.GetShardInfoRequest, context: grpc.aio.ServicerContext) -> spb.ShardInfo:
-        return await self._run(context, self._info)
+        return await self._run(self._info)
 
     def _info(self) -> spb.ShardInfo:
         state = self.state()
@@ -123,9 +117,10 @@ class ShardServicer(spb_grpc.ShardServicer):
             raise IndexFormatError(f"shard {state.shard['index']} belongs to shard set {state.shard['set_id']}, the "
                                    f"router to {set_id!r}: restart the router with this set's router directory")
 
+    @rpc.unary
     async def Candidates(self, request: spb.CandidatesRequest,
                          context: grpc.aio.ServicerContext) -> spb.CandidatesResponse:
-        return await self._run(context, lambda: self._candidates(request))
+        return await self._run(lambda: self._candidates(request))
 
     def _candidates(self, request: spb.CandidatesRequest) -> spb.CandidatesResponse:
         state = self.state()
@@ -151,8 +146,9 @@ class ShardServicer(spb_grpc.ShardServicer):
                                       dense_ids=g[d_ids].tolist(), dense_scores=d_scores.tolist(),
                                       version=index.version)
 
+    @rpc.unary
     async def Fetch(self, request: spb.FetchRequest, context: grpc.aio.ServicerContext) -> spb.FetchResponse:
-        return await self._run(context, lambda: self._fetch(request))
+        return await self._run(lambda: self._fetch(request))
 
     def _fetch(self, request: spb.FetchRequest) -> spb.FetchResponse:
         state = self.state()

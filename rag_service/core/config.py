@@ -210,6 +210,14 @@ def env_name(dotted: str) -> str:
     return "RAG_" + dotted.replace(".", "__").upper()
 
 
+class TracingConfig(BaseModel):
+    """OpenTelemetry tracing (rag_service/core/tracing.py): a span per RPC and per pipeline stage, exported over OTLP."""
+
+    otlp_endpoint: str | None = Field(None, description="OTLP/gRPC collector address (http://host:4317) the spans "
+                                      "are exported to; unset: no exporter, and no spans are made")
+    service_name: str = Field("rag-service", min_length=1, description="service.name of the exported spans.")
+
+
 class ServerConfig(BaseSettings):
     """Everything rag-serve reads at start. Top-level settings are the server's own; sections group the rest."""
 
@@ -257,6 +265,7 @@ class ServerConfig(BaseSettings):
                                      "unset.")
     limits: Limits = Field(Limits(), description="The request contract.")
     cache: CacheConfig = Field(CacheConfig(), description="Reply cache, Prefetch and StreamSearch.")
+    tracing: TracingConfig = Field(TracingConfig(), description="OpenTelemetry spans, exported over OTLP.")
     encoder: EncoderSettings = Field(EncoderSettings(), description="The query encoder.")
     adaptive: AdaptiveSettings = Field(AdaptiveSettings(), description="Adaptive routing.")
     auth: AuthSettings = Field(AuthSettings(), description="Bearer tokens.")

@@ -1,4 +1,4 @@
-"""Domain errors. The server maps each kind to one gRPC status code (server.STATUS_FOR); stages raise these and know
+"""Domain errors. The server maps each kind to one gRPC status code (api/rpc.py STATUS_FOR); stages raise these and know
 nothing of gRPC."""
 
 

@@ -19,6 +19,7 @@ vector the router sends.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -29,6 +30,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from rag_service.core import tracing
 from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Unavailable
 from rag_service.core.params import Capabilities, IndexSummary, SearchResult, check_deadline
 from rag_service.core.timing import StageTimer
@@ -243,8 +245,23 @@ class ShardedPipeline(SearcherBase):
         and the rest still finishes the partial reply before the caller gives up."""
         timeout = self.timeout_s if deadline is None else \
             min(self.timeout_s, max((deadline - time.monotonic()) * SHARD_SHARE, 1e-3))
-        futures = {i: getattr(self.shards[i].stub, method).future(req, timeout=timeout, metadata=self.metadata)
-                   for i, req in requests.items()}
+
+        def ended(span, call: grpc.Future) -> None:  # on gRPC's thread, as the call completes
+            code = call.code()
+            error = None if code == grpc.StatusCode.OK else f"{code.name}: {call.details()}"
+            tracing.finish(span, code.value[0], error)
+
+        traced = tracing.request_tracer() is not None
+        futures = {}
+        for i, req in requests.items():
+            # A span per shard call when the request is traced; the call carries the trace context (an unsampled
+            # caller's too, so the shards do not sample what the caller left out).
+            span = tracing.client_span(spb.DESCRIPTOR.services_by_name["Shard"].full_name, method,
+                                       {"rag.shard": self.shards[i].label}) if traced else None
+            futures[i] = getattr(self.shards[i].stub, method).future(
+                req, timeout=timeout, metadata=tracing.outgoing(self.metadata, span))
+            if span is not None:
+                futures[i].add_done_callback(functools.partial(ended, span))
         answers: dict[int, Any] = {}
         failures: dict[int, str] = {}
         for i, future in futures.items():

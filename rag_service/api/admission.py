@@ -1,0 +1,89 @@
+"""Admission control: the one gate a request passes before it may take a pipeline thread.
+
+- Every request that needs the index is refused with UNAVAILABLE while the server drains for shutdown or has no
+  index loaded yet (`open`); GetIndexInfo needs only the index (`loaded`).
+- A search holds an in-flight slot while it runs (`search`): Search, and the final request of a StreamSearch. Past
+  `max_in_flight` searches in flight, or with `max_queued` searches waiting for a pipeline thread while every thread is
+  busy, it is refused at once with RESOURCE_EXHAUSTED and counted in rag_requests_shed.
+- A StreamSearch final counts against the queue like a Search: unless its speculation already answered it, it runs on
+  the same pipeline threads, so letting it past a full queue would lengthen the wait of every admitted request. Drafts
+  (non-final requests) are not admitted as searches: they only start speculation, which runs while fewer than
+  `cache.speculative_busy_in_flight` searches are in flight, and whose work waiting for a thread counts in the queue.
+- Prefetch needs only an open server: its work runs on its own thread while the server is idle (search/prefetch.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from rag_service.core.config import ServerConfig
+from rag_service.core.errors import Overloaded, Unavailable
+from rag_service.core.metrics import Metrics
+from rag_service.search.searcher import Searcher
+
+
+@dataclass(frozen=True)
+class Admitted:
+    pipeline: Searcher  # read once: the whole request runs on this index, even across a reload
+    arrival: float  # time.monotonic() when the request came, for the adaptive budget
+
+
+class Admission:
+    def __init__(self, config: ServerConfig, metrics: Metrics, pipeline: Callable[[], Searcher | None]) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._pipeline = pipeline
+        self.in_flight = 0  # touched only on the event loop thread
+        # Admitted work not yet picked up by a pipeline thread; the workers decrement it, hence the lock.
+        self.queued = 0
+        self._queued_lock = threading.Lock()
+        self.draining = False
+        self.last_arrival = 0.0  # time.monotonic() of the latest search, so a drain can wait for a quiet moment
+
+    def loaded(self) -> Searcher:
+        pipeline = self._pipeline()
+        if pipeline is None:
+            raise Unavailable("the index is still loading; retry when health reports SERVING")
+        return pipeline
+
+    def open(self) -> Searcher:
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        return self.loaded()
+
+    @contextmanager
+    def search(self) -> Iterator[Admitted]:
+        """Admits one search and holds its in-flight slot until the block ends."""
+        arrival = self.last_arrival = time.monotonic()
+        pipeline = self.open()
+        limit = self.config.max_in_flight
+        if self.in_flight >= limit:
+            self.metrics.shed.inc()
+            raise Overloaded(f"{self.in_flight} requests in flight (limit {limit}); retry later")
+        if self.queued >= self.config.max_queued and self.in_flight >= self.config.workers:
+            self.metrics.shed.inc()
+            raise Overloaded(f"{self.queued} requests queued for a pipeline thread (limit "
+                             f"{self.config.max_queued}); retry later")
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            yield Admitted(pipeline, arrival)
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+
+    def enqueue(self) -> None:
+        """Work was submitted to the pipeline threads."""
+        with self._queued_lock:
+            self.queued += 1
+        self.metrics.queued.inc()
+
+    def dequeue(self) -> None:
+        """Submitted work was picked up by a thread, or dropped before one did."""
+        with self._queued_lock:
+            self.queued -= 1
+        self.metrics.queued.dec()

@@ -1,0 +1,119 @@
+"""How every RPC is served: the one mapping from domain errors to gRPC status codes, and the one wrapper around the
+handlers of Retriever (api/server.py) and Shard (api/shard_service.py).
+
+The wrapper opens the RPC's span (its parent: the caller's W3C trace context from the call metadata), turns a failure
+into a status (a RagError into its code and message; anything else into INTERNAL with a generic message, its traceback
+in the log) and counts the call in rag_requests (method, code) and rag_request_seconds. Handlers hold only their own
+logic: they raise domain errors and return replies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
+
+from rag_service.core import tracing
+from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Overloaded, RagError, Unavailable
+from rag_service.core.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STATUS_FOR: dict[type[RagError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    IndexFormatError: grpc.StatusCode.FAILED_PRECONDITION,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_for(error: RagError) -> grpc.StatusCode:
+    """The status code of a domain error: that of its nearest class in STATUS_FOR, else INTERNAL."""
+    for kind in type(error).__mro__:
+        if kind in STATUS_FOR:
+            return STATUS_FOR[kind]
+    return grpc.StatusCode.INTERNAL
+
+
+_UNTRACED = contextlib.nullcontext(None)
+
+
+class Rpc:
+    """Serves the calls of one gRPC service (`service`: its full name, rag.v1.Retriever); `tracer` None: no spans."""
+
+    def __init__(self, service: str, metrics: Metrics, tracer: Tracer | None) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.tracer = tracer
+
+    async def serve(self, method: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]], *,
+                    count_ok: bool) -> T:
+        """Runs `call` in the RPC's span; a failure aborts the call with its status. `count_ok`: the call counts as one
+        answer when it returns (a stream counts each answer itself with `answered`)."""
+        started = time.perf_counter()
+        scope = _UNTRACED if self.tracer is None else \
+            tracing.server_span(self.tracer, self.service, method, context.invocation_metadata())
+        with scope as span:
+            try:
+                result = await call()
+            except Exception as error:  # noqa: BLE001 - every failure becomes a status, never a crash
+                code, message = self._failed(method, error, span)
+                await context.abort(code, message)
+                raise  # unreachable: abort raises
+            if count_ok:
+                self.answered(method, time.perf_counter() - started)
+            if span is not None and span.is_recording():
+                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+            return result
+
+    def answered(self, method: str, seconds: float) -> None:
+        """Counts one OK answer of `method` and the server time it took."""
+        self.metrics.requests.labels(method, "OK").inc()
+        self.metrics.request_seconds.labels(method).observe(seconds)
+
+    def _failed(self, method: str, error: Exception, span: Span | None) -> tuple[grpc.StatusCode, str]:
+        if isinstance(error, RagError):
+            code, message = status_for(error), str(error)
+        else:
+            log.exception("internal error in %s/%s", self.service, method)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
+        self.metrics.requests.labels(method, code.name).inc()
+        if span is not None and span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
+            if code == grpc.StatusCode.INTERNAL:
+                span.record_exception(error)
+        return code, message
+
+
+def unary(handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]]):
+    """Serves a unary handler of a servicer that has an `rpc: Rpc`, under the method name of the handler."""
+    method = handler.__name__
+
+    @functools.wraps(handler)
+    async def serve(servicer: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        return await servicer.rpc.serve(method, context, lambda: handler(servicer, request, context), count_ok=True)
+
+    return serve
+
+
+def stream(handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[None]]):
+    """As `unary`, for a streaming handler that reads and writes through its context: it calls `rpc.answered` per
+    answer it writes (the stream itself lasts as long as its caller types, not a latency worth a histogram)."""
+    method = handler.__name__
+
+    @functools.wraps(handler)
+    async def serve(servicer: Any, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        await servicer.rpc.serve(method, context, lambda: handler(servicer, request_iterator, context),
+                                 count_ok=False)
+
+    return serve
