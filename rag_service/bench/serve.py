@@ -38,8 +38,10 @@ class ServerProcess:
     """`with ServerProcess(index) as server: server.target` -> "127.0.0.1:<port>"; stopped with SIGTERM on exit."""
 
     def __init__(self, index: Path, *, workers: int | None = None, start_timeout: float = 600.0,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, executable: str | None = None) -> None:
+        """`executable`: a rag-serve to run instead of this environment's (another build, for an A/B)."""
         self.index = Path(index)
+        self.executable = executable
         self.workers = workers
         self.start_timeout = start_timeout
         self.extra_env = extra_env or {}
@@ -50,8 +52,8 @@ class ServerProcess:
         self._log: deque[str] = deque(maxlen=50)
 
     def __enter__(self) -> ServerProcess:
-        command = [sys.executable, "-m", "rag_service.cli.serve", "--index", str(self.index), "--port", "0",
-                   "--log-level", "WARNING"]
+        serve = [self.executable] if self.executable else [sys.executable, "-m", "rag_service.cli.serve"]
+        command = [*serve, "--index", str(self.index), "--port", "0", "--log-level", "WARNING"]
         if self.workers:
             command += ["--workers", str(self.workers)]
         started = time.monotonic()
