@@ -355,8 +355,8 @@ def test_hash_embed_equals_the_word_by_word_definition():
 
 
 def test_dense_recall_compares_hnsw_with_exact_search(tmp_path):
-    from rag_service.retrievers import dense as dense_mod
     from rag_service.bench.scale import dense_recall
+    from rag_service.retrievers import dense as dense_mod
 
     rng = np.random.default_rng(3)
     vectors = rng.standard_normal((2000, 32)).astype(np.float32)

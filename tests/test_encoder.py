@@ -278,8 +278,8 @@ def test_micro_batcher_errors_reach_every_waiter(export_dir):
 
 
 def test_server_with_micro_batching_answers_concurrent_searches(built_index, server_thread):
-    from rag_service.encoder.batching import MicroBatcher
     from rag_service.core.config import ServerConfig
+    from rag_service.encoder.batching import MicroBatcher
     from rag_service.pb.rag.v1 import retrieval_pb2 as pb
     from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 

@@ -14,6 +14,7 @@ import pytest
 from rag_service.kernels import native, reference
 from rag_service.kernels.reference import FusionResult, fuse_reference
 
+
 def i64(values) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 

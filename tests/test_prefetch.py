@@ -9,10 +9,10 @@ import time
 import grpc
 import pytest
 
+from rag_service.api.request import search_params
 from rag_service.client import RetrieverClient, RetrieverError
 from rag_service.core.config import CacheConfig, ServerConfig
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
-from rag_service.api.request import search_params
 
 
 @contextlib.contextmanager

@@ -158,7 +158,7 @@ def per_query(runs: Mapping[str, Mapping[str, Mapping[str, float]]], qrels: Mapp
     out: dict[str, dict[str, dict[str, float]]] = {}
     for method, run in runs.items():
         complete = {q: (dict(run.get(q) or {}) or {"__no_result__": 0.0}) for q in qrels}
-        values: dict[str, dict[str, float]] = {str(m): {q: 0.0 for q in qrels} for m in measures}
+        values: dict[str, dict[str, float]] = {str(m): dict.fromkeys(qrels, 0.0) for m in measures}
         for metric in ir_measures.iter_calc(measures, qrels, complete):
             values[str(metric.measure)][metric.query_id] = float(metric.value)
         out[method] = values

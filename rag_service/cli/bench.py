@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
@@ -46,7 +48,10 @@ def _publish(report: dict, table: str, json_out: Path | None, plot_dir: Path | N
             click.echo(f"wrote {path}")
 
 
-def _with_progress(desc: str, unit: str, run):  # noqa: ANN001, ANN202 (run: progress callback -> report)
+_Report = TypeVar("_Report")
+
+
+def _with_progress(desc: str, unit: str, run: Callable[[Callable[[int, int], None]], _Report]) -> _Report:
     """Runs `run(progress)` under a tqdm bar driven by its (done, total) callbacks; a ValueError (bad input found
     while running) becomes a clean CLI error."""
     from tqdm import tqdm

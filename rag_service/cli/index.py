@@ -111,7 +111,7 @@ def build(input_path: Path, output: Path, name: str | None, chunk_tokens: int, c
             ray_options.validate()
             import_ray()
             # Every build below (whole, or before sharding) runs its chunking and encoding on the cluster.
-            build_index = functools.partial(build_index_on_ray, options=ray_options)  # noqa: F811
+            build_index = functools.partial(build_index_on_ray, options=ray_options)
         from rag_service.encoder.encode import Encoder
 
         encoder = Encoder(str(model) if model is not None else None, device=device)

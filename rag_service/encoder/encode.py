@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # torch and sentence-transformers (9 s to import here) load only with the torch Encoder: the ONNX encoder, the
 # tokenizer and a Ray build's workers (index/ray_build.py) need neither.
-from tokenizers import Tokenizer  # noqa: E402
+from tokenizers import Encoding, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class TokenSpans:
         return len(self.offsets)
 
 
-def _spans(enc) -> TokenSpans:  # noqa: ANN001 (tokenizers.Encoding)
+def _spans(enc: Encoding) -> TokenSpans:
     offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
     word_ids = np.fromiter((-1 if w is None else w for w in enc.word_ids), dtype=np.int64, count=len(enc.word_ids))
     return TokenSpans(offsets=offsets, word_ids=word_ids)

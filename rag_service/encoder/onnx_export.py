@@ -30,7 +30,11 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ class ExportInfo:
     seconds: float
 
 
-def _wrapped(model):  # noqa: ANN001, ANN202 (SentenceTransformer -> torch.nn.Module)
+def _wrapped(model: SentenceTransformer) -> torch.nn.Module:
     import torch
 
     transformer = model[0].auto_model
@@ -66,7 +70,8 @@ def _wrapped(model):  # noqa: ANN001, ANN202 (SentenceTransformer -> torch.nn.Mo
             super().__init__()
             self.transformer = transformer
 
-        def forward(self, input_ids, attention_mask, token_type_ids):  # noqa: ANN001, ANN202
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor) -> torch.Tensor:
             hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask,
                                       token_type_ids=token_type_ids).last_hidden_state
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)

@@ -22,19 +22,19 @@ from typing import Any
 
 from tqdm import tqdm
 
-from rag_service.retrievers import dense as dense_mod
-from rag_service.retrievers import lexical
-from rag_service.retrievers.analysis import Analyzer
+from rag_service.core.errors import BuildError
+from rag_service.core.timing import StageTimer
 from rag_service.encoder import onnx_export
 from rag_service.encoder.encode import Encoder, OnnxEncoder
-from rag_service.core.errors import BuildError
 from rag_service.index import manifest as manifest_mod
 from rag_service.index import publish as publish_mod
 from rag_service.index import source as source_mod
 from rag_service.index import windows as windows_mod
 from rag_service.index.chunking import Chunk, Chunker, Document, dense_text, lexical_text
 from rag_service.index.store import write_store
-from rag_service.core.timing import StageTimer
+from rag_service.retrievers import dense as dense_mod
+from rag_service.retrievers import lexical
+from rag_service.retrievers.analysis import Analyzer
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from rag_service.core.errors import BuildError
 from rag_service.encoder import onnx_export
 from rag_service.encoder.encode import Encoder, OnnxEncoder, _EncoderBase, default_model_path
-from rag_service.core.errors import BuildError
 from rag_service.index.build import BuildConfig, build_index
 from rag_service.index.chunking import Chunk, Chunker, Document
 
@@ -84,7 +84,7 @@ def import_ray() -> Any:
     """The ray module, with Ray Data; BuildError saying how to install it otherwise."""
     try:
         import ray
-        import ray.data  # noqa: F401 (the build needs Ray Data, not just Ray Core)
+        import ray.data  # the build needs Ray Data, not just Ray Core
     except ImportError as e:
         raise BuildError(f"--ray needs Ray Data, which is not installed ({e}): {INSTALL_HINT}") from None
     return ray

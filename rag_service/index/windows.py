@@ -30,8 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rag_service.retrievers.analysis import Analyzer
 from rag_service.core.errors import IndexFormatError
+from rag_service.retrievers.analysis import Analyzer
 
 WINDOW_OFFSETS_FILE = "windows_offsets.npy"
 WINDOW_VECTORS_FILE = "windows_vectors.npy"

@@ -20,8 +20,8 @@ similarity_matrix, mmr_select (context filter). Semantics: the *_reference funct
 from __future__ import annotations
 
 import functools
-import operator
 import logging
+import operator
 import os
 from typing import Any
 
@@ -111,7 +111,7 @@ def requested_backend() -> str:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_no_cuda_twin(kernel: str) -> None:
     """Logs once per kernel that the CUDA backend serves it on C++ (the cache makes it once)."""
     logger.info("backend 'cuda': kernel %r has no CUDA implementation and runs on the C++ backend", kernel)

@@ -34,10 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from rag_service.retrievers import dense as dense_mod
-from rag_service.retrievers import lexical
-from rag_service.encoder import onnx_export
 from rag_service.core.errors import BuildError, IndexFormatError
+from rag_service.encoder import onnx_export
 from rag_service.index import manifest as manifest_mod
 from rag_service.index import publish as publish_mod
 from rag_service.index import source as source_mod
@@ -45,6 +43,8 @@ from rag_service.index import windows as windows_mod
 from rag_service.index.chunking import Chunk, Document
 from rag_service.index.load import load_index, resolve_version_dir
 from rag_service.index.store import write_store
+from rag_service.retrievers import dense as dense_mod
+from rag_service.retrievers import lexical
 from rag_service.search.rerank import corpus_averages
 
 log = logging.getLogger(__name__)
