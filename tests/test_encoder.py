@@ -207,7 +207,7 @@ def test_server_encodes_queries_with_onnx_int8_by_default(built_index, server_th
     assert reply.contexts[0].doc_id == "glacier"
 
 
-# Micro-batching (rag_service/encoder/batching.py) -----------------------------------------------------------------------------
+# Micro-batching (rag_service/encoder/batching.py) ---------------------------------------------------------------------
 
 class CountingEncoder:
     """Wraps a real encoder and records the size of every batch it is given."""

@@ -321,7 +321,8 @@ def test_native_rejects(case, change, name, ext):
         call_native(ext, {**good_args(), **change})
 
 
-@pytest.mark.parametrize("case, change, name", [*BAD_SEMANTIC, *BAD_STRICT], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("case, change, name", [*BAD_SEMANTIC, *BAD_STRICT],
+                         ids=lambda v: v if isinstance(v, str) else "")
 def test_reference_rejects(case, change, name):
     with pytest.raises(ValueError, match=name):
         call_reference({**good_args(), **change})

@@ -136,7 +136,8 @@ def test_stream_search_final_answer_equals_a_plain_search(running):
 
     def drafts():
         for draft, final in typed(query, pause=0.05, final_pause=0.0):
-            if final:  # the user presses enter once the last draft's speculative search has finished (it fills the cache)
+            # the user presses enter once the last draft's speculative search has finished (it fills the cache)
+            if final:
                 wait_for(lambda: servicer.cache.store.get(key) is not None)
             # Exact-only: a draft one word short must not be served as a semantic hit for the next one here.
             yield pb.SearchRequest(query=draft, cache=pb.CACHE_EXACT_ONLY), final

@@ -12,8 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import ir_measures
+import numpy as np
 
 from rag_service.search.pipeline import Candidates, Pipeline, SearchParams
 
@@ -30,7 +32,7 @@ class Method:
 
     name: str
     kind: str
-    overrides: dict[str, object] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # SearchParams field -> value
 
 
 def _convert(name: str, raw: str) -> object:
@@ -138,7 +140,7 @@ def evaluate(runs: Mapping[str, Mapping[str, Mapping[str, float]]], qrels: Mappi
     return table
 
 
-def pipeline_runs(pipeline: Pipeline, queries: Mapping[str, str], vectors: Mapping[str, object],
+def pipeline_runs(pipeline: Pipeline, queries: Mapping[str, str], vectors: Mapping[str, np.ndarray],
                   params: SearchParams, methods: Sequence[Method], limit: int = 100) -> dict[str, dict]:
     """Document runs of whole-pipeline rows: Pipeline.search as the server runs it, with each method's overrides."""
     runs: dict[str, dict[str, dict[str, float]]] = {}

@@ -15,9 +15,12 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
+
+if TYPE_CHECKING:
+    from rag_service.encoder.encode import QueryEncoder
 
 _PATH = click.Path(exists=True, path_type=Path)
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -91,10 +94,10 @@ def _rates(value: str) -> list[float]:
 def _dataset(spec: str, split: str) -> tuple[str, Path, Path, Path]:
     """NAME=INDEX:BEIR_DIR -> name, index, queries.jsonl, qrels/<split>.tsv."""
     name, eq, rest = spec.partition("=")
-    index, colon, beir = rest.partition(":")
+    index_text, colon, beir_text = rest.partition(":")
     if not eq or not colon or not name.strip():
         raise click.BadParameter(f"expected NAME=INDEX:BEIR_DIR, got {spec!r}", param_hint="--dataset")
-    index, beir = Path(index), Path(beir)
+    index, beir = Path(index_text), Path(beir_text)
     queries, qrels = beir / "queries.jsonl", beir / "qrels" / f"{split}.tsv"
     for path in (index, queries, qrels):
         if not path.exists():
@@ -110,7 +113,7 @@ def _encoder_kinds() -> tuple[str, ...]:
     return tuple(onnx_export.ENCODER_KINDS)
 
 
-def _make_encoder(kind: str, index_dir: Path, onnx_dir: Path | None):
+def _make_encoder(kind: str, index_dir: Path, onnx_dir: Path | None) -> QueryEncoder:
     """No silent fallback: a quality row labelled onnx-int8 must have been encoded by it."""
     from rag_service.encoder import encode, onnx_export
 
@@ -183,7 +186,7 @@ def quality(index_path, queries, qrels, datasets, split, methods, pairs, encoder
                           mmr_lambda=defaults.mmr_lambda, dedup_threshold=defaults.dedup_threshold,
                           max_context_tokens=defaults.max_context_tokens, cache="bypass")
     reports = {}
-    encoders: dict[Path, object] = {}
+    encoders: dict[Path, QueryEncoder] = {}
     for name, index, query_file, qrels_file in sets:
         loaded = load_index(index)
         source = Path(onnx_dir or loaded.path) if encoder_kind != "torch" else Path("torch")

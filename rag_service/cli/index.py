@@ -152,7 +152,8 @@ def _split(source: Path, output: Path, shards: int, keep: int) -> None:
 @click.option("--shards", type=click.IntRange(min=1), required=True, help="Number of shards.")
 @click.option("--keep", type=int, default=3, show_default=True, help="Versions to keep per shard.")
 def shard(source: Path, output: Path, shards: int, keep: int) -> None:
-    """Split a built index into N shards (as build --shards does, without rebuilding): OUTPUT/shard-<i>, OUTPUT/router."""
+    """Split a built index into N shards (as build --shards does, without rebuilding): OUTPUT/shard-<i>,
+    OUTPUT/router."""
     try:
         _split(source, output, shards, keep)
     except RagError as e:

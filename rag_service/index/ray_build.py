@@ -329,6 +329,11 @@ class RayBuild:
         """chunker.chunk_documents(docs), run by Ray Data tasks: per document, in order, the same chunks."""
         import pyarrow as pa
 
+        # The workers rebuild the chunker's tokenizer from its JSON: an encoder's, which build_index gives it.
+        tokenizer = chunker.tokenizer
+        if not isinstance(tokenizer, _EncoderBase):
+            raise TypeError(f"a Ray build chunks with an encoder's tokenizer, got {type(tokenizer).__name__}")
+
         ray = self.ray
         n = len(docs)
         if n == 0:
@@ -338,7 +343,7 @@ class RayBuild:
                           "text": [d.text for d in docs]})
         dataset = ray.data.from_arrow([table.slice(start, size) for start in range(0, n, size)])
         dataset = dataset.map_batches(
-            _chunk_block, fn_kwargs={"tokens": _Tokens.fields_of(chunker.tokenizer),
+            _chunk_block, fn_kwargs={"tokens": _Tokens.fields_of(tokenizer),
                                      "chunk_tokens": chunker.chunk_tokens, "chunk_overlap": chunker.chunk_overlap},
             batch_size=256, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=self.workers),
             num_cpus=self.options.cpus_per_worker)

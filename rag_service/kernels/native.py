@@ -72,7 +72,7 @@ _CUDA_HINT = ("rebuild it with nvcc on PATH (or CUDACXX set) and CUDA forced on:
 try:
     from rag_service import _native
 except ImportError as _error:
-    _native = None
+    _native = None  # type: ignore[assignment]  # no extension: the facade serves the NumPy references
     NATIVE_IMPORT_ERROR: str | None = f"{type(_error).__name__}: {_error}"
     logger.warning("rag_service._native is not available (%s); using the NumPy reference kernels, which are slower. "
                    "To get the native kernels, %s.", NATIVE_IMPORT_ERROR, _BUILD_HINT)

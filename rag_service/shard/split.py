@@ -271,7 +271,8 @@ def write_router(out: Path, manifest: dict[str, Any], src: Path, *, set_id: str,
         for name in onnx_export.FILES:
             _link_or_copy(src / name, tmp / name)
     body = {"format": ROUTER_FORMAT, "created_at": manifest_mod.iso_utc(manifest_mod.utc_now()), "set_id": set_id,
-            "count": count, "stats_sha256": stats, "assignment": ASSIGNMENT, "source_version": manifest["version"], "name": manifest["name"],
+            "count": count, "stats_sha256": stats, "assignment": ASSIGNMENT, "source_version": manifest["version"],
+            "name": manifest["name"],
             "model": manifest["model"], "corpus": {"documents": manifest["counts"]["documents"],
                                                    "chunks": manifest["counts"]["chunks"]},
             "metadata_fields": list(manifest.get("metadata_fields", [])),
