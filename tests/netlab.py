@@ -318,7 +318,7 @@ def rag_serve(name: str, args: list[str], *, host: Host | None = None, env: dict
     argv = [sys.executable, "-m", "rag_service.cli.serve", "--log-format", "text", *args]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAG_REPLICA_NAME": name, **(env or {})}
     log_path = Path(log_dir) / f"{name}.log" if log_dir is not None else None
-    stderr = open(log_path, "w") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+    stderr = open(log_path, "w") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
     kwargs = dict(stdout=subprocess.PIPE, stderr=stderr, text=True, env=full_env)
     try:
         proc = host.popen(argv, **kwargs) if host is not None else subprocess.Popen(argv, **kwargs)
