@@ -11,7 +11,7 @@ import importlib
 import inspect
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 MODULES = (
@@ -40,7 +40,8 @@ def _documents(module_name: str) -> Iterator[dict]:
     for name, obj in sorted(vars(module).items()):
         if name.startswith("_") or getattr(obj, "__module__", None) not in (module_name, module_name.split(".")[0]):
             continue
-        kinds = [("class", inspect.isclass), ("function", inspect.isroutine)]
+        kinds: list[tuple[str, Callable[[object], bool]]] = [("class", inspect.isclass),
+                                                              ("function", inspect.isroutine)]
         kind = next((k for k, test in kinds if test(obj)), None)
         doc = inspect.getdoc(obj)
         if kind is None or not doc or len(doc) < MIN_DOC_CHARS:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +65,8 @@ def ext():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Served index fixtures: a served test index: a small corpus built by the real build code and served by a real server on a free port.
+# Served index fixtures: a small corpus built by the real build code and served by a real server on a free port.
 # ---------------------------------------------------------------------------------------------------------------------
-import asyncio
-import threading
-from dataclasses import dataclass
 
 GLACIER_TEXT = " ".join([
     "A glacier is a persistent body of dense ice that is constantly moving under its own weight.",

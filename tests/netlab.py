@@ -9,9 +9,9 @@ Each host is a namespace `raglab-<token>-<name>` joined to the lab's bridge `rlb
 `eth0` inside, with an address from a 10.x.y.0/24 subnet no interface of this machine uses); the bridge itself gets
 .1, so the test process reaches every host too. Processes run inside with `ip netns exec`, which also bind-mounts
 /etc/netns/<namespace>/hosts and resolv.conf over /etc's: `set_hosts` gives a name several addresses there, a DNS
-name with several A records as far as a resolver inside is concerned (there is no DNS server in the lab). `close` (also on an exception, and at exit) kills the
-lab's processes and removes its namespaces, bridge and files; a lab left by a killed test run is removed by the next
-one (the token holds the pid that made it).
+name with several A records as far as a resolver inside is concerned (there is no DNS server in the lab). `close`
+(also on an exception, and at exit) kills the lab's processes and removes its namespaces, bridge and files; a lab
+left by a killed test run is removed by the next one (the token holds the pid that made it).
 
 Needs root and iproute2; `unavailable_reason()` says why not, for a skip.
 """
@@ -19,6 +19,7 @@ Needs root and iproute2; `unavailable_reason()` says why not, for a skip.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ipaddress
 import itertools
 import os
@@ -99,10 +100,8 @@ def _subnets_in_use() -> list[ipaddress.IPv4Network]:
     for line in _ip("-4", "route", "show", check=False).stdout.splitlines():
         first = line.split()[0] if line.split() else ""
         if first and first != "default":
-            try:
+            with contextlib.suppress(ValueError):
                 nets.append(ipaddress.ip_network(first, strict=False))
-            except ValueError:
-                pass
     return nets
 
 
@@ -247,10 +246,8 @@ class NetLab:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
         for proc in self.processes:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
@@ -321,7 +318,7 @@ def rag_serve(name: str, args: list[str], *, host: Host | None = None, env: dict
     argv = [sys.executable, "-m", "rag_service.cli.serve", "--log-format", "text", *args]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAG_REPLICA_NAME": name, **(env or {})}
     log_path = Path(log_dir) / f"{name}.log" if log_dir is not None else None
-    stderr = open(log_path, "w") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+    stderr = open(log_path, "w") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
     kwargs = dict(stdout=subprocess.PIPE, stderr=stderr, text=True, env=full_env)
     try:
         proc = host.popen(argv, **kwargs) if host is not None else subprocess.Popen(argv, **kwargs)

@@ -306,10 +306,11 @@ def test_synthetic_corpora_are_seeded_and_hash_embeddings_deterministic(tmp_path
     a = synthetic.generate(tmp_path / "a", 300, queries=20, seed=5, vocab_size=2000)
     b = synthetic.generate(tmp_path / "b", 300, queries=20, seed=5, vocab_size=2000)
     assert (a / "corpus.jsonl").read_bytes() == (b / "corpus.jsonl").read_bytes()
-    assert sum(1 for _ in open(a / "corpus.jsonl")) == 300
+    lines = (a / "corpus.jsonl").read_text().splitlines()
+    assert len(lines) == 300
     queries, qrels = load_queries(a / "queries.jsonl"), load_qrels(a / "qrels" / "test.tsv")
     assert len(queries) == 20 and set(qrels) == set(queries)
-    corpus = {json.loads(line)["_id"]: json.loads(line)["text"] for line in open(a / "corpus.jsonl")}
+    corpus = {json.loads(line)["_id"]: json.loads(line)["text"] for line in lines}
     for qid, text in queries.items():
         (doc,) = qrels[qid]
         assert set(text.split()) <= set(corpus[doc].split())  # a known item: its words come from its passage
@@ -358,8 +359,8 @@ def test_hash_embed_equals_the_word_by_word_definition():
 
 
 def test_dense_recall_compares_hnsw_with_exact_search(tmp_path):
-    from rag_service.retrievers import dense as dense_mod
     from rag_service.bench.scale import dense_recall
+    from rag_service.retrievers import dense as dense_mod
 
     rng = np.random.default_rng(3)
     vectors = rng.standard_normal((2000, 32)).astype(np.float32)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from rag_service.retrievers.analysis import Analyzer
 from rag_service.core.errors import InvalidArgument
+from rag_service.retrievers.analysis import Analyzer
 from rag_service.retrievers.lexical import (
     DOCS_FILE,
     INDPTR_FILE,

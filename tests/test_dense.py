@@ -8,9 +8,9 @@ import faiss
 import numpy as np
 import pytest
 
+from rag_service.core.errors import IndexFormatError, InvalidArgument
 from rag_service.retrievers import dense
 from rag_service.retrievers.dense import DenseIndex, build_dense_index, choose_kind, omp_threads, write_dense
-from rag_service.core.errors import IndexFormatError, InvalidArgument
 
 DIM = 32
 

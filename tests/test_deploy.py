@@ -56,7 +56,7 @@ def _flag(args: list[str], name: str) -> str:
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_manifests_validate_against_the_kubernetes_schemas(version):
-    assert {kind for kind in (d["kind"] for _, d in DOCS)} >= {
+    assert {d["kind"] for _, d in DOCS} >= {
         "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "StatefulSet",
         "PersistentVolumeClaim", "Job"}
     for name, doc in DOCS:

@@ -211,7 +211,7 @@ def test_server_encodes_queries_with_onnx_int8_by_default(built_index, server_th
     assert reply.contexts[0].doc_id == "glacier"
 
 
-# Micro-batching (rag_service/encoder/batching.py) -----------------------------------------------------------------------------
+# Micro-batching (rag_service/encoder/batching.py) ---------------------------------------------------------------------
 
 class CountingEncoder:
     """Wraps a real encoder and records the size of every batch it is given."""
@@ -282,8 +282,8 @@ def test_micro_batcher_errors_reach_every_waiter(export_dir):
 
 
 def test_server_with_micro_batching_answers_concurrent_searches(built_index, server_thread):
-    from rag_service.encoder.batching import MicroBatcher
     from rag_service.core.config import ServerConfig
+    from rag_service.encoder.batching import MicroBatcher
     from rag_service.pb.rag.v1 import retrieval_pb2 as pb
     from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 

@@ -14,6 +14,7 @@ import pytest
 from rag_service.kernels import native, reference
 from rag_service.kernels.reference import FusionResult, fuse_reference
 
+
 def i64(values) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
@@ -320,7 +321,8 @@ def test_native_rejects(case, change, name, ext):
         call_native(ext, {**good_args(), **change})
 
 
-@pytest.mark.parametrize("case, change, name", [*BAD_SEMANTIC, *BAD_STRICT], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("case, change, name", [*BAD_SEMANTIC, *BAD_STRICT],
+                         ids=lambda v: v if isinstance(v, str) else "")
 def test_reference_rejects(case, change, name):
     with pytest.raises(ValueError, match=name):
         call_reference({**good_args(), **change})

@@ -21,8 +21,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from rag_service.core.config import ServerConfig
 from rag_service.api.logs import make_handler
+from rag_service.core.config import ServerConfig
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -192,7 +192,7 @@ def test_one_json_log_line_per_request_with_request_id(served_index):
 
 @pytest.mark.slow
 def test_rag_serve_sighup_reload_metrics_port_json_logs_and_sigterm_notice(tmp_path, encoder, write_corpus):
-    from rag_service.index.build import BuildConfig, build_index
+    from rag_service.index.build import build_index
 
     docs = [{"_id": "tea", "title": "Tea", "text": "Green tea is steeped from leaves of Camellia sinensis."},
             {"_id": "rust", "title": "Rust", "text": "Iron rusts when oxygen and water oxidise it to iron oxide."}]

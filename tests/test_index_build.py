@@ -550,7 +550,7 @@ def test_stale_tmp_dirs_of_dead_builds_are_cleaned(tmp_path, encoder, published,
 @pytest.mark.timeout(300)
 def test_build_killed_midway_leaves_the_published_index_alone(tmp_path, encoder, published, write_corpus):
     root, version_dir = published
-    words = "protein cell gene tissue signal membrane receptor enzyme pathway mutation".split()
+    words = ["protein", "cell", "gene", "tissue", "signal", "membrane", "receptor", "enzyme", "pathway", "mutation"]
     rng = np.random.default_rng(0)
     big = [{"_id": f"d{i}", "title": f"Doc {i}", "text": " ".join(rng.choice(words, 150))} for i in range(800)]
     corpus = write_corpus(tmp_path / "big.jsonl", big)

@@ -16,7 +16,6 @@ import pytest
 from rag_service.kernels import native
 from rag_service.kernels.reference import fuse_reference
 
-
 ENV = native.BACKEND_ENV
 ARGS = (np.array([1, 2, 3], dtype=np.int64), np.array([3, 2, 1], dtype=np.float32),
         np.array([3, 5], dtype=np.int64), np.array([0.9, 0.1], dtype=np.float32))

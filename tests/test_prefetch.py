@@ -9,10 +9,10 @@ import time
 import grpc
 import pytest
 
+from rag_service.api.request import search_params
 from rag_service.client import RetrieverClient, RetrieverError
 from rag_service.core.config import CacheConfig, ServerConfig
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
-from rag_service.api.request import search_params
 
 
 @contextlib.contextmanager
@@ -137,7 +137,8 @@ def test_stream_search_final_answer_equals_a_plain_search(running):
 
     def drafts():
         for draft, final in typed(query, pause=0.05, final_pause=0.0):
-            if final:  # the user presses enter once the last draft's speculative search has finished (it fills the cache)
+            # the user presses enter once the last draft's speculative search has finished (it fills the cache)
+            if final:
                 wait_for(lambda: servicer.cache.store.get(key) is not None)
             # Exact-only: a draft one word short must not be served as a semantic hit for the next one here.
             yield pb.SearchRequest(query=draft, cache=pb.CACHE_EXACT_ONLY), final

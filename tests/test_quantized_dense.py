@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from rag_service.retrievers import dense as dense_mod
 from rag_service.core.errors import BuildError, IndexFormatError
+from rag_service.retrievers import dense as dense_mod
 
 
 def clustered(n: int, dim: int = 64, clusters: int = 40, seed: int = 0) -> np.ndarray:

@@ -129,9 +129,8 @@ def test_unreachable_address_fails_fast_with_a_clear_error(corpus, encoder, tmp_
 
 @pytest.mark.parametrize("address", ["nonsense", "host:port", ":6379"])
 def test_malformed_address_is_named(address):
-    with pytest.raises(BuildError, match=r"is not a Ray address"):
-        with RayBuild(RayOptions(address=address)):
-            pass
+    with pytest.raises(BuildError, match=r"is not a Ray address"), RayBuild(RayOptions(address=address)):
+        pass
 
 
 def test_cli_bad_address_and_bad_options(corpus, tmp_path):

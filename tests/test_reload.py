@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from rag_service.api.server import load_pipeline
 from rag_service.core.config import ServerConfig
 from rag_service.core.errors import IndexFormatError
 from rag_service.index.load import resolve_version_dir

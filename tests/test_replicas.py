@@ -49,7 +49,7 @@ def test_service_config_is_round_robin_with_retries_on_unavailable():
     with pytest.raises(ValueError, match="retries"):
         service_config(retries=5)
     with pytest.raises(ValueError, match="load_balancing"):
-        service_config(load_balancing="least_request")  # type: ignore[arg-type]
+        service_config(load_balancing="least_request")  # type: ignore[arg-type]  # the bad value under test
     with pytest.raises(ValueError, match="not both"):
         RetrieverClient("localhost:1", retries=1, options=[("grpc.service_config", "{}")])
     with pytest.raises(ValueError, match="keepalive"):

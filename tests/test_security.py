@@ -9,8 +9,8 @@ import shutil
 import grpc
 import pytest
 import trustme
-from pydantic import SecretStr
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import SecretStr
 
 from rag_service.client import RetrieverClient, RetrieverError
 from rag_service.core.config import ServerConfig, load_config
@@ -97,10 +97,9 @@ def test_client_sends_tokens(secured):
 
 
 def test_without_an_admin_token_admin_rpcs_are_refused(served_index):
-    with grpc.insecure_channel(f"127.0.0.1:{served_index.port}") as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            pb_grpc.RetrieverStub(channel).ReloadIndex(pb.ReloadIndexRequest(), metadata=bearer("anything"),
-                                                       timeout=30)
+    with grpc.insecure_channel(f"127.0.0.1:{served_index.port}") as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.RetrieverStub(channel).ReloadIndex(pb.ReloadIndexRequest(), metadata=bearer("anything"),
+                                                   timeout=30)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "no admin token" in info.value.details() and "RAG_AUTH__ADMIN_TOKEN" in info.value.details()
 

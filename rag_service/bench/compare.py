@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -136,15 +137,17 @@ def _run_compare(config: CompareConfig, progress: Callable[[int, int], None] | N
 
     systems: dict[str, dict] = {}
     search: dict[str, Callable[[int], list[str]]] = {}
+    server: ServerProcess | None = None
     with contextlib.ExitStack() as stack:
         if RAG in config.systems:
-            server = None
-            if config.target is None:
+            if config.target is not None:
+                target = config.target
+            elif config.index is not None:
                 env = {} if config.threads is None else {"OMP_NUM_THREADS": str(config.threads)}
                 server = stack.enter_context(ServerProcess(config.index, extra_env=env))
                 target = server.target
             else:
-                target = config.target
+                raise ValueError("rag-service needs --index (served by a child process) or --target")
             channel = stack.enter_context(grpc.insecure_channel(target))
             stub = pb_grpc.RetrieverStub(channel)
             info = stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=30)
@@ -170,24 +173,34 @@ def _run_compare(config: CompareConfig, progress: Callable[[int, int], None] | N
 
             search[RAG] = rag_search
 
-        for name, build in (("ensemble", peers_mod.EnsemblePeer), ("bm25s", peers_mod.Bm25sPeer),
-                            ("lancedb", peers_mod.LanceDbPeer)):
+        peer_kinds: tuple[tuple[str, Callable[[peers_mod.Corpus, np.ndarray, Any, Path], peers_mod.Peer]], ...] = (
+            ("ensemble", peers_mod.EnsemblePeer), ("bm25s", peers_mod.Bm25sPeer), ("lancedb", peers_mod.LanceDbPeer))
+        for name, build in peer_kinds:
             wanted = name in config.systems or (name == "lancedb" and LANCE_VECTOR in config.systems)
-            if not wanted:
+            # doc_vectors is None only when no peer is wanted.
+            if not wanted or doc_vectors is None:
                 continue
             before = _rss()
             peer = build(corpus, doc_vectors, model, workdir / name)
             systems[name] = {"build_seconds": round(peer.build_seconds, 2), "disk_mib": _mib(peer.disk_bytes),
                              "memory_mib": _mib(max(_rss() - before, 0))}
             if name in config.systems:
-                search[name] = lambda i, peer=peer: peer.search(texts[i], config.k)
+
+                def by_text(i: int, peer: peers_mod.Peer = peer) -> list[str]:
+                    return peer.search(texts[i], config.k)
+
+                search[name] = by_text
             if name == "lancedb" and LANCE_VECTOR in config.systems:
                 systems[LANCE_VECTOR] = dict(systems[name])
-                search[LANCE_VECTOR] = lambda i, peer=peer: peer.search_vector(texts[i], query_vectors[i], config.k)
+
+                def by_vector(i: int, peer: peers_mod.Peer = peer) -> list[str]:
+                    return peer.search_vector(texts[i], query_vectors[i], config.k)
+
+                search[LANCE_VECTOR] = by_vector
             if name not in config.systems:
                 del systems[name]
 
-        if RAG in systems and config.target is None:
+        if RAG in systems and server is not None:
             # Server RSS holds Python, torch and the model as this process does after loading the model: the
             # difference estimates what its index costs, comparable with the peers' RSS deltas.
             server_rss = server.rss_bytes()
@@ -212,7 +225,7 @@ def _run_compare(config: CompareConfig, progress: Callable[[int, int], None] | N
                 runs[name][qid] = {doc: float(config.k - r) for r, doc in enumerate(ranking)}
             if progress is not None and (i % 10 == 9 or i == len(qids) - 1):
                 progress((i + 1) * len(names), total)
-        if RAG in systems and config.target is None:
+        if RAG in systems and server is not None:
             systems[RAG]["server_rss_mib_after"] = _mib(server.rss_bytes())
 
     judged = {q: dict(config.qrels[q]) for q in qids if config.qrels and q in config.qrels}
@@ -234,10 +247,10 @@ def _run_compare(config: CompareConfig, progress: Callable[[int, int], None] | N
     if RAG in names:
         base = systems[RAG]
         # Time inside the server (validate .. reply); the rest of its latency is gRPC and the client.
-        server = new_histogram()
+        server_time = new_histogram()
         for us in server_us:
-            server.record_value(clamp_us(us / 1e6))
-        base["server_time_ms"] = summarize(server)
+            server_time.record_value(clamp_us(us / 1e6))
+        base["server_time_ms"] = summarize(server_time)
         for name in names:
             row = systems[name]
             row["ratio_to_rag_service"] = {

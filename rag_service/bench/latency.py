@@ -29,7 +29,9 @@ from hdrh.histogram import HdrHistogram
 # Microseconds, 1 us .. 10 min at 3 significant digits (0.1% resolution): covers a floor call and a stalled server.
 LOWEST_US, HIGHEST_US, DIGITS = 1, 600_000_000, 3
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
-CACHE_MODES = {"bypass": 1, "default": 0, "exact_only": 2, "strict": 3}
+# --cache value -> the rag.v1.CacheMode name (the generated code is imported only where requests are built).
+CACHE_MODES = {"bypass": "CACHE_BYPASS", "default": "CACHE_DEFAULT", "exact_only": "CACHE_EXACT_ONLY",
+               "strict": "CACHE_STRICT"}
 
 
 def new_histogram() -> HdrHistogram:
@@ -86,10 +88,10 @@ def _init_worker(counter) -> None:
     global _progress
     _progress = counter
     # Imported before the first phase is scheduled, so a cold start never shows up as send lag.
-    import grpc  # noqa: F401
-    from grpc_health.v1 import health_pb2_grpc  # noqa: F401
+    import grpc  # noqa: F401 - imported to load it, not to use it here
+    from grpc_health.v1 import health_pb2_grpc  # noqa: F401 - as above
 
-    from rag_service.pb.rag.v1 import retrieval_pb2_grpc  # noqa: F401
+    from rag_service.pb.rag.v1 import retrieval_pb2_grpc  # noqa: F401 - as above
 
 
 def _ready(_: int) -> bool:

@@ -7,10 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from rag_service.bench.latency import decode  # noqa: E402
+from rag_service.bench.latency import decode
 
 _LINES = {"p50": "-", "p90": "--", "p99": "-.", "p99.9": ":"}
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import ir_measures
+import numpy as np
 
 from rag_service.search.pipeline import Candidates, Pipeline
 
@@ -32,7 +34,7 @@ class Method:
 
     name: str
     kind: str
-    overrides: dict[str, object] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # SearchParams field -> value
 
 
 def _convert(name: str, raw: str) -> object:
@@ -140,7 +142,7 @@ def evaluate(runs: Mapping[str, Mapping[str, Mapping[str, float]]], qrels: Mappi
     return table
 
 
-def pipeline_runs(pipeline: Pipeline, queries: Mapping[str, str], vectors: Mapping[str, object],
+def pipeline_runs(pipeline: Pipeline, queries: Mapping[str, str], vectors: Mapping[str, np.ndarray],
                   params: SearchParams, methods: Sequence[Method], limit: int = 100) -> dict[str, dict]:
     """Document runs of whole-pipeline rows: Pipeline.search as the server runs it, with each method's overrides."""
     runs: dict[str, dict[str, dict[str, float]]] = {}
@@ -160,7 +162,7 @@ def per_query(runs: Mapping[str, Mapping[str, Mapping[str, float]]], qrels: Mapp
     out: dict[str, dict[str, dict[str, float]]] = {}
     for method, run in runs.items():
         complete = {q: (dict(run.get(q) or {}) or {"__no_result__": 0.0}) for q in qrels}
-        values: dict[str, dict[str, float]] = {str(m): {q: 0.0 for q in qrels} for m in measures}
+        values: dict[str, dict[str, float]] = {str(m): dict.fromkeys(qrels, 0.0) for m in measures}
         for metric in ir_measures.iter_calc(measures, qrels, complete):
             values[str(metric.measure)][metric.query_id] = float(metric.value)
         out[method] = values

@@ -7,6 +7,7 @@ the peers. Queries are encoded by the real model in every system's timed path, a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,8 +30,10 @@ def build_synthetic_index(folder: Path, root: Path, encoder, *, hnsw_ef_construc
         return root
     # document_encoder "torch": the build then encodes with the encoder it is given (the hashing wrapper, for chunk
     # vectors and the reranker's sentence windows alike) instead of switching to the ONNX export.
-    extra = {} if hnsw_ef_construction is None else {"hnsw_ef_construction": hnsw_ef_construction}
-    build_index(folder / "corpus.jsonl", root, BuildConfig(name=root.name, document_encoder="torch", **extra),
+    config = BuildConfig(name=root.name, document_encoder="torch")
+    if hnsw_ef_construction is not None:
+        config = dataclasses.replace(config, hnsw_ef_construction=hnsw_ef_construction)
+    build_index(folder / "corpus.jsonl", root, config,
                 encoder=synthetic.HashingDocumentEncoder(encoder), progress=True)
     return root
 

@@ -10,12 +10,13 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 _SERVING = re.compile(r"rag-serve: SERVING .* on (?P<host>\S+):(?P<port>\d+)")
 
 
-def stop_processes(processes, timeout: float = 30.0) -> None:  # noqa: ANN001 (subprocess.Popen)
+def stop_processes(processes: Sequence[subprocess.Popen], timeout: float = 30.0) -> None:
     """SIGTERM to every process still running (all at once, so their drains overlap), then a wait for each; one that
     outlives `timeout` is killed."""
     for process in processes:

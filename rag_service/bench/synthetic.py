@@ -25,7 +25,7 @@ SYLLABLES = ("ka", "lo", "mi", "ter", "an", "sul", "pra", "vo", "ne", "dri", "os
 
 def vocabulary(size: int, rng: np.random.Generator) -> list[str]:
     words: set[str] = set()
-    out = []
+    out: list[str] = []
     while len(out) < size:
         word = "".join(rng.choice(SYLLABLES, size=int(rng.integers(2, 5))))
         if word not in words:

@@ -13,9 +13,14 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import click
+
+if TYPE_CHECKING:
+    from rag_service.encoder.encode import QueryEncoder
 
 _PATH = click.Path(exists=True, path_type=Path)
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -46,7 +51,10 @@ def _publish(report: dict, table: str, json_out: Path | None, plot_dir: Path | N
             click.echo(f"wrote {path}")
 
 
-def _with_progress(desc: str, unit: str, run):  # noqa: ANN001, ANN202 (run: progress callback -> report)
+_Report = TypeVar("_Report")
+
+
+def _with_progress(desc: str, unit: str, run: Callable[[Callable[[int, int], None]], _Report]) -> _Report:
     """Runs `run(progress)` under a tqdm bar driven by its (done, total) callbacks; a ValueError (bad input found
     while running) becomes a clean CLI error."""
     from tqdm import tqdm
@@ -86,10 +94,10 @@ def _rates(value: str) -> list[float]:
 def _dataset(spec: str, split: str) -> tuple[str, Path, Path, Path]:
     """NAME=INDEX:BEIR_DIR -> name, index, queries.jsonl, qrels/<split>.tsv."""
     name, eq, rest = spec.partition("=")
-    index, colon, beir = rest.partition(":")
+    index_text, colon, beir_text = rest.partition(":")
     if not eq or not colon or not name.strip():
         raise click.BadParameter(f"expected NAME=INDEX:BEIR_DIR, got {spec!r}", param_hint="--dataset")
-    index, beir = Path(index), Path(beir)
+    index, beir = Path(index_text), Path(beir_text)
     queries, qrels = beir / "queries.jsonl", beir / "qrels" / f"{split}.tsv"
     for path in (index, queries, qrels):
         if not path.exists():
@@ -105,7 +113,7 @@ def _encoder_kinds() -> tuple[str, ...]:
     return tuple(onnx_export.ENCODER_KINDS)
 
 
-def _make_encoder(kind: str, index_dir: Path, onnx_dir: Path | None):
+def _make_encoder(kind: str, index_dir: Path, onnx_dir: Path | None) -> QueryEncoder:
     """No silent fallback: a quality row labelled onnx-int8 must have been encoded by it."""
     from rag_service.encoder import encode, onnx_export
 
@@ -181,7 +189,7 @@ def quality(index_path, queries, qrels, datasets, split, methods, pairs, encoder
         overrides["dense_weight"] = dense_weight
     params = SearchParams.from_defaults("", defaults, **overrides)
     reports = {}
-    encoders: dict[Path, object] = {}
+    encoders: dict[Path, QueryEncoder] = {}
     for name, index, query_file, qrels_file in sets:
         loaded = load_index(index)
         source = Path(onnx_dir or loaded.path) if encoder_kind != "torch" else Path("torch")

@@ -111,7 +111,7 @@ def build(input_path: Path, output: Path, name: str | None, chunk_tokens: int, c
             ray_options.validate()
             import_ray()
             # Every build below (whole, or before sharding) runs its chunking and encoding on the cluster.
-            build_index = functools.partial(build_index_on_ray, options=ray_options)  # noqa: F811
+            build_index = functools.partial(build_index_on_ray, options=ray_options)
         from rag_service.encoder.encode import Encoder
 
         encoder = Encoder(str(model) if model is not None else None, device=device)
@@ -152,7 +152,8 @@ def _split(source: Path, output: Path, shards: int, keep: int) -> None:
 @click.option("--shards", type=click.IntRange(min=1), required=True, help="Number of shards.")
 @click.option("--keep", type=int, default=3, show_default=True, help="Versions to keep per shard.")
 def shard(source: Path, output: Path, shards: int, keep: int) -> None:
-    """Split a built index into N shards (as build --shards does, without rebuilding): OUTPUT/shard-<i>, OUTPUT/router."""
+    """Split a built index into N shards (as build --shards does, without rebuilding): OUTPUT/shard-<i>,
+    OUTPUT/router."""
     try:
         _split(source, output, shards, keep)
     except RagError as e:

@@ -1,1 +1,2 @@
-"""Bottom tier: errors, configuration, request/result types, timing, metrics, tracing. Imports nothing else of rag_service."""
+"""Bottom tier: errors, configuration, request/result types, timing, metrics, tracing. Imports nothing else of
+rag_service."""

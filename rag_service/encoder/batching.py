@@ -13,9 +13,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from rag_service.encoder.encode import _EncoderBase
 
 # Of the time left before the earliest queued deadline, at most this share is spent waiting for company.
 _DEADLINE_SHARE = 0.1
@@ -37,12 +41,12 @@ class MicroBatcher:
     Thread-safe: built for the server's pipeline threads calling encode_queries([query]) at the same time.
     """
 
-    def __init__(self, encoder, window_ms: float = 1.0, max_batch: int = 16) -> None:  # noqa: ANN001
+    def __init__(self, encoder: _EncoderBase | MicroBatcher, window_ms: float = 1.0, max_batch: int = 16) -> None:
         if window_ms < 0:
             raise ValueError(f"window_ms must be >= 0, got {window_ms}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.encoder = encoder.encoder if isinstance(encoder, MicroBatcher) else encoder
+        self.encoder: _EncoderBase = encoder.encoder if isinstance(encoder, MicroBatcher) else encoder
         self.window = window_ms / 1000.0
         self.max_batch = max_batch
         self._cond = threading.Condition()
@@ -52,7 +56,8 @@ class MicroBatcher:
         self.batches = 0
         self.batched_queries = 0
 
-    def __getattr__(self, name: str):  # noqa: ANN204 - name, dim, count_tokens, ... of the wrapped encoder
+    def __getattr__(self, name: str) -> Any:
+        # name, dim, count_tokens, ... of the wrapped encoder
         return getattr(self.encoder, name)
 
     def __repr__(self) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,7 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # torch and sentence-transformers (9 s to import here) load only with the torch Encoder: the ONNX encoder, the
 # tokenizer and a Ray build's workers (index/ray_build.py) need neither.
-from tokenizers import Tokenizer  # noqa: E402
+from tokenizers import Encoding, Tokenizer
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +84,23 @@ class TokenSpans:
         return len(self.offsets)
 
 
-def _spans(enc) -> TokenSpans:  # noqa: ANN001 (tokenizers.Encoding)
+def _spans(enc: Encoding) -> TokenSpans:
     offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
     word_ids = np.fromiter((-1 if w is None else w for w in enc.word_ids), dtype=np.int64, count=len(enc.word_ids))
     return TokenSpans(offsets=offsets, word_ids=word_ids)
+
+
+def model_shape(model: SentenceTransformer, name: str) -> tuple[int, int]:
+    """(embedding dimension, max_seq_length) of a loaded model; ValueError naming the one it does not report."""
+    # Renamed get_embedding_dimension in sentence-transformers 6; the old name warns there.
+    get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    dim = get_dim()
+    if dim is None:
+        raise ValueError(f"model {name} does not report an embedding dimension")
+    max_seq_length = model.max_seq_length
+    if max_seq_length is None:
+        raise ValueError(f"model {name} does not report a max_seq_length")
+    return int(dim), int(max_seq_length)
 
 
 class _EncoderBase:
@@ -217,13 +234,7 @@ class Encoder(_EncoderBase):
             self.backend = "torch-bf16"
         is_default = model_path is None or Path(path).resolve() == Path(default_model_path()).resolve()
         self.name = DEFAULT_MODEL_NAME if is_default else Path(path).resolve().name
-        # Renamed get_embedding_dimension in sentence-transformers 6; the old name warns there.
-        get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
-        dim = get_dim()
-        if dim is None:
-            raise ValueError(f"model {self.name} does not report an embedding dimension")
-        self.dim: int = int(dim)
-        self.max_seq_length: int = int(self._model.max_seq_length)
+        self.dim, self.max_seq_length = model_shape(self._model, self.name)
         self.tokenizer = self._model.tokenizer
         # [CLS] and [SEP] for BERT-style models: they count against max_seq_length but not against chunk sizes.
         self.num_special_tokens: int = int(self.tokenizer.num_special_tokens_to_add(pair=False))

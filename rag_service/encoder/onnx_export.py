@@ -30,7 +30,11 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +60,27 @@ class ExportInfo:
     seconds: float
 
 
-def _wrapped(model):  # noqa: ANN001, ANN202 (SentenceTransformer -> torch.nn.Module)
+def _wrapped(model: SentenceTransformer) -> torch.nn.Module:
     import torch
 
     transformer = model[0].auto_model
+    if not isinstance(transformer, torch.nn.Module):
+        raise ValueError(f"the model's first module has no transformer to export (auto_model is {type(transformer)})")
 
     class SentenceEmbedding(torch.nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, transformer: torch.nn.Module) -> None:
             super().__init__()
             self.transformer = transformer
 
-        def forward(self, input_ids, attention_mask, token_type_ids):  # noqa: ANN001, ANN202
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor) -> torch.Tensor:
             hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask,
                                       token_type_ids=token_type_ids).last_hidden_state
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
-    return SentenceEmbedding().eval()
+    return SentenceEmbedding(transformer).eval()
 
 
 def _check_mean_pooling(model_path: Path) -> None:
@@ -118,7 +125,7 @@ def export_encoder(directory: Path | str, model_path: str | None = None, name: s
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from rag_service.encoder.encode import DEFAULT_MODEL_NAME, default_model_path
+    from rag_service.encoder.encode import DEFAULT_MODEL_NAME, default_model_path, model_shape
 
     started = time.perf_counter()
     directory = Path(directory)
@@ -142,12 +149,13 @@ def export_encoder(directory: Path | str, model_path: str | None = None, name: s
                           dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
     quantization = quantize_int8(fp32, directory / INT8_FILE, keep_fp32)
     tokenizer.backend_tokenizer.save(str(directory / TOKENIZER_FILE))
-    get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     is_default = model_path is None or path.resolve() == Path(default_model_path()).resolve()
+    model_name = name or (DEFAULT_MODEL_NAME if is_default else path.resolve().name)
+    dim, max_seq_length = model_shape(model, model_name)
     config = {
-        "model": name or (DEFAULT_MODEL_NAME if is_default else path.resolve().name),
-        "dim": int(get_dim()),
-        "max_seq_length": int(model.max_seq_length),
+        "model": model_name,
+        "dim": dim,
+        "max_seq_length": max_seq_length,
         "num_special_tokens": int(tokenizer.num_special_tokens_to_add(pair=False)),
         "inputs": list(INPUT_NAMES),
         "output": OUTPUT_NAME,

@@ -18,23 +18,23 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from rag_service.retrievers import dense as dense_mod
-from rag_service.retrievers import lexical
-from rag_service.retrievers.analysis import Analyzer
+from rag_service.core.errors import BuildError
+from rag_service.core.timing import StageTimer
 from rag_service.encoder import onnx_export
 from rag_service.encoder.encode import Encoder, OnnxEncoder
-from rag_service.core.errors import BuildError
 from rag_service.index import manifest as manifest_mod
 from rag_service.index import publish as publish_mod
 from rag_service.index import source as source_mod
 from rag_service.index import windows as windows_mod
-from rag_service.index.chunking import Chunk, Chunker, Document, dense_text, lexical_text
+from rag_service.index.chunking import Chunk, Chunker, Document, TokenizerLike, dense_text, lexical_text
 from rag_service.index.store import write_store
-from rag_service.core.timing import StageTimer
+from rag_service.retrievers import dense as dense_mod
+from rag_service.retrievers import lexical
+from rag_service.retrievers.analysis import Analyzer
 
 log = logging.getLogger(__name__)
 
@@ -240,11 +240,18 @@ def read_corpus(input_path: Path | str, progress: bool = False) -> tuple[list[Do
 # Build ------------------------------------------------------------------------------------------------------------
 
 
+class BuildEncoder(TokenizerLike, windows_mod.DocumentEncoder, Protocol):
+    """What a build needs of its encoder: the chunker's tokenizer, the document embedding, and the name the manifest
+    records. Encoder and OnnxEncoder are such; so is a wrapper that hands the rest to one (index/update.py)."""
+
+    name: str
+
+
 def build_index(
     input_path: Path | str,
     output_root: Path | str,
     config: BuildConfig = BuildConfig(),
-    encoder: Encoder | None = None,
+    encoder: BuildEncoder | None = None,
     progress: bool = True,
     *,
     documents: list[Document] | None = None,
@@ -419,7 +426,8 @@ def build_index(
 
 
 def build_window_files(directory: Path, docs: list[Document], chunks: list[Chunk], analyzer: Analyzer,
-                       vocab: list[str], encoder: Encoder, config: BuildConfig, progress: bool) -> dict[str, Any]:
+                       vocab: list[str], encoder: BuildEncoder, config: BuildConfig,
+                       progress: bool) -> dict[str, Any]:
     """The reranker's step: sentence windows of every chunk, embedded, and the chunks' token streams as BM25 term ids
     (index/windows.py). Returns what the manifest records under "windows"."""
     started = time.perf_counter()

@@ -11,14 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from rag_service.retrievers.analysis import Analyzer
-from rag_service.retrievers.dense import DenseIndex
 from rag_service.core.errors import IndexFormatError
 from rag_service.index.manifest import MANIFEST_FILE, check_files, read_manifest
 from rag_service.index.publish import CURRENT
 from rag_service.index.store import DocStore
 from rag_service.index.windows import PARAMS_FILE as WINDOWS_PARAMS_FILE
 from rag_service.index.windows import WindowData
+from rag_service.retrievers.analysis import Analyzer
+from rag_service.retrievers.dense import DenseIndex
 from rag_service.retrievers.lexical import BM25Index
 
 log = logging.getLogger(__name__)

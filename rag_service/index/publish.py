@@ -68,7 +68,7 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_tmp(root: Path) -> list[Path]:
     """Deletes temp directories and links left by builds whose process is gone; returns what it removed."""
-    removed = []
+    removed: list[Path] = []
     if not root.is_dir():
         return removed
     for path in root.iterdir():

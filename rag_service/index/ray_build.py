@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from rag_service.core.errors import BuildError
 from rag_service.encoder import onnx_export
 from rag_service.encoder.encode import Encoder, OnnxEncoder, _EncoderBase, default_model_path
-from rag_service.core.errors import BuildError
 from rag_service.index.build import BuildConfig, build_index
 from rag_service.index.chunking import Chunk, Chunker, Document
 
@@ -84,7 +84,7 @@ def import_ray() -> Any:
     """The ray module, with Ray Data; BuildError saying how to install it otherwise."""
     try:
         import ray
-        import ray.data  # noqa: F401 (the build needs Ray Data, not just Ray Core)
+        import ray.data  # the build needs Ray Data, not just Ray Core
     except ImportError as e:
         raise BuildError(f"--ray needs Ray Data, which is not installed ({e}): {INSTALL_HINT}") from None
     return ray
@@ -329,6 +329,11 @@ class RayBuild:
         """chunker.chunk_documents(docs), run by Ray Data tasks: per document, in order, the same chunks."""
         import pyarrow as pa
 
+        # The workers rebuild the chunker's tokenizer from its JSON: an encoder's, which build_index gives it.
+        tokenizer = chunker.tokenizer
+        if not isinstance(tokenizer, _EncoderBase):
+            raise TypeError(f"a Ray build chunks with an encoder's tokenizer, got {type(tokenizer).__name__}")
+
         ray = self.ray
         n = len(docs)
         if n == 0:
@@ -338,7 +343,7 @@ class RayBuild:
                           "text": [d.text for d in docs]})
         dataset = ray.data.from_arrow([table.slice(start, size) for start in range(0, n, size)])
         dataset = dataset.map_batches(
-            _chunk_block, fn_kwargs={"tokens": _Tokens.fields_of(chunker.tokenizer),
+            _chunk_block, fn_kwargs={"tokens": _Tokens.fields_of(tokenizer),
                                      "chunk_tokens": chunker.chunk_tokens, "chunk_overlap": chunker.chunk_overlap},
             batch_size=256, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=self.workers),
             num_cpus=self.options.cpus_per_worker)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rag_service.index.chunking import Document
 
@@ -16,7 +17,7 @@ def write_documents(directory: Path, docs: Sequence[Document]) -> Path:
     path = Path(directory) / SOURCE_FILE
     with open(path, "w", encoding="utf-8") as f:
         for d in docs:
-            record = {"_id": d.id, "title": d.title, "text": d.text}
+            record: dict[str, Any] = {"_id": d.id, "title": d.title, "text": d.text}
             if d.metadata:
                 record["metadata"] = d.metadata
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -30,8 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rag_service.retrievers.analysis import Analyzer
 from rag_service.core.errors import IndexFormatError
+from rag_service.retrievers.analysis import Analyzer
 
 WINDOW_OFFSETS_FILE = "windows_offsets.npy"
 WINDOW_VECTORS_FILE = "windows_vectors.npy"
@@ -219,8 +219,8 @@ class WindowData:
 
 
 # Unique windows embedded per call above this many: a 1M-passage corpus has about 2.2M distinct windows, whose float32
-# vectors (3.4 GB) would otherwise all be held at once before quantisation to int8. Smaller corpora (every test, SciFact) are
-# embedded in one call exactly as before.
+# vectors (3.4 GB) would otherwise all be held at once before quantisation to int8. Smaller corpora (every test,
+# SciFact) are embedded in one call.
 EMBED_BLOCK = 262_144
 
 

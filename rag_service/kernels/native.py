@@ -20,8 +20,8 @@ similarity_matrix, mmr_select (context filter). Semantics: the *_reference funct
 from __future__ import annotations
 
 import functools
-import operator
 import logging
+import operator
 import os
 from typing import Any
 
@@ -72,7 +72,7 @@ _CUDA_HINT = ("rebuild it with nvcc on PATH (or CUDACXX set) and CUDA forced on:
 try:
     from rag_service import _native
 except ImportError as _error:
-    _native = None
+    _native = None  # type: ignore[assignment]  # no extension: the facade serves the NumPy references
     NATIVE_IMPORT_ERROR: str | None = f"{type(_error).__name__}: {_error}"
     logger.warning("rag_service._native is not available (%s); using the NumPy reference kernels, which are slower. "
                    "To get the native kernels, %s.", NATIVE_IMPORT_ERROR, _BUILD_HINT)
@@ -111,7 +111,7 @@ def requested_backend() -> str:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_no_cuda_twin(kernel: str) -> None:
     """Logs once per kernel that the CUDA backend serves it on C++ (the cache makes it once)."""
     logger.info("backend 'cuda': kernel %r has no CUDA implementation and runs on the C++ backend", kernel)

@@ -2,8 +2,8 @@
 
 Each kernel has its own section below. A reference takes the same arguments as the native kernel, raises the same
 ValueErrors (messages name the argument) and returns the same result type; tests compare the two on seeded random
-inputs. A reference is strict about dtypes and shapes like the native boundary (rag_service.kernels.native does the lenient
-conversions); it accepts any memory layout, which is a C++ concern rather than part of the semantics.
+inputs. A reference is strict about dtypes and shapes like the native boundary (rag_service.kernels.native does the
+lenient conversions); it accepts any memory layout, which is a C++ concern rather than part of the semantics.
 
 Kernels:
   * fusion -- fuse_reference: merge a BM25 and a dense candidate list into one ranking.
@@ -94,10 +94,8 @@ def _fusion_contributions(scores: np.ndarray, method: str, factor: float, rrf_k:
         ranks = np.arange(1, scores.size + 1, dtype=np.float64)
         return factor / (rrf_k + ranks)
     lo, hi = np.float64(scores.min()), np.float64(scores.max())
-    if hi > lo:
-        normalised = (scores.astype(np.float64) - lo) / (hi - lo)
-    else:
-        normalised = np.ones(scores.size, dtype=np.float64)
+    normalised = ((scores.astype(np.float64) - lo) / (hi - lo) if hi > lo
+                  else np.ones(scores.size, dtype=np.float64))
     return factor * normalised
 
 
@@ -216,7 +214,7 @@ def _check_ids(ids: np.ndarray, name: str, n: int) -> None:
 def _check_float(value: object, name: str, *, allow_inf: bool = False) -> float:
     """value as a Python float (an int or a NumPy scalar is fine); NaN (and inf unless allowed) raise ValueError."""
     try:
-        number = float(value)  # type: ignore[arg-type]
+        number = float(value)  # type: ignore[arg-type]  # any object: float() raising TypeError is the check
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
     if np.isnan(number) or (not allow_inf and np.isinf(number)):
@@ -233,21 +231,21 @@ SOFTMAX_TEMPERATURE = 0.05
 
 def _check_window_store(offsets: object, vectors: object, scales: object, d: int | None) -> tuple[int, int]:
     """Checks the CSR window store; returns (n_chunks, n_windows)."""
-    _check_vector(offsets, "offsets", np.int64)
-    _check_matrix(vectors, "vectors", (np.int8, np.float16, np.float32))
-    n_windows, width = vectors.shape  # type: ignore[union-attr]
+    offsets_array = _check_vector(offsets, "offsets", np.int64)
+    vectors_array = _check_matrix(vectors, "vectors", (np.int8, np.float16, np.float32))
+    n_windows, width = vectors_array.shape
     if d is not None and width != d:
         raise ValueError(f"vectors must have {d} columns (the query's dimension), got {width}")
-    if vectors.dtype == np.int8:  # type: ignore[union-attr]
+    if vectors_array.dtype == np.int8:
         if scales is None:
             raise ValueError("scales is required (float32[n_windows]) when vectors are int8")
-        _check_vector(scales, "scales", np.float32)
-        if scales.size != n_windows:  # type: ignore[union-attr]
-            raise ValueError(f"scales must have one entry per row of vectors ({n_windows}), got {scales.size}")
+        scales_array = _check_vector(scales, "scales", np.float32)
+        if scales_array.size != n_windows:
+            raise ValueError(f"scales must have one entry per row of vectors ({n_windows}), got {scales_array.size}")
     elif scales is not None:
-        raise ValueError(f"scales must be None when vectors are {vectors.dtype} (only int8 vectors are scaled)")
-    _check_offsets(offsets, "offsets", n_windows, "vectors")  # type: ignore[arg-type]
-    return offsets.size - 1, n_windows  # type: ignore[union-attr]
+        raise ValueError(f"scales must be None when vectors are {vectors_array.dtype} (only int8 vectors are scaled)")
+    _check_offsets(offsets_array, "offsets", n_windows, "vectors")
+    return offsets_array.size - 1, n_windows
 
 
 def window_maxsim_reference(

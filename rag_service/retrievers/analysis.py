@@ -12,8 +12,11 @@ import Stemmer
 # Lucene's EnglishAnalyzer.ENGLISH_STOP_WORDS_SET (33 words). Kept identical so BM25 numbers are comparable with
 # Lucene/Anserini runs over the same corpus.
 LUCENE_ENGLISH_STOP_WORDS: frozenset[str] = frozenset(
-    """a an and are as at be but by for if in into is it no not of on or such that the their then there these they
-    this to was will with""".split()
+    [
+        "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it", "no", "not",
+        "of", "on", "or", "such", "that", "the", "their", "then", "there", "these", "they", "this", "to", "was",
+        "will", "with",
+    ]
 )
 
 STOPWORD_SETS: dict[str, frozenset[str]] = {"english": LUCENE_ENGLISH_STOP_WORDS}

@@ -36,7 +36,8 @@ CODES_FILE = "dense_codes.faiss"
 CODES_PARAMS_FILE = "dense_codes.json"
 CODE_KINDS = ("none", "sq8", "binary")
 # Candidates taken from the codes per result asked, before exact rescoring. SciFact (10k chunks, MiniLM), depth 100:
-# the smallest factors reaching recall@100 >= 0.99 against the float index (bench/experiments/quantized_dense.py, bench/README.md).
+# the smallest factors reaching recall@100 >= 0.99 against the float index (bench/experiments/quantized_dense.py,
+# bench/README.md).
 DEFAULT_OVERSAMPLE = {"sq8": 2, "binary": 20}
 
 DENSE_KINDS = ("auto", "flat", "hnsw")
@@ -329,7 +330,7 @@ class DenseIndex:
 
     def _search_all(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.codes is not None:
-            return self._search_codes(q, k)
+            return self._search_codes(self.codes, q, k)
         if self._gpu_index is not None:
             with self._gpu_lock:
                 scores, ids = self._gpu_index.search(q, k)
@@ -341,14 +342,15 @@ class DenseIndex:
             scores, ids = self._cpu_index.search(q, k)
         return _sorted_hits(ids[0], scores[0])
 
-    def _search_codes(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_codes(self, codes: faiss.Index | faiss.IndexBinary, q: np.ndarray,
+                      k: int) -> tuple[np.ndarray, np.ndarray]:
         """Candidates from the codes, then exact inner products from the float vectors: the reply's scores and order
         are those of the float index over the candidates, so only recall (not scores) depends on the codes."""
         wide = min(self.n, k * self.oversample)
         if self.codes_kind == "binary":
-            _, ids = self.codes.search(binary_codes(q), wide)
+            _, ids = codes.search(binary_codes(q), wide)
         else:
-            _, ids = self.codes.search(q, wide)
+            _, ids = codes.search(q, wide)
         ids = ids[0]
         ids = np.sort(ids[ids >= 0])  # ascending ids read the memory-mapped rows in file order
         hits, scores = _sorted_hits(ids, self.vectors[ids] @ q[0])

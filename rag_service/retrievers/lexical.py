@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from rag_service.retrievers.analysis import Analyzer
 from rag_service.core.errors import IndexFormatError, InvalidArgument
+from rag_service.retrievers.analysis import Analyzer
 
 IDF_KINDS = ("lucene", "okapi")
 
@@ -180,7 +180,7 @@ def build_postings(token_lists: Iterable[Sequence[str]], params: BM25Params = BM
 
 
 @njit(cache=True, nogil=True)
-def _accumulate(indptr, docs, weights, term_ids, n_docs):  # noqa: ANN001, ANN202
+def _accumulate(indptr, docs, weights, term_ids, n_docs):
     acc = np.zeros(n_docs, dtype=np.float32)
     for k in range(term_ids.shape[0]):
         t = term_ids[k]
@@ -190,13 +190,13 @@ def _accumulate(indptr, docs, weights, term_ids, n_docs):  # noqa: ANN001, ANN20
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _worse(s1, i1, s2, i2):  # noqa: ANN001, ANN202
+def _worse(s1, i1, s2, i2):
     # Result order is score desc, then id asc: (s1, i1) ranks below (s2, i2).
     return s1 < s2 or (s1 == s2 and i1 > i2)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _sift_down(hs, hi, size, pos):  # noqa: ANN001, ANN202
+def _sift_down(hs, hi, size, pos):
     while True:
         left = 2 * pos + 1
         if left >= size:
@@ -214,7 +214,7 @@ def _sift_down(hs, hi, size, pos):  # noqa: ANN001, ANN202
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _sift_up(hs, hi, pos):  # noqa: ANN001, ANN202
+def _sift_up(hs, hi, pos):
     while pos > 0:
         parent = (pos - 1) // 2
         if not _worse(hs[pos], hi[pos], hs[parent], hi[parent]):
@@ -225,7 +225,7 @@ def _sift_up(hs, hi, pos):  # noqa: ANN001, ANN202
 
 
 @njit(cache=True, nogil=True)
-def _top_n(indptr, docs, weights, term_ids, n_docs, mask, use_mask, depth):  # noqa: ANN001, ANN202
+def _top_n(indptr, docs, weights, term_ids, n_docs, mask, use_mask, depth):
     acc = _accumulate(indptr, docs, weights, term_ids, n_docs)
     # Min-heap on rank: the root is the worst hit kept, so a candidate only has to beat the root.
     hs = np.empty(depth, dtype=np.float32)

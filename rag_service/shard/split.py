@@ -34,10 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from rag_service.retrievers import dense as dense_mod
-from rag_service.retrievers import lexical
-from rag_service.encoder import onnx_export
 from rag_service.core.errors import BuildError, IndexFormatError
+from rag_service.encoder import onnx_export
 from rag_service.index import manifest as manifest_mod
 from rag_service.index import publish as publish_mod
 from rag_service.index import source as source_mod
@@ -45,6 +43,8 @@ from rag_service.index import windows as windows_mod
 from rag_service.index.chunking import Chunk, Document
 from rag_service.index.load import load_index, resolve_version_dir
 from rag_service.index.store import write_store
+from rag_service.retrievers import dense as dense_mod
+from rag_service.retrievers import lexical
 from rag_service.search.rerank import corpus_averages
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,8 @@ def write_router(out: Path, manifest: dict[str, Any], src: Path, *, set_id: str,
         for name in onnx_export.FILES:
             _link_or_copy(src / name, tmp / name)
     body = {"format": ROUTER_FORMAT, "created_at": manifest_mod.iso_utc(manifest_mod.utc_now()), "set_id": set_id,
-            "count": count, "stats_sha256": stats, "assignment": ASSIGNMENT, "source_version": manifest["version"], "name": manifest["name"],
+            "count": count, "stats_sha256": stats, "assignment": ASSIGNMENT, "source_version": manifest["version"],
+            "name": manifest["name"],
             "model": manifest["model"], "corpus": {"documents": manifest["counts"]["documents"],
                                                    "chunks": manifest["counts"]["chunks"]},
             "metadata_fields": list(manifest.get("metadata_fields", [])),

@@ -1,0 +1,47 @@
+# Types of the compiled extension (native/bindings.cpp), for the type checker; keep in step with the bindings.
+# Array arguments are checked at run time (dtype, rank, C order) and raise ValueError naming the argument; the
+# docstrings in bindings.cpp and the *_reference functions in rag_service.kernels.reference give the semantics.
+
+import numpy as np
+
+__version__: str
+HAS_CUDA: bool
+BUILD_INFO: str
+
+def cuda_device_count() -> tuple[int, str]: ...
+def fuse(
+    bm25_ids: np.ndarray,
+    bm25_scores: np.ndarray,
+    dense_ids: np.ndarray,
+    dense_scores: np.ndarray,
+    method: str,
+    dense_weight: float,
+    top_k: int,
+    rrf_k: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
+def simd_level() -> str: ...
+def simd_levels() -> list[str]: ...
+def window_maxsim(
+    query: np.ndarray,
+    offsets: np.ndarray,
+    vectors: np.ndarray,
+    scales: np.ndarray | None,
+    candidates: np.ndarray,
+    temperature: float = 0.05,
+    cuda: bool = False,
+    simd: str = "",
+) -> np.ndarray: ...
+def proximity(
+    query_terms: np.ndarray, token_offsets: np.ndarray, tokens: np.ndarray, candidates: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]: ...
+def linear_scores(features: np.ndarray, weights: np.ndarray, bias: float) -> np.ndarray: ...
+def similarity_matrix(vectors: np.ndarray, cuda: bool = False, simd: str = "") -> np.ndarray: ...
+def mmr_select(
+    relevance: np.ndarray,
+    sim: np.ndarray,
+    mmr_lambda: float,
+    k: int,
+    dedup_threshold: float,
+    cuda: bool = False,
+    simd: str = "",
+) -> np.ndarray: ...
