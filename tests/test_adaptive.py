@@ -7,10 +7,20 @@ import grpc
 import numpy as np
 import pytest
 
-from rag_service.search.adaptive import (CONFIDENT, FULL, FUSED, LEXICAL, LIGHT, SHALLOW, SHALLOW_DEPTH, AdaptiveConfig,
-                                  AdaptivePolicy, agreement)
-from rag_service.search.pipeline import Pipeline
 from rag_service.core.params import SearchParams
+from rag_service.search.adaptive import (
+    CONFIDENT,
+    FULL,
+    FUSED,
+    LEXICAL,
+    LIGHT,
+    SHALLOW,
+    SHALLOW_DEPTH,
+    AdaptiveConfig,
+    AdaptivePolicy,
+    agreement,
+)
+from rag_service.search.pipeline import Pipeline
 
 QUERY = "ice cores record past climate in glaciers"
 NO_CONFIDENCE = AdaptiveConfig(confidence=False)
@@ -159,9 +169,9 @@ def test_lexical_route_is_planned_only_when_bm25_fits_and_the_encode_is_still_to
 
 
 def test_lexical_answers_skip_the_cache_encode_and_are_not_kept(index, encoder):
-    from rag_service.search.cache import MISS, CachedSearch
     from rag_service.core.config import CacheConfig
     from rag_service.core.metrics import Metrics
+    from rag_service.search.cache import MISS, CachedSearch
 
     p = pipeline(index, encoder, LEXICAL_TESTS, **SLOW_ENCODE)
     p.encode = _no_encode  # neither the cache's encode (semantic lookup) nor the pipeline's

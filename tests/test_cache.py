@@ -12,14 +12,14 @@ import grpc
 import pytest
 from prometheus_client import generate_latest
 
-from rag_service.search.cache import CachedSearch, normalise, params_key, strict_signature
 from rag_service.client import RetrieverClient
 from rag_service.core.config import CacheConfig, ServerConfig
-from rag_service.index.build import BuildConfig, build_index
 from rag_service.core.metrics import Metrics
+from rag_service.core.params import SearchParams
+from rag_service.index.build import BuildConfig, build_index
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
-from rag_service.core.params import SearchParams
+from rag_service.search.cache import CachedSearch, normalise, params_key, strict_signature
 
 MISS, EXACT, SEMANTIC, PREFETCHED = (pb.SERVED_FROM_MISS, pb.SERVED_FROM_EXACT, pb.SERVED_FROM_SEMANTIC,
                                      pb.SERVED_FROM_PREFETCHED)
@@ -92,7 +92,8 @@ def test_normalise_folds_what_a_user_cannot_tell_apart():
 
 def test_every_result_changing_parameter_is_in_the_key():
     base = SearchParams(query="q")
-    changed = [SearchParams(query="q", top_k=5), SearchParams(query="q", depth=50), SearchParams(query="q", fusion="rrf"),
+    changed = [SearchParams(query="q", top_k=5), SearchParams(query="q", depth=50),
+               SearchParams(query="q", fusion="rrf"),
                SearchParams(query="q", dense_weight=0.3), SearchParams(query="q", rrf_k=20.0),
                SearchParams(query="q", filters={"topic": "geology"}), SearchParams(query="q", rerank=False),
                SearchParams(query="q", rerank_depth=50), SearchParams(query="q", max_context_tokens=256),
@@ -287,8 +288,10 @@ def test_leader_past_its_deadline_does_not_fail_the_others(server_thread, encode
 
 
 RELOAD_DOCS = [
-    {"_id": "tides", "title": "Tides", "text": "Tides are the rise and fall of sea levels caused by the Moon's gravity."},
-    {"_id": "comets", "title": "Comets", "text": "A comet is an icy body that grows a tail of gas and dust near the Sun."},
+    {"_id": "tides", "title": "Tides",
+     "text": "Tides are the rise and fall of sea levels caused by the Moon's gravity."},
+    {"_id": "comets", "title": "Comets",
+     "text": "A comet is an icy body that grows a tail of gas and dust near the Sun."},
     {"_id": "coral", "title": "Coral reefs", "text": "Coral reefs are built by colonies of tiny animals in warm seas."},
 ]
 

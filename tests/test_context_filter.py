@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from rag_service.core.params import SearchParams
 from rag_service.index.load import load_index
 from rag_service.search import context_filter as cf
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams
 
 
 def unit(*rows):

@@ -94,10 +94,10 @@ def test_bad_codes_and_options_are_refused(tmp_path, data):
 
 @pytest.mark.slow
 def test_build_option_records_codes_in_the_manifest_and_serves_them(tmp_path, write_corpus, encoder):
+    from rag_service.core.params import SearchParams
     from rag_service.index.build import BuildConfig, build_index
     from rag_service.index.load import load_index
     from rag_service.search.pipeline import Pipeline
-    from rag_service.core.params import SearchParams
 
     docs = [{"_id": f"d{i}", "title": f"Topic {i}", "text": text} for i, text in enumerate([
         "Glaciers are rivers of ice that move slowly down mountain valleys.",

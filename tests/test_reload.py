@@ -12,14 +12,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from rag_service.api.server import load_pipeline
+from rag_service.api.loader import load_searcher
 from rag_service.core.config import ServerConfig
 from rag_service.core.errors import IndexFormatError
 from rag_service.index.load import resolve_version_dir
 from rag_service.index.manifest import MANIFEST_FILE
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
-from rag_service.api.loader import load_searcher
 
 ADMIN = "reload-admin-token"
 AUTH = (("authorization", f"Bearer {ADMIN}"),)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rag_service.core.errors import IndexFormatError
+from rag_service.core.params import SearchParams
 from rag_service.index import windows as windows_mod
 from rag_service.index.chunking import lexical_text
 from rag_service.index.load import load_index, resolve_version_dir
@@ -16,7 +17,6 @@ from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.retrievers.analysis import Analyzer
 from rag_service.search import rerank as rerank_mod
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from rag_service.api.server import RagServer
 from rag_service.client import RetrieverClient, RetrieverError
 from rag_service.core.config import SearchDefaults, ServerConfig
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
-from rag_service.api.server import RagServer
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,8 @@ TOPICS = {
     "physics": "light photon gravity quantum electron relativity energy mass velocity particle magnet field",
     "food": "coffee bean bread yeast flour cheese ferment sugar roast spice vinegar wine",
 }
-FILLER = "the of and in a to is was for with by on as from that which were are".split()
+FILLER = ["the", "of", "and", "in", "a", "to", "is", "was", "for", "with", "by", "on", "as", "from", "that", "which",
+          "were", "are"]
 
 
 def corpus_docs() -> list[dict]:
@@ -92,8 +93,8 @@ def sharded(tmp_path_factory, encoder, write_corpus):
 
 @pytest.mark.slow
 def test_shards_are_normal_indexes_with_global_statistics(sharded):
-    from rag_service.search import rerank
     from rag_service.index.load import load_index
+    from rag_service.search import rerank
 
     single_root, out = sharded
     single = load_index(single_root)
@@ -179,11 +180,10 @@ def cluster(sharded, tmp_path_factory, server_thread, encoder):
         router_config = ServerConfig(index=out / "router", port=0, warmup_queries=1,
                                      router={"shards": addresses, "shard_timeout_seconds": 5.0})
         with server_thread(ServerConfig(index=single_root, port=0, warmup_queries=1), None) as single, \
-                server_thread(router_config, None) as router:
-            with grpc.insecure_channel(f"127.0.0.1:{single.port}") as cs, \
+                server_thread(router_config, None) as router, grpc.insecure_channel(f"127.0.0.1:{single.port}") as cs, \
                     grpc.insecure_channel(f"127.0.0.1:{router.port}") as cr:
-                yield {"single": pb_grpc.RetrieverStub(cs), "router": pb_grpc.RetrieverStub(cr), "procs": procs,
-                       "addresses": addresses, "out": out, "router_server": router}
+            yield {"single": pb_grpc.RetrieverStub(cs), "router": pb_grpc.RetrieverStub(cr), "procs": procs,
+                   "addresses": addresses, "out": out, "router_server": router}
     finally:
         stop_processes(procs)
 
@@ -310,8 +310,8 @@ def test_a_shard_failing_after_the_first_stage_leaves_a_partial_reply(sharded, s
 
     from rag_service.core.config import ServerConfig
     from rag_service.core.errors import Unavailable
-    from rag_service.index.load import load_index
     from rag_service.core.params import SearchParams
+    from rag_service.index.load import load_index
     from rag_service.shard.router import ShardedPipeline
 
     _, out = sharded

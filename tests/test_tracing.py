@@ -305,7 +305,8 @@ def test_the_router_traces_each_shard_call_and_the_shards_continue_the_trace(tmp
             server_thread(ServerConfig(index=out / "shard-1", port=0, warmup_queries=0), encoder,
                           tracer_provider=provider) as shard1:
         shards = [f"127.0.0.1:{shard0.port}", f"127.0.0.1:{shard1.port}"]
-        with server_thread(ServerConfig(index=out / "router", port=0, warmup_queries=0, router={"shards": shards}), encoder,
+        config = ServerConfig(index=out / "router", port=0, warmup_queries=0, router={"shards": shards})
+        with server_thread(config, encoder,
                            tracer_provider=provider) as router, \
                 grpc.insecure_channel(f"127.0.0.1:{router.port}") as channel:
             exporter.clear()  # the router's start asked each shard for its info

@@ -32,11 +32,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import chunk_doc_ids, doc_run, evaluate
 from rag_service.core.config import SearchDefaults
+from rag_service.core.params import SearchParams
 from rag_service.encoder.encode import Encoder
 from rag_service.index.load import load_index
 from rag_service.search import rerank as rerank_mod
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams
 
 FEATURES = rerank_mod.FEATURES
 
@@ -44,7 +44,7 @@ FEATURES = rerank_mod.FEATURES
 class QuerySet:
     """Padded per-query arrays: features X (Q, M, F), doc index per candidate, gain of its doc, ideal DCG@10."""
 
-    def __init__(self, qids, feats, chunk_ids, doc_ids, qrels):  # noqa: ANN001
+    def __init__(self, qids, feats, chunk_ids, doc_ids, qrels):
         self.qids = qids
         q, m, f = len(qids), max((len(x) for x in feats), default=1), len(FEATURES)
         self.X = np.zeros((q, m, f), np.float32)
@@ -66,13 +66,13 @@ class QuerySet:
             ideal = sorted((max(g, 0) for g in rel.values()), reverse=True)[:10]
             self.idcg[i] = sum(g / np.log2(r + 2) for r, g in enumerate(ideal))
 
-    def scores(self, columns, weights) -> np.ndarray:  # noqa: ANN001
+    def scores(self, columns, weights) -> np.ndarray:
         s = self.X[:, :, columns] @ np.asarray(weights, np.float32)
         return np.where(self.valid, s, -np.inf)
 
 
 @njit(cache=True)
-def _ndcg10(scores, docs, gains, idcg):  # noqa: ANN001, ANN202
+def _ndcg10(scores, docs, gains, idcg):
     q, m = scores.shape
     total = 0.0
     for i in range(q):
@@ -102,7 +102,7 @@ def _ndcg10(scores, docs, gains, idcg):  # noqa: ANN001, ANN202
     return total / q
 
 
-def ndcg(qs: QuerySet, columns, weights) -> float:  # noqa: ANN001
+def ndcg(qs: QuerySet, columns, weights) -> float:
     return float(_ndcg10(qs.scores(columns, weights), qs.docs, qs.gains, qs.idcg))
 
 
@@ -192,12 +192,12 @@ def collect(index_path: Path, queries_path: Path, qrels_paths: list[Path], depth
     return out, doc_ids
 
 
-def query_set(data, doc_ids, qrels) -> QuerySet:  # noqa: ANN001
+def query_set(data, doc_ids, qrels) -> QuerySet:
     qids = [q for q in qrels if q in data]
     return QuerySet(qids, [data[q][0] for q in qids], [data[q][1] for q in qids], doc_ids, qrels)
 
 
-def official(qs: QuerySet, doc_ids: list[str], qrels, columns, weights) -> float:  # noqa: ANN001
+def official(qs: QuerySet, doc_ids: list[str], qrels, columns, weights) -> float:
     """nDCG@10 by ir-measures over every judged query (the figure bench/README.md reports)."""
     scores = qs.scores(columns, weights)
     run = {}

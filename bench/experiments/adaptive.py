@@ -28,28 +28,28 @@ import numpy as np
 
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import doc_run
+from rag_service.core.params import SearchParams
 from rag_service.encoder.encode import load_index_encoder
 from rag_service.index.load import load_index
 from rag_service.search.adaptive import LEXICAL, AdaptiveConfig, AdaptivePolicy, Plan, agreement
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams
 
 NDCG = ir_measures.nDCG @ 10
 
 
-def ndcg(run: dict[str, dict[str, float]], qrels) -> float:  # noqa: ANN001
+def ndcg(run: dict[str, dict[str, float]], qrels) -> float:
     complete = {q: (run.get(q) or {"__none__": 0.0}) for q in qrels}
     return float(ir_measures.calc_aggregate([NDCG], qrels, complete)[NDCG])
 
 
-def per_query(run, qrels) -> dict[str, float]:  # noqa: ANN001
+def per_query(run, qrels) -> dict[str, float]:
     return {m.query_id: float(m.value) for m in ir_measures.iter_calc([NDCG], qrels, run)}
 
 
 class AlwaysLexical(AdaptivePolicy):
     """Plans every request down the lexical route, as the brownout sends a share of them."""
 
-    def plan(self, params, deadline, in_flight, encoded, rerank_available, arrival=None,  # noqa: ANN001
+    def plan(self, params, deadline, in_flight, encoded, rerank_available, arrival=None,
              lexical_available=False) -> Plan:
         return Plan(params, LEXICAL, "forced", None, in_flight, start=time.monotonic())
 

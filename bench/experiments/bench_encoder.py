@@ -31,12 +31,12 @@ import torch
 
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import quality_report
+from rag_service.core.params import SearchParams
 from rag_service.encoder import onnx_export
 from rag_service.encoder.encode import Encoder, OnnxEncoder, _EncoderBase, default_model_path
 from rag_service.index.chunking import dense_text
 from rag_service.index.load import load_index
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams
 
 KINDS = ("torch", "onnx-fp32", "onnx-int8")
 
@@ -55,11 +55,11 @@ def latency(encoders: dict[str, object], queries: list[str], rounds: int,
     N queries in a row before the next takes over (order reversed every other block), as in a server that runs one
     encoder: its weights stay in cache."""
     times: dict[str, list[float]] = {name: [] for name in encoders}
-    for name, enc in encoders.items():  # warm-up
+    for enc in encoders.values():  # warm-up
         for q in queries[:10]:
             enc.encode_queries([q])
 
-    def timed(name: str, enc, q: str) -> None:  # noqa: ANN001
+    def timed(name: str, enc, q: str) -> None:
         if name.startswith("torch"):
             torch.set_num_threads(int(name.rsplit("x", 1)[1]))
         started = time.perf_counter()

@@ -28,12 +28,12 @@ import numpy as np
 from rag_service.bench.data import load_queries
 from rag_service.core.config import CacheConfig
 from rag_service.core.metrics import Metrics
+from rag_service.core.params import SearchParams
 from rag_service.encoder.encode import Encoder
 from rag_service.index.load import load_index
 from rag_service.retrievers.analysis import LUCENE_ENGLISH_STOP_WORDS
 from rag_service.search.cache import CachedSearch, lexical_overlap, normalise, term_overlap
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams
 
 TOP_K = 10
 ADDABLE = ("the", "a", "of", "in", "for", "that")

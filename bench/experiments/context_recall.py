@@ -32,12 +32,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.core.config import SearchDefaults
+from rag_service.core.params import SearchParams
 from rag_service.encoder.encode import Encoder
 from rag_service.index.load import load_index
 from rag_service.search import context_filter
 from rag_service.search import rerank as rerank_mod
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams
 
 BUDGETS = (256, 512, 1024, 2048)
 TOP_K = 1000  # the budget, not top_k, bounds the context here

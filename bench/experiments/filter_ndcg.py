@@ -16,10 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import doc_run, evaluate
+from rag_service.core.params import SearchParams
 from rag_service.encoder.encode import Encoder
 from rag_service.index.load import load_index
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams
 
 SETTINGS = (("rerank, no filter", 1.0, 1.0, True), ("rerank + filter 0.8/0.9", 0.8, 0.9, True),
             ("fusion", 1.0, 1.0, False))

@@ -1,6 +1,7 @@
 """A/B of server settings under `rag-bench latency`, in short interleaved rounds (ABAB...) on one machine.
 
-    python bench/experiments/latency_ab.py --index /tmp/lead/scifact_full --queries ../shared/data/scifact/queries.jsonl \
+    python bench/experiments/latency_ab.py --index /tmp/lead/scifact_full \
+        --queries ../shared/data/scifact/queries.jsonl \
         --variant off=RAG_ENCODER__MICRO_BATCH_MS=0 --variant mb2=RAG_ENCODER__MICRO_BATCH_MS=2 \
         --qps 10,20,40 --rounds 4 --duration 8 -- --rerank off
 

@@ -27,11 +27,11 @@ from cache_fidelity import embed  # the script's folder is sys.path[0] when run 
 
 from rag_service.core.config import CacheConfig
 from rag_service.core.metrics import Metrics
+from rag_service.core.params import SearchParams, SearchResult
 from rag_service.encoder.encode import Encoder
 from rag_service.index.load import load_index
 from rag_service.search.cache import CachedSearch
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams, SearchResult
 
 
 class Lookahead:
@@ -90,7 +90,7 @@ def main() -> None:
             for mode in hits:
                 hits[mode][i] = cache.probe(pipeline, SearchParams(query=b, cache=mode), vb[i]) is not None
         rows = [(f"cosine >= {t}", cos >= float(t)) for t in args.cosines.split(",")]
-        rows += [(mode, h) for mode, h in hits.items()]
+        rows += list(hits.items())
         pos, neg = labels == 1, labels == 0
         for name, h in rows:
             print(f"| {path.name} | {name} | {pos.sum()} | {h[pos].mean():.3f} | {neg.sum()} | {h[neg].mean():.3f} |",

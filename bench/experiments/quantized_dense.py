@@ -21,12 +21,12 @@ import numpy as np
 
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import quality_report
+from rag_service.core.params import SearchParams
 from rag_service.encoder import onnx_export
 from rag_service.encoder.encode import OnnxEncoder
 from rag_service.index.load import load_index
 from rag_service.retrievers import dense as dense_mod
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams
 
 
 def main() -> None:

@@ -21,11 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rag_service.bench.data import load_queries
 from rag_service.core.config import SearchDefaults
+from rag_service.core.params import SearchParams
 from rag_service.encoder.encode import Encoder
 from rag_service.index.load import load_index
 from rag_service.kernels import native
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams
 
 
 def main() -> None:

@@ -78,10 +78,9 @@ def serve(args: list[str], log: Path):
 def sharded(work: Path, n: int, logs: Path):
     """n shard processes (loading in parallel), then a router; yields the router's address."""
     shards = [(["--index", str(work / f"scifact-{n}" / f"shard-{i}")], logs / f"shard{n}-{i}.log") for i in range(n)]
-    with processes(shards) as addresses:
-        with serve(["--index", str(work / f"scifact-{n}" / "router"), "--shards", ",".join(addresses)],
-                   logs / f"router{n}.log") as router:
-            yield router
+    with processes(shards) as addresses, serve(["--index", str(work / f"scifact-{n}" / "router"), "--shards",
+                                                ",".join(addresses)], logs / f"router{n}.log") as router:
+        yield router
 
 
 def split(index: Path, work: Path, counts: list[int]) -> dict[int, float]:

@@ -19,10 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import chunk_doc_ids, collect_candidates, evaluate, method_runs
+from rag_service.core.params import SearchParams
 from rag_service.encoder.encode import Encoder
 from rag_service.index.load import load_index
 from rag_service.search.pipeline import Pipeline
-from rag_service.core.params import SearchParams
 
 
 def floats(text: str) -> list[float]:

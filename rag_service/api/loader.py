@@ -10,7 +10,7 @@ from rag_service.core.config import ServerConfig
 from rag_service.core.errors import IndexFormatError
 from rag_service.core.params import WARMUP_QUERIES, SearchParams
 from rag_service.encoder.batching import MicroBatcher
-from rag_service.encoder.encode import Encoder, load_index_encoder
+from rag_service.encoder.encode import SearchEncoder, load_index_encoder
 from rag_service.index.load import load_index
 from rag_service.kernels import native
 from rag_service.search.adaptive import AdaptiveConfig, AdaptivePolicy
@@ -22,7 +22,7 @@ from rag_service.shard.split import read_router
 log = logging.getLogger(__name__)
 
 
-def _query_encoder(config: ServerConfig, model_dir: Path, encoder: Encoder | None) -> Encoder:
+def _query_encoder(config: ServerConfig, model_dir: Path, encoder: SearchEncoder | None) -> SearchEncoder:
     settings = config.encoder
     encoder = encoder or load_index_encoder(settings.backend, model_dir, settings.model_path, settings.threads)
     if settings.micro_batch_ms > 0 and not isinstance(encoder, MicroBatcher):
@@ -30,7 +30,7 @@ def _query_encoder(config: ServerConfig, model_dir: Path, encoder: Encoder | Non
     return encoder
 
 
-def load_searcher(config: ServerConfig, encoder: Encoder | None = None) -> Searcher:
+def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None) -> Searcher:
     """Loads, checks and warms the searcher `config` describes. `encoder`: reuse one already loaded (a reload keeps
     the serving one; tests share one)."""
     # A misconfigured RAG_SERVICE_BACKEND must stop the start, not fail every request later.

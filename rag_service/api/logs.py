@@ -121,7 +121,7 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     end(context, started, None if handler.request_streaming else request, error)
         else:
-            async def wrapped(request, context):
+            async def wrapped(request, context):  # type: ignore[misc]  # a coroutine in place of the generator above
                 started = begin(context)
                 error = None
                 try:

@@ -10,8 +10,8 @@ import unicodedata
 
 from rag_service.core.config import Limits, SearchDefaults
 from rag_service.core.errors import InvalidArgument
-from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.core.params import SearchParams
+from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 
 FUSION_NAMES = {pb.FUSION_RRF: "rrf", pb.FUSION_WEIGHTED: "weighted"}
 CACHE_MODES = {pb.CACHE_DEFAULT: "default", pb.CACHE_BYPASS: "bypass", pb.CACHE_EXACT_ONLY: "exact_only",
@@ -44,6 +44,7 @@ def search_params(request: pb.SearchRequest, defaults: SearchDefaults, limits: L
         # An explicit top_k above the default depth means "I want that many": fetch enough candidates for it.
         depth = min(max(defaults.depth, top_k), limits.max_depth)
 
+    fusion: str
     if request.fusion == pb.FUSION_UNSPECIFIED:
         fusion = defaults.fusion
     elif request.fusion in FUSION_NAMES:
@@ -67,7 +68,8 @@ def search_params(request: pb.SearchRequest, defaults: SearchDefaults, limits: L
     if request.HasField("rerank_depth"):
         rerank_depth = request.rerank_depth
         if not 1 <= rerank_depth <= limits.max_rerank_depth:
-            raise InvalidArgument("rerank_depth", f"must be between 1 and {limits.max_rerank_depth}, got {rerank_depth}")
+            raise InvalidArgument("rerank_depth",
+                                  f"must be between 1 and {limits.max_rerank_depth}, got {rerank_depth}")
     else:
         rerank_depth = defaults.rerank_depth
     # The reranker can only see what the first stage fetched, and must see at least what is returned.

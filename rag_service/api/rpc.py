@@ -20,7 +20,14 @@ import grpc
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from rag_service.core import tracing
-from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Overloaded, RagError, Unavailable
+from rag_service.core.errors import (
+    DeadlineExceeded,
+    IndexFormatError,
+    InvalidArgument,
+    Overloaded,
+    RagError,
+    Unavailable,
+)
 from rag_service.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -65,7 +72,7 @@ class Rpc:
         with scope as span:
             try:
                 result = await call()
-            except Exception as error:  # noqa: BLE001 - every failure becomes a status, never a crash
+            except Exception as error:
                 code, message = self._failed(method, error, span)
                 await context.abort(code, message)
                 raise  # unreachable: abort raises

@@ -27,22 +27,21 @@ from opentelemetry.trace import TracerProvider
 
 from rag_service.api import auth, logs, rpc, wire
 from rag_service.api.admission import Admission
+from rag_service.api.loader import load_searcher
+from rag_service.api.request import search_params
 from rag_service.core import tracing
-
-from rag_service.kernels import native
 from rag_service.core.config import ServerConfig
-from rag_service.encoder.encode import Encoder
 from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Unavailable
-from rag_service.index.publish import CURRENT
-from rag_service.search.cache import EXACT, MISS, PREFETCHED, SEMANTIC, CachedSearch, Served
 from rag_service.core.metrics import Metrics
+from rag_service.core.params import SearchParams
+from rag_service.encoder.encode import SearchEncoder
+from rag_service.index.publish import CURRENT
+from rag_service.kernels import native
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
-from rag_service.api.loader import load_searcher
-from rag_service.search.searcher import Searcher
-from rag_service.core.params import SearchParams
+from rag_service.search.cache import EXACT, MISS, PREFETCHED, SEMANTIC, CachedSearch, Served
 from rag_service.search.prefetch import Prefetcher
-from rag_service.api.request import search_params
+from rag_service.search.searcher import Searcher
 from rag_service.search.speculate import DraftSession
 
 log = logging.getLogger(__name__)
@@ -211,7 +210,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     @rpc.stream
     async def StreamSearch(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         # Reads and writes through the context, not an async generator: a generator left suspended by a cancelled
-        # stream was followed by a segfault in grpc's cygrpc here (grpcio 1.85, bench/experiments/stream_search.py on SciFact).
+        # stream was followed by a segfault in grpc's cygrpc here (grpcio 1.85, bench/experiments/stream_search.py on
+        # SciFact).
         session = DraftSession(self.cache, self._execute, self.metrics,
                                debounce_s=self.config.cache.stream_debounce_ms / 1000,
                                allowed=lambda: self.admission.in_flight < self.config.cache.speculative_busy_in_flight)
@@ -280,11 +280,11 @@ def _package_version() -> str:
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
     """TLS from PEM files; with a client CA the server also demands and checks client certificates (mTLS)."""
-    def read(path: Path | None) -> bytes | None:
-        return None if path is None else Path(path).read_bytes()
-
-    client_ca = read(config.tls.client_ca_file)
-    return grpc.ssl_server_credentials([(read(config.tls.key_file), read(config.tls.cert_file))],
+    tls = config.tls
+    if tls.key_file is None or tls.cert_file is None:  # the configuration checks they come together
+        raise ValueError("TLS needs tls.cert_file and tls.key_file")
+    client_ca = None if tls.client_ca_file is None else Path(tls.client_ca_file).read_bytes()
+    return grpc.ssl_server_credentials([(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
                                        root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
@@ -294,7 +294,7 @@ class RagServer:
     # Called as hook(old_pipeline, new_pipeline) after every swap: caches keyed by the old index version drop it here.
     on_index_swap: list[Callable[[Searcher | None, Searcher], None]]
 
-    def __init__(self, config: ServerConfig, *, encoder: Encoder | None = None,
+    def __init__(self, config: ServerConfig, *, encoder: SearchEncoder | None = None,
                  tracer_provider: TracerProvider | None = None) -> None:
         """`tracer_provider`: where the spans go; by default the OTLP exporter of `config.tracing` when it names an
         endpoint, else the global provider the process installed, else none (no spans, rag_service/core/tracing.py)."""
@@ -462,7 +462,7 @@ class RagServer:
         await self.server.wait_for_termination()
 
 
-async def create_server(config: ServerConfig, *, encoder: Encoder | None = None,
+async def create_server(config: ServerConfig, *, encoder: SearchEncoder | None = None,
                         tracer_provider: TracerProvider | None = None) -> tuple[RagServer, int]:
     """Binds, starts and loads; returns once the index is warm and health says SERVING."""
     server = RagServer(config, encoder=encoder, tracer_provider=tracer_provider)

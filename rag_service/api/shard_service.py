@@ -20,10 +20,10 @@ import numpy as np
 
 from rag_service.api import rpc
 from rag_service.core import tracing
-from rag_service.search import rerank as rerank_mod
 from rag_service.core.errors import IndexFormatError, InvalidArgument, Unavailable
 from rag_service.pb.rag.v1 import shard_pb2 as spb
 from rag_service.pb.rag.v1 import shard_pb2_grpc as spb_grpc
+from rag_service.search import rerank as rerank_mod
 from rag_service.search.pipeline import Pipeline
 from rag_service.search.searcher import Searcher
 
@@ -136,7 +136,7 @@ class ShardServicer(spb_grpc.ShardServicer):
                 raise InvalidArgument(f"filters[{name}]", f"unknown metadata field; known: {known}")
         if any(name not in index.metadata_fields for name in filters):
             # A field of the corpus that none of this shard's documents has: nothing here matches.
-            mask = np.zeros(index.n_chunks, dtype=np.bool_)
+            mask: np.ndarray | None = np.zeros(index.n_chunks, dtype=np.bool_)
         else:
             mask = index.filter_mask(filters)
         b_ids, b_scores = index.bm25.search(request.query, request.depth, mask)

@@ -17,9 +17,8 @@ from typing import Any
 import ir_measures
 import numpy as np
 
-from rag_service.search.pipeline import Candidates, Pipeline
-
 from rag_service.core.params import SearchParams
+from rag_service.search.pipeline import Candidates, Pipeline
 
 MEASURES = (ir_measures.nDCG @ 10, ir_measures.R @ 100, ir_measures.RR @ 10)
 METHODS = ("bm25", "dense", "fused")

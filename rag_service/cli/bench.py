@@ -170,9 +170,9 @@ def quality(index_path, queries, qrels, datasets, split, methods, pairs, encoder
     from rag_service.bench.data import load_qrels, load_queries
     from rag_service.bench.quality import Method, format_table, parse_method, quality_report
     from rag_service.core.config import SearchDefaults
+    from rag_service.core.params import SearchParams
     from rag_service.index.load import load_index
     from rag_service.search.pipeline import Pipeline
-    from rag_service.core.params import SearchParams
 
     try:
         rows = [parse_method(m) for m in methods] or None

@@ -211,7 +211,8 @@ def env_name(dotted: str) -> str:
 
 
 class TracingConfig(BaseModel):
-    """OpenTelemetry tracing (rag_service/core/tracing.py): a span per RPC and per pipeline stage, exported over OTLP."""
+    """OpenTelemetry tracing (rag_service/core/tracing.py): a span per RPC and per pipeline stage, exported over
+    OTLP."""
 
     otlp_endpoint: str | None = Field(None, description="OTLP/gRPC collector address (http://host:4317) the spans "
                                       "are exported to; unset: no exporter, and no spans are made")

@@ -1,5 +1,5 @@
-"""OpenTelemetry tracing: a span per RPC (api/rpc.py), per pipeline stage (core/timing.py StageTimer.stage) and per shard call
-(the router's fan-out), continuing the caller's W3C trace context.
+"""OpenTelemetry tracing: a span per RPC (api/rpc.py), per pipeline stage (core/timing.py StageTimer.stage) and per
+shard call (the router's fan-out), continuing the caller's W3C trace context.
 
 A server's provider comes from its creator (tests pass an SDK provider with an in-memory exporter), else from
 `provider_from(config.tracing)` (OTLP when an endpoint is configured), else from `installed_provider()` (one the
@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from rag_service.core.config import TracingConfig
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 
 TRACER_NAME = "rag_service"
 
@@ -47,7 +50,7 @@ def installed_provider() -> TracerProvider | None:
     return None if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)) else provider
 
 
-def provider_from(config: TracingConfig) -> TracerProvider | None:
+def provider_from(config: TracingConfig) -> SdkTracerProvider | None:
     """An SDK provider batching spans to the OTLP/gRPC endpoint of `config`; None when no endpoint is configured.
     The caller owns it: `shutdown()` flushes what is still batched."""
     if config.otlp_endpoint is None:
@@ -70,7 +73,7 @@ request_tracer = _request_tracer.get
 
 @contextmanager
 def server_span(tracer: Tracer, service: str, method: str,
-                metadata: Sequence[tuple[str, Any]] | None) -> Iterator[Span]:
+                metadata: Iterable[tuple[str, Any]] | None) -> Iterator[Span]:
     """The span of one RPC, current for its duration, whose parent is the W3C trace context (traceparent,
     tracestate) in the call's metadata. Exceptions are not recorded here: the RPC wrapper sets the status it answers."""
     carrier = {key: value for key, value in metadata or () if isinstance(value, str)}  # -bin values are bytes

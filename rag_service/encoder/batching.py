@@ -13,13 +13,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from rag_service.encoder.encode import _EncoderBase
+    from rag_service.encoder.encode import SearchEncoder
 
 # Of the time left before the earliest queued deadline, at most this share is spent waiting for company.
 _DEADLINE_SHARE = 0.1
@@ -41,12 +41,12 @@ class MicroBatcher:
     Thread-safe: built for the server's pipeline threads calling encode_queries([query]) at the same time.
     """
 
-    def __init__(self, encoder: _EncoderBase | MicroBatcher, window_ms: float = 1.0, max_batch: int = 16) -> None:
+    def __init__(self, encoder: SearchEncoder, window_ms: float = 1.0, max_batch: int = 16) -> None:
         if window_ms < 0:
             raise ValueError(f"window_ms must be >= 0, got {window_ms}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.encoder: _EncoderBase = encoder.encoder if isinstance(encoder, MicroBatcher) else encoder
+        self.encoder: SearchEncoder = encoder.encoder if isinstance(encoder, MicroBatcher) else encoder
         self.window = window_ms / 1000.0
         self.max_batch = max_batch
         self._cond = threading.Condition()
@@ -55,6 +55,17 @@ class MicroBatcher:
         # Batch sizes seen, for the benchmark and the tests (plain ints under the lock).
         self.batches = 0
         self.batched_queries = 0
+
+    @property
+    def name(self) -> str:
+        return self.encoder.name
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def count_tokens(self, text: str) -> int:
+        return self.encoder.count_tokens(text)
 
     def __getattr__(self, name: str) -> Any:
         # name, dim, count_tokens, ... of the wrapped encoder

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -368,6 +368,20 @@ class OnnxEncoder(_EncoderBase):
 
 
 QueryEncoder = Encoder | OnnxEncoder
+
+
+class SearchEncoder(Protocol):
+    """What a searcher asks of its query encoder: an Encoder, an OnnxEncoder, or a MicroBatcher around one."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode_queries(self, texts: Sequence[str] | str) -> np.ndarray: ...
+
+    def count_tokens(self, text: str) -> int: ...
 
 
 def load_encoder(kind: str, directory: Path | str | None = None, model_path: str | None = None,

@@ -15,7 +15,6 @@ rank-bm25 does), of that term's impact in the chunk; k1 and b cannot change with
 from __future__ import annotations
 
 import functools
-
 import json
 import math
 from array import array

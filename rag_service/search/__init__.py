@@ -1,1 +1,2 @@
-"""The request path after validation: the pipeline and its stages (cache, encode, retrieve, fuse, rerank, context filter), the adaptive policy, prefetch and speculation."""
+"""The request path after validation: the Searcher protocol, the pipeline and its stages (cache, encode, retrieve,
+fuse, rerank, context filter), the adaptive policy, prefetch and speculation."""

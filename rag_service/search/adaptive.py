@@ -74,7 +74,8 @@ class AdaptiveConfig:
     # Lexical requests do not encode, so they do not refresh the encode cost: once its last measurement is older than
     # this, a request encodes anyway (a probe), so a cost inflated by a past burst cannot keep every request lexical.
     # With the moving mean's weight (_ALPHA) a probe every 0.25 s brings an inflated estimate back within ~3 s; at
-    # 1 s it took >10 s, and at 40 req/s most requests went lexical long after the burst (bench/experiments/latency_ab.py).
+    # 1 s it took >10 s, and at 40 req/s most requests went lexical long after the burst
+    # (bench/experiments/latency_ab.py).
     lexical_probe_s: float = 0.25
     # Brownout (module docstring): keep the p95 of recent budgeted requests' server time (arrival to result) under
     # `brownout_target` of their budget. The rest of the budget is for what the server cannot see: the network, the

@@ -12,8 +12,8 @@ A semantic hit must return what a fresh search would have returned (fidelity), s
 guard also asks that the two queries share their rare terms (IDF-weighted) and that the new query's BM25 top
 candidates overlap those stored with the entry; both come from the searcher's `guard` (the index's own analyzer and
 BM25). A searcher without a guard (the shard router) gets exact and strict hits only. Thresholds come from
-bench/experiments/cache_fidelity.py (figures in bench/README.md). Strict mode, for callers that cache generated answers on top of
-ours, only serves near-verbatim queries: the same content words, stemmed, in the same order.
+bench/experiments/cache_fidelity.py (figures in bench/README.md). Strict mode, for callers that cache generated answers
+on top of ours, only serves near-verbatim queries: the same content words, stemmed, in the same order.
 
 The store is thread-safe (exact lookups run on the event loop, semantic lookups and inserts on pipeline threads);
 single flight (identical concurrent requests do the work once) lives on the event loop in `CachedSearch.search`.
@@ -57,7 +57,8 @@ _KEYED_FIELDS = tuple(f.name for f in dataclasses.fields(SearchParams) if f.name
 
 # Words whose presence or absence never changes what a question asks; everything else, negations and prepositions
 # included ("not", "from", "to"), stays in the strict signature.
-_STRICT_IGNORED = frozenset("a an the is are was were be been being am do does did please".split())
+_STRICT_IGNORED = frozenset(["a", "an", "the", "is", "are", "was", "were", "be", "been", "being", "am", "do", "does",
+                             "did", "please"])
 _STRICT_ANALYZER = Analyzer(stemmer="english", stopwords=None)
 _STRICT_IGNORED_STEMS = frozenset(_STRICT_ANALYZER.tokens(" ".join(sorted(_STRICT_IGNORED))))
 
@@ -246,7 +247,8 @@ class CacheStore:
             if len(above) > k:
                 above = above[np.argpartition(-sims[above], k - 1)[:k]]
             above = above[np.argsort(-sims[above], kind="stable")]
-            return [(self._slot_entry[i], float(sims[i])) for i in above]
+            # A slot of this group always holds its entry (a freed slot's group is -1).
+            return [(entry, float(sims[i])) for i in above if (entry := self._slot_entry[i]) is not None]
 
     def by_signature(self, group: tuple, signature: tuple[str, ...]) -> Entry | None:
         with self._lock:
@@ -286,19 +288,21 @@ class CacheStore:
 
     def _slot_for(self, entry: Entry) -> int:
         gid = self._groups.setdefault(entry.group, len(self._groups))
-        if self._free:
+        vectors = self._vectors
+        if self._free and vectors is not None:  # a freed slot exists only once the matrix does
             slot = self._free.pop()
         else:
             slot = len(self._slot_entry)
             self._slot_entry.append(None)
-            if self._vectors is None or slot >= len(self._vectors):
+            if vectors is None or slot >= len(vectors):
                 grown = np.zeros((max(64, 2 * slot), len(entry.vector)), dtype=np.float32)
                 groups = np.full(len(grown), -1, dtype=np.int64)
-                if self._vectors is not None:
-                    grown[:slot] = self._vectors[:slot]
+                if vectors is not None:
+                    grown[:slot] = vectors[:slot]
                     groups[:slot] = self._slot_group[:slot]
                 self._vectors, self._slot_group = grown, groups
-        self._vectors[slot] = entry.vector
+                vectors = grown
+        vectors[slot] = entry.vector
         self._slot_group[slot] = gid
         self._slot_entry[slot] = entry
         return slot

@@ -29,7 +29,8 @@ from rag_service.core.params import SearchParams
 from rag_service.kernels import native
 
 SHINGLE_WORDS = 5
-# Jaccard bound of the shingle dedup the pipeline applies (no request field): chosen with bench/experiments/context_recall.py.
+# Jaccard bound of the shingle dedup the pipeline applies (no request field): chosen with
+# bench/experiments/context_recall.py.
 SHINGLE_THRESHOLD = 1.0
 _WORD = re.compile(r"\w+")
 
@@ -88,8 +89,8 @@ def select(relevance: np.ndarray, vectors: np.ndarray, texts: Callable[[int], st
     count_all = params.max_context_tokens > 0
     if params.is_identity:
         keep = list(range(min(params.top_k, m)))
-        counts = [tokens_at(i) for i in keep]
-        return Selection(positions=keep, tokens=counts, total_tokens=sum(counts))
+        kept = [tokens_at(i) for i in keep]
+        return Selection(positions=keep, tokens=kept, total_tokens=sum(kept))
     dropped = {"duplicate": 0, "shingle": 0, "budget": 0}
     if m == 0:
         return Selection(positions=[], tokens=[], dropped=dropped)

@@ -22,12 +22,13 @@ from rag_service.core.params import (
     check_deadline,
 )
 from rag_service.core.timing import StageTimer
-from rag_service.encoder.encode import Encoder
+from rag_service.encoder.encode import SearchEncoder
 from rag_service.index.load import Index
 from rag_service.kernels.native import FusionResult
 from rag_service.search import adaptive, context_filter, fusion
 from rag_service.search import rerank as rerank_mod
 from rag_service.search.searcher import ChunkFields, LexicalGuard, SearcherBase, assemble_contexts
+
 
 @dataclass
 class Candidates:
@@ -42,7 +43,7 @@ class Candidates:
 class Pipeline(SearcherBase):
     """One index and one query encoder; thread-safe (stages allocate per call), so a thread pool can share it."""
 
-    def __init__(self, index: Index, encoder: Encoder, rerank_model: rerank_mod.RerankModel | None = None,
+    def __init__(self, index: Index, encoder: SearchEncoder, rerank_model: rerank_mod.RerankModel | None = None,
                  policy: adaptive.AdaptivePolicy | None = None) -> None:
         """`rerank_model`: the combiner of the rerank stage; None loads the one shipped in the package."""
         if encoder.dim != index.manifest["model"]["dim"]:
@@ -88,8 +89,9 @@ class Pipeline(SearcherBase):
         timer = timer or StageTimer()
         with timer.stage("filter"):
             mask = self.index.filter_mask(params.filters)
+        dense = (np.zeros(0, np.int64), np.zeros(0, np.float32))
         if lexical_only:
-            dense = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+            query_vector = None
         elif query_vector is None:
             check_deadline(deadline, "encode")
             with timer.stage("encode"):
@@ -97,7 +99,7 @@ class Pipeline(SearcherBase):
         check_deadline(deadline, "lexical")
         with timer.stage("lexical"):
             bm25 = self.index.bm25.search(params.query, params.depth, mask)
-        if not lexical_only:
+        if query_vector is not None:  # not the lexical route
             check_deadline(deadline, "dense")
             with timer.stage("dense"):
                 dense = self.index.dense.search(query_vector, params.depth, mask)
@@ -122,7 +124,8 @@ class Pipeline(SearcherBase):
         depth, route, reason = (self.policy.rerank_depth(plan, candidates.bm25[0], candidates.dense[0], len(fused.ids))
                                 if reranking else (0, plan.route, plan.reason))
         reranked = None
-        if depth > 0 and self.rerank_store is not None and self.rerank_model is not None:
+        if depth > 0 and self.rerank_store is not None and self.rerank_model is not None \
+                and candidates.query_vector is not None:
             check_deadline(deadline, "rerank")
             with timer.stage("rerank"):
                 reranked = rerank_mod.rerank(self.rerank_store, self.rerank_model, params.query,

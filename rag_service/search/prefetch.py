@@ -9,15 +9,16 @@ dropped instead of run while `busy_in_flight` or more live searches are in fligh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from rag_service.search.cache import MISS, PREFETCH, CachedSearch, Served
 from rag_service.core.config import CacheConfig
 from rag_service.core.metrics import Metrics
 from rag_service.core.params import SearchParams
+from rag_service.search.cache import MISS, PREFETCH, CachedSearch, Served
 from rag_service.search.searcher import Searcher
 
 log = logging.getLogger(__name__)
@@ -67,19 +68,19 @@ class Prefetcher:
         return accepted, dropped
 
     def _ensure_running(self) -> None:
-        if self._task is None or self._task.done():
-            self._wakeup = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._drain(), name="rag-prefetch")
+        if self._task is None or self._task.done() or self._wakeup is None:
+            wakeup = self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._drain(wakeup), name="rag-prefetch")
         self._wakeup.set()
 
     async def _execute(self, work: Callable[[], Served]) -> Served:
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
-    async def _drain(self) -> None:
+    async def _drain(self, wakeup: asyncio.Event) -> None:
         while not self._closed:
             if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                wakeup.clear()
+                await wakeup.wait()
                 continue
             params = self._queue.popleft()
             self.metrics.prefetch_queued.set(len(self._queue))
@@ -109,8 +110,6 @@ class Prefetcher:
             self._queue.clear()
         if self._task is not None and not self._task.done():
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from rag_service.kernels import native
 from rag_service.index.windows import WindowData
+from rag_service.kernels import native
 from rag_service.retrievers.lexical import BM25Index, idf_values
 
 MODEL_FORMAT = 1
@@ -135,8 +135,8 @@ class RerankModel:
 
 
 @njit(cache=True, nogil=True)
-def _lexical_features(tokens, t_off, title_len, w_off, w_spans, cands, qterms, qcount, idf, k1, b,  # noqa: ANN001
-                      avgdl, avg_title, avg_window):  # noqa: ANN001, ANN202
+def _lexical_features(tokens, t_off, title_len, w_off, w_spans, cands, qterms, qcount, idf, k1, b,
+                      avgdl, avg_title, avg_window):
     """Per candidate: BM25 of the chunk, of its title, best over its windows, and idf-weighted query coverage."""
     m = cands.shape[0]
     nq = qterms.shape[0]

@@ -29,7 +29,7 @@ from rag_service.core.params import (
     check_deadline,
 )
 from rag_service.core.timing import StageTimer
-from rag_service.encoder.encode import Encoder
+from rag_service.encoder.encode import SearchEncoder
 from rag_service.kernels.native import FusionResult
 from rag_service.search import adaptive
 from rag_service.search import rerank as rerank_mod
@@ -64,7 +64,7 @@ class Searcher(Protocol):
     """The one interface the server, the cache, Prefetch and StreamSearch use, whatever serves the index."""
 
     policy: adaptive.AdaptivePolicy
-    encoder: Encoder
+    encoder: SearchEncoder
 
     @property
     def version(self) -> str: ...
@@ -90,7 +90,7 @@ class SearcherBase:
     """The shared front of a search. Subclasses set `encoder`, `policy` and implement `capabilities`, `version`
     and `_rank`."""
 
-    encoder: Encoder
+    encoder: SearchEncoder
     policy: adaptive.AdaptivePolicy
 
     @property

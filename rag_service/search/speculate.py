@@ -17,9 +17,9 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rag_service.search.cache import EXACT, LIVE, MISS, PREFETCHED, SPECULATIVE, CachedSearch, Execute, Served
 from rag_service.core.metrics import Metrics
 from rag_service.core.params import SearchParams
+from rag_service.search.cache import EXACT, LIVE, MISS, PREFETCHED, SPECULATIVE, CachedSearch, Execute, Served
 from rag_service.search.searcher import Searcher
 
 
@@ -76,7 +76,7 @@ class DraftSession:
         spec, self._latest = self._latest, None
         if spec is None:
             return
-        if not spec.started:
+        if not spec.started and spec.task is not None:
             spec.task.cancel()
             self.metrics.speculative.labels("cancelled").inc()
         else:
@@ -86,7 +86,7 @@ class DraftSession:
         """The answer to a final draft."""
         key = (self.cache.key(pipeline, params), self.cache.mode(params, pipeline))
         spec = self._latest
-        if spec is not None and spec.key == key and spec.started:
+        if spec is not None and spec.key == key and spec.started and spec.task is not None:
             self._latest = None
             try:
                 served = await asyncio.shield(spec.task)

@@ -4,9 +4,9 @@ Per request: encode the query once; ask every shard for its BM25 and dense top-d
 concurrently, within the caller's remaining deadline; merge each retriever's lists (score desc, then global id asc,
 the order one index returns) and fuse them with the same fusion code; ask the shards holding the fused pool for the
 reranker's per-candidate features, vectors, token counts and texts; then rerank, filter and pack exactly as
-Pipeline._search does. Shards compute the per-candidate features with the corpus' statistics
-(rag_service.search.rerank.local_features); the router adds what needs the whole candidate list (ranks, scale by the best,
-PRF), from the same code, so with exact (flat) dense search the reply equals the single index's.
+Pipeline._rank does. Shards compute the per-candidate features with the corpus' statistics
+(rag_service.search.rerank.local_features); the router adds what needs the whole candidate list (ranks, scale by the
+best, PRF), from the same code, so with exact (flat) dense search the reply equals the single index's.
 
 A shard that fails or misses the deadline leaves the reply partial (SearchResult.partial, shards_missing) unless the
 request sets require_complete, which turns it into UNAVAILABLE (or DEADLINE_EXCEEDED) naming the shard.
@@ -34,7 +34,7 @@ from rag_service.core import tracing
 from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Unavailable
 from rag_service.core.params import Capabilities, IndexSummary, SearchResult, check_deadline
 from rag_service.core.timing import StageTimer
-from rag_service.encoder.encode import Encoder
+from rag_service.encoder.encode import SearchEncoder
 from rag_service.kernels.native import FusionResult
 from rag_service.pb.rag.v1 import shard_pb2 as spb
 from rag_service.pb.rag.v1 import shard_pb2_grpc as spb_grpc
@@ -127,6 +127,11 @@ class _Details:
         return self.tokens[pos]
 
 
+def _tokens_at(details: _Details, order: np.ndarray, i: int) -> int:
+    """Tokens of ranking position i; a miss fetches the positions after it too (the likely next picks)."""
+    return details.tokens_at(int(order[i]), order[i + 1:])
+
+
 def _merge(ids: list[np.ndarray], scores: list[np.ndarray], depth: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-shard top lists -> the global top `depth`, ordered as one index orders them (score desc, id asc)."""
     if not ids:
@@ -140,7 +145,7 @@ def _merge(ids: list[np.ndarray], scores: list[np.ndarray], depth: int) -> tuple
 class ShardedPipeline(SearcherBase):
     """A shard set as a Searcher. Thread-safe: per-request state only, channels are shared."""
 
-    def __init__(self, router_dir: Path | str, addresses: list[str], encoder: Encoder, *,
+    def __init__(self, router_dir: Path | str, addresses: list[str], encoder: SearchEncoder, *,
                  rerank_model: rerank_mod.RerankModel | None = None, policy: adaptive.AdaptivePolicy | None = None,
                  timeout_s: float = 5.0, connect_timeout_s: float = 30.0, token: str | None = None) -> None:
         self.router_dir = Path(router_dir)
@@ -246,7 +251,7 @@ class ShardedPipeline(SearcherBase):
         timeout = self.timeout_s if deadline is None else \
             min(self.timeout_s, max((deadline - time.monotonic()) * SHARD_SHARE, 1e-3))
 
-        def ended(span, call: grpc.Future) -> None:  # on gRPC's thread, as the call completes
+        def ended(span: Any, call: Any) -> None:  # on gRPC's thread, as the call completes (a grpc.Call and Future)
             code = call.code()
             error = None if code == grpc.StatusCode.OK else f"{code.name}: {call.details()}"
             tracing.finish(span, code.value[0], error)
@@ -349,7 +354,7 @@ class ShardedPipeline(SearcherBase):
             depth = min(depth, len(rows.features))
 
         reranked = None
-        if depth > 0:
+        if depth > 0 and self.rerank_model is not None:
             check_deadline(deadline, "rerank")
             with timer.stage("rerank"):
                 cands = fused.ids[:depth]
@@ -372,9 +377,9 @@ class ShardedPipeline(SearcherBase):
                     if filter_params.is_identity:
                         details.ensure(order_[:params.top_k].tolist())
                     selection = context_filter.select(
-                        relevance[alive], vectors, lambda i: self._text(details, order_, i),
+                        relevance[alive], vectors, functools.partial(self._text, details, order_),
                         self.encoder.count_tokens, filter_params,
-                        count_at=lambda i: details.tokens_at(int(order_[i]), order_[i + 1:]))
+                        count_at=functools.partial(_tokens_at, details, order_))
                     details.ensure([int(order_[i]) for i in selection.positions])
                     break
                 except _ShardLost:
