@@ -46,7 +46,6 @@ import numpy as np
 from rag_service.core.params import SearchParams
 
 FULL, LIGHT, CONFIDENT, FUSED, SHALLOW, LEXICAL = "full", "light", "confident", "fused", "shallow", "lexical"
-ROUTES = (FULL, LIGHT, CONFIDENT, FUSED, SHALLOW, LEXICAL)
 LIGHT_MIN = 20
 SHALLOW_DEPTH = 30
 # Cold-start costs (ms) on the 2-core reference machine, replaced by measurements after a few requests.
