@@ -136,3 +136,20 @@ def test_shards_carry_their_chunks_counts(built_index, encoder, tmp_path, stored
         np.testing.assert_array_equal(shard.chunk_tokens, per_chunk(shard, encoder))
         seen += shard.n_chunks
     assert seen == len(expected)
+
+
+@pytest.mark.slow
+def test_an_update_stores_the_counts_of_its_chunks(built_index, encoder, tmp_path):
+    from rag_service.index.chunking import Document
+    from rag_service.index.update import update_index
+
+    root = tmp_path / "root"
+    shutil.copytree(built_index, root, symlinks=True)
+    added = Document(id="tides", title="Tides", text="The Moon's gravity raises two bulges of ocean water; the Earth "
+                     "turns beneath them, so most coasts see two high tides a day.", metadata={})
+    result = update_index(root, add=[added], delete=["coffee"], encoder=encoder, progress=False)
+    manifest = manifest_mod.verify(result.version_dir)
+    assert tokens_mod.TOKENS_FILE in manifest["files"]
+    index = load_index(result.version_dir)
+    assert index.chunk_tokens is not None
+    np.testing.assert_array_equal(index.chunk_tokens, per_chunk(index, encoder))
