@@ -29,6 +29,7 @@ from rag_service.encoder.encode import Encoder, OnnxEncoder
 from rag_service.index import manifest as manifest_mod
 from rag_service.index import publish as publish_mod
 from rag_service.index import source as source_mod
+from rag_service.index import tokens as tokens_mod
 from rag_service.index import windows as windows_mod
 from rag_service.index.chunking import Chunk, Chunker, Document, TokenizerLike, dense_text, lexical_text
 from rag_service.index.store import write_store
@@ -330,6 +331,10 @@ def build_index(
         with timer.stage("store"):
             write_store(tmp, docs, chunks)
             source_mod.write_documents(tmp, docs)
+
+        with timer.stage("tokens"):
+            # Every reply reports its contexts' token counts: counted here once, not per request.
+            tokens_mod.write_tokens(tmp, tokens_mod.count_texts([c.text for c in chunks], encoder))
 
         with timer.stage("bm25"):
             analyzer = Analyzer(stemmer=config.stemmer, stopwords=config.stopwords)

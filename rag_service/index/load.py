@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from rag_service.core.errors import IndexFormatError
+from rag_service.index import tokens as tokens_mod
 from rag_service.index.manifest import MANIFEST_FILE, check_files, read_manifest
 from rag_service.index.publish import CURRENT
 from rag_service.index.store import DocStore
@@ -52,6 +54,10 @@ class Index:
     analyzer: Analyzer
     load_seconds: float = field(default=0.0)
     windows: WindowData | None = None  # sentence windows and token streams for the reranker; None in older indexes
+    # Model tokens per chunk (index/tokens.py), memory-mapped; None in an index built before they were stored, until
+    # token_counts counts them.
+    chunk_tokens: np.ndarray | None = None
+    _tokens_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -77,6 +83,16 @@ class Index:
     def model(self) -> dict[str, Any]:
         """{name, dim, max_seq_length} of the encoder the index was built with; queries must use the same."""
         return dict(self.manifest["model"])
+
+    def token_counts(self, counter: tokens_mod.TokenCounter) -> np.ndarray:
+        """Model tokens of every chunk: the stored array, or (an older index without it) counted once here with
+        `counter`, which must count with the index's model tokenizer (a searcher's query encoder does: its model is
+        checked to be the index's), and kept for every later caller."""
+        if self.chunk_tokens is None:
+            with self._tokens_lock:
+                if self.chunk_tokens is None:
+                    self.chunk_tokens = tokens_mod.count_at_load(self.path, self.store, self.n_chunks, counter)
+        return self.chunk_tokens
 
     def filter_mask(self, filters: Mapping[str, str] | None) -> np.ndarray | None:
         return self.store.filter_mask(filters)
@@ -119,9 +135,12 @@ def load_index(path: Path | str, *, verify_checksums: bool = True, search_thread
     else:
         log.warning("index %s has no sentence windows (built before the reranker): rerank is off for it; rebuild it "
                     "with rag-index build to enable it", directory)
+    chunk_tokens = None
+    if tokens_mod.TOKENS_FILE in manifest["files"]:
+        chunk_tokens = tokens_mod.load_tokens(directory, store.n_chunks)
     elapsed = time.perf_counter() - started
     log.info("loaded index %s version %s (%d docs, %d chunks) from %s in %.3fs%s", manifest["name"],
              manifest["version"], store.n_docs, store.n_chunks, directory, elapsed,
              " with checksums" if verify_checksums else "")
     return Index(path=directory, manifest=manifest, store=store, bm25=bm25, dense=dense, analyzer=analyzer,
-                 load_seconds=elapsed, windows=windows)
+                 load_seconds=elapsed, windows=windows, chunk_tokens=chunk_tokens)

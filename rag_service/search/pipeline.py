@@ -54,9 +54,9 @@ class Pipeline(SearcherBase):
         self.rerank_store = (rerank_mod.RerankStore.create(index.windows, index.bm25, index.dense.vectors)
                              if index.windows is not None else None)
         self.rerank_model = rerank_model or (rerank_mod.RerankModel.load() if self.rerank_store is not None else None)
-        # Tokens per chunk, counted on first use: tokenizing a passage costs ~0.1-0.7 ms and every reply reports
-        # its contexts' tokens. -1 = not counted yet; concurrent writers store the same value.
-        self._chunk_tokens = np.full(index.n_chunks, -1, np.int32)
+        # Every reply reports its contexts' tokens: stored at build time (an older index counts them here, once),
+        # since tokenizing a passage per request costs ~0.1-0.7 ms.
+        self._chunk_tokens = index.token_counts(encoder)
         # Route choice per request (budget, load, retriever agreement); see adaptive.py.
         self.policy = policy or adaptive.AdaptivePolicy()
         self._capabilities = Capabilities(rerank=self.rerank_store is not None, lexical_route=True,
@@ -156,8 +156,4 @@ class Pipeline(SearcherBase):
                            text=store.chunk_text(chunk), metadata=store.doc_metadata(doc))
 
     def chunk_tokens(self, chunk: int) -> int:
-        count = int(self._chunk_tokens[chunk])
-        if count < 0:
-            count = self.encoder.count_tokens(self.index.store.chunk_text(chunk))
-            self._chunk_tokens[chunk] = count
-        return count
+        return int(self._chunk_tokens[chunk])

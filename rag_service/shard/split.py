@@ -36,12 +36,14 @@ import numpy as np
 
 from rag_service.core.errors import BuildError, IndexFormatError
 from rag_service.encoder import onnx_export
+from rag_service.encoder.encode import OnnxEncoder
 from rag_service.index import manifest as manifest_mod
 from rag_service.index import publish as publish_mod
 from rag_service.index import source as source_mod
+from rag_service.index import tokens as tokens_mod
 from rag_service.index import windows as windows_mod
 from rag_service.index.chunking import Chunk, Document
-from rag_service.index.load import load_index, resolve_version_dir
+from rag_service.index.load import Index, load_index, resolve_version_dir
 from rag_service.index.store import write_store
 from rag_service.retrievers import dense as dense_mod
 from rag_service.retrievers import lexical
@@ -136,6 +138,8 @@ def split_index(source: Path | str, out: Path | str, count: int, *, keep: int = 
             for line in f:
                 source_lines[json.loads(line)["_id"]] = line
 
+    chunk_tokens = _source_tokens(index, src)
+
     # Term of every posting, so a shard's postings are a mask over the global arrays (order within a term kept).
     posting_terms = np.repeat(np.arange(len(global_df), dtype=np.int64), np.diff(np.asarray(bm25.indptr)))
     posting_docs = np.asarray(bm25.docs, dtype=np.int64)
@@ -169,6 +173,8 @@ def split_index(source: Path | str, out: Path | str, count: int, *, keep: int = 
                 with open(tmp / source_mod.SOURCE_FILE, "w", encoding="utf-8") as f:
                     f.writelines(source_lines[d.id] for d in docs)
             np.save(tmp / CHUNKS_FILE, chunks_g)
+            if chunk_tokens is not None:
+                tokens_mod.write_tokens(tmp, np.asarray(chunk_tokens)[chunks_g])
 
             keep_post = local_chunk[posting_docs] >= 0
             indptr = np.zeros(len(global_df) + 1, np.int64)
@@ -229,6 +235,18 @@ def split_index(source: Path | str, out: Path | str, count: int, *, keep: int = 
     router = write_router(out, manifest, src, set_id=set_id, count=count, stats=stats, shards=shard_info)
     log.info("split %s into %d shards under %s in %.1fs", src, count, out, time.perf_counter() - started)
     return ShardSet(root=out, router=router, shards=published, set_id=set_id, stats_sha256=stats)
+
+
+def _source_tokens(index: Index, src: Path) -> np.ndarray | None:
+    """The source's model tokens per chunk: stored, or (an index built before they were) counted with the
+    tokenizer of its ONNX export; None without either, and each shard then counts its own at load."""
+    if index.chunk_tokens is not None:
+        return index.chunk_tokens
+    if "encoder_export" in index.manifest and onnx_export.has_export(src):
+        return index.token_counts(OnnxEncoder(src, "onnx-int8"))
+    log.warning("%s has neither %s nor an ONNX export to count them with: each shard counts its chunks' tokens at "
+                "load", src, tokens_mod.TOKENS_FILE)
+    return None
 
 
 def _write_windows(directory: Path, windows: windows_mod.WindowData, chunks_g: np.ndarray,
