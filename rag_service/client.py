@@ -14,6 +14,14 @@ DNS name such as a Kubernetes headless Service, or a static list from `replica_t
                          retries=3) as client:
         result = client.search("how do I parse JSON?")
         print(result.served_by, result.index_version)
+
+Retry policy (`retries=N`, N up to 4, gRFC A6): the read RPCs (Search, StreamSearch, GetIndexInfo, Prefetch; never
+ReloadIndex) are sent again up to N more times, all attempts within the call's one deadline, on UNAVAILABLE (a
+replica down, draining or still loading: after exponential backoff with jitter, 50 ms doubling up to 1 s, to the
+next replica under round_robin) and, unless `retry_overloaded=False`, on RESOURCE_EXHAUSTED (a server shedding load:
+after the delay that server sends as `grpc-retry-pushback-ms`, its estimate of when there will be room). Once a
+reply has started streaming, a StreamSearch is not retried. Without retries a refused call raises RetrieverError
+with `retry_after_ms` set from that pushback, for callers that retry themselves.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ CACHE = {None: pb.CACHE_DEFAULT, "default": pb.CACHE_DEFAULT, "bypass": pb.CACHE
 SERVED_FROM = {pb.SERVED_FROM_MISS: "miss", pb.SERVED_FROM_EXACT: "exact", pb.SERVED_FROM_SEMANTIC: "semantic",
                pb.SERVED_FROM_PREFETCHED: "prefetched"}
 SERVED_BY_HEADER = "x-served-by"  # trailing metadata: the replica that answered (ServerConfig.replica_name)
+PUSHBACK_HEADER = "grpc-retry-pushback-ms"  # trailing metadata of a refusal for load: when to come back (gRFC A6)
 SERVICE = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
 # Read RPCs are safe to send again; ReloadIndex is aimed at one server and is never retried.
 RETRIED_METHODS = ("Search", "StreamSearch", "GetIndexInfo", "Prefetch")
@@ -55,10 +64,13 @@ def replica_target(addresses: Iterable[str]) -> str:
 
 
 def service_config(*, load_balancing: Literal["round_robin", "pick_first"] | None = "round_robin",
-                   retries: int = 0, initial_backoff: float = 0.05, max_backoff: float = 1.0) -> str:
+                   retries: int = 0, initial_backoff: float = 0.05, max_backoff: float = 1.0,
+                   retry_overloaded: bool = True) -> str:
     """gRPC service config (JSON) for a channel over replicas: the load-balancing policy and a retry policy that
-    re-sends the read RPCs up to `retries` more times on UNAVAILABLE, with exponential backoff and jitter (gRFC A6).
-    A retried call keeps its deadline: the attempts share it."""
+    re-sends the read RPCs up to `retries` more times on UNAVAILABLE, with exponential backoff and jitter (gRFC A6),
+    and with `retry_overloaded` on RESOURCE_EXHAUSTED too: gRPC then waits the server's `grpc-retry-pushback-ms`
+    instead of its own backoff (a server refusing for load says when it expects room). A retried call keeps its
+    deadline: the attempts share it."""
     if not 0 <= retries <= 4:  # gRPC caps maxAttempts at 5
         raise ValueError(f"retries must be between 0 and 4, got {retries}")
     if load_balancing not in ("round_robin", "pick_first", None):
@@ -71,7 +83,8 @@ def service_config(*, load_balancing: Literal["round_robin", "pick_first"] | Non
             "name": [{"service": SERVICE, "method": m} for m in RETRIED_METHODS],
             "retryPolicy": {"maxAttempts": retries + 1, "initialBackoff": f"{initial_backoff}s",
                             "maxBackoff": f"{max_backoff}s", "backoffMultiplier": 2,
-                            "retryableStatusCodes": ["UNAVAILABLE"]},
+                            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"] if retry_overloaded
+                            else ["UNAVAILABLE"]},
         }]
     return json.dumps(config)
 
@@ -115,24 +128,41 @@ class SearchResult:
 
 class RetrieverError(Exception):
     """A failed call: `code` is the gRPC status code, `details` the server's message (it names the bad field);
-    `served_by` the replica that refused it, when one answered at all."""
+    `served_by` the replica that refused it, when one answered at all; `retry_after_ms` the delay a server refusing
+    for load (RESOURCE_EXHAUSTED) asked for before trying again, None when it sent none."""
 
-    def __init__(self, code: grpc.StatusCode, details: str, served_by: str = "") -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, served_by: str = "",
+                 retry_after_ms: int | None = None) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
         self.served_by = served_by
+        self.retry_after_ms = retry_after_ms
 
 
 def _optional(msg, name: str):
     return getattr(msg, name) if msg.HasField(name) else None
 
 
-def _served_by(metadata) -> str:
+def _header(metadata, name: str) -> str:
     for key, value in metadata or ():
-        if key == SERVED_BY_HEADER:
+        if key == name:
             return value.decode("ascii", "replace") if isinstance(value, bytes) else value
     return ""
+
+
+def _served_by(metadata) -> str:
+    return _header(metadata, SERVED_BY_HEADER)
+
+
+def _retry_after_ms(metadata) -> int | None:
+    value = _header(metadata, PUSHBACK_HEADER)
+    return int(value) if value.isdigit() else None
+
+
+def _error(error: grpc.RpcError) -> RetrieverError:
+    metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    return RetrieverError(error.code(), error.details() or "", _served_by(metadata), _retry_after_ms(metadata))
 
 
 def _result(reply: pb.SearchResponse, served_by: str = "") -> SearchResult:
@@ -167,10 +197,12 @@ class RetrieverClient:
 
     Replicas: `load_balancing="round_robin"` spreads calls over every address the target resolves to (gRPC's default,
     pick_first, sends them all to one), and `retries=N` re-sends a read call that failed with UNAVAILABLE up to N more
-    times, each time to the next replica; see `service_config`. Leave both None to keep gRPC's defaults or a
-    "grpc.service_config" given in `options`. `keepalive` (seconds) pings each connection that has calls in flight
-    that often and gives it as long to answer: a replica cut off the network (no reset, so nothing else notices)
-    then fails its calls with UNAVAILABLE, retried elsewhere, instead of holding them until their deadline.
+    times, each time to the next replica, and (unless `retry_overloaded=False`) one refused with RESOURCE_EXHAUSTED
+    after the delay the server asked for (`grpc-retry-pushback-ms`); see the module's retry policy and
+    `service_config`. Leave both None to keep gRPC's defaults or a "grpc.service_config" given in `options`.
+    `keepalive` (seconds) pings each connection that has calls in flight that often and gives it as long to answer: a
+    replica cut off the network (no reset, so nothing else notices) then fails its calls with UNAVAILABLE, retried
+    elsewhere, instead of holding them until their deadline.
     """
 
     def __init__(self, target: str, *, timeout: float = 5.0, channel: grpc.Channel | None = None,
@@ -178,7 +210,7 @@ class RetrieverClient:
                  admin_token: str | None = None, tls_ca: bytes | str | Path | None = None,
                  tls_cert: bytes | str | Path | None = None, tls_key: bytes | str | Path | None = None,
                  load_balancing: Literal["round_robin", "pick_first"] | None = None,
-                 retries: int | None = None, keepalive: float | None = None) -> None:
+                 retries: int | None = None, keepalive: float | None = None, retry_overloaded: bool = True) -> None:
         options = list(options or [])
         if keepalive is not None:
             if keepalive <= 0:
@@ -192,8 +224,8 @@ class RetrieverClient:
             if channel is not None:
                 raise ValueError("load_balancing/retries configure a channel this client creates; "
                                  "pass them to the channel you give instead")
-            options.append(("grpc.service_config", service_config(load_balancing=load_balancing,
-                                                                  retries=retries or 0)))
+            options.append(("grpc.service_config", service_config(load_balancing=load_balancing, retries=retries or 0,
+                                                                  retry_overloaded=retry_overloaded)))
         self._own_channel = channel is None
         if channel is None and tls_ca is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=_pem(tls_ca), private_key=_pem(tls_key),
@@ -224,8 +256,7 @@ class RetrieverClient:
             reply, call = method.with_call(request, timeout=self.timeout if timeout is None else timeout,
                                            metadata=self._metadata if metadata is None else metadata)
         except grpc.RpcError as error:
-            served_by = _served_by(error.trailing_metadata()) if hasattr(error, "trailing_metadata") else ""
-            raise RetrieverError(error.code(), error.details() or "", served_by) from error
+            raise _error(error) from error
         return reply, _served_by(call.trailing_metadata())
 
     def search(self, query: str, *, top_k: int | None = None, depth: int | None = None,
@@ -278,7 +309,7 @@ class RetrieverClient:
                                                  metadata=self._metadata):
                 yield _result(reply)
         except grpc.RpcError as error:
-            raise RetrieverError(error.code(), error.details() or "") from error
+            raise _error(error) from error
 
     def index_info(self, *, timeout: float | None = None) -> pb.IndexInfo:
         return self._call(self._stub.GetIndexInfo, pb.GetIndexInfoRequest(), timeout)

@@ -10,10 +10,23 @@
   (non-final requests) are not admitted as searches: they only start speculation, which runs while fewer than
   `cache.speculative_busy_in_flight` searches are in flight, and whose work waiting for a thread counts in the queue.
 - Prefetch needs only an open server: its work runs on its own thread while the server is idle (search/prefetch.py).
+
+A refusal for load tells the caller when to come back (`Overloaded.retry_after_ms`, sent by api/rpc.py as gRPC retry
+pushback, trailing metadata `grpc-retry-pushback-ms`, gRFC A6). The gate keeps a moving mean of how long an admitted
+search holds its slot (`residence`, seconds). By Little's law, with `in_flight` searches each holding a slot that
+long, a slot frees every residence / in_flight seconds, so the requests `ahead` of the refused one (1 for the
+in-flight limit: the next slot; the queue plus itself for the queue limit) will be gone in ahead x residence /
+in_flight. That estimate is spread by a factor drawn from [0.5, 1.5), so callers refused in one burst come back
+spread over the window rather than together, and bounded to [PUSHBACK_MIN_MS, PUSHBACK_MAX_MS]: no sooner than a
+retry could find room, no later than a stale estimate should keep a caller away. It costs a few float operations per
+refusal; nothing is logged. UNAVAILABLE (draining, loading) carries no pushback on purpose: gRFC A6 reads a negative
+pushback as "do not retry at all", which would also stop the retry that round_robin sends to another replica, and
+without pushback the client's own backoff applies.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +37,10 @@ from rag_service.core.config import ServerConfig
 from rag_service.core.errors import Overloaded, Unavailable
 from rag_service.core.metrics import Metrics
 from rag_service.search.searcher import Searcher
+
+PUSHBACK_MIN_MS = 5
+PUSHBACK_MAX_MS = 1000
+RESIDENCE_WEIGHT = 0.05  # of the latest search in the moving mean: about the last 20 searches count
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,7 @@ class Admission:
         self._queued_lock = threading.Lock()
         self.draining = False
         self.last_arrival = 0.0  # time.monotonic() of the latest search, so a drain can wait for a quiet moment
+        self.residence = 0.0  # moving mean of the seconds an admitted search holds its slot, for the pushback
 
     def loaded(self) -> Searcher:
         pipeline = self._pipeline()
@@ -63,11 +81,11 @@ class Admission:
         limit = self.config.max_in_flight
         if self.in_flight >= limit:
             self.metrics.shed.inc()
-            raise Overloaded(f"{self.in_flight} requests in flight (limit {limit}); retry later")
+            raise Overloaded(f"{self.in_flight} requests in flight (limit {limit}); retry later", self.pushback_ms(1))
         if self.queued >= self.config.max_queued and self.in_flight >= self.config.workers:
             self.metrics.shed.inc()
             raise Overloaded(f"{self.queued} requests queued for a pipeline thread (limit "
-                             f"{self.config.max_queued}); retry later")
+                             f"{self.config.max_queued}); retry later", self.pushback_ms(self.queued + 1))
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
@@ -75,6 +93,12 @@ class Admission:
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
+            self.residence += (time.monotonic() - arrival - self.residence) * RESIDENCE_WEIGHT
+
+    def pushback_ms(self, ahead: int) -> int:
+        """Milliseconds until a request refused behind `ahead` others may find room (module docstring)."""
+        estimate = self.residence * 1000.0 * ahead / max(self.in_flight, 1) * (0.5 + random.random())
+        return int(min(max(estimate, PUSHBACK_MIN_MS), PUSHBACK_MAX_MS))
 
     def enqueue(self) -> None:
         """Work was submitted to the pipeline threads."""

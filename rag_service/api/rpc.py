@@ -4,7 +4,9 @@ handlers of Retriever (api/server.py) and Shard (api/shard_service.py).
 The wrapper opens the RPC's span (its parent: the caller's W3C trace context from the call metadata), turns a failure
 into a status (a RagError into its code and message; anything else into INTERNAL with a generic message, its traceback
 in the log) and counts the call in rag_requests (method, code) and rag_request_seconds. Handlers hold only their own
-logic: they raise domain errors and return replies.
+logic: they raise domain errors and return replies. A refusal for load that knows when to come back
+(`Overloaded.retry_after_ms`) adds it to the trailing metadata as `grpc-retry-pushback-ms` (gRFC A6), which gRPC's
+client-side retries honour in place of their own backoff.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from rag_service.core.metrics import Metrics
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+PUSHBACK_HEADER = "grpc-retry-pushback-ms"
 
 STATUS_FOR: dict[type[RagError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -74,6 +78,11 @@ class Rpc:
                 result = await call()
             except Exception as error:
                 code, message = self._failed(method, error, span)
+                pushback = getattr(error, "retry_after_ms", None)
+                if pushback is not None:
+                    # Beside what is already there (request id, x-served-by): setting replaces the whole list.
+                    context.set_trailing_metadata((*(context.trailing_metadata() or ()),
+                                                   (PUSHBACK_HEADER, str(pushback))))
                 await context.abort(code, message)
                 raise  # unreachable: abort raises
             if count_ok:

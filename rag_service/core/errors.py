@@ -15,7 +15,12 @@ class InvalidArgument(RagError, ValueError):
 
 
 class Overloaded(RagError):
-    """Admission control refused the request: too much work in flight."""
+    """Admission control refused the request: too much work in flight. `retry_after_ms`: when the caller may come
+    back, as the gate estimates it (None: no estimate); the server sends it as gRPC retry pushback."""
+
+    def __init__(self, message: str, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 class Unavailable(RagError):

@@ -1,0 +1,146 @@
+"""Retry pushback: a refusal for load says when to come back (trailing metadata grpc-retry-pushback-ms, gRFC A6), a
+client with retries waits that long and succeeds once there is room, and a drain refusal sends no pushback so the
+client's own backoff sends the retry to another replica. Real servers, real channels."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import grpc
+import pytest
+
+from rag_service.api.admission import PUSHBACK_MAX_MS, PUSHBACK_MIN_MS
+from rag_service.client import RetrieverClient, RetrieverError, replica_target, service_config
+from rag_service.core.config import ServerConfig
+from rag_service.pb.rag.v1 import retrieval_pb2 as pb
+from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
+
+PUSHBACK = "grpc-retry-pushback-ms"
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def _shed(running) -> float:
+    return running.server.metrics.registry.get_sample_value("rag_requests_shed_total") or 0.0
+
+
+@pytest.fixture
+def full(built_index, encoder, server_thread):
+    """A server with one pipeline thread and one search in flight at most, that search admitted and stuck behind a
+    blocked pipeline thread: every further Search is refused for load until `gate` is set."""
+    config = ServerConfig(index=built_index, port=0, workers=1, max_in_flight=1, max_queued=0, warmup_queries=0,
+                          replica_name="full-replica")
+    with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.RetrieverStub(channel)
+        stub.Search(pb.SearchRequest(query="warm up"), timeout=30)
+        gate = threading.Event()
+        running.server.executor.submit(gate.wait, 60)
+        stuck = stub.Search.future(pb.SearchRequest(query="coffee"), timeout=60)
+        assert _wait_for(lambda: running.server.servicer.admission.in_flight == 1)
+        yield running, stub, gate
+        gate.set()
+        assert stuck.result().contexts
+
+
+def test_a_refusal_for_load_carries_a_bounded_pushback_beside_the_other_trailers(full):
+    running, stub, _ = full
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Search(pb.SearchRequest(query="volcano"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers = dict(info.value.trailing_metadata())
+    assert trailers[PUSHBACK].isdigit()
+    assert PUSHBACK_MIN_MS <= int(trailers[PUSHBACK]) <= PUSHBACK_MAX_MS
+    assert trailers["x-served-by"] == "full-replica"  # the pushback is added to, not in place of, the trailers
+
+    # The estimate follows what the gate measured: admitted searches holding their slot 0.2 s each, one ahead.
+    running.server.servicer.admission.residence = 0.2
+    # No retry policy: the refusal reaches the caller.
+    with RetrieverClient(f"127.0.0.1:{running.port}") as client, pytest.raises(RetrieverError) as refused:
+        client.search("volcano", timeout=5)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.served_by == "full-replica"
+    assert refused.value.retry_after_ms is not None and 100 <= refused.value.retry_after_ms < 300
+
+
+def test_the_pushback_is_spread_and_bounded(full):
+    running, _, _ = full
+    admission = running.server.servicer.admission
+    admission.residence = 0.2
+    delays = {admission.pushback_ms(1) for _ in range(200)}
+    assert min(delays) >= 100 and max(delays) < 300 and len(delays) > 20  # spread so a refused burst comes back apart
+    admission.residence = 0.0
+    assert admission.pushback_ms(1) == PUSHBACK_MIN_MS  # no sooner than a retry could find room
+    admission.residence = 60.0
+    assert admission.pushback_ms(5) == PUSHBACK_MAX_MS  # no later than a stale estimate should keep a caller away
+
+
+def test_a_retrying_client_waits_the_pushback_and_succeeds_once_there_is_room(full):
+    running, _, gate = full
+    # Each admitted search held its slot 0.6 s: the refused call is told to come back in 0.3 to 0.9 s, where the
+    # client's own backoff would have retried within 0.05 s.
+    running.server.servicer.admission.residence = 0.6
+
+    def make_room() -> None:
+        _wait_for(lambda: _shed(running) >= 1)
+        gate.set()  # the stuck search finishes at once and frees the only slot
+
+    threading.Thread(target=make_room, daemon=True).start()
+    started = time.monotonic()
+    with RetrieverClient(f"127.0.0.1:{running.port}", retries=2) as client:
+        result = client.search("glacier", timeout=10)
+    elapsed = time.monotonic() - started
+    assert result.contexts and result.served_by == "full-replica"
+    assert _shed(running) == 1  # refused once, then admitted on the retry
+    assert elapsed >= 0.29  # the retry waited for the server's pushback, not the client's 50 ms backoff
+
+
+def test_a_client_that_opts_out_does_not_retry_a_refusal_for_load(full):
+    running, _, _ = full
+    config = json.loads(service_config(retries=2, retry_overloaded=False))
+    assert config["methodConfig"][0]["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    with RetrieverClient(f"127.0.0.1:{running.port}", retries=2, retry_overloaded=False) as client, \
+            pytest.raises(RetrieverError) as refused:
+        client.search("volcano", timeout=5)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and refused.value.retry_after_ms is not None
+    assert _shed(running) == 1
+
+
+def test_a_drain_refusal_sends_no_pushback_and_the_retry_goes_to_another_replica(built_index, encoder,
+                                                                                  server_thread):
+    def config(name: str) -> ServerConfig:
+        return ServerConfig(index=built_index, port=0, workers=1, warmup_queries=0, replica_name=name)
+
+    with server_thread(config("draining"), encoder) as draining, server_thread(config("healthy"), encoder) as healthy:
+        gate = threading.Event()
+        draining.server.executor.submit(gate.wait, 60)
+        with grpc.insecure_channel(f"127.0.0.1:{draining.port}") as channel:
+            stub = pb_grpc.RetrieverStub(channel)
+            # A search in flight keeps the replica draining (and refusing) while the test looks.
+            in_flight = stub.Search.future(pb.SearchRequest(query="coffee"), timeout=60)
+            assert _wait_for(lambda: draining.server.servicer.admission.in_flight == 1)
+            stopping = asyncio.run_coroutine_threadsafe(draining.server.stop(10.0), draining.loop)
+            assert _wait_for(lambda: draining.server.servicer.admission.draining)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Search(pb.SearchRequest(query="bread"), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            # A negative pushback would mean "do not retry at all" (gRFC A6), stopping the retry elsewhere too.
+            assert PUSHBACK not in dict(info.value.trailing_metadata())
+
+            target = replica_target([f"127.0.0.1:{draining.port}", f"127.0.0.1:{healthy.port}"])
+            with RetrieverClient(target, load_balancing="round_robin", retries=2) as client:
+                client.wait_until_serving(timeout=10)  # health answers from either: both connections are up
+                served_by = {client.search("bread", timeout=10).served_by for _ in range(4)}
+            assert served_by == {"healthy"}
+            gate.set()
+            assert in_flight.result().contexts
+            stopping.result(timeout=30)
