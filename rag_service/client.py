@@ -19,8 +19,9 @@ Retry policy (`retries=N`, N up to 4, gRFC A6): the read RPCs (Search, StreamSea
 ReloadIndex) are sent again up to N more times, all attempts within the call's one deadline, on UNAVAILABLE (a
 replica down, draining or still loading: after exponential backoff with jitter, 50 ms doubling up to 1 s, to the
 next replica under round_robin) and, unless `retry_overloaded=False`, on RESOURCE_EXHAUSTED (a server shedding load:
-after the delay that server sends as `grpc-retry-pushback-ms`, its estimate of when there will be room). Once a
-reply has started streaming, a StreamSearch is not retried. Without retries a refused call raises RetrieverError
+after the delay that server sends as `grpc-retry-pushback-ms`, its estimate of when there will be room; a request
+over the server's max_message_bytes is RESOURCE_EXHAUSTED too, and is retried to no avail after the client's own
+backoff). Once a reply has started streaming, a StreamSearch is not retried. Without retries a refused call raises RetrieverError
 with `retry_after_ms` set from that pushback, for callers that retry themselves.
 """
 
