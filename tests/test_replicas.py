@@ -44,7 +44,7 @@ def test_service_config_is_round_robin_with_retries_on_unavailable():
     assert {n["method"] for n in method["name"]} == {"Search", "StreamSearch", "GetIndexInfo", "Prefetch"}
     assert all(n["service"] == "rag.v1.Retriever" for n in method["name"])
     assert method["retryPolicy"]["maxAttempts"] == 3
-    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
     assert "methodConfig" not in json.loads(service_config(retries=0))
     with pytest.raises(ValueError, match="retries"):
         service_config(retries=5)
