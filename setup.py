@@ -93,5 +93,6 @@ setup(
               "rag_service.search", "rag_service.api"],
     ext_modules=[CMakeExtension("rag_service._native")],
     cmdclass={"build_ext": CMakeBuild},
-    package_data={"rag_service.pb.rag.v1": ["*.pyi"], "rag_service": ["py.typed"], "rag_service.search": ["rerank_model.json"]},
+    package_data={"rag_service.pb.rag.v1": ["*.pyi"], "rag_service": ["py.typed", "_native.pyi"],
+                  "rag_service.search": ["rerank_model.json"]},
 )

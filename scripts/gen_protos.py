@@ -14,8 +14,8 @@ OUT = ROOT / "rag_service" / "pb"
 
 
 def main() -> int:
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     protos = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     well_known = str(Path(grpc_tools.__file__).parent / "_proto")

@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . "${VENV:-.venv}/bin/activate"
 status=0
-ruff check rag_service tests bench tools || status=1
+ruff check . || status=1
 mypy rag_service || status=1
 exit "$status"
