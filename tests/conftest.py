@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,22 @@ os.environ.setdefault("PYTHONSAFEPATH", "1")
 # ======================================================================================================================
 # Index build fixtures (rag-index build: encoder, corpus files). Owned by the index build; add other fixtures below.
 # ======================================================================================================================
+
+
+def _wait_for(condition: Callable[[], object], timeout: float = 30.0) -> bool:
+    """Polls `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+@pytest.fixture(scope="session")
+def wait_for() -> Callable[..., bool]:
+    """`wait_for(condition, timeout=30.0)`: polls until the condition holds; False when it never did."""
+    return _wait_for
 
 
 @pytest.fixture(scope="session")
@@ -167,3 +184,26 @@ def served_index(built_index, encoder):
     index = load_index(built_index)
     with ServerThread(ServerConfig(index=built_index, port=0, warmup_queries=2), encoder) as running:
         yield ServedIndex(root=built_index, port=running.port, n_docs=index.n_docs, n_chunks=index.n_chunks)
+
+
+@pytest.fixture
+def one_worker(built_index, encoder, server_thread):
+    """A server with one pipeline thread and room for one queued request; `hold()` occupies the thread until `gate`
+    is set."""
+    import grpc
+
+    from rag_service.core.config import ServerConfig
+    from rag_service.pb.rag.v1 import retrieval_pb2 as pb
+    from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
+
+    config = ServerConfig(index=built_index, port=0, workers=1, max_queued=1, warmup_queries=0)
+    with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.RetrieverStub(channel)
+        stub.Search(pb.SearchRequest(query="warm up"), timeout=30)
+        gate = threading.Event()
+
+        def hold() -> None:
+            running.server.executor.submit(gate.wait, 60)
+
+        yield running, stub, hold, gate
+        gate.set()

@@ -27,41 +27,16 @@ from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
 
-def _wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-@pytest.fixture
-def one_worker(built_index, encoder, server_thread):
-    """A server with one pipeline thread and room for one queued request; `hold()` occupies the thread."""
-    config = ServerConfig(index=built_index, port=0, workers=1, max_queued=1, warmup_queries=0)
-    with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        stub = pb_grpc.RetrieverStub(channel)
-        stub.Search(pb.SearchRequest(query="warm up"), timeout=30)
-        gate = threading.Event()
-
-        def hold() -> None:
-            running.server.executor.submit(gate.wait, 60)
-
-        yield running, stub, hold, gate
-        gate.set()
-
-
 def _sample(running, name: str, labels: dict | None = None) -> float:
     return running.server.metrics.registry.get_sample_value(name, labels or {}) or 0.0
 
 
-def test_queued_work_is_bounded_and_expired_work_is_never_run(one_worker):
+def test_queued_work_is_bounded_and_expired_work_is_never_run(one_worker, wait_for):
     running, stub, hold, gate = one_worker
     hold()
     # Admitted, then waits for the busy thread past its deadline.
     late = stub.Search.future(pb.SearchRequest(query="glacier"), timeout=0.5)
-    assert _wait_for(lambda: running.server.servicer.admission.queued == 1)
+    assert wait_for(lambda: running.server.servicer.admission.queued == 1)
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
         stub.Search(pb.SearchRequest(query="volcano"), timeout=30)
@@ -75,16 +50,16 @@ def test_queued_work_is_bounded_and_expired_work_is_never_run(one_worker):
     try:
         gate.set()
         # The worker reaches the expired request, checks its deadline and drops it before any stage runs.
-        assert _wait_for(lambda: _sample(running, "rag_deadline_stops_total") == 1)
+        assert wait_for(lambda: _sample(running, "rag_deadline_stops_total") == 1)
         admission = running.server.servicer.admission
-        assert _wait_for(lambda: admission.queued == 0 and admission.in_flight == 0)
+        assert wait_for(lambda: admission.queued == 0 and admission.in_flight == 0)
         assert lexical_calls == []
     finally:
         del bm25.search
     assert stub.Search(pb.SearchRequest(query="volcano"), timeout=30).contexts  # healthy afterwards
 
 
-def test_a_deadline_passing_mid_pipeline_stops_the_remaining_stages(one_worker):
+def test_a_deadline_passing_mid_pipeline_stops_the_remaining_stages(one_worker, wait_for):
     running, stub, _, _ = one_worker
     pipeline = running.server.servicer.pipeline
     index = pipeline.index
@@ -101,14 +76,14 @@ def test_a_deadline_passing_mid_pipeline_stops_the_remaining_stages(one_worker):
         with pytest.raises(grpc.RpcError) as info:
             stub.Search(pb.SearchRequest(query="glacier"), timeout=0.3)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert _wait_for(lambda: _sample(running, "rag_deadline_stops_total") == 1)
+        assert wait_for(lambda: _sample(running, "rag_deadline_stops_total") == 1)
         assert lexical_calls == []
     finally:
         del pipeline.encode, index.bm25.search
     assert stub.Search(pb.SearchRequest(query="glacier"), timeout=30).contexts
 
 
-def test_drain_reports_not_serving_and_finishes_in_flight_work(built_index, encoder, server_thread):
+def test_drain_reports_not_serving_and_finishes_in_flight_work(built_index, encoder, server_thread, wait_for):
     config = ServerConfig(index=built_index, port=0, workers=1, warmup_queries=0)
     with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = pb_grpc.RetrieverStub(channel)
@@ -116,9 +91,9 @@ def test_drain_reports_not_serving_and_finishes_in_flight_work(built_index, enco
         gate = threading.Event()
         running.server.executor.submit(gate.wait, 60)
         in_flight = stub.Search.future(pb.SearchRequest(query="coffee"), timeout=60)
-        assert _wait_for(lambda: running.server.servicer.admission.in_flight == 1)
+        assert wait_for(lambda: running.server.servicer.admission.in_flight == 1)
         stopping = asyncio.run_coroutine_threadsafe(running.server.stop(10.0), running.loop)
-        assert _wait_for(lambda: running.server.servicer.admission.draining)
+        assert wait_for(lambda: running.server.servicer.admission.draining)
         status = health.Check(health_pb2.HealthCheckRequest(service="rag.v1.Retriever"), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(grpc.RpcError) as info:
@@ -191,7 +166,7 @@ def test_one_json_log_line_per_request_with_request_id(served_index):
 
 
 @pytest.mark.slow
-def test_rag_serve_sighup_reload_metrics_port_json_logs_and_sigterm_notice(tmp_path, encoder, write_corpus):
+def test_rag_serve_sighup_reload_metrics_port_json_logs_and_sigterm_notice(tmp_path, encoder, write_corpus, wait_for):
     from rag_service.index.build import build_index
 
     docs = [{"_id": "tea", "title": "Tea", "text": "Green tea is steeped from leaves of Camellia sinensis."},
@@ -219,7 +194,7 @@ def test_rag_serve_sighup_reload_metrics_port_json_logs_and_sigterm_notice(tmp_p
                 {"_id": "kite", "title": "Kites", "text": "A kite flies on the wind, held by a string."}]),
                 root, encoder=encoder, progress=False)
             server.send_signal(signal.SIGHUP)
-            assert _wait_for(lambda: stub.Search(pb.SearchRequest(query="kite wind string"), timeout=30)
+            assert wait_for(lambda: stub.Search(pb.SearchRequest(query="kite wind string"), timeout=30)
                              .contexts[0].doc_id == "kite", timeout=60)
             assert second.name.endswith(stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=30).version)
             scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -228,7 +203,7 @@ def test_rag_serve_sighup_reload_metrics_port_json_logs_and_sigterm_notice(tmp_p
 
             server.send_signal(signal.SIGTERM)
             check = health_pb2.HealthCheckRequest()
-            assert _wait_for(lambda: health.Check(check, timeout=5).status ==
+            assert wait_for(lambda: health.Check(check, timeout=5).status ==
                              health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
             # During the notice the server still answers, so traffic moves away without errors.
             assert stub.Search(pb.SearchRequest(query="iron oxide"), timeout=10).contexts[0].doc_id == "rust"

@@ -21,21 +21,12 @@ from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 PUSHBACK = "grpc-retry-pushback-ms"
 
 
-def _wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False
-
-
 def _shed(running) -> float:
     return running.server.metrics.registry.get_sample_value("rag_requests_shed_total") or 0.0
 
 
 @pytest.fixture
-def full(built_index, encoder, server_thread):
+def full(built_index, encoder, server_thread, wait_for):
     """A server with one pipeline thread and one search in flight at most, that search admitted and stuck behind a
     blocked pipeline thread: every further Search is refused for load until `gate` is set."""
     config = ServerConfig(index=built_index, port=0, workers=1, max_in_flight=1, max_queued=0, warmup_queries=0,
@@ -46,7 +37,7 @@ def full(built_index, encoder, server_thread):
         gate = threading.Event()
         running.server.executor.submit(gate.wait, 60)
         stuck = stub.Search.future(pb.SearchRequest(query="coffee"), timeout=60)
-        assert _wait_for(lambda: running.server.servicer.admission.in_flight == 1)
+        assert wait_for(lambda: running.server.servicer.admission.in_flight == 1)
         yield running, stub, gate
         gate.set()
         assert stuck.result().contexts
@@ -84,14 +75,14 @@ def test_the_pushback_is_spread_and_bounded(full):
     assert admission.pushback_ms(5) == PUSHBACK_MAX_MS  # no later than a stale estimate should keep a caller away
 
 
-def test_a_retrying_client_waits_the_pushback_and_succeeds_once_there_is_room(full):
+def test_a_retrying_client_waits_the_pushback_and_succeeds_once_there_is_room(full, wait_for):
     running, _, gate = full
     # Each admitted search held its slot 0.6 s: the refused call is told to come back in 0.3 to 0.9 s, where the
     # client's own backoff would have retried within 0.05 s.
     running.server.servicer.admission.residence = 0.6
 
     def make_room() -> None:
-        _wait_for(lambda: _shed(running) >= 1)
+        wait_for(lambda: _shed(running) >= 1)
         gate.set()  # the stuck search finishes at once and frees the only slot
 
     threading.Thread(target=make_room, daemon=True).start()
@@ -116,7 +107,7 @@ def test_a_client_that_opts_out_does_not_retry_a_refusal_for_load(full):
 
 
 def test_a_drain_refusal_sends_no_pushback_and_the_retry_goes_to_another_replica(built_index, encoder,
-                                                                                  server_thread):
+                                                                                  server_thread, wait_for):
     def config(name: str) -> ServerConfig:
         return ServerConfig(index=built_index, port=0, workers=1, warmup_queries=0, replica_name=name)
 
@@ -127,9 +118,9 @@ def test_a_drain_refusal_sends_no_pushback_and_the_retry_goes_to_another_replica
             stub = pb_grpc.RetrieverStub(channel)
             # A search in flight keeps the replica draining (and refusing) while the test looks.
             in_flight = stub.Search.future(pb.SearchRequest(query="coffee"), timeout=60)
-            assert _wait_for(lambda: draining.server.servicer.admission.in_flight == 1)
+            assert wait_for(lambda: draining.server.servicer.admission.in_flight == 1)
             stopping = asyncio.run_coroutine_threadsafe(draining.server.stop(10.0), draining.loop)
-            assert _wait_for(lambda: draining.server.servicer.admission.draining)
+            assert wait_for(lambda: draining.server.servicer.admission.draining)
             with pytest.raises(grpc.RpcError) as info:
                 stub.Search(pb.SearchRequest(query="bread"), timeout=5)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE

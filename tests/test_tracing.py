@@ -7,7 +7,6 @@ OpenTelemetry's process-wide provider.
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
@@ -40,15 +39,6 @@ def recorder() -> tuple[TracerProvider, InMemorySpanExporter]:
     return provider, exporter
 
 
-def wait_for(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def spans_of(exporter: InMemorySpanExporter, trace_id: int) -> list:
     return [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
 
@@ -70,7 +60,7 @@ def traced(built_index, encoder, server_thread):
     provider.shutdown()
 
 
-def test_the_callers_traceparent_is_the_parent_of_the_rpc_span_and_stages_are_its_children(traced):
+def test_the_callers_traceparent_is_the_parent_of_the_rpc_span_and_stages_are_its_children(traced, wait_for):
     running, stub = traced
     reply = stub.Search(pb.SearchRequest(query="how do glaciers carve valleys", debug=True), timeout=30,
                         metadata=traceparent())
@@ -99,7 +89,7 @@ def test_a_trace_the_caller_did_not_sample_records_nothing(traced):
     assert spans_of(running.exporter, trace_id) == []
 
 
-def test_a_call_without_trace_context_starts_a_trace(traced):
+def test_a_call_without_trace_context_starts_a_trace(traced, wait_for):
     running, stub = traced
     running.exporter.clear()
     stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=30)
@@ -108,7 +98,7 @@ def test_a_call_without_trace_context_starts_a_trace(traced):
     assert span.name == "rag.v1.Retriever/GetIndexInfo" and span.parent is None
 
 
-def test_domain_errors_are_mapped_counted_and_traced_by_the_wrapper(traced):
+def test_domain_errors_are_mapped_counted_and_traced_by_the_wrapper(traced, wait_for):
     running, stub = traced
     before = count(running, "Search", "INVALID_ARGUMENT")
     trace_id = TRACE_ID + 2
@@ -138,7 +128,7 @@ def test_an_unexpected_failure_is_internal_with_a_generic_message(traced, monkey
     assert "secret detail" in caplog.text  # the traceback is in the server's log, not the reply
 
 
-def test_the_shard_service_uses_the_same_wrapper(traced):
+def test_the_shard_service_uses_the_same_wrapper(traced, wait_for):
     running, _ = traced
     trace_id = TRACE_ID + 3
     with pytest.raises(grpc.RpcError) as info:  # a whole index is not a shard
@@ -160,17 +150,7 @@ def test_unary_calls_are_timed(traced):
 
 # -- admission ------------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def one_worker(built_index, encoder, server_thread):
-    """One pipeline thread and room for one queued search; `gate` releases the thread `hold()` occupied."""
-    config = ServerConfig(index=built_index, port=0, workers=1, max_queued=1, warmup_queries=0)
-    with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        gate = threading.Event()
-        yield running, pb_grpc.RetrieverStub(channel), lambda: running.server.executor.submit(gate.wait, 60), gate
-        gate.set()
-
-
-def test_a_stream_search_final_counts_against_the_queue_like_a_search(one_worker):
+def test_a_stream_search_final_counts_against_the_queue_like_a_search(one_worker, wait_for):
     running, stub, hold, gate = one_worker
     admission = running.server.servicer.admission
     hold()
@@ -291,7 +271,7 @@ DOCS = [{"_id": f"d{i}", "title": f"Doc {i}", "text": text} for i, text in enume
 
 
 def test_the_router_traces_each_shard_call_and_the_shards_continue_the_trace(tmp_path, encoder, write_corpus,
-                                                                             server_thread):
+                                                                             server_thread, wait_for):
     from rag_service.cli.index import cli
 
     corpus = write_corpus(tmp_path / "corpus.jsonl", DOCS)
