@@ -29,6 +29,8 @@ from rag_service.api import auth, logs, rpc, wire
 from rag_service.api.admission import Admission
 from rag_service.api.loader import load_searcher
 from rag_service.api.request import search_params
+from rag_service.api.shard_service import SERVICE_NAME as SHARD_SERVICE
+from rag_service.api.shard_service import ShardServicer
 from rag_service.core import tracing
 from rag_service.core.config import ServerConfig
 from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Unavailable
@@ -39,6 +41,7 @@ from rag_service.index.publish import CURRENT
 from rag_service.kernels import native
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
+from rag_service.pb.rag.v1 import shard_pb2_grpc
 from rag_service.search.cache import EXACT, MISS, PREFETCHED, SEMANTIC, CachedSearch, Served
 from rag_service.search.prefetch import Prefetcher
 from rag_service.search.searcher import Searcher
@@ -47,8 +50,6 @@ from rag_service.search.speculate import DraftSession
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
-
-
 
 # A drain waits for this long without new Search calls (bounded by the grace period) before the server stops.
 DRAIN_QUIET_SECONDS = 0.2
@@ -339,16 +340,11 @@ class RagServer:
                             SERVICE_NAME, lambda method: refused(method, grpc.StatusCode.INVALID_ARGUMENT)),
                         auth.AuthInterceptor(SERVICE_NAME, admin_token=admin_token, search_token=search_token,
                                              on_refused=refused)]
-        # The internal Shard service (shard/service.py) answers on a shard index; its callers need the search token.
-        from rag_service.api.shard_service import SERVICE_NAME as SHARD_SERVICE
-        from rag_service.api.shard_service import ShardServicer
-
+        # The internal Shard service (api/shard_service.py) answers on a shard index; its callers need the search token.
         interceptors.append(auth.AuthInterceptor(SHARD_SERVICE, admin_token=admin_token, search_token=search_token,
                                                  on_refused=refused))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_RetrieverServicer_to_server(self.servicer, self.server)
-        from rag_service.pb.rag.v1 import shard_pb2_grpc
-
         self.shard_servicer = ShardServicer(lambda: self.servicer.pipeline, self.executor,
                                             rpc.Rpc(SHARD_SERVICE, self.metrics, tracer))
         shard_pb2_grpc.add_ShardServicer_to_server(self.shard_servicer, self.server)
@@ -380,10 +376,11 @@ class RagServer:
         pipeline = await asyncio.get_running_loop().run_in_executor(
             self.executor, load_searcher, self.config, self._encoder)
         self.servicer.pipeline = pipeline
-        self.metrics.set_index(pipeline.summary())
+        summary = pipeline.summary()
+        self.metrics.set_index(summary)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving index %s version %s (%d chunks) after %.1f s", pipeline.summary().name, pipeline.version,
-                 pipeline.summary().n_chunks, time.perf_counter() - started)
+        log.info("serving index %s version %s (%d chunks) after %.1f s", summary.name, summary.version,
+                 summary.n_chunks, time.perf_counter() - started)
 
     async def reload(self, path: str = "") -> ReloadResult:
         """Loads the index at `path` (inside the index root; "" = the configured index, CURRENT followed anew) beside
@@ -407,12 +404,13 @@ class RagServer:
             seconds = time.perf_counter() - started
             # One reference assignment: a request reads self.pipeline once, so it runs wholly on one index.
             self.servicer.pipeline = pipeline
-            self.metrics.set_index(pipeline.summary())
+            summary = pipeline.summary()
+            self.metrics.set_index(summary)
             self.metrics.reloads.labels("ok").inc()
             for hook in self.on_index_swap:
                 hook(current, pipeline)
             previous = current.version if current is not None else ""
-            log.info("reloaded: serving %s version %s (was %s) after %.2f s", pipeline.summary().path, pipeline.version,
+            log.info("reloaded: serving %s version %s (was %s) after %.2f s", summary.path, summary.version,
                      previous, seconds)
             if current is None:
                 await self._set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -93,9 +93,7 @@ class Pipeline(SearcherBase):
         if lexical_only:
             query_vector = None
         elif query_vector is None:
-            check_deadline(deadline, "encode")
-            with timer.stage("encode"):
-                query_vector = self.encode(params.query, deadline)
+            query_vector = self._encode_stage(params.query, deadline, timer)
         check_deadline(deadline, "lexical")
         with timer.stage("lexical"):
             bm25 = self.index.bm25.search(params.query, params.depth, mask)

@@ -137,9 +137,7 @@ class SearcherBase:
             if plan.route == adaptive.LEXICAL:
                 return self._finish(params, self._rank(plan, None, deadline, timer))
             if query_vector is None:
-                check_deadline(deadline, "encode")
-                with timer.stage("encode"):
-                    query_vector = self.encode(params.query, deadline)
+                query_vector = self._encode_stage(params.query, deadline, timer)
                 # Planned again with the encode paid: the rest of the budget decides depth and rerank.
                 plan = self.policy.plan(params, deadline, in_flight, True, caps.rerank, arrival,
                                         lexical_available=caps.lexical_route)
@@ -155,6 +153,11 @@ class SearcherBase:
             return result
         finally:
             self.policy.leave(plan)
+
+    def _encode_stage(self, query: str, deadline: float | None, timer: StageTimer) -> np.ndarray:
+        check_deadline(deadline, "encode")
+        with timer.stage("encode"):
+            return self.encode(query, deadline)
 
     def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
               timer: StageTimer) -> SearchResult:
