@@ -1,0 +1,109 @@
+"""Where each microsecond of a Search goes, client to client: the server's stages, the server's time outside them,
+and the call's time outside the server, beside an empty call.
+
+    python bench/experiments/request_budget.py --index /tmp/lead/scifact_full \
+        --queries ../shared/data/scifact/queries.jsonl --qrels ../shared/data/scifact/qrels/test.tsv --rounds 3
+
+Starts `rag-serve` on the index (defaults: the full pipeline) and sends, from one client, every judged query with
+`debug` and `CACHE_BYPASS`, so each is a miss through every stage; between searches, a health Check (the empty
+call). Each reply carries `server_time_us` (handler entry to reply built) and `stage_time_us` (each stage the
+pipeline timed). Per request:
+- each stage's µs;
+- "server outside the stages": server_time_us minus the sum of the stages (the RPC wrapper, admission, the cache
+  lookup, the hand-off to a pipeline thread not counted as `queue`, the reply);
+- "outside the server": the client's wall time minus server_time_us (serialisation, HTTP/2, the event loop, the
+  interceptors, the client stub), to be compared with the empty call's whole time.
+`--server NAME=RAG_SERVE ...` (repeatable) runs the same for several rag-serve executables (an A/B of two builds),
+rounds alternating between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rag_service.bench.data import load_qrels, load_queries
+from rag_service.bench.serve import ServerProcess
+from rag_service.pb.rag.v1 import retrieval_pb2 as pb
+from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
+
+
+def run_round(target: str, requests: list[pb.SearchRequest], into: dict[str, list[float]]) -> None:
+    with grpc.insecure_channel(target) as channel:
+        search = pb_grpc.RetrieverStub(channel).Search
+        check = health_pb2_grpc.HealthStub(channel).Check
+        empty = health_pb2.HealthCheckRequest()
+        for request in requests[:20]:  # warm the channel and the pipeline
+            search(request, timeout=30)
+        for request in requests:
+            started = time.perf_counter_ns()
+            check(empty, timeout=10)
+            into["empty call"].append((time.perf_counter_ns() - started) / 1e3)
+            started = time.perf_counter_ns()
+            reply = search(request, timeout=30)
+            client_us = (time.perf_counter_ns() - started) / 1e3
+            stages = dict(reply.stage_time_us)
+            into["client total"].append(client_us)
+            into["server total"].append(reply.server_time_us)
+            into["outside the server"].append(client_us - reply.server_time_us)
+            into["server outside the stages"].append(reply.server_time_us - sum(stages.values()))
+            for name, us in stages.items():
+                into.setdefault(f"stage {name}", []).append(us)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--index", type=Path, required=True)
+    parser.add_argument("--queries", type=Path, required=True)
+    parser.add_argument("--qrels", type=Path, help="only the queries judged here (e.g. the test split)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--server", action="append", default=[],
+                        help="NAME=PATH of a rag-serve executable; default: this environment's")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    queries = load_queries(args.queries)
+    if args.qrels:
+        judged = load_qrels(args.qrels)
+        queries = {q: t for q, t in queries.items() if q in judged}
+    requests = [pb.SearchRequest(query=t, debug=True, cache=pb.CACHE_BYPASS) for t in queries.values()]
+    servers = dict(s.split("=", 1) for s in args.server) or {"rag-serve": ""}
+
+    samples: dict[str, dict[str, list[float]]] = {name: {"client total": [], "empty call": [], "server total": [],
+                                                         "outside the server": [], "server outside the stages": []}
+                                                  for name in servers}
+    processes = {name: ServerProcess(args.index, executable=exe or None) for name, exe in servers.items()}
+    try:
+        for process in processes.values():
+            process.__enter__()
+        names = list(servers)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                run_round(processes[name].target, requests, samples[name])
+    finally:
+        for process in processes.values():
+            process.stop()
+
+    report = {}
+    for name, rows in samples.items():
+        print(f"\n{name}: {len(rows['client total'])} searches")
+        print(f"{'part':<28} {'p50 µs':>9} {'p99 µs':>9} {'mean µs':>9}")
+        report[name] = {}
+        order = ["client total", "outside the server", "empty call", "server total", "server outside the stages"]
+        order += sorted((k for k in rows if k.startswith("stage ")), key=lambda k: -float(np.median(rows[k])))
+        for key in order:
+            values = np.asarray(rows[key], dtype=np.float64)
+            p50, p99 = np.percentile(values, [50, 99])
+            report[name][key] = {"p50_us": p50, "p99_us": p99, "mean_us": float(values.mean())}
+            print(f"{key:<28} {p50:9.0f} {p99:9.0f} {values.mean():9.0f}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
