@@ -8,7 +8,9 @@ switch.
 
 Times are per query at one client, encode included (a peer encodes its query with sentence-transformers in the timed
 path, as rag-service does in its server); `lancedb (vector given)` is LanceDB's fairest case, with the query vector
-computed beforehand.
+computed beforehand. `same-parts` and `pgvector` (rag_service.bench.index_peers) are built from the rag-service index
+itself (its chunks, its chunk vectors, its int8 query encoder), so they need `index`. A peer that cannot be built here
+(a package missing, no local index) is skipped, with the reason in the report and the table.
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ from rag_service.bench.latency import clamp_us, new_histogram, summarize
 
 RAG = "rag-service"
 LANCE_VECTOR = "lancedb (vector given)"
-SYSTEMS = (RAG, "ensemble", "bm25s", "lancedb", LANCE_VECTOR)
+SAME_PARTS = "same-parts"
+PGVECTOR = "pgvector"
+PGVECTOR_ALL = "pgvector (all words)"
+SYSTEMS = (RAG, "ensemble", "bm25s", "lancedb", LANCE_VECTOR, SAME_PARTS, PGVECTOR, PGVECTOR_ALL)
+INDEX_PEERS = (SAME_PARTS, PGVECTOR, PGVECTOR_ALL)
 
 
 @dataclass
@@ -121,8 +127,9 @@ def _run_compare(config: CompareConfig, progress: Callable[[int, int], None] | N
     model_name = peers_mod.default_model_name()
     rss_model = _rss()
     query_vectors = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    if not any(s != RAG for s in config.systems):
-        # rag-service alone (a scale run where the peers did not fit): nothing to embed its documents for.
+    if not any(s not in (RAG, *INDEX_PEERS) for s in config.systems):
+        # No peer that indexes whole documents (a scale run where they did not fit, or only the peers made of the
+        # rag-service index's own vectors): nothing to embed the documents for.
         doc_vectors, encode_seconds, cached = None, 0.0, False
     elif config.doc_embedder is None:
         doc_vectors, encode_seconds, cached = peers_mod.embed_corpus(model, corpus.texts, model_name,
@@ -136,6 +143,7 @@ def _run_compare(config: CompareConfig, progress: Callable[[int, int], None] | N
     workdir = (config.cache_dir or Path("/tmp/bench")) / "peers" / key
 
     systems: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
     search: dict[str, Callable[[int], list[str]]] = {}
     server: ServerProcess | None = None
     with contextlib.ExitStack() as stack:
@@ -181,7 +189,13 @@ def _run_compare(config: CompareConfig, progress: Callable[[int, int], None] | N
             if not wanted or doc_vectors is None:
                 continue
             before = _rss()
-            peer = build(corpus, doc_vectors, model, workdir / name)
+            try:
+                peer = build(corpus, doc_vectors, model, workdir / name)
+            except ImportError as error:
+                for shown in (name, LANCE_VECTOR) if name == "lancedb" else (name,):
+                    if shown in config.systems:
+                        skipped[shown] = _missing(error)
+                continue
             systems[name] = {"build_seconds": round(peer.build_seconds, 2), "disk_mib": _mib(peer.disk_bytes),
                              "memory_mib": _mib(max(_rss() - before, 0))}
             if name in config.systems:
@@ -199,6 +213,8 @@ def _run_compare(config: CompareConfig, progress: Callable[[int, int], None] | N
                 search[LANCE_VECTOR] = by_vector
             if name not in config.systems:
                 del systems[name]
+
+        _build_index_peers(config, texts, systems, skipped, search, stack)
 
         if RAG in systems and server is not None:
             # Server RSS holds Python, torch and the model as this process does after loading the model: the
@@ -270,7 +286,67 @@ def _run_compare(config: CompareConfig, progress: Callable[[int, int], None] | N
         "model_rss_mib": _mib(rss_model - rss_start), "threads": {"torch": _torch_threads(),
                                                                   "omp": os.environ.get("OMP_NUM_THREADS")},
         "systems": {n: systems[n] for n in names},
+        "skipped": {n: skipped[n] for n in config.systems if n in skipped},
     }
+
+
+def _missing(error: ImportError) -> str:
+    return f"not installed: {error.name or error} (pip install rag-service[bench])"
+
+
+def _build_index_peers(config: CompareConfig, texts: list[str], systems: dict[str, dict], skipped: dict[str, str],
+                       search: dict[str, Callable[[int], list[str]]], stack) -> None:
+    """Builds the peers made of the rag-service index's own parts (index_peers), or says why one is skipped."""
+    from rag_service.bench import index_peers
+
+    wanted = [n for n in INDEX_PEERS if n in config.systems]
+    if not wanted:
+        return
+    if config.index is None:
+        for name in wanted:
+            skipped[name] = "needs --index: it is built from the rag-service index's chunks, vectors and encoder"
+        return
+    chunks = index_peers.read_index_chunks(config.index)
+    try:
+        encoder = index_peers.index_encoder(config.index, threads=config.threads or 1)
+    except FileNotFoundError as error:
+        for name in wanted:
+            skipped[name] = f"the index holds no int8 query encoder ({error})"
+        return
+    if SAME_PARTS in wanted:
+        before = _rss()
+        try:
+            same = index_peers.SamePartsPeer(chunks, encoder, n_chunks=config.rag_top_k)
+        except ImportError as error:
+            skipped[SAME_PARTS] = _missing(error)
+        else:
+            systems[SAME_PARTS] = {"build_seconds": round(same.build_seconds, 2), "disk_mib": _mib(same.disk_bytes),
+                                   "memory_mib": _mib(max(_rss() - before, 0))}
+
+            def by_parts(i: int) -> list[str]:
+                return same.search(texts[i], config.k)
+
+            search[SAME_PARTS] = by_parts
+    pg_wanted = [n for n in wanted if n in (PGVECTOR, PGVECTOR_ALL)]
+    if pg_wanted:
+        try:
+            # One Postgres serves both keyword matches; it is stopped, its files deleted, when the run ends.
+            pg = stack.enter_context(index_peers.PgvectorPeer(chunks, encoder, n_chunks=config.rag_top_k))
+        except ImportError as error:
+            for name in pg_wanted:
+                skipped[name] = _missing(error)
+            return
+        for name in pg_wanted:
+            # Postgres's own memory is in its processes, not in this one's RSS.
+            systems[name] = {"build_seconds": round(pg.build_seconds, 2), "disk_mib": _mib(pg.disk_bytes),
+                             "memory_mib": None, "server_start_seconds": round(pg.start_seconds, 1),
+                             "versions": {"postgres": pg.server_version, "pgvector": pg.pgvector_version},
+                             "jit_available": pg.jit_available}
+
+            def by_sql(i: int, match: str = "all" if name == PGVECTOR_ALL else "any") -> list[str]:
+                return pg.search(texts[i], config.k, match)
+
+            search[name] = by_sql
 
 
 def _torch_threads() -> int:
@@ -291,6 +367,8 @@ def format_table(report: dict) -> str:
             f"{_f(row.get('ndcg@10'), 4):>8} {_f(row.get('build_seconds'), 1):>8} {_f(row.get('disk_mib'), 1):>8} "
             f"{_f(row.get('memory_mib'), 0):>8} {_f(ratio.get('p50'), 2):>6} {_f(ratio.get('p99'), 2):>6} "
             f"{_f(ratio.get('qps'), 2):>6}")
+    for name, reason in report.get("skipped", {}).items():
+        lines.append(f"{name:<24} skipped: {reason}")
     encode = report["document_encode"]
     lines.append("x: ratio to rag-service (latency: >1 is slower; qps: <1 is slower). rag-service build time includes "
                  "encoding its chunks; the peers' excludes the shared, cached document encode "

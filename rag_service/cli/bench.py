@@ -281,7 +281,8 @@ def latency(target, index_path, queries, qps, duration, warmup, processes, arriv
 @click.option("--split", default="test", help="qrels split: its judged queries are the queries timed.")
 @click.option("--index", "index_path", type=_PATH, help="rag-service index of the same corpus (served by a child).")
 @click.option("--target", help="Or a running rag-service (host:port) serving the same corpus.")
-@click.option("--systems", default="rag-service,ensemble,bm25s,lancedb,lancedb (vector given)",
+@click.option("--systems", default="rag-service,ensemble,bm25s,lancedb,lancedb (vector given),same-parts,pgvector,"
+              "pgvector (all words)",
               help="Comma-separated subset of the systems.")
 @click.option("--limit", type=int, help="Time only this many queries (after the seeded shuffle).")
 @click.option("--seed", type=int, default=0)
@@ -297,7 +298,8 @@ def latency(target, index_path, queries, qps, duration, warmup, processes, arriv
 @click.option("--plots", "plot_dir", type=click.Path(file_okay=False, path_type=Path))
 def compare(beir, split, index_path, target, systems, limit, seed, warmup, k, rag_top_k, cache_dir, threads, json_out,
             plot_dir) -> None:
-    """rag-service (gRPC) beside a LangChain-style ensemble, bm25s + faiss and LanceDB hybrid, interleaved."""
+    """rag-service (gRPC) beside a LangChain-style ensemble, bm25s + faiss, LanceDB hybrid, the same parts in process
+    and Postgres + pgvector, interleaved."""
     from rag_service.bench.compare import CompareConfig, format_table, run_compare
     from rag_service.bench.data import load_qrels, load_queries
 
