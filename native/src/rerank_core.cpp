@@ -120,37 +120,56 @@ double bm25(const QueryTerms& query, const double* tf, double length, double ave
 void lexical_unchecked(const LexicalStore& s, const QueryTerms& query, const std::int64_t* candidates, std::size_t m,
                        const Bm25Params& p, float* out) {
     const TermSlots slots(query);
+    // 4096-bit filter of the query terms: rejects almost every token (most are no query term) with one load, before
+    // the hash probe
+    constexpr std::uint32_t kFilterBits = 4096;
+    std::uint64_t filter[kFilterBits / 64] = {};
+    for (std::size_t j = 0; j < query.q; ++j) {
+        const auto bit = static_cast<std::uint32_t>(query.terms[j]) & (kFilterBits - 1);
+        filter[bit / 64] |= std::uint64_t{1} << (bit % 64);
+    }
     double total_idf = 0.0;
     for (std::size_t j = 0; j < query.q; ++j) total_idf += query.idf[j];
     std::vector<double> tf(query.q);
-    std::vector<std::int32_t> qi;
+    // The chunk's query-term occurrences, by position: title and window counts read these instead of every token.
+    std::vector<std::int64_t> hit_pos;
+    std::vector<std::int32_t> hit_slot;
     for (std::size_t r = 0; r < m; ++r) {
         const std::int64_t c = candidates[r];
         const std::int64_t start = s.tokens.offsets[c];
         const auto n = static_cast<std::size_t>(s.tokens.offsets[c + 1] - start);
-        qi.resize(n);
-        for (std::size_t p = 0; p < n; ++p) qi[p] = slots.find(s.tokens.tokens[start + p]);
+        hit_pos.clear();
+        hit_slot.clear();
+        for (std::size_t k = 0; k < n; ++k) {
+            const std::int32_t token = s.tokens.tokens[start + static_cast<std::int64_t>(k)];
+            const auto bit = static_cast<std::uint32_t>(token) & (kFilterBits - 1);
+            if (token < 0 || ((filter[bit / 64] >> (bit % 64)) & 1u) == 0) continue;
+            const std::int32_t slot = slots.find(token);
+            if (slot < 0) continue;
+            hit_pos.push_back(static_cast<std::int64_t>(k));
+            hit_slot.push_back(slot);
+        }
         float* row = out + 4 * r;
-        auto count = [&](std::size_t a, std::size_t e) {
+        // tf of the hits at positions [a, e)
+        auto count = [&](std::int64_t a, std::int64_t e) {
             std::fill(tf.begin(), tf.end(), 0.0);
-            for (std::size_t p = a; p < e; ++p) {
-                if (qi[p] >= 0) tf[static_cast<std::size_t>(qi[p])] += 1.0;
-            }
+            auto h = static_cast<std::size_t>(std::lower_bound(hit_pos.begin(), hit_pos.end(), a) - hit_pos.begin());
+            for (; h < hit_pos.size() && hit_pos[h] < e; ++h) tf[static_cast<std::size_t>(hit_slot[h])] += 1.0;
         };
-        count(0, n);
+        count(0, static_cast<std::int64_t>(n));
         double covered = 0.0;
         for (std::size_t j = 0; j < query.q; ++j) {
             if (tf[j] > 0) covered += query.idf[j];
         }
         row[0] = static_cast<float>(bm25(query, tf.data(), static_cast<double>(n), p.avgdl, p));
         row[3] = static_cast<float>(total_idf > 0 ? covered / total_idf : 0.0);
-        const auto tl = static_cast<std::size_t>(s.title_lengths[c]);
+        const std::int64_t tl = s.title_lengths[c];
         count(0, tl);
         row[1] = static_cast<float>(bm25(query, tf.data(), static_cast<double>(tl), p.avg_title, p));
         double best = 0.0;
         for (std::int64_t w = s.window_offsets[c]; w < s.window_offsets[c + 1]; ++w) {
-            const auto a = static_cast<std::size_t>(s.window_spans[2 * w]);
-            const auto e = static_cast<std::size_t>(s.window_spans[2 * w + 1]);
+            const std::int64_t a = s.window_spans[2 * w];
+            const std::int64_t e = s.window_spans[2 * w + 1];
             count(a, e);
             const double score = bm25(query, tf.data(), static_cast<double>(e - a), p.avg_window, p);
             if (score > best) best = score;
