@@ -519,16 +519,16 @@ class RerankCore:
                  window_spans: np.ndarray, tokens: np.ndarray, token_offsets: np.ndarray, title_lengths: np.ndarray,
                  dense_vectors: np.ndarray, k1: float, b: float, avgdl: float, avg_title: float, avg_window: float,
                  temperature: float = SOFTMAX_TEMPERATURE) -> None:
-        self.arrays = {"window_offsets": window_offsets, "window_vectors": window_vectors,
-                       "window_scales": window_scales, "window_spans": window_spans, "tokens": tokens,
-                       "token_offsets": token_offsets, "title_lengths": title_lengths}
-        self.dense_vectors = dense_vectors
-        self.params = {"k1": float(k1), "b": float(b), "avgdl": float(avgdl), "avg_title": float(avg_title),
-                       "avg_window": float(avg_window), "temperature": float(temperature)}
+        self.window_offsets, self.window_vectors, self.window_scales = window_offsets, window_vectors, window_scales
+        self.window_spans, self.tokens, self.token_offsets = window_spans, tokens, token_offsets
+        self.title_lengths, self.dense_vectors = title_lengths, dense_vectors
+        self.k1, self.b, self.avgdl = float(k1), float(b), float(avgdl)
+        self.avg_title, self.avg_window, self.temperature = float(avg_title), float(avg_window), float(temperature)
         self._native: Any = None  # the extension's RerankCore, when it has one
         if _HAS_RERANK_CORE:
             self._native = _native.RerankCore(window_offsets, window_vectors, window_scales, window_spans, tokens,
-                                              token_offsets, title_lengths, dense_vectors, **self.params)
+                                              token_offsets, title_lengths, dense_vectors, self.k1, self.b,
+                                              self.avgdl, self.avg_title, self.avg_window, self.temperature)
 
     def _backend(self, backend: str | None) -> str:
         chosen = rerank_core_backend(backend)
@@ -536,10 +536,11 @@ class RerankCore:
 
     def _local_reference(self, q: np.ndarray, terms: np.ndarray, counts: np.ndarray, idf: np.ndarray,
                          ids: np.ndarray) -> np.ndarray:
-        a = self.arrays
-        return local_features_reference(a["window_offsets"], a["window_vectors"], a["window_scales"],
-                                        a["window_spans"], a["tokens"], a["token_offsets"], a["title_lengths"], q,
-                                        terms, counts, idf, ids, **self.params)
+        return local_features_reference(self.window_offsets, self.window_vectors, self.window_scales,
+                                        self.window_spans, self.tokens, self.token_offsets, self.title_lengths, q,
+                                        terms, counts, idf, ids, k1=self.k1, b=self.b, avgdl=self.avgdl,
+                                        avg_title=self.avg_title, avg_window=self.avg_window,
+                                        temperature=self.temperature)
 
     def local_features(self, query: Any, query_terms: Any, query_counts: Any, query_idf: Any, candidates: Any,
                        *, backend: str | None = None) -> np.ndarray:
