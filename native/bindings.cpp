@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
@@ -18,6 +19,7 @@
 
 #include "src/fusion.hpp"
 #include "src/rerank.hpp"
+#include "src/rerank_core.hpp"
 #include "src/simd.hpp"
 #if defined(RAG_HAS_CUDA)
 #include "cuda/device.hpp"
@@ -312,6 +314,331 @@ py::array_t<std::int64_t> mmr_select(const py::handle& relevance_obj, const py::
     return py::array_t<std::int64_t>(static_cast<py::ssize_t>(owned->size()), owned->data(), base);
 }
 
+// ---- the rerank stage in one call (native/src/rerank_core.hpp) ----
+
+namespace rerank_core {
+
+rag::QueryTerms query_terms_of(const py::handle& terms_obj, const py::handle& counts_obj, const py::handle& idf_obj,
+                               py::array keep[3]) {
+    keep[0] = checked_vector<std::int32_t>(terms_obj, "query_terms", "int32");
+    keep[1] = checked_vector<double>(counts_obj, "query_counts", "float64");
+    keep[2] = checked_vector<double>(idf_obj, "query_idf", "float64");
+    if (len(keep[1]) != len(keep[0]) || len(keep[2]) != len(keep[0])) {
+        fail("query_terms, query_counts and query_idf must have the same length, got " + std::to_string(len(keep[0])) +
+             ", " + std::to_string(len(keep[1])) + " and " + std::to_string(len(keep[2])));
+    }
+    return rag::QueryTerms{data_of<std::int32_t>(keep[0]), data_of<double>(keep[1]), data_of<double>(keep[2]),
+                           len(keep[0])};
+}
+
+// The token streams with titles and windows; keep[0..4] hold the checked arrays.
+rag::LexicalStore lexical_store_of(const py::handle& tokens_obj, const py::handle& token_offsets_obj,
+                                   const py::handle& title_lengths_obj, const py::handle& window_offsets_obj,
+                                   const py::handle& window_spans_obj, py::array keep[5]) {
+    keep[0] = checked_vector<std::int32_t>(tokens_obj, "tokens", "int32");
+    keep[1] = checked_vector<std::int64_t>(token_offsets_obj, "token_offsets", "int64");
+    keep[2] = checked_vector<std::int32_t>(title_lengths_obj, "title_lengths", "int32");
+    keep[3] = checked_vector<std::int64_t>(window_offsets_obj, "window_offsets", "int64");
+    keep[4] = checked_matrix(window_spans_obj, "window_spans", {py::detail::npy_api::NPY_INT32_}, "int32");
+    if (keep[4].shape(1) != 2) fail("window_spans must have 2 columns (start, stop), got " +
+                                    std::to_string(keep[4].shape(1)));
+    rag::LexicalStore s;
+    s.tokens = rag::TokenStore{data_of<std::int64_t>(keep[1]), chunks_of(keep[1], "token_offsets"),
+                               data_of<std::int32_t>(keep[0]), len(keep[0])};
+    if (len(keep[2]) != s.tokens.n_chunks) {
+        fail("title_lengths must have one entry per chunk (" + std::to_string(s.tokens.n_chunks) + "), got " +
+             std::to_string(len(keep[2])));
+    }
+    if (chunks_of(keep[3], "window_offsets") != s.tokens.n_chunks) {
+        fail("window_offsets must have n_chunks + 1 = " + std::to_string(s.tokens.n_chunks + 1) +
+             " entries (as token_offsets), got " + std::to_string(len(keep[3])));
+    }
+    s.title_lengths = data_of<std::int32_t>(keep[2]);
+    s.window_offsets = data_of<std::int64_t>(keep[3]);
+    s.window_spans = data_of<std::int32_t>(keep[4]);
+    s.n_windows = static_cast<std::size_t>(keep[4].shape(0));
+    return s;
+}
+
+rag::Bm25Params bm25_params(double k1, double b, double avgdl, double avg_title, double avg_window) {
+    rag::Bm25Params p;
+    p.k1 = k1;
+    p.b = b;
+    p.avgdl = avgdl;
+    p.avg_title = avg_title;
+    p.avg_window = avg_window;
+    return p;
+}
+
+py::array_t<float> lexical_features(const py::handle& tokens, const py::handle& token_offsets,
+                                    const py::handle& title_lengths, const py::handle& window_offsets,
+                                    const py::handle& window_spans, const py::handle& candidates_obj,
+                                    const py::handle& terms, const py::handle& counts, const py::handle& idf,
+                                    double k1, double b, double avgdl, double avg_title, double avg_window) {
+    py::array keep_store[5];
+    py::array keep_query[3];
+    const rag::LexicalStore store =
+        lexical_store_of(tokens, token_offsets, title_lengths, window_offsets, window_spans, keep_store);
+    const rag::QueryTerms query = query_terms_of(terms, counts, idf, keep_query);
+    const py::array candidates = checked_vector<std::int64_t>(candidates_obj, "candidates", "int64");
+    const rag::Bm25Params params = bm25_params(k1, b, avgdl, avg_title, avg_window);
+    const std::size_t m = len(candidates);
+    py::array_t<float> out({static_cast<py::ssize_t>(m), py::ssize_t{4}});
+    float* result = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        rag::lexical_features(store, query, data_of<std::int64_t>(candidates), m, params, result);
+    }
+    return out;
+}
+
+rag::IdList id_list(const py::array& ids) { return rag::IdList{data_of<std::int64_t>(ids), len(ids)}; }
+
+rag::LinearModel linear_model(const py::handle& columns_obj, const py::handle& weights_obj, double bias,
+                              py::array keep[2]) {
+    keep[0] = checked_vector<std::int64_t>(columns_obj, "columns", "int64");
+    keep[1] = checked_vector<float>(weights_obj, "weights", "float32");
+    if (len(keep[0]) != len(keep[1])) {
+        fail("columns and weights must have the same length, got " + std::to_string(len(keep[0])) + " and " +
+             std::to_string(len(keep[1])));
+    }
+    return rag::LinearModel{data_of<std::int64_t>(keep[0]), data_of<float>(keep[1]), len(keep[0]), bias};
+}
+
+py::array_t<float> finish_features(const py::handle& local_obj, const py::handle& vectors_obj,
+                                   const py::handle& query_obj, const py::handle& candidates_obj,
+                                   const py::handle& fused_obj, const py::handle& bm25_obj,
+                                   const py::handle& dense_obj, const std::string& simd) {
+    const py::array local = checked_matrix(local_obj, "local_features", {kNpyFloat}, "float32");
+    const py::array vectors = checked_matrix(vectors_obj, "vectors", {kNpyFloat}, "float32");
+    const py::array query = checked_vector<float>(query_obj, "query", "float32");
+    const py::array candidates = checked_vector<std::int64_t>(candidates_obj, "candidates", "int64");
+    const py::array fused = checked_vector<float>(fused_obj, "fused_scores", "float32");
+    const py::array bm25 = checked_vector<std::int64_t>(bm25_obj, "bm25_ranked", "int64");
+    const py::array dense = checked_vector<std::int64_t>(dense_obj, "dense_ranked", "int64");
+    const std::size_t m = len(candidates);
+    if (static_cast<std::size_t>(local.shape(0)) != m || local.shape(1) != static_cast<py::ssize_t>(rag::kLocalColumns)) {
+        fail("local_features must be (" + std::to_string(m) + ", " + std::to_string(rag::kLocalColumns) +
+             ") (a row per candidate), got (" + std::to_string(local.shape(0)) + ", " +
+             std::to_string(local.shape(1)) + ")");
+    }
+    if (static_cast<std::size_t>(vectors.shape(0)) != m || static_cast<std::size_t>(vectors.shape(1)) != len(query)) {
+        fail("vectors must be (" + std::to_string(m) + ", " + std::to_string(len(query)) +
+             ") (a row per candidate, the query's dimension), got (" + std::to_string(vectors.shape(0)) + ", " +
+             std::to_string(vectors.shape(1)) + ")");
+    }
+    if (len(fused) != m) {
+        fail("fused_scores must have one entry per candidate (" + std::to_string(m) + "), got " +
+             std::to_string(len(fused)));
+    }
+    const rag::simd::Level level = simd_arg(simd);
+    rag::FinishInput in;
+    in.local = data_of<float>(local);
+    in.vectors = data_of<float>(vectors);
+    in.n_rows = m;
+    in.d = len(query);
+    in.query = data_of<float>(query);
+    in.candidates = data_of<std::int64_t>(candidates);
+    in.fused = data_of<float>(fused);
+    in.m = m;
+    in.bm25_ranked = id_list(bm25);
+    in.dense_ranked = id_list(dense);
+    py::array_t<float> out({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(rag::kFeatureColumns)});
+    float* result = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        rag::finish_features(in, level, result);
+    }
+    return out;
+}
+
+py::tuple rank(const py::handle& features_obj, const py::handle& columns, const py::handle& weights, double bias) {
+    const py::array features = checked_matrix(features_obj, "features", {kNpyFloat}, "float32");
+    if (features.shape(1) != static_cast<py::ssize_t>(rag::kFeatureColumns)) {
+        fail("features must have " + std::to_string(rag::kFeatureColumns) + " columns, got " +
+             std::to_string(features.shape(1)));
+    }
+    py::array keep[2];
+    const rag::LinearModel model = linear_model(columns, weights, bias, keep);
+    const auto m = static_cast<std::size_t>(features.shape(0));
+    py::array_t<float> scores(static_cast<py::ssize_t>(m));
+    py::array_t<std::int64_t> order(static_cast<py::ssize_t>(m));
+    float* s = scores.mutable_data();
+    std::int64_t* o = order.mutable_data();
+    {
+        py::gil_scoped_release release;
+        rag::rank(data_of<float>(features), m, model, s, o);
+    }
+    return py::make_tuple(scores, order);
+}
+
+// What a loaded index gives the reranker, checked once: requests pass only the query and the candidates.
+class Core {
+public:
+    Core(const py::handle& window_offsets, const py::handle& window_vectors, const py::handle& window_scales,
+         const py::handle& window_spans, const py::handle& tokens, const py::handle& token_offsets,
+         const py::handle& title_lengths, const py::handle& dense_vectors, double k1, double b, double avgdl,
+         double avg_title, double avg_window, double temperature, const std::string& simd)
+        : level_(simd_arg(simd)) {
+        store_.lexical = lexical_store_of(tokens, token_offsets, title_lengths, window_offsets, window_spans, keep_);
+        keep_[5] = checked_matrix(window_vectors, "window_vectors", {kNpyInt8, kNpyHalf, kNpyFloat},
+                                  "int8, float16 or float32");
+        rag::WindowStore& w = store_.windows;
+        w.offsets = data_of<std::int64_t>(keep_[3]);
+        w.n_chunks = store_.lexical.tokens.n_chunks;
+        w.vectors = keep_[5].data();
+        w.n_windows = static_cast<std::size_t>(keep_[5].shape(0));
+        w.d = static_cast<std::size_t>(keep_[5].shape(1));
+        if (w.n_windows != store_.lexical.n_windows) {
+            fail("window_spans must have one row per window vector (" + std::to_string(w.n_windows) + "), got " +
+                 std::to_string(store_.lexical.n_windows));
+        }
+        const int num = keep_[5].dtype().normalized_num();
+        if (num == kNpyInt8) {
+            w.type = rag::VectorType::kInt8;
+            if (window_scales.is_none()) fail("window_scales is required (float32[n_windows]) when vectors are int8");
+            keep_[6] = checked_vector<float>(window_scales, "window_scales", "float32");
+            if (len(keep_[6]) != w.n_windows) {
+                fail("window_scales must have one entry per window (" + std::to_string(w.n_windows) + "), got " +
+                     std::to_string(len(keep_[6])));
+            }
+            w.scales = data_of<float>(keep_[6]);
+        } else {
+            w.type = num == kNpyHalf ? rag::VectorType::kFloat16 : rag::VectorType::kFloat32;
+            if (!window_scales.is_none()) fail("window_scales must be None when window vectors are not int8");
+        }
+        keep_[7] = checked_matrix(dense_vectors, "dense_vectors", {kNpyFloat}, "float32");
+        if (static_cast<std::size_t>(keep_[7].shape(1)) != w.d) {
+            fail("dense_vectors must have " + std::to_string(w.d) + " columns (as window_vectors), got " +
+                 std::to_string(keep_[7].shape(1)));
+        }
+        store_.bm25 = bm25_params(k1, b, avgdl, avg_title, avg_window);
+        store_.temperature = temperature;
+        if (!(temperature > 0.0) || !std::isfinite(temperature)) {
+            fail("temperature must be finite and > 0, got " + std::to_string(temperature));
+        }
+    }
+
+    py::array_t<float> local_features(const py::handle& query_obj, const py::handle& terms, const py::handle& counts,
+                                      const py::handle& idf, const py::handle& candidates_obj) const {
+        py::array keep_query[3];
+        const py::array query = query_of(query_obj);
+        const rag::QueryTerms q = query_terms_of(terms, counts, idf, keep_query);
+        const py::array candidates = checked_vector<std::int64_t>(candidates_obj, "candidates", "int64");
+        const std::size_t m = len(candidates);
+        py::array_t<float> out({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(rag::kLocalColumns)});
+        float* result = out.mutable_data();
+        {
+            py::gil_scoped_release release;
+            rag::local_features(store_, data_of<float>(query), q, data_of<std::int64_t>(candidates), m, level_,
+                                result);
+        }
+        return out;
+    }
+
+    py::tuple rerank(const py::handle& query_obj, const py::handle& terms, const py::handle& counts,
+                     const py::handle& idf, const py::handle& candidates_obj, const py::handle& fused_obj,
+                     const py::handle& bm25_obj, const py::handle& dense_obj, const py::handle& columns,
+                     const py::handle& weights, double bias) const {
+        py::array keep_query[3];
+        py::array keep_model[2];
+        const py::array query = query_of(query_obj);
+        const rag::QueryTerms q = query_terms_of(terms, counts, idf, keep_query);
+        const py::array candidates = checked_vector<std::int64_t>(candidates_obj, "candidates", "int64");
+        const py::array fused = checked_vector<float>(fused_obj, "fused_scores", "float32");
+        const py::array bm25 = checked_vector<std::int64_t>(bm25_obj, "bm25_ranked", "int64");
+        const py::array dense = checked_vector<std::int64_t>(dense_obj, "dense_ranked", "int64");
+        const rag::LinearModel model = linear_model(columns, weights, bias, keep_model);
+        const std::size_t m = len(candidates);
+        if (len(fused) != m) {
+            fail("fused_scores must have one entry per candidate (" + std::to_string(m) + "), got " +
+                 std::to_string(len(fused)));
+        }
+        const auto rows = static_cast<py::ssize_t>(m);
+        py::array_t<std::int64_t> ids(rows);
+        py::array_t<float> scores(rows);
+        py::array_t<float> features({rows, static_cast<py::ssize_t>(rag::kFeatureColumns)});
+        py::array_t<std::int64_t> order(rows);
+        const rag::RerankOutput out{ids.mutable_data(), scores.mutable_data(), features.mutable_data(),
+                                    order.mutable_data()};
+        {
+            py::gil_scoped_release release;
+            rag::rerank(store_, data_of<float>(keep_[7]), static_cast<std::size_t>(keep_[7].shape(0)),
+                        data_of<float>(query), q, data_of<std::int64_t>(candidates), data_of<float>(fused), m,
+                        id_list(bm25), id_list(dense), model, level_, out);
+        }
+        return py::make_tuple(ids, scores, features, order);
+    }
+
+private:
+    py::array query_of(const py::handle& obj) const {
+        py::array query = checked_vector<float>(obj, "query", "float32");
+        if (len(query) != store_.windows.d) {
+            fail("query must have " + std::to_string(store_.windows.d) + " entries (the vectors' dimension), got " +
+                 std::to_string(len(query)));
+        }
+        return query;
+    }
+
+    // tokens, token_offsets, title_lengths, window_offsets, window_spans, window_vectors, window_scales, dense_vectors
+    py::array keep_[8];
+    rag::LocalStore store_;
+    rag::simd::Level level_;
+};
+
+py::tuple names(const char* const* columns, std::size_t n) {
+    py::tuple out(n);
+    for (std::size_t i = 0; i < n; ++i) out[i] = py::str(columns[i]);
+    return out;
+}
+
+void bind(py::module_& m) {
+    m.attr("RERANK_LOCAL_FEATURES") = names(rag::LOCAL_COLUMNS, rag::kLocalColumns);
+    m.attr("RERANK_FEATURES") = names(rag::FEATURE_COLUMNS, rag::kFeatureColumns);
+    m.def("lexical_features", &lexical_features, py::arg("tokens"), py::arg("token_offsets"),
+          py::arg("title_lengths"), py::arg("window_offsets"), py::arg("window_spans"), py::arg("candidates"),
+          py::arg("query_terms"), py::arg("query_counts"), py::arg("query_idf"), py::arg("k1"), py::arg("b"),
+          py::arg("avgdl"), py::arg("avg_title"), py::arg("avg_window"),
+          "lexical_features(tokens, token_offsets, title_lengths, window_offsets, window_spans, candidates,\n"
+          "                 query_terms, query_counts, query_idf, k1, b, avgdl, avg_title, avg_window)\n"
+          "    -> float32[m, 4]\n\n"
+          "BM25 of each candidate's chunk, title and best window, and idf-weighted coverage. See\n"
+          "rag_service.kernels.reference.lexical_features_reference.");
+    m.def("finish_features", &finish_features, py::arg("local_features"), py::arg("vectors"), py::arg("query"),
+          py::arg("candidates"), py::arg("fused_scores"), py::arg("bm25_ranked"), py::arg("dense_ranked"),
+          py::arg("simd") = "",
+          "finish_features(local_features, vectors, query, candidates, fused_scores, bm25_ranked, dense_ranked,\n"
+          "                simd='') -> float32[m, len(RERANK_FEATURES)]\n\n"
+          "See rag_service.kernels.reference.finish_features_reference.");
+    m.def("rank_features", &rank, py::arg("features"), py::arg("columns"), py::arg("weights"), py::arg("bias"),
+          "rank_features(features, columns, weights, bias) -> tuple[scores float32[m], order int64[m]]\n\n"
+          "Linear scores of features[:, columns], sorted best first (ties in the given order). See\n"
+          "rag_service.kernels.reference.rank_reference.");
+    py::class_<Core>(m, "RerankCore",
+                     "The rerank stage over one loaded index: its windows, token streams and dense vectors (held,\n"
+                     "checked once). See rag_service.kernels.native.RerankCore.")
+        .def(py::init<const py::handle&, const py::handle&, const py::handle&, const py::handle&, const py::handle&,
+                      const py::handle&, const py::handle&, const py::handle&, double, double, double, double, double,
+                      double, const std::string&>(),
+             py::arg("window_offsets"), py::arg("window_vectors"), py::arg("window_scales"), py::arg("window_spans"),
+             py::arg("tokens"), py::arg("token_offsets"), py::arg("title_lengths"), py::arg("dense_vectors"),
+             py::arg("k1"), py::arg("b"), py::arg("avgdl"), py::arg("avg_title"), py::arg("avg_window"),
+             py::arg("temperature") = 0.05, py::arg("simd") = "")
+        .def("local_features", &Core::local_features, py::arg("query"), py::arg("query_terms"),
+             py::arg("query_counts"), py::arg("query_idf"), py::arg("candidates"),
+             "local_features(query, query_terms, query_counts, query_idf, candidates)\n"
+             "    -> float32[m, len(RERANK_LOCAL_FEATURES)]")
+        .def("rerank", &Core::rerank, py::arg("query"), py::arg("query_terms"), py::arg("query_counts"),
+             py::arg("query_idf"), py::arg("candidates"), py::arg("fused_scores"), py::arg("bm25_ranked"),
+             py::arg("dense_ranked"), py::arg("columns"), py::arg("weights"), py::arg("bias"),
+             "rerank(query, query_terms, query_counts, query_idf, candidates, fused_scores, bm25_ranked,\n"
+             "       dense_ranked, columns, weights, bias)\n"
+             "    -> tuple[ids int64[m], scores float32[m], features float32[m, 13], order int64[m]]\n\n"
+             "local_features, finish_features and rank_features in one call, GIL released throughout.");
+}
+
+}  // namespace rerank_core
+
 py::list simd_levels() {
     py::list levels;
     for (const auto level : {rag::simd::Level::kScalar, rag::simd::Level::kAvx2, rag::simd::Level::kAvx512}) {
@@ -402,4 +729,6 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           py::arg("dedup_threshold"), py::arg("cuda") = false, py::arg("simd") = "",
           "mmr_select(relevance, sim, mmr_lambda, k, dedup_threshold, cuda=False, simd='') -> int64[<= k]\n\n"
           "See rag_service.reference.mmr_select_reference.");
+
+    rerank_core::bind(m);
 }

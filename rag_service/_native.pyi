@@ -45,3 +45,78 @@ def mmr_select(
     cuda: bool = False,
     simd: str = "",
 ) -> np.ndarray: ...
+
+RERANK_FEATURES: tuple[str, ...]
+RERANK_LOCAL_FEATURES: tuple[str, ...]
+
+def lexical_features(
+    tokens: np.ndarray,
+    token_offsets: np.ndarray,
+    title_lengths: np.ndarray,
+    window_offsets: np.ndarray,
+    window_spans: np.ndarray,
+    candidates: np.ndarray,
+    query_terms: np.ndarray,
+    query_counts: np.ndarray,
+    query_idf: np.ndarray,
+    k1: float,
+    b: float,
+    avgdl: float,
+    avg_title: float,
+    avg_window: float,
+) -> np.ndarray: ...
+def finish_features(
+    local_features: np.ndarray,
+    vectors: np.ndarray,
+    query: np.ndarray,
+    candidates: np.ndarray,
+    fused_scores: np.ndarray,
+    bm25_ranked: np.ndarray,
+    dense_ranked: np.ndarray,
+    simd: str = "",
+) -> np.ndarray: ...
+def rank_features(
+    features: np.ndarray, columns: np.ndarray, weights: np.ndarray, bias: float
+) -> tuple[np.ndarray, np.ndarray]: ...
+
+class RerankCore:
+    def __init__(
+        self,
+        window_offsets: np.ndarray,
+        window_vectors: np.ndarray,
+        window_scales: np.ndarray | None,
+        window_spans: np.ndarray,
+        tokens: np.ndarray,
+        token_offsets: np.ndarray,
+        title_lengths: np.ndarray,
+        dense_vectors: np.ndarray,
+        k1: float,
+        b: float,
+        avgdl: float,
+        avg_title: float,
+        avg_window: float,
+        temperature: float = 0.05,
+        simd: str = "",
+    ) -> None: ...
+    def local_features(
+        self,
+        query: np.ndarray,
+        query_terms: np.ndarray,
+        query_counts: np.ndarray,
+        query_idf: np.ndarray,
+        candidates: np.ndarray,
+    ) -> np.ndarray: ...
+    def rerank(
+        self,
+        query: np.ndarray,
+        query_terms: np.ndarray,
+        query_counts: np.ndarray,
+        query_idf: np.ndarray,
+        candidates: np.ndarray,
+        fused_scores: np.ndarray,
+        bm25_ranked: np.ndarray,
+        dense_ranked: np.ndarray,
+        columns: np.ndarray,
+        weights: np.ndarray,
+        bias: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...

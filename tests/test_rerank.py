@@ -152,7 +152,8 @@ def test_features_match_the_index(pipeline, index):
     # BM25 from the token streams equals the postings' BM25, per query scaled by the best candidate
     bm25 = index.bm25.score_all(index.analyzer.tokens(query))[ids]
     np.testing.assert_allclose(f["bm25"], bm25 / bm25.max(), rtol=1e-5)
-    np.testing.assert_allclose(f["dense"], index.dense.vectors[ids] @ cand.query_vector, rtol=1e-5)
+    # atol: a cosine near 0 (the native kernel sums in another order than BLAS) has no meaningful relative error
+    np.testing.assert_allclose(f["dense"], index.dense.vectors[ids] @ cand.query_vector, rtol=1e-5, atol=1e-6)
     w = index.windows
     for row, c in enumerate(ids.tolist()):
         a, b = w.window_offsets[c], w.window_offsets[c + 1]

@@ -14,7 +14,8 @@ Backend choice, made per call (or per explicit fusion_backend() resolve), never 
                       numpy  the NumPy references
 
 Kernels: fuse (score fusion); window_maxsim, proximity, linear_scores (rerank features and model);
-similarity_matrix, mmr_select (context filter). Semantics: the *_reference functions in rag_service.kernels.reference.
+similarity_matrix, mmr_select (context filter); lexical_features, finish_features, rank_features and RerankCore (the
+rerank stage in one call). Semantics: the *_reference functions in rag_service.kernels.reference.
 """
 
 from __future__ import annotations
@@ -28,12 +29,18 @@ from typing import Any
 import numpy as np
 
 from rag_service.kernels.reference import (
+    RERANK_FEATURES,
+    RERANK_LOCAL_FEATURES,
     SOFTMAX_TEMPERATURE,
     FusionResult,
+    finish_features_reference,
     fuse_reference,
+    lexical_features_reference,
     linear_scores_reference,
+    local_features_reference,
     mmr_select_reference,
     proximity_reference,
+    rank_reference,
     similarity_matrix_reference,
     window_maxsim_reference,
 )
@@ -46,15 +53,20 @@ __all__ = [
     "HAS_NATIVE",
     "NATIVE_IMPORT_ERROR",
     "FusionResult",
+    "RerankCore",
     "backend_info",
     "cuda_device_status",
     "fuse",
+    "finish_features",
     "fusion_backend",
     "kernel_backend",
+    "lexical_features",
     "linear_scores",
     "mmr_select",
     "proximity",
+    "rank_features",
     "requested_backend",
+    "rerank_core_backend",
     "similarity_matrix",
     "simd_level",
     "window_maxsim",
@@ -392,3 +404,174 @@ def mmr_select(relevance: Any, sim: Any, mmr_lambda: float, k: int, dedup_thresh
 
     return _on_device("mmr_select", backend, lambda: run(True), lambda: run(False)) if chosen == "cuda" \
         else run(False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The rerank stage in one call
+# --------------------------------------------------------------------------------------------------------------------
+
+# An extension built from older sources lacks these; one whose column orders differ from the references' would
+# compute other features, so it is not used either.
+_HAS_RERANK_CORE: bool = _native is not None and hasattr(_native, "RerankCore") \
+    and tuple(_native.RERANK_FEATURES) == RERANK_FEATURES \
+    and tuple(_native.RERANK_LOCAL_FEATURES) == RERANK_LOCAL_FEATURES
+if _native is not None and _HAS_RERANK_KERNELS and not _HAS_RERANK_CORE:
+    logger.warning("rag_service._native lacks the one-call rerank kernels (or computes other columns); the rerank "
+                   "stage runs kernel by kernel until it is rebuilt (`pip install .`)")
+
+
+def rerank_core_backend(backend: str | None = None) -> str:
+    """The backend ("cpp" or "numpy") of the one-call rerank kernels (lexical_features, finish_features,
+    rank_features, RerankCore). They have no CUDA twin: a request's 100 candidates take tens of microseconds on the
+    CPU, less than one transfer; "cuda" runs them on C++. "auto" falls back to NumPy when the extension lacks them;
+    forcing "cpp" then raises RuntimeError."""
+    chosen = _resolve("rerank_core", False, backend)
+    if chosen == "numpy" or _HAS_RERANK_CORE:
+        return "numpy" if chosen == "numpy" else "cpp"
+    if (backend or requested_backend()) == "auto":
+        return "numpy"
+    raise RuntimeError("rag_service._native was built from sources older than the one-call rerank kernels; rebuild "
+                       "it (`pip install .`)")
+
+
+def _as_int32_ids(values: Any, name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got {array.ndim}-D")
+    if array.dtype == np.int32:
+        return np.ascontiguousarray(array)
+    if array.size and array.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
+    if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{name} must fit in int32")
+    return np.ascontiguousarray(array, dtype=np.int32)
+
+
+def _as_float64(values: Any, name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got {array.ndim}-D")
+    if array.size and array.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must hold numbers, got dtype {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.float64)
+
+
+def _query_terms(terms: Any, counts: Any, idf: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _as_int32_ids(terms, "query_terms"), _as_float64(counts, "query_counts"), _as_float64(idf, "query_idf")
+
+
+def lexical_features(tokens: np.ndarray, token_offsets: np.ndarray, title_lengths: np.ndarray,
+                     window_offsets: np.ndarray, window_spans: np.ndarray, candidates: Any, query_terms: Any,
+                     query_counts: Any, query_idf: Any, *, k1: float, b: float, avgdl: float, avg_title: float,
+                     avg_window: float, backend: str | None = None) -> np.ndarray:
+    """float32[m, 4]: BM25 of each candidate's chunk, title and best window, and idf-weighted coverage. The store
+    arrays are used as stored (int32 tokens / title_lengths / window_spans, int64 offsets); the query's arrays and
+    candidates are converted. Semantics: rag_service.kernels.reference.lexical_features_reference."""
+    ids = _as_vector(candidates, _INT64, "candidates")
+    terms, counts, idf = _query_terms(query_terms, query_counts, query_idf)
+    if rerank_core_backend(backend) == "numpy":
+        return lexical_features_reference(tokens, token_offsets, title_lengths, window_offsets, window_spans, ids,
+                                          terms, counts, idf, k1, b, avgdl, avg_title, avg_window)
+    return _native.lexical_features(tokens, token_offsets, title_lengths, window_offsets, window_spans, ids, terms,
+                                    counts, idf, float(k1), float(b), float(avgdl), float(avg_title),
+                                    float(avg_window))
+
+
+def finish_features(local: Any, vectors: Any, query: Any, candidates: Any, fused_scores: Any, bm25_ranked: Any,
+                    dense_ranked: Any, *, backend: str | None = None) -> np.ndarray:
+    """float32[m, len(RERANK_FEATURES)] from the candidates' local rows and unit vectors (fused order) and the
+    retrievers' ranked ids. Semantics: rag_service.kernels.reference.finish_features_reference."""
+    loc = np.ascontiguousarray(_as_float32_matrix(local, "local_features"))
+    vecs = np.ascontiguousarray(_as_float32_matrix(vectors, "vectors"))
+    q = _as_vector(query, _FLOAT32, "query")
+    ids = _as_vector(candidates, _INT64, "candidates")
+    fused = _as_vector(fused_scores, _FLOAT32, "fused_scores")
+    bm25 = _as_vector(bm25_ranked, _INT64, "bm25_ranked")
+    dense = _as_vector(dense_ranked, _INT64, "dense_ranked")
+    if rerank_core_backend(backend) == "numpy":
+        return finish_features_reference(loc, vecs, q, ids, fused, bm25, dense)
+    return _native.finish_features(loc, vecs, q, ids, fused, bm25, dense)
+
+
+def rank_features(features: Any, columns: Any, weights: Any, bias: float,
+                  *, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores float32[m] best first, order int64[m]): the linear model over features[:, columns], sorted by score,
+    ties in the given order. Semantics: rag_service.kernels.reference.rank_reference."""
+    f = np.ascontiguousarray(_as_float32_matrix(features, "features"))
+    cols = _as_vector(columns, _INT64, "columns")
+    w = _as_vector(weights, _FLOAT32, "weights")
+    if rerank_core_backend(backend) == "numpy":
+        return rank_reference(f, cols, w, bias)
+    scores, order = _native.rank_features(f, cols, w, float(bias))
+    return scores, order
+
+
+class RerankCore:
+    """The rerank stage over one loaded index: its windows (CSR offsets, int8/float16/float32 vectors with scales
+    for int8, int32 [start, stop) token spans), token streams (int32 tokens, int64 offsets, int32 title lengths),
+    float32 dense vectors of every chunk and BM25 statistics, given once at load. The native object checks and holds
+    them, so a request passes only the query and its candidates across the boundary.
+
+    local_features and rerank run on C++ or, for backend "numpy" (or "auto" without the extension), on
+    local_features_reference / finish_features_reference / rank_reference: same results to float32 rounding."""
+
+    def __init__(self, *, window_offsets: np.ndarray, window_vectors: np.ndarray, window_scales: np.ndarray | None,
+                 window_spans: np.ndarray, tokens: np.ndarray, token_offsets: np.ndarray, title_lengths: np.ndarray,
+                 dense_vectors: np.ndarray, k1: float, b: float, avgdl: float, avg_title: float, avg_window: float,
+                 temperature: float = SOFTMAX_TEMPERATURE) -> None:
+        self.window_offsets, self.window_vectors, self.window_scales = window_offsets, window_vectors, window_scales
+        self.window_spans, self.tokens, self.token_offsets = window_spans, tokens, token_offsets
+        self.title_lengths, self.dense_vectors = title_lengths, dense_vectors
+        self.k1, self.b, self.avgdl = float(k1), float(b), float(avgdl)
+        self.avg_title, self.avg_window, self.temperature = float(avg_title), float(avg_window), float(temperature)
+        self._native: Any = None  # the extension's RerankCore, when it has one
+        if _HAS_RERANK_CORE:
+            self._native = _native.RerankCore(window_offsets, window_vectors, window_scales, window_spans, tokens,
+                                              token_offsets, title_lengths, dense_vectors, self.k1, self.b,
+                                              self.avgdl, self.avg_title, self.avg_window, self.temperature)
+
+    def _backend(self, backend: str | None) -> str:
+        chosen = rerank_core_backend(backend)
+        return "numpy" if self._native is None else chosen
+
+    def _local_reference(self, q: np.ndarray, terms: np.ndarray, counts: np.ndarray, idf: np.ndarray,
+                         ids: np.ndarray) -> np.ndarray:
+        return local_features_reference(self.window_offsets, self.window_vectors, self.window_scales,
+                                        self.window_spans, self.tokens, self.token_offsets, self.title_lengths, q,
+                                        terms, counts, idf, ids, k1=self.k1, b=self.b, avgdl=self.avgdl,
+                                        avg_title=self.avg_title, avg_window=self.avg_window,
+                                        temperature=self.temperature)
+
+    def local_features(self, query: Any, query_terms: Any, query_counts: Any, query_idf: Any, candidates: Any,
+                       *, backend: str | None = None) -> np.ndarray:
+        """float32[m, len(RERANK_LOCAL_FEATURES)] (see local_features_reference)."""
+        q = _as_vector(query, _FLOAT32, "query")
+        terms, counts, idf = _query_terms(query_terms, query_counts, query_idf)
+        ids = _as_vector(candidates, _INT64, "candidates")
+        if self._backend(backend) == "numpy":
+            return self._local_reference(q, terms, counts, idf, ids)
+        return self._native.local_features(q, terms, counts, idf, ids)
+
+    def rerank(self, query: Any, query_terms: Any, query_counts: Any, query_idf: Any, candidates: Any,
+               fused_scores: Any, bm25_ranked: Any, dense_ranked: Any, columns: Any, weights: Any, bias: float,
+               *, backend: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids int64[m], scores float32[m], features float32[m, len(RERANK_FEATURES)], order int64[m]) in rank
+        order: local features, finish_features over the candidates' dense vectors, the linear model over
+        features[:, columns] and the stable sort by score, in one call with the GIL released."""
+        q = _as_vector(query, _FLOAT32, "query")
+        terms, counts, idf = _query_terms(query_terms, query_counts, query_idf)
+        ids = _as_vector(candidates, _INT64, "candidates")
+        fused = _as_vector(fused_scores, _FLOAT32, "fused_scores")
+        bm25 = _as_vector(bm25_ranked, _INT64, "bm25_ranked")
+        dense = _as_vector(dense_ranked, _INT64, "dense_ranked")
+        cols = _as_vector(columns, _INT64, "columns")
+        w = _as_vector(weights, _FLOAT32, "weights")
+        if self._backend(backend) == "cpp":
+            return self._native.rerank(q, terms, counts, idf, ids, fused, bm25, dense, cols, w, float(bias))
+        if len(fused) != len(ids):
+            raise ValueError(f"fused_scores must have one entry per candidate ({len(ids)}), got {len(fused)}")
+        local = self._local_reference(q, terms, counts, idf, ids)
+        features = finish_features_reference(local, np.asarray(self.dense_vectors[ids], dtype=np.float32), q, ids,
+                                             fused, bm25, dense)
+        scores, order = rank_reference(features, cols, w, bias)
+        return ids[order], scores, features[order], order

@@ -10,6 +10,9 @@ Kernels:
   * rerank features -- window_maxsim_reference (MaxSim of the query against each candidate's stored window vectors),
     proximity_reference (shortest token span covering the query terms present), linear_scores_reference (the fitted
     linear model over assembled features).
+  * rerank stage -- lexical_features_reference (BM25 of chunk, title and best window, coverage; numba),
+    local_features_reference (every per-candidate feature), finish_features_reference (what needs the whole candidate
+    list), rank_reference (model scores and the stable sort).
   * context filter -- similarity_matrix_reference (pairwise dot products of the candidates' vectors) and
     mmr_select_reference (greedy maximal marginal relevance with near-duplicate removal).
 """
@@ -20,12 +23,21 @@ import operator
 from typing import NamedTuple
 
 import numpy as np
+from numba import njit
 
 __all__ = [
     "FUSION_METHODS",
     "SOFTMAX_TEMPERATURE",
     "FusionResult",
+    "PRF_TOP",
+    "RANK_K",
+    "RERANK_FEATURES",
+    "RERANK_LOCAL_FEATURES",
+    "finish_features_reference",
     "fuse_reference",
+    "lexical_features_reference",
+    "local_features_reference",
+    "rank_reference",
     "linear_scores_reference",
     "mmr_select_reference",
     "proximity_reference",
@@ -456,3 +468,201 @@ def mmr_select_reference(
         gain[~alive] = -np.inf
         pick = int(np.argmax(gain))
     return np.asarray(chosen, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The rerank stage: lexical and local features, the features that need the whole candidate list, rank
+# --------------------------------------------------------------------------------------------------------------------
+
+# Every feature the rerank stage computes, in column order (a model names the subset it uses).
+RERANK_FEATURES = (
+    "fused",        # the fusion score (min-max weighted), as fusion ranked the candidates
+    "bm25",         # BM25 of the chunk, exact for every candidate, / the query's best candidate
+    "dense",        # exact cosine of the query with the chunk vector
+    "win_max",      # max cosine over the chunk's sentence windows (title included)
+    "win_top2",     # mean of the two best window cosines
+    "win_soft",     # soft max (log-sum-exp, T = 0.05) of the window cosines
+    "bm25_title",   # BM25 over the title tokens only, / the query's best
+    "bm25_window",  # best BM25 over the chunk's windows, / the query's best
+    "proximity",    # distinct query terms matched / shortest span covering them (0 when fewer than 2 match)
+    "coverage",     # idf-weighted share of the query terms the chunk contains
+    "rr_bm25",      # 10 / (10 + BM25 rank), 0 when BM25 did not return the chunk
+    "rr_dense",     # 10 / (10 + dense rank), 0 when dense did not return the chunk
+    "prf",          # cosine with the centroid of the 3 best fused candidates' vectors
+)
+# What depends on one candidate alone (and corpus statistics): a shard that holds the candidate computes it bit for
+# bit as one index would.
+RERANK_LOCAL_FEATURES = ("bm25_raw", "bm25_title_raw", "bm25_window_raw", "coverage", "win_max", "win_top2",
+                         "win_soft", "proximity")
+RANK_K = 10.0
+PRF_TOP = 3
+
+
+@njit(cache=True, nogil=True)
+def _lexical_kernel(tokens, t_off, title_len, w_off, w_spans, cands, qterms, qcount, idf, k1, b,
+                    avgdl, avg_title, avg_window):
+    m = cands.shape[0]
+    nq = qterms.shape[0]
+    out = np.zeros((m, 4), dtype=np.float32)
+    total_idf = 0.0
+    for j in range(nq):
+        total_idf += idf[j]
+    tf = np.zeros(nq, dtype=np.float64)
+    for r in range(m):
+        c = cands[r]
+        start = t_off[c]
+        n = t_off[c + 1] - start
+        qi = np.full(n, -1, dtype=np.int64)
+        for p in range(n):
+            t = tokens[start + p]
+            for j in range(nq):
+                if qterms[j] == t:
+                    qi[p] = j
+                    break
+        # whole chunk
+        tf[:] = 0.0
+        for p in range(n):
+            if qi[p] >= 0:
+                tf[qi[p]] += 1.0
+        score = 0.0
+        covered = 0.0
+        norm = k1 * (1.0 - b + b * n / max(avgdl, 1e-9))
+        for j in range(nq):
+            if tf[j] > 0:
+                score += qcount[j] * idf[j] * tf[j] * (k1 + 1.0) / (tf[j] + norm)
+                covered += idf[j]
+        out[r, 0] = score
+        out[r, 3] = covered / total_idf if total_idf > 0 else 0.0
+        # title: the first title_len tokens
+        tl = title_len[c]
+        tf[:] = 0.0
+        for p in range(tl):
+            if qi[p] >= 0:
+                tf[qi[p]] += 1.0
+        score = 0.0
+        norm = k1 * (1.0 - b + b * tl / max(avg_title, 1e-9))
+        for j in range(nq):
+            if tf[j] > 0:
+                score += qcount[j] * idf[j] * tf[j] * (k1 + 1.0) / (tf[j] + norm)
+        out[r, 1] = score
+        # windows
+        best = 0.0
+        for w in range(w_off[c], w_off[c + 1]):
+            a = w_spans[w, 0]
+            e = w_spans[w, 1]
+            tf[:] = 0.0
+            for p in range(a, e):
+                if qi[p] >= 0:
+                    tf[qi[p]] += 1.0
+            score = 0.0
+            norm = k1 * (1.0 - b + b * (e - a) / max(avg_window, 1e-9))
+            for j in range(nq):
+                if tf[j] > 0:
+                    score += qcount[j] * idf[j] * tf[j] * (k1 + 1.0) / (tf[j] + norm)
+            if score > best:
+                best = score
+        out[r, 2] = best
+    return out
+
+
+def lexical_features_reference(tokens: np.ndarray, token_offsets: np.ndarray, title_lengths: np.ndarray,
+                               window_offsets: np.ndarray, window_spans: np.ndarray, candidates: np.ndarray,
+                               query_terms: np.ndarray, query_counts: np.ndarray, query_idf: np.ndarray,
+                               k1: float, b: float, avgdl: float, avg_title: float, avg_window: float) -> np.ndarray:
+    """Per candidate: BM25 of the chunk, of its title, best over its windows, and idf-weighted query coverage.
+
+    Chunk c owns tokens[token_offsets[c]:token_offsets[c + 1]] (int32 term ids, -1 for a stop word), whose first
+    title_lengths[c] are its title, and windows window_offsets[c]:window_offsets[c + 1] of window_spans (int32 rows
+    [start, stop) within the chunk's tokens). query_terms int32 (distinct, >= 0) with query_counts (times in the
+    query) and query_idf, float64. BM25 per term: count * idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len / avg)),
+    summed in float64 over the query terms in order, with avg avgdl / avg_title / avg_window for chunk / title /
+    window. Coverage: sum of idf of the terms present / sum of all idf (0 when that is 0). Returns float32[m, 4].
+    Numba, not NumPy: this loop is the reference the C++ kernel must meet bit for bit and it runs per request in the
+    fallback, where a NumPy version would cost a millisecond.
+    """
+    _check_vector(candidates, "candidates", np.int64)
+    _check_ids(candidates, "candidates", token_offsets.size - 1)
+    return _lexical_kernel(tokens, token_offsets, title_lengths, window_offsets, window_spans, candidates,
+                           query_terms, query_counts, query_idf, float(k1), float(b), float(avgdl), float(avg_title),
+                           float(avg_window))
+
+
+def local_features_reference(window_offsets: np.ndarray, window_vectors: np.ndarray, window_scales: np.ndarray | None,
+                             window_spans: np.ndarray, tokens: np.ndarray, token_offsets: np.ndarray,
+                             title_lengths: np.ndarray, query: np.ndarray, query_terms: np.ndarray,
+                             query_counts: np.ndarray, query_idf: np.ndarray, candidates: np.ndarray, *, k1: float,
+                             b: float, avgdl: float, avg_title: float, avg_window: float,
+                             temperature: float = SOFTMAX_TEMPERATURE) -> np.ndarray:
+    """float32[m, len(RERANK_LOCAL_FEATURES)]: lexical_features_reference (columns 0-3), window_maxsim_reference
+    (4-6, NaN for a chunk without windows) and proximity matched / max(span, 1) where at least 2 terms match, else 0
+    (7). Each row depends on its candidate alone."""
+    out = np.zeros((candidates.size, len(RERANK_LOCAL_FEATURES)), dtype=np.float32)
+    out[:, 4:7] = window_maxsim_reference(query, window_offsets, window_vectors, window_scales, candidates,
+                                          temperature=temperature)
+    out[:, 0:4] = lexical_features_reference(tokens, token_offsets, title_lengths, window_offsets, window_spans,
+                                             candidates, query_terms, query_counts, query_idf, k1, b, avgdl,
+                                             avg_title, avg_window)
+    span, matched = proximity_reference(query_terms, token_offsets, tokens, candidates)
+    out[:, 7] = np.where(matched >= 2, matched / np.maximum(span, 1), 0.0)
+    return out
+
+
+def _by_max(values: np.ndarray) -> np.ndarray:
+    top = float(values.max()) if len(values) else 0.0
+    return values / top if top > 0 else np.zeros_like(values)
+
+
+def _reciprocal_ranks(ranked: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    rank = {c: r for r, c in enumerate(ranked.tolist())}  # an id listed twice keeps its last rank
+    return np.asarray([RANK_K / (RANK_K + rank[c]) if c in rank else 0.0 for c in candidates.tolist()],
+                      dtype=np.float32)
+
+
+def finish_features_reference(local: np.ndarray, vectors: np.ndarray, query: np.ndarray, candidates: np.ndarray,
+                              fused_scores: np.ndarray, bm25_ranked: np.ndarray,
+                              dense_ranked: np.ndarray) -> np.ndarray:
+    """float32[m, len(RERANK_FEATURES)] from the candidates' local rows (RERANK_LOCAL_FEATURES) and unit vectors
+    float32[m, d], in fused order (best first), plus what needs the whole list: BM25 columns scaled by the best
+    candidate's (0 when that is <= 0), the window columns falling back on the chunk's own cosine where NaN (a chunk
+    without windows), 10 / (10 + rank) in each retriever's ranked ids (0 when absent), and the cosine with the unit
+    centroid of the first PRF_TOP vectors."""
+    m = candidates.size
+    out = np.zeros((m, len(RERANK_FEATURES)), dtype=np.float32)
+    if m == 0:
+        return out
+    q = np.asarray(query, dtype=np.float32)
+    vecs = np.asarray(vectors, dtype=np.float32)
+    dense = vecs @ q
+    maxsim = np.where(np.isnan(local[:, 4:7]), dense[:, None], local[:, 4:7])
+    centroid = vecs[:PRF_TOP].mean(axis=0)
+    centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
+    columns = {
+        "fused": fused_scores,
+        "bm25": _by_max(local[:, 0]),
+        "dense": dense,
+        "win_max": maxsim[:, 0],
+        "win_top2": maxsim[:, 1],
+        "win_soft": maxsim[:, 2],
+        "bm25_title": _by_max(local[:, 1]),
+        "bm25_window": _by_max(local[:, 2]),
+        "proximity": local[:, 7],
+        "coverage": local[:, 3],
+        "rr_bm25": _reciprocal_ranks(bm25_ranked, candidates),
+        "rr_dense": _reciprocal_ranks(dense_ranked, candidates),
+        "prf": vecs @ centroid,
+    }
+    for j, name in enumerate(RERANK_FEATURES):
+        out[:, j] = columns[name]
+    return out
+
+
+def rank_reference(features: np.ndarray, columns: np.ndarray, weights: np.ndarray,
+                   bias: float) -> tuple[np.ndarray, np.ndarray]:
+    """(scores float32[m] best first, order int64[m]): linear_scores_reference of features[:, columns], sorted by
+    score descending, equal scores in the given order (order[k] = position of the k-th best)."""
+    m = features.shape[0]
+    scores = linear_scores_reference(np.ascontiguousarray(features[:, columns]), weights, bias) if m \
+        else np.zeros(0, np.float32)
+    order = np.argsort(-scores, kind="stable")
+    return scores[order], order.astype(np.int64)
+

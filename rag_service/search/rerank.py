@@ -13,43 +13,31 @@ file that does not match its checksum does not load.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
-from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 from rag_service.index.windows import WindowData
 from rag_service.kernels import native
+from rag_service.kernels.reference import RERANK_FEATURES, RERANK_LOCAL_FEATURES
 from rag_service.retrievers.lexical import BM25Index, idf_values
 
 MODEL_FORMAT = 1
 MODEL_RESOURCE = "rerank_model.json"
 
-# Every feature this stage can compute, in column order. A model names the subset it uses.
-FEATURES = (
-    "fused",        # the fusion score (min-max weighted), as fusion ranked the candidates
-    "bm25",         # BM25 of the chunk, exact for every candidate, / the query's best candidate
-    "dense",        # exact cosine of the query with the chunk vector
-    "win_max",      # max cosine over the chunk's sentence windows (title included)
-    "win_top2",     # mean of the two best window cosines
-    "win_soft",     # soft max (log-sum-exp, T = 0.05) of the window cosines
-    "bm25_title",   # BM25 over the title tokens only, / the query's best
-    "bm25_window",  # best BM25 over the chunk's windows, / the query's best
-    "proximity",    # distinct query terms matched / shortest span covering them (0 when fewer than 2 match)
-    "coverage",     # idf-weighted share of the query terms the chunk contains
-    "rr_bm25",      # 10 / (10 + BM25 rank), 0 when BM25 did not return the chunk
-    "rr_dense",     # 10 / (10 + dense rank), 0 when dense did not return the chunk
-    "prf",          # cosine with the centroid of the 3 best fused candidates' vectors
-)
-_RANK_K = 10.0
-_PRF_TOP = 3
+# Every feature this stage can compute, in column order (each explained in rag_service.kernels.reference, beside the
+# kernels that compute them). A model names the subset it uses.
+FEATURES = RERANK_FEATURES
+# Columns of local_features: what depends on one candidate alone (and corpus statistics), so a shard that holds the
+# candidate computes it bit for bit as one index would (rag_service/shard/).
+LOCAL_FEATURES = RERANK_LOCAL_FEATURES
 
 
 class ModelError(ValueError):
@@ -78,7 +66,7 @@ class RerankModel:
         if not (np.all(np.isfinite(self.weights)) and math.isfinite(self.bias)):
             raise ModelError("rerank model weights must be finite")
 
-    @property
+    @functools.cached_property
     def columns(self) -> np.ndarray:
         return np.asarray([FEATURES.index(f) for f in self.features], dtype=np.int64)
 
@@ -131,86 +119,19 @@ class RerankModel:
         return native.linear_scores(np.ascontiguousarray(features[:, self.columns]), self.weights, self.bias)
 
 
-# Lexical features from the token streams ---------------------------------------------------------------------------
-
-
-@njit(cache=True, nogil=True)
-def _lexical_features(tokens, t_off, title_len, w_off, w_spans, cands, qterms, qcount, idf, k1, b,
-                      avgdl, avg_title, avg_window):
-    """Per candidate: BM25 of the chunk, of its title, best over its windows, and idf-weighted query coverage."""
-    m = cands.shape[0]
-    nq = qterms.shape[0]
-    out = np.zeros((m, 4), dtype=np.float32)
-    total_idf = 0.0
-    for j in range(nq):
-        total_idf += idf[j]
-    tf = np.zeros(nq, dtype=np.float64)
-    for r in range(m):
-        c = cands[r]
-        start = t_off[c]
-        n = t_off[c + 1] - start
-        qi = np.full(n, -1, dtype=np.int64)
-        for p in range(n):
-            t = tokens[start + p]
-            for j in range(nq):
-                if qterms[j] == t:
-                    qi[p] = j
-                    break
-        # whole chunk
-        tf[:] = 0.0
-        for p in range(n):
-            if qi[p] >= 0:
-                tf[qi[p]] += 1.0
-        score = 0.0
-        covered = 0.0
-        norm = k1 * (1.0 - b + b * n / max(avgdl, 1e-9))
-        for j in range(nq):
-            if tf[j] > 0:
-                score += qcount[j] * idf[j] * tf[j] * (k1 + 1.0) / (tf[j] + norm)
-                covered += idf[j]
-        out[r, 0] = score
-        out[r, 3] = covered / total_idf if total_idf > 0 else 0.0
-        # title: the first title_len tokens
-        tl = title_len[c]
-        tf[:] = 0.0
-        for p in range(tl):
-            if qi[p] >= 0:
-                tf[qi[p]] += 1.0
-        score = 0.0
-        norm = k1 * (1.0 - b + b * tl / max(avg_title, 1e-9))
-        for j in range(nq):
-            if tf[j] > 0:
-                score += qcount[j] * idf[j] * tf[j] * (k1 + 1.0) / (tf[j] + norm)
-        out[r, 1] = score
-        # windows
-        best = 0.0
-        for w in range(w_off[c], w_off[c + 1]):
-            a = w_spans[w, 0]
-            e = w_spans[w, 1]
-            tf[:] = 0.0
-            for p in range(a, e):
-                if qi[p] >= 0:
-                    tf[qi[p]] += 1.0
-            score = 0.0
-            norm = k1 * (1.0 - b + b * (e - a) / max(avg_window, 1e-9))
-            for j in range(nq):
-                if tf[j] > 0:
-                    score += qcount[j] * idf[j] * tf[j] * (k1 + 1.0) / (tf[j] + norm)
-            if score > best:
-                best = score
-        out[r, 2] = best
-    return out
-
-
 @dataclass
 class RerankStore:
-    """What the reranker reads from a loaded index: windows and token streams, BM25 statistics, chunk vectors."""
+    """What the reranker reads from a loaded index: windows and token streams, BM25 statistics, chunk vectors, and
+    the native rerank stage built over them once (kernels.native.RerankCore)."""
 
     windows: WindowData
     bm25: BM25Index
     vectors: np.ndarray  # float32 (chunks, dim), the dense index's exact vectors
     avg_title: float
     avg_window: float
+    core: native.RerankCore
+    # idf of every term, when it depends on the term's df alone (lucene); okapi's floor depends on the query's terms
+    idf: np.ndarray | None = None
 
     @classmethod
     def create(cls, windows: WindowData, bm25: BM25Index, vectors: np.ndarray) -> RerankStore:
@@ -219,17 +140,31 @@ class RerankStore:
         avg_title, avg_window = corpus.get("avg_title"), corpus.get("avg_window")
         if avg_title is None or avg_window is None:
             avg_title, avg_window = corpus_averages(windows)
+        w = windows
+        core = native.RerankCore(
+            window_offsets=np.ascontiguousarray(w.window_offsets, dtype=np.int64),
+            window_vectors=np.ascontiguousarray(w.vectors),
+            window_scales=np.ascontiguousarray(w.scales, dtype=np.float32) if w.vectors.dtype == np.int8 else None,
+            window_spans=np.ascontiguousarray(w.window_spans, dtype=np.int32),
+            tokens=np.ascontiguousarray(w.tokens, dtype=np.int32),
+            token_offsets=np.ascontiguousarray(w.token_offsets, dtype=np.int64),
+            title_lengths=np.ascontiguousarray(w.title_lengths, dtype=np.int32),
+            dense_vectors=np.ascontiguousarray(vectors, dtype=np.float32),
+            k1=bm25.k1, b=bm25.b, avgdl=bm25.avgdl, avg_title=float(avg_title), avg_window=float(avg_window))
+        idf = idf_values(bm25.df, bm25.corpus_chunks, bm25.idf_kind) if bm25.idf_kind == "lucene" else None
         return cls(windows=windows, bm25=bm25, vectors=vectors, avg_title=float(avg_title),
-                   avg_window=float(avg_window))
+                   avg_window=float(avg_window), core=core, idf=idf)
 
     def query_terms(self, query: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(distinct term ids int32, count in the query float64, idf float64) of the query's known terms."""
-        counts = Counter(int(t) for t in self.bm25.term_ids(self.bm25.analyzer.tokens(query)).tolist())
-        terms = np.asarray(sorted(counts), dtype=np.int32)
-        qcount = np.asarray([counts[t] for t in terms.tolist()], dtype=np.float64)
-        df = self.bm25.df[terms.astype(np.int64)] if len(terms) else np.zeros(0, np.int64)
-        idf = idf_values(df, self.bm25.corpus_chunks, self.bm25.idf_kind) if len(terms) else np.zeros(0)
-        return terms, qcount, np.asarray(idf, dtype=np.float64)
+        """(distinct term ids int32 ascending, count in the query float64, idf float64) of the query's known terms."""
+        terms, counts = np.unique(self.bm25.term_ids(self.bm25.analyzer.tokens(query)), return_counts=True)
+        if self.idf is not None:
+            idf = self.idf[terms]
+        elif len(terms):
+            idf = np.asarray(idf_values(self.bm25.df[terms], self.bm25.corpus_chunks, self.bm25.idf_kind))
+        else:
+            idf = np.zeros(0)
+        return terms.astype(np.int32), counts.astype(np.float64), np.asarray(idf, dtype=np.float64)
 
 
 def corpus_averages(windows: WindowData) -> tuple[float, float]:
@@ -242,77 +177,18 @@ def corpus_averages(windows: WindowData) -> tuple[float, float]:
     return avg_title, avg_window
 
 
-def _by_max(values: np.ndarray) -> np.ndarray:
-    top = float(values.max()) if len(values) else 0.0
-    return values / top if top > 0 else np.zeros_like(values)
-
-
-def _reciprocal_ranks(ranked: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    rank = {c: r for r, c in enumerate(ranked.tolist())}
-    return np.asarray([_RANK_K / (_RANK_K + rank[c]) if c in rank else 0.0 for c in candidates.tolist()],
-                      dtype=np.float32)
-
-
-# Columns of local_features: what depends on one candidate alone (and corpus statistics), so a shard that holds the
-# candidate computes it bit for bit as one index would (rag_service/shard/).
-LOCAL_FEATURES = ("bm25_raw", "bm25_title_raw", "bm25_window_raw", "coverage", "win_max", "win_top2", "win_soft",
-                  "proximity")
-
-
 def local_features(store: RerankStore, query: str, query_vector: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """float32 (m, len(LOCAL_FEATURES)) per candidate: raw BM25 of chunk/title/best window, coverage, window MaxSim
     (NaN for a chunk without windows) and proximity. Each row depends on its candidate only."""
-    cands = np.ascontiguousarray(candidates, dtype=np.int64)
-    out = np.zeros((len(cands), len(LOCAL_FEATURES)), dtype=np.float32)
-    if len(cands) == 0:
-        return out
-    q = np.ascontiguousarray(query_vector, dtype=np.float32)
-    w = store.windows
-    out[:, 4:7] = native.window_maxsim(q, w.window_offsets, w.vectors, w.scales, cands)
-    terms, qcount, idf = store.query_terms(query)
-    bm25 = store.bm25
-    out[:, 0:4] = _lexical_features(w.tokens, w.token_offsets, w.title_lengths, w.window_offsets, w.window_spans,
-                                    cands, terms, qcount, idf, bm25.k1, bm25.b, bm25.avgdl, store.avg_title,
-                                    store.avg_window)
-    span, matched = native.proximity(terms, w.token_offsets, w.tokens, cands)
-    out[:, 7] = np.where(matched >= 2, matched / np.maximum(span, 1), 0.0)
-    return out
+    terms, counts, idf = store.query_terms(query)
+    return store.core.local_features(query_vector, terms, counts, idf, candidates)
 
 
 def finish_features(local: np.ndarray, vectors: np.ndarray, query_vector: np.ndarray, candidates: np.ndarray,
                     fused_scores: np.ndarray, bm25_ranked: np.ndarray, dense_ranked: np.ndarray) -> np.ndarray:
     """float32 (m, len(FEATURES)) from the candidates' local features and chunk vectors (in fused order, best first)
     plus what needs the whole candidate list: scales by the query's best, ranks, the PRF centroid."""
-    cands = np.ascontiguousarray(candidates, dtype=np.int64)
-    m = len(cands)
-    out = np.zeros((m, len(FEATURES)), dtype=np.float32)
-    if m == 0:
-        return out
-    q = np.ascontiguousarray(query_vector, dtype=np.float32)
-    vecs = np.asarray(vectors, dtype=np.float32)
-    dense = vecs @ q
-    # A chunk without windows (empty title and text) falls back on its own vector.
-    maxsim = np.where(np.isnan(local[:, 4:7]), dense[:, None], local[:, 4:7])
-    centroid = vecs[:_PRF_TOP].mean(axis=0)
-    centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
-    columns = {
-        "fused": fused_scores,
-        "bm25": _by_max(local[:, 0]),
-        "dense": dense,
-        "win_max": maxsim[:, 0],
-        "win_top2": maxsim[:, 1],
-        "win_soft": maxsim[:, 2],
-        "bm25_title": _by_max(local[:, 1]),
-        "bm25_window": _by_max(local[:, 2]),
-        "proximity": local[:, 7],
-        "coverage": local[:, 3],
-        "rr_bm25": _reciprocal_ranks(bm25_ranked, cands),
-        "rr_dense": _reciprocal_ranks(dense_ranked, cands),
-        "prf": vecs @ centroid,
-    }
-    for j, name in enumerate(FEATURES):
-        out[:, j] = columns[name]
-    return out
+    return native.finish_features(local, vectors, query_vector, candidates, fused_scores, bm25_ranked, dense_ranked)
 
 
 def compute_features(store: RerankStore, query: str, query_vector: np.ndarray, candidates: np.ndarray,
@@ -341,9 +217,13 @@ class Reranked:
 
 def rerank(store: RerankStore, model: RerankModel, query: str, query_vector: np.ndarray, candidates: np.ndarray,
            fused_scores: np.ndarray, bm25_ranked: np.ndarray, dense_ranked: np.ndarray) -> Reranked:
-    """Scores `candidates` with `model` and sorts them by score (ties keep the fused order)."""
-    features = compute_features(store, query, query_vector, candidates, fused_scores, bm25_ranked, dense_ranked)
-    return rank(model, candidates, features)
+    """Scores `candidates` with `model` and sorts them by score (ties keep the fused order): compute_features then
+    rank, in one native call."""
+    terms, counts, idf = store.query_terms(query)
+    ids, scores, features, order = store.core.rerank(query_vector, terms, counts, idf, candidates, fused_scores,
+                                                     bm25_ranked, dense_ranked, model.columns, model.weights,
+                                                     model.bias)
+    return Reranked(ids=ids, scores=scores, features=features, order=order)
 
 
 def final_order(fused_scores: np.ndarray, reranked: Reranked | None) -> tuple[np.ndarray, np.ndarray]:
@@ -361,7 +241,6 @@ def final_order(fused_scores: np.ndarray, reranked: Reranked | None) -> tuple[np
 
 def rank(model: RerankModel, candidates: np.ndarray, features: np.ndarray) -> Reranked:
     """Scores feature rows (FEATURES columns) of `candidates` and sorts by score, ties in the given order."""
-    scores = model.score(features) if len(candidates) else np.zeros(0, np.float32)
-    order = np.argsort(-scores, kind="stable")
-    return Reranked(ids=np.asarray(candidates, dtype=np.int64)[order], scores=scores[order],
-                    features=features[order], order=order)
+    scores, order = native.rank_features(features, model.columns, model.weights, model.bias)
+    return Reranked(ids=np.asarray(candidates, dtype=np.int64)[order], scores=scores, features=features[order],
+                    order=order)

@@ -1,0 +1,325 @@
+"""The rerank stage in one native call (native/src/rerank_core.cpp) against its references in
+rag_service.kernels.reference, on seeded random stores: ties, empty and one-candidate lists, chunks without windows
+or tokens, queries without known terms or with one; and the wiring in rag_service.search.rerank."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+
+from rag_service.kernels import native
+from rag_service.kernels.reference import (
+    RERANK_FEATURES,
+    RERANK_LOCAL_FEATURES,
+    finish_features_reference,
+    lexical_features_reference,
+    local_features_reference,
+    rank_reference,
+)
+from rag_service.retrievers.lexical import idf_values
+from rag_service.search import rerank as rerank_mod
+
+pytestmark = pytest.mark.skipif(native.rerank_core_backend("auto") != "cpp",
+                                reason="rag_service._native lacks the one-call rerank kernels")
+
+VOCAB = 25
+DIM = 16
+PARAMS = {"k1": 0.9, "b": 0.4, "avgdl": 30.0, "avg_title": 5.0, "avg_window": 12.0}
+
+
+@dataclass
+class Store:
+    arrays: dict[str, np.ndarray | None]
+    dense: np.ndarray
+
+    def core(self) -> native.RerankCore:
+        return native.RerankCore(**self.arrays, dense_vectors=self.dense, **PARAMS)
+
+    def lexical_args(self) -> tuple[np.ndarray, ...]:
+        a = self.arrays
+        return a["tokens"], a["token_offsets"], a["title_lengths"], a["window_offsets"], a["window_spans"]
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def random_store(rng: np.random.Generator, n_chunks: int = 40, storage: str = "int8", same: bool = False) -> Store:
+    """Chunks of 0-60 tokens (stop words are -1) with 0-5 windows each; `same`: every chunk a copy of the first."""
+    lengths = rng.integers(0, 60, n_chunks)
+    lengths[rng.integers(0, n_chunks)] = 0  # a chunk without tokens
+    if same:
+        lengths[:] = lengths[0] or 20
+    token_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    first = rng.integers(-1, VOCAB, lengths[0])
+    tokens = (np.tile(first, n_chunks) if same else rng.integers(-1, VOCAB, int(lengths.sum()))).astype(np.int32)
+    titles = np.asarray([rng.integers(0, n + 1) for n in lengths], dtype=np.int32)
+    per_chunk = rng.integers(0, 6, n_chunks)
+    per_chunk[lengths == 0] = 0
+    per_chunk[rng.integers(0, n_chunks)] = 0  # a chunk without windows
+    if same:
+        titles[:] = titles[0]
+        per_chunk[:] = max(per_chunk[0], 2)
+    spans, vectors = [], []
+    first_spans = None
+    for c in range(n_chunks):
+        rows = []
+        for _ in range(per_chunk[c]):
+            a = int(rng.integers(0, lengths[c] + 1))
+            rows.append((a, int(rng.integers(a, lengths[c] + 1))))
+        if same:
+            first_spans = first_spans or rows
+            rows = first_spans
+        spans.extend(rows)
+    n_windows = len(spans)
+    window_offsets = np.concatenate([[0], np.cumsum(per_chunk)]).astype(np.int64)
+    base = unit(rng.normal(size=(max(n_windows, 1), DIM)))[:n_windows]
+    if same:
+        base = np.tile(base[:per_chunk[0]], (n_chunks, 1))
+    if storage == "int8":
+        scales = (np.abs(base).max(axis=1) / 127.0).astype(np.float32) + np.float32(1e-6)
+        vectors = np.round(base / scales[:, None]).astype(np.int8)
+    else:
+        scales, vectors = None, base.astype(storage)
+    dense = unit(rng.normal(size=(n_chunks, DIM)))
+    if same:
+        dense[:] = dense[0]
+    arrays = {"window_offsets": window_offsets, "window_vectors": np.ascontiguousarray(vectors),
+              "window_scales": scales, "window_spans": np.asarray(spans, dtype=np.int32).reshape(-1, 2),
+              "tokens": tokens, "token_offsets": token_offsets, "title_lengths": titles}
+    return Store(arrays, dense)
+
+
+def random_query(rng: np.random.Generator, n_terms: int) -> tuple[np.ndarray, ...]:
+    terms = np.sort(rng.choice(VOCAB, n_terms, replace=False)).astype(np.int32)
+    return (unit(rng.normal(size=DIM)), terms, rng.integers(1, 4, n_terms).astype(np.float64),
+            rng.uniform(0.1, 4.0, n_terms))
+
+
+def ranked(rng: np.random.Generator, n_chunks: int, candidates: np.ndarray) -> np.ndarray:
+    """Some candidates and some other chunks, in a random order."""
+    pool = np.union1d(rng.choice(candidates, len(candidates) // 2, replace=False) if len(candidates) else [],
+                      rng.choice(n_chunks, n_chunks // 3, replace=False)).astype(np.int64)
+    return rng.permutation(pool)
+
+
+CASES = [(seed, m, n_terms, storage) for seed, (m, n_terms, storage) in enumerate(
+    [(0, 3, "int8"), (1, 3, "int8"), (1, 0, "int8"), (1, 1, "float32"), (12, 0, "int8"), (12, 1, "int8"),
+     (25, 4, "float16"), (40, 5, "int8"), (40, 2, "float32"), (30, 8, "int8")])]
+
+
+@pytest.mark.parametrize(("seed", "m", "n_terms", "storage"), CASES)
+def test_lexical_features_equal_the_numba_reference_bit_for_bit(seed, m, n_terms, storage):
+    rng = np.random.default_rng(seed)
+    store = random_store(rng, storage=storage)
+    _, terms, counts, idf = random_query(rng, n_terms)
+    cands = rng.choice(40, m, replace=False).astype(np.int64)
+    got = native.lexical_features(*store.lexical_args(), cands, terms, counts, idf, **PARAMS)
+    want = lexical_features_reference(*store.lexical_args(), cands, terms, counts, idf, **PARAMS)
+    assert got.shape == (m, 4) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("seed", "m", "n_terms", "storage"), CASES)
+def test_local_features_equal_the_reference(seed, m, n_terms, storage):
+    rng = np.random.default_rng(100 + seed)
+    store = random_store(rng, storage=storage)
+    q, terms, counts, idf = random_query(rng, n_terms)
+    cands = rng.choice(40, m, replace=False).astype(np.int64)
+    got = store.core().local_features(q, terms, counts, idf, cands)
+    want = local_features_reference(**store.arrays, query=q, query_terms=terms, query_counts=counts, query_idf=idf,
+                                    candidates=cands, **PARAMS)
+    assert got.shape == (m, len(RERANK_LOCAL_FEATURES))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))  # NaN exactly where a chunk has no windows
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[:, [0, 1, 2, 3, 7]], want[:, [0, 1, 2, 3, 7]])  # lexical and proximity exact
+
+
+def random_local(rng: np.random.Generator, m: int) -> np.ndarray:
+    local = rng.uniform(0, 5, (m, len(RERANK_LOCAL_FEATURES))).astype(np.float32)
+    local[rng.random(m) < 0.3, 4:7] = np.nan  # chunks without windows
+    if m > 2:
+        local[:, 0] = 0.0  # no candidate has a query term: the scaled column stays 0
+    return local
+
+
+@pytest.mark.parametrize(("seed", "m"), [(0, 0), (1, 1), (2, 2), (3, 3), (4, 50), (5, 100)])
+def test_finish_features_equal_the_reference(seed, m):
+    rng = np.random.default_rng(200 + seed)
+    local = random_local(rng, m)
+    vectors = unit(rng.normal(size=(m, DIM)))
+    q = unit(rng.normal(size=DIM))
+    cands = rng.choice(1000, m, replace=False).astype(np.int64)
+    fused = np.sort(rng.random(m).astype(np.float32))[::-1].copy()
+    bm25, dense = ranked(rng, 1000, cands), ranked(rng, 1000, cands)
+    if m:
+        bm25 = np.concatenate([bm25, cands[:1]])  # an id listed twice keeps its last rank, as the reference's dict
+    got = native.finish_features(local, vectors, q, cands, fused, bm25, dense)
+    want = finish_features_reference(local, vectors, q, cands, fused, bm25, dense)
+    assert got.shape == (m, len(RERANK_FEATURES)) and got.dtype == np.float32
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    exact = [RERANK_FEATURES.index(f) for f in ("fused", "bm25", "bm25_title", "bm25_window", "proximity",
+                                                "coverage", "rr_bm25", "rr_dense")]
+    np.testing.assert_array_equal(got[:, exact], want[:, exact])
+
+
+@pytest.mark.parametrize(("seed", "m"), [(0, 0), (1, 1), (2, 7), (3, 100)])
+def test_rank_equals_the_reference_and_ties_keep_the_given_order(seed, m):
+    rng = np.random.default_rng(300 + seed)
+    features = rng.integers(0, 3, (m, len(RERANK_FEATURES))).astype(np.float32)  # few values: many exact ties
+    columns = np.asarray([0, 3, 12], dtype=np.int64)
+    weights = np.asarray([1.0, 0.5, -2.0], dtype=np.float32)
+    scores, order = native.rank_features(features, columns, weights, 0.25)
+    want_scores, want_order = rank_reference(features, columns, weights, 0.25)
+    np.testing.assert_array_equal(order, want_order)
+    np.testing.assert_array_equal(scores, want_scores)
+    assert order.dtype == np.int64 and scores.dtype == np.float32
+
+
+def check_stable_sort(scores: np.ndarray, order: np.ndarray) -> None:
+    assert np.all(np.diff(scores) <= 0)
+    for k in range(1, len(order)):
+        if scores[k] == scores[k - 1]:
+            assert order[k] > order[k - 1]
+
+
+@pytest.mark.parametrize(("seed", "m", "n_terms", "storage"), CASES)
+def test_rerank_in_one_call_equals_the_reference_stages(seed, m, n_terms, storage):
+    rng = np.random.default_rng(400 + seed)
+    store = random_store(rng, storage=storage)
+    q, terms, counts, idf = random_query(rng, n_terms)
+    cands = rng.choice(40, m, replace=False).astype(np.int64)
+    fused = np.sort(rng.random(m).astype(np.float32))[::-1].copy()
+    bm25, dense = ranked(rng, 40, cands), ranked(rng, 40, cands)
+    model = rerank_mod.RerankModel.load()
+    ids, scores, features, order = store.core().rerank(q, terms, counts, idf, cands, fused, bm25, dense,
+                                                       model.columns, model.weights, model.bias)
+    ref = store.core().rerank(q, terms, counts, idf, cands, fused, bm25, dense, model.columns, model.weights,
+                              model.bias, backend="numpy")
+    np.testing.assert_allclose(features, ref[2][np.argsort(ref[3])][order], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores, np.sort(ref[1])[::-1], rtol=1e-5, atol=1e-5)
+    check_stable_sort(scores, order)
+    np.testing.assert_array_equal(ids, cands[order])
+    # the one call equals its own stages
+    local = store.core().local_features(q, terms, counts, idf, cands)
+    staged = native.finish_features(local, store.dense[cands], q, cands, fused, bm25, dense)
+    s, o = native.rank_features(staged, model.columns, model.weights, model.bias)
+    np.testing.assert_array_equal(o, order)
+    np.testing.assert_array_equal(s, scores)
+    np.testing.assert_array_equal(staged[o], features)
+
+
+def test_identical_candidates_tie_and_keep_the_fused_order():
+    rng = np.random.default_rng(7)
+    store = random_store(rng, n_chunks=12, same=True)
+    q, terms, counts, idf = random_query(rng, 3)
+    cands = rng.permutation(12).astype(np.int64)
+    fused = np.full(12, 0.5, np.float32)
+    model = rerank_mod.RerankModel(features=("bm25", "dense", "win_max", "win_soft", "prf", "coverage"),
+                                   weights=np.asarray([1, 2, 3, 4, 5, 6], np.float32), bias=0.1, info={})
+    empty = np.zeros(0, np.int64)
+    ids, scores, _, order = store.core().rerank(q, terms, counts, idf, cands, fused, empty, empty, model.columns,
+                                                model.weights, model.bias)
+    assert np.all(scores == scores[0])
+    np.testing.assert_array_equal(order, np.arange(12))
+    np.testing.assert_array_equal(ids, cands)
+
+
+def test_column_names_match_the_references():
+    from rag_service import _native
+
+    assert tuple(_native.RERANK_FEATURES) == RERANK_FEATURES == rerank_mod.FEATURES
+    assert tuple(_native.RERANK_LOCAL_FEATURES) == RERANK_LOCAL_FEATURES == rerank_mod.LOCAL_FEATURES
+
+
+def test_bad_input_names_the_field():
+    rng = np.random.default_rng(9)
+    store = random_store(rng)
+    core = store.core()
+    q, terms, counts, idf = random_query(rng, 2)
+    with pytest.raises(ValueError, match="candidates must be in"):
+        core.local_features(q, terms, counts, idf, np.asarray([40]))
+    with pytest.raises(ValueError, match="query must have 16 entries"):
+        core.local_features(q[:3], terms, counts, idf, np.asarray([1]))
+    with pytest.raises(ValueError, match="query_terms, query_counts and query_idf"):
+        core.local_features(q, terms, counts[:1], idf, np.asarray([1]))
+    with pytest.raises(ValueError, match="query_terms must not repeat"):
+        core.local_features(q, np.asarray([3, 3]), counts, idf, np.asarray([1]))
+    with pytest.raises(ValueError, match="fused_scores must have one entry per candidate"):
+        core.rerank(q, terms, counts, idf, np.asarray([1, 2]), np.ones(1, np.float32), [], [], [0], [1.0], 0.0)
+    with pytest.raises(ValueError, match="columns must be in"):
+        core.rerank(q, terms, counts, idf, np.asarray([1]), np.ones(1, np.float32), [], [], [13], [1.0], 0.0)
+    bad = dict(store.arrays)
+    spans = bad["window_spans"].copy()
+    spans[:, 1] = 10_000
+    bad["window_spans"] = spans
+    chunk = int(np.flatnonzero(np.diff(store.arrays["window_offsets"]))[0])
+    with pytest.raises(ValueError, match="window_spans row"):
+        native.RerankCore(**bad, dense_vectors=store.dense, **PARAMS).local_features(q, terms, counts, idf,
+                                                                                     np.asarray([chunk]))
+    with pytest.raises(ValueError, match="dense_vectors must have 16 columns"):
+        native.RerankCore(**store.arrays, dense_vectors=store.dense[:, :8].copy(), **PARAMS)
+    with pytest.raises(ValueError, match="local_features must be"):
+        native.finish_features(np.zeros((2, 3), np.float32), store.dense[:2], q, np.asarray([0, 1]),
+                               np.ones(2, np.float32), [], [])
+
+
+def test_facade_falls_back_to_the_references(monkeypatch):
+    monkeypatch.setenv(native.BACKEND_ENV, "numpy")
+    assert native.rerank_core_backend() == "numpy"
+    calls = []
+    monkeypatch.setattr(native, "rank_reference", lambda *a: calls.append(1) or rank_reference(*a))
+    native.rank_features(np.zeros((2, len(RERANK_FEATURES)), np.float32), [0], [1.0], 0.0)
+    assert calls == [1]
+
+
+# Wiring in rag_service.search.rerank, on a built index --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline(built_index, encoder):
+    from rag_service.index.load import load_index
+    from rag_service.search.pipeline import Pipeline
+
+    return Pipeline(load_index(built_index), encoder)
+
+
+def old_query_terms(store: rerank_mod.RerankStore, query: str) -> tuple[np.ndarray, ...]:
+    counts = Counter(int(t) for t in store.bm25.term_ids(store.bm25.analyzer.tokens(query)).tolist())
+    terms = np.asarray(sorted(counts), dtype=np.int32)
+    qcount = np.asarray([counts[t] for t in terms.tolist()], dtype=np.float64)
+    df = store.bm25.df[terms.astype(np.int64)] if len(terms) else np.zeros(0, np.int64)
+    idf = idf_values(df, store.bm25.corpus_chunks, store.bm25.idf_kind) if len(terms) else np.zeros(0)
+    return terms, qcount, np.asarray(idf, dtype=np.float64)
+
+
+@pytest.mark.parametrize("query", ["glacier ice moraines and ancient air in ice cores", "ice ice ice", "zzqx", ""])
+def test_query_terms_from_the_load_time_idf_equal_per_query_idf(pipeline, query):
+    store = pipeline.rerank_store
+    assert store.idf is not None  # the test index uses lucene idf, a function of each term's df alone
+    per_query = replace(store, idf=None)  # how okapi idf (whose floor depends on the query's terms) is computed
+    for got, again, want in zip(store.query_terms(query), per_query.query_terms(query), old_query_terms(store, query)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(again, want)
+
+
+def test_rerank_equals_compute_features_then_rank(pipeline):
+    from rag_service.core.params import SearchParams
+
+    query = "glacier ice moraines and ancient air in ice cores"
+    cand = pipeline.retrieve(SearchParams(query=query, top_k=20, depth=20))
+    store, model = pipeline.rerank_store, pipeline.rerank_model
+    args = (cand.fused.ids, cand.fused.scores, cand.bm25[0], cand.dense[0])
+    one = rerank_mod.rerank(store, model, query, cand.query_vector, *args)
+    staged = rerank_mod.rank(model, cand.fused.ids, rerank_mod.compute_features(store, query, cand.query_vector,
+                                                                                *args))
+    for name in ("ids", "scores", "features", "order"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(staged, name))
+    empty = rerank_mod.rerank(store, model, query, cand.query_vector, cand.fused.ids[:0], cand.fused.scores[:0],
+                              cand.bm25[0], cand.dense[0])
+    assert len(empty.ids) == 0 and empty.features.shape == (0, len(RERANK_FEATURES))
