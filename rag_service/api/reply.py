@@ -62,9 +62,34 @@ def _scored(field_tag: int, number: float) -> bytes:
         return _SCORE.pack(field_tag, _float32(number))
 
 
+# A features map has the same keys in the same order on every context (the reranker's feature names), and an entry
+# with a given key has the same bytes before its value whatever the value (a float has a fixed size). So each key
+# order gets one struct that packs the whole map at once, prefixes included. The bound only guards against a caller
+# that would invent key orders.
+_LAYOUTS: dict[tuple[str, ...], tuple[struct.Struct, tuple[bytes, ...]]] = {}
+_MAX_LAYOUTS = 256
+
+
+def _layout(keys: tuple[str, ...]) -> tuple[struct.Struct, tuple[bytes, ...]]:
+    layout = _LAYOUTS.get(keys)
+    if layout is None:
+        prefixes = []
+        for key in keys:
+            key_field = string_field(_KEY, key)
+            prefixes.append(_FEATURES + varint(len(key_field) + 5) + key_field + _FLOAT_VALUE)
+        layout = struct.Struct("<" + "".join(f"{len(p)}sf" for p in prefixes)), tuple(prefixes)
+        if len(_LAYOUTS) < _MAX_LAYOUTS:
+            _LAYOUTS[keys] = layout
+    return layout
+
+
 def _features(features: dict[str, float]) -> bytes:
-    return b"".join(field_bytes(_FEATURES, string_field(_KEY, k) + _FLOAT_VALUE + _FLOAT.pack(_float32(v)))
-                    for k, v in features.items())
+    packer, prefixes = _layout(tuple(features))
+    values = list(features.values())
+    try:
+        return packer.pack(*[x for pair in zip(prefixes, values, strict=True) for x in pair])
+    except OverflowError:
+        return packer.pack(*[x for pair in zip(prefixes, map(_float32, values), strict=True) for x in pair])
 
 
 def _debug(c: ContextResult) -> bytes:
@@ -98,8 +123,8 @@ def _contexts(contexts: Sequence[ContextResult], prepared: ContextBytes | None, 
     return parts
 
 
-def joined(result: SearchResult, served_from: int, similarity: float | None, debug: bool, server_time_us: int,
-           prepared: ContextBytes | None) -> bytes:
+def joined(result: SearchResult, served_from: pb.ServedFrom, similarity: float | None, debug: bool,
+           server_time_us: int, prepared: ContextBytes | None) -> bytes:
     """The SearchResponse `message` builds, as wire bytes. `prepared`: the static bytes of the index the contexts
     come from (their `chunk` indexes it), or None to encode their static fields here."""
     parts = _contexts(result.contexts, prepared, debug)
@@ -146,7 +171,7 @@ def to_context(context: ContextResult, debug: bool) -> pb.Context:
     return msg
 
 
-def message(result: SearchResult, served_from: int, similarity: float | None, debug: bool,
+def message(result: SearchResult, served_from: pb.ServedFrom, similarity: float | None, debug: bool,
             server_time_us: int) -> pb.SearchResponse:
     """The SearchResponse of `result`, built field by field."""
     response = pb.SearchResponse(contexts=[to_context(c, debug) for c in result.contexts],

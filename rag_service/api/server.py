@@ -151,7 +151,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         return None if remaining is None else time.monotonic() + remaining
 
     @rpc.unary
-    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+    async def Search(self, request: pb.SearchRequest,
+                     context: grpc.aio.ServicerContext) -> bytes | pb.SearchResponse:
         start = time.perf_counter_ns()
         with self.admission.search() as admitted:
             params = search_params(request, self.config.defaults, self.config.limits)
