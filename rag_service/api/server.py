@@ -2,7 +2,8 @@
 
 CPU work (the pipeline) runs on a thread pool, never on the event loop; the event loop only validates, admits
 (api/admission.py) and replies. Every handler runs inside the one RPC wrapper (api/rpc.py: status mapping, counters,
-the RPC's span). The index is loaded and warmed before health reports SERVING.
+the RPC's span). The index is loaded and warmed before health reports SERVING. A SearchResponse goes out as wire
+bytes joined from what the index prepared at load (api/reply.py), not as a message built per reply.
 """
 
 from __future__ import annotations
