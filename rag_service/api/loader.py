@@ -52,6 +52,8 @@ def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None) ->
             raise IndexFormatError(f"{index.path}/manifest.json: index was built with model {model['name']!r}, "
                                    f"the server encodes queries with {query_encoder.name!r}")
         searcher = Pipeline(index, query_encoder, policy=policy)
+        # The static reply bytes of every chunk (api/reply.py), before the first request rather than during it.
+        index.context_bytes()
     try:
         for query in WARMUP_QUERIES[: config.warmup_queries]:
             searcher.search(SearchParams.from_defaults(query, config.defaults))

@@ -2,7 +2,8 @@
 
 CPU work (the pipeline) runs on a thread pool, never on the event loop; the event loop only validates, admits
 (api/admission.py) and replies. Every handler runs inside the one RPC wrapper (api/rpc.py: status mapping, counters,
-the RPC's span). The index is loaded and warmed before health reports SERVING.
+the RPC's span). The index is loaded and warmed before health reports SERVING. A SearchResponse goes out as wire
+bytes joined from what the index prepared at load (api/reply.py), not as a message built per reply.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.trace import TracerProvider
 
-from rag_service.api import auth, logs, rpc, wire
+from rag_service.api import auth, logs, reply, rpc, wire
 from rag_service.api.admission import Admission
 from rag_service.api.loader import load_searcher
 from rag_service.api.request import search_params
@@ -38,11 +39,13 @@ from rag_service.core.metrics import Metrics
 from rag_service.core.params import SearchParams
 from rag_service.encoder.encode import SearchEncoder
 from rag_service.index.publish import CURRENT
+from rag_service.index.reply_bytes import ContextBytes
 from rag_service.kernels import native
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 from rag_service.pb.rag.v1 import shard_pb2_grpc
 from rag_service.search.cache import EXACT, MISS, PREFETCHED, SEMANTIC, CachedSearch, Served
+from rag_service.search.pipeline import Pipeline
 from rag_service.search.prefetch import Prefetcher
 from rag_service.search.searcher import Searcher
 from rag_service.search.speculate import DraftSession
@@ -101,20 +104,26 @@ def prefetch_params(i: int, request: pb.SearchRequest, config: ServerConfig) -> 
     return params
 
 
-def to_context(context, debug: bool) -> pb.Context:
-    msg = pb.Context(doc_id=context.doc_id, chunk_id=context.chunk_id, title=context.title, text=context.text,
-                     metadata=context.metadata, score=context.score, tokens=context.tokens)
-    if debug:
-        msg.fused_score = context.fused_score if context.fused_score is not None else context.score
-        if context.bm25_score is not None:
-            msg.bm25_score = context.bm25_score
-        if context.dense_score is not None:
-            msg.dense_score = context.dense_score
-        if context.rerank_score is not None:
-            msg.rerank_score = context.rerank_score
-        if context.features:
-            msg.features.update(context.features)
-    return msg
+def prepared_bytes(searcher: Searcher | None) -> ContextBytes | None:
+    """The static reply bytes of the searcher's index; None for a searcher without a local index (the shard router,
+    whose contexts come from its shards)."""
+    return searcher.index.context_bytes() if isinstance(searcher, Pipeline) else None
+
+
+def add_retriever(servicer: pb_grpc.RetrieverServicer, server: grpc.aio.Server) -> None:
+    """Registers the Retriever service as pb_grpc.add_RetrieverServicer_to_server does, except that the methods
+    answering a SearchResponse may return its wire bytes (api/reply.py), which go out without being parsed again."""
+    service = pb.DESCRIPTOR.services_by_name["Retriever"]
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    handlers = {}
+    for method in service.methods:
+        output = getattr(pb, method.output_type.name)
+        handlers[method.name] = kinds[(method.client_streaming, method.server_streaming)](
+            getattr(servicer, method.name), request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=reply.serialize if output is pb.SearchResponse else output.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class RetrieverServicer(pb_grpc.RetrieverServicer):
@@ -128,6 +137,9 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         # Set by RagServer: loads, validates, warms and swaps in the index at a path ("" = the configured one).
         self.reloader: Callable[[str], Awaitable[ReloadResult]] | None = None
         self.cache = CachedSearch(config.cache, metrics)
+        # Search replies joined from the index's prepared bytes (api/reply.py); False builds them field by field
+        # (bench/experiments/reply_bytes.py compares the two).
+        self.joined_replies = True
         self.prefetcher = Prefetcher(self.cache, config.cache, metrics, pipeline=lambda: self.pipeline,
                                      live=lambda: self.admission.in_flight)
         # Read at scrape time from whichever pipeline is serving (a reload swaps in a new policy, level 1).
@@ -140,7 +152,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         return None if remaining is None else time.monotonic() + remaining
 
     @rpc.unary
-    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+    async def Search(self, request: pb.SearchRequest,
+                     context: grpc.aio.ServicerContext) -> bytes | pb.SearchResponse:
         start = time.perf_counter_ns()
         with self.admission.search() as admitted:
             params = search_params(request, self.config.defaults, self.config.limits)
@@ -149,24 +162,23 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             # Exact hits are answered here on the event loop; misses run on a pipeline thread via _execute.
             served = await self.cache.search(admitted.pipeline, params, deadline=deadline, execute=self._execute,
                                              arrival=admitted.arrival)
-        return self._respond(request, served, start, validated)
+        response, _ = self._respond(request, served, start, validated, admitted.pipeline)
+        return response
 
-    def _respond(self, request: pb.SearchRequest, served: Served, start: int, validated: int) -> pb.SearchResponse:
+    def _respond(self, request: pb.SearchRequest, served: Served, start: int, validated: int,
+                 searcher: Searcher) -> tuple[bytes | pb.SearchResponse, int]:
+        """The reply and the server time it reports (µs)."""
         result = served.result
         result.stage_us["validate"] = (validated - start) // 1000
         total_us = (time.perf_counter_ns() - start) // 1000
         self.metrics.observe_stages(result.stage_us)
-        response = pb.SearchResponse(contexts=[to_context(c, request.debug) for c in result.contexts],
-                                     index_version=result.index_version, server_time_us=total_us,
-                                     context_tokens=result.context_tokens, route=result.route,
-                                     route_reason=result.route_reason, served_from=SERVED_FROM[served.served_from],
-                                     partial=result.partial, shards_answered=result.shards_answered,
-                                     shards_missing=result.shards_missing)
-        if served.similarity is not None:
-            response.cache_similarity = served.similarity
-        if request.debug:
-            response.stage_time_us.update(result.stage_us)
-        return response
+        served_from = SERVED_FROM[served.served_from]
+        if not self.joined_replies:
+            return reply.message(result, served_from, served.similarity, request.debug, total_us), total_us
+        # Contexts index the prepared bytes of the index they came from; a result of another version (none reaches
+        # here: the cache drops entries of a replaced index) is encoded field by field rather than mislabelled.
+        prepared = prepared_bytes(searcher) if result.index_version == searcher.version else None
+        return reply.joined(result, served_from, served.similarity, request.debug, total_us, prepared), total_us
 
     def _execute(self, work: Callable[[], Served]) -> Awaitable[Served]:
         """Runs the cache's miss path on a pipeline thread, counted as queued until a thread picks it up. The
@@ -236,8 +248,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                     deadline = self._deadline(context)
                     validated = time.perf_counter_ns()
                     served = await session.final(admitted.pipeline, params, deadline)
-                response = self._respond(draft.request, served, start, validated)
-                self.rpc.answered("StreamSearch", response.server_time_us / 1e6)
+                response, total_us = self._respond(draft.request, served, start, validated, admitted.pipeline)
+                self.rpc.answered("StreamSearch", total_us / 1e6)
                 await context.write(response)
         finally:
             session.close()
@@ -344,7 +356,7 @@ class RagServer:
         interceptors.append(auth.AuthInterceptor(SHARD_SERVICE, admin_token=admin_token, search_token=search_token,
                                                  on_refused=refused))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
-        pb_grpc.add_RetrieverServicer_to_server(self.servicer, self.server)
+        add_retriever(self.servicer, self.server)
         self.shard_servicer = ShardServicer(lambda: self.servicer.pipeline, self.executor,
                                             rpc.Rpc(SHARD_SERVICE, self.metrics, tracer))
         shard_pb2_grpc.add_ShardServicer_to_server(self.shard_servicer, self.server)

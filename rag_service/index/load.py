@@ -16,6 +16,7 @@ from rag_service.core.errors import IndexFormatError
 from rag_service.index import tokens as tokens_mod
 from rag_service.index.manifest import MANIFEST_FILE, check_files, read_manifest
 from rag_service.index.publish import CURRENT
+from rag_service.index.reply_bytes import ContextBytes
 from rag_service.index.store import DocStore
 from rag_service.index.windows import PARAMS_FILE as WINDOWS_PARAMS_FILE
 from rag_service.index.windows import WindowData
@@ -57,6 +58,7 @@ class Index:
     # Model tokens per chunk (index/tokens.py), memory-mapped; None in an index built before they were stored, until
     # token_counts counts them.
     chunk_tokens: np.ndarray | None = None
+    _context_bytes: ContextBytes | None = field(default=None, repr=False, compare=False)
     _tokens_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -93,6 +95,15 @@ class Index:
                 if self.chunk_tokens is None:
                     self.chunk_tokens = tokens_mod.count_at_load(self.path, self.store, self.n_chunks, counter)
         return self.chunk_tokens
+
+    def context_bytes(self) -> ContextBytes:
+        """Every chunk's static reply fields, serialized (index/reply_bytes.py): prepared on the first call (a server
+        makes it while it loads, before it reports SERVING) and kept."""
+        if self._context_bytes is None:
+            with self._tokens_lock:
+                if self._context_bytes is None:
+                    self._context_bytes = ContextBytes.for_store(self.store)
+        return self._context_bytes
 
     def filter_mask(self, filters: Mapping[str, str] | None) -> np.ndarray | None:
         return self.store.filter_mask(filters)

@@ -1,0 +1,192 @@
+"""A SearchResponse, two ways: `message` builds the protobuf message field by field; `joined` writes its wire bytes
+directly, each context's static fields taken from the bytes the index prepared at load (index/reply_bytes.py) and
+only the per-request fields (score, tokens, debug scores and features) encoded per reply. Both say the same thing:
+tests/test_wire_bytes.py parses the joined bytes and compares them with the message. The server returns the joined
+bytes through gRPC as they are (`serialize`, the response serializer of the methods that answer a SearchResponse).
+
+Contexts that do not come from a local index (the shard router's, whose chunks live on the shards) have no prepared
+bytes: their static fields are encoded on the fly, by the same encoder.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+
+from rag_service.core.params import ContextResult, SearchResult
+from rag_service.index.reply_bytes import (
+    FIXED32,
+    LEN,
+    VARINT,
+    ContextBytes,
+    StaticFields,
+    field_bytes,
+    static_bytes,
+    string_field,
+    tag,
+    varint,
+)
+from rag_service.pb.rag.v1 import retrieval_pb2 as pb
+
+# rag.v1.Context, per-request fields.
+_SCORE = struct.Struct("<Bf")  # tag byte + float: every field number below 16 has a one-byte tag
+_SCORE_TAG, _BM25, _DENSE, _FUSED, _RERANK = (tag(n, FIXED32)[0] for n in (6, 7, 8, 9, 10))
+_FEATURES = tag(11, LEN)
+_TOKENS = tag(12, VARINT)
+_CONTEXT = tag(1, LEN)  # SearchResponse.contexts
+# map entries: key = 1, value = 2.
+_KEY = tag(1, LEN)
+_FLOAT_VALUE = tag(2, FIXED32)
+_UINT_VALUE = tag(2, VARINT)
+# rag.v1.SearchResponse.
+_INDEX_VERSION, _STAGE_TIME = tag(2, LEN), tag(4, LEN)
+_SERVER_TIME, _CONTEXT_TOKENS, _SERVED_FROM = tag(3, VARINT), tag(5, VARINT), tag(6, VARINT)
+_SIMILARITY = tag(7, FIXED32)[0]
+_ROUTE, _ROUTE_REASON = tag(8, LEN), tag(9, LEN)
+_PARTIAL = tag(10, VARINT)
+_ANSWERED, _MISSING = tag(11, LEN), tag(12, LEN)
+_FLOAT = struct.Struct("<f")
+
+
+def _float32(number: float) -> float:
+    """protobuf stores a float field as float32; a double beyond its range becomes an infinity there, where
+    struct.pack would raise."""
+    return number if abs(number) <= 3.4028234663852886e38 or number != number else math.copysign(math.inf, number)
+
+
+def _scored(field_tag: int, number: float) -> bytes:
+    try:
+        return _SCORE.pack(field_tag, number)
+    except OverflowError:
+        return _SCORE.pack(field_tag, _float32(number))
+
+
+# A features map has the same keys in the same order on every context (the reranker's feature names), and an entry
+# with a given key has the same bytes before its value whatever the value (a float has a fixed size). So each key
+# order gets one struct that packs the whole map at once, prefixes included. The bound only guards against a caller
+# that would invent key orders.
+_LAYOUTS: dict[tuple[str, ...], tuple[struct.Struct, tuple[bytes, ...]]] = {}
+_MAX_LAYOUTS = 256
+
+
+def _layout(keys: tuple[str, ...]) -> tuple[struct.Struct, tuple[bytes, ...]]:
+    layout = _LAYOUTS.get(keys)
+    if layout is None:
+        prefixes = []
+        for key in keys:
+            key_field = string_field(_KEY, key)
+            prefixes.append(_FEATURES + varint(len(key_field) + 5) + key_field + _FLOAT_VALUE)
+        layout = struct.Struct("<" + "".join(f"{len(p)}sf" for p in prefixes)), tuple(prefixes)
+        if len(_LAYOUTS) < _MAX_LAYOUTS:
+            _LAYOUTS[keys] = layout
+    return layout
+
+
+def _features(features: dict[str, float]) -> bytes:
+    packer, prefixes = _layout(tuple(features))
+    values = list(features.values())
+    try:
+        return packer.pack(*[x for pair in zip(prefixes, values, strict=True) for x in pair])
+    except OverflowError:
+        return packer.pack(*[x for pair in zip(prefixes, map(_float32, values), strict=True) for x in pair])
+
+
+def _debug(c: ContextResult) -> bytes:
+    out = _scored(_FUSED, c.fused_score if c.fused_score is not None else c.score)
+    if c.bm25_score is not None:
+        out += _scored(_BM25, c.bm25_score)
+    if c.dense_score is not None:
+        out += _scored(_DENSE, c.dense_score)
+    if c.rerank_score is not None:
+        out += _scored(_RERANK, c.rerank_score)
+    if c.features:
+        out += _features(c.features)
+    return out
+
+
+def _contexts(contexts: Sequence[ContextResult], prepared: ContextBytes | None, debug: bool) -> list[bytes]:
+    parts: list[bytes] = []
+    append = parts.append
+    for c in contexts:
+        static = prepared[c.chunk] if prepared is not None else \
+            static_bytes(StaticFields(c.doc_id, c.chunk_id, c.title, c.text, c.metadata))
+        dynamic = _scored(_SCORE_TAG, c.score)
+        if c.tokens:
+            dynamic += _TOKENS + varint(c.tokens)
+        if debug:
+            dynamic += _debug(c)
+        append(_CONTEXT)
+        append(varint(len(static) + len(dynamic)))
+        append(static)
+        append(dynamic)
+    return parts
+
+
+def joined(result: SearchResult, served_from: pb.ServedFrom, similarity: float | None, debug: bool,
+           server_time_us: int, prepared: ContextBytes | None) -> bytes:
+    """The SearchResponse `message` builds, as wire bytes. `prepared`: the static bytes of the index the contexts
+    come from (their `chunk` indexes it), or None to encode their static fields here."""
+    parts = _contexts(result.contexts, prepared, debug)
+    append = parts.append
+    if result.index_version:
+        append(string_field(_INDEX_VERSION, result.index_version))
+    if server_time_us:
+        append(_SERVER_TIME + varint(server_time_us))
+    if debug:
+        for name, us in result.stage_us.items():
+            append(field_bytes(_STAGE_TIME, string_field(_KEY, name) + _UINT_VALUE + varint(us)))
+    if result.context_tokens:
+        append(_CONTEXT_TOKENS + varint(result.context_tokens))
+    if served_from:
+        append(_SERVED_FROM + varint(served_from))
+    if similarity is not None:
+        append(_scored(_SIMILARITY, similarity))
+    if result.route:
+        append(string_field(_ROUTE, result.route))
+    if result.route_reason:
+        append(string_field(_ROUTE_REASON, result.route_reason))
+    if result.partial:
+        append(_PARTIAL + b"\x01")
+    for shard in result.shards_answered:
+        append(field_bytes(_ANSWERED, shard.encode("utf-8")))
+    for shard in result.shards_missing:
+        append(field_bytes(_MISSING, shard.encode("utf-8")))
+    return b"".join(parts)
+
+
+def to_context(context: ContextResult, debug: bool) -> pb.Context:
+    msg = pb.Context(doc_id=context.doc_id, chunk_id=context.chunk_id, title=context.title, text=context.text,
+                     metadata=context.metadata, score=context.score, tokens=context.tokens)
+    if debug:
+        msg.fused_score = context.fused_score if context.fused_score is not None else context.score
+        if context.bm25_score is not None:
+            msg.bm25_score = context.bm25_score
+        if context.dense_score is not None:
+            msg.dense_score = context.dense_score
+        if context.rerank_score is not None:
+            msg.rerank_score = context.rerank_score
+        if context.features:
+            msg.features.update(context.features)
+    return msg
+
+
+def message(result: SearchResult, served_from: pb.ServedFrom, similarity: float | None, debug: bool,
+            server_time_us: int) -> pb.SearchResponse:
+    """The SearchResponse of `result`, built field by field."""
+    response = pb.SearchResponse(contexts=[to_context(c, debug) for c in result.contexts],
+                                 index_version=result.index_version, server_time_us=server_time_us,
+                                 context_tokens=result.context_tokens, route=result.route,
+                                 route_reason=result.route_reason, served_from=served_from,
+                                 partial=result.partial, shards_answered=result.shards_answered,
+                                 shards_missing=result.shards_missing)
+    if similarity is not None:
+        response.cache_similarity = similarity
+    if debug:
+        response.stage_time_us.update(result.stage_us)
+    return response
+
+
+def serialize(response: pb.SearchResponse | bytes) -> bytes:
+    """The response serializer of Search and StreamSearch: joined bytes go out as they are."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
