@@ -58,7 +58,7 @@ def main() -> None:
             got, _ = native.dense_top(dense.vectors, vectors[q], 100, codes=dense.sq8, oversample=factor,
                                       backend="cpp")
             recalls.append(len(set(got.tolist()) & set(want.tolist())) / len(want))
-        print(f"{factor:10d}  {np.mean(recalls):.4f} (min {np.min(recalls):.2f})")
+        print(f"{factor:10d}  {np.mean(recalls):.4f} (min {np.min(recalls):.3f})")
 
     old = Pipeline(index, encoder)
     old.native_first_stage = False
@@ -72,7 +72,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in paths}
     items = list(queries.items())
     for _ in range(2):  # warm-up
-        for name, (pipeline, oversample) in paths.items():
+        for pipeline, oversample in paths.values():
             if oversample is not None:
                 dense.native_oversample = oversample
             pipeline.retrieve(replace(base, query=items[0][1]), query_vector=vectors[items[0][0]])

@@ -15,7 +15,8 @@ Backend choice, made per call (or per explicit fusion_backend() resolve), never 
 
 Kernels: fuse (score fusion); window_maxsim, proximity, linear_scores (rerank features and model);
 similarity_matrix, mmr_select (context filter); bm25_top, dense_top, retrieve (the first stage: BM25 top-depth, flat
-dense top-depth over float rows or sq8 codes, and fusion, in one GIL-released call). Semantics: the *_reference functions in rag_service.kernels.reference.
+dense top-depth over float rows or sq8 codes, and fusion, in one GIL-released call). Semantics: the *_reference
+functions in rag_service.kernels.reference.
 """
 
 from __future__ import annotations

@@ -607,7 +607,7 @@ def dense_top_reference(vectors: np.ndarray, query: np.ndarray, mask: np.ndarray
         raise ValueError("oversample > 0 needs codes (the sq8 codes of the vectors)")
     _check_finite(q, "query")
     allowed = np.arange(n, dtype=np.int64) if mask is None else np.flatnonzero(mask).astype(np.int64)
-    if oversample == 0:
+    if oversample == 0 or codes is None:
         return _ranked(allowed, np.asarray(vectors[allowed] @ q, np.float32), depth)
     approx = codes.codes[allowed].astype(np.float32) @ (q * codes.scale)
     wide, _ = _ranked(allowed, np.asarray(approx, np.float32), depth * oversample)

@@ -57,7 +57,7 @@ DEFAULT_HNSW_THRESHOLD = 50_000
 # the float rows) for this many candidates per result asked and rescores them exactly with the float rows. SciFact
 # (10k chunks, MiniLM), depth 100: the smallest factor with recall@100 >= 0.999 against the exact float scan
 # (bench/experiments/native_retrieve.py, bench/README.md "One native call: first stage").
-NATIVE_SQ8_OVERSAMPLE = 4
+NATIVE_SQ8_OVERSAMPLE = 2
 
 # With a filter, HNSW walks the graph skipping disallowed nodes, which degrades when few are allowed. Up to this many
 # allowed chunks an exact scan of their vectors is both cheaper and exact.

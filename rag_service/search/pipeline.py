@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from rag_service.core.errors import InvalidArgument
 from rag_service.core.params import (
     Capabilities,
     IndexSummary,
@@ -22,7 +23,6 @@ from rag_service.core.params import (
     SearchResult,
     check_deadline,
 )
-from rag_service.core.errors import InvalidArgument
 from rag_service.core.timing import StageTimer
 from rag_service.core.tracing import request_tracer
 from rag_service.encoder.encode import SearchEncoder
@@ -141,11 +141,11 @@ class Pipeline(SearcherBase):
             with timer.stage("dense"):
                 hits = dense_index.search(query_vector, params.depth, mask)
         oversample = dense_index.native_oversample if dense_index.sq8 is not None else 0
+        query = dense_index.query_row(query_vector) if scan and query_vector is not None else None
         check_deadline(deadline, "lexical")
         started = time.time_ns()
         result = native.retrieve(bm25_index.postings, terms, params.depth, mask=mask,
-                                 vectors=dense_index.vectors if scan else None,
-                                 query=dense_index.query_row(query_vector) if scan else None,
+                                 vectors=dense_index.vectors if scan else None, query=query,
                                  codes=dense_index.sq8 if scan and oversample else None,
                                  oversample=oversample if scan else 0, dense=hits, method=params.fusion,
                                  dense_weight=params.dense_weight, top_k=params.top_k, rrf_k=params.rrf_k,
