@@ -27,6 +27,7 @@ import numpy as np
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.quality import doc_run, evaluate
 from rag_service.core.params import SearchParams
+from rag_service.core.timing import StageTimer
 from rag_service.encoder.encode import Encoder
 from rag_service.index.load import load_index
 from rag_service.kernels import native
@@ -70,6 +71,7 @@ def main() -> None:
              f"one call, sq8 x{dense.native_oversample}": (one, dense.native_oversample)}
     default_oversample = dense.native_oversample
     times: dict[str, list[float]] = {name: [] for name in paths}
+    parts: dict[str, dict[str, list[int]]] = {name: {"lexical": [], "dense": [], "fusion": []} for name in paths}
     items = list(queries.items())
     for _ in range(2):  # warm-up
         for pipeline, oversample in paths.values():
@@ -82,18 +84,22 @@ def main() -> None:
             for name, (pipeline, oversample) in paths.items():
                 if oversample is not None:
                     dense.native_oversample = oversample
+                timer = StageTimer()
                 start = time.perf_counter_ns()
-                pipeline.retrieve(params, query_vector=vectors[q])
+                pipeline.retrieve(params, timer, query_vector=vectors[q])
                 times[name].append((time.perf_counter_ns() - start) / 1e3)
+                for stage, values in parts[name].items():
+                    values.append(timer.us[stage])
     dense.native_oversample = default_oversample
     ref = next(iter(times.values()))
     print(f"\nPipeline.retrieve, {args.rounds} x {len(items)} queries, depth {base.depth}, top_k {base.top_k}")
-    print("| path | p50 us | p99 us | p50 ratio | p99 ratio |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| path | p50 us | p99 us | p50 ratio | p99 ratio | p50 us lexical / dense / fusion |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
     for name, values in times.items():
         p50, p99 = np.percentile(values, 50), np.percentile(values, 99)
+        split = " / ".join(f"{np.percentile(v, 50):.0f}" for v in parts[name].values())
         print(f"| {name} | {p50:.0f} | {p99:.0f} | {p50 / np.percentile(ref, 50):.2f} | "
-              f"{p99 / np.percentile(ref, 99):.2f} |")
+              f"{p99 / np.percentile(ref, 99):.2f} | {split} |")
 
     runs = {}
     for name, (pipeline, oversample) in paths.items():
