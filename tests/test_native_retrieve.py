@@ -246,6 +246,14 @@ def test_a_flat_index_gets_sq8_codes_at_load_and_reuses_its_own(tmp_path):
     assert not hnsw.native_scan and hnsw.sq8 is None
 
 
+def test_without_avx2_a_flat_index_scans_its_float_rows(tmp_path, monkeypatch):
+    vectors = clustered(50, 8, seed=3)
+    dense_mod.write_dense(tmp_path, dense_mod.build_dense_index(vectors, "flat"), vectors, "flat")
+    monkeypatch.setattr(native, "simd_level", lambda: "scalar")
+    index = dense_mod.DenseIndex.load(tmp_path, use_gpu=False)
+    assert index.native_scan and index.sq8 is None and index.native_oversample == 0
+
+
 QUERIES = ["how do glaciers carve valleys", "volcano eruption ash", "glacier", "zzzz unknown words", ""]
 
 

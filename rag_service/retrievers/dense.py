@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 
 from rag_service.core.errors import IndexFormatError, InvalidArgument
+from rag_service.kernels import native
 from rag_service.kernels.native import SQ8Codes, sq8_quantize
 
 log = logging.getLogger(__name__)
@@ -241,11 +242,12 @@ class DenseIndex:
             except (RuntimeError, AttributeError) as e:
                 log.warning("dense codes stay on the CPU: faiss-gpu cannot hold %s codes (%s)", self.codes_kind, e)
         self.device = "gpu" if self._gpu_index is not None else "cpu"
+        # Candidates per result taken from the sq8 codes by the native scan; 0 scans the float rows instead. Without
+        # AVX2 the int8 dot product is scalar code, ~20x slower than the float rows' (SciFact: 10 ms against 0.5 ms).
+        self.native_oversample = NATIVE_SQ8_OVERSAMPLE if native.simd_level() not in ("scalar", "none") else 0
         # A flat index on the CPU is scanned by the native first stage; its sq8 codes are made here, once per load
         # (taken from dense_codes.faiss when that holds sq8 codes), never per request.
-        self.sq8: SQ8Codes | None = self._sq8_codes() if self.native_scan else None
-        # Candidates per result taken from the sq8 codes by the native scan; 0 scans the float rows instead.
-        self.native_oversample = NATIVE_SQ8_OVERSAMPLE
+        self.sq8: SQ8Codes | None = self._sq8_codes() if self.native_scan and self.native_oversample else None
         log.info("dense index: %s, %d vectors of dim %d, searching on %s", self.kind, self.n, self.dim, self.device)
 
     @classmethod
