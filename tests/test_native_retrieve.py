@@ -125,6 +125,15 @@ def test_dense_top_float_and_sq8_equal_the_reference_at_every_simd_level(seed, n
                     same(got, want)
 
 
+def test_dense_top_with_a_huge_depth_or_oversample_does_not_overflow():
+    rng = np.random.default_rng(4)
+    vectors, codes, query = exact_rows(rng, 30, 8), exact_codes(rng, 30, 8), exact_rows(rng, 1, 8)[0]
+    for depth, oversample in ((2**62, 2**40), (3, 2**62), (2**40, 3)):
+        got = native.dense_top(vectors, query, depth, codes=codes, oversample=oversample, backend="cpp")
+        assert got[0].size == min(depth, 30)
+        same(got, dense_top_reference(vectors, query, None, depth, codes, oversample))
+
+
 def test_dense_top_refuses_bad_input():
     rng = np.random.default_rng(3)
     vectors = exact_rows(rng, 10, 4)
@@ -290,3 +299,34 @@ def test_pipeline_one_call_gives_the_stage_by_stage_candidates(built_index, enco
                 np.testing.assert_allclose(got.fused.scores, want.fused.scores, rtol=1e-5, atol=1e-6)
                 assert {"filter", "lexical", "fusion"} <= set(timer.us)
                 assert ("dense" in timer.us) == (vector is not None and not lexical_only)
+
+
+def test_pipeline_passes_hits_of_an_index_it_cannot_scan_into_the_call(built_index, encoder, monkeypatch):
+    from rag_service.core.params import SearchParams
+    from rag_service.core.timing import StageTimer
+    from rag_service.index.load import load_index
+    from rag_service.search.pipeline import Pipeline
+
+    index = load_index(built_index)
+    # As for HNSW or a flat index on a GPU: the dense hits come from DenseIndex.search.
+    monkeypatch.setattr(type(index.dense), "native_scan", property(lambda self: False))
+    calls = []
+    real = native.retrieve
+    monkeypatch.setattr(native, "retrieve", lambda *a, **k: calls.append(k) or real(*a, **k))
+    one = Pipeline(index, encoder)
+    staged = Pipeline(index, encoder)
+    staged.native_first_stage = False
+    for query in QUERIES[:3]:
+        vector = encoder.encode_queries(query)[0]
+        for filt in (None, {"topic": "geology"}):
+            params = SearchParams(query=query, top_k=20, depth=30, filters=filt)
+            timer = StageTimer()
+            got = one.retrieve(params, timer, query_vector=vector)
+            (call,) = calls
+            calls.clear()
+            assert call["vectors"] is None and call["dense"] is not None
+            want = staged.retrieve(params, query_vector=vector)
+            same(got.bm25, want.bm25)
+            same(got.dense, want.dense)
+            np.testing.assert_array_equal(got.fused.ids, want.fused.ids)
+            assert {"lexical", "dense", "fusion"} <= set(timer.us)

@@ -152,7 +152,10 @@ Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* ma
     // are ranked by the second alone.
     std::vector<float> qs(d);
     for (std::size_t j = 0; j < d; ++j) qs[j] = query[j] * rows.scale[j];
-    const std::size_t wide_k = std::min(k * static_cast<std::size_t>(oversample), std::max<std::size_t>(n, 1));
+    // Clamped before multiplying, so no depth or oversample overflows the product.
+    const std::size_t cap = std::max<std::size_t>(n, 1);
+    const auto factor = static_cast<std::size_t>(oversample);
+    const std::size_t wide_k = factor >= cap ? cap : std::min(std::min(k, cap) * factor, cap);
     TopK wide(wide_k);
     for (std::size_t i = 0; i < n; ++i) {
         if (mask != nullptr && mask[i] == 0) continue;
