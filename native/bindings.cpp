@@ -20,6 +20,8 @@
 #include "src/fusion.hpp"
 #include "src/rerank.hpp"
 #include "src/rerank_core.hpp"
+
+#include "src/retrieve.hpp"
 #include "src/simd.hpp"
 #if defined(RAG_HAS_CUDA)
 #include "cuda/device.hpp"
@@ -639,6 +641,196 @@ void bind(py::module_& m) {
 
 }  // namespace rerank_core
 
+// ---- first stage in one call: BM25 top-depth, flat dense top-depth, fusion ----
+
+// The checked arrays are kept as plain objects: a default-constructed py::array allocates an empty array.
+struct PostingsArgs {
+    py::object indptr, docs, weights;
+    rag::Postings postings;
+};
+
+PostingsArgs postings_arg(const py::handle& indptr_obj, const py::handle& docs_obj, const py::handle& weights_obj,
+                          std::int64_t n_docs) {
+    const py::array indptr = checked_vector<std::int64_t>(indptr_obj, "indptr", "int64");
+    const py::array docs = checked_vector<std::int32_t>(docs_obj, "docs", "int32");
+    const py::array weights = checked_vector<float>(weights_obj, "weights", "float32");
+    if (indptr.shape(0) < 1) fail("indptr must have at least one entry (vocabulary + 1)");
+    if (docs.shape(0) != weights.shape(0)) {
+        fail("docs and weights must have the same length, got " + std::to_string(docs.shape(0)) + " and " +
+             std::to_string(weights.shape(0)));
+    }
+    if (n_docs < 0) fail("n_docs must be >= 0, got " + std::to_string(n_docs));
+    PostingsArgs a;
+    a.indptr = indptr;
+    a.docs = docs;
+    a.weights = weights;
+    a.postings = rag::Postings{data_of<std::int64_t>(indptr), len(indptr) - 1, data_of<std::int32_t>(docs),
+                               data_of<float>(weights), len(docs), static_cast<std::size_t>(n_docs)};
+    return a;
+}
+
+// A bool[n] mask as bytes, or nullptr for None.
+const std::uint8_t* mask_arg(const py::handle& mask_obj, std::size_t n, py::object& keep) {
+    if (mask_obj.is_none()) return nullptr;
+    const py::array mask = checked_vector<bool>(mask_obj, "mask", "bool");
+    if (len(mask) != n) {
+        fail("mask must have one entry per chunk (" + std::to_string(n) + "), got " + std::to_string(len(mask)));
+    }
+    keep = mask;
+    return data_of<std::uint8_t>(mask);
+}
+
+struct DenseArgs {
+    py::object vectors, query, codes, scale, base;
+    const float* query_data = nullptr;
+    rag::DenseRows rows;
+};
+
+DenseArgs dense_arg(const py::handle& vectors_obj, const py::handle& query_obj, const py::handle& codes_obj,
+                    const py::handle& scale_obj, const py::handle& base_obj) {
+    DenseArgs a;
+    const py::array vectors = checked_matrix(vectors_obj, "vectors", {kNpyFloat}, "float32");
+    const py::array query = checked_vector<float>(query_obj, "query", "float32");
+    a.vectors = vectors;
+    a.query = query;
+    a.query_data = data_of<float>(query);
+    a.rows.vectors = data_of<float>(vectors);
+    a.rows.n = static_cast<std::size_t>(vectors.shape(0));
+    a.rows.d = static_cast<std::size_t>(vectors.shape(1));
+    if (len(query) != a.rows.d) {
+        fail("query must have " + std::to_string(a.rows.d) + " entries (the columns of vectors), got " +
+             std::to_string(len(query)));
+    }
+    const bool any = !codes_obj.is_none() || !scale_obj.is_none() || !base_obj.is_none();
+    if (!any) return a;
+    if (codes_obj.is_none() || scale_obj.is_none() || base_obj.is_none()) {
+        fail("codes, code_scale and code_base come together (all None or all arrays)");
+    }
+    const py::array codes = checked_matrix(codes_obj, "codes", {kNpyInt8}, "int8");
+    if (static_cast<std::size_t>(codes.shape(0)) != a.rows.n || static_cast<std::size_t>(codes.shape(1)) != a.rows.d) {
+        fail("codes must have the shape of vectors (" + std::to_string(a.rows.n) + ", " + std::to_string(a.rows.d) +
+             "), got (" + std::to_string(codes.shape(0)) + ", " + std::to_string(codes.shape(1)) + ")");
+    }
+    const py::array scale = checked_vector<float>(scale_obj, "code_scale", "float32");
+    const py::array base = checked_vector<float>(base_obj, "code_base", "float32");
+    if (len(scale) != a.rows.d || len(base) != a.rows.d) {
+        fail("code_scale and code_base must have " + std::to_string(a.rows.d) + " entries (the columns of vectors)");
+    }
+    a.codes = codes;
+    a.scale = scale;
+    a.base = base;
+    a.rows.codes = data_of<std::int8_t>(codes);
+    a.rows.scale = data_of<float>(scale);
+    a.rows.base = data_of<float>(base);
+    return a;
+}
+
+// Hands hits to NumPy without copying: both arrays share one base, a capsule that owns them.
+py::tuple hits_to_numpy(rag::Hits&& hits) {
+    auto owned = std::make_unique<rag::Hits>(std::move(hits));
+    rag::Hits* h = owned.get();
+    const py::capsule base(h, [](void* p) noexcept { delete static_cast<rag::Hits*>(p); });
+    owned.release();
+    const auto k = static_cast<py::ssize_t>(h->ids.size());
+    return py::make_tuple(py::array_t<std::int64_t>(k, h->ids.data(), base),
+                          py::array_t<float>(k, h->scores.data(), base));
+}
+
+py::tuple bm25_top(const py::handle& indptr, const py::handle& docs, const py::handle& weights, std::int64_t n_docs,
+                   const py::handle& term_ids_obj, const py::handle& mask_obj, std::int64_t depth) {
+    const PostingsArgs p = postings_arg(indptr, docs, weights, n_docs);
+    const py::array terms = checked_vector<std::int64_t>(term_ids_obj, "term_ids", "int64");
+    py::object mask_keep;
+    const std::uint8_t* mask = mask_arg(mask_obj, p.postings.n_docs, mask_keep);
+    rag::Hits hits;
+    {
+        py::gil_scoped_release release;
+        hits = rag::bm25_top(p.postings, data_of<std::int64_t>(terms), len(terms), mask, depth);
+    }
+    return hits_to_numpy(std::move(hits));
+}
+
+py::tuple dense_top(const py::handle& vectors, const py::handle& query, const py::handle& mask_obj,
+                    std::int64_t depth, const py::handle& codes, const py::handle& code_scale,
+                    const py::handle& code_base, std::int64_t oversample, const std::string& simd) {
+    const DenseArgs a = dense_arg(vectors, query, codes, code_scale, code_base);
+    py::object mask_keep;
+    const std::uint8_t* mask = mask_arg(mask_obj, a.rows.n, mask_keep);
+    const rag::simd::Level level = simd_arg(simd);
+    rag::Hits hits;
+    {
+        py::gil_scoped_release release;
+        hits = rag::dense_top(a.rows, a.query_data, mask, depth, oversample, level);
+    }
+    return hits_to_numpy(std::move(hits));
+}
+
+py::tuple retrieve(const py::handle& indptr, const py::handle& docs, const py::handle& weights, std::int64_t n_docs,
+                   const py::handle& term_ids_obj, const py::handle& mask_obj, std::int64_t depth,
+                   const py::handle& vectors, const py::handle& query, const py::handle& codes,
+                   const py::handle& code_scale, const py::handle& code_base, std::int64_t oversample,
+                   const py::handle& dense_ids, const py::handle& dense_scores, const std::string& method,
+                   double dense_weight, std::int64_t top_k, double rrf_k, const std::string& simd) {
+    const PostingsArgs p = postings_arg(indptr, docs, weights, n_docs);
+    const py::array terms = checked_vector<std::int64_t>(term_ids_obj, "term_ids", "int64");
+    py::object mask_keep;
+    const std::uint8_t* mask = mask_arg(mask_obj, p.postings.n_docs, mask_keep);
+    rag::DenseSource source;
+    DenseArgs dense;
+    py::object given[2];
+    const bool scan = !vectors.is_none() || !query.is_none();
+    if (scan) {
+        if (vectors.is_none() || query.is_none()) fail("vectors and query come together (both None or both arrays)");
+        if (!dense_ids.is_none() || !dense_scores.is_none()) {
+            fail("dense_ids and dense_scores must be None when vectors are scanned");
+        }
+        dense = dense_arg(vectors, query, codes, code_scale, code_base);
+        if (dense.rows.n != p.postings.n_docs) {
+            fail("vectors must have one row per chunk (n_docs = " + std::to_string(n_docs) + "), got " +
+                 std::to_string(dense.rows.n));
+        }
+        source.rows = &dense.rows;
+        source.query = dense.query_data;
+        source.oversample = oversample;
+    } else {
+        if (dense_ids.is_none() != dense_scores.is_none()) {
+            fail("dense_ids and dense_scores come together (both None or both arrays)");
+        }
+        if (!dense_ids.is_none()) {
+            py::array ids_keep, scores_keep;
+            source.precomputed = ranked_list(dense_ids, dense_scores, "dense_ids", "dense_scores", ids_keep,
+                                             scores_keep);
+            given[0] = ids_keep;
+            given[1] = scores_keep;
+        } else {
+            given[0] = py::array_t<std::int64_t>(0);
+            given[1] = py::array_t<float>(0);
+        }
+    }
+    const rag::FusionParams params{rag::parse_fusion_method(method), dense_weight, top_k, rrf_k};
+    const rag::simd::Level level = simd_arg(simd);
+    auto owned = std::make_unique<rag::RetrieveResult>();
+    {
+        py::gil_scoped_release release;
+        *owned = rag::retrieve(p.postings, data_of<std::int64_t>(terms), len(terms), mask, depth, source, params,
+                               level);
+    }
+    rag::RetrieveResult* r = owned.get();
+    const py::capsule base(r, [](void* q) noexcept { delete static_cast<rag::RetrieveResult*>(q); });
+    owned.release();  // the capsule owns it now
+    auto ids = [&base](std::vector<std::int64_t>& v) {
+        return py::array_t<std::int64_t>(static_cast<py::ssize_t>(v.size()), v.data(), base);
+    };
+    auto floats = [&base](std::vector<float>& v) {
+        return py::array_t<float>(static_cast<py::ssize_t>(v.size()), v.data(), base);
+    };
+    const py::object d_ids = scan ? py::object(ids(r->dense.ids)) : given[0];
+    const py::object d_scores = scan ? py::object(floats(r->dense.scores)) : given[1];
+    return py::make_tuple(ids(r->bm25.ids), floats(r->bm25.scores), d_ids, d_scores, ids(r->fused.ids),
+                          floats(r->fused.fused), floats(r->fused.bm25), floats(r->fused.dense),
+                          py::make_tuple(r->times.bm25_ns, r->times.dense_ns, r->times.fusion_ns));
+}
+
 py::list simd_levels() {
     py::list levels;
     for (const auto level : {rag::simd::Level::kScalar, rag::simd::Level::kAvx2, rag::simd::Level::kAvx512}) {
@@ -731,4 +923,29 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           "See rag_service.reference.mmr_select_reference.");
 
     rerank_core::bind(m);
+
+    // ---- first stage in one call ----
+    m.def("bm25_top", &bm25_top, py::arg("indptr"), py::arg("docs"), py::arg("weights"), py::arg("n_docs"),
+          py::arg("term_ids"), py::arg("mask"), py::arg("depth"),
+          "bm25_top(indptr, docs, weights, n_docs, term_ids, mask, depth) -> tuple[ids int64[k], scores float32[k]]\n\n"
+          "Top min(depth, n_docs) chunks with a BM25 score > 0 over impact postings (indptr int64[vocab + 1], docs\n"
+          "int32, weights float32), mask bool[n_docs] or None. See rag_service.kernels.reference.bm25_top_reference.");
+    m.def("dense_top", &dense_top, py::arg("vectors"), py::arg("query"), py::arg("mask"), py::arg("depth"),
+          py::arg("codes") = py::none(), py::arg("code_scale") = py::none(), py::arg("code_base") = py::none(),
+          py::arg("oversample") = 0, py::arg("simd") = "",
+          "dense_top(vectors, query, mask, depth, codes=None, code_scale=None, code_base=None, oversample=0, simd='')\n"
+          "    -> tuple[ids int64[k], scores float32[k]]\n\n"
+          "Top min(depth, allowed) rows of vectors float32[n, d] by inner product with query; oversample >= 1 scans\n"
+          "the sq8 codes (int8[n, d], row ~ code_base + code_scale * code) for oversample * depth candidates and\n"
+          "rescores them exactly. See rag_service.kernels.reference.dense_top_reference.");
+    m.def("retrieve", &retrieve, py::arg("indptr"), py::arg("docs"), py::arg("weights"), py::arg("n_docs"),
+          py::arg("term_ids"), py::arg("mask"), py::arg("depth"), py::arg("vectors"), py::arg("query"),
+          py::arg("codes"), py::arg("code_scale"), py::arg("code_base"), py::arg("oversample"), py::arg("dense_ids"),
+          py::arg("dense_scores"), py::arg("method"), py::arg("dense_weight"), py::arg("top_k"), py::arg("rrf_k"),
+          py::arg("simd") = "",
+          "retrieve(...) -> tuple[bm25_ids, bm25_scores, dense_ids, dense_scores, fused_ids, fused, fused_bm25,\n"
+          "    fused_dense, (bm25_ns, dense_ns, fusion_ns)]\n\n"
+          "bm25_top, then dense_top over vectors/query (or the given dense_ids/dense_scores, or no dense list when\n"
+          "all four are None), then fuse, in one call with the GIL released. See\n"
+          "rag_service.kernels.reference.retrieve_reference.");
 }

@@ -120,3 +120,49 @@ class RerankCore:
         weights: np.ndarray,
         bias: float,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
+
+def bm25_top(
+    indptr: np.ndarray,
+    docs: np.ndarray,
+    weights: np.ndarray,
+    n_docs: int,
+    term_ids: np.ndarray,
+    mask: np.ndarray | None,
+    depth: int,
+) -> tuple[np.ndarray, np.ndarray]: ...
+def dense_top(
+    vectors: np.ndarray,
+    query: np.ndarray,
+    mask: np.ndarray | None,
+    depth: int,
+    codes: np.ndarray | None = None,
+    code_scale: np.ndarray | None = None,
+    code_base: np.ndarray | None = None,
+    oversample: int = 0,
+    simd: str = "",
+) -> tuple[np.ndarray, np.ndarray]: ...
+def retrieve(
+    indptr: np.ndarray,
+    docs: np.ndarray,
+    weights: np.ndarray,
+    n_docs: int,
+    term_ids: np.ndarray,
+    mask: np.ndarray | None,
+    depth: int,
+    vectors: np.ndarray | None,
+    query: np.ndarray | None,
+    codes: np.ndarray | None,
+    code_scale: np.ndarray | None,
+    code_base: np.ndarray | None,
+    oversample: int,
+    dense_ids: np.ndarray | None,
+    dense_scores: np.ndarray | None,
+    method: str,
+    dense_weight: float,
+    top_k: int,
+    rrf_k: float,
+    simd: str = "",
+) -> tuple[
+    np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+    tuple[int, int, int],
+]: ...

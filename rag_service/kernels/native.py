@@ -14,8 +14,10 @@ Backend choice, made per call (or per explicit fusion_backend() resolve), never 
                       numpy  the NumPy references
 
 Kernels: fuse (score fusion); window_maxsim, proximity, linear_scores (rerank features and model);
-similarity_matrix, mmr_select (context filter); lexical_features, finish_features, rank_features and RerankCore (the
-rerank stage in one call). Semantics: the *_reference functions in rag_service.kernels.reference.
+similarity_matrix, mmr_select (context filter); bm25_top, dense_top, retrieve (the first stage: BM25 top-depth, flat
+dense top-depth over float rows or sq8 codes, and fusion, in one GIL-released call); lexical_features,
+finish_features, rank_features and RerankCore (the rerank stage in one call). Semantics: the *_reference functions in
+rag_service.kernels.reference.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ from rag_service.kernels.reference import (
     RERANK_LOCAL_FEATURES,
     SOFTMAX_TEMPERATURE,
     FusionResult,
+    Postings,
+    RetrieveResult,
+    SQ8Codes,
+    bm25_top_reference,
+    dense_top_reference,
     finish_features_reference,
     fuse_reference,
     lexical_features_reference,
@@ -41,7 +48,9 @@ from rag_service.kernels.reference import (
     mmr_select_reference,
     proximity_reference,
     rank_reference,
+    retrieve_reference,
     similarity_matrix_reference,
+    sq8_quantize,
     window_maxsim_reference,
 )
 
@@ -54,7 +63,16 @@ __all__ = [
     "NATIVE_IMPORT_ERROR",
     "FusionResult",
     "RerankCore",
+
+    "Postings",
+    "RetrieveResult",
+    "SQ8Codes",
     "backend_info",
+    "bm25_top",
+    "dense_top",
+    "retrieve",
+    "retrieve_backend",
+    "sq8_quantize",
     "cuda_device_status",
     "fuse",
     "finish_features",
@@ -96,6 +114,8 @@ HAS_NATIVE: bool = _native is not None
 HAS_CUDA: bool = bool(_native.HAS_CUDA) if _native is not None else False  # the extension was built with CUDA
 # The rerank / context-filter kernels arrived after fusion: an extension built from older sources lacks them.
 _HAS_RERANK_KERNELS: bool = _native is not None and hasattr(_native, "window_maxsim")
+# Likewise the first-stage kernels (bm25_top, dense_top, retrieve).
+_HAS_RETRIEVE_KERNELS: bool = _native is not None and hasattr(_native, "retrieve")
 if _native is not None and not _HAS_RERANK_KERNELS:
     logger.warning("rag_service._native predates the rerank kernels; they run on the NumPy references until it is "
                    "rebuilt (`python setup.py build_ext --inplace` or `pip install .`)")
@@ -575,3 +595,77 @@ class RerankCore:
                                              fused, bm25, dense)
         scores, order = rank_reference(features, cols, w, bias)
         return ids[order], scores, features[order], order
+
+# First stage: BM25 top-depth, flat dense top-depth, fusion
+# --------------------------------------------------------------------------------------------------------------------
+
+def retrieve_backend(backend: str | None = None) -> str:
+    """The backend the first-stage kernels run on: "cpp" or "numpy" (no CUDA twin: one query's scan of a flat index
+    that fits in memory is cheaper than its transfer to a device). backend=None resolves RAG_SERVICE_BACKEND now;
+    "auto" falls back to NumPy when the extension is missing or predates these kernels, a forced "cpp" raises."""
+    chosen = _resolve("retrieve", False, backend)
+    if chosen != "numpy" and not _HAS_RETRIEVE_KERNELS:
+        if (backend or requested_backend()) == "auto":
+            return "numpy"
+        raise RuntimeError("rag_service._native was built from sources older than the retrieve kernels; rebuild it "
+                           "(`python setup.py build_ext --inplace` or `pip install .`)")
+    return chosen
+
+
+def _term_ids(term_ids: Any) -> np.ndarray:
+    return _as_vector(term_ids, _INT64, "term_ids")
+
+
+def _mask(mask: Any) -> np.ndarray | None:
+    if mask is None:
+        return None
+    array = np.asarray(mask)
+    if array.dtype != np.bool_:
+        raise ValueError(f"mask must have dtype bool, got {array.dtype}")
+    return np.ascontiguousarray(array)
+
+
+def bm25_top(postings: Postings, term_ids: Any, depth: int, *, mask: Any = None,
+             backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, scores float32) of the top min(depth, n_docs) chunks with a BM25 score > 0, best first (ties: id
+    ascending), allowed by mask (bool per chunk). Semantics: rag_service.kernels.reference.bm25_top_reference."""
+    terms, m = _term_ids(term_ids), _mask(mask)
+    if retrieve_backend(backend) == "numpy":
+        return bm25_top_reference(postings, terms, m, depth)
+    return _native.bm25_top(postings.indptr, postings.docs, postings.weights, int(postings.n_docs), terms, m,
+                            operator.index(depth))
+
+
+def dense_top(vectors: np.ndarray, query: Any, depth: int, *, mask: Any = None, codes: SQ8Codes | None = None,
+              oversample: int = 0, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, scores float32) of the top min(depth, allowed) rows of vectors by inner product with query, best
+    first (ties: id ascending); oversample >= 1 scans the sq8 codes for oversample * depth candidates and rescores
+    them exactly. Semantics: rag_service.kernels.reference.dense_top_reference."""
+    q, m = _as_vector(query, _FLOAT32, "query"), _mask(mask)
+    if retrieve_backend(backend) == "numpy":
+        return dense_top_reference(vectors, q, m, depth, codes, oversample)
+    c = codes if codes is not None else (None, None, None)
+    return _native.dense_top(vectors, q, m, operator.index(depth), c[0], c[1], c[2], operator.index(oversample))
+
+
+def retrieve(postings: Postings, term_ids: Any, depth: int, *, mask: Any = None, vectors: np.ndarray | None = None,
+             query: Any = None, codes: SQ8Codes | None = None, oversample: int = 0,
+             dense: tuple[np.ndarray, np.ndarray] | None = None, method: str = "weighted", dense_weight: float = 0.5,
+             top_k: int = 10, rrf_k: float = 60.0, backend: str | None = None) -> RetrieveResult:
+    """BM25 top-depth, the dense list (a scan of `vectors` with `query`, the given `dense` hits of an index scanned
+    elsewhere, or none: the lexical route) and their fusion, in one native call with the GIL released. Semantics:
+    rag_service.kernels.reference.retrieve_reference; times_ns holds the three parts' durations (C++ only)."""
+    terms, m = _term_ids(term_ids), _mask(mask)
+    q = None if query is None else _as_vector(query, _FLOAT32, "query")
+    if dense is not None:
+        dense = (_as_vector(dense[0], _INT64, "dense_ids"), _as_vector(dense[1], _FLOAT32, "dense_scores"))
+    if retrieve_backend(backend) == "numpy":
+        return retrieve_reference(postings, terms, m, depth, vectors=vectors, query=q, codes=codes,
+                                  oversample=oversample, dense=dense, method=method, dense_weight=dense_weight,
+                                  top_k=top_k, rrf_k=rrf_k)
+    c = codes if codes is not None else (None, None, None)
+    d = dense if dense is not None else (None, None)
+    out = _native.retrieve(postings.indptr, postings.docs, postings.weights, int(postings.n_docs), terms, m,
+                           operator.index(depth), vectors, q, c[0], c[1], c[2], operator.index(oversample), d[0],
+                           d[1], method, float(dense_weight), operator.index(top_k), float(rrf_k))
+    return RetrieveResult((out[0], out[1]), (out[2], out[3]), FusionResult(out[4], out[5], out[6], out[7]), out[8])

@@ -15,6 +15,9 @@ Kernels:
     list), rank_reference (model scores and the stable sort).
   * context filter -- similarity_matrix_reference (pairwise dot products of the candidates' vectors) and
     mmr_select_reference (greedy maximal marginal relevance with near-duplicate removal).
+  * first stage -- bm25_top_reference (BM25 top-depth over impact postings), dense_top_reference (flat inner-product
+    top-depth over float rows, or over sq8 codes with exact rescoring; sq8_quantize builds the codes) and
+    retrieve_reference (both, then fusion).
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ from numba import njit
 
 __all__ = [
     "FUSION_METHODS",
+    "Postings",
+    "RetrieveResult",
+    "SQ8Codes",
+    "bm25_top_reference",
+    "dense_top_reference",
+    "retrieve_reference",
+    "sq8_quantize",
     "SOFTMAX_TEMPERATURE",
     "FusionResult",
     "PRF_TOP",
@@ -666,3 +676,174 @@ def rank_reference(features: np.ndarray, columns: np.ndarray, weights: np.ndarra
     order = np.argsort(-scores, kind="stable")
     return scores[order], order.astype(np.int64)
 
+
+# Kernels: the first stage (BM25 top-depth, flat dense top-depth, fusion)
+# --------------------------------------------------------------------------------------------------------------------
+
+class Postings(NamedTuple):
+    """BM25 impact postings (rag_service/retrievers/lexical.py's layout): the postings of term t are
+    [indptr[t], indptr[t + 1]) of docs / weights."""
+
+    indptr: np.ndarray   # int64[vocab + 1]
+    docs: np.ndarray     # int32[postings]
+    weights: np.ndarray  # float32[postings], idf folded in
+    n_docs: int
+
+
+class SQ8Codes(NamedTuple):
+    """One signed byte per dimension: row ~= base + scale * code (per dimension)."""
+
+    codes: np.ndarray  # int8[n, d]
+    scale: np.ndarray  # float32[d]
+    base: np.ndarray   # float32[d]
+
+
+class RetrieveResult(NamedTuple):
+    bm25: tuple[np.ndarray, np.ndarray]   # (ids int64, scores float32), best first
+    dense: tuple[np.ndarray, np.ndarray]
+    fused: FusionResult
+    times_ns: tuple[int, int, int]        # (bm25, dense, fusion); 0 where not measured
+
+
+def sq8_quantize(vectors: np.ndarray, rows_per_step: int = 65536) -> SQ8Codes:
+    """Per-dimension min/max scalar quantization of float32[n, d] rows to 256 levels (stored as code - 128, so the
+    native scan can use its int8 dot product). A dimension with one value gets scale 1 and code -128 throughout."""
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must be 2-D, got {vectors.ndim}-D")
+    n, d = vectors.shape
+    if n == 0:
+        return SQ8Codes(np.zeros((0, d), np.int8), np.ones(d, np.float32), np.zeros(d, np.float32))
+    lo = vectors.min(axis=0).astype(np.float32)
+    hi = vectors.max(axis=0).astype(np.float32)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise ValueError("vectors must be finite")
+    scale = ((hi - lo) / np.float32(255)).astype(np.float32)
+    scale[scale <= 0] = 1.0
+    codes = np.empty((n, d), np.int8)
+    for start in range(0, n, rows_per_step):
+        block = (np.asarray(vectors[start:start + rows_per_step], np.float32) - lo) / scale
+        codes[start:start + rows_per_step] = (np.clip(np.rint(block), 0, 255) - 128).astype(np.int8)
+    base = (lo + np.float32(128) * scale).astype(np.float32)
+    return SQ8Codes(codes, scale, base)
+
+
+def _check_depth(depth: int) -> int:
+    depth = operator.index(depth)
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    return depth
+
+
+def _check_mask(mask: np.ndarray | None, n: int) -> np.ndarray | None:
+    if mask is None:
+        return None
+    mask = _check_vector(mask, "mask", np.bool_)
+    if mask.size != n:
+        raise ValueError(f"mask must have one entry per chunk ({n}), got {mask.size}")
+    return mask
+
+
+def _ranked(ids: np.ndarray, scores: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Score descending, then id ascending, cut to depth."""
+    order = np.lexsort((ids, -scores.astype(np.float64)))[:depth]
+    return ids[order].astype(np.int64), scores[order].astype(np.float32)
+
+
+def bm25_top_reference(postings: Postings, term_ids: np.ndarray, mask: np.ndarray | None,
+                       depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top min(depth, n_docs) chunks with a BM25 score > 0, allowed by mask, as (ids int64, scores float32).
+
+    A chunk's score is the float32 sum, query term by query term (a repeated term counts again) and posting by
+    posting, of its impacts: the numba scorer's additions in its order, so scores agree bit for bit."""
+    indptr = _check_vector(postings.indptr, "indptr", np.int64)
+    docs = _check_vector(postings.docs, "docs", np.int32)
+    weights = _check_vector(postings.weights, "weights", np.float32)
+    if indptr.size < 1:
+        raise ValueError("indptr must have at least one entry (vocabulary + 1)")
+    if docs.size != weights.size:
+        raise ValueError(f"docs and weights must have the same length, got {docs.size} and {weights.size}")
+    n = operator.index(postings.n_docs)
+    if n < 0:
+        raise ValueError(f"n_docs must be >= 0, got {n}")
+    terms = _check_vector(term_ids, "term_ids", np.int64)
+    mask = _check_mask(mask, n)
+    depth = _check_depth(depth)
+    n_terms = indptr.size - 1
+    for k, t in enumerate(terms.tolist()):
+        if not 0 <= t < n_terms:
+            raise ValueError(f"term_ids[{k}] = {t} is outside [0, {n_terms})")
+        lo, hi = int(indptr[t]), int(indptr[t + 1])
+        if lo < 0 or hi < lo or hi > docs.size:
+            raise ValueError(f"indptr[{t}:{t + 2}] = [{lo}, {hi}] is not a range of the {docs.size} postings")
+    empty = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    if n == 0 or terms.size == 0:
+        return empty
+    positions = np.concatenate([np.arange(indptr[t], indptr[t + 1]) for t in terms.tolist()])
+    touched = docs[positions].astype(np.int64)
+    bad = np.flatnonzero((touched < 0) | (touched >= n))
+    if bad.size:
+        raise ValueError(f"docs[{positions[bad[0]]}] = {touched[bad[0]]} is outside [0, {n})")
+    acc = np.zeros(n, np.float32)
+    np.add.at(acc, touched, weights[positions])  # unbuffered, in index order: the scorer's order of additions
+    ids = np.unique(touched)
+    scores = acc[ids]
+    keep = ~(scores <= 0)
+    if mask is not None:
+        keep &= mask[ids]
+    return _ranked(ids[keep], scores[keep], depth)
+
+
+def dense_top_reference(vectors: np.ndarray, query: np.ndarray, mask: np.ndarray | None, depth: int,
+                        codes: SQ8Codes | None = None, oversample: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The top min(depth, allowed) rows of vectors (float32[n, d]) by inner product with query (float32[d]), as
+    (ids int64, scores float32). oversample >= 1 first takes the best oversample * depth rows by the inner product
+    with the decoded codes, then ranks those by the exact one (so only recall, never a score, depends on the codes).
+    Scores are float32 dot products: the summation order (and so the last bit) is the implementation's own."""
+    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.dtype != np.float32:
+        raise ValueError("vectors must be a 2-D float32 numpy.ndarray")
+    n, d = vectors.shape
+    q = _check_vector(query, "query", np.float32)
+    if q.size != d:
+        raise ValueError(f"query must have {d} entries (the columns of vectors), got {q.size}")
+    mask = _check_mask(mask, n)
+    depth = _check_depth(depth)
+    oversample = operator.index(oversample)
+    if oversample < 0:
+        raise ValueError(f"oversample must be >= 0, got {oversample}")
+    if oversample > 0 and codes is None:
+        raise ValueError("oversample > 0 needs codes (the sq8 codes of the vectors)")
+    _check_finite(q, "query")
+    allowed = np.arange(n, dtype=np.int64) if mask is None else np.flatnonzero(mask).astype(np.int64)
+    if oversample == 0 or codes is None:
+        return _ranked(allowed, np.asarray(vectors[allowed] @ q, np.float32), depth)
+    approx = codes.codes[allowed].astype(np.float32) @ (q * codes.scale)
+    wide, _ = _ranked(allowed, np.asarray(approx, np.float32), depth * oversample)
+    wide = np.sort(wide)
+    return _ranked(wide, np.asarray(vectors[wide] @ q, np.float32), depth)
+
+
+def retrieve_reference(postings: Postings, term_ids: np.ndarray, mask: np.ndarray | None, depth: int, *,
+                       vectors: np.ndarray | None = None, query: np.ndarray | None = None,
+                       codes: SQ8Codes | None = None, oversample: int = 0,
+                       dense: tuple[np.ndarray, np.ndarray] | None = None, method: str = "weighted",
+                       dense_weight: float = 0.5, top_k: int = 10, rrf_k: float = 60.0) -> RetrieveResult:
+    """bm25_top_reference, then the dense list (dense_top_reference over vectors/query, or the given `dense` hits, or
+    none), then fuse_reference over the two."""
+    bm25 = bm25_top_reference(postings, term_ids, mask, depth)
+    if (vectors is None) != (query is None):
+        raise ValueError("vectors and query come together (both None or both arrays)")
+    if vectors is not None:
+        if dense is not None:
+            raise ValueError("dense_ids and dense_scores must be None when vectors are scanned")
+        if vectors.shape[0] != postings.n_docs:
+            raise ValueError(f"vectors must have one row per chunk (n_docs = {postings.n_docs}), got "
+                             f"{vectors.shape[0]}")
+        hits = dense_top_reference(vectors, query, mask, depth, codes, oversample)  # type: ignore[arg-type]
+    elif dense is not None:
+        hits = dense
+    else:
+        hits = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    fused = fuse_reference(bm25[0], bm25[1], hits[0], hits[1], method=method, dense_weight=dense_weight,
+                           top_k=top_k, rrf_k=rrf_k)
+    return RetrieveResult(bm25, hits, fused, (0, 0, 0))

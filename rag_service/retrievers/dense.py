@@ -25,6 +25,8 @@ import faiss
 import numpy as np
 
 from rag_service.core.errors import IndexFormatError, InvalidArgument
+from rag_service.kernels import native
+from rag_service.kernels.native import SQ8Codes, sq8_quantize
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,12 @@ HNSW_EF_SEARCH_MIN = 128
 # on SciFact's 10k MiniLM vectors, efSearch 128 gives recall@10 0.999 against exact at 0.3 ms (on 50k synthetic,
 # noisier vectors: 0.83 at 0.7 ms, so exact stays the default wherever it is affordable).
 DEFAULT_HNSW_THRESHOLD = 50_000
+
+# The native first stage (rag_service.kernels.native.retrieve) scans a flat index's sq8 codes (4x fewer bytes than
+# the float rows) for this many candidates per result asked and rescores them exactly with the float rows. SciFact
+# (10k chunks, MiniLM), depth 100: the smallest factor with recall@100 >= 0.999 against the exact float scan
+# (bench/experiments/native_retrieve.py, bench/README.md "One native call: first stage").
+NATIVE_SQ8_OVERSAMPLE = 2
 
 # With a filter, HNSW walks the graph skipping disallowed nodes, which degrades when few are allowed. Up to this many
 # allowed chunks an exact scan of their vectors is both cheaper and exact.
@@ -234,6 +242,12 @@ class DenseIndex:
             except (RuntimeError, AttributeError) as e:
                 log.warning("dense codes stay on the CPU: faiss-gpu cannot hold %s codes (%s)", self.codes_kind, e)
         self.device = "gpu" if self._gpu_index is not None else "cpu"
+        # Candidates per result taken from the sq8 codes by the native scan; 0 scans the float rows instead. Without
+        # AVX2 the int8 dot product is scalar code, ~20x slower than the float rows' (SciFact: 10 ms against 0.5 ms).
+        self.native_oversample = NATIVE_SQ8_OVERSAMPLE if native.simd_level() not in ("scalar", "none") else 0
+        # A flat index on the CPU is scanned by the native first stage; its sq8 codes are made here, once per load
+        # (taken from dense_codes.faiss when that holds sq8 codes), never per request.
+        self.sq8: SQ8Codes | None = self._sq8_codes() if self.native_scan and self.native_oversample else None
         log.info("dense index: %s, %d vectors of dim %d, searching on %s", self.kind, self.n, self.dim, self.device)
 
     @classmethod
@@ -279,11 +293,36 @@ class DenseIndex:
                 f"device={self.device!r})")
 
     @property
+    def native_scan(self) -> bool:
+        """Whether the native first stage scans this index itself (flat, on the CPU); else its hits come from
+        search() (HNSW, or a flat index on a GPU)."""
+        return self.kind == "flat" and self._gpu_index is None
+
+    def _sq8_codes(self) -> SQ8Codes:
+        """The index's own sq8 codes (faiss QT_8bit: row = vmin + (code + 0.5) / 255 * vdiff per dimension) in the
+        native layout, or codes quantized from the float rows when it has none."""
+        codes = self.codes
+        if self.codes_kind == "sq8" and isinstance(codes, faiss.IndexScalarQuantizer) \
+                and codes.sq.qtype == faiss.ScalarQuantizer.QT_8bit:
+            trained = faiss.vector_to_array(codes.sq.trained)
+            if trained.size == 2 * self.dim and codes.code_size == self.dim:
+                raw = faiss.vector_to_array(codes.codes).reshape(self.n, self.dim)
+                vmin, vdiff = trained[: self.dim], trained[self.dim :]
+                scale = (vdiff / np.float32(255)).astype(np.float32)
+                base = (vmin + np.float32(128.5) * scale).astype(np.float32)
+                return SQ8Codes((raw.astype(np.int16) - 128).astype(np.int8), scale, base)
+        return sq8_quantize(self.vectors)
+
+    @property
     def searched_bytes(self) -> int:
         """Bytes the unfiltered first stage scans: the codes when present, else the float vectors."""
         if self.codes is not None:
             return int(self.codes_params.get("code_bytes", 0))
         return self.n * self.dim * 4
+
+    def query_row(self, query: np.ndarray) -> np.ndarray:
+        """`query` as one float32 row (dim,); InvalidArgument when its dimension is not the index's."""
+        return self._query(query)[0]
 
     def _query(self, query: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)

@@ -28,6 +28,7 @@ import numpy as np
 from numba import njit
 
 from rag_service.core.errors import IndexFormatError, InvalidArgument
+from rag_service.kernels.native import Postings
 from rag_service.retrievers.analysis import Analyzer
 
 IDF_KINDS = ("lucene", "okapi")
@@ -296,6 +297,12 @@ class BM25Index:
         # The corpus this index's statistics describe: itself, or for a shard the whole corpus (DF_FILE).
         self.corpus_chunks = int(params.get("corpus_chunks", self.n_chunks))
         self._df = None if df is None else np.asarray(df)
+
+    @functools.cached_property
+    def postings(self) -> Postings:
+        """The impact postings as the native first stage (rag_service.kernels.native.retrieve) reads them."""
+        return Postings(np.ascontiguousarray(self.indptr), np.ascontiguousarray(self.docs),
+                        np.ascontiguousarray(self.weights), self.n_chunks)
 
     @property
     def df(self) -> np.ndarray:

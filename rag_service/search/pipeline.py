@@ -10,10 +10,12 @@ server can report per-stage latency. To add a stage, add it to `Pipeline._rank` 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from rag_service.core.errors import InvalidArgument
 from rag_service.core.params import (
     Capabilities,
     IndexSummary,
@@ -22,8 +24,10 @@ from rag_service.core.params import (
     check_deadline,
 )
 from rag_service.core.timing import StageTimer
+from rag_service.core.tracing import request_tracer
 from rag_service.encoder.encode import SearchEncoder
 from rag_service.index.load import Index
+from rag_service.kernels import native
 from rag_service.kernels.native import FusionResult
 from rag_service.search import adaptive, context_filter, fusion
 from rag_service.search import rerank as rerank_mod
@@ -40,8 +44,20 @@ class Candidates:
     query_vector: np.ndarray | None = None
 
 
+def _record_stage(timer: StageTimer, name: str, start_ns: int, ns: int) -> None:
+    """Books a part of one native call as a stage (and, traced, as a span over its wall-clock interval)."""
+    timer.us[name] = timer.us.get(name, 0) + ns // 1000
+    tracer = request_tracer()
+    if tracer is not None:
+        tracer.start_span(name, start_time=start_ns).end(end_time=start_ns + ns)
+
+
 class Pipeline(SearcherBase):
     """One index and one query encoder; thread-safe (stages allocate per call), so a thread pool can share it."""
+
+    # The first stage as one native call (BM25, the dense scan of a flat index, fusion) when the C++ kernels are in
+    # use; False keeps the stage-by-stage path (numba BM25, faiss, fusion), e.g. to compare the two.
+    native_first_stage: bool = True
 
     def __init__(self, index: Index, encoder: SearchEncoder, rerank_model: rerank_mod.RerankModel | None = None,
                  policy: adaptive.AdaptivePolicy | None = None) -> None:
@@ -94,6 +110,8 @@ class Pipeline(SearcherBase):
             query_vector = None
         elif query_vector is None:
             query_vector = self._encode_stage(params.query, deadline, timer)
+        if self.native_first_stage and native.retrieve_backend() == "cpp":
+            return self._retrieve_native(params, timer, mask, query_vector, deadline)
         check_deadline(deadline, "lexical")
         with timer.stage("lexical"):
             bm25 = self.index.bm25.search(params.query, params.depth, mask)
@@ -106,6 +124,38 @@ class Pipeline(SearcherBase):
             fused = fusion.fuse(bm25, dense, method=params.fusion, dense_weight=params.dense_weight,
                                 top_k=params.top_k, rrf_k=params.rrf_k)
         return Candidates(bm25=bm25, dense=dense, fused=fused, query_vector=None if lexical_only else query_vector)
+
+    def _retrieve_native(self, params: SearchParams, timer: StageTimer, mask: np.ndarray | None,
+                         query_vector: np.ndarray | None, deadline: float | None) -> Candidates:
+        """BM25, the dense scan of a flat index and fusion in one native call (GIL released throughout); an index
+        the call cannot scan (HNSW, a flat index on a GPU) is searched first and its hits passed in. Same candidates
+        as the stage-by-stage path, whose stage names the call's parts are reported under."""
+        if params.depth < 1:
+            raise InvalidArgument("depth", f"must be >= 1, got {params.depth}")
+        bm25_index, dense_index = self.index.bm25, self.index.dense
+        terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
+        scan = query_vector is not None and dense_index.native_scan
+        hits = None
+        if query_vector is not None and not scan:
+            check_deadline(deadline, "dense")
+            with timer.stage("dense"):
+                hits = dense_index.search(query_vector, params.depth, mask)
+        oversample = dense_index.native_oversample if dense_index.sq8 is not None else 0
+        query = dense_index.query_row(query_vector) if scan and query_vector is not None else None
+        check_deadline(deadline, "lexical")
+        started = time.time_ns()
+        result = native.retrieve(bm25_index.postings, terms, params.depth, mask=mask,
+                                 vectors=dense_index.vectors if scan else None, query=query,
+                                 codes=dense_index.sq8 if scan and oversample else None,
+                                 oversample=oversample if scan else 0, dense=hits, method=params.fusion,
+                                 dense_weight=params.dense_weight, top_k=params.top_k, rrf_k=params.rrf_k,
+                                 backend="cpp")
+        bm25_ns, dense_ns, fusion_ns = result.times_ns
+        _record_stage(timer, "lexical", started, bm25_ns)
+        if scan:
+            _record_stage(timer, "dense", started + bm25_ns, dense_ns)
+        _record_stage(timer, "fusion", started + bm25_ns + dense_ns, fusion_ns)
+        return Candidates(bm25=result.bm25, dense=result.dense, fused=result.fused, query_vector=query_vector)
 
     def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
               timer: StageTimer) -> SearchResult:

@@ -1,0 +1,196 @@
+#include "retrieve.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace rag {
+
+namespace {
+
+[[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
+
+struct Hit {
+    float score;
+    std::int64_t id;
+};
+
+// Rank order: score descending, then id ascending. As a heap comparator it keeps the worst hit at the root.
+inline bool better(const Hit& a, const Hit& b) { return a.score > b.score || (a.score == b.score && a.id < b.id); }
+
+// The best `depth` hits offered, best first. A hit offered after the heap is full must beat the root.
+class TopK {
+public:
+    explicit TopK(std::size_t depth) : depth_(depth) { heap_.reserve(depth); }
+
+    bool full() const { return heap_.size() == depth_; }
+    const Hit& worst() const { return heap_.front(); }
+
+    void offer(float score, std::int64_t id) {
+        const Hit hit{score, id};
+        if (heap_.size() < depth_) {
+            heap_.push_back(hit);
+            std::push_heap(heap_.begin(), heap_.end(), better);
+        } else if (better(hit, heap_.front())) {
+            std::pop_heap(heap_.begin(), heap_.end(), better);
+            heap_.back() = hit;
+            std::push_heap(heap_.begin(), heap_.end(), better);
+        }
+    }
+
+    std::vector<Hit> take() {
+        std::sort(heap_.begin(), heap_.end(), better);
+        return std::move(heap_);
+    }
+
+private:
+    std::size_t depth_;
+    std::vector<Hit> heap_;
+};
+
+Hits to_hits(const std::vector<Hit>& sorted, std::size_t limit) {
+    const std::size_t k = std::min(limit, sorted.size());
+    Hits out;
+    out.ids.resize(k);
+    out.scores.resize(k);
+    for (std::size_t i = 0; i < k; ++i) {
+        out.ids[i] = sorted[i].id;
+        out.scores[i] = sorted[i].score;
+    }
+    return out;
+}
+
+// Per-thread score accumulator: zero between calls (every touched entry is reset while ranking), so a request does
+// not allocate and clear n_docs floats.
+std::vector<float>& accumulator(std::size_t n_docs) {
+    thread_local std::vector<float> acc;
+    if (acc.size() != n_docs) acc.assign(n_docs, 0.0f);
+    return acc;
+}
+
+std::int64_t elapsed_ns(std::chrono::steady_clock::time_point since) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - since).count();
+}
+
+}  // namespace
+
+Hits bm25_top(const Postings& p, const std::int64_t* term_ids, std::size_t n_query_terms, const std::uint8_t* mask,
+              std::int64_t depth) {
+    if (depth < 1) fail("depth must be >= 1, got " + std::to_string(depth));
+    for (std::size_t k = 0; k < n_query_terms; ++k) {
+        const std::int64_t t = term_ids[k];
+        if (t < 0 || static_cast<std::size_t>(t) >= p.n_terms) {
+            fail("term_ids[" + std::to_string(k) + "] = " + std::to_string(t) + " is outside [0, " +
+                 std::to_string(p.n_terms) + ")");
+        }
+        const std::int64_t lo = p.indptr[t];
+        const std::int64_t hi = p.indptr[t + 1];
+        if (lo < 0 || hi < lo || static_cast<std::size_t>(hi) > p.n_postings) {
+            fail("indptr[" + std::to_string(t) + ":" + std::to_string(t + 2) + "] = [" + std::to_string(lo) + ", " +
+                 std::to_string(hi) + "] is not a range of the " + std::to_string(p.n_postings) + " postings");
+        }
+    }
+    const std::size_t n = p.n_docs;
+    TopK top(std::min(static_cast<std::size_t>(depth), std::max<std::size_t>(n, 1)));
+    if (n == 0 || n_query_terms == 0) return to_hits(top.take(), static_cast<std::size_t>(depth));
+    std::vector<float>& acc = accumulator(n);
+    // Same additions in the same order as the numba scorer: float32, query term by query term, postings in order.
+    for (std::size_t k = 0; k < n_query_terms; ++k) {
+        const std::int64_t t = term_ids[k];
+        for (std::int64_t q = p.indptr[t]; q < p.indptr[t + 1]; ++q) {
+            const std::int32_t d = p.docs[q];
+            if (d < 0 || static_cast<std::size_t>(d) >= n) {
+                acc.assign(n, 0.0f);  // leave the buffer clean for the next call
+                fail("docs[" + std::to_string(q) + "] = " + std::to_string(d) + " is outside [0, " +
+                     std::to_string(n) + ")");
+            }
+            acc[static_cast<std::size_t>(d)] += p.weights[q];
+        }
+    }
+    // Visit only the chunks a query term touches; zeroing marks a chunk as offered (a repeated term would offer it
+    // again) and leaves the buffer clean.
+    for (std::size_t k = 0; k < n_query_terms; ++k) {
+        const std::int64_t t = term_ids[k];
+        for (std::int64_t q = p.indptr[t]; q < p.indptr[t + 1]; ++q) {
+            const auto d = static_cast<std::size_t>(p.docs[q]);
+            const float s = acc[d];
+            acc[d] = 0.0f;
+            if (s <= 0.0f) continue;
+            if (mask != nullptr && mask[d] == 0) continue;
+            top.offer(s, static_cast<std::int64_t>(d));
+        }
+    }
+    return to_hits(top.take(), static_cast<std::size_t>(depth));
+}
+
+Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* mask, std::int64_t depth,
+               std::int64_t oversample, simd::Level level) {
+    if (depth < 1) fail("depth must be >= 1, got " + std::to_string(depth));
+    if (oversample < 0) fail("oversample must be >= 0, got " + std::to_string(oversample));
+    if (oversample > 0 && rows.codes == nullptr) fail("oversample > 0 needs codes (the sq8 codes of the vectors)");
+    const std::size_t d = rows.d;
+    for (std::size_t j = 0; j < d; ++j) {
+        if (!std::isfinite(query[j])) fail("query[" + std::to_string(j) + "] is not finite");
+    }
+    const simd::Dots& dots = simd::dots(level);
+    const std::size_t n = rows.n;
+    const auto k = static_cast<std::size_t>(depth);
+    if (oversample == 0) {
+        TopK top(std::min(k, std::max<std::size_t>(n, 1)));
+        for (std::size_t i = 0; i < n; ++i) {
+            if (mask != nullptr && mask[i] == 0) continue;
+            const float s = dots.f32(query, rows.vectors + i * d, d);
+            // Rows come in id order, so a score equal to the worst kept loses its tie: only a higher one enters.
+            if (!top.full() || s > top.worst().score) top.offer(s, static_cast<std::int64_t>(i));
+        }
+        return to_hits(top.take(), k);
+    }
+    // Decoded inner product = q . base + (q * scale) . code; the first term is the same for every row, so the codes
+    // are ranked by the second alone.
+    std::vector<float> qs(d);
+    for (std::size_t j = 0; j < d; ++j) qs[j] = query[j] * rows.scale[j];
+    // Clamped before multiplying, so no depth or oversample overflows the product.
+    const std::size_t cap = std::max<std::size_t>(n, 1);
+    const auto factor = static_cast<std::size_t>(oversample);
+    const std::size_t wide_k = factor >= cap ? cap : std::min(std::min(k, cap) * factor, cap);
+    TopK wide(wide_k);
+    for (std::size_t i = 0; i < n; ++i) {
+        if (mask != nullptr && mask[i] == 0) continue;
+        const float s = dots.i8(qs.data(), rows.codes + i * d, d);
+        if (!wide.full() || s > wide.worst().score) wide.offer(s, static_cast<std::int64_t>(i));
+    }
+    std::vector<Hit> candidates = wide.take();
+    // Ascending ids read the (memory-mapped) float rows in file order.
+    std::sort(candidates.begin(), candidates.end(), [](const Hit& a, const Hit& b) { return a.id < b.id; });
+    TopK top(std::min(k, std::max<std::size_t>(candidates.size(), 1)));
+    for (const Hit& c : candidates) {
+        top.offer(dots.f32(query, rows.vectors + static_cast<std::size_t>(c.id) * d, d), c.id);
+    }
+    return to_hits(top.take(), k);
+}
+
+RetrieveResult retrieve(const Postings& postings, const std::int64_t* term_ids, std::size_t n_query_terms,
+                        const std::uint8_t* mask, std::int64_t depth, const DenseSource& dense,
+                        const FusionParams& fusion, simd::Level level) {
+    RetrieveResult out;
+    auto start = std::chrono::steady_clock::now();
+    out.bm25 = bm25_top(postings, term_ids, n_query_terms, mask, depth);
+    out.times.bm25_ns = elapsed_ns(start);
+    start = std::chrono::steady_clock::now();
+    RankedList dense_list = dense.precomputed;
+    if (dense.rows != nullptr) {
+        out.dense = dense_top(*dense.rows, dense.query, mask, depth, dense.oversample, level);
+        dense_list = RankedList{out.dense.ids.data(), out.dense.scores.data(), out.dense.ids.size()};
+    }
+    out.times.dense_ns = elapsed_ns(start);
+    start = std::chrono::steady_clock::now();
+    out.fused = fuse(RankedList{out.bm25.ids.data(), out.bm25.scores.data(), out.bm25.ids.size()}, dense_list,
+                     fusion);
+    out.times.fusion_ns = elapsed_ns(start);
+    return out;
+}
+
+}  // namespace rag

@@ -1,0 +1,87 @@
+// The first stage in one call: BM25 top-depth over impact postings, a flat dense top-depth scan (float32 rows, or
+// sq8 codes followed by exact float rescoring) and fusion (fusion.hpp).
+//
+// Pure C++17, no Python. Semantics are specified by the NumPy references in rag_service/kernels/reference.py
+// (bm25_top_reference, dense_top_reference, retrieve_reference); BM25 scores are the numba scorer's
+// (rag_service/retrievers/lexical.py, _top_n) bit for bit: float32 sums in the same order. Every list is ordered by
+// score descending, exact ties by id ascending.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "fusion.hpp"
+#include "simd.hpp"
+
+namespace rag {
+
+// Impact postings (CSC): the postings of term t are [indptr[t], indptr[t + 1]) in docs / weights. Non-owning.
+struct Postings {
+    const std::int64_t* indptr = nullptr;
+    std::size_t n_terms = 0;  // indptr has n_terms + 1 entries
+    const std::int32_t* docs = nullptr;
+    const float* weights = nullptr;
+    std::size_t n_postings = 0;
+    std::size_t n_docs = 0;
+};
+
+// Dense rows, float32 [n x d], and optionally their sq8 codes: int8 [n x d] with a per-dimension affine decode
+// x[j] ~= base[j] + scale[j] * code[j]. Non-owning.
+struct DenseRows {
+    const float* vectors = nullptr;
+    std::size_t n = 0;
+    std::size_t d = 0;
+    const std::int8_t* codes = nullptr;  // nullptr: no codes
+    const float* scale = nullptr;
+    const float* base = nullptr;
+};
+
+struct Hits {
+    std::vector<std::int64_t> ids;
+    std::vector<float> scores;
+};
+
+// The top min(depth, n_docs) chunks with a BM25 score > 0 (the sum, in query-term order, of each query term's impact;
+// a repeated term counts twice), allowed by mask (one byte per chunk, nonzero = allowed; nullptr = all). Throws
+// std::invalid_argument naming the argument for a term id outside [0, n_terms), a posting range outside the
+// postings, a chunk id outside [0, n_docs) or depth < 1.
+Hits bm25_top(const Postings& postings, const std::int64_t* term_ids, std::size_t n_query_terms,
+              const std::uint8_t* mask, std::int64_t depth);
+
+// The top min(depth, allowed rows) rows by inner product with query (d floats), allowed by mask. oversample == 0
+// scans the float rows; oversample >= 1 (needs codes) scans the codes for the best oversample * depth rows by the
+// decoded inner product and returns those rescored exactly with the float rows (scores are float inner products
+// either way). Throws std::invalid_argument naming the argument for depth < 1, oversample > 0 without codes or a
+// non-finite query.
+Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* mask, std::int64_t depth,
+               std::int64_t oversample, simd::Level level);
+
+struct RetrieveTimes {
+    std::int64_t bm25_ns = 0;
+    std::int64_t dense_ns = 0;
+    std::int64_t fusion_ns = 0;
+};
+
+struct RetrieveResult {
+    Hits bm25;
+    Hits dense;
+    FusionResult fused;
+    RetrieveTimes times;
+};
+
+// What the dense side of retrieve() is: a scan (rows + query), hits computed elsewhere (an HNSW or GPU index), or
+// nothing (the lexical route: fusion sees an empty dense list).
+struct DenseSource {
+    const DenseRows* rows = nullptr;  // scan when set
+    const float* query = nullptr;
+    std::int64_t oversample = 0;
+    RankedList precomputed;  // used when rows is nullptr (size 0 = no dense list)
+};
+
+// bm25_top + dense_top (or the precomputed dense list) + fuse, in one call; the dense depth is `depth` too.
+RetrieveResult retrieve(const Postings& postings, const std::int64_t* term_ids, std::size_t n_query_terms,
+                        const std::uint8_t* mask, std::int64_t depth, const DenseSource& dense,
+                        const FusionParams& fusion, simd::Level level);
+
+}  // namespace rag

@@ -1,0 +1,332 @@
+"""The first stage in one native call: bm25_top, dense_top and retrieve against their NumPy references (and the numba
+BM25 scorer), then through Pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rag_service.kernels import native
+from rag_service.kernels.reference import (
+    Postings,
+    SQ8Codes,
+    bm25_top_reference,
+    dense_top_reference,
+    retrieve_reference,
+    sq8_quantize,
+)
+from rag_service.retrievers import dense as dense_mod
+from rag_service.retrievers.lexical import _NO_MASK, _top_n
+
+pytestmark = pytest.mark.skipif(not native.HAS_NATIVE or not native._HAS_RETRIEVE_KERNELS,
+                                reason="rag_service._native with the retrieve kernels is not built")
+
+_native = native._native
+
+
+def random_postings(rng: np.random.Generator, n_docs: int, vocab: int, per_term: int = 12) -> Postings:
+    """Impacts from a few values (many exact ties), chunk ids ascending per term, some empty posting lists."""
+    indptr = [0]
+    docs: list[int] = []
+    for _ in range(vocab):
+        k = int(rng.integers(0, min(per_term, n_docs) + 1)) if n_docs else 0
+        docs.extend(sorted(rng.choice(n_docs, size=k, replace=False).tolist()) if k else [])
+        indptr.append(len(docs))
+    weights = rng.choice(np.array([0.25, 0.5, 1.0, 1.7, 2.3], np.float32), size=len(docs))
+    return Postings(np.asarray(indptr, np.int64), np.asarray(docs, np.int32), weights.astype(np.float32), n_docs)
+
+
+def masks(rng: np.random.Generator, n: int) -> list[np.ndarray | None]:
+    one = np.zeros(n, np.bool_)
+    if n:
+        one[rng.integers(0, n)] = True
+    return [None, np.zeros(n, np.bool_), one, rng.random(n) < 0.5]
+
+
+def numba_top(p: Postings, terms: np.ndarray, mask: np.ndarray | None, depth: int):
+    depth = min(depth, max(p.n_docs, 1))
+    if mask is None:
+        return _top_n(p.indptr, p.docs, p.weights, terms, p.n_docs, _NO_MASK, False, depth)
+    return _top_n(p.indptr, p.docs, p.weights, terms, p.n_docs, mask, True, depth)
+
+
+def same(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> None:
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[0].dtype == np.int64 and a[1].dtype == np.float32
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n_docs", [1, 2, 37, 400])
+def test_bm25_top_equals_the_numba_scorer_and_the_reference(seed, n_docs):
+    rng = np.random.default_rng(seed * 1000 + n_docs)
+    p = random_postings(rng, n_docs, vocab=30)
+    queries = [np.zeros(0, np.int64), np.array([3], np.int64), np.array([5, 5, 9], np.int64),
+               rng.integers(0, 30, size=8).astype(np.int64)]
+    for terms in queries:
+        for mask in masks(rng, n_docs):
+            for depth in (1, 3, n_docs, n_docs + 5):
+                got = native.bm25_top(p, terms, depth, mask=mask, backend="cpp")
+                same(got, numba_top(p, terms, mask, depth))
+                same(got, bm25_top_reference(p, terms, mask, depth))
+                if mask is not None and not mask.any():
+                    assert got[0].size == 0
+
+
+def test_bm25_top_with_no_chunks_and_bad_input():
+    empty = Postings(np.zeros(4, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), 0)
+    assert native.bm25_top(empty, np.array([1], np.int64), 10, backend="cpp")[0].size == 0
+    p = random_postings(np.random.default_rng(0), 20, vocab=5)
+    for backend in ("cpp", "numpy"):
+        with pytest.raises(ValueError, match="term_ids"):
+            native.bm25_top(p, np.array([5], np.int64), 10, backend=backend)
+        with pytest.raises(ValueError, match="depth"):
+            native.bm25_top(p, np.array([1], np.int64), 0, backend=backend)
+        with pytest.raises(ValueError, match="mask"):
+            native.bm25_top(p, np.array([1], np.int64), 3, mask=np.ones(19, np.bool_), backend=backend)
+        bad = Postings(p.indptr, np.full_like(p.docs, 99), p.weights, 20)
+        with pytest.raises(ValueError, match="docs"):
+            native.bm25_top(bad, np.array([int(np.argmax(np.diff(p.indptr)))], np.int64), 3, backend=backend)
+    # A failed call leaves no partial sums behind for the next one on this thread.
+    same(native.bm25_top(p, np.array([0, 1, 2], np.int64), 20, backend="cpp"),
+         numba_top(p, np.array([0, 1, 2], np.int64), None, 20))
+
+
+def exact_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """Multiples of 1/8 in [-1, 1]: every dot product is exact in float32 whatever the summation order, so the SIMD
+    levels and NumPy agree bit for bit and equal scores (ties) really are equal."""
+    return (rng.integers(-8, 9, size=(n, d)) / 8).astype(np.float32)
+
+
+def exact_codes(rng: np.random.Generator, n: int, d: int) -> SQ8Codes:
+    codes = rng.integers(-128, 128, size=(n, d)).astype(np.int8)
+    scale = (2.0 ** -rng.integers(4, 8, size=d)).astype(np.float32)
+    return SQ8Codes(codes, scale, rng.standard_normal(d).astype(np.float32))
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("n", [1, 3, 64, 517])
+@pytest.mark.parametrize("d", [1, 7, 16, 45])
+def test_dense_top_float_and_sq8_equal_the_reference_at_every_simd_level(seed, n, d):
+    rng = np.random.default_rng(seed * 7919 + n * 31 + d)
+    vectors = exact_rows(rng, n, d)
+    vectors[n // 2 :] = vectors[: n - n // 2]  # duplicate rows: exact ties, broken by id
+    codes = exact_codes(rng, n, d)
+    codes.codes[n // 3 :] = codes.codes[: n - n // 3]
+    query = exact_rows(rng, 1, d)[0]
+    for mask in masks(rng, n):
+        for depth in (1, 4, n, n + 2):
+            for oversample in (0, 1, 3):
+                c = codes if oversample else None
+                want = dense_top_reference(vectors, query, mask, depth, c, oversample)
+                for level in _native.simd_levels():
+                    got = _native.dense_top(vectors, query, mask, depth, *(c or (None, None, None)), oversample,
+                                            level)
+                    same(got, want)
+
+
+def test_dense_top_with_a_huge_depth_or_oversample_does_not_overflow():
+    rng = np.random.default_rng(4)
+    vectors, codes, query = exact_rows(rng, 30, 8), exact_codes(rng, 30, 8), exact_rows(rng, 1, 8)[0]
+    for depth, oversample in ((2**62, 2**40), (3, 2**62), (2**40, 3)):
+        got = native.dense_top(vectors, query, depth, codes=codes, oversample=oversample, backend="cpp")
+        assert got[0].size == min(depth, 30)
+        same(got, dense_top_reference(vectors, query, None, depth, codes, oversample))
+
+
+def test_dense_top_refuses_bad_input():
+    rng = np.random.default_rng(3)
+    vectors = exact_rows(rng, 10, 4)
+    for backend in ("cpp", "numpy"):
+        with pytest.raises(ValueError, match="query"):
+            native.dense_top(vectors, np.ones(5, np.float32), 3, backend=backend)
+        with pytest.raises(ValueError, match="query"):
+            native.dense_top(vectors, np.array([1, np.nan, 0, 0], np.float32), 3, backend=backend)
+        with pytest.raises(ValueError, match="oversample"):
+            native.dense_top(vectors, np.ones(4, np.float32), 3, oversample=2, backend=backend)
+        with pytest.raises(ValueError, match="mask"):
+            native.dense_top(vectors, np.ones(4, np.float32), 3, mask=np.ones(10, np.int8), backend=backend)
+    with pytest.raises(ValueError, match="codes"):
+        bad = SQ8Codes(np.zeros((9, 4), np.int8), np.ones(4, np.float32), np.zeros(4, np.float32))
+        native.dense_top(vectors, np.ones(4, np.float32), 3, codes=bad, oversample=2, backend="cpp")
+
+
+def clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, dim))
+    v = centres[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, dim))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_sq8_codes_decode_within_half_a_step_and_keep_recall():
+    vectors = clustered(3000, 64, seed=0)
+    codes = sq8_quantize(vectors, rows_per_step=700)  # several steps
+    decoded = codes.base + codes.scale * codes.codes.astype(np.float32)
+    assert np.all(np.abs(decoded - vectors) <= codes.scale / 2 + 1e-6)
+    rng = np.random.default_rng(1)
+    recalls = []
+    for q in vectors[rng.integers(0, 3000, 30)]:
+        want, _ = native.dense_top(vectors, q, 50, backend="cpp")
+        got, scores = native.dense_top(vectors, q, 50, codes=codes, oversample=4, backend="cpp")
+        recalls.append(len(set(got.tolist()) & set(want.tolist())) / 50)
+        np.testing.assert_allclose(scores, vectors[got] @ q, rtol=1e-5, atol=1e-6)  # exact rescoring
+    assert np.mean(recalls) >= 0.99, np.mean(recalls)
+    # A dimension with one value quantizes to one code.
+    flat = sq8_quantize(np.ones((5, 2), np.float32))
+    np.testing.assert_array_equal(flat.base + flat.scale * flat.codes, np.ones((5, 2), np.float32))
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("method", ["weighted", "rrf"])
+def test_retrieve_equals_its_parts_and_the_reference(seed, method):
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(1, 300)), 16
+    p = random_postings(rng, n, vocab=40)
+    vectors = exact_rows(rng, n, d)
+    codes = exact_codes(rng, n, d)
+    query = exact_rows(rng, 1, d)[0]
+    terms = rng.integers(0, 40, size=int(rng.integers(0, 6))).astype(np.int64)
+    for mask in masks(rng, n):
+        depth, top_k = int(rng.integers(1, n + 4)), int(rng.integers(1, 30))
+        fusion = {"method": method, "dense_weight": float(rng.random()), "top_k": top_k, "rrf_k": 60.0}
+        for oversample in (0, 2):
+            c = codes if oversample else None
+            got = native.retrieve(p, terms, depth, mask=mask, vectors=vectors, query=query, codes=c,
+                                  oversample=oversample, backend="cpp", **fusion)
+            want = retrieve_reference(p, terms, mask, depth, vectors=vectors, query=query, codes=c,
+                                      oversample=oversample, **fusion)
+            same(got.bm25, want.bm25)
+            same(got.dense, want.dense)
+            for a, b in zip(got.fused, want.fused, strict=True):
+                np.testing.assert_array_equal(a, b)
+            assert all(t >= 0 for t in got.times_ns)
+            # The parts, called one by one, give the same.
+            same(got.bm25, native.bm25_top(p, terms, depth, mask=mask, backend="cpp"))
+            fused = native.fuse(*got.bm25, *got.dense, backend="cpp", **fusion)
+            np.testing.assert_array_equal(fused.ids, got.fused.ids)
+        # Hits computed elsewhere (HNSW) pass through; no dense list at all (the lexical route).
+        hits = native.dense_top(vectors, query, depth, mask=mask, backend="cpp")
+        given = native.retrieve(p, terms, depth, mask=mask, dense=hits, backend="cpp", **fusion)
+        same(given.dense, hits)
+        np.testing.assert_array_equal(given.fused.ids,
+                                      native.fuse(*given.bm25, *hits, backend="cpp", **fusion).ids)
+        alone = native.retrieve(p, terms, depth, mask=mask, backend="cpp", **fusion)
+        assert alone.dense[0].size == 0 and np.isnan(alone.fused.dense).all()
+        want = retrieve_reference(p, terms, mask, depth, **fusion)
+        np.testing.assert_array_equal(alone.fused.ids, want.fused.ids)
+
+
+def test_retrieve_refuses_bad_input():
+    rng = np.random.default_rng(0)
+    p = random_postings(rng, 10, vocab=5)
+    v = exact_rows(rng, 10, 4)
+    q = np.ones(4, np.float32)
+    hits = (np.array([1], np.int64), np.array([0.5], np.float32))
+    for backend in ("cpp", "numpy"):
+        with pytest.raises(ValueError, match="vectors and query"):
+            native.retrieve(p, np.array([1], np.int64), 5, vectors=v, backend=backend)
+        with pytest.raises(ValueError, match="dense_ids"):
+            native.retrieve(p, np.array([1], np.int64), 5, vectors=v, query=q, dense=hits, backend=backend)
+        with pytest.raises(ValueError, match="one row per chunk"):
+            native.retrieve(p, np.array([1], np.int64), 5, vectors=v[:9], query=q, backend=backend)
+        with pytest.raises(ValueError, match="method"):
+            native.retrieve(p, np.array([1], np.int64), 5, vectors=v, query=q, method="max", backend=backend)
+
+
+def test_a_flat_index_gets_sq8_codes_at_load_and_reuses_its_own(tmp_path):
+    vectors = clustered(500, 32, seed=2)
+    for name, codes in (("plain", "none"), ("coded", "sq8")):
+        (tmp_path / name).mkdir()
+        dense_mod.write_dense(tmp_path / name, dense_mod.build_dense_index(vectors, "flat"), vectors, "flat")
+        if codes != "none":
+            dense_mod.write_codes(tmp_path / name, vectors, codes)
+    plain = dense_mod.DenseIndex.load(tmp_path / "plain", use_gpu=False)
+    coded = dense_mod.DenseIndex.load(tmp_path / "coded", use_gpu=False)
+    assert plain.native_scan and plain.sq8 is not None and plain.sq8.codes.shape == vectors.shape
+    # The faiss codes, taken over: decoding them here gives what faiss decodes.
+    assert coded.sq8 is not None
+    decoded = coded.sq8.base + coded.sq8.scale * coded.sq8.codes.astype(np.float32)
+    faiss_decoded = coded.codes.sa_decode(coded.codes.sa_encode(vectors))
+    np.testing.assert_allclose(decoded, faiss_decoded, atol=1e-6)
+    hnsw_dir = tmp_path / "hnsw"
+    hnsw_dir.mkdir()
+    dense_mod.write_dense(hnsw_dir, dense_mod.build_dense_index(vectors, "hnsw"), vectors, "hnsw")
+    hnsw = dense_mod.DenseIndex.load(hnsw_dir, use_gpu=False)
+    assert not hnsw.native_scan and hnsw.sq8 is None
+
+
+def test_without_avx2_a_flat_index_scans_its_float_rows(tmp_path, monkeypatch):
+    vectors = clustered(50, 8, seed=3)
+    dense_mod.write_dense(tmp_path, dense_mod.build_dense_index(vectors, "flat"), vectors, "flat")
+    monkeypatch.setattr(native, "simd_level", lambda: "scalar")
+    index = dense_mod.DenseIndex.load(tmp_path, use_gpu=False)
+    assert index.native_scan and index.sq8 is None and index.native_oversample == 0
+
+
+QUERIES = ["how do glaciers carve valleys", "volcano eruption ash", "glacier", "zzzz unknown words", ""]
+
+
+@pytest.mark.parametrize("lexical_only", [False, True])
+def test_pipeline_one_call_gives_the_stage_by_stage_candidates(built_index, encoder, lexical_only, monkeypatch):
+    from rag_service.core.params import SearchParams
+    from rag_service.core.timing import StageTimer
+    from rag_service.index.load import load_index
+    from rag_service.search.pipeline import Pipeline
+
+    calls = []
+    real = native.retrieve
+    monkeypatch.setattr(native, "retrieve", lambda *a, **k: calls.append(k) or real(*a, **k))
+    index = load_index(built_index)
+    assert index.dense.native_scan  # the test index is flat: the call scans it
+    one = Pipeline(index, encoder)
+    staged = Pipeline(index, encoder)
+    staged.native_first_stage = False
+    filters = [None, {"topic": "geology"}, {"topic": "no such topic"}]
+    for query in QUERIES:
+        vector = None if lexical_only or not query else encoder.encode_queries(query)[0]
+        for filt in filters:
+            for params in (SearchParams(query=query, top_k=5, depth=7, filters=filt),
+                           SearchParams(query=query, top_k=50, depth=100, fusion="rrf", filters=filt)):
+                timer = StageTimer()
+                got = one.retrieve(params, timer, query_vector=vector, lexical_only=lexical_only or vector is None)
+                assert len(calls) == 1 and (calls.pop()["vectors"] is None) == (vector is None)
+                want = staged.retrieve(params, query_vector=vector, lexical_only=lexical_only or vector is None)
+                assert not calls
+                same(got.bm25, want.bm25)
+                np.testing.assert_array_equal(got.dense[0], want.dense[0])
+                np.testing.assert_allclose(got.dense[1], want.dense[1], rtol=1e-5, atol=1e-6)
+                np.testing.assert_array_equal(got.fused.ids, want.fused.ids)
+                np.testing.assert_allclose(got.fused.scores, want.fused.scores, rtol=1e-5, atol=1e-6)
+                assert {"filter", "lexical", "fusion"} <= set(timer.us)
+                assert ("dense" in timer.us) == (vector is not None and not lexical_only)
+
+
+def test_pipeline_passes_hits_of_an_index_it_cannot_scan_into_the_call(built_index, encoder, monkeypatch):
+    from rag_service.core.params import SearchParams
+    from rag_service.core.timing import StageTimer
+    from rag_service.index.load import load_index
+    from rag_service.search.pipeline import Pipeline
+
+    index = load_index(built_index)
+    # As for HNSW or a flat index on a GPU: the dense hits come from DenseIndex.search.
+    monkeypatch.setattr(type(index.dense), "native_scan", property(lambda self: False))
+    calls = []
+    real = native.retrieve
+    monkeypatch.setattr(native, "retrieve", lambda *a, **k: calls.append(k) or real(*a, **k))
+    one = Pipeline(index, encoder)
+    staged = Pipeline(index, encoder)
+    staged.native_first_stage = False
+    for query in QUERIES[:3]:
+        vector = encoder.encode_queries(query)[0]
+        for filt in (None, {"topic": "geology"}):
+            params = SearchParams(query=query, top_k=20, depth=30, filters=filt)
+            timer = StageTimer()
+            got = one.retrieve(params, timer, query_vector=vector)
+            (call,) = calls
+            calls.clear()
+            assert call["vectors"] is None and call["dense"] is not None
+            want = staged.retrieve(params, query_vector=vector)
+            same(got.bm25, want.bm25)
+            same(got.dense, want.dense)
+            np.testing.assert_array_equal(got.fused.ids, want.fused.ids)
+            assert {"lexical", "dense", "fusion"} <= set(timer.us)
