@@ -1,4 +1,4 @@
-"""Bearer-token authorisation of the Retriever service, as one gRPC server interceptor.
+"""Bearer-token authorisation of the Retriever and Shard services, a guard on each method's handler (api/wire.py).
 
 Admin RPCs (those that change what the server serves) need the admin token, and are refused outright when none is
 configured: an unconfigured server must not be reconfigurable by anyone who can reach its port. The read RPCs need
@@ -9,13 +9,16 @@ without credentials. Tokens are compared with hmac.compare_digest, so the time t
 from __future__ import annotations
 
 import hmac
+import inspect
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
 from pydantic import SecretStr
 
-# Everything that changes server state. New admin RPCs must be added here: the interceptor keys on method names.
+from rag_service.api import wire
+
+# Everything that changes server state. New admin RPCs must be added here: the guard keys on method names.
 ADMIN_METHODS = frozenset({"ReloadIndex"})
 AUTH_HEADER = "authorization"
 
@@ -67,40 +70,42 @@ def check_bearer(metadata: Iterable | None, expected: bytes | None, *,
     return None
 
 
-def _refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that only aborts: the request is never given to the servicer."""
+class BearerAuth:
+    """Checks bearer tokens on a service's methods; `on_refused(method, code)` is told of every refusal."""
 
-    async def refuse(request_or_iterator, context: grpc.aio.ServicerContext):
-        await context.abort(code, message)
-
-    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(refuse, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Checks bearer tokens on `service`'s methods; `on_refused(method, code)` is told of every refusal."""
-
-    def __init__(self, service: str, *, admin_token: bytes | None, search_token: bytes | None,
+    def __init__(self, *, admin_token: bytes | None, search_token: bytes | None,
                  on_refused: Callable[[str, grpc.StatusCode], None] | None = None) -> None:
-        self.prefix = f"/{service}/"
         self.admin_token = admin_token
         self.search_token = search_token
         self.on_refused = on_refused
 
-    async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
-        method = handler_call_details.method
-        if not method.startswith(self.prefix):
-            return await continuation(handler_call_details)
-        name = method[len(self.prefix):]
+    def wrap(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` of method `name`, refused unless the caller's token fits; unchanged (no cost per call) for a
+        read method of a server without a search token."""
         admin = name in ADMIN_METHODS
-        refusal = check_bearer(handler_call_details.invocation_metadata,
-                               self.admin_token if admin else self.search_token, admin=admin)
-        handler = await continuation(handler_call_details)
-        if refusal is None or handler is None:
+        expected = self.admin_token if admin else self.search_token
+        if expected is None and not admin:
             return handler
-        if self.on_refused is not None:
-            self.on_refused(name, refusal[0])
-        return _refusing_handler(handler, *refusal)
+        behavior = wire.behavior_of(handler)
+        on_refused = self.on_refused
+
+        async def check(context: grpc.aio.ServicerContext) -> None:
+            refusal = check_bearer(context.invocation_metadata(), expected, admin=admin)
+            if refusal is not None:
+                if on_refused is not None:
+                    on_refused(name, refusal[0])
+                await context.abort(*refusal)
+
+        if inspect.isasyncgenfunction(behavior):  # a streaming method may also be a coroutine using context.write
+            async def checked_stream(request_or_iterator, context):
+                await check(context)
+                async for item in behavior(request_or_iterator, context):
+                    yield item
+
+            return wire.method_handler(handler, checked_stream)
+
+        async def checked(request_or_iterator, context):
+            await check(context)
+            return await behavior(request_or_iterator, context)
+
+        return wire.method_handler(handler, checked)

@@ -18,6 +18,8 @@ import uuid
 import grpc
 from pythonjsonlogger.json import JsonFormatter
 
+from rag_service.api import wire
+
 REQUEST_ID_HEADER = "x-request-id"
 SERVED_BY_HEADER = "x-served-by"
 _USABLE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")  # anything else could forge log structure or bloat it
@@ -66,33 +68,29 @@ def _incoming_id(metadata) -> str | None:
     return None
 
 
-class RequestLogInterceptor(grpc.aio.ServerInterceptor):
-    """Outermost interceptor: sees every RPC of `service`, including those refused by later interceptors."""
+class RequestLog:
+    """The outermost guard of a service's methods (api/wire.py): sees every call, including those the inner guards
+    refuse, and writes one access-log line for it."""
 
-    def __init__(self, service: str, *, log_queries: bool = False, served_by: str | None = None) -> None:
-        self.prefix = f"/{service}/"
+    def __init__(self, *, log_queries: bool = False, served_by: str | None = None) -> None:
         self.log_queries = log_queries
-        # Echoed as x-served-by beside the request id, and logged: which replica answered (issue 8).
+        # Echoed as x-served-by beside the request id, and logged: which replica answered.
         self.served_by = served_by
 
-    async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(self.prefix):
-            return handler
-        name = method[len(self.prefix):]
-        rid = _incoming_id(handler_call_details.invocation_metadata) or uuid.uuid4().hex
-        behavior = (handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream)
+    def wrap(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        behavior = wire.behavior_of(handler)
         log_queries = self.log_queries
         served_by = self.served_by
         trailing = ((SERVED_BY_HEADER, served_by),) if served_by else ()
+        request_streaming = handler.request_streaming
 
-        def begin(context) -> float:
+        def begin(context) -> tuple[str, float]:
+            rid = _incoming_id(context.invocation_metadata()) or uuid.uuid4().hex
             request_id.set(rid)
             context.set_trailing_metadata(((REQUEST_ID_HEADER, rid), *trailing))
-            return time.perf_counter()
+            return rid, time.perf_counter()
 
-        def end(context, started: float, request, error: BaseException | None) -> None:
+        def end(context, rid: str, started: float, request, error: BaseException | None) -> None:
             if isinstance(error, grpc.aio.AbortError) or error is None:
                 code = context.code() or grpc.StatusCode.OK
             elif isinstance(error, BaseException) and type(error).__name__ == "CancelledError":
@@ -100,6 +98,8 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
             else:
                 code = grpc.StatusCode.UNKNOWN
             code_name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            if not access_log.isEnabledFor(logging.INFO):
+                return
             extra = {"request_id": rid, "method": name, "code": code_name,
                      "ms": round((time.perf_counter() - started) * 1000, 3), "peer": context.peer()}
             if served_by:
@@ -108,9 +108,9 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
                 extra["query"] = request.query
             access_log.info("%s %s", name, code_name, extra=extra)
 
-        if inspect.isasyncgenfunction(behavior):
-            async def wrapped(request, context):
-                started = begin(context)
+        if inspect.isasyncgenfunction(behavior):  # a streaming method may also be a coroutine using context.write
+            async def logged_stream(request, context):
+                rid, started = begin(context)
                 error = None
                 try:
                     async for item in behavior(request, context):
@@ -119,24 +119,19 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
                     error = e
                     raise
                 finally:
-                    end(context, started, None if handler.request_streaming else request, error)
-        else:
-            async def wrapped(request, context):  # type: ignore[misc]  # a coroutine in place of the generator above
-                started = begin(context)
-                error = None
-                try:
-                    result = behavior(request, context)
-                    return await result if inspect.isawaitable(result) else result
-                except BaseException as e:
-                    error = e
-                    raise
-                finally:
-                    end(context, started, None if handler.request_streaming else request, error)
+                    end(context, rid, started, None if request_streaming else request, error)
 
-        kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
-                 (False, True): grpc.unary_stream_rpc_method_handler,
-                 (True, False): grpc.stream_unary_rpc_method_handler,
-                 (True, True): grpc.stream_stream_rpc_method_handler}
-        make = kinds[(handler.request_streaming, handler.response_streaming)]
-        return make(wrapped, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+            return wire.method_handler(handler, logged_stream)
+
+        async def logged(request, context):
+            rid, started = begin(context)
+            error = None
+            try:
+                return await behavior(request, context)
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                end(context, rid, started, None if request_streaming else request, error)
+
+        return wire.method_handler(handler, logged)

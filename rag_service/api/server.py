@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +43,7 @@ from rag_service.index.reply_bytes import ContextBytes
 from rag_service.kernels import native
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
-from rag_service.pb.rag.v1 import shard_pb2_grpc
+from rag_service.pb.rag.v1 import shard_pb2
 from rag_service.search.cache import EXACT, MISS, PREFETCHED, SEMANTIC, CachedSearch, Served
 from rag_service.search.pipeline import Pipeline
 from rag_service.search.prefetch import Prefetcher
@@ -110,18 +110,24 @@ def prepared_bytes(searcher: Searcher | None) -> ContextBytes | None:
     return searcher.index.context_bytes() if isinstance(searcher, Pipeline) else None
 
 
-def add_retriever(servicer: pb_grpc.RetrieverServicer, server: grpc.aio.Server) -> None:
-    """Registers the Retriever service as pb_grpc.add_RetrieverServicer_to_server does, except that the methods
-    answering a SearchResponse may return its wire bytes (api/reply.py), which go out without being parsed again."""
-    service = pb.DESCRIPTOR.services_by_name["Retriever"]
-    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+Guard = Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]
+
+
+def add_service(server: grpc.aio.Server, service, module, servicer: object, guards: Sequence[Guard] = ()) -> None:
+    """Registers `servicer`'s methods of `service` (a protobuf ServiceDescriptor whose messages are in `module`) as
+    the generated add_*Servicer_to_server does, with each method's handler wrapped once by `guards` (outermost
+    first), and with replies of type SearchResponse allowed to be their wire bytes (api/reply.py), which go out
+    without being parsed again."""
     handlers = {}
     for method in service.methods:
-        output = getattr(pb, method.output_type.name)
-        handlers[method.name] = kinds[(method.client_streaming, method.server_streaming)](
-            getattr(servicer, method.name), request_deserializer=getattr(pb, method.input_type.name).FromString,
+        output = getattr(module, method.output_type.name)
+        handler = wire.new_handler(
+            method.client_streaming, method.server_streaming, getattr(servicer, method.name),
+            request_deserializer=getattr(module, method.input_type.name).FromString,
             response_serializer=reply.serialize if output is pb.SearchResponse else output.SerializeToString)
+        for guard in reversed(guards):
+            handler = guard(method.name, handler)
+        handlers[method.name] = handler
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
 
@@ -345,21 +351,21 @@ class RagServer:
         def refused(method: str, code: grpc.StatusCode) -> None:
             self.metrics.requests.labels(method, code.name).inc()
 
-        self.request_log = logs.RequestLogInterceptor(SERVICE_NAME, log_queries=config.log_queries,
-                                                      served_by=self.replica_name)
-        interceptors = [self.request_log,
-                        wire.MalformedRequestInterceptor(
-                            SERVICE_NAME, lambda method: refused(method, grpc.StatusCode.INVALID_ARGUMENT)),
-                        auth.AuthInterceptor(SERVICE_NAME, admin_token=admin_token, search_token=search_token,
-                                             on_refused=refused)]
-        # The internal Shard service (api/shard_service.py) answers on a shard index; its callers need the search token.
-        interceptors.append(auth.AuthInterceptor(SHARD_SERVICE, admin_token=admin_token, search_token=search_token,
-                                                 on_refused=refused))
-        self.server = grpc.aio.server(options=options, interceptors=interceptors)
-        add_retriever(self.servicer, self.server)
+        request_log = logs.RequestLog(log_queries=config.log_queries, served_by=self.replica_name)
+        bearer = auth.BearerAuth(admin_token=admin_token, search_token=search_token, on_refused=refused)
+
+        def malformed(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+            return wire.guard_malformed(method, handler, lambda name: refused(name, grpc.StatusCode.INVALID_ARGUMENT))
+
+        # No interceptors: each method's handler is wrapped once here (api/wire.py says why).
+        self.server = grpc.aio.server(options=options)
+        add_service(self.server, pb.DESCRIPTOR.services_by_name["Retriever"], pb, self.servicer,
+                    (request_log.wrap, malformed, bearer.wrap))
         self.shard_servicer = ShardServicer(lambda: self.servicer.pipeline, self.executor,
                                             rpc.Rpc(SHARD_SERVICE, self.metrics, tracer))
-        shard_pb2_grpc.add_ShardServicer_to_server(self.shard_servicer, self.server)
+        # The internal Shard service (api/shard_service.py) answers on a shard index; its callers need the search token.
+        add_service(self.server, shard_pb2.DESCRIPTOR.services_by_name["Shard"], shard_pb2, self.shard_servicer,
+                    (bearer.wrap,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
