@@ -7,8 +7,18 @@ Phases, against one `rag-serve` process (its own PID, so its RSS is measured alo
      the sustained throughput X and the nominal latency (p50/p99) at full utilisation.
   2. overload: open loop, Poisson arrivals at `--factor` x X (default 2x) for `--seconds`: admitted requests'
      p50/p99 against nominal, how fast refusals come back, the server's RSS over time.
-  3. after: health and a probe query.
+  3. retry storm (`--retry-clients N`): N closed-loop callers that retry a refusal at once, then N callers that
+     wait what the server's `grpc-retry-pushback-ms` says (the typed client's `retry_overloaded`): goodput against
+     capacity, admitted p99 against nominal, refusals per answer.
+  4. after: health and a probe query.
+  0. with `--encoder-ceiling`, before the server starts: what the query encoder alone sustains on `--workers`
+     threads in this process (the same index's query encoder and threads setting), the ceiling the server's goodput
+     is read against.
 Every request bypasses the result cache (CACHE_BYPASS), so every admitted request runs the whole pipeline.
+`--factor` takes a list (2,4): one open-loop phase per factor.
+
+    python bench/experiments/overload.py --index /tmp/lead/scifact_full --queries ../shared/data/scifact/queries.jsonl \
+        --seconds 15 --factor 2,4 --retry-clients 8 --encoder-ceiling
 """
 
 from __future__ import annotations
@@ -107,6 +117,73 @@ async def open_loop(stub, queries: list[str], rate: float, seconds: float, rng: 
     return ok, refused, codes, len(tasks) / offered_seconds
 
 
+def pushback_seconds(error: grpc.aio.AioRpcError) -> float | None:
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-retry-pushback-ms":
+            return int(value) / 1000.0
+    return None
+
+
+async def retry_storm(stub, queries: list[str], clients: int, seconds: float, rng: random.Random,
+                      honour_pushback: bool):
+    """`clients` closed-loop callers; a refused call is sent again at once (or after the server's pushback) until it
+    is answered. Latency is the answered call's own, refusals are counted."""
+    latencies: list[float] = []
+    refusals = 0
+    end = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        nonlocal refusals
+        while time.perf_counter() < end:
+            request = pb.SearchRequest(query=rng.choice(queries), cache=pb.CACHE_BYPASS)
+            while time.perf_counter() < end:
+                started = time.perf_counter()
+                try:
+                    await stub.Search(request, timeout=10)
+                    latencies.append(time.perf_counter() - started)
+                    break
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    refusals += 1
+                    wait = pushback_seconds(error) if honour_pushback else None
+                    if wait:
+                        await asyncio.sleep(wait)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(clients)))
+    return latencies, refusals, time.perf_counter() - started
+
+
+def encoder_ceiling(index: Path, queries: list[str], threads: int, seconds: float) -> float:
+    """Queries per second the index's query encoder sustains alone on `threads` threads (the server's default
+    encoder settings), in this process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rag_service.core.config import ServerConfig
+    from rag_service.encoder.encode import load_index_encoder
+    from rag_service.index.load import load_index
+
+    settings = ServerConfig(index=str(index), workers=threads).encoder
+    encoder = load_index_encoder(settings.backend, load_index(index).path, settings.model_path, settings.threads)
+    for query in queries[:20]:
+        encoder.encode_queries([query])
+    end = time.perf_counter() + seconds
+    counts = [0] * threads
+
+    def loop(t: int) -> None:
+        i = t
+        while time.perf_counter() < end:
+            encoder.encode_queries([queries[i % len(queries)]])
+            counts[t] += 1
+            i += threads
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(loop, range(threads)))
+    return sum(counts) / (time.perf_counter() - started)
+
+
 async def run(args: argparse.Namespace, port: int, pid: int) -> dict:
     rng = random.Random(args.seed)
     queries = read_queries(args.queries)
@@ -122,18 +199,34 @@ async def run(args: argparse.Namespace, port: int, pid: int) -> dict:
                    "codes": codes}
         print(f"capacity {capacity:.1f} req/s; nominal p50 {nominal['p50_ms']:.1f} ms p99 {nominal['p99_ms']:.1f} ms",
               flush=True)
-        ok, refused, codes, offered = await open_loop(stub, queries, args.factor * capacity, args.seconds, rng)
-        overload = {"offered_rps": offered, "ok_rps": len(ok) / args.seconds, "codes": codes,
-                    "shed_fraction": codes.get("RESOURCE_EXHAUSTED", 0) / max(sum(codes.values()), 1),
-                    "admitted_p50_ms": pct(ok, 50) * 1e3, "admitted_p99_ms": pct(ok, 99) * 1e3,
-                    "refused_p50_ms": pct(refused, 50) * 1e3, "refused_p99_ms": pct(refused, 99) * 1e3}
-        overload["admitted_p99_over_nominal"] = overload["admitted_p99_ms"] / nominal["p99_ms"]
-        print(json.dumps(overload, indent=1), flush=True)
+        overloads = {}
+        for factor in args.factor:
+            ok, refused, codes, offered = await open_loop(stub, queries, factor * capacity, args.seconds, rng)
+            overload = {"offered_rps": offered, "ok_rps": len(ok) / args.seconds, "codes": codes,
+                        "goodput_over_capacity": len(ok) / args.seconds / capacity,
+                        "shed_fraction": codes.get("RESOURCE_EXHAUSTED", 0) / max(sum(codes.values()), 1),
+                        "admitted_p50_ms": pct(ok, 50) * 1e3, "admitted_p99_ms": pct(ok, 99) * 1e3,
+                        "refused_p50_ms": pct(refused, 50) * 1e3, "refused_p99_ms": pct(refused, 99) * 1e3}
+            overload["admitted_p99_over_nominal"] = overload["admitted_p99_ms"] / nominal["p99_ms"]
+            overloads[f"{factor:g}x"] = overload
+            print(f"{factor:g}x:", json.dumps(overload, indent=1), flush=True)
+        storms = {}
+        if args.retry_clients:
+            for mode, honour in (("retry at once", False), ("retry after pushback", True)):
+                latencies, refusals, elapsed = await retry_storm(stub, queries, args.retry_clients, args.seconds, rng,
+                                                                 honour)
+                storm = {"clients": args.retry_clients, "ok_rps": len(latencies) / elapsed,
+                         "goodput_over_capacity": len(latencies) / elapsed / capacity,
+                         "refusals_per_answer": refusals / max(len(latencies), 1),
+                         "admitted_p50_ms": pct(latencies, 50) * 1e3, "admitted_p99_ms": pct(latencies, 99) * 1e3}
+                storm["admitted_p99_over_nominal"] = storm["admitted_p99_ms"] / nominal["p99_ms"]
+                storms[mode] = storm
+                print(f"{mode}:", json.dumps(storm, indent=1), flush=True)
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         probe = await stub.Search(pb.SearchRequest(query=queries[0], cache=pb.CACHE_BYPASS), timeout=10)
     rss.stop.set()
     rss.join()
-    return {"nominal": nominal, "overload": overload,
+    return {"nominal": nominal, "overload": overloads, "retry": storms,
             "after": {"health": health_pb2.HealthCheckResponse.ServingStatus.Name(health.status),
                       "probe_contexts": len(probe.contexts)},
             "rss_mib": {"start": rss_start, "peak": max(rss.samples), "end": rss.samples[-1]}}
@@ -146,12 +239,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-queued", type=int, default=None, help="server max_queued (default: its default)")
     parser.add_argument("--max-in-flight", type=int, default=None)
-    parser.add_argument("--factor", type=float, default=2.0, help="offered load as a multiple of capacity")
+    parser.add_argument("--factor", type=lambda v: [float(f) for f in v.split(",")], default=[2.0],
+                        help="offered load as a multiple of capacity; a list (2,4) runs one phase per factor")
+    parser.add_argument("--retry-clients", type=int, default=0,
+                        help="closed-loop callers that retry refusals (at once, then after the pushback); 0: skip")
+    parser.add_argument("--encoder-ceiling", action="store_true",
+                        help="first measure what the query encoder alone sustains on --workers threads")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
 
+    ceiling = None
+    if args.encoder_ceiling:
+        ceiling = encoder_ceiling(args.index, read_queries(args.queries), args.workers, args.seconds)
+        print(f"query encoder alone, {args.workers} threads: {ceiling:.1f} queries/s", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if args.max_queued is not None:
         env["RAG_MAX_QUEUED"] = str(args.max_queued)
@@ -173,6 +275,9 @@ def main() -> None:
             server.send_signal(signal.SIGTERM)
             code = server.wait(timeout=60)
     report["server_exit_code"] = code
+    if ceiling is not None:
+        report["encoder_alone_rps"] = ceiling
+        report["capacity_over_encoder"] = report["nominal"]["capacity_rps"] / ceiling
     report["config"] = {k: str(v) for k, v in vars(args).items()}
     print(json.dumps(report, indent=1))
     if args.json:
