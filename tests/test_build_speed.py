@@ -45,7 +45,8 @@ def reference_pooled(encoder, text: str, spans: np.ndarray) -> np.ndarray:
 
 def plan(chunks=CHUNKS):
     analyzer = Analyzer()
-    vocab = {t: i for i, t in enumerate(sorted({t for title, text in chunks for t in analyzer.tokens(f"{title} {text}")}))}
+    terms = {t for title, text in chunks for t in analyzer.tokens(f"{title} {text}")}
+    vocab = {t: i for i, t in enumerate(sorted(terms))}
     return windows_mod.plan_windows([c[0] for c in chunks], [c[1] for c in chunks], analyzer, vocab, 2)
 
 

@@ -42,7 +42,8 @@ STAGES = ("chunk", "tokens", "bm25", "encode", "windows", "dense")
 
 
 def make_subset(source: Path, target: Path, size: int, seed: int = 15) -> None:
-    docs = [json.loads(line) for line in open(source / "corpus.jsonl", encoding="utf-8")]
+    with open(source / "corpus.jsonl", encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f]
     qrels = load_qrels(source / "qrels" / "test.tsv")
     judged = {d for q in qrels.values() for d in q}
     rest = [d["_id"] for d in docs if d["_id"] not in judged]
@@ -113,7 +114,7 @@ def main() -> None:
         row = {"variant": name, "document_encoder": manifest["params"]["document_encoder"],
                "window_pooling": manifest["params"].get("window_pooling"),
                "window_sentences": config.window_sentences, "batch_size": config.batch_size,
-               "windows": manifest.get("windows", {}).get("windows"),
+               "window_rows": manifest.get("windows", {}).get("windows"),
                **{s: timings.get(s, 0.0) for s in STAGES}, "total": manifest["build_seconds"],
                "ndcg10": score(root, args.data), "load_average": os.getloadavg()[0]}
         rows.append(row)
@@ -121,7 +122,7 @@ def main() -> None:
     print("\n| variant | encoder | windows | " + " | ".join(STAGES) + " | total s | fused | pipeline |")
     print("| --- " * (len(STAGES) + 6) + "|")
     for r in rows:
-        print(f"| {r['variant']} | {r['document_encoder']} | {r['window_pooling']} ({r['windows']}) | "
+        print(f"| {r['variant']} | {r['document_encoder']} | {r['window_pooling']} ({r['window_rows']}) | "
               + " | ".join(f"{r[s]:.1f}" for s in STAGES)
               + f" | {r['total']:.1f} | {r['ndcg10']['fused']:.4f} | {r['ndcg10']['pipeline']:.4f} |")
     if args.json:

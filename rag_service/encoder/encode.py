@@ -220,9 +220,8 @@ class _EncoderBase:
         np.cumsum([len(s) for s in spans], out=first[1:])
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         pooled = np.zeros((int(first[-1]), self.dim), dtype=np.float32)
-        found = np.zeros(int(first[-1]), dtype=bool)
         if not texts:
-            return out, pooled, found
+            return out, pooled, np.zeros(0, dtype=bool)
         started = time.perf_counter()
         batches = self.plan_batches(texts, batch_size)
         bar = None
@@ -232,16 +231,10 @@ class _EncoderBase:
             bar = tqdm(total=len(texts), desc=f"encoding ({self.backend}, pooled windows)", unit="chunk",
                        unit_scale=True, dynamic_ncols=True)
         try:
-            for idx, (vectors, hidden, offsets) in self._map_batches(self._embed_batch_tokens, texts, batches):
+            for idx, vectors, per_text in self._embed_batches_pooled(texts, spans, batches):
                 out[idx] = vectors
-                for row, h, off in zip(idx, hidden, offsets):
-                    # Tokens run left to right, so a span's tokens are one slice of them.
-                    bounds = np.searchsorted(off[:, 0], spans[row].ravel(), side="left").reshape(-1, 2)
-                    for j, (lo, hi) in enumerate(bounds, start=int(first[row])):
-                        if hi > lo:
-                            v = h[lo:hi].mean(axis=0, dtype=np.float64)
-                            pooled[j] = v / max(float(np.linalg.norm(v)), 1e-12)
-                            found[j] = True
+                for row, rows in zip(idx, per_text):
+                    pooled[first[row] : first[row + 1]] = rows
                 if bar is not None:
                     bar.update(len(idx))
         finally:
@@ -251,12 +244,38 @@ class _EncoderBase:
         self.last_docs_per_second = len(texts) / max(seconds, 1e-9)
         log.info("encoded %d texts and pooled %d spans with %s in %.1fs (%.1f/s)", len(texts), len(pooled),
                  self.backend, seconds, self.last_docs_per_second)
-        return out, pooled, found
+        # A pooled row is unit length; only a span without tokens stays zero.
+        return out, pooled, np.any(pooled != 0, axis=1)
 
-    def _map_batches(self, fn: Callable[[list[str]], _T], texts: list[str],
+    def _embed_batch_pooled(self, texts: list[str], spans: Sequence[np.ndarray]) -> tuple[np.ndarray,
+                                                                                          list[np.ndarray]]:
+        """One batch of encode_documents_pooled: its sentence vectors and, per text, float32 (k_i, dim) pooled
+        span vectors (a zero row for a span without tokens)."""
+        vectors, hidden, offsets = self._embed_batch_tokens(texts)
+        per_text = []
+        for h, off, text_spans in zip(hidden, offsets, spans):
+            rows = np.zeros((len(text_spans), self.dim), dtype=np.float32)
+            # Tokens run left to right, so a span's tokens are one slice of them.
+            bounds = np.searchsorted(off[:, 0], np.asarray(text_spans).ravel(), side="left").reshape(-1, 2)
+            for j, (lo, hi) in enumerate(bounds):
+                if hi > lo:
+                    v = h[lo:hi].mean(axis=0, dtype=np.float64)
+                    rows[j] = v / max(float(np.linalg.norm(v)), 1e-12)
+            per_text.append(rows)
+        return vectors, per_text
+
+    def _embed_batches_pooled(self, texts: list[str], spans: list[np.ndarray],
+                              batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray, list[np.ndarray]]]:
+        """(rows, vectors, pooled span vectors per row) of each planned batch, in any order; an override may run
+        them elsewhere (index/ray_build.py) but must embed exactly these batches."""
+        for idx, (vectors, per_text) in self._map_batches(
+                lambda idx: self._embed_batch_pooled([texts[i] for i in idx], [spans[i] for i in idx]), batches):
+            yield idx, vectors, per_text
+
+    def _map_batches(self, fn: Callable[[np.ndarray], _T],
                      batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, _T]]:
         for idx in batches:
-            yield idx, fn([texts[i] for i in idx])
+            yield idx, fn(idx)
 
     def encode_queries(self, texts: Sequence[str] | str) -> np.ndarray:
         """(n, dim) float32, L2-normalised. A bare string is treated as one query."""
@@ -336,9 +355,9 @@ class Encoder(_EncoderBase):
         if self.precision != "bf16" or self.device != "cpu":
             yield from super()._embed_batches(texts, batches)
             return
-        yield from self._map_batches(self._embed_batch, texts, batches)
+        yield from self._map_batches(lambda idx: self._embed_batch([texts[i] for i in idx]), batches)
 
-    def _map_batches(self, fn: Callable[[list[str]], _T], texts: list[str],
+    def _map_batches(self, fn: Callable[[np.ndarray], _T],
                      batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, _T]]:
         """bf16 on a CPU: one batch per core at once, each single-threaded. Once AMX has made the matrix products
         cheap, the rest is many small memory-bound operators whose fork/join across cores costs more than it saves
@@ -348,7 +367,7 @@ class Encoder(_EncoderBase):
 
         workers = min(torch.get_num_threads(), len(batches))
         if self.precision != "bf16" or self.device != "cpu" or workers <= 1:
-            yield from super()._map_batches(fn, texts, batches)
+            yield from super()._map_batches(fn, batches)
             return
         # torch's thread count is per process: set for this call and restored. Builds, the only callers with many
         # batches, run in their own process, never beside a server's query encoder.
@@ -357,7 +376,7 @@ class Encoder(_EncoderBase):
             torch.set_num_threads(1)
             try:
                 with ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
-                    yield from zip(batches, pool.map(lambda idx: fn([texts[i] for i in idx]), batches))
+                    yield from zip(batches, pool.map(fn, batches))
             finally:
                 torch.set_num_threads(before)
 

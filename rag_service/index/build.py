@@ -25,7 +25,7 @@ from tqdm import tqdm
 from rag_service.core.errors import BuildError
 from rag_service.core.timing import StageTimer
 from rag_service.encoder import onnx_export
-from rag_service.encoder.encode import Encoder, OnnxEncoder
+from rag_service.encoder.encode import Encoder, OnnxEncoder, _EncoderBase
 from rag_service.index import manifest as manifest_mod
 from rag_service.index import publish as publish_mod
 from rag_service.index import source as source_mod
@@ -352,11 +352,11 @@ def build_index(
             postings = lexical.build_postings(token_lists, params)
             postings.write(tmp, analyzer)
 
-        # Window vectors pooled from the chunk pass need the model's token vectors: only a plain encoder gives them
-        # (a wrapper reuses stored vectors or embeds on a Ray cluster, index/update.py and ray_build.py); the others
-        # embed each window's text, and the manifest records which was done.
+        # Window vectors pooled from the chunk pass need the model's token vectors of every chunk: an encoder that
+        # reuses stored chunk vectors (rag-index add, index/update.py) embeds each window's text instead, and the
+        # manifest records which was done.
         pool_windows = (config.window_sentences > 0 and config.window_pooling == "chunk"
-                        and type(encoder) in (Encoder, OnnxEncoder))
+                        and isinstance(encoder, _EncoderBase))
         plan = pooled = found = None
         if pool_windows:
             with timer.stage("windows"):
