@@ -122,7 +122,7 @@ def test_build_records_the_pooling_and_stores_the_pooled_vectors(pooling, encode
     assert manifest["build_config"]["window_pooling"] == pooling
     index = load_index(tmp_path / "idx")
     windows = index.windows
-    assert windows is not None and windows.params["pooling"] == pooling
+    assert windows is not None and windows.pooling == pooling
     onnx = OnnxEncoder(version, "onnx-fp32")
     p = plan()
     texts = [dense_text(t, x) for t, x in CHUNKS]
@@ -141,3 +141,35 @@ def test_window_pooling_and_document_encoder_are_validated():
         BuildConfig(window_pooling="mean").validate()
     with pytest.raises(BuildError, match="onnx-int8 needs export_onnx"):
         BuildConfig(document_encoder="onnx-int8", export_onnx=False).validate()
+
+
+def test_windows_of_an_index_built_before_the_choice_read_as_encoded(tmp_path):
+    p = plan()
+    data = windows_mod._assemble(p, np.zeros((p.n_windows, 4), np.int8), np.ones(p.n_windows, np.float32), 4, 2,
+                                 {"unique_windows": p.n_windows})
+    data.write(tmp_path)
+    loaded = windows_mod.WindowData.load(tmp_path, n_chunks=len(CHUNKS), dim=4)
+    assert "pooling" not in loaded.params and loaded.pooling == "encode"
+
+
+def test_a_ray_encoder_actor_pools_what_the_local_encoder_pools(encoder):
+    """The actor's side of a Ray build with pooled windows (index/ray_build.py), without a cluster: spans go in and
+    pooled vectors come out as raw bytes per text, and decode to the local encoder's vectors."""
+    from rag_service.index.ray_build import _EmbedBatches
+
+    actor = object.__new__(_EmbedBatches)
+    actor.encoder = encoder
+    p = plan()
+    texts = [dense_text(t, x) for t, x in CHUNKS]
+    batches = [np.array([2, 0]), np.array([1, 3])]
+    batch = {"rows": np.array(batches + [None], dtype=object)[:-1],
+             "texts": np.array([[texts[i] for i in b] for b in batches], dtype=object),
+             "spans": np.array([[p.dense_spans[i].tobytes() for i in b] for b in batches], dtype=object)}
+    out = actor(batch)
+    vectors, pooled, _ = encoder.encode_documents_pooled(texts, p.dense_spans, batch_size=2)
+    first = np.concatenate([[0], np.cumsum([len(s) for s in p.dense_spans])])
+    assert out["row"].tolist() == [2, 0, 1, 3]
+    np.testing.assert_allclose(out["vector"], vectors[out["row"]], atol=1e-5)
+    for row, raw in zip(out["row"], out["pooled"]):
+        got = np.frombuffer(raw, dtype=np.float32).reshape(-1, encoder.dim)
+        np.testing.assert_allclose(got, pooled[first[row] : first[row + 1]], atol=1e-5)

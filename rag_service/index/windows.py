@@ -167,6 +167,12 @@ class WindowData:
     def n_windows(self) -> int:
         return len(self.vectors)
 
+    @property
+    def pooling(self) -> str:
+        """How the window vectors were made (POOLINGS); indexes built before the choice existed embedded each
+        window's text."""
+        return str(self.params.get("pooling", "encode"))
+
     def write(self, directory: Path) -> list[Path]:
         directory = Path(directory)
         arrays = {WINDOW_OFFSETS_FILE: self.window_offsets, WINDOW_VECTORS_FILE: self.vectors,
