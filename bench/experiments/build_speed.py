@@ -10,7 +10,7 @@ one loaded torch Encoder, as one `rag-index build` process has, and run one afte
 compare the stage seconds of variants built in the same run). After each build the index is loaded and scored on the
 judged queries of DATA (queries.jsonl, qrels/test.tsv) with the index's int8 ONNX query encoder, the server's
 defaults and methods fused (first stage) and pipeline (the whole request path, reranker included): nDCG@10 per
-variant. Prints one table row per variant: the manifest's stage seconds (encode includes the pooling of window
+variant. Prints one table row per variant: the build's process CPU seconds, the manifest's stage seconds (encode includes the pooling of window
 vectors when WINDOW_POOLING is chunk; windows is the planning plus, for encode, the second pass), the total build
 seconds and nDCG@10. --quality-only skips the build and scores the indexes already in OUT.
 
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import time
 from pathlib import Path
 
@@ -105,17 +106,21 @@ def main() -> None:
     rows = []
     for name, config in variants:
         root = args.out / name
+        cpu = None
         if not args.quality_only:
-            started = time.perf_counter()
+            started, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             build_index(args.input, root, config, encoder=encoder, progress=False)
-            print(f"{name}: built in {time.perf_counter() - started:.1f}s", flush=True)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            # CPU seconds of every thread of the build: steadier than wall time on a shared machine.
+            cpu = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
+            print(f"{name}: built in {time.perf_counter() - started:.1f}s, {cpu} CPU s", flush=True)
         manifest = json.loads((root / "CURRENT" / "manifest.json").read_text())
         timings = manifest["timings"]
         row = {"variant": name, "document_encoder": manifest["params"]["document_encoder"],
                "window_pooling": manifest["params"].get("window_pooling"),
                "window_sentences": config.window_sentences, "batch_size": config.batch_size,
                "window_rows": manifest.get("windows", {}).get("windows"),
-               **{s: timings.get(s, 0.0) for s in STAGES}, "total": manifest["build_seconds"],
+               **{s: timings.get(s, 0.0) for s in STAGES}, "total": manifest["build_seconds"], "cpu_seconds": cpu,
                "ndcg10": score(root, args.data), "load_average": os.getloadavg()[0]}
         rows.append(row)
         print(json.dumps(row), flush=True)
