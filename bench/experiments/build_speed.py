@@ -10,9 +10,9 @@ one loaded torch Encoder, as one `rag-index build` process has, and run one afte
 compare the stage seconds of variants built in the same run). After each build the index is loaded and scored on the
 judged queries of DATA (queries.jsonl, qrels/test.tsv) with the index's int8 ONNX query encoder, the server's
 defaults and methods fused (first stage) and pipeline (the whole request path, reranker included): nDCG@10 per
-variant. Prints one table row per variant: the build's process CPU seconds, the manifest's stage seconds (encode includes the pooling of window
-vectors when WINDOW_POOLING is chunk; windows is the planning plus, for encode, the second pass), the total build
-seconds and nDCG@10. --quality-only skips the build and scores the indexes already in OUT.
+variant. Prints one table row per variant: the build's process CPU seconds, the manifest's stage seconds (encode
+includes the pooling of window vectors when WINDOW_POOLING is chunk; windows is the planning plus, for encode, the
+second pass), the total build seconds and nDCG@10. --quality-only skips the build and scores the indexes already in OUT.
 
 The SciFact subset used for quick comparisons (1,000 documents: every document judged for a test query, the rest
 drawn with seed 15) is made by --make-subset SCIFACT_DIR, written to the directory given by --data.
