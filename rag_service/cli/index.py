@@ -70,7 +70,7 @@ def cli(verbose: bool) -> None:
               help="Sentences per reranker window (0: no windows, rerank off for this index).")
 @click.option("--document-encoder", type=click.Choice(["auto", "torch", "torch-bf16", "onnx-fp32", "onnx-int8"]),
               default="auto", show_default=True,
-              help="Encoder of the chunk vectors (auto: torch on CUDA, torch-bf16 on a CPU with AMX, else ONNX fp32).")
+              help="Encoder of the chunk vectors (auto: torch on CUDA, torch-bf16 on a CPU with AMX, else ONNX int8).")
 @click.option("--window-pooling", type=click.Choice(["chunk", "encode"]), default="chunk", show_default=True,
               help="Reranker window vectors: pooled from the chunk pass's token vectors (chunk), or each window's "
                    "text encoded in a second pass (encode, slower).")

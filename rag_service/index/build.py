@@ -45,14 +45,15 @@ DOCUMENT_ENCODERS = ("auto", "torch", "torch-bf16", "onnx-fp32", "onnx-int8")
 
 def auto_document_encoder(device: str, onnx: bool = True) -> str:
     """torch on a CUDA device; torch in bf16 on a CPU with AMX (~3x a float32 encode at cosine >= 0.9999 to it,
-    bench/README.md "Issue 5"); else ONNX fp32 (1.2x), or torch without an ONNX export."""
+    bench/README.md "Issue 5"); else the int8 ONNX export (1.5x ONNX fp32 with VNNI, the full pipeline's nDCG@10 as
+    good, bench/README.md "Build at the limit"), or torch without an ONNX export."""
     from rag_service.encoder.encode import cpu_has_amx_bf16
 
     if device.startswith("cuda"):
         return "torch"
     if cpu_has_amx_bf16():
         return "torch-bf16"
-    return "onnx-fp32" if onnx else "torch"
+    return "onnx-int8" if onnx else "torch"
 
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -77,7 +78,7 @@ class BuildConfig:
     stemmer: str | None = "english"
     stopwords: str | None = "english"
     # Issue 5 (fast path): the ONNX query encoders exported into the index, the encoder of the chunk vectors
-    # (auto_document_encoder: torch on a CUDA device, torch-bf16 on a CPU with AMX, else ONNX fp32), and quantized
+    # (auto_document_encoder: torch on a CUDA device, torch-bf16 on a CPU with AMX, else ONNX int8), and quantized
     # codes for the dense first stage.
     export_onnx: bool = True
     document_encoder: str = "auto"
@@ -355,18 +356,17 @@ def build_index(
         # Window vectors pooled from the chunk pass need the model's token vectors of every chunk: an encoder that
         # reuses stored chunk vectors (rag-index add, index/update.py) embeds each window's text instead, and the
         # manifest records which was done.
-        pool_windows = (config.window_sentences > 0 and config.window_pooling == "chunk"
-                        and isinstance(encoder, _EncoderBase))
+        pooling_encoder = encoder if isinstance(encoder, _EncoderBase) else None
         plan = pooled = found = None
-        if pool_windows:
+        if config.window_sentences > 0 and config.window_pooling == "chunk" and pooling_encoder is not None:
             with timer.stage("windows"):
                 plan = windows_mod.plan_windows([docs[c.doc].title for c in chunks], [c.text for c in chunks],
                                                 analyzer, {term: i for i, term in enumerate(postings.vocab)},
                                                 config.window_sentences)
         with timer.stage("encode"):
             texts = [dense_text(docs[c.doc].title, c.text) for c in chunks]
-            if plan is not None:
-                vectors, pooled, found = encoder.encode_documents_pooled(  # type: ignore[attr-defined]
+            if plan is not None and pooling_encoder is not None:
+                vectors, pooled, found = pooling_encoder.encode_documents_pooled(
                     texts, plan.dense_spans, batch_size=config.batch_size, progress=progress)
             else:
                 vectors = encoder.encode_documents(texts, batch_size=config.batch_size, progress=progress)

@@ -179,13 +179,14 @@ class _EmbedBatches:
             return {"row": np.concatenate(rows), "vector": np.concatenate(vectors)}
         # Window vectors pooled from the same pass (encode_documents_pooled): per text, its spans' vectors as raw
         # float32 bytes, since texts have different numbers of windows and a column holds one value per text.
-        vectors, pooled = [], []
+        chunk_vectors: list[np.ndarray] = []
+        pooled: list[bytes] = []
         for texts, spans in zip(batch["texts"], batch["spans"]):
             v, per_text = self.encoder._embed_batch_pooled(
                 [str(t) for t in texts], [np.frombuffer(s, dtype=np.int64).reshape(-1, 2) for s in spans])
-            vectors.append(v)
+            chunk_vectors.append(v)
             pooled.extend(p.astype(np.float32).tobytes() for p in per_text)
-        return {"row": np.concatenate(rows), "vector": np.concatenate(vectors),
+        return {"row": np.concatenate(rows), "vector": np.concatenate(chunk_vectors),
                 "pooled": np.array(pooled, dtype=object)}
 
 
