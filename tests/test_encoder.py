@@ -151,7 +151,7 @@ def test_build_puts_the_export_in_the_index_with_checksums(built_index, encoder)
 LONG_DOCS = [" ".join(DOCS[i:] + DOCS[:i]) * 2 for i in range(0, len(DOCS), 2)]  # 256 tokens (truncated), like chunks
 
 
-@pytest.mark.skipif(not cpu_has_amx_bf16(), reason="the CPU has no AMX bf16: builds there use ONNX fp32, and torch's "
+@pytest.mark.skipif(not cpu_has_amx_bf16(), reason="the CPU has no AMX bf16: builds there use ONNX int8, and torch's "
                                                    "emulated bf16 would take the test's time for a path never taken")
 def test_bf16_document_vectors_agree_with_the_reference(encoder):
     bf16 = encoder.as_bf16()
