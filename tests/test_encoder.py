@@ -151,7 +151,7 @@ def test_build_puts_the_export_in_the_index_with_checksums(built_index, encoder)
 LONG_DOCS = [" ".join(DOCS[i:] + DOCS[:i]) * 2 for i in range(0, len(DOCS), 2)]  # 256 tokens (truncated), like chunks
 
 
-@pytest.mark.skipif(not cpu_has_amx_bf16(), reason="the CPU has no AMX bf16: builds there use ONNX fp32, and torch's "
+@pytest.mark.skipif(not cpu_has_amx_bf16(), reason="the CPU has no AMX bf16: builds there use ONNX int8, and torch's "
                                                    "emulated bf16 would take the test's time for a path never taken")
 def test_bf16_document_vectors_agree_with_the_reference(encoder):
     bf16 = encoder.as_bf16()
@@ -170,7 +170,7 @@ def test_bf16_document_vectors_agree_with_the_reference(encoder):
 def test_cpu_feature_check_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("RAG_DISABLE_AMX", "1")
     assert cpu_has_amx_bf16() is False
-    assert auto_document_encoder("cpu") == "onnx-fp32" and auto_document_encoder("cpu", onnx=False) == "torch"
+    assert auto_document_encoder("cpu") == "onnx-int8" and auto_document_encoder("cpu", onnx=False) == "torch"
     assert auto_document_encoder("cuda:0") == "torch"
     with pytest.raises(ValueError, match="precision"):
         Encoder(precision="int4")
@@ -179,19 +179,20 @@ def test_cpu_feature_check_can_be_turned_off(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
 def test_auto_document_encoder_follows_the_cpu(amx, monkeypatch, encoder, tmp_path, write_corpus):
-    """A CPU without AMX falls back to ONNX fp32 by itself; with it, the chunk vectors come from torch in bf16.
+    """A CPU without AMX falls back to ONNX int8 by itself; with it, the chunk vectors come from torch in bf16.
     The feature check is forced both ways so each branch runs on any CI machine."""
     monkeypatch.setattr("rag_service.encoder.encode.cpu_has_amx_bf16", lambda: amx)
     corpus = write_corpus(tmp_path / "corpus.jsonl",
                           [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate(DOCS)])
     version = build_index(corpus, tmp_path / "idx", BuildConfig(window_sentences=0), encoder=encoder, progress=False)
     manifest = read_manifest(version)
-    assert manifest["params"]["document_encoder"] == ("torch-bf16" if amx else "onnx-fp32")
+    assert manifest["params"]["document_encoder"] == ("torch-bf16" if amx else "onnx-int8")
     assert manifest["params"]["document_encoder_requested"] == "auto"
     index = load_index(version)
     store = index.store
     texts = [dense_text(store.doc_title(store.chunk_doc(i)), store.chunk_text(i)) for i in range(index.n_chunks)]
-    assert (np.asarray(index.dense.vectors) * encoder.encode_documents(texts)).sum(1).min() > 0.999
+    # int8 weights and activations: cosine ~0.995 to float32 (bench/README.md "Build at the limit").
+    assert (np.asarray(index.dense.vectors) * encoder.encode_documents(texts)).sum(1).min() > (0.999 if amx else 0.99)
 
 
 @pytest.mark.slow

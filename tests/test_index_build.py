@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from rag_service.cli.index import cli
 from rag_service.core.errors import BuildError, IndexFormatError, InvalidArgument
+from rag_service.encoder.encode import cpu_has_amx_bf16
 from rag_service.index import publish
 from rag_service.index.build import BuildConfig, build_index, markdown_title
 from rag_service.index.chunking import Chunker, Document, dense_text
@@ -311,8 +312,9 @@ def test_vectors_match_the_encoder(index, encoder):
     store = index.store
     i = 0
     expected = encoder.encode_documents([dense_text(store.doc_title(store.chunk_doc(i)), store.chunk_text(i))])[0]
-    # The build's document encoder is ONNX fp32 or, on a CPU with AMX, torch in bf16 (cosine >= 0.9999 to fp32).
-    assert float(index.dense.vectors[i] @ expected) > 0.9999
+    # The build's document encoder is ONNX int8 (cosine ~0.995 to fp32, bench/README.md "Build at the limit") or, on
+    # a CPU with AMX, torch in bf16 (cosine >= 0.9999 to fp32).
+    assert float(index.dense.vectors[i] @ expected) > (0.9999 if cpu_has_amx_bf16() else 0.99)
     norms = np.linalg.norm(np.asarray(index.dense.vectors), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
 

@@ -44,7 +44,7 @@ def _corpus() -> list[dict]:
 
 # Small chunks and batches: many chunks per document and many encoder batches, so that a batch planned differently
 # on the cluster would change some vector's last bits. The build's default document encoder: torch in bf16 on a CPU
-# with AMX, ONNX fp32 elsewhere; either way the cluster must reproduce the single build's bytes.
+# with AMX, ONNX int8 elsewhere; either way the cluster must reproduce the single build's bytes.
 CONFIG = BuildConfig(chunk_tokens=48, chunk_overlap=12, batch_size=8, window_sentences=2, document_encoder="auto")
 CLI_CONFIG = ["--chunk-tokens", "48", "--chunk-overlap", "12", "--batch-size", "8", "--window-sentences", "2",
               "--document-encoder", "auto"]
@@ -95,7 +95,7 @@ def test_ray_build_writes_the_single_process_index_byte_for_byte(single, on_ray)
     manifest = _manifest(on_ray)
     assert manifest["ray"]["workers"] == 2 and manifest["ray"]["address"] == "local"
     used = manifest["params"]["document_encoder"]
-    assert used == _manifest(single)["params"]["document_encoder"] and used in ("onnx-fp32", "torch-bf16")
+    assert used == _manifest(single)["params"]["document_encoder"] and used in ("onnx-int8", "torch-bf16")
 
 
 def test_cli_ray_build_again_is_the_same_index(cluster, corpus, single, on_ray, encoder, monkeypatch):

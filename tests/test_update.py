@@ -85,8 +85,10 @@ def test_update_encodes_only_new_text_and_equals_a_full_rebuild(root, encoder, t
                  "bm25_weights.npy", "documents.jsonl"):
         assert same[name]["sha256"] == full_files[name]["sha256"], name
     # Up to float noise: ~1e-7 in fp32; on a CPU with AMX the chunks are encoded in bf16, where a vector depends on
-    # the batch it was padded with by ~1e-4 in cosine (bench/README.md "Issue 5": cosine >= 0.9999 to fp32).
-    assert (np.asarray(a.dense.vectors) * np.asarray(b.dense.vectors)).sum(1).min() > 0.999
+    # the batch it was padded with by ~1e-4 in cosine (bench/README.md "Issue 5": cosine >= 0.9999 to fp32); elsewhere
+    # in ONNX int8, whose activation scale is one per batch tensor, so a chunk encoded beside other chunks moves by
+    # ~5e-3 in cosine (bench/README.md "Build at the limit").
+    assert (np.asarray(a.dense.vectors) * np.asarray(b.dense.vectors)).sum(1).min() > 0.99
 
     # A second update re-encodes nothing it has seen: chunk vectors and every other embedded text come back from the
     # current version and the root's embedding cache.

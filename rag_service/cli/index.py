@@ -68,9 +68,12 @@ def cli(verbose: bool) -> None:
 @click.option("--keep", type=int, default=3, show_default=True, help="Versions to keep (CURRENT is always kept).")
 @click.option("--window-sentences", type=int, default=2, show_default=True,
               help="Sentences per reranker window (0: no windows, rerank off for this index).")
-@click.option("--document-encoder", type=click.Choice(["auto", "torch", "torch-bf16", "onnx-fp32"]), default="auto",
-              show_default=True,
-              help="Encoder of the chunk vectors (auto: torch on CUDA, torch-bf16 on a CPU with AMX, else ONNX fp32).")
+@click.option("--document-encoder", type=click.Choice(["auto", "torch", "torch-bf16", "onnx-fp32", "onnx-int8"]),
+              default="auto", show_default=True,
+              help="Encoder of the chunk vectors (auto: torch on CUDA, torch-bf16 on a CPU with AMX, else ONNX int8).")
+@click.option("--window-pooling", type=click.Choice(["chunk", "encode"]), default="chunk", show_default=True,
+              help="Reranker window vectors: pooled from the chunk pass's token vectors (chunk), or each window's "
+                   "text encoded in a second pass (encode, slower).")
 @click.option("--dense-codes", type=click.Choice(["none", "sq8", "binary"]), default="none", show_default=True,
               help="Quantized codes for the dense first stage, rescored exactly with the float vectors.")
 @click.option("--no-onnx", is_flag=True, help="Do not export the ONNX query encoders into the index.")
@@ -88,7 +91,8 @@ def cli(verbose: bool) -> None:
               help="GPUs per Ray encoder actor (with --document-encoder torch).")
 def build(input_path: Path, output: Path, name: str | None, chunk_tokens: int, chunk_overlap: int, k1: float,
           b: float, idf: str, dense_index: str, hnsw_threshold: int | None, batch_size: int, model: Path | None,
-          device: str | None, keep: int, window_sentences: int, document_encoder: str, dense_codes: str,
+          device: str | None, keep: int, window_sentences: int, document_encoder: str, window_pooling: str,
+          dense_codes: str,
           no_onnx: bool, no_progress: bool, shards: int | None, ray_address: str | None, ray_workers: int | None,
           ray_cpus_per_worker: int, ray_gpus_per_worker: float) -> None:
     """Build an index and publish it atomically."""
@@ -98,7 +102,7 @@ def build(input_path: Path, output: Path, name: str | None, chunk_tokens: int, c
     config = BuildConfig(chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, k1=k1, b=b, idf=idf,
                          dense_index=dense_index, batch_size=batch_size, name=name, keep=keep,
                          window_sentences=window_sentences, document_encoder=document_encoder,
-                         dense_codes=dense_codes, export_onnx=not no_onnx, **extra)
+                         window_pooling=window_pooling, dense_codes=dense_codes, export_onnx=not no_onnx, **extra)
     try:
         config.validate()  # before the model loads: a typo should fail in milliseconds
         if ray_address is not None:

@@ -10,11 +10,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 # Bounds activation memory when a caller hands encode_queries a long list.
@@ -194,6 +195,88 @@ class _EncoderBase:
                  self.last_docs_per_second)
         return out
 
+    def _embed_batch_tokens(self, texts: list[str]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """A batch's sentence vectors (as _embed_batch) and, from the same forward pass, per text its token vectors
+        (float32 (t, dim), the model's last hidden state) with their character offsets (int64 (t, 2)); special
+        tokens and padding are left out."""
+        raise NotImplementedError
+
+    def encode_documents_pooled(self, texts: Sequence[str], spans: Sequence[np.ndarray], batch_size: int = 64,
+                                progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """encode_documents (same batches, so the same vectors) plus, from the same forward pass, one vector per
+        character span of each text: the mean of the model's token vectors whose first character lies in the span,
+        L2-normalised, i.e. what the sentence-embedding pooling gives for that span read in its text's context.
+
+        spans[i] is int (k_i, 2) of [start, end) character offsets into texts[i]. Returns (vectors (n, dim),
+        span vectors (sum k_i, dim) in text then span order, found (sum k_i) bool: False for a span with no token
+        inside the model's max_seq_length, whose row is zero)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        texts = list(texts)
+        if len(spans) != len(texts):
+            raise ValueError(f"spans: {len(spans)} span lists for {len(texts)} texts")
+        spans = [np.asarray(s, dtype=np.int64).reshape(-1, 2) for s in spans]
+        first = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum([len(s) for s in spans], out=first[1:])
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        pooled = np.zeros((int(first[-1]), self.dim), dtype=np.float32)
+        if not texts:
+            return out, pooled, np.zeros(0, dtype=bool)
+        started = time.perf_counter()
+        batches = self.plan_batches(texts, batch_size)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(texts), desc=f"encoding ({self.backend}, pooled windows)", unit="chunk",
+                       unit_scale=True, dynamic_ncols=True)
+        try:
+            for idx, vectors, per_text in self._embed_batches_pooled(texts, spans, batches):
+                out[idx] = vectors
+                for row, rows in zip(idx, per_text):
+                    pooled[first[row] : first[row + 1]] = rows
+                if bar is not None:
+                    bar.update(len(idx))
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - started
+        self.last_docs_per_second = len(texts) / max(seconds, 1e-9)
+        log.info("encoded %d texts and pooled %d spans with %s in %.1fs (%.1f/s)", len(texts), len(pooled),
+                 self.backend, seconds, self.last_docs_per_second)
+        # A pooled row is unit length; only a span without tokens stays zero.
+        return out, pooled, np.any(pooled != 0, axis=1)
+
+    def _embed_batch_pooled(self, texts: list[str], spans: Sequence[np.ndarray]) -> tuple[np.ndarray,
+                                                                                          list[np.ndarray]]:
+        """One batch of encode_documents_pooled: its sentence vectors and, per text, float32 (k_i, dim) pooled
+        span vectors (a zero row for a span without tokens)."""
+        vectors, hidden, offsets = self._embed_batch_tokens(texts)
+        per_text = []
+        for h, off, text_spans in zip(hidden, offsets, spans):
+            rows = np.zeros((len(text_spans), self.dim), dtype=np.float32)
+            # Tokens run left to right, so a span's tokens are one slice of them.
+            bounds = np.searchsorted(off[:, 0], np.asarray(text_spans).ravel(), side="left").reshape(-1, 2)
+            for j, (lo, hi) in enumerate(bounds):
+                if hi > lo:
+                    v = h[lo:hi].mean(axis=0, dtype=np.float64)
+                    rows[j] = v / max(float(np.linalg.norm(v)), 1e-12)
+            per_text.append(rows)
+        return vectors, per_text
+
+    def _embed_batches_pooled(self, texts: list[str], spans: list[np.ndarray],
+                              batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray, list[np.ndarray]]]:
+        """(rows, vectors, pooled span vectors per row) of each planned batch, in any order; an override may run
+        them elsewhere (index/ray_build.py) but must embed exactly these batches."""
+        for idx, (vectors, per_text) in self._map_batches(
+                lambda idx: self._embed_batch_pooled([texts[i] for i in idx], [spans[i] for i in idx]), batches):
+            yield idx, vectors, per_text
+
+    def _map_batches(self, fn: Callable[[np.ndarray], _T],
+                     batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, _T]]:
+        for idx in batches:
+            yield idx, fn(idx)
+
     def encode_queries(self, texts: Sequence[str] | str) -> np.ndarray:
         """(n, dim) float32, L2-normalised. A bare string is treated as one query."""
         if isinstance(texts, str):
@@ -267,15 +350,24 @@ class Encoder(_EncoderBase):
         return twin
 
     def _embed_batches(self, texts: list[str], batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """bf16 on a CPU: one batch per core at once, each single-threaded (_map_batches). Same batches, so the same
+        vectors."""
+        if self.precision != "bf16" or self.device != "cpu":
+            yield from super()._embed_batches(texts, batches)
+            return
+        yield from self._map_batches(lambda idx: self._embed_batch([texts[i] for i in idx]), batches)
+
+    def _map_batches(self, fn: Callable[[np.ndarray], _T],
+                     batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, _T]]:
         """bf16 on a CPU: one batch per core at once, each single-threaded. Once AMX has made the matrix products
         cheap, the rest is many small memory-bound operators whose fork/join across cores costs more than it saves
         (more still on a shared machine, where one preempted thread stalls the team): ~1.3x the chunks/s of
-        batches spread over the cores (bench/README.md, "Issue 5"). Same batches, so the same vectors."""
+        batches spread over the cores (bench/README.md, "Issue 5")."""
         import torch
 
         workers = min(torch.get_num_threads(), len(batches))
         if self.precision != "bf16" or self.device != "cpu" or workers <= 1:
-            yield from super()._embed_batches(texts, batches)
+            yield from super()._map_batches(fn, batches)
             return
         # torch's thread count is per process: set for this call and restored. Builds, the only callers with many
         # batches, run in their own process, never beside a server's query encoder.
@@ -284,9 +376,32 @@ class Encoder(_EncoderBase):
             torch.set_num_threads(1)
             try:
                 with ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
-                    yield from zip(batches, pool.map(lambda idx: self._embed_batch([texts[i] for i in idx]), batches))
+                    yield from zip(batches, pool.map(fn, batches))
             finally:
                 torch.set_num_threads(before)
+
+    def _embed_batch_tokens(self, texts: list[str]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        import torch
+
+        with self._tokenize_lock:
+            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_length,
+                                   return_offsets_mapping=True, return_special_tokens_mask=True,
+                                   return_tensors="pt")
+        offsets = batch.pop("offset_mapping").numpy()
+        keep = (batch.pop("special_tokens_mask") == 0) & (batch["attention_mask"] == 1)
+        device = self._model.device
+        features = {k: v.to(device) for k, v in batch.items()}
+        with torch.inference_mode():
+            features = self._model[0](features)
+            features["token_embeddings"] = features["token_embeddings"].float()
+            tokens = features["token_embeddings"].cpu().numpy()
+            for module in list(self._model)[1:]:
+                features = module(features)
+            embeddings = torch.nn.functional.normalize(features["sentence_embedding"].float(), p=2, dim=1)
+        keep_np = keep.numpy()
+        return (embeddings.cpu().numpy().astype(np.float32, copy=False),
+                [tokens[i][keep_np[i]] for i in range(len(texts))],
+                [offsets[i][keep_np[i]].astype(np.int64) for i in range(len(texts))])
 
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -354,6 +469,9 @@ class OnnxEncoder(_EncoderBase):
         # Busy-waiting worker threads steal the cores the server's other requests run on.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(self.model_file), options, providers=["CPUExecutionProvider"])
+        self._options = options
+        self._tokens_session: object | None = None
+        self._token_session_lock = threading.Lock()
         log.info("loaded %s encoder %s (dim %d) from %s with %d thread(s) in %.2fs", kind, self.name, self.dim,
                  self.model_file, threads, time.perf_counter() - started)
 
@@ -370,6 +488,41 @@ class OnnxEncoder(_EncoderBase):
                  "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
         (embeddings,) = self._session.run(None, {k: feeds[k] for k in self._inputs})
         return np.ascontiguousarray(embeddings, dtype=np.float32)
+
+
+    def _token_session(self) -> object:
+        """A session of the same model that also returns its last hidden state (the pooling's input), made on
+        first use: the graph on disk (checksummed in the index manifest) stays as exported."""
+        with self._token_session_lock:
+            if self._tokens_session is None:
+                import onnx
+                import onnxruntime as ort
+
+                model = onnx.load(str(self.model_file))
+                norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+                if not norms:
+                    raise ValueError(f"{self.model_file}: no LayerNormalization node, cannot find the token vectors")
+                hidden = norms[-1].output[0]
+                if not any(n.op_type == "Mul" and hidden in n.input for n in model.graph.node):
+                    raise ValueError(f"{self.model_file}: the last LayerNormalization does not feed the pooling")
+                model.graph.output.append(onnx.helper.make_tensor_value_info(hidden, onnx.TensorProto.FLOAT, None))
+                self._tokens_session = ort.InferenceSession(model.SerializeToString(), self._options,
+                                                            providers=["CPUExecutionProvider"])
+            return self._tokens_session
+
+    def _embed_batch_tokens(self, texts: list[str]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        encodings = self._tokenizer.encode_batch(texts)
+        feeds = {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+                 "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+                 "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
+        session = self._token_session()
+        embeddings, hidden = session.run(None, {k: feeds[k] for k in self._inputs})  # type: ignore[attr-defined]
+        tokens, offsets = [], []
+        for i, e in enumerate(encodings):
+            keep = (np.asarray(e.special_tokens_mask) == 0) & (np.asarray(e.attention_mask) == 1)
+            tokens.append(np.asarray(hidden[i][keep], dtype=np.float32))
+            offsets.append(np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)[keep])
+        return np.ascontiguousarray(embeddings, dtype=np.float32), tokens, offsets
 
 
 QueryEncoder = Encoder | OnnxEncoder

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from rag_service.core.errors import BuildError
 from rag_service.core.timing import StageTimer
 from rag_service.encoder import onnx_export
-from rag_service.encoder.encode import Encoder, OnnxEncoder
+from rag_service.encoder.encode import Encoder, OnnxEncoder, _EncoderBase
 from rag_service.index import manifest as manifest_mod
 from rag_service.index import publish as publish_mod
 from rag_service.index import source as source_mod
@@ -40,19 +40,20 @@ from rag_service.retrievers.analysis import Analyzer
 log = logging.getLogger(__name__)
 
 # Encoders of the chunk vectors (BuildConfig.document_encoder); auto picks one for the hardware at run time.
-DOCUMENT_ENCODERS = ("auto", "torch", "torch-bf16", "onnx-fp32")
+DOCUMENT_ENCODERS = ("auto", "torch", "torch-bf16", "onnx-fp32", "onnx-int8")
 
 
 def auto_document_encoder(device: str, onnx: bool = True) -> str:
     """torch on a CUDA device; torch in bf16 on a CPU with AMX (~3x a float32 encode at cosine >= 0.9999 to it,
-    bench/README.md "Issue 5"); else ONNX fp32 (1.2x), or torch without an ONNX export."""
+    bench/README.md "Issue 5"); else the int8 ONNX export (1.5x ONNX fp32 with VNNI, the full pipeline's nDCG@10 as
+    good, bench/README.md "Build at the limit"), or torch without an ONNX export."""
     from rag_service.encoder.encode import cpu_has_amx_bf16
 
     if device.startswith("cuda"):
         return "torch"
     if cpu_has_amx_bf16():
         return "torch-bf16"
-    return "onnx-fp32" if onnx else "torch"
+    return "onnx-int8" if onnx else "torch"
 
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -77,13 +78,16 @@ class BuildConfig:
     stemmer: str | None = "english"
     stopwords: str | None = "english"
     # Issue 5 (fast path): the ONNX query encoders exported into the index, the encoder of the chunk vectors
-    # (auto_document_encoder: torch on a CUDA device, torch-bf16 on a CPU with AMX, else ONNX fp32), and quantized
+    # (auto_document_encoder: torch on a CUDA device, torch-bf16 on a CPU with AMX, else ONNX int8), and quantized
     # codes for the dense first stage.
     export_onnx: bool = True
     document_encoder: str = "auto"
     dense_codes: str = "none"
     # Sentence windows per chunk for the reranker (index/windows.py); 0 builds none (rerank is then off).
     window_sentences: int = windows_mod.DEFAULT_WINDOW_SENTENCES
+    # How window vectors are made (windows.POOLINGS): "chunk" pools them from the chunk pass's token vectors,
+    # "encode" embeds every window's text in a second pass (bench/README.md "Build at the limit").
+    window_pooling: str = windows_mod.DEFAULT_POOLING
 
     def validate(self) -> None:
         """Raises BuildError naming the first bad setting."""
@@ -113,8 +117,11 @@ class BuildConfig:
         if self.document_encoder not in DOCUMENT_ENCODERS:
             problems.append(f"document_encoder must be one of {', '.join(DOCUMENT_ENCODERS)}, "
                             f"got {self.document_encoder!r}")
-        if self.document_encoder == "onnx-fp32" and not self.export_onnx:
-            problems.append("document_encoder onnx-fp32 needs export_onnx")
+        if self.document_encoder.startswith("onnx") and not self.export_onnx:
+            problems.append(f"document_encoder {self.document_encoder} needs export_onnx")
+        if self.window_pooling not in windows_mod.POOLINGS:
+            problems.append(f"window_pooling must be one of {', '.join(windows_mod.POOLINGS)}, "
+                            f"got {self.window_pooling!r}")
         if self.dense_codes not in dense_mod.CODE_KINDS:
             problems.append(f"dense_codes must be one of {', '.join(dense_mod.CODE_KINDS)}, got {self.dense_codes!r}")
         if self.keep < 1:
@@ -295,11 +302,11 @@ def build_index(
                 document_encoder = auto_document_encoder(getattr(encoder, "device", "cpu"))
             if document_encoder == "torch-bf16" and type(encoder) is Encoder:
                 encoder = encoder.as_bf16()
-            elif document_encoder == "onnx-fp32" and type(encoder) is Encoder:
-                # Same weights and tokenizer (cosine >= 0.9999 to torch, bench/README.md "Issue 5"); every later
-                # stage (chunking, vectors, windows) uses it. Only a plain torch Encoder is swapped: a wrapper
+            elif document_encoder.startswith("onnx") and type(encoder) is Encoder:
+                # Same weights and tokenizer (fp32: cosine >= 0.9999 to torch, bench/README.md "Issue 5"); every
+                # later stage (chunking, vectors, windows) uses it. Only a plain torch Encoder is swapped: a wrapper
                 # (rag-index add's cache of known vectors) knows which texts need the model at all, so it is kept.
-                encoder = OnnxEncoder(tmp, "onnx-fp32", threads=os.cpu_count() or 1)
+                encoder = OnnxEncoder(tmp, document_encoder, threads=os.cpu_count() or 1)
             else:
                 document_encoder = getattr(encoder, "backend", document_encoder)
         else:
@@ -346,9 +353,23 @@ def build_index(
             postings = lexical.build_postings(token_lists, params)
             postings.write(tmp, analyzer)
 
+        # Window vectors pooled from the chunk pass need the model's token vectors of every chunk: an encoder that
+        # reuses stored chunk vectors (rag-index add, index/update.py) embeds each window's text instead, and the
+        # manifest records which was done.
+        pooling_encoder = encoder if isinstance(encoder, _EncoderBase) else None
+        plan = pooled = found = None
+        if config.window_sentences > 0 and config.window_pooling == "chunk" and pooling_encoder is not None:
+            with timer.stage("windows"):
+                plan = windows_mod.plan_windows([docs[c.doc].title for c in chunks], [c.text for c in chunks],
+                                                analyzer, {term: i for i, term in enumerate(postings.vocab)},
+                                                config.window_sentences)
         with timer.stage("encode"):
             texts = [dense_text(docs[c.doc].title, c.text) for c in chunks]
-            vectors = encoder.encode_documents(texts, batch_size=config.batch_size, progress=progress)
+            if plan is not None and pooling_encoder is not None:
+                vectors, pooled, found = pooling_encoder.encode_documents_pooled(
+                    texts, plan.dense_spans, batch_size=config.batch_size, progress=progress)
+            else:
+                vectors = encoder.encode_documents(texts, batch_size=config.batch_size, progress=progress)
         encode_rate = len(chunks) / max(timer.seconds("encode"), 1e-9)
 
         with timer.stage("dense"):
@@ -361,7 +382,16 @@ def build_index(
             del index
 
         window_params = None
-        if config.window_sentences:
+        if plan is not None:
+            with timer.stage("windows"):
+                data = windows_mod.pooled_windows(plan, pooled, found, encoder,  # type: ignore[arg-type]
+                                                  window_sentences=config.window_sentences,
+                                                  batch_size=config.batch_size)
+                del plan, pooled, found
+                data.write(tmp)
+            # Planning ran before the encode, under the same stage name.
+            window_params = {**data.params, "bytes": data.nbytes(), "seconds": round(timer.seconds("windows"), 3)}
+        elif config.window_sentences:
             with timer.stage("windows"):
                 window_params = build_window_files(tmp, docs, chunks, analyzer, postings.vocab, encoder, config,
                                                    progress)
@@ -401,6 +431,7 @@ def build_index(
                 "document_encoder": document_encoder,
                 "document_encoder_requested": config.document_encoder,
                 "dense_codes": config.dense_codes,
+                "window_pooling": window_params.get("pooling") if window_params is not None else None,
             },
             "counts": {
                 "documents": len(docs),

@@ -174,8 +174,20 @@ class _EmbedBatches:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [np.asarray(r, dtype=np.int64) for r in batch["rows"]]
-        vectors = [self.encoder._embed_batch([str(t) for t in texts]) for texts in batch["texts"]]
-        return {"row": np.concatenate(rows), "vector": np.concatenate(vectors)}
+        if "spans" not in batch:
+            vectors = [self.encoder._embed_batch([str(t) for t in texts]) for texts in batch["texts"]]
+            return {"row": np.concatenate(rows), "vector": np.concatenate(vectors)}
+        # Window vectors pooled from the same pass (encode_documents_pooled): per text, its spans' vectors as raw
+        # float32 bytes, since texts have different numbers of windows and a column holds one value per text.
+        chunk_vectors: list[np.ndarray] = []
+        pooled: list[bytes] = []
+        for texts, spans in zip(batch["texts"], batch["spans"]):
+            v, per_text = self.encoder._embed_batch_pooled(
+                [str(t) for t in texts], [np.frombuffer(s, dtype=np.int64).reshape(-1, 2) for s in spans])
+            chunk_vectors.append(v)
+            pooled.extend(p.astype(np.float32).tobytes() for p in per_text)
+        return {"row": np.concatenate(rows), "vector": np.concatenate(chunk_vectors),
+                "pooled": np.array(pooled, dtype=object)}
 
 
 def _chunk_block(batch: dict[str, np.ndarray], tokens: dict[str, Any], chunk_tokens: int,
@@ -223,6 +235,22 @@ class RayEncoder(_Tokens):
         with self._session.errors("encoding"):
             for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 yield out["row"], out["vector"]
+
+    def _embed_batches_pooled(self, texts: list[str], spans: list[np.ndarray],
+                              batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray, list[np.ndarray]]]:
+        ray = self._session.ray
+        items = [{"rows": idx, "texts": [texts[i] for i in idx],
+                  "spans": [np.asarray(spans[i], dtype=np.int64).tobytes() for i in idx]} for idx in batches]
+        workers = min(self._session.workers, len(items))
+        dataset = ray.data.from_items(items, override_num_blocks=_blocks(len(items), BATCHES_PER_BLOCK, workers))
+        dataset = dataset.map_batches(
+            _EmbedBatches, fn_constructor_kwargs={"spec": self._spec}, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=self._session.options.cpus_per_worker,
+            num_gpus=self._session.options.gpus_per_worker or None)
+        with self._session.errors("encoding"):
+            for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                yield out["row"], out["vector"], [np.frombuffer(b, dtype=np.float32).reshape(-1, self.dim)
+                                                  for b in out["pooled"]]
 
 
 def _blocks(n: int, per_block: int, workers: int) -> int:

@@ -2,8 +2,11 @@
 
 MiniLM was trained on sentence pairs, so a short window matches a query better than the whole chunk does (SciFact
 prototype: window MaxSim 0.701 nDCG@10 alone against 0.648 for one vector per document). Each chunk gets its title as
-one window plus every run of `window_sentences` consecutive sentences (stride one sentence); each window is embedded
-separately at build time and stored int8 with one scale per row.
+one window plus every run of `window_sentences` consecutive sentences (stride one sentence), each with its own vector
+stored int8 with one scale per row. The vector is either the window's text embedded on its own (pooling "encode", a
+second encoder pass over the corpus) or the mean of the chunk pass's token vectors over the window's tokens (pooling
+"chunk", no second pass; the window read in its chunk's context). params["pooling"] says which; an index without the
+key was built with "encode".
 
 The analysed token stream (BM25 term ids, the same analyser and vocabulary as the BM25 index) lets the reranker
 compute term proximity, BM25 over the title and BM25 over each window without touching the text.
@@ -103,6 +106,8 @@ class ChunkWindows:
     token_spans: list[tuple[int, int]]
     tokens: list[str]
     title_length: int
+    # [start, end) of each window in the encoder's text of the chunk (chunking.dense_text(title, text)).
+    dense_spans: list[tuple[int, int]]
 
 
 def chunk_windows(analyzer: Analyzer, title: str, text: str, size: int = DEFAULT_WINDOW_SENTENCES) -> ChunkWindows:
@@ -111,9 +116,13 @@ def chunk_windows(analyzer: Analyzer, title: str, text: str, size: int = DEFAULT
     tokens = list(title_tokens)
     texts: list[str] = []
     spans: list[tuple[int, int]] = []
+    dense: list[tuple[int, int]] = []
+    # The body's offset in dense_text(title, text) = "title. text" (just the text without a title).
+    body = len(title) + 2 if title and text else 0
     if title.strip():
         texts.append(title)
         spans.append((0, len(title_tokens)))
+        dense.append((0, len(title)))
     sentences = split_sentences(text)
     starts = []  # token position where each sentence begins
     for start, end in sentences:
@@ -123,7 +132,9 @@ def chunk_windows(analyzer: Analyzer, title: str, text: str, size: int = DEFAULT
     for first, last in sentence_windows(len(sentences), size):
         texts.append(text[sentences[first][0]:sentences[last - 1][1]])
         spans.append((starts[first], starts[last]))
-    return ChunkWindows(texts=texts, token_spans=spans, tokens=tokens, title_length=len(title_tokens))
+        dense.append((body + sentences[first][0], body + sentences[last - 1][1]))
+    return ChunkWindows(texts=texts, token_spans=spans, tokens=tokens, title_length=len(title_tokens),
+                        dense_spans=dense)
 
 
 def quantize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -155,6 +166,12 @@ class WindowData:
     @property
     def n_windows(self) -> int:
         return len(self.vectors)
+
+    @property
+    def pooling(self) -> str:
+        """How the window vectors were made (POOLINGS); indexes built before the choice existed embedded each
+        window's text."""
+        return str(self.params.get("pooling", "encode"))
 
     def write(self, directory: Path) -> list[Path]:
         directory = Path(directory)
@@ -237,56 +254,114 @@ def _embed_quantized(encoder: DocumentEncoder, texts: list[str], batch_size: int
     return q, scales
 
 
-def build_windows(titles: Sequence[str], texts: Sequence[str], analyzer: Analyzer, vocab: Mapping[str, int],
-                  encoder: DocumentEncoder, *, window_sentences: int = DEFAULT_WINDOW_SENTENCES,
-                  batch_size: int = 64, progress: bool = False) -> WindowData:
-    """Windows of every chunk (titles[i], texts[i]), embedded with `encoder`, and the chunks' token streams mapped to
-    `vocab` (-1 for a token the vocabulary lacks, which cannot happen when vocab was built from the same chunks).
+# How window vectors are made (WindowData.params["pooling"]): "encode" embeds each window's text on its own, a second
+# pass over the corpus' text; "chunk" mean-pools the chunk pass's token vectors over each window's tokens, no second
+# pass (bench/README.md "Build at the limit"). An index without the key was built with "encode".
+POOLINGS = ("encode", "chunk")
+DEFAULT_POOLING = "chunk"
 
-    Identical window texts (the title of a multi-chunk document, the sentences in the overlap of two chunks) are
-    embedded once."""
+
+@dataclass
+class WindowPlan:
+    """Every chunk's windows and token streams, before any window is embedded."""
+
+    window_offsets: np.ndarray
+    window_spans: list[tuple[int, int]]
+    token_offsets: np.ndarray
+    tokens: np.ndarray
+    title_lengths: np.ndarray
+    texts: list[str]  # per window row
+    dense_spans: list[np.ndarray]  # per chunk: int64 (windows, 2) character spans in its dense_text
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.texts)
+
+
+def plan_windows(titles: Sequence[str], texts: Sequence[str], analyzer: Analyzer, vocab: Mapping[str, int],
+                 window_sentences: int = DEFAULT_WINDOW_SENTENCES) -> WindowPlan:
+    """Windows of every chunk (titles[i], texts[i]) and the chunks' token streams mapped to `vocab` (-1 for a token
+    the vocabulary lacks, which cannot happen when vocab was built from the same chunks)."""
     if window_sentences < 1:
         raise ValueError(f"window_sentences must be >= 1, got {window_sentences}")
     if len(titles) != len(texts):
         raise ValueError(f"{len(titles)} titles for {len(texts)} texts")
-    unique: dict[str, int] = {}
-    window_rows: list[int] = []
+    window_texts: list[str] = []
     spans: list[tuple[int, int]] = []
+    dense: list[np.ndarray] = []
     w_off = np.zeros(len(texts) + 1, dtype=np.int64)
     t_off = np.zeros(len(texts) + 1, dtype=np.int64)
     token_ids: list[np.ndarray] = []
     title_lengths = np.zeros(len(texts), dtype=np.int32)
     for i, (title, text) in enumerate(zip(titles, texts)):
         cw = chunk_windows(analyzer, title, text, window_sentences)
-        for window in cw.texts:
-            window_rows.append(unique.setdefault(window, len(unique)))
+        window_texts.extend(cw.texts)
         spans.extend(cw.token_spans)
+        dense.append(np.asarray(cw.dense_spans, dtype=np.int64).reshape(-1, 2))
         w_off[i + 1] = w_off[i] + len(cw.texts)
         ids = np.fromiter((vocab.get(t, -1) for t in cw.tokens), dtype=np.int32, count=len(cw.tokens))
         token_ids.append(ids)
         t_off[i + 1] = t_off[i] + len(ids)
         title_lengths[i] = cw.title_length
-    q, scales = _embed_quantized(encoder, list(unique), batch_size, progress)
-    del unique
-    rows = np.asarray(window_rows, dtype=np.int64)
-    dim = int(encoder.dim)
+    return WindowPlan(window_offsets=w_off, window_spans=spans, token_offsets=t_off,
+                      tokens=np.concatenate(token_ids) if token_ids else np.zeros(0, np.int32),
+                      title_lengths=title_lengths, texts=window_texts, dense_spans=dense)
+
+
+def _assemble(plan: WindowPlan, q: np.ndarray, scales: np.ndarray, dim: int, window_sentences: int,
+              extra: dict[str, Any]) -> WindowData:
     params = {
         "window_sentences": window_sentences,
         "stride_sentences": 1,
         "title_window": True,
         "storage": STORAGE,
         "dim": dim,
-        "windows": int(len(rows)),
-        "unique_windows": int(len(q)),
-        "tokens": int(t_off[-1]),
+        "windows": plan.n_windows,
+        **extra,
+        "tokens": int(plan.token_offsets[-1]),
     }
     return WindowData(
-        window_offsets=w_off,
-        vectors=q[rows] if len(rows) else np.zeros((0, dim), np.int8),
-        scales=scales[rows] if len(rows) else np.zeros(0, np.float32),
-        window_spans=np.asarray(spans, dtype=np.int32).reshape(-1, 2),
-        token_offsets=t_off,
-        tokens=np.concatenate(token_ids) if token_ids else np.zeros(0, np.int32),
-        title_lengths=title_lengths,
+        window_offsets=plan.window_offsets,
+        vectors=q if len(q) else np.zeros((0, dim), np.int8),
+        scales=scales if len(scales) else np.zeros(0, np.float32),
+        window_spans=np.asarray(plan.window_spans, dtype=np.int32).reshape(-1, 2),
+        token_offsets=plan.token_offsets,
+        tokens=plan.tokens,
+        title_lengths=plan.title_lengths,
         params=params,
     )
+
+
+def build_windows(titles: Sequence[str], texts: Sequence[str], analyzer: Analyzer, vocab: Mapping[str, int],
+                  encoder: DocumentEncoder, *, window_sentences: int = DEFAULT_WINDOW_SENTENCES,
+                  batch_size: int = 64, progress: bool = False) -> WindowData:
+    """Windows of every chunk, each window's text embedded with `encoder` on its own (pooling "encode").
+
+    Identical window texts (the title of a multi-chunk document, the sentences in the overlap of two chunks) are
+    embedded once."""
+    plan = plan_windows(titles, texts, analyzer, vocab, window_sentences)
+    unique: dict[str, int] = {}
+    rows = np.fromiter((unique.setdefault(t, len(unique)) for t in plan.texts), dtype=np.int64,
+                       count=plan.n_windows)
+    q, scales = _embed_quantized(encoder, list(unique), batch_size, progress)
+    n_unique = len(unique)
+    del unique
+    return _assemble(plan, q[rows], scales[rows], int(encoder.dim), window_sentences,
+                     {"pooling": "encode", "unique_windows": n_unique})
+
+
+def pooled_windows(plan: WindowPlan, pooled: np.ndarray, found: np.ndarray, encoder: DocumentEncoder, *,
+                   window_sentences: int, batch_size: int = 64) -> WindowData:
+    """Windows whose vectors were mean-pooled from their chunk's token vectors (pooling "chunk":
+    encode_documents_pooled over the chunks' dense texts with plan.dense_spans). A window with no token inside the
+    model's input (past max_seq_length in a chunk whose title is long) is embedded from its own text instead."""
+    pooled = np.asarray(pooled, dtype=np.float32)
+    if pooled.shape != (plan.n_windows, int(encoder.dim)) or len(found) != plan.n_windows:
+        raise ValueError(f"pooled window vectors {pooled.shape} for {plan.n_windows} windows of dim {encoder.dim}")
+    missing = np.flatnonzero(~np.asarray(found, dtype=bool))
+    if len(missing):
+        pooled = pooled.copy()
+        pooled[missing] = encoder.encode_documents([plan.texts[i] for i in missing], batch_size=batch_size)
+    q, scales = quantize_rows(pooled)
+    return _assemble(plan, q, scales, int(encoder.dim), window_sentences,
+                     {"pooling": "chunk", "encoded_separately": int(len(missing))})
