@@ -11,8 +11,9 @@ count): parse the request, `SearchParams.from_defaults`, `searcher.search`, buil
 - `aio`: `grpc.aio.server`, the search on a `workers`-thread pool through `run_in_executor` (what rag-serve does);
 - `aio+uvloop`: the same on uvloop's event loop;
 - `sync`: `grpc.server` with a `workers`-thread pool, the search in the handler thread;
-and `rag-serve` itself (interceptors, admission, cache bypassed per request, metrics), for the cost of everything
-around the search. For each design it measures an empty call (health Check, one client) and the miss path in closed
+and `rag-serve` itself (guards, admission, cache bypassed per request, metrics), for the cost of everything around
+the search, on asyncio and with `event_loop = "uvloop"`. For each design it measures an empty call (health Check,
+one client) and the miss path in closed
 loop at each client count (N client tasks on one grpc.aio channel each, in this process): throughput, p50 and p99.
 Designs alternate within each round, so drift on a shared machine hits them alike.
 """
@@ -173,8 +174,12 @@ def main() -> None:
             children.append(child)
         # Closed loop never offers more than `clients` requests: lift rag-serve's queue limit so that it queues as
         # the bare designs do instead of shedding (admission is measured on its own in the overload runs).
-        with ServerProcess(args.index, workers=args.workers, extra_env={"RAG_MAX_QUEUED": "64"}) as rag:
+        lifted = {"RAG_MAX_QUEUED": "64"}
+        uv = {**lifted, "RAG_EVENT_LOOP": "uvloop"}
+        with ServerProcess(args.index, workers=args.workers, extra_env=lifted) as rag, \
+                ServerProcess(args.index, workers=args.workers, extra_env=uv) as rag_uv:
             targets["rag-serve"] = rag.target
+            targets["rag-serve+uvloop"] = rag_uv.target
             names = list(targets)
             empty: dict[str, list[float]] = {n: [] for n in names}
             loops: dict[tuple[str, int], list[float]] = {(n, c): [] for n in names for c in clients}
@@ -185,23 +190,23 @@ def main() -> None:
                     empty[name] += asyncio.run(empty_calls(targets[name], 300))
                 for c in clients:
                     for name in order:
-                        requests = bypass if name == "rag-serve" else plain
+                        requests = bypass if name.startswith("rag-serve") else plain
                         lat, rate = asyncio.run(closed_loop(targets[name], requests, c, args.seconds))
                         loops[(name, c)] += lat
                         rates[(name, c)].append(rate)
-                        print(f"round {r} {name:<11} {c} clients: {rate:6.1f}/s p50 "
+                        print(f"round {r} {name:<16} {c} clients: {rate:6.1f}/s p50 "
                               f"{np.percentile(lat, 50) * 1e3:.2f} ms", flush=True)
     finally:
         stop_processes(children)
 
     rows = []
     base = "aio"
-    print(f"\n{'design':<11} {'what':<12} {'per s':>7} {'p50 ms':>8} {'p99 ms':>8} {'p50 x':>6} {'p99 x':>6}")
+    print(f"\n{'design':<16} {'what':<12} {'per s':>7} {'p50 ms':>8} {'p99 ms':>8} {'p50 x':>6} {'p99 x':>6}")
     b50, b99 = np.percentile(np.asarray(empty[base]) * 1e3, [50, 99])
     for name in names:
         p50, p99 = np.percentile(np.asarray(empty[name]) * 1e3, [50, 99])
         rows.append({"design": name, "what": "empty call", "p50_ms": p50, "p99_ms": p99})
-        print(f"{name:<11} {'empty call':<12} {'':>7} {p50:8.3f} {p99:8.3f} {p50 / b50:6.2f} {p99 / b99:6.2f}")
+        print(f"{name:<16} {'empty call':<12} {'':>7} {p50:8.3f} {p99:8.3f} {p50 / b50:6.2f} {p99 / b99:6.2f}")
     for c in clients:
         b50, b99 = np.percentile(np.asarray(loops[(base, c)]) * 1e3, [50, 99])
         for name in names:
@@ -209,7 +214,7 @@ def main() -> None:
             p50, p99 = np.percentile(ms, [50, 99])
             rate = float(np.mean(rates[(name, c)]))
             rows.append({"design": name, "what": f"{c} clients", "per_s": rate, "p50_ms": p50, "p99_ms": p99})
-            print(f"{name:<11} {f'{c} clients':<12} {rate:7.1f} {p50:8.2f} {p99:8.2f} {p50 / b50:6.2f} "
+            print(f"{name:<16} {f'{c} clients':<12} {rate:7.1f} {p50:8.2f} {p99:8.2f} {p50 / b50:6.2f} "
                   f"{p99 / b99:6.2f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

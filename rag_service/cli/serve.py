@@ -94,7 +94,15 @@ def main(index, host, port, workers, config_file, metrics_port, shards, log_leve
         click.echo(to_toml(config), nl=False)
         return
     try:
-        asyncio.run(_serve(config))
+        if config.event_loop == "uvloop":
+            try:
+                import uvloop
+            except ImportError as error:
+                raise click.ClickException("event_loop = 'uvloop' needs the uvloop package "
+                                           "(pip install 'rag-service[uvloop]')") from error
+            uvloop.run(_serve(config))
+        else:
+            asyncio.run(_serve(config))
     except (RagError, OSError, ValueError) as error:
         raise click.ClickException(str(error)) from error
 

@@ -237,6 +237,9 @@ class ServerConfig(BaseSettings):
         "a queue of q requests adds up to q/workers service times to every admitted request. One per default worker "
         "absorbs bursts and keeps the admitted p99 near nominal under 2x overload (bench/experiments/overload.py; "
         "figures in bench/README.md).")
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        "asyncio", description="The event loop that carries gRPC calls: Python's asyncio, or uvloop (needs the uvloop "
+        "package: pip install 'rag-service[uvloop]'); bench/experiments/server_loop.py measures both.")
     max_message_bytes: int = Field(1 << 20, ge=1024, description="Largest gRPC message received or sent, in bytes.")
     grace_seconds: float = Field(10.0, ge=0.0, description="On SIGTERM, calls in flight get this long to finish "
                                  "before the server stops.")
