@@ -113,8 +113,12 @@ def ort_optimized(index_dir: Path, work: Path, quantize: str) -> Path:
     if not quantize:
         return fp32
     int8 = work / f"encoder-opt-{quantize}.onnx"
-    if not int8.is_file():
-        kept = quantize_optimized(fp32, int8, attention=quantize == "int8-attn")
+    if not int8.is_file() and quantize == "int8-attn":
+        # The server's onnx-int8-fused recipe itself.
+        info = onnx_export.fuse_and_quantize(index_dir / onnx_export.FP32_FILE, int8)
+        print(f"  {int8.name}: fused {info['fused']}, kept in fp32 {info['kept_fp32']}", flush=True)
+    elif not int8.is_file():
+        kept = quantize_optimized(fp32, int8, attention=False)
         print(f"  {int8.name}: kept in fp32 {kept}", flush=True)
     return int8
 
