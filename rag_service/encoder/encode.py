@@ -370,8 +370,9 @@ class OnnxEncoder(_EncoderBase):
 
     def _feeds(self, texts: list[str]) -> dict[str, np.ndarray]:
         """The model's int64 inputs, each made once. One text (every server request) pads to nothing: its mask is
-        all ones and its type ids all zeros, so they are made from the ids' shape rather than copied token by token
-        from the encoding; a batch pads to its longest text."""
+        all ones, so it is made from the ids' shape rather than copied token by token from the encoding; a batch
+        pads to its longest text. Type ids are zeros: the tokenizer's single-sequence template gives every token type
+        0 (tests/test_encoder_backends.py checks it against the tokenizer's own arrays)."""
         if len(texts) == 1:
             ids = np.array(self._tokenizer.encode(texts[0]).ids, dtype=np.int64)[None, :]
             mask = np.ones_like(ids)

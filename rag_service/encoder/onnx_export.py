@@ -10,6 +10,11 @@ Files written into a directory (flat, so the index manifest lists and checksums 
     encoder_tokenizer.json  the HF fast tokenizer, with the model's truncation length in encoder.json
     encoder.json            model name, dim, max_seq_length, opset, quantization settings
 
+Derived from encoder.onnx when a query encoder loads (derived_model), cached outside the index, never per request:
+    encoder-int8-fused.onnx  ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, BiasGelu), then
+                             the int8 recipe below: the server's default query encoder (bench/README.md, "Issue 15",
+                             "Query encoder: onnxruntime, optimised graph, OpenVINO")
+
 int8 recipe (bench/README.md, "Issue 5"): only the weight MatMuls are quantized, per output channel, except those of
 the first transformer layer. Per-tensor scales lose too much (SciFact queries: mean cosine to fp32 0.959) because a few
 output channels of MiniLM's weights are far larger than the rest; per-channel scales bring it to 0.993, which still
