@@ -196,16 +196,16 @@ def test_auto_document_encoder_follows_the_cpu(amx, monkeypatch, encoder, tmp_pa
 
 
 @pytest.mark.slow
-def test_server_encodes_queries_with_onnx_int8_by_default(built_index, server_thread):
+def test_server_encodes_queries_with_fused_onnx_int8_by_default(built_index, server_thread):
     from rag_service.core.config import ServerConfig
     from rag_service.pb.rag.v1 import retrieval_pb2 as pb
     from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
     config = ServerConfig(index=built_index, port=0, warmup_queries=1)
-    assert config.encoder.backend == "onnx-int8"
+    assert config.encoder.backend == "onnx-int8-fused"
     with server_thread(config, None) as running:
         encoder = running.server.servicer.pipeline.encoder
-        assert isinstance(encoder, OnnxEncoder) and encoder.backend == "onnx-int8"
+        assert isinstance(encoder, OnnxEncoder) and encoder.backend == "onnx-int8-fused"
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             reply = pb_grpc.RetrieverStub(channel).Search(
                 pb.SearchRequest(query="why are mountain glaciers melting", top_k=3), timeout=30)

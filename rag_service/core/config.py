@@ -103,13 +103,16 @@ class CacheConfig(BaseModel):
 
 
 class EncoderSettings(BaseModel):
-    """The query encoder. The int8 ONNX export in the index is ~4x faster than torch at nDCG@10 within 0.5 point
-    (bench/README.md, "Issue 5"); torch is sentence-transformers itself, the reference."""
+    """The query encoder. The int8 ONNX graphs are ~2-4x faster than torch at dense nDCG@10 within 0.3 point of fp32
+    (bench/README.md, "Issue 5"; "Issue 15", "Query encoder"); torch is sentence-transformers itself, the reference."""
 
-    backend: Literal["onnx-int8", "onnx-fp32", "torch"] = Field(
-        "onnx-int8", description="onnx-int8 or onnx-fp32: the ONNX export inside the index (an index without one "
-        "falls back to torch, with a warning); torch: sentence-transformers, the reference (and the GPU when there "
-        "is one).")
+    backend: Literal["onnx-int8-fused", "onnx-int8", "onnx-fp32", "torch"] = Field(
+        "onnx-int8-fused", description="onnx-int8-fused: the index's fp32 ONNX export with ONNX Runtime's fused "
+        "transformer operators, quantized to int8; derived once when the server loads and cached outside the index "
+        "($RAG_ONNX_CACHE, else ~/.cache/rag-service/onnx/derived), falling back to onnx-int8 with a warning where it "
+        "cannot be. onnx-int8 or onnx-fp32: the ONNX export inside the index as it is. An index without an export "
+        "falls back to torch, with a warning. torch: sentence-transformers, the reference (and the GPU when there is "
+        "one).")
     threads: int = Field(1, ge=1, description="ONNX Runtime threads per query encode; one per request keeps "
                          "concurrent requests from contending for cores.")
     model_path: str | None = Field(None, description="The torch model to load (a directory or model name); unset: "

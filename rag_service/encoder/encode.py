@@ -425,7 +425,8 @@ class Encoder(_EncoderBase):
 
 
 class OnnxEncoder(_EncoderBase):
-    """The exported sentence embedding (rag_service.encoder.onnx_export) run by ONNX Runtime: fp32 or int8.
+    """The exported sentence embedding (rag_service.encoder.onnx_export) run by ONNX Runtime: fp32, int8, or int8 on
+    the graph with fused transformer operators (onnx-int8-fused, derived from the fp32 graph when it loads).
 
     Same interface as Encoder. Thread safety: the tokenizer's truncation/padding are set here once and never changed,
     and InferenceSession.run may be called from several threads at once, so no lock is needed.
@@ -454,7 +455,9 @@ class OnnxEncoder(_EncoderBase):
         self.max_seq_length: int = int(config["max_seq_length"])
         self.num_special_tokens: int = int(config["num_special_tokens"])
         self.threads = threads
-        self.model_file = directory / onnx_export.ONNX_FILE_FOR[kind]
+        # A derived kind's model is made from the export's fp32 graph on first load and cached (derived_model).
+        self.model_file = (onnx_export.derived_model(directory, kind) if kind in onnx_export.DERIVED_KINDS
+                           else directory / onnx_export.ONNX_FILE_FOR[kind])
         tokenizer_file = str(directory / onnx_export.TOKENIZER_FILE)
         self._counter = Tokenizer.from_file(tokenizer_file)
         self._counter.no_truncation()
@@ -481,12 +484,27 @@ class OnnxEncoder(_EncoderBase):
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
-        encodings = self._tokenizer.encode_batch(texts)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        feeds = {"input_ids": ids,
-                 "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-                 "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
-        (embeddings,) = self._session.run(None, {k: feeds[k] for k in self._inputs})
+        return self._run(self._feeds(texts))
+
+    def _feeds(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """The model's int64 inputs, each made once. One text (every server request) pads to nothing: its mask is
+        all ones, so it is made from the ids' shape rather than copied token by token from the encoding; a batch
+        pads to its longest text. Type ids are zeros: the tokenizer's single-sequence template gives every token type
+        0 (tests/test_encoder_backends.py checks it against the tokenizer's own arrays)."""
+        if len(texts) == 1:
+            ids = np.array(self._tokenizer.encode(texts[0]).ids, dtype=np.int64)[None, :]
+            mask = np.ones_like(ids)
+            types = np.zeros_like(ids)
+        else:
+            encodings = self._tokenizer.encode_batch(texts)
+            ids = np.array([e.ids for e in encodings], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+            types = np.zeros_like(ids)
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return {k: feeds[k] for k in self._inputs}
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        (embeddings,) = self._session.run(None, feeds)
         return np.ascontiguousarray(embeddings, dtype=np.float32)
 
 
@@ -567,4 +585,12 @@ def load_index_encoder(kind: str, index_dir: Path | str, model_path: str | None 
         log.warning("%s holds no ONNX encoder export; encoding queries with torch (slower). Rebuild the index "
                     "with rag-index build to get %s", index_dir, kind)
         kind = "torch"
+    if kind in onnx_export.DERIVED_KINDS:
+        try:
+            return load_encoder(kind, index_dir, model_path, threads)
+        except (ValueError, OSError) as exc:
+            # A model the optimizer cannot fuse, or a cache that cannot be written: the export's own int8 graph
+            # serves the same vectors within the same tolerance, only slower.
+            log.warning("%s: cannot derive the %s query encoder (%s); using onnx-int8", index_dir, kind, exc)
+            kind = "onnx-int8"
     return load_encoder(kind, index_dir, model_path, threads)

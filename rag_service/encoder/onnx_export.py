@@ -10,6 +10,11 @@ Files written into a directory (flat, so the index manifest lists and checksums 
     encoder_tokenizer.json  the HF fast tokenizer, with the model's truncation length in encoder.json
     encoder.json            model name, dim, max_seq_length, opset, quantization settings
 
+Derived from encoder.onnx when a query encoder loads (derived_model), cached outside the index, never per request:
+    encoder-int8-fused.onnx  ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, BiasGelu), then
+                             the int8 recipe below: the server's default query encoder (bench/README.md, "Issue 15",
+                             "Query encoder: onnxruntime, optimised graph, OpenVINO")
+
 int8 recipe (bench/README.md, "Issue 5"): only the weight MatMuls are quantized, per output channel, except those of
 the first transformer layer. Per-tensor scales lose too much (SciFact queries: mean cosine to fp32 0.959) because a few
 output channels of MiniLM's weights are far larger than the rest; per-channel scales bring it to 0.993, which still
@@ -47,9 +52,14 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "sentence_embedding"
 OPSET = 17
 
-# Query encoder kinds, fastest first; "torch" is sentence-transformers itself (the reference).
-ENCODER_KINDS = ("onnx-int8", "onnx-fp32", "torch")
-ONNX_FILE_FOR = {"onnx-fp32": FP32_FILE, "onnx-int8": INT8_FILE}
+# Derived from FP32_FILE when an encoder loads (derived_model), cached outside the index: not one of FILES, so
+# indexes built before it, and their checksums, stay as they are.
+FUSED_INT8_FILE = "encoder-int8-fused.onnx"
+
+# Query encoder kinds; "torch" is sentence-transformers itself (the reference).
+ENCODER_KINDS = ("onnx-int8-fused", "onnx-int8", "onnx-fp32", "torch")
+ONNX_FILE_FOR = {"onnx-fp32": FP32_FILE, "onnx-int8": INT8_FILE, "onnx-int8-fused": FUSED_INT8_FILE}
+DERIVED_KINDS = frozenset({"onnx-int8-fused"})
 
 
 @dataclass(frozen=True)
@@ -245,3 +255,113 @@ def copy_export(source: Path | str, destination: Path | str) -> list[Path]:
 
 def has_export(directory: Path | str) -> bool:
     return all(os.path.isfile(Path(directory) / n) for n in FILES)
+
+
+def attention_shape(fp32_path: Path) -> tuple[int, int]:
+    """(num_heads, hidden_size) of an exported BERT-style graph, which the optimizer's attention fusion needs and
+    cannot detect in torch.onnx.export's dynamic-shape graphs: hidden_size is the width of layer 0's query
+    projection, and the head size the last dimension its output is reshaped to ((batch, sequence, -1, head_size))."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    weights = {init.name: init for init in graph.initializer}
+    hidden = head = 0
+    for node in graph.node:
+        if node.op_type == "MatMul" and "layer.0/attention/self/query/" in node.name:
+            weight = weights.get(node.input[1])
+            if weight is not None and len(weight.dims) == 2:
+                hidden = int(weight.dims[1])
+        if node.op_type == "Reshape" and "layer.0/attention/self/" in node.name and not head:
+            concat = producer.get(node.input[1])
+            last = producer.get(concat.input[-1]) if concat is not None and concat.op_type == "Concat" else None
+            if last is not None and last.op_type == "Constant":
+                value = numpy_helper.to_array(last.attribute[0].t).reshape(-1)
+                head = int(value[0]) if value.size == 1 and value[0] > 0 else 0
+    if not hidden or not head or hidden % head:
+        raise ValueError(f"{fp32_path}: cannot read the attention shape (hidden size {hidden}, head size {head})")
+    return hidden // head, hidden
+
+
+def fuse_and_quantize(fp32_path: Path, out_path: Path) -> dict[str, Any]:
+    """The fp32 export through ONNX Runtime's transformer optimizer (model_type bert: one Attention node per layer,
+    SkipLayerNormalization, BiasGelu, EmbedLayerNormalization), then dynamic int8 per channel of the MatMuls and the
+    fused Attention projections, with the export's recipe: layer 0 stays fp32 (see the module docstring). The fusion
+    renames each layer's attention projections into one node named Attention_N, so layer 0's is the first in graph
+    order; its other MatMuls keep their layer.0 names."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    num_heads, hidden_size = attention_shape(fp32_path)
+    # opt_level 0: only the fusions, which are portable; ONNX Runtime's own passes run when the session loads, for
+    # the CPU it runs on.
+    optimized = optimize_model(str(fp32_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                               opt_level=0)
+    fused = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+    if not fused.get("Attention"):
+        raise ValueError(f"{fp32_path}: the transformer optimizer fused no attention ({fused}); use onnx-int8")
+    graph = optimized.model.graph
+    excluded = [n.name for n in graph.node if n.op_type == "MatMul" and any(k in n.name for k in DEFAULT_KEEP_FP32)]
+    excluded += [n.name for n in graph.node if n.op_type == "Attention"][:1]
+    with tempfile.TemporaryDirectory(prefix="fuse-", dir=out_path.parent) as tmp:
+        fused_path = Path(tmp) / "fused.onnx"
+        optimized.save_model_to_file(str(fused_path))
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            # The fused operators are in the com.microsoft domain, where shape inference gives no types: their
+            # outputs are float, which DefaultTensorType tells the quantizer.
+            quantize_dynamic(str(fused_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=excluded,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        finally:
+            root.setLevel(level)
+    return {"fused": fused, "num_heads": num_heads, "hidden_size": hidden_size, "method": "dynamic",
+            "weight_type": "int8", "per_channel": True,
+            "op_types": ["MatMul", "Attention"], "kept_fp32": excluded}
+
+
+# Bump when fuse_and_quantize changes, so models derived by the old recipe are not reused.
+DERIVED_RECIPE = 1
+
+
+def derived_model(directory: Path | str, kind: str, cache_dir: Path | str | None = None) -> Path:
+    """The model file of a derived kind for the export in `directory`: that file where the export holds it, else
+    made from its FP32_FILE once and cached under `cache_dir` (default: default_cache_dir()/derived), keyed by the fp32
+    file's contents, the recipe and ONNX Runtime's version. Called when an encoder loads, never per request; an
+    index folder is never written to. A fresh file is written beside its cache entry and renamed into place, so
+    concurrent loads never read half of one."""
+    import hashlib
+
+    import onnxruntime
+
+    if kind not in DERIVED_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(sorted(DERIVED_KINDS))}, got {kind!r}")
+    directory = Path(directory)
+    name = ONNX_FILE_FOR[kind]
+    if (directory / name).is_file():
+        return directory / name
+    digest = hashlib.sha256(f"{DERIVED_RECIPE}\0{onnxruntime.__version__}\0{kind}\0".encode())
+    with open(directory / FP32_FILE, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "derived"
+    target = root / digest.hexdigest()[:16] / name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    fd, work = tempfile.mkstemp(prefix=f".{name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        info = fuse_and_quantize(directory / FP32_FILE, Path(work))
+        os.replace(work, target)
+    finally:
+        if os.path.exists(work):
+            os.unlink(work)
+    log.info("derived %s from %s in %.1fs (fused %s); cached at %s", kind, directory / FP32_FILE,
+             time.perf_counter() - started, info["fused"], target)
+    return target
