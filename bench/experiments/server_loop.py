@@ -7,7 +7,7 @@
 Starts one child process per design, each serving the same minimal `Retriever.Search` over the same searcher
 (`load_searcher` with the index and rag-serve's default configuration, so the same pipeline, encoder and worker
 count): parse the request, `SearchParams.from_defaults`, `searcher.search`, build the reply with rag-serve's own
-`to_context`. Nothing else differs but the loop that carries the call:
+`to_context` (api/reply.py's plain path). Nothing else differs but the loop that carries the call:
 - `aio`: `grpc.aio.server`, the search on a `workers`-thread pool through `run_in_executor` (what rag-serve does);
 - `aio+uvloop`: the same on uvloop's event loop;
 - `sync`: `grpc.server` with a `workers`-thread pool, the search in the handler thread;
@@ -45,7 +45,7 @@ import asyncio, concurrent.futures, sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rag_service.api.loader import load_searcher
-from rag_service.api.server import to_context
+from rag_service.api.reply import to_context
 from rag_service.core.config import ServerConfig
 from rag_service.core.params import SearchParams
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb, retrieval_pb2_grpc as pb_grpc

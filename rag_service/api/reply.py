@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from rag_service.core.params import ContextResult, SearchResult
 from rag_service.index.reply_bytes import (
@@ -83,7 +83,7 @@ def _layout(keys: tuple[str, ...]) -> tuple[struct.Struct, tuple[bytes, ...]]:
     return layout
 
 
-def _features(features: dict[str, float]) -> bytes:
+def _features(features: Mapping[str, float]) -> bytes:
     packer, prefixes = _layout(tuple(features))
     values = list(features.values())
     try:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from rag_service.core.params import FeatureRow
 from rag_service.index.windows import WindowData
 from rag_service.kernels import native
 from rag_service.kernels.reference import RERANK_FEATURES, RERANK_LOCAL_FEATURES
@@ -211,8 +212,8 @@ class Reranked:
     features: np.ndarray
     order: np.ndarray  # positions in the input candidate list
 
-    def feature_dict(self, i: int) -> dict[str, float]:
-        return {name: float(v) for name, v in zip(FEATURES, self.features[i].tolist())}
+    def feature_dict(self, i: int) -> FeatureRow:
+        return FeatureRow(FEATURES, self.features[i])
 
 
 def rerank(store: RerankStore, model: RerankModel, query: str, query_vector: np.ndarray, candidates: np.ndarray,
