@@ -58,6 +58,9 @@ class Pipeline(SearcherBase):
     # The first stage as one native call (BM25, the dense scan of a flat index, fusion) when the C++ kernels are in
     # use; False keeps the stage-by-stage path (numba BM25, faiss, fusion), e.g. to compare the two.
     native_first_stage: bool = True
+    # With a rerank store, the first stage, the confidence rule and the rerank as one native call (search_core);
+    # False keeps them as two (retrieve, then the rerank), e.g. to compare the two.
+    native_one_call: bool = True
 
     def __init__(self, index: Index, encoder: SearchEncoder, rerank_model: rerank_mod.RerankModel | None = None,
                  policy: adaptive.AdaptivePolicy | None = None) -> None:
@@ -161,7 +164,7 @@ class Pipeline(SearcherBase):
         """Whether this request's first stage, confidence rule and rerank run as one native call: on C++, with a
         rerank store, and for a request whose rerank decision does not need the first stage's duration (no
         budget; a budgeted one decides its affordable depth in between, so it keeps two calls)."""
-        return (self.native_first_stage and self.rerank_store is not None and self.rerank_model is not None
+        return (self.native_first_stage and self.native_one_call and self.rerank_store is not None and self.rerank_model is not None
                 and not early.budgeted and (early.confidence is None or early.confidence[0] >= 0)
                 and native.retrieve_backend() == "cpp"
                 and native.search_core_backend(self.rerank_store.core) == "cpp")
