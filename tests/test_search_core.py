@@ -18,8 +18,9 @@ from rag_service.search.pipeline import Pipeline
 
 pytestmark = pytest.mark.skipif(native.retrieve_backend("auto") != "cpp", reason="needs the C++ extension")
 
-WORDS = ("glacier ice valley volcano lava ash earthquake fault plant sunlight dna helix roman water printing "
-         "press light speed gravity mass bridge cable coffee bean bread yeast unknownword the of a").split()
+WORDS = ["glacier", "ice", "valley", "volcano", "lava", "ash", "earthquake", "fault", "plant", "sunlight", "dna",
+         "helix", "roman", "water", "printing", "press", "light", "speed", "gravity", "mass", "bridge", "cable",
+         "coffee", "bean", "bread", "yeast", "unknownword", "the", "of", "a"]
 FILTERS = (None, {"topic": "geology"}, {"topic": "no such topic"})
 
 
