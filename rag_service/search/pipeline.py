@@ -165,7 +165,8 @@ class Pipeline(SearcherBase):
         rerank store, and for a request whose rerank decision does not need the first stage's duration (no
         budget; a budgeted one decides its affordable depth in between, so it keeps two calls)."""
         return (self.native_first_stage and self.native_one_call and self.rerank_store is not None
-                and self.rerank_model is not None and not early.budgeted and (early.confidence is None or early.confidence[0] >= 0)
+                and self.rerank_model is not None and not early.budgeted
+                and (early.confidence is None or early.confidence[0] >= 0)
                 and native.retrieve_backend() == "cpp"
                 and native.search_core_backend(self.rerank_store.core) == "cpp")
 
