@@ -22,6 +22,7 @@
 #include "src/rerank_core.hpp"
 
 #include "src/retrieve.hpp"
+#include "src/search_core.hpp"
 #include "src/simd.hpp"
 #if defined(RAG_HAS_CUDA)
 #include "cuda/device.hpp"
@@ -572,15 +573,20 @@ public:
         return py::make_tuple(ids, scores, features, order);
     }
 
-private:
-    py::array query_of(const py::handle& obj) const {
-        py::array query = checked_vector<float>(obj, "query", "float32");
+    // For search_core, which reranks with what this object holds.
+    const rag::LocalStore& store() const { return store_; }
+    const py::array& dense_vectors() const { return keep_[7]; }
+
+    py::array query_of(const py::handle& obj, const char* name = "query") const {
+        py::array query = checked_vector<float>(obj, name, "float32");
         if (len(query) != store_.windows.d) {
-            fail("query must have " + std::to_string(store_.windows.d) + " entries (the vectors' dimension), got " +
-                 std::to_string(len(query)));
+            fail(std::string(name) + " must have " + std::to_string(store_.windows.d) +
+                 " entries (the vectors' dimension), got " + std::to_string(len(query)));
         }
         return query;
     }
+
+private:
 
     // tokens, token_offsets, title_lengths, window_offsets, window_spans, window_vectors, window_scales, dense_vectors
     py::array keep_[8];
@@ -765,70 +771,155 @@ py::tuple dense_top(const py::handle& vectors, const py::handle& query, const py
     return hits_to_numpy(std::move(hits));
 }
 
-py::tuple retrieve(const py::handle& indptr, const py::handle& docs, const py::handle& weights, std::int64_t n_docs,
-                   const py::handle& term_ids_obj, const py::handle& mask_obj, std::int64_t depth,
-                   const py::handle& vectors, const py::handle& query, const py::handle& codes,
-                   const py::handle& code_scale, const py::handle& code_base, std::int64_t oversample,
-                   const py::handle& dense_ids, const py::handle& dense_scores, const std::string& method,
-                   double dense_weight, std::int64_t top_k, double rrf_k, const std::string& simd) {
-    const PostingsArgs p = postings_arg(indptr, docs, weights, n_docs);
-    const py::array terms = checked_vector<std::int64_t>(term_ids_obj, "term_ids", "int64");
-    py::object mask_keep;
-    const std::uint8_t* mask = mask_arg(mask_obj, p.postings.n_docs, mask_keep);
-    rag::DenseSource source;
+// retrieve()'s arguments, checked; the arrays are kept alive by the struct.
+struct FirstStageArgs {
+    PostingsArgs p;
+    py::object terms, mask;
+    const std::uint8_t* mask_data = nullptr;
     DenseArgs dense;
-    py::object given[2];
-    const bool scan = !vectors.is_none() || !query.is_none();
-    if (scan) {
+    py::object given[2];  // the dense list passed in (or empty) when there is no scan
+    bool scan = false;
+    rag::DenseSource source;
+    rag::FusionParams fusion;
+    rag::simd::Level level = rag::simd::Level::kScalar;
+};
+
+// Filled in place: source.rows points into dense.
+void first_stage_arg(FirstStageArgs& a, const py::handle& indptr, const py::handle& docs, const py::handle& weights,
+                     std::int64_t n_docs, const py::handle& term_ids_obj, const py::handle& mask_obj,
+                     const py::handle& vectors, const py::handle& query, const py::handle& codes,
+                     const py::handle& code_scale, const py::handle& code_base, std::int64_t oversample,
+                     const py::handle& dense_ids, const py::handle& dense_scores, const std::string& method,
+                     double dense_weight, std::int64_t top_k, double rrf_k, const std::string& simd) {
+    a.p = postings_arg(indptr, docs, weights, n_docs);
+    a.terms = checked_vector<std::int64_t>(term_ids_obj, "term_ids", "int64");
+    a.mask_data = mask_arg(mask_obj, a.p.postings.n_docs, a.mask);
+    a.scan = !vectors.is_none() || !query.is_none();
+    if (a.scan) {
         if (vectors.is_none() || query.is_none()) fail("vectors and query come together (both None or both arrays)");
         if (!dense_ids.is_none() || !dense_scores.is_none()) {
             fail("dense_ids and dense_scores must be None when vectors are scanned");
         }
-        dense = dense_arg(vectors, query, codes, code_scale, code_base);
-        if (dense.rows.n != p.postings.n_docs) {
+        a.dense = dense_arg(vectors, query, codes, code_scale, code_base);
+        if (a.dense.rows.n != a.p.postings.n_docs) {
             fail("vectors must have one row per chunk (n_docs = " + std::to_string(n_docs) + "), got " +
-                 std::to_string(dense.rows.n));
+                 std::to_string(a.dense.rows.n));
         }
-        source.rows = &dense.rows;
-        source.query = dense.query_data;
-        source.oversample = oversample;
+        a.source.rows = &a.dense.rows;
+        a.source.query = a.dense.query_data;
+        a.source.oversample = oversample;
     } else {
         if (dense_ids.is_none() != dense_scores.is_none()) {
             fail("dense_ids and dense_scores come together (both None or both arrays)");
         }
         if (!dense_ids.is_none()) {
             py::array ids_keep, scores_keep;
-            source.precomputed = ranked_list(dense_ids, dense_scores, "dense_ids", "dense_scores", ids_keep,
-                                             scores_keep);
-            given[0] = ids_keep;
-            given[1] = scores_keep;
+            a.source.precomputed = ranked_list(dense_ids, dense_scores, "dense_ids", "dense_scores", ids_keep,
+                                               scores_keep);
+            a.given[0] = ids_keep;
+            a.given[1] = scores_keep;
         } else {
-            given[0] = py::array_t<std::int64_t>(0);
-            given[1] = py::array_t<float>(0);
+            a.given[0] = py::array_t<std::int64_t>(0);
+            a.given[1] = py::array_t<float>(0);
         }
     }
-    const rag::FusionParams params{rag::parse_fusion_method(method), dense_weight, top_k, rrf_k};
-    const rag::simd::Level level = simd_arg(simd);
-    auto owned = std::make_unique<rag::RetrieveResult>();
-    {
-        py::gil_scoped_release release;
-        *owned = rag::retrieve(p.postings, data_of<std::int64_t>(terms), len(terms), mask, depth, source, params,
-                               level);
-    }
-    rag::RetrieveResult* r = owned.get();
-    const py::capsule base(r, [](void* q) noexcept { delete static_cast<rag::RetrieveResult*>(q); });
-    owned.release();  // the capsule owns it now
+    a.fusion = rag::FusionParams{rag::parse_fusion_method(method), dense_weight, top_k, rrf_k};
+    a.level = simd_arg(simd);
+}
+
+// The first stage's nine outputs (retrieve()'s tuple, times last) as arrays over r, owned by base.
+py::tuple first_stage_tuple(const FirstStageArgs& a, rag::RetrieveResult* r, const py::capsule& base,
+                            py::tuple times) {
     auto ids = [&base](std::vector<std::int64_t>& v) {
         return py::array_t<std::int64_t>(static_cast<py::ssize_t>(v.size()), v.data(), base);
     };
     auto floats = [&base](std::vector<float>& v) {
         return py::array_t<float>(static_cast<py::ssize_t>(v.size()), v.data(), base);
     };
-    const py::object d_ids = scan ? py::object(ids(r->dense.ids)) : given[0];
-    const py::object d_scores = scan ? py::object(floats(r->dense.scores)) : given[1];
+    const py::object d_ids = a.scan ? py::object(ids(r->dense.ids)) : a.given[0];
+    const py::object d_scores = a.scan ? py::object(floats(r->dense.scores)) : a.given[1];
     return py::make_tuple(ids(r->bm25.ids), floats(r->bm25.scores), d_ids, d_scores, ids(r->fused.ids),
-                          floats(r->fused.fused), floats(r->fused.bm25), floats(r->fused.dense),
-                          py::make_tuple(r->times.bm25_ns, r->times.dense_ns, r->times.fusion_ns));
+                          floats(r->fused.fused), floats(r->fused.bm25), floats(r->fused.dense), times);
+}
+
+py::tuple retrieve(const py::handle& indptr, const py::handle& docs, const py::handle& weights, std::int64_t n_docs,
+                   const py::handle& term_ids_obj, const py::handle& mask_obj, std::int64_t depth,
+                   const py::handle& vectors, const py::handle& query, const py::handle& codes,
+                   const py::handle& code_scale, const py::handle& code_base, std::int64_t oversample,
+                   const py::handle& dense_ids, const py::handle& dense_scores, const std::string& method,
+                   double dense_weight, std::int64_t top_k, double rrf_k, const std::string& simd) {
+    FirstStageArgs a;
+    first_stage_arg(a, indptr, docs, weights, n_docs, term_ids_obj, mask_obj, vectors, query, codes, code_scale,
+                    code_base, oversample, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k, simd);
+    auto owned = std::make_unique<rag::RetrieveResult>();
+    {
+        py::gil_scoped_release release;
+        *owned = rag::retrieve(a.p.postings, data_of<std::int64_t>(a.terms), len(a.terms), a.mask_data, depth,
+                               a.source, a.fusion, a.level);
+    }
+    rag::RetrieveResult* r = owned.get();
+    const py::capsule base(r, [](void* q) noexcept { delete static_cast<rag::RetrieveResult*>(q); });
+    owned.release();  // the capsule owns it now
+    return first_stage_tuple(a, r, base,
+                             py::make_tuple(r->times.bm25_ns, r->times.dense_ns, r->times.fusion_ns));
+}
+
+// ---- one request's ranking in one call: first stage, confidence rule, rerank (native/src/search_core.hpp) ----
+
+py::tuple search_core(const rerank_core::Core& core, const py::handle& indptr, const py::handle& docs,
+                      const py::handle& weights, std::int64_t n_docs, const py::handle& term_ids_obj,
+                      const py::handle& mask_obj, std::int64_t depth, const py::handle& vectors,
+                      const py::handle& query, const py::handle& codes, const py::handle& code_scale,
+                      const py::handle& code_base, std::int64_t oversample, const py::handle& dense_ids,
+                      const py::handle& dense_scores, const std::string& method, double dense_weight,
+                      std::int64_t top_k, double rrf_k, const py::handle& rerank_query_obj,
+                      const py::handle& query_terms, const py::handle& query_counts, const py::handle& query_idf,
+                      const py::handle& columns, const py::handle& model_weights, double bias,
+                      std::int64_t rerank_depth, bool confidence, std::int64_t agree_top, std::int64_t agree_min,
+                      const std::string& simd) {
+    FirstStageArgs a;
+    first_stage_arg(a, indptr, docs, weights, n_docs, term_ids_obj, mask_obj, vectors, query, codes, code_scale,
+                    code_base, oversample, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k, simd);
+    if (core.store().lexical.tokens.n_chunks != a.p.postings.n_docs) {
+        fail("core must hold one token stream per chunk (n_docs = " + std::to_string(n_docs) + "), got " +
+             std::to_string(core.store().lexical.tokens.n_chunks));
+    }
+    if (static_cast<std::size_t>(core.dense_vectors().shape(0)) != a.p.postings.n_docs) {
+        fail("core's dense_vectors must have one row per chunk (n_docs = " + std::to_string(n_docs) + "), got " +
+             std::to_string(core.dense_vectors().shape(0)));
+    }
+    if (rerank_depth < 0) fail("rerank_depth must be >= 0, got " + std::to_string(rerank_depth));
+    if (confidence && agree_top < 0) fail("agree_top must be >= 0, got " + std::to_string(agree_top));
+    py::array keep_query[3];
+    py::array keep_model[2];
+    const py::array rerank_query = core.query_of(rerank_query_obj, "rerank_query");
+    rag::RerankInput rerank;
+    rerank.store = &core.store();
+    rerank.dense_vectors = data_of<float>(core.dense_vectors());
+    rerank.n_dense = static_cast<std::size_t>(core.dense_vectors().shape(0));
+    rerank.query = data_of<float>(rerank_query);
+    rerank.terms = rerank_core::query_terms_of(query_terms, query_counts, query_idf, keep_query);
+    rerank.model = rerank_core::linear_model(columns, model_weights, bias, keep_model);
+    rerank.depth = rerank_depth;
+    const rag::Confidence rule{confidence, agree_top, agree_min};
+    auto owned = std::make_unique<rag::SearchCoreResult>();
+    {
+        py::gil_scoped_release release;
+        *owned = rag::search_core(a.p.postings, data_of<std::int64_t>(a.terms), len(a.terms), a.mask_data, depth,
+                                  a.source, a.fusion, rule, rerank, a.level);
+    }
+    rag::SearchCoreResult* r = owned.get();
+    const py::capsule base(r, [](void* q) noexcept { delete static_cast<rag::SearchCoreResult*>(q); });
+    owned.release();  // the capsule owns it now
+    const rag::RetrieveTimes& t = r->first.times;
+    const py::tuple first =
+        first_stage_tuple(a, &r->first, base, py::make_tuple(t.bm25_ns, t.dense_ns, t.fusion_ns, r->rerank_ns));
+    const auto m = static_cast<py::ssize_t>(r->ids.size());
+    return py::make_tuple(first, r->confident, r->agreement, py::array_t<std::int64_t>(m, r->ids.data(), base),
+                          py::array_t<float>(m, r->scores.data(), base),
+                          py::array_t<float>({m, static_cast<py::ssize_t>(rag::kFeatureColumns)}, r->features.data(),
+                                             base),
+                          py::array_t<std::int64_t>(m, r->order.data(), base));
 }
 
 py::list simd_levels() {
@@ -948,4 +1039,19 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           "bm25_top, then dense_top over vectors/query (or the given dense_ids/dense_scores, or no dense list when\n"
           "all four are None), then fuse, in one call with the GIL released. See\n"
           "rag_service.kernels.reference.retrieve_reference.");
+    m.def("search_core", &search_core, py::arg("core"), py::arg("indptr"), py::arg("docs"), py::arg("weights"),
+          py::arg("n_docs"), py::arg("term_ids"), py::arg("mask"), py::arg("depth"), py::arg("vectors"),
+          py::arg("query"), py::arg("codes"), py::arg("code_scale"), py::arg("code_base"), py::arg("oversample"),
+          py::arg("dense_ids"), py::arg("dense_scores"), py::arg("method"), py::arg("dense_weight"), py::arg("top_k"),
+          py::arg("rrf_k"), py::arg("rerank_query"), py::arg("query_terms"), py::arg("query_counts"),
+          py::arg("query_idf"), py::arg("columns"), py::arg("model_weights"), py::arg("bias"),
+          py::arg("rerank_depth"), py::arg("confidence"), py::arg("agree_top"), py::arg("agree_min"),
+          py::arg("simd") = "",
+          "search_core(core, <retrieve's arguments>, rerank_query, query_terms, query_counts, query_idf, columns,\n"
+          "            model_weights, bias, rerank_depth, confidence, agree_top, agree_min, simd='')\n"
+          "    -> tuple[retrieve's tuple (times: bm25, dense, fusion, rerank ns), confident, agreement, ids, scores,\n"
+          "             features, order]\n\n"
+          "retrieve, the confidence rule (skip the rerank when the top agree_top BM25 and dense ids share at least\n"
+          "agree_min) and core.rerank of the fused top rerank_depth, in one call with the GIL released. See\n"
+          "rag_service.kernels.native.search_core.");
 }

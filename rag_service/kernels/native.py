@@ -26,6 +26,7 @@ import functools
 import logging
 import operator
 import os
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from rag_service.kernels.reference import (
     Postings,
     RetrieveResult,
     SQ8Codes,
+    agreement_reference,
     bm25_top_reference,
     dense_top_reference,
     finish_features_reference,
@@ -72,6 +74,9 @@ __all__ = [
     "dense_top",
     "retrieve",
     "retrieve_backend",
+    "search_core",
+    "search_core_backend",
+    "SearchCoreResult",
     "sq8_quantize",
     "cuda_device_status",
     "fuse",
@@ -116,6 +121,8 @@ HAS_CUDA: bool = bool(_native.HAS_CUDA) if _native is not None else False  # the
 _HAS_RERANK_KERNELS: bool = _native is not None and hasattr(_native, "window_maxsim")
 # Likewise the first-stage kernels (bm25_top, dense_top, retrieve).
 _HAS_RETRIEVE_KERNELS: bool = _native is not None and hasattr(_native, "retrieve")
+# And the whole ranking in one call (search_core).
+_HAS_SEARCH_CORE: bool = _native is not None and hasattr(_native, "search_core")
 if _native is not None and not _HAS_RERANK_KERNELS:
     logger.warning("rag_service._native predates the rerank kernels; they run on the NumPy references until it is "
                    "rebuilt (`python setup.py build_ext --inplace` or `pip install .`)")
@@ -669,3 +676,88 @@ def retrieve(postings: Postings, term_ids: Any, depth: int, *, mask: Any = None,
                            operator.index(depth), vectors, q, c[0], c[1], c[2], operator.index(oversample), d[0],
                            d[1], method, float(dense_weight), operator.index(top_k), float(rrf_k))
     return RetrieveResult((out[0], out[1]), (out[2], out[3]), FusionResult(out[4], out[5], out[6], out[7]), out[8])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One request's ranking in one call: first stage, confidence rule, rerank
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SearchCoreResult:
+    first: RetrieveResult  # times_ns: (bm25, dense, fusion) as retrieve's
+    confident: bool  # the confidence rule was met, so nothing was reranked
+    agreement: int  # shared top ids of the two lists (0 when the rule did not run)
+    # The reranked fused top candidates in rank order (as RerankCore.rerank returns them); empty when none were.
+    ids: np.ndarray
+    scores: np.ndarray
+    features: np.ndarray
+    order: np.ndarray
+    rerank_ns: int  # 0 where not measured (NumPy) or nothing was reranked
+
+
+def search_core_backend(core: RerankCore, backend: str | None = None) -> str:
+    """"cpp" when the one-call ranking runs natively for `core`, else "numpy" (the composed references)."""
+    chosen = retrieve_backend(backend)
+    if chosen == "cpp" and _HAS_SEARCH_CORE and core._native is not None:
+        return "cpp"
+    if chosen == "cpp" and (backend or requested_backend()) not in ("auto", None):
+        raise RuntimeError("rag_service._native was built from sources older than search_core; rebuild it "
+                           "(`pip install .`)")
+    return "numpy"
+
+
+def search_core(core: RerankCore, postings: Postings, term_ids: Any, depth: int, *, mask: Any = None,
+                vectors: np.ndarray | None = None, query: Any = None, codes: SQ8Codes | None = None,
+                oversample: int = 0, dense: tuple[np.ndarray, np.ndarray] | None = None, method: str = "weighted",
+                dense_weight: float = 0.5, top_k: int = 10, rrf_k: float = 60.0, rerank_query: Any,
+                query_terms: Any, query_counts: Any, query_idf: Any, columns: Any, weights: Any, bias: float,
+                rerank_depth: int, confidence: tuple[int, int] | None = None,
+                backend: str | None = None) -> SearchCoreResult:
+    """retrieve() (same arguments), then the confidence rule `confidence` = (agree_top, agree_min), whatever
+    rerank_depth: skip the rerank when the BM25 and dense lists' top agree_top ids share at least agree_min; then
+    core.rerank of the fused top min(rerank_depth, fused count) with `rerank_query` (the query vector), the query's
+    distinct known terms (ids, counts, idf: RerankStore.query_terms) and the linear model (columns, weights, bias).
+    One native call with the GIL released throughout; the NumPy backend composes retrieve_reference,
+    agreement_reference and the reference rerank, which is the specification."""
+    terms, m = _term_ids(term_ids), _mask(mask)
+    q = None if query is None else _as_vector(query, _FLOAT32, "query")
+    if dense is not None:
+        dense = (_as_vector(dense[0], _INT64, "dense_ids"), _as_vector(dense[1], _FLOAT32, "dense_scores"))
+    rq = _as_vector(rerank_query, _FLOAT32, "rerank_query")
+    qterms, qcounts, qidf = _query_terms(query_terms, query_counts, query_idf)
+    cols, w = _as_vector(columns, _INT64, "columns"), _as_vector(weights, _FLOAT32, "weights")
+    rdepth = operator.index(rerank_depth)
+    agree_top, agree_min = (operator.index(confidence[0]), operator.index(confidence[1])) \
+        if confidence is not None else (0, 0)
+    if search_core_backend(core, backend) == "cpp":
+        c = codes if codes is not None else (None, None, None)
+        d = dense if dense is not None else (None, None)
+        out = _native.search_core(core._native, postings.indptr, postings.docs, postings.weights,
+                                  int(postings.n_docs), terms, m, operator.index(depth), vectors, q, c[0], c[1], c[2],
+                                  operator.index(oversample), d[0], d[1], method, float(dense_weight),
+                                  operator.index(top_k), float(rrf_k), rq, qterms, qcounts, qidf, cols, w,
+                                  float(bias), rdepth, confidence is not None, agree_top, agree_min)
+        f = out[0]
+        first = RetrieveResult((f[0], f[1]), (f[2], f[3]), FusionResult(f[4], f[5], f[6], f[7]), f[8][:3])
+        return SearchCoreResult(first, bool(out[1]), int(out[2]), out[3], out[4], out[5], out[6], int(f[8][3]))
+    if rdepth < 0:
+        raise ValueError(f"rerank_depth must be >= 0, got {rdepth}")
+    if confidence is not None and agree_top < 0:
+        raise ValueError(f"agree_top must be >= 0, got {agree_top}")
+    first = retrieve_reference(postings, terms, m, depth, vectors=vectors, query=q, codes=codes,
+                               oversample=oversample, dense=dense, method=method, dense_weight=dense_weight,
+                               top_k=top_k, rrf_k=rrf_k)
+    empty = SearchCoreResult(first, False, 0, np.zeros(0, np.int64), np.zeros(0, np.float32),
+                             np.zeros((0, len(RERANK_FEATURES)), np.float32), np.zeros(0, np.int64), 0)
+    agree = 0
+    if confidence is not None:
+        agree = agreement_reference(first.bm25[0], first.dense[0], agree_top)
+        if agree >= agree_min:
+            return replace(empty, confident=True, agreement=agree)
+    k = min(rdepth, len(first.fused.ids))
+    if k == 0:
+        return replace(empty, agreement=agree)
+    ids, scores, features, order = core.rerank(rq, qterms, qcounts, qidf, first.fused.ids[:k],
+                                               first.fused.scores[:k], first.bm25[0], first.dense[0], cols, w, bias,
+                                               backend="numpy")
+    return SearchCoreResult(first, False, agree, ids, scores, features, order, 0)

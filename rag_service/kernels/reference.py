@@ -705,6 +705,12 @@ class RetrieveResult(NamedTuple):
     times_ns: tuple[int, int, int]        # (bm25, dense, fusion); 0 where not measured
 
 
+def agreement_reference(bm25_ids: np.ndarray, dense_ids: np.ndarray, top: int) -> int:
+    """How many of the top `top` (>= 0) ids of two ranked lists (each without repeats) are the same: the confidence
+    rule of the adaptive pipeline (rag_service.search.adaptive.agreement)."""
+    return len(np.intersect1d(np.asarray(bm25_ids[:top]), np.asarray(dense_ids[:top]), assume_unique=True))
+
+
 def sq8_quantize(vectors: np.ndarray, rows_per_step: int = 65536) -> SQ8Codes:
     """Per-dimension min/max scalar quantization of float32[n, d] rows to 256 levels (stored as code - 128, so the
     native scan can use its int8 dot product). A dimension with one value gets scale 1 and code -128 throughout."""

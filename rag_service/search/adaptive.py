@@ -256,35 +256,69 @@ class AdaptivePolicy:
                     f"(encode ~{est['encode']:.1f} ms): BM25 alone (~{alone:.1f} ms), no dense, no rerank",
                     budget_end, in_flight)
 
+    def rerank_plan(self, plan: Plan) -> RerankPlan:
+        """Before the first stage: what of the rerank decision does not depend on it (the route, load), so the
+        first stage, the confidence rule and the rerank can run as one native call (Pipeline._rank)."""
+        params, cfg = plan.params, self.config
+        if plan.route in (FUSED, SHALLOW, LEXICAL):
+            return RerankPlan(plan, skip=True, limit=0)
+        if not cfg.enabled:
+            return RerankPlan(plan, skip=False, limit=params.rerank_depth)
+        busy_depth = max(cfg.busy_rerank_depth, params.top_k)
+        busy = plan.in_flight > cfg.busy_in_flight
+        return RerankPlan(plan, skip=False, limit=min(params.rerank_depth, busy_depth) if busy else params.rerank_depth,
+                          confidence=(cfg.agree_top, cfg.agree_min) if cfg.confidence else None,
+                          busy_depth=busy_depth if busy else None, busy_above=cfg.busy_in_flight,
+                          budgeted=plan.budget_end is not None)
+
     def rerank_depth(self, plan: Plan, bm25_ids: np.ndarray, dense_ids: np.ndarray,
                      available: int) -> tuple[int, str, str]:
         """After the first stage: how many candidates to rerank (0: none), the route and the reason."""
+        early = self.rerank_plan(plan)
+        agree = agreement(bm25_ids, dense_ids, early.confidence[0]) if early.confidence is not None else 0
+        depth, route, reason = early.finish(agree, available)
+        if not early.budgeted or route == CONFIDENT or plan.budget_end is None:
+            return depth, route, reason
         params = plan.params
-        if plan.route in (FUSED, SHALLOW, LEXICAL):
-            return 0, plan.route, plan.reason
-        cfg = self.config
         asked = min(params.rerank_depth, available)
         # The reranked candidates are the reply's pool: never fewer than top_k of them.
         least = max(self.config.light_min, params.top_k)
-        if cfg.enabled and cfg.confidence:
-            agree = agreement(bm25_ids, dense_ids, cfg.agree_top)
-            if agree >= cfg.agree_min:
-                return 0, CONFIDENT, f"bm25 and dense agree on {agree} of their top {cfg.agree_top}"
-        if not cfg.enabled:
-            return asked, FULL, plan.reason
-        depth, route, reason = asked, FULL, plan.reason
-        busy_depth = max(cfg.busy_rerank_depth, params.top_k)
-        if plan.in_flight > cfg.busy_in_flight and asked > busy_depth:
-            depth, route = busy_depth, LIGHT
-            reason = f"{plan.in_flight} searches in flight (busy above {cfg.busy_in_flight}): rerank {depth} of {asked}"
-        if plan.budget_end is not None:
-            est = self.estimates()
-            left_ms = (plan.budget_end - time.monotonic()) * 1000.0 * _SAFETY - est["contexts"] - est["assemble"]
-            affordable = int(left_ms / max(est["rerank_per_candidate"], 1e-6))
-            if affordable < min(least, asked):
-                return 0, FUSED, (f"{max(left_ms, 0.0) / _SAFETY:.1f} ms left: rerank of {least} candidates "
-                                  f"would need ~{least * est['rerank_per_candidate']:.1f} ms")
-            if affordable < depth:
-                depth, route = affordable, LIGHT
-                reason = f"{left_ms / _SAFETY:.1f} ms left: rerank {depth} of {asked}"
+        est = self.estimates()
+        left_ms = (plan.budget_end - time.monotonic()) * 1000.0 * _SAFETY - est["contexts"] - est["assemble"]
+        affordable = int(left_ms / max(est["rerank_per_candidate"], 1e-6))
+        if affordable < min(least, asked):
+            return 0, FUSED, (f"{max(left_ms, 0.0) / _SAFETY:.1f} ms left: rerank of {least} candidates "
+                              f"would need ~{least * est['rerank_per_candidate']:.1f} ms")
+        if affordable < depth:
+            depth, route = affordable, LIGHT
+            reason = f"{left_ms / _SAFETY:.1f} ms left: rerank {depth} of {asked}"
         return depth, route, reason
+
+
+@dataclass(frozen=True)
+class RerankPlan:
+    """The rerank decision as far as it is known before the first stage; finish() completes it from the first
+    stage's outcome (the confidence rule's agreement and the fused count). A budgeted request (`budgeted`) also
+    needs the time the first stage took: AdaptivePolicy.rerank_depth decides it after the first stage."""
+
+    plan: Plan
+    skip: bool  # the route reranks nothing (fused, shallow, lexical)
+    limit: int  # most candidates to rerank, before the fused count caps it
+    confidence: tuple[int, int] | None = None  # (agree_top, agree_min) of the confidence rule; None: not applied
+    busy_depth: int | None = None  # the load caps the rerank at this depth
+    busy_above: int = 0  # the in-flight count above which the load caps it (for the reason)
+    budgeted: bool = False
+
+    def finish(self, agree: int, available: int) -> tuple[int, str, str]:
+        """(candidates to rerank, route, reason) given the two retrievers' agreement on their top
+        confidence[0] ids and the fused count, for a request that is not budgeted."""
+        plan = self.plan
+        if self.skip:
+            return 0, plan.route, plan.reason
+        if self.confidence is not None and agree >= self.confidence[1]:
+            return 0, CONFIDENT, f"bm25 and dense agree on {agree} of their top {self.confidence[0]}"
+        asked = min(plan.params.rerank_depth, available)
+        if self.busy_depth is not None and asked > self.busy_depth:
+            return self.busy_depth, LIGHT, (f"{plan.in_flight} searches in flight (busy above {self.busy_above}): "
+                                            f"rerank {self.busy_depth} of {asked}")
+        return asked, FULL, plan.reason

@@ -58,6 +58,9 @@ class Pipeline(SearcherBase):
     # The first stage as one native call (BM25, the dense scan of a flat index, fusion) when the C++ kernels are in
     # use; False keeps the stage-by-stage path (numba BM25, faiss, fusion), e.g. to compare the two.
     native_first_stage: bool = True
+    # With a rerank store, the first stage, the confidence rule and the rerank as one native call (search_core);
+    # False keeps them as two (retrieve, then the rerank), e.g. to compare the two.
+    native_one_call: bool = True
 
     def __init__(self, index: Index, encoder: SearchEncoder, rerank_model: rerank_mod.RerankModel | None = None,
                  policy: adaptive.AdaptivePolicy | None = None) -> None:
@@ -157,6 +160,66 @@ class Pipeline(SearcherBase):
         _record_stage(timer, "fusion", started + bm25_ns + dense_ns, fusion_ns)
         return Candidates(bm25=result.bm25, dense=result.dense, fused=result.fused, query_vector=query_vector)
 
+    def _one_call(self, early: adaptive.RerankPlan) -> bool:
+        """Whether this request's first stage, confidence rule and rerank run as one native call: on C++, with a
+        rerank store, and for a request whose rerank decision does not need the first stage's duration (no
+        budget; a budgeted one decides its affordable depth in between, so it keeps two calls)."""
+        return (self.native_first_stage and self.native_one_call and self.rerank_store is not None
+                and self.rerank_model is not None and not early.budgeted
+                and (early.confidence is None or early.confidence[0] >= 0)
+                and native.retrieve_backend() == "cpp"
+                and native.search_core_backend(self.rerank_store.core) == "cpp")
+
+    def _search_native(self, params: SearchParams, early: adaptive.RerankPlan, timer: StageTimer,
+                       query_vector: np.ndarray | None, deadline: float | None
+                       ) -> tuple[Candidates, rerank_mod.Reranked | None, tuple[int, str, str]]:
+        """The first stage (as _retrieve_native), the confidence rule and the rerank in one native call, GIL
+        released throughout; the query is analysed once, for BM25 and the rerank's terms. Same candidates, rerank
+        and route as retrieve() + policy.rerank_depth + rerank.rerank; the call's parts are reported under those
+        stages' names."""
+        store, model = self.rerank_store, self.rerank_model
+        if store is None or model is None:
+            raise RuntimeError("the one-call search needs the rerank store and model")
+        with timer.stage("filter"):
+            mask = self.index.filter_mask(params.filters)
+        if query_vector is None:
+            query_vector = self._encode_stage(params.query, deadline, timer)
+        if params.depth < 1:
+            raise InvalidArgument("depth", f"must be >= 1, got {params.depth}")
+        bm25_index, dense_index = self.index.bm25, self.index.dense
+        terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
+        query_terms, query_counts, query_idf = store.terms_of(terms)
+        scan = dense_index.native_scan
+        hits = None
+        if not scan:
+            check_deadline(deadline, "dense")
+            with timer.stage("dense"):
+                hits = dense_index.search(query_vector, params.depth, mask)
+        oversample = dense_index.native_oversample if dense_index.sq8 is not None else 0
+        check_deadline(deadline, "lexical")
+        started = time.time_ns()
+        result = native.search_core(
+            store.core, bm25_index.postings, terms, params.depth, mask=mask,
+            vectors=dense_index.vectors if scan else None, query=dense_index.query_row(query_vector) if scan else None,
+            codes=dense_index.sq8 if scan and oversample else None, oversample=oversample if scan else 0,
+            dense=hits, method=params.fusion, dense_weight=params.dense_weight, top_k=params.top_k,
+            rrf_k=params.rrf_k, rerank_query=query_vector, query_terms=query_terms, query_counts=query_counts,
+            query_idf=query_idf, columns=model.columns, weights=model.weights, bias=model.bias,
+            rerank_depth=early.limit, confidence=early.confidence, backend="cpp")
+        first = result.first
+        bm25_ns, dense_ns, fusion_ns = first.times_ns
+        _record_stage(timer, "lexical", started, bm25_ns)
+        if scan:
+            _record_stage(timer, "dense", started + bm25_ns, dense_ns)
+        _record_stage(timer, "fusion", started + bm25_ns + dense_ns, fusion_ns)
+        reranked = None
+        if len(result.ids):
+            _record_stage(timer, "rerank", started + bm25_ns + dense_ns + fusion_ns, result.rerank_ns)
+            reranked = rerank_mod.Reranked(ids=result.ids, scores=result.scores, features=result.features,
+                                           order=result.order)
+        candidates = Candidates(bm25=first.bm25, dense=first.dense, fused=first.fused, query_vector=query_vector)
+        return candidates, reranked, early.finish(result.agreement, len(first.fused.ids))
+
     def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
               timer: StageTimer) -> SearchResult:
         params = plan.params
@@ -166,19 +229,26 @@ class Pipeline(SearcherBase):
         reranking = params.rerank and self.rerank_store is not None and not lexical_only
         # The second stage sees the fused top rerank_depth; without it (and without a filter) fusion's top_k is final.
         pool = max(params.top_k, params.rerank_depth) if reranking or not filter_params.is_identity else params.top_k
-        candidates = self.retrieve(replace(params, top_k=pool), timer, query_vector=query_vector, deadline=deadline,
-                                   lexical_only=lexical_only)
-        fused = candidates.fused
-        depth, route, reason = (self.policy.rerank_depth(plan, candidates.bm25[0], candidates.dense[0], len(fused.ids))
-                                if reranking else (0, plan.route, plan.reason))
-        reranked = None
-        if depth > 0 and self.rerank_store is not None and self.rerank_model is not None \
-                and candidates.query_vector is not None:
-            check_deadline(deadline, "rerank")
-            with timer.stage("rerank"):
-                reranked = rerank_mod.rerank(self.rerank_store, self.rerank_model, params.query,
-                                             candidates.query_vector, fused.ids[:depth], fused.scores[:depth],
-                                             candidates.bm25[0], candidates.dense[0])
+        early = self.policy.rerank_plan(plan) if reranking else None
+        reranked: rerank_mod.Reranked | None = None
+        if early is not None and self._one_call(early):
+            candidates, reranked, (depth, route, reason) = self._search_native(
+                replace(params, top_k=pool), early, timer, query_vector, deadline)
+            fused = candidates.fused
+        else:
+            candidates = self.retrieve(replace(params, top_k=pool), timer, query_vector=query_vector,
+                                       deadline=deadline, lexical_only=lexical_only)
+            fused = candidates.fused
+            depth, route, reason = (self.policy.rerank_depth(plan, candidates.bm25[0], candidates.dense[0],
+                                                             len(fused.ids))
+                                    if reranking else (0, plan.route, plan.reason))
+            if depth > 0 and self.rerank_store is not None and self.rerank_model is not None \
+                    and candidates.query_vector is not None:
+                check_deadline(deadline, "rerank")
+                with timer.stage("rerank"):
+                    reranked = rerank_mod.rerank(self.rerank_store, self.rerank_model, params.query,
+                                                 candidates.query_vector, fused.ids[:depth], fused.scores[:depth],
+                                                 candidates.bm25[0], candidates.dense[0])
         check_deadline(deadline, "contexts")
         with timer.stage("contexts"):
             order, relevance = rerank_mod.final_order(fused.scores, reranked)

@@ -1,0 +1,62 @@
+// One request's ranking in one call: the first stage (retrieve.hpp: BM25, the dense list, fusion), the confidence
+// rule that can make the rerank unnecessary, and the rerank stage (rerank_core.hpp) over the fused top candidates.
+//
+// Pure C++17, no Python; calls retrieve() and rerank(), does not copy them. The Python pipeline makes the same
+// decisions with two calls (rag_service.search.pipeline: native.retrieve, adaptive.agreement, RerankCore.rerank);
+// rag_service.kernels.native.search_core composes the NumPy references of those parts as this function's reference.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "rerank_core.hpp"
+#include "retrieve.hpp"
+
+namespace rag {
+
+// The confidence rule: skip the rerank when the top `top` ids of the BM25 list and of the dense list share at least
+// `min_shared` ids (rag_service.search.adaptive.agreement).
+struct Confidence {
+    bool enabled = false;
+    std::int64_t top = 5;  // >= 0
+    std::int64_t min_shared = 4;
+};
+
+// What the rerank stage reads: the store built at load, the candidates' exact dense vectors, the query (d floats),
+// its distinct known terms and the model.
+struct RerankInput {
+    const LocalStore* store = nullptr;
+    const float* dense_vectors = nullptr;  // n_dense x store->windows.d
+    std::size_t n_dense = 0;
+    const float* query = nullptr;
+    QueryTerms terms;
+    LinearModel model;
+    std::int64_t depth = 0;  // most fused candidates to rerank (0: none); the fused list may hold fewer
+};
+
+struct SearchCoreResult {
+    RetrieveResult first;
+    std::int64_t agreement = 0;  // shared top ids, when the confidence rule ran
+    bool confident = false;      // the rule skipped the rerank
+    // The reranked candidates (the fused top min(depth, fused count), unless confident), in rank order.
+    std::vector<std::int64_t> ids;
+    std::vector<float> scores;
+    std::vector<float> features;  // ids.size() x kFeatureColumns
+    std::vector<std::int64_t> order;
+    std::int64_t rerank_ns = 0;
+};
+
+// How many of the top `top` ids two ranked lists (each without repeats) share.
+std::int64_t agreement(const std::int64_t* a, std::size_t na, const std::int64_t* b, std::size_t nb,
+                       std::int64_t top);
+
+// retrieve(), then the confidence rule over its BM25 and dense lists (when enabled, whatever rerank.depth), then
+// rerank() of the fused top min(rerank.depth, fused count) unless the rule was met. Throws std::invalid_argument naming the argument, as
+// retrieve() and rerank() do, and for rerank.depth < 0 or confidence.top < 0.
+SearchCoreResult search_core(const Postings& postings, const std::int64_t* term_ids, std::size_t n_query_terms,
+                             const std::uint8_t* mask, std::int64_t depth, const DenseSource& dense,
+                             const FusionParams& fusion, const Confidence& confidence, const RerankInput& rerank,
+                             simd::Level level);
+
+}  // namespace rag

@@ -1,0 +1,229 @@
+"""search_core: the first stage, the confidence rule and the rerank in one native call give the same results as
+the two-call path (native retrieve, policy.rerank_depth, RerankCore.rerank), and its C++ equals its NumPy
+composition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rag_service.core.params import SearchParams
+from rag_service.core.timing import StageTimer
+from rag_service.index.load import load_index
+from rag_service.kernels import native
+from rag_service.search import adaptive
+from rag_service.search import rerank as rerank_mod
+from rag_service.search.adaptive import AdaptiveConfig, AdaptivePolicy, Plan
+from rag_service.search.pipeline import Pipeline
+
+pytestmark = pytest.mark.skipif(native.retrieve_backend("auto") != "cpp", reason="needs the C++ extension")
+
+WORDS = ["glacier", "ice", "valley", "volcano", "lava", "ash", "earthquake", "fault", "plant", "sunlight", "dna",
+         "helix", "roman", "water", "printing", "press", "light", "speed", "gravity", "mass", "bridge", "cable",
+         "coffee", "bean", "bread", "yeast", "unknownword", "the", "of", "a"]
+FILTERS = (None, {"topic": "geology"}, {"topic": "no such topic"})
+
+
+@pytest.fixture(scope="module")
+def index(built_index):
+    return load_index(built_index)
+
+
+def queries(seed: int, n: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 7)))) for _ in range(n)] + ["", "zzzz"]
+
+
+def pipelines(index, encoder, config: AdaptiveConfig) -> tuple[Pipeline, Pipeline]:
+    one = Pipeline(index, encoder, policy=AdaptivePolicy(config))
+    two = Pipeline(index, encoder, policy=AdaptivePolicy(config))
+    two.native_one_call = False
+    return one, two
+
+
+class Calls:
+    """Counts the native entry points a request goes through."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.names: list[str] = []
+        for owner, name in ((native, "search_core"), (native, "retrieve"), (rerank_mod, "rerank")):
+            real = getattr(owner, name)
+            monkeypatch.setattr(owner, name, self._wrap(name, real))
+
+    def _wrap(self, name, real):
+        def call(*args, **kwargs):
+            self.names.append(name)
+            return real(*args, **kwargs)
+        return call
+
+    def take(self) -> list[str]:
+        names, self.names = self.names, []
+        return names
+
+
+def same_result(got, want) -> None:
+    assert (got.route, got.route_reason) == (want.route, want.route_reason)
+    # repr: every field exactly, NaN features included (NaN != NaN).
+    assert [repr(c) for c in got.contexts] == [repr(c) for c in want.contexts]
+    assert got.context_tokens == want.context_tokens
+
+
+def rank(pipe: Pipeline, plan: Plan, vector) -> object:
+    return pipe._rank(plan, vector, None, StageTimer())
+
+
+CONFIGS = {
+    "default": AdaptiveConfig(),
+    "always confident": AdaptiveConfig(agree_top=3, agree_min=0),
+    "often confident": AdaptiveConfig(agree_top=3, agree_min=1),
+    "never confident": AdaptiveConfig(agree_top=5, agree_min=99),
+    "no confidence rule": AdaptiveConfig(confidence=False),
+    "adaptive off": AdaptiveConfig(enabled=False),
+    "busy": AdaptiveConfig(busy_in_flight=0, busy_rerank_depth=3, confidence=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_one_call_gives_the_two_call_results(index, encoder, monkeypatch, name):
+    one, two = pipelines(index, encoder, CONFIGS[name])
+    calls = Calls(monkeypatch)
+    routes = set()
+    for i, query in enumerate(queries(hash(name) % 1000, 10)):
+        vector = encoder.encode_queries(query)[0]
+        for filt in FILTERS:
+            for top_k, depth, rerank_depth in ((5, 30, 10), (20, 40, 8), (3, 7, 100), (1, 1, 1)):
+                params = SearchParams(query=query, top_k=top_k, depth=depth, rerank_depth=rerank_depth, filters=filt,
+                                      fusion="rrf" if i % 2 else "weighted")
+                plan = one.policy.plan(params, None, 1, True, True)
+                got = rank(one, plan, vector)
+                assert calls.take() == ["search_core"]
+                want = rank(two, plan, vector)
+                assert calls.take()[0] == "retrieve"
+                same_result(got, want)
+                routes.add(got.route)
+    expected = {"always confident": {adaptive.CONFIDENT}, "never confident": {adaptive.FULL},
+                "busy": {adaptive.LIGHT, adaptive.FULL}}.get(name)
+    if expected is not None:
+        assert routes == expected
+    if name == "often confident":
+        assert {adaptive.CONFIDENT, adaptive.FULL} <= routes
+
+
+def test_search_with_a_given_vector_takes_one_call(index, encoder, monkeypatch):
+    one, two = pipelines(index, encoder, AdaptiveConfig())
+    calls = Calls(monkeypatch)
+    for query in queries(7, 8):
+        vector = encoder.encode_queries(query)[0]
+        params = SearchParams(query=query, top_k=4)
+        got = one.search(params, query_vector=vector)
+        assert calls.take() == ["search_core"]
+        same_result(got, two.search(params, query_vector=vector))
+        calls.take()
+        assert {"lexical", "dense", "fusion"} <= set(got.stage_us)
+        assert ("rerank" in got.stage_us) == (got.route in (adaptive.FULL, adaptive.LIGHT))
+
+
+def test_lexical_fused_and_budgeted_requests_keep_today_s_path(index, encoder, monkeypatch):
+    one, two = pipelines(index, encoder, AdaptiveConfig())
+    calls = Calls(monkeypatch)
+    params = SearchParams(query="glacier valley ice", top_k=5)
+    vector = encoder.encode_queries(params.query)[0]
+    lexical = Plan(params, adaptive.LEXICAL, "test: BM25 alone", None, 1)
+    same_result(rank(one, lexical, None), rank(two, lexical, None))
+    assert calls.take() == ["retrieve", "retrieve"]
+    fused = one.policy.plan(SearchParams(query=params.query, rerank=False), None, 1, True, True)
+    assert fused.route == adaptive.FUSED
+    same_result(rank(one, fused, vector), rank(two, fused, vector))
+    assert calls.take() == ["retrieve", "retrieve"]
+    # A budget decides the rerank depth from the time left after the first stage: two calls, as before.
+    budgeted = one.policy.plan(SearchParams(query=params.query, budget_ms=10_000), None, 1, True, True)
+    assert budgeted.budget_end is not None
+    rank(one, budgeted, vector)
+    assert "search_core" not in calls.take()
+
+
+def test_rerank_plan_finish_matches_rerank_depth():
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        config = AdaptiveConfig(enabled=bool(rng.random() < 0.9), confidence=bool(rng.random() < 0.7),
+                                agree_top=int(rng.integers(0, 6)), agree_min=int(rng.integers(0, 6)),
+                                busy_in_flight=int(rng.integers(0, 4)), busy_rerank_depth=int(rng.integers(1, 40)))
+        policy = AdaptivePolicy(config)
+        params = SearchParams(query="q", top_k=int(rng.integers(1, 30)), rerank_depth=int(rng.integers(0, 80)))
+        route = str(rng.choice([adaptive.FULL, adaptive.FULL, adaptive.FUSED, adaptive.SHALLOW, adaptive.LEXICAL]))
+        plan = Plan(params, route, "planned", None, int(rng.integers(1, 6)))
+        bm25 = rng.permutation(40)[: int(rng.integers(0, 12))]
+        dense = rng.permutation(40)[: int(rng.integers(0, 12))]
+        available = int(rng.integers(0, 100))
+        early = policy.rerank_plan(plan)
+        agree = adaptive.agreement(bm25, dense, early.confidence[0]) if early.confidence else 0
+        assert early.finish(agree, available) == policy.rerank_depth(plan, bm25, dense, available)
+        depth = early.finish(agree, available)[0]
+        assert depth == (0 if early.skip or depth == 0 else min(early.limit, available))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cpp_equals_the_numpy_composition(index, encoder, seed):
+    pipe = Pipeline(index, encoder)
+    store, model = pipe.rerank_store, pipe.rerank_model
+    bm25, dense = index.bm25, index.dense
+    rng = np.random.default_rng(seed)
+    for query in queries(seed, 6):
+        vector = encoder.encode_queries(query)[0]
+        terms = bm25.term_ids(bm25.analyzer.tokens(query))
+        qt, qc, qi = store.terms_of(terms)
+        masks = [None, np.zeros(index.n_chunks, bool), rng.random(index.n_chunks) < 0.5]
+        for mask in masks:
+            for confidence in (None, (3, 1), (0, 0), (5, 99)):
+                args = dict(mask=mask, vectors=dense.vectors, query=dense.query_row(vector),
+                            method=str(rng.choice(["rrf", "weighted"])), top_k=int(rng.integers(1, 30)),
+                            rerank_query=vector, query_terms=qt, query_counts=qc, query_idf=qi,
+                            columns=model.columns, weights=model.weights, bias=model.bias,
+                            rerank_depth=int(rng.integers(0, 25)), confidence=confidence)
+                depth = int(rng.integers(1, 40))
+                got = native.search_core(store.core, bm25.postings, terms, depth, backend="cpp", **args)
+                want = native.search_core(store.core, bm25.postings, terms, depth, backend="numpy", **args)
+                np.testing.assert_array_equal(got.first.fused.ids, want.first.fused.ids)
+                assert (got.confident, got.agreement) == (want.confident, want.agreement)
+                np.testing.assert_array_equal(got.ids, want.ids)
+                np.testing.assert_array_equal(got.order, want.order)
+                np.testing.assert_allclose(got.scores, want.scores, rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(got.features, want.features, rtol=1e-4, atol=1e-5)
+                expected = 0 if got.confident else min(args["rerank_depth"], len(got.first.fused.ids))
+                assert len(got.ids) == expected
+
+
+def test_bad_input_names_the_field(index, encoder):
+    from rag_service import _native
+
+    pipe = Pipeline(index, encoder)
+    store, model = pipe.rerank_store, pipe.rerank_model
+    bm25, dense = index.bm25, index.dense
+    vector = encoder.encode_queries("glacier")[0]
+    terms = bm25.term_ids(bm25.analyzer.tokens("glacier"))
+    qt, qc, qi = store.terms_of(terms)
+    p = bm25.postings
+    base = dict(core=store.core._native, indptr=p.indptr, docs=p.docs, weights=p.weights, n_docs=int(p.n_docs),
+                term_ids=terms, mask=None, depth=10, vectors=dense.vectors, query=dense.query_row(vector), codes=None,
+                code_scale=None, code_base=None, oversample=0, dense_ids=None, dense_scores=None, method="rrf",
+                dense_weight=0.5, top_k=10, rrf_k=60.0, rerank_query=vector, query_terms=qt, query_counts=qc,
+                query_idf=qi, columns=model.columns, model_weights=model.weights, bias=float(model.bias),
+                rerank_depth=5, confidence=True, agree_top=5, agree_min=4)
+    assert len(_native.search_core(**base)) == 7
+    for field, value, message in (
+            ("rerank_query", vector[:5], "rerank_query must have"),
+            ("rerank_query", vector.astype(np.float64), "rerank_query"),
+            ("query_idf", qi.astype(np.float32), "query_idf"),
+            ("query_counts", qc[:0] if len(qc) else np.zeros(1), "query_terms, query_counts and query_idf"),
+            ("rerank_depth", -1, "rerank_depth must be >= 0"),
+            ("agree_top", -2, "agree_top must be >= 0"),
+            ("model_weights", model.weights[:1], "columns and weights"),
+            ("n_docs", int(p.n_docs) + 1, "n_docs"),
+            ("term_ids", terms.astype(np.int32), "term_ids"),
+            ("method", "max", "method")):
+        with pytest.raises(ValueError, match=message):
+            _native.search_core(**{**base, field: value})
+    with pytest.raises(ValueError, match="rerank_depth"):
+        native.search_core(store.core, p, terms, 10, rerank_query=vector, query_terms=qt, query_counts=qc,
+                           query_idf=qi, columns=model.columns, weights=model.weights, bias=model.bias,
+                           rerank_depth=-1, backend="numpy")
