@@ -41,6 +41,7 @@ import numpy as np
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rag_service.bench.serve import SAFE_PATH
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -254,7 +255,8 @@ def main() -> None:
     if args.encoder_ceiling:
         ceiling = encoder_ceiling(args.index, read_queries(args.queries), args.workers, args.seconds)
         print(f"query encoder alone, {args.workers} threads: {ceiling:.1f} queries/s", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # SAFE_PATH: run from a checkout, `python -m` would import the source tree, which has no compiled extension.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **SAFE_PATH}
     if args.max_queued is not None:
         env["RAG_MAX_QUEUED"] = str(args.max_queued)
     if args.max_in_flight is not None:

@@ -30,14 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_service.bench.serve import stop_processes
+from rag_service.bench.serve import SAFE_PATH, stop_processes
 from rag_service.client import RetrieverClient, RetrieverError, replica_target
 
 ADMIN = "bench-replicas-admin"
 
 
 def start(index: Path, name: str, workers: int) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAG_REPLICA_NAME": name, "RAG_AUTH__ADMIN_TOKEN": ADMIN}
+    env = {**os.environ, **SAFE_PATH, "HF_HUB_OFFLINE": "1", "RAG_REPLICA_NAME": name, "RAG_AUTH__ADMIN_TOKEN": ADMIN}
     return subprocess.Popen([sys.executable, "-m", "rag_service.cli.serve", "--index", str(index), "--port", "0",
                              "--workers", str(workers), "--log-level", "WARNING"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)

@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 
 from rag_service.bench.data import load_queries
-from rag_service.bench.serve import stop_processes
+from rag_service.bench.serve import SAFE_PATH, stop_processes
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -44,7 +44,7 @@ SETTINGS = {
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **SAFE_PATH, "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as err:  # a file: a pipe nobody reads would stall the server
         return subprocess.Popen([sys.executable, "-m", "rag_service.cli.serve", "--port", "0", "--log-level",
                                  "WARNING", *args], stdout=subprocess.PIPE, stderr=err, text=True, env=env)

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from rag_service.bench.data import load_queries
+from rag_service.bench.serve import SAFE_PATH
 from rag_service.client import RetrieverClient
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
@@ -32,7 +33,7 @@ from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 def start_server(index: Path) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen([sys.executable, "-m", "rag_service.cli.serve", "--index", str(index), "--port", "0",
                                 "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                               env={**os.environ, **SAFE_PATH, "HF_HUB_OFFLINE": "1"})
     for line in process.stdout:
         found = re.search(r"SERVING .* on (\S+):(\d+)", line)
         if found:
