@@ -114,7 +114,9 @@ class StringColumn:
 
     def __init__(self, directory: Path, name: str) -> None:
         blob_path = directory / f"{name}.bin"
-        self.offsets = np.load(directory / f"{name}_offsets.npy", mmap_mode="r")
+        # A plain ndarray view of the mapped file: indexing an np.memmap goes through its Python subclass (~1 µs a
+        # look-up, several per reply context); the view reads the same pages.
+        self.offsets = np.asarray(np.load(directory / f"{name}_offsets.npy", mmap_mode="r"))
         if self.offsets.dtype != np.int64 or self.offsets.ndim != 1 or len(self.offsets) == 0:
             raise IndexFormatError(f"{directory / name}_offsets.npy: expected a non-empty 1-d int64 array")
         size = blob_path.stat().st_size
@@ -130,9 +132,10 @@ class StringColumn:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> str:
-        if not 0 <= i < len(self):
+        offsets = self.offsets
+        if not 0 <= i < len(offsets) - 1:
             raise IndexError(f"index {i} out of range [0, {len(self)})")
-        return self._blob[int(self.offsets[i]) : int(self.offsets[i + 1])].decode("utf-8")
+        return self._blob[offsets.item(i) : offsets.item(i + 1)].decode("utf-8")
 
 
 class DocStore:
