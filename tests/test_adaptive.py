@@ -389,3 +389,14 @@ def test_brownout_reaches_the_grpc_reply_and_the_metric(server_thread, built_ind
     assert "encode" not in dimmed.stage_time_us and dimmed.contexts[0].doc_id == "glacier"
     assert unbudgeted.route in ("full", "confident")
     assert share == 0.0
+
+
+def test_the_query_analysis_counts_as_lexical_work_in_the_cost_model():
+    # The native path times the analysis as its own stage; the model must see the same lexical cost as the
+    # stage-by-stage path, which times it inside "lexical".
+    split, whole = AdaptivePolicy(), AdaptivePolicy()
+    for _ in range(50):
+        split.observe({"analyze": 400, "lexical": 600, "dense": 1000}, 0)
+        whole.observe({"lexical": 1000, "dense": 1000}, 0)
+    assert split.estimates()["lexical"] == whole.estimates()["lexical"]
+    assert abs(split.estimates()["lexical"] - 1.0) < 0.01  # ms: 50 samples of 1.0 pull the mean from 2.0 to ~1.0

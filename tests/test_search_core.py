@@ -119,7 +119,7 @@ def test_search_with_a_given_vector_takes_one_call(index, encoder, monkeypatch):
         assert calls.take() == ["search_core"]
         same_result(got, two.search(params, query_vector=vector))
         calls.take()
-        assert {"lexical", "dense", "fusion"} <= set(got.stage_us)
+        assert {"analyze", "lexical", "dense", "fusion"} <= set(got.stage_us)
         assert ("rerank" in got.stage_us) == (got.route in (adaptive.FULL, adaptive.LIGHT))
 
 

@@ -173,6 +173,10 @@ class AdaptivePolicy:
 
     def observe(self, stage_us: dict[str, int], reranked: int) -> None:
         """Folds one finished request's stage timings into the cost model."""
+        if "analyze" in stage_us:
+            # The query's analysis is a stage of its own on the native path; the model counts it as lexical work,
+            # which it is on the stage-by-stage path.
+            stage_us = {**stage_us, "lexical": stage_us.get("lexical", 0) + stage_us["analyze"]}
         with self._lock:
             for stage, us in stage_us.items():
                 if stage in self._stage_ms:

@@ -136,7 +136,9 @@ class Pipeline(SearcherBase):
         if params.depth < 1:
             raise InvalidArgument("depth", f"must be >= 1, got {params.depth}")
         bm25_index, dense_index = self.index.bm25, self.index.dense
-        terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
+        # The query's analysis is timed on its own: the native call's parts are booked as lexical/dense/fusion.
+        with timer.stage("analyze"):
+            terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
         scan = query_vector is not None and dense_index.native_scan
         hits = None
         if query_vector is not None and not scan:
@@ -187,8 +189,9 @@ class Pipeline(SearcherBase):
         if params.depth < 1:
             raise InvalidArgument("depth", f"must be >= 1, got {params.depth}")
         bm25_index, dense_index = self.index.bm25, self.index.dense
-        terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
-        query_terms, query_counts, query_idf = store.terms_of(terms)
+        with timer.stage("analyze"):
+            terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
+            query_terms, query_counts, query_idf = store.terms_of(terms)
         scan = dense_index.native_scan
         hits = None
         if not scan:
