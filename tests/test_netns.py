@@ -213,8 +213,9 @@ def test_round_robin_over_dns_across_namespaces_survives_a_replica_dying(lab, bu
     assert set(after) == {"r2", "r3"}, after
     assert {r[3] for r in rows if rolled < r[0] < cut} == {"r2", "r3"}
     # Cut off: calls round_robin sent to r2 waited for the keepalive (seconds, not the 20 s deadline), then r3
-    # answered them.
-    held = [r for r in rows if cut <= r[0] < cut + 1 and r[1] > 1.0]
+    # answered them. Those in flight at the cut count too: when every client thread was waiting on r2 at that
+    # moment, no call starts in the following second.
+    held = [r for r in rows if r[0] < cut + 1 and r[0] + r[1] > cut and r[1] > 1.0]
     assert held and all(r[3] == "r3" and r[1] < 10 for r in held), held
     assert {r[3] for r in rows if r[0] > cut + 3} == {"r3"}
     # Each pod reloaded the index it serves (CURRENT unchanged here: old and new version are the same; the switch to
