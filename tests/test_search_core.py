@@ -4,6 +4,8 @@ composition."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -119,7 +121,7 @@ def test_search_with_a_given_vector_takes_one_call(index, encoder, monkeypatch):
         assert calls.take() == ["search_core"]
         same_result(got, two.search(params, query_vector=vector))
         calls.take()
-        assert {"analyze", "lexical", "dense", "fusion"} <= set(got.stage_us)
+        assert {"analyze", "lexical", "dense", "fusion", "call"} <= set(got.stage_us)
         assert ("rerank" in got.stage_us) == (got.route in (adaptive.FULL, adaptive.LIGHT))
 
 
@@ -135,11 +137,16 @@ def test_lexical_fused_and_budgeted_requests_keep_today_s_path(index, encoder, m
     assert fused.route == adaptive.FUSED
     same_result(rank(one, fused, vector), rank(two, fused, vector))
     assert calls.take() == ["retrieve", "retrieve"]
-    # A budget decides the rerank depth from the time left after the first stage: two calls, as before.
-    budgeted = one.policy.plan(SearchParams(query=params.query, budget_ms=10_000), None, 1, True, True)
-    assert budgeted.budget_end is not None
-    rank(one, budgeted, vector)
+    # A budget that could shrink the rerank decides its depth from the time left after the first stage: two calls.
+    tight = one.policy.plan(SearchParams(query=params.query, budget_ms=40), None, 1, True, True)
+    assert tight.budget_end is not None and one.policy.budget_may_bind(tight)
+    rank(one, tight, vector)
     assert "search_core" not in calls.take()
+    # One that cannot (a deadline of seconds, as most callers set) takes the one call, with the same answer.
+    slack = one.policy.plan(SearchParams(query=params.query), time.monotonic() + 10.0, 1, True, True)
+    assert slack.budget_end is not None and not one.policy.budget_may_bind(slack)
+    same_result(rank(one, slack, vector), rank(two, slack, vector))
+    assert calls.take()[:2] == ["search_core", "retrieve"]  # the two-call path: retrieve, then rerank
 
 
 def test_rerank_plan_finish_matches_rerank_depth():

@@ -273,7 +273,20 @@ class AdaptivePolicy:
         return RerankPlan(plan, skip=False, limit=min(params.rerank_depth, busy_depth) if busy else params.rerank_depth,
                           confidence=(cfg.agree_top, cfg.agree_min) if cfg.confidence else None,
                           busy_depth=busy_depth if busy else None, busy_above=cfg.busy_in_flight,
-                          budgeted=plan.budget_end is not None)
+                          budgeted=self.budget_may_bind(plan))
+
+    def budget_may_bind(self, plan: Plan) -> bool:
+        """Whether the request's budget could shrink its rerank. False when, even if the first stage took ten times
+        its estimate, twice the asked depth would stay affordable: then rerank_depth's budget step cannot change the
+        answer, the decision needs nothing measured after the first stage, and the request may run as one native
+        call. Most requests carry a deadline of seconds against a rerank of about a millisecond."""
+        if plan.budget_end is None:
+            return False
+        est = self.estimates()
+        first = est["lexical"] + est["dense"] + est["fusion"]
+        left_ms = ((plan.budget_end - time.monotonic()) * 1000.0 * _SAFETY - est["contexts"] - est["assemble"]
+                   - 10.0 * first)
+        return left_ms < 2.0 * plan.params.rerank_depth * est["rerank_per_candidate"]
 
     def rerank_depth(self, plan: Plan, bm25_ids: np.ndarray, dense_ids: np.ndarray,
                      available: int) -> tuple[int, str, str]:

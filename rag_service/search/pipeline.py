@@ -209,15 +209,22 @@ class Pipeline(SearcherBase):
             rrf_k=params.rrf_k, rerank_query=query_vector, query_terms=query_terms, query_counts=query_counts,
             query_idf=query_idf, columns=model.columns, weights=model.weights, bias=model.bias,
             rerank_depth=early.limit, confidence=early.confidence, backend="cpp")
+        returned = time.time_ns()
         first = result.first
         bm25_ns, dense_ns, fusion_ns = first.times_ns
         _record_stage(timer, "lexical", started, bm25_ns)
         if scan:
             _record_stage(timer, "dense", started + bm25_ns, dense_ns)
         _record_stage(timer, "fusion", started + bm25_ns + dense_ns, fusion_ns)
+        inside = bm25_ns + dense_ns + fusion_ns
         reranked = None
         if len(result.ids):
-            _record_stage(timer, "rerank", started + bm25_ns + dense_ns + fusion_ns, result.rerank_ns)
+            _record_stage(timer, "rerank", started + inside, result.rerank_ns)
+            inside += result.rerank_ns
+        # What the call costs around its parts (argument checks, result arrays, the facade), so that the stages
+        # still add up to the request's time.
+        _record_stage(timer, "call", started + inside, max(0, returned - started - inside))
+        if len(result.ids):
             reranked = rerank_mod.Reranked(ids=result.ids, scores=result.scores, features=result.features,
                                            order=result.order)
         candidates = Candidates(bm25=first.bm25, dense=first.dense, fused=first.fused, query_vector=query_vector)
