@@ -5,6 +5,7 @@ Callers own the Encoder (one per process is plenty: loading takes seconds); noth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -173,27 +174,33 @@ class _EncoderBase:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
+        with self._encoding(len(texts), f"encoding ({self.backend})", progress) as advance:
+            for idx, vectors in self._embed_batches(texts, self.plan_batches(texts, batch_size)):
+                out[idx] = vectors
+                advance(len(idx))
+        log.info("encoded %d texts with %s (%.1f/s)", len(texts), self.backend, self.last_docs_per_second)
+        return out
+
+    @contextlib.contextmanager
+    def _encoding(self, n: int, desc: str, progress: bool) -> Iterator[Callable[[int], None]]:
+        """Times an encode of n texts into last_docs_per_second, with a progress bar when asked; yields the
+        function that advances the bar by a batch's size."""
         started = time.perf_counter()
-        batches = self.plan_batches(texts, batch_size)
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(texts), desc=f"encoding ({self.backend})", unit="chunk", unit_scale=True,
-                       dynamic_ncols=True)
+            bar = tqdm(total=n, desc=desc, unit="chunk", unit_scale=True, dynamic_ncols=True)
+        def advance(k: int) -> None:
+            if bar is not None:
+                bar.update(k)
+
         try:
-            for idx, vectors in self._embed_batches(texts, batches):
-                out[idx] = vectors
-                if bar is not None:
-                    bar.update(len(idx))
+            yield advance
         finally:
             if bar is not None:
                 bar.close()
-        seconds = time.perf_counter() - started
-        self.last_docs_per_second = len(texts) / max(seconds, 1e-9)
-        log.info("encoded %d texts with %s in %.1fs (%.1f/s)", len(texts), self.backend, seconds,
-                 self.last_docs_per_second)
-        return out
+        self.last_docs_per_second = n / max(time.perf_counter() - started, 1e-9)
 
     def _embed_batch_tokens(self, texts: list[str]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
         """A batch's sentence vectors (as _embed_batch) and, from the same forward pass, per text its token vectors
@@ -222,28 +229,15 @@ class _EncoderBase:
         pooled = np.zeros((int(first[-1]), self.dim), dtype=np.float32)
         if not texts:
             return out, pooled, np.zeros(0, dtype=bool)
-        started = time.perf_counter()
-        batches = self.plan_batches(texts, batch_size)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(texts), desc=f"encoding ({self.backend}, pooled windows)", unit="chunk",
-                       unit_scale=True, dynamic_ncols=True)
-        try:
-            for idx, vectors, per_text in self._embed_batches_pooled(texts, spans, batches):
+        with self._encoding(len(texts), f"encoding ({self.backend}, pooled windows)", progress) as advance:
+            for idx, vectors, per_text in self._embed_batches_pooled(texts, spans,
+                                                                     self.plan_batches(texts, batch_size)):
                 out[idx] = vectors
                 for row, rows in zip(idx, per_text):
                     pooled[first[row] : first[row + 1]] = rows
-                if bar is not None:
-                    bar.update(len(idx))
-        finally:
-            if bar is not None:
-                bar.close()
-        seconds = time.perf_counter() - started
-        self.last_docs_per_second = len(texts) / max(seconds, 1e-9)
-        log.info("encoded %d texts and pooled %d spans with %s in %.1fs (%.1f/s)", len(texts), len(pooled),
-                 self.backend, seconds, self.last_docs_per_second)
+                advance(len(idx))
+        log.info("encoded %d texts and pooled %d spans with %s (%.1f/s)", len(texts), len(pooled), self.backend,
+                 self.last_docs_per_second)
         # A pooled row is unit length; only a span without tokens stays zero.
         return out, pooled, np.any(pooled != 0, axis=1)
 

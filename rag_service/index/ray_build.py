@@ -223,9 +223,9 @@ class RayEncoder(_Tokens):
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
         return self._local._embed_batch(texts)
 
-    def _embed_batches(self, texts: list[str], batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _embedded(self, items: list[dict]) -> Iterator[dict]:
+        """The actors' answers for `items` (one batch each), in the order they finish."""
         ray = self._session.ray
-        items = [{"rows": idx, "texts": [texts[i] for i in idx]} for idx in batches]
         workers = min(self._session.workers, len(items))
         dataset = ray.data.from_items(items, override_num_blocks=_blocks(len(items), BATCHES_PER_BLOCK, workers))
         dataset = dataset.map_batches(
@@ -233,24 +233,19 @@ class RayEncoder(_Tokens):
             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=self._session.options.cpus_per_worker,
             num_gpus=self._session.options.gpus_per_worker or None)
         with self._session.errors("encoding"):
-            for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                yield out["row"], out["vector"]
+            yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+
+    def _embed_batches(self, texts: list[str], batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for out in self._embedded([{"rows": idx, "texts": [texts[i] for i in idx]} for idx in batches]):
+            yield out["row"], out["vector"]
 
     def _embed_batches_pooled(self, texts: list[str], spans: list[np.ndarray],
                               batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray, list[np.ndarray]]]:
-        ray = self._session.ray
         items = [{"rows": idx, "texts": [texts[i] for i in idx],
                   "spans": [np.asarray(spans[i], dtype=np.int64).tobytes() for i in idx]} for idx in batches]
-        workers = min(self._session.workers, len(items))
-        dataset = ray.data.from_items(items, override_num_blocks=_blocks(len(items), BATCHES_PER_BLOCK, workers))
-        dataset = dataset.map_batches(
-            _EmbedBatches, fn_constructor_kwargs={"spec": self._spec}, batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=self._session.options.cpus_per_worker,
-            num_gpus=self._session.options.gpus_per_worker or None)
-        with self._session.errors("encoding"):
-            for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                yield out["row"], out["vector"], [np.frombuffer(b, dtype=np.float32).reshape(-1, self.dim)
-                                                  for b in out["pooled"]]
+        for out in self._embedded(items):
+            yield out["row"], out["vector"], [np.frombuffer(b, dtype=np.float32).reshape(-1, self.dim)
+                                              for b in out["pooled"]]
 
 
 def _blocks(n: int, per_block: int, workers: int) -> int:
