@@ -400,3 +400,30 @@ def test_the_query_analysis_counts_as_lexical_work_in_the_cost_model():
         whole.observe({"lexical": 1000, "dense": 1000}, 0)
     assert split.estimates()["lexical"] == whole.estimates()["lexical"]
     assert abs(split.estimates()["lexical"] - 1.0) < 0.01  # ms: 50 samples of 1.0 pull the mean from 2.0 to ~1.0
+
+
+class IdleRecorder:
+    """The session's encoder, recording whether each encode was told the cores are idle."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.idle = inner, []
+        self.name, self.dim = inner.name, inner.dim
+
+    def encode_queries(self, texts, idle: bool = False):
+        self.idle.append(idle)
+        return self.inner.encode_queries(texts)
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+
+def test_a_search_alone_encodes_on_the_idle_cores_and_one_under_load_does_not(index, encoder):
+    recorder = IdleRecorder(encoder)
+    p = Pipeline(index, recorder, policy=AdaptivePolicy(NO_CONFIDENCE))
+    p.search(SearchParams(query=QUERY, top_k=3))
+    p.policy.enter()  # another search in flight
+    try:
+        p.search(SearchParams(query=QUERY, top_k=3))
+    finally:
+        p.policy.leave()
+    assert recorder.idle == [True, False]

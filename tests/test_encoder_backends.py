@@ -132,3 +132,24 @@ def test_config_selects_the_backend():
     assert EncoderSettings.model_fields["backend"].description
     with pytest.raises(ValueError, match="backend"):
         EncoderSettings(backend="openvino")
+
+
+# A lone search's encode on the idle cores (OnnxEncoder idle_threads; searcher.encode decides) ------------------------
+
+@pytest.mark.parametrize("kind", ["onnx-int8", "onnx-int8-fused"])
+def test_an_idle_encode_gives_the_vector_of_a_plain_one(kind, export_dir, cache):
+    enc = OnnxEncoder(export_dir, kind, threads=1, idle_threads=2)
+    assert enc._idle_session is not enc._session
+    for query in QUERIES:
+        idle, plain = enc.encode_queries(query, idle=True), enc.encode_queries(query)
+        assert idle.shape == plain.shape == (1, 384)
+        # The same integer products split over two threads: the vector of the one-thread session.
+        assert float((idle * plain).sum()) >= 0.99999, query
+    # A batch is never idle work: it keeps to the plain session.
+    batch = enc.encode_queries(QUERIES[:3], idle=True)
+    assert np.allclose(batch, enc.encode_queries(QUERIES[:3]))
+
+
+def test_without_idle_threads_there_is_one_session(export_dir):
+    enc = OnnxEncoder(export_dir, "onnx-int8", threads=2, idle_threads=1)
+    assert enc._idle_session is enc._session and enc.idle_threads == 2

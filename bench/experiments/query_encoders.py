@@ -233,7 +233,7 @@ class OneByOne:
         self.encoder = encoder
         self.name, self.dim = encoder.name, encoder.dim
 
-    def encode_queries(self, texts):
+    def encode_queries(self, texts, idle: bool = False):
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)

@@ -14,7 +14,8 @@ pipeline timed). Per request:
 - "outside the server": the client's wall time minus server_time_us (serialisation, HTTP/2, the event loop, the
   interceptors, the client stub), to be compared with the empty call's whole time.
 `--server NAME=RAG_SERVE ...` (repeatable) runs the same for several rag-serve executables (an A/B of two builds),
-rounds alternating between them.
+rounds alternating between them; `NAME=` is this environment's, and `--server-env NAME:KEY=VALUE` gives one of them a
+setting of its own (an A/B of two settings).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--server", action="append", default=[],
                         help="NAME=PATH of a rag-serve executable; default: this environment's")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME:KEY=VALUE",
+                        help="an environment variable for server NAME only (a setting, e.g. "
+                        "RAG_ENCODER__IDLE_THREADS=1): an A/B of two settings of one build")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     queries = load_queries(args.queries)
@@ -77,7 +81,15 @@ def main() -> None:
     samples: dict[str, dict[str, list[float]]] = {name: {"client total": [], "empty call": [], "server total": [],
                                                          "outside the server": [], "server outside the stages": []}
                                                   for name in servers}
-    processes = {name: ServerProcess(args.index, executable=exe or None) for name, exe in servers.items()}
+    env: dict[str, dict[str, str]] = {name: {} for name in servers}
+    for item in args.server_env:
+        name, _, setting = item.partition(":")
+        key, _, value = setting.partition("=")
+        if name not in env or not key:
+            parser.error(f"--server-env {item!r}: want NAME:KEY=VALUE with NAME one of {', '.join(servers)}")
+        env[name][key] = value
+    processes = {name: ServerProcess(args.index, executable=exe or None, extra_env=env[name])
+                 for name, exe in servers.items()}
     try:
         for process in processes.values():
             process.__enter__()

@@ -11,7 +11,13 @@ Starts two processes: `rag-serve` on the index, and a bare grpc.aio server with 
 - `rag-serve exact hit`: a Search answered from the exact cache on the event loop (each query asked once before the
   rounds, so every measured call is a hit), i.e. the RPC wrapper, admission, validation, the cache lookup and the
   reply;
-and prints p50 / p99 of each and its ratio to the bare call.
+- `rag-serve semantic hit`: the same queries with their final full stop turned into a question mark (another exact
+  key, the same words), each answered from the semantic cache: the encode, the semantic look-up and its guard, the
+  reply;
+- `rag-serve miss`: the same queries with CACHE_BYPASS, for the encode stage's own time in this run;
+and prints p50 / p99 of each and its ratio to the bare call, then the server's own time (`server_time_us`) of each
+Search kind beside the encode stage's (issue 15's targets: an exact hit within 1.2x the empty call, a semantic hit
+within the encode + 0.5 ms).
 """
 
 from __future__ import annotations
@@ -78,20 +84,42 @@ def main() -> None:
             requests = [pb.SearchRequest(query=q) for q in queries]
             for request in requests:  # fills the exact cache: every measured Search is a hit
                 search.Search(request, timeout=30)
+            variants = [pb.SearchRequest(query=q.rstrip(" .") + "?", debug=True) for q in queries]
+            misses = [pb.SearchRequest(query=q, debug=True, cache=pb.CACHE_BYPASS) for q in queries]
+            # Server time (µs) per Search kind, and the encode stage of the misses.
+            server_us: dict[str, list[int]] = {"exact hit": [], "semantic hit": [], "miss": [], "miss: encode": []}
+            not_semantic = [0]
 
             def timed(call, request) -> float:
                 started = time.perf_counter()
                 call(request, timeout=10)
                 return time.perf_counter() - started
 
+            def timed_search(request, kind: str) -> float:
+                started = time.perf_counter()
+                reply = search.Search(request, timeout=10)
+                elapsed = time.perf_counter() - started
+                if kind == "semantic hit" and reply.served_from != pb.SEMANTIC:
+                    not_semantic[0] += 1  # the guard refused this variant: not a semantic hit, not counted
+                    return float("nan")
+                server_us[kind].append(reply.server_time_us)
+                if kind == "miss":
+                    server_us["miss: encode"].append(reply.stage_time_us["encode"])
+                return elapsed
+
             modes = {
                 "bare Check": lambda i: timed(bare_health.Check, check),
                 "rag-serve Check": lambda i: timed(rag_health.Check, check),
-                "rag-serve exact hit": lambda i: timed(search.Search, requests[i]),
+                "rag-serve exact hit": lambda i: timed_search(requests[i], "exact hit"),
+                "rag-serve semantic hit": lambda i: timed_search(variants[i], "semantic hit"),
+                "rag-serve miss": lambda i: timed_search(misses[i], "miss"),
             }
             for mode in modes.values():  # warm-up
                 for i in range(50):
                     mode(i % len(requests))
+            for values in server_us.values():
+                values.clear()
+            not_semantic[0] = 0
             times: dict[str, list[float]] = {name: [] for name in modes}
             names = list(modes)
             for r in range(args.rounds):
@@ -102,8 +130,16 @@ def main() -> None:
             print(f"{'call':<22} {'p50 ms':>8} {'p99 ms':>8} {'p50 / bare':>11} {'p99 / bare':>11}")
             for name in names:
                 ms = np.asarray(times[name]) * 1e3
+                ms = ms[~np.isnan(ms)]
                 p50, p99 = np.percentile(ms, [50, 99])
                 print(f"{name:<22} {p50:8.3f} {p99:8.3f} {p50 / b50:11.2f} {p99 / b99:11.2f}", flush=True)
+            print(f"\nserver_time_us (the encode: the misses' encode stage); {not_semantic[0]} variants were not "
+                  "semantic hits")
+            print(f"{'search':<22} {'n':>6} {'p50 ms':>8} {'p99 ms':>8}")
+            for kind, values in server_us.items():
+                if values:
+                    p50, p99 = np.percentile(np.asarray(values) / 1e3, [50, 99])
+                    print(f"{kind:<22} {len(values):6d} {p50:8.3f} {p99:8.3f}")
             bare_channel.close()
             rag_channel.close()
     finally:

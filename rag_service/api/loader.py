@@ -4,6 +4,7 @@ over a shard set (ShardedPipeline). Both get their query encoder, adaptive polic
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from rag_service.core.config import ServerConfig
@@ -24,7 +25,9 @@ log = logging.getLogger(__name__)
 
 def _query_encoder(config: ServerConfig, model_dir: Path, encoder: SearchEncoder | None) -> SearchEncoder:
     settings = config.encoder
-    encoder = encoder or load_index_encoder(settings.backend, model_dir, settings.model_path, settings.threads)
+    idle_threads = settings.idle_threads or min(4, os.cpu_count() or 1)
+    encoder = encoder or load_index_encoder(settings.backend, model_dir, settings.model_path, settings.threads,
+                                            idle_threads)
     if settings.micro_batch_ms > 0 and not isinstance(encoder, MicroBatcher):
         encoder = MicroBatcher(encoder, window_ms=settings.micro_batch_ms, max_batch=settings.micro_batch_max)
     return encoder

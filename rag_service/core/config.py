@@ -115,6 +115,10 @@ class EncoderSettings(BaseModel):
         "one).")
     threads: int = Field(1, ge=1, description="ONNX Runtime threads per query encode; one per request keeps "
                          "concurrent requests from contending for cores.")
+    idle_threads: int = Field(0, ge=0, description="ONNX Runtime threads for the encode of a search that is alone "
+                              "in the server: the idle cores shorten it (1.7x on 2 cores, bench/README.md \"Issue "
+                              "15\"), and under load every encode keeps to `threads`. 0: the cores, at most 4; 1: "
+                              "off.")
     model_path: str | None = Field(None, description="The torch model to load (a directory or model name); unset: "
                                    "the packaged model.")
     micro_batch_ms: float = Field(

@@ -74,7 +74,10 @@ class MicroBatcher:
     def __repr__(self) -> str:
         return f"MicroBatcher({self.encoder!r}, window_ms={self.window * 1000:g}, max_batch={self.max_batch})"
 
-    def encode_queries(self, texts: Sequence[str] | str, deadline: float | None = None) -> np.ndarray:
+    def encode_queries(self, texts: Sequence[str] | str, idle: bool = False,
+                       deadline: float | None = None) -> np.ndarray:
+        # `idle` is not taken up: batching was configured, so a lone query waits for company rather than spreading
+        # over the idle cores.
         if isinstance(texts, str):
             texts = [texts]
         if len(texts) != 1:  # already a batch: nothing to gain from waiting

@@ -122,6 +122,10 @@ class _EncoderBase:
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
         raise NotImplementedError
 
+    def _embed_idle(self, texts: list[str]) -> np.ndarray:
+        """One query with the cores to itself; an encoder with nothing to gain from them encodes it as usual."""
+        return self._embed_batch(texts)
+
     # Tokens -------------------------------------------------------------------------------------------------------
 
     def count_tokens(self, text: str) -> int:
@@ -271,11 +275,14 @@ class _EncoderBase:
         for idx in batches:
             yield idx, fn(idx)
 
-    def encode_queries(self, texts: Sequence[str] | str) -> np.ndarray:
-        """(n, dim) float32, L2-normalised. A bare string is treated as one query."""
+    def encode_queries(self, texts: Sequence[str] | str, idle: bool = False) -> np.ndarray:
+        """(n, dim) float32, L2-normalised. A bare string is treated as one query. `idle`: nothing else runs on
+        the cores now, so an encoder that can spread one encode over them may (OnnxEncoder's idle threads)."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
+        if idle and len(texts) == 1:
+            return self._embed_idle(texts)
         if len(texts) <= _QUERY_BATCH:
             return self._embed_batch(texts) if texts else np.empty((0, self.dim), dtype=np.float32)
         return np.concatenate(
@@ -426,7 +433,8 @@ class OnnxEncoder(_EncoderBase):
     and InferenceSession.run may be called from several threads at once, so no lock is needed.
     """
 
-    def __init__(self, directory: Path | str, kind: str = "onnx-int8", threads: int = 1) -> None:
+    def __init__(self, directory: Path | str, kind: str = "onnx-int8", threads: int = 1,
+                 idle_threads: int = 1) -> None:
         import onnxruntime as ort
 
         from rag_service.encoder import onnx_export
@@ -467,13 +475,27 @@ class OnnxEncoder(_EncoderBase):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(self.model_file), options, providers=["CPUExecutionProvider"])
         self._options = options
+        # A lone query's encode may take every idle core. Its workers spin between operators rather than sleep:
+        # a short query's graph is hundreds of small operators, and waking a sleeping worker for each costs what
+        # the second core saves (bench/README.md, "Issue 15", "Idle cores for a lone query"). Under load each
+        # encode keeps to `threads`, so the spinning never steals a core from another request.
+        self.idle_threads = max(idle_threads, threads)
+        self._idle_session = self._session
+        if self.idle_threads > threads:
+            idle = ort.SessionOptions()
+            idle.intra_op_num_threads = self.idle_threads
+            idle.inter_op_num_threads = 1
+            idle.add_session_config_entry("session.intra_op.allow_spinning", "1")
+            self._idle_session = ort.InferenceSession(str(self.model_file), idle,
+                                                      providers=["CPUExecutionProvider"])
         self._tokens_session: object | None = None
         self._token_session_lock = threading.Lock()
         log.info("loaded %s encoder %s (dim %d) from %s with %d thread(s) in %.2fs", kind, self.name, self.dim,
                  self.model_file, threads, time.perf_counter() - started)
 
     def __repr__(self) -> str:
-        return f"OnnxEncoder(name={self.name!r}, kind={self.backend!r}, threads={self.threads})"
+        return (f"OnnxEncoder(name={self.name!r}, kind={self.backend!r}, threads={self.threads}, "
+                f"idle_threads={self.idle_threads})")
 
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
         if not texts:
@@ -496,6 +518,10 @@ class OnnxEncoder(_EncoderBase):
             types = np.zeros_like(ids)
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         return {k: feeds[k] for k in self._inputs}
+
+    def _embed_idle(self, texts: list[str]) -> np.ndarray:
+        (embeddings,) = self._idle_session.run(None, self._feeds(texts))
+        return np.ascontiguousarray(embeddings, dtype=np.float32)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         (embeddings,) = self._session.run(None, feeds)
@@ -549,13 +575,13 @@ class SearchEncoder(Protocol):
     @property
     def dim(self) -> int: ...
 
-    def encode_queries(self, texts: Sequence[str] | str) -> np.ndarray: ...
+    def encode_queries(self, texts: Sequence[str] | str, idle: bool = False) -> np.ndarray: ...
 
     def count_tokens(self, text: str) -> int: ...
 
 
 def load_encoder(kind: str, directory: Path | str | None = None, model_path: str | None = None,
-                 threads: int = 1) -> QueryEncoder:
+                 threads: int = 1, idle_threads: int = 1) -> QueryEncoder:
     """The encoder `kind` names (onnx_export.ENCODER_KINDS): ONNX from `directory` (an index version or an export),
     torch from `model_path` (default: the packaged model)."""
     from rag_service.encoder import onnx_export
@@ -566,11 +592,11 @@ def load_encoder(kind: str, directory: Path | str | None = None, model_path: str
         return Encoder(model_path)
     if directory is None:
         raise ValueError(f"encoder {kind!r} needs the directory of an ONNX export")
-    return OnnxEncoder(directory, kind, threads=threads)
+    return OnnxEncoder(directory, kind, threads=threads, idle_threads=idle_threads)
 
 
 def load_index_encoder(kind: str, index_dir: Path | str, model_path: str | None = None,
-                       threads: int = 1) -> QueryEncoder:
+                       threads: int = 1, idle_threads: int = 1) -> QueryEncoder:
     """The query encoder for a loaded index: the ONNX export inside it, or torch. An index built before exports
     existed (or with export_onnx off) falls back to torch, with a warning saying how to get the fast path."""
     from rag_service.encoder import onnx_export
@@ -581,10 +607,10 @@ def load_index_encoder(kind: str, index_dir: Path | str, model_path: str | None 
         kind = "torch"
     if kind in onnx_export.DERIVED_KINDS:
         try:
-            return load_encoder(kind, index_dir, model_path, threads)
+            return load_encoder(kind, index_dir, model_path, threads, idle_threads)
         except (ValueError, OSError) as exc:
             # A model the optimizer cannot fuse, or a cache that cannot be written: the export's own int8 graph
             # serves the same vectors within the same tolerance, only slower.
             log.warning("%s: cannot derive the %s query encoder (%s); using onnx-int8", index_dir, kind, exc)
             kind = "onnx-int8"
-    return load_encoder(kind, index_dir, model_path, threads)
+    return load_encoder(kind, index_dir, model_path, threads, idle_threads)
