@@ -486,6 +486,8 @@ class OnnxEncoder(_EncoderBase):
             idle.intra_op_num_threads = self.idle_threads
             idle.inter_op_num_threads = 1
             idle.add_session_config_entry("session.intra_op.allow_spinning", "1")
+            # ... but only within a run: after it the workers sleep, and the cores go back to the rest of the search.
+            idle.add_session_config_entry("session.force_spinning_stop", "1")
             self._idle_session = ort.InferenceSession(str(self.model_file), idle,
                                                       providers=["CPUExecutionProvider"])
         self._tokens_session: object | None = None
