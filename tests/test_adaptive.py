@@ -427,3 +427,18 @@ def test_a_search_alone_encodes_on_the_idle_cores_and_one_under_load_does_not(in
     finally:
         p.policy.leave()
     assert recorder.idle == [True, False]
+
+
+def test_a_search_is_alone_only_when_the_server_has_been_idle_lately():
+    admitted = [1]
+    policy = AdaptivePolicy(NO_CONFIDENCE, load=lambda: admitted[0])
+    assert policy.alone()
+    admitted[0] = 2  # a second search admitted (running or queued)
+    assert not any(policy.alone() for _ in range(10))
+    admitted[0] = 1
+    # Alone this instant, but most recent searches had company: a busy server, not an idle one.
+    later = [policy.alone() for _ in range(40)]
+    assert not later[0] and later[-1]
+    policy.enter()
+    policy.enter()  # two searches inside the pipeline count even when the server reports one
+    assert not policy.alone()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from rag_service.core.config import ServerConfig
@@ -33,12 +34,13 @@ def _query_encoder(config: ServerConfig, model_dir: Path, encoder: SearchEncoder
     return encoder
 
 
-def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None) -> Searcher:
+def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None,
+                  load: Callable[[], int] | None = None) -> Searcher:
     """Loads, checks and warms the searcher `config` describes. `encoder`: reuse one already loaded (a reload keeps
-    the serving one; tests share one)."""
+    the serving one; tests share one). `load`: the server's count of admitted searches (AdaptivePolicy)."""
     # A misconfigured RAG_SERVICE_BACKEND must stop the start, not fail every request later.
     log.info("native backends: %s", native.backend_info())
-    policy = AdaptivePolicy(AdaptiveConfig(**config.adaptive.model_dump()))
+    policy = AdaptivePolicy(AdaptiveConfig(**config.adaptive.model_dump()), load)
     searcher: Searcher
     shards = config.router.shards
     if shards:

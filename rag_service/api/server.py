@@ -382,6 +382,10 @@ class RagServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
+    def _admitted(self) -> int:
+        """Searches admitted now, running or queued (read from the pipeline threads: a plain int read)."""
+        return self.servicer.admission.in_flight
+
     async def listen(self) -> None:
         """Starts answering RPCs; health says NOT_SERVING and Search UNAVAILABLE until load() has finished."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -392,7 +396,7 @@ class RagServer:
         """Loads and warms the index off the event loop, then reports SERVING."""
         started = time.perf_counter()
         pipeline = await asyncio.get_running_loop().run_in_executor(
-            self.executor, load_searcher, self.config, self._encoder)
+            self.executor, load_searcher, self.config, self._encoder, self._admitted)
         self.servicer.pipeline = pipeline
         summary = pipeline.summary()
         self.metrics.set_index(summary)
@@ -411,7 +415,8 @@ class RagServer:
             started = time.perf_counter()
             try:
                 pipeline = await asyncio.get_running_loop().run_in_executor(
-                    self._reload_executor, load_searcher, self.config.model_copy(update={"index": target}), encoder)
+                    self._reload_executor, load_searcher, self.config.model_copy(update={"index": target}), encoder,
+                    self._admitted)
             except Exception as error:
                 self.metrics.reloads.labels("failed").inc()
                 if isinstance(error, OSError):  # unreadable path or file: a bad index, not a server fault

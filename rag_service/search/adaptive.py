@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -140,9 +141,19 @@ class Dimmer:
         return False
 
 
+# alone(): each search's weight in the moving share of searches that found company, and the share above which no
+# search counts as alone (about 1 in 5 recent searches with company: the server is not idle).
+_SHARED_WEIGHT = 0.1
+_SHARED_MAX = 0.2
+
+
 class AdaptivePolicy:
-    def __init__(self, config: AdaptiveConfig = AdaptiveConfig()) -> None:
+    def __init__(self, config: AdaptiveConfig = AdaptiveConfig(), load: Callable[[], int] | None = None) -> None:
+        """`load`: how many searches the server holds now (admitted: running, or queued for a pipeline thread);
+        None: those in `search` only (`in_flight`)."""
         self.config = config
+        self._load = load
+        self._shared = 0.0  # moving share of recent searches that found company in the server (alone())
         self._lock = threading.Lock()
         self._stage_ms = dict(_INITIAL_MS)
         self._rerank_ms_per_candidate = _INITIAL_RERANK_MS_PER_CANDIDATE
@@ -157,6 +168,18 @@ class AdaptivePolicy:
         with self._lock:
             self.in_flight += 1
             return self.in_flight
+
+    def alone(self) -> bool:
+        """Whether the search asking may take the cores it does not need: it is the only one the server holds, and
+        the recent searches mostly were too. A search alone now may have company within a millisecond when the
+        server is busy (two closed-loop callers leave it alone between one's reply and its next call), and a
+        second search arriving while the first spreads its encode over every core waits for them: so an instant
+        alone is not enough, the recent history must agree (bench/README.md, "Issue 15", "Idle cores")."""
+        load = max(self.in_flight, self._load() if self._load is not None else 0)
+        shared = load > 1
+        with self._lock:
+            self._shared += _SHARED_WEIGHT * (shared - self._shared)
+            return not shared and self._shared < _SHARED_MAX
 
     def leave(self, plan: Plan | None = None) -> None:
         """The request planned as `plan` is done (answered or failed): its server time feeds the dimmer."""

@@ -112,9 +112,8 @@ class SearcherBase:
         encode_one = getattr(self.encoder, "encode_one", None)
         if deadline is not None and encode_one is not None:  # a MicroBatcher bounds its wait by the deadline
             return encode_one(query, deadline)
-        # Alone in the pipeline (the only search in flight), the encode, most of a search's time, may take the idle
-        # cores.
-        return self.encoder.encode_queries([query], idle=self.policy.in_flight <= 1)[0]
+        # Alone in the server, the encode, most of a search's time, may take the idle cores.
+        return self.encoder.encode_queries([query], idle=self.policy.alone())[0]
 
     def plan(self, params: SearchParams, *, deadline: float | None = None, encoded: bool = False,
              arrival: float | None = None) -> adaptive.Plan:
