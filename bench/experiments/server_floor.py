@@ -99,7 +99,7 @@ def main() -> None:
                 started = time.perf_counter()
                 reply = search.Search(request, timeout=10)
                 elapsed = time.perf_counter() - started
-                if kind == "semantic hit" and reply.served_from != pb.SEMANTIC:
+                if kind == "semantic hit" and reply.served_from != pb.SERVED_FROM_SEMANTIC:
                     not_semantic[0] += 1  # the guard refused this variant: not a semantic hit, not counted
                     return float("nan")
                 server_us[kind].append(reply.server_time_us)

@@ -15,6 +15,7 @@ itself (its chunks, its chunk vectors, its int8 query encoder), so they need `in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -86,16 +87,30 @@ def _index_dir(index: Path) -> Path:
 
 
 def run_compare(config: CompareConfig, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Runs the comparison; torch's thread count is set for the run (config.threads) and restored after it."""
+    """Runs the comparison; torch's and faiss's thread counts are set for the run (config.threads; faiss: 1 unless
+    given) and restored after it."""
     import torch
 
     previous = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    # A peer's faiss search of one query on several OpenMP threads gains nothing, and leaves the other threads
+    # spinning for a while after it: on the core that the server's next request needs, since the systems take turns
+    # query by query (bench/README.md, "Issue 15", "Idle cores for a lone query").
+    faiss: Any = None
+    with contextlib.suppress(ImportError):
+        import faiss as faiss_module
+
+        faiss = faiss_module
+    faiss_threads = faiss.omp_get_max_threads() if faiss is not None else 0
+    if faiss is not None:
+        faiss.omp_set_num_threads(config.threads or 1)
     try:
         return _run_compare(config, progress)
     finally:
         torch.set_num_threads(previous)
+        if faiss is not None:
+            faiss.omp_set_num_threads(faiss_threads)
 
 
 def _run_compare(config: CompareConfig, progress: Callable[[int, int], None] | None) -> dict:
