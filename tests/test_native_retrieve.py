@@ -330,3 +330,16 @@ def test_pipeline_passes_hits_of_an_index_it_cannot_scan_into_the_call(built_ind
             same(got.dense, want.dense)
             np.testing.assert_array_equal(got.fused.ids, want.fused.ids)
             assert {"lexical", "dense", "fusion"} <= set(timer.us)
+
+
+def test_the_cache_guards_lexical_candidates_are_the_bm25_retrievers_top_depth(built_index):
+    from rag_service.index.load import load_index
+
+    index = load_index(built_index)
+    for query in [*QUERIES, "the of and", "glacier glacier ice"]:
+        for filters in ({}, {"topic": "geology"}, {"topic": "no such topic"}):
+            for depth in (1, 3, 100):
+                want, _ = index.bm25.search(query, depth, index.filter_mask(filters))
+                got = index.lexical_candidates(query, filters, depth)
+                assert got.dtype == np.int64
+                np.testing.assert_array_equal(got, np.sort(want))
