@@ -70,9 +70,9 @@ class Limits(BaseModel):
 class CacheConfig(BaseModel):
     """Exact and semantic cache, Prefetch and StreamSearch (rag_service/search/cache.py, prefetch.py, speculate.py).
 
-    The semantic thresholds are the highest-hit-rate setting that met the fidelity target on every family of SciFact
-    query variants and paraphrase pairs, each family judged on its own (bench/experiments/guard_families.py; tables in
-    bench/README.md, "The semantic cache's guard on unseen variants"): change them only with a new measurement.
+    The semantic thresholds meet the fidelity target on every family of SciFact query variants and paraphrase pairs,
+    each family judged on its own, within 1% of the most hits that allows (bench/experiments/guard_families.py; tables
+    in bench/README.md, "The semantic cache's guard on unseen variants"): change them only with a new measurement.
     """
 
     enabled: bool = Field(True, description="Cache replies (exact lookups, and semantic ones where allowed).")

@@ -13,9 +13,9 @@ guard also asks that the two queries hold the same negation, direction, comparis
 (search/guard_words.py), that no index term BM25 weighs is in one query and not the other (`differing_idf`), that
 they share their rare terms (IDF-weighted) and that the new query's BM25 top candidates overlap those stored with the
 entry; terms and candidates come from the searcher's `guard` (the index's own analyzer and BM25). A searcher without a
-guard (the shard router) gets exact and strict hits only. Thresholds come from
-bench/experiments/cache_fidelity.py (figures in bench/README.md). Strict mode, for callers that cache generated answers
-on top of ours, only serves near-verbatim queries: the same content words, stemmed, in the same order.
+guard (the shard router) gets exact and strict hits only. Thresholds come from bench/experiments/guard_families.py,
+fitted per family of query variants (figures in bench/README.md). Strict mode, for callers that cache generated
+answers on top of ours, only serves near-verbatim queries: the same content words, stemmed, in the same order.
 
 The store is thread-safe (exact lookups run on the event loop, semantic lookups and inserts on pipeline threads);
 single flight (identical concurrent requests do the work once) lives on the event loop in `CachedSearch.search`.
