@@ -209,6 +209,30 @@ def test_default_mode_serves_the_word_order_pair_when_retrieval_agrees(running):
     assert swapped.served_from == SEMANTIC and chunks(swapped) == chunks(first)
 
 
+def test_reversed_claim_is_not_served_from_the_cache(server_thread, encoder, built_index, running):
+    claim = "caffeine in roasted coffee beans increases alertness as a stimulant"
+    reversed_claim = "caffeine in roasted coffee beans reduces alertness as a stimulant"
+    # With the looser thresholds the guard had before (cosine 0.98, BM25 top 100) and without the word and
+    # differing-term checks, the reversed claim is a hit (cosine 0.986, the same BM25 candidates): the trap is real
+    # on this index, and the refusals below are the guard's.
+    loose = {"semantic_min_cosine": 0.98, "guard_depth": 100}
+    with serve(server_thread, encoder, built_index, **loose, guard_polarity_words=False,
+               guard_max_differing_idf=float("inf")) as r:
+        search(r.stub, claim)
+        assert search(r.stub, reversed_claim).served_from == SEMANTIC
+    with serve(server_thread, encoder, built_index, **loose) as r:
+        first = search(r.stub, claim)
+        assert search(r.stub, reversed_claim).served_from == MISS
+        assert metric(r, "rag_cache_guard_rejections_total", mode="default") == 1
+        # Its own answer was stored, and a case and punctuation variant of the claim still hits the claim's entry.
+        assert search(r.stub, reversed_claim).served_from == EXACT
+        again = search(r.stub, "Caffeine in roasted coffee beans increases alertness as a stimulant.")
+        assert again.served_from == SEMANTIC and chunks(again) == chunks(first)
+    # And with the defaults.
+    search(running.stub, claim)
+    assert search(running.stub, reversed_claim).served_from == MISS
+
+
 def test_bypass_never_reads_or_writes(running):
     query = "printing press movable type literacy"
     entries = running.servicer.cache.store.__len__()

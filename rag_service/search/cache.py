@@ -9,11 +9,13 @@
 stage the searcher calls after its encode, so the encode and the route decision stay with the searcher.
 
 A semantic hit must return what a fresh search would have returned (fidelity), so cosine alone does not decide: the
-guard also asks that the two queries share their rare terms (IDF-weighted) and that the new query's BM25 top
-candidates overlap those stored with the entry; both come from the searcher's `guard` (the index's own analyzer and
-BM25). A searcher without a guard (the shard router) gets exact and strict hits only. Thresholds come from
-bench/experiments/cache_fidelity.py (figures in bench/README.md). Strict mode, for callers that cache generated answers
-on top of ours, only serves near-verbatim queries: the same content words, stemmed, in the same order.
+guard also asks that the two queries hold the same negation, direction, comparison and quantity words
+(search/guard_words.py), that no index term BM25 weighs is in one query and not the other (`differing_idf`), that
+they share their rare terms (IDF-weighted) and that the new query's BM25 top candidates overlap those stored with the
+entry; terms and candidates come from the searcher's `guard` (the index's own analyzer and BM25). A searcher without a
+guard (the shard router) gets exact and strict hits only. Thresholds come from bench/experiments/guard_families.py,
+fitted per family of query variants (figures in bench/README.md). Strict mode, for callers that cache generated
+answers on top of ours, only serves near-verbatim queries: the same content words, stemmed, in the same order.
 
 The store is thread-safe (exact lookups run on the event loop, semantic lookups and inserts on pipeline threads);
 single flight (identical concurrent requests do the work once) lives on the event loop in `CachedSearch.search`.
@@ -42,6 +44,7 @@ from rag_service.core.metrics import Metrics
 from rag_service.core.params import SearchParams, SearchResult, check_deadline
 from rag_service.core.timing import StageTimer
 from rag_service.retrievers.analysis import Analyzer
+from rag_service.search.guard_words import polarity_words
 from rag_service.search.searcher import LexicalGuard, Searcher
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,20 @@ def term_overlap(a: dict[str, float], b: dict[str, float]) -> float:
     return sum(w for t, w in a.items() if t in b) / union
 
 
+def differing_idf(a: dict[str, float], b: dict[str, float]) -> float:
+    """The largest idf of an index term one query has and the other lacks; 0.0 when both have the same terms. Two
+    queries whose terms differ only in words nearly every chunk holds rank alike in BM25; one rare word more or less
+    ("in mice", a typo, another drug) ranks other chunks, however little the embedding moves."""
+    top = 0.0
+    for t, w in a.items():
+        if w > top and t not in b:
+            top = w
+    for t, w in b.items():
+        if w > top and t not in a:
+            top = w
+    return top
+
+
 def lexical_overlap(a: np.ndarray, b: np.ndarray) -> float:
     """Share of BM25 candidates two queries have in common; two queries with no lexical match agree (1.0)."""
     size = max(len(a), len(b))
@@ -119,6 +136,7 @@ class Entry:
     vector: np.ndarray
     lexical: np.ndarray  # BM25 top guard_depth chunk ids, sorted: the fidelity guard compares these
     terms: dict[str, float]  # the query's index terms and their idf: the guard's term overlap
+    polarity: tuple[str, ...]  # guard_words.polarity_words of the query (empty when that check is off)
     signature: tuple[str, ...]
     nbytes: int
     inserted: float
@@ -401,9 +419,12 @@ class CachedSearch:
         if not candidates:
             return None
         terms = guard.query_terms(params.query)
+        polarity = polarity_words(params.query) if config.guard_polarity_words else ()
         lexical.append(guard.lexical_candidates(params.query, params.filters, config.guard_depth))
         for entry, similarity in candidates:
-            if (term_overlap(terms, entry.terms) >= config.guard_min_term_overlap
+            if (polarity == entry.polarity
+                    and differing_idf(terms, entry.terms) < config.guard_max_differing_idf
+                    and term_overlap(terms, entry.terms) >= config.guard_min_term_overlap
                     and lexical_overlap(lexical[0], entry.lexical) >= config.guard_min_overlap
                     and self.store.touch(entry)):
                 return self._hit(entry, SEMANTIC, started, similarity)
@@ -445,13 +466,15 @@ class CachedSearch:
             bm25 = lexical[0] if lexical else guard.lexical_candidates(params.query, params.filters,
                                                                        self.config.guard_depth)
             terms = guard.query_terms(params.query)
+            polarity = polarity_words(params.query) if self.config.guard_polarity_words else ()
         else:  # the guard's inputs serve semantic lookups only
-            bm25, terms = np.zeros(0, np.int64), {}
+            bm25, terms, polarity = np.zeros(0, np.int64), {}, ()
         vector = np.ascontiguousarray(vector, dtype=np.float32)
         signature = strict_signature(params.query)
         kept = _copy(result, {})
         entry = Entry(key=key, group=(key[0], key[2]), result=kept, vector=vector, lexical=bm25, terms=terms,
-                      signature=signature, nbytes=entry_bytes(key[1], kept, vector, bm25, signature, terms),
+                      polarity=polarity, signature=signature,
+                      nbytes=entry_bytes(key[1], kept, vector, bm25, signature + polarity, terms),
                       inserted=self.store.clock(), origin=origin)
         self.store.put(entry)
 
@@ -532,4 +555,5 @@ class _RequestStage:
 
 
 __all__ = ["CachedSearch", "CacheStore", "Served", "normalise", "params_key", "strict_signature", "lexical_overlap",
+           "differing_idf", "term_overlap",
            "MISS", "EXACT", "SEMANTIC", "PREFETCHED", "LIVE", "PREFETCH", "SPECULATIVE"]
