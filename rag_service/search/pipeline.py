@@ -1,7 +1,8 @@
 """One local index as a Searcher: the request path stage by stage.
 
     [SearcherBase.search: plan, encode, cache stage]  filter mask -> lexical || dense -> fusion -> rerank
-        -> context filter -> assemble
+        -> context filter -> assemble [-> shape: decay, groups, pages, floors, explanations, highlights, only for a
+        request that asks for one of them (search/shape.py)]
 
 Plain function calls on plain data: the pipeline knows no gRPC, stages know no pipeline. Each stage is timed so the
 server can report per-stage latency. To add a stage, add it to `Pipeline._rank` in request order, timed with
