@@ -9,8 +9,9 @@ label-free quality signals for a matched query stream against a mismatched one.
   here that reply asks for top_k = depth chunks, and the grouped one for top_k documents with group_size 1, at the
   same depth. Reported: nDCG@10 of both and how many queries' top-10 document lists differ.
 - Decay: nDCG@10 with a decay of weight 0 (and the same chunks, scores), and with growing weights on the synthetic
-  dates; with each, the share of neighbouring contexts whose dates are in order (newer first): about one half when
-  dates play no part, 1 when the date decides.
+  dates; with each, the share of neighbouring contexts (of two documents) whose dates are in order, newer first:
+  about one half when dates play no part; and that share among near ties (scores without the decay closer than
+  --near), which a decay strong enough to matter puts in date order.
 - Quality signals: the test queries of --data and the queries of --other, both served by the index of --data,
   counted by core.metrics.Metrics as the server counts them; printed: each histogram's median and mean, and the share
   of empty, degraded and below-floor replies, the floor being the 5th percentile of the matched stream's best score.
@@ -32,6 +33,7 @@ from rag_service.core.metrics import Metrics
 from rag_service.core.params import Decay, SearchParams, SearchResult
 from rag_service.encoder.encode import load_index_encoder
 from rag_service.index.load import load_index
+from rag_service.search import shape
 from rag_service.search.pipeline import Pipeline
 
 YEAR = 365.25 * 86400
@@ -58,16 +60,28 @@ def ndcg(results: dict[str, SearchResult], qrels: dict[str, dict[str, int]]) -> 
     return evaluate(runs, qrels)["m"]["nDCG@10"]
 
 
-def date_order(pipeline: Pipeline, results: dict[str, SearchResult], field: str) -> float:
-    """Share of neighbouring contexts (ranks i, i + 1) whose dates are in order, newer first."""
+def date_order(pipeline: Pipeline, results: dict[str, SearchResult], field: str, decay: Decay | None,
+               near: float) -> tuple[float, float, int]:
+    """(share of neighbouring contexts, ranks i and i + 1, of different documents whose dates are in order, newer
+    first; the same share among near ties: pairs whose scores without the decay differ by less than `near`; how many
+    near ties)."""
     column = pipeline.dates.column(field)
-    ordered = total = 0
+    ordered = total = tied = tied_ordered = 0
     for r in results.values():
-        dates = [column[c.chunk] for c in r.contexts]
-        for a, b in zip(dates, dates[1:]):
+        dates = np.asarray([column[c.chunk] for c in r.contexts])
+        base = np.asarray([c.score for c in r.contexts], np.float64)
+        if decay is not None:
+            base = base - decay.weight * shape.decay_factors(dates, decay)
+        for i in range(len(r.contexts) - 1):
+            if r.contexts[i].doc_id == r.contexts[i + 1].doc_id:
+                continue
+            in_order = bool(dates[i] >= dates[i + 1])
             total += 1
-            ordered += a >= b
-    return ordered / max(total, 1)
+            ordered += in_order
+            if abs(base[i] - base[i + 1]) < near:
+                tied += 1
+                tied_ordered += in_order
+    return ordered / max(total, 1), tied_ordered / max(tied, 1), tied
 
 
 def signals(index_name: str, results: list[SearchResult], floor: float) -> dict[str, float]:
@@ -106,6 +120,9 @@ def main() -> None:
     parser.add_argument("--other", type=Path, required=True, help="BEIR folder whose queries the index does not fit")
     parser.add_argument("--date-field", default="published")
     parser.add_argument("--weights", default="0.01,0.1,1,10")
+    parser.add_argument("--function", default="linear", choices=("exp", "linear", "gauss"))
+    parser.add_argument("--scale-years", type=float, default=10.0)
+    parser.add_argument("--near", type=float, default=0.02, help="scores closer than this count as a near tie")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -128,19 +145,20 @@ def main() -> None:
     print("groups:", report["groups"], f"({time.perf_counter() - started:.0f} s)")
 
     plain = run(pipeline, queries, vectors, replace(base, top_k=10))
-    decay = Decay(field=args.date_field, function="exp", origin=time.time(), scale=YEAR, weight=0.0)
+    decay = Decay(field=args.date_field, function=args.function, origin=time.time(), scale=args.scale_years * YEAR,
+                  weight=0.0)
     zero = run(pipeline, queries, vectors, replace(base, top_k=10, decay=decay))
     same = sum(1 for q in queries if [(c.chunk, c.score) for c in zero[q].contexts]
                == [(c.chunk, c.score) for c in plain[q].contexts])
-    rows = [{"weight": "none", "nDCG@10": ndcg(plain, qrels), "dates in order": date_order(pipeline, plain,
-                                                                                          args.date_field)},
-            {"weight": 0.0, "nDCG@10": ndcg(zero, qrels),
-             "dates in order": date_order(pipeline, zero, args.date_field),
-             "queries with identical chunks and scores": same}]
+    def row(weight: object, results: dict[str, SearchResult], used: Decay | None) -> dict:
+        in_order, ties_in_order, ties = date_order(pipeline, results, args.date_field, used, args.near)
+        return {"weight": weight, "nDCG@10": ndcg(results, qrels), "dates in order": in_order,
+                "near ties in date order": ties_in_order, "near ties": ties}
+
+    rows = [row("none", plain, None), {**row(0.0, zero, decay), "queries with identical chunks and scores": same}]
     for weight in (float(w) for w in args.weights.split(",")):
-        decayed = run(pipeline, queries, vectors, replace(base, top_k=10, decay=replace(decay, weight=weight)))
-        rows.append({"weight": weight, "nDCG@10": ndcg(decayed, qrels),
-                     "dates in order": date_order(pipeline, decayed, args.date_field)})
+        used = replace(decay, weight=weight)
+        rows.append(row(weight, run(pipeline, queries, vectors, replace(base, top_k=10, decay=used)), used))
     report["decay"] = rows
     for row in rows:
         print("decay:", row)
