@@ -250,6 +250,8 @@ class Pipeline(SearcherBase):
               timer: StageTimer) -> SearchResult:
         shaper = shape.Shaper(plan.params) if plan.params.shaped else None
         params = plan.params if shaper is None else shaper.ranking
+        # A decay's field is checked before any retrieval: a request that cannot be answered costs nothing.
+        dates = self._dates(shaper.params) if shaper is not None else None
         filter_params = context_filter.FilterParams.of(params)
         lexical_only = plan.route == adaptive.LEXICAL
         # No rerank on the lexical route: the reranker's features need the query vector (rerank.py).
@@ -281,8 +283,10 @@ class Pipeline(SearcherBase):
             order, relevance = rerank_mod.final_order(fused.scores, reranked)
             rows = None
             if shaper is not None:
-                order, relevance, rows = shaper.arrange(fused, reranked, order, relevance, self._docs_at(fused),
-                                                        self._dates_at(fused, shaper.params))
+                chunk_docs = self.index.store.chunk_docs
+                order, relevance, rows = shaper.arrange(
+                    fused, reranked, order, relevance, lambda at: np.asarray(chunk_docs[fused.ids[at]]),
+                    None if dates is None else lambda at: dates[fused.ids[at]])
             ids = fused.ids[order]
             vectors = (np.asarray(self.index.dense.vectors[ids]) if not filter_params.is_identity
                        else np.zeros((len(ids), 0), np.float32))
@@ -310,15 +314,9 @@ class Pipeline(SearcherBase):
                              highlight=highlight)
         return result
 
-    def _docs_at(self, fused: FusionResult):
-        chunk_docs = self.index.store.chunk_docs
-        return lambda at: np.asarray(chunk_docs[fused.ids[at]])
-
-    def _dates_at(self, fused: FusionResult, params: SearchParams):
-        if params.decay is None:
-            return None
-        column = self.dates.column(params.decay.field)
-        return lambda at: column[fused.ids[at]]
+    def _dates(self, params: SearchParams) -> np.ndarray | None:
+        """Unix seconds per chunk of the decay's field; None without a decay."""
+        return None if params.decay is None else self.dates.column(params.decay.field)
 
     def _highlighter(self, query: str, query_vector: np.ndarray | None):
         """Highlights of a context: the query terms it matched, and its best sentence window (the reranker's window

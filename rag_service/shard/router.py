@@ -306,6 +306,9 @@ class ShardedPipeline(SearcherBase):
                 if name not in self.metadata_fields:
                     known = ", ".join(sorted(self.metadata_fields)) or "(none)"
                     raise InvalidArgument(f"filters[{name}]", f"unknown metadata field; known: {known}")
+            if params.decay is not None and params.decay.field not in self.metadata_fields:
+                known = ", ".join(sorted(self.metadata_fields)) or "(none)"
+                raise InvalidArgument("decay.field", f"unknown metadata field {params.decay.field!r}; known: {known}")
         if query_vector is None:  # never planned: capabilities.lexical_route is False
             raise ValueError("the shard router needs the query vector")
         q = np.ascontiguousarray(query_vector, dtype=np.float32)
@@ -429,10 +432,6 @@ class ShardedPipeline(SearcherBase):
         params = shaper.params
         docs = dates = None
         if params.group_size or params.decay is not None:
-            if params.decay is not None and params.decay.field not in self.metadata_fields:
-                known = ", ".join(sorted(self.metadata_fields)) or "(none)"
-                raise InvalidArgument("decay.field",
-                                      f"unknown metadata field {params.decay.field!r}; known: {known}")
             # A shard lost here takes its candidates out below (details.lost): the reply is partial.
             with contextlib.suppress(_ShardLost):
                 details.ensure(ranked.tolist())
