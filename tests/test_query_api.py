@@ -313,3 +313,58 @@ def test_requests_differing_only_by_a_query_api_option_never_share_a_cache_entry
         assert client.search(query, **options).served_from == "miss", options
     for options in variants:
         assert client.search(query, **options).served_from == "exact", options
+
+
+# -- validation (no server) ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, named", [
+    ({"group_size": 2}, "group_size"),
+    ({"group_by_doc": True, "group_size": 0}, "group_size"),
+    ({"group_by_doc": True, "group_size": 101}, "group_size"),
+    ({"offset": 995, "top_k": 10}, "offset"),
+    ({"page_token": "%%%"}, "page_token"),
+    ({"page_token": "e30"}, "page_token"),  # "{}": base64 of JSON, not a token
+    ({"min_score": float("nan")}, "min_score"),
+    ({"min_score": float("inf")}, "min_score"),
+    ({"decay": pb.Decay(scale={"seconds": 60}, weight=1.0)}, "decay.field"),
+    ({"decay": pb.Decay(field="date", weight=1.0)}, "decay.scale"),
+    ({"decay": pb.Decay(field="date", scale={"seconds": -60})}, "decay.scale"),
+    ({"decay": pb.Decay(field="date", scale={"seconds": 60}, offset={"seconds": -1})}, "decay.offset"),
+    ({"decay": pb.Decay(field="date", scale={"seconds": 60}, decay=0.0)}, "decay.decay"),
+    ({"decay": pb.Decay(field="date", scale={"seconds": 60}, weight=float("nan"))}, "decay.weight"),
+    ({"decay": pb.Decay(field="date", scale={"seconds": 60}, function=7)}, "decay.function"),
+    ({"decay": pb.Decay(field="date", scale={"seconds": 60}, origin={"seconds": 10**12})}, "decay.origin"),
+])
+def test_bad_query_api_values_name_their_field(fields, named):
+    from rag_service.api.request import search_params
+    from rag_service.core.config import Limits, SearchDefaults
+    from rag_service.core.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as caught:
+        search_params(pb.SearchRequest(query="tea", **fields), SearchDefaults(), Limits())
+    assert caught.value.field == named
+
+
+def test_a_page_ranks_the_window_it_is_cut_from():
+    from rag_service.api.request import search_params
+    from rag_service.core.config import Limits, SearchDefaults
+
+    page = search_params(pb.SearchRequest(query="tea", top_k=40, offset=80), SearchDefaults(), Limits())
+    whole = search_params(pb.SearchRequest(query="tea", top_k=120), SearchDefaults(), Limits())
+    assert (page.depth, page.rerank_depth) == (whole.depth, whole.rerank_depth) == (120, 120)
+    assert page.paged and page.shaped and (page.offset, page.top_k) == (80, 40)
+    plain = search_params(pb.SearchRequest(query="tea"), SearchDefaults(), Limits())
+    assert not plain.shaped and not plain.paged
+
+
+def test_dates_parse_iso_strings_and_unix_seconds():
+    import math
+
+    from rag_service.index.dates import parse_date
+
+    assert parse_date("2021-03-01") == parse_date("2021-03-01T00:00:00Z") == 1614556800.0
+    assert parse_date("2021-03-01T02:00:00+02:00") == 1614556800.0
+    assert parse_date("1614556800") == parse_date("1614556800.0") == 1614556800.0
+    assert parse_date('"2021-03-01"') == 1614556800.0  # a JSON string inside a structured value
+    for bad in ("", "yesterday", "2021-13-01", "nan", "inf"):
+        assert math.isnan(parse_date(bad)), bad
