@@ -43,6 +43,7 @@ from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 FUSION = {None: pb.FUSION_UNSPECIFIED, "rrf": pb.FUSION_RRF, "weighted": pb.FUSION_WEIGHTED}
 CACHE = {None: pb.CACHE_DEFAULT, "default": pb.CACHE_DEFAULT, "bypass": pb.CACHE_BYPASS,
          "exact_only": pb.CACHE_EXACT_ONLY, "strict": pb.CACHE_STRICT}
+DECAY_FUNCTIONS = {"exp": pb.DECAY_EXP, "linear": pb.DECAY_LINEAR, "gauss": pb.DECAY_GAUSS}
 SERVED_FROM = {pb.SERVED_FROM_MISS: "miss", pb.SERVED_FROM_EXACT: "exact", pb.SERVED_FROM_SEMANTIC: "semantic",
                pb.SERVED_FROM_PREFETCHED: "prefetched"}
 SERVED_BY_HEADER = "x-served-by"  # trailing metadata: the replica that answered (ServerConfig.replica_name)
@@ -107,6 +108,47 @@ class Context:
     features: dict[str, float] = field(default_factory=dict)
     # Tokens of this context toward max_context_tokens (the model's tokenizer).
     tokens: int = 0
+    # With highlight=True: (start, end, term) of each matched query term and the best sentence window's (start,
+    # end), in Unicode code points of `text` (Python string indices).
+    highlights: list[tuple[int, int, str]] = field(default_factory=list)
+    best_window: tuple[int, int] | None = None
+    # With debug=True: why it has its score (the Explanation message as a dict; its parts add up to `score`).
+    explanation: dict | None = None
+    # Grouped replies: the best score of this context's document.
+    document_score: float | None = None
+
+
+@dataclass(frozen=True)
+class DocumentGroup:
+    doc_id: str
+    score: float  # the document's best score
+    contexts: list[Context]
+
+
+@dataclass(frozen=True)
+class Decay:
+    """A recency decay on a date metadata field (search request option `decay`): score += weight x factor, factor
+    exp/linear/gauss of the distance from `origin` (Unix seconds; None: now) beyond `offset`, equal to `decay` at
+    `scale` (seconds)."""
+
+    field: str
+    scale: float
+    weight: float
+    function: Literal["exp", "linear", "gauss"] = "exp"
+    origin: float | None = None
+    offset: float = 0.0
+    decay: float = 0.5
+
+    def message(self) -> pb.Decay:
+        if self.function not in DECAY_FUNCTIONS:
+            raise ValueError(f"function must be 'exp', 'linear' or 'gauss', got {self.function!r}")
+        msg = pb.Decay(field=self.field, function=DECAY_FUNCTIONS[self.function], weight=self.weight,
+                       decay=self.decay)
+        msg.scale.FromNanoseconds(round(self.scale * 1e9))
+        msg.offset.FromNanoseconds(round(self.offset * 1e9))
+        if self.origin is not None:
+            msg.origin.FromNanoseconds(round(self.origin * 1e9))
+        return msg
 
 
 @dataclass(frozen=True)
@@ -125,6 +167,14 @@ class SearchResult:
     partial: bool = False
     shards_answered: list[str] = field(default_factory=list)
     shards_missing: list[str] = field(default_factory=list)
+    # Grouped replies (group_by_doc): the documents in order, each with its contexts.
+    groups: list[DocumentGroup] | None = None
+    # Pages: pass next_page_token as page_token for the next page ("" when this page was the last full one).
+    next_page_token: str = ""
+    offset: int = 0
+    below_min_score: int = 0  # contexts of this page dropped by min_score
+    legs: list[str] = field(default_factory=list)  # what ran: "bm25", "dense", "rerank"
+    degraded: bool = False  # a leg was skipped for budget or load, or a shard is missing
 
 
 class RetrieverError(Exception):
@@ -167,19 +217,39 @@ def _error(error: grpc.RpcError) -> RetrieverError:
 
 
 def _result(reply: pb.SearchResponse, served_by: str = "") -> SearchResult:
-    return SearchResult(contexts=[_context(c) for c in reply.contexts], index_version=reply.index_version,
+    contexts = [_context(c) for c in reply.contexts]
+    groups = [DocumentGroup(doc_id=g.doc_id, score=g.score, contexts=contexts[g.first:g.first + g.count])
+              for g in reply.groups] if reply.groups else None
+    return SearchResult(contexts=contexts, index_version=reply.index_version,
                         server_time_us=reply.server_time_us, stage_time_us=dict(reply.stage_time_us),
                         served_from=SERVED_FROM.get(reply.served_from, "miss"),
                         cache_similarity=_optional(reply, "cache_similarity"), context_tokens=reply.context_tokens,
                         served_by=served_by, partial=reply.partial, shards_answered=list(reply.shards_answered),
-                        shards_missing=list(reply.shards_missing))
+                        shards_missing=list(reply.shards_missing), groups=groups,
+                        next_page_token=reply.next_page_token, offset=reply.offset,
+                        below_min_score=reply.below_min_score, legs=list(reply.legs), degraded=reply.degraded)
+
+
+def _explanation(msg: pb.Explanation) -> dict:
+    out: dict = {"fused_score": msg.fused_score}
+    for name in ("bm25_rank", "bm25_normalized", "bm25_contribution", "dense_rank", "dense_normalized",
+                 "dense_contribution", "rerank_bias", "decay_factor", "decay_contribution"):
+        if msg.HasField(name):
+            out[name] = getattr(msg, name)
+    if msg.rerank_contributions:
+        out["rerank_contributions"] = dict(msg.rerank_contributions)
+    return out
 
 
 def _context(msg: pb.Context) -> Context:
     return Context(doc_id=msg.doc_id, chunk_id=msg.chunk_id, title=msg.title, text=msg.text,
                    metadata=dict(msg.metadata), score=msg.score, bm25_score=_optional(msg, "bm25_score"),
                    dense_score=_optional(msg, "dense_score"), fused_score=_optional(msg, "fused_score"),
-                   rerank_score=_optional(msg, "rerank_score"), features=dict(msg.features), tokens=msg.tokens)
+                   rerank_score=_optional(msg, "rerank_score"), features=dict(msg.features), tokens=msg.tokens,
+                   highlights=[(h.start, h.end, h.term) for h in msg.highlights],
+                   best_window=(msg.best_window.start, msg.best_window.end) if msg.HasField("best_window") else None,
+                   explanation=_explanation(msg.explanation) if msg.HasField("explanation") else None,
+                   document_score=_optional(msg, "document_score"))
 
 
 def _pem(value: bytes | str | Path | None) -> bytes | None:
@@ -266,15 +336,22 @@ class RetrieverClient:
                cache: Literal["default", "bypass", "exact_only", "strict"] | None = None,
                rerank: bool | None = None, rerank_depth: int | None = None, max_context_tokens: int | None = None,
                mmr_lambda: float | None = None, dedup_threshold: float | None = None,
-               require_complete: bool = False, timeout: float | None = None) -> SearchResult:
+               require_complete: bool = False, group_by_doc: bool = False, group_size: int | None = None,
+               offset: int | None = None, page_token: str | None = None, min_score: float | None = None,
+               decay: Decay | None = None, highlight: bool = False, timeout: float | None = None) -> SearchResult:
         """None leaves a parameter to the server's default. `require_complete` (routers over shards): fail rather
-        than answer from the shards that did answer."""
+        than answer from the shards that did answer. The query API: `group_by_doc` (top_k counts documents, each
+        with up to `group_size` chunks), pages (`offset`, or the previous reply's `next_page_token` as
+        `page_token`), `min_score`, a recency `decay` and `highlight`; `debug` adds explanations."""
         if fusion not in FUSION:
             raise ValueError(f"fusion must be 'rrf', 'weighted' or None, got {fusion!r}")
         if cache not in CACHE:
             raise ValueError(f"cache must be one of 'default', 'bypass', 'exact_only', 'strict' or None, got {cache!r}")
         request = pb.SearchRequest(query=query, fusion=FUSION[fusion], filters=filters or {}, debug=debug,
-                                   cache=CACHE[cache], require_complete=require_complete)
+                                   cache=CACHE[cache], require_complete=require_complete, group_by_doc=group_by_doc,
+                                   page_token=page_token or "", highlight=highlight)
+        if decay is not None:
+            request.decay.CopyFrom(decay.message())
         if top_k is not None:
             request.top_k = top_k
         if depth is not None:
@@ -283,7 +360,8 @@ class RetrieverClient:
             request.dense_weight = dense_weight
         for name, value in (("rerank", rerank), ("rerank_depth", rerank_depth),
                             ("max_context_tokens", max_context_tokens), ("mmr_lambda", mmr_lambda),
-                            ("dedup_threshold", dedup_threshold)):
+                            ("dedup_threshold", dedup_threshold), ("group_size", group_size),
+                            ("offset", offset), ("min_score", min_score)):
             if value is not None:
                 setattr(request, name, value)
         return _result(*self._call_with_served_by(self._stub.Search, request, timeout))

@@ -44,10 +44,32 @@ def search_requests(draw) -> pb.SearchRequest:
                                filters=draw(st.dictionaries(text, text, max_size=3)))
     for name, values in (("top_k", u32), ("depth", u32), ("dense_weight", f32), ("rerank", st.booleans()),
                          ("rerank_depth", u32), ("max_context_tokens", u32), ("mmr_lambda", f32),
-                         ("dedup_threshold", f32), ("budget_ms", u32)):
+                         ("dedup_threshold", f32), ("budget_ms", u32), ("group_by_doc", st.booleans()),
+                         ("group_size", u32), ("offset", u32), ("page_token", text), ("min_score", f32),
+                         ("highlight", st.booleans())):
         if draw(st.booleans()):
             setattr(request, name, draw(values))
+    if draw(st.booleans()):
+        request.decay.CopyFrom(draw(decays()))
     return request
+
+
+# Seconds as a Duration or Timestamp may carry them: the proto's range, and around zero.
+seconds = st.integers(-315576000000, 315576000000) | st.integers(-5, 10**9)
+
+
+@st.composite
+def decays(draw) -> pb.Decay:
+    """Recency decays, on known fields (year holds numbers, topic strings) and any text."""
+    decay = pb.Decay(field=draw(text | st.sampled_from(["year", "topic"])), function=draw(enum),
+                     weight=draw(f32))
+    for name in ("origin", "scale", "offset"):
+        if draw(st.booleans()):
+            getattr(decay, name).seconds = draw(seconds)
+            getattr(decay, name).nanos = draw(st.integers(0, 999_999_999))
+    if draw(st.booleans()):
+        decay.decay = draw(f32)
+    return decay
 
 
 @pytest.fixture(scope="module")

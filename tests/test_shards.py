@@ -21,6 +21,8 @@ import grpc
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from rag_service.bench.serve import stop_processes
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
@@ -54,7 +56,8 @@ def corpus_docs() -> list[dict]:
             picked = [rng.choice(words if rng.random() < 0.55 else FILLER) for _ in range(rng.randint(6, 16))]
             sentences.append(" ".join(picked).capitalize() + ".")
         docs.append({"_id": f"d{n:03d}", "title": f"{topic.title()} note {n}", "text": " ".join(sentences),
-                     "metadata": {"topic": topic, "even": n % 2 == 0}})
+                     "metadata": {"topic": topic, "even": n % 2 == 0,
+                                  "published": f"{2010 + n % 15}-{1 + n % 12:02d}-15"}})
     docs.append({**docs[3], "_id": "dup-a"})
     docs.append({**docs[3], "_id": "dup-b"})
     return docs
@@ -196,6 +199,57 @@ SETTINGS = [
     {"filters": {"topic": "geology"}},
     {"filters": {"even": "true"}, "rerank": False, "depth": 12},
 ]
+
+
+QUERY_API_SETTINGS = [
+    {"group_by_doc": True, "top_k": 5},
+    {"group_by_doc": True, "group_size": 2, "top_k": 4, "offset": 2},
+    {"offset": 5, "top_k": 5},
+    {"offset": 3, "top_k": 4, "rerank": False, "fusion": pb.FUSION_RRF},
+    {"min_score": 0.5, "top_k": 8},
+    {"highlight": True, "top_k": 5},
+    {"decay": pb.Decay(field="published", function=pb.DECAY_GAUSS, weight=0.5,
+                       origin=Timestamp(seconds=1735689600), scale=Duration(seconds=3 * 365 * 86400)),
+     "top_k": 6},
+]
+
+
+@pytest.mark.slow
+def test_router_answers_the_query_api_as_one_index(cluster):
+    """Groups, pages, floors, decay, highlights and explanations through the router equal one index's (the best
+    sentence window aside: the router picks it by matched terms, the window vectors staying on the shards)."""
+    compared = 0
+    for settings in QUERY_API_SETTINGS:
+        for query in queries():
+            request = pb.SearchRequest(query=query, cache=pb.CACHE_BYPASS, debug=True, **settings)
+            want = cluster["single"].Search(request, timeout=30)
+            got = cluster["router"].Search(request, timeout=30)
+            assert [c.chunk_id for c in got.contexts] == [c.chunk_id for c in want.contexts], (settings, query)
+            np.testing.assert_allclose([c.score for c in got.contexts], [c.score for c in want.contexts], atol=1e-5)
+            assert [(g.doc_id, g.first, g.count) for g in got.groups] == \
+                [(g.doc_id, g.first, g.count) for g in want.groups]
+            np.testing.assert_allclose([g.score for g in got.groups], [g.score for g in want.groups], atol=1e-5)
+            assert got.below_min_score == want.below_min_score and got.offset == want.offset
+            assert bool(got.next_page_token) == bool(want.next_page_token)
+            assert list(got.legs) == list(want.legs) and got.degraded == want.degraded
+            for a, b in zip(got.contexts, want.contexts):
+                assert [(h.start, h.end, h.term) for h in a.highlights] == \
+                    [(h.start, h.end, h.term) for h in b.highlights]
+                ea, eb = a.explanation, b.explanation
+                for name in ("bm25_rank", "dense_rank"):
+                    assert ea.HasField(name) == eb.HasField(name) and getattr(ea, name) == getattr(eb, name)
+                for name in ("bm25_contribution", "dense_contribution", "decay_factor", "fused_score"):
+                    assert getattr(ea, name) == pytest.approx(getattr(eb, name), abs=1e-5), name
+                for name, value in eb.rerank_contributions.items():
+                    assert ea.rerank_contributions[name] == pytest.approx(value, abs=1e-5), name
+            compared += len(want.contexts)
+    assert compared > 200
+    # A page token continues through the router as it does on one index.
+    first = cluster["router"].Search(pb.SearchRequest(query="magma lava", top_k=3, offset=0), timeout=30)
+    second = cluster["router"].Search(pb.SearchRequest(query="magma lava", top_k=3,
+                                                       page_token=first.next_page_token), timeout=30)
+    whole = cluster["single"].Search(pb.SearchRequest(query="magma lava", top_k=6), timeout=30)
+    assert [c.chunk_id for c in (*first.contexts, *second.contexts)] == [c.chunk_id for c in whole.contexts]
 
 
 @pytest.mark.slow

@@ -10,7 +10,14 @@ import grpc
 import pytest
 
 from rag_service.api import reply
-from rag_service.core.params import ContextResult, SearchParams, SearchResult
+from rag_service.core.params import (
+    ContextResult,
+    Decay,
+    DocumentGroup,
+    Explanation,
+    SearchParams,
+    SearchResult,
+)
 from rag_service.index.reply_bytes import ContextBytes, StaticFields, varint
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
@@ -54,7 +61,12 @@ def _result(rng: random.Random, chunks: list[StaticFields]) -> SearchResult:
             score=_score(rng), bm25_score=_optional(rng), dense_score=_optional(rng), rerank_score=rerank,
             features=({f"feature_{k}": _score(rng) for k in range(rng.randint(1, 6))}
                       if rerank is not None and rng.random() < 0.8 else None),
-            tokens=rng.choice([0, 1, 127, 128, 300, 20000]), fused_score=_optional(rng)))
+            tokens=rng.choice([0, 1, 127, 128, 300, 20000]), fused_score=_optional(rng), **_query_api(rng, f.text)))
+    shaped = rng.random() < 0.5
+    groups = None
+    if shaped and rng.random() < 0.5:
+        groups = [DocumentGroup(doc_id=c.doc_id, score=_score(rng), first=i, count=1)
+                  for i, c in enumerate(contexts)]
     return SearchResult(
         contexts=contexts, index_version=rng.choice(["", "v-20261202T191530Z-60c72944"]),
         stage_us={name: rng.choice([0, 5, 300, 70000]) for name in rng.sample(
@@ -63,7 +75,29 @@ def _result(rng: random.Random, chunks: list[StaticFields]) -> SearchResult:
         route_reason=rng.choice(["", "budget 12 ms < rerank's 15 ms", "raison d'être 😀"]),
         partial=rng.random() < 0.3,
         shards_answered=[_text(rng, 8) for _ in range(rng.randint(0, 3))],
-        shards_missing=[_text(rng, 8) for _ in range(rng.randint(0, 2))])
+        shards_missing=[_text(rng, 8) for _ in range(rng.randint(0, 2))],
+        complete=rng.random() < 0.7, legs=rng.choice([(), ("bm25",), ("bm25", "dense"), ("bm25", "dense", "rerank")]),
+        shaped=shaped, groups=groups, below_min_score=rng.choice([0, 3]) if shaped else 0,
+        offset=rng.choice([0, 20]) if shaped else 0)
+
+
+def _query_api(rng: random.Random, text: str) -> dict:
+    """The query API's per-context fields, present in about half the contexts (spans in code points of `text`)."""
+    if rng.random() < 0.5:
+        return {}
+    n = len(text)
+    spans = tuple(sorted((a, b, _text(rng, 5)) for a, b in
+                         (sorted((rng.randint(0, n), rng.randint(0, n))) for _ in range(rng.randint(0, 4)))))
+    explanation = None
+    if rng.random() < 0.6:
+        explanation = Explanation(
+            fused_score=_score(rng), bm25_rank=rng.choice([None, 1, 300]), bm25_normalized=_optional(rng),
+            bm25_contribution=_optional(rng), dense_rank=rng.choice([None, 2]), dense_normalized=_optional(rng),
+            dense_contribution=_optional(rng),
+            rerank_contributions=rng.choice([None, {f"feature_{k}": _score(rng) for k in range(3)}]),
+            rerank_bias=_optional(rng), decay_factor=rng.choice([None, 0.0, 0.5]), decay_contribution=_optional(rng))
+    return {"highlights": spans, "best_window": rng.choice([None, (0, n)]), "explanation": explanation,
+            "document_score": _optional(rng)}
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -78,14 +112,16 @@ def test_joined_bytes_parse_to_the_field_by_field_message(seed: int) -> None:
         similarity = rng.choice([None, 0.0, 0.973])
         time_us = rng.choice([0, 17, 1 << 40])
         for debug in (False, True):
-            expected = reply.message(result, served_from, similarity, debug, time_us)
+            token = rng.choice(["", "eyJ2IjoidiJ9"]) if result.shaped else ""
+            expected = reply.message(result, served_from, similarity, debug, time_us, token)
             for table in (prepared, None):
                 got = pb.SearchResponse.FromString(reply.joined(result, served_from, similarity, debug, time_us,
-                                                                table))
+                                                                table, token))
                 assert got == expected, (seed, debug, table is not None)
                 # Presence too: an optional field set to 0.0 differs from one left unset.
                 for g, e in zip(got.contexts, expected.contexts, strict=True):
-                    for name in ("bm25_score", "dense_score", "fused_score", "rerank_score"):
+                    for name in ("bm25_score", "dense_score", "fused_score", "rerank_score", "best_window",
+                                 "explanation", "document_score"):
                         assert g.HasField(name) == e.HasField(name)
                 assert got.HasField("cache_similarity") == expected.HasField("cache_similarity")
 
@@ -154,6 +190,19 @@ def test_real_searches_joined_equal_field_by_field(pipeline, query: str, debug: 
         assert result.contexts
         got = pb.SearchResponse.FromString(reply.joined(result, pb.SERVED_FROM_MISS, None, debug, 1234, table))
         assert got == reply.message(result, pb.SERVED_FROM_MISS, None, debug, 1234)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_query_api_replies_joined_equal_field_by_field(pipeline, debug: bool) -> None:
+    table = pipeline.index.context_bytes()
+    decay = Decay(field="year", origin=2020.0, scale=10.0, weight=0.5)
+    for shaping in ({"group_size": 2, "paged": True, "offset": 1}, {"highlight": True, "explain": debug},
+                    {"decay": decay, "min_score": 0.0, "explain": debug}):
+        result = pipeline.search(SearchParams(query="glaciers and ice sheets", top_k=4, **shaping))
+        assert result.contexts and result.shaped
+        got = pb.SearchResponse.FromString(reply.joined(result, pb.SERVED_FROM_MISS, None, debug, 1, table, "tok"))
+        assert got == reply.message(result, pb.SERVED_FROM_MISS, None, debug, 1, "tok")
+        assert got.legs == ["bm25", "dense", "rerank"] and not got.degraded
 
 
 # --- Over a real channel ---------------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ _SIMILARITY = tag(7, FIXED32)[0]
 _ROUTE, _ROUTE_REASON = tag(8, LEN), tag(9, LEN)
 _PARTIAL = tag(10, VARINT)
 _ANSWERED, _MISSING = tag(11, LEN), tag(12, LEN)
+_LEG = tag(16, LEN)
+_DEGRADED = tag(17, VARINT) + b"\x01"
 _FLOAT = struct.Struct("<f")
 
 
@@ -105,7 +107,41 @@ def _debug(c: ContextResult) -> bytes:
     return out
 
 
-def _contexts(contexts: Sequence[ContextResult], prepared: ContextBytes | None, debug: bool) -> list[bytes]:
+def _extras(c: ContextResult, debug: bool) -> bytes:
+    """The query API's per-context fields (highlights, best window, explanation, document score), encoded by the
+    generated class: only shaped replies have them, and a message's fields may follow each other in any order."""
+    if not (c.highlights or c.best_window is not None or c.document_score is not None
+            or (debug and c.explanation is not None)):
+        return b""
+    msg = pb.Context()
+    _add_extras(msg, c, debug)
+    return msg.SerializeToString()
+
+
+def _add_extras(msg: pb.Context, c: ContextResult, debug: bool) -> None:
+    for start, end, term in c.highlights:
+        msg.highlights.add(start=start, end=end, term=term)
+    if c.best_window is not None:
+        msg.best_window.start, msg.best_window.end = c.best_window
+        msg.best_window.SetInParent()
+    if c.document_score is not None:
+        msg.document_score = c.document_score
+    if debug and c.explanation is not None:
+        e = c.explanation
+        out = msg.explanation
+        out.fused_score = e.fused_score
+        for name in ("bm25_rank", "bm25_normalized", "bm25_contribution", "dense_rank", "dense_normalized",
+                     "dense_contribution", "rerank_bias", "decay_factor", "decay_contribution"):
+            value = getattr(e, name)
+            if value is not None:
+                setattr(out, name, value)
+        if e.rerank_contributions:
+            out.rerank_contributions.update(e.rerank_contributions)
+        out.SetInParent()
+
+
+def _contexts(contexts: Sequence[ContextResult], prepared: ContextBytes | None, debug: bool,
+              shaped: bool) -> list[bytes]:
     parts: list[bytes] = []
     append = parts.append
     for c in contexts:
@@ -116,6 +152,8 @@ def _contexts(contexts: Sequence[ContextResult], prepared: ContextBytes | None, 
             dynamic += _TOKENS + varint(c.tokens)
         if debug:
             dynamic += _debug(c)
+        if shaped:
+            dynamic += _extras(c, debug)
         append(_CONTEXT)
         append(varint(len(static) + len(dynamic)))
         append(static)
@@ -124,10 +162,10 @@ def _contexts(contexts: Sequence[ContextResult], prepared: ContextBytes | None, 
 
 
 def joined(result: SearchResult, served_from: pb.ServedFrom, similarity: float | None, debug: bool,
-           server_time_us: int, prepared: ContextBytes | None) -> bytes:
+           server_time_us: int, prepared: ContextBytes | None, next_page_token: str = "") -> bytes:
     """The SearchResponse `message` builds, as wire bytes. `prepared`: the static bytes of the index the contexts
     come from (their `chunk` indexes it), or None to encode their static fields here."""
-    parts = _contexts(result.contexts, prepared, debug)
+    parts = _contexts(result.contexts, prepared, debug, result.shaped)
     append = parts.append
     if result.index_version:
         append(string_field(_INDEX_VERSION, result.index_version))
@@ -152,12 +190,39 @@ def joined(result: SearchResult, served_from: pb.ServedFrom, similarity: float |
         append(field_bytes(_ANSWERED, shard.encode("utf-8")))
     for shard in result.shards_missing:
         append(field_bytes(_MISSING, shard.encode("utf-8")))
+    legs = _LEGS.get(result.legs)
+    append(legs if legs is not None else _legs(result.legs))
+    if not result.complete:
+        append(_DEGRADED)
+    if result.shaped:
+        append(_response_extras(result, next_page_token).SerializeToString())
     return b"".join(parts)
 
 
-def to_context(context: ContextResult, debug: bool) -> pb.Context:
+def _legs(legs: Sequence[str]) -> bytes:
+    return b"".join(field_bytes(_LEG, leg.encode("utf-8")) for leg in legs)
+
+
+# The three leg lists a search reports, encoded once.
+_LEGS: dict[tuple[str, ...], bytes] = {legs: _legs(legs) for legs in (("bm25",), ("bm25", "dense"),
+                                                                      ("bm25", "dense", "rerank"))}
+
+
+def _response_extras(result: SearchResult, next_page_token: str) -> pb.SearchResponse:
+    """The query API's reply-level fields of a shaped result."""
+    msg = pb.SearchResponse(next_page_token=next_page_token, below_min_score=result.below_min_score,
+                            offset=result.offset)
+    if result.groups is not None:
+        for g in result.groups:
+            msg.groups.add(doc_id=g.doc_id, score=g.score, first=g.first, count=g.count)
+    return msg
+
+
+def to_context(context: ContextResult, debug: bool, shaped: bool = False) -> pb.Context:
     msg = pb.Context(doc_id=context.doc_id, chunk_id=context.chunk_id, title=context.title, text=context.text,
                      metadata=context.metadata, score=context.score, tokens=context.tokens)
+    if shaped:
+        _add_extras(msg, context, debug)
     if debug:
         msg.fused_score = context.fused_score if context.fused_score is not None else context.score
         if context.bm25_score is not None:
@@ -172,14 +237,17 @@ def to_context(context: ContextResult, debug: bool) -> pb.Context:
 
 
 def message(result: SearchResult, served_from: pb.ServedFrom, similarity: float | None, debug: bool,
-            server_time_us: int) -> pb.SearchResponse:
+            server_time_us: int, next_page_token: str = "") -> pb.SearchResponse:
     """The SearchResponse of `result`, built field by field."""
-    response = pb.SearchResponse(contexts=[to_context(c, debug) for c in result.contexts],
+    response = pb.SearchResponse(contexts=[to_context(c, debug, result.shaped) for c in result.contexts],
                                  index_version=result.index_version, server_time_us=server_time_us,
                                  context_tokens=result.context_tokens, route=result.route,
                                  route_reason=result.route_reason, served_from=served_from,
                                  partial=result.partial, shards_answered=result.shards_answered,
-                                 shards_missing=result.shards_missing)
+                                 shards_missing=result.shards_missing, legs=result.legs,
+                                 degraded=not result.complete)
+    if result.shaped:
+        response.MergeFrom(_response_extras(result, next_page_token))
     if similarity is not None:
         response.cache_similarity = similarity
     if debug:

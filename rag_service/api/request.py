@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import math
 import re
+import time
 
+from rag_service.api import pages
 from rag_service.core.config import Limits, SearchDefaults
 from rag_service.core.errors import InvalidArgument
-from rag_service.core.params import SearchParams
+from rag_service.core.params import Decay, SearchParams
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 
 FUSION_NAMES = {pb.FUSION_RRF: "rrf", pb.FUSION_WEIGHTED: "weighted"}
@@ -40,13 +42,21 @@ def search_params(request: pb.SearchRequest, defaults: SearchDefaults, limits: L
     if not 1 <= top_k <= limits.max_top_k:
         raise InvalidArgument("top_k", f"must be between 1 and {limits.max_top_k}, got {top_k}")
 
+    # A page is cut from the ranking of its window [0, offset + top_k): depth and rerank depth follow the window,
+    # so page 2 ranks exactly as one request for both pages would.
+    offset, token = 0, None
+    paged = request.HasField("offset") or bool(request.page_token)
+    if paged:
+        offset, token = _page(request, top_k, limits)
+    window = offset + top_k
+
     if request.HasField("depth"):
         depth = request.depth
         if not 1 <= depth <= limits.max_depth:
             raise InvalidArgument("depth", f"must be between 1 and {limits.max_depth}, got {depth}")
     else:
         # An explicit top_k above the default depth means "I want that many": fetch enough candidates for it.
-        depth = min(max(defaults.depth, top_k), limits.max_depth)
+        depth = min(max(defaults.depth, window), limits.max_depth)
 
     fusion: str
     if request.fusion == pb.FUSION_UNSPECIFIED:
@@ -77,7 +87,7 @@ def search_params(request: pb.SearchRequest, defaults: SearchDefaults, limits: L
     else:
         rerank_depth = defaults.rerank_depth
     # The reranker can only see what the first stage fetched, and must see at least what is returned.
-    rerank_depth = max(min(rerank_depth, depth), min(top_k, depth))
+    rerank_depth = max(min(rerank_depth, depth), min(window, depth))
 
     max_context_tokens = request.max_context_tokens if request.HasField("max_context_tokens") \
         else defaults.max_context_tokens
@@ -101,8 +111,88 @@ def search_params(request: pb.SearchRequest, defaults: SearchDefaults, limits: L
     if request.cache not in CACHE_MODES:
         raise InvalidArgument("cache", f"unknown cache mode {request.cache}")
 
+    group_size = 0
+    if request.group_by_doc:
+        group_size = request.group_size if request.HasField("group_size") else 1
+        if not 1 <= group_size <= MAX_GROUP_SIZE:
+            raise InvalidArgument("group_size", f"must be between 1 and {MAX_GROUP_SIZE}, got {group_size}")
+    elif request.HasField("group_size"):
+        raise InvalidArgument("group_size", "applies to grouped requests only: set group_by_doc")
+
+    min_score = None
+    if request.HasField("min_score"):
+        min_score = float(request.min_score)
+        if not math.isfinite(min_score):
+            raise InvalidArgument("min_score", f"must be finite, got {min_score}")
+
     return SearchParams(query=query, top_k=top_k, depth=depth, fusion=fusion, dense_weight=float(dense_weight),
-                        rrf_k=defaults.rrf_k, filters=dict(request.filters), rerank=rerank, rerank_depth=rerank_depth,
-                        max_context_tokens=max_context_tokens, mmr_lambda=float(mmr_lambda),
-                        dedup_threshold=float(dedup), budget_ms=budget_ms, cache=CACHE_MODES[request.cache],
-                        require_complete=request.require_complete)
+                          rrf_k=defaults.rrf_k, filters=dict(request.filters), rerank=rerank,
+                          rerank_depth=rerank_depth, max_context_tokens=max_context_tokens,
+                          mmr_lambda=float(mmr_lambda), dedup_threshold=float(dedup), budget_ms=budget_ms,
+                          cache=CACHE_MODES[request.cache], require_complete=request.require_complete,
+                          group_size=group_size, offset=offset, paged=paged, min_score=min_score,
+                          decay=_decay(request.decay, token) if request.HasField("decay") else None,
+                          highlight=request.highlight, explain=request.debug)
+
+
+MAX_GROUP_SIZE = 100
+MAX_FIELD_CHARS = 256
+DECAY_FUNCTIONS = {pb.DECAY_EXP: "exp", pb.DECAY_LINEAR: "linear", pb.DECAY_GAUSS: "gauss"}
+_YEAR_10000 = 253402300800  # seconds: datetime's range; a decay origin or scale beyond it is a mistake
+
+
+def _page(request: pb.SearchRequest, top_k: int, limits: Limits) -> tuple[int, pages.PageToken | None]:
+    token = None
+    if request.page_token:
+        if request.HasField("offset"):
+            raise InvalidArgument("offset", "give offset or page_token, not both")
+        token = pages.decode(request.page_token)
+        offset = token.offset
+    else:
+        offset = request.offset
+    if offset + top_k > limits.max_top_k:
+        field = "page_token" if token is not None else "offset"
+        raise InvalidArgument(field, f"offset {offset} + top_k {top_k} is beyond the deepest page, "
+                              f"{limits.max_top_k} results")
+    return offset, token
+
+
+def _seconds(value, field: str) -> float:
+    seconds = value.seconds + value.nanos / 1e9
+    if not abs(seconds) < _YEAR_10000:
+        raise InvalidArgument(field, f"is out of range ({seconds} s)")
+    return seconds
+
+
+def _decay(decay: pb.Decay, token: pages.PageToken | None) -> Decay:
+    if not decay.field:
+        raise InvalidArgument("decay.field", "must name a metadata field holding dates")
+    if len(decay.field) > MAX_FIELD_CHARS:
+        raise InvalidArgument("decay.field", f"is longer than {MAX_FIELD_CHARS} characters")
+    if decay.function not in DECAY_FUNCTIONS:
+        raise InvalidArgument("decay.function", f"unknown decay function {decay.function}; use DECAY_EXP, "
+                              "DECAY_LINEAR or DECAY_GAUSS")
+    if decay.HasField("origin"):
+        origin = _seconds(decay.origin, "decay.origin")
+    elif token is not None and token.origin is not None:
+        origin = float(token.origin)  # the "now" of page 1, so that the pages rank alike
+    else:
+        # Now, to the minute, so that requests a few seconds apart rank alike and share a cache entry.
+        origin = float(int(time.time()) // 60 * 60)
+    if not decay.HasField("scale"):
+        raise InvalidArgument("decay.scale", "is required: the distance from the origin at which the factor is "
+                              "`decay` (a Duration, e.g. \"2592000s\")")
+    scale = _seconds(decay.scale, "decay.scale")
+    if not scale > 0:
+        raise InvalidArgument("decay.scale", f"must be > 0, got {scale} s")
+    offset = _seconds(decay.offset, "decay.offset")
+    if offset < 0:
+        raise InvalidArgument("decay.offset", f"must be >= 0, got {offset} s")
+    value = float(decay.decay) if decay.HasField("decay") else 0.5
+    if not 0.0 < value < 1.0:
+        raise InvalidArgument("decay.decay", f"must be in (0, 1), got {value}")
+    weight = float(decay.weight)
+    if not (math.isfinite(weight) and weight >= 0.0):
+        raise InvalidArgument("decay.weight", f"must be finite and >= 0, got {weight}")
+    return Decay(field=decay.field, function=DECAY_FUNCTIONS[decay.function], origin=origin, scale=scale,
+                 offset=offset, decay=value, weight=weight)

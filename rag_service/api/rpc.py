@@ -24,6 +24,7 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from rag_service.core import tracing
 from rag_service.core.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     IndexFormatError,
     InvalidArgument,
     Overloaded,
@@ -43,6 +44,7 @@ STATUS_FOR: dict[type[RagError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     IndexFormatError: grpc.StatusCode.FAILED_PRECONDITION,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 

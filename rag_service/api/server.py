@@ -26,7 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.trace import TracerProvider
 
-from rag_service.api import auth, logs, reply, rpc, wire
+from rag_service.api import auth, logs, pages, reply, rpc, wire
 from rag_service.api.admission import Admission
 from rag_service.api.loader import load_searcher
 from rag_service.api.request import search_params
@@ -163,28 +163,36 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         start = time.perf_counter_ns()
         with self.admission.search() as admitted:
             params = search_params(request, self.config.defaults, self.config.limits)
+            if request.page_token:
+                pages.check(pages.decode(request.page_token), admitted.pipeline.version, request)
             deadline = self._deadline(context)
             validated = time.perf_counter_ns()
             # Exact hits are answered here on the event loop; misses run on a pipeline thread via _execute.
             served = await self.cache.search(admitted.pipeline, params, deadline=deadline, execute=self._execute,
                                              arrival=admitted.arrival)
-        response, _ = self._respond(request, served, start, validated, admitted.pipeline)
+        response, _ = self._respond(request, params, served, start, validated, admitted.pipeline)
         return response
 
-    def _respond(self, request: pb.SearchRequest, served: Served, start: int, validated: int,
+    def _respond(self, request: pb.SearchRequest, params: SearchParams, served: Served, start: int, validated: int,
                  searcher: Searcher) -> tuple[bytes | pb.SearchResponse, int]:
         """The reply and the server time it reports (µs)."""
         result = served.result
         result.stage_us["validate"] = (validated - start) // 1000
         total_us = (time.perf_counter_ns() - start) // 1000
         self.metrics.observe_stages(result.stage_us)
+        if served.served_from == MISS:
+            self.metrics.observe_quality(result)
         served_from = SERVED_FROM[served.served_from]
+        token = ""
+        if params.paged and result.full_page:
+            token = pages.encode(result.index_version, params.offset + params.top_k, request, params)
         if not self.joined_replies:
-            return reply.message(result, served_from, served.similarity, request.debug, total_us), total_us
+            return reply.message(result, served_from, served.similarity, request.debug, total_us, token), total_us
         # Contexts index the prepared bytes of the index they came from; a result of another version (none reaches
         # here: the cache drops entries of a replaced index) is encoded field by field rather than mislabelled.
         prepared = prepared_bytes(searcher) if result.index_version == searcher.version else None
-        return reply.joined(result, served_from, served.similarity, request.debug, total_us, prepared), total_us
+        return reply.joined(result, served_from, served.similarity, request.debug, total_us, prepared,
+                            token), total_us
 
     def _execute(self, work: Callable[[], Served]) -> Awaitable[Served]:
         """Runs the cache's miss path on a pipeline thread, counted as queued until a thread picks it up. The
@@ -251,10 +259,14 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                 # The final request is admitted as a Search is (in flight and queue, api/admission.py).
                 with self.admission.search() as admitted:
                     params = search_params(draft.request, self.config.defaults, self.config.limits)
+                    if draft.request.page_token:
+                        pages.check(pages.decode(draft.request.page_token), admitted.pipeline.version,
+                                    draft.request)
                     deadline = self._deadline(context)
                     validated = time.perf_counter_ns()
                     served = await session.final(admitted.pipeline, params, deadline)
-                response, total_us = self._respond(draft.request, served, start, validated, admitted.pipeline)
+                response, total_us = self._respond(draft.request, params, served, start, validated,
+                                                   admitted.pipeline)
                 self.rpc.answered("StreamSearch", total_us / 1e6)
                 await context.write(response)
         finally:
@@ -319,6 +331,7 @@ class RagServer:
         endpoint, else the global provider the process installed, else none (no spans, rag_service/core/tracing.py)."""
         self.config = config
         self.metrics = Metrics()
+        self.metrics.quality_floor = config.metrics.quality_floor
         # A provider made here from the configuration is this server's to flush and shut down on stop.
         self._own_tracer_provider = tracing.provider_from(config.tracing) if tracer_provider is None else None
         provider = tracer_provider or self._own_tracer_provider or tracing.installed_provider()

@@ -192,6 +192,9 @@ class MetricsSettings(BaseModel):
     port: int | None = Field(None, ge=0, le=65535, description="Port of the HTTP endpoint (0: a free one); unset: no "
                              "endpoint.")
     host: str = Field("127.0.0.1", description="Address the metrics endpoint binds (0.0.0.0 for all).")
+    quality_floor: float | None = Field(None, description="A computed reply whose best score is below this counts "
+                                        "in rag_quality_below_floor_replies (label-free quality signals; set it from "
+                                        "the index's own score distribution, bench/README.md); unset: not counted.")
 
 
 class RouterSettings(BaseModel):

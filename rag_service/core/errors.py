@@ -31,6 +31,10 @@ class DeadlineExceeded(RagError):
     """The request's deadline or latency budget passed before its work finished; the work was stopped."""
 
 
+class FailedPrecondition(RagError):
+    """The request depends on state the server no longer has (a page token of an index version no longer served)."""
+
+
 class IndexFormatError(RagError):
     """An index on disk is missing, corrupt or of another format; the message names the file and the problem."""
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 # Stage latencies run from tens of microseconds (fusion) to tens of milliseconds (encode under load).
+# Fused scores: weighted fusion's are in [0, 1]; reciprocal rank fusion's below 1 / (rrf_k + 1).
+SCORE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+OVERLAP_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -41,6 +44,48 @@ class Metrics:
         self.build_info = Info("rag_build", "rag-service version and native backends", registry=self.registry)
         self.draining = Gauge("rag_draining", "1 while the server drains for shutdown", registry=self.registry)
         self._add_cache_metrics()
+        self._add_quality_metrics()
+        self.quality_floor: float | None = None
+        self._quality: tuple | None = None
+
+    def _add_quality_metrics(self) -> None:
+        """Signals that move when retrieval gets worse, without judged queries (bench/README.md, "Query API"), per
+        index, over the searches the pipeline computed (cache hits repeat an answer already counted)."""
+        r = self.registry
+        self.quality_top1 = Histogram("rag_quality_top1_fused_score", "Fused score of the best candidate",
+                                      ["index"], buckets=SCORE_BUCKETS, registry=r)
+        self.quality_top10 = Histogram("rag_quality_top10_fused_score", "Fused score of the 10th candidate (the "
+                                       "last one when fewer)", ["index"], buckets=SCORE_BUCKETS, registry=r)
+        self.quality_overlap = Histogram("rag_quality_retriever_overlap_at10", "Share of the BM25 top 10 that is "
+                                         "also in the dense top 10 (retriever agreement)", ["index"],
+                                         buckets=OVERLAP_BUCKETS, registry=r)
+        self.quality_replies = Counter("rag_quality_replies", "Searches the pipeline computed", ["index"], registry=r)
+        self.quality_empty = Counter("rag_quality_empty_replies", "Computed searches with no context", ["index"],
+                                     registry=r)
+        self.quality_degraded = Counter("rag_quality_degraded_replies", "Computed searches whose answer is degraded "
+                                        "(a leg skipped for budget or load, a shard missing)", ["index"], registry=r)
+        self.quality_below_floor = Counter("rag_quality_below_floor_replies", "Computed searches whose best score "
+                                           "is below metrics.quality_floor", ["index"], registry=r)
+
+    def observe_quality(self, result) -> None:
+        """Counts one computed SearchResult (core/params.py) in the quality signals of the serving index."""
+        bound = self._quality
+        if bound is None:
+            return
+        top1, top10, overlap, replies, empty, degraded, below = bound
+        replies.inc()
+        signals = result.signals
+        if signals is not None:
+            top1.observe(signals[0])
+            top10.observe(signals[1])
+            if signals[2] is not None:
+                overlap.observe(signals[2])
+        if not result.contexts:
+            empty.inc()
+        elif self.quality_floor is not None and result.contexts[0].score < self.quality_floor:
+            below.inc()
+        if not result.complete:
+            degraded.inc()
 
     def _add_cache_metrics(self) -> None:
         """Cache, prefetch and speculative retrieval (rag_service/search/cache.py, prefetch.py, speculate.py)."""
@@ -80,6 +125,10 @@ class Metrics:
                               "model": str(manifest["model"]["name"]),
                               "created_at": str(manifest.get("created_at", "")),
                               "path": str(index.path)})
+        name = str(index.name)
+        self._quality = tuple(m.labels(name) for m in (
+            self.quality_top1, self.quality_top10, self.quality_overlap, self.quality_replies, self.quality_empty,
+            self.quality_degraded, self.quality_below_floor))
         self.index_documents.set(index.n_docs)
         self.index_chunks.set(index.n_chunks)
         self.index_loaded.set_to_current_time()

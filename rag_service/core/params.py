@@ -19,6 +19,19 @@ _SHIPPED = SearchDefaults()
 
 
 @dataclass(frozen=True)
+class Decay:
+    """A recency decay (search/shape.py): final score += weight x factor(|date - origin|), factor in [0, 1]."""
+
+    field: str  # a metadata field holding dates (index/dates.py parses them)
+    function: str = "exp"  # exp | linear | gauss
+    origin: float = 0.0  # Unix seconds
+    scale: float = 86400.0  # seconds, > 0: the distance (beyond offset) at which the factor is `decay`
+    offset: float = 0.0  # seconds: distances up to this get factor 1
+    decay: float = 0.5
+    weight: float = 0.0
+
+
+@dataclass(frozen=True)
 class SearchParams:
     query: str
     top_k: int = _SHIPPED.top_k
@@ -35,6 +48,20 @@ class SearchParams:
     budget_ms: float | None = None  # the request's latency budget, for the adaptive pipeline
     cache: str = "default"  # default | bypass | exact_only | strict
     require_complete: bool = False  # router only: a shard that does not answer fails the request (shard/router.py)
+    # The query API's shaping of the ranking (search/shape.py); all off by default, and then nothing of it runs.
+    group_size: int = 0  # > 0: grouped by document, at most this many chunks each; top_k and offset count documents
+    offset: int = 0  # the page starts at this rank (documents when grouped)
+    paged: bool = False  # the request asked for a page (offset or page_token): its reply carries the next token
+    min_score: float | None = None  # contexts below it leave the reply
+    decay: Decay | None = None
+    highlight: bool = False  # matched query terms and the best sentence window per context
+    explain: bool = False  # per-context explanations (debug replies)
+
+    @property
+    def shaped(self) -> bool:
+        """Whether any of the query API's shaping options is set (the plain request skips search/shape.py)."""
+        return bool(self.group_size or self.paged or self.decay is not None or self.min_score is not None
+                    or self.highlight or self.explain)
 
     @classmethod
     def from_defaults(cls, query: str, defaults: SearchDefaults, **overrides: object) -> SearchParams:
@@ -91,6 +118,36 @@ class ContextResult:
     features: Mapping[str, float] | None = None  # the reranker's inputs, reported with debug
     tokens: int = 0  # counted with the model's tokenizer, toward max_context_tokens
     fused_score: float | None = None  # the fusion score; `score` is the reranker's when it ran
+    # The query API (search/shape.py): set only when the request asks for them.
+    highlights: tuple[tuple[int, int, str], ...] = ()  # (start, end, term), code points of `text`
+    best_window: tuple[int, int] | None = None
+    explanation: Explanation | None = None
+    document_score: float | None = None  # grouped replies: the best score of the context's document
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why a context has its score (search/shape.py); the terms add up to the score (api's Explanation message)."""
+
+    fused_score: float
+    bm25_rank: int | None = None  # 1-based
+    bm25_normalized: float | None = None
+    bm25_contribution: float | None = None
+    dense_rank: int | None = None
+    dense_normalized: float | None = None
+    dense_contribution: float | None = None
+    rerank_contributions: dict[str, float] | None = None  # feature -> weight x value
+    rerank_bias: float | None = None
+    decay_factor: float | None = None
+    decay_contribution: float | None = None
+
+
+@dataclass(frozen=True)
+class DocumentGroup:
+    doc_id: str
+    score: float
+    first: int  # contexts[first:first + count] are the document's
+    count: int
 
 
 @dataclass
@@ -108,6 +165,17 @@ class SearchResult:
     partial: bool = False
     shards_answered: list[str] = field(default_factory=list)
     shards_missing: list[str] = field(default_factory=list)
+    # The query API (search/shape.py): grouped replies' documents, contexts dropped by min_score, the page's offset.
+    groups: list[DocumentGroup] | None = None
+    below_min_score: int = 0
+    offset: int = 0
+    full_page: bool = False  # the page has top_k contexts (documents when grouped) before min_score: more may follow
+    shaped: bool = False  # set by search/shape.py: the contexts may carry the query API's fields
+    # Which retrievers and stages ran: bm25, dense, rerank.
+    legs: tuple[str, ...] = ()
+    # Label-free quality signals (core/metrics.py): top-1 and top-10 fused scores, BM25/dense overlap@10 (None on
+    # the lexical route).
+    signals: tuple[float, float, float | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -217,6 +217,14 @@ class DocStore:
     def metadata_fields(self) -> list[str]:
         return list(self._codes)
 
+    def field_codes(self) -> dict[str, np.ndarray]:
+        """Per metadata field, int32 per chunk: the code of its document's value, -1 where it has none."""
+        return dict(self._codes)
+
+    def field_values(self) -> dict[str, list[str]]:
+        """Per metadata field, its distinct values (as filters compare them) in code order."""
+        return {name: list(codes) for name, codes in self._value_codes.items()}
+
     def filter_mask(self, filters: Mapping[str, str] | None) -> np.ndarray | None:
         """bool per chunk, True where every filter field equals its value; None when there are no filters.
 

@@ -367,6 +367,9 @@ class CachedSearch:
             return "bypass"
         if params.cache == "default" and not (self.config.semantic and searcher.capabilities.semantic_guard):
             return "exact_only"
+        if params.highlight and params.cache in ("default", "strict"):
+            # Highlights mark this query's words: another query's answer, however close, would mark its own.
+            return "exact_only"
         return params.cache
 
     @staticmethod

@@ -1,7 +1,8 @@
 """One local index as a Searcher: the request path stage by stage.
 
     [SearcherBase.search: plan, encode, cache stage]  filter mask -> lexical || dense -> fusion -> rerank
-        -> context filter -> assemble
+        -> context filter -> assemble [-> shape: decay, groups, pages, floors, explanations, highlights, only for a
+        request that asks for one of them (search/shape.py)]
 
 Plain function calls on plain data: the pipeline knows no gRPC, stages know no pipeline. Each stage is timed so the
 server can report per-stage latency. To add a stage, add it to `Pipeline._rank` in request order, timed with
@@ -18,6 +19,7 @@ import numpy as np
 from rag_service.core.errors import InvalidArgument
 from rag_service.core.params import (
     Capabilities,
+    ContextResult,
     IndexSummary,
     SearchParams,
     SearchResult,
@@ -26,12 +28,20 @@ from rag_service.core.params import (
 from rag_service.core.timing import StageTimer
 from rag_service.core.tracing import request_tracer
 from rag_service.encoder.encode import SearchEncoder
+from rag_service.index.dates import DateColumns
 from rag_service.index.load import Index
+from rag_service.index.windows import DEFAULT_WINDOW_SENTENCES, sentence_windows, split_sentences
 from rag_service.kernels import native
 from rag_service.kernels.native import FusionResult
-from rag_service.search import adaptive, context_filter, fusion
+from rag_service.search import adaptive, context_filter, fusion, shape
 from rag_service.search import rerank as rerank_mod
-from rag_service.search.searcher import ChunkFields, LexicalGuard, SearcherBase, assemble_contexts
+from rag_service.search.searcher import (
+    ChunkFields,
+    LexicalGuard,
+    SearcherBase,
+    assemble_contexts,
+    quality_signals,
+)
 
 
 @dataclass
@@ -50,6 +60,10 @@ def _record_stage(timer: StageTimer, name: str, start_ns: int, ns: int) -> None:
     tracer = request_tracer()
     if tracer is not None:
         tracer.start_span(name, start_time=start_ns).end(end_time=start_ns + ns)
+
+
+# Which retrievers and stages ran (SearchResult.legs).
+LEXICAL_LEGS, FUSED_LEGS, RERANKED_LEGS = ("bm25",), ("bm25", "dense"), ("bm25", "dense", "rerank")
 
 
 class Pipeline(SearcherBase):
@@ -80,6 +94,8 @@ class Pipeline(SearcherBase):
         self.policy = policy or adaptive.AdaptivePolicy()
         self._capabilities = Capabilities(rerank=self.rerank_store is not None, lexical_route=True,
                                           semantic_guard=True)
+        # Dates of the metadata fields that hold them, for recency decays (index/dates.py).
+        self.dates = DateColumns.of(index.store)
 
     @property
     def version(self) -> str:
@@ -232,7 +248,10 @@ class Pipeline(SearcherBase):
 
     def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
               timer: StageTimer) -> SearchResult:
-        params = plan.params
+        shaper = shape.Shaper(plan.params) if plan.params.shaped else None
+        params = plan.params if shaper is None else shaper.ranking
+        # A decay's field is checked before any retrieval: a request that cannot be answered costs nothing.
+        dates = self._dates(shaper.params) if shaper is not None else None
         filter_params = context_filter.FilterParams.of(params)
         lexical_only = plan.route == adaptive.LEXICAL
         # No rerank on the lexical route: the reranker's features need the query vector (rerank.py).
@@ -262,6 +281,12 @@ class Pipeline(SearcherBase):
         check_deadline(deadline, "contexts")
         with timer.stage("contexts"):
             order, relevance = rerank_mod.final_order(fused.scores, reranked)
+            rows = None
+            if shaper is not None:
+                chunk_docs = self.index.store.chunk_docs
+                order, relevance, rows = shaper.arrange(
+                    fused, reranked, order, relevance, lambda at: np.asarray(chunk_docs[fused.ids[at]]),
+                    None if dates is None else lambda at: dates[fused.ids[at]])
             ids = fused.ids[order]
             vectors = (np.asarray(self.index.dense.vectors[ids]) if not filter_params.is_identity
                        else np.zeros((len(ids), 0), np.float32))
@@ -269,13 +294,55 @@ class Pipeline(SearcherBase):
             selection = context_filter.select(relevance, vectors, lambda i: store.chunk_text(int(ids[i])),
                                               self.encoder.count_tokens, filter_params,
                                               count_at=lambda i: self.chunk_tokens(int(ids[i])))
+            if shaper is not None:
+                selection = shaper.page(selection)
         check_deadline(deadline, "assemble")
         with timer.stage("assemble"):
             contexts = assemble_contexts(fused, order, selection, reranked,
-                                         lambda at: self.chunk_fields(int(fused.ids[at])))
+                                         lambda at: self.chunk_fields(int(fused.ids[at])), ranks=rows)
+        legs = LEXICAL_LEGS if lexical_only else (RERANKED_LEGS if reranked is not None else FUSED_LEGS)
         self.policy.observe(timer.us, depth)
-        return SearchResult(contexts=contexts, index_version=self.version, stage_us=timer.us,
-                            context_tokens=selection.total_tokens, route=route, route_reason=reason)
+        result = SearchResult(contexts=contexts, index_version=self.version, stage_us=timer.us,
+                              context_tokens=selection.total_tokens, route=route, route_reason=reason, legs=legs,
+                              signals=quality_signals(fused, candidates.bm25[0], candidates.dense[0]))
+        if shaper is not None:
+            with timer.stage("shape"):
+                highlight = self._highlighter(shaper.params.query, candidates.query_vector) \
+                    if shaper.params.highlight else None
+                shaper.apply(result, [int(order[p]) for p in selection.positions], fused=fused,
+                             bm25=candidates.bm25, dense=candidates.dense, model=self.rerank_model,
+                             highlight=highlight)
+        return result
+
+    def _dates(self, params: SearchParams) -> np.ndarray | None:
+        """Unix seconds per chunk of the decay's field; None without a decay."""
+        return None if params.decay is None else self.dates.column(params.decay.field)
+
+    def _highlighter(self, query: str, query_vector: np.ndarray | None):
+        """Highlights of a context: the query terms it matched, and its best sentence window (the reranker's window
+        similarity with the query; by matched terms on the lexical route, which has no query vector)."""
+        analyzer = self.index.analyzer
+        windows = self.index.windows
+
+        def highlight(c: ContextResult) -> tuple[tuple[tuple[int, int, str], ...], tuple[int, int] | None]:
+            spans = shape.term_spans(analyzer, query, c.text)
+            sentences = split_sentences(c.text)
+            size = int(windows.params.get("window_sentences", DEFAULT_WINDOW_SENTENCES)) if windows is not None \
+                else DEFAULT_WINDOW_SENTENCES
+            runs = [(sentences[a][0], sentences[b - 1][1]) for a, b in sentence_windows(len(sentences), size)]
+            if windows is None or query_vector is None or not runs:
+                return spans, shape.best_window_by_terms(spans, runs)
+            first, last = int(windows.window_offsets[c.chunk]), int(windows.window_offsets[c.chunk + 1])
+            rows = np.asarray(windows.vectors[first:last], np.float32) * \
+                np.asarray(windows.scales[first:last], np.float32)[:, None]
+            # The title, when there is one, is the chunk's first window; the rest are the text's runs, in order.
+            skip = (last - first) - len(runs)
+            if skip not in (0, 1):
+                return spans, shape.best_window_by_terms(spans, runs)
+            similarity = rows[skip:] @ np.asarray(query_vector, np.float32)
+            return spans, runs[int(np.argmax(similarity))]
+
+        return highlight
 
     def chunk_fields(self, chunk: int) -> ChunkFields:
         store = self.index.store

@@ -184,6 +184,21 @@ def _complete(params: SearchParams, result: SearchResult, caps: Capabilities) ->
     return False
 
 
+def quality_signals(fused: FusionResult, bm25_ids: np.ndarray,
+                    dense_ids: np.ndarray) -> tuple[float, float, float | None] | None:
+    """(top-1 fused score, top-10 fused score, overlap@10 of the BM25 and dense lists) for the quality metrics;
+    None without candidates; overlap None when dense retrieval did not run."""
+    scores = fused.scores
+    n = len(scores)
+    if n == 0:
+        return None
+    overlap = None
+    if len(dense_ids):
+        top = set(bm25_ids[:10].tolist())
+        overlap = len(top.intersection(dense_ids[:10].tolist())) / 10.0
+    return float(scores[0]), float(scores[min(9, n - 1)]), overlap
+
+
 class ChunkFields(NamedTuple):
     """A chunk's reply fields, from wherever the searcher keeps them (a local store, a shard's answer)."""
 

@@ -19,6 +19,7 @@ vector the router sends.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -32,15 +33,18 @@ import numpy as np
 
 from rag_service.core import tracing
 from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Unavailable
-from rag_service.core.params import Capabilities, IndexSummary, SearchResult, check_deadline
+from rag_service.core.params import Capabilities, ContextResult, IndexSummary, SearchResult, check_deadline
 from rag_service.core.timing import StageTimer
 from rag_service.encoder.encode import SearchEncoder
+from rag_service.index.dates import parse_dates
+from rag_service.index.windows import DEFAULT_WINDOW_SENTENCES, sentence_windows, split_sentences
 from rag_service.kernels.native import FusionResult
 from rag_service.pb.rag.v1 import shard_pb2 as spb
 from rag_service.pb.rag.v1 import shard_pb2_grpc as spb_grpc
-from rag_service.search import adaptive, context_filter, fusion
+from rag_service.retrievers.analysis import Analyzer
+from rag_service.search import adaptive, context_filter, fusion, shape
 from rag_service.search import rerank as rerank_mod
-from rag_service.search.searcher import ChunkFields, SearcherBase, assemble_contexts
+from rag_service.search.searcher import ChunkFields, SearcherBase, assemble_contexts, quality_signals
 from rag_service.shard.split import read_router
 
 log = logging.getLogger(__name__)
@@ -167,6 +171,7 @@ class ShardedPipeline(SearcherBase):
         self._capabilities = Capabilities(rerank=self.can_rerank, lexical_route=False, semantic_guard=False)
         self.policy = policy or adaptive.AdaptivePolicy()
         self.metadata_fields = frozenset(self.router.get("metadata_fields", []))
+        self.analyzer = Analyzer()  # highlights only; BM25 runs on the shards
         self._lock = threading.Lock()
         self.dim = int(model["dim"])
         first = self.shards[0].info
@@ -291,7 +296,8 @@ class ShardedPipeline(SearcherBase):
     # -- the request path ------------------------------------------------------------------------------------------
     def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
               timer: StageTimer) -> SearchResult:
-        params = plan.params
+        shaper = shape.Shaper(plan.params) if plan.params.shaped else None
+        params = plan.params if shaper is None else shaper.ranking
         filter_params = context_filter.FilterParams.of(params)
         reranking = params.rerank and self.can_rerank
         pool = max(params.top_k, params.rerank_depth) if reranking or not filter_params.is_identity else params.top_k
@@ -300,6 +306,9 @@ class ShardedPipeline(SearcherBase):
                 if name not in self.metadata_fields:
                     known = ", ".join(sorted(self.metadata_fields)) or "(none)"
                     raise InvalidArgument(f"filters[{name}]", f"unknown metadata field; known: {known}")
+            if params.decay is not None and params.decay.field not in self.metadata_fields:
+                known = ", ".join(sorted(self.metadata_fields)) or "(none)"
+                raise InvalidArgument("decay.field", f"unknown metadata field {params.decay.field!r}; known: {known}")
         if query_vector is None:  # never planned: capabilities.lexical_route is False
             raise ValueError("the shard router needs the query vector")
         q = np.ascontiguousarray(query_vector, dtype=np.float32)
@@ -366,6 +375,9 @@ class ShardedPipeline(SearcherBase):
             ranked, relevance = rerank_mod.final_order(fused.scores, reranked)
             details = _Details(self, params.query, fused.ids, where, versions, deadline, complete,
                                block=max(params.top_k, 1))
+            rerank_rows = np.arange(len(ranked))
+            if shaper is not None:
+                ranked, relevance, rerank_rows = self._arrange(shaper, details, fused, reranked, ranked, relevance)
             while True:
                 # `alive`: ranking positions whose shard still answers; a shard lost while fetching details takes
                 # its candidates out and the filter runs again on the rest.
@@ -380,6 +392,8 @@ class ShardedPipeline(SearcherBase):
                         relevance[alive], vectors, functools.partial(self._text, details, order_),
                         self.encoder.count_tokens, filter_params,
                         count_at=functools.partial(_tokens_at, details, order_))
+                    if shaper is not None:
+                        selection = shaper.page(selection, alive)
                     details.ensure([int(order_[i]) for i in selection.positions])
                     break
                 except _ShardLost:
@@ -387,18 +401,61 @@ class ShardedPipeline(SearcherBase):
         missing |= details.lost
         check_deadline(deadline, "assemble")
         with timer.stage("assemble"):
-            contexts = assemble_contexts(fused, order_, selection, reranked, details.fields, ranks=alive)
+            contexts = assemble_contexts(fused, order_, selection, reranked, details.fields,
+                                         ranks=rerank_rows[alive])
         # The adaptive cost model knows Pipeline's stages: the fan-out stands for lexical + dense, and the fetch of
         # features is part of what a rerank costs here.
         us = timer.us
         self.policy.observe({**us, "lexical": us.get("shards", 0), "dense": 0,
                              "rerank": us.get("rerank", 0) + us.get("fetch", 0)}, depth)
         labels = [s.label for s in self.shards]
-        return SearchResult(contexts=contexts, index_version=self.version, stage_us=timer.us,
-                            context_tokens=selection.total_tokens, route=route, route_reason=reason,
-                            partial=bool(missing), shards_answered=[labels[i] for i in range(len(labels))
-                                                                    if i not in missing],
-                            shards_missing=[labels[i] for i in sorted(missing)])
+        result = SearchResult(contexts=contexts, index_version=self.version, stage_us=timer.us,
+                              context_tokens=selection.total_tokens, route=route, route_reason=reason,
+                              partial=bool(missing), shards_answered=[labels[i] for i in range(len(labels))
+                                                                      if i not in missing],
+                              shards_missing=[labels[i] for i in sorted(missing)],
+                              legs=("bm25", "dense", "rerank") if reranked is not None else ("bm25", "dense"),
+                              signals=quality_signals(fused, bm25[0], dense[0]))
+        if shaper is not None:
+            with timer.stage("shape"):
+                query = shaper.params.query
+                highlight = (lambda c: self._highlight(query, c)) if shaper.params.highlight else None
+                shaper.apply(result, [int(order_[p]) for p in selection.positions], fused=fused, bm25=bm25,
+                             dense=dense, model=self.rerank_model, highlight=highlight)
+        return result
+
+    def _arrange(self, shaper: shape.Shaper, details: _Details, fused: FusionResult,
+                 reranked: rerank_mod.Reranked | None, ranked: np.ndarray,
+                 relevance: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Decay and groups over the fused pool: the documents and dates of its candidates come from their shards
+        (one fetch of the whole pool, paid only by requests that group or decay)."""
+        params = shaper.params
+        docs = dates = None
+        if params.group_size or params.decay is not None:
+            # A shard lost here takes its candidates out below (details.lost): the reply is partial.
+            with contextlib.suppress(_ShardLost):
+                details.ensure(ranked.tolist())
+        chunks = details.chunks
+        if params.group_size:
+            def docs(at: np.ndarray) -> np.ndarray:
+                names = [chunks[p].doc_id if p in chunks else f"\0{p}" for p in at.tolist()]
+                _, keys = np.unique(np.asarray(names, dtype=object), return_inverse=True)
+                return keys
+        if params.decay is not None:
+            name = params.decay.field
+
+            def dates(at: np.ndarray) -> np.ndarray:
+                return parse_dates([chunks[p].metadata.get(name, "") if p in chunks else "" for p in at.tolist()])
+        return shaper.arrange(fused, reranked, ranked, relevance, docs, dates)
+
+    def _highlight(self, query: str, c: ContextResult):
+        """Matched query terms (the shards' default analyzer); the best window by matched terms, since the window
+        vectors stay on the shards."""
+        spans = shape.term_spans(self.analyzer, query, c.text)
+        sentences = split_sentences(c.text)
+        runs = [(sentences[a][0], sentences[b - 1][1]) for a, b in sentence_windows(len(sentences),
+                                                                                   DEFAULT_WINDOW_SENTENCES)]
+        return spans, shape.best_window_by_terms(spans, runs)
 
     @staticmethod
     def _text(details: _Details, order_: np.ndarray, i: int) -> str:
