@@ -128,6 +128,16 @@ class Served:
     origin: str = LIVE  # who computed it: a leader's origin tells coalesced followers what to report
 
 
+@dataclass(frozen=True, eq=False)
+class GuardInputs:
+    """The fidelity guard's view of one query: its index terms with their idf, its polarity words
+    (search/guard_words.py) and its BM25 top guard_depth chunk ids, sorted."""
+
+    terms: dict[str, float]
+    polarity: tuple[str, ...]
+    lexical: np.ndarray
+
+
 @dataclass(eq=False)
 class Entry:
     key: tuple
@@ -398,10 +408,18 @@ class CachedSearch:
         entry = self.store.get(key or self.key(searcher, params))
         return None if entry is None else self._hit(entry, EXACT, started)
 
+    def guard_inputs(self, params: SearchParams, guard: LexicalGuard) -> GuardInputs:
+        """What the fidelity guard compares of this request's query (none of it needs the query vector)."""
+        config = self.config
+        return GuardInputs(terms=guard.query_terms(params.query),
+                           polarity=polarity_words(params.query) if config.guard_polarity_words else (),
+                           lexical=guard.lexical_candidates(params.query, params.filters, config.guard_depth))
+
     def lookup_semantic(self, params: SearchParams, key: tuple, vector: np.ndarray, strict: bool,
-                        guard: LexicalGuard | None, lexical: list[np.ndarray]) -> Served | None:
-        """A semantic hit for `vector` or None. `lexical` receives the query's BM25 guard candidates if computed,
-        so a miss stores them without searching twice. Without a guard only strict hits are possible."""
+                        guard: LexicalGuard | None, inputs: list[GuardInputs]) -> Served | None:
+        """A semantic hit for `vector` or None. `inputs` holds the query's guard inputs if computed before, and
+        receives them if computed here, so a miss stores them without working them out twice. Without a guard only
+        strict hits are possible."""
         started = time.perf_counter_ns()
         group = (key[0], key[2])
         config = self.config
@@ -421,14 +439,14 @@ class CachedSearch:
         candidates = self.store.nearest(group, vector, config.semantic_min_cosine, config.semantic_candidates)
         if not candidates:
             return None
-        terms = guard.query_terms(params.query)
-        polarity = polarity_words(params.query) if config.guard_polarity_words else ()
-        lexical.append(guard.lexical_candidates(params.query, params.filters, config.guard_depth))
+        if not inputs:
+            inputs.append(self.guard_inputs(params, guard))
+        query = inputs[0]
         for entry, similarity in candidates:
-            if (polarity == entry.polarity
-                    and differing_idf(terms, entry.terms) < config.guard_max_differing_idf
-                    and term_overlap(terms, entry.terms) >= config.guard_min_term_overlap
-                    and lexical_overlap(lexical[0], entry.lexical) >= config.guard_min_overlap
+            if (query.polarity == entry.polarity
+                    and differing_idf(query.terms, entry.terms) < config.guard_max_differing_idf
+                    and term_overlap(query.terms, entry.terms) >= config.guard_min_term_overlap
+                    and lexical_overlap(query.lexical, entry.lexical) >= config.guard_min_overlap
                     and self.store.touch(entry)):
                 return self._hit(entry, SEMANTIC, started, similarity)
         self.metrics.cache_guard_rejections.labels("default").inc()
@@ -462,14 +480,12 @@ class CachedSearch:
         return Served(result, MISS, None, origin)
 
     def _store(self, params: SearchParams, key: tuple, vector: np.ndarray, result: SearchResult,
-               guard: LexicalGuard | None, lexical: list[np.ndarray], origin: str) -> None:
+               guard: LexicalGuard | None, inputs: list[GuardInputs], origin: str) -> None:
         if result.index_version != key[0] or not result.complete:
             return
         if self.config.semantic and guard is not None:
-            bm25 = lexical[0] if lexical else guard.lexical_candidates(params.query, params.filters,
-                                                                       self.config.guard_depth)
-            terms = guard.query_terms(params.query)
-            polarity = polarity_words(params.query) if self.config.guard_polarity_words else ()
+            query = inputs[0] if inputs else self.guard_inputs(params, guard)
+            bm25, terms, polarity = query.lexical, query.terms, query.polarity
         else:  # the guard's inputs serve semantic lookups only
             bm25, terms, polarity = np.zeros(0, np.int64), {}, ()
         vector = np.ascontiguousarray(vector, dtype=np.float32)
@@ -544,17 +560,23 @@ class _RequestStage:
     def __init__(self, cache: CachedSearch, params: SearchParams, key: tuple, mode: str, origin: str) -> None:
         self.cache, self.params, self.key, self.mode, self.origin = cache, params, key, mode, origin
         self.hit: Served | None = None
-        self._lexical: list[np.ndarray] = []  # the guard's BM25 candidates, computed at most once
+        self._inputs: list[GuardInputs] = []  # the query's guard inputs, computed at most once
+
+    def prepare(self, guard: LexicalGuard | None) -> None:
+        # A semantic look-up (default mode) or the store of a miss will need them: computed now, before the encode.
+        if (guard is not None and not self._inputs and self.mode == "default" and self.cache.config.semantic
+                and self.cache.config.enabled):
+            self._inputs.append(self.cache.guard_inputs(self.params, guard))
 
     def lookup(self, vector: np.ndarray, guard: LexicalGuard | None) -> SearchResult | None:
         if self.mode not in ("default", "strict"):
             return None
         self.hit = self.cache.lookup_semantic(self.params, self.key, vector, self.mode == "strict", guard,
-                                              self._lexical)
+                                              self._inputs)
         return None if self.hit is None else self.hit.result
 
     def store(self, vector: np.ndarray, result: SearchResult, guard: LexicalGuard | None) -> None:
-        self.cache._store(self.params, self.key, vector, result, guard, self._lexical, self.origin)
+        self.cache._store(self.params, self.key, vector, result, guard, self._inputs, self.origin)
 
 
 __all__ = ["CachedSearch", "CacheStore", "Served", "normalise", "params_key", "strict_signature", "lexical_overlap",
