@@ -401,7 +401,7 @@ class CachedSearch:
         if not candidates:
             return None
         terms = guard.query_terms(params.query)
-        lexical.append(guard.lexical_candidates(params.query, params.filters, config.guard_depth))
+        lexical.append(guard.lexical_candidates(params.query, params.filters, config.guard_depth, params.filter))
         for entry, similarity in candidates:
             if (term_overlap(terms, entry.terms) >= config.guard_min_term_overlap
                     and lexical_overlap(lexical[0], entry.lexical) >= config.guard_min_overlap
@@ -443,7 +443,7 @@ class CachedSearch:
             return
         if self.config.semantic and guard is not None:
             bm25 = lexical[0] if lexical else guard.lexical_candidates(params.query, params.filters,
-                                                                       self.config.guard_depth)
+                                                                       self.config.guard_depth, params.filter)
             terms = guard.query_terms(params.query)
         else:  # the guard's inputs serve semantic lookups only
             bm25, terms = np.zeros(0, np.int64), {}
