@@ -60,9 +60,20 @@ DEFAULT_HNSW_THRESHOLD = 50_000
 # (bench/experiments/native_retrieve.py, bench/README.md "One native call: first stage").
 NATIVE_SQ8_OVERSAMPLE = 2
 
-# With a filter, HNSW walks the graph skipping disallowed nodes, which degrades when few are allowed. Up to this many
-# allowed chunks an exact scan of their vectors is both cheaper and exact.
+# With a filter, HNSW walks the graph skipping disallowed nodes, which loses recall when few are allowed (the walk
+# runs out of allowed neighbours) and slows down (it visits ~1/fraction nodes per allowed one). So an HNSW index scans
+# the allowed chunks' vectors exactly when they are few in number (the scan costs what they weigh) or a small share of
+# the corpus, and otherwise walks the graph with a beam widened by 1/fraction, up to FILTER_EF_MAX. Thresholds measured
+# on a 100k-passage HNSW index (bench/README.md "Filtered search: recall and latency by selectivity").
 EXACT_FILTER_LIMIT = 20_000
+EXACT_FILTER_FRACTION = 0.1
+FILTER_EF_MAX = 1024
+
+
+def filtered_ef(k: int, fraction: float) -> int:
+    """efSearch of a filtered HNSW walk for `k` results when `fraction` of the chunks are allowed."""
+    base = max(k, HNSW_EF_SEARCH_MIN)
+    return max(base, min(FILTER_EF_MAX, int(base / max(fraction, 1e-9))))
 
 
 def gpu_available() -> bool:
@@ -336,7 +347,8 @@ class DenseIndex:
         """Top `depth` chunks by inner product as (ids int64, scores float32), score desc then id asc.
 
         `query` is one normalised vector (dim,) or (1, dim). With `mask` (bool per chunk) only allowed chunks are
-        searched: exact for a flat index and for HNSW when at most EXACT_FILTER_LIMIT chunks are allowed.
+        searched: exact for a flat index, and for HNSW when at most EXACT_FILTER_LIMIT chunks or EXACT_FILTER_FRACTION
+        of them are allowed (else a filtered graph walk, see filtered_ef).
         """
         if depth < 1:
             raise InvalidArgument("depth", f"must be >= 1, got {depth}")
@@ -354,14 +366,15 @@ class DenseIndex:
         allowed = np.flatnonzero(mask)
         if len(allowed) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        if self.kind == "hnsw" and len(allowed) <= EXACT_FILTER_LIMIT:
+        fraction = len(allowed) / self.n
+        if self.kind == "hnsw" and (len(allowed) <= EXACT_FILTER_LIMIT or fraction <= EXACT_FILTER_FRACTION):
             return self._exact_subset(q, allowed, k)
         # Bitmap: bit i of byte i >> 3 (little bit order) says whether id i may be returned. `packed` must outlive
         # the search: the selector holds only a pointer to it.
         packed = np.packbits(mask, bitorder="little")
         selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(packed))
         if self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(k, HNSW_EF_SEARCH_MIN))
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=filtered_ef(k, fraction))
         else:
             params = faiss.SearchParameters(sel=selector)
         scores, ids = self._cpu_index.search(q, k, params=params)
