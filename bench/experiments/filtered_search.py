@@ -12,9 +12,10 @@ against the exact top 10 among the allowed chunks. A few filters of the other co
 
 Part 2, HNSW: `--hnsw-size` seeded synthetic vectors (a Gaussian mixture of 1,000 clusters in 384 dimensions,
 normalised; the queries are fresh draws of the mixture), an HNSW index built as the build does, and DenseIndex.search
-with the mask at each selectivity under three plans: the shipped rule (exact scan of the allowed set when few, else a
-filtered graph walk with a beam widened by 1/fraction), the exact scan forced, the widened walk forced, and the walk
-at the unfiltered beam (what the index did before). Depth 100 as in the server; p50/p99 per query, one thread.
+with the mask at each selectivity under five plans: the shipped rule (exact scan of the allowed set when few, else a
+filtered graph walk with a beam widened below 20% allowed, dense.filtered_ef), the exact scan forced, the widened
+walk forced, the walk at the widest beam (1024) and at the unfiltered beam (128, what the index did before). Depth
+100 as in the server; p50/p99 per query, one thread.
 """
 
 from __future__ import annotations
@@ -177,7 +178,9 @@ def hnsw(args: argparse.Namespace) -> dict:
     shares = sorted(set(SELECTIVITIES) | set(args.extra_shares))
     masks = {s: evaluator.mask(rank_filter(s, n)) for s in shares}
     shipped = (dense_mod.EXACT_FILTER_LIMIT, dense_mod.EXACT_FILTER_FRACTION, dense_mod.FILTER_EF_MAX)
-    plans = {"shipped": shipped, "exact": (n, 1.0, shipped[2]), "walk": (0, 0.0, shipped[2]), "walk_ef128": (0, 0.0, 0)}
+    shipped_share = dense_mod.FILTER_EF_SHARE
+    plans = {"shipped": shipped, "exact": (n, 1.0, shipped[2]), "walk": (0, 0.0, shipped[2]),
+             "walk_ef1024": (0, 0.0, 1 << 20), "walk_ef128": (0, 0.0, 0)}
     depth = 100
     times: dict[tuple, list[float]] = {("unfiltered", 1.0): []}
     recall: dict[tuple, list[float]] = {}
@@ -191,7 +194,9 @@ def hnsw(args: argparse.Namespace) -> dict:
             times[("unfiltered", 1.0)].append(time.perf_counter() - started)
             for plan, (limit, fraction, ef_max) in plans.items():
                 dense_mod.EXACT_FILTER_LIMIT, dense_mod.EXACT_FILTER_FRACTION, dense_mod.FILTER_EF_MAX = \
-                    limit, fraction, ef_max
+                    limit, fraction, min(ef_max, 1024)
+                # The widest beam at every share: 1024 (the cap) from a share of 1 down.
+                dense_mod.FILTER_EF_SHARE = 8.0 if plan == "walk_ef1024" else shipped_share
                 for s in shares:
                     started = time.perf_counter()
                     ids, _ = dense.search(q, depth, masks[s])
@@ -201,6 +206,7 @@ def hnsw(args: argparse.Namespace) -> dict:
                         len(set(ids[:10].tolist()) & set(want.tolist())) / max(1, len(want)))
     finally:
         dense_mod.EXACT_FILTER_LIMIT, dense_mod.EXACT_FILTER_FRACTION, dense_mod.FILTER_EF_MAX = shipped
+        dense_mod.FILTER_EF_SHARE = shipped_share
     base = stats(times[("unfiltered", 1.0)])
     unfiltered_recall = np.mean([len(set(dense.search(q, depth)[0][:10].tolist())
                                      & set(exact_top(vectors, q, None, 10).tolist())) / 10 for q in queries])
@@ -211,8 +217,7 @@ def hnsw(args: argparse.Namespace) -> dict:
             rows.append({"plan": plan, "share": s, "allowed": int(masks[s].sum()),
                          "recall@10": round(float(np.mean(recall[(plan, s)])), 4), **st,
                          "p99_ratio": round(st["p99_ms"] / base["p99_ms"], 2),
-                         "ef": dense_mod.filtered_ef(depth, s) if plan != "walk_ef128"
-                         else max(depth, dense_mod.HNSW_EF_SEARCH_MIN)})
+                         "ef": {"walk_ef128": 128, "walk_ef1024": 1024}.get(plan, dense_mod.filtered_ef(depth, s))})
     return {"vectors": n, "queries": len(queries), "build_s": round(build_s, 1),
             "ef_construction": args.ef_construction,
             "unfiltered": {**base, "recall@10": round(float(unfiltered_recall), 4)}, "rows": rows}
