@@ -454,3 +454,33 @@ def test_unknown_fields_of_a_wider_schema_are_empty(filtered_index):
     assert store.filter_mask(None, tree, schema=schema).all()
     tree = replace(tree, must=(replace(tree.must[0], negate=True),))
     assert not store.filter_mask(None, tree, schema=schema).any()
+
+
+def test_cli_build_takes_a_metadata_schema(tmp_path, encoder, write_corpus, monkeypatch):
+    from click.testing import CliRunner
+
+    import rag_service.encoder.encode
+    from rag_service.cli.index import cli
+    from rag_service.index.load import load_index
+
+    monkeypatch.setattr(rag_service.encoder.encode, "Encoder", lambda *args, **kwargs: encoder)
+    docs = [{"_id": "a", "text": "ice and snow", "metadata": {"year": 2020, "code": "17", "when": "2021-01-02"}},
+            {"_id": "b", "text": "lava and ash", "metadata": {"year": 2021, "code": "x"}}]
+    corpus = write_corpus(tmp_path / "c.jsonl", docs)
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"year": "float", "when": "keyword", "tags": "keyword_list"}))
+    root = tmp_path / "idx"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["build", "--input", str(corpus), "--output", str(root), "--no-progress",
+                                 "--window-sentences", "0", "--metadata-schema", str(schema)])
+    assert result.exit_code == 0, result.output
+    assert "code (keyword), tags (keyword_list), when (keyword), year (float)" in result.output
+    index = load_index(root)
+    assert index.manifest["metadata_schema"] == {"code": "keyword", "tags": "keyword_list", "when": "keyword",
+                                                 "year": "float"}
+    assert index.store.metadata_schema == index.manifest["metadata_schema"]
+    schema.write_text(json.dumps({"code": "integer"}))
+    result = runner.invoke(cli, ["build", "--input", str(corpus), "--output", str(root), "--no-progress",
+                                 "--window-sentences", "0", "--metadata-schema", str(schema)])
+    assert result.exit_code == 1 and "'code'" in result.output and "integer" in result.output
+    assert "Traceback" not in result.output

@@ -192,7 +192,8 @@ def _print_summary(version_dir: Path, manifest: dict[str, Any]) -> None:
     click.echo(f"bm25       k1 {params['k1']}  b {params['b']}  idf {params['idf']}  "
                f"analyzer {manifest['analyzer']}")
     click.echo(f"dense      {params['dense_index']}")
-    click.echo(f"metadata   {', '.join(manifest.get('metadata_fields', [])) or '(none)'}")
+    schema = manifest.get("metadata_schema") or dict.fromkeys(manifest.get("metadata_fields", []), "keyword")
+    click.echo(f"metadata   {', '.join(f'{name} ({kind})' for name, kind in schema.items()) or '(none)'}")
     click.echo(f"size       {_human_bytes(_dir_bytes(version_dir))} in {len(manifest['files']) + 1} files")
     timings = manifest.get("timings")
     if timings:
