@@ -177,6 +177,79 @@ class SearchResult:
     degraded: bool = False  # a leg was skipped for budget or load, or a shard is missing
 
 
+
+# Structured filters ----------------------------------------------------------------------------------------------
+# A filter is a rag.v1.Filter or its JSON form (a dict); the builders make the dict form, e.g.
+#     must(match("lang", "en"), range_of("year", gte=2015)) | {"must_not": [match("tags", "retracted")]}
+FilterLike = pb.Filter | dict
+
+
+def filter_message(value: FilterLike) -> pb.Filter:
+    """A rag.v1.Filter from the message itself or its JSON form (proto field names); ValueError names a bad key."""
+    if isinstance(value, pb.Filter):
+        return value
+    from google.protobuf import json_format
+
+    try:
+        return json_format.ParseDict(value, pb.Filter())
+    except json_format.ParseError as e:
+        raise ValueError(f"filter: {e}") from None
+
+
+def must(*conditions: dict) -> dict:
+    return {"must": list(conditions)}
+
+
+def should(*conditions: dict, min_should: int | None = None) -> dict:
+    return {"should": list(conditions), **({"min_should": min_should} if min_should is not None else {})}
+
+
+def must_not(*conditions: dict) -> dict:
+    return {"must_not": list(conditions)}
+
+
+def nested(tree: dict) -> dict:
+    """A filter as one condition of another (e.g. an OR inside a must)."""
+    return {"filter": tree}
+
+
+def match(key: str, value: str | int | float | bool) -> dict:
+    """Equals `value` (on a keyword list field: some element does). A date field takes an RFC 3339 string."""
+    kind = ("boolean" if isinstance(value, bool) else "integer" if isinstance(value, int)
+            else "number" if isinstance(value, float) else "keyword")
+    return {"key": key, "match": {kind: value}}
+
+
+def any_of(key: str, values: Iterable[str] | Iterable[int]) -> dict:
+    """Equals one of `values` (IN): all strings or all integers."""
+    items: list[object] = list(values)
+    kind = "integers" if items and all(isinstance(v, int) and not isinstance(v, bool) for v in items) \
+        else "keywords"
+    return {"key": key, "any": {kind: items}}
+
+
+def range_of(key: str, *, gt: float | None = None, gte: float | None = None, lt: float | None = None,
+             lte: float | None = None) -> dict:
+    """Numeric bounds (integer and float fields)."""
+    bounds = {k: v for k, v in (("gt", gt), ("gte", gte), ("lt", lt), ("lte", lte)) if v is not None}
+    return {"key": key, "range": bounds}
+
+
+def date_range(key: str, *, gt: str | None = None, gte: str | None = None, lt: str | None = None,
+               lte: str | None = None) -> dict:
+    """RFC 3339 bounds (date fields), e.g. date_range("published", gte="2020-01-01")."""
+    bounds = {k: v for k, v in (("gt", gt), ("gte", gte), ("lt", lt), ("lte", lte)) if v is not None}
+    return {"key": key, "date_range": bounds}
+
+
+def exists(key: str) -> dict:
+    return {"key": key, "exists": True}
+
+
+def is_empty(key: str) -> dict:
+    return {"key": key, "is_empty": True}
+
+
 class RetrieverError(Exception):
     """A failed call: `code` is the gRPC status code, `details` the server's message (it names the bad field);
     `served_by` the replica that refused it, when one answered at all; `retry_after_ms` the delay a server refusing
@@ -332,7 +405,7 @@ class RetrieverClient:
 
     def search(self, query: str, *, top_k: int | None = None, depth: int | None = None,
                fusion: Literal["rrf", "weighted"] | None = None, dense_weight: float | None = None,
-               filters: dict[str, str] | None = None, debug: bool = False,
+               filters: dict[str, str] | None = None, filter: FilterLike | None = None, debug: bool = False,
                cache: Literal["default", "bypass", "exact_only", "strict"] | None = None,
                rerank: bool | None = None, rerank_depth: int | None = None, max_context_tokens: int | None = None,
                mmr_lambda: float | None = None, dedup_threshold: float | None = None,
@@ -342,7 +415,10 @@ class RetrieverClient:
         """None leaves a parameter to the server's default. `require_complete` (routers over shards): fail rather
         than answer from the shards that did answer. The query API: `group_by_doc` (top_k counts documents, each
         with up to `group_size` chunks), pages (`offset`, or the previous reply's `next_page_token` as
-        `page_token`), `min_score`, a recency `decay` and `highlight`; `debug` adds explanations."""
+        `page_token`), `min_score`, a recency `decay` and `highlight`; `debug` adds explanations. `filter`: a
+        structured filter (rag.v1.Filter), as the message or its JSON form as a dict, e.g.
+        {"must": [{"key": "year", "range": {"gte": 2015}}]}, ANDed with the equality `filters`; see also the
+        builders `must`, `match`, `any_of`, `range_of`, ... below."""
         if fusion not in FUSION:
             raise ValueError(f"fusion must be 'rrf', 'weighted' or None, got {fusion!r}")
         if cache not in CACHE:
@@ -352,6 +428,8 @@ class RetrieverClient:
                                    page_token=page_token or "", highlight=highlight)
         if decay is not None:
             request.decay.CopyFrom(decay.message())
+        if filter is not None:
+            request.filter.CopyFrom(filter_message(filter))
         if top_k is not None:
             request.top_k = top_k
         if depth is not None:

@@ -103,6 +103,14 @@ def test_hnsw_recall_and_filters(tmp_path, data, monkeypatch):
         assert mask[ids].all() and len(ids) == 10
         hits += len(set(ids.tolist()) & set(exact_top(vectors, q, 10, allowed=mask)[0].tolist()))
     assert hits / (10 * len(queries)) >= 0.9
+    # A small share allowed, however many chunks that is: the exact scan again, and the walk's beam widens with 1/share.
+    few = rng.random(3000) < 0.03
+    for q in queries[:5]:
+        ids, _ = index.search(q, 10, mask=few)
+        np.testing.assert_array_equal(ids, exact_top(vectors, q, 10, allowed=few)[0])
+    assert dense.filtered_ef(10, 1.0) == dense.filtered_ef(10, 0.2) == dense.HNSW_EF_SEARCH_MIN
+    assert dense.filtered_ef(10, 0.05) == 4 * dense.HNSW_EF_SEARCH_MIN
+    assert dense.filtered_ef(200, 0.001) == dense.FILTER_EF_MAX
 
 
 def test_vectors_are_memory_mapped_and_rescore(tmp_path, data):

@@ -38,6 +38,50 @@ f32 = st.floats(width=32) | st.floats(-0.5, 1.5, width=32)
 enum = st.integers(-3, 8)
 
 
+# Structured filters: the served index's fields (topic keyword, year integer) and others, every condition kind, any
+# bounds (NaN and infinities included), nesting beyond the depth limit.
+keys = st.sampled_from(["topic", "year", "", "colour"]) | text
+bound = st.floats() | st.integers(-5, 3000).map(float)
+date_text = st.sampled_from(["2020-01-01", "2020-02-30", "2001-01-01T00:00:00Z", "yesterday", ""]) | text
+
+
+@st.composite
+def conditions(draw, filters) -> pb.Condition:
+    kind = draw(st.sampled_from(["match", "any", "range", "date_range", "exists", "is_empty", "filter", "none"]))
+    c = pb.Condition(key=draw(keys))
+    if kind == "match":
+        which = draw(st.sampled_from(["keyword", "integer", "boolean", "number"]))
+        value = {"keyword": text, "integer": st.integers(-2**63, 2**63 - 1), "boolean": st.booleans(),
+                 "number": st.floats()}[which]
+        setattr(c.match, which, draw(value))
+    elif kind == "any":
+        c.any.keywords.extend(draw(st.lists(text, max_size=3)))
+        c.any.integers.extend(draw(st.lists(st.integers(-2**63, 2**63 - 1), max_size=3)))
+        c.any.SetInParent()
+    elif kind in ("range", "date_range"):
+        target = getattr(c, kind)
+        target.SetInParent()
+        for name in ("gt", "gte", "lt", "lte"):
+            if draw(st.booleans()):
+                setattr(target, name, draw(bound if kind == "range" else date_text))
+    elif kind in ("exists", "is_empty"):
+        setattr(c, kind, draw(st.booleans()))
+    elif kind == "filter":
+        c.filter.CopyFrom(draw(filters))
+    return c
+
+
+def _filter_of(children) -> st.SearchStrategy[pb.Filter]:
+    return st.builds(lambda must, should, must_not, min_should: pb.Filter(
+        must=must, should=should, must_not=must_not, **({} if min_should is None else {"min_should": min_should})),
+        st.lists(children, max_size=3), st.lists(children, max_size=3), st.lists(children, max_size=2),
+        st.none() | st.integers(0, 4))
+
+
+filter_messages = st.recursive(_filter_of(conditions(st.just(pb.Filter()))),
+                               lambda inner: _filter_of(conditions(inner)), max_leaves=12)
+
+
 @st.composite
 def search_requests(draw) -> pb.SearchRequest:
     request = pb.SearchRequest(query=draw(text), fusion=draw(enum), debug=draw(st.booleans()), cache=draw(enum),
@@ -51,6 +95,8 @@ def search_requests(draw) -> pb.SearchRequest:
             setattr(request, name, draw(values))
     if draw(st.booleans()):
         request.decay.CopyFrom(draw(decays()))
+    if draw(st.booleans()):
+        request.filter.CopyFrom(draw(filter_messages))
     return request
 
 
@@ -106,6 +152,20 @@ def test_fuzz_search(fuzzed):
         _status(stub.Search, request)
 
     check()
+
+
+def test_fuzz_filters(fuzzed):
+    """Filters on a valid query, so that every one reaches the filter's checks and, when valid, its evaluation."""
+    stub = pb_grpc.RetrieverStub(fuzzed[1])
+    seen = set()
+
+    @FUZZ
+    @given(filter_messages, st.sampled_from(["glacier ice", "volcano"]))
+    def check(message, query):
+        seen.add(_status(stub.Search, pb.SearchRequest(query=query, filter=message, cache=pb.CACHE_BYPASS)))
+
+    check()
+    assert seen == {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
 
 
 def test_fuzz_raw_bytes(fuzzed):

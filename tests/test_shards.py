@@ -56,7 +56,9 @@ def corpus_docs() -> list[dict]:
             picked = [rng.choice(words if rng.random() < 0.55 else FILLER) for _ in range(rng.randint(6, 16))]
             sentences.append(" ".join(picked).capitalize() + ".")
         docs.append({"_id": f"d{n:03d}", "title": f"{topic.title()} note {n}", "text": " ".join(sentences),
-                     "metadata": {"topic": topic, "even": n % 2 == 0,
+                     "metadata": {"topic": topic, "even": n % 2 == 0, "n": n,
+                                  "day": f"20{10 + n % 12:02d}-0{1 + n % 9}-15",
+                                  "tags": [list(TOPICS)[(n + k) % len(TOPICS)] for k in range(n % 3)],
                                   "published": f"{2010 + n % 15}-{1 + n % 12:02d}-15"}})
     docs.append({**docs[3], "_id": "dup-a"})
     docs.append({**docs[3], "_id": "dup-b"})
@@ -198,6 +200,17 @@ SETTINGS = [
     {"fusion": pb.FUSION_RRF, "depth": 30, "top_k": 15, "rerank_depth": 20},
     {"filters": {"topic": "geology"}},
     {"filters": {"even": "true"}, "rerank": False, "depth": 12},
+    # Structured filters: every condition type, typed as in one index (the split keeps the corpus' types).
+    {"filter": pb.Filter(must=[pb.Condition(key="n", range=pb.Range(gte=10, lt=45)),
+                               pb.Condition(key="day", date_range=pb.DateRange(gte="2013-01-01"))],
+                         must_not=[pb.Condition(key="tags", any=pb.MatchAny(keywords=["food", "physics"]))])},
+    {"filter": pb.Filter(should=[pb.Condition(key="topic", match=pb.Match(keyword="history")),
+                                 pb.Condition(key="tags", match=pb.Match(keyword="biology")),
+                                 pb.Condition(key="even", match=pb.Match(boolean=True))], min_should=2),
+     "filters": {"even": "true"}, "rerank": False},
+    {"filter": pb.Filter(must=[pb.Condition(key="tags", is_empty=True),
+                               pb.Condition(filter=pb.Filter(should=[pb.Condition(key="n", any=pb.MatchAny(
+                                   integers=[3, 10, 17, 24, 31])), pb.Condition(key="topic", exists=False)]))])},
 ]
 
 
@@ -284,10 +297,19 @@ def test_router_validation_names_the_field(cluster):
         router.Search(pb.SearchRequest(query="magma", filters={"colour": "red"}), timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "filters[colour]" in caught.value.details()
     with pytest.raises(grpc.RpcError) as caught:
+        router.Search(pb.SearchRequest(query="magma", filter=pb.Filter(should=[
+            pb.Condition(key="n", exists=True), pb.Condition(key="topic", range=pb.Range(gt=1))])), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert 'filter.should[1].range: field "topic" is keyword' in caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:
         router.Search(pb.SearchRequest(query="  "), timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "query" in caught.value.details()
     info = router.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=30)
     assert info.chunk_count > 0 and info.build_params["shards"] == str(N_SHARDS)
+    single = cluster["single"].GetIndexInfo(pb.GetIndexInfoRequest(), timeout=30)
+    assert list(info.metadata_schema) == list(single.metadata_schema)
+    assert {f.name: f.type for f in info.metadata_schema} == {"day": "date", "even": "boolean", "n": "integer",
+                                                              "tags": "keyword_list", "topic": "keyword"}
     # The shard API checks its inputs too.
     with grpc.insecure_channel(cluster["addresses"][0]) as channel:
         stub = spb_grpc.ShardStub(channel)

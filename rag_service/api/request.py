@@ -10,6 +10,7 @@ import re
 import time
 
 from rag_service.api import pages
+from rag_service.core import filter as flt
 from rag_service.core.config import Limits, SearchDefaults
 from rag_service.core.errors import InvalidArgument
 from rag_service.core.params import Decay, SearchParams
@@ -78,6 +79,8 @@ def search_params(request: pb.SearchRequest, defaults: SearchDefaults, limits: L
         if len(value) > limits.max_filter_value_chars:
             raise InvalidArgument(f"filters[{name}]", f"value longer than {limits.max_filter_value_chars} characters")
 
+    tree = parse_filter(request.filter, limits) if request.HasField("filter") else None
+
     rerank = request.rerank if request.HasField("rerank") else defaults.rerank
     if request.HasField("rerank_depth"):
         rerank_depth = request.rerank_depth
@@ -126,7 +129,7 @@ def search_params(request: pb.SearchRequest, defaults: SearchDefaults, limits: L
             raise InvalidArgument("min_score", f"must be finite, got {min_score}")
 
     return SearchParams(query=query, top_k=top_k, depth=depth, fusion=fusion, dense_weight=float(dense_weight),
-                          rrf_k=defaults.rrf_k, filters=dict(request.filters), rerank=rerank,
+                          rrf_k=defaults.rrf_k, filters=dict(request.filters), filter=tree, rerank=rerank,
                           rerank_depth=rerank_depth, max_context_tokens=max_context_tokens,
                           mmr_lambda=float(mmr_lambda), dedup_threshold=float(dedup), budget_ms=budget_ms,
                           cache=CACHE_MODES[request.cache], require_complete=request.require_complete,
@@ -196,3 +199,92 @@ def _decay(decay: pb.Decay, token: pages.PageToken | None) -> Decay:
         raise InvalidArgument("decay.weight", f"must be finite and >= 0, got {weight}")
     return Decay(field=decay.field, function=DECAY_FUNCTIONS[decay.function], origin=origin, scale=scale,
                  offset=offset, decay=value, weight=weight)
+
+
+def parse_filter(message: pb.Filter, limits: Limits, path: str = "filter") -> flt.Tree:
+    """The structured filter as a validated tree (core/filter.py). What needs the index's types (unknown fields,
+    a condition that does not fit its field) is checked where the index is: DocStore.filter_mask, the router."""
+    count = [0]
+    return _tree(message, limits, path, 1, count)
+
+
+def _tree(message: pb.Filter, limits: Limits, path: str, depth: int, count: list[int]) -> flt.Tree:
+    if depth > limits.max_filter_depth:
+        raise InvalidArgument(path, f"nests deeper than {limits.max_filter_depth} filters")
+    if not (message.must or message.should or message.must_not):
+        raise InvalidArgument(path, "is empty: give must, should or must_not conditions (leave the filter unset for "
+                              "no filter)")
+    lists = {name: tuple(_node(c, limits, f"{path}.{name}[{i}]", depth, count)
+                         for i, c in enumerate(getattr(message, name)))
+             for name in ("must", "should", "must_not")}
+    min_should = 1
+    if message.HasField("min_should"):
+        if not 1 <= message.min_should <= len(message.should):
+            raise InvalidArgument(f"{path}.min_should", f"must be between 1 and the {len(message.should)} should "
+                                  f"conditions, got {message.min_should}")
+        min_should = message.min_should
+    return flt.Tree(path=path, must=lists["must"], should=lists["should"], must_not=lists["must_not"],
+                    min_should=min_should)
+
+
+def _node(message: pb.Condition, limits: Limits, path: str, depth: int, count: list[int]) -> flt.Node:
+    count[0] += 1
+    if count[0] > limits.max_filter_conditions:
+        raise InvalidArgument(path, f"the filter has more than {limits.max_filter_conditions} conditions")
+    kind = message.WhichOneof("condition")
+    if kind is None:
+        raise InvalidArgument(path, "no condition: set one of match, any, range, date_range, exists, is_empty, filter")
+    if kind == "filter":
+        if message.key:
+            raise InvalidArgument(f"{path}.key", "a nested filter takes no key")
+        return _tree(message.filter, limits, f"{path}.filter", depth + 1, count)
+    key = message.key
+    if not key:
+        raise InvalidArgument(f"{path}.key", f"is empty: name the metadata field the {kind} condition tests")
+    if len(key) > limits.max_filter_value_chars:
+        raise InvalidArgument(f"{path}.key", f"longer than {limits.max_filter_value_chars} characters")
+    where = f"{path}.{kind}"
+    if kind in ("exists", "is_empty"):
+        empty = message.is_empty if kind == "is_empty" else not message.exists
+        return flt.Condition(path=path, key=key, kind=flt.EMPTY, negate=not empty)
+    if kind == "match":
+        which = message.match.WhichOneof("value")
+        if which is None:
+            raise InvalidArgument(where, "no value: set keyword, integer, boolean or number")
+        value = getattr(message.match, which)
+        _check_value(which, value, where, limits)
+        return flt.Condition(path=path, key=key, kind=flt.MATCH, values=((which, value),))
+    if kind == "any":
+        keywords, integers = message.any.keywords, message.any.integers
+        if keywords and integers:
+            raise InvalidArgument(where, "give keywords or integers, not both")
+        if len(keywords) + len(integers) > limits.max_filter_values:
+            raise InvalidArgument(where, f"has more than {limits.max_filter_values} values")
+        values: tuple[tuple[str, str | int | float | bool], ...] = (
+            tuple(("keyword", v) for v in keywords) or tuple(("integer", int(v)) for v in integers))
+        for i, (which, v) in enumerate(values):
+            _check_value(which, v, f"{where}.{which}s[{i}]", limits)
+        # Order and repeats do not change what matches: one cache entry for every spelling of the set.
+        return flt.Condition(path=path, key=key, kind=flt.ANY, values=tuple(sorted(set(values))))
+    bounds_message = message.range if kind == "range" else message.date_range
+    names = ("gt", "gte", "lt", "lte")
+    bounds = tuple(getattr(bounds_message, n) if bounds_message.HasField(n) else None for n in names)
+    if all(b is None for b in bounds):
+        raise InvalidArgument(where, "has no bound: give gt, gte, lt or lte")
+    if kind == "range":
+        flt.finite_bounds(bounds, where)
+        return flt.Condition(path=path, key=key, kind=flt.RANGE, bounds=bounds)  # type: ignore[arg-type]
+    for name, bound in zip(names, bounds):
+        if bound is not None:
+            try:
+                flt.parse_date(str(bound))
+            except ValueError as e:
+                raise InvalidArgument(f"{where}.{name}", str(e)) from None
+    return flt.Condition(path=path, key=key, kind=flt.DATE_RANGE, bounds=bounds)  # type: ignore[arg-type]
+
+
+def _check_value(which: str, value: object, where: str, limits: Limits) -> None:
+    if which == "keyword" and len(str(value)) > limits.max_filter_value_chars:
+        raise InvalidArgument(where, f"value longer than {limits.max_filter_value_chars} characters")
+    if which == "number" and isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument(where, f"must be a finite number, got {value}")

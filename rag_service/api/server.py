@@ -297,6 +297,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             metadata_fields=list(index.metadata_fields), native_has_cuda=backends["built_with_cuda"],
             cuda_device_available=backends["cuda_device_available"], fusion_backend=backends["fusion_backend"],
             dense_index_type=index.dense_kind,
+            metadata_schema=[pb.MetadataField(name=name, type=kind, distinct_values=distinct)
+                             for name, (kind, distinct) in index.metadata_schema.items()],
         )
 
 

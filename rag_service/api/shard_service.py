@@ -18,9 +18,13 @@ from typing import Any
 import grpc
 import numpy as np
 
+from rag_service.api import request as request_mod
 from rag_service.api import rpc
+from rag_service.core import filter as flt
 from rag_service.core import tracing
+from rag_service.core.config import Limits
 from rag_service.core.errors import IndexFormatError, InvalidArgument, Unavailable
+from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import shard_pb2 as spb
 from rag_service.pb.rag.v1 import shard_pb2_grpc as spb_grpc
 from rag_service.search import rerank as rerank_mod
@@ -30,6 +34,9 @@ from rag_service.search.searcher import Searcher
 SERVICE_NAME = spb.DESCRIPTOR.services_by_name["Shard"].full_name
 MAX_DEPTH = 2000
 MAX_FETCH = 4000
+# A forwarded filter passed the router's limits; the shard does not apply its own again.
+FORWARDED_LIMITS = Limits(max_filter_conditions=1 << 30, max_filter_depth=1 << 30, max_filter_values=1 << 30,
+                          max_filter_value_chars=1 << 30)
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class ShardState:
     shard: dict[str, Any]
     global_ids: np.ndarray  # int64, ascending: local chunk i is global chunk global_ids[i]
     global_fields: frozenset[str]
+    global_schema: dict[str, str]  # the corpus' metadata types, field -> type (core/filter.py)
 
     @classmethod
     def of(cls, pipeline: Pipeline) -> ShardState:
@@ -53,7 +61,11 @@ class ShardState:
             raise IndexFormatError(f"{index.path / shard['chunk_ids']}: expected {index.n_chunks} ascending int64 "
                                    "chunk ids")
         return cls(pipeline=pipeline, shard=shard, global_ids=np.asarray(ids),
-                   global_fields=frozenset(shard.get("metadata_fields", [])))
+                   global_fields=frozenset(shard.get("metadata_fields", [])),
+                   # A shard set split before typed metadata: keyword fields.
+                   global_schema=dict(shard.get("metadata_schema") or {
+                       name: index.store.metadata_schema.get(name, flt.KEYWORD)
+                       for name in shard.get("metadata_fields", [])}))
 
     def local(self, chunks: np.ndarray) -> np.ndarray:
         at = np.searchsorted(self.global_ids, chunks)
@@ -108,7 +120,9 @@ class ShardServicer(spb_grpc.ShardServicer):
             index=shard["index"], count=shard["count"], set_id=shard["set_id"], stats_sha256=shard["stats_sha256"],
             version=index.version, name=index.name, chunk_count=index.n_chunks, document_count=index.n_docs,
             embedding_model=manifest["model"]["name"], embedding_dim=manifest["model"]["dim"],
-            metadata_fields=sorted(state.global_fields), can_rerank=state.pipeline.capabilities.rerank,
+            metadata_fields=sorted(state.global_fields),
+            metadata_schema=[pb.MetadataField(name=n, type=t) for n, t in sorted(state.global_schema.items())],
+            can_rerank=state.pipeline.capabilities.rerank,
             corpus_chunk_count=shard["corpus"]["chunks"], corpus_document_count=shard["corpus"]["documents"],
             build_params={k: str(v) for k, v in manifest["params"].items()})
 
@@ -134,11 +148,13 @@ class ShardServicer(spb_grpc.ShardServicer):
             if name not in state.global_fields:
                 known = ", ".join(sorted(state.global_fields)) or "(none)"
                 raise InvalidArgument(f"filters[{name}]", f"unknown metadata field; known: {known}")
+        # The router checked the filter against the same limits; its tree is parsed back as it was sent.
+        tree = request_mod.parse_filter(request.filter, FORWARDED_LIMITS) if request.HasField("filter") else None
         if any(name not in index.metadata_fields for name in filters):
             # A field of the corpus that none of this shard's documents has: nothing here matches.
             mask: np.ndarray | None = np.zeros(index.n_chunks, dtype=np.bool_)
         else:
-            mask = index.filter_mask(filters)
+            mask = index.store.filter_mask(filters, tree, schema=state.global_schema)
         b_ids, b_scores = index.bm25.search(request.query, request.depth, mask)
         d_ids, d_scores = index.dense.search(q, request.depth, mask)
         g = state.global_ids

@@ -76,6 +76,9 @@ def cli(verbose: bool) -> None:
                    "text encoded in a second pass (encode, slower).")
 @click.option("--dense-codes", type=click.Choice(["none", "sq8", "binary"]), default="none", show_default=True,
               help="Quantized codes for the dense first stage, rescored exactly with the float vectors.")
+@click.option("--metadata-schema", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="JSON object of metadata field -> type (keyword, keyword_list, integer, float, date, boolean); "
+                   "fields it does not name get the type their values fit.")
 @click.option("--no-onnx", is_flag=True, help="Do not export the ONNX query encoders into the index.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--shards", type=click.IntRange(min=1), default=None,
@@ -92,13 +95,19 @@ def cli(verbose: bool) -> None:
 def build(input_path: Path, output: Path, name: str | None, chunk_tokens: int, chunk_overlap: int, k1: float,
           b: float, idf: str, dense_index: str, hnsw_threshold: int | None, batch_size: int, model: Path | None,
           device: str | None, keep: int, window_sentences: int, document_encoder: str, window_pooling: str,
-          dense_codes: str,
+          dense_codes: str, metadata_schema: Path | None,
           no_onnx: bool, no_progress: bool, shards: int | None, ray_address: str | None, ray_workers: int | None,
           ray_cpus_per_worker: int, ray_gpus_per_worker: float) -> None:
     """Build an index and publish it atomically."""
     from rag_service.index.build import BuildConfig, build_index
+    from rag_service.index.metadata import read_schema_file
 
     extra: dict[str, Any] = {} if hnsw_threshold is None else {"hnsw_threshold": hnsw_threshold}
+    if metadata_schema is not None:
+        try:
+            extra["metadata_schema"] = read_schema_file(metadata_schema)
+        except RagError as e:
+            raise _fail(e) from None
     config = BuildConfig(chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, k1=k1, b=b, idf=idf,
                          dense_index=dense_index, batch_size=batch_size, name=name, keep=keep,
                          window_sentences=window_sentences, document_encoder=document_encoder,
@@ -183,7 +192,8 @@ def _print_summary(version_dir: Path, manifest: dict[str, Any]) -> None:
     click.echo(f"bm25       k1 {params['k1']}  b {params['b']}  idf {params['idf']}  "
                f"analyzer {manifest['analyzer']}")
     click.echo(f"dense      {params['dense_index']}")
-    click.echo(f"metadata   {', '.join(manifest.get('metadata_fields', [])) or '(none)'}")
+    schema = manifest.get("metadata_schema") or dict.fromkeys(manifest.get("metadata_fields", []), "keyword")
+    click.echo(f"metadata   {', '.join(f'{name} ({kind})' for name, kind in schema.items()) or '(none)'}")
     click.echo(f"size       {_human_bytes(_dir_bytes(version_dir))} in {len(manifest['files']) + 1} files")
     timings = manifest.get("timings")
     if timings:

@@ -62,6 +62,11 @@ class Limits(BaseModel):
     max_depth: int = Field(2000, ge=100, description="Largest first-stage depth a request may ask for.")
     max_filters: int = Field(16, ge=0, description="Most metadata filters in one request.")
     max_filter_value_chars: int = Field(1024, ge=1, description="Longest metadata filter value, in characters.")
+    max_filter_conditions: int = Field(64, ge=1, description="Most conditions in one structured filter, nested "
+                                       "ones included.")
+    max_filter_depth: int = Field(8, ge=1, description="Deepest nesting of a structured filter (a filter without "
+                                  "nested filters has depth 1).")
+    max_filter_values: int = Field(1024, ge=1, description="Most values in one `any` condition.")
     max_rerank_depth: int = Field(2000, ge=100, description="Largest rerank_depth a request may ask for.")
     max_context_tokens: int = Field(1_000_000, ge=1, description="Largest context token budget a request may ask for.")
     max_budget_ms: int = Field(600_000, ge=1, description="Largest latency budget (budget_ms) a request may give.")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 
 from rag_service.core.config import SearchDefaults
 from rag_service.core.errors import DeadlineExceeded
+from rag_service.core.filter import Tree
 
 _SHIPPED = SearchDefaults()
 
@@ -40,6 +41,7 @@ class SearchParams:
     dense_weight: float = _SHIPPED.dense_weight
     rrf_k: float = _SHIPPED.rrf_k
     filters: dict[str, str] = field(default_factory=dict)
+    filter: Tree | None = None  # the structured filter (core/filter.py), ANDed with `filters`
     rerank: bool = _SHIPPED.rerank
     rerank_depth: int = _SHIPPED.rerank_depth
     max_context_tokens: int = _SHIPPED.max_context_tokens  # 0: no budget
@@ -199,6 +201,8 @@ class IndexSummary:
     n_chunks: int
     metadata_fields: list[str]
     dense_kind: str
+    # Field -> (type, distinct values of a keyword or keyword list field, else 0); see index/metadata.py.
+    metadata_schema: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 # Warm-up touches every stage (numba compilation, faiss pages, the encoder's first call) before SERVING.

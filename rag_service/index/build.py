@@ -27,6 +27,7 @@ from rag_service.core.timing import StageTimer
 from rag_service.encoder import onnx_export
 from rag_service.encoder.encode import Encoder, OnnxEncoder, _EncoderBase
 from rag_service.index import manifest as manifest_mod
+from rag_service.index import metadata as metadata_mod
 from rag_service.index import publish as publish_mod
 from rag_service.index import source as source_mod
 from rag_service.index import tokens as tokens_mod
@@ -88,6 +89,9 @@ class BuildConfig:
     # How window vectors are made (windows.POOLINGS): "chunk" pools them from the chunk pass's token vectors,
     # "encode" embeds every window's text in a second pass (bench/README.md "Build at the limit").
     window_pooling: str = windows_mod.DEFAULT_POOLING
+    # Metadata field -> type (keyword, keyword_list, integer, float, date, boolean) for the fields whose type is not
+    # to be inferred from their JSON values (index/metadata.py); a file of this shape is `--metadata-schema`.
+    metadata_schema: dict[str, str] | None = None
 
     def validate(self) -> None:
         """Raises BuildError naming the first bad setting."""
@@ -130,6 +134,11 @@ class BuildConfig:
             problems.append(f"window_sentences must be >= 0, got {self.window_sentences}")
         if self.name is not None and not self.name.strip():
             problems.append("name must not be empty")
+        if self.metadata_schema is not None:
+            try:
+                metadata_mod.check_schema(self.metadata_schema)
+            except BuildError as e:
+                problems.append(str(e))
         try:
             Analyzer(stemmer=self.stemmer, stopwords=self.stopwords)
         except ValueError as e:
@@ -325,6 +334,8 @@ def build_index(
             # `documents` (an incremental update, index/update.py) replaces reading `input_path`.
             docs, input_kind = (list(documents), "update") if documents is not None \
                 else read_corpus(input_path, progress)
+            # Before chunking: a value that does not fit its declared type should fail the build at once.
+            metadata_schema = metadata_mod.resolve_schema(docs, config.metadata_schema)
 
         with timer.stage("chunk"):
             chunker = Chunker(encoder, config.chunk_tokens, config.chunk_overlap)
@@ -336,7 +347,7 @@ def build_index(
                 chunks.extend(doc_chunks)
 
         with timer.stage("store"):
-            write_store(tmp, docs, chunks)
+            write_store(tmp, docs, chunks, metadata_schema)
             source_mod.write_documents(tmp, docs)
 
         with timer.stage("tokens"):
@@ -442,7 +453,8 @@ def build_index(
             "bm25": {"avgdl": postings.avgdl},
             **({"encoder_export": {"files": list(onnx_export.FILES), **encoder_export}} if encoder_export else {}),
             **({"windows": window_params} if window_params is not None else {}),
-            "metadata_fields": sorted({key for d in docs for key in d.metadata}),
+            "metadata_fields": sorted(metadata_schema),
+            "metadata_schema": metadata_schema,
             # What an incremental update rebuilds with (index/update.py), whatever settings later builds add.
             "build_config": dataclasses.asdict(config),
             **(extra_manifest or {}),

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from rag_service.core import filter as flt
 from rag_service.core.errors import IndexFormatError
 from rag_service.index import tokens as tokens_mod
 from rag_service.index.manifest import MANIFEST_FILE, check_files, read_manifest
@@ -106,19 +107,20 @@ class Index:
                     self._context_bytes = ContextBytes.for_store(self.store)
         return self._context_bytes
 
-    def filter_mask(self, filters: Mapping[str, str] | None) -> np.ndarray | None:
-        return self.store.filter_mask(filters)
+    def filter_mask(self, filters: Mapping[str, str] | None, tree: flt.Node | None = None) -> np.ndarray | None:
+        return self.store.filter_mask(filters, tree)
 
     # What the semantic cache's guard asks (search/searcher.py, LexicalGuard): this index's own view of a query.
     def query_terms(self, query: str) -> dict[str, float]:
         return self.bm25.query_terms(query)
 
-    def lexical_candidates(self, query: str, filters: Mapping[str, str], depth: int) -> np.ndarray:
+    def lexical_candidates(self, query: str, filters: Mapping[str, str], depth: int,
+                           tree: flt.Node | None = None) -> np.ndarray:
         # The native BM25 top-depth (the numba scorer's C++ twin): a semantic look-up pays for this on top of its
         # encode.
         bm25 = self.bm25
         ids, _ = native.bm25_top(bm25.postings, bm25.term_ids(bm25.analyzer.tokens(query)), depth,
-                                 mask=self.filter_mask(filters))
+                                 mask=self.filter_mask(filters, tree))
         return np.sort(ids)
 
 

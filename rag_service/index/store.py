@@ -11,8 +11,9 @@ Files:
     chunk_doc.npy                    int32 document index per chunk
     chunk_no.npy                     int32 position of the chunk in its document
     chunk_span.npy                   int64 (chunks, 2) character span of the chunk in its document's text
-    meta_fields.json                 filterable fields: name, value list (strings), codes file
+    meta_fields.json                 filterable fields: name, type, value list (strings), column files
     meta_codes_<k>.npy               int32 per chunk: index into field k's value list, -1 = field absent
+    meta_*_<k>.npy                   field k's typed columns (index/metadata.py)
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from rag_service.core import filter as flt
 from rag_service.core.errors import IndexFormatError, InvalidArgument
+from rag_service.index import metadata
 from rag_service.index.chunking import Chunk, Document, chunk_id
 
 CHUNK_TEXT = "chunk_text"
@@ -38,11 +41,7 @@ CHUNK_SPAN_FILE = "chunk_span.npy"
 META_FIELDS_FILE = "meta_fields.json"
 
 
-def metadata_value_str(value: Any) -> str:
-    """How a metadata value compares in filters: strings as they are, anything else as its JSON text."""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+metadata_value_str = metadata.value_text
 
 
 # Writing ----------------------------------------------------------------------------------------------------------
@@ -63,8 +62,10 @@ def _write_strings(directory: Path, name: str, values: Sequence[str]) -> list[Pa
     return [blob_path, offsets_path]
 
 
-def write_store(directory: Path, docs: Sequence[Document], chunks: Sequence[Chunk]) -> list[Path]:
-    """Writes the store for `chunks` (in chunk id order) of `docs`; returns the files written."""
+def write_store(directory: Path, docs: Sequence[Document], chunks: Sequence[Chunk],
+                schema: Mapping[str, str] | None = None) -> list[Path]:
+    """Writes the store for `chunks` (in chunk id order) of `docs`; returns the files written. `schema`: every
+    metadata field's type (index/metadata.py resolve_schema); None infers them from `docs`."""
     directory = Path(directory)
     files: list[Path] = []
     files += _write_strings(directory, CHUNK_TEXT, [c.text for c in chunks])
@@ -82,19 +83,10 @@ def write_store(directory: Path, docs: Sequence[Document], chunks: Sequence[Chun
         np.save(directory / name, arr)
         files.append(directory / name)
 
-    # Filter index: code per document per field, then expanded to chunks so a filter is one vectorised compare.
-    field_names = sorted({key for d in docs for key in d.metadata})
-    fields = []
-    for k, field in enumerate(field_names):
-        codes_of: dict[str, int] = {}
-        doc_codes = np.full(len(docs), -1, dtype=np.int32)
-        for i, d in enumerate(docs):
-            if field in d.metadata:
-                doc_codes[i] = codes_of.setdefault(metadata_value_str(d.metadata[field]), len(codes_of))
-        codes_file = f"meta_codes_{k}.npy"
-        np.save(directory / codes_file, doc_codes[chunk_doc] if len(chunks) else np.zeros(0, np.int32))
-        files.append(directory / codes_file)
-        fields.append({"name": field, "values": list(codes_of), "codes": codes_file})
+    # Filter index: typed columns per field, expanded to chunks so a condition is one vectorised compare.
+    fields, written = metadata.write_columns(directory, docs, chunk_doc,
+                                             metadata.resolve_schema(docs) if schema is None else schema)
+    files += written
     with open(directory / META_FIELDS_FILE, "w", encoding="utf-8") as f:
         json.dump({"fields": fields}, f, ensure_ascii=False)
     files.append(directory / META_FIELDS_FILE)
@@ -153,12 +145,15 @@ class DocStore:
             with open(directory / META_FIELDS_FILE, encoding="utf-8") as f:
                 fields = json.load(f)["fields"]
             self._codes = {fd["name"]: _mapped(directory / fd["codes"]) for fd in fields}
+            n_docs = len(self._doc_id)
+            self._fields = {fd["name"]: metadata.Field(directory, fd, self._codes[fd["name"]], n_docs)
+                            for fd in fields}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise IndexFormatError(f"{directory}: cannot read document store: {e}") from e
         # Built once here, read-only afterwards, so lookups from many threads need no lock.
-        self._value_codes: dict[str, dict[str, int]] = {
-            fd["name"]: {value: code for code, value in enumerate(fd["values"])} for fd in fields
-        }
+        self._value_codes: dict[str, dict[str, int]] = {name: f.value_codes for name, f in self._fields.items()}
+        self._evaluator = metadata.FilterEvaluator(self._fields, self.chunk_docs, n_docs)
+        self.metadata_schema: dict[str, str] = {name: f.type for name, f in self._fields.items()}
         self.n_docs = len(self._doc_id)
         self.n_chunks = len(self._chunk_text)
         for name, arr in (("chunk_doc", self.chunk_docs), ("chunk_no", self.chunk_nos), *self._codes.items()):
@@ -225,16 +220,25 @@ class DocStore:
         """Per metadata field, its distinct values (as filters compare them) in code order."""
         return {name: list(codes) for name, codes in self._value_codes.items()}
 
-    def filter_mask(self, filters: Mapping[str, str] | None) -> np.ndarray | None:
-        """bool per chunk, True where every filter field equals its value; None when there are no filters.
+    def distinct_values(self, field: str) -> int:
+        """Distinct values of a keyword field (elements of a keyword list field); 0 for other types."""
+        return self._fields[field].distinct_values
 
-        An unknown field is the caller's mistake (InvalidArgument); a known field with a value no document has
-        simply matches nothing.
+    def filter_mask(self, filters: Mapping[str, str] | None, tree: flt.Node | None = None,
+                    schema: Mapping[str, str] | None = None) -> np.ndarray | None:
+        """bool per chunk, True where every `filters` field equals its value and `tree` holds; None when there is
+        neither. `tree` is checked against `schema` (default: this store's types); a field the schema knows but
+        this store lacks (a shard none of whose documents has it) is empty everywhere.
+
+        An unknown field or a condition that does not fit its field's type is the caller's mistake
+        (InvalidArgument); a known field with a value no document has simply matches nothing.
         """
-        if not filters:
+        if tree is not None:
+            flt.check(tree, self.metadata_schema if schema is None else schema)
+        if not filters and tree is None:
             return None
         mask: np.ndarray | None = None
-        for field, value in filters.items():
+        for field, value in (filters or {}).items():
             codes = self._codes.get(field)
             if codes is None:
                 known = ", ".join(self._codes) or "(none)"
@@ -243,5 +247,8 @@ class DocStore:
             if code is None:
                 return np.zeros(self.n_chunks, dtype=np.bool_)
             hit = codes == code
+            mask = hit if mask is None else (mask & hit)
+        if tree is not None:
+            hit = self._evaluator.mask(tree)
             mask = hit if mask is None else (mask & hit)
         return mask

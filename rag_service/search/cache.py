@@ -413,7 +413,8 @@ class CachedSearch:
         config = self.config
         return GuardInputs(terms=guard.query_terms(params.query),
                            polarity=polarity_words(params.query) if config.guard_polarity_words else (),
-                           lexical=guard.lexical_candidates(params.query, params.filters, config.guard_depth))
+                           lexical=guard.lexical_candidates(params.query, params.filters, config.guard_depth,
+                                                            params.filter))
 
     def lookup_semantic(self, params: SearchParams, key: tuple, vector: np.ndarray, strict: bool,
                         guard: LexicalGuard | None, inputs: list[GuardInputs]) -> Served | None:

@@ -122,7 +122,9 @@ class Pipeline(SearcherBase):
         index = self.index
         return IndexSummary(name=index.name, version=index.version, path=str(index.path), manifest=index.manifest,
                             n_docs=index.n_docs, n_chunks=index.n_chunks,
-                            metadata_fields=sorted(index.metadata_fields), dense_kind=index.dense.kind)
+                            metadata_fields=sorted(index.metadata_fields), dense_kind=index.dense.kind,
+                            metadata_schema={name: (kind, index.store.distinct_values(name))
+                                             for name, kind in sorted(index.store.metadata_schema.items())})
 
     def retrieve(self, params: SearchParams, timer: StageTimer | None = None,
                  query_vector: np.ndarray | None = None, deadline: float | None = None,
@@ -132,7 +134,7 @@ class Pipeline(SearcherBase):
         missing (the adaptive pipeline's lexical route)."""
         timer = timer or StageTimer()
         with timer.stage("filter"):
-            mask = self.index.filter_mask(params.filters)
+            mask = self.index.filter_mask(params.filters, params.filter)
         dense = (np.zeros(0, np.int64), np.zeros(0, np.float32))
         if lexical_only:
             query_vector = None
@@ -209,7 +211,7 @@ class Pipeline(SearcherBase):
         if store is None or model is None:
             raise RuntimeError("the one-call search needs the rerank store and model")
         with timer.stage("filter"):
-            mask = self.index.filter_mask(params.filters)
+            mask = self.index.filter_mask(params.filters, params.filter)
         if query_vector is None:
             query_vector = self._encode_stage(params.query, deadline, timer)
         if params.depth < 1:

@@ -20,6 +20,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from rag_service.core.filter import Tree
 from rag_service.core.params import (
     Capabilities,
     ContextResult,
@@ -43,8 +44,9 @@ class LexicalGuard(Protocol):
         """The query's index terms with their idf (a term the index lacks weighs the most)."""
         ...
 
-    def lexical_candidates(self, query: str, filters: dict[str, str], depth: int) -> np.ndarray:
-        """The query's BM25 top `depth` chunk ids under `filters`, sorted by id."""
+    def lexical_candidates(self, query: str, filters: dict[str, str], depth: int,
+                           tree: Tree | None = None) -> np.ndarray:
+        """The query's BM25 top `depth` chunk ids under `filters` and the structured filter `tree`, sorted by id."""
         ...
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from rag_service.core import filter as flt
 from rag_service.core import tracing
 from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Unavailable
 from rag_service.core.params import Capabilities, ContextResult, IndexSummary, SearchResult, check_deadline
@@ -39,6 +40,7 @@ from rag_service.encoder.encode import SearchEncoder
 from rag_service.index.dates import parse_dates
 from rag_service.index.windows import DEFAULT_WINDOW_SENTENCES, sentence_windows, split_sentences
 from rag_service.kernels.native import FusionResult
+from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import shard_pb2 as spb
 from rag_service.pb.rag.v1 import shard_pb2_grpc as spb_grpc
 from rag_service.retrievers.analysis import Analyzer
@@ -76,6 +78,45 @@ class _Rows:
     vectors: np.ndarray
     features: np.ndarray
     missing: set[int] = field(default_factory=set)  # shard positions that did not answer
+
+
+def filter_message(node: flt.Tree | None) -> pb.Filter | None:
+    """The wire form of a parsed filter, for the shards (which parse it back to the same tree)."""
+    if node is None:
+        return None
+    out = pb.Filter()
+    for name in ("must", "should", "must_not"):
+        target = getattr(out, name)
+        for child in getattr(node, name):
+            target.append(_condition_message(child))
+    if node.min_should != 1:
+        out.min_should = node.min_should
+    return out
+
+
+def _condition_message(node: flt.Node) -> pb.Condition:
+    if isinstance(node, flt.Tree):
+        return pb.Condition(filter=filter_message(node))
+    c = pb.Condition(key=node.key)
+    if node.kind == flt.EMPTY:
+        if node.negate:
+            c.exists = True
+        else:
+            c.is_empty = True
+    elif node.kind == flt.MATCH:
+        which, value = node.values[0]
+        setattr(c.match, which, value)
+    elif node.kind == flt.ANY:
+        c.any.SetInParent()
+        for which, value in node.values:
+            getattr(c.any, f"{which}s").append(value)
+    else:
+        bounds = c.range if node.kind == flt.RANGE else c.date_range
+        bounds.SetInParent()
+        for name, bound in zip(("gt", "gte", "lt", "lte"), node.bounds):
+            if bound is not None:
+                setattr(bounds, name, bound)
+    return c
 
 
 class _ShardLost(Exception):
@@ -172,6 +213,10 @@ class ShardedPipeline(SearcherBase):
         self.policy = policy or adaptive.AdaptivePolicy()
         self.metadata_fields = frozenset(self.router.get("metadata_fields", []))
         self.analyzer = Analyzer()  # highlights only; BM25 runs on the shards
+        # A router directory written before typed metadata: keyword fields.
+        self.metadata_schema: dict[str, str] = dict(self.router.get("metadata_schema")
+                                                    or dict.fromkeys(self.metadata_fields, flt.KEYWORD))
+        self._distinct: dict[str, int] = dict(self.router.get("metadata_distinct", {}))
         self._lock = threading.Lock()
         self.dim = int(model["dim"])
         first = self.shards[0].info
@@ -244,7 +289,9 @@ class ShardedPipeline(SearcherBase):
         return IndexSummary(name=str(self._manifest["name"]), version=self.version, path=str(self.router_dir.resolve()),
                             manifest={**self._manifest, "version": self.version}, n_docs=self._corpus[0],
                             n_chunks=self._corpus[1], metadata_fields=sorted(self.metadata_fields),
-                            dense_kind=self._dense_kind)
+                            dense_kind=self._dense_kind,
+                            metadata_schema={name: (kind, int(self._distinct.get(name, 0)))
+                                             for name, kind in sorted(self.metadata_schema.items())})
 
     # -- fan-out ---------------------------------------------------------------------------------------------------
     def _call(self, method: str, requests: dict[int, Any], deadline: float | None,
@@ -309,6 +356,7 @@ class ShardedPipeline(SearcherBase):
             if params.decay is not None and params.decay.field not in self.metadata_fields:
                 known = ", ".join(sorted(self.metadata_fields)) or "(none)"
                 raise InvalidArgument("decay.field", f"unknown metadata field {params.decay.field!r}; known: {known}")
+            flt.check(params.filter, self.metadata_schema)
         if query_vector is None:  # never planned: capabilities.lexical_route is False
             raise ValueError("the shard router needs the query vector")
         q = np.ascontiguousarray(query_vector, dtype=np.float32)
@@ -319,7 +367,8 @@ class ShardedPipeline(SearcherBase):
         check_deadline(deadline, "shards")
         with timer.stage("shards"):
             request = spb.CandidatesRequest(query=params.query, query_vector=q_bytes, depth=params.depth,
-                                            filters=params.filters, set_id=set_id)
+                                            filters=params.filters, set_id=set_id,
+                                            filter=filter_message(params.filter))
             answers, failures = self._call("Candidates", dict.fromkeys(range(len(self.shards)), request), deadline,
                                            complete)
             if not answers:

@@ -168,7 +168,7 @@ def split_index(source: Path | str, out: Path | str, count: int, *, keep: int = 
                 start, end = store.chunk_span(c)
                 chunks.append(Chunk(doc=int(local_doc[chunk_docs[c]]), no=store.chunk_no(c), start=start, end=end,
                                     text=store.chunk_text(c)))
-            write_store(tmp, docs, chunks)
+            write_store(tmp, docs, chunks, store.metadata_schema)
             if source_lines is not None:
                 with open(tmp / source_mod.SOURCE_FILE, "w", encoding="utf-8") as f:
                     f.writelines(source_lines[d.id] for d in docs)
@@ -209,7 +209,8 @@ def split_index(source: Path | str, out: Path | str, count: int, *, keep: int = 
             shard = {"index": i, "count": count, "set_id": set_id, "stats_sha256": stats, "assignment": ASSIGNMENT,
                      "source_version": manifest["version"], "source_name": manifest["name"],
                      "corpus": {"documents": n_docs, "chunks": n_chunks},
-                     "metadata_fields": list(manifest.get("metadata_fields", [])), "chunk_ids": CHUNKS_FILE}
+                     "metadata_fields": list(manifest.get("metadata_fields", [])),
+                     "metadata_schema": store.metadata_schema, "chunk_ids": CHUNKS_FILE}
             shard_manifest = {
                 **{k: v for k, v in manifest.items() if k not in ("files", "windows")},
                 "name": f"{manifest['name']}-{shard_dir_name(i)}",
@@ -232,7 +233,9 @@ def split_index(source: Path | str, out: Path | str, count: int, *, keep: int = 
         shard_info.append({"index": i, "path": str(root), "documents": len(docs), "chunks": len(chunks)})
         log.info("shard %d/%d: %d documents, %d chunks -> %s", i, count, len(docs), len(chunks), published[-1])
 
-    router = write_router(out, manifest, src, set_id=set_id, count=count, stats=stats, shards=shard_info)
+    distinct = {name: store.distinct_values(name) for name in store.metadata_schema}
+    router = write_router(out, manifest, src, set_id=set_id, count=count, stats=stats, shards=shard_info,
+                          distinct=distinct)
     log.info("split %s into %d shards under %s in %.1fs", src, count, out, time.perf_counter() - started)
     return ShardSet(root=out, router=router, shards=published, set_id=set_id, stats_sha256=stats)
 
@@ -277,8 +280,13 @@ def _write_windows(directory: Path, windows: windows_mod.WindowData, chunks_g: n
     return {**params, "bytes": data.nbytes()}
 
 
+def _schema_of(manifest: dict[str, Any]) -> dict[str, str]:
+    """The index's metadata types; an index built before typed metadata has keyword fields only."""
+    return dict(manifest.get("metadata_schema") or dict.fromkeys(manifest.get("metadata_fields", []), "keyword"))
+
+
 def write_router(out: Path, manifest: dict[str, Any], src: Path, *, set_id: str, count: int, stats: str,
-                 shards: list[dict[str, Any]]) -> Path:
+                 shards: list[dict[str, Any]], distinct: dict[str, int] | None = None) -> Path:
     """OUT/router: router.json and the index's ONNX query encoder (hard links), replaced whole."""
     router = out / ROUTER_DIR
     tmp = out / f".{ROUTER_DIR}.tmp-{os.getpid()}"
@@ -294,6 +302,7 @@ def write_router(out: Path, manifest: dict[str, Any], src: Path, *, set_id: str,
             "model": manifest["model"], "corpus": {"documents": manifest["counts"]["documents"],
                                                    "chunks": manifest["counts"]["chunks"]},
             "metadata_fields": list(manifest.get("metadata_fields", [])),
+            "metadata_schema": _schema_of(manifest), "metadata_distinct": distinct or {},
             "encoder_export": bool(exported), "shards": shards}
     (tmp / ROUTER_FILE).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
     old = out / f".{ROUTER_DIR}.old-{os.getpid()}"
