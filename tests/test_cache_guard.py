@@ -28,7 +28,7 @@ class FakeGuard:
     def query_terms(self, query: str) -> dict[str, float]:
         return {t: COMMON.get(t, RARE_IDF) for t in self.analyzer.tokens(query)}
 
-    def lexical_candidates(self, query, filters, depth) -> np.ndarray:
+    def lexical_candidates(self, query, filters, depth, tree=None) -> np.ndarray:
         return np.arange(5, dtype=np.int64)  # the same BM25 candidates for every query: that check always passes
 
 
