@@ -563,12 +563,6 @@ class _RequestStage:
         self.hit: Served | None = None
         self._inputs: list[GuardInputs] = []  # the query's guard inputs, computed at most once
 
-    def prepare(self, guard: LexicalGuard | None) -> None:
-        # A semantic look-up (default mode) or the store of a miss will need them: computed now, before the encode.
-        if (guard is not None and not self._inputs and self.mode == "default" and self.cache.config.semantic
-                and self.cache.config.enabled):
-            self._inputs.append(self.cache.guard_inputs(self.params, guard))
-
     def lookup(self, vector: np.ndarray, guard: LexicalGuard | None) -> SearchResult | None:
         if self.mode not in ("default", "strict"):
             return None

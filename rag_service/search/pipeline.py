@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import NamedTuple
 
 import numpy as np
 
@@ -53,14 +52,6 @@ class Candidates:
     dense: tuple[np.ndarray, np.ndarray]
     fused: FusionResult
     query_vector: np.ndarray | None = None
-
-
-class QueryAnalysis(NamedTuple):
-    """A query's analysis (Pipeline._analyse), made before its encode and read by the first stage and the rerank."""
-
-    query: str
-    terms: np.ndarray  # BM25 term ids, repeats kept
-    rerank_terms: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # RerankStore.terms_of(terms); None: no store
 
 
 def _record_stage(timer: StageTimer, name: str, start_ns: int, ns: int) -> None:
@@ -128,7 +119,7 @@ class Pipeline(SearcherBase):
 
     def retrieve(self, params: SearchParams, timer: StageTimer | None = None,
                  query_vector: np.ndarray | None = None, deadline: float | None = None,
-                 lexical_only: bool = False, analysis: QueryAnalysis | None = None) -> Candidates:
+                 lexical_only: bool = False) -> Candidates:
         """The first stage and fusion alone (evaluation reads it whole). `lexical_only`: no encode and no dense
         retrieval; fusion sees an empty dense list, so the BM25 order stands and every candidate's dense score is
         missing (the adaptive pipeline's lexical route)."""
@@ -141,7 +132,7 @@ class Pipeline(SearcherBase):
         elif query_vector is None:
             query_vector = self._encode_stage(params.query, deadline, timer)
         if self.native_first_stage and native.retrieve_backend() == "cpp":
-            return self._retrieve_native(params, timer, mask, query_vector, deadline, analysis)
+            return self._retrieve_native(params, timer, mask, query_vector, deadline)
         check_deadline(deadline, "lexical")
         with timer.stage("lexical"):
             bm25 = self.index.bm25.search(params.query, params.depth, mask)
@@ -156,8 +147,7 @@ class Pipeline(SearcherBase):
         return Candidates(bm25=bm25, dense=dense, fused=fused, query_vector=None if lexical_only else query_vector)
 
     def _retrieve_native(self, params: SearchParams, timer: StageTimer, mask: np.ndarray | None,
-                         query_vector: np.ndarray | None, deadline: float | None,
-                         analysis: QueryAnalysis | None = None) -> Candidates:
+                         query_vector: np.ndarray | None, deadline: float | None) -> Candidates:
         """BM25, the dense scan of a flat index and fusion in one native call (GIL released throughout); an index
         the call cannot scan (HNSW, a flat index on a GPU) is searched first and its hits passed in. Same candidates
         as the stage-by-stage path, whose stage names the call's parts are reported under."""
@@ -165,7 +155,8 @@ class Pipeline(SearcherBase):
             raise InvalidArgument("depth", f"must be >= 1, got {params.depth}")
         bm25_index, dense_index = self.index.bm25, self.index.dense
         # The query's analysis is timed on its own: the native call's parts are booked as lexical/dense/fusion.
-        terms = self._analysis_of(params.query, analysis, timer).terms
+        with timer.stage("analyze"):
+            terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
         scan = query_vector is not None and dense_index.native_scan
         hits = None
         if query_vector is not None and not scan:
@@ -200,8 +191,7 @@ class Pipeline(SearcherBase):
                 and native.search_core_backend(self.rerank_store.core) == "cpp")
 
     def _search_native(self, params: SearchParams, early: adaptive.RerankPlan, timer: StageTimer,
-                       query_vector: np.ndarray | None, deadline: float | None,
-                       analysis: QueryAnalysis | None = None
+                       query_vector: np.ndarray | None, deadline: float | None
                        ) -> tuple[Candidates, rerank_mod.Reranked | None, tuple[int, str, str]]:
         """The first stage (as _retrieve_native), the confidence rule and the rerank in one native call, GIL
         released throughout; the query is analysed once, for BM25 and the rerank's terms. Same candidates, rerank
@@ -217,9 +207,9 @@ class Pipeline(SearcherBase):
         if params.depth < 1:
             raise InvalidArgument("depth", f"must be >= 1, got {params.depth}")
         bm25_index, dense_index = self.index.bm25, self.index.dense
-        known = self._analysis_of(params.query, analysis, timer)
-        terms = known.terms
-        query_terms, query_counts, query_idf = known.rerank_terms or store.terms_of(terms)
+        with timer.stage("analyze"):
+            terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
+            query_terms, query_counts, query_idf = store.terms_of(terms)
         scan = dense_index.native_scan
         hits = None
         if not scan:
@@ -258,21 +248,8 @@ class Pipeline(SearcherBase):
         candidates = Candidates(bm25=first.bm25, dense=first.dense, fused=first.fused, query_vector=query_vector)
         return candidates, reranked, early.finish(result.agreement, len(first.fused.ids))
 
-    def _analyse(self, query: str, timer: StageTimer) -> QueryAnalysis:
-        """The query's BM25 term ids (with repeats) and, with a rerank store, the rerank's distinct terms, counts
-        and idf: one analysis for the first stage and the rerank."""
-        with timer.stage("analyze"):
-            bm25_index = self.index.bm25
-            terms = bm25_index.term_ids(bm25_index.analyzer.tokens(query))
-            store = self.rerank_store
-            return QueryAnalysis(query, terms, store.terms_of(terms) if store is not None else None)
-
-    def _analysis_of(self, query: str, analysis: QueryAnalysis | None, timer: StageTimer) -> QueryAnalysis:
-        return analysis if analysis is not None and analysis.query == query else self._analyse(query, timer)
-
     def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
-              timer: StageTimer, analysis: object | None = None) -> SearchResult:
-        known = analysis if isinstance(analysis, QueryAnalysis) else None
+              timer: StageTimer) -> SearchResult:
         shaper = shape.Shaper(plan.params) if plan.params.shaped else None
         params = plan.params if shaper is None else shaper.ranking
         # A decay's field is checked before any retrieval: a request that cannot be answered costs nothing.
@@ -287,11 +264,11 @@ class Pipeline(SearcherBase):
         reranked: rerank_mod.Reranked | None = None
         if early is not None and self._one_call(early):
             candidates, reranked, (depth, route, reason) = self._search_native(
-                replace(params, top_k=pool), early, timer, query_vector, deadline, known)
+                replace(params, top_k=pool), early, timer, query_vector, deadline)
             fused = candidates.fused
         else:
             candidates = self.retrieve(replace(params, top_k=pool), timer, query_vector=query_vector,
-                                       deadline=deadline, lexical_only=lexical_only, analysis=known)
+                                       deadline=deadline, lexical_only=lexical_only)
             fused = candidates.fused
             depth, route, reason = (self.policy.rerank_depth(plan, candidates.bm25[0], candidates.dense[0],
                                                              len(fused.ids))

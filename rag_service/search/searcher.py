@@ -51,12 +51,7 @@ class LexicalGuard(Protocol):
 
 
 class CacheStage(Protocol):
-    """The cache's part inside a search, called by the searcher before the encode (`prepare`) and once the query
-    vector is known."""
-
-    def prepare(self, guard: LexicalGuard | None) -> None:
-        """Works out what the look-up and the store will need of the query alone (not its vector)."""
-        ...
+    """The cache's part inside a search, called by the searcher once the query vector is known."""
 
     def lookup(self, vector: np.ndarray, guard: LexicalGuard | None) -> SearchResult | None:
         """A cached answer for this request (a semantic hit), or None."""
@@ -144,15 +139,7 @@ class SearcherBase:
         try:
             if plan.route == adaptive.LEXICAL:
                 return self._finish(params, self._rank(plan, None, deadline, timer))
-            analysis = None
             if query_vector is None:
-                # What the query needs besides its vector is worked out before the encode, which streams the
-                # model's weights through the CPU caches: the same Python runs 2-3x slower just after it
-                # (bench/README.md, "Issue 15", "Query work before the encode").
-                analysis = self._analyse(params.query, timer)
-                if cache is not None:
-                    with timer.stage("cache_prepare"):
-                        cache.prepare(self.guard)
                 query_vector = self._encode_stage(params.query, deadline, timer)
                 # Planned again with the encode paid: the rest of the budget decides depth and rerank.
                 plan = self.policy.plan(params, deadline, in_flight, True, caps.rerank, arrival,
@@ -162,7 +149,7 @@ class SearcherBase:
                     hit = cache.lookup(query_vector, self.guard)
                 if hit is not None:
                     return hit
-            result = self._finish(params, self._rank(plan, query_vector, deadline, timer, analysis))
+            result = self._finish(params, self._rank(plan, query_vector, deadline, timer))
             if cache is not None:
                 with timer.stage("cache_store"):
                     cache.store(query_vector, result, self.guard)
@@ -175,14 +162,10 @@ class SearcherBase:
         with timer.stage("encode"):
             return self.encode(query, deadline)
 
-    def _analyse(self, query: str, timer: StageTimer) -> object | None:
-        """The query's own analysis for `_rank` (its terms), made before the encode; None: `_rank` needs none."""
-        return None
-
     def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
-              timer: StageTimer, analysis: object | None = None) -> SearchResult:
+              timer: StageTimer) -> SearchResult:
         """Everything after the encode: first stage, fusion, rerank, context filter, contexts. `query_vector` is
-        None only on the lexical route; `analysis`: what `_analyse` made of the query, or None (made here)."""
+        None only on the lexical route."""
         raise NotImplementedError
 
     def _finish(self, params: SearchParams, result: SearchResult) -> SearchResult:

@@ -342,7 +342,7 @@ class ShardedPipeline(SearcherBase):
 
     # -- the request path ------------------------------------------------------------------------------------------
     def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
-              timer: StageTimer, analysis: object | None = None) -> SearchResult:
+              timer: StageTimer) -> SearchResult:
         shaper = shape.Shaper(plan.params) if plan.params.shaped else None
         params = plan.params if shaper is None else shaper.ranking
         filter_params = context_filter.FilterParams.of(params)
