@@ -309,7 +309,8 @@ def test_router_validation_names_the_field(cluster):
     single = cluster["single"].GetIndexInfo(pb.GetIndexInfoRequest(), timeout=30)
     assert list(info.metadata_schema) == list(single.metadata_schema)
     assert {f.name: f.type for f in info.metadata_schema} == {"day": "date", "even": "boolean", "n": "integer",
-                                                              "tags": "keyword_list", "topic": "keyword"}
+                                                              "published": "date", "tags": "keyword_list",
+                                                              "topic": "keyword"}
     # The shard API checks its inputs too.
     with grpc.insecure_channel(cluster["addresses"][0]) as channel:
         stub = spb_grpc.ShardStub(channel)
