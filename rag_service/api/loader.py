@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rag_service.core.config import ServerConfig
+from rag_service.core.config import ServerConfig, index_defaults
 from rag_service.core.errors import IndexFormatError
 from rag_service.core.params import WARMUP_QUERIES, SearchParams
 from rag_service.encoder.batching import MicroBatcher
@@ -52,11 +52,12 @@ def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None) ->
             raise IndexFormatError(f"{index.path}/manifest.json: index was built with model {model['name']!r}, "
                                    f"the server encodes queries with {query_encoder.name!r}")
         searcher = Pipeline(index, query_encoder, policy=policy)
+        searcher.search_defaults = index_defaults(config.defaults, index.manifest.get("tuned"))
         # The static reply bytes of every chunk (api/reply.py), before the first request rather than during it.
         index.context_bytes()
     try:
         for query in WARMUP_QUERIES[: config.warmup_queries]:
-            searcher.search(SearchParams.from_defaults(query, config.defaults))
+            searcher.search(SearchParams.from_defaults(query, searcher.search_defaults or config.defaults))
     except BaseException:
         searcher.close()
         raise
