@@ -147,7 +147,8 @@ def tuned(tmp_path_factory, write_corpus):
     result = CliRunner().invoke(cli, ["tune", "--queries", str(data["queries"]), "--qrels", str(data["qrels"]),
                                       "--corpus", str(data["corpus"]), "--output", str(out), "--held-out", "0.25",
                                       "--epochs", "2", "--batch-size", "5", "--lr", "1e-4", "--threads", "2",
-                                      "--no-progress", "--check", str(root)], catch_exceptions=False)
+                                      "--no-progress", "--check", str(root), "--index-output",
+                                      str(root / "from-tune")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return {"root": root, "model": out, "output": result.output, **data}
 
@@ -178,6 +179,18 @@ def test_tune_writes_a_sentence_transformers_model_and_its_onnx_exports(tuned):
 
 
 @pytest.mark.slow
+def test_tune_publishes_the_index_it_refit_on_with_the_settings(tuned, tuned_index):
+    """--index-output: the index tune built with the tuned model, republished with the refit settings, holds the
+    same data as a build with the tuned model folder."""
+    from rag_service.index.load import load_index
+
+    from_tune, built = load_index(tuned["root"] / "from-tune"), load_index(tuned_index)
+    assert len(list((tuned["root"] / "from-tune").glob("v-*"))) == 1  # the version without the settings is pruned
+    assert from_tune.manifest["tuned"] == built.manifest["tuned"] == tune_mod.read_tuning(tuned["model"])
+    assert from_tune.manifest["files"] == built.manifest["files"]
+
+
+@pytest.mark.slow
 def test_tune_refuses_to_overwrite_a_folder_without_resume(tuned):
     from rag_service.cli.index import cli
 
@@ -186,17 +199,25 @@ def test_tune_refuses_to_overwrite_a_folder_without_resume(tuned):
     assert result.exit_code != 0 and "not empty" in result.output
 
 
-@pytest.mark.slow
-def test_a_build_with_the_tuned_model_serves_its_fitted_settings(tuned, server_thread, tmp_path):
+@pytest.fixture(scope="module")
+def tuned_index(tuned, tmp_path_factory) -> Path:
     from rag_service.cli.index import cli
+
+    root = tmp_path_factory.mktemp("tuned-index") / "index"
+    result = CliRunner().invoke(cli, ["build", "--input", str(tuned["corpus"]), "--output", str(root), "--model",
+                                      str(tuned["model"]), "--no-progress"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "tuned      " in result.output
+    return root
+
+
+@pytest.mark.slow
+def test_a_build_with_the_tuned_model_serves_its_fitted_settings(tuned, tuned_index, server_thread):
     from rag_service.client import RetrieverClient
     from rag_service.core.config import ServerConfig
     from rag_service.index.load import load_index
 
-    root = tmp_path / "index"
-    result = CliRunner().invoke(cli, ["build", "--input", str(tuned["corpus"]), "--output", str(root), "--model",
-                                      str(tuned["model"]), "--no-progress"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    root = tuned_index
     manifest = load_index(root).manifest
     tuning = tune_mod.read_tuning(tuned["model"])
     assert manifest["tuned"] == tuning
@@ -218,3 +239,35 @@ def test_a_build_with_the_tuned_model_serves_its_fitted_settings(tuned, server_t
     with server_thread(pinned, None) as running:
         defaults = running.server.servicer.pipeline.search_defaults
         assert defaults.dense_weight == 0.05 and defaults.depth == tuning["search"]["depth"]
+
+
+@pytest.mark.slow
+def test_rag_bench_quality_compares_two_indexes_in_one_call(tuned, tuned_index, tmp_path):
+    from rag_service.cli.bench import main as bench
+    from rag_service.cli.index import cli
+
+    stock = tmp_path / "stock"
+    built = CliRunner().invoke(cli, ["build", "--input", str(tuned["corpus"]), "--output", str(stock),
+                                     "--no-progress"], catch_exceptions=False)
+    assert built.exit_code == 0, built.output
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(bench, ["quality", "--index", f"stock={stock}", "--index", f"tuned={tuned_index}",
+                                        "--queries", str(tuned["queries"]), "--qrels", str(tuned["qrels"]),
+                                        "--method", "dense", "--method", "pipeline", "--encoder", "onnx-fp32",
+                                        "--significance", "stock:pipeline,tuned:pipeline", "--json", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    comparison = report["comparison"]
+    assert set(comparison["results"]) == {"stock:dense", "stock:pipeline", "tuned:dense", "tuned:pipeline"}
+    test = comparison["significance"][0]["nDCG@10"]
+    assert (test["a"], test["b"], test["queries"]) == ("stock:pipeline", "tuned:pipeline", len(TOPICS))
+    assert "stock:pipeline vs tuned:pipeline nDCG@10" in result.output
+    # Each index is searched with the settings it carries: the tuned one with its refit fusion weight.
+    tuning = tune_mod.read_tuning(tuned["model"])
+    assert report["indexes"]["tuned"]["params"]["dense_weight"] == tuning["search"]["dense_weight"]
+    assert report["indexes"]["stock"]["params"]["dense_weight"] == 0.5
+    # torch loads the packaged model, not the tuned one: refused rather than scored with the wrong encoder.
+    wrong = CliRunner().invoke(bench, ["quality", "--index", f"stock={stock}", "--index", f"tuned={tuned_index}",
+                                       "--queries", str(tuned["queries"]), "--qrels", str(tuned["qrels"])])
+    assert wrong.exit_code != 0 and "onnx-fp32" in wrong.output

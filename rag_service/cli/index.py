@@ -205,6 +205,12 @@ def _print_summary(version_dir: Path, manifest: dict[str, Any]) -> None:
     click.echo(f"dense      {params['dense_index']}")
     click.echo(f"metadata   {', '.join(manifest.get('metadata_fields', [])) or '(none)'}")
     click.echo(f"size       {_human_bytes(_dir_bytes(version_dir))} in {len(manifest['files']) + 1} files")
+    tuned = manifest.get("tuned")
+    if tuned:
+        search = tuned.get("search", {})
+        click.echo(f"tuned      fusion {search.get('fusion')} depth {search.get('depth')} dense_weight "
+                   f"{search.get('dense_weight')}, rerank model {tuned.get('rerank_model', {}).get('sha256', '')[:16]} "
+                   "(from the model folder's rag_tuning.json)")
     timings = manifest.get("timings")
     if timings:
         click.echo("timings    " + "  ".join(f"{k} {v}" for k, v in timings.items()))
@@ -330,17 +336,18 @@ def _beir_qrels(directory: Path) -> Path:
     return found[0]
 
 
-def _tune_index(corpus: Path, root: Path, model: str | None, progress: bool) -> Path:
-    """An index of `corpus` built with `model` under `root` with the build's defaults; reused when a resumed run
-    already built it."""
+def _tune_index(corpus: Path, root: Path, model: str | None, progress: bool, reuse: bool = True) -> Path:
+    """An index of `corpus` built with `model` under `root` with the build's defaults; with `reuse`, the one already
+    there (a resumed run's)."""
     from rag_service.encoder.encode import Encoder
     from rag_service.index.build import BuildConfig, build_index
     from rag_service.index.load import resolve_version_dir
 
-    try:
-        return resolve_version_dir(root)
-    except RagError:
-        pass
+    if reuse:
+        try:
+            return resolve_version_dir(root)
+        except RagError:
+            pass
     return build_index(corpus, root, BuildConfig(keep=1), encoder=Encoder(model, device="cpu"), progress=progress)
 
 
@@ -399,13 +406,17 @@ def _tuned_params(tuning: dict[str, Any] | None) -> Any:
 @click.option("--check", "checks", multiple=True, type=click.Path(path_type=Path, file_okay=False),
               help="Another BEIR data set (corpus.jsonl, queries.jsonl, qrels/): print base vs tuned nDCG@10 there, "
                    "a domain shift check (repeatable).")
+@click.option("--index-output", type=click.Path(path_type=Path), default=None,
+              help="Also publish the index of --corpus built with the tuned model (the one the refit ran on) here, "
+                   "with the refit settings in its manifest: what rag-index build --model OUTPUT would write, "
+                   "without encoding the corpus again.")
 @click.option("--keep-work", is_flag=True, help="Keep the work folder (checkpoints, temporary indexes).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def tune(queries_path: Path, qrels_path: Path, corpus: Path, output: Path, base_model: Path | None,
          stock_index: Path | None, held_out: float, epochs: int, batch_size: int, learning_rate: float,
          negatives: int, mine_depth: int, loss: str, max_seq_length: int, seed: int, threads: int | None,
-         checkpoint_every: int, resume: bool, no_refit: bool, checks: tuple[Path, ...], keep_work: bool,
-         no_progress: bool) -> None:
+         checkpoint_every: int, resume: bool, no_refit: bool, checks: tuple[Path, ...], index_output: Path | None,
+         keep_work: bool, no_progress: bool) -> None:
     """Fine-tune the encoder on judged queries and refit fusion and rerank settings on a held-out share of them.
 
     The work folder (checkpoints, the temporary indexes) is OUTPUT's sibling .OUTPUT-NAME.work; it is removed when
@@ -475,7 +486,10 @@ def tune(queries_path: Path, qrels_path: Path, corpus: Path, output: Path, base_
         exported = onnx_export.export_encoder(_fresh(output / "onnx"), str(output))
         click.echo(f"exported   {exported.directory} (fp32 + int8) in {exported.seconds:.1f}s")
 
-        tuned_dir = _tune_index(corpus, work / "tuned-index", str(output), progress)
+        # The work folder is emptied unless resuming, so what is there was built by this run; --index-output may
+        # hold an older index (built with an earlier tune of the same name), reused only when resuming.
+        tuned_dir = _tune_index(corpus, index_output or work / "tuned-index", str(output), progress,
+                                reuse=index_output is None or resume)
         shipped = RerankModel.load()
         held_queries = {q: queries[q] for q in held_q}
         report: dict[str, Any] = {"queries": {"train": len(train_q), "held_out": len(held_q), "seed": seed},
@@ -501,6 +515,9 @@ def tune(queries_path: Path, qrels_path: Path, corpus: Path, output: Path, base_
             click.echo(f"held out   nDCG@10 over {len(held_q)} queries: dense {before['dense']:.4f} -> "
                        f"{after['dense']:.4f}; full pipeline {before['full']:.4f} -> {after_shipped['full']:.4f} "
                        f"(shipped settings) / {after['full']:.4f} (refit settings, fitted on these queries)")
+        if index_output is not None and tuning is not None:
+            published = tune_mod.publish_with_tuning(index_output, tuning)
+            click.echo(f"index      {published} (built with the tuned model, refit settings in its manifest)")
         for check in checks:
             check_queries = load_queries(check / "queries.jsonl")
             check_qrels = load_qrels(_beir_qrels(check))

@@ -276,7 +276,17 @@ def train(base_model: str, examples: Sequence[Example], held_out: Sequence[Examp
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     model = SentenceTransformer(base_model, device="cpu")
-    model.max_seq_length = min(int(model.max_seq_length or config.max_seq_length), config.max_seq_length)
+    # Training may truncate to fewer tokens than the model reads (attention costs grow with the square of the
+    # length); the saved model keeps its own length, which the index's chunking is planned around.
+    serving_length = model.max_seq_length
+    training_length = min(int(serving_length or config.max_seq_length), config.max_seq_length)
+
+    def save() -> None:
+        model.max_seq_length = serving_length
+        model.save(str(output))
+        model.max_seq_length = training_length
+
+    model.max_seq_length = training_length
     loss = _loss_module(model, config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
     per_epoch = [batches(examples, config.batch_size, config.seed + epoch) for epoch in range(config.epochs)]
@@ -313,7 +323,7 @@ def train(base_model: str, examples: Sequence[Example], held_out: Sequence[Examp
         before = held_out_loss(model, loss, held_out, config)
         state["history"].append({"epoch": 0, "train_loss": float("nan"), "held_out_loss": before})
         state["best_loss"] = before
-        model.save(str(output))  # epoch 0 (the starting model) stands until an epoch beats it
+        save()  # epoch 0 (the starting model) stands until an epoch beats it
     elapsed_before = float(state["seconds"])
     resumed_at = time.perf_counter()
     bar = tqdm(total=total_steps, initial=state["step"], desc="tuning", unit="step", disable=not progress,
@@ -350,7 +360,7 @@ def train(base_model: str, examples: Sequence[Example], held_out: Sequence[Examp
             # No held-out examples: every epoch is kept (the last one wins).
             if math.isnan(held) or held < state["best_loss"]:
                 state["best_loss"], state["best_epoch"], state["bad_epochs"] = held, epoch + 1, 0
-                model.save(str(output))
+                save()
             else:
                 state["bad_epochs"] += 1
                 stopped = state["bad_epochs"] > config.patience
@@ -387,3 +397,32 @@ def read_tuning(model_dir: Path | str) -> dict[str, Any] | None:
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"{path}: search.depth must be an integer >= 1, got {depth!r}")
     return data
+
+
+def publish_with_tuning(root: Path | str, tuning: dict[str, Any], keep: int = 1) -> Path:
+    """Publishes the current version of the index at `root` again, its files hard-linked (copied where links are
+    not possible), with `tuning` in the manifest: what `rag-index build --model` of the tuned model folder writes,
+    without encoding the corpus a second time when tune has just built that index to refit on."""
+    from rag_service.index import manifest as manifest_mod
+    from rag_service.index import publish as publish_mod
+
+    root = Path(root)
+    current = publish_mod.current_version_dir(root)
+    if current is None:
+        raise ValueError(f"{root}: no published version to add the tuned settings to")
+    manifest = manifest_mod.read_manifest(current)
+    tmp = publish_mod.make_tmp_dir(root)
+    try:
+        for name in manifest["files"]:
+            try:
+                os.link(current / name, tmp / name)
+            except OSError:
+                shutil.copyfile(current / name, tmp / name)
+        created = manifest_mod.utc_now()
+        published = publish_mod.publish(root, tmp, {
+            **manifest, "tuned": tuning, "version": manifest_mod.make_version(created, manifest["files"]),
+            "created_at": manifest_mod.iso_utc(created)}, keep=keep)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return published
