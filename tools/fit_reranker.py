@@ -121,9 +121,11 @@ def main() -> None:
                         help="write the fitted model (the features with a non-zero weight) to this file; nothing is "
                              "written without it (the shipped model is rag_service/search/rerank_model.json)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--model", type=Path,
+                        help="sentence-transformers folder the index was built with (default: the packaged model)")
     args = parser.parse_args()
 
-    encoder = Encoder()
+    encoder = Encoder(str(args.model) if args.model else None)
     train_q, test_q = load_qrels(args.train), load_qrels(args.test)
     if args.train_queries:
         keep = set(json.loads(args.train_queries.read_text()))

@@ -530,13 +530,25 @@ def tune(queries_path: Path, qrels_path: Path, corpus: Path, output: Path, base_
                        f"{t['dense']:.4f} ({100 * (t['dense'] - b['dense']):+.1f} points); full "
                        f"{b['full']:.4f} -> {t['full']:.4f} ({100 * (t['full'] - b['full']):+.1f} points)")
         report["seconds"] = round(time.perf_counter() - started, 1)
-        (output / "tune_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (output / "tune_report.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n",
+                                                 encoding="utf-8")
     except (RagError, FileNotFoundError, ValueError) as e:
         raise _fail(e) from None
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     click.echo(f"model      {output}  ({time.perf_counter() - started:.0f}s); build with: rag-index build --input "
                f"{corpus} --output indexes/NAME --model {output}")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (no training loss before the first epoch, no held-out loss without held-out queries) as null: strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _fresh(directory: Path) -> Path:
