@@ -53,6 +53,11 @@ def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None) ->
                                    f"the server encodes queries with {query_encoder.name!r}")
         searcher = Pipeline(index, query_encoder, policy=policy)
         searcher.search_defaults = index_defaults(config.defaults, index.manifest.get("tuned"))
+        if searcher.search_defaults is not config.defaults:
+            d = searcher.search_defaults
+            log.info("index %s carries tuned search defaults: fusion %s, depth %d, dense_weight %g; rerank model %s",
+                     index.name, d.fusion, d.depth, d.dense_weight, searcher.rerank_model.sha256[:16]
+                     if searcher.rerank_model is not None else "none")
         # The static reply bytes of every chunk (api/reply.py), before the first request rather than during it.
         index.context_bytes()
     try:
