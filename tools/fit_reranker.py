@@ -25,7 +25,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from numba import njit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,116 +35,10 @@ from rag_service.core.params import SearchParams
 from rag_service.encoder.encode import Encoder
 from rag_service.index.load import load_index
 from rag_service.search import rerank as rerank_mod
+from rag_service.search.fit import QuerySet, coordinate_ascent, ndcg
 from rag_service.search.pipeline import Pipeline
 
 FEATURES = rerank_mod.FEATURES
-
-
-class QuerySet:
-    """Padded per-query arrays: features X (Q, M, F), doc index per candidate, gain of its doc, ideal DCG@10."""
-
-    def __init__(self, qids, feats, chunk_ids, doc_ids, qrels):
-        self.qids = qids
-        q, m, f = len(qids), max((len(x) for x in feats), default=1), len(FEATURES)
-        self.X = np.zeros((q, m, f), np.float32)
-        self.valid = np.zeros((q, m), bool)
-        self.docs = np.full((q, m), -1, np.int64)
-        self.gains = np.zeros((q, m), np.float64)
-        self.idcg = np.zeros(q, np.float64)
-        self.chunk_ids = chunk_ids
-        doc_index: dict[str, int] = {}
-        for i, (qid, x, cids) in enumerate(zip(qids, feats, chunk_ids)):
-            n = len(x)
-            self.X[i, :n] = x
-            self.valid[i, :n] = True
-            rel = qrels.get(qid, {})
-            for j, c in enumerate(cids.tolist()):
-                d = doc_ids[c]
-                self.docs[i, j] = doc_index.setdefault(d, len(doc_index))
-                self.gains[i, j] = max(rel.get(d, 0), 0)
-            ideal = sorted((max(g, 0) for g in rel.values()), reverse=True)[:10]
-            self.idcg[i] = sum(g / np.log2(r + 2) for r, g in enumerate(ideal))
-
-    def scores(self, columns, weights) -> np.ndarray:
-        s = self.X[:, :, columns] @ np.asarray(weights, np.float32)
-        return np.where(self.valid, s, -np.inf)
-
-
-@njit(cache=True)
-def _ndcg10(scores, docs, gains, idcg):
-    q, m = scores.shape
-    total = 0.0
-    for i in range(q):
-        if idcg[i] <= 0:
-            continue
-        order = np.argsort(-scores[i], kind="mergesort")
-        seen = np.full(10, -1, np.int64)
-        n = 0
-        dcg = 0.0
-        for j in order:
-            if scores[i, j] == -np.inf:
-                break
-            d = docs[i, j]
-            dup = False
-            for k in range(n):
-                if seen[k] == d:
-                    dup = True
-                    break
-            if dup:
-                continue
-            dcg += gains[i, j] / np.log2(n + 2.0)
-            seen[n] = d
-            n += 1
-            if n == 10:
-                break
-        total += dcg / idcg[i]
-    return total / q
-
-
-def ndcg(qs: QuerySet, columns, weights) -> float:
-    return float(_ndcg10(qs.scores(columns, weights), qs.docs, qs.gains, qs.idcg))
-
-
-def coordinate_ascent(qs: QuerySet, names: list[str], rounds: int = 5, seed: int = 0) -> tuple[np.ndarray, float]:
-    """Best of two starts (fusion alone; every feature weighted equally): greedy ascent gets stuck in local optima."""
-    runs = [_ascent(qs, names, start, rounds, seed) for start in ("fused", "uniform")]
-    return max(runs, key=lambda r: r[1])
-
-
-def _ascent(qs: QuerySet, names: list[str], start: str, rounds: int, seed: int) -> tuple[np.ndarray, float]:
-    """RankLib-style coordinate ascent: weights start at 'fused' = 1 (uniform without it); each coordinate in turn is
-    line-searched over a grid of values and then refined, keeping a change when train nDCG@10 improves; stops when a
-    round changes nothing. Weights are rescaled to L1 norm 1 at the end (the ranking is scale-free)."""
-    columns = [FEATURES.index(n) for n in names]
-    xc = np.ascontiguousarray(qs.X[:, :, columns].transpose(2, 0, 1), dtype=np.float64)  # (F, Q, M)
-    pad = np.where(qs.valid, 0.0, -np.inf)
-    w = np.array([1.0 if n == "fused" else 0.0 for n in names]) if start == "fused" and "fused" in names \
-        else np.ones(len(names)) / len(names)
-    base = np.tensordot(w, xc, axes=1) + pad
-
-    def value(s: np.ndarray) -> float:
-        return float(_ndcg10(s, qs.docs, qs.gains, qs.idcg))
-
-    best = value(base)
-    rng = np.random.default_rng(seed)
-    grid = np.concatenate([-np.geomspace(2.0, 0.02, 7), [0.0], np.geomspace(0.02, 2.0, 7)])
-    for _ in range(rounds):
-        improved = False
-        for j in rng.permutation(len(names)):
-            scale = max(np.abs(w).sum(), 1e-9)
-            trials = list(grid * scale) + [w[j] * f for f in (0.5, 0.8, 0.9, 1.1, 1.25, 2.0)]
-            for value_j in trials:
-                delta = value_j - w[j]
-                if delta == 0:
-                    continue
-                score = value(base + delta * xc[j])
-                if score > best + 1e-9:
-                    best, improved = score, True
-                    base = base + delta * xc[j]
-                    w[j] = value_j
-        if not improved:
-            break
-    return w / max(np.abs(w).sum(), 1e-12), best
 
 
 def collect(index_path: Path, queries_path: Path, qrels_paths: list[Path], depth: int, rerank_depth: int,
@@ -228,9 +121,11 @@ def main() -> None:
                         help="write the fitted model (the features with a non-zero weight) to this file; nothing is "
                              "written without it (the shipped model is rag_service/search/rerank_model.json)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--model", type=Path,
+                        help="sentence-transformers folder the index was built with (default: the packaged model)")
     args = parser.parse_args()
 
-    encoder = Encoder()
+    encoder = Encoder(str(args.model) if args.model else None)
     train_q, test_q = load_qrels(args.train), load_qrels(args.test)
     if args.train_queries:
         keep = set(json.loads(args.train_queries.read_text()))

@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from rag_service.core.config import ServerConfig
+from rag_service.core.config import ServerConfig, index_defaults
 from rag_service.core.errors import IndexFormatError
 from rag_service.core.params import WARMUP_QUERIES, SearchParams
 from rag_service.encoder.batching import MicroBatcher
@@ -57,11 +57,17 @@ def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None,
             raise IndexFormatError(f"{index.path}/manifest.json: index was built with model {model['name']!r}, "
                                    f"the server encodes queries with {query_encoder.name!r}")
         searcher = Pipeline(index, query_encoder, policy=policy)
+        searcher.search_defaults = index_defaults(config.defaults, index.manifest.get("tuned"))
+        if searcher.search_defaults is not config.defaults:
+            d = searcher.search_defaults
+            log.info("index %s carries tuned search defaults: fusion %s, depth %d, dense_weight %g; rerank model %s",
+                     index.name, d.fusion, d.depth, d.dense_weight, searcher.rerank_model.sha256[:16]
+                     if searcher.rerank_model is not None else "none")
         # The static reply bytes of every chunk (api/reply.py), before the first request rather than during it.
         index.context_bytes()
     try:
         for query in WARMUP_QUERIES[: config.warmup_queries]:
-            searcher.search(SearchParams.from_defaults(query, config.defaults))
+            searcher.search(SearchParams.from_defaults(query, searcher.search_defaults or config.defaults))
     except BaseException:
         searcher.close()
         raise

@@ -33,7 +33,7 @@ from rag_service.api.request import search_params
 from rag_service.api.shard_service import SERVICE_NAME as SHARD_SERVICE
 from rag_service.api.shard_service import ShardServicer
 from rag_service.core import tracing
-from rag_service.core.config import ServerConfig
+from rag_service.core.config import SearchDefaults, ServerConfig
 from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Unavailable
 from rag_service.core.metrics import Metrics
 from rag_service.core.params import SearchParams
@@ -93,10 +93,17 @@ SERVED_FROM = {MISS: pb.SERVED_FROM_MISS, EXACT: pb.SERVED_FROM_EXACT, SEMANTIC:
                PREFETCHED: pb.SERVED_FROM_PREFETCHED}
 
 
-def prefetch_params(i: int, request: pb.SearchRequest, config: ServerConfig) -> SearchParams:
+def searcher_defaults(searcher: Searcher | None, config: ServerConfig) -> SearchDefaults:
+    """The defaults requests take on `searcher`: its index's (a tuned index carries fitted ones), else the server's."""
+    own = searcher.search_defaults if searcher is not None else None
+    return own if own is not None else config.defaults
+
+
+def prefetch_params(i: int, request: pb.SearchRequest, config: ServerConfig,
+                    searcher: Searcher | None = None) -> SearchParams:
     """Validates the i-th request of a Prefetch; errors name it (requests[2].top_k)."""
     try:
-        params = search_params(request, config.defaults, config.limits)
+        params = search_params(request, searcher_defaults(searcher, config), config.limits)
     except InvalidArgument as error:
         raise InvalidArgument(f"requests[{i}].{error.field}", str(error).split(": ", 1)[-1]) from error
     if params.cache == "bypass":
@@ -162,7 +169,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                      context: grpc.aio.ServicerContext) -> bytes | pb.SearchResponse:
         start = time.perf_counter_ns()
         with self.admission.search() as admitted:
-            params = search_params(request, self.config.defaults, self.config.limits)
+            params = search_params(request, searcher_defaults(admitted.pipeline, self.config), self.config.limits)
             if request.page_token:
                 pages.check(pages.decode(request.page_token), admitted.pipeline.version, request)
             deadline = self._deadline(context)
@@ -226,11 +233,11 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
 
     @rpc.unary
     async def Prefetch(self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext) -> pb.PrefetchResponse:
-        self.admission.open()
+        pipeline = self.admission.open()
         limit = self.config.cache.max_prefetch_requests
         if len(request.requests) > limit:
             raise InvalidArgument("requests", f"has {len(request.requests)} entries; the limit is {limit}")
-        batch = [prefetch_params(i, r, self.config) for i, r in enumerate(request.requests)]
+        batch = [prefetch_params(i, r, self.config, pipeline) for i, r in enumerate(request.requests)]
         accepted, dropped = self.prefetcher.submit(batch)
         return pb.PrefetchResponse(accepted=accepted, dropped=dropped)
 
@@ -251,14 +258,16 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                 if not draft.final:
                     pipeline = self.admission.open()
                     try:
-                        params = search_params(draft.request, self.config.defaults, self.config.limits)
+                        params = search_params(draft.request, searcher_defaults(pipeline, self.config),
+                                               self.config.limits)
                     except InvalidArgument:
                         continue  # a draft mid-typing may be blank or incomplete: nothing to speculate on
                     session.draft(pipeline, params)
                     continue
                 # The final request is admitted as a Search is (in flight and queue, api/admission.py).
                 with self.admission.search() as admitted:
-                    params = search_params(draft.request, self.config.defaults, self.config.limits)
+                    params = search_params(draft.request, searcher_defaults(admitted.pipeline, self.config),
+                                           self.config.limits)
                     if draft.request.page_token:
                         pages.check(pages.decode(draft.request.page_token), admitted.pipeline.version,
                                     draft.request)

@@ -130,7 +130,10 @@ def _make_encoder(kind: str, index_dir: Path, onnx_dir: Path | None) -> QueryEnc
 
 
 @main.command()
-@click.option("--index", "index_path", type=_PATH, help="One index (with --queries and --qrels).")
+@click.option("--index", "index_specs", multiple=True, metavar="[NAME=]INDEX",
+              help="An index (with --queries and --qrels). Repeat it to compare indexes on the same queries (e.g. "
+                   "stock=indexes/a --index tuned=indexes/b): rows are then NAME:METHOD, and --significance may pair "
+                   "rows of different indexes (stock:pipeline,tuned:pipeline).")
 @click.option("--queries", type=_FILE, help="BEIR queries.jsonl or one query per line.")
 @click.option("--qrels", type=_FILE, help="BEIR qrels TSV (query-id, corpus-id, score).")
 @click.option("--dataset", "datasets", multiple=True, metavar="NAME=INDEX:BEIR_DIR",
@@ -151,25 +154,32 @@ def _make_encoder(kind: str, index_dir: Path, onnx_dir: Path | None) -> QueryEnc
 @click.option("--dense-weight", type=float, help="[default: the server default]")
 @click.option("--per-query", is_flag=True, help="Keep per-query values in the JSON report.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report here.")
-def quality(index_path, queries, qrels, datasets, split, methods, pairs, encoder_kind, onnx_dir, depth, fusion,
+def quality(index_specs, queries, qrels, datasets, split, methods, pairs, encoder_kind, onnx_dir, depth, fusion,
             dense_weight, per_query, json_out) -> None:
-    """nDCG@10, recall@100 and MRR@10 per method on judged queries, on one or several data sets."""
-    if index_path is not None and not datasets:
+    """nDCG@10, recall@100 and MRR@10 per method on judged queries, on one or several data sets or indexes.
+
+    Each index is searched as rag-serve would search it: with the search defaults and rerank model its manifest
+    carries (an index built with a model from rag-index tune), else the shipped ones."""
+    indexes = [_index_spec(spec) for spec in index_specs]
+    if indexes and not datasets:
         if queries is None or qrels is None:
             raise click.UsageError("--index needs --queries and --qrels")
-        sets = [(index_path.name, index_path, queries, qrels)]
-    elif datasets and index_path is None and queries is None and qrels is None:
+        if len({name for name, _ in indexes}) != len(indexes):
+            raise click.BadParameter("index names must differ (give NAME=INDEX)", param_hint="--index")
+        sets = [(name, path, queries, qrels) for name, path in indexes]
+    elif datasets and not indexes and queries is None and qrels is None:
         sets = [_dataset(spec, split) for spec in datasets]
         if len({s[0] for s in sets}) != len(sets):
             raise click.BadParameter("data set names must differ", param_hint="--dataset")
     else:
         raise click.UsageError("give either --index with --queries and --qrels, or one or more --dataset")
     significance = [_split_pair(p, "--significance") for p in pairs]
+    compare = len(indexes) > 1
 
     # After the arguments are checked: these import torch.
     from rag_service.bench.data import load_qrels, load_queries
-    from rag_service.bench.quality import Method, format_table, parse_method, quality_report
-    from rag_service.core.config import SearchDefaults
+    from rag_service.bench.quality import Method, format_table, paired_tests, parse_method, quality_report
+    from rag_service.core.config import SearchDefaults, index_defaults
     from rag_service.core.params import SearchParams
     from rag_service.index.load import load_index
     from rag_service.search.pipeline import Pipeline
@@ -187,19 +197,24 @@ def quality(index_path, queries, qrels, datasets, split, methods, pairs, encoder
         overrides["fusion"] = fusion
     if dense_weight is not None:
         overrides["dense_weight"] = dense_weight
-    params = SearchParams.from_defaults("", defaults, **overrides)
     reports = {}
     encoders: dict[Path, QueryEncoder] = {}
     for name, index, query_file, qrels_file in sets:
         loaded = load_index(index)
+        params = SearchParams.from_defaults("", index_defaults(defaults, loaded.manifest.get("tuned")), **overrides)
         source = Path(onnx_dir or loaded.path) if encoder_kind != "torch" else Path("torch")
         if source not in encoders:
             encoders[source] = _make_encoder(encoder_kind, Path(loaded.path), onnx_dir)
+        if encoders[source].name != loaded.model["name"]:
+            raise click.ClickException(f"{name}: the index was built with model {loaded.model['name']!r}, the query "
+                                       f"encoder is {encoders[source].name!r}; use --encoder onnx-fp32 or onnx-int8 "
+                                       "(each index's own export)")
         pipeline = Pipeline(loaded, encoders[source])
         try:
             report = quality_report(pipeline, load_queries(query_file), load_qrels(qrels_file), params,
                                     methods=rows or [Method(m, m) for m in ("bm25", "dense", "fused")],
-                                    significance=significance, keep_per_query=per_query)
+                                    significance=[] if compare else significance,
+                                    keep_per_query=per_query or compare)
         except ValueError as error:
             raise click.ClickException(f"{name}: {error}") from error
         report["encoder_kind"] = encoder_kind
@@ -208,10 +223,45 @@ def quality(index_path, queries, qrels, datasets, split, methods, pairs, encoder
                    f"depth {params.depth}, fusion {params.fusion}, dense_weight {params.dense_weight}")
         click.echo(format_table(report) + "\n")
         reports[name] = report
-    if datasets:
+    if compare:
+        merged = _compare_indexes(reports, significance, paired_tests)
+        click.echo(format_table(merged))
+        if not per_query:
+            for report in reports.values():
+                report.pop("per_query", None)
+            merged.pop("per_query", None)
+        _write_json(json_out, {"tool": "rag-bench quality", "indexes": reports, "comparison": merged})
+    elif datasets:
         _write_json(json_out, {"tool": "rag-bench quality", "split": split, "datasets": reports})
     else:
         _write_json(json_out, next(iter(reports.values())))
+
+
+def _index_spec(spec: str) -> tuple[str, Path]:
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = Path(spec).name, spec
+    if not name or not path or not Path(path).exists():
+        raise click.BadParameter(f"expected [NAME=]INDEX with an existing INDEX, got {spec!r}", param_hint="--index")
+    return name, Path(path)
+
+
+def _compare_indexes(reports: dict[str, dict], significance: list[tuple[str, str]], paired_tests) -> dict:
+    """One table over several indexes' reports on the same queries: rows NAME:METHOD, and paired tests between any
+    two of them."""
+    qsets = {name: r["queries"] for name, r in reports.items()}
+    if len(set(qsets.values())) != 1:
+        raise click.ClickException(f"the indexes were scored on different query counts {qsets}")
+    results = {f"{name}:{m}": row for name, r in reports.items() for m, row in r["results"].items()}
+    values = {f"{name}:{m}": v for name, r in reports.items() for m, v in r["per_query"].items()}
+    tests = []
+    for a, b in significance:
+        for row in (a, b):
+            if row not in values:
+                raise click.BadParameter(f"{row!r} is not a row of this run ({', '.join(values)})",
+                                         param_hint="--significance")
+        tests.append(paired_tests(values, a, b))
+    return {"results": results, "significance": tests, "per_query": values}
 
 
 def _load_query_texts(path: Path, limit: int | None, seed: int) -> list[str]:

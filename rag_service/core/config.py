@@ -54,6 +54,23 @@ class SearchDefaults(BaseModel):
                                     "model's tokenizer; 0: no budget.")
 
 
+TUNED_SEARCH_FIELDS = ("fusion", "dense_weight", "depth")
+
+
+def index_defaults(defaults: SearchDefaults, tuned: Any) -> SearchDefaults:
+    """The search defaults for an index: those an index built with a tuned model carries (its manifest's
+    tuned.search, fitted with the model by `rag-index tune`) replace the shipped ones, while a value the server's
+    configuration sets explicitly (file, environment or flag) still wins."""
+    search = tuned.get("search") if isinstance(tuned, dict) else None
+    if not isinstance(search, dict):
+        return defaults
+    update = {k: search[k] for k in TUNED_SEARCH_FIELDS if k in search and k not in defaults.model_fields_set}
+    if not update:
+        return defaults
+    # Validated as a configured value would be: a bad manifest fails the load, not a request.
+    return SearchDefaults.model_validate({**{k: getattr(defaults, k) for k in defaults.model_fields_set}, **update})
+
+
 class Limits(BaseModel):
     """The request contract: values outside these get INVALID_ARGUMENT naming the field."""
 

@@ -97,7 +97,8 @@ def _check_mean_pooling(model_path: Path) -> None:
     pooling = model_path / "1_Pooling" / "config.json"
     if pooling.is_file():
         cfg = json.loads(pooling.read_text(encoding="utf-8"))
-        if not cfg.get("pooling_mode_mean_tokens", False):
+        # sentence-transformers < 6 writes one flag per mode, 6 and later one "pooling_mode" name.
+        if not (cfg.get("pooling_mode_mean_tokens", False) or cfg.get("pooling_mode") == "mean"):
             raise ValueError(f"{pooling}: only mean pooling models can be exported, got {cfg}")
 
 

@@ -395,9 +395,10 @@ def _local_runtime_env() -> dict[str, Any]:
 
 def build_index_on_ray(input_path: Path | str, output_root: Path | str, config: BuildConfig = BuildConfig(),
                        encoder: _EncoderBase | None = None, progress: bool = True,
-                       options: RayOptions = RayOptions()) -> Path:
+                       options: RayOptions = RayOptions(), extra_manifest: dict[str, Any] | None = None) -> Path:
     """build_index with chunking and encoding on a Ray cluster; the same index, byte for byte in its arrays."""
     config.validate()
     with RayBuild(options) as cluster:
         return build_index(input_path, output_root, config, encoder, progress, wrap_encoder=cluster.wrap_encoder,
-                           chunk_documents=cluster.chunk_documents, extra_manifest={"ray": cluster.describe()})
+                           chunk_documents=cluster.chunk_documents,
+                           extra_manifest={**(extra_manifest or {}), "ray": cluster.describe()})

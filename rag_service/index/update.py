@@ -232,7 +232,10 @@ def update_index(root: Path | str, *, add: Sequence[Document] = (), delete: Sequ
     record = {"base_version": manifest["version"], "added": len(add) - replaced, "replaced": replaced,
               "deleted": len(gone)}
     published = build_index(base, root, config, encoder=encoder, progress=progress, documents=docs,
-                            extra_manifest={"update": record}, wrap_encoder=reuse)
+                            extra_manifest={"update": record,
+                                            # a tuned model's settings stay with the index it serves
+                                            **({"tuned": manifest["tuned"]} if "tuned" in manifest else {})},
+                            wrap_encoder=reuse)
     reusing = wrapped[0]
     try:
         save_cache(root, encoder.name, known, reusing.used)

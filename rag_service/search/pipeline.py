@@ -11,6 +11,7 @@ server can report per-stage latency. To add a stage, add it to `Pipeline._rank` 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 
@@ -66,6 +67,15 @@ def _record_stage(timer: StageTimer, name: str, start_ns: int, ns: int) -> None:
 LEXICAL_LEGS, FUSED_LEGS, RERANKED_LEGS = ("bm25",), ("bm25", "dense"), ("bm25", "dense", "rerank")
 
 
+def index_rerank_model(index: Index) -> rerank_mod.RerankModel:
+    """The rerank combiner an index carries (refit by `rag-index tune` with its model), else the shipped one."""
+    tuned = index.manifest.get("tuned")
+    if isinstance(tuned, dict) and tuned.get("rerank_model") is not None:
+        return rerank_mod.RerankModel.from_json(json.dumps(tuned["rerank_model"]),
+                                                f"{index.path}/manifest.json tuned.rerank_model")
+    return rerank_mod.RerankModel.load()
+
+
 class Pipeline(SearcherBase):
     """One index and one query encoder; thread-safe (stages allocate per call), so a thread pool can share it."""
 
@@ -78,7 +88,8 @@ class Pipeline(SearcherBase):
 
     def __init__(self, index: Index, encoder: SearchEncoder, rerank_model: rerank_mod.RerankModel | None = None,
                  policy: adaptive.AdaptivePolicy | None = None) -> None:
-        """`rerank_model`: the combiner of the rerank stage; None loads the one shipped in the package."""
+        """`rerank_model`: the combiner of the rerank stage; None takes the index's own (an index built with a
+        tuned model carries the combiner refit with it, manifest "tuned") or else the one shipped in the package."""
         if encoder.dim != index.manifest["model"]["dim"]:
             raise ValueError(f"encoder dimension {encoder.dim} != index dimension {index.manifest['model']['dim']}")
         self.index = index
@@ -86,7 +97,7 @@ class Pipeline(SearcherBase):
         # No windows (an index built before the reranker): the rerank stage is skipped, the load logged why.
         self.rerank_store = (rerank_mod.RerankStore.create(index.windows, index.bm25, index.dense.vectors)
                              if index.windows is not None else None)
-        self.rerank_model = rerank_model or (rerank_mod.RerankModel.load() if self.rerank_store is not None else None)
+        self.rerank_model = rerank_model or (index_rerank_model(index) if self.rerank_store is not None else None)
         # Every reply reports its contexts' tokens: stored at build time (an older index counts them here, once),
         # since tokenizing a passage per request costs ~0.1-0.7 ms.
         self._chunk_tokens = index.token_counts(encoder)

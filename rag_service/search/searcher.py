@@ -20,6 +20,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from rag_service.core.config import SearchDefaults
 from rag_service.core.filter import Tree
 from rag_service.core.params import (
     Capabilities,
@@ -67,6 +68,8 @@ class Searcher(Protocol):
 
     policy: adaptive.AdaptivePolicy
     encoder: SearchEncoder
+    # The search defaults requests take for this index (core/config.py index_defaults); None: the server's.
+    search_defaults: SearchDefaults | None
 
     @property
     def version(self) -> str: ...
@@ -94,6 +97,7 @@ class SearcherBase:
 
     encoder: SearchEncoder
     policy: adaptive.AdaptivePolicy
+    search_defaults: SearchDefaults | None = None
 
     @property
     def version(self) -> str:
