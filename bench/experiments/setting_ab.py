@@ -16,44 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import time
 from pathlib import Path
 
-import grpc
 import numpy as np
+from server_loop import closed_loop  # this folder's script: the same closed loop as the server-loop runs
 
 from rag_service.bench.data import load_qrels, load_queries
 from rag_service.bench.serve import ServerProcess
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
-from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
-
-
-async def closed_loop(target: str, requests: list[pb.SearchRequest], clients: int,
-                      seconds: float) -> tuple[list[float], float]:
-    """(latencies, answers per second) of `clients` callers each sending its next request when the last returns."""
-    channels = [grpc.aio.insecure_channel(target) for _ in range(clients)]
-    stubs = [pb_grpc.RetrieverStub(c) for c in channels]
-    latencies: list[float] = []
-    stop_at = 0.0
-
-    async def caller(c: int) -> None:
-        i = c
-        while time.perf_counter() < stop_at:
-            started = time.perf_counter()
-            await stubs[c].Search(requests[i % len(requests)], timeout=30)
-            latencies.append(time.perf_counter() - started)
-            i += clients
-
-    for stub in stubs:  # connect and warm each channel
-        for request in requests[:5]:
-            await stub.Search(request, timeout=30)
-    started = time.perf_counter()
-    stop_at = started + seconds
-    await asyncio.gather(*(caller(c) for c in range(clients)))
-    elapsed = time.perf_counter() - started
-    for channel in channels:
-        await channel.close()
-    return latencies, len(latencies) / elapsed
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, str]]:
