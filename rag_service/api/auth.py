@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from rag_service.api import wire
 
 # Everything that changes server state. New admin RPCs must be added here: the guard keys on method names.
-ADMIN_METHODS = frozenset({"ReloadIndex"})
+ADMIN_METHODS = frozenset({"ReloadIndex", "SetAlias", "DeleteAlias", "DeleteCollection"})
 AUTH_HEADER = "authorization"
 
 
