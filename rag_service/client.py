@@ -411,21 +411,23 @@ class RetrieverClient:
                mmr_lambda: float | None = None, dedup_threshold: float | None = None,
                require_complete: bool = False, group_by_doc: bool = False, group_size: int | None = None,
                offset: int | None = None, page_token: str | None = None, min_score: float | None = None,
-               decay: Decay | None = None, highlight: bool = False, timeout: float | None = None) -> SearchResult:
-        """None leaves a parameter to the server's default. `require_complete` (routers over shards): fail rather
-        than answer from the shards that did answer. The query API: `group_by_doc` (top_k counts documents, each
-        with up to `group_size` chunks), pages (`offset`, or the previous reply's `next_page_token` as
-        `page_token`), `min_score`, a recency `decay` and `highlight`; `debug` adds explanations. `filter`: a
-        structured filter (rag.v1.Filter), as the message or its JSON form as a dict, e.g.
-        {"must": [{"key": "year", "range": {"gte": 2015}}]}, ANDed with the equality `filters`; see also the
-        builders `must`, `match`, `any_of`, `range_of`, ... below."""
+               decay: Decay | None = None, highlight: bool = False, tenant: str | None = None,
+               timeout: float | None = None) -> SearchResult:
+        """None leaves a parameter to the server's default. `tenant`: the tenant to search as, in a collection built
+        with a tenant key (a token scoped to a tenant sets it; naming another is refused). `require_complete` (routers
+        over shards): fail rather than answer from the shards that did answer. The query API: `group_by_doc` (top_k
+        counts documents, each with up to `group_size` chunks), pages (`offset`, or the previous reply's
+        `next_page_token` as `page_token`), `min_score`, a recency `decay` and `highlight`; `debug` adds explanations.
+        `filter`: a structured filter (rag.v1.Filter), as the message or its JSON form as a dict, e.g. {"must": [{"key":
+        "year", "range": {"gte": 2015}}]}, ANDed with the equality `filters`; see also the builders `must`, `match`,
+        `any_of`, `range_of`, ... below."""
         if fusion not in FUSION:
             raise ValueError(f"fusion must be 'rrf', 'weighted' or None, got {fusion!r}")
         if cache not in CACHE:
             raise ValueError(f"cache must be one of 'default', 'bypass', 'exact_only', 'strict' or None, got {cache!r}")
         request = pb.SearchRequest(query=query, fusion=FUSION[fusion], filters=filters or {}, debug=debug,
                                    cache=CACHE[cache], require_complete=require_complete, group_by_doc=group_by_doc,
-                                   page_token=page_token or "", highlight=highlight)
+                                   page_token=page_token or "", highlight=highlight, tenant=tenant or "")
         if decay is not None:
             request.decay.CopyFrom(decay.message())
         if filter is not None:
@@ -444,21 +446,24 @@ class RetrieverClient:
                 setattr(request, name, value)
         return _result(*self._call_with_served_by(self._stub.Search, request, timeout))
 
-    def prefetch(self, queries: Iterable[str | pb.SearchRequest], *,
+    def prefetch(self, queries: Iterable[str | pb.SearchRequest], *, tenant: str | None = None,
                  timeout: float | None = None) -> pb.PrefetchResponse:
         """Names searches expected soon (plain queries, or requests with their parameters); the server fills its
-        cache in the background. The reply counts what was accepted and what was dropped (queue full, server busy)."""
-        requests = [q if isinstance(q, pb.SearchRequest) else pb.SearchRequest(query=q) for q in queries]
+        cache in the background. The reply counts what was accepted and what was dropped (queue full, server busy).
+        `tenant`: the tenant of the plain queries (a request carries its own)."""
+        requests = [q if isinstance(q, pb.SearchRequest) else pb.SearchRequest(query=q, tenant=tenant or "")
+                    for q in queries]
         return self._call(self._stub.Prefetch, pb.PrefetchRequest(requests=requests), timeout)
 
-    def stream_search(self, drafts: Iterable[tuple[str | pb.SearchRequest, bool]], *,
+    def stream_search(self, drafts: Iterable[tuple[str | pb.SearchRequest, bool]], *, tenant: str | None = None,
                       timeout: float | None = None) -> Iterator[SearchResult]:
         """Sends (draft, final) pairs as the user types (a draft is a query or a request with its parameters) and
         yields one result per final draft. The server searches speculatively on drafts; pace the iterator as the
-        typing goes (it is consumed on gRPC's thread)."""
+        typing goes (it is consumed on gRPC's thread). `tenant`: the tenant of the plain-query drafts."""
         def messages():
             for draft, final in drafts:
-                request = draft if isinstance(draft, pb.SearchRequest) else pb.SearchRequest(query=draft)
+                request = draft if isinstance(draft, pb.SearchRequest) \
+                    else pb.SearchRequest(query=draft, tenant=tenant or "")
                 yield pb.QueryDraft(request=request, final=final)
 
         try:

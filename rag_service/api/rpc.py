@@ -28,6 +28,7 @@ from rag_service.core.errors import (
     IndexFormatError,
     InvalidArgument,
     Overloaded,
+    PermissionDenied,
     RagError,
     Unavailable,
 )
@@ -41,6 +42,7 @@ PUSHBACK_HEADER = "grpc-retry-pushback-ms"
 
 STATUS_FOR: dict[type[RagError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     IndexFormatError: grpc.StatusCode.FAILED_PRECONDITION,

@@ -26,7 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.trace import TracerProvider
 
-from rag_service.api import auth, logs, pages, reply, rpc, wire
+from rag_service.api import auth, logs, pages, reply, rpc, tenancy, wire
 from rag_service.api.admission import Admission
 from rag_service.api.loader import load_searcher
 from rag_service.api.request import search_params
@@ -99,11 +99,22 @@ def searcher_defaults(searcher: Searcher | None, config: ServerConfig) -> Search
     return own if own is not None else config.defaults
 
 
-def prefetch_params(i: int, request: pb.SearchRequest, config: ServerConfig,
-                    searcher: Searcher | None = None) -> SearchParams:
+def request_params(request: pb.SearchRequest, searcher: Searcher, config: ServerConfig,
+                   scope: auth.Scope) -> SearchParams:
+    """A search request as the caller's token `scope` may run it on `searcher`: the collection it names checked
+    against the scope first (PERMISSION_DENIED, before anything about the collection can show), then validated with
+    the searcher's defaults, then on a tenant-keyed collection restricted to the caller's tenant (api/tenancy.py)."""
+    if scope.restricted:
+        scope.check(request.collection or searcher.summary().name)
+    params = search_params(request, searcher_defaults(searcher, config), config.limits)
+    return tenancy.apply(params, request.tenant, scope, searcher.tenant_key, config.limits)
+
+
+def prefetch_params(i: int, request: pb.SearchRequest, config: ServerConfig, searcher: Searcher,
+                    scope: auth.Scope = auth.EVERYTHING) -> SearchParams:
     """Validates the i-th request of a Prefetch; errors name it (requests[2].top_k)."""
     try:
-        params = search_params(request, searcher_defaults(searcher, config), config.limits)
+        params = request_params(request, searcher, config, scope)
     except InvalidArgument as error:
         raise InvalidArgument(f"requests[{i}].{error.field}", str(error).split(": ", 1)[-1]) from error
     if params.cache == "bypass":
@@ -169,7 +180,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                      context: grpc.aio.ServicerContext) -> bytes | pb.SearchResponse:
         start = time.perf_counter_ns()
         with self.admission.search() as admitted:
-            params = search_params(request, searcher_defaults(admitted.pipeline, self.config), self.config.limits)
+            params = request_params(request, admitted.pipeline, self.config, auth.current_scope())
             if request.page_token:
                 pages.check(pages.decode(request.page_token), admitted.pipeline.version, request)
             deadline = self._deadline(context)
@@ -237,7 +248,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         limit = self.config.cache.max_prefetch_requests
         if len(request.requests) > limit:
             raise InvalidArgument("requests", f"has {len(request.requests)} entries; the limit is {limit}")
-        batch = [prefetch_params(i, r, self.config, pipeline) for i, r in enumerate(request.requests)]
+        scope = auth.current_scope()
+        batch = [prefetch_params(i, r, self.config, pipeline, scope) for i, r in enumerate(request.requests)]
         accepted, dropped = self.prefetcher.submit(batch)
         return pb.PrefetchResponse(accepted=accepted, dropped=dropped)
 
@@ -246,6 +258,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         # Reads and writes through the context, not an async generator: a generator left suspended by a cancelled
         # stream was followed by a segfault in grpc's cygrpc here (grpcio 1.85, bench/experiments/stream_search.py on
         # SciFact).
+        scope = auth.current_scope()
         session = DraftSession(self.cache, self._execute, self.metrics,
                                debounce_s=self.config.cache.stream_debounce_ms / 1000,
                                allowed=lambda: self.admission.in_flight < self.config.cache.speculative_busy_in_flight)
@@ -258,16 +271,14 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                 if not draft.final:
                     pipeline = self.admission.open()
                     try:
-                        params = search_params(draft.request, searcher_defaults(pipeline, self.config),
-                                               self.config.limits)
+                        params = request_params(draft.request, pipeline, self.config, scope)
                     except InvalidArgument:
                         continue  # a draft mid-typing may be blank or incomplete: nothing to speculate on
                     session.draft(pipeline, params)
                     continue
                 # The final request is admitted as a Search is (in flight and queue, api/admission.py).
                 with self.admission.search() as admitted:
-                    params = search_params(draft.request, searcher_defaults(admitted.pipeline, self.config),
-                                           self.config.limits)
+                    params = request_params(draft.request, admitted.pipeline, self.config, scope)
                     if draft.request.page_token:
                         pages.check(pages.decode(draft.request.page_token), admitted.pipeline.version,
                                     draft.request)
@@ -293,6 +304,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     @rpc.unary
     async def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context: grpc.aio.ServicerContext) -> pb.IndexInfo:
         index = self.admission.loaded().summary()
+        auth.current_scope().check(request.collection or index.name)
         manifest = index.manifest
         built = Timestamp()
         built.FromJsonString(manifest["created_at"])
@@ -308,6 +320,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             dense_index_type=index.dense_kind,
             metadata_schema=[pb.MetadataField(name=name, type=kind, distinct_values=distinct)
                              for name, (kind, distinct) in index.metadata_schema.items()],
+            tenant_key=index.tenant_key or "",
         )
 
 
@@ -371,12 +384,14 @@ class RagServer:
         self.replica_name = config.replica_name or f"{socket.gethostname()}:{os.getpid()}"
         admin_token = auth.load_token(config.auth.admin_token, config.auth.admin_token_file, "auth.admin_token")
         search_token = auth.load_token(config.auth.search_token, config.auth.search_token_file, "auth.search_token")
+        scoped = auth.load_scopes(config.auth)
 
         def refused(method: str, code: grpc.StatusCode) -> None:
             self.metrics.requests.labels(method, code.name).inc()
 
         request_log = logs.RequestLog(log_queries=config.log_queries, served_by=self.replica_name)
-        bearer = auth.BearerAuth(admin_token=admin_token, search_token=search_token, on_refused=refused)
+        bearer = auth.BearerAuth(admin_token=admin_token, search_token=search_token, on_refused=refused,
+                                 scoped=scoped)
 
         def malformed(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             return wire.guard_malformed(method, handler, lambda name: refused(name, grpc.StatusCode.INVALID_ARGUMENT))
@@ -388,8 +403,11 @@ class RagServer:
         self.shard_servicer = ShardServicer(lambda: self.servicer.pipeline, self.executor,
                                             rpc.Rpc(SHARD_SERVICE, self.metrics, tracer))
         # The internal Shard service (api/shard_service.py) answers on a shard index; its callers need the search token.
+        # Never with scoped tokens: a Shard request carries any filter, so a tenant's token would reach every tenant.
+        shard_bearer = auth.BearerAuth(admin_token=admin_token, search_token=search_token, on_refused=refused,
+                                       strict=bool(scoped))
         add_service(self.server, shard_pb2.DESCRIPTOR.services_by_name["Shard"], shard_pb2, self.shard_servicer,
-                    (bearer.wrap,))
+                    (shard_bearer.wrap,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -79,6 +79,9 @@ def cli(verbose: bool) -> None:
 @click.option("--metadata-schema", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="JSON object of metadata field -> type (keyword, keyword_list, integer, float, date, boolean); "
                    "fields it does not name get the type their values fit.")
+@click.option("--tenant-key", default=None, metavar="FIELD",
+              help="A keyword metadata field holding each document's tenant: every request then names its tenant "
+                   "(or uses a token scoped to one) and searches that tenant's passages only.")
 @click.option("--no-onnx", is_flag=True, help="Do not export the ONNX query encoders into the index.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--shards", type=click.IntRange(min=1), default=None,
@@ -95,7 +98,7 @@ def cli(verbose: bool) -> None:
 def build(input_path: Path, output: Path, name: str | None, chunk_tokens: int, chunk_overlap: int, k1: float,
           b: float, idf: str, dense_index: str, hnsw_threshold: int | None, batch_size: int, model: Path | None,
           device: str | None, keep: int, window_sentences: int, document_encoder: str, window_pooling: str,
-          dense_codes: str, metadata_schema: Path | None,
+          dense_codes: str, metadata_schema: Path | None, tenant_key: str | None,
           no_onnx: bool, no_progress: bool, shards: int | None, ray_address: str | None, ray_workers: int | None,
           ray_cpus_per_worker: int, ray_gpus_per_worker: float) -> None:
     """Build an index and publish it atomically."""
@@ -113,7 +116,8 @@ def build(input_path: Path, output: Path, name: str | None, chunk_tokens: int, c
     config = BuildConfig(chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, k1=k1, b=b, idf=idf,
                          dense_index=dense_index, batch_size=batch_size, name=name, keep=keep,
                          window_sentences=window_sentences, document_encoder=document_encoder,
-                         window_pooling=window_pooling, dense_codes=dense_codes, export_onnx=not no_onnx, **extra)
+                         window_pooling=window_pooling, dense_codes=dense_codes, export_onnx=not no_onnx,
+                         tenant_key=tenant_key, **extra)
     try:
         config.validate()  # before the model loads: a typo should fail in milliseconds
         if ray_address is not None:
@@ -214,6 +218,8 @@ def _print_summary(version_dir: Path, manifest: dict[str, Any]) -> None:
     click.echo(f"dense      {params['dense_index']}")
     schema = manifest.get("metadata_schema") or dict.fromkeys(manifest.get("metadata_fields", []), "keyword")
     click.echo(f"metadata   {', '.join(f'{name} ({kind})' for name, kind in schema.items()) or '(none)'}")
+    if manifest.get("tenant_key"):
+        click.echo(f"tenant key {manifest['tenant_key']}  (requests search one tenant's passages)")
     click.echo(f"size       {_human_bytes(_dir_bytes(version_dir))} in {len(manifest['files']) + 1} files")
     tuned = manifest.get("tuned")
     if tuned:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
@@ -176,9 +176,31 @@ class AdaptiveSettings(BaseModel):
                                    "time as a share of the budget. Set by bench/README.md \"Issue 5\", \"Brownout\".")
 
 
+class ScopedToken(BaseModel):
+    """A read token limited to some collections and, optionally, to one tenant of tenant-keyed collections."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt `tenant` must not widen what the token reads
+
+    token: SecretStr | None = Field(None, description="The token; or token_file.")
+    token_file: Path | None = Field(None, description="File holding the token (a mounted secret).")
+    collections: list[str] = Field(min_length=1, description="Names (collections or aliases, as requests name them) "
+                                   "this token may read.")
+    tenant: str | None = Field(None, min_length=1, description="The tenant this token reads as: in a collection "
+                               "built with a tenant key it is the request's tenant, and a request naming another is "
+                               "refused.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ScopedToken:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("a scoped token needs exactly one of token and token_file")
+        if any(not name for name in self.collections):
+            raise ValueError("a scoped token's collections must be non-empty names")
+        return self
+
+
 class AuthSettings(BaseModel):
     """Bearer tokens. Admin RPCs (ReloadIndex) are refused unless an admin token is configured; Search and the other
-    read RPCs need a token only when a search token is configured. Tokens come from the environment
+    read RPCs need a token only when a search token or scoped tokens are configured. Tokens come from the environment
     (RAG_AUTH__ADMIN_TOKEN), the config file, or a file named here; never from the command line (it would show in
     `ps`)."""
 
@@ -188,6 +210,12 @@ class AuthSettings(BaseModel):
     search_token: SecretStr | None = Field(None, description="Token for Search and the other read RPCs; unset (and "
                                            "no search_token_file): they need none.")
     search_token_file: Path | None = Field(None, description="File holding the search token (a mounted secret).")
+    scoped_tokens: list[ScopedToken] = Field(
+        default_factory=list, description="Read tokens limited to collections and optionally a tenant, as TOML "
+        "inline tables: [{ token_file = \"/run/secrets/acme\", collections = [\"manuals\"], tenant = \"acme\" }] "
+        "(environment: RAG_AUTH__SCOPED_TOKENS as JSON). With any set, read RPCs need a token; the search token reads "
+        "everything, as no tenant. A request outside the scope is PERMISSION_DENIED, whether or not the collection "
+        "exists.")
 
 
 class TlsSettings(BaseModel):
@@ -396,6 +424,9 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, BaseModel):  # an inline table; TOML has no null, so unset fields are left out
+        items = [f"{k} = {_toml_value(v)}" for k, v in value if v is not None]
+        return "{ " + ", ".join(items) + " }"
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 

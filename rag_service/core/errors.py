@@ -14,6 +14,11 @@ class InvalidArgument(RagError, ValueError):
         self.field = field
 
 
+class PermissionDenied(RagError):
+    """The caller's token does not allow the request: a collection outside its scope, a tenant other than its own.
+    Messages never say whether a named collection exists."""
+
+
 class Overloaded(RagError):
     """Admission control refused the request: too much work in flight. `retry_after_ms`: when the caller may come
     back, as the gate estimates it (None: no estimate); the server sends it as gRPC retry pushback."""

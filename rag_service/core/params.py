@@ -203,6 +203,7 @@ class IndexSummary:
     dense_kind: str
     # Field -> (type, distinct values of a keyword or keyword list field, else 0); see index/metadata.py.
     metadata_schema: dict[str, tuple[str, int]] = field(default_factory=dict)
+    tenant_key: str | None = None  # the keyword field holding each passage's tenant (api/tenancy.py)
 
 
 # Warm-up touches every stage (numba compilation, faiss pages, the encoder's first call) before SERVING.

@@ -92,6 +92,9 @@ class BuildConfig:
     # Metadata field -> type (keyword, keyword_list, integer, float, date, boolean) for the fields whose type is not
     # to be inferred from their JSON values (index/metadata.py); a file of this shape is `--metadata-schema`.
     metadata_schema: dict[str, str] | None = None
+    # A keyword metadata field holding each document's tenant: requests then search one tenant's passages
+    # (api/tenancy.py); every document must have a value.
+    tenant_key: str | None = None
 
     def validate(self) -> None:
         """Raises BuildError naming the first bad setting."""
@@ -134,6 +137,13 @@ class BuildConfig:
             problems.append(f"window_sentences must be >= 0, got {self.window_sentences}")
         if self.name is not None and not self.name.strip():
             problems.append("name must not be empty")
+        if self.tenant_key is not None and not self.tenant_key.strip():
+            problems.append("tenant_key must not be empty")
+        if self.tenant_key is not None and self.metadata_schema is not None:
+            problem = metadata_mod.tenant_key_problem(self.tenant_key, {**{self.tenant_key: "keyword"},
+                                                                       **self.metadata_schema})
+            if problem is not None:
+                problems.append(problem)
         if self.metadata_schema is not None:
             try:
                 metadata_mod.check_schema(self.metadata_schema)
@@ -336,6 +346,8 @@ def build_index(
                 else read_corpus(input_path, progress)
             # Before chunking: a value that does not fit its declared type should fail the build at once.
             metadata_schema = metadata_mod.resolve_schema(docs, config.metadata_schema)
+            if config.tenant_key is not None:
+                metadata_mod.check_tenant_key(config.tenant_key, docs, metadata_schema)
 
         with timer.stage("chunk"):
             chunker = Chunker(encoder, config.chunk_tokens, config.chunk_overlap)
@@ -455,6 +467,7 @@ def build_index(
             **({"windows": window_params} if window_params is not None else {}),
             "metadata_fields": sorted(metadata_schema),
             "metadata_schema": metadata_schema,
+            "tenant_key": config.tenant_key,
             # What an incremental update rebuilds with (index/update.py), whatever settings later builds add.
             "build_config": dataclasses.asdict(config),
             **(extra_manifest or {}),

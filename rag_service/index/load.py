@@ -16,6 +16,7 @@ from rag_service.core import filter as flt
 from rag_service.core.errors import IndexFormatError
 from rag_service.index import tokens as tokens_mod
 from rag_service.index.manifest import MANIFEST_FILE, check_files, read_manifest
+from rag_service.index.metadata import tenant_key_problem
 from rag_service.index.publish import CURRENT
 from rag_service.index.reply_bytes import ContextBytes
 from rag_service.index.store import DocStore
@@ -70,6 +71,12 @@ class Index:
     @property
     def version(self) -> str:
         return str(self.manifest["version"])
+
+    @property
+    def tenant_key(self) -> str | None:
+        """The keyword metadata field holding each passage's tenant (rag-index build --tenant-key); None: none."""
+        key = self.manifest.get("tenant_key")
+        return str(key) if key else None
 
     @property
     def n_docs(self) -> int:
@@ -147,6 +154,11 @@ def load_index(path: Path | str, *, verify_checksums: bool = True, search_thread
                                f"dense {dense.n}")
     if dense.dim != manifest["model"]["dim"]:
         raise IndexFormatError(f"{directory}: dense dim {dense.dim}, manifest model dim {manifest['model']['dim']}")
+    tenant_key = manifest.get("tenant_key")
+    if tenant_key:
+        problem = tenant_key_problem(str(tenant_key), store.metadata_schema)
+        if problem is not None:
+            raise IndexFormatError(f"{directory}/manifest.json: {problem}")
     windows = None
     if WINDOWS_PARAMS_FILE in manifest["files"]:
         windows = WindowData.load(directory, n_chunks=store.n_chunks, dim=int(manifest["model"]["dim"]))

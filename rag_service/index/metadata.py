@@ -111,6 +111,29 @@ def resolve_schema(docs: Sequence[Document], declared: Mapping[str, str] | None 
     return dict(sorted(schema.items()))
 
 
+def tenant_key_problem(key: str, schema: Mapping[str, str]) -> str | None:
+    """Why field `key` cannot be a tenant key under `schema` (it must be a keyword field), or None when it can."""
+    kind = schema.get(key)
+    if kind is None:
+        known = ", ".join(sorted(schema)) or "(none)"
+        return f"tenant key {key!r} is not a metadata field of the corpus; fields: {known}"
+    if kind != flt.KEYWORD:
+        return (f"tenant key {key!r} is a {kind} field; it must be keyword (one string per document; declare it "
+                f"keyword in --metadata-schema when its values are numbers)")
+    return None
+
+
+def check_tenant_key(key: str, docs: Sequence[Document], schema: Mapping[str, str]) -> None:
+    """A build's tenant key: a keyword field every document has a value for (a passage without a tenant would be
+    searchable by none)."""
+    problem = tenant_key_problem(key, schema)
+    if problem is not None:
+        raise BuildError(problem)
+    for d in docs:
+        if _is_empty(d.metadata.get(key)):
+            raise BuildError(f"document {d.id!r}: no value for the tenant key {key!r}; every document needs one")
+
+
 def _fits(value: Any, kind: str) -> bool:
     if _is_empty(value) or kind == flt.KEYWORD:
         return True

@@ -107,6 +107,7 @@ class Pipeline(SearcherBase):
                                           semantic_guard=True)
         # Dates of the metadata fields that hold them, for recency decays (index/dates.py).
         self.dates = DateColumns.of(index.store)
+        self.tenant_key = index.tenant_key
 
     @property
     def version(self) -> str:
@@ -126,7 +127,8 @@ class Pipeline(SearcherBase):
                             n_docs=index.n_docs, n_chunks=index.n_chunks,
                             metadata_fields=sorted(index.metadata_fields), dense_kind=index.dense.kind,
                             metadata_schema={name: (kind, index.store.distinct_values(name))
-                                             for name, kind in sorted(index.store.metadata_schema.items())})
+                                             for name, kind in sorted(index.store.metadata_schema.items())},
+                            tenant_key=self.tenant_key)
 
     def retrieve(self, params: SearchParams, timer: StageTimer | None = None,
                  query_vector: np.ndarray | None = None, deadline: float | None = None,

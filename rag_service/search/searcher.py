@@ -70,6 +70,8 @@ class Searcher(Protocol):
     encoder: SearchEncoder
     # The search defaults requests take for this index (core/config.py index_defaults); None: the server's.
     search_defaults: SearchDefaults | None
+    # The keyword metadata field holding each passage's tenant; None: the index is not divided by tenant.
+    tenant_key: str | None
 
     @property
     def version(self) -> str: ...
@@ -98,6 +100,7 @@ class SearcherBase:
     encoder: SearchEncoder
     policy: adaptive.AdaptivePolicy
     search_defaults: SearchDefaults | None = None
+    tenant_key: str | None = None
 
     @property
     def version(self) -> str:

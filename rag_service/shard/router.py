@@ -217,6 +217,11 @@ class ShardedPipeline(SearcherBase):
         self.metadata_schema: dict[str, str] = dict(self.router.get("metadata_schema")
                                                     or dict.fromkeys(self.metadata_fields, flt.KEYWORD))
         self._distinct: dict[str, int] = dict(self.router.get("metadata_distinct", {}))
+        # The server ANDs each request's tenant into its filter (api/tenancy.py), which goes to the shards as is.
+        self.tenant_key = self.router.get("tenant_key") or None
+        if self.tenant_key is not None and self.metadata_schema.get(self.tenant_key) != flt.KEYWORD:
+            raise IndexFormatError(f"{self.router_dir}: tenant key {self.tenant_key!r} is not a keyword field of "
+                                   "the shard set")
         self._lock = threading.Lock()
         self.dim = int(model["dim"])
         first = self.shards[0].info
@@ -291,7 +296,8 @@ class ShardedPipeline(SearcherBase):
                             n_chunks=self._corpus[1], metadata_fields=sorted(self.metadata_fields),
                             dense_kind=self._dense_kind,
                             metadata_schema={name: (kind, int(self._distinct.get(name, 0)))
-                                             for name, kind in sorted(self.metadata_schema.items())})
+                                             for name, kind in sorted(self.metadata_schema.items())},
+                            tenant_key=self.tenant_key)
 
     # -- fan-out ---------------------------------------------------------------------------------------------------
     def _call(self, method: str, requests: dict[int, Any], deadline: float | None,

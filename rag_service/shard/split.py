@@ -303,6 +303,7 @@ def write_router(out: Path, manifest: dict[str, Any], src: Path, *, set_id: str,
                                                    "chunks": manifest["counts"]["chunks"]},
             "metadata_fields": list(manifest.get("metadata_fields", [])),
             "metadata_schema": _schema_of(manifest), "metadata_distinct": distinct or {},
+            "tenant_key": manifest.get("tenant_key"),
             "encoder_export": bool(exported), "shards": shards}
     (tmp / ROUTER_FILE).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
     old = out / f".{ROUTER_DIR}.old-{os.getpid()}"
