@@ -390,6 +390,19 @@ def test_numeric_tenants_are_keyword_by_the_schema(tmp_path, write_corpus, encod
     index = load_index(built)
     assert index.tenant_key == "tenant" and index.store.metadata_schema["tenant"] == "keyword"
     assert json.loads((built / "manifest.json").read_text())["build_config"]["tenant_key"] == "tenant"
+    # An update rebuilds with the same key, so it holds the added documents to it too.
+    from rag_service.core.errors import BuildError
+    from rag_service.index.chunking import Document
+    from rag_service.index.update import update_index
+
+    root = built.parent
+    with pytest.raises(BuildError, match="document 'new': no value for the tenant key 'tenant'"):
+        update_index(root, add=[Document(id="new", title="New", text="A new note.", metadata={"topic": "x"})],
+                     encoder=encoder)
+    update_index(root, add=[Document(id="new", title="New", text="A new note.", metadata={"tenant": 9})],
+                 encoder=encoder)
+    updated = load_index(root)
+    assert updated.tenant_key == "tenant" and updated.n_docs == len(docs) + 1
 
 
 def test_the_cli_refuses_a_declared_non_keyword_tenant_key_before_loading_the_model(tmp_path, write_corpus):
