@@ -159,8 +159,8 @@ class BearerAuth:
 
     Read methods take the search token (scope: everything) or one of `scoped` (token, scope) pairs; admin methods the
     admin token. `scoped` is for the Retriever service only: the internal Shard service (whose requests carry any
-    filter) must never take a token limited to a tenant, so its guard is made without them, with `strict` (a read
-    token is then needed even when no search token is configured, and none then opens it)."""
+    filter) must never take a token limited to a tenant, so its guard is made without them and with `strict`: its read
+    methods then need the search token even when none is configured (and are refused while none is)."""
 
     def __init__(self, *, admin_token: bytes | None, search_token: bytes | None,
                  on_refused: Callable[[str, grpc.StatusCode], None] | None = None,
