@@ -118,6 +118,33 @@ def test_search_returns_only_the_tokens_tenant(tenant_server):
 
 
 @pytest.mark.slow
+def test_concurrent_calls_keep_their_own_scopes(tenant_server):
+    """Each RPC runs with its own token's scope, however the calls of two tenants interleave on the server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, stub = tenant_server
+    queries = ["volcano magma", "glacier ice", "coffee caffeine", "suspension bridge", "double helix", "gravity"]
+
+    def run(token: str, tenant: str) -> list[set[str]]:
+        seen = []
+        for i in range(12):
+            stream = i % 3 == 2
+            request = pb.SearchRequest(query=queries[i % len(queries)], top_k=12, cache=pb.CACHE_BYPASS)
+            reply = (next(iter(stub.StreamSearch(iter([pb.QueryDraft(request=request, final=True)]),
+                                                 metadata=bearer(token), timeout=60)))
+                     if stream else stub.Search(request, metadata=bearer(token), timeout=60))
+            seen.append(tenants_of(reply))
+        return seen
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = {tenant: [pool.submit(run, token, tenant) for _ in range(2)]
+                   for token, tenant in ((ACME, "acme"), (GLOBEX, "globex"))}
+        for tenant, runs in futures.items():
+            for future in runs:
+                assert all(seen == {tenant} for seen in future.result())
+
+
+@pytest.mark.slow
 def test_a_filter_cannot_widen_the_tenant(tenant_server):
     _, stub = tenant_server
     widen = pb.Filter(should=[pb.Condition(key="tenant", match=pb.Match(keyword="globex")),
@@ -403,6 +430,10 @@ def test_numeric_tenants_are_keyword_by_the_schema(tmp_path, write_corpus, encod
                  encoder=encoder)
     updated = load_index(root)
     assert updated.tenant_key == "tenant" and updated.n_docs == len(docs) + 1
+    from rag_service.cli.index import cli
+
+    info = CliRunner().invoke(cli, ["info", str(root)])
+    assert info.exit_code == 0 and "tenant key tenant" in info.output
 
 
 def test_the_cli_refuses_a_declared_non_keyword_tenant_key_before_loading_the_model(tmp_path, write_corpus):
