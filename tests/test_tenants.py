@@ -87,9 +87,10 @@ def auth_settings() -> dict:
 def tenant_server(tenant_index, encoder, server_thread):
     from rag_service.core.config import ServerConfig
 
-    # Prefetch runs whenever fewer than 4 live searches are in flight: always, in these sequential tests.
+    # Prefetch runs whenever fewer than 4 live searches are in flight: always, in the sequential tests; and the
+    # concurrent test's 4 callers are never shed for load.
     config = ServerConfig(index=tenant_index, port=0, warmup_queries=0, auth=auth_settings(),
-                          cache={"prefetch_busy_in_flight": 4})
+                          cache={"prefetch_busy_in_flight": 4}, max_queued=8)
     with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         yield running, pb_grpc.RetrieverStub(channel)
 
@@ -512,6 +513,8 @@ def test_the_tenant_is_a_filter_condition_and_part_of_the_cache_key():
                                                 values=(("keyword", "acme"),))
     assert len({params_key(plain), params_key(acme), params_key(globex)}) == 3
     assert tenancy.apply(plain, "", Scope(None, "acme"), None, Limits()) is plain
+    scope = Scope(frozenset({"manuals"}), "acme")
+    assert scope.allows("manuals") and not scope.allows("faq") and EVERYTHING.allows("faq")
     with pytest.raises(PermissionDenied):
         tenancy.apply(plain, "globex", Scope(None, "acme"), "tenant", Limits())
     for requested, key in (("", "tenant"), ("acme", None), ("x" * 2000, "tenant")):

@@ -48,10 +48,14 @@ class Scope:
     def restricted(self) -> bool:
         return self.collections is not None
 
+    def allows(self, collection: str) -> bool:
+        """Whether the scope names `collection` (what a listing of collections shows this caller)."""
+        return self.collections is None or collection in self.collections
+
     def check(self, collection: str) -> None:
         """Raises PermissionDenied unless `collection` (the name a request gives, before any alias is followed; the
         default collection's name for a request that gives none) is in the scope."""
-        if self.collections is not None and collection not in self.collections:
+        if not self.allows(collection):
             raise PermissionDenied(OUT_OF_SCOPE)
 
 
