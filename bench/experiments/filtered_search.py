@@ -11,11 +11,16 @@ query vector given, unfiltered and at each selectivity interleaved per query. Re
 against the exact top 10 among the allowed chunks. A few filters of the other condition types are timed beside.
 
 Part 2, HNSW: `--hnsw-size` seeded synthetic vectors (a Gaussian mixture of 1,000 clusters in 384 dimensions,
-normalised; the queries are fresh draws of the mixture), an HNSW index built as the build does, and DenseIndex.search
-with the mask at each selectivity under five plans: the shipped rule (exact scan of the allowed set when few, else a
-filtered graph walk with a beam widened below 20% allowed, dense.filtered_ef), the exact scan forced, the widened
-walk forced, the walk at the widest beam (1024) and at the unfiltered beam (128, what the index did before). Depth
-100 as in the server; p50/p99 per query, one thread.
+normalised; the queries are fresh draws of the mixture), an HNSW index built as the build does (M and efConstruction
+of `rag-index build` unless given; kept under --graph-cache, so a rerun skips the build), and DenseIndex.search with
+the mask at each selectivity under five plans: the shipped rule (dense.filtered_plan: an exact scan of the allowed
+set when few, else a filtered graph walk with a beam widened below 20% allowed), the exact scan forced, the widened
+walk forced, the walk at the widest beam (1024) and at the unfiltered beam (128, what the index did before); beside
+them an sq8 scan of the allowed rows with exact rescoring (native.dense_top over codes). Depth 100 as in the server;
+p50/p99 per query, one thread. Part 2 alone, at 1M (bench/README.md "Filtered dense stage at 1M passages"):
+
+    python bench/experiments/filtered_search.py --skip-scifact --hnsw-size 1000000 --ef-construction 40 \
+        --graph-cache /tmp/filt1m/graphs --json /tmp/filt1m/run1m.json
 """
 
 from __future__ import annotations
