@@ -311,6 +311,35 @@ def test_client_builders_make_the_same_filter(filtered_server):
             client.search("forest", filter={"must": [{"key": "n", "rnge": {}}]})
 
 
+def test_hnsw_plan_scans_few_rows_exactly_and_walks_past_a_share_or_a_count():
+    """The dense stage's plan for an HNSW index by allowed rows: the measured shares and counts, at 100k and at 1M
+    chunks (bench/README.md "Filtered dense stage at 1M passages")."""
+    from rag_service.retrievers import dense
+
+    exact = 0
+    # Few rows: scanned at any index size, however small their share.
+    for n in (10_000, 100_000, 1_000_000, 50_000_000):
+        assert dense.filtered_plan(1, n, 100) == exact
+        assert dense.filtered_plan(dense.EXACT_FILTER_LIMIT, n, 100) == exact
+    # 100k chunks: a share up to 5% (5,000 rows) is scanned, 10% walks at a doubled beam, 20% and up at the
+    # unfiltered one.
+    assert dense.filtered_plan(5_000, 100_000, 100) == exact
+    assert dense.filtered_plan(5_001, 100_000, 100) == 511  # just over 5%: the walk at a four-fold beam
+    assert dense.filtered_plan(10_000, 100_000, 100) == 2 * dense.HNSW_EF_SEARCH_MIN
+    assert dense.filtered_plan(20_000, 100_000, 100) == dense.HNSW_EF_SEARCH_MIN
+    assert dense.filtered_plan(100_000, 100_000, 100) == dense.HNSW_EF_SEARCH_MIN
+    # 1M chunks: the scan stops at EXACT_FILTER_MAX rows (1%) although 2% and 5% are small shares; the walk there
+    # runs at the widest beam (1024 at 2%, 512 at 5%).
+    assert dense.EXACT_FILTER_MAX == 10_000
+    assert dense.filtered_plan(10_000, 1_000_000, 100) == exact
+    assert dense.filtered_plan(10_001, 1_000_000, 100) == dense.FILTER_EF_MAX
+    assert dense.filtered_plan(20_000, 1_000_000, 100) == dense.FILTER_EF_MAX
+    assert dense.filtered_plan(50_000, 1_000_000, 100) == 4 * dense.HNSW_EF_SEARCH_MIN
+    assert dense.filtered_plan(1_000_000, 1_000_000, 100) == dense.HNSW_EF_SEARCH_MIN
+    # The beam is never narrower than the depth asked.
+    assert dense.filtered_plan(1_000_000, 1_000_000, 500) == 500
+
+
 # -- errors ----------------------------------------------------------------------------------------------------------
 
 BAD = [

@@ -11,11 +11,16 @@ query vector given, unfiltered and at each selectivity interleaved per query. Re
 against the exact top 10 among the allowed chunks. A few filters of the other condition types are timed beside.
 
 Part 2, HNSW: `--hnsw-size` seeded synthetic vectors (a Gaussian mixture of 1,000 clusters in 384 dimensions,
-normalised; the queries are fresh draws of the mixture), an HNSW index built as the build does, and DenseIndex.search
-with the mask at each selectivity under five plans: the shipped rule (exact scan of the allowed set when few, else a
-filtered graph walk with a beam widened below 20% allowed, dense.filtered_ef), the exact scan forced, the widened
-walk forced, the walk at the widest beam (1024) and at the unfiltered beam (128, what the index did before). Depth
-100 as in the server; p50/p99 per query, one thread.
+normalised; the queries are fresh draws of the mixture), an HNSW index built as the build does (M and efConstruction
+of `rag-index build` unless given; kept under --graph-cache, so a rerun skips the build), and DenseIndex.search with
+the mask at each selectivity under five plans: the shipped rule (dense.filtered_plan: an exact scan of the allowed
+set when few, else a filtered graph walk with a beam widened below 20% allowed), the exact scan forced, the widened
+walk forced, the walk at the widest beam (1024) and at the unfiltered beam (128, what the index did before); beside
+them an sq8 scan of the allowed rows with exact rescoring (native.dense_top over codes). Depth 100 as in the server;
+p50/p99 per query, one thread. Part 2 alone, at 1M (bench/README.md "Filtered dense stage at 1M passages"):
+
+    python bench/experiments/filtered_search.py --skip-scifact --hnsw-size 1000000 --ef-construction 40 \
+        --graph-cache /tmp/filt1m/graphs --json /tmp/filt1m/run1m.json
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from rag_service.index import metadata as metadata_mod
 from rag_service.index.chunking import Chunk, Document
 from rag_service.index.load import load_index
 from rag_service.index.store import DocStore, write_store
+from rag_service.kernels import native
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.retrievers import dense as dense_mod
 from rag_service.search.pipeline import Pipeline
@@ -78,6 +84,18 @@ def exact_top(vectors: np.ndarray, q: np.ndarray, mask: np.ndarray | None, k: in
     scores = vectors[allowed] @ q
     order = np.lexsort((allowed, -scores))[:k]
     return allowed[order]
+
+
+def exact_top_scores(scores: np.ndarray, mask: np.ndarray | None, k: int) -> np.ndarray:
+    """exact_top from precomputed scores of every row: the top k allowed ids, score desc then id asc."""
+    allowed = np.arange(len(scores)) if mask is None else np.flatnonzero(mask)
+    allowed_scores = scores[allowed]
+    if len(allowed) > 4 * k:
+        # Everything tied with the k-th best stays in, so the id order breaks ties exactly as a full sort would.
+        cut = np.partition(allowed_scores, len(allowed) - k)[len(allowed) - k]
+        keep = allowed_scores >= cut
+        allowed, allowed_scores = allowed[keep], allowed_scores[keep]
+    return allowed[np.lexsort((allowed, -allowed_scores))[:k]]
 
 
 def stats(times_s: list[float]) -> dict:
@@ -158,18 +176,34 @@ def mixture(n: int, dim: int, clusters: int, rng: np.random.Generator, centers: 
     return out.astype(np.float32), centers
 
 
+def cached_graph(args: argparse.Namespace, vectors: np.ndarray) -> tuple[Path, float | None]:
+    """The HNSW index over `vectors`, built as `rag-index build` builds it (dense.build_dense_index, every core) and
+    kept under --graph-cache keyed by size, seed and graph parameters, so that a rerun skips a build of ~an hour at
+    1M. Returns its directory and the build's seconds (None when it came from the cache)."""
+    name = f"hnsw-n{len(vectors)}-seed{args.seed}-m{args.hnsw_m}-efc{args.ef_construction}"
+    directory = args.graph_cache / name
+    if (directory / dense_mod.PARAMS_FILE).is_file():
+        return directory, None
+    args.graph_cache.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=args.graph_cache))
+    started = time.perf_counter()
+    graph = dense_mod.build_dense_index(vectors, "hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
+    dense_mod.write_dense(partial, graph, vectors, "hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
+    build_s = round(time.perf_counter() - started, 1)
+    partial.rename(directory)
+    return directory, build_s
+
+
 def hnsw(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed)
     n, dim = args.hnsw_size, 384
     vectors, centers = mixture(n, dim, 1000, rng)
     queries, _ = mixture(args.hnsw_queries, dim, 1000, rng, centers)
     work = Path(tempfile.mkdtemp(prefix="filtered-hnsw-", dir=args.work))
-    started = time.perf_counter()
-    graph = dense_mod.build_dense_index(vectors, "hnsw", ef_construction=args.ef_construction)
-    dense_mod.write_dense(work, graph, vectors, "hnsw", ef_construction=args.ef_construction)
-    build_s = time.perf_counter() - started
-    del graph
-    dense = dense_mod.DenseIndex.load(work, search_threads=1)
+    graph_dir, build_s = cached_graph(args, vectors)
+    if args.build_only:
+        return {"vectors": n, "graph": str(graph_dir), "build_s": build_s}
+    dense = dense_mod.DenseIndex.load(graph_dir, search_threads=1)
     rank = rng.permutation(n)
     docs = [Document(id=str(i), title="", text="", metadata={"rank": int(rank[i])}) for i in range(n)]
     entries, _ = metadata_mod.write_columns(work, docs, np.arange(n, dtype=np.int32), {"rank": "integer"})
@@ -177,14 +211,32 @@ def hnsw(args: argparse.Namespace) -> dict:
     evaluator = metadata_mod.FilterEvaluator({"rank": field}, np.arange(n, dtype=np.int32), n)
     shares = sorted(set(SELECTIVITIES) | set(args.extra_shares))
     masks = {s: evaluator.mask(rank_filter(s, n)) for s in shares}
-    shipped = (dense_mod.EXACT_FILTER_LIMIT, dense_mod.EXACT_FILTER_FRACTION, dense_mod.FILTER_EF_MAX)
-    shipped_share = dense_mod.FILTER_EF_SHARE
-    plans = {"shipped": shipped, "exact": (n, 1.0, shipped[2]), "walk": (0, 0.0, shipped[2]),
-             "walk_ef1024": (0, 0.0, 1 << 20), "walk_ef128": (0, 0.0, 0)}
+    # Each plan is a setting of the rule's constants in dense.py; exact_sq8 is not a setting but the scan an index with
+    # sq8 codes could do instead of the float rows' (native.dense_top over the codes, the candidates rescored).
+    names = ("EXACT_FILTER_LIMIT", "EXACT_FILTER_FRACTION", "EXACT_FILTER_MAX", "FILTER_EF_SHARE", "FILTER_EF_MAX")
+    shipped = {name: getattr(dense_mod, name) for name in names}
+    walk = {"EXACT_FILTER_LIMIT": 0, "EXACT_FILTER_FRACTION": 0.0, "EXACT_FILTER_MAX": 0}
+    plans: dict[str, dict | None] = {
+        "shipped": shipped,
+        "exact": {**shipped, "EXACT_FILTER_LIMIT": n},
+        "walk": {**shipped, **walk},
+        # The widest beam at every share: 1024 (the cap) from a share of 1 down.
+        "walk_ef1024": {**shipped, **walk, "FILTER_EF_SHARE": 8.0, "FILTER_EF_MAX": 1024},
+        "walk_ef128": {**shipped, **walk, "FILTER_EF_MAX": 0},
+        "exact_sq8": None,
+    }
+    sq8 = native.sq8_quantize(vectors)
     depth = 100
     times: dict[tuple, list[float]] = {("unfiltered", 1.0): []}
     recall: dict[tuple, list[float]] = {}
-    truth = {s: [exact_top(vectors, q, masks[s], 10) for q in queries] for s in shares}
+    # The exact answers from one product of all rows with all queries (a gather per query and share would copy the
+    # allowed rows each time: minutes at 1M).
+    scores = np.empty((n, len(queries)), np.float32)
+    for begin in range(0, n, 65_536):
+        scores[begin : begin + 65_536] = vectors[begin : begin + 65_536] @ queries.T
+    truth = {s: [exact_top_scores(scores[:, qi], masks[s], 10) for qi in range(len(queries))] for s in shares}
+    unfiltered_truth = [exact_top_scores(scores[:, qi], None, 10) for qi in range(len(queries))]
+    del scores
     for _ in range(3):
         dense.search(queries[0], depth)
     try:
@@ -192,53 +244,67 @@ def hnsw(args: argparse.Namespace) -> dict:
             started = time.perf_counter()
             dense.search(q, depth)
             times[("unfiltered", 1.0)].append(time.perf_counter() - started)
-            for plan, (limit, fraction, ef_max) in plans.items():
-                dense_mod.EXACT_FILTER_LIMIT, dense_mod.EXACT_FILTER_FRACTION, dense_mod.FILTER_EF_MAX = \
-                    limit, fraction, min(ef_max, 1024)
-                # The widest beam at every share: 1024 (the cap) from a share of 1 down.
-                dense_mod.FILTER_EF_SHARE = 8.0 if plan == "walk_ef1024" else shipped_share
+            for plan, setting in plans.items():
+                for name, value in (setting or shipped).items():
+                    setattr(dense_mod, name, value)
                 for s in shares:
                     started = time.perf_counter()
-                    ids, _ = dense.search(q, depth, masks[s])
+                    if setting is None:
+                        ids, _ = native.dense_top(dense.vectors, q, depth, mask=masks[s], codes=sq8,
+                                                  oversample=dense_mod.NATIVE_SQ8_OVERSAMPLE)
+                    else:
+                        ids, _ = dense.search(q, depth, masks[s])
                     times.setdefault((plan, s), []).append(time.perf_counter() - started)
                     want = truth[s][qi]
                     recall.setdefault((plan, s), []).append(
                         len(set(ids[:10].tolist()) & set(want.tolist())) / max(1, len(want)))
     finally:
-        dense_mod.EXACT_FILTER_LIMIT, dense_mod.EXACT_FILTER_FRACTION, dense_mod.FILTER_EF_MAX = shipped
-        dense_mod.FILTER_EF_SHARE = shipped_share
+        for name, value in shipped.items():
+            setattr(dense_mod, name, value)
     base = stats(times[("unfiltered", 1.0)])
-    unfiltered_recall = np.mean([len(set(dense.search(q, depth)[0][:10].tolist())
-                                     & set(exact_top(vectors, q, None, 10).tolist())) / 10 for q in queries])
+    unfiltered_recall = np.mean([len(set(dense.search(q, depth)[0][:10].tolist()) & set(want.tolist())) / 10
+                                 for q, want in zip(queries, unfiltered_truth)])
     rows = []
-    for plan in plans:
+    for plan, setting in plans.items():
         for s in shares:
             st = stats(times[(plan, s)])
-            rows.append({"plan": plan, "share": s, "allowed": int(masks[s].sum()),
+            allowed = int(masks[s].sum())
+            for name, value in (setting or shipped).items():
+                setattr(dense_mod, name, value)
+            ef = 0 if setting is None else dense_mod.filtered_plan(allowed, n, depth)
+            rows.append({"plan": plan, "share": s, "allowed": allowed,
                          "recall@10": round(float(np.mean(recall[(plan, s)])), 4), **st,
-                         "p99_ratio": round(st["p99_ms"] / base["p99_ms"], 2),
-                         "ef": {"walk_ef128": 128, "walk_ef1024": 1024}.get(plan, dense_mod.filtered_ef(depth, s))})
-    return {"vectors": n, "queries": len(queries), "build_s": round(build_s, 1),
-            "ef_construction": args.ef_construction,
+                         "p99_ratio": round(st["p99_ms"] / base["p99_ms"], 2), "ef": ef or "exact"})
+    for name, value in shipped.items():
+        setattr(dense_mod, name, value)
+    return {"vectors": n, "queries": len(queries), "build_s": build_s, "graph": str(graph_dir),
+            "hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction,
             "unfiltered": {**base, "recall@10": round(float(unfiltered_recall), 4)}, "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--index", type=Path, required=True, help="A built SciFact index (flat).")
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--index", type=Path, help="A built SciFact index (flat); needed unless --skip-scifact.")
+    parser.add_argument("--data", type=Path)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--hnsw-size", type=int, default=100_000, help="0: skip the HNSW part.")
     parser.add_argument("--hnsw-queries", type=int, default=200)
-    parser.add_argument("--ef-construction", type=int, default=100)
+    # The graph `rag-index build` builds by default (BuildConfig.hnsw_m, hnsw_ef_construction).
+    parser.add_argument("--hnsw-m", type=int, default=dense_mod.HNSW_M)
+    parser.add_argument("--ef-construction", type=int, default=dense_mod.HNSW_EF_CONSTRUCTION)
+    parser.add_argument("--graph-cache", type=Path, default=Path("/tmp/filtered-graphs"),
+                        help="Where built HNSW graphs are kept between runs.")
+    parser.add_argument("--build-only", action="store_true", help="Build (or find) the HNSW graph, then stop.")
     parser.add_argument("--extra-shares", type=float, nargs="*", default=[0.02, 0.05, 0.2])
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--work", type=Path, default=Path("/tmp"))
     parser.add_argument("--skip-scifact", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if not args.skip_scifact and (args.index is None or args.data is None):
+        parser.error("--index and --data are needed unless --skip-scifact")
     out: dict = {}
-    if not args.skip_scifact:
+    if not args.skip_scifact and not args.build_only:
         out["scifact"] = scifact(args)
         print(json.dumps(out["scifact"], indent=1))
     if args.hnsw_size:

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -69,6 +71,22 @@ std::vector<float>& accumulator(std::size_t n_docs) {
     thread_local std::vector<float> acc;
     if (acc.size() != n_docs) acc.assign(n_docs, 0.0f);
     return acc;
+}
+
+// The first row at or after i that the mask allows (n when none; every row without a mask). A selective mask is
+// mostly zero bytes, skipped eight at a time: byte by byte, the mask of a 1M-row index alone cost ~1 ms per query.
+inline std::size_t next_allowed(const std::uint8_t* mask, std::size_t i, std::size_t n) {
+    if (mask == nullptr) return i;
+    for (; i < n && (i & 7) != 0; ++i) {
+        if (mask[i] != 0) return i;
+    }
+    for (; i + 8 <= n; i += 8) {
+        std::uint64_t word;
+        std::memcpy(&word, mask + i, sizeof word);
+        if (word != 0) break;
+    }
+    while (i < n && mask[i] == 0) ++i;
+    return i;
 }
 
 std::int64_t elapsed_ns(std::chrono::steady_clock::time_point since) {
@@ -140,8 +158,7 @@ Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* ma
     const auto k = static_cast<std::size_t>(depth);
     if (oversample == 0) {
         TopK top(std::min(k, std::max<std::size_t>(n, 1)));
-        for (std::size_t i = 0; i < n; ++i) {
-            if (mask != nullptr && mask[i] == 0) continue;
+        for (std::size_t i = next_allowed(mask, 0, n); i < n; i = next_allowed(mask, i + 1, n)) {
             const float s = dots.f32(query, rows.vectors + i * d, d);
             // Rows come in id order, so a score equal to the worst kept loses its tie: only a higher one enters.
             if (!top.full() || s > top.worst().score) top.offer(s, static_cast<std::int64_t>(i));
@@ -157,8 +174,7 @@ Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* ma
     const auto factor = static_cast<std::size_t>(oversample);
     const std::size_t wide_k = factor >= cap ? cap : std::min(std::min(k, cap) * factor, cap);
     TopK wide(wide_k);
-    for (std::size_t i = 0; i < n; ++i) {
-        if (mask != nullptr && mask[i] == 0) continue;
+    for (std::size_t i = next_allowed(mask, 0, n); i < n; i = next_allowed(mask, i + 1, n)) {
         const float s = dots.i8(qs.data(), rows.codes + i * d, d);
         if (!wide.full() || s > wide.worst().score) wide.offer(s, static_cast<std::int64_t>(i));
     }

@@ -62,15 +62,30 @@ NATIVE_SQ8_OVERSAMPLE = 2
 
 # With a filter, HNSW walks the graph skipping disallowed nodes, which loses recall when few are allowed (the walk
 # runs out of allowed neighbours). So an HNSW index scans the allowed chunks' vectors exactly (native SIMD, cost in
-# proportion to the allowed rows) when they are few in number or a small share of the corpus, and otherwise walks the
-# graph with a beam widened below FILTER_EF_SHARE allowed. Measured on a 100k-vector HNSW index, depth 100
-# (bench/README.md "Filtered search: recall and latency by selectivity"): the walk at the unfiltered beam (128) keeps
-# recall@10 1.0 from 20% allowed, 0.98 at 10%, 0.87 at 5%, 0.48 at 1%; widened to 1024 it reaches 0.99 only from 5%
-# at ~20x the cost of an unfiltered search, while the exact scan costs ~0.3 ms per 1,000 allowed rows.
+# proportion to the allowed rows) when they are few in number, or a small share of the corpus and not too many, and
+# otherwise walks the graph with a beam widened below FILTER_EF_SHARE allowed. Measured at depth 100 (bench/README.md
+# "Filtered search: recall and latency by selectivity" and "Filtered dense stage at 1M passages"): on 100k vectors the
+# walk at the unfiltered beam (128) keeps recall@10 1.0 from 20% allowed, 0.98 at 10%, 0.87 at 5%, 0.48 at 1%; widened
+# to 1024 it reaches 0.99 only from 5%, while the exact scan costs ~0.3 ms per 1,000 allowed rows. On 1M vectors the
+# allowed rows lie scattered over 1.5 GB and the scan costs ~0.4-0.75 ms per 1,000 (7.6 ms for 10,000, 19 ms for
+# 50,000 against an unfiltered p99 of 7 ms), so a share alone would let it run far past 2x the unfiltered p99; above
+# EXACT_FILTER_MAX rows the widened walk (~3 ms at 1M) takes over, with the recall of the graph's unfiltered walk.
 EXACT_FILTER_LIMIT = 5_000
 EXACT_FILTER_FRACTION = 0.05
+EXACT_FILTER_MAX: int | None = 10_000
 FILTER_EF_SHARE = 0.2
 FILTER_EF_MAX = 1024
+
+
+def filtered_plan(allowed: int, n: int, k: int) -> int:
+    """How an HNSW index of `n` chunks answers `k` results when `allowed` (>= 1) of them pass a filter: 0 for the
+    exact scan of the allowed rows, else the efSearch of a filtered graph walk."""
+    fraction = allowed / n
+    if allowed <= EXACT_FILTER_LIMIT:
+        return 0
+    if fraction <= EXACT_FILTER_FRACTION and (EXACT_FILTER_MAX is None or allowed <= EXACT_FILTER_MAX):
+        return 0
+    return filtered_ef(k, fraction)
 
 
 def filtered_ef(k: int, fraction: float) -> int:
@@ -351,8 +366,8 @@ class DenseIndex:
         """Top `depth` chunks by inner product as (ids int64, scores float32), score desc then id asc.
 
         `query` is one normalised vector (dim,) or (1, dim). With `mask` (bool per chunk) only allowed chunks are
-        searched: exact for a flat index, and for HNSW when at most EXACT_FILTER_LIMIT chunks or EXACT_FILTER_FRACTION
-        of them are allowed (else a filtered graph walk, see filtered_ef).
+        searched: exact for a flat index; for HNSW as filtered_plan says (an exact scan of the allowed rows or a
+        filtered graph walk).
         """
         if depth < 1:
             raise InvalidArgument("depth", f"must be >= 1, got {depth}")
@@ -367,18 +382,20 @@ class DenseIndex:
         mask = np.ascontiguousarray(mask, dtype=np.bool_)
         if mask.shape != (self.n,):
             raise ValueError(f"mask must have shape ({self.n},), got {mask.shape}")
-        allowed = np.flatnonzero(mask)
-        if len(allowed) == 0:
+        # A count, not np.flatnonzero: at 1M chunks the index list of a wide filter costs 1-1.5 ms, more than the
+        # walk it chooses.
+        allowed = int(np.count_nonzero(mask))
+        if allowed == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        fraction = len(allowed) / self.n
-        if self.kind == "hnsw" and (len(allowed) <= EXACT_FILTER_LIMIT or fraction <= EXACT_FILTER_FRACTION):
-            return self._exact_subset(q, mask, allowed, k)
+        ef = filtered_plan(allowed, self.n, k) if self.kind == "hnsw" else 0
+        if self.kind == "hnsw" and ef == 0:
+            return self._exact_subset(q, mask, k)
         # Bitmap: bit i of byte i >> 3 (little bit order) says whether id i may be returned. `packed` must outlive
         # the search: the selector holds only a pointer to it.
         packed = np.packbits(mask, bitorder="little")
         selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(packed))
         if self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(sel=selector, efSearch=filtered_ef(k, fraction))
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
         else:
             params = faiss.SearchParameters(sel=selector)
         scores, ids = self._cpu_index.search(q, k, params=params)
@@ -412,14 +429,14 @@ class DenseIndex:
         hits, scores = _sorted_hits(ids, self.vectors[ids] @ q[0])
         return hits[:k], scores[:k]
 
-    def _exact_subset(self, q: np.ndarray, mask: np.ndarray, allowed: np.ndarray,
-                      k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _exact_subset(self, q: np.ndarray, mask: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if native.retrieve_backend() == "cpp":
             # One single-threaded SIMD pass over the allowed rows, GIL released. NumPy's gather and matmul cost a copy
             # of the rows and start BLAS threads, which on a busy machine took 18 ms for 2,000 rows against 0.6 ms
             # for 1,000 (bench/README.md "Filtered search: recall and latency by selectivity").
             return native.dense_top(self.vectors, q[0], k, mask=mask)
         # A full sort rather than argpartition, so ties at the cut are broken by id like everywhere else.
+        allowed = np.flatnonzero(mask)
         ids, scores = _sorted_hits(allowed, self.vectors[allowed] @ q[0])
         return ids[:k], scores[:k]
 
