@@ -221,3 +221,54 @@ def test_overload_refuses_a_batch_at_once_and_the_deadline_stops_one(server_thre
             gate.set()
         assert waiting.result().contexts
         assert batch(busy, pb.SearchRequest(query="gutenberg")).results[0].response.contexts
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_one_encoder_call_only_where_vectors_do_not_depend_on_the_batch(running, monkeypatch, invariant):
+    encoder = running.server.servicer.pipeline.encoder
+    calls: list[int] = []
+    encode = encoder.encode_queries
+
+    def counted(texts, *args, **kwargs):
+        calls.append(1 if isinstance(texts, str) else len(texts))
+        return encode(texts, *args, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode_queries", counted)
+    monkeypatch.setattr(encoder, "batch_invariant", invariant, raising=False)
+    requests = [pb.SearchRequest(query=q, cache=pb.CACHE_BYPASS)
+                for q in ("lava from a vent", "elastic strain and seismic waves", "wild yeast")]
+    reply = batch(running, *requests)
+    assert calls == ([3] if invariant else [1, 1, 1])
+    if not invariant:  # each query encoded alone, as Search encodes it: the very same answer
+        for request, result in zip(requests, reply.results, strict=True):
+            single = running.stub.Search(request, timeout=60)
+            assert [(c.doc_id, c.chunk_id, c.score) for c in result.response.contexts] == \
+                [(c.doc_id, c.chunk_id, c.score) for c in single.contexts]
+
+
+def test_rag_bench_batch_sends_the_same_queries_one_by_one_and_in_batches(running):
+    from rag_service.bench.batch import BatchBenchConfig, format_table, run_batch_bench
+
+    queries = ["volcano", "glacier moraine", "speed of light", "coffee caffeine", "gravity", "dna helix"]
+    report = run_batch_bench(BatchBenchConfig(target=f"127.0.0.1:{running.port}", queries=queries, sizes=(2, 6),
+                                              clients=(1, 2), rounds=2))
+    assert [row["mode"] for row in report["rows"]] == ["search", "batch 2", "batch 6", "search x2", "batch 2 x2",
+                                                       "batch 6 x2"]
+    for row in report["rows"]:
+        assert row["failed"] == 0 and row["qps"] > 0 and row["same_as_search"] == 1.0 and len(row["qps_rounds"]) == 2
+    assert report["rows"][0]["ratio"] == 1.0
+    assert "| batch 6 x2 |" in format_table(report)
+
+
+def test_rag_bench_batch_refuses_bad_arguments(tmp_path):
+    from click.testing import CliRunner
+
+    from rag_service.cli.bench import main
+
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "queries.jsonl").write_text('{"_id": "1", "text": "q"}\n')
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n1\td\t1\n")
+    result = CliRunner().invoke(main, ["batch", "--target", "127.0.0.1:1", "--data", str(tmp_path), "--sizes", "0"])
+    assert result.exit_code != 0 and "--sizes" in result.output
+    result = CliRunner().invoke(main, ["batch", "--data", str(tmp_path)])
+    assert result.exit_code != 0 and "exactly one of --target and --index" in result.output

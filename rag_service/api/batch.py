@@ -2,7 +2,10 @@
 
     validate each request (target: searcher + params; an invalid one becomes its status)
     -> exact cache hits answered here, on the event loop, without work
-    -> the misses' queries encoded in one encoder batch per searcher (a pipeline thread)
+    -> the misses' queries encoded in one encoder call per searcher (a pipeline thread), where the encoder's vectors
+       do not depend on the batch (fp32); an int8 encoder's are (cosine ~0.994 to the query's vector alone, and only
+       22 of 96 SciFact test queries kept their top 10: bench/README.md, "Batch search"), so there each query is
+       encoded alone inside its search, as Search does, and a batch answers exactly what Search would
     -> each miss's cache stage and search stages with its vector, BATCH_CHUNK misses per pipeline task
     -> one SearchResponse per request, as Search would return it, inside its BatchResult
 
@@ -208,11 +211,15 @@ class BatchSearch:
     async def _compute(self, misses: list[_Item], deadline: float | None, stop: threading.Event) -> None:
         """Encodes the misses per searcher in one batch, then searches them chunk by chunk, one pipeline task at a
         time."""
-        groups: dict[int, list[_Item]] = {}
+        groups: dict[int, tuple[Searcher, list[_Item]]] = {}
         for item in misses:
-            groups.setdefault(id(item.searcher), []).append(item)
-        for group in groups.values():
-            await self._submit(self._encode, group, deadline)
+            if item.searcher is not None:
+                groups.setdefault(id(item.searcher), (item.searcher, []))[1].append(item)
+        for searcher, group in groups.values():
+            # An encoder whose vectors depend on the batch (int8) encodes each query alone, inside its search, as a
+            # Search does: the answers and the cache entries stay those of Search (bench/README.md, "Batch search").
+            if len(group) > 1 and getattr(searcher.encoder, "batch_invariant", True):
+                await self._submit(self._encode, searcher, group, deadline)
         for first in range(0, len(misses), BATCH_CHUNK):
             await self._submit(self._search, misses[first:first + BATCH_CHUNK], deadline, stop)
 
@@ -233,21 +240,13 @@ class BatchSearch:
         work(*args)
 
     # -- on a pipeline thread ---------------------------------------------------------------------------------------
-    def _encode(self, group: list[_Item], deadline: float | None) -> None:
-        """The group's queries (one searcher) in one encoder batch."""
+    def _encode(self, searcher: Searcher, group: list[_Item], deadline: float | None) -> None:
+        """The queries of `searcher`'s misses in one encoder call."""
         check_deadline(deadline, "encode")
-        searcher = group[0].searcher
-        if searcher is None:
-            raise RuntimeError("a batch miss without a searcher")
         started = time.perf_counter_ns()
         queries = [item.params.query for item in group if item.params is not None]
         try:
-            # A lone query takes the path a Search's does (a micro-batcher may give it company); several go to the
-            # encoder as one call, which a micro-batcher passes straight through.
-            vectors = searcher.encode(queries[0], deadline)[None, :] if len(queries) == 1 \
-                else searcher.encoder.encode_queries(queries)
-        except DeadlineExceeded:
-            raise
+            vectors = searcher.encoder.encode_queries(queries)  # a micro-batcher passes a batch straight through
         except Exception as error:  # the group's queries fail with it; other groups still answer
             if not isinstance(error, RagError):
                 log.exception("internal error in SearchBatch encoding %d queries", len(queries))

@@ -375,12 +375,14 @@ def batch(target, index_path, beir, split, sizes, clients, rounds, limit, seed, 
     random.Random(seed).shuffle(texts)
     texts = texts[:limit] if limit else texts
     with contextlib.ExitStack() as stack:
+        pid = None
         if index_path is not None:
             click.echo(f"starting rag-serve on {index_path} ...")
-            target = stack.enter_context(ServerProcess(index_path, workers=workers)).target
+            server = stack.enter_context(ServerProcess(index_path, workers=workers))
+            target, pid = server.target, server.pid
         config = BatchBenchConfig(target=target, queries=texts, sizes=_ints(sizes, "--sizes"),
                                   clients=_ints(clients, "--clients"), rounds=rounds, top_k=top_k, cache=cache,
-                                  timeout_s=timeout)
+                                  timeout_s=timeout, server_pid=pid)
         report = _with_progress("modes", "mode", lambda update: run_batch_bench(config, progress=update))
     report["target"] = target if index_path is None else f"rag-serve --index {index_path}"
     click.echo(f"{report['target']}: {len(texts)} {split} queries of {beir}, {rounds} rounds, top_k {top_k}, "
