@@ -2,10 +2,11 @@
 
     validate each request (target: searcher + params; an invalid one becomes its status)
     -> exact cache hits answered here, on the event loop, without work
-    -> the misses' queries encoded in one encoder call per searcher (a pipeline thread), where the encoder's vectors
-       do not depend on the batch (fp32); an int8 encoder's are (cosine ~0.994 to the query's vector alone, and only
-       22 of 96 SciFact test queries kept their top 10: bench/README.md, "Batch search"), so there each query is
-       encoded alone inside its search, as Search does, and a batch answers exactly what Search would
+    -> the misses' queries encoded in one encode step per searcher (a pipeline thread), where the encoder's vectors
+       do not depend on the batch (fp32): sorted by length, ENCODE_CALL queries per encoder call. An int8 encoder's
+       do (cosine ~0.994 to the query's vector alone, and only 21-34 of 128 SciFact test queries kept their top 10:
+       bench/README.md, "Batch search"), so there each query is encoded alone inside its search, as Search does, and
+       a batch answers exactly what Search would
     -> each miss's cache stage and search stages with its vector, BATCH_CHUNK misses per pipeline task
     -> one SearchResponse per request, as Search would return it, inside its BatchResult
 
@@ -61,6 +62,12 @@ log = logging.getLogger(__name__)
 # (about 16 x 2 ms after the encode), large enough that the per-task overhead (a future, a wake-up of the event loop,
 # ~0.1 ms) is a few µs per query.
 BATCH_CHUNK = 16
+
+# Queries per encoder call of a batch's encode step. A call pads its queries to the longest, and padding costs more
+# than one call per 8 queries saves beyond that: per query, the fp32 encoders on SciFact test queries sorted by length
+# cost 0.75x (ONNX) and 0.43x (torch) of an encode alone in calls of 8, 1.07x / 0.48x in calls of 32, 1.55x / 0.68x in
+# one call of 128 (bench/experiments/batch_search.py, bench/README.md "Batch search").
+ENCODE_CALL = 8
 
 # rag.v1.SearchBatchResponse.results, and BatchResult's code, message and response.
 _RESULT = tag(1, LEN)
@@ -241,21 +248,28 @@ class BatchSearch:
 
     # -- on a pipeline thread ---------------------------------------------------------------------------------------
     def _encode(self, searcher: Searcher, group: list[_Item], deadline: float | None) -> None:
-        """The queries of `searcher`'s misses in one encoder call."""
+        """The queries of `searcher`'s misses in one encode step: longest first, ENCODE_CALL queries per encoder call,
+        so each call pads its queries to about the same length."""
         check_deadline(deadline, "encode")
         started = time.perf_counter_ns()
-        queries = [item.params.query for item in group if item.params is not None]
+        ordered = sorted(group, key=lambda item: -len(item.params.query) if item.params is not None else 0)
         try:
-            vectors = searcher.encoder.encode_queries(queries)  # a micro-batcher passes a batch straight through
+            for first in range(0, len(ordered), ENCODE_CALL):
+                calls = ordered[first:first + ENCODE_CALL]
+                # A micro-batcher passes a batch of several queries straight through to its encoder.
+                vectors = searcher.encoder.encode_queries([item.params.query for item in calls
+                                                           if item.params is not None])
+                for item, vector in zip(calls, vectors, strict=True):
+                    item.vector = vector
         except Exception as error:  # the group's queries fail with it; other groups still answer
             if not isinstance(error, RagError):
-                log.exception("internal error in SearchBatch encoding %d queries", len(queries))
+                log.exception("internal error in SearchBatch encoding %d queries", len(group))
             for item in group:
                 item.error = error
             return
         share = (time.perf_counter_ns() - started) // 1000 // len(group)
-        for item, vector in zip(group, vectors, strict=True):
-            item.vector, item.encode_us = vector, share
+        for item in group:
+            item.encode_us = share
 
     def _search(self, chunk: list[_Item], deadline: float | None, stop: threading.Event) -> None:
         submitted = time.perf_counter_ns()
