@@ -9,6 +9,7 @@ import threading
 import grpc
 import pytest
 
+from rag_service.api import batch as batch_module
 from rag_service.client import RetrieverClient, RetrieverError, SearchResult
 from rag_service.core.config import ServerConfig
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
@@ -226,19 +227,24 @@ def test_overload_refuses_a_batch_at_once_and_the_deadline_stops_one(server_thre
 @pytest.mark.parametrize("invariant", [True, False])
 def test_one_encoder_call_only_where_vectors_do_not_depend_on_the_batch(running, monkeypatch, invariant):
     encoder = running.server.servicer.pipeline.encoder
-    calls: list[int] = []
+    calls: list[tuple[int, list[str]]] = []
     encode = encoder.encode_queries
 
     def counted(texts, *args, **kwargs):
-        calls.append(1 if isinstance(texts, str) else len(texts))
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        calls.append((len(texts), texts))
         return encode(texts, *args, **kwargs)
 
     monkeypatch.setattr(encoder, "encode_queries", counted)
     monkeypatch.setattr(encoder, "batch_invariant", invariant, raising=False)
+    monkeypatch.setattr(batch_module, "ENCODE_CALL", 2)
     requests = [pb.SearchRequest(query=q, cache=pb.CACHE_BYPASS)
                 for q in ("lava from a vent", "elastic strain and seismic waves", "wild yeast")]
     reply = batch(running, *requests)
-    assert calls == ([3] if invariant else [1, 1, 1])
+    # Longest first, ENCODE_CALL queries a call: the two longest padded together, then the short one.
+    assert [(n, sorted(t)) for n, t in calls] == ([(2, sorted([requests[0].query, requests[1].query])),
+                                                  (1, [requests[2].query])] if invariant
+                                                 else [(1, [r.query]) for r in requests])
     if not invariant:  # each query encoded alone, as Search encodes it: the very same answer
         for request, result in zip(requests, reply.results, strict=True):
             single = running.stub.Search(request, timeout=60)
