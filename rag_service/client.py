@@ -48,6 +48,7 @@ SERVED_FROM = {pb.SERVED_FROM_MISS: "miss", pb.SERVED_FROM_EXACT: "exact", pb.SE
                pb.SERVED_FROM_PREFETCHED: "prefetched"}
 SERVED_BY_HEADER = "x-served-by"  # trailing metadata: the replica that answered (ServerConfig.replica_name)
 PUSHBACK_HEADER = "grpc-retry-pushback-ms"  # trailing metadata of a refusal for load: when to come back (gRFC A6)
+MAX_REPLY_BYTES = 64 << 20  # the server's grpc.max_send_message_length
 _CODES = {code.value[0]: code for code in grpc.StatusCode}  # BatchResult.code -> grpc.StatusCode
 SERVICE = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
 # Read RPCs are safe to send again; ReloadIndex is aimed at one server and is never retried.
@@ -399,6 +400,10 @@ class RetrieverClient:
                  load_balancing: Literal["round_robin", "pick_first"] | None = None,
                  retries: int | None = None, keepalive: float | None = None, retry_overloaded: bool = True) -> None:
         options = list(options or [])
+        if not any(name == "grpc.max_receive_message_length" for name, _ in options):
+            # A SearchBatch reply holds up to max_batch replies (256 x top_k 10 is ~2.6 MB): up to what the server
+            # sends (64 MiB), rather than gRPC's default of 4 MiB.
+            options.append(("grpc.max_receive_message_length", MAX_REPLY_BYTES))
         if keepalive is not None:
             if keepalive <= 0:
                 raise ValueError(f"keepalive must be > 0 seconds, got {keepalive}")
