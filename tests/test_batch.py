@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 import grpc
 import pytest
@@ -278,3 +279,25 @@ def test_rag_bench_batch_refuses_bad_arguments(tmp_path):
     assert result.exit_code != 0 and "--sizes" in result.output
     result = CliRunner().invoke(main, ["batch", "--data", str(tmp_path)])
     assert result.exit_code != 0 and "exactly one of --target and --index" in result.output
+
+
+def test_the_deadline_stops_a_running_batch_between_its_queries(running, monkeypatch, wait_for):
+    pipeline = running.server.servicer.pipeline
+    search = pipeline.search
+    ran: list[str] = []
+
+    def slow(params, **kwargs):
+        ran.append(params.query)
+        time.sleep(0.3)
+        return search(params, **kwargs)
+
+    monkeypatch.setattr(pipeline, "search", slow)
+    requests = [pb.SearchRequest(query=f"a batch its deadline stops, query {i}", cache=pb.CACHE_BYPASS)
+                for i in range(LIMIT)]
+    with pytest.raises(grpc.RpcError) as info:
+        batch(running, *requests, timeout=0.8)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    admission = running.server.servicer.admission
+    assert wait_for(lambda: admission.in_flight == 0 and admission.queued == 0, timeout=10)
+    time.sleep(2.0)  # unstopped, every query would have started by now (6 x 0.3 s)
+    assert 1 <= len(ran) <= 4, ran  # those started before the deadline (0.8 s), and none after it
