@@ -15,14 +15,14 @@ DNS name such as a Kubernetes headless Service, or a static list from `replica_t
         result = client.search("how do I parse JSON?")
         print(result.served_by, result.index_version)
 
-Retry policy (`retries=N`, N up to 4, gRFC A6): the read RPCs (Search, StreamSearch, GetIndexInfo, Prefetch; never
-ReloadIndex) are sent again up to N more times, all attempts within the call's one deadline, on UNAVAILABLE (a
-replica down, draining or still loading: after exponential backoff with jitter, 50 ms doubling up to 1 s, to the
-next replica under round_robin) and, unless `retry_overloaded=False`, on RESOURCE_EXHAUSTED (a server shedding load:
-after the delay that server sends as `grpc-retry-pushback-ms`, its estimate of when there will be room; a request
-over the server's max_message_bytes is RESOURCE_EXHAUSTED too, and is retried to no avail after the client's own
-backoff). Once a reply has started streaming, a StreamSearch is not retried. Without retries a refused call raises
-RetrieverError with `retry_after_ms` set from that pushback, for callers that retry themselves.
+Retry policy (`retries=N`, N up to 4, gRFC A6): the read RPCs (Search, SearchBatch, StreamSearch, GetIndexInfo,
+Prefetch; never ReloadIndex) are sent again up to N more times, all attempts within the call's one deadline, on
+UNAVAILABLE (a replica down, draining or still loading: after exponential backoff with jitter, 50 ms doubling up to
+1 s, to the next replica under round_robin) and, unless `retry_overloaded=False`, on RESOURCE_EXHAUSTED (a server
+shedding load: after the delay that server sends as `grpc-retry-pushback-ms`, its estimate of when there will be
+room; a request over the server's max_message_bytes is RESOURCE_EXHAUSTED too, and is retried to no avail after the
+client's own backoff). Once a reply has started streaming, a StreamSearch is not retried. Without retries a refused
+call raises RetrieverError with `retry_after_ms` set from that pushback, for callers that retry themselves.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -48,9 +48,11 @@ SERVED_FROM = {pb.SERVED_FROM_MISS: "miss", pb.SERVED_FROM_EXACT: "exact", pb.SE
                pb.SERVED_FROM_PREFETCHED: "prefetched"}
 SERVED_BY_HEADER = "x-served-by"  # trailing metadata: the replica that answered (ServerConfig.replica_name)
 PUSHBACK_HEADER = "grpc-retry-pushback-ms"  # trailing metadata of a refusal for load: when to come back (gRFC A6)
+MAX_REPLY_BYTES = 64 << 20  # the server's grpc.max_send_message_length
+_CODES = {code.value[0]: code for code in grpc.StatusCode}  # BatchResult.code -> grpc.StatusCode
 SERVICE = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
 # Read RPCs are safe to send again; ReloadIndex is aimed at one server and is never retried.
-RETRIED_METHODS = ("Search", "StreamSearch", "GetIndexInfo", "Prefetch")
+RETRIED_METHODS = ("Search", "StreamSearch", "GetIndexInfo", "Prefetch", "SearchBatch")
 
 
 def replica_target(addresses: Iterable[str]) -> str:
@@ -250,6 +252,50 @@ def is_empty(key: str) -> dict:
     return {"key": key, "is_empty": True}
 
 
+def search_request(query: str, *, top_k: int | None = None, depth: int | None = None,
+                   fusion: Literal["rrf", "weighted"] | None = None, dense_weight: float | None = None,
+                   filters: dict[str, str] | None = None, filter: FilterLike | None = None, debug: bool = False,
+                   cache: Literal["default", "bypass", "exact_only", "strict"] | None = None,
+                   rerank: bool | None = None, rerank_depth: int | None = None, max_context_tokens: int | None = None,
+                   mmr_lambda: float | None = None, dedup_threshold: float | None = None,
+                   require_complete: bool = False, group_by_doc: bool = False, group_size: int | None = None,
+                   offset: int | None = None, page_token: str | None = None, min_score: float | None = None,
+                   decay: Decay | None = None, highlight: bool = False,
+                   tenant: str | None = None) -> pb.SearchRequest:
+    """None leaves a parameter to the server's default. `tenant`: the tenant to search as, in a collection built
+    with a tenant key (a token scoped to a tenant sets it; naming another is refused). `require_complete` (routers
+    over shards): fail rather than answer from the shards that did answer. The query API: `group_by_doc` (top_k
+    counts documents, each with up to `group_size` chunks), pages (`offset`, or the previous reply's
+    `next_page_token` as `page_token`), `min_score`, a recency `decay` and `highlight`; `debug` adds explanations.
+    `filter`: a structured filter (rag.v1.Filter), as the message or its JSON form as a dict, e.g.
+    {"must": [{"key": "year", "range": {"gte": 2015}}]}, ANDed with the equality `filters`; see also the
+    builders `must`, `match`, `any_of`, `range_of`, ... below."""
+    if fusion not in FUSION:
+        raise ValueError(f"fusion must be 'rrf', 'weighted' or None, got {fusion!r}")
+    if cache not in CACHE:
+        raise ValueError(f"cache must be one of 'default', 'bypass', 'exact_only', 'strict' or None, got {cache!r}")
+    request = pb.SearchRequest(query=query, fusion=FUSION[fusion], filters=filters or {}, debug=debug,
+                               cache=CACHE[cache], require_complete=require_complete, group_by_doc=group_by_doc,
+                               page_token=page_token or "", highlight=highlight, tenant=tenant or "")
+    if decay is not None:
+        request.decay.CopyFrom(decay.message())
+    if filter is not None:
+        request.filter.CopyFrom(filter_message(filter))
+    if top_k is not None:
+        request.top_k = top_k
+    if depth is not None:
+        request.depth = depth
+    if dense_weight is not None:
+        request.dense_weight = dense_weight
+    for name, value in (("rerank", rerank), ("rerank_depth", rerank_depth),
+                        ("max_context_tokens", max_context_tokens), ("mmr_lambda", mmr_lambda),
+                        ("dedup_threshold", dedup_threshold), ("group_size", group_size),
+                        ("offset", offset), ("min_score", min_score)):
+        if value is not None:
+            setattr(request, name, value)
+    return request
+
+
 class RetrieverError(Exception):
     """A failed call: `code` is the gRPC status code, `details` the server's message (it names the bad field);
     `served_by` the replica that refused it, when one answered at all; `retry_after_ms` the delay a server refusing
@@ -356,6 +402,10 @@ class RetrieverClient:
                  load_balancing: Literal["round_robin", "pick_first"] | None = None,
                  retries: int | None = None, keepalive: float | None = None, retry_overloaded: bool = True) -> None:
         options = list(options or [])
+        if not any(name == "grpc.max_receive_message_length" for name, _ in options):
+            # A SearchBatch reply holds up to max_batch replies (256 x top_k 10 is ~2.6 MB): up to what the server
+            # sends (64 MiB), rather than gRPC's default of 4 MiB.
+            options.append(("grpc.max_receive_message_length", MAX_REPLY_BYTES))
         if keepalive is not None:
             if keepalive <= 0:
                 raise ValueError(f"keepalive must be > 0 seconds, got {keepalive}")
@@ -413,38 +463,30 @@ class RetrieverClient:
                offset: int | None = None, page_token: str | None = None, min_score: float | None = None,
                decay: Decay | None = None, highlight: bool = False, tenant: str | None = None,
                timeout: float | None = None) -> SearchResult:
-        """None leaves a parameter to the server's default. `tenant`: the tenant to search as, in a collection built
-        with a tenant key (a token scoped to a tenant sets it; naming another is refused). `require_complete` (routers
-        over shards): fail rather than answer from the shards that did answer. The query API: `group_by_doc` (top_k
-        counts documents, each with up to `group_size` chunks), pages (`offset`, or the previous reply's
-        `next_page_token` as `page_token`), `min_score`, a recency `decay` and `highlight`; `debug` adds explanations.
-        `filter`: a structured filter (rag.v1.Filter), as the message or its JSON form as a dict, e.g. {"must": [{"key":
-        "year", "range": {"gte": 2015}}]}, ANDed with the equality `filters`; see also the builders `must`, `match`,
-        `any_of`, `range_of`, ... below."""
-        if fusion not in FUSION:
-            raise ValueError(f"fusion must be 'rrf', 'weighted' or None, got {fusion!r}")
-        if cache not in CACHE:
-            raise ValueError(f"cache must be one of 'default', 'bypass', 'exact_only', 'strict' or None, got {cache!r}")
-        request = pb.SearchRequest(query=query, fusion=FUSION[fusion], filters=filters or {}, debug=debug,
-                                   cache=CACHE[cache], require_complete=require_complete, group_by_doc=group_by_doc,
-                                   page_token=page_token or "", highlight=highlight, tenant=tenant or "")
-        if decay is not None:
-            request.decay.CopyFrom(decay.message())
-        if filter is not None:
-            request.filter.CopyFrom(filter_message(filter))
-        if top_k is not None:
-            request.top_k = top_k
-        if depth is not None:
-            request.depth = depth
-        if dense_weight is not None:
-            request.dense_weight = dense_weight
-        for name, value in (("rerank", rerank), ("rerank_depth", rerank_depth),
-                            ("max_context_tokens", max_context_tokens), ("mmr_lambda", mmr_lambda),
-                            ("dedup_threshold", dedup_threshold), ("group_size", group_size),
-                            ("offset", offset), ("min_score", min_score)):
-            if value is not None:
-                setattr(request, name, value)
+        """None leaves a parameter to the server's default; the parameters are those of `search_request`."""
+        request = search_request(
+            query, top_k=top_k, depth=depth, fusion=fusion, dense_weight=dense_weight, filters=filters, filter=filter,
+            debug=debug, cache=cache, rerank=rerank, rerank_depth=rerank_depth, max_context_tokens=max_context_tokens,
+            mmr_lambda=mmr_lambda, dedup_threshold=dedup_threshold, require_complete=require_complete,
+            group_by_doc=group_by_doc, group_size=group_size, offset=offset, page_token=page_token,
+            min_score=min_score, decay=decay, highlight=highlight, tenant=tenant)
         return _result(*self._call_with_served_by(self._stub.Search, request, timeout))
+
+    def search_batch(self, queries: Iterable[str | pb.SearchRequest], *, timeout: float | None = None,
+                     **params: Any) -> list[SearchResult | RetrieverError]:
+        """Many searches in one call (SearchBatch): a query string takes `params` (the keywords of `search`), a
+        SearchRequest is sent as it is. One entry per query, in order: its SearchResult, or the RetrieverError it
+        failed with (INVALID_ARGUMENT naming `requests[i].field`, ...) while the others are answered. The call itself
+        raises RetrieverError only for the whole batch: more queries than the server's `limits.max_batch`
+        (INVALID_ARGUMENT naming `requests`), a server refusing it for load (RESOURCE_EXHAUSTED), or the deadline
+        passing before every query was answered (DEADLINE_EXCEEDED: the answered ones are cached, so sending the
+        batch again resumes). The deadline `timeout` covers the whole batch."""
+        requests = [q if isinstance(q, pb.SearchRequest) else search_request(q, **params) for q in queries]
+        reply, served_by = self._call_with_served_by(self._stub.SearchBatch, pb.SearchBatchRequest(requests=requests),
+                                                     timeout)
+        return [_result(r.response, served_by) if r.code == grpc.StatusCode.OK.value[0]
+                else RetrieverError(_CODES.get(r.code, grpc.StatusCode.UNKNOWN), r.message, served_by)
+                for r in reply.results]
 
     def prefetch(self, queries: Iterable[str | pb.SearchRequest], *, tenant: str | None = None,
                  timeout: float | None = None) -> pb.PrefetchResponse:

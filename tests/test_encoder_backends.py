@@ -153,3 +153,11 @@ def test_an_idle_encode_gives_the_vector_of_a_plain_one(kind, export_dir, cache)
 def test_without_idle_threads_there_is_one_session(export_dir):
     enc = OnnxEncoder(export_dir, "onnx-int8", threads=2, idle_threads=1)
     assert enc._idle_session is enc._session and enc.idle_threads == 2
+
+
+def test_only_fp32_encoders_say_a_batch_leaves_vectors_as_they_are(export_dir, fp32, fused):
+    # SearchBatch encodes its queries in one call only for an encoder that says so (api/batch.py).
+    assert fp32.batch_invariant and not fused.batch_invariant
+    assert not OnnxEncoder(export_dir, "onnx-int8").batch_invariant
+    alone = np.concatenate([fp32.encode_queries(q) for q in QUERIES])
+    assert np.abs(fp32.encode_queries(QUERIES) - alone).max() < 1e-5

@@ -263,6 +263,23 @@ def test_a_token_scoped_to_other_collections_is_refused_alike(tenant_server):
 
 
 @pytest.mark.slow
+def test_a_batch_is_held_to_the_tokens_scope_query_by_query(tenant_server):
+    _, stub = tenant_server
+    requests = [pb.SearchRequest(query="volcano magma lava eruption", top_k=12),
+                pb.SearchRequest(query="glacier ice", tenant="globex"),
+                pb.SearchRequest(query="coffee beans", collection="elsewhere")]
+    reply = stub.SearchBatch(pb.SearchBatchRequest(requests=requests), metadata=bearer(ACME), timeout=30)
+    first, other_tenant, other_collection = reply.results
+    assert first.code == 0 and first.response.contexts and tenants_of(first.response) == {"acme"}
+    assert other_tenant.code == grpc.StatusCode.PERMISSION_DENIED.value[0] and "tenant" in other_tenant.message
+    assert other_collection.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert "elsewhere" not in other_collection.message
+    # The scope is the one thing the token changes: the same batch under another tenant's token.
+    globex = stub.SearchBatch(pb.SearchBatchRequest(requests=requests[:1]), metadata=bearer(GLOBEX), timeout=30)
+    assert tenants_of(globex.results[0].response) == {"globex"}
+
+
+@pytest.mark.slow
 def test_tokens_are_still_checked(tenant_server):
     running, stub = tenant_server
     assert refusal(stub.Search, pb.SearchRequest(query="volcano", tenant="acme"), timeout=30)[0] == \

@@ -3,7 +3,8 @@
 CPU work (the pipeline) runs on a thread pool, never on the event loop; the event loop only validates, admits
 (api/admission.py) and replies. Every handler runs inside the one RPC wrapper (api/rpc.py: status mapping, counters,
 the RPC's span). The index is loaded and warmed before health reports SERVING. A SearchResponse goes out as wire
-bytes joined from what the index prepared at load (api/reply.py), not as a message built per reply.
+bytes joined from what the index prepared at load (api/reply.py), not as a message built per reply; SearchBatch
+(api/batch.py) answers with those same replies, one per request, inside its own wire bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from opentelemetry.trace import TracerProvider
 
 from rag_service.api import auth, logs, pages, reply, rpc, tenancy, wire
 from rag_service.api.admission import Admission
+from rag_service.api.batch import BatchSearch
 from rag_service.api.loader import load_searcher
 from rag_service.api.request import search_params
 from rag_service.api.shard_service import SERVICE_NAME as SHARD_SERVICE
@@ -134,15 +136,16 @@ Guard = Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]
 def add_service(server: grpc.aio.Server, service, module, servicer: object, guards: Sequence[Guard] = ()) -> None:
     """Registers `servicer`'s methods of `service` (a protobuf ServiceDescriptor whose messages are in `module`) as
     the generated add_*Servicer_to_server does, with each method's handler wrapped once by `guards` (outermost
-    first), and with replies of type SearchResponse allowed to be their wire bytes (api/reply.py), which go out
-    without being parsed again."""
+    first), and with replies of type SearchResponse and SearchBatchResponse allowed to be their wire bytes
+    (api/reply.py, api/batch.py), which go out without being parsed again."""
     handlers = {}
     for method in service.methods:
         output = getattr(module, method.output_type.name)
+        joined = output is pb.SearchResponse or output is pb.SearchBatchResponse
         handler = wire.new_handler(
             method.client_streaming, method.server_streaming, getattr(servicer, method.name),
             request_deserializer=getattr(module, method.input_type.name).FromString,
-            response_serializer=reply.serialize if output is pb.SearchResponse else output.SerializeToString)
+            response_serializer=reply.serialize if joined else output.SerializeToString)
         for guard in reversed(guards):
             handler = guard(method.name, handler)
         handlers[method.name] = handler
@@ -166,6 +169,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self.joined_replies = True
         self.prefetcher = Prefetcher(self.cache, config.cache, metrics, pipeline=lambda: self.pipeline,
                                      live=lambda: self.admission.in_flight)
+        self.batch = BatchSearch(config, executor, metrics, self.admission, self.cache, self.target, self._respond)
         # Read at scrape time from whichever pipeline is serving (a reload swaps in a new policy, level 1).
         metrics.full_share.set_function(
             lambda: self.pipeline.policy.brownout_level() if self.pipeline is not None else 1.0)
@@ -174,6 +178,13 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     def _deadline(context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
+
+    def target(self, request: pb.SearchRequest) -> tuple[Searcher, SearchParams]:
+        """The searcher `request` is for and its parameters as the caller's token may run them (request_params:
+        scope, validation with that searcher's defaults, tenant; raises PermissionDenied, InvalidArgument naming the
+        field, Unavailable while draining or loading)."""
+        searcher = self.admission.open()
+        return searcher, request_params(request, searcher, self.config, auth.current_scope())
 
     @rpc.unary
     async def Search(self, request: pb.SearchRequest,
@@ -241,6 +252,11 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             raise
         served.result.stage_us["queue"] = queued_us
         return served
+
+    @rpc.unary
+    async def SearchBatch(self, request: pb.SearchBatchRequest,
+                          context: grpc.aio.ServicerContext) -> bytes | pb.SearchBatchResponse:
+        return await self.batch.run(request, self._deadline(context))
 
     @rpc.unary
     async def Prefetch(self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext) -> pb.PrefetchResponse:

@@ -3,6 +3,7 @@
     rag-bench quality --dataset scifact=/tmp/idx/scifact:../shared/data/scifact --significance fused,bm25
     rag-bench latency --index /tmp/idx/scifact --queries ../shared/data/scifact/queries.jsonl --qps 5,10,20
     rag-bench compare --index /tmp/idx/scifact --data ../shared/data/scifact
+    rag-bench batch --index /tmp/idx/scifact --data ../shared/data/scifact --sizes 1,8,32,128
     rag-bench scale --sizes 10000,100000
 
 Heavy imports (torch, the peers) happen inside the commands, so `--help` is instant.
@@ -324,6 +325,69 @@ def latency(target, index_path, queries, qps, duration, warmup, processes, arriv
     click.echo(f"{report['target']}: {len(texts)} queries, {report['processes']} client processes, "
                f"{duration:g} s per rate after {warmup:g} s warm-up, {arrival} arrivals, cache {cache}")
     _publish(report, format_table(report), json_out, plot_dir, "latency_plots")
+
+
+def _ints(value: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint=option) from None
+    if not values or any(v < 1 for v in values):
+        raise click.BadParameter(f"values must be >= 1, got {value!r}", param_hint=option)
+    return values
+
+
+@main.command()
+@click.option("--target", help="A running server (host:port).")
+@click.option("--index", "index_path", type=_PATH, help="Or an index: served by a rag-serve child on a free port.")
+@click.option("--data", "beir", required=True, type=_PATH, help="BEIR folder (queries.jsonl, qrels/).")
+@click.option("--split", default="test", help="qrels split: its judged queries are the queries sent.")
+@click.option("--sizes", default="1,8,32,128", help="SearchBatch sizes, comma-separated.")
+@click.option("--clients", default="1", help="Concurrent callers, comma-separated: each mode runs at each count.")
+@click.option("--rounds", type=int, default=3, help="Rounds over every mode, in a rotated order each round.")
+@click.option("--limit", type=int, help="Use only this many queries (after the seeded shuffle).")
+@click.option("--seed", type=int, default=0, help="Query order.")
+@click.option("--top-k", type=int, default=10)
+@click.option("--cache", type=click.Choice(["bypass", "default", "exact_only", "strict"]), default="bypass",
+              help="The requests' cache mode: bypass makes every query do the full work in every round.")
+@click.option("--workers", type=int, help="Pipeline threads of the rag-serve child (--index); default: its own.")
+@click.option("--timeout", type=float, default=300.0, help="Per-call deadline, seconds.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+def batch(target, index_path, beir, split, sizes, clients, rounds, limit, seed, top_k, cache, workers, timeout,
+          json_out) -> None:
+    """Queries per second and per-query latency of SearchBatch calls of several sizes against the same queries
+    sent one by one (Search), closed loop, in interleaved rounds."""
+    import contextlib
+
+    from rag_service.bench.batch import BatchBenchConfig, format_table, run_batch_bench
+    from rag_service.bench.data import load_qrels, load_queries
+    from rag_service.bench.serve import ServerProcess
+
+    if (target is None) == (index_path is None):
+        raise click.UsageError("give exactly one of --target and --index")
+    qrels_path = beir / "qrels" / f"{split}.tsv"
+    if not qrels_path.exists():
+        raise click.BadParameter(f"{qrels_path} does not exist", param_hint="--split")
+    judged = load_qrels(qrels_path)
+    texts = [text for qid, text in load_queries(beir / "queries.jsonl").items() if qid in judged]
+    if not texts:
+        raise click.BadParameter(f"no query of {beir}/queries.jsonl is judged in {qrels_path}", param_hint="--data")
+    random.Random(seed).shuffle(texts)
+    texts = texts[:limit] if limit else texts
+    with contextlib.ExitStack() as stack:
+        pid = None
+        if index_path is not None:
+            click.echo(f"starting rag-serve on {index_path} ...")
+            server = stack.enter_context(ServerProcess(index_path, workers=workers))
+            target, pid = server.target, server.pid
+        config = BatchBenchConfig(target=target, queries=texts, sizes=_ints(sizes, "--sizes"),
+                                  clients=_ints(clients, "--clients"), rounds=rounds, top_k=top_k, cache=cache,
+                                  timeout_s=timeout, server_pid=pid)
+        report = _with_progress("modes", "mode", lambda update: run_batch_bench(config, progress=update))
+    report["target"] = target if index_path is None else f"rag-serve --index {index_path}"
+    click.echo(f"{report['target']}: {len(texts)} {split} queries of {beir}, {rounds} rounds, top_k {top_k}, "
+               f"cache {cache}")
+    _publish(report, format_table(report), json_out, None, "")
 
 
 @main.command()

@@ -87,6 +87,8 @@ class Limits(BaseModel):
     max_rerank_depth: int = Field(2000, ge=100, description="Largest rerank_depth a request may ask for.")
     max_context_tokens: int = Field(1_000_000, ge=1, description="Largest context token budget a request may ask for.")
     max_budget_ms: int = Field(600_000, ge=1, description="Largest latency budget (budget_ms) a request may give.")
+    max_batch: int = Field(256, ge=1, description="Most searches in one SearchBatch call; a larger batch is refused "
+                           "with INVALID_ARGUMENT naming `requests`.")
 
 
 class CacheConfig(BaseModel):

@@ -34,6 +34,9 @@ class Metrics:
         self.deadline_stops = Counter("rag_deadline_stops", "Requests whose pipeline work was stopped or dropped "
                                       "from the queue because their deadline passed or the caller went away",
                                       registry=self.registry)
+        # A SearchBatch call counts once in rag_requests; its queries' own statuses are counted here.
+        self.batch_queries = Counter("rag_batch_queries", "Queries answered inside SearchBatch calls, by status code",
+                                     ["code"], registry=self.registry)
         self.index_info = Info("rag_index", "The index being served", registry=self.registry)
         self.index_documents = Gauge("rag_index_documents", "Documents in the served index", registry=self.registry)
         self.index_chunks = Gauge("rag_index_chunks", "Chunks in the served index", registry=self.registry)

@@ -118,6 +118,9 @@ class _EncoderBase:
     _counter: Tokenizer
     # Throughput of the last encode_documents call, for build logs and the manifest.
     last_docs_per_second: float = 0.0
+    # Whether a text's vector is the same whatever it is encoded with (up to float rounding of the padding): a batch
+    # of queries may then be encoded in one call (api/batch.py). Not for int8 graphs (OnnxEncoder).
+    batch_invariant: bool = True
 
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
         raise NotImplementedError
@@ -457,6 +460,9 @@ class OnnxEncoder(_EncoderBase):
         self.max_seq_length: int = int(config["max_seq_length"])
         self.num_special_tokens: int = int(config["num_special_tokens"])
         self.threads = threads
+        # Dynamic quantization scales activations per call: a query encoded among others gets another vector (cosine
+        # ~0.994 to its vector alone; bench/README.md, "Batch search").
+        self.batch_invariant = "int8" not in kind
         # A derived kind's model is made from the export's fp32 graph on first load and cached (derived_model).
         self.model_file = (onnx_export.derived_model(directory, kind) if kind in onnx_export.DERIVED_KINDS
                            else directory / onnx_export.ONNX_FILE_FOR[kind])
