@@ -27,6 +27,7 @@ from rag_service.core.errors import (
     FailedPrecondition,
     IndexFormatError,
     InvalidArgument,
+    NotFound,
     Overloaded,
     RagError,
     Unavailable,
@@ -41,6 +42,7 @@ PUSHBACK_HEADER = "grpc-retry-pushback-ms"
 
 STATUS_FOR: dict[type[RagError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     IndexFormatError: grpc.StatusCode.FAILED_PRECONDITION,

@@ -70,6 +70,8 @@ class Searcher(Protocol):
     encoder: SearchEncoder
     # The search defaults requests take for this index (core/config.py index_defaults); None: the server's.
     search_defaults: SearchDefaults | None
+    # The collection this searcher serves as (api/collections.py names it at load): part of every cache key.
+    collection: str
 
     @property
     def version(self) -> str: ...
@@ -98,6 +100,7 @@ class SearcherBase:
     encoder: SearchEncoder
     policy: adaptive.AdaptivePolicy
     search_defaults: SearchDefaults | None = None
+    collection: str = ""
 
     @property
     def version(self) -> str:
