@@ -530,12 +530,13 @@ class RetrieverClient:
         reply = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout, ())
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
-    def wait_until_serving(self, timeout: float = 60.0) -> None:
-        """Polls health until SERVING (the server loads and warms its index first)."""
+    def wait_until_serving(self, timeout: float = 60.0, *, collection: str = "") -> None:
+        """Polls health until SERVING (the server loads and warms its index first): the whole server's, or with
+        `collection` that collection's or alias's (its health service)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if self.health(timeout=1.0) == "SERVING":
+                if self.health(collection, timeout=1.0) == "SERVING":
                     return
             except RetrieverError:
                 pass
