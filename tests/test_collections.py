@@ -386,3 +386,55 @@ def test_health_watch_of_an_alias_follows_its_collection(serving):
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     client.delete_alias("watched")
     assert client.health("watched") == "SERVICE_UNKNOWN"
+
+
+# -- two models --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory) -> Path:
+    """A second real model, made offline: the packaged MiniLM cut to its first 3 transformer layers (other weights in
+    use, other vectors; the same 384 dimensions)."""
+    from sentence_transformers import SentenceTransformer
+
+    from rag_service.encoder.encode import default_model_path
+
+    model = SentenceTransformer(default_model_path(), device="cpu")
+    transformer = model[0].auto_model
+    transformer.encoder.layer = transformer.encoder.layer[:3]
+    transformer.config.num_hidden_layers = 3
+    out = tmp_path_factory.mktemp("models") / "minilm-l3"
+    model.save(str(out))
+    return out
+
+
+@pytest.mark.slow
+def test_two_collections_with_different_models_answer_independently(root, other_model, encoder, server_thread,
+                                                                      tmp_path, write_corpus):
+    import numpy as np
+
+    from rag_service.encoder.encode import Encoder
+    from rag_service.index.build import BuildConfig, build_index
+
+    base = tmp_path / "root"
+    _copy_index(root / "manuals-v1", base / "stock")
+    _copy_index(root / "docs", base / "stock-copy")
+    docs = [json.loads(line) for line in (root.parent / "corpus_v2.jsonl").read_text().splitlines()]
+    build_index(write_corpus(tmp_path / "corpus.jsonl", docs), base / "small-model",
+                BuildConfig(chunk_tokens=64, chunk_overlap=16), encoder=Encoder(str(other_model)), progress=False)
+    # The int8 graphs the indexes carry: the small model's collection cannot borrow the test's torch encoder.
+    with server_thread(_config(base, encoder={"backend": "onnx-int8"}), encoder) as running, \
+            RetrieverClient(f"127.0.0.1:{running.port}", timeout=60) as client:
+        infos = {c.name: c for c in client.list_collections()[0]}
+        assert infos["small-model"].embedding_model == "minilm-l3"
+        assert infos["stock"].embedding_model == infos["stock-copy"].embedding_model == encoder.name
+        searchers = {name: c.searcher for name, c in running.server.collections.collections.items()}
+        assert searchers["stock"].encoder is searchers["stock-copy"].encoder is not searchers["small-model"].encoder
+        assert searchers["small-model"].encoder.name == "minilm-l3" and len(running.server.encoders) == 2
+        a, b = (searchers[n].encoder.encode_queries([PROBE])[0] for n in ("stock", "small-model"))
+        assert float(np.dot(a, b)) < 0.99  # two models, two vectors for one query
+        small = client.search(PROBE, top_k=3, collection="small-model", debug=True)
+        stock = client.search(PROBE, top_k=3, collection="stock", debug=True)
+        assert small.contexts[0].doc_id == "zeppelin" and "zeppelin" not in [c.doc_id for c in stock.contexts]
+        assert small.served_from == stock.served_from == "miss"
+        assert small.contexts[0].dense_score != stock.contexts[0].dense_score
+        assert client.index_info(collection="small-model").embedding_model == "minilm-l3"
