@@ -438,3 +438,21 @@ def test_two_collections_with_different_models_answer_independently(root, other_
         assert small.served_from == stock.served_from == "miss"
         assert small.contexts[0].dense_score != stock.contexts[0].dense_score
         assert client.index_info(collection="small-model").embedding_model == "minilm-l3"
+
+
+def test_sighup_loads_new_folders_and_takes_the_aliases_file(root, encoder, server_thread, tmp_path):
+    """`rag-index build` + `rag-index alias` + SIGHUP (RagServer.reload_all) switch an alias with no RPC."""
+    base = tmp_path / "root"
+    _copy_index(root / "manuals-v1", base / "manuals-v1")
+    update_aliases(base, lambda a: a.__setitem__("manuals", "manuals-v1"))
+    with server_thread(_config(base, default_collection="manuals"), encoder) as running, \
+            RetrieverClient(f"127.0.0.1:{running.port}", timeout=60) as client:
+        assert client.search(PROBE).collection == "manuals-v1"
+        _copy_index(root / "manuals-v2", base / "manuals-v2")
+        update_aliases(base, lambda a: a.__setitem__("manuals", "manuals-v2"))
+        before = running.server.collections.collections["manuals-v1"].searcher
+        asyncio.run_coroutine_threadsafe(running.server.reload_all(), running.loop).result(timeout=300)
+        reply = client.search(PROBE)
+        assert reply.collection == "manuals-v2" and reply.contexts[0].doc_id == "zeppelin"
+        # manuals-v1's CURRENT did not move: it was not loaded again.
+        assert running.server.collections.collections["manuals-v1"].searcher is before

@@ -81,7 +81,7 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
-def update_aliases(root: Path, change: Callable[[dict[str, str]], None]) -> dict[str, str]:
+def update_aliases(root: Path, change: Callable[[dict[str, str]], object]) -> dict[str, str]:
     """Reads the aliases of `root`, lets `change` edit them in place, and writes them back atomically, all under the
     root's lock file; returns what was written. A reader sees the old file or the new one, never a part."""
     root = Path(root)
@@ -437,11 +437,8 @@ class Collections:
                 await self.loaders.changed(changed)
 
     async def _persist(self, change: Callable[[dict[str, str]], object]) -> None:
-        def apply(aliases: dict[str, str]) -> None:
-            change(aliases)
-
         try:
-            await asyncio.get_running_loop().run_in_executor(None, update_aliases, self.root, apply)
+            await asyncio.get_running_loop().run_in_executor(None, update_aliases, self.root, change)
         except OSError as error:
             raise FailedPrecondition(f"the aliases file in {self.root} cannot be written: "
                                      f"{error.strerror or error}") from None

@@ -36,10 +36,18 @@ from rag_service.api.shard_service import SERVICE_NAME as SHARD_SERVICE
 from rag_service.api.shard_service import ShardServicer
 from rag_service.core import tracing
 from rag_service.core.config import SearchDefaults, ServerConfig
-from rag_service.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from rag_service.core.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RagError,
+    Unavailable,
+)
 from rag_service.core.metrics import Metrics
 from rag_service.core.params import SearchParams
 from rag_service.encoder.encode import SearchEncoder
+from rag_service.index.load import resolve_version_dir
 from rag_service.index.publish import CURRENT
 from rag_service.index.reply_bytes import ContextBytes
 from rag_service.kernels import native
@@ -545,14 +553,31 @@ class RagServer:
                                              self._reload_executor)
 
     async def reload_all(self) -> None:
-        """SIGHUP: the aliases file read anew, then every collection reloaded from its path (CURRENT followed anew);
-        one that fails keeps serving what it served."""
-        await self.collections.reread_aliases()
-        for name in list(self.collections.collections):
+        """SIGHUP: index folders new under the collections root are loaded as collections, the aliases file is read
+        anew (so an alias may name one of them: `rag-index build` + `rag-index alias` + SIGHUP switches with no RPC),
+        and every collection whose CURRENT moved is reloaded. One that fails keeps serving what it served."""
+        registry = self.collections
+        specs, _ = collection_specs(self.config)
+        new = [spec for spec in specs if spec.name not in registry.collections]
+        for spec in new:
+            await self._try_reload(str(spec.path.resolve()), spec.name)
+        await registry.reread_aliases()
+        for name, entry in list(registry.collections.items()):
+            if entry.searcher is not None and any(spec.name == name for spec in new):
+                continue
             try:
-                await self.reload("", name)
-            except Exception as error:  # noqa: BLE001 - reload() logged why; the others still reload
-                log.warning("reload of collection %s failed: %s", name, error)
+                moved = entry.searcher is None or Path(entry.searcher.summary().path).resolve() != \
+                    resolve_version_dir(entry.path).resolve()
+            except (OSError, RagError):
+                moved = True  # the reload says what is wrong
+            if moved:
+                await self._try_reload("", name)
+
+    async def _try_reload(self, path: str, collection: str) -> None:
+        try:
+            await self.reload(path, collection)
+        except Exception as error:  # noqa: BLE001 - reload() logged why; the others still reload
+            log.warning("reload of collection %s failed: %s", collection, error)
 
     async def delete(self, collection: str, remove_files: bool = False) -> str:
         """Stops serving `collection` (refused while an alias names it); `remove_files` also deletes its folder,
