@@ -71,7 +71,9 @@ def build(data: Path, work: Path, n: int, docs: int, seed: int) -> tuple[list[Pa
         corpus.write_text("\n".join(chosen) + "\n", encoding="utf-8")
         encoder = encoder or Encoder()
         started = time.perf_counter()
-        version = build_index(corpus, folder, BuildConfig(), encoder=encoder, progress=False)
+        # The torch encoder already loaded: an ONNX document encoder would be loaded anew for every build.
+        version = build_index(corpus, folder, BuildConfig(document_encoder="torch"), encoder=encoder,
+                              progress=False)
         _share_export(version, resolve_version_dir(folders[0]))
         print(f"built {name} ({len(chosen)} documents) in {time.perf_counter() - started:.1f} s", flush=True)
     return folders[:n], folders[n]

@@ -38,6 +38,7 @@ from rag_service.index.load import resolve_version_dir
 from rag_service.index.manifest import MANIFEST_FILE
 from rag_service.index.publish import CURRENT
 from rag_service.search.searcher import Searcher
+from rag_service.shard.split import ROUTER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def update_aliases(root: Path, change: Callable[[dict[str, str]], object]) -> di
 class Spec:
     name: str
     path: Path  # index root (with CURRENT) or version directory; a router directory for a router
+    shards: tuple[str, ...] = ()  # a sharded collection's shard servers: this server routes to them
 
 
 def is_index_dir(path: Path) -> bool:
@@ -122,9 +124,11 @@ def is_index_dir(path: Path) -> bool:
 
 def index_name(path: Path) -> str:
     """The collection name of a plain `--index PATH`: its manifest's name (rag-index build names it after its
-    folder), else the folder's name."""
+    folder; a router directory carries its index's), else the folder's name."""
     try:
-        name = json.loads((resolve_version_dir(path) / MANIFEST_FILE).read_text(encoding="utf-8"))["name"]
+        description = Path(path) / ROUTER_FILE if (Path(path) / ROUTER_FILE).is_file() \
+            else resolve_version_dir(path) / MANIFEST_FILE
+        name = json.loads(description.read_text(encoding="utf-8"))["name"]
     except (OSError, ValueError, KeyError, TypeError, IndexFormatError):
         name = None
     if isinstance(name, str) and COLLECTION_NAME.fullmatch(name):
@@ -143,13 +147,14 @@ def collection_specs(config: ServerConfig) -> tuple[list[Spec], str | None]:
             raise ValueError(f"two collections named {spec.name!r}: {other.path} and {spec.path}")
         specs.setdefault(spec.name, spec)
 
+    routed = config.router.collections
     named = bool(config.collections) or config.collections_root is not None
     if not named or "index" in config.model_fields_set or config.router.shards:
-        spec = Spec(index_name(config.index), Path(config.index))
+        spec = Spec(index_name(config.index), Path(config.index), tuple(config.router.shards))
         add(spec)
         default = default or spec.name
     for name, path in config.collections.items():
-        add(Spec(name, Path(path)))
+        add(Spec(name, Path(path), tuple(routed.get(name, ()))))
     root = config.collections_root
     if root is not None:
         root = Path(root)
@@ -162,7 +167,11 @@ def collection_specs(config: ServerConfig) -> tuple[list[Spec], str | None]:
                 log.warning("%s: not served: the folder name is not a collection name (%s)", child,
                             COLLECTION_NAME_RULE)
                 continue
-            add(Spec(child.name, child))
+            add(Spec(child.name, child, tuple(routed.get(child.name, ()))))
+    unknown = sorted(set(routed) - set(specs))
+    if unknown:
+        raise ValueError(f"router.collections: {', '.join(unknown)} is not a collection this server serves (give "
+                         "its router directory with --index NAME=PATH)")
     if default is None and len(specs) == 1:
         default = next(iter(specs))
     return list(specs.values()), default
@@ -181,6 +190,7 @@ class ReloadResult:
 class Collection:
     name: str
     path: Path
+    shards: tuple[str, ...] = ()
     status: str = LOADING
     searcher: Searcher | None = None
     error: str = ""
@@ -188,11 +198,12 @@ class Collection:
 
 @dataclass(frozen=True)
 class Loaders:
-    """What the registry needs from the server: `load(path)` loads, checks and warms a searcher (runs on
-    `executor`); `changed(names)` publishes the state of those collections and aliases (health); `swapped(name, old,
-    new)` runs after a collection's searcher changed (new None: deleted), for the caches."""
+    """What the registry needs from the server: `load(path, shards)` loads, checks and warms a searcher (a router
+    over `shards` when there are any; runs on `executor`); `changed(names)` publishes the state of those collections
+    and aliases (health); `swapped(name, old, new)` runs after a collection's searcher changed (new None: deleted),
+    for the caches."""
 
-    load: Callable[[Path], Searcher]
+    load: Callable[[Path, tuple[str, ...]], Searcher]
     executor: Executor
     changed: Callable[[list[str]], Awaitable[None]]
     swapped: Callable[[str, Searcher | None, Searcher | None], None]
@@ -213,7 +224,7 @@ class Collections:
 
     def __post_init__(self) -> None:
         for spec in self.specs:
-            self.collections[spec.name] = Collection(spec.name, spec.path)
+            self.collections[spec.name] = Collection(spec.name, spec.path, spec.shards)
         self._admin = asyncio.Lock()
         self.aliases = self._persisted_aliases()
         if self.default is not None and self.default not in self.collections and self.default not in self.aliases:
@@ -278,9 +289,9 @@ class Collections:
         return LOADING not in states and SERVING in states
 
     # -- loading -------------------------------------------------------------------------------------------------------
-    async def _load(self, path: Path, executor: Executor | None = None) -> Searcher:
+    async def _load(self, path: Path, shards: tuple[str, ...], executor: Executor | None = None) -> Searcher:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor or self.loaders.executor, self.loaders.load, path)
+        return await loop.run_in_executor(executor or self.loaders.executor, self.loaders.load, path, shards)
 
     async def load_all(self) -> None:
         """Loads every collection not loaded yet, one at a time (each uses the cores), publishing each as it ends.
@@ -291,7 +302,7 @@ class Collections:
                 continue
             started = time.perf_counter()
             try:
-                searcher = await self._load(entry.path)
+                searcher = await self._load(entry.path, entry.shards)
             except Exception as error:  # noqa: BLE001 - one collection's failure must not stop the others
                 entry.status, entry.error = FAILED, _describe(error, entry.path)
                 errors.append(error)
@@ -316,11 +327,12 @@ class Collections:
         searcher.collection = name
         entry.searcher, entry.status, entry.error = searcher, SERVING, ""
 
-    async def reload(self, name: str, path: str, confine: Callable[[str], Path],
-                     reload_executor: Executor) -> ReloadResult:
+    async def reload(self, name: str, path: str, confine: Callable[[str], Path], reload_executor: Executor,
+                     shards: tuple[str, ...] = ()) -> ReloadResult:
         """Loads the index at `path` (inside the index root; "" = the collection's own path, CURRENT followed anew)
         beside what collection `name` serves ("" = the default), validates and warms it, then swaps it in. A name the
-        server does not serve yet, naming a folder of the index root, is loaded as a new collection. A failure
+        server does not serve yet, naming a folder of the index root, is loaded as a new collection (a router over
+        `shards` when given). A failure
         leaves the serving version in place and raises."""
         async with self._admin:
             if name:
@@ -334,13 +346,13 @@ class Collections:
             new = entry is None
             if entry is None:
                 target = confine(path or name)
-                entry = Collection(name, target)
+                entry = Collection(name, target, shards)
             else:
                 target = confine(path) if path else entry.path
             current = entry.searcher
             started = time.perf_counter()
             try:
-                searcher = await self._load(target, reload_executor)
+                searcher = await self._load(target, entry.shards, reload_executor)
             except Exception as error:
                 self.metrics.reloads.labels("failed").inc()
                 if isinstance(error, OSError):  # unreadable path or file: a bad index, not a server fault
@@ -359,6 +371,28 @@ class Collections:
                      searcher.version, previous, seconds)
             await self.loaders.changed(self.names_of(entry.name))
             return ReloadResult(previous_version=previous, version=searcher.version, load_seconds=seconds)
+
+    async def refresh(self, specs: list[Spec], confine: Callable[[str], Path], reload_executor: Executor) -> None:
+        """SIGHUP: collections of `specs` not served yet are loaded, the aliases file is read anew (so an alias may
+        name one of them: `rag-index build` + `rag-index alias` + SIGHUP switches with no RPC), and every collection
+        whose CURRENT moved is reloaded. One that fails keeps serving what it served (the reload logged why)."""
+        new = [spec for spec in specs if spec.name not in self.collections]
+        for spec in new:
+            with contextlib.suppress(Exception):
+                await self.reload(spec.name, str(spec.path.resolve()), confine, reload_executor, spec.shards)
+        await self.reread_aliases()
+        fresh = {spec.name for spec in new}
+        for name, entry in list(self.collections.items()):
+            if name in fresh:
+                continue
+            try:
+                moved = entry.searcher is None or \
+                    Path(entry.searcher.summary().path).resolve() != resolve_version_dir(entry.path).resolve()
+            except (OSError, IndexFormatError):
+                moved = True  # the reload says what is wrong
+            if moved:
+                with contextlib.suppress(Exception):
+                    await self.reload(name, "", confine, reload_executor)
 
     # -- aliases and deletes -------------------------------------------------------------------------------------------
     async def set_alias(self, alias: str, collection: str) -> str:

@@ -3,6 +3,7 @@ over a shard set (ShardedPipeline). Both get their query encoder, adaptive polic
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -58,9 +59,9 @@ class EncoderPool:
             graph = onnx_export.FP32_FILE if backend in onnx_export.DERIVED_KINDS \
                 else onnx_export.ONNX_FILE_FOR[backend]
             entry = manifest.get("files", {}).get(graph)
-            # Without a checksum (an export outside the manifest) the graph's own path keeps it apart.
+            # A router directory's export is outside any manifest: its bytes tell the model.
             return (backend, entry["sha256"] if isinstance(entry, dict) and "sha256" in entry
-                    else str((index_dir / graph).resolve()))
+                    else _sha256(index_dir / graph))
         return ("torch", self.config.encoder.model_path or "", model)
 
     def get(self, index_dir: Path, manifest: dict) -> SearchEncoder:
@@ -84,6 +85,14 @@ class EncoderPool:
                 del self._encoders[key]
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None,
                   load: Callable[[], int] | None = None, encoders: EncoderPool | None = None) -> Searcher:
     """Loads, checks and warms the searcher `config` describes. `encoder`: reuse one already loaded (tests share
@@ -96,9 +105,11 @@ def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None,
     shards = config.router.shards
     if shards:
         router_dir = Path(config.index)
-        read_router(router_dir)  # a wrong directory fails here, before the model loads
+        router = read_router(router_dir)  # a wrong directory fails here, before the model loads
         token = config.auth.search_token.get_secret_value() if config.auth.search_token is not None else None
-        searcher = ShardedPipeline(router_dir, list(shards), _query_encoder(config, router_dir, encoder),
+        query_encoder = encoders.get(router_dir, {"model": router["model"]}) \
+            if encoder is None and encoders is not None else _query_encoder(config, router_dir, encoder)
+        searcher = ShardedPipeline(router_dir, list(shards), query_encoder,
                                    policy=policy, timeout_s=config.router.shard_timeout_seconds, token=token)
     else:
         index = load_index(config.index, verify_checksums=config.verify_checksums)

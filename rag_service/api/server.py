@@ -41,13 +41,11 @@ from rag_service.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    RagError,
     Unavailable,
 )
 from rag_service.core.metrics import Metrics
 from rag_service.core.params import SearchParams
 from rag_service.encoder.encode import SearchEncoder
-from rag_service.index.load import resolve_version_dir
 from rag_service.index.publish import CURRENT
 from rag_service.index.reply_bytes import ContextBytes
 from rag_service.kernels import native
@@ -66,9 +64,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
 
 # A drain waits for this long without new Search calls (bounded by the grace period) before the server stops.
 DRAIN_QUIET_SECONDS = 0.2
-
-
-__all__ = ["RagServer", "ReloadResult", "RetrieverServicer", "create_server"]
 
 
 def index_root_of(config: ServerConfig) -> Path:
@@ -507,8 +502,10 @@ class RagServer:
         for hook in self.on_index_swap:
             hook(collection, old, new)
 
-    def _load_searcher(self, path: Path) -> Searcher:
-        return load_searcher(self.config.model_copy(update={"index": path}), None, self._admitted, self.encoders)
+    def _load_searcher(self, path: Path, shards: tuple[str, ...]) -> Searcher:
+        router = self.config.router.model_copy(update={"shards": list(shards)})
+        return load_searcher(self.config.model_copy(update={"index": path, "router": router}), None, self._admitted,
+                             self.encoders)
 
     def _swapped(self, collection: str, old: Searcher | None, new: Searcher | None) -> None:
         if new is None:
@@ -553,31 +550,10 @@ class RagServer:
                                              self._reload_executor)
 
     async def reload_all(self) -> None:
-        """SIGHUP: index folders new under the collections root are loaded as collections, the aliases file is read
-        anew (so an alias may name one of them: `rag-index build` + `rag-index alias` + SIGHUP switches with no RPC),
-        and every collection whose CURRENT moved is reloaded. One that fails keeps serving what it served."""
-        registry = self.collections
+        """SIGHUP: index folders new under the collections root load as collections, the aliases file is read anew
+        and every collection whose CURRENT moved reloads (api/collections.py, `Collections.refresh`)."""
         specs, _ = collection_specs(self.config)
-        new = [spec for spec in specs if spec.name not in registry.collections]
-        for spec in new:
-            await self._try_reload(str(spec.path.resolve()), spec.name)
-        await registry.reread_aliases()
-        for name, entry in list(registry.collections.items()):
-            if entry.searcher is not None and any(spec.name == name for spec in new):
-                continue
-            try:
-                moved = entry.searcher is None or Path(entry.searcher.summary().path).resolve() != \
-                    resolve_version_dir(entry.path).resolve()
-            except (OSError, RagError):
-                moved = True  # the reload says what is wrong
-            if moved:
-                await self._try_reload("", name)
-
-    async def _try_reload(self, path: str, collection: str) -> None:
-        try:
-            await self.reload(path, collection)
-        except Exception as error:  # noqa: BLE001 - reload() logged why; the others still reload
-            log.warning("reload of collection %s failed: %s", collection, error)
+        await self.collections.refresh(specs, lambda p: confine(p, self.index_root), self._reload_executor)
 
     async def delete(self, collection: str, remove_files: bool = False) -> str:
         """Stops serving `collection` (refused while an alias names it); `remove_files` also deletes its folder,

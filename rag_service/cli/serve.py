@@ -40,10 +40,13 @@ async def _serve(config) -> None:
         await server.start()
         metrics = f"; metrics on http://{config.metrics.host}:{server.metrics_port}/metrics" \
             if server.metrics_port is not None else ""
-        role = f" as router over {len(config.router.shards)} shards" if config.router.shards else ""
+        role = f" as router over {len(config.router.shards)} shards" if config.router.shards else \
+            f" routing {', '.join(config.router.collections)} to their shards" if config.router.collections else ""
         registry = server.collections
-        served = ", ".join(f"{name}{'*' if registry.default == name else ''}"
+        default = registry.default_collection()
+        served = ", ".join(f"{name}{' (default)' if default is not None and default.name == name else ''}"
                            for name, c in registry.collections.items() if c.status == "SERVING")
+        served += "".join(f"; alias {alias} -> {target}" for alias, target in sorted(registry.aliases.items()))
         failed = [name for name, c in registry.collections.items() if c.status == "FAILED"]
         what = f"{config.index}" if list(registry.collections) == [registry.default] else \
             f"collections {served}" + (f" (failed: {', '.join(failed)})" if failed else "")
@@ -74,6 +77,29 @@ def _index_options(values: tuple[str, ...]) -> tuple[Path | None, dict[str, Path
     return (plain[0] if plain else None), named
 
 
+def _shard_options(values: tuple[str, ...]) -> tuple[list[str] | None, dict[str, list[str]]]:
+    """--shards values: HOST:PORT,... for the plain --index (router.shards), NAME=HOST:PORT,... for collection NAME
+    (router.collections)."""
+    from rag_service.core.config import COLLECTION_NAME
+
+    plain: list[str] | None = None
+    routed: dict[str, list[str]] = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        named = bool(sep) and COLLECTION_NAME.fullmatch(name) is not None
+        addresses = [a.strip() for a in (rest if named else value).split(",") if a.strip()]
+        if not addresses:
+            raise click.BadParameter("give at least one HOST:PORT", param_hint="--shards")
+        if named:
+            routed[name] = addresses
+        elif plain is not None:
+            raise click.BadParameter("give one plain list (the --index router); name the others NAME=...",
+                                     param_hint="--shards")
+        else:
+            plain = addresses
+    return plain, routed
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--index", "indexes", multiple=True, metavar="[NAME=]PATH",
               help="An index root (with CURRENT) or version directory. NAME=PATH serves it as collection NAME "
@@ -91,7 +117,8 @@ def _index_options(values: tuple[str, ...]) -> tuple[Path | None, dict[str, Path
               "override it.")
 @click.option("--metrics-port", type=int, help="metrics.port: serve Prometheus metrics on this port at /metrics (0: a "
               "free one).")
-@click.option("--shards", help="router.shards: the router role, comma-separated shard server addresses (HOST:PORT), "
+@click.option("--shards", multiple=True, metavar="[NAME=]HOST:PORT,...",
+              help="router.shards: the router role, comma-separated shard server addresses (HOST:PORT), "
               "one per shard of the set; --index is then the router directory of the sharded build (OUT/router).")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--log-format", default="json", type=click.Choice(["json", "text"]),
@@ -117,13 +144,12 @@ def main(indexes, index_root, default_collection, host, port, workers, config_fi
     from rag_service.core.errors import RagError
 
     try:
-        shard_list = None if shards is None else [a.strip() for a in shards.split(",") if a.strip()]
-        if shard_list is not None and not shard_list:
-            raise click.BadParameter("give at least one HOST:PORT", param_hint="--shards")
+        shard_list, routed = _shard_options(shards)
         index, named = _index_options(indexes)
         config = load_config(config_file, index=index, collections=named or None, collections_root=index_root,
                              default_collection=default_collection, host=host, port=port, workers=workers,
-                             metrics={"port": metrics_port}, router={"shards": shard_list})
+                             metrics={"port": metrics_port},
+                             router={"shards": shard_list, "collections": routed or None})
     except (ValidationError, SettingsError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
     if print_config:

@@ -228,6 +228,11 @@ class RouterSettings(BaseModel):
                               "(OUT/router). Empty: serve `index` itself.")
     shard_timeout_seconds: float = Field(5.0, gt=0.0, description="The longest the router waits for a shard when the "
                                          "call has no (shorter) deadline.")
+    collections: dict[str, list[str]] = Field(default_factory=dict, description="A router fronting several sharded "
+                                              "collections: NAME -> its shard servers' addresses; the collection's "
+                                              "path (`collections`, or a folder of `collections_root`) is then the "
+                                              "router directory of its sharded build (rag-serve --shards "
+                                              "NAME=HOST:PORT,...).")
 
 
 # Flat names of settings that moved into sections. Unknown settings are refused anyway (extra="forbid"), but an
