@@ -41,7 +41,8 @@ def test_service_config_is_round_robin_with_retries_on_unavailable():
     config = json.loads(service_config(load_balancing="round_robin", retries=2))
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     (method,) = config["methodConfig"]
-    assert {n["method"] for n in method["name"]} == {"Search", "StreamSearch", "GetIndexInfo", "Prefetch"}
+    assert {n["method"] for n in method["name"]} == {"Search", "StreamSearch", "GetIndexInfo", "Prefetch",
+                                                   "ListCollections"}
     assert all(n["service"] == "rag.v1.Retriever" for n in method["name"])
     assert method["retryPolicy"]["maxAttempts"] == 3
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
