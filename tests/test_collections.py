@@ -98,6 +98,16 @@ def test_an_index_root_serves_each_index_folder_by_its_name(tmp_path):
         ServerConfig(collections={"no/slash": plain})
 
 
+def test_the_printed_configuration_loads_to_the_same_collections(tmp_path):
+    from rag_service.core.config import load_config, to_toml
+
+    _fake_index(tmp_path / "a")
+    config = load_config(None, collections_root=tmp_path)
+    (tmp_path / "printed.toml").write_text(to_toml(config))
+    again = load_config(tmp_path / "printed.toml")
+    assert collection_specs(again) == collection_specs(config) and [s.name for s in collection_specs(again)[0]] == ["a"]
+
+
 def test_rag_serve_index_options_take_names_and_one_plain_path():
     from rag_service.cli.serve import _index_options
 

@@ -480,7 +480,12 @@ def example_toml() -> str:
 
 def to_toml(config: ServerConfig) -> str:
     """The configuration as TOML, secrets masked (`rag-serve --print-config`)."""
-    return "\n".join(_table(config, "", describe=False)).strip() + "\n"
+    lines = _table(config, "", describe=False)
+    if "index" not in config.model_fields_set and (config.collections or config.collections_root is not None):
+        # Given, `index` would be served beside the named collections: the printed file must load to the same.
+        lines = [f"# {line}  (not served: collections are named)" if line.startswith("index = ") else line
+                 for line in lines]
+    return "\n".join(lines).strip() + "\n"
 
 
 if __name__ == "__main__":
