@@ -466,3 +466,36 @@ def test_sighup_loads_new_folders_and_takes_the_aliases_file(root, encoder, serv
         assert reply.collection == "manuals-v2" and reply.contexts[0].doc_id == "zeppelin"
         # manuals-v1's CURRENT did not move: it was not loaded again.
         assert running.server.collections.collections["manuals-v1"].searcher is before
+
+
+def test_the_cache_store_holds_collections_of_two_vector_sizes_and_drops_one_alone():
+    """Collections of models of different sizes share one store: each size its own embedding matrix; a new version or
+    a delete of one collection drops its entries only."""
+    import numpy as np
+
+    from rag_service.core.config import CacheConfig
+    from rag_service.core.params import SearchResult
+    from rag_service.search.cache import CacheStore, Entry
+
+    store = CacheStore(CacheConfig())
+
+    def put(collection: str, version: str, query: str, vector: list[float]) -> Entry:
+        scope = (collection, version)
+        store.use_version(collection, version)
+        unit = np.asarray(vector, dtype=np.float32) / np.linalg.norm(vector)
+        entry = Entry(key=(scope, query, ()), group=(scope, ()),
+                      result=SearchResult(contexts=[], index_version=version, stage_us={}), vector=unit,
+                      lexical=np.zeros(0, np.int64), terms={}, polarity=(), signature=(query,), nbytes=1000,
+                      inserted=store.clock())
+        assert store.put(entry)
+        return entry
+
+    small = put("small", "v1", "q", [1, 0, 0, 0])
+    big = put("big", "w1", "q", [0, 1, 0, 0, 0, 0, 0, 0])
+    assert [e for e, _ in store.nearest(small.group, small.vector, 0.9, 4)] == [small]
+    assert [e for e, _ in store.nearest(big.group, big.vector, 0.9, 4)] == [big]
+    assert store.nearest(small.group, big.vector, 0.9, 4) == []  # another group: nothing, whatever the size
+    store.use_version("small", "v2")  # a reload of one collection
+    assert len(store) == 1 and store.get(big.key) is big
+    put("small", "v2", "q", [1, 0, 0, 0])
+    assert store.drop("big") == 1 and len(store) == 1 and store.get(big.key) is None
