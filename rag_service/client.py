@@ -51,8 +51,9 @@ PUSHBACK_HEADER = "grpc-retry-pushback-ms"  # trailing metadata of a refusal for
 MAX_REPLY_BYTES = 64 << 20  # the server's grpc.max_send_message_length
 _CODES = {code.value[0]: code for code in grpc.StatusCode}  # BatchResult.code -> grpc.StatusCode
 SERVICE = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
-# Read RPCs are safe to send again; ReloadIndex is aimed at one server and is never retried.
-RETRIED_METHODS = ("Search", "StreamSearch", "GetIndexInfo", "Prefetch", "SearchBatch")
+# Read RPCs are safe to send again; the admin RPCs (ReloadIndex, aliases, deletes) are aimed at one server and are
+# never retried.
+RETRIED_METHODS = ("Search", "StreamSearch", "GetIndexInfo", "Prefetch", "SearchBatch", "ListCollections")
 
 
 def replica_target(addresses: Iterable[str]) -> str:
@@ -177,6 +178,20 @@ class SearchResult:
     below_min_score: int = 0  # contexts of this page dropped by min_score
     legs: list[str] = field(default_factory=list)  # what ran: "bm25", "dense", "rerank"
     degraded: bool = False  # a leg was skipped for budget or load, or a shard is missing
+    collection: str = ""  # the collection that answered (an alias resolved)
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    status: str  # SERVING, LOADING or FAILED (then `error` says why)
+    version: str
+    document_count: int
+    chunk_count: int
+    embedding_model: str
+    aliases: list[str]
+    is_default: bool
+    error: str = ""
 
 
 
@@ -261,8 +276,9 @@ def search_request(query: str, *, top_k: int | None = None, depth: int | None = 
                    require_complete: bool = False, group_by_doc: bool = False, group_size: int | None = None,
                    offset: int | None = None, page_token: str | None = None, min_score: float | None = None,
                    decay: Decay | None = None, highlight: bool = False,
-                   tenant: str | None = None) -> pb.SearchRequest:
-    """None leaves a parameter to the server's default. `tenant`: the tenant to search as, in a collection built
+                   tenant: str | None = None, collection: str = "") -> pb.SearchRequest:
+    """None leaves a parameter to the server's default. `collection`: the collection or alias to search ("": the
+    server's default). `tenant`: the tenant to search as, in a collection built
     with a tenant key (a token scoped to a tenant sets it; naming another is refused). `require_complete` (routers
     over shards): fail rather than answer from the shards that did answer. The query API: `group_by_doc` (top_k
     counts documents, each with up to `group_size` chunks), pages (`offset`, or the previous reply's
@@ -276,7 +292,8 @@ def search_request(query: str, *, top_k: int | None = None, depth: int | None = 
         raise ValueError(f"cache must be one of 'default', 'bypass', 'exact_only', 'strict' or None, got {cache!r}")
     request = pb.SearchRequest(query=query, fusion=FUSION[fusion], filters=filters or {}, debug=debug,
                                cache=CACHE[cache], require_complete=require_complete, group_by_doc=group_by_doc,
-                               page_token=page_token or "", highlight=highlight, tenant=tenant or "")
+                               page_token=page_token or "", highlight=highlight, tenant=tenant or "",
+                               collection=collection)
     if decay is not None:
         request.decay.CopyFrom(decay.message())
     if filter is not None:
@@ -346,7 +363,8 @@ def _result(reply: pb.SearchResponse, served_by: str = "") -> SearchResult:
                         served_by=served_by, partial=reply.partial, shards_answered=list(reply.shards_answered),
                         shards_missing=list(reply.shards_missing), groups=groups,
                         next_page_token=reply.next_page_token, offset=reply.offset,
-                        below_min_score=reply.below_min_score, legs=list(reply.legs), degraded=reply.degraded)
+                        below_min_score=reply.below_min_score, legs=list(reply.legs), degraded=reply.degraded,
+                        collection=reply.collection)
 
 
 def _explanation(msg: pb.Explanation) -> dict:
@@ -462,14 +480,14 @@ class RetrieverClient:
                require_complete: bool = False, group_by_doc: bool = False, group_size: int | None = None,
                offset: int | None = None, page_token: str | None = None, min_score: float | None = None,
                decay: Decay | None = None, highlight: bool = False, tenant: str | None = None,
-               timeout: float | None = None) -> SearchResult:
+               collection: str = "", timeout: float | None = None) -> SearchResult:
         """None leaves a parameter to the server's default; the parameters are those of `search_request`."""
         request = search_request(
             query, top_k=top_k, depth=depth, fusion=fusion, dense_weight=dense_weight, filters=filters, filter=filter,
             debug=debug, cache=cache, rerank=rerank, rerank_depth=rerank_depth, max_context_tokens=max_context_tokens,
             mmr_lambda=mmr_lambda, dedup_threshold=dedup_threshold, require_complete=require_complete,
             group_by_doc=group_by_doc, group_size=group_size, offset=offset, page_token=page_token,
-            min_score=min_score, decay=decay, highlight=highlight, tenant=tenant)
+            min_score=min_score, decay=decay, highlight=highlight, tenant=tenant, collection=collection)
         return _result(*self._call_with_served_by(self._stub.Search, request, timeout))
 
     def search_batch(self, queries: Iterable[str | pb.SearchRequest], *, timeout: float | None = None,
@@ -488,24 +506,24 @@ class RetrieverClient:
                 else RetrieverError(_CODES.get(r.code, grpc.StatusCode.UNKNOWN), r.message, served_by)
                 for r in reply.results]
 
-    def prefetch(self, queries: Iterable[str | pb.SearchRequest], *, tenant: str | None = None,
+    def prefetch(self, queries: Iterable[str | pb.SearchRequest], *, tenant: str | None = None, collection: str = "",
                  timeout: float | None = None) -> pb.PrefetchResponse:
         """Names searches expected soon (plain queries, or requests with their parameters); the server fills its
         cache in the background. The reply counts what was accepted and what was dropped (queue full, server busy).
-        `tenant`: the tenant of the plain queries (a request carries its own)."""
-        requests = [q if isinstance(q, pb.SearchRequest) else pb.SearchRequest(query=q, tenant=tenant or "")
-                    for q in queries]
+        `tenant` and `collection` apply to the plain queries (a request carries its own)."""
+        requests = [q if isinstance(q, pb.SearchRequest)
+                    else pb.SearchRequest(query=q, tenant=tenant or "", collection=collection) for q in queries]
         return self._call(self._stub.Prefetch, pb.PrefetchRequest(requests=requests), timeout)
 
     def stream_search(self, drafts: Iterable[tuple[str | pb.SearchRequest, bool]], *, tenant: str | None = None,
-                      timeout: float | None = None) -> Iterator[SearchResult]:
+                      collection: str = "", timeout: float | None = None) -> Iterator[SearchResult]:
         """Sends (draft, final) pairs as the user types (a draft is a query or a request with its parameters) and
         yields one result per final draft. The server searches speculatively on drafts; pace the iterator as the
-        typing goes (it is consumed on gRPC's thread). `tenant`: the tenant of the plain-query drafts."""
+        typing goes (it is consumed on gRPC's thread). `tenant` and `collection` apply to the plain-query drafts."""
         def messages():
             for draft, final in drafts:
                 request = draft if isinstance(draft, pb.SearchRequest) \
-                    else pb.SearchRequest(query=draft, tenant=tenant or "")
+                    else pb.SearchRequest(query=draft, tenant=tenant or "", collection=collection)
                 yield pb.QueryDraft(request=request, final=final)
 
         try:
@@ -515,25 +533,54 @@ class RetrieverClient:
         except grpc.RpcError as error:
             raise _error(error) from error
 
-    def index_info(self, *, timeout: float | None = None) -> pb.IndexInfo:
-        return self._call(self._stub.GetIndexInfo, pb.GetIndexInfoRequest(), timeout)
+    def index_info(self, *, collection: str = "", timeout: float | None = None) -> pb.IndexInfo:
+        """What serves `collection` (a collection or alias; "": the default)."""
+        return self._call(self._stub.GetIndexInfo, pb.GetIndexInfoRequest(collection=collection), timeout)
 
-    def reload(self, path: str = "", *, timeout: float | None = 120.0) -> pb.ReloadIndexResponse:
+    def reload(self, path: str = "", *, collection: str = "", timeout: float | None = 120.0) -> pb.ReloadIndexResponse:
         """Asks the server to load, check, warm and swap in the index at `path` (inside its index root; "" = the
-        index it was started with, CURRENT followed anew). Needs `admin_token`."""
-        return self._call(self._stub.ReloadIndex, pb.ReloadIndexRequest(path=path), timeout,
+        collection's own path, CURRENT followed anew) as `collection` ("": the default; a folder of the index root
+        the server does not serve yet is loaded as a new collection). Needs `admin_token`."""
+        return self._call(self._stub.ReloadIndex, pb.ReloadIndexRequest(path=path, collection=collection), timeout,
                           metadata=self._admin_metadata)
+
+    def list_collections(self, *, timeout: float | None = None) -> tuple[list[CollectionInfo], dict[str, str]]:
+        """Every collection the server holds, and its aliases (alias -> collection)."""
+        reply = self._call(self._stub.ListCollections, pb.ListCollectionsRequest(), timeout)
+        return [CollectionInfo(name=c.name, status=c.status, version=c.version, document_count=c.document_count,
+                               chunk_count=c.chunk_count, embedding_model=c.embedding_model, aliases=list(c.aliases),
+                               is_default=c.is_default, error=c.error)
+                for c in reply.collections], dict(reply.aliases)
+
+    def set_alias(self, alias: str, collection: str, *, timeout: float | None = 30.0) -> str:
+        """Points `alias` at `collection` atomically (persisted in the server's index root); returns the collection
+        it named before ("" if new). Needs `admin_token`."""
+        return self._call(self._stub.SetAlias, pb.SetAliasRequest(alias=alias, collection=collection), timeout,
+                          metadata=self._admin_metadata).previous
+
+    def delete_alias(self, alias: str, *, timeout: float | None = 30.0) -> str:
+        """Removes `alias`; returns the collection it named. Needs `admin_token`."""
+        return self._call(self._stub.DeleteAlias, pb.DeleteAliasRequest(alias=alias), timeout,
+                          metadata=self._admin_metadata).previous
+
+    def delete_collection(self, collection: str, *, remove_files: bool = False,
+                          timeout: float | None = 60.0) -> str:
+        """Stops serving `collection` (refused while an alias names it); `remove_files` also deletes its folder.
+        Returns the version it served. Needs `admin_token`."""
+        return self._call(self._stub.DeleteCollection, pb.DeleteCollectionRequest(
+            collection=collection, remove_files=remove_files), timeout, metadata=self._admin_metadata).version
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         reply = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout, ())
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
-    def wait_until_serving(self, timeout: float = 60.0) -> None:
-        """Polls health until SERVING (the server loads and warms its index first)."""
+    def wait_until_serving(self, timeout: float = 60.0, *, collection: str = "") -> None:
+        """Polls health until SERVING (the server loads and warms its index first): the whole server's, or with
+        `collection` that collection's or alias's (its health service)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if self.health(timeout=1.0) == "SERVING":
+                if self.health(collection, timeout=1.0) == "SERVING":
                     return
             except RetrieverError:
                 pass

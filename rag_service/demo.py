@@ -21,6 +21,8 @@ MODULES = (
     "sqlite3", "statistics", "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "time",
     "typing", "unittest", "urllib.parse", "uuid", "zipfile",
 )
+# A second, smaller corpus for the demo's second collection: the modules that read and write data formats.
+DATA_MODULES = ("base64", "csv", "gzip", "hashlib", "json", "pickle", "sqlite3", "struct", "tarfile", "zipfile")
 MIN_DOC_CHARS = 80  # shorter docstrings ("Return self.") carry nothing to retrieve
 
 
@@ -77,8 +79,11 @@ def write_demo_corpus(output: Path, modules: tuple[str, ...] = MODULES) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--modules", choices=("all", "data"), default="all",
+                        help="all: the whole demo corpus; data: only the data-format modules (%(choices)s)")
     args = parser.parse_args()
-    print(f"wrote {write_demo_corpus(args.output)} documents to {args.output}")
+    modules = DATA_MODULES if args.modules == "data" else MODULES
+    print(f"wrote {write_demo_corpus(args.output, modules)} documents to {args.output}")
 
 
 if __name__ == "__main__":

@@ -338,7 +338,8 @@ def test_reload_drops_every_entry_of_the_old_version(server_thread, encoder, wri
         build_index(corpus, root, BuildConfig(), encoder=encoder, progress=False)
         reloaded = client.reload()
         assert reloaded.previous_version == first.index_version != reloaded.version
-        assert len(cache.store) == 0 and cache.store.version == reloaded.version  # dropped at the swap
+        # Dropped at the swap.
+        assert len(cache.store) == 0 and cache.store.versions[first.collection] == reloaded.version
         registry = r.server.metrics.registry
         assert registry.get_sample_value("rag_cache_evictions_total", {"reason": "version"}) == 1
         again = search(stub, "why does the sea rise and fall")

@@ -36,6 +36,7 @@ class FakeSearcher:
     """Every query embeds to the same vector (cosine 1.0); a miss answers with one context named after the query."""
 
     version = "v1"
+    collection = ""
     capabilities = Capabilities(rerank=False, lexical_route=True, semantic_guard=True)
     guard = FakeGuard()
 

@@ -42,7 +42,7 @@ def test_service_config_is_round_robin_with_retries_on_unavailable():
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     (method,) = config["methodConfig"]
     assert {n["method"] for n in method["name"]} == {"Search", "SearchBatch", "StreamSearch", "GetIndexInfo",
-                                                     "Prefetch"}
+                                                     "Prefetch", "ListCollections"}
     assert all(n["service"] == "rag.v1.Retriever" for n in method["name"])
     assert method["retryPolicy"]["maxAttempts"] == 3
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]

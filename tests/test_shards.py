@@ -338,6 +338,58 @@ def test_router_refuses_an_incomplete_or_foreign_shard_set(cluster, encoder):
 
 
 @pytest.mark.slow
+def test_a_router_fronts_several_sharded_collections_and_local_ones(cluster, sharded, server_thread,
+                                                                     tmp_path_factory, write_corpus):
+    """One router: the 3-shard set as collection `notes`, another 2-shard set of another corpus as `stars`, and a
+    whole index served locally as `single`; each answers from its own data, `notes` as the one-collection router
+    does."""
+    from rag_service.cli.index import cli
+    from rag_service.client import RetrieverClient
+    from rag_service.core.config import ServerConfig
+
+    single_root, _ = sharded
+    work = tmp_path_factory.mktemp("stars")
+    words = ["star", "galaxy", "nebula", "telescope", "orbit", "planet", "comet", "supernova", "pulsar", "quasar"]
+    rng = random.Random(17)
+    docs = [{"_id": f"s{n:02d}", "title": f"Sky note {n}",
+             "text": " ".join(rng.choice(words) for _ in range(24)) + "."} for n in range(16)]
+    corpus = write_corpus(work / "corpus.jsonl", docs)
+    stars = work / "stars"
+    result = CliRunner().invoke(cli, ["build", "--input", str(corpus), "--output", str(stars), "--shards", "2",
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    procs = [start_serve(["--index", str(stars / f"shard-{i}")], work / f"shard-{i}.log") for i in range(2)]
+    try:
+        star_addresses = [f"127.0.0.1:{wait_serving(p, work / f'shard-{i}.log')}" for i, p in enumerate(procs)]
+        config = ServerConfig(collections={"notes": cluster["out"] / "router", "stars": stars / "router",
+                                           "single": single_root},
+                              router={"collections": {"notes": cluster["addresses"], "stars": star_addresses}},
+                              default_collection="notes", port=0, warmup_queries=1)
+        with server_thread(config, None) as router, \
+                RetrieverClient(f"127.0.0.1:{router.port}", timeout=30) as client:
+            infos = {c.name: c for c in client.list_collections()[0]}
+            assert {n: c.status for n, c in infos.items()} == {"notes": "SERVING", "single": "SERVING",
+                                                                 "stars": "SERVING"}
+            assert infos["stars"].document_count == len(docs)
+            query = "volcano basalt magma eruption"
+            notes = client.search(query, collection="notes", top_k=8)
+            alone = cluster["router"].Search(pb.SearchRequest(query=query, top_k=8), timeout=30)
+            assert [c.chunk_id for c in notes.contexts] == [c.chunk_id for c in alone.contexts]
+            assert sorted(notes.shards_answered) == sorted(alone.shards_answered) and not notes.partial
+            sky = client.search("supernova pulsar telescope", collection="stars", top_k=5)
+            assert sky.collection == "stars" and all(c.doc_id.startswith("s") for c in sky.contexts)
+            assert len(sky.shards_answered) == 2
+            single = client.search(query, collection="single", top_k=8)
+            assert single.collection == "single" and not single.shards_answered
+            assert [c.chunk_id for c in single.contexts] == [c.chunk_id for c in notes.contexts]
+            # One model: the routers and the local collection share one query encoder.
+            searchers = {n: c.searcher for n, c in router.server.collections.collections.items()}
+            assert searchers["notes"].encoder is searchers["stars"].encoder is searchers["single"].encoder
+    finally:
+        stop_processes(procs)
+
+
+@pytest.mark.slow
 def test_a_stopped_shard_gives_a_partial_reply_or_unavailable(cluster):
     """Runs last in this module: it stops shard 1 for good."""
     from rag_service.index.load import load_index
@@ -423,3 +475,4 @@ def test_a_shard_failing_after_the_first_stage_leaves_a_partial_reply(sharded, s
             assert [c.chunk_id for c in result.contexts][:len(kept)] == kept
         with pytest.raises(Unavailable, match=f"shard 2@127.0.0.1:{servers[2].port} failed"):
             router.search(dataclasses.replace(params, require_complete=True))
+

@@ -538,3 +538,28 @@ def test_the_tenant_is_a_filter_condition_and_part_of_the_cache_key():
         with pytest.raises(InvalidArgument) as info:
             tenancy.apply(plain, requested, EVERYTHING, key, Limits())
         assert info.value.field == "tenant"
+
+
+@pytest.mark.slow
+def test_scopes_hold_across_collections_and_listings(tenant_index, built_index, encoder, server_thread):
+    from rag_service.core.config import ServerConfig
+
+    config = ServerConfig(collections={NAME: tenant_index, "plain": built_index}, default_collection=NAME, port=0,
+                          warmup_queries=0, auth=auth_settings())
+    with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.RetrieverStub(channel)
+        listed = stub.ListCollections(pb.ListCollectionsRequest(), metadata=bearer(ACME), timeout=30)
+        assert [c.name for c in listed.collections] == [NAME] and listed.collections[0].tenant_key == "tenant"
+        everything = stub.ListCollections(pb.ListCollectionsRequest(), metadata=bearer(READER), timeout=30)
+        assert sorted(c.name for c in everything.collections) == sorted([NAME, "plain"])
+        assert not stub.ListCollections(pb.ListCollectionsRequest(), metadata=bearer(ELSEWHERE),
+                                        timeout=30).collections
+        # Refused before the name is looked up: the served "plain" and a missing name read the same.
+        refusals = {refusal(stub.Search, pb.SearchRequest(query="volcano", collection=name), metadata=bearer(ACME),
+                            timeout=30) for name in ("plain", "missing")}
+        assert len(refusals) == 1 and refusals.pop()[0] == grpc.StatusCode.PERMISSION_DENIED
+        reply = stub.Search(pb.SearchRequest(query="volcano magma", collection=NAME), metadata=bearer(ACME),
+                            timeout=30)
+        assert reply.collection == NAME and tenants_of(reply) == {"acme"}
+        assert stub.Search(pb.SearchRequest(query="volcano magma", collection="plain"), metadata=bearer(READER),
+                           timeout=30).collection == "plain"

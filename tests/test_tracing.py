@@ -115,10 +115,10 @@ def test_domain_errors_are_mapped_counted_and_traced_by_the_wrapper(traced, wait
 def test_an_unexpected_failure_is_internal_with_a_generic_message(traced, monkeypatch, caplog):
     running, stub = traced
 
-    def broken():
+    def broken(*args):
         raise RuntimeError("secret detail")
 
-    monkeypatch.setattr(running.server.servicer.admission, "loaded", broken)
+    monkeypatch.setattr(running.server.servicer.collections, "searcher", broken)
     before = count(running, "GetIndexInfo", "INTERNAL")
     with pytest.raises(grpc.RpcError) as info:
         stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=30)

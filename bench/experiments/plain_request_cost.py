@@ -49,6 +49,7 @@ def main() -> None:
 
     class Version:
         version = index.version
+        collection = index.name
 
     steps = {
         "validate": lambda: search_params(request, defaults, limits),

@@ -1,7 +1,8 @@
 """Admission control: the one gate a request passes before it may take a pipeline thread.
 
-- Every request that needs the index is refused with UNAVAILABLE while the server drains for shutdown or has no
-  index loaded yet (`open`); GetIndexInfo needs only the index (`loaded`).
+- Every request that needs an index is refused with UNAVAILABLE while the server drains for shutdown (`open`); which
+  collection it searches, and whether that one is loaded, the registry says (api/collections.py). The gate is one
+  for the whole server, whatever collection a request names: they share the pipeline threads.
 - A search holds an in-flight slot while it runs (`search`): Search, and the final request of a StreamSearch. Past
   `max_in_flight` searches in flight, or with `max_queued` searches waiting for a pipeline thread while every thread is
   busy, it is refused at once with RESOURCE_EXHAUSTED and counted in rag_requests_shed.
@@ -29,14 +30,13 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from rag_service.core.config import ServerConfig
 from rag_service.core.errors import Overloaded, Unavailable
 from rag_service.core.metrics import Metrics
-from rag_service.search.searcher import Searcher
 
 PUSHBACK_MIN_MS = 5
 PUSHBACK_MAX_MS = 1000
@@ -45,15 +45,13 @@ RESIDENCE_WEIGHT = 0.05  # of the latest search in the moving mean: about the la
 
 @dataclass(frozen=True)
 class Admitted:
-    pipeline: Searcher  # read once: the whole request runs on this index, even across a reload
     arrival: float  # time.monotonic() when the request came, for the adaptive budget
 
 
 class Admission:
-    def __init__(self, config: ServerConfig, metrics: Metrics, pipeline: Callable[[], Searcher | None]) -> None:
+    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
-        self._pipeline = pipeline
         self.in_flight = 0  # touched only on the event loop thread
         # Admitted work not yet picked up by a pipeline thread; the workers decrement it, hence the lock.
         self.queued = 0
@@ -62,22 +60,15 @@ class Admission:
         self.last_arrival = 0.0  # time.monotonic() of the latest search, so a drain can wait for a quiet moment
         self.residence = 0.0  # moving mean of the seconds an admitted search holds its slot, for the pushback
 
-    def loaded(self) -> Searcher:
-        pipeline = self._pipeline()
-        if pipeline is None:
-            raise Unavailable("the index is still loading; retry when health reports SERVING")
-        return pipeline
-
-    def open(self) -> Searcher:
+    def open(self) -> None:
         if self.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
-        return self.loaded()
 
     @contextmanager
     def search(self) -> Iterator[Admitted]:
         """Admits one search and holds its in-flight slot until the block ends."""
         arrival = self.last_arrival = time.monotonic()
-        pipeline = self.open()
+        self.open()
         limit = self.config.max_in_flight
         if self.in_flight >= limit:
             self.metrics.shed.inc()
@@ -89,7 +80,7 @@ class Admission:
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
-            yield Admitted(pipeline, arrival)
+            yield Admitted(arrival)
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()

@@ -3,14 +3,17 @@ over a shard set (ShardedPipeline). Both get their query encoder, adaptive polic
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from rag_service.core.config import ServerConfig, index_defaults
 from rag_service.core.errors import IndexFormatError
 from rag_service.core.params import WARMUP_QUERIES, SearchParams
+from rag_service.encoder import onnx_export
 from rag_service.encoder.batching import MicroBatcher
 from rag_service.encoder.encode import SearchEncoder, load_index_encoder
 from rag_service.index.load import load_index
@@ -34,10 +37,67 @@ def _query_encoder(config: ServerConfig, model_dir: Path, encoder: SearchEncoder
     return encoder
 
 
+class EncoderPool:
+    """The query encoders of a server's collections: one per distinct model, shared by every collection built with it
+    (a hundred collections of one model hold one encoder, bench/README.md). A model is told by what the configured
+    backend runs: the checksum of the index's exported graph (encoder.onnx, from which the fused int8 graph is
+    derived, or encoder-int8.onnx), or for torch the model name. `given`: an encoder already loaded (tests share
+    one), used for every index built with a model of its name. Loads run on the load threads, hence the lock."""
+
+    def __init__(self, config: ServerConfig, given: SearchEncoder | None = None) -> None:
+        self.config = config
+        self.given = given
+        self._encoders: dict[tuple, SearchEncoder] = {}
+        self._lock = threading.Lock()
+
+    def key(self, index_dir: Path, manifest: dict) -> tuple:
+        model = str(manifest["model"]["name"])
+        backend = self.config.encoder.backend
+        if self.given is not None and self.given.name == model:
+            return ("given", model)
+        if backend != "torch" and onnx_export.has_export(index_dir):
+            graph = onnx_export.FP32_FILE if backend in onnx_export.DERIVED_KINDS \
+                else onnx_export.ONNX_FILE_FOR[backend]
+            entry = manifest.get("files", {}).get(graph)
+            # A router directory's export is outside any manifest: its bytes tell the model.
+            return (backend, entry["sha256"] if isinstance(entry, dict) and "sha256" in entry
+                    else _sha256(index_dir / graph))
+        return ("torch", self.config.encoder.model_path or "", model)
+
+    def get(self, index_dir: Path, manifest: dict) -> SearchEncoder:
+        key = self.key(index_dir, manifest)
+        with self._lock:
+            encoder = self._encoders.get(key)
+            if encoder is None:
+                encoder = _query_encoder(self.config, index_dir, self.given if key[0] == "given" else None)
+                self._encoders[key] = encoder
+                log.info("query encoder %s for model %s (%d loaded)", encoder.name, key, len(self._encoders))
+            return encoder
+
+    def __len__(self) -> int:
+        return len(self._encoders)
+
+    def keep(self, in_use: Iterable[SearchEncoder]) -> None:
+        """Forgets the encoders no collection uses any more (a request still running on one keeps it alive)."""
+        used = {id(e) for e in in_use}
+        with self._lock:
+            for key in [k for k, e in self._encoders.items() if id(e) not in used]:
+                del self._encoders[key]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None,
-                  load: Callable[[], int] | None = None) -> Searcher:
-    """Loads, checks and warms the searcher `config` describes. `encoder`: reuse one already loaded (a reload keeps
-    the serving one; tests share one). `load`: the server's count of admitted searches (AdaptivePolicy)."""
+                  load: Callable[[], int] | None = None, encoders: EncoderPool | None = None) -> Searcher:
+    """Loads, checks and warms the searcher `config` describes. `encoder`: reuse one already loaded (tests share
+    one); else `encoders` gives the one for the index's model (shared by the collections built with it). `load`: the
+    server's count of admitted searches (AdaptivePolicy)."""
     # A misconfigured RAG_SERVICE_BACKEND must stop the start, not fail every request later.
     log.info("native backends: %s", native.backend_info())
     policy = AdaptivePolicy(AdaptiveConfig(**config.adaptive.model_dump()), load)
@@ -45,13 +105,16 @@ def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None,
     shards = config.router.shards
     if shards:
         router_dir = Path(config.index)
-        read_router(router_dir)  # a wrong directory fails here, before the model loads
+        router = read_router(router_dir)  # a wrong directory fails here, before the model loads
         token = config.auth.search_token.get_secret_value() if config.auth.search_token is not None else None
-        searcher = ShardedPipeline(router_dir, list(shards), _query_encoder(config, router_dir, encoder),
+        query_encoder = encoders.get(router_dir, {"model": router["model"]}) \
+            if encoder is None and encoders is not None else _query_encoder(config, router_dir, encoder)
+        searcher = ShardedPipeline(router_dir, list(shards), query_encoder,
                                    policy=policy, timeout_s=config.router.shard_timeout_seconds, token=token)
     else:
         index = load_index(config.index, verify_checksums=config.verify_checksums)
-        query_encoder = _query_encoder(config, index.path, encoder)
+        query_encoder = encoders.get(index.path, index.manifest) if encoder is None and encoders is not None \
+            else _query_encoder(config, index.path, encoder)
         model = index.manifest["model"]
         if query_encoder.name != model["name"]:
             raise IndexFormatError(f"{index.path}/manifest.json: index was built with model {model['name']!r}, "

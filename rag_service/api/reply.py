@@ -48,6 +48,7 @@ _PARTIAL = tag(10, VARINT)
 _ANSWERED, _MISSING = tag(11, LEN), tag(12, LEN)
 _LEG = tag(16, LEN)
 _DEGRADED = tag(17, VARINT) + b"\x01"
+_COLLECTION = tag(19, LEN)
 _FLOAT = struct.Struct("<f")
 
 
@@ -162,9 +163,11 @@ def _contexts(contexts: Sequence[ContextResult], prepared: ContextBytes | None, 
 
 
 def joined(result: SearchResult, served_from: pb.ServedFrom, similarity: float | None, debug: bool,
-           server_time_us: int, prepared: ContextBytes | None, next_page_token: str = "") -> bytes:
+           server_time_us: int, prepared: ContextBytes | None, next_page_token: str = "",
+           collection: str = "") -> bytes:
     """The SearchResponse `message` builds, as wire bytes. `prepared`: the static bytes of the index the contexts
-    come from (their `chunk` indexes it), or None to encode their static fields here."""
+    come from (their `chunk` indexes it), or None to encode their static fields here. `collection`: the collection
+    that answered."""
     parts = _contexts(result.contexts, prepared, debug, result.shaped)
     append = parts.append
     if result.index_version:
@@ -196,6 +199,8 @@ def joined(result: SearchResult, served_from: pb.ServedFrom, similarity: float |
         append(_DEGRADED)
     if result.shaped:
         append(_response_extras(result, next_page_token).SerializeToString())
+    if collection:
+        append(string_field(_COLLECTION, collection))
     return b"".join(parts)
 
 
@@ -237,7 +242,7 @@ def to_context(context: ContextResult, debug: bool, shaped: bool = False) -> pb.
 
 
 def message(result: SearchResult, served_from: pb.ServedFrom, similarity: float | None, debug: bool,
-            server_time_us: int, next_page_token: str = "") -> pb.SearchResponse:
+            server_time_us: int, next_page_token: str = "", collection: str = "") -> pb.SearchResponse:
     """The SearchResponse of `result`, built field by field."""
     response = pb.SearchResponse(contexts=[to_context(c, debug, result.shaped) for c in result.contexts],
                                  index_version=result.index_version, server_time_us=server_time_us,
@@ -245,7 +250,7 @@ def message(result: SearchResult, served_from: pb.ServedFrom, similarity: float 
                                  route_reason=result.route_reason, served_from=served_from,
                                  partial=result.partial, shards_answered=result.shards_answered,
                                  shards_missing=result.shards_missing, legs=result.legs,
-                                 degraded=not result.complete)
+                                 degraded=not result.complete, collection=collection)
     if result.shaped:
         response.MergeFrom(_response_extras(result, next_page_token))
     if similarity is not None:

@@ -27,6 +27,7 @@ from rag_service.core.errors import (
     FailedPrecondition,
     IndexFormatError,
     InvalidArgument,
+    NotFound,
     Overloaded,
     PermissionDenied,
     RagError,
@@ -43,6 +44,7 @@ PUSHBACK_HEADER = "grpc-retry-pushback-ms"
 STATUS_FOR: dict[type[RagError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     IndexFormatError: grpc.StatusCode.FAILED_PRECONDITION,

@@ -2,9 +2,11 @@
 
 CPU work (the pipeline) runs on a thread pool, never on the event loop; the event loop only validates, admits
 (api/admission.py) and replies. Every handler runs inside the one RPC wrapper (api/rpc.py: status mapping, counters,
-the RPC's span). The index is loaded and warmed before health reports SERVING. A SearchResponse goes out as wire
-bytes joined from what the index prepared at load (api/reply.py), not as a message built per reply; SearchBatch
-(api/batch.py) answers with those same replies, one per request, inside its own wire bytes.
+the RPC's span). Requests name a collection (or an alias of one; the registry is api/collections.py); each
+collection is loaded and warmed before its health service (named after it) reports SERVING, and the server's overall
+health reports SERVING once every collection has finished loading. A SearchResponse goes out as wire bytes joined from
+what the index prepared at load (api/reply.py), not as a message built per reply; SearchBatch (api/batch.py)
+answers with those same replies, one per request, inside its own wire bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -30,13 +31,20 @@ from opentelemetry.trace import TracerProvider
 from rag_service.api import auth, logs, pages, reply, rpc, tenancy, wire
 from rag_service.api.admission import Admission
 from rag_service.api.batch import BatchSearch
-from rag_service.api.loader import load_searcher
+from rag_service.api.collections import SERVING, Collections, Loaders, ReloadResult, collection_specs
+from rag_service.api.loader import EncoderPool, load_searcher
 from rag_service.api.request import search_params
 from rag_service.api.shard_service import SERVICE_NAME as SHARD_SERVICE
 from rag_service.api.shard_service import ShardServicer
 from rag_service.core import tracing
 from rag_service.core.config import SearchDefaults, ServerConfig
-from rag_service.core.errors import DeadlineExceeded, IndexFormatError, InvalidArgument, Unavailable
+from rag_service.core.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from rag_service.core.metrics import Metrics
 from rag_service.core.params import SearchParams
 from rag_service.encoder.encode import SearchEncoder
@@ -60,17 +68,13 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
 DRAIN_QUIET_SECONDS = 0.2
 
 
-@dataclass(frozen=True)
-class ReloadResult:
-    previous_version: str
-    version: str
-    load_seconds: float
-
-
 def index_root_of(config: ServerConfig) -> Path:
-    """The directory ReloadIndex paths must stay inside: configured, else the root `index` belongs to."""
+    """The directory ReloadIndex paths must stay inside, and the one aliases persist in: configured, else the
+    collections root, else the root `index` belongs to."""
     if config.index_root is not None:
         return Path(config.index_root).resolve()
+    if config.collections_root is not None:
+        return Path(config.collections_root).resolve()
     index = Path(config.index)
     return (index if (index / CURRENT).is_symlink() or (index / CURRENT).exists() else index.parent).resolve()
 
@@ -103,25 +107,26 @@ def searcher_defaults(searcher: Searcher | None, config: ServerConfig) -> Search
 
 def request_params(request: pb.SearchRequest, searcher: Searcher, config: ServerConfig,
                    scope: auth.Scope) -> SearchParams:
-    """A search request as the caller's token `scope` may run it on `searcher`: the collection it names checked
-    against the scope first (PERMISSION_DENIED, before anything about the collection can show), then validated with
-    the searcher's defaults, then on a tenant-keyed collection restricted to the caller's tenant (api/tenancy.py)."""
-    if scope.restricted:
-        scope.check(request.collection or searcher.summary().name)
+    """A search request as the caller's token `scope` may run it on `searcher` (whose collection the scope has
+    allowed): validated with the searcher's defaults, then on a tenant-keyed collection restricted to the caller's
+    tenant (api/tenancy.py)."""
     params = search_params(request, searcher_defaults(searcher, config), config.limits)
     return tenancy.apply(params, request.tenant, scope, searcher.tenant_key, config.limits)
 
 
-def prefetch_params(i: int, request: pb.SearchRequest, config: ServerConfig, searcher: Searcher,
-                    scope: auth.Scope = auth.EVERYTHING) -> SearchParams:
-    """Validates the i-th request of a Prefetch; errors name it (requests[2].top_k)."""
+def prefetch_target(i: int, request: pb.SearchRequest,
+                    target: Callable[[pb.SearchRequest], tuple[Searcher, SearchParams]]) -> tuple[str, SearchParams]:
+    """Resolves and validates the i-th request of a Prefetch; errors name it (requests[2].top_k). Returns the
+    collection (an alias resolved now) and the parameters."""
     try:
-        params = request_params(request, searcher, config, scope)
+        searcher, params = target(request)
     except InvalidArgument as error:
         raise InvalidArgument(f"requests[{i}].{error.field}", str(error).split(": ", 1)[-1]) from error
+    except NotFound as error:
+        raise NotFound(f"requests[{i}].{error.field}", str(error).split(": ", 1)[-1]) from error
     if params.cache == "bypass":
         raise InvalidArgument(f"requests[{i}].cache", "CACHE_BYPASS cannot be prefetched: it never fills the cache")
-    return params
+    return searcher.collection, params
 
 
 def prepared_bytes(searcher: Searcher | None) -> ContextBytes | None:
@@ -154,52 +159,79 @@ def add_service(server: grpc.aio.Server, service, module, servicer: object, guar
 
 
 class RetrieverServicer(pb_grpc.RetrieverServicer):
-    def __init__(self, config: ServerConfig, executor: ThreadPoolExecutor, metrics: Metrics, calls: rpc.Rpc) -> None:
+    def __init__(self, config: ServerConfig, executor: ThreadPoolExecutor, metrics: Metrics, calls: rpc.Rpc,
+                 collections: Collections) -> None:
         self.config = config
         self.executor = executor
         self.metrics = metrics
         self.rpc = calls
-        self.pipeline: Searcher | None = None
-        self.admission = Admission(config, metrics, lambda: self.pipeline)
-        # Set by RagServer: loads, validates, warms and swaps in the index at a path ("" = the configured one).
-        self.reloader: Callable[[str], Awaitable[ReloadResult]] | None = None
+        self.collections = collections
+        self.admission = Admission(config, metrics)
+        # Set by RagServer: loads, validates, warms and swaps in the index at a path ("" = the configured one) as a
+        # collection ("" = the default one).
+        self.reloader: Callable[[str, str], Awaitable[ReloadResult]] | None = None
+        # Set by RagServer: stops serving a collection (and removes its folder).
+        self.deleter: Callable[[str, bool], Awaitable[str]] | None = None
         self.cache = CachedSearch(config.cache, metrics)
         # Search replies joined from the index's prepared bytes (api/reply.py); False builds them field by field
         # (bench/experiments/reply_bytes.py compares the two).
         self.joined_replies = True
-        self.prefetcher = Prefetcher(self.cache, config.cache, metrics, pipeline=lambda: self.pipeline,
+        self.prefetcher = Prefetcher(self.cache, config.cache, metrics, pipeline=collections.serving,
                                      live=lambda: self.admission.in_flight)
         self.batch = BatchSearch(config, executor, metrics, self.admission, self.cache, self.target, self._respond)
-        # Read at scrape time from whichever pipeline is serving (a reload swaps in a new policy, level 1).
+        # Read at scrape time from whichever pipeline serves the default collection (a reload swaps in a new policy).
         metrics.full_share.set_function(
             lambda: self.pipeline.policy.brownout_level() if self.pipeline is not None else 1.0)
+
+    @property
+    def pipeline(self) -> Searcher | None:
+        """What serves the default collection now (None while it loads or when there is none)."""
+        default = self.collections.default_collection()
+        return None if default is None else default.searcher
+
+    @pipeline.setter
+    def pipeline(self, searcher: Searcher) -> None:
+        default = self.collections.default_collection()
+        if default is None:
+            raise ValueError("this server has no default collection")
+        self.collections.replace(default.name, searcher)
+
+    def target(self, request: pb.SearchRequest) -> tuple[Searcher, SearchParams]:
+        """The searcher serving the collection `request` names (an alias followed, "" the default) and the request
+        as the caller's token may run it there (request_params: validated with that collection's defaults, held to
+        the caller's tenant). Raises PermissionDenied (checked first, so a refusal says nothing of what exists),
+        NotFound, InvalidArgument, Unavailable (still loading) or FailedPrecondition (failed to load)."""
+        scope = self.check_scope(request.collection)
+        searcher = self.collections.searcher(request.collection)
+        return searcher, request_params(request, searcher, self.config, scope)
+
+    def check_scope(self, collection: str) -> auth.Scope:
+        """The caller's scope, once it has allowed `collection` (as the request names it; "" is the default name)."""
+        scope = auth.current_scope()
+        if scope.restricted:
+            scope.check(collection or self.collections.default or "")
+        return scope
 
     @staticmethod
     def _deadline(context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    def target(self, request: pb.SearchRequest) -> tuple[Searcher, SearchParams]:
-        """The searcher `request` is for and its parameters as the caller's token may run them (request_params:
-        scope, validation with that searcher's defaults, tenant; raises PermissionDenied, InvalidArgument naming the
-        field, Unavailable while draining or loading)."""
-        searcher = self.admission.open()
-        return searcher, request_params(request, searcher, self.config, auth.current_scope())
-
     @rpc.unary
     async def Search(self, request: pb.SearchRequest,
                      context: grpc.aio.ServicerContext) -> bytes | pb.SearchResponse:
         start = time.perf_counter_ns()
         with self.admission.search() as admitted:
-            params = request_params(request, admitted.pipeline, self.config, auth.current_scope())
+            # Resolved once: the whole request runs on this searcher, even across a reload or an alias swap.
+            searcher, params = self.target(request)
             if request.page_token:
-                pages.check(pages.decode(request.page_token), admitted.pipeline.version, request)
+                pages.check(pages.decode(request.page_token), searcher.version, request)
             deadline = self._deadline(context)
             validated = time.perf_counter_ns()
             # Exact hits are answered here on the event loop; misses run on a pipeline thread via _execute.
-            served = await self.cache.search(admitted.pipeline, params, deadline=deadline, execute=self._execute,
+            served = await self.cache.search(searcher, params, deadline=deadline, execute=self._execute,
                                              arrival=admitted.arrival)
-        response, _ = self._respond(request, params, served, start, validated, admitted.pipeline)
+        response, _ = self._respond(request, params, served, start, validated, searcher)
         return response
 
     def _respond(self, request: pb.SearchRequest, params: SearchParams, served: Served, start: int, validated: int,
@@ -216,12 +248,13 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         if params.paged and result.full_page:
             token = pages.encode(result.index_version, params.offset + params.top_k, request, params)
         if not self.joined_replies:
-            return reply.message(result, served_from, served.similarity, request.debug, total_us, token), total_us
+            return reply.message(result, served_from, served.similarity, request.debug, total_us, token,
+                                 searcher.collection), total_us
         # Contexts index the prepared bytes of the index they came from; a result of another version (none reaches
         # here: the cache drops entries of a replaced index) is encoded field by field rather than mislabelled.
         prepared = prepared_bytes(searcher) if result.index_version == searcher.version else None
         return reply.joined(result, served_from, served.similarity, request.debug, total_us, prepared,
-                            token), total_us
+                            token, searcher.collection), total_us
 
     def _execute(self, work: Callable[[], Served]) -> Awaitable[Served]:
         """Runs the cache's miss path on a pipeline thread, counted as queued until a thread picks it up. The
@@ -260,12 +293,11 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
 
     @rpc.unary
     async def Prefetch(self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext) -> pb.PrefetchResponse:
-        pipeline = self.admission.open()
+        self.admission.open()
         limit = self.config.cache.max_prefetch_requests
         if len(request.requests) > limit:
             raise InvalidArgument("requests", f"has {len(request.requests)} entries; the limit is {limit}")
-        scope = auth.current_scope()
-        batch = [prefetch_params(i, r, self.config, pipeline, scope) for i, r in enumerate(request.requests)]
+        batch = [prefetch_target(i, r, self.target) for i, r in enumerate(request.requests)]
         accepted, dropped = self.prefetcher.submit(batch)
         return pb.PrefetchResponse(accepted=accepted, dropped=dropped)
 
@@ -274,7 +306,6 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         # Reads and writes through the context, not an async generator: a generator left suspended by a cancelled
         # stream was followed by a segfault in grpc's cygrpc here (grpcio 1.85, bench/experiments/stream_search.py on
         # SciFact).
-        scope = auth.current_scope()
         session = DraftSession(self.cache, self._execute, self.metrics,
                                debounce_s=self.config.cache.stream_debounce_ms / 1000,
                                allowed=lambda: self.admission.in_flight < self.config.cache.speculative_busy_in_flight)
@@ -285,24 +316,22 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                     break
                 start = time.perf_counter_ns()
                 if not draft.final:
-                    pipeline = self.admission.open()
+                    self.admission.open()
                     try:
-                        params = request_params(draft.request, pipeline, self.config, scope)
-                    except InvalidArgument:
+                        searcher, params = self.target(draft.request)
+                    except (InvalidArgument, NotFound):
                         continue  # a draft mid-typing may be blank or incomplete: nothing to speculate on
-                    session.draft(pipeline, params)
+                    session.draft(searcher, params)
                     continue
                 # The final request is admitted as a Search is (in flight and queue, api/admission.py).
-                with self.admission.search() as admitted:
-                    params = request_params(draft.request, admitted.pipeline, self.config, scope)
+                with self.admission.search():
+                    searcher, params = self.target(draft.request)
                     if draft.request.page_token:
-                        pages.check(pages.decode(draft.request.page_token), admitted.pipeline.version,
-                                    draft.request)
+                        pages.check(pages.decode(draft.request.page_token), searcher.version, draft.request)
                     deadline = self._deadline(context)
                     validated = time.perf_counter_ns()
-                    served = await session.final(admitted.pipeline, params, deadline)
-                response, total_us = self._respond(draft.request, params, served, start, validated,
-                                                   admitted.pipeline)
+                    served = await session.final(searcher, params, deadline)
+                response, total_us = self._respond(draft.request, params, served, start, validated, searcher)
                 self.rpc.answered("StreamSearch", total_us / 1e6)
                 await context.write(response)
         finally:
@@ -313,14 +342,36 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                           context: grpc.aio.ServicerContext) -> pb.ReloadIndexResponse:
         if self.reloader is None:
             raise Unavailable("this server cannot reload its index")
-        result = await self.reloader(request.path)
+        result = await self.reloader(request.path, request.collection)
         return pb.ReloadIndexResponse(previous_version=result.previous_version, version=result.version,
                                       load_seconds=result.load_seconds)
 
     @rpc.unary
+    async def ListCollections(self, request: pb.ListCollectionsRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ListCollectionsResponse:
+        return collection_list(self.collections, auth.current_scope())
+
+    @rpc.unary
+    async def SetAlias(self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext) -> pb.SetAliasResponse:
+        return pb.SetAliasResponse(previous=await self.collections.set_alias(request.alias, request.collection))
+
+    @rpc.unary
+    async def DeleteAlias(self, request: pb.DeleteAliasRequest,
+                          context: grpc.aio.ServicerContext) -> pb.DeleteAliasResponse:
+        return pb.DeleteAliasResponse(previous=await self.collections.delete_alias(request.alias))
+
+    @rpc.unary
+    async def DeleteCollection(self, request: pb.DeleteCollectionRequest,
+                               context: grpc.aio.ServicerContext) -> pb.DeleteCollectionResponse:
+        if self.deleter is None:
+            raise Unavailable("this server cannot delete collections")
+        return pb.DeleteCollectionResponse(version=await self.deleter(request.collection, request.remove_files))
+
+    @rpc.unary
     async def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context: grpc.aio.ServicerContext) -> pb.IndexInfo:
-        index = self.admission.loaded().summary()
-        auth.current_scope().check(request.collection or index.name)
+        self.check_scope(request.collection)
+        searcher = self.collections.searcher(request.collection)
+        index = searcher.summary()
         manifest = index.manifest
         built = Timestamp()
         built.FromJsonString(manifest["created_at"])
@@ -337,7 +388,29 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             metadata_schema=[pb.MetadataField(name=name, type=kind, distinct_values=distinct)
                              for name, (kind, distinct) in index.metadata_schema.items()],
             tenant_key=index.tenant_key or "",
+            collection=searcher.collection, aliases=self.collections.aliases_of(searcher.collection),
         )
+
+
+def collection_list(collections: Collections, scope: auth.Scope = auth.EVERYTHING) -> pb.ListCollectionsResponse:
+    """The collections `scope` may read (by their name or an alias naming them) with their state, and the aliases
+    it may use; nothing else is shown, so a scoped caller learns no other tenant's names."""
+    default = collections.default_collection()
+    aliases = {alias: target for alias, target in collections.aliases.items() if scope.allows(alias)}
+    out = pb.ListCollectionsResponse(aliases=aliases)
+    for name in sorted(collections.collections):
+        named_by = [alias for alias in collections.aliases_of(name) if alias in aliases]
+        if not (scope.allows(name) or named_by):
+            continue
+        entry = collections.collections[name]
+        info = out.collections.add(name=name, status=entry.status, error=entry.error, aliases=named_by,
+                                   is_default=default is not None and default.name == name)
+        if entry.searcher is not None:
+            summary = entry.searcher.summary()
+            info.version, info.document_count, info.chunk_count = summary.version, summary.n_docs, summary.n_chunks
+            info.embedding_model = str(summary.manifest["model"]["name"])
+            info.tenant_key = summary.tenant_key or ""
+    return out
 
 
 def _package_version() -> str:
@@ -360,10 +433,12 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
 
 
 class RagServer:
-    """A rag-service server: bind, start, load and warm the index, report SERVING; stop drains in-flight work."""
+    """A rag-service server: bind, start, load and warm its collections, report SERVING; stop drains in-flight
+    work."""
 
-    # Called as hook(old_pipeline, new_pipeline) after every swap: caches keyed by the old index version drop it here.
-    on_index_swap: list[Callable[[Searcher | None, Searcher], None]]
+    # Called as hook(collection, old, new) after every swap (new None: the collection was deleted): the cache drops
+    # that collection's entries of the old version here.
+    on_index_swap: list[Callable[[str, Searcher | None, Searcher | None], None]]
 
     def __init__(self, config: ServerConfig, *, encoder: SearchEncoder | None = None,
                  tracer_provider: TracerProvider | None = None) -> None:
@@ -381,14 +456,19 @@ class RagServer:
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rag-pipeline")
         # Reloads load and warm beside the serving index on their own thread, never on a pipeline thread.
         self._reload_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rag-reload")
-        self._reload_lock = asyncio.Lock()
         self.index_root = index_root_of(config)
+        # One query encoder per distinct model, shared by the collections built with it.
+        self.encoders = EncoderPool(config, encoder)
+        self.on_index_swap = [self._swapped]
+        specs, default = collection_specs(config)
+        self.collections = Collections(specs, default, self.index_root, self.metrics, Loaders(
+            load=self._load_searcher, executor=self.executor, changed=self._publish,
+            swapped=self._run_swap_hooks))
         self.servicer = RetrieverServicer(config, self.executor, self.metrics,
-                                          rpc.Rpc(SERVICE_NAME, self.metrics, tracer))
+                                          rpc.Rpc(SERVICE_NAME, self.metrics, tracer), self.collections)
         self.servicer.reloader = self.reload
+        self.servicer.deleter = self.delete
         self.health = HealthServicer()
-        self._encoder = encoder
-        self.on_index_swap = [lambda old, new: self.servicer.cache.invalidate(new.version)]
         self._metrics_http = None
         self.metrics_port: int | None = None
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
@@ -440,6 +520,44 @@ class RagServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
+    async def _publish(self, names: list[str]) -> None:
+        """Health of the collections and aliases `names` (an alias shows its collection's state; a name no longer
+        served shows SERVICE_UNKNOWN), then the overall health: SERVING once every collection finished loading and
+        one serves."""
+        status = health_pb2.HealthCheckResponse
+        for name in names:
+            try:
+                self.collections.searcher(name)
+                state = status.SERVING
+            except NotFound:
+                state = status.SERVICE_UNKNOWN
+            except (Unavailable, FailedPrecondition, InvalidArgument):  # loading or failed
+                state = status.NOT_SERVING
+            await self.health.set(name, state)
+        if not self.servicer.admission.draining:
+            await self._set_health(status.SERVING if self.collections.loaded() else status.NOT_SERVING)
+
+    def _run_swap_hooks(self, collection: str, old: Searcher | None, new: Searcher | None) -> None:
+        for hook in self.on_index_swap:
+            hook(collection, old, new)
+
+    def _load_searcher(self, path: Path, shards: tuple[str, ...]) -> Searcher:
+        router = self.config.router.model_copy(update={"shards": list(shards)})
+        return load_searcher(self.config.model_copy(update={"index": path, "router": router}), None, self._admitted,
+                             self.encoders)
+
+    def _swapped(self, collection: str, old: Searcher | None, new: Searcher | None) -> None:
+        if new is None:
+            self.servicer.cache.drop(collection)
+        else:
+            self.servicer.cache.invalidate(collection, new.version)
+        default = self.collections.default_collection()
+        if new is not None and default is not None and default.name == collection:
+            self.metrics.set_index(new.summary())
+        if old is not None:
+            self.encoders.keep(c.searcher.encoder for c in self.collections.collections.values()
+                               if c.searcher is not None and c.searcher is not old)
+
     def _admitted(self) -> int:
         """Searches admitted now, running or queued (read from the pipeline threads: a plain int read)."""
         return self.servicer.admission.in_flight
@@ -447,55 +565,39 @@ class RagServer:
     async def listen(self) -> None:
         """Starts answering RPCs; health says NOT_SERVING and Search UNAVAILABLE until load() has finished."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in [*self.collections.collections, *self.collections.aliases]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("listening on %s:%d", self.config.host, self.port)
 
     async def load(self) -> None:
-        """Loads and warms the index off the event loop, then reports SERVING."""
+        """Loads and warms every collection off the event loop, each reporting SERVING (its health service) when it
+        is ready; the overall health follows once all have finished. Raises when none could be loaded."""
         started = time.perf_counter()
-        pipeline = await asyncio.get_running_loop().run_in_executor(
-            self.executor, load_searcher, self.config, self._encoder, self._admitted)
-        self.servicer.pipeline = pipeline
-        summary = pipeline.summary()
-        self.metrics.set_index(summary)
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving index %s version %s (%d chunks) after %.1f s", summary.name, summary.version,
-                 summary.n_chunks, time.perf_counter() - started)
+        await self.collections.load_all()
+        serving = [c for c in self.collections.collections.values() if c.status == SERVING]
+        log.info("serving %d of %d collections after %.1f s", len(serving), len(self.collections.collections),
+                 time.perf_counter() - started)
 
-    async def reload(self, path: str = "") -> ReloadResult:
-        """Loads the index at `path` (inside the index root; "" = the configured index, CURRENT followed anew) beside
-        the serving one, validates (format, checksums, model) and warms it, then swaps it in. Requests in flight
-        finish on the index they started on; a failure leaves the serving index untouched and raises."""
-        async with self._reload_lock:
-            target = confine(path, self.index_root) if path else Path(self.config.index)
-            current = self.servicer.pipeline
-            encoder = current.encoder if current is not None else self._encoder
-            started = time.perf_counter()
-            try:
-                pipeline = await asyncio.get_running_loop().run_in_executor(
-                    self._reload_executor, load_searcher, self.config.model_copy(update={"index": target}), encoder,
-                    self._admitted)
-            except Exception as error:
-                self.metrics.reloads.labels("failed").inc()
-                if isinstance(error, OSError):  # unreadable path or file: a bad index, not a server fault
-                    error = IndexFormatError(f"{str(target)[:300]}: cannot be read: {error.strerror or error}")
-                log.error("reload of %s failed, still serving %s: %s", target,
-                          current.version if current else "nothing", error)
-                raise error from None
-            seconds = time.perf_counter() - started
-            # One reference assignment: a request reads self.pipeline once, so it runs wholly on one index.
-            self.servicer.pipeline = pipeline
-            summary = pipeline.summary()
-            self.metrics.set_index(summary)
-            self.metrics.reloads.labels("ok").inc()
-            for hook in self.on_index_swap:
-                hook(current, pipeline)
-            previous = current.version if current is not None else ""
-            log.info("reloaded: serving %s version %s (was %s) after %.2f s", summary.path, summary.version,
-                     previous, seconds)
-            if current is None:
-                await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-            return ReloadResult(previous_version=previous, version=pipeline.version, load_seconds=seconds)
+    async def reload(self, path: str = "", collection: str = "") -> ReloadResult:
+        """Loads the index at `path` (inside the index root; "" = the collection's configured path, CURRENT followed
+        anew) beside what `collection` serves ("" = the default collection; a folder of the index root the server
+        does not serve yet becomes a new collection), validates (format, checksums, model) and warms it, then swaps
+        it in. Requests in flight finish on the index they started on; a failure leaves the serving index untouched
+        and raises."""
+        return await self.collections.reload(collection, path, lambda p: confine(p, self.index_root),
+                                             self._reload_executor)
+
+    async def reload_all(self) -> None:
+        """SIGHUP: index folders new under the collections root load as collections, the aliases file is read anew
+        and every collection whose CURRENT moved reloads (api/collections.py, `Collections.refresh`)."""
+        specs, _ = collection_specs(self.config)
+        await self.collections.refresh(specs, lambda p: confine(p, self.index_root), self._reload_executor)
+
+    async def delete(self, collection: str, remove_files: bool = False) -> str:
+        """Stops serving `collection` (refused while an alias names it); `remove_files` also deletes its folder,
+        which must be inside the index root. Returns the version it served."""
+        return await self.collections.delete(collection, remove_files, lambda p: confine(p, self.index_root))
 
     async def start(self) -> int:
         if self.config.metrics.port is not None:

@@ -38,10 +38,13 @@ SAFE_PATH = {"PYTHONSAFEPATH": "1"}
 class ServerProcess:
     """`with ServerProcess(index) as server: server.target` -> "127.0.0.1:<port>"; stopped with SIGTERM on exit."""
 
-    def __init__(self, index: Path, *, workers: int | None = None, start_timeout: float = 600.0,
-                 extra_env: dict[str, str] | None = None, executable: str | None = None) -> None:
-        """`executable`: a rag-serve to run instead of this environment's (another build, for an A/B)."""
-        self.index = Path(index)
+    def __init__(self, index: Path | None, *, workers: int | None = None, start_timeout: float = 600.0,
+                 extra_env: dict[str, str] | None = None, executable: str | None = None,
+                 args: Sequence[str] = ()) -> None:
+        """`executable`: a rag-serve to run instead of this environment's (another build, for an A/B). `args`: more
+        rag-serve options (`--index-root DIR` in place of an index: give index None)."""
+        self.index = Path(index) if index is not None else None
+        self.args = list(args)
         self.executable = executable
         self.workers = workers
         self.start_timeout = start_timeout
@@ -54,7 +57,8 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         serve = [self.executable] if self.executable else [sys.executable, "-m", "rag_service.cli.serve"]
-        command = [*serve, "--index", str(self.index), "--port", "0", "--log-level", "WARNING"]
+        command = [*serve, *(["--index", str(self.index)] if self.index is not None else []), *self.args,
+                   "--port", "0", "--log-level", "WARNING"]
         if self.workers:
             command += ["--workers", str(self.workers)]
         started = time.monotonic()
@@ -76,7 +80,7 @@ class ServerProcess:
         threading.Thread(target=read, daemon=True).start()
         if not ready.wait(self.start_timeout) or not found:
             self.stop()
-            raise RuntimeError(f"rag-serve did not start on {self.index}:\n" + "\n".join(self._log))
+            raise RuntimeError(f"rag-serve did not start on {self.index or self.args}:\n" + "\n".join(self._log))
         self.start_seconds = time.monotonic() - started
         self.port = int(found["port"])
         self.target = f"127.0.0.1:{self.port}"

@@ -271,6 +271,45 @@ def verify(directory: Path) -> None:
                f"{time.perf_counter() - started:.2f}s")
 
 
+@cli.command()
+@click.argument("root", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.argument("name")
+@click.argument("target", required=False)
+@click.option("--delete", is_flag=True, help="Remove alias NAME instead.")
+def alias(root: Path, name: str, target: str | None, delete: bool) -> None:
+    """Point alias NAME at collection TARGET (a folder of index root ROOT), or remove it with --delete.
+
+    Persisted in ROOT/aliases.json, which `rag-serve --index-root ROOT` reads at start and on SIGHUP; a running
+    server's SetAlias admin RPC changes it at once. Requests that name the alias follow it."""
+    from rag_service.api.collections import check_name, is_index_dir, read_aliases, update_aliases
+
+    try:
+        check_name(name, "NAME")
+        if delete and target is not None:
+            raise click.UsageError("give TARGET to set the alias, or --delete to remove it, not both")
+        if (root / name).exists():
+            raise click.ClickException(f"{root / name} exists: an alias needs a name no collection has")
+        aliases = read_aliases(root)
+        if delete:
+            if name not in aliases:
+                raise click.ClickException(f"{root}: no alias named {name!r}")
+            update_aliases(root, lambda a: a.pop(name, None))
+            click.echo(f"alias {name} removed (it named {aliases[name]})")
+            return
+        if target is None:
+            raise click.UsageError("give TARGET to set the alias, or --delete to remove it")
+        check_name(target, "TARGET")
+        if target in aliases:
+            raise click.ClickException(f"{target!r} is an alias (of {aliases[target]!r}); name the collection")
+        if not is_index_dir(root / target):
+            raise click.ClickException(f"{root / target} is not an index (no CURRENT, no manifest.json)")
+        update_aliases(root, lambda a: a.__setitem__(name, target))
+    except RagError as e:
+        raise _fail(e) from None
+    previous = aliases.get(name)
+    click.echo(f"alias {name} -> {target}" + (f" (was {previous})" if previous else ""))
+
+
 def _update(directory: Path, model: Path | None, device: str | None, keep: int | None, no_progress: bool,
             **change) -> None:
     from rag_service.encoder.encode import Encoder

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -257,6 +258,11 @@ class RouterSettings(BaseModel):
                               "(OUT/router). Empty: serve `index` itself.")
     shard_timeout_seconds: float = Field(5.0, gt=0.0, description="The longest the router waits for a shard when the "
                                          "call has no (shorter) deadline.")
+    collections: dict[str, list[str]] = Field(default_factory=dict, description="A router fronting several sharded "
+                                              "collections: NAME -> its shard servers' addresses; the collection's "
+                                              "path (`collections`, or a folder of `collections_root`) is then the "
+                                              "router directory of its sharded build (rag-serve --shards "
+                                              "NAME=HOST:PORT,...).")
 
 
 # Flat names of settings that moved into sections. Unknown settings are refused anyway (extra="forbid"), but an
@@ -273,6 +279,11 @@ _MOVED = {
     "metrics_port": "metrics.port", "metrics_host": "metrics.host",
     "shards": "router.shards", "shard_timeout_seconds": "router.shard_timeout_seconds",
 }
+
+
+# Collection and alias names: also gRPC health service names and folder names under an index root.
+COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+COLLECTION_NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
 def env_name(dotted: str) -> str:
@@ -295,7 +306,17 @@ class ServerConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAG_", env_nested_delimiter="__", extra="forbid")
 
     index: Path = Field(Path("indexes/demo"), description="Index root (with CURRENT) or a version directory; for a "
-                        "router, the router directory of a sharded build (OUT/router).")
+                        "router, the router directory of a sharded build (OUT/router). Served as the collection its "
+                        "manifest names, and the default one; with `collections` or `collections_root` it is served "
+                        "only when given explicitly.")
+    collections: dict[str, Path] = Field(default_factory=dict, description="Collections by name: NAME -> index root "
+                                         "or version directory (rag-serve --index NAME=PATH). A request's "
+                                         "`collection` names one, or an alias of one.")
+    collections_root: Path | None = Field(None, description="Serve every index under this directory (each folder "
+                                          "`rag-index build` wrote) as a collection named by its folder, with the "
+                                          "aliases of its aliases.json (rag-serve --index-root).")
+    default_collection: str | None = Field(None, description="The collection or alias that answers requests without "
+                                           "a collection; unset: `index` when given, else the only collection.")
     host: str = Field("127.0.0.1", description="Address the gRPC server binds (0.0.0.0 or [::] for all).")
     port: int = Field(50051, ge=0, le=65535, description="Port the gRPC server binds; 0 picks a free one.")
     workers: int = Field(2, ge=1, description="Threads that run the CPU-bound pipeline off the event loop; one per "
@@ -320,8 +341,9 @@ class ServerConfig(BaseSettings):
                                    "when loading it.")
     warmup_queries: int = Field(8, ge=0, description="Built-in queries searched after loading an index, before "
                                 "serving, so the first real requests do not pay for cold caches.")
-    index_root: Path | None = Field(None, description="ReloadIndex paths must resolve inside this directory; unset: "
-                                    "the index root of `index`.")
+    index_root: Path | None = Field(None, description="ReloadIndex paths must resolve inside this directory, and "
+                                    "aliases.json lives here; unset: collections_root, else the index root of "
+                                    "`index`.")
     log_queries: bool = Field(False, description="Write query text to the request log; off because query text is "
                               "user data.")
     replica_name: str | None = Field(
@@ -346,6 +368,16 @@ class ServerConfig(BaseSettings):
     tls: TlsSettings = Field(TlsSettings(), description="TLS.")
     metrics: MetricsSettings = Field(MetricsSettings(), description="Prometheus metrics endpoint.")
     router: RouterSettings = Field(RouterSettings(), description="The router role.")
+
+    @model_validator(mode="after")
+    def _collection_names(self) -> ServerConfig:
+        for name in self.collections:
+            if not COLLECTION_NAME.fullmatch(name):
+                raise ValueError(f"collections: {name!r} is not a collection name ({COLLECTION_NAME_RULE})")
+        if self.default_collection is not None and not COLLECTION_NAME.fullmatch(self.default_collection):
+            raise ValueError(f"default_collection: {self.default_collection!r} is not a collection name "
+                             f"({COLLECTION_NAME_RULE})")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -424,6 +456,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, BaseModel):  # an inline table; TOML has no null, so unset fields are left out
@@ -479,7 +513,12 @@ def example_toml() -> str:
 
 def to_toml(config: ServerConfig) -> str:
     """The configuration as TOML, secrets masked (`rag-serve --print-config`)."""
-    return "\n".join(_table(config, "", describe=False)).strip() + "\n"
+    lines = _table(config, "", describe=False)
+    if "index" not in config.model_fields_set and (config.collections or config.collections_root is not None):
+        # Given, `index` would be served beside the named collections: the printed file must load to the same.
+        lines = [f"# {line}  (not served: collections are named)" if line.startswith("index = ") else line
+                 for line in lines]
+    return "\n".join(lines).strip() + "\n"
 
 
 if __name__ == "__main__":

@@ -19,6 +19,14 @@ class PermissionDenied(RagError):
     Messages never say whether a named collection exists."""
 
 
+class NotFound(RagError, LookupError):
+    """A request names something the server does not have (a collection or alias). `field` names the request field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 class Overloaded(RagError):
     """Admission control refused the request: too much work in flight. `retry_after_ms`: when the caller may come
     back, as the gate estimates it (None: no estimate); the server sends it as gRPC retry pushback."""

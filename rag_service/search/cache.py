@@ -1,6 +1,6 @@
 """Cache stage: earlier answers served again, exactly or for a near-identical query, never across index versions.
 
-    request -> exact lookup (normalised query + every result-changing parameter + index version)   hit: reply
+    request -> exact lookup (collection, index version, normalised query, every result-changing parameter)  hit: reply
             -> searcher.search(params, cache=stage), which encodes and then calls the stage:
                semantic lookup (nearest cached query embeddings, then a fidelity guard)   hit: reply
                -> rest of the pipeline with the same vector -> stage.store
@@ -141,7 +141,7 @@ class GuardInputs:
 @dataclass(eq=False)
 class Entry:
     key: tuple
-    group: tuple  # (index version, params key): semantic hits only within a group
+    group: tuple  # ((collection, index version), params key): semantic hits only within a group
     result: SearchResult
     vector: np.ndarray
     lexical: np.ndarray  # BM25 top guard_depth chunk ids, sorted: the fidelity guard compares these
@@ -174,7 +174,11 @@ def entry_bytes(query: str, result: SearchResult, vector: np.ndarray, lexical: n
 
 class CacheStore:
     """Entries bounded in bytes, evicted least recently used, expiring a fixed time after insertion (a hit does not
-    extend it), for one index version at a time; plus a matrix of their query embeddings for semantic lookups."""
+    extend it), for one index version per collection at a time; plus a matrix of their query embeddings per vector
+    dimension (collections may use models of different sizes) for semantic lookups.
+
+    An entry's key starts with its scope, (collection, index version): the byte budget is shared by every collection,
+    while a reload or delete of one drops only that collection's entries."""
 
     def __init__(self, config: CacheConfig, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -183,7 +187,7 @@ class CacheStore:
         self.clock = clock
         self._lock = threading.Lock()
         self._reset()
-        self.version: str | None = None
+        self.versions: dict[str, str] = {}  # collection -> the index version its entries are of
 
     def _reset(self) -> None:
         self._lru: OrderedDict[tuple, Entry] = OrderedDict()
@@ -191,10 +195,8 @@ class CacheStore:
         self._by_age: OrderedDict[tuple, Entry] = OrderedDict()
         self._signatures: dict[tuple, tuple] = {}
         self._groups: dict[tuple, int] = {}
-        self._vectors: np.ndarray | None = None
-        self._slot_group = np.empty(0, dtype=np.int64)
-        self._slot_entry: list[Entry | None] = []
-        self._free: list[int] = []
+        self._matrices: dict[int, _Matrix] = {}  # vector dimension -> the query embeddings of that size
+        self._per_collection: dict[str, int] = {}  # entries held per collection
         self.bytes = 0
         self._publish()
 
@@ -206,19 +208,41 @@ class CacheStore:
         return len(self._lru)
 
     # -- version ------------------------------------------------------------------------------------------------------
-    def use_version(self, version: str) -> None:
-        """Makes `version` current; entries of any other version are dropped (they could never be served again)."""
+    def use_version(self, collection: str, version: str) -> None:
+        """Makes `version` the current one of `collection`; its entries of any other version are dropped (they could
+        never be served again). Other collections' entries stay."""
         with self._lock:
-            self._use_version(version)
+            self._use_version((collection, version))
 
-    def _use_version(self, version: str) -> None:
-        if version == self.version:
+    def _use_version(self, scope: tuple[str, str]) -> None:
+        collection, version = scope
+        previous = self.versions.get(collection)
+        if version == previous:
             return
-        if self._lru:
-            self.metrics.cache_evictions.labels("version").inc(len(self._lru))
-            log.info("index version %s replaces %s: %d cache entries dropped", version, self.version, len(self._lru))
-        self._reset()
-        self.version = version
+        dropped = self._drop_collection(collection)
+        if dropped:
+            self.metrics.cache_evictions.labels("version").inc(dropped)
+            log.info("collection %s: index version %s replaces %s: %d cache entries dropped", collection, version,
+                     previous, dropped)
+        self.versions[collection] = version
+
+    def drop(self, collection: str) -> int:
+        """Forgets `collection` (deleted): its entries go; returns how many."""
+        with self._lock:
+            dropped = self._drop_collection(collection)
+            self.versions.pop(collection, None)
+            if dropped:
+                self.metrics.cache_evictions.labels("version").inc(dropped)
+            return dropped
+
+    def _drop_collection(self, collection: str) -> int:
+        if not self._per_collection.get(collection):
+            return 0
+        gone = [entry for entry in self._lru.values() if entry.key[0][0] == collection]
+        for entry in gone:
+            self._remove(entry)
+        self._publish()
+        return len(gone)
 
     def clear(self) -> None:
         with self._lock:
@@ -232,9 +256,11 @@ class CacheStore:
         if self._signatures.get(sig_key) == entry.key:
             del self._signatures[sig_key]
         if entry.slot >= 0:
-            self._slot_group[entry.slot] = -1
-            self._slot_entry[entry.slot] = None
-            self._free.append(entry.slot)
+            self._matrices[len(entry.vector)].release(entry.slot)
+        collection = entry.key[0][0]
+        self._per_collection[collection] -= 1
+        if not self._per_collection[collection]:
+            del self._per_collection[collection]
         self.bytes -= entry.nbytes
 
     def _expire(self, now: float) -> None:
@@ -266,17 +292,10 @@ class CacheStore:
         with self._lock:
             self._expire(self.clock())
             gid = self._groups.get(group)
-            if gid is None or self._vectors is None:
+            matrix = self._matrices.get(len(vector))
+            if gid is None or matrix is None:
                 return []
-            used = len(self._slot_entry)
-            sims = self._vectors[:used] @ vector
-            sims[self._slot_group[:used] != gid] = -np.inf
-            above = np.flatnonzero(sims >= min_cosine)
-            if len(above) > k:
-                above = above[np.argpartition(-sims[above], k - 1)[:k]]
-            above = above[np.argsort(-sims[above], kind="stable")]
-            # A slot of this group always holds its entry (a freed slot's group is -1).
-            return [(entry, float(sims[i])) for i in above if (entry := self._slot_entry[i]) is not None]
+            return matrix.nearest(gid, vector, min_cosine, k)
 
     def by_signature(self, group: tuple, signature: tuple[str, ...]) -> Entry | None:
         with self._lock:
@@ -295,7 +314,8 @@ class CacheStore:
     # -- insert -------------------------------------------------------------------------------------------------------
     def put(self, entry: Entry) -> bool:
         with self._lock:
-            if entry.key[0] != self.version:
+            collection, version = entry.key[0]
+            if self.versions.get(collection) != version:
                 return False  # computed on an index that has since been replaced
             if entry.nbytes > self.config.max_bytes:
                 return False
@@ -309,31 +329,59 @@ class CacheStore:
             self._lru[entry.key] = entry
             self._by_age[entry.key] = entry
             self._signatures[(entry.group, entry.signature)] = entry.key
-            entry.slot = self._slot_for(entry)
+            gid = self._groups.setdefault(entry.group, len(self._groups))
+            matrix = self._matrices.get(len(entry.vector))
+            if matrix is None:
+                matrix = self._matrices[len(entry.vector)] = _Matrix(len(entry.vector))
+            entry.slot = matrix.add(entry, gid)
+            self._per_collection[collection] = self._per_collection.get(collection, 0) + 1
             self.bytes += entry.nbytes
             self._publish()
             return True
 
-    def _slot_for(self, entry: Entry) -> int:
-        gid = self._groups.setdefault(entry.group, len(self._groups))
-        vectors = self._vectors
-        if self._free and vectors is not None:  # a freed slot exists only once the matrix does
-            slot = self._free.pop()
+
+
+class _Matrix:
+    """The query embeddings of one dimension, a row per entry, with each row's semantic group (-1: a free row)."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.vectors = np.zeros((64, dim), dtype=np.float32)
+        self.group = np.full(64, -1, dtype=np.int64)
+        self.entries: list[Entry | None] = []
+        self.free: list[int] = []
+
+    def add(self, entry: Entry, gid: int) -> int:
+        if self.free:
+            slot = self.free.pop()
         else:
-            slot = len(self._slot_entry)
-            self._slot_entry.append(None)
-            if vectors is None or slot >= len(vectors):
-                grown = np.zeros((max(64, 2 * slot), len(entry.vector)), dtype=np.float32)
+            slot = len(self.entries)
+            self.entries.append(None)
+            if slot >= len(self.vectors):
+                grown = np.zeros((2 * slot, self.dim), dtype=np.float32)
                 groups = np.full(len(grown), -1, dtype=np.int64)
-                if vectors is not None:
-                    grown[:slot] = vectors[:slot]
-                    groups[:slot] = self._slot_group[:slot]
-                self._vectors, self._slot_group = grown, groups
-                vectors = grown
-        vectors[slot] = entry.vector
-        self._slot_group[slot] = gid
-        self._slot_entry[slot] = entry
+                grown[:slot], groups[:slot] = self.vectors[:slot], self.group[:slot]
+                self.vectors, self.group = grown, groups
+        self.vectors[slot] = entry.vector
+        self.group[slot] = gid
+        self.entries[slot] = entry
         return slot
+
+    def release(self, slot: int) -> None:
+        self.group[slot] = -1
+        self.entries[slot] = None
+        self.free.append(slot)
+
+    def nearest(self, gid: int, vector: np.ndarray, min_cosine: float, k: int) -> list[tuple[Entry, float]]:
+        used = len(self.entries)
+        sims = self.vectors[:used] @ vector
+        sims[self.group[:used] != gid] = -np.inf
+        above = np.flatnonzero(sims >= min_cosine)
+        if len(above) > k:
+            above = above[np.argpartition(-sims[above], k - 1)[:k]]
+        above = above[np.argsort(-sims[above], kind="stable")]
+        # A row of this group always holds its entry (a freed row's group is -1).
+        return [(entry, float(sims[i])) for i in above if (entry := self.entries[i]) is not None]
 
 
 def _copy(result: SearchResult, stage_us: dict[str, int]) -> SearchResult:
@@ -368,9 +416,13 @@ class CachedSearch:
     def clock(self, clock: Callable[[], float]) -> None:
         self.store.clock = clock
 
-    def invalidate(self, version: str) -> None:
-        """The server swapped in index `version`: every entry of another version goes now."""
-        self.store.use_version(version)
+    def invalidate(self, collection: str, version: str) -> None:
+        """The server swapped in index `version` for `collection`: its entries of another version go now."""
+        self.store.use_version(collection, version)
+
+    def drop(self, collection: str) -> None:
+        """The server stopped serving `collection`: its entries go now."""
+        self.store.drop(collection)
 
     def mode(self, params: SearchParams, searcher: Searcher) -> str:
         if not self.config.enabled:
@@ -384,7 +436,7 @@ class CachedSearch:
 
     @staticmethod
     def key(searcher: Searcher, params: SearchParams) -> tuple:
-        return (searcher.version, normalise(params.query), params_key(params))
+        return ((searcher.collection, searcher.version), normalise(params.query), params_key(params))
 
     # -- hits ---------------------------------------------------------------------------------------------------------
     def _hit(self, entry: Entry, kind: str, started_ns: int, similarity: float | None = None) -> Served:
@@ -482,7 +534,7 @@ class CachedSearch:
 
     def _store(self, params: SearchParams, key: tuple, vector: np.ndarray, result: SearchResult,
                guard: LexicalGuard | None, inputs: list[GuardInputs], origin: str) -> None:
-        if result.index_version != key[0] or not result.complete:
+        if result.index_version != key[0][1] or not result.complete:
             return
         if self.config.semantic and guard is not None:
             query = inputs[0] if inputs else self.guard_inputs(params, guard)

@@ -25,17 +25,17 @@ log = logging.getLogger(__name__)
 
 
 class Prefetcher:
-    """`pipeline()` gives the pipeline serving now (a reload may swap it while work waits); `live()` the number of
-    live searches in flight."""
+    """`pipeline(collection)` gives what serves that collection now (a reload may swap it while work waits; None
+    once it is gone); `live()` the number of live searches in flight."""
 
     def __init__(self, cache: CachedSearch, config: CacheConfig, metrics: Metrics, *,
-                 pipeline: Callable[[], Searcher | None], live: Callable[[], int]) -> None:
+                 pipeline: Callable[[str], Searcher | None], live: Callable[[], int]) -> None:
         self.cache = cache
         self.config = config
         self.metrics = metrics
         self._pipeline = pipeline
         self._live = live
-        self._queue: deque[SearchParams] = deque()
+        self._queue: deque[tuple[str, SearchParams]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rag-prefetch")
@@ -44,10 +44,10 @@ class Prefetcher:
     def busy(self) -> bool:
         return self._live() >= self.config.prefetch_busy_in_flight
 
-    def submit(self, requests: Sequence[SearchParams]) -> tuple[int, int]:
-        """Queues what fits; returns (accepted, dropped). Call on the event loop."""
+    def submit(self, requests: Sequence[tuple[str, SearchParams]]) -> tuple[int, int]:
+        """Queues what fits of (collection, params); returns (accepted, dropped). Call on the event loop."""
         accepted = dropped = 0
-        for params in requests:
+        for request in requests:
             reason = None
             if self._closed or not self.cache.config.enabled:
                 reason = "disabled"
@@ -59,7 +59,7 @@ class Prefetcher:
                 dropped += 1
                 self.metrics.prefetch_dropped.labels(reason).inc()
                 continue
-            self._queue.append(params)
+            self._queue.append(request)
             accepted += 1
         if accepted:
             self.metrics.prefetch_accepted.inc(accepted)
@@ -82,9 +82,9 @@ class Prefetcher:
                 wakeup.clear()
                 await wakeup.wait()
                 continue
-            params = self._queue.popleft()
+            collection, params = self._queue.popleft()
             self.metrics.prefetch_queued.set(len(self._queue))
-            pipeline = self._pipeline()
+            pipeline = self._pipeline(collection)
             if pipeline is None or self.busy():
                 self.metrics.prefetch_dropped.labels("busy" if pipeline is not None else "disabled").inc()
                 continue

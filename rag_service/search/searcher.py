@@ -72,6 +72,8 @@ class Searcher(Protocol):
     search_defaults: SearchDefaults | None
     # The keyword metadata field holding each passage's tenant; None: the index is not divided by tenant.
     tenant_key: str | None
+    # The collection this searcher serves as (api/collections.py names it at load): part of every cache key.
+    collection: str
 
     @property
     def version(self) -> str: ...
@@ -101,6 +103,7 @@ class SearcherBase:
     policy: adaptive.AdaptivePolicy
     search_defaults: SearchDefaults | None = None
     tenant_key: str | None = None
+    collection: str = ""
 
     @property
     def version(self) -> str:
