@@ -442,16 +442,17 @@ def _tuned_params(tuning: dict[str, Any] | None) -> Any:
               help="An index of the same corpus built with the base model, to mine from (default: build one).")
 @click.option("--held-out", type=click.FloatRange(0.0, 0.9), default=0.15, show_default=True,
               help="Share of the judged queries held out (seeded) for early stopping, the refit and the report.")
-@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
-@click.option("--lr", "learning_rate", type=float, default=2e-5, show_default=True)
+@click.option("--lr", "learning_rate", type=float, default=1e-4, show_default=True)
 @click.option("--negatives", type=click.IntRange(min=0), default=1, show_default=True,
               help="Mined hard negatives per (query, positive) pair.")
 @click.option("--mine-depth", type=click.IntRange(min=1), default=30, show_default=True,
               help="Top ranks of BM25 and of the base model that hard negatives are drawn from.")
 @click.option("--loss", type=click.Choice(["mnrl", "cached-mnrl"]), default="mnrl", show_default=True,
               help="MultipleNegativesRankingLoss, or its cached variant (larger batches in bounded memory).")
-@click.option("--max-seq-length", type=click.IntRange(min=8), default=256, show_default=True)
+@click.option("--max-seq-length", type=click.IntRange(min=8), default=128, show_default=True,
+              help="Tokens per training text (the served model keeps its own length).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads (default: torch's).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
