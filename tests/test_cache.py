@@ -19,7 +19,7 @@ from rag_service.core.params import SearchParams
 from rag_service.index.build import BuildConfig, build_index
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
-from rag_service.search.cache import CachedSearch, normalise, params_key, strict_signature
+from rag_service.search.cache import CachedSearch, answer_agreement, normalise, params_key, strict_signature
 
 MISS, EXACT, SEMANTIC, PREFETCHED = (pb.SERVED_FROM_MISS, pb.SERVED_FROM_EXACT, pb.SERVED_FROM_SEMANTIC,
                                      pb.SERVED_FROM_PREFETCHED)
@@ -158,6 +158,32 @@ def test_answers_cut_short_by_load_or_budget_are_served_but_not_kept(served_inde
     assert cache.run(degraded, params).served_from == "miss" and len(cache.store) == 0
     assert cache.run(real, params).served_from == "miss"
     assert cache.run(real, params).served_from == "exact"
+
+
+def test_an_answer_its_retrievers_disagreed_on_serves_no_semantic_hit(served_index, encoder):
+    from rag_service.index.load import load_index
+    from rag_service.search.pipeline import Pipeline
+
+    pipeline = Pipeline(load_index(served_index.root), encoder)
+    # On this 14-chunk index the two retrievers' top lists share 3 of BM25's 4 chunks for this query.
+    cached_query = "roman aqueducts carried water from springs to cities"
+    asked_query = "roman aqueducts carried water from cities to springs"
+    first = CachedSearch(CacheConfig(), Metrics()).run(pipeline, SearchParams(query=cached_query))
+    agreement = answer_agreement(first.result)  # the answer's BM25/dense overlap@10
+    assert first.result.signals is not None and agreement == first.result.signals[2]
+    assert 0.0 < agreement < 1.0
+    # A floor at the answer's agreement serves the hit, one just above refuses it: the refusal is the agreement
+    # check's and no other part of the guard's.
+    for floor, served in ((0.0, "semantic"), (agreement, "semantic"), (agreement + 0.05, "miss")):
+        cache = CachedSearch(CacheConfig(guard_min_agreement=floor), Metrics())
+        cache.run(pipeline, SearchParams(query=cached_query))
+        asked = cache.run(pipeline, SearchParams(query=asked_query))
+        assert asked.served_from == served, floor
+        if served == "semantic":
+            assert [c.chunk for c in asked.result.contexts] == [c.chunk for c in first.result.contexts]
+        else:
+            assert cache.metrics.registry.get_sample_value("rag_cache_guard_rejections_total",
+                                                           {"mode": "default"}) == 1
 
 
 # -- end to end ----------------------------------------------------------------------------------------------------

@@ -13,17 +13,21 @@
    words, a dropped content word, other prefixes; and the paraphrase pairs of --pairs (text_a of every pair cached,
    each text_b asked). All seeded. Fidelity of a semantic hit: overlap@10 of the served contexts (the cached query's
    search) with the asked query's cache-bypassed search. Target per family: mean >= 0.95 and >= 0.8 for 99% of hits.
-2. Rules replayed over precomputed features (cosine to the nearest `semantic_candidates` cached queries, same
-   negation/direction/comparison/quantity words, the largest idf of a term in one query only, IDF-weighted term
-   overlap, BM25 top-N overlap) for a grid of settings, as `CachedSearch.lookup_semantic` decides: the nearest
-   candidates at or above the cosine, best first, the first passing the guard is served.
+2. Rules replayed over precomputed features (cosine to the nearest `semantic_candidates` cached queries, the cached
+   answer's BM25/dense agreement, same negation/direction/comparison/quantity words, the largest idf of a term in one
+   query only, IDF-weighted term overlap, BM25 top-N overlap) for a grid of settings, as
+   `CachedSearch.lookup_semantic` decides: the nearest candidates at or above the cosine, best first, the first
+   passing the guard is served.
    Fitting = the setting with the most hits over the fitted families among those meeting the target on each fitted
-   family. Leave-one-family-out: fitted on all families but one, reported on that one; a rule (the guard's parts with
-   its fitting) holds when its worst left-out family meets the target.
+   family; "plain" takes the target as it is, "margin" also asks that the one-sided 95% lower bound of each fitted
+   family's mean (mean - 1.645 sd / sqrt(hits)) is >= 0.95, so that a family's few lucky hits do not carry a setting.
+   Leave-one-family-out: fitted on all families but one, reported on that one; a rule (the guard's parts with its
+   fitting) holds when its worst left-out family meets the target.
 3. Real streams (--stream NAME=INDEX:DATA[:SPLIT]: DATA/queries.jsonl in file order, only the queries of
    DATA/qrels/SPLIT.tsv if given): distinct questions one after another through `CachedSearch.run`, before (the old
-   defaults: cosine 0.98, BM25 top 100, no word or differing-term check), the old thresholds with the two checks, and
-   after (the configured defaults), in one run; then what the two new checks cost per lookup.
+   defaults: cosine 0.98, BM25 top 100, no word or differing-term check), the old thresholds with the two checks, the
+   previous defaults (cosine 0.994, BM25 top-10 overlap 0.8, no agreement floor) and after (the configured defaults),
+   in one run; then what the word and differing-term checks cost per lookup.
 """
 
 from __future__ import annotations
@@ -50,7 +54,14 @@ from rag_service.core.params import SearchParams
 from rag_service.encoder.encode import load_index_encoder
 from rag_service.index.load import load_index
 from rag_service.retrievers.analysis import LUCENE_ENGLISH_STOP_WORDS
-from rag_service.search.cache import CachedSearch, differing_idf, lexical_overlap, normalise, term_overlap
+from rag_service.search.cache import (
+    CachedSearch,
+    answer_agreement,
+    differing_idf,
+    lexical_overlap,
+    normalise,
+    term_overlap,
+)
 from rag_service.search.guard_words import polarity_words
 from rag_service.search.pipeline import Pipeline
 
@@ -60,7 +71,9 @@ MEAN_TARGET, SHARE_TARGET = 0.95, 0.99
 # The defaults before the word and differing-term checks (the "before" of the stream runs), and those thresholds with
 # the two checks added (what the checks do on their own).
 OLD_THRESHOLDS = {"semantic_min_cosine": 0.98, "guard_depth": 100, "guard_min_overlap": 0.8,
-                  "guard_min_term_overlap": 0.7}
+                  "guard_min_term_overlap": 0.7, "guard_min_agreement": 0.0}
+# The defaults fitted with the checks but without the agreement floor and with the plain fit.
+PREVIOUS = {"semantic_min_cosine": 0.994, "guard_depth": 10, "guard_min_overlap": 0.8, "guard_min_agreement": 0.0}
 BEFORE = {**OLD_THRESHOLDS, "guard_polarity_words": False, "guard_max_differing_idf": math.inf}
 
 # -- the families made here -------------------------------------------------------------------------------------------
@@ -186,8 +199,8 @@ def read_pairs(path: Path, limit: int) -> list[tuple[str, str]]:
 
 
 class Corpus:
-    """Every text's vector, bypassed search (top 10 chunks), BM25 top-100 and index terms, computed once (kept under
-    --work, keyed by the texts and the index version)."""
+    """Every text's vector, bypassed search (top 10 chunks and the answer's BM25/dense agreement), BM25 top-100 and
+    index terms, computed once (kept under --work, keyed by the texts and the index version)."""
 
     def __init__(self, pipeline: Pipeline, texts: list[str], work: Path) -> None:
         self.pipeline = pipeline
@@ -202,11 +215,12 @@ class Corpus:
             started = time.perf_counter()
             self.vectors = np.asarray(pipeline.encoder.encode_queries(texts), dtype=np.float32)
             print(f"  encoded {len(texts)} texts in {time.perf_counter() - started:.0f} s", flush=True)
-            saved = {"refs": [], "bm25": []}
+            saved = {"refs": [], "bm25": [], "agreement": []}
             started = time.perf_counter()
             for i, text in enumerate(texts):
                 result = pipeline.search(SearchParams(query=text, top_k=TOP_K), query_vector=self.vectors[i])
                 saved["refs"].append([c.chunk for c in result.contexts])
+                saved["agreement"].append(answer_agreement(result))
                 ids, _ = pipeline.index.bm25.search(text, max(DEPTHS))
                 saved["bm25"].append([int(x) for x in ids])
                 if (i + 1) % 2000 == 0:
@@ -215,7 +229,13 @@ class Corpus:
             np.save(path / "vectors.npy", self.vectors)
             (path / "refs.json").write_text(json.dumps(saved))
             (path / "done").write_text("")
+        if "agreement" not in saved:  # kept by an older run: the searches again, from the kept vectors
+            saved["agreement"] = [answer_agreement(pipeline.search(SearchParams(query=t, top_k=TOP_K),
+                                                                   query_vector=self.vectors[i]))
+                                  for i, t in enumerate(texts)]
+            (path / "refs.json").write_text(json.dumps(saved))
         self.refs = saved["refs"]
+        self.agreement = saved["agreement"]
         self.bm25 = {n: [np.sort(np.asarray(x[:n], dtype=np.int64)) for x in saved["bm25"]] for n in DEPTHS}
         self.terms = [pipeline.guard.query_terms(t) for t in texts]
         self.polarity = [polarity_words(t) for t in texts]
@@ -240,6 +260,7 @@ class Family:
         self.term = np.zeros(shape)
         self.lexical = {n: np.zeros(shape) for n in DEPTHS}
         self.fidelity = np.zeros(shape)
+        self.agreement = np.zeros(shape)  # the cached answer's (answer_agreement)
         self.own = np.zeros(shape, bool)  # the candidate is the asked query's own source
         if not asked:
             return
@@ -256,18 +277,20 @@ class Family:
                 for n in DEPTHS:
                     self.lexical[n][i, j] = lexical_overlap(corpus.bm25[n][a], corpus.bm25[n][e])
                 self.fidelity[i, j] = fidelity(corpus.refs[e], corpus.refs[a])
+                self.agreement[i, j] = corpus.agreement[e]
                 self.own[i, j] = corpus.texts[e] == src
 
     def run(self, s: dict) -> dict:
         passes = ((self.cos >= s["cosine"]) & (self.differing < s["max_idf"]) & (self.term >= s["term_overlap"])
-                  & (self.lexical[s["depth"]] >= s["overlap"]))
+                  & (self.lexical[s["depth"]] >= s["overlap"]) & (self.agreement >= s["agreement"]))
         if s["words"]:
             passes &= self.polarity
         hit = passes.any(axis=1)
         first = passes.argmax(axis=1)
         fids = self.fidelity[np.flatnonzero(hit), first[hit]]
         mean, p1, share = summary(fids.tolist())
-        return {"family": self.name, "asked": self.asked, "exact": self.exact, "hits": int(hit.sum()),
+        low = float(fids.mean() - 1.645 * fids.std() / math.sqrt(len(fids))) if len(fids) else math.nan
+        return {"family": self.name, "mean_low": low, "asked": self.asked, "exact": self.exact, "hits": int(hit.sum()),
                 "hit_rate": float(hit.mean()) if self.asked else 0.0, "mean": mean, "p1": p1, "share": share,
                 "other_source": int((~self.own[np.flatnonzero(hit), first[hit]]).sum())}
 
@@ -276,25 +299,31 @@ def meets(r: dict) -> bool:
     return r["hits"] == 0 or (r["mean"] >= MEAN_TARGET and r["share"] >= SHARE_TARGET)
 
 
+def meets_with_margin(r: dict) -> bool:
+    return meets(r) and (r["hits"] == 0 or r["mean_low"] >= MEAN_TARGET)
+
+
 COSINES = (0.98, 0.985, 0.988, 0.99, 0.991, 0.992, 0.993, 0.994, 0.995)
 
 
 def grid(rule: str) -> list[dict]:
     """The settings a rule may be fitted over: "before" has the guard's old parts only (cosine, BM25 overlap, term
-    overlap); "after" always has the word check and a differing-term idf limit as well."""
+    overlap); "after" always has the word check, a differing-term idf limit and an agreement floor as well."""
     base = itertools.product(COSINES, DEPTHS, (0.8, 0.9, 1.0), (0.0, 0.7, 0.8, 0.9))
-    extra = [(False, math.inf)] if rule == "before" else [(True, x) for x in (0.5, 1.0, 1.5, 2.0, 3.0)]
-    return [{"cosine": c, "depth": d, "overlap": o, "term_overlap": t, "words": w, "max_idf": x}
-            for (c, d, o, t), (w, x) in itertools.product(base, extra)]
+    extra = ([(False, math.inf, 0.0)] if rule == "before"
+             else [(True, x, a) for x in (0.5, 1.0, 1.5, 2.0, 3.0) for a in (0.0, 0.1, 0.2, 0.3, 0.4)])
+    return [{"cosine": c, "depth": d, "overlap": o, "term_overlap": t, "words": w, "max_idf": x, "agreement": a}
+            for (c, d, o, t), (w, x, a) in itertools.product(base, extra)]
 
 
-def fit(families: list[Family], settings: list[dict], results: dict) -> dict | None:
-    """The setting with the most hits over `families` among those meeting the target on each of them (ties: the
-    higher worst-family mean)."""
+def fit(families: list[Family], settings: list[dict], results: dict, margin: bool = True) -> dict | None:
+    """The setting with the most hits over `families` among those meeting the target on each of them, with the
+    margin if asked (ties: the higher worst-family mean)."""
+    ok = meets_with_margin if margin else meets
     best, best_key = None, None
     for i, s in enumerate(settings):
         rs = [results[(i, f.name)] for f in families]
-        if not all(meets(r) for r in rs):
+        if not all(ok(r) for r in rs):
             continue
         key = (sum(r["hits"] for r in rs), min(r["mean"] if r["hits"] else 1.0 for r in rs))
         if best_key is None or key > best_key:
@@ -305,7 +334,7 @@ def fit(families: list[Family], settings: list[dict], results: dict) -> dict | N
 def describe(s: dict) -> str:
     idf = "off" if math.isinf(s["max_idf"]) else f"< {s['max_idf']}"
     return (f"cos >= {s['cosine']}, BM25@{s['depth']} >= {s['overlap']}, terms >= {s['term_overlap']}, "
-            f"words {'on' if s['words'] else 'off'}, differing idf {idf}")
+            f"words {'on' if s['words'] else 'off'}, differing idf {idf}, agreement >= {s['agreement']}")
 
 
 def _num(x: float, digits: int = 4) -> str:
@@ -417,16 +446,19 @@ def main() -> None:
     families += [Family(n, corpus, list(dict.fromkeys(a for a, _ in ps)), ps, k) for n, ps in pairs.items()]
 
     report: dict = {"families": {}, "lofo": {}, "fitted": {}}
-    for rule in ("before", "after"):
-        settings = grid(rule)
-        results = {(i, f.name): f.run(s) for i, s in enumerate(settings) for f in families}
-        print(f"\n## rule {rule}: {len(settings)} settings")
+    grids = {rule: grid(rule) for rule in ("before", "after")}
+    all_results = {rule: {(i, f.name): f.run(s) for i, s in enumerate(settings) for f in families}
+                   for rule, settings in grids.items()}
+    for rule, margin in (("before", True), ("after", False), ("after", True)):
+        settings, results = grids[rule], all_results[rule]
+        label = f"{rule}, {'margin' if margin else 'plain'} fit"
+        print(f"\n## rule {label}: {len(settings)} settings")
         print("| left out | fitted on the others | asked | semantic hits | hit rate | mean overlap@10 | p1 | "
               "share >= 0.8 | hits on another query | meets |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         lofo = []
         for f in families:
-            s = fit([g for g in families if g is not f], settings, results)
+            s = fit([g for g in families if g is not f], settings, results, margin)
             if s is None:
                 print(f"| {f.name} | no setting meets the target on the others | | | | | | | | |")
                 continue
@@ -437,10 +469,10 @@ def main() -> None:
             worst = min(lofo, key=lambda r: r["mean"] if r["hits"] else 1.0)
             print(f"worst left-out family: {worst['family']} (mean {_num(worst['mean'])}, share "
                   f"{_num(worst['share'])}); all meet: {all(r['meets'] for r in lofo)}")
-        chosen = fit(families, settings, results)
-        report["lofo"][rule] = lofo
-        report["fitted"][rule] = chosen
-        if rule == "after":
+        chosen = fit(families, settings, results, margin)
+        report["lofo"][label] = lofo
+        report["fitted"][label] = chosen
+        if rule == "after" and margin:
             print("\nthe differing-term idf limit, everything else fitted on every family:")
             for x in sorted({s["max_idf"] for s in settings}):
                 some = [s for s in settings if s["max_idf"] == x]
@@ -459,13 +491,16 @@ def main() -> None:
                       f"{_num(r['mean'])} | {_num(r['p1'], 1)} | {_num(r['share'])} | {r['other_source']} |")
     defaults = [{"cosine": config.semantic_min_cosine, "depth": config.guard_depth,
                  "overlap": config.guard_min_overlap, "term_overlap": config.guard_min_term_overlap,
-                 "words": config.guard_polarity_words, "max_idf": config.guard_max_differing_idf},
+                 "words": config.guard_polarity_words, "max_idf": config.guard_max_differing_idf,
+                 "agreement": config.guard_min_agreement},
                 {"cosine": 0.98, "depth": 100, "overlap": 0.8, "term_overlap": 0.7, "words": False,
-                 "max_idf": math.inf},
+                 "max_idf": math.inf, "agreement": 0.0},
                 {"cosine": 0.98, "depth": 100, "overlap": 0.8, "term_overlap": 0.7,
-                 "words": config.guard_polarity_words, "max_idf": config.guard_max_differing_idf}]
+                 "words": config.guard_polarity_words, "max_idf": config.guard_max_differing_idf, "agreement": 0.0},
+                {"cosine": 0.994, "depth": 10, "overlap": 0.8, "term_overlap": 0.7,
+                 "words": config.guard_polarity_words, "max_idf": config.guard_max_differing_idf, "agreement": 0.0}]
     labels = ("configured defaults", "before (the old defaults)", "the old thresholds with the word and differing-term "
-              "checks")
+              "checks", "the previous defaults (no agreement floor, plain fit)")
     for label, s in zip(labels, defaults):
         print(f"\n{label}: {describe(s)}")
         print("| family | asked | semantic hits | hit rate | mean overlap@10 | p1 | share >= 0.8 | "
@@ -478,7 +513,8 @@ def main() -> None:
 
     streams = []
     configs = {"before": config.model_copy(update=BEFORE),
-               "old thresholds + checks": config.model_copy(update=OLD_THRESHOLDS), "after": config}
+               "old thresholds + checks": config.model_copy(update=OLD_THRESHOLDS),
+               "previous defaults": config.model_copy(update=PREVIOUS), "after": config}
     for spec in args.stream:
         name, _, rest = spec.partition("=")
         print(f"\nstream {name}", flush=True)

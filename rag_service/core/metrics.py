@@ -60,7 +60,8 @@ class Metrics:
         self.quality_top10 = Histogram("rag_quality_top10_fused_score", "Fused score of the 10th candidate (the "
                                        "last one when fewer)", ["index"], buckets=SCORE_BUCKETS, registry=r)
         self.quality_overlap = Histogram("rag_quality_retriever_overlap_at10", "Share of the BM25 top 10 that is "
-                                         "also in the dense top 10 (retriever agreement)", ["index"],
+                                         "also in the dense top 10, of the shorter list when one has fewer than 10 "
+                                         "(retriever agreement)", ["index"],
                                          buckets=OVERLAP_BUCKETS, registry=r)
         self.quality_replies = Counter("rag_quality_replies", "Searches the pipeline computed", ["index"], registry=r)
         self.quality_empty = Counter("rag_quality_empty_replies", "Computed searches with no context", ["index"],

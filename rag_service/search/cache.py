@@ -9,7 +9,8 @@
 stage the searcher calls after its encode, so the encode and the route decision stay with the searcher.
 
 A semantic hit must return what a fresh search would have returned (fidelity), so cosine alone does not decide: the
-guard also asks that the two queries hold the same negation, direction, comparison and quantity words
+guard asks that the cached answer was not a near tie (its BM25 and dense lists agreed, `answer_agreement`), that the
+two queries hold the same negation, direction, comparison and quantity words
 (search/guard_words.py), that no index term BM25 weighs is in one query and not the other (`differing_idf`), that
 they share their rare terms (IDF-weighted) and that the new query's BM25 top candidates overlap those stored with the
 entry; terms and candidates come from the searcher's `guard` (the index's own analyzer and BM25). A searcher without a
@@ -110,6 +111,14 @@ def differing_idf(a: dict[str, float], b: dict[str, float]) -> float:
     return top
 
 
+def answer_agreement(result: SearchResult) -> float:
+    """How far the answer's two retrievers agreed: the overlap@10 of its BM25 and dense lists (1.0 when only one ran).
+    Where they disagree, the fused order is a near tie between two lists, and a query a few words away reorders it,
+    so the guard serves semantic hits only from answers above guard_min_agreement."""
+    signals = result.signals
+    return 1.0 if signals is None or signals[2] is None else signals[2]
+
+
 def lexical_overlap(a: np.ndarray, b: np.ndarray) -> float:
     """Share of BM25 candidates two queries have in common; two queries with no lexical match agree (1.0)."""
     size = max(len(a), len(b))
@@ -151,6 +160,7 @@ class Entry:
     nbytes: int
     inserted: float
     origin: str = LIVE
+    agreement: float = 1.0  # the answer's BM25/dense overlap@10 (answer_agreement): the guard's near-tie check
     used: bool = False
     slot: int = -1
 
@@ -496,7 +506,8 @@ class CachedSearch:
             inputs.append(self.guard_inputs(params, guard))
         query = inputs[0]
         for entry, similarity in candidates:
-            if (query.polarity == entry.polarity
+            if (entry.agreement >= config.guard_min_agreement
+                    and query.polarity == entry.polarity
                     and differing_idf(query.terms, entry.terms) < config.guard_max_differing_idf
                     and term_overlap(query.terms, entry.terms) >= config.guard_min_term_overlap
                     and lexical_overlap(query.lexical, entry.lexical) >= config.guard_min_overlap
@@ -547,7 +558,7 @@ class CachedSearch:
         entry = Entry(key=key, group=(key[0], key[2]), result=kept, vector=vector, lexical=bm25, terms=terms,
                       polarity=polarity, signature=signature,
                       nbytes=entry_bytes(key[1], kept, vector, bm25, signature + polarity, terms),
-                      inserted=self.store.clock(), origin=origin)
+                      inserted=self.store.clock(), origin=origin, agreement=answer_agreement(result))
         self.store.put(entry)
 
     def probe(self, searcher: Searcher, params: SearchParams, query_vector: np.ndarray) -> Served | None:

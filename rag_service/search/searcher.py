@@ -198,16 +198,19 @@ def _complete(params: SearchParams, result: SearchResult, caps: Capabilities) ->
 
 def quality_signals(fused: FusionResult, bm25_ids: np.ndarray,
                     dense_ids: np.ndarray) -> tuple[float, float, float | None] | None:
-    """(top-1 fused score, top-10 fused score, overlap@10 of the BM25 and dense lists) for the quality metrics;
-    None without candidates; overlap None when dense retrieval did not run."""
+    """(top-1 fused score, top-10 fused score, overlap@10 of the BM25 and dense lists) for the quality metrics and
+    the cache's guard; None without candidates; overlap None when dense retrieval did not run. The overlap is the share
+    of the shorter top 10 found in the other (BM25 finds fewer than 10 chunks on a small index or a rare word), and 0
+    when BM25 found nothing."""
     scores = fused.scores
     n = len(scores)
     if n == 0:
         return None
     overlap = None
     if len(dense_ids):
-        top = set(bm25_ids[:10].tolist())
-        overlap = len(top.intersection(dense_ids[:10].tolist())) / 10.0
+        top, other = bm25_ids[:10], dense_ids[:10]
+        shorter = min(len(top), len(other))
+        overlap = len(set(top.tolist()).intersection(other.tolist())) / shorter if shorter else 0.0
     return float(scores[0]), float(scores[min(9, n - 1)]), overlap
 
 
