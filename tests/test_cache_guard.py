@@ -28,7 +28,10 @@ class FakeGuard:
     def query_terms(self, query: str) -> dict[str, float]:
         return {t: COMMON.get(t, RARE_IDF) for t in self.analyzer.tokens(query)}
 
-    def lexical_candidates(self, query, filters, depth, tree=None) -> np.ndarray:
+    def lexical_input(self, query: str) -> np.ndarray:
+        return np.zeros(0, dtype=np.int64)
+
+    def lexical_candidates(self, lexical_input, filters, depth, tree=None) -> np.ndarray:
         return np.arange(5, dtype=np.int64)  # the same BM25 candidates for every query: that check always passes
 
 
@@ -116,3 +119,42 @@ def test_differing_term_check_off_serves_the_content_word_pair():
     cache = CachedSearch(config, Metrics())
     assert served(cache, "aspirin bleeding risk in mice") == "miss"
     assert served(cache, "aspirin bleeding risk in rats") == "semantic"
+
+
+class BagGuard(FakeGuard):
+    """FakeGuard with a real BM25 input (the query's tokens as ids, sorted) that counts the BM25 searches asked of
+    it; its candidates do not depend on the query, so the BM25 check passes whenever it is made."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.searches = 0
+
+    def lexical_input(self, query: str) -> np.ndarray:
+        return np.sort(np.asarray([self.ids.setdefault(t, len(self.ids)) for t in self.analyzer.tokens(query)],
+                                  dtype=np.int64))
+
+    def lexical_candidates(self, lexical_input, filters, depth, tree=None) -> np.ndarray:
+        self.searches += 1
+        return np.arange(5, dtype=np.int64)
+
+
+def test_a_cached_query_with_the_same_bm25_input_needs_no_bm25_search():
+    searcher = FakeSearcher()
+    searcher.guard = guard = BagGuard()
+    cache = CachedSearch(CacheConfig(), Metrics())
+
+    def ask(query: str) -> str:
+        return cache.run(searcher, SearchParams(query=query)).served_from
+
+    assert ask("aspirin increases bleeding risk") == "miss"
+    assert guard.searches == 1  # the stored entry keeps its BM25 top chunks
+    # The same terms in another order or with other punctuation: the same BM25 input, so the same BM25 top chunks.
+    assert ask("Aspirin increases bleeding risk?") == "semantic"
+    assert ask("bleeding risk: aspirin increases") == "semantic"
+    assert guard.searches == 1
+    # One term more ("studi", in nearly every chunk: the other checks pass): the BM25 check must search.
+    assert ask("aspirin increases bleeding risk study") == "semantic"
+    assert guard.searches == 2
+    # A repeated term changes the input too (BM25 counts it twice).
+    assert ask("aspirin increases bleeding risk risk") == "semantic"
+    assert guard.searches == 3

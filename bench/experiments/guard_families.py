@@ -400,7 +400,7 @@ def guard_cost(pipeline: Pipeline, corpus: Corpus, texts: list[str]) -> dict:
                     differing_idf(terms[i], terms[e])
             t1 = time.perf_counter_ns()
             pipeline.guard.query_terms(text)
-            pipeline.guard.lexical_candidates(text, {}, config.guard_depth)
+            pipeline.guard.lexical_candidates(pipeline.guard.lexical_input(text), {}, config.guard_depth)
             t2 = time.perf_counter_ns()
             added.append((t1 - t0) / 1000)
             lookup.append((t2 - t1) / 1000)

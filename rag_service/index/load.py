@@ -121,13 +121,15 @@ class Index:
     def query_terms(self, query: str) -> dict[str, float]:
         return self.bm25.query_terms(query)
 
-    def lexical_candidates(self, query: str, filters: Mapping[str, str], depth: int,
-                           tree: flt.Node | None = None) -> np.ndarray:
-        # The native BM25 top-depth (the numba scorer's C++ twin): a semantic look-up pays for this on top of its
-        # encode.
+    def lexical_input(self, query: str) -> np.ndarray:
         bm25 = self.bm25
-        ids, _ = native.bm25_top(bm25.postings, bm25.term_ids(bm25.analyzer.tokens(query)), depth,
-                                 mask=self.filter_mask(filters, tree))
+        return np.sort(bm25.term_ids(bm25.analyzer.tokens(query)))
+
+    def lexical_candidates(self, lexical_input: np.ndarray, filters: Mapping[str, str], depth: int,
+                           tree: flt.Node | None = None) -> np.ndarray:
+        # The native BM25 top-depth (the numba scorer's C++ twin): a semantic look-up that needs it pays for it on
+        # top of its encode.
+        ids, _ = native.bm25_top(self.bm25.postings, lexical_input, depth, mask=self.filter_mask(filters, tree))
         return np.sort(ids)
 
 

@@ -111,6 +111,10 @@ def differing_idf(a: dict[str, float], b: dict[str, float]) -> float:
     return top
 
 
+def _candidates(guard: LexicalGuard, params: SearchParams, depth: int, bm25_input: np.ndarray) -> np.ndarray:
+    return guard.lexical_candidates(bm25_input, params.filters, depth, params.filter)
+
+
 def answer_agreement(result: SearchResult) -> float:
     """How far the answer's two retrievers agreed: the overlap@10 of its BM25 and dense lists (1.0 when only one ran).
     Where they disagree, the fused order is a near tie between two lists, and a query a few words away reorders it,
@@ -137,14 +141,27 @@ class Served:
     origin: str = LIVE  # who computed it: a leader's origin tells coalesced followers what to report
 
 
-@dataclass(frozen=True, eq=False)
 class GuardInputs:
     """The fidelity guard's view of one query: its index terms with their idf, its polarity words
-    (search/guard_words.py) and its BM25 top guard_depth chunk ids, sorted."""
+    (search/guard_words.py), its BM25 input (`bm25_key`: the term ids with repeats, sorted, as bytes) and its BM25 top
+    guard_depth chunk ids, sorted (`lexical`), worked out only when asked: a cached query with the same BM25 input
+    has the same BM25 top chunks, so a hit on such a query needs no BM25 search."""
 
-    terms: dict[str, float]
-    polarity: tuple[str, ...]
-    lexical: np.ndarray
+    __slots__ = ("terms", "polarity", "bm25_key", "_lexical", "_candidates")
+
+    def __init__(self, terms: dict[str, float], polarity: tuple[str, ...], bm25_input: np.ndarray,
+                 candidates: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.terms = terms
+        self.polarity = polarity
+        self.bm25_key = bm25_input.tobytes()
+        self._lexical: np.ndarray | None = None
+        self._candidates = functools.partial(candidates, bm25_input)
+
+    @property
+    def lexical(self) -> np.ndarray:
+        if self._lexical is None:
+            self._lexical = self._candidates()
+        return self._lexical
 
 
 @dataclass(eq=False)
@@ -161,6 +178,7 @@ class Entry:
     inserted: float
     origin: str = LIVE
     agreement: float = 1.0  # the answer's BM25/dense overlap@10 (answer_agreement): the guard's near-tie check
+    bm25_key: bytes = b""  # GuardInputs.bm25_key of the query: an equal key means equal BM25 top chunks
     used: bool = False
     slot: int = -1
 
@@ -475,8 +493,8 @@ class CachedSearch:
         config = self.config
         return GuardInputs(terms=guard.query_terms(params.query),
                            polarity=polarity_words(params.query) if config.guard_polarity_words else (),
-                           lexical=guard.lexical_candidates(params.query, params.filters, config.guard_depth,
-                                                            params.filter))
+                           bm25_input=guard.lexical_input(params.query),
+                           candidates=functools.partial(_candidates, guard, params, config.guard_depth))
 
     def lookup_semantic(self, params: SearchParams, key: tuple, vector: np.ndarray, strict: bool,
                         guard: LexicalGuard | None, inputs: list[GuardInputs]) -> Served | None:
@@ -510,7 +528,8 @@ class CachedSearch:
                     and query.polarity == entry.polarity
                     and differing_idf(query.terms, entry.terms) < config.guard_max_differing_idf
                     and term_overlap(query.terms, entry.terms) >= config.guard_min_term_overlap
-                    and lexical_overlap(query.lexical, entry.lexical) >= config.guard_min_overlap
+                    and (query.bm25_key == entry.bm25_key
+                         or lexical_overlap(query.lexical, entry.lexical) >= config.guard_min_overlap)
                     and self.store.touch(entry)):
                 return self._hit(entry, SEMANTIC, started, similarity)
         self.metrics.cache_guard_rejections.labels("default").inc()
@@ -549,16 +568,17 @@ class CachedSearch:
             return
         if self.config.semantic and guard is not None:
             query = inputs[0] if inputs else self.guard_inputs(params, guard)
-            bm25, terms, polarity = query.lexical, query.terms, query.polarity
+            bm25, terms, polarity, bm25_key = query.lexical, query.terms, query.polarity, query.bm25_key
         else:  # the guard's inputs serve semantic lookups only
-            bm25, terms, polarity = np.zeros(0, np.int64), {}, ()
+            bm25, terms, polarity, bm25_key = np.zeros(0, np.int64), {}, (), b""
         vector = np.ascontiguousarray(vector, dtype=np.float32)
         signature = strict_signature(params.query)
         kept = _copy(result, {})
         entry = Entry(key=key, group=(key[0], key[2]), result=kept, vector=vector, lexical=bm25, terms=terms,
                       polarity=polarity, signature=signature,
-                      nbytes=entry_bytes(key[1], kept, vector, bm25, signature + polarity, terms),
-                      inserted=self.store.clock(), origin=origin, agreement=answer_agreement(result))
+                      nbytes=entry_bytes(key[1], kept, vector, bm25, signature + polarity, terms) + len(bm25_key),
+                      inserted=self.store.clock(), origin=origin, agreement=answer_agreement(result),
+                      bm25_key=bm25_key)
         self.store.put(entry)
 
     def probe(self, searcher: Searcher, params: SearchParams, query_vector: np.ndarray) -> Served | None:

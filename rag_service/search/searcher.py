@@ -45,9 +45,15 @@ class LexicalGuard(Protocol):
         """The query's index terms with their idf (a term the index lacks weighs the most)."""
         ...
 
-    def lexical_candidates(self, query: str, filters: dict[str, str], depth: int,
+    def lexical_input(self, query: str) -> np.ndarray:
+        """The query's BM25 input: its index term ids with repeats, sorted (int64). BM25 scores a multiset of terms,
+        so two queries with equal inputs get the same BM25 ranking under the same filters."""
+        ...
+
+    def lexical_candidates(self, lexical_input: np.ndarray, filters: dict[str, str], depth: int,
                            tree: Tree | None = None) -> np.ndarray:
-        """The query's BM25 top `depth` chunk ids under `filters` and the structured filter `tree`, sorted by id."""
+        """The BM25 top `depth` chunk ids of a query's `lexical_input` under `filters` and the structured filter
+        `tree`, sorted by id."""
         ...
 
 
