@@ -113,6 +113,41 @@ def test_hnsw_recall_and_filters(tmp_path, data, monkeypatch):
     assert dense.filtered_ef(200, 0.001) == dense.FILTER_EF_MAX
 
 
+def test_hnsw_with_sq8_codes_walks_the_graph_and_scans_the_allowed_rows_codes(tmp_path, data, monkeypatch):
+    from rag_service.kernels import native
+
+    if native.retrieve_backend() != "cpp" or native.simd_level() in ("scalar", "none"):
+        pytest.skip("the codes' scan is the native SIMD one")
+    vectors, queries = data
+    graph = build_dense_index(vectors, "hnsw")
+    for name in ("plain", "coded"):
+        (tmp_path / name).mkdir()
+        write_dense(tmp_path / name, graph, vectors, "hnsw")
+    dense.write_codes(tmp_path / "coded", vectors, "sq8")
+    plain, coded = DenseIndex.load(tmp_path / "plain"), DenseIndex.load(tmp_path / "coded")
+    assert coded.codes_kind == "sq8" and coded.sq8 is not None and plain.sq8 is None
+    # Unfiltered: the graph answers, as it does without codes (not a scan of the codes).
+    for q in queries:
+        np.testing.assert_array_equal(coded.search(q, 10)[0], plain.search(q, 10)[0])
+    # Filtered to few rows: the scan reads the codes, and the candidates' exact scores give the exact filtered top.
+    scans = []
+
+    def spy(*args, **kwargs):
+        scans.append(kwargs.get("codes") is not None)
+        return real(*args, **kwargs)
+
+    real = native.dense_top
+    monkeypatch.setattr(native, "dense_top", spy)
+    mask = np.random.default_rng(3).random(len(vectors)) < 0.05
+    for q in queries[:10]:
+        ids, scores = coded.search(q, 10, mask=mask)
+        e_ids, e_scores = exact_top(vectors, q, 10, allowed=mask)
+        np.testing.assert_array_equal(ids, e_ids)
+        np.testing.assert_allclose(scores, e_scores, rtol=1e-5, atol=1e-5)
+        plain.search(q, 10, mask=mask)
+    assert scans == [True, False] * 10
+
+
 def test_vectors_are_memory_mapped_and_rescore(tmp_path, data):
     vectors, queries = data
     index = saved(tmp_path, vectors, "flat")

@@ -338,6 +338,14 @@ def test_hnsw_plan_scans_few_rows_exactly_and_walks_past_a_share_or_a_count():
     assert dense.filtered_plan(1_000_000, 1_000_000, 100) == dense.HNSW_EF_SEARCH_MIN
     # The beam is never narrower than the depth asked.
     assert dense.filtered_plan(1_000_000, 1_000_000, 500) == 500
+    # With sq8 codes the scan reads a quarter of the bytes and runs to EXACT_FILTER_MAX_SQ8 rows (2% at 1M); a small
+    # index's plan does not change (its 5% is 5,000 rows).
+    assert dense.EXACT_FILTER_MAX_SQ8 == 20_000
+    assert dense.filtered_plan(20_000, 1_000_000, 100, sq8=True) == exact
+    assert dense.filtered_plan(20_001, 1_000_000, 100, sq8=True) == dense.FILTER_EF_MAX
+    assert dense.filtered_plan(50_000, 1_000_000, 100, sq8=True) == 4 * dense.HNSW_EF_SEARCH_MIN
+    for allowed in (5_000, 5_001, 10_000):
+        assert dense.filtered_plan(allowed, 100_000, 100, sq8=True) == dense.filtered_plan(allowed, 100_000, 100)
 
 
 # -- errors ----------------------------------------------------------------------------------------------------------

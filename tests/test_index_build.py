@@ -450,6 +450,16 @@ def test_hnsw_build(tmp_path, encoder, write_corpus):
     mask = index.filter_mask({"topic": "cooking"})
     ids, _ = index.dense.search(query, depth=10, mask=mask)
     assert set(ids.tolist()) == set(np.flatnonzero(mask).tolist())
+    # An HNSW index keeps sq8 codes for its filtered scans unless told otherwise; a flat one none.
+    params = index.manifest["params"]
+    assert (params["dense_codes"], params["dense_codes_requested"]) == ("sq8", "auto")
+    assert index.dense.codes_kind == "sq8" and (version_dir / "dense_codes.faiss").is_file()
+    flat = load_index(build_index(corpus, tmp_path / "flat", BuildConfig(dense_index="flat"), encoder=encoder,
+                                  progress=False))
+    assert flat.manifest["params"]["dense_codes"] == "none" and flat.dense.codes_kind == "none"
+    bare = load_index(build_index(corpus, tmp_path / "bare", BuildConfig(dense_index="hnsw", dense_codes="none"),
+                                  encoder=encoder, progress=False))
+    assert bare.dense.codes_kind == "none" and bare.dense.sq8 is None
 
 
 def test_okapi_and_custom_bm25_params_are_recorded(tmp_path, encoder, write_corpus):

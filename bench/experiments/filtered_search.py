@@ -13,10 +13,12 @@ against the exact top 10 among the allowed chunks. A few filters of the other co
 Part 2, HNSW: `--hnsw-size` seeded synthetic vectors (a Gaussian mixture of 1,000 clusters in 384 dimensions,
 normalised; the queries are fresh draws of the mixture), an HNSW index built as the build does (M and efConstruction
 of `rag-index build` unless given; kept under --graph-cache, so a rerun skips the build), and DenseIndex.search with
-the mask at each selectivity under five plans: the shipped rule (dense.filtered_plan: an exact scan of the allowed
-set when few, else a filtered graph walk with a beam widened below 20% allowed), the exact scan forced, the widened
-walk forced, the walk at the widest beam (1024) and at the unfiltered beam (128, what the index did before); beside
-them an sq8 scan of the allowed rows with exact rescoring (native.dense_top over codes). Depth 100 as in the server;
+the mask at each selectivity under six plans: the shipped rule (dense.filtered_plan: an exact scan of the allowed
+set when few, else a filtered graph walk with a beam widened below 20% allowed), the same rule on the same graph with
+sq8 codes beside it (`--dense-codes sq8`: the exact scans read the codes, up to EXACT_FILTER_MAX_SQ8 rows), the
+exact scan forced, the widened walk forced, the walk at the widest beam (1024) and at the unfiltered beam (128, what
+the index did before); beside them an sq8 scan of the allowed rows with exact rescoring forced at every share
+(native.dense_top over codes). Depth 100 as in the server;
 p50/p99 per query, one thread. Part 2 alone, at 1M (bench/README.md "Filtered dense stage at 1M passages"):
 
     python bench/experiments/filtered_search.py --skip-scifact --hnsw-size 1000000 --ef-construction 40 \
@@ -204,6 +206,13 @@ def hnsw(args: argparse.Namespace) -> dict:
     if args.build_only:
         return {"vectors": n, "graph": str(graph_dir), "build_s": build_s}
     dense = dense_mod.DenseIndex.load(graph_dir, search_threads=1)
+    # The same graph with sq8 codes beside it, as `rag-index build --dense-codes sq8` writes them.
+    coded_dir = work / "coded"
+    coded_dir.mkdir()
+    for name in dense_mod.FILES:
+        (coded_dir / name).symlink_to(graph_dir / name)
+    dense_mod.write_codes(coded_dir, vectors, "sq8")
+    coded = dense_mod.DenseIndex.load(coded_dir, search_threads=1)
     rank = rng.permutation(n)
     docs = [Document(id=str(i), title="", text="", metadata={"rank": int(rank[i])}) for i in range(n)]
     entries, _ = metadata_mod.write_columns(work, docs, np.arange(n, dtype=np.int32), {"rank": "integer"})
@@ -213,11 +222,13 @@ def hnsw(args: argparse.Namespace) -> dict:
     masks = {s: evaluator.mask(rank_filter(s, n)) for s in shares}
     # Each plan is a setting of the rule's constants in dense.py; exact_sq8 is not a setting but the scan an index with
     # sq8 codes could do instead of the float rows' (native.dense_top over the codes, the candidates rescored).
-    names = ("EXACT_FILTER_LIMIT", "EXACT_FILTER_FRACTION", "EXACT_FILTER_MAX", "FILTER_EF_SHARE", "FILTER_EF_MAX")
+    names = ("EXACT_FILTER_LIMIT", "EXACT_FILTER_FRACTION", "EXACT_FILTER_MAX", "EXACT_FILTER_MAX_SQ8",
+             "FILTER_EF_SHARE", "FILTER_EF_MAX")
     shipped = {name: getattr(dense_mod, name) for name in names}
     walk = {"EXACT_FILTER_LIMIT": 0, "EXACT_FILTER_FRACTION": 0.0, "EXACT_FILTER_MAX": 0}
     plans: dict[str, dict | None] = {
         "shipped": shipped,
+        "shipped_sq8": shipped,
         "exact": {**shipped, "EXACT_FILTER_LIMIT": n},
         "walk": {**shipped, **walk},
         # The widest beam at every share: 1024 (the cap) from a share of 1 down.
@@ -253,7 +264,7 @@ def hnsw(args: argparse.Namespace) -> dict:
                         ids, _ = native.dense_top(dense.vectors, q, depth, mask=masks[s], codes=sq8,
                                                   oversample=dense_mod.NATIVE_SQ8_OVERSAMPLE)
                     else:
-                        ids, _ = dense.search(q, depth, masks[s])
+                        ids, _ = (coded if plan == "shipped_sq8" else dense).search(q, depth, masks[s])
                     times.setdefault((plan, s), []).append(time.perf_counter() - started)
                     want = truth[s][qi]
                     recall.setdefault((plan, s), []).append(
@@ -271,7 +282,7 @@ def hnsw(args: argparse.Namespace) -> dict:
             allowed = int(masks[s].sum())
             for name, value in (setting or shipped).items():
                 setattr(dense_mod, name, value)
-            ef = 0 if setting is None else dense_mod.filtered_plan(allowed, n, depth)
+            ef = 0 if setting is None else dense_mod.filtered_plan(allowed, n, depth, sq8=plan == "shipped_sq8")
             rows.append({"plan": plan, "share": s, "allowed": allowed,
                          "recall@10": round(float(np.mean(recall[(plan, s)])), 4), **st,
                          "p99_ratio": round(st["p99_ms"] / base["p99_ms"], 2), "ef": ef or "exact"})

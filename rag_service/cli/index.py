@@ -74,8 +74,11 @@ def cli(verbose: bool) -> None:
 @click.option("--window-pooling", type=click.Choice(["chunk", "encode"]), default="chunk", show_default=True,
               help="Reranker window vectors: pooled from the chunk pass's token vectors (chunk), or each window's "
                    "text encoded in a second pass (encode, slower).")
-@click.option("--dense-codes", type=click.Choice(["none", "sq8", "binary"]), default="none", show_default=True,
-              help="Quantized codes for the dense first stage, rescored exactly with the float vectors.")
+@click.option("--dense-codes", type=click.Choice(["auto", "none", "sq8", "binary"]), default="auto",
+              show_default=True,
+              help="Quantized codes of the chunk vectors, candidates rescored exactly with the float vectors: a flat "
+                   "index scans them instead of the floats; an HNSW index scans its sq8 codes for filtered searches. "
+                   "auto: sq8 for an HNSW index, none for a flat one.")
 @click.option("--metadata-schema", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="JSON object of metadata field -> type (keyword, keyword_list, integer, float, date, boolean); "
                    "fields it does not name get the type their values fit.")

@@ -83,7 +83,7 @@ class BuildConfig:
     # codes for the dense first stage.
     export_onnx: bool = True
     document_encoder: str = "auto"
-    dense_codes: str = "none"
+    dense_codes: str = "auto"  # auto: dense.DEFAULT_CODES of the dense index's kind
     # Sentence windows per chunk for the reranker (index/windows.py); 0 builds none (rerank is then off).
     window_sentences: int = windows_mod.DEFAULT_WINDOW_SENTENCES
     # How window vectors are made (windows.POOLINGS): "chunk" pools them from the chunk pass's token vectors,
@@ -129,8 +129,9 @@ class BuildConfig:
         if self.window_pooling not in windows_mod.POOLINGS:
             problems.append(f"window_pooling must be one of {', '.join(windows_mod.POOLINGS)}, "
                             f"got {self.window_pooling!r}")
-        if self.dense_codes not in dense_mod.CODE_KINDS:
-            problems.append(f"dense_codes must be one of {', '.join(dense_mod.CODE_KINDS)}, got {self.dense_codes!r}")
+        if self.dense_codes != "auto" and self.dense_codes not in dense_mod.CODE_KINDS:
+            problems.append(f"dense_codes must be auto or one of {', '.join(dense_mod.CODE_KINDS)}, got "
+                            f"{self.dense_codes!r}")
         if self.keep < 1:
             problems.append(f"keep must be >= 1, got {self.keep}")
         if self.window_sentences < 0:
@@ -400,8 +401,9 @@ def build_index(
             hnsw = {"hnsw_m": config.hnsw_m, "ef_construction": config.hnsw_ef_construction}
             index = dense_mod.build_dense_index(vectors, kind, progress=progress, **hnsw)
             dense_mod.write_dense(tmp, index, vectors, kind, **hnsw)
-            if config.dense_codes != "none":
-                dense_mod.write_codes(tmp, vectors, config.dense_codes)
+            codes = dense_mod.DEFAULT_CODES[kind] if config.dense_codes == "auto" else config.dense_codes
+            if codes != "none":
+                dense_mod.write_codes(tmp, vectors, codes)
             del index
 
         window_params = None
@@ -453,7 +455,8 @@ def build_index(
                 "batch_size": config.batch_size,
                 "document_encoder": document_encoder,
                 "document_encoder_requested": config.document_encoder,
-                "dense_codes": config.dense_codes,
+                "dense_codes": codes,
+                "dense_codes_requested": config.dense_codes,
                 "window_pooling": window_params.get("pooling") if window_params is not None else None,
             },
             "counts": {
