@@ -81,7 +81,8 @@ EXACT_FILTER_FRACTION = 0.05
 EXACT_FILTER_MAX: int | None = 10_000
 # With sq8 codes (an HNSW index built with dense_codes sq8) the scan reads a quarter of the bytes and rescores
 # NATIVE_SQ8_OVERSAMPLE candidates per result: at 1M it costs about what the float scan of half as many rows does
-# (20,000 rows: p50 4.3 ms, recall@10 1.0, where the widened walk keeps 0.93).
+# (20,000 rows: p50 2.4-3.1 ms, recall@10 1.0, where the widened walk keeps 0.93; bench/README.md "sq8 codes beside
+# the graph").
 EXACT_FILTER_MAX_SQ8: int | None = 20_000
 FILTER_EF_SHARE = 0.2
 FILTER_EF_MAX = 1024
