@@ -39,7 +39,8 @@ def main() -> None:
             os.link(source / name, tmp / name)
         except OSError:
             shutil.copyfile(source / name, tmp / name)
-    onnx_export.copy_export(onnx_export.cached_export(), tmp)
+    if not onnx_export.has_export(tmp):  # indexes built today carry their export already
+        onnx_export.copy_export(onnx_export.cached_export(), tmp)
     if args.dense_codes != "none":
         import numpy as np
 

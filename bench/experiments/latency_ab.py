@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_service.bench.serve import ServerProcess
+from rag_service.bench.serve import SAFE_PATH, ServerProcess
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -54,7 +54,8 @@ def one_run(target: str, queries: Path, rate: float, args: argparse.Namespace, e
         command = [sys.executable, "-m", "rag_service.cli.bench", "latency", "--target", target, "--queries",
                    str(queries), "--qps", f"{rate:g}", "--duration", str(args.duration), "--warmup",
                    str(args.warmup), "--no-floor", "--seed", str(args.seed), "--json", str(out), *extra]
-        done = subprocess.run(command, capture_output=True, text=True)
+        # The installed package, not the source tree of the working directory (which has no compiled kernels).
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **SAFE_PATH})
         if done.returncode != 0:
             raise RuntimeError(f"rag-bench latency failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
         report = json.loads(out.read_text())

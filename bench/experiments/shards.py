@@ -88,7 +88,7 @@ def split(index: Path, work: Path, counts: list[int]) -> dict[int, float]:
     for n in counts:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "rag_service.cli.index", "shard", str(index), str(work / f"scifact-{n}"),
-                        "--shards", str(n), "--keep", "1"], check=True, env={**os.environ},
+                        "--shards", str(n), "--keep", "1"], check=True, env={**os.environ, **SAFE_PATH},
                        stdout=subprocess.DEVNULL)
         seconds[n] = round(time.perf_counter() - t0, 2)
     return seconds
@@ -176,7 +176,7 @@ def paired(single: str, router: str, queries: list[str], n: int, warmup: int, se
 def rag_bench_latency(target: str, queries_file: Path, qps: str, duration: float, out: Path) -> dict:
     cmd = [sys.executable, "-m", "rag_service.cli.bench", "latency", "--target", target, "--queries", str(queries_file),
            "--qps", qps, "--duration", str(duration), "--warmup", "3", "--json", str(out)]
-    subprocess.run(cmd, check=True, env={**os.environ}, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, env={**os.environ, **SAFE_PATH}, stdout=subprocess.DEVNULL)
     report = json.loads(out.read_text())
     rows = []
     for row in report["rates"]:

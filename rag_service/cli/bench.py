@@ -147,7 +147,8 @@ def _make_encoder(kind: str, index_dir: Path, onnx_dir: Path | None) -> QueryEnc
 @click.option("--significance", "pairs", multiple=True, metavar="A,B",
               help="Paired t-test and Wilcoxon between two methods on per-query values (repeatable).")
 @click.option("--encoder", "encoder_kind", default="torch",
-              help="Query encoder: torch, onnx-int8 or onnx-fp32 (the ONNX export inside each index, or --onnx-dir).")
+              help="Query encoder: torch, onnx-int8, onnx-int8-fused or onnx-fp32 (the ONNX export inside each index, "
+                   "or --onnx-dir).")
 @click.option("--onnx-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A directory holding an ONNX encoder export, for --encoder onnx-*.")
 @click.option("--depth", type=int, help="Candidates per retriever [default: the server default].")
