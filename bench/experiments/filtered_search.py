@@ -46,7 +46,7 @@ from rag_service.core.params import SearchParams
 from rag_service.encoder import onnx_export
 from rag_service.encoder.encode import OnnxEncoder
 from rag_service.index import metadata as metadata_mod
-from rag_service.index.chunking import Chunk, Document
+from rag_service.index.chunking import Document
 from rag_service.index.load import load_index
 from rag_service.index.store import DocStore, write_store
 from rag_service.kernels import native
@@ -111,11 +111,7 @@ def scifact(args: argparse.Namespace) -> dict:
     meta = synthetic_metadata(store.n_docs, args.seed)
     docs = [Document(id=store.doc_id(d), title=store.doc_title(d), text="", metadata=meta[d])
             for d in range(store.n_docs)]
-    chunks = []
-    for c in range(store.n_chunks):
-        start, end = store.chunk_span(c)
-        chunks.append(Chunk(doc=store.chunk_doc(c), no=store.chunk_no(c), start=start, end=end,
-                            text=store.chunk_text(c)))
+    chunks = [store.chunk(c) for c in range(store.n_chunks)]
     work = Path(tempfile.mkdtemp(prefix="filtered-", dir=args.work))
     write_store(work, docs, chunks)
     # Only the store differs: the other files of the index are its own.

@@ -45,7 +45,7 @@ from rag_service.encoder.encode import OnnxEncoder
 from rag_service.index import manifest as manifest_mod
 from rag_service.index import metadata as metadata_mod
 from rag_service.index import publish as publish_mod
-from rag_service.index.chunking import Chunk, Document
+from rag_service.index.chunking import Document
 from rag_service.index.load import load_index, resolve_version_dir
 from rag_service.index.manifest import read_manifest
 from rag_service.index.store import DocStore, write_store
@@ -71,11 +71,7 @@ def derive(source: Path, root: Path, tenants: int, seed: int, tenant_key: str | 
     docs = [Document(id=store.doc_id(d), title=store.doc_title(d), text="",
                      metadata={**store.doc_metadata_raw(d), FIELD: tenant_name(int(assign[d]))})
             for d in range(store.n_docs)]
-    chunks = []
-    for c in range(store.n_chunks):
-        start, end = store.chunk_span(c)
-        chunks.append(Chunk(doc=store.chunk_doc(c), no=store.chunk_no(c), start=start, end=end,
-                            text=store.chunk_text(c)))
+    chunks = [store.chunk(c) for c in range(store.n_chunks)]
     schema = metadata_mod.resolve_schema(docs)
     if tenant_key is not None:
         metadata_mod.check_tenant_key(tenant_key, docs, schema)

@@ -189,6 +189,11 @@ class DocStore:
         start, end = self.chunk_spans[i]
         return int(start), int(end)
 
+    def chunk(self, i: int) -> Chunk:
+        """Chunk i as the build made it, e.g. to write a store again with other documents' metadata."""
+        start, end = self.chunk_span(i)
+        return Chunk(doc=self.chunk_doc(i), no=self.chunk_no(i), start=start, end=end, text=self.chunk_text(i))
+
     # Documents ----------------------------------------------------------------------------------------------------
 
     def doc_id(self, d: int) -> str:

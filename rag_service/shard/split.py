@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from rag_service.index import publish as publish_mod
 from rag_service.index import source as source_mod
 from rag_service.index import tokens as tokens_mod
 from rag_service.index import windows as windows_mod
-from rag_service.index.chunking import Chunk, Document
+from rag_service.index.chunking import Document
 from rag_service.index.load import Index, load_index, resolve_version_dir
 from rag_service.index.store import write_store
 from rag_service.retrievers import dense as dense_mod
@@ -163,11 +163,7 @@ def split_index(source: Path | str, out: Path | str, count: int, *, keep: int = 
 
             docs = [Document(id=store.doc_id(int(d)), title=store.doc_title(int(d)), text="",
                              metadata=store.doc_metadata_raw(int(d))) for d in docs_g]
-            chunks = []
-            for c in chunks_g.tolist():
-                start, end = store.chunk_span(c)
-                chunks.append(Chunk(doc=int(local_doc[chunk_docs[c]]), no=store.chunk_no(c), start=start, end=end,
-                                    text=store.chunk_text(c)))
+            chunks = [replace(store.chunk(c), doc=int(local_doc[chunk_docs[c]])) for c in chunks_g.tolist()]
             write_store(tmp, docs, chunks, store.metadata_schema)
             if source_lines is not None:
                 with open(tmp / source_mod.SOURCE_FILE, "w", encoding="utf-8") as f:
