@@ -33,7 +33,6 @@ of concurrent Search calls (search/cache.py): a query searched by both at the sa
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
@@ -53,7 +52,7 @@ from rag_service.core.metrics import Metrics
 from rag_service.core.params import SearchParams, check_deadline
 from rag_service.index.reply_bytes import LEN, VARINT, field_bytes, string_field, tag, varint
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
-from rag_service.search.cache import EXACT, LIVE, MISS, PREFETCHED, CachedSearch, Served
+from rag_service.search.cache import CachedSearch, Served, shared
 from rag_service.search.searcher import Searcher
 
 log = logging.getLogger(__name__)
@@ -193,14 +192,9 @@ class BatchSearch:
     @staticmethod
     def _follow(leader: _Item) -> tuple[Served | None, Exception | None]:
         """The answer of a request identical to `leader`: its result as an exact hit (as a coalesced Search)."""
-        served = leader.served
-        if served is None:
+        if leader.served is None:
             return None, leader.error
-        served_from = served.served_from
-        if served_from == MISS:
-            served_from = EXACT if served.origin == LIVE else PREFETCHED
-        result = dataclasses.replace(served.result, contexts=list(served.result.contexts), stage_us={"cache": 0})
-        return Served(result, served_from, served.similarity, served.origin), None
+        return shared(leader.served, 0), None
 
     def _result(self, item: _Item, start: int, validated: int) -> bytes:
         served, error = item.served, item.error

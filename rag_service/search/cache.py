@@ -417,6 +417,15 @@ def _copy(result: SearchResult, stage_us: dict[str, int]) -> SearchResult:
     return dataclasses.replace(result, contexts=list(result.contexts), stage_us=stage_us)
 
 
+def shared(served: Served, cache_us: int) -> Served:
+    """The answer of a request identical to one computed for another caller (a coalesced Search, a repeat inside a
+    batch): that answer as an exact hit (prefetched when Prefetch or a draft computed it)."""
+    served_from = served.served_from
+    if served_from == MISS:
+        served_from = EXACT if served.origin == LIVE else PREFETCHED
+    return Served(_copy(served.result, {"cache": cache_us}), served_from, served.similarity, served.origin)
+
+
 class _LeaderGone(Exception):
     """The request doing the work for a single flight stopped (its deadline, its caller) before finishing."""
 
@@ -614,11 +623,7 @@ class CachedSearch:
             except _LeaderGone:
                 continue  # the leader stopped; this request's own deadline may still allow the work
             self.metrics.cache_hits.labels("coalesced").inc()
-            served_from = served.served_from
-            if served_from == MISS:
-                served_from = EXACT if served.origin == LIVE else PREFETCHED
-            result = _copy(served.result, {"cache": (time.perf_counter_ns() - started) // 1000})
-            return Served(result, served_from, served.similarity, served.origin)
+            return shared(served, (time.perf_counter_ns() - started) // 1000)
         flight = asyncio.get_running_loop().create_future()
         self._flights[key] = flight
         try:
@@ -657,6 +662,6 @@ class _RequestStage:
         self.cache._store(self.params, self.key, vector, result, guard, self._inputs, self.origin)
 
 
-__all__ = ["CachedSearch", "CacheStore", "Served", "normalise", "params_key", "strict_signature", "lexical_overlap",
-           "differing_idf", "term_overlap",
+__all__ = ["CachedSearch", "CacheStore", "Served", "shared", "normalise", "params_key", "strict_signature",
+           "lexical_overlap", "differing_idf", "term_overlap", "answer_agreement",
            "MISS", "EXACT", "SEMANTIC", "PREFETCHED", "LIVE", "PREFETCH", "SPECULATIVE"]
