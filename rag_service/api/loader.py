@@ -3,7 +3,6 @@ over a shard set (ShardedPipeline). Both get their query encoder, adaptive polic
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -17,6 +16,7 @@ from rag_service.encoder import onnx_export
 from rag_service.encoder.batching import MicroBatcher
 from rag_service.encoder.encode import SearchEncoder, load_index_encoder
 from rag_service.index.load import load_index
+from rag_service.index.manifest import sha256_file
 from rag_service.kernels import native
 from rag_service.search.adaptive import AdaptiveConfig, AdaptivePolicy
 from rag_service.search.pipeline import Pipeline
@@ -61,7 +61,7 @@ class EncoderPool:
             entry = manifest.get("files", {}).get(graph)
             # A router directory's export is outside any manifest: its bytes tell the model.
             return (backend, entry["sha256"] if isinstance(entry, dict) and "sha256" in entry
-                    else _sha256(index_dir / graph))
+                    else sha256_file(index_dir / graph))
         return ("torch", self.config.encoder.model_path or "", model)
 
     def get(self, index_dir: Path, manifest: dict) -> SearchEncoder:
@@ -83,14 +83,6 @@ class EncoderPool:
         with self._lock:
             for key in [k for k, e in self._encoders.items() if id(e) not in used]:
                 del self._encoders[key]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None,
