@@ -328,13 +328,13 @@ def latency(target, index_path, queries, qps, duration, warmup, processes, arriv
     _publish(report, format_table(report), json_out, plot_dir, "latency_plots")
 
 
-def _ints(value: str, option: str) -> list[int]:
+def _ints(value: str, option: str, least: int = 1) -> list[int]:
     try:
         values = [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint=option) from None
-    if not values or any(v < 1 for v in values):
-        raise click.BadParameter(f"values must be >= 1, got {value!r}", param_hint=option)
+    if not values or any(v < least for v in values):
+        raise click.BadParameter(f"values must be >= {least}, got {value!r}", param_hint=option)
     return values
 
 
@@ -455,12 +455,7 @@ def scale(sizes, systems, n_queries, seed, warmup, cache_dir, json_out, plot_dir
     """The comparison on synthetic corpora of growing size (hashed document vectors: latency only)."""
     from rag_service.bench.scale import format_table, run_scale
 
-    try:
-        counts = [int(x) for x in sizes.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {sizes!r}", param_hint="--sizes") from None
-    if not counts or any(n < 10 for n in counts):
-        raise click.BadParameter("each size must be at least 10 passages", param_hint="--sizes")
+    counts = _ints(sizes, "--sizes", least=10)  # passages
     names = [s.strip() for s in systems.split(",") if s.strip()]
     excluded = {}
     for item in did_not_fit:
