@@ -205,6 +205,43 @@ def test_query_api_replies_joined_equal_field_by_field(pipeline, debug: bool) ->
         assert got.legs == ["bm25", "dense", "rerank"] and not got.degraded
 
 
+def test_a_plain_search_reads_no_reply_field_from_the_store_until_asked(pipeline, monkeypatch) -> None:
+    import pickle
+
+    from rag_service.core.config import CacheConfig
+    from rag_service.search.cache import CachedSearch
+    from rag_service.search.searcher import StoredContext
+
+    reads: list[int] = []
+    real = pipeline.chunk_fields
+
+    def counted(chunk: int):
+        reads.append(chunk)
+        return real(chunk)
+
+    monkeypatch.setattr(pipeline, "chunk_fields", counted)
+    # Through the cache, which stores the answer (and sizes it), then the joined reply, as the server does.
+    served = CachedSearch(CacheConfig()).run(pipeline, SearchParams(query="glacier ice moraines", top_k=5))
+    contexts = served.result.contexts
+    reply.joined(served.result, pb.SERVED_FROM_MISS, None, False, 1, pipeline.index.context_bytes())
+    assert len(contexts) == 5 and reads == []
+    assert all(isinstance(c, StoredContext) and not c.resolved for c in contexts)
+    first = contexts[0]
+    f = real(first.chunk)
+    assert (first.doc_id, first.chunk_id, first.title, first.text, first.metadata) == tuple(f)
+    assert reads == [first.chunk] and first.resolved  # one read for all five fields, kept
+    assert first.text == f.text and reads == [first.chunk]
+    # It is the ContextResult it stands for: equal both ways; replace gives a read copy, pickle a plain one.
+    second = contexts[1]
+    plain = ContextResult(**{name: getattr(second, name) for name in ContextResult.__dataclass_fields__})
+    assert plain == second and second == plain and plain != replace(plain, score=-1.0) != second
+    assert type(pickle.loads(pickle.dumps(second))) is ContextResult
+    assert pickle.loads(pickle.dumps(second)) == plain
+    assert replace(second, score=1.5) == replace(plain, score=1.5)
+    with pytest.raises(AttributeError):
+        _ = contexts[2].no_such_field
+
+
 # --- Over a real channel ---------------------------------------------------------------------------------------------
 
 

@@ -46,7 +46,7 @@ from rag_service.core.params import SearchParams, SearchResult, check_deadline
 from rag_service.core.timing import StageTimer
 from rag_service.retrievers.analysis import Analyzer
 from rag_service.search.guard_words import polarity_words
-from rag_service.search.searcher import LexicalGuard, Searcher
+from rag_service.search.searcher import LexicalGuard, Searcher, StoredContext
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,10 @@ def _sizeof_result(result: SearchResult) -> int:
     # An estimate of what the entry keeps alive: the strings dominate; object headers are counted roughly.
     n = 400 + 64 * len(result.stage_us)
     for c in result.contexts:
-        n += 350 + sum(sys.getsizeof(s) for s in (c.doc_id, c.chunk_id, c.title, c.text))
+        n += 350
+        if isinstance(c, StoredContext) and not c.resolved:
+            continue  # holds no strings yet: its index's store keeps them (a joined reply never reads them)
+        n += sum(sys.getsizeof(s) for s in (c.doc_id, c.chunk_id, c.title, c.text))
         n += sum(sys.getsizeof(k) + sys.getsizeof(v) + 40 for k, v in c.metadata.items())
         if c.features:
             n += 100 * len(c.features)

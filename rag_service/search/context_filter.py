@@ -112,9 +112,9 @@ def select(relevance: np.ndarray, vectors: np.ndarray, texts: Callable[[int], st
     for i in order.tolist():
         if len(picked) == params.top_k:
             break
-        text = text_of(i)
         if params.shingle_threshold < 1.0:
-            sh = shingles(text)
+            # Only the shingle bound reads the text: a chunk's text is cold memory (the store is memory-mapped).
+            sh = shingles(text_of(i))
             if any(jaccard(sh, other) > params.shingle_threshold for other in picked_shingles):
                 dropped["shingle"] += 1
                 continue

@@ -313,8 +313,7 @@ class Pipeline(SearcherBase):
                 selection = shaper.page(selection)
         check_deadline(deadline, "assemble")
         with timer.stage("assemble"):
-            contexts = assemble_contexts(fused, order, selection, reranked,
-                                         lambda at: self.chunk_fields(int(fused.ids[at])), ranks=rows)
+            contexts = assemble_contexts(fused, order, selection, reranked, ranks=rows, stored=self.chunk_fields)
         legs = LEXICAL_LEGS if lexical_only else (RERANKED_LEGS if reranked is not None else FUSED_LEGS)
         self.policy.observe(timer.us, depth)
         result = SearchResult(contexts=contexts, index_version=self.version, stage_us=timer.us,

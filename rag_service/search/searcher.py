@@ -15,8 +15,10 @@ the searcher's `guard` (the index's own BM25 terms and candidates), never with t
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -230,14 +232,58 @@ class ChunkFields(NamedTuple):
     metadata: dict[str, str]
 
 
+_STORED = frozenset(ChunkFields._fields)
+
+
+class StoredContext(ContextResult):
+    """A reply context whose index fields (doc_id, chunk_id, title, text, metadata) are read from the index when
+    something first reads one of them. A reply joined from prepared bytes (api/reply.py) never does, and those reads
+    touch memory-mapped columns that are cold by the time a request gets there (~11 µs a context in the server).
+    Compares, copies and pickles as the ContextResult it stands for."""
+
+    def __getattr__(self, name: str):  # only for attributes not set yet: the stored fields before the first read
+        state = self.__dict__
+        read = state.get("_read")
+        if read is None or name not in _STORED:
+            raise AttributeError(name)
+        fields = read()
+        state.update(fields._asdict())
+        state.pop("_read", None)
+        return state[name]
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the stored fields have been read (and are held by this object)."""
+        return "_read" not in self.__dict__
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, f) for f in _CONTEXT_FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ContextResult):
+            return NotImplemented
+        return self._values() == tuple(getattr(other, f) for f in _CONTEXT_FIELDS)
+
+    def __reduce__(self):
+        return ContextResult, self._values()
+
+
+_CONTEXT_FIELDS = tuple(f.name for f in dataclasses.fields(ContextResult))
+
+
 def assemble_contexts(fused: FusionResult, order: np.ndarray, selection: Selection,
-                      reranked: rerank_mod.Reranked | None, fields: Callable[[int], ChunkFields],
-                      ranks: Sequence[int] | np.ndarray | None = None) -> list[ContextResult]:
+                      reranked: rerank_mod.Reranked | None, fields: Callable[[int], ChunkFields] | None = None,
+                      ranks: Sequence[int] | np.ndarray | None = None,
+                      stored: Callable[[int], ChunkFields] | None = None) -> list[ContextResult]:
     """Reply contexts for the ranking positions `selection.positions` of `order` (indices into `fused`).
 
-    `fields(at)` gives the reply fields of fused candidate `at`; `ranks[pos]` is ranking position pos's row in
-    `reranked` (default: pos itself)."""
-    out = []
+    The reply fields come from `fields(at)` for fused candidate `at`, read now, or from `stored(chunk)` by chunk id,
+    read when first used (StoredContext; `stored` must stay valid as long as the contexts live: a local index's
+    store does). `ranks[pos]` is ranking position pos's row in `reranked` (default: pos itself)."""
+    if (fields is None) == (stored is None):
+        raise ValueError("assemble_contexts takes one of fields and stored")
+    out: list[ContextResult] = []
+    tokens = selection.tokens
     for n, pos in enumerate(selection.positions):
         at = int(order[pos])
         rank = pos if ranks is None else int(ranks[pos])
@@ -245,15 +291,22 @@ def assemble_contexts(fused: FusionResult, order: np.ndarray, selection: Selecti
         bm25, dense = float(fused.bm25[at]), float(fused.dense[at])
         rerank_score = float(reranked.scores[rank]) if reranked is not None and rank < len(reranked.scores) \
             else None
-        f = fields(at)
-        out.append(ContextResult(
-            chunk=chunk, doc_id=f.doc_id, chunk_id=f.chunk_id, title=f.title, text=f.text, metadata=f.metadata,
-            score=rerank_score if rerank_score is not None else score,
-            bm25_score=None if bm25 != bm25 else bm25,  # NaN: the retriever did not return this chunk
-            dense_score=None if dense != dense else dense,
-            rerank_score=rerank_score,
-            features=reranked.feature_dict(rank) if rerank_score is not None and reranked is not None else None,
-            tokens=selection.tokens[n] if selection.tokens else 0,
-            fused_score=score,
-        ))
+        own: dict[str, Any] = {"chunk": chunk, "score": rerank_score if rerank_score is not None else score,
+               "bm25_score": None if bm25 != bm25 else bm25,  # NaN: the retriever did not return this chunk
+               "dense_score": None if dense != dense else dense, "rerank_score": rerank_score,
+               "features": reranked.feature_dict(rank) if rerank_score is not None and reranked is not None
+               else None,
+               "tokens": tokens[n] if tokens else 0, "fused_score": score}
+        if stored is not None:
+            # Built without the frozen dataclass's __init__ (one setattr per field): the defaults it would set,
+            # then this context's own values.
+            context = object.__new__(StoredContext)
+            context.__dict__.update(_LAZY_DEFAULTS, **own, _read=functools.partial(stored, chunk))
+            out.append(context)
+        elif fields is not None:
+            out.append(ContextResult(**fields(at)._asdict(), **own))
     return out
+
+
+_LAZY_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ContextResult)
+                  if f.name not in _STORED and f.default is not dataclasses.MISSING}
