@@ -876,7 +876,7 @@ py::tuple search_core(const rerank_core::Core& core, const py::handle& indptr, c
                       const py::handle& query_terms, const py::handle& query_counts, const py::handle& query_idf,
                       const py::handle& columns, const py::handle& model_weights, double bias,
                       std::int64_t rerank_depth, bool confidence, std::int64_t agree_top, std::int64_t agree_min,
-                      const std::string& simd) {
+                      const std::string& simd, const py::handle& idf_table) {
     FirstStageArgs a;
     first_stage_arg(a, indptr, docs, weights, n_docs, term_ids_obj, mask_obj, vectors, query, codes, code_scale,
                     code_base, oversample, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k, simd);
@@ -898,7 +898,20 @@ py::tuple search_core(const rerank_core::Core& core, const py::handle& indptr, c
     rerank.dense_vectors = data_of<float>(core.dense_vectors());
     rerank.n_dense = static_cast<std::size_t>(core.dense_vectors().shape(0));
     rerank.query = data_of<float>(rerank_query);
-    rerank.terms = rerank_core::query_terms_of(query_terms, query_counts, query_idf, keep_query);
+    // Without query_terms, the rerank's terms are derived from BM25's input here (distinct ids, counts, idf from
+    // the table), which costs the request no NumPy calls of its own.
+    std::vector<std::int32_t> own_terms;
+    std::vector<double> own_counts, own_idf;
+    py::array keep_table;
+    if (query_terms.is_none()) {
+        if (idf_table.is_none()) fail("search_core needs query_terms, query_counts and query_idf, or idf_table");
+        keep_table = checked_vector<double>(idf_table, "idf_table", "float64");
+        rerank.terms = rag::distinct_query_terms(data_of<std::int64_t>(a.terms), len(a.terms),
+                                                 data_of<double>(keep_table), len(keep_table), own_terms, own_counts,
+                                                 own_idf);
+    } else {
+        rerank.terms = rerank_core::query_terms_of(query_terms, query_counts, query_idf, keep_query);
+    }
     rerank.model = rerank_core::linear_model(columns, model_weights, bias, keep_model);
     rerank.depth = rerank_depth;
     const rag::Confidence rule{confidence, agree_top, agree_min};
@@ -1046,12 +1059,13 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           py::arg("rrf_k"), py::arg("rerank_query"), py::arg("query_terms"), py::arg("query_counts"),
           py::arg("query_idf"), py::arg("columns"), py::arg("model_weights"), py::arg("bias"),
           py::arg("rerank_depth"), py::arg("confidence"), py::arg("agree_top"), py::arg("agree_min"),
-          py::arg("simd") = "",
+          py::arg("simd") = "", py::arg("idf_table") = py::none(),
           "search_core(core, <retrieve's arguments>, rerank_query, query_terms, query_counts, query_idf, columns,\n"
-          "            model_weights, bias, rerank_depth, confidence, agree_top, agree_min, simd='')\n"
+          "            model_weights, bias, rerank_depth, confidence, agree_top, agree_min, simd='', idf_table=None)\n"
           "    -> tuple[retrieve's tuple (times: bm25, dense, fusion, rerank ns), confident, agreement, ids, scores,\n"
           "             features, order]\n\n"
           "retrieve, the confidence rule (skip the rerank when the top agree_top BM25 and dense ids share at least\n"
-          "agree_min) and core.rerank of the fused top rerank_depth, in one call with the GIL released. See\n"
+          "agree_min) and core.rerank of the fused top rerank_depth, in one call with the GIL released. With\n"
+          "query_terms None, the rerank's terms are term_ids' distinct ids, their counts and idf_table[id]. See\n"
           "rag_service.kernels.native.search_core.");
 }

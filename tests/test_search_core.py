@@ -234,3 +234,56 @@ def test_bad_input_names_the_field(index, encoder):
         native.search_core(store.core, p, terms, 10, rerank_query=vector, query_terms=qt, query_counts=qc,
                            query_idf=qi, columns=model.columns, weights=model.weights, bias=model.bias,
                            rerank_depth=-1, backend="numpy")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_query_terms_derived_in_the_call_equal_the_given_ones(index, encoder, seed):
+    from rag_service.kernels.reference import distinct_query_terms
+
+    pipe = Pipeline(index, encoder)
+    store, model = pipe.rerank_store, pipe.rerank_model
+    bm25, dense = index.bm25, index.dense
+    assert store.idf is not None  # lucene idf: the table the pipeline passes
+    rng = np.random.default_rng(seed)
+    for query in queries(seed, 8) + ["glacier glacier ice glacier", "the of a"]:
+        vector = encoder.encode_queries(query)[0]
+        terms = bm25.term_ids(bm25.analyzer.tokens(query))
+        given = store.terms_of(terms)
+        for got, want in zip(distinct_query_terms(terms, store.idf), given, strict=True):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+        args = dict(vectors=dense.vectors, query=dense.query_row(vector), top_k=int(rng.integers(1, 30)),
+                    rerank_query=vector, columns=model.columns, weights=model.weights, bias=model.bias,
+                    rerank_depth=int(rng.integers(1, 25)))
+        want = native.search_core(store.core, bm25.postings, terms, 40, backend="cpp", query_terms=given[0],
+                                  query_counts=given[1], query_idf=given[2], **args)
+        for backend in ("cpp", "numpy"):
+            got = native.search_core(store.core, bm25.postings, terms, 40, backend=backend, idf_table=store.idf,
+                                     **args)
+            np.testing.assert_array_equal(got.ids, want.ids)
+            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got.features, want.features, rtol=1e-5, atol=1e-6)
+
+
+def test_derived_query_terms_check_their_inputs(index, encoder):
+    pipe = Pipeline(index, encoder)
+    store, model = pipe.rerank_store, pipe.rerank_model
+    bm25 = index.bm25
+    vector = encoder.encode_queries("glacier ice")[0]
+    terms = bm25.term_ids(bm25.analyzer.tokens("glacier ice"))
+    qt, qc, qi = store.terms_of(terms)
+    args = dict(vectors=index.dense.vectors, query=index.dense.query_row(vector), rerank_query=vector,
+                columns=model.columns, weights=model.weights, bias=model.bias, rerank_depth=5)
+    for backend in ("cpp", "numpy"):
+        call = dict(args, backend=backend)
+        with pytest.raises(ValueError, match="query_terms .* or idf_table"):
+            native.search_core(store.core, bm25.postings, terms, 10, **call)
+        with pytest.raises(ValueError, match="query_terms .* or idf_table"):
+            native.search_core(store.core, bm25.postings, terms, 10, query_terms=qt, query_counts=qc, query_idf=qi,
+                               idf_table=store.idf, **call)
+        short = store.idf[: int(terms.max())]  # the query's largest id falls outside
+        with pytest.raises(ValueError, match=r"term_ids must be in \[0, "):
+            native.search_core(store.core, bm25.postings, terms, 10, idf_table=short, **call)
+    with pytest.raises(ValueError, match="idf_table must have dtype float64"):
+        native.search_core(store.core, bm25.postings, terms, 10, idf_table=store.idf.astype(np.float32),
+                           backend="cpp", **args)

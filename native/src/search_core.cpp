@@ -20,6 +20,30 @@ std::int64_t agreement(const std::int64_t* a, std::size_t na, const std::int64_t
     return static_cast<std::int64_t>(shared.size());
 }
 
+QueryTerms distinct_query_terms(const std::int64_t* term_ids, std::size_t n, const double* idf_table,
+                                std::size_t vocab, std::vector<std::int32_t>& terms, std::vector<double>& counts,
+                                std::vector<double>& idf) {
+    std::vector<std::int64_t> sorted(term_ids, term_ids + n);
+    std::sort(sorted.begin(), sorted.end());
+    terms.clear();
+    counts.clear();
+    idf.clear();
+    for (std::size_t i = 0; i < n;) {
+        const std::int64_t term = sorted[i];
+        if (term < 0 || static_cast<std::uint64_t>(term) >= vocab) {
+            throw std::invalid_argument("term_ids must be in [0, " + std::to_string(vocab) + ") (the idf table), got " +
+                                        std::to_string(term));
+        }
+        std::size_t j = i + 1;
+        while (j < n && sorted[j] == term) ++j;
+        terms.push_back(static_cast<std::int32_t>(term));
+        counts.push_back(static_cast<double>(j - i));
+        idf.push_back(idf_table[term]);
+        i = j;
+    }
+    return QueryTerms{terms.data(), counts.data(), idf.data(), terms.size()};
+}
+
 SearchCoreResult search_core(const Postings& postings, const std::int64_t* term_ids, std::size_t n_query_terms,
                              const std::uint8_t* mask, std::int64_t depth, const DenseSource& dense,
                              const FusionParams& fusion, const Confidence& confidence, const RerankInput& rerank,

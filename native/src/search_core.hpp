@@ -47,6 +47,14 @@ struct SearchCoreResult {
     std::int64_t rerank_ns = 0;
 };
 
+// The rerank's query terms from BM25's input: the distinct ids of `term_ids` (n ids with repeats) ascending, the
+// times each occurs, and its idf from `idf_table` (one value per vocabulary id, `vocab` of them), written into the
+// three vectors, which the returned QueryTerms points into. Throws std::invalid_argument for an id outside
+// [0, vocab). rag_service.kernels.reference.distinct_query_terms is the reference.
+QueryTerms distinct_query_terms(const std::int64_t* term_ids, std::size_t n, const double* idf_table,
+                                std::size_t vocab, std::vector<std::int32_t>& terms, std::vector<double>& counts,
+                                std::vector<double>& idf);
+
 // How many of the top `top` ids two ranked lists (each without repeats) share.
 std::int64_t agreement(const std::int64_t* a, std::size_t na, const std::int64_t* b, std::size_t nb,
                        std::int64_t top);

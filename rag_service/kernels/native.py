@@ -42,6 +42,7 @@ from rag_service.kernels.reference import (
     agreement_reference,
     bm25_top_reference,
     dense_top_reference,
+    distinct_query_terms,
     finish_features_reference,
     fuse_reference,
     lexical_features_reference,
@@ -710,13 +711,14 @@ def search_core(core: RerankCore, postings: Postings, term_ids: Any, depth: int,
                 vectors: np.ndarray | None = None, query: Any = None, codes: SQ8Codes | None = None,
                 oversample: int = 0, dense: tuple[np.ndarray, np.ndarray] | None = None, method: str = "weighted",
                 dense_weight: float = 0.5, top_k: int = 10, rrf_k: float = 60.0, rerank_query: Any,
-                query_terms: Any, query_counts: Any, query_idf: Any, columns: Any, weights: Any, bias: float,
-                rerank_depth: int, confidence: tuple[int, int] | None = None,
-                backend: str | None = None) -> SearchCoreResult:
+                query_terms: Any = None, query_counts: Any = None, query_idf: Any = None, idf_table: Any = None,
+                columns: Any, weights: Any, bias: float, rerank_depth: int,
+                confidence: tuple[int, int] | None = None, backend: str | None = None) -> SearchCoreResult:
     """retrieve() (same arguments), then the confidence rule `confidence` = (agree_top, agree_min), whatever
     rerank_depth: skip the rerank when the BM25 and dense lists' top agree_top ids share at least agree_min; then
     core.rerank of the fused top min(rerank_depth, fused count) with `rerank_query` (the query vector), the query's
-    distinct known terms (ids, counts, idf: RerankStore.query_terms) and the linear model (columns, weights, bias).
+    distinct known terms (ids, counts, idf: RerankStore.query_terms; or, given `idf_table` instead, derived from
+    `term_ids` in the call: reference.distinct_query_terms) and the linear model (columns, weights, bias).
     One native call with the GIL released throughout; the NumPy backend composes retrieve_reference,
     agreement_reference and the reference rerank, which is the specification."""
     terms, m = _term_ids(term_ids), _mask(mask)
@@ -724,7 +726,11 @@ def search_core(core: RerankCore, postings: Postings, term_ids: Any, depth: int,
     if dense is not None:
         dense = (_as_vector(dense[0], _INT64, "dense_ids"), _as_vector(dense[1], _FLOAT32, "dense_scores"))
     rq = _as_vector(rerank_query, _FLOAT32, "rerank_query")
-    qterms, qcounts, qidf = _query_terms(query_terms, query_counts, query_idf)
+    derive = query_terms is None
+    if derive == (idf_table is None):
+        raise ValueError("search_core takes query_terms (with query_counts and query_idf) or idf_table, not both")
+    if not derive:
+        qterms, qcounts, qidf = _query_terms(query_terms, query_counts, query_idf)
     cols, w = _as_vector(columns, _INT64, "columns"), _as_vector(weights, _FLOAT32, "weights")
     rdepth = operator.index(rerank_depth)
     agree_top, agree_min = (operator.index(confidence[0]), operator.index(confidence[1])) \
@@ -735,8 +741,9 @@ def search_core(core: RerankCore, postings: Postings, term_ids: Any, depth: int,
         out = _native.search_core(core._native, postings.indptr, postings.docs, postings.weights,
                                   int(postings.n_docs), terms, m, operator.index(depth), vectors, q, c[0], c[1], c[2],
                                   operator.index(oversample), d[0], d[1], method, float(dense_weight),
-                                  operator.index(top_k), float(rrf_k), rq, qterms, qcounts, qidf, cols, w,
-                                  float(bias), rdepth, confidence is not None, agree_top, agree_min)
+                                  operator.index(top_k), float(rrf_k), rq, None if derive else qterms,
+                                  None if derive else qcounts, None if derive else qidf, cols, w, float(bias), rdepth,
+                                  confidence is not None, agree_top, agree_min, "", idf_table)
         f = out[0]
         first = RetrieveResult((f[0], f[1]), (f[2], f[3]), FusionResult(f[4], f[5], f[6], f[7]), f[8][:3])
         return SearchCoreResult(first, bool(out[1]), int(out[2]), out[3], out[4], out[5], out[6], int(f[8][3]))
@@ -744,6 +751,8 @@ def search_core(core: RerankCore, postings: Postings, term_ids: Any, depth: int,
         raise ValueError(f"rerank_depth must be >= 0, got {rdepth}")
     if confidence is not None and agree_top < 0:
         raise ValueError(f"agree_top must be >= 0, got {agree_top}")
+    if derive:
+        qterms, qcounts, qidf = distinct_query_terms(terms, idf_table)
     first = retrieve_reference(postings, terms, m, depth, vectors=vectors, query=q, codes=codes,
                                oversample=oversample, dense=dense, method=method, dense_weight=dense_weight,
                                top_k=top_k, rrf_k=rrf_k)

@@ -705,6 +705,19 @@ class RetrieveResult(NamedTuple):
     times_ns: tuple[int, int, int]        # (bm25, dense, fusion); 0 where not measured
 
 
+def distinct_query_terms(term_ids: np.ndarray, idf_table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rerank's query terms from BM25's input `term_ids` (int64, repeats kept): the distinct ids ascending
+    (int32), how often each occurs (float64) and its idf, `idf_table[id]` (float64). An id outside the table is a
+    ValueError."""
+    ids = np.asarray(term_ids, dtype=np.int64)
+    table = np.asarray(idf_table, dtype=np.float64)
+    if len(ids) and (ids.min() < 0 or ids.max() >= len(table)):
+        bad = ids[(ids < 0) | (ids >= len(table))][0]
+        raise ValueError(f"term_ids must be in [0, {len(table)}) (the idf table), got {bad}")
+    terms, counts = np.unique(ids, return_counts=True)
+    return terms.astype(np.int32), counts.astype(np.float64), table[terms]
+
+
 def agreement_reference(bm25_ids: np.ndarray, dense_ids: np.ndarray, top: int) -> int:
     """How many of the top `top` (>= 0) ids of two ranked lists (each without repeats) are the same: the confidence
     rule of the adaptive pipeline (rag_service.search.adaptive.agreement)."""
