@@ -240,6 +240,18 @@ def test_a_plain_search_reads_no_reply_field_from_the_store_until_asked(pipeline
     assert replace(second, score=1.5) == replace(plain, score=1.5)
     with pytest.raises(AttributeError):
         _ = contexts[2].no_such_field
+    # The query API's copies (explanations, document scores) leave the fields unread; a field given stays.
+    from rag_service.search.searcher import replace_context
+
+    third, before = contexts[2], len(reads)
+    copied = replace_context(third, document_score=0.25)
+    titled = replace_context(third, title="given")
+    assert not third.resolved and not copied.resolved and copied.document_score == 0.25
+    assert len(reads) == before
+    assert copied.text == real(third.chunk).text and titled.title == "given"
+    assert titled.text == copied.text and titled.doc_id == real(third.chunk).doc_id
+    with pytest.raises(TypeError, match="no field 'bogus'"):
+        replace_context(contexts[3], bogus=1)
 
 
 # --- Over a real channel ---------------------------------------------------------------------------------------------

@@ -246,8 +246,8 @@ class StoredContext(ContextResult):
         read = state.get("_read")
         if read is None or name not in _STORED:
             raise AttributeError(name)
-        fields = read()
-        state.update(fields._asdict())
+        for key, value in read()._asdict().items():
+            state.setdefault(key, value)  # a field a copy was given (replace_context) stays
         state.pop("_read", None)
         return state[name]
 
@@ -269,6 +269,19 @@ class StoredContext(ContextResult):
 
 
 _CONTEXT_FIELDS = tuple(f.name for f in dataclasses.fields(ContextResult))
+
+
+def replace_context(context: ContextResult, **changes: Any) -> ContextResult:
+    """dataclasses.replace(context, **changes), without reading a StoredContext's stored fields: the copy reads
+    them when it needs them, as the original would have."""
+    if not isinstance(context, StoredContext) or context.resolved:
+        return dataclasses.replace(context, **changes)
+    unknown = changes.keys() - set(_CONTEXT_FIELDS)
+    if unknown:
+        raise TypeError(f"ContextResult has no field {sorted(unknown)[0]!r}")
+    copy = object.__new__(StoredContext)
+    copy.__dict__.update(context.__dict__, **changes)
+    return copy
 
 
 def assemble_contexts(fused: FusionResult, order: np.ndarray, selection: Selection,

@@ -33,6 +33,7 @@ from rag_service.core.params import (
 from rag_service.kernels.native import FusionResult
 from rag_service.search import rerank as rerank_mod
 from rag_service.search.context_filter import FilterParams, Selection
+from rag_service.search.searcher import replace_context
 
 # The BM25 analyzer's word pattern (retrievers/analysis.py): highlights find the same words it indexes.
 _WORD = re.compile(r"\w+")
@@ -170,7 +171,7 @@ class Shaper:
                 changes["explanation"] = explainer.explain(c, pos, f, decay.weight if decay is not None else 0.0)
             if highlight is not None:
                 changes["highlights"], changes["best_window"] = highlight(c)
-            out.append(replace(c, **changes) if changes else c)
+            out.append(replace_context(c, **changes) if changes else c)
         groups = None
         if self.grouped:
             groups = []
@@ -179,7 +180,7 @@ class Shaper:
                 if n == len(out) or out[n].doc_id != out[start].doc_id:
                     best = max(c.score for c in out[start:n])
                     groups.append(DocumentGroup(doc_id=out[start].doc_id, score=best, first=start, count=n - start))
-                    out[start:n] = [replace(c, document_score=best) for c in out[start:n]]
+                    out[start:n] = [replace_context(c, document_score=best) for c in out[start:n]]
                     start = n
         return out, groups, below
 
