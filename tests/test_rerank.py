@@ -256,3 +256,21 @@ def test_contexts_past_rerank_depth_follow_in_fused_order(pipeline):
     assert all(c.rerank_score is None and c.features is None for c in result.contexts[4:])
     assert sorted(c.chunk for c in result.contexts[:4]) == sorted(fused[:4])
     assert [c.chunk for c in result.contexts[4:]] == fused[4:8]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_final_top_is_the_head_of_final_order(seed):
+    from rag_service.search.rerank import Reranked, final_order, final_top
+
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        n = int(rng.integers(0, 30))
+        fused_scores = np.sort(rng.random(n).astype(np.float32))[::-1].copy()
+        m = int(rng.integers(0, n + 1))
+        order = rng.permutation(m).astype(np.int64)
+        reranked = Reranked(ids=order.copy(), scores=np.sort(rng.normal(size=m).astype(np.float32))[::-1].copy(),
+                            features=np.zeros((m, 1), np.float32), order=order)
+        for choice in (None, reranked):
+            full, _ = final_order(fused_scores, choice)
+            for k in (0, 1, m, n, n + 3, int(rng.integers(1, 12))):
+                np.testing.assert_array_equal(final_top(n, choice, k), full[:k])

@@ -298,22 +298,29 @@ class Pipeline(SearcherBase):
                                                  candidates.bm25[0], candidates.dense[0])
         check_deadline(deadline, "contexts")
         with timer.stage("contexts"):
-            order, relevance = rerank_mod.final_order(fused.scores, reranked)
             rows = None
-            if shaper is not None:
-                chunk_docs = self.index.store.chunk_docs
-                order, relevance, rows = shaper.arrange(
-                    fused, reranked, order, relevance, lambda at: np.asarray(chunk_docs[fused.ids[at]]),
-                    None if dates is None else lambda at: dates[fused.ids[at]])
-            ids = fused.ids[order]
-            vectors = (np.asarray(self.index.dense.vectors[ids]) if not filter_params.is_identity
-                       else np.zeros((len(ids), 0), np.float32))
-            store = self.index.store
-            selection = context_filter.select(relevance, vectors, lambda i: store.chunk_text(int(ids[i])),
-                                              self.encoder.count_tokens, filter_params,
-                                              count_at=lambda i: self.chunk_tokens(int(ids[i])))
-            if shaper is not None:
-                selection = shaper.page(selection)
+            if shaper is None and filter_params.is_identity:
+                # The filter keeps the ranking: its first top_k, with their stored token counts (one gather).
+                order = rerank_mod.final_top(len(fused.ids), reranked, params.top_k)
+                counts = self._chunk_tokens[fused.ids[order]]
+                selection = context_filter.Selection(positions=list(range(len(order))), tokens=counts.tolist(),
+                                                     total_tokens=int(counts.sum()))
+            else:
+                order, relevance = rerank_mod.final_order(fused.scores, reranked)
+                if shaper is not None:
+                    chunk_docs = self.index.store.chunk_docs
+                    order, relevance, rows = shaper.arrange(
+                        fused, reranked, order, relevance, lambda at: np.asarray(chunk_docs[fused.ids[at]]),
+                        None if dates is None else lambda at: dates[fused.ids[at]])
+                ids = fused.ids[order]
+                vectors = (np.asarray(self.index.dense.vectors[ids]) if not filter_params.is_identity
+                           else np.zeros((len(ids), 0), np.float32))
+                store = self.index.store
+                selection = context_filter.select(relevance, vectors, lambda i: store.chunk_text(int(ids[i])),
+                                                  self.encoder.count_tokens, filter_params,
+                                                  count_at=lambda i: self.chunk_tokens(int(ids[i])))
+                if shaper is not None:
+                    selection = shaper.page(selection)
         check_deadline(deadline, "assemble")
         with timer.stage("assemble"):
             contexts = assemble_contexts(fused, order, selection, reranked, ranks=rows, stored=self.chunk_fields)

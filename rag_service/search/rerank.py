@@ -244,6 +244,17 @@ def final_order(fused_scores: np.ndarray, reranked: Reranked | None) -> tuple[np
     return np.concatenate([reranked.order, tail]), relevance.astype(np.float32)
 
 
+def final_top(n_fused: int, reranked: Reranked | None, k: int) -> np.ndarray:
+    """The first k positions of final_order's order, without the relevance: what a context filter that keeps the
+    ranking as it is (no MMR, dedup or budget) returns."""
+    if reranked is None:
+        return np.arange(min(k, n_fused))
+    m = len(reranked.order)
+    if m >= k or m >= n_fused:
+        return reranked.order[:k]
+    return np.concatenate([reranked.order, np.arange(m, min(n_fused, k))])
+
+
 def rank(model: RerankModel, candidates: np.ndarray, features: np.ndarray) -> Reranked:
     """Scores feature rows (FEATURES columns) of `candidates` and sorts by score, ties in the given order."""
     scores, order = native.rank_features(features, model.columns, model.weights, model.bias)
