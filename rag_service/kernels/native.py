@@ -728,7 +728,7 @@ def search_core(core: RerankCore, postings: Postings, term_ids: Any, depth: int,
     rq = _as_vector(rerank_query, _FLOAT32, "rerank_query")
     derive = query_terms is None
     if derive == (idf_table is None):
-        raise ValueError("search_core takes query_terms (with query_counts and query_idf) or idf_table, not both")
+        raise ValueError("search_core takes query_terms (with query_counts and query_idf) or idf_table: one of them")
     if not derive:
         qterms, qcounts, qidf = _query_terms(query_terms, query_counts, query_idf)
     cols, w = _as_vector(columns, _INT64, "columns"), _as_vector(weights, _FLOAT32, "weights")
