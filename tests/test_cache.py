@@ -9,13 +9,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
 from rag_service.client import RetrieverClient
 from rag_service.core.config import CacheConfig, ServerConfig
 from rag_service.core.metrics import Metrics
-from rag_service.core.params import SearchParams
+from rag_service.core.params import SearchParams, SearchResult
 from rag_service.index.build import BuildConfig, build_index
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
@@ -371,3 +372,42 @@ def test_reload_drops_every_entry_of_the_old_version(server_thread, encoder, wri
         again = search(stub, "why does the sea rise and fall")
         assert again.served_from == MISS and again.index_version == reloaded.version
         assert search(stub, "why does the sea rise and fall").served_from == EXACT
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nearest_entries_are_the_brute_force_ones(seed):
+    """The semantic look-up's scan of the stored query vectors (one native call) against a brute-force NumPy scan:
+    only the group's live rows, cosine >= the floor, best first, ties by row, at most k; freed rows never."""
+    from rag_service.search.cache import CacheStore, Entry
+
+    rng = np.random.default_rng(seed)
+    store = CacheStore(CacheConfig())
+    store.use_version("c", "v1")
+    store.use_version("gone", "v1")
+    groups = [(("c", "v1"), (g,)) for g in range(3)]
+    base = rng.normal(size=(5, 16)).astype(np.float32)  # near-duplicate vectors make ties and close calls
+    entries = []
+    for i in range(150):
+        vector = base[int(rng.integers(0, 5))] + (rng.normal(size=16) * 0.05 if i % 3 else 0.0)
+        vector = (vector / np.linalg.norm(vector)).astype(np.float32)
+        # Every 7th entry belongs to a collection dropped below: its rows are freed, among the others'.
+        group = (("gone", "v1"), (0,)) if i % 7 == 0 else groups[int(rng.integers(0, 3))]
+        entry = Entry(key=(group[0], f"q{i}", group[1]), group=group,
+                      result=SearchResult(contexts=[], index_version="v1", stage_us={}), vector=vector,
+                      lexical=np.zeros(0, np.int64), terms={}, polarity=(), signature=(f"q{i}",), nbytes=100,
+                      inserted=store.clock())
+        assert store.put(entry)
+        entries.append(entry)
+    assert store.drop("gone") == len(entries[::7])
+    live = [e for i, e in enumerate(entries) if i % 7]
+    for _ in range(30):
+        query = base[int(rng.integers(0, 5))] + rng.normal(size=16).astype(np.float32) * 0.1
+        query = (query / np.linalg.norm(query)).astype(np.float32)
+        group, floor, k = groups[int(rng.integers(0, 3))], float(rng.uniform(0.5, 0.99)), int(rng.integers(1, 9))
+        members = [e for e in live if e.group == group]
+        sims = [float(np.float32(e.vector @ query)) for e in members]
+        ranked = sorted(((s, e.slot, e) for s, e in zip(sims, members, strict=True)), key=lambda t: (-t[0], t[1]))
+        want = [(e, s) for s, _, e in ranked[:k] if s >= floor]
+        got = store.nearest(group, query, floor, k)
+        assert [e.key for e, _ in got] == [e.key for e, _ in want]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-5, atol=1e-6)

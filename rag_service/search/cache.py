@@ -44,6 +44,7 @@ from rag_service.core.errors import DeadlineExceeded
 from rag_service.core.metrics import Metrics
 from rag_service.core.params import SearchParams, SearchResult, check_deadline
 from rag_service.core.timing import StageTimer
+from rag_service.kernels import native
 from rag_service.retrievers.analysis import Analyzer
 from rag_service.search.guard_words import polarity_words
 from rag_service.search.searcher import LexicalGuard, Searcher, StoredContext
@@ -163,6 +164,11 @@ class GuardInputs:
             self._lexical = self._candidates()
         return self._lexical
 
+    @property
+    def known_lexical(self) -> np.ndarray | None:
+        """`lexical` if it was worked out already, else None (without working it out)."""
+        return self._lexical
+
 
 @dataclass(eq=False)
 class Entry:
@@ -170,7 +176,9 @@ class Entry:
     group: tuple  # ((collection, index version), params key): semantic hits only within a group
     result: SearchResult
     vector: np.ndarray
-    lexical: np.ndarray  # BM25 top guard_depth chunk ids, sorted: the fidelity guard compares these
+    # BM25 top guard_depth chunk ids, sorted: the fidelity guard compares these. None until a guard first asks
+    # (bm25_top): a miss stores its entry without a BM25 search, and most entries are never compared.
+    lexical: np.ndarray | None
     terms: dict[str, float]  # the query's index terms and their idf: the guard's term overlap
     polarity: tuple[str, ...]  # guard_words.polarity_words of the query (empty when that check is off)
     signature: tuple[str, ...]
@@ -181,6 +189,14 @@ class Entry:
     bm25_key: bytes = b""  # GuardInputs.bm25_key of the query: an equal key means equal BM25 top chunks
     used: bool = False
     slot: int = -1
+    lexical_of: GuardInputs | None = None  # works `lexical` out when it is None
+
+    def bm25_top(self) -> np.ndarray:
+        """`lexical`, worked out (once) the first time a guard compares it."""
+        lexical = self.lexical
+        if lexical is None:  # two threads may both work it out: the same ids, the same assignment
+            lexical = self.lexical = self.lexical_of.lexical if self.lexical_of is not None else np.zeros(0, np.int64)
+        return lexical
 
 
 def _sizeof_result(result: SearchResult) -> int:
@@ -197,9 +213,9 @@ def _sizeof_result(result: SearchResult) -> int:
     return n
 
 
-def entry_bytes(query: str, result: SearchResult, vector: np.ndarray, lexical: np.ndarray,
+def entry_bytes(query: str, result: SearchResult, vector: np.ndarray, lexical_nbytes: int,
                 signature: tuple[str, ...], terms: dict[str, float]) -> int:
-    return (600 + sys.getsizeof(query) + _sizeof_result(result) + vector.nbytes + lexical.nbytes
+    return (600 + sys.getsizeof(query) + _sizeof_result(result) + vector.nbytes + lexical_nbytes
             + sum(sys.getsizeof(t) + 8 for t in signature) + sum(sys.getsizeof(t) + 100 for t in terms))
 
 
@@ -405,14 +421,15 @@ class _Matrix:
 
     def nearest(self, gid: int, vector: np.ndarray, min_cosine: float, k: int) -> list[tuple[Entry, float]]:
         used = len(self.entries)
-        sims = self.vectors[:used] @ vector
-        sims[self.group[:used] != gid] = -np.inf
-        above = np.flatnonzero(sims >= min_cosine)
-        if len(above) > k:
-            above = above[np.argpartition(-sims[above], k - 1)[:k]]
-        above = above[np.argsort(-sims[above], kind="stable")]
+        if used == 0 or k < 1:
+            return []
+        # One native scan of the group's rows (the dense retriever's kernel: best first, ties by row): every miss
+        # and every semantic hit asks, right after an encode, when a chain of NumPy calls runs on cold caches.
+        rows, sims = native.dense_top(self.vectors[:used], np.asarray(vector, np.float32), k,
+                                      mask=self.group[:used] == gid)
         # A row of this group always holds its entry (a freed row's group is -1).
-        return [(entry, float(sims[i])) for i in above if (entry := self.entries[i]) is not None]
+        return [(entry, float(s)) for i, s in zip(rows.tolist(), sims.tolist(), strict=True)
+                if s >= min_cosine and (entry := self.entries[i]) is not None]
 
 
 def _copy(result: SearchResult, stage_us: dict[str, int]) -> SearchResult:
@@ -541,7 +558,7 @@ class CachedSearch:
                     and differing_idf(query.terms, entry.terms) < config.guard_max_differing_idf
                     and term_overlap(query.terms, entry.terms) >= config.guard_min_term_overlap
                     and (query.bm25_key == entry.bm25_key
-                         or lexical_overlap(query.lexical, entry.lexical) >= config.guard_min_overlap)
+                         or lexical_overlap(query.lexical, entry.bm25_top()) >= config.guard_min_overlap)
                     and self.store.touch(entry)):
                 return self._hit(entry, SEMANTIC, started, similarity)
         self.metrics.cache_guard_rejections.labels("default").inc()
@@ -578,19 +595,23 @@ class CachedSearch:
                guard: LexicalGuard | None, inputs: list[GuardInputs], origin: str) -> None:
         if result.index_version != key[0][1] or not result.complete:
             return
+        query: GuardInputs | None = None
         if self.config.semantic and guard is not None:
             query = inputs[0] if inputs else self.guard_inputs(params, guard)
-            bm25, terms, polarity, bm25_key = query.lexical, query.terms, query.polarity, query.bm25_key
+            bm25, terms, polarity, bm25_key = query.known_lexical, query.terms, query.polarity, query.bm25_key
         else:  # the guard's inputs serve semantic lookups only
             bm25, terms, polarity, bm25_key = np.zeros(0, np.int64), {}, (), b""
         vector = np.ascontiguousarray(vector, dtype=np.float32)
         signature = strict_signature(params.query)
         kept = _copy(result, {})
+        # Candidates not worked out yet are counted at their most: guard_depth int64 ids.
+        lexical_nbytes = bm25.nbytes if bm25 is not None else 8 * self.config.guard_depth
         entry = Entry(key=key, group=(key[0], key[2]), result=kept, vector=vector, lexical=bm25, terms=terms,
                       polarity=polarity, signature=signature,
-                      nbytes=entry_bytes(key[1], kept, vector, bm25, signature + polarity, terms) + len(bm25_key),
+                      nbytes=entry_bytes(key[1], kept, vector, lexical_nbytes, signature + polarity, terms)
+                      + len(bm25_key),
                       inserted=self.store.clock(), origin=origin, agreement=answer_agreement(result),
-                      bm25_key=bm25_key)
+                      bm25_key=bm25_key, lexical_of=query if bm25 is None else None)
         self.store.put(entry)
 
     def probe(self, searcher: Searcher, params: SearchParams, query_vector: np.ndarray) -> Served | None:
