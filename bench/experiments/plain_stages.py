@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -75,13 +76,16 @@ def main() -> None:
     if args.worker:
         worker(args.index, args.queries, args.limit)
         return
-    installs = dict(item.split("=", 1) for item in args.python) or {"this": sys.executable}
+    # Absolute (not resolved: a virtual environment's python is a link that must stay one), as workers run from /.
+    installs = {name: os.path.abspath(python) for name, python in (item.split("=", 1) for item in args.python)} \
+        or {"this": sys.executable}
     runs: dict[str, list[dict[str, int]]] = {name: [] for name in installs}
     for r in range(args.rounds):
         order = list(installs) if r % 2 == 0 else list(reversed(installs))
         for name in order:
             out = subprocess.run([installs[name], str(Path(__file__).resolve()), "--worker", "--index",
-                                  str(args.index), "--queries", str(args.queries), "--limit", str(args.limit)],
+                                  str(args.index.resolve()), "--queries", str(args.queries.resolve()),
+                                  "--limit", str(args.limit)],
                                  check=True, capture_output=True, text=True, cwd="/")
             runs[name].extend(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1}: {name} done", flush=True)
