@@ -9,19 +9,18 @@ configuration and an empty cache: the first `--limit` queries are asked once (mi
 nothing near, then the store), then each again with a zero-width space appended (another exact key, the same tokens
 and nearly the same vector: the look-ups that become semantic hits are timed). Printed per install: p50 / p99 µs of
 each and the number of hits, which should not differ between installs that decide alike. `--worker` is the
-per-process part (internal).
+per-process part (internal); the rounds and options are plain_stages.py's.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+
+# The A/B driver shared with plain_stages.py (this script's folder is on sys.path when run as a script).
+from plain_stages import install_parser, run_installs
 
 
 def worker(index: Path, queries: Path, limit: int) -> None:
@@ -54,32 +53,16 @@ def worker(index: Path, queries: Path, limit: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--index", type=Path, required=True)
-    parser.add_argument("--queries", type=Path, required=True)
-    parser.add_argument("--python", action="append", default=[], metavar="NAME=PYTHON",
-                        help="an install's interpreter (repeatable; default: this one as 'this')")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--limit", type=int, default=300, help="queries per round")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = install_parser(__doc__.splitlines()[0], rounds=2).parse_args()
     if args.worker:
         worker(args.index, args.queries, args.limit)
         return
-    # Absolute (not resolved: a virtual environment's python is a link that must stay one), as workers run from /.
-    installs = {name: os.path.abspath(python) for name, python in (item.split("=", 1) for item in args.python)} \
-        or {"this": sys.executable}
-    runs: dict[str, dict[str, list[int]]] = {name: {} for name in installs}
-    for r in range(args.rounds):
-        for name in (list(installs) if r % 2 == 0 else list(reversed(installs))):
-            out = subprocess.run([installs[name], str(Path(__file__).resolve()), "--worker", "--index",
-                                  str(args.index.resolve()), "--queries", str(args.queries.resolve()),
-                                  "--limit", str(args.limit)], check=True, capture_output=True, text=True, cwd="/")
-            for part, values in json.loads(out.stdout.strip().splitlines()[-1]).items():
-                runs[name].setdefault(part, []).extend(values)
-            print(f"round {r + 1}: {name} done", flush=True)
     print(f"\n{'install':10s} {'part':24s} {'n':>6s} {'p50 µs':>8s} {'p99 µs':>8s}")
-    for name, parts in runs.items():
+    for name, rounds in run_installs(__file__, args).items():
+        parts: dict[str, list[int]] = {}
+        for one_round in rounds:
+            for part, values in one_round.items():
+                parts.setdefault(part, []).extend(values)
         for part, values in parts.items():
             print(f"{name:10s} {part:24s} {len(values):6d} {np.percentile(values, 50):8.0f} "
                   f"{np.percentile(values, 99):8.0f}")

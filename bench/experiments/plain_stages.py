@@ -63,33 +63,43 @@ def worker(index: Path, queries: Path, limit: int) -> None:
     print(json.dumps([one(text) for text in texts]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def install_parser(description: str, rounds: int) -> argparse.ArgumentParser:
+    """The options of an A/B of installs in alternating rounds (this script's and cache_stages.py's)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--index", type=Path, required=True)
     parser.add_argument("--queries", type=Path, required=True)
     parser.add_argument("--python", action="append", default=[], metavar="NAME=PYTHON",
                         help="an install's interpreter (repeatable; default: this one as 'this')")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--limit", type=int, default=300, help="queries per round")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.index, args.queries, args.limit)
-        return
+    return parser
+
+
+def run_installs(script: str, args: argparse.Namespace) -> dict[str, list]:
+    """Runs `script --worker` once per install and round, rounds alternating which install goes first; per
+    install, the JSON each worker printed last, round by round."""
     # Absolute (not resolved: a virtual environment's python is a link that must stay one), as workers run from /.
     installs = {name: os.path.abspath(python) for name, python in (item.split("=", 1) for item in args.python)} \
         or {"this": sys.executable}
-    runs: dict[str, list[dict[str, int]]] = {name: [] for name in installs}
+    outputs: dict[str, list] = {name: [] for name in installs}
     for r in range(args.rounds):
-        order = list(installs) if r % 2 == 0 else list(reversed(installs))
-        for name in order:
-            out = subprocess.run([installs[name], str(Path(__file__).resolve()), "--worker", "--index",
+        for name in (list(installs) if r % 2 == 0 else list(reversed(installs))):
+            out = subprocess.run([installs[name], str(Path(script).resolve()), "--worker", "--index",
                                   str(args.index.resolve()), "--queries", str(args.queries.resolve()),
-                                  "--limit", str(args.limit)],
-                                 check=True, capture_output=True, text=True, cwd="/")
-            runs[name].extend(json.loads(out.stdout.strip().splitlines()[-1]))
+                                  "--limit", str(args.limit)], check=True, capture_output=True, text=True, cwd="/")
+            outputs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1}: {name} done", flush=True)
-    for name, rows in runs.items():
+    return outputs
+
+
+def main() -> None:
+    args = install_parser(__doc__.splitlines()[0], rounds=4).parse_args()
+    if args.worker:
+        worker(args.index, args.queries, args.limit)
+        return
+    for name, rounds in run_installs(__file__, args).items():
+        rows = [row for one_round in rounds for row in one_round]
         for row in rows:
             row["request - encode"] = row["request"] - row.get("encode", 0)
         stages = sorted({k for row in rows for k in row}, key=lambda k: -np.median([row.get(k, 0) for row in rows]))
