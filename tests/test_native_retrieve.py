@@ -106,7 +106,7 @@ def exact_codes(rng: np.random.Generator, n: int, d: int) -> SQ8Codes:
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("n", [1, 3, 64, 517])
-@pytest.mark.parametrize("d", [1, 7, 16, 45])
+@pytest.mark.parametrize("d", [1, 7, 16, 45, 130])
 def test_dense_top_float_and_sq8_equal_the_reference_at_every_simd_level(seed, n, d):
     rng = np.random.default_rng(seed * 7919 + n * 31 + d)
     vectors = exact_rows(rng, n, d)

@@ -23,34 +23,51 @@ struct Hit {
 // Rank order: score descending, then id ascending. As a heap comparator it keeps the worst hit at the root.
 inline bool better(const Hit& a, const Hit& b) { return a.score > b.score || (a.score == b.score && a.id < b.id); }
 
-// The best `depth` hits offered, best first. A hit offered after the heap is full must beat the root.
+// The best `depth` hits offered. Offers go to a buffer of 2 x depth; a full buffer is cut to its best `depth` by one
+// selection (nth_element), whose worst becomes the bar a later offer must beat. Amortised O(1) per offer, where a
+// binary heap paid a sift of log(depth) mispredicted branches for every offer that got in: SciFact's dense scan
+// (10,435 rows into a top 200) spent ~75 µs of its ~180 there.
 class TopK {
 public:
-    explicit TopK(std::size_t depth) : depth_(depth) { heap_.reserve(depth); }
+    explicit TopK(std::size_t depth) : depth_(std::max<std::size_t>(depth, 1)) { buffer_.reserve(2 * depth_); }
 
-    bool full() const { return heap_.size() == depth_; }
-    const Hit& worst() const { return heap_.front(); }
+    // Whether a bar is set: then only a hit better than worst() can still get in.
+    bool full() const { return has_bar_; }
+    const Hit& worst() const { return bar_; }
 
     void offer(float score, std::int64_t id) {
         const Hit hit{score, id};
-        if (heap_.size() < depth_) {
-            heap_.push_back(hit);
-            std::push_heap(heap_.begin(), heap_.end(), better);
-        } else if (better(hit, heap_.front())) {
-            std::pop_heap(heap_.begin(), heap_.end(), better);
-            heap_.back() = hit;
-            std::push_heap(heap_.begin(), heap_.end(), better);
-        }
+        if (has_bar_ && !better(hit, bar_)) return;
+        buffer_.push_back(hit);
+        if (buffer_.size() == 2 * depth_) cut();
     }
 
+    // The kept hits, best first.
     std::vector<Hit> take() {
-        std::sort(heap_.begin(), heap_.end(), better);
-        return std::move(heap_);
+        std::vector<Hit> out = take_unordered();
+        std::sort(out.begin(), out.end(), better);
+        return out;
+    }
+
+    // The kept hits in no particular order.
+    std::vector<Hit> take_unordered() {
+        if (buffer_.size() > depth_) cut();
+        return std::move(buffer_);
     }
 
 private:
+    void cut() {
+        std::nth_element(buffer_.begin(), buffer_.begin() + static_cast<std::ptrdiff_t>(depth_ - 1), buffer_.end(),
+                         better);
+        buffer_.resize(depth_);
+        bar_ = buffer_[depth_ - 1];
+        has_bar_ = true;
+    }
+
     std::size_t depth_;
-    std::vector<Hit> heap_;
+    std::vector<Hit> buffer_;
+    Hit bar_{0.0f, 0};
+    bool has_bar_ = false;
 };
 
 Hits to_hits(const std::vector<Hit>& sorted, std::size_t limit) {
@@ -120,6 +137,21 @@ void scan_allowed(const std::uint8_t* mask, std::size_t n, const std::uint8_t* b
             visit(ids[k]);
         }
     }
+}
+
+// round(q[j] * scale[j] * 127 / max_j |q[j] * scale[j]|), every step in float32 (rounding half to even), as
+// kernels.reference.quantize_query computes it: the same candidates on every platform.
+std::vector<std::int8_t> quantize_query(const float* query, const float* scale, std::size_t d) {
+    std::vector<float> qs(d);
+    float largest = 0.0f;
+    for (std::size_t j = 0; j < d; ++j) {
+        qs[j] = query[j] * scale[j];
+        largest = std::max(largest, std::fabs(qs[j]));
+    }
+    const float inv = largest > 0.0f ? 127.0f / largest : 0.0f;
+    std::vector<std::int8_t> out(d);
+    for (std::size_t j = 0; j < d; ++j) out[j] = static_cast<std::int8_t>(std::nearbyint(qs[j] * inv));
+    return out;
 }
 
 std::int64_t elapsed_ns(std::chrono::steady_clock::time_point since) {
@@ -201,19 +233,37 @@ Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* ma
         return to_hits(top.take(), k);
     }
     // Decoded inner product = q . base + (q * scale) . code; the first term is the same for every row, so the codes
-    // are ranked by the second alone.
-    std::vector<float> qs(d);
-    for (std::size_t j = 0; j < d; ++j) qs[j] = query[j] * rows.scale[j];
+    // are ranked by the second alone, with q * scale itself quantized to int8 (symmetric, its largest entry at 127):
+    // an exact integer dot product per row, which VNNI computes 64 bytes per instruction. Only which rows become
+    // candidates depends on the rounding; their scores are the float rows' exact ones.
+    const std::vector<std::int8_t> qq = quantize_query(query, rows.scale, d);
     // Clamped before multiplying, so no depth or oversample overflows the product.
     const std::size_t cap = std::max<std::size_t>(n, 1);
     const auto factor = static_cast<std::size_t>(oversample);
     const std::size_t wide_k = factor >= cap ? cap : std::min(std::min(k, cap) * factor, cap);
     TopK wide(wide_k);
+    // Rows are scored a block at a time, so the kernel can run several rows' accumulator chains side by side.
+    constexpr std::size_t kBlock = 64;
+    const std::int8_t* block[kBlock];
+    std::int64_t block_ids[kBlock];
+    std::int32_t block_scores[kBlock];
+    std::size_t count = 0;
+    auto flush = [&]() {
+        dots.i8i8_rows(qq.data(), block, count, d, block_scores);
+        for (std::size_t j = 0; j < count; ++j) {
+            // Exact in a float below d = 1032 (|s| <= 127 * 128 * d); above, rounded as the reference rounds it.
+            const auto s = static_cast<float>(block_scores[j]);
+            if (!wide.full() || s > wide.worst().score) wide.offer(s, block_ids[j]);
+        }
+        count = 0;
+    };
     scan_allowed(mask, n, reinterpret_cast<const std::uint8_t*>(rows.codes), d, [&](std::size_t i) {
-        const float s = dots.i8(qs.data(), rows.codes + i * d, d);
-        if (!wide.full() || s > wide.worst().score) wide.offer(s, static_cast<std::int64_t>(i));
+        block[count] = rows.codes + i * d;
+        block_ids[count] = static_cast<std::int64_t>(i);
+        if (++count == kBlock) flush();
     });
-    std::vector<Hit> candidates = wide.take();
+    flush();
+    std::vector<Hit> candidates = wide.take_unordered();
     // Ascending ids read the (memory-mapped) float rows in file order.
     std::sort(candidates.begin(), candidates.end(), [](const Hit& a, const Hit& b) { return a.id < b.id; });
     TopK top(std::min(k, std::max<std::size_t>(candidates.size(), 1)));

@@ -60,6 +60,14 @@ float i8_scalar(const float* q, const std::int8_t* r, std::size_t d) {
 float f16_scalar(const float* q, const std::uint16_t* r, std::size_t d) {
     return dot_scalar(q, d, [r](std::size_t i) { return half_to_float(r[i]); });
 }
+void i8i8_rows_scalar(const std::int8_t* q, const std::int8_t* const* rows, std::size_t count, std::size_t d,
+                      std::int32_t* out) {
+    for (std::size_t r = 0; r < count; ++r) {
+        std::int32_t acc = 0;
+        for (std::size_t i = 0; i < d; ++i) acc += static_cast<std::int32_t>(q[i]) * static_cast<std::int32_t>(rows[r][i]);
+        out[r] = acc;
+    }
+}
 void tile_scalar(const float* a, std::size_t ar, const float* b, std::size_t br, std::size_t d, float* out,
                  std::size_t ld) {
     for (std::size_t r = 0; r < ar; ++r) {
@@ -163,6 +171,45 @@ RAG_AVX2 inline float dot_avx2(const float* q, const T* r, std::size_t d) {
 RAG_AVX2 float f32_avx2(const float* q, const float* r, std::size_t d) { return dot_avx2<F32x8>(q, r, d); }
 RAG_AVX2 float i8_avx2(const float* q, const std::int8_t* r, std::size_t d) { return dot_avx2<I8x8>(q, r, d); }
 RAG_AVX2 float f16_avx2(const float* q, const std::uint16_t* r, std::size_t d) { return dot_avx2<F16x8>(q, r, d); }
+
+RAG_AVX2 inline std::int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+RAG_AVX2 inline __m256i widen16(const std::int8_t* p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Bytes widened to int16, then vpmaddwd: 16 products per instruction, pairs summed into int32 (no overflow: int8
+// products are at most 2^14). Two rows at a time, each read front to back (see i8i8_rows_vnni_fixed).
+RAG_AVX2 void i8i8_rows_avx2(const std::int8_t* q, const std::int8_t* const* rows, std::size_t count, std::size_t d,
+                             std::int32_t* out) {
+    const std::size_t body = d - d % 32;
+    auto row_dot = [&](const std::int8_t* row) RAG_AVX2 {
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+        std::size_t i = 0;
+        for (; i < body; i += 32) {
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(widen16(q + i), widen16(row + i)));
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(widen16(q + i + 16), widen16(row + i + 16)));
+        }
+        if (i + 16 <= d) {
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(widen16(q + i), widen16(row + i)));
+            i += 16;
+        }
+        std::int32_t total = hsum_epi32(_mm256_add_epi32(a0, a1));
+        for (; i < d; ++i) total += static_cast<std::int32_t>(q[i]) * static_cast<std::int32_t>(row[i]);
+        return total;
+    };
+    std::size_t r = 0;
+    for (; r + 2 <= count; r += 2) {
+        out[r] = row_dot(rows[r]);
+        out[r + 1] = row_dot(rows[r + 1]);
+    }
+    if (r < count) out[r] = row_dot(rows[r]);
+}
 
 // 6 rows x 16 columns: 12 accumulators + 2 panel loads + 1 broadcast = 15 of the 16 ymm registers. Written out
 // register by register: as an indexed array the accumulators ended up in memory (one store-load chain per FMA).
@@ -398,13 +445,91 @@ RAG_AVX512 std::size_t mmr_step_avx512(const float* row, double* near, double* l
     return mmr_finish(values, indices, 8, row, near, lr, i, m, keep, threshold);
 }
 
+// ---- AVX-512 VNNI (with BW for the masked byte loads of the tail) ----
+#define RAG_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
+
+// vpdpbusd multiplies unsigned by signed bytes, so the rows' bytes are offset by 128 (their top bit flipped) and
+// 128 * sum(q) is taken off again: sum q * (r + 128) - 128 * sum q = sum q * r, exactly.
+//
+// Measured on SciFact's 10,435 x 384 codes (AMD EPYC, VNNI): the query held in registers and two rows at a time, each
+// read front to back, scan 5.6 ns/row in cache and 10-17 ns/row from DRAM; four rows read in interleaved 64-byte
+// steps were faster in cache (6.9) but twice as slow from DRAM (21-30 ns/row): the hardware prefetcher follows one
+// forward stream best.
+template <std::size_t kChunks>
+RAG_VNNI void i8i8_rows_vnni_fixed(const std::int8_t* q, const std::int8_t* const* rows, std::size_t count,
+                                   std::size_t d, std::int32_t* out, std::int32_t offset) {
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    // Past the end of a row the masked loads read zeros, whose products with the query's zeros vanish.
+    const __mmask64 tail = d % 64 == 0 ? ~0ULL : (~0ULL) >> (64 - d % 64);
+    __m512i qv[kChunks];
+    for (std::size_t c = 0; c < kChunks; ++c) {
+        qv[c] = c + 1 < kChunks ? _mm512_loadu_si512(q + c * 64) : _mm512_maskz_loadu_epi8(tail, q + c * 64);
+    }
+    auto row_dot = [&](const std::int8_t* row) RAG_VNNI {
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+        for (std::size_t c = 0; c < kChunks; ++c) {
+            const __m512i bytes =
+                c + 1 < kChunks ? _mm512_loadu_si512(row + c * 64) : _mm512_maskz_loadu_epi8(tail, row + c * 64);
+            if (c % 2 == 0) {
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(bytes, flip), qv[c]);
+            } else {
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_xor_si512(bytes, flip), qv[c]);
+            }
+        }
+        return _mm512_add_epi32(a0, a1);
+    };
+    std::size_t r = 0;
+    for (; r + 2 <= count; r += 2) {
+        const __m512i x = row_dot(rows[r]);
+        const __m512i y = row_dot(rows[r + 1]);
+        out[r] = _mm512_reduce_add_epi32(x) - offset;
+        out[r + 1] = _mm512_reduce_add_epi32(y) - offset;
+    }
+    if (r < count) out[r] = _mm512_reduce_add_epi32(row_dot(rows[r])) - offset;
+}
+
+RAG_VNNI void i8i8_rows_vnni(const std::int8_t* q, const std::int8_t* const* rows, std::size_t count, std::size_t d,
+                             std::int32_t* out) {
+    std::int32_t offset = 0;
+    for (std::size_t i = 0; i < d; ++i) offset += 128 * static_cast<std::int32_t>(q[i]);
+    switch ((d + 63) / 64) {
+        case 0: for (std::size_t r = 0; r < count; ++r) out[r] = 0; return;
+        case 1: return i8i8_rows_vnni_fixed<1>(q, rows, count, d, out, offset);
+        case 2: return i8i8_rows_vnni_fixed<2>(q, rows, count, d, out, offset);
+        case 3: return i8i8_rows_vnni_fixed<3>(q, rows, count, d, out, offset);
+        case 4: return i8i8_rows_vnni_fixed<4>(q, rows, count, d, out, offset);
+        case 5: return i8i8_rows_vnni_fixed<5>(q, rows, count, d, out, offset);
+        case 6: return i8i8_rows_vnni_fixed<6>(q, rows, count, d, out, offset);
+        case 7: return i8i8_rows_vnni_fixed<7>(q, rows, count, d, out, offset);
+        case 8: return i8i8_rows_vnni_fixed<8>(q, rows, count, d, out, offset);
+        case 9: return i8i8_rows_vnni_fixed<9>(q, rows, count, d, out, offset);
+        case 10: return i8i8_rows_vnni_fixed<10>(q, rows, count, d, out, offset);
+        case 11: return i8i8_rows_vnni_fixed<11>(q, rows, count, d, out, offset);
+        case 12: return i8i8_rows_vnni_fixed<12>(q, rows, count, d, out, offset);
+        case 13: return i8i8_rows_vnni_fixed<13>(q, rows, count, d, out, offset);
+        case 14: return i8i8_rows_vnni_fixed<14>(q, rows, count, d, out, offset);
+        case 15: return i8i8_rows_vnni_fixed<15>(q, rows, count, d, out, offset);
+        case 16: return i8i8_rows_vnni_fixed<16>(q, rows, count, d, out, offset);
+        default: break;  // wider than 1,024: the AVX2 kernel
+    }
+    i8i8_rows_avx2(q, rows, count, d, out);
+}
+
 #endif  // RAG_X86_SIMD
 
-constexpr Dots kScalarDots{f32_scalar, i8_scalar, f16_scalar, tile_scalar, 0, nullptr, mmr_step_scalar};
+constexpr Dots kScalarDots{f32_scalar, i8_scalar, f16_scalar, tile_scalar, 0, nullptr, mmr_step_scalar, i8i8_rows_scalar};
 #if defined(RAG_X86_SIMD)
-constexpr Dots kAvx2Dots{f32_avx2, i8_avx2, f16_avx2, tile_avx2, 16, gram_avx2, mmr_step_avx2};
+constexpr Dots kAvx2Dots{f32_avx2, i8_avx2, f16_avx2, tile_avx2, 16, gram_avx2, mmr_step_avx2, i8i8_rows_avx2};
 constexpr Dots kAvx512Dots{f32_avx512, i8_avx512, f16_avx512, tile_avx512, 32, gram_avx512,
-                            mmr_step_avx512};
+                            mmr_step_avx512, i8i8_rows_avx2};
+// VNNI is not a level of its own: it only changes the integer dot, whose value is the same at every level.
+constexpr Dots kAvx512VnniDots{f32_avx512, i8_avx512, f16_avx512, tile_avx512, 32, gram_avx512,
+                                mmr_step_avx512, i8i8_rows_vnni};
+
+bool has_vnni() noexcept {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+}
 #endif
 
 Level detect() noexcept {
@@ -458,7 +583,10 @@ Level parse(std::string_view text) {
 
 const Dots& dots(Level level) noexcept {
 #if defined(RAG_X86_SIMD)
-    if (level == Level::kAvx512) return kAvx512Dots;
+    if (level == Level::kAvx512) {
+        static const bool vnni = has_vnni();
+        return vnni ? kAvx512VnniDots : kAvx512Dots;
+    }
     if (level == Level::kAvx2) return kAvx2Dots;
 #endif
     (void)level;

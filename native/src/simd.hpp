@@ -43,6 +43,11 @@ struct Dots {
     // (no FMA, so every level computes the same values). Returns the first index of the largest gain, or m when every
     // gain is -inf (lr[i] = -inf marks a picked or dropped candidate).
     std::size_t (*mmr_step)(const float* row, double* near, double* lr, std::size_t m, double keep, double threshold);
+    // out[r] = q . rows[r] for r < count, exact integer dot products of int8 vectors (|sum| < 2^31 for d < 2^17):
+    // every level returns the same values. Rows are taken four at a time, so four independent accumulator chains
+    // hide the multiply-add latency; with AVX-512 VNNI one instruction multiplies and adds 64 byte pairs.
+    void (*i8i8_rows)(const std::int8_t* q, const std::int8_t* const* rows, std::size_t count, std::size_t d,
+                      std::int32_t* out);
 };
 
 const Dots& dots(Level level) noexcept;

@@ -813,11 +813,22 @@ def bm25_top_reference(postings: Postings, term_ids: np.ndarray, mask: np.ndarra
     return _ranked(ids[keep], scores[keep], depth)
 
 
+def quantize_query(query: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """query * scale as int8, symmetric with its largest magnitude at 127, every step in float32 (rounding half to
+    even): the vector the sq8 scan ranks codes by. A zero query quantizes to zeros."""
+    qs = np.asarray(query, np.float32) * np.asarray(scale, np.float32)
+    largest = np.float32(np.max(np.abs(qs))) if qs.size else np.float32(0)
+    inv = np.float32(127) / largest if largest > 0 else np.float32(0)
+    return np.rint(qs * inv).astype(np.int8)
+
+
 def dense_top_reference(vectors: np.ndarray, query: np.ndarray, mask: np.ndarray | None, depth: int,
                         codes: SQ8Codes | None = None, oversample: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The top min(depth, allowed) rows of vectors (float32[n, d]) by inner product with query (float32[d]), as
-    (ids int64, scores float32). oversample >= 1 first takes the best oversample * depth rows by the inner product
-    with the decoded codes, then ranks those by the exact one (so only recall, never a score, depends on the codes).
+    (ids int64, scores float32). oversample >= 1 first takes the best oversample * depth rows by the integer inner
+    product of their codes with the quantized query (`quantize_query`), which ranks them as the decoded codes' inner
+    product would up to the query's rounding, then ranks those by the exact one (so only recall, never a score,
+    depends on the codes).
     Scores are float32 dot products: the summation order (and so the last bit) is the implementation's own."""
     if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.dtype != np.float32:
         raise ValueError("vectors must be a 2-D float32 numpy.ndarray")
@@ -836,7 +847,8 @@ def dense_top_reference(vectors: np.ndarray, query: np.ndarray, mask: np.ndarray
     allowed = np.arange(n, dtype=np.int64) if mask is None else np.flatnonzero(mask).astype(np.int64)
     if oversample == 0 or codes is None:
         return _ranked(allowed, np.asarray(vectors[allowed] @ q, np.float32), depth)
-    approx = codes.codes[allowed].astype(np.float32) @ (q * codes.scale)
+    # float32 of the exact integer dot products with the int8 query: exact below d = 1032, as the native scan has it.
+    approx = (codes.codes[allowed].astype(np.int64) @ quantize_query(q, codes.scale).astype(np.int64)).astype(np.float32)
     wide, _ = _ranked(allowed, np.asarray(approx, np.float32), depth * oversample)
     wide = np.sort(wide)
     return _ranked(wide, np.asarray(vectors[wide] @ q, np.float32), depth)
