@@ -848,8 +848,8 @@ def dense_top_reference(vectors: np.ndarray, query: np.ndarray, mask: np.ndarray
     if oversample == 0 or codes is None:
         return _ranked(allowed, np.asarray(vectors[allowed] @ q, np.float32), depth)
     # float32 of the exact integer dot products with the int8 query: exact below d = 1032, as the native scan has it.
-    approx = (codes.codes[allowed].astype(np.int64) @ quantize_query(q, codes.scale).astype(np.int64)).astype(np.float32)
-    wide, _ = _ranked(allowed, np.asarray(approx, np.float32), depth * oversample)
+    exact = codes.codes[allowed].astype(np.int64) @ quantize_query(q, codes.scale).astype(np.int64)
+    wide, _ = _ranked(allowed, exact.astype(np.float32), depth * oversample)
     wide = np.sort(wide)
     return _ranked(wide, np.asarray(vectors[wide] @ q, np.float32), depth)
 
