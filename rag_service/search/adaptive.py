@@ -229,23 +229,22 @@ class AdaptivePolicy:
         ends = [e for e in (deadline, None if params.budget_ms is None else start + params.budget_ms / 1000.0)
                 if e is not None]
         budget_end = min(ends) if ends else None
-        planned = self._plan(params, budget_end, now, in_flight, encoded, rerank_available, lexical_available)
-        return replace(planned, start=start)
+        return self._plan(params, budget_end, now, start, in_flight, encoded, rerank_available, lexical_available)
 
-    def _plan(self, params: SearchParams, budget_end: float | None, now: float, in_flight: int, encoded: bool,
-              rerank_available: bool, lexical_available: bool) -> Plan:
+    def _plan(self, params: SearchParams, budget_end: float | None, now: float, start: float, in_flight: int,
+              encoded: bool, rerank_available: bool, lexical_available: bool) -> Plan:
         if lexical_available and not encoded and budget_end is not None and self.config.enabled \
                 and self.config.lexical:
-            lexical = self._lexical_plan(params, budget_end, now, in_flight)
+            lexical = self._lexical_plan(params, budget_end, now, start, in_flight)
             if lexical is not None:
                 return lexical
         if not params.rerank:
-            return Plan(params, FUSED, "rerank not requested", budget_end, in_flight)
+            return Plan(params, FUSED, "rerank not requested", budget_end, in_flight, start)
         if not rerank_available:
-            return Plan(params, FUSED, "index has no sentence windows for the reranker", budget_end, in_flight)
+            return Plan(params, FUSED, "index has no sentence windows for the reranker", budget_end, in_flight, start)
         if not self.config.enabled or budget_end is None:
             return Plan(params, FULL, "no latency budget" if self.config.enabled else "adaptive routing off",
-                        budget_end, in_flight)
+                        budget_end, in_flight, start)
         est = self.estimates()
         first = est["lexical"] + est["dense"] + est["fusion"] + est["contexts"] + est["assemble"]
         if not encoded:
@@ -254,10 +253,10 @@ class AdaptivePolicy:
         if first > left_ms and params.depth > SHALLOW_DEPTH:
             shallow = replace(params, depth=SHALLOW_DEPTH, rerank_depth=min(params.rerank_depth, SHALLOW_DEPTH))
             return Plan(shallow, SHALLOW, f"{left_ms / _SAFETY:.1f} ms left, first stage needs ~{first:.1f} ms: "
-                        f"depth {params.depth} -> {SHALLOW_DEPTH}, no rerank", budget_end, in_flight)
-        return Plan(params, FULL, "within budget", budget_end, in_flight)
+                        f"depth {params.depth} -> {SHALLOW_DEPTH}, no rerank", budget_end, in_flight, start)
+        return Plan(params, FULL, "within budget", budget_end, in_flight, start)
 
-    def _lexical_plan(self, params: SearchParams, budget_end: float, now: float,
+    def _lexical_plan(self, params: SearchParams, budget_end: float, now: float, start: float,
                       in_flight: int) -> Plan | None:
         """The lexical route when encode + first stage do not fit the budget left and BM25 + contexts do."""
         with self._lock:
@@ -270,7 +269,7 @@ class AdaptivePolicy:
         if dimmed:
             return Plan(params, LEXICAL, f"brownout: recent p95 server time {tail:.0%} of the budget (target "
                         f"{self.config.brownout_target:.0%}), full pipeline for {level:.0%} of requests: BM25 alone",
-                        budget_end, in_flight)
+                        budget_end, in_flight, start)
         if seen is None or now - seen > self.config.lexical_probe_s:
             return None  # no recent measurement of the encode: this request measures it
         left_ms = (budget_end - now) * 1000.0 * _SAFETY
@@ -281,7 +280,7 @@ class AdaptivePolicy:
             return None
         return Plan(params, LEXICAL, f"{left_ms / _SAFETY:.1f} ms left, encode + first stage need ~{needed:.1f} ms "
                     f"(encode ~{est['encode']:.1f} ms): BM25 alone (~{alone:.1f} ms), no dense, no rerank",
-                    budget_end, in_flight)
+                    budget_end, in_flight, start)
 
     def rerank_plan(self, plan: Plan) -> RerankPlan:
         """Before the first stage: what of the rerank decision does not depend on it (the route, load), so the

@@ -203,13 +203,13 @@ class Pipeline(SearcherBase):
                 and native.retrieve_backend() == "cpp"
                 and native.search_core_backend(self.rerank_store.core) == "cpp")
 
-    def _search_native(self, params: SearchParams, early: adaptive.RerankPlan, timer: StageTimer,
+    def _search_native(self, params: SearchParams, top_k: int, early: adaptive.RerankPlan, timer: StageTimer,
                        query_vector: np.ndarray | None, deadline: float | None
                        ) -> tuple[Candidates, rerank_mod.Reranked | None, tuple[int, str, str]]:
-        """The first stage (as _retrieve_native), the confidence rule and the rerank in one native call, GIL
-        released throughout; the query is analysed once, for BM25 and the rerank's terms. Same candidates, rerank
-        and route as retrieve() + policy.rerank_depth + rerank.rerank; the call's parts are reported under those
-        stages' names."""
+        """The first stage (as _retrieve_native, fusion keeping `top_k` in place of params.top_k: a copy of the
+        params costs ~10 µs), the confidence rule and the rerank in one native call, GIL released throughout; the
+        query is analysed once, for BM25 and the rerank's terms. Same candidates, rerank and route as retrieve() +
+        policy.rerank_depth + rerank.rerank; the call's parts are reported under those stages' names."""
         store, model = self.rerank_store, self.rerank_model
         if store is None or model is None:
             raise RuntimeError("the one-call search needs the rerank store and model")
@@ -238,7 +238,7 @@ class Pipeline(SearcherBase):
             store.core, bm25_index.postings, terms, params.depth, mask=mask,
             vectors=dense_index.vectors if scan else None, query=dense_index.query_row(query_vector) if scan else None,
             codes=dense_index.sq8 if scan and oversample else None, oversample=oversample if scan else 0,
-            dense=hits, method=params.fusion, dense_weight=params.dense_weight, top_k=params.top_k,
+            dense=hits, method=params.fusion, dense_weight=params.dense_weight, top_k=top_k,
             rrf_k=params.rrf_k, rerank_query=query_vector, query_terms=query[0], query_counts=query[1],
             query_idf=query[2], idf_table=store.idf if query[0] is None else None, columns=model.columns,
             weights=model.weights, bias=model.bias,
@@ -280,7 +280,7 @@ class Pipeline(SearcherBase):
         reranked: rerank_mod.Reranked | None = None
         if early is not None and self._one_call(early):
             candidates, reranked, (depth, route, reason) = self._search_native(
-                replace(params, top_k=pool), early, timer, query_vector, deadline)
+                params, pool, early, timer, query_vector, deadline)
             fused = candidates.fused
         else:
             candidates = self.retrieve(replace(params, top_k=pool), timer, query_vector=query_vector,
