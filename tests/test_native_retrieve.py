@@ -255,12 +255,18 @@ def test_a_flat_index_gets_sq8_codes_at_load_and_reuses_its_own(tmp_path):
     assert not hnsw.native_scan and hnsw.sq8 is None
 
 
-def test_without_avx2_a_flat_index_scans_its_float_rows(tmp_path, monkeypatch):
+def test_without_avx2_a_flat_index_still_scans_its_sq8_codes(tmp_path, monkeypatch):
     vectors = clustered(50, 8, seed=3)
     dense_mod.write_dense(tmp_path, dense_mod.build_dense_index(vectors, "flat"), vectors, "flat")
     monkeypatch.setattr(native, "simd_level", lambda: "scalar")
     index = dense_mod.DenseIndex.load(tmp_path, use_gpu=False)
-    assert index.native_scan and index.sq8 is None and index.native_oversample == 0
+    assert index.native_scan and index.sq8 is not None and index.native_oversample == dense_mod.NATIVE_SQ8_OVERSAMPLE
+    query = vectors[7]
+    ids, scores = index.search(query[None, :], 5)
+    want, _ = native.dense_top(vectors, query, 5, backend="cpp")
+    np.testing.assert_array_equal(ids, want)  # the exact top 5 of 50 rows: every row is a candidate at oversample 2
+    monkeypatch.setattr(native, "simd_level", lambda: "none")
+    assert dense_mod.DenseIndex.load(tmp_path, use_gpu=False).sq8 is None
 
 
 QUERIES = ["how do glaciers carve valleys", "volcano eruption ash", "glacier", "zzzz unknown words", ""]
