@@ -520,6 +520,10 @@ public:
         if (!(temperature > 0.0) || !std::isfinite(temperature)) {
             fail("temperature must be finite and > 0, got " + std::to_string(temperature));
         }
+        // Every chunk's offsets and spans once, here: a request then checks only its candidate ids (on the cold
+        // caches after the encode, the per-candidate checks cost ~15 µs of the rerank).
+        rag::check_lexical_store(store_.lexical);
+        rag::check_window_store(store_.windows);
     }
 
     py::array_t<float> local_features(const py::handle& query_obj, const py::handle& terms, const py::handle& counts,

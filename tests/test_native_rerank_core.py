@@ -268,6 +268,24 @@ def test_bad_input_names_the_field():
                                np.ones(2, np.float32), [], [])
 
 
+@pytest.mark.skipif(not native._HAS_RERANK_CORE, reason="rag_service._native is not built")
+@pytest.mark.parametrize("field, corrupt, message", [
+    ("window_spans", lambda a: a.__setitem__((-1, 1), 10_000), "window_spans row"),
+    ("token_offsets", lambda a: a.__setitem__(-1, a[-1] + 5), "token_offsets of chunk"),
+    ("title_lengths", lambda a: a.__setitem__(0, 10_000), "title_lengths of chunk 0"),
+    ("window_offsets", lambda a: a.__setitem__(-1, a[-1] + 3), "offsets of chunk"),
+])
+def test_the_core_checks_every_chunk_when_it_is_built(field, corrupt, message):
+    # Requests check only their candidate ids, so a corrupt chunk must be refused at load, whichever chunk it is
+    # and whether or not any request would ever rank it.
+    store = random_store(np.random.default_rng(11))
+    bad = dict(store.arrays)
+    bad[field] = bad[field].copy()
+    corrupt(bad[field])
+    with pytest.raises(ValueError, match=message):
+        native.RerankCore(**bad, dense_vectors=store.dense, **PARAMS)
+
+
 def test_facade_falls_back_to_the_references(monkeypatch):
     monkeypatch.setenv(native.BACKEND_ENV, "numpy")
     assert native.rerank_core_backend() == "numpy"

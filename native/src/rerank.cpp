@@ -76,24 +76,28 @@ bool finite(float x) {
     return (bits & 0x7F800000u) != 0x7F800000u;
 }
 
-void check_candidates(const std::int64_t* offsets, std::size_t n_chunks, std::size_t rows,
+void check_offsets(const std::int64_t* offsets, std::size_t rows, std::int64_t c, const char* offsets_name,
+                   const char* rows_name) {
+    const std::int64_t start = offsets[c];
+    const std::int64_t stop = offsets[c + 1];
+    if (start < 0 || stop < start || stop > static_cast<std::int64_t>(rows)) {
+        fail(std::string(offsets_name) + " of chunk " + std::to_string(c) + " are [" + std::to_string(start) + ", " +
+             std::to_string(stop) + "), not a range within the " + std::to_string(rows) + " rows of " + rows_name);
+    }
+}
+
+// The candidate ids are chunks; a store not checked at load has each candidate's offsets checked here.
+void check_candidates(const std::int64_t* offsets, std::size_t n_chunks, std::size_t rows, bool checked,
                       const std::int64_t* candidates, std::size_t m, const char* offsets_name,
                       const char* rows_name) {
     const auto n = static_cast<std::int64_t>(n_chunks);
-    const auto total = static_cast<std::int64_t>(rows);
     for (std::size_t i = 0; i < m; ++i) {
         const std::int64_t c = candidates[i];
         if (c < 0 || c >= n) {
             fail("candidates must be in [0, " + std::to_string(n_chunks) + "), got " + std::to_string(c) +
                  " at index " + std::to_string(i));
         }
-        const std::int64_t start = offsets[c];
-        const std::int64_t stop = offsets[c + 1];
-        if (start < 0 || stop < start || stop > total) {
-            fail(std::string(offsets_name) + " of chunk " + std::to_string(c) + " are [" + std::to_string(start) +
-                 ", " + std::to_string(stop) + "), not a range within the " + std::to_string(rows) + " rows of " +
-                 rows_name);
-        }
+        if (!checked) check_offsets(offsets, rows, c, offsets_name, rows_name);
     }
 }
 
@@ -134,7 +138,8 @@ void check_window_args(const float* query, const WindowStore& store, const std::
     if (!(temperature > 0.0) || !std::isfinite(temperature)) {
         fail("temperature must be finite and > 0, got " + fmt(temperature));
     }
-    check_candidates(store.offsets, store.n_chunks, store.n_windows, candidates, m, "offsets", "vectors");
+    check_candidates(store.offsets, store.n_chunks, store.n_windows, store.checked, candidates, m, "offsets",
+                     "vectors");
 }
 
 void window_maxsim(const float* query, const WindowStore& store, const std::int64_t* candidates, std::size_t m,
@@ -234,7 +239,8 @@ void proximity(const std::int32_t* query_terms, std::size_t q, const TokenStore&
         const auto bit = static_cast<std::uint32_t>(term) & (kFilterBits - 1);
         filter[bit / 64] |= std::uint64_t{1} << (bit % 64);
     }
-    check_candidates(store.offsets, store.n_chunks, store.n_tokens, candidates, m, "token_offsets", "tokens");
+    check_candidates(store.offsets, store.n_chunks, store.n_tokens, store.checked, candidates, m, "token_offsets",
+                     "tokens");
     std::size_t total = 0;
     for (std::size_t i = 0; i < m; ++i) {
         total += static_cast<std::size_t>(store.offsets[candidates[i] + 1] - store.offsets[candidates[i]]);
@@ -465,6 +471,20 @@ std::vector<std::int64_t> mmr_select(const float* relevance, const float* sim, s
         pick = next;
     }
     return chosen;
+}
+
+void check_window_store(WindowStore& store) {
+    for (std::size_t c = 0; c < store.n_chunks; ++c) {
+        check_offsets(store.offsets, store.n_windows, static_cast<std::int64_t>(c), "offsets", "vectors");
+    }
+    store.checked = true;
+}
+
+void check_token_store(TokenStore& store) {
+    for (std::size_t c = 0; c < store.n_chunks; ++c) {
+        check_offsets(store.offsets, store.n_tokens, static_cast<std::int64_t>(c), "token_offsets", "tokens");
+    }
+    store.checked = true;
 }
 
 }  // namespace rag

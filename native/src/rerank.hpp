@@ -25,6 +25,8 @@ struct WindowStore {
     const float* scales = nullptr;  // n_windows entries when type is kInt8, else unused
     std::size_t n_windows = 0;
     std::size_t d = 0;
+    // Every chunk's offsets checked once (check_window_store, at load): a call then checks only its candidate ids.
+    bool checked = false;
 };
 
 // out[i * 3 + 0..2] = max, top-2 mean, soft max (temperature) of candidate i's window scores; NaN for a candidate
@@ -42,7 +44,14 @@ struct TokenStore {
     std::size_t n_chunks = 0;
     const std::int32_t* tokens = nullptr;
     std::size_t n_tokens = 0;
+    // Every chunk's offsets checked once (check_token_store, at load): a call then checks only its candidate ids.
+    bool checked = false;
 };
+
+// Check every chunk's offsets (a range within the rows), then mark the store checked. Throw std::invalid_argument
+// naming the chunk.
+void check_window_store(WindowStore& store);
+void check_token_store(TokenStore& store);
 
 // span[i], matched[i] for candidate i (see proximity_reference).
 void proximity(const std::int32_t* query_terms, std::size_t q, const TokenStore& store,

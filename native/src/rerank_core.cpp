@@ -72,6 +72,33 @@ void check_params(const Bm25Params& p) {
 }
 
 // Every range a candidate's lexical features read lies inside the store.
+void check_chunk(const LexicalStore& s, std::int64_t c) {
+    const std::int64_t start = s.tokens.offsets[c];
+    const std::int64_t stop = s.tokens.offsets[c + 1];
+    if (start < 0 || stop < start || stop > static_cast<std::int64_t>(s.tokens.n_tokens)) {
+        fail("token_offsets of chunk " + std::to_string(c) + " are not a range within tokens");
+    }
+    const std::int64_t n = stop - start;
+    if (s.title_lengths[c] < 0 || s.title_lengths[c] > n) {
+        fail("title_lengths of chunk " + std::to_string(c) + " is " + std::to_string(s.title_lengths[c]) +
+             ", not within its " + std::to_string(n) + " tokens");
+    }
+    const std::int64_t w0 = s.window_offsets[c];
+    const std::int64_t w1 = s.window_offsets[c + 1];
+    if (w0 < 0 || w1 < w0 || w1 > static_cast<std::int64_t>(s.n_windows)) {
+        fail("window_offsets of chunk " + std::to_string(c) + " are not a range within window_spans");
+    }
+    for (std::int64_t w = w0; w < w1; ++w) {
+        const std::int32_t a = s.window_spans[2 * w];
+        const std::int32_t e = s.window_spans[2 * w + 1];
+        if (a < 0 || e < a || e > n) {
+            fail("window_spans row " + std::to_string(w) + " is [" + std::to_string(a) + ", " + std::to_string(e) +
+                 "), not within chunk " + std::to_string(c) + "'s " + std::to_string(n) + " tokens");
+        }
+    }
+}
+
+// The candidate ids are chunks; a store not checked at load has each candidate's chunk checked here.
 void check_lexical_candidates(const LexicalStore& s, const std::int64_t* candidates, std::size_t m) {
     const auto n_chunks = static_cast<std::int64_t>(s.tokens.n_chunks);
     for (std::size_t i = 0; i < m; ++i) {
@@ -80,30 +107,7 @@ void check_lexical_candidates(const LexicalStore& s, const std::int64_t* candida
             fail("candidates must be in [0, " + std::to_string(n_chunks) + "), got " + std::to_string(c) +
                  " at index " + std::to_string(i));
         }
-        const std::int64_t start = s.tokens.offsets[c];
-        const std::int64_t stop = s.tokens.offsets[c + 1];
-        if (start < 0 || stop < start || stop > static_cast<std::int64_t>(s.tokens.n_tokens)) {
-            fail("token_offsets of chunk " + std::to_string(c) + " are not a range within tokens");
-        }
-        const std::int64_t n = stop - start;
-        if (s.title_lengths[c] < 0 || s.title_lengths[c] > n) {
-            fail("title_lengths of chunk " + std::to_string(c) + " is " + std::to_string(s.title_lengths[c]) +
-                 ", not within its " + std::to_string(n) + " tokens");
-        }
-        const std::int64_t w0 = s.window_offsets[c];
-        const std::int64_t w1 = s.window_offsets[c + 1];
-        if (w0 < 0 || w1 < w0 || w1 > static_cast<std::int64_t>(s.n_windows)) {
-            fail("window_offsets of chunk " + std::to_string(c) + " are not a range within window_spans");
-        }
-        for (std::int64_t w = w0; w < w1; ++w) {
-            const std::int32_t a = s.window_spans[2 * w];
-            const std::int32_t e = s.window_spans[2 * w + 1];
-            if (a < 0 || e < a || e > n) {
-                fail("window_spans row " + std::to_string(w) + " is [" + std::to_string(a) + ", " +
-                     std::to_string(e) + "), not within chunk " + std::to_string(c) + "'s " + std::to_string(n) +
-                     " tokens");
-            }
-        }
+        if (!s.checked) check_chunk(s, c);
     }
 }
 
@@ -198,6 +202,12 @@ constexpr std::size_t kPrfTop = 3;
 float by_max(float value, float top) { return top > 0.0f ? value / top : 0.0f; }
 
 }  // namespace
+
+void check_lexical_store(LexicalStore& store) {
+    for (std::size_t c = 0; c < store.tokens.n_chunks; ++c) check_chunk(store, static_cast<std::int64_t>(c));
+    store.checked = true;
+    store.tokens.checked = true;
+}
 
 void lexical_features(const LexicalStore& store, const QueryTerms& query, const std::int64_t* candidates,
                       std::size_t m, const Bm25Params& params, float* out) {

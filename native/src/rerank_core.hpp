@@ -33,7 +33,13 @@ struct LexicalStore {
     const std::int64_t* window_offsets = nullptr;  // tokens.n_chunks + 1 entries
     const std::int32_t* window_spans = nullptr;    // n_windows x 2
     std::size_t n_windows = 0;
+    // Every chunk checked once (check_lexical_store, at load): a call then checks only its candidate ids.
+    bool checked = false;
 };
+
+// Check every chunk's token offsets, title length, window offsets and window spans, then mark the store (and its
+// token store) checked. Throw std::invalid_argument naming the chunk.
+void check_lexical_store(LexicalStore& store);
 
 struct Bm25Params {
     double k1 = 0.9;
