@@ -202,6 +202,35 @@ void window_maxsim(const float* query, const WindowStore& store, const std::int6
     }
 }
 
+void hit_span(const std::int64_t* pos, const std::int32_t* slot, std::size_t hits, std::int64_t n_tokens,
+              std::int32_t* counts, std::int32_t& span, std::int32_t& matched) {
+    std::int32_t need = 0;
+    for (std::size_t h = 0; h < hits; ++h) {
+        need += counts[static_cast<std::size_t>(slot[h])] == 0;
+        counts[static_cast<std::size_t>(slot[h])] = 1;
+    }
+    for (std::size_t h = 0; h < hits; ++h) counts[static_cast<std::size_t>(slot[h])] = 0;
+    matched = need;
+    if (need == 0) {
+        span = 0;
+        return;
+    }
+    // sliding window over the hits: extend right; shrink left while every present term stays covered
+    std::int64_t best = n_tokens;
+    std::int32_t inside = 0;
+    std::size_t left = 0;
+    for (std::size_t right = 0; right < hits; ++right) {
+        inside += counts[static_cast<std::size_t>(slot[right])]++ == 0;
+        while (inside == need) {
+            best = std::min(best, pos[right] - pos[left] + 1);
+            inside -= --counts[static_cast<std::size_t>(slot[left])] == 0;
+            ++left;
+        }
+    }
+    for (std::size_t h = left; h < hits; ++h) counts[static_cast<std::size_t>(slot[h])] = 0;
+    span = static_cast<std::int32_t>(std::min<std::int64_t>(best, std::numeric_limits<std::int32_t>::max()));
+}
+
 void proximity(const std::int32_t* query_terms, std::size_t q, const TokenStore& store,
                const std::int64_t* candidates, std::size_t m, std::int32_t* span, std::int32_t* matched,
                unsigned threads) {
@@ -266,32 +295,8 @@ void proximity(const std::int32_t* query_terms, std::size_t q, const TokenStore&
                 hit_pos.push_back(static_cast<std::int64_t>(p - start));
                 hit_slot.push_back(slots[h]);
             }
-            // distinct terms present
-            std::int32_t need = 0;
-            for (const std::int32_t s : hit_slot) {
-                need += counts[static_cast<std::size_t>(s)] == 0;
-                counts[static_cast<std::size_t>(s)] = 1;
-            }
-            for (const std::int32_t s : hit_slot) counts[static_cast<std::size_t>(s)] = 0;
-            matched[i] = need;
-            if (need == 0) {
-                span[i] = 0;
-                continue;
-            }
-            // sliding window over the hits: extend right; shrink left while every present term stays covered
-            std::int64_t best = static_cast<std::int64_t>(stop - start);
-            std::int32_t inside = 0;
-            std::size_t left = 0;
-            for (std::size_t right = 0; right < hit_slot.size(); ++right) {
-                inside += counts[static_cast<std::size_t>(hit_slot[right])]++ == 0;
-                while (inside == need) {
-                    best = std::min(best, hit_pos[right] - hit_pos[left] + 1);
-                    inside -= --counts[static_cast<std::size_t>(hit_slot[left])] == 0;
-                    ++left;
-                }
-            }
-            for (std::size_t h = left; h < hit_slot.size(); ++h) counts[static_cast<std::size_t>(hit_slot[h])] = 0;
-            span[i] = static_cast<std::int32_t>(std::min<std::int64_t>(best, std::numeric_limits<std::int32_t>::max()));
+            hit_span(hit_pos.data(), hit_slot.data(), hit_pos.size(), static_cast<std::int64_t>(stop - start),
+                     counts.data(), span[i], matched[i]);
         }
     });
 }

@@ -53,6 +53,13 @@ struct TokenStore {
 void check_window_store(WindowStore& store);
 void check_token_store(TokenStore& store);
 
+// The shortest stretch of a chunk holding every distinct query term present in it, from the chunk's query-term hits
+// (positions ascending; slot = the term's index in the query, < q): span = its length in tokens, matched = the
+// distinct terms present (both 0 without a hit). n_tokens is the chunk's length; counts holds q zeros and is left
+// zeroed.
+void hit_span(const std::int64_t* pos, const std::int32_t* slot, std::size_t hits, std::int64_t n_tokens,
+              std::int32_t* counts, std::int32_t& span, std::int32_t& matched);
+
 // span[i], matched[i] for candidate i (see proximity_reference).
 void proximity(const std::int32_t* query_terms, std::size_t q, const TokenStore& store,
                const std::int64_t* candidates, std::size_t m, std::int32_t* span, std::int32_t* matched,

@@ -64,6 +64,28 @@ void check_query_terms(const QueryTerms& query) {
     }
 }
 
+// The proximity's terms must be distinct: the first id that repeats an earlier one, as rag::proximity reports it.
+void check_distinct_terms(const QueryTerms& query) {
+    if (query.q >= (std::size_t{1} << 24)) fail("query_terms: too many terms (" + std::to_string(query.q) + ")");
+    std::vector<std::pair<std::int32_t, std::size_t>> order(query.q);
+    for (std::size_t j = 0; j < query.q; ++j) order[j] = {query.terms[j], j};
+    std::sort(order.begin(), order.end());
+    std::size_t at = query.q;
+    std::size_t first = 0;
+    for (std::size_t k = 1; k < order.size(); ++k) {
+        // the second occurrence of a term (its group sorted by position) is where a scan would see it repeat
+        const bool second = order[k].first == order[k - 1].first && (k < 2 || order[k - 2].first != order[k].first);
+        if (second && order[k].second < at) {
+            at = order[k].second;
+            first = order[k - 1].second;
+        }
+    }
+    if (at < query.q) {
+        fail("query_terms must not repeat an id: " + std::to_string(query.terms[at]) + " at positions " +
+             std::to_string(first) + " and " + std::to_string(at));
+    }
+}
+
 void check_params(const Bm25Params& p) {
     if (!is_finite(p.k1) || !is_finite(p.b) || !is_finite(p.avgdl) || !is_finite(p.avg_title) ||
         !is_finite(p.avg_window)) {
@@ -121,8 +143,11 @@ double bm25(const QueryTerms& query, const double* tf, double length, double ave
     return score;
 }
 
+// With span and matched (else nullptr): also the proximity of each candidate (rag::proximity's values, from the
+// same pass over its tokens).
 void lexical_unchecked(const LexicalStore& s, const QueryTerms& query, const std::int64_t* candidates, std::size_t m,
-                       const Bm25Params& p, float* out) {
+                       const Bm25Params& p, float* out, std::int32_t* span = nullptr,
+                       std::int32_t* matched = nullptr) {
     const TermSlots slots(query);
     // 4096-bit filter of the query terms: rejects almost every token (most are no query term) with one load, before
     // the hash probe
@@ -138,6 +163,7 @@ void lexical_unchecked(const LexicalStore& s, const QueryTerms& query, const std
     // The chunk's query-term occurrences, by position: title and window counts read these instead of every token.
     std::vector<std::int64_t> hit_pos;
     std::vector<std::int32_t> hit_slot;
+    std::vector<std::int32_t> present(span != nullptr ? query.q : 0, 0);
     for (std::size_t r = 0; r < m; ++r) {
         const std::int64_t c = candidates[r];
         const std::int64_t start = s.tokens.offsets[c];
@@ -152,6 +178,10 @@ void lexical_unchecked(const LexicalStore& s, const QueryTerms& query, const std
             if (slot < 0) continue;
             hit_pos.push_back(static_cast<std::int64_t>(k));
             hit_slot.push_back(slot);
+        }
+        if (span != nullptr) {
+            hit_span(hit_pos.data(), hit_slot.data(), hit_pos.size(), static_cast<std::int64_t>(n), present.data(),
+                     span[r], matched[r]);
         }
         float* row = out + 4 * r;
         // tf of the hits at positions [a, e)
@@ -229,11 +259,12 @@ void local_features(const LocalStore& store, const float* query, const QueryTerm
     std::vector<float> scratch(4 * m);  // window (3) then lexical (4) columns
     window_maxsim(query, store.windows, candidates, m, store.temperature, level, scratch.data());
     for (std::size_t i = 0; i < m; ++i) std::copy_n(scratch.data() + 3 * i, 3, out + i * kLocalColumns + 4);
-    lexical_unchecked(store.lexical, terms, candidates, m, store.bm25, scratch.data());
-    for (std::size_t i = 0; i < m; ++i) std::copy_n(scratch.data() + 4 * i, 4, out + i * kLocalColumns);
+    check_distinct_terms(terms);
+    // One pass over each candidate's tokens gives its BM25 counts and its proximity (rag::proximity's values).
     std::vector<std::int32_t> span(m);
     std::vector<std::int32_t> matched(m);
-    proximity(terms.terms, terms.q, store.lexical.tokens, candidates, m, span.data(), matched.data());
+    lexical_unchecked(store.lexical, terms, candidates, m, store.bm25, scratch.data(), span.data(), matched.data());
+    for (std::size_t i = 0; i < m; ++i) std::copy_n(scratch.data() + 4 * i, 4, out + i * kLocalColumns);
     for (std::size_t i = 0; i < m; ++i) {
         out[i * kLocalColumns + 7] =
             matched[i] >= 2 ? static_cast<float>(static_cast<double>(matched[i]) / std::max(span[i], 1)) : 0.0f;
