@@ -25,8 +25,8 @@ RARE_IDF = 6.0
 class FakeGuard:
     analyzer = Analyzer()
 
-    def query_terms(self, query: str) -> dict[str, float]:
-        return {t: COMMON.get(t, RARE_IDF) for t in self.analyzer.tokens(query)}
+    def guard_terms(self, query: str) -> tuple[dict[str, float], np.ndarray]:
+        return {t: COMMON.get(t, RARE_IDF) for t in self.analyzer.tokens(query)}, self.lexical_input(query)
 
     def lexical_input(self, query: str) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)

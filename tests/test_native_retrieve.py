@@ -354,3 +354,9 @@ def test_the_cache_guards_lexical_candidates_are_the_bm25_retrievers_top_depth(b
     same = index.lexical_input("ice glacier glacier"), index.lexical_input("Glacier, ice glacier")
     np.testing.assert_array_equal(*same)
     assert not np.array_equal(index.lexical_input("glacier ice"), index.lexical_input("glacier glacier ice"))
+    # The guard's terms and BM25 input come from one analysis: the same as asking for each.
+    for query in [*QUERIES, "Glacier, ice glacier", "zzzz glacier"]:
+        terms, bm25_input = index.guard_terms(query)
+        assert terms == index.query_terms(query)
+        np.testing.assert_array_equal(bm25_input, index.lexical_input(query))
+        assert bm25_input.dtype == np.int64

@@ -125,6 +125,11 @@ class Index:
         bm25 = self.bm25
         return np.sort(bm25.term_ids(bm25.analyzer.tokens(query)))
 
+    def guard_terms(self, query: str) -> tuple[dict[str, float], np.ndarray]:
+        bm25 = self.bm25
+        tokens = bm25.analyzer.tokens(query)
+        return bm25.idf_of(tokens), np.sort(bm25.term_ids(tokens))
+
     def lexical_candidates(self, lexical_input: np.ndarray, filters: Mapping[str, str], depth: int,
                            tree: flt.Node | None = None) -> np.ndarray:
         # The native BM25 top-depth (the numba scorer's C++ twin): a semantic look-up that needs it pays for it on

@@ -390,9 +390,13 @@ class BM25Index:
     def query_terms(self, query: str) -> dict[str, float]:
         """The query's index terms (this index's analyzer) with their idf; a term the index lacks weighs the most
         (it is rarer than any term it has)."""
+        return self.idf_of(self.analyzer.tokens(query))
+
+    def idf_of(self, tokens: Iterable[str]) -> dict[str, float]:
+        """query_terms of analysed tokens."""
         idf, top = self._idf
         vocab = self.vocab
-        return {t: (float(idf[vocab[t]]) if t in vocab else top) for t in self.analyzer.tokens(query)}
+        return {t: (float(idf[vocab[t]]) if t in vocab else top) for t in tokens}
 
     def search(self, query: str, depth: int, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         return self.search_tokens(self.analyzer.tokens(query), depth, mask)

@@ -520,9 +520,10 @@ class CachedSearch:
     def guard_inputs(self, params: SearchParams, guard: LexicalGuard) -> GuardInputs:
         """What the fidelity guard compares of this request's query (none of it needs the query vector)."""
         config = self.config
-        return GuardInputs(terms=guard.query_terms(params.query),
+        terms, bm25_input = guard.guard_terms(params.query)
+        return GuardInputs(terms=terms,
                            polarity=polarity_words(params.query) if config.guard_polarity_words else (),
-                           bm25_input=guard.lexical_input(params.query),
+                           bm25_input=bm25_input,
                            candidates=functools.partial(_candidates, guard, params, config.guard_depth))
 
     def lookup_semantic(self, params: SearchParams, key: tuple, vector: np.ndarray, strict: bool,

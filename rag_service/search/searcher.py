@@ -43,13 +43,10 @@ from rag_service.search.context_filter import Selection
 class LexicalGuard(Protocol):
     """What the semantic cache asks of an index to tell whether two queries would get the same answer."""
 
-    def query_terms(self, query: str) -> dict[str, float]:
-        """The query's index terms with their idf (a term the index lacks weighs the most)."""
-        ...
-
-    def lexical_input(self, query: str) -> np.ndarray:
-        """The query's BM25 input: its index term ids with repeats, sorted (int64). BM25 scores a multiset of terms,
-        so two queries with equal inputs get the same BM25 ranking under the same filters."""
+    def guard_terms(self, query: str) -> tuple[dict[str, float], np.ndarray]:
+        """From one analysis of the query: its index terms with their idf (a term the index lacks weighs the most),
+        and its BM25 input, the index term ids with repeats, sorted (int64). BM25 scores a multiset of terms, so two
+        queries with equal inputs get the same BM25 ranking under the same filters."""
         ...
 
     def lexical_candidates(self, lexical_input: np.ndarray, filters: dict[str, str], depth: int,
