@@ -294,16 +294,13 @@ def assemble_contexts(fused: FusionResult, order: np.ndarray, selection: Selecti
         raise ValueError("assemble_contexts takes one of fields and stored")
     out: list[ContextResult] = []
     tokens = selection.tokens
-    positions = selection.positions
-    # The ranking's arrays read once per field for all contexts (one gather and tolist each): a NumPy scalar read
-    # per field and context cost ~80 of them per request.
-    at = np.asarray(order, dtype=np.int64)[np.asarray(positions, dtype=np.int64)]
-    chunks, scores = fused.ids[at].tolist(), fused.scores[at].tolist()
-    bm25s, denses = fused.bm25[at].tolist(), fused.dense[at].tolist()
-    rows = list(positions) if ranks is None else np.asarray(ranks, dtype=np.int64)[positions].tolist()
-    reranked_scores = reranked.scores.tolist() if reranked is not None else []
-    for n, (chunk, score, bm25, dense, rank) in enumerate(zip(chunks, scores, bm25s, denses, rows, strict=True)):
-        rerank_score = reranked_scores[rank] if rank < len(reranked_scores) else None
+    for n, pos in enumerate(selection.positions):
+        at = int(order[pos])
+        rank = pos if ranks is None else int(ranks[pos])
+        chunk, score = int(fused.ids[at]), float(fused.scores[at])
+        bm25, dense = float(fused.bm25[at]), float(fused.dense[at])
+        rerank_score = float(reranked.scores[rank]) if reranked is not None and rank < len(reranked.scores) \
+            else None
         own: dict[str, Any] = {"chunk": chunk, "score": rerank_score if rerank_score is not None else score,
                "bm25_score": None if bm25 != bm25 else bm25,  # NaN: the retriever did not return this chunk
                "dense_score": None if dense != dense else dense, "rerank_score": rerank_score,
@@ -317,7 +314,7 @@ def assemble_contexts(fused: FusionResult, order: np.ndarray, selection: Selecti
             context.__dict__.update(_LAZY_DEFAULTS, **own, _read=functools.partial(stored, chunk))
             out.append(context)
         elif fields is not None:
-            out.append(ContextResult(**fields(int(at[n]))._asdict(), **own))
+            out.append(ContextResult(**fields(at)._asdict(), **own))
     return out
 
 
