@@ -1,5 +1,7 @@
 #include "rerank.hpp"
 
+#include "prefetch.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -101,6 +103,14 @@ void check_candidates(const std::int64_t* offsets, std::size_t n_chunks, std::si
     }
 }
 
+std::size_t element_bytes(VectorType type) {
+    switch (type) {
+        case VectorType::kInt8: return 1;
+        case VectorType::kFloat16: return 2;
+        default: return 4;
+    }
+}
+
 float dot_row(const simd::Dots& dots, const float* query, const WindowStore& s, std::size_t row) {
     switch (s.type) {
         case VectorType::kInt8:
@@ -154,7 +164,16 @@ void window_maxsim(const float* query, const WindowStore& store, const std::int6
     const double t = temperature;
     parallel_for(m, pick_threads(threads, windows * store.d, m), [&](std::size_t begin, std::size_t end) {
         std::vector<float> scores;
+        const std::size_t row_bytes = store.d * element_bytes(store.type);
+        auto prefetch = [&](std::size_t i) {
+            const auto c = candidates[i];
+            const auto first = static_cast<std::size_t>(store.offsets[c]);
+            const auto count = static_cast<std::size_t>(store.offsets[c + 1]) - first;
+            prefetch_bytes(static_cast<const char*>(store.vectors) + first * row_bytes, count * row_bytes);
+        };
+        for (std::size_t i = begin; i < end && i < begin + kPrefetchCandidates; ++i) prefetch(i);
         for (std::size_t i = begin; i < end; ++i) {
+            if (i + kPrefetchCandidates < end) prefetch(i + kPrefetchCandidates);
             const auto c = candidates[i];
             const auto start = static_cast<std::size_t>(store.offsets[c]);
             const auto stop = static_cast<std::size_t>(store.offsets[c + 1]);

@@ -1,5 +1,7 @@
 #include "rerank_core.hpp"
 
+#include "prefetch.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -164,7 +166,26 @@ void lexical_unchecked(const LexicalStore& s, const QueryTerms& query, const std
     std::vector<std::int64_t> hit_pos;
     std::vector<std::int32_t> hit_slot;
     std::vector<std::int32_t> present(span != nullptr ? query.q : 0, 0);
+    // A candidate's tokens (~1 KB) and window spans lie far from the previous candidate's: asked for ahead, with
+    // the offsets that locate them asked for further ahead still.
+    auto prefetch_chunk = [&](std::size_t r) {
+        const std::int64_t c = candidates[r];
+        const std::int64_t first = s.tokens.offsets[c];
+        prefetch_bytes(s.tokens.tokens + first, static_cast<std::size_t>(s.tokens.offsets[c + 1] - first) * 4);
+        const std::int64_t w = s.window_offsets[c];
+        prefetch_bytes(s.window_spans + 2 * w, static_cast<std::size_t>(s.window_offsets[c + 1] - w) * 8);
+    };
+    auto prefetch_offsets = [&](std::size_t r) {
+        const std::int64_t c = candidates[r];
+        __builtin_prefetch(s.tokens.offsets + c, 0, 3);
+        __builtin_prefetch(s.window_offsets + c, 0, 3);
+        __builtin_prefetch(s.title_lengths + c, 0, 3);
+    };
+    for (std::size_t r = 0; r < m && r < 2 * kPrefetchCandidates; ++r) prefetch_offsets(r);
+    for (std::size_t r = 0; r < m && r < kPrefetchCandidates; ++r) prefetch_chunk(r);
     for (std::size_t r = 0; r < m; ++r) {
+        if (r + 2 * kPrefetchCandidates < m) prefetch_offsets(r + 2 * kPrefetchCandidates);
+        if (r + kPrefetchCandidates < m) prefetch_chunk(r + kPrefetchCandidates);
         const std::int64_t c = candidates[r];
         const std::int64_t start = s.tokens.offsets[c];
         const auto n = static_cast<std::size_t>(s.tokens.offsets[c + 1] - start);
@@ -332,7 +353,9 @@ void finish_features(const FinishInput& in, simd::Level level, float* out) {
     auto reciprocal = [](std::int64_t r) {
         return r < 0 ? 0.0f : static_cast<float>(kRankK / (kRankK + static_cast<double>(r)));
     };
+    for (std::size_t i = 0; i < m && i < kPrefetchCandidates; ++i) prefetch_bytes(vector_of(i), in.d * sizeof(float));
     for (std::size_t i = 0; i < m; ++i) {
+        if (i + kPrefetchCandidates < m) prefetch_bytes(vector_of(i + kPrefetchCandidates), in.d * sizeof(float));
         const float* local = in.local + i * kLocalColumns;
         const float* v = vector_of(i);
         float* row = out + i * kFeatureColumns;

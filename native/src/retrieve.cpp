@@ -1,5 +1,7 @@
 #include "retrieve.hpp"
 
+#include "prefetch.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -110,11 +112,6 @@ inline std::size_t next_allowed(const std::uint8_t* mask, std::size_t i, std::si
 // the hardware prefetcher cannot foresee: asking for the next few allowed rows ahead overlaps those misses.
 constexpr std::size_t kPrefetchRows = 4;
 
-inline void prefetch_row(const void* row, std::size_t bytes) {
-    const char* p = static_cast<const char*>(row);
-    for (std::size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
-}
-
 // Calls visit(i) for every row i the mask allows, in id order, with rows of `row_bytes` at `base` prefetched
 // kPrefetchRows allowed rows ahead. The mask is read once: allowed ids are gathered a block at a time. Without a mask
 // the rows are read in order, which the hardware prefetches itself.
@@ -131,9 +128,9 @@ void scan_allowed(const std::uint8_t* mask, std::size_t n, const std::uint8_t* b
     while (next < n) {
         std::size_t count = 0;
         for (; count < kBlock && next < n; next = next_allowed(mask, next + 1, n)) ids[count++] = next;
-        for (std::size_t k = 0; k < count && k < kPrefetchRows; ++k) prefetch_row(base + ids[k] * row_bytes, row_bytes);
+        for (std::size_t k = 0; k < count && k < kPrefetchRows; ++k) prefetch_bytes(base + ids[k] * row_bytes, row_bytes);
         for (std::size_t k = 0; k < count; ++k) {
-            if (k + kPrefetchRows < count) prefetch_row(base + ids[k + kPrefetchRows] * row_bytes, row_bytes);
+            if (k + kPrefetchRows < count) prefetch_bytes(base + ids[k + kPrefetchRows] * row_bytes, row_bytes);
             visit(ids[k]);
         }
     }
@@ -270,7 +267,7 @@ Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* ma
     const std::size_t row_bytes = d * sizeof(float);
     for (std::size_t c = 0; c < candidates.size(); ++c) {
         if (c + kPrefetchRows < candidates.size()) {
-            prefetch_row(rows.vectors + static_cast<std::size_t>(candidates[c + kPrefetchRows].id) * d, row_bytes);
+            prefetch_bytes(rows.vectors + static_cast<std::size_t>(candidates[c + kPrefetchRows].id) * d, row_bytes);
         }
         top.offer(dots.f32(query, rows.vectors + static_cast<std::size_t>(candidates[c].id) * d, d),
                   candidates[c].id);
