@@ -138,6 +138,39 @@ def test_local_features_equal_the_reference(seed, m, n_terms, storage):
     np.testing.assert_array_equal(got[:, [0, 1, 2, 3, 7]], want[:, [0, 1, 2, 3, 7]])  # lexical and proximity exact
 
 
+@pytest.mark.skipif(not native._HAS_RERANK_CORE, reason="rag_service._native is not built")
+@pytest.mark.parametrize("n_terms", [1, 3, 16, 17, VOCAB])
+def test_local_features_at_every_simd_level_and_any_number_of_terms(n_terms):
+    # The core at each SIMD level this CPU runs (its window dot products differ by level, its lexical and proximity
+    # columns must not), for queries of one term up to the whole vocabulary.
+    rng = np.random.default_rng(300 + n_terms)
+    store = random_store(rng)
+    q, terms, counts, idf = random_query(rng, n_terms)
+    cands = rng.choice(40, 30, replace=False).astype(np.int64)
+    want = local_features_reference(**store.arrays, query=q, query_terms=terms, query_counts=counts, query_idf=idf,
+                                    candidates=cands, **PARAMS)
+    assert np.any(want[:, 0] > 0)  # some candidate holds a query term: the matching is exercised
+    a = store.arrays
+    for level in native._native.simd_levels():
+        core = native._native.RerankCore(a["window_offsets"], a["window_vectors"], a["window_scales"],
+                                         a["window_spans"], a["tokens"], a["token_offsets"], a["title_lengths"],
+                                         store.dense, *PARAMS.values(), simd=level)
+        got = core.local_features(q, terms, counts, idf, cands)
+        np.testing.assert_array_equal(got[:, [0, 1, 2, 3, 7]], want[:, [0, 1, 2, 3, 7]], err_msg=level)
+
+
+def test_lexical_features_take_a_repeated_term_once_as_the_reference_does():
+    rng = np.random.default_rng(9)
+    store = random_store(rng)
+    terms = np.asarray([3, 7, 3, 11, 7], np.int32)
+    counts, idf = np.asarray([1.0, 2.0, 1.0, 1.0, 3.0]), np.asarray([1.5, 0.5, 1.5, 2.5, 0.5])
+    cands = np.arange(40, dtype=np.int64)
+    got = native.lexical_features(*store.lexical_args(), cands, terms, counts, idf, **PARAMS)
+    want = lexical_features_reference(*store.lexical_args(), cands, terms, counts, idf, **PARAMS)
+    np.testing.assert_array_equal(got, want)
+    assert np.any(got[:, 0] > 0)  # the query's terms occur: the case is not vacuous
+
+
 def random_local(rng: np.random.Generator, m: int) -> np.ndarray:
     local = rng.uniform(0, 5, (m, len(RERANK_LOCAL_FEATURES))).astype(np.float32)
     local[rng.random(m) < 0.3, 4:7] = np.nan  # chunks without windows
