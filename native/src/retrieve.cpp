@@ -128,7 +128,9 @@ void scan_allowed(const std::uint8_t* mask, std::size_t n, const std::uint8_t* b
     while (next < n) {
         std::size_t count = 0;
         for (; count < kBlock && next < n; next = next_allowed(mask, next + 1, n)) ids[count++] = next;
-        for (std::size_t k = 0; k < count && k < kPrefetchRows; ++k) prefetch_bytes(base + ids[k] * row_bytes, row_bytes);
+        for (std::size_t k = 0; k < count && k < kPrefetchRows; ++k) {
+            prefetch_bytes(base + ids[k] * row_bytes, row_bytes);
+        }
         for (std::size_t k = 0; k < count; ++k) {
             if (k + kPrefetchRows < count) prefetch_bytes(base + ids[k + kPrefetchRows] * row_bytes, row_bytes);
             visit(ids[k]);

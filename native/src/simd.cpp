@@ -64,7 +64,9 @@ void i8i8_rows_scalar(const std::int8_t* q, const std::int8_t* const* rows, std:
                       std::int32_t* out) {
     for (std::size_t r = 0; r < count; ++r) {
         std::int32_t acc = 0;
-        for (std::size_t i = 0; i < d; ++i) acc += static_cast<std::int32_t>(q[i]) * static_cast<std::int32_t>(rows[r][i]);
+        for (std::size_t i = 0; i < d; ++i) {
+            acc += static_cast<std::int32_t>(q[i]) * static_cast<std::int32_t>(rows[r][i]);
+        }
         out[r] = acc;
     }
 }
@@ -517,7 +519,8 @@ RAG_VNNI void i8i8_rows_vnni(const std::int8_t* q, const std::int8_t* const* row
 
 #endif  // RAG_X86_SIMD
 
-constexpr Dots kScalarDots{f32_scalar, i8_scalar, f16_scalar, tile_scalar, 0, nullptr, mmr_step_scalar, i8i8_rows_scalar};
+constexpr Dots kScalarDots{f32_scalar, i8_scalar, f16_scalar, tile_scalar, 0, nullptr, mmr_step_scalar,
+                            i8i8_rows_scalar};
 #if defined(RAG_X86_SIMD)
 constexpr Dots kAvx2Dots{f32_avx2, i8_avx2, f16_avx2, tile_avx2, 16, gram_avx2, mmr_step_avx2, i8i8_rows_avx2};
 constexpr Dots kAvx512Dots{f32_avx512, i8_avx512, f16_avx512, tile_avx512, 32, gram_avx512,
