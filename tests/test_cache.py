@@ -411,3 +411,26 @@ def test_nearest_entries_are_the_brute_force_ones(seed):
         got = store.nearest(group, query, floor, k)
         assert [e.key for e, _ in got] == [e.key for e, _ in want]
         np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-5, atol=1e-6)
+
+
+def test_a_hit_gets_a_copy_that_equals_the_dataclass_copy_and_leaves_the_entry_alone():
+    import dataclasses
+
+    from rag_service.core.params import ContextResult
+    from rag_service.search.cache import _copy
+
+    # _copy copies the instance's fields directly: right only while every field is an __init__ field and nothing
+    # runs after __init__, which is what dataclasses.replace would honour.
+    assert all(f.init for f in dataclasses.fields(SearchResult))
+    assert not hasattr(SearchResult, "__post_init__")
+    context = ContextResult(chunk=3, doc_id="d", chunk_id="d#0", title="t", text="x", metadata={}, score=1.5,
+                            bm25_score=None, dense_score=0.5)
+    kept = SearchResult(contexts=[context], index_version="v1", stage_us={"encode": 7}, context_tokens=4,
+                        route="full", route_reason="r", legs=("bm25",), signals=(1.0, 0.5, 0.3), complete=True,
+                        shards_answered=["a"])
+    hit = _copy(kept, {"cache": 2})
+    assert hit == dataclasses.replace(kept, contexts=list(kept.contexts), stage_us={"cache": 2})
+    assert type(hit) is SearchResult and hit is not kept
+    hit.contexts.append(context)
+    hit.stage_us["more"] = 1
+    assert kept.contexts == [context] and kept.stage_us == {"encode": 7}

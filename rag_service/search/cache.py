@@ -434,7 +434,13 @@ class _Matrix:
 
 def _copy(result: SearchResult, stage_us: dict[str, int]) -> SearchResult:
     # The server annotates the result it gets (stage times): a hit gets its own object, the entry stays untouched.
-    return dataclasses.replace(result, contexts=list(result.contexts), stage_us=stage_us)
+    # A shallow copy of the fields, as dataclasses.replace makes (SearchResult has no init=False field and no
+    # __post_init__), without the keyword round trip through __init__: 0.7 against 2.6 µs warm, on every hit.
+    copy = object.__new__(type(result))
+    copy.__dict__.update(result.__dict__)
+    copy.contexts = list(result.contexts)
+    copy.stage_us = stage_us
+    return copy
 
 
 def shared(served: Served, cache_us: int) -> Served:
