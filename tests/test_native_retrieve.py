@@ -346,17 +346,21 @@ def test_the_cache_guards_lexical_candidates_are_the_bm25_retrievers_top_depth(b
         for filters in ({}, {"topic": "geology"}, {"topic": "no such topic"}):
             for depth in (1, 3, 100):
                 want, _ = index.bm25.search(query, depth, index.filter_mask(filters))
-                got = index.lexical_candidates(index.lexical_input(query), filters, depth)
+                got = index.lexical_candidates(index.guard_terms(query)[1], filters, depth)
                 assert got.dtype == np.int64
                 np.testing.assert_array_equal(got, np.sort(want))
     # BM25 scores the multiset of terms: the same words in another order are the same input (the cache's guard skips
     # the search for them).
-    same = index.lexical_input("ice glacier glacier"), index.lexical_input("Glacier, ice glacier")
+    def lexical_input(query):
+        return index.guard_terms(query)[1]
+
+    same = lexical_input("ice glacier glacier"), lexical_input("Glacier, ice glacier")
     np.testing.assert_array_equal(*same)
-    assert not np.array_equal(index.lexical_input("glacier ice"), index.lexical_input("glacier glacier ice"))
-    # The guard's terms and BM25 input come from one analysis: the same as asking for each.
+    assert not np.array_equal(lexical_input("glacier ice"), lexical_input("glacier glacier ice"))
+    # The guard's terms and BM25 input come from one analysis: the same as the BM25 index's own for each.
+    bm25 = index.bm25
     for query in [*QUERIES, "Glacier, ice glacier", "zzzz glacier"]:
         terms, bm25_input = index.guard_terms(query)
-        assert terms == index.query_terms(query)
-        np.testing.assert_array_equal(bm25_input, index.lexical_input(query))
+        assert terms == bm25.query_terms(query)
+        np.testing.assert_array_equal(bm25_input, np.sort(bm25.term_ids(bm25.analyzer.tokens(query))))
         assert bm25_input.dtype == np.int64

@@ -258,7 +258,7 @@ def main() -> None:
         ref_path.write_text(json.dumps({"refs": refs, "bm25": [x.tolist() for x in bm25_lists]}))
     print(f"references (cache bypassed): {time.perf_counter() - t0:.1f} s")
 
-    terms = [pipeline.guard.query_terms(t) for t in texts]
+    terms = [pipeline.guard.guard_terms(t)[0] for t in texts]
     simulation = Simulation(texts, vectors, refs, bm25_lists, terms, args.candidates)
     t0 = time.perf_counter()
     table = [simulation.run(c, n, o, w) for c in args.cosines for n in args.depths for o in args.overlaps

@@ -237,7 +237,7 @@ class Corpus:
         self.refs = saved["refs"]
         self.agreement = saved["agreement"]
         self.bm25 = {n: [np.sort(np.asarray(x[:n], dtype=np.int64)) for x in saved["bm25"]] for n in DEPTHS}
-        self.terms = [pipeline.guard.query_terms(t) for t in texts]
+        self.terms = [pipeline.guard.guard_terms(t)[0] for t in texts]
         self.polarity = [polarity_words(t) for t in texts]
 
 
@@ -399,8 +399,8 @@ def guard_cost(pipeline: Pipeline, corpus: Corpus, texts: list[str]) -> dict:
                 if words == polarity[e]:
                     differing_idf(terms[i], terms[e])
             t1 = time.perf_counter_ns()
-            pipeline.guard.query_terms(text)
-            pipeline.guard.lexical_candidates(pipeline.guard.lexical_input(text), {}, config.guard_depth)
+            _, bm25_input = pipeline.guard.guard_terms(text)
+            pipeline.guard.lexical_candidates(bm25_input, {}, config.guard_depth)
             t2 = time.perf_counter_ns()
             added.append((t1 - t0) / 1000)
             lookup.append((t2 - t1) / 1000)

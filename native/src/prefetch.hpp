@@ -7,8 +7,8 @@
 
 namespace rag {
 
-// How many candidates ahead of the one being scored a kernel asks for the next one's rows.
-inline constexpr std::size_t kPrefetchCandidates = 4;
+// How many rows (or candidates) ahead of the one being scored a kernel asks for the next one's lines.
+inline constexpr std::size_t kPrefetchAhead = 4;
 
 inline void prefetch_bytes(const void* start, std::size_t bytes) {
     const char* p = static_cast<const char*>(start);

@@ -171,9 +171,9 @@ void window_maxsim(const float* query, const WindowStore& store, const std::int6
             const auto count = static_cast<std::size_t>(store.offsets[c + 1]) - first;
             prefetch_bytes(static_cast<const char*>(store.vectors) + first * row_bytes, count * row_bytes);
         };
-        for (std::size_t i = begin; i < end && i < begin + kPrefetchCandidates; ++i) prefetch(i);
+        for (std::size_t i = begin; i < end && i < begin + kPrefetchAhead; ++i) prefetch(i);
         for (std::size_t i = begin; i < end; ++i) {
-            if (i + kPrefetchCandidates < end) prefetch(i + kPrefetchCandidates);
+            if (i + kPrefetchAhead < end) prefetch(i + kPrefetchAhead);
             const auto c = candidates[i];
             const auto start = static_cast<std::size_t>(store.offsets[c]);
             const auto stop = static_cast<std::size_t>(store.offsets[c + 1]);

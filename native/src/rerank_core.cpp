@@ -181,11 +181,11 @@ void lexical_unchecked(const LexicalStore& s, const QueryTerms& query, const std
         __builtin_prefetch(s.window_offsets + c, 0, 3);
         __builtin_prefetch(s.title_lengths + c, 0, 3);
     };
-    for (std::size_t r = 0; r < m && r < 2 * kPrefetchCandidates; ++r) prefetch_offsets(r);
-    for (std::size_t r = 0; r < m && r < kPrefetchCandidates; ++r) prefetch_chunk(r);
+    for (std::size_t r = 0; r < m && r < 2 * kPrefetchAhead; ++r) prefetch_offsets(r);
+    for (std::size_t r = 0; r < m && r < kPrefetchAhead; ++r) prefetch_chunk(r);
     for (std::size_t r = 0; r < m; ++r) {
-        if (r + 2 * kPrefetchCandidates < m) prefetch_offsets(r + 2 * kPrefetchCandidates);
-        if (r + kPrefetchCandidates < m) prefetch_chunk(r + kPrefetchCandidates);
+        if (r + 2 * kPrefetchAhead < m) prefetch_offsets(r + 2 * kPrefetchAhead);
+        if (r + kPrefetchAhead < m) prefetch_chunk(r + kPrefetchAhead);
         const std::int64_t c = candidates[r];
         const std::int64_t start = s.tokens.offsets[c];
         const auto n = static_cast<std::size_t>(s.tokens.offsets[c + 1] - start);
@@ -353,9 +353,9 @@ void finish_features(const FinishInput& in, simd::Level level, float* out) {
     auto reciprocal = [](std::int64_t r) {
         return r < 0 ? 0.0f : static_cast<float>(kRankK / (kRankK + static_cast<double>(r)));
     };
-    for (std::size_t i = 0; i < m && i < kPrefetchCandidates; ++i) prefetch_bytes(vector_of(i), in.d * sizeof(float));
+    for (std::size_t i = 0; i < m && i < kPrefetchAhead; ++i) prefetch_bytes(vector_of(i), in.d * sizeof(float));
     for (std::size_t i = 0; i < m; ++i) {
-        if (i + kPrefetchCandidates < m) prefetch_bytes(vector_of(i + kPrefetchCandidates), in.d * sizeof(float));
+        if (i + kPrefetchAhead < m) prefetch_bytes(vector_of(i + kPrefetchAhead), in.d * sizeof(float));
         const float* local = in.local + i * kLocalColumns;
         const float* v = vector_of(i);
         float* row = out + i * kFeatureColumns;

@@ -110,10 +110,8 @@ inline std::size_t next_allowed(const std::uint8_t* mask, std::size_t i, std::si
 
 // The rows a masked scan reads lie scattered over the matrix (1.5 GB of floats at 1M rows), each a cache miss that
 // the hardware prefetcher cannot foresee: asking for the next few allowed rows ahead overlaps those misses.
-constexpr std::size_t kPrefetchRows = 4;
-
 // Calls visit(i) for every row i the mask allows, in id order, with rows of `row_bytes` at `base` prefetched
-// kPrefetchRows allowed rows ahead. The mask is read once: allowed ids are gathered a block at a time. Without a mask
+// kPrefetchAhead allowed rows ahead. The mask is read once: allowed ids are gathered a block at a time. Without a mask
 // the rows are read in order, which the hardware prefetches itself.
 template <class Visit>
 void scan_allowed(const std::uint8_t* mask, std::size_t n, const std::uint8_t* base, std::size_t row_bytes,
@@ -128,11 +126,11 @@ void scan_allowed(const std::uint8_t* mask, std::size_t n, const std::uint8_t* b
     while (next < n) {
         std::size_t count = 0;
         for (; count < kBlock && next < n; next = next_allowed(mask, next + 1, n)) ids[count++] = next;
-        for (std::size_t k = 0; k < count && k < kPrefetchRows; ++k) {
+        for (std::size_t k = 0; k < count && k < kPrefetchAhead; ++k) {
             prefetch_bytes(base + ids[k] * row_bytes, row_bytes);
         }
         for (std::size_t k = 0; k < count; ++k) {
-            if (k + kPrefetchRows < count) prefetch_bytes(base + ids[k + kPrefetchRows] * row_bytes, row_bytes);
+            if (k + kPrefetchAhead < count) prefetch_bytes(base + ids[k + kPrefetchAhead] * row_bytes, row_bytes);
             visit(ids[k]);
         }
     }
@@ -268,8 +266,8 @@ Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* ma
     TopK top(std::min(k, std::max<std::size_t>(candidates.size(), 1)));
     const std::size_t row_bytes = d * sizeof(float);
     for (std::size_t c = 0; c < candidates.size(); ++c) {
-        if (c + kPrefetchRows < candidates.size()) {
-            prefetch_bytes(rows.vectors + static_cast<std::size_t>(candidates[c + kPrefetchRows].id) * d, row_bytes);
+        if (c + kPrefetchAhead < candidates.size()) {
+            prefetch_bytes(rows.vectors + static_cast<std::size_t>(candidates[c + kPrefetchAhead].id) * d, row_bytes);
         }
         top.offer(dots.f32(query, rows.vectors + static_cast<std::size_t>(candidates[c].id) * d, d),
                   candidates[c].id);

@@ -118,13 +118,6 @@ class Index:
         return self.store.filter_mask(filters, tree)
 
     # What the semantic cache's guard asks (search/searcher.py, LexicalGuard): this index's own view of a query.
-    def query_terms(self, query: str) -> dict[str, float]:
-        return self.bm25.query_terms(query)
-
-    def lexical_input(self, query: str) -> np.ndarray:
-        bm25 = self.bm25
-        return np.sort(bm25.term_ids(bm25.analyzer.tokens(query)))
-
     def guard_terms(self, query: str) -> tuple[dict[str, float], np.ndarray]:
         bm25 = self.bm25
         tokens = bm25.analyzer.tokens(query)
