@@ -5,13 +5,59 @@ A registry per server instance, not prometheus_client's global one: tests start 
 
 from __future__ import annotations
 
+import bisect
+import threading
+import time
+from collections.abc import Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 # Stage latencies run from tens of microseconds (fusion) to tens of milliseconds (encode under load).
 # Fused scores: weighted fusion's are in [0, 1]; reciprocal rank fusion's below 1 / (rrf_k + 1).
 SCORE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 OVERLAP_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class StageHistogram(Collector):
+    """A histogram per pipeline stage, exposed as prometheus_client's labelled Histogram would expose it
+    (`<name>_bucket{stage, le}`, `_count`, `_sum`), but fed a whole request's stages under one lock: the client's
+    Histogram takes two locks per observation, ~17 µs for a request's dozen stages warm, on the event loop."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self._bounds = [float(b) for b in buckets]
+        self._lock = threading.Lock()
+        # stage -> [per-bucket counts (the last one past every bound), sum of seconds, when first observed]
+        self._stages: dict[str, list] = {}
+        registry.register(self)
+
+    def observe_us(self, stage_us: Mapping[str, int]) -> None:
+        bounds, stages = self._bounds, self._stages
+        with self._lock:
+            for stage, us in stage_us.items():
+                seconds = us / 1e6
+                entry = stages.get(stage)
+                if entry is None:
+                    entry = stages[stage] = [[0] * (len(bounds) + 1), 0.0, time.time()]
+                entry[0][bisect.bisect_left(bounds, seconds)] += 1  # the first bound >= seconds: Prometheus's le
+                entry[1] += seconds
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["stage"])
+        with self._lock:
+            stages = [(stage, list(counts), total, created) for stage, (counts, total, created) in self._stages.items()]
+        for stage, counts, total, created in stages:
+            cumulative, buckets = 0, []
+            for bound, count in zip([*self._bounds, float("inf")], counts):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            family.add_metric([stage], buckets, total)
+            family.samples.append(Sample(f"{self.name}_created", {"stage": stage}, created))
+        yield family
 
 
 class Metrics:
@@ -21,9 +67,8 @@ class Metrics:
                                 registry=self.registry)
         self.request_seconds = Histogram("rag_request_seconds", "Server time per RPC", ["method"],
                                          buckets=STAGE_BUCKETS, registry=self.registry)
-        self._stage_children: dict[str, Histogram] = {}
-        self.stage_seconds = Histogram("rag_stage_seconds", "Time per pipeline stage", ["stage"],
-                                       buckets=STAGE_BUCKETS, registry=self.registry)
+        self.stage_seconds = StageHistogram("rag_stage_seconds", "Time per pipeline stage", STAGE_BUCKETS,
+                                            self.registry)
         self.in_flight = Gauge("rag_requests_in_flight", "Search requests admitted and not finished",
                                registry=self.registry)
         self.shed = Counter("rag_requests_shed", "Requests refused by admission control (in-flight or queue bound)",
@@ -145,12 +190,5 @@ class Metrics:
         http_server, _ = start_http_server(port, addr=host, registry=self.registry)
         return http_server, http_server.server_address[1]
 
-    def observe_stages(self, stage_us: dict[str, int]) -> None:
-        # Each stage's child histogram is looked up once: labels() takes a lock and builds a key, a dozen times per
-        # request otherwise.
-        children = self._stage_children
-        for stage, us in stage_us.items():
-            child = children.get(stage)
-            if child is None:
-                child = children.setdefault(stage, self.stage_seconds.labels(stage))
-            child.observe(us / 1e6)
+    def observe_stages(self, stage_us: Mapping[str, int]) -> None:
+        self.stage_seconds.observe_us(stage_us)
