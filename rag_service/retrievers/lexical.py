@@ -356,8 +356,8 @@ class BM25Index:
 
     def term_ids(self, tokens: Iterable[str]) -> np.ndarray:
         """Ids of the known tokens, duplicates kept; unknown tokens contribute nothing, so they are dropped."""
-        vocab = self.vocab
-        return np.fromiter((vocab[t] for t in tokens if t in vocab), dtype=np.int64)
+        # One look-up per token (map over dict.get) rather than a membership test and an index in a generator.
+        return np.array([i for i in map(self.vocab.get, tokens) if i is not None], dtype=np.int64)
 
     def _check_mask(self, mask: np.ndarray | None) -> np.ndarray | None:
         if mask is None:

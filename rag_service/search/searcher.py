@@ -156,9 +156,11 @@ class SearcherBase:
                 return self._finish(params, self._rank(plan, None, deadline, timer))
             if query_vector is None:
                 query_vector = self._encode_stage(params.query, deadline, timer)
-                # Planned again with the encode paid: the rest of the budget decides depth and rerank.
-                plan = self.policy.plan(params, deadline, in_flight, True, caps.rerank, arrival,
-                                        lexical_available=caps.lexical_route)
+                # Planned again with the encode paid: the rest of the budget decides depth and rerank. Without a
+                # budget or deadline nothing the encode changed enters the plan, so it stands.
+                if plan.budget_end is not None:
+                    plan = self.policy.plan(params, deadline, in_flight, True, caps.rerank, arrival,
+                                            lexical_available=caps.lexical_route)
             if cache is not None:
                 with timer.stage("cache_semantic"):
                     hit = cache.lookup(query_vector, self.guard)
