@@ -159,6 +159,7 @@ def test_one_json_log_line_per_request_with_request_id(served_index):
     assert ok["level"] == "INFO" and "time" in ok
     assert invalid["code"] == "INVALID_ARGUMENT" and re.fullmatch(r"[0-9a-f]{32}", invalid["request_id"])
     assert re.fullmatch(r"[0-9a-f]{32}", forged["request_id"])  # an unusable caller id is replaced
+    assert invalid["request_id"] != forged["request_id"]  # ids the server makes are distinct
     assert "secret question" not in stream.getvalue() and "query" not in ok
 
 

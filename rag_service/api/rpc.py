@@ -71,6 +71,9 @@ class Rpc:
         self.service = service
         self.metrics = metrics
         self.tracer = tracer
+        # Per method, its OK counter and server-time histogram: labels() takes a lock and builds a key, twice per
+        # answer on the event loop otherwise.
+        self._answered: dict[str, tuple] = {}
 
     async def serve(self, method: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]], *,
                     count_ok: bool) -> T:
@@ -99,8 +102,12 @@ class Rpc:
 
     def answered(self, method: str, seconds: float) -> None:
         """Counts one OK answer of `method` and the server time it took."""
-        self.metrics.requests.labels(method, "OK").inc()
-        self.metrics.request_seconds.labels(method).observe(seconds)
+        children = self._answered.get(method)
+        if children is None:
+            children = self._answered.setdefault(method, (self.metrics.requests.labels(method, "OK"),
+                                                          self.metrics.request_seconds.labels(method)))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def _failed(self, method: str, error: Exception, span: Span | None) -> tuple[grpc.StatusCode, str]:
         if isinstance(error, RagError):
