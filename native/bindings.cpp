@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -960,6 +962,102 @@ py::tuple cuda_device_count() {
 #endif
 }
 
+// ---- a plain reply's contexts as wire bytes (rag_service/api/reply.py, _contexts) ----
+
+void put_varint(std::string& out, std::uint64_t n) {
+    while (n >= 0x80) {
+        out.push_back(static_cast<char>((n & 0x7F) | 0x80));
+        n >>= 7;
+    }
+    out.push_back(static_cast<char>(n));
+}
+
+std::size_t varint_size(std::uint64_t n) {
+    std::size_t size = 1;
+    for (; n >= 0x80; n >>= 7) ++size;
+    return size;
+}
+
+// float32 as protobuf's float field stores it: rounded to nearest; a finite double beyond float's range becomes
+// the infinity of its sign, as struct.pack's overflow handling in reply.py makes it.
+float as_float32(double x) {
+    constexpr double kOverflow = 3.4028235677973366e38;  // FLT_MAX plus half its last unit: rounds up to infinity
+    if (std::isfinite(x) && std::fabs(x) >= kOverflow) {
+        return std::copysign(std::numeric_limits<float>::infinity(), static_cast<float>(x > 0 ? 1 : -1));
+    }
+    return static_cast<float>(x);
+}
+
+template <class T>
+std::vector<T> list_of(const py::sequence& items) {
+    std::vector<T> out;
+    out.reserve(py::len(items));
+    for (const py::handle item : items) out.push_back(item.cast<T>());
+    return out;
+}
+
+py::bytes join_contexts(const py::bytes& blob, const py::buffer& offsets, const py::sequence& chunk_list,
+                        const py::sequence& score_list, const py::sequence& token_list, const py::bytes& context_bytes,
+                        const py::bytes& score_bytes, const py::bytes& tokens_bytes) {
+    const auto chunks = list_of<std::int64_t>(chunk_list);
+    const auto scores = list_of<double>(score_list);
+    const auto tokens = list_of<std::int64_t>(token_list);
+    const std::string context_tag(context_bytes);
+    const std::string score_tag(score_bytes);
+    const std::string tokens_tag(tokens_bytes);
+    const py::buffer_info at = offsets.request();
+    if (at.ndim != 1 || at.itemsize != 8 || (at.format != "q" && at.format != "l")) {
+        fail("offsets must be a one-dimensional int64 buffer (array('q'))");
+    }
+    const auto* off = static_cast<const std::int64_t*>(at.ptr);
+    const auto n_chunks = static_cast<std::int64_t>(at.shape[0]) - 1;
+    char* base = nullptr;
+    Py_ssize_t blob_size = 0;
+    if (PyBytes_AsStringAndSize(blob.ptr(), &base, &blob_size) != 0) throw py::error_already_set();
+    if (scores.size() != chunks.size() || tokens.size() != chunks.size()) {
+        fail("chunks, scores and tokens must have one entry per context (" + std::to_string(chunks.size()) + ", " +
+             std::to_string(scores.size()) + ", " + std::to_string(tokens.size()) + ")");
+    }
+    if (score_tag.size() != 1) fail("score_tag must be one byte (a field number below 16)");
+    std::size_t total = 0;
+    for (std::size_t i = 0; i < chunks.size(); ++i) {
+        const std::int64_t c = chunks[i];
+        if (c < 0 || c >= n_chunks) {
+            fail("chunks[" + std::to_string(i) + "] = " + std::to_string(c) + " is outside [0, " +
+                 std::to_string(n_chunks) + ")");
+        }
+        if (off[c] < 0 || off[c + 1] < off[c] || off[c + 1] > blob_size) {
+            fail("offsets of chunk " + std::to_string(c) + " are not a range of the " + std::to_string(blob_size) +
+                 " bytes");
+        }
+        if (tokens[i] < 0) fail("tokens[" + std::to_string(i) + "] is negative");
+        const auto body = static_cast<std::size_t>(off[c + 1] - off[c]) + 5 +
+                          (tokens[i] != 0 ? tokens_tag.size() + varint_size(static_cast<std::uint64_t>(tokens[i])) : 0);
+        total += context_tag.size() + varint_size(body) + body;
+    }
+    std::string out;
+    out.reserve(total);
+    for (std::size_t i = 0; i < chunks.size(); ++i) {
+        const std::int64_t c = chunks[i];
+        const auto static_size = static_cast<std::size_t>(off[c + 1] - off[c]);
+        const auto count = static_cast<std::uint64_t>(tokens[i]);
+        const std::size_t body = static_size + 5 + (count != 0 ? tokens_tag.size() + varint_size(count) : 0);
+        out += context_tag;
+        put_varint(out, body);
+        out.append(base + off[c], static_size);
+        out += score_tag;
+        const float score = as_float32(scores[i]);
+        char little[4];
+        std::memcpy(little, &score, 4);  // x86-64 and AArch64: little-endian, as the wire wants
+        out.append(little, 4);
+        if (count != 0) {
+            out += tokens_tag;
+            put_varint(out, count);
+        }
+    }
+    return py::bytes(out);
+}
+
 std::string build_info() {
     std::string info = "rag_service._native " RAG_STRINGIFY(RAG_NATIVE_VERSION) "; C++" +
                        std::to_string(__cplusplus / 100 % 100);
@@ -1002,6 +1100,12 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
 
     m.def("simd_level", [] { return std::string(rag::simd::name(rag::simd::best_level())); },
           "simd_level() -> str\n\nThe widest SIMD level the kernels use on this CPU: 'avx512', 'avx2' or 'scalar'.");
+    m.def("join_contexts", &join_contexts, py::arg("blob"), py::arg("offsets"), py::arg("chunks"), py::arg("scores"),
+          py::arg("tokens"), py::arg("context_tag"), py::arg("score_tag"), py::arg("tokens_tag"),
+          "join_contexts(blob, offsets, chunks, scores, tokens, context_tag, score_tag, tokens_tag) -> bytes\n\n"
+          "A plain reply's contexts as wire bytes: per context, context_tag, the length, the chunk's prepared static\n"
+          "bytes blob[offsets[c]:offsets[c + 1]], score_tag and its score as float32, and tokens_tag with its token\n"
+          "count when nonzero. rag_service.api.reply._contexts is the reference.");
     m.def("simd_levels", &simd_levels,
           "simd_levels() -> list[str]\n\nEvery SIMD level this CPU can run (for forcing one with simd=..., in tests).");
 

@@ -2,6 +2,8 @@
 # Array arguments are checked at run time (dtype, rank, C order) and raise ValueError naming the argument; the
 # docstrings in bindings.cpp and the *_reference functions in rag_service.kernels.reference give the semantics.
 
+from typing import Any
+
 import numpy as np
 
 __version__: str
@@ -19,6 +21,16 @@ def fuse(
     top_k: int,
     rrf_k: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
+def join_contexts(
+    blob: bytes,
+    offsets: Any,
+    chunks: list[int],
+    scores: list[float],
+    tokens: list[int],
+    context_tag: bytes,
+    score_tag: bytes,
+    tokens_tag: bytes,
+) -> bytes: ...
 def simd_level() -> str: ...
 def simd_levels() -> list[str]: ...
 def window_maxsim(

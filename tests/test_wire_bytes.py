@@ -19,6 +19,7 @@ from rag_service.core.params import (
     SearchResult,
 )
 from rag_service.index.reply_bytes import ContextBytes, StaticFields, varint
+from rag_service.kernels import native
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -290,3 +291,36 @@ def test_server_replies_are_the_same_joined_or_built(server_thread, built_index,
                        pb.QueryDraft(request=pb.SearchRequest(query="glaciers carve", top_k=3), final=True)])
         streamed = list(stub.StreamSearch(drafts, timeout=30))
         assert len(streamed) == 1 and len(streamed[0].contexts) == 3 and streamed[0].index_version
+
+
+# -- the native join of a plain reply's contexts ----------------------------------------------------------------------
+
+_needs_join = pytest.mark.skipif(native.join_contexts_backend() != "cpp", reason="needs the C++ extension")
+
+
+@_needs_join
+@pytest.mark.parametrize("seed", range(30))
+def test_native_join_writes_the_python_loops_bytes(seed):
+    rng = random.Random(seed)
+    chunks = _chunks(rng, rng.randint(1, 30))
+    prepared = ContextBytes.from_fields(chunks)
+    edge = [float("inf"), float("-inf"), float("nan"), 3.4028235e38, 3.4028236e38, -3.5e38, 1e-46, -0.0]
+    contexts = [ContextResult(chunk=c, doc_id="", chunk_id="", title="", text="", metadata={}, bm25_score=None,
+                              dense_score=None,
+                              score=rng.choice([_score(rng), rng.choice(edge)]),
+                              tokens=rng.choice([0, 1, 127, 128, 16383, 16384, 2**31]))
+                for c in [rng.randrange(len(chunks)) for _ in range(rng.randint(0, 25))]]
+    expected = b"".join(reply._contexts_python(contexts, prepared, False, False))
+    assert b"".join(reply._contexts(contexts, prepared, False, False)) == expected
+
+
+@_needs_join
+def test_native_join_refuses_a_chunk_outside_the_prepared_bytes():
+    prepared = ContextBytes.from_fields(_chunks(random.Random(1), 3))
+    for chunk in (3, -1):
+        with pytest.raises(ValueError, match=r"chunks\[1\]"):
+            native.join_contexts(prepared.blob, prepared.offsets, [0, chunk], [1.0, 1.0], [0, 0], b"\n", b"5", b"`")
+    with pytest.raises(ValueError, match="one entry per context"):
+        native.join_contexts(prepared.blob, prepared.offsets, [0, 1], [1.0], [0, 0], b"\n", b"5", b"`")
+    with pytest.raises(ValueError, match="negative"):
+        native.join_contexts(prepared.blob, prepared.offsets, [0], [1.0], [-1], b"\n", b"5", b"`")

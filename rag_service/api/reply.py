@@ -27,6 +27,7 @@ from rag_service.index.reply_bytes import (
     tag,
     varint,
 )
+from rag_service.kernels import native
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 
 # rag.v1.Context, per-request fields.
@@ -141,8 +142,23 @@ def _add_extras(msg: pb.Context, c: ContextResult, debug: bool) -> None:
         out.SetInParent()
 
 
+# A plain reply's contexts are joined by one native call: this function's loop costs ~40 µs for ten contexts on
+# the caches a miss's encode has flushed, and it runs after the server's clock has stopped.
+_NATIVE_JOIN = native.join_contexts_backend() == "cpp"
+_SCORE_TAG_BYTE = bytes([_SCORE_TAG])
+
+
 def _contexts(contexts: Sequence[ContextResult], prepared: ContextBytes | None, debug: bool,
               shaped: bool) -> list[bytes]:
+    if prepared is not None and not debug and not shaped and _NATIVE_JOIN:
+        return [native.join_contexts(prepared.blob, prepared.offsets, [c.chunk for c in contexts],
+                                     [c.score for c in contexts], [c.tokens for c in contexts], _CONTEXT,
+                                     _SCORE_TAG_BYTE, _TOKENS)]
+    return _contexts_python(contexts, prepared, debug, shaped)
+
+
+def _contexts_python(contexts: Sequence[ContextResult], prepared: ContextBytes | None, debug: bool,
+                     shaped: bool) -> list[bytes]:
     parts: list[bytes] = []
     append = parts.append
     for c in contexts:

@@ -124,6 +124,8 @@ _HAS_RERANK_KERNELS: bool = _native is not None and hasattr(_native, "window_max
 _HAS_RETRIEVE_KERNELS: bool = _native is not None and hasattr(_native, "retrieve")
 # And the whole ranking in one call (search_core).
 _HAS_SEARCH_CORE: bool = _native is not None and hasattr(_native, "search_core")
+# And the reply's contexts joined natively (join_contexts).
+_HAS_JOIN: bool = _native is not None and hasattr(_native, "join_contexts")
 if _native is not None and not _HAS_RERANK_KERNELS:
     logger.warning("rag_service._native predates the rerank kernels; they run on the NumPy references until it is "
                    "rebuilt (`python setup.py build_ext --inplace` or `pip install .`)")
@@ -770,3 +772,20 @@ def search_core(core: RerankCore, postings: Postings, term_ids: Any, depth: int,
                                                first.fused.scores[:k], first.bm25[0], first.dense[0], cols, w, bias,
                                                backend="numpy")
     return SearchCoreResult(first, False, agree, ids, scores, features, order, 0)
+
+
+# Replies
+# --------------------------------------------------------------------------------------------------------------------
+
+def join_contexts_backend() -> str:
+    """"cpp" when a plain reply's contexts are joined natively, else "python" (api/reply.py's loop, the reference)."""
+    return "cpp" if _HAS_JOIN else "python"
+
+
+def join_contexts(blob: bytes, offsets: Any, chunks: list[int], scores: list[float], tokens: list[int],
+                  context_tag: bytes, score_tag: bytes, tokens_tag: bytes) -> bytes:
+    """A plain reply's contexts as wire bytes in one call (see the extension's docstring); needs the extension
+    (join_contexts_backend() == "cpp"). Raises ValueError naming the argument for a chunk outside the offsets."""
+    if not _HAS_JOIN:
+        raise RuntimeError(f"join_contexts needs rag_service._native; {_BUILD_HINT}")
+    return _native.join_contexts(blob, offsets, chunks, scores, tokens, context_tag, score_tag, tokens_tag)
