@@ -46,7 +46,7 @@ from rag_service.core.errors import (
     Unavailable,
 )
 from rag_service.core.metrics import Metrics
-from rag_service.core.params import SearchParams, SearchResult
+from rag_service.core.params import SearchParams
 from rag_service.encoder.encode import SearchEncoder
 from rag_service.index.publish import CURRENT
 from rag_service.index.reply_bytes import ContextBytes
@@ -236,13 +236,13 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
 
     def _respond(self, request: pb.SearchRequest, params: SearchParams, served: Served, start: int, validated: int,
                  searcher: Searcher) -> tuple[bytes | pb.SearchResponse, int]:
-        """The reply and the server time it reports (µs). The request's metrics are recorded by the event loop's
-        next turn, once gRPC has the reply: ~20-40 µs of histogram updates on caches the encode has flushed would
-        otherwise stand between the reply and its caller."""
+        """The reply and the server time it reports (µs)."""
         result = served.result
         result.stage_us["validate"] = (validated - start) // 1000
         total_us = (time.perf_counter_ns() - start) // 1000
-        asyncio.get_running_loop().call_soon(self._observe, result, served.served_from == MISS)
+        self.metrics.observe_stages(result.stage_us)
+        if served.served_from == MISS:
+            self.metrics.observe_quality(result)
         served_from = SERVED_FROM[served.served_from]
         token = ""
         if params.paged and result.full_page:
@@ -255,11 +255,6 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         prepared = prepared_bytes(searcher) if result.index_version == searcher.version else None
         return reply.joined(result, served_from, served.similarity, request.debug, total_us, prepared,
                             token, searcher.collection), total_us
-
-    def _observe(self, result: SearchResult, computed: bool) -> None:
-        self.metrics.observe_stages(result.stage_us)
-        if computed:
-            self.metrics.observe_quality(result)
 
     def _execute(self, work: Callable[[], Served]) -> Awaitable[Served]:
         """Runs the cache's miss path on a pipeline thread, counted as queued until a thread picks it up. The
