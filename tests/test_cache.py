@@ -413,6 +413,46 @@ def test_nearest_entries_are_the_brute_force_ones(seed):
         np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-5, atol=1e-6)
 
 
+def test_nearest_in_a_cache_of_one_group_is_the_brute_force_one_before_and_after_rows_are_freed():
+    """One collection and one set of parameters (the usual cache) is scanned without a mask; once rows are freed, or
+    another group moves in, with one: the entries found are the brute-force ones either way."""
+    from rag_service.search.cache import CacheStore, Entry
+
+    rng = np.random.default_rng(7)
+    store = CacheStore(CacheConfig())
+    store.use_version("c", "v1")
+    store.use_version("d", "v1")
+    group, other = (("c", "v1"), (0,)), (("d", "v1"), (0,))
+    base = rng.normal(size=(6, 32)).astype(np.float32)
+
+    def put(i: int, where: tuple) -> Entry:
+        vector = base[i % 6] + rng.normal(size=32).astype(np.float32) * 0.05
+        entry = Entry(key=(where[0], f"q{i}", where[1]), group=where,
+                      result=SearchResult(contexts=[], index_version="v1", stage_us={}),
+                      vector=(vector / np.linalg.norm(vector)).astype(np.float32), lexical=np.zeros(0, np.int64),
+                      terms={}, polarity=(), signature=(f"q{i}",), nbytes=100, inserted=store.clock())
+        assert store.put(entry)
+        return entry
+
+    def check(members: list) -> None:
+        for _ in range(20):
+            query = base[int(rng.integers(0, 6))] + rng.normal(size=32).astype(np.float32) * 0.1
+            query = (query / np.linalg.norm(query)).astype(np.float32)
+            k = int(rng.integers(1, 9))
+            ranked = sorted(members, key=lambda e: (-float(np.float32(e.vector @ query)), e.slot))[:k]
+            got = store.nearest(group, query, 0.0, k)
+            assert [e.key for e, _ in got] == [e.key for e in ranked]
+
+    entries = [put(i, group) for i in range(120)]
+    check(entries)  # every row is the group's: the unmasked scan
+    others = [put(1000 + i, other) for i in range(30)]
+    check(entries)  # another group's rows among them
+    assert store.drop("d") == len(others)
+    check(entries)  # freed rows among them
+    entries += [put(2000 + i, group) for i in range(40)]  # the freed rows taken again, and more
+    check(entries)
+
+
 def test_a_hit_gets_a_copy_that_equals_the_dataclass_copy_and_leaves_the_entry_alone():
     import dataclasses
 
