@@ -982,9 +982,8 @@ std::size_t varint_size(std::uint64_t n) {
 // the infinity of its sign, as struct.pack's overflow handling in reply.py makes it.
 float as_float32(double x) {
     constexpr double kOverflow = 3.4028235677973366e38;  // FLT_MAX plus half its last unit: rounds up to infinity
-    if (std::isfinite(x) && std::fabs(x) >= kOverflow) {
-        return std::copysign(std::numeric_limits<float>::infinity(), static_cast<float>(x > 0 ? 1 : -1));
-    }
+    constexpr float kInfinity = std::numeric_limits<float>::infinity();
+    if (std::isfinite(x) && std::fabs(x) >= kOverflow) return x > 0 ? kInfinity : -kInfinity;
     return static_cast<float>(x);
 }
 
@@ -1019,6 +1018,9 @@ py::bytes join_contexts(const py::bytes& blob, const py::buffer& offsets, const 
              std::to_string(scores.size()) + ", " + std::to_string(tokens.size()) + ")");
     }
     if (score_tag.size() != 1) fail("score_tag must be one byte (a field number below 16)");
+    // Each context's body (static bytes, score, token count) is sized once: the total reserves the output, the
+    // sizes prefix the bodies.
+    std::vector<std::size_t> bodies(chunks.size());
     std::size_t total = 0;
     for (std::size_t i = 0; i < chunks.size(); ++i) {
         const std::int64_t c = chunks[i];
@@ -1031,9 +1033,9 @@ py::bytes join_contexts(const py::bytes& blob, const py::buffer& offsets, const 
                  " bytes");
         }
         if (tokens[i] < 0) fail("tokens[" + std::to_string(i) + "] is negative");
-        const auto body = static_cast<std::size_t>(off[c + 1] - off[c]) + 5 +
-                          (tokens[i] != 0 ? tokens_tag.size() + varint_size(static_cast<std::uint64_t>(tokens[i])) : 0);
-        total += context_tag.size() + varint_size(body) + body;
+        bodies[i] = static_cast<std::size_t>(off[c + 1] - off[c]) + 5 +
+                    (tokens[i] != 0 ? tokens_tag.size() + varint_size(static_cast<std::uint64_t>(tokens[i])) : 0);
+        total += context_tag.size() + varint_size(bodies[i]) + bodies[i];
     }
     std::string out;
     out.reserve(total);
@@ -1041,9 +1043,8 @@ py::bytes join_contexts(const py::bytes& blob, const py::buffer& offsets, const 
         const std::int64_t c = chunks[i];
         const auto static_size = static_cast<std::size_t>(off[c + 1] - off[c]);
         const auto count = static_cast<std::uint64_t>(tokens[i]);
-        const std::size_t body = static_size + 5 + (count != 0 ? tokens_tag.size() + varint_size(count) : 0);
         out += context_tag;
-        put_varint(out, body);
+        put_varint(out, bodies[i]);
         out.append(base + off[c], static_size);
         out += score_tag;
         const float score = as_float32(scores[i]);
