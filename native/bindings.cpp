@@ -777,6 +777,49 @@ py::tuple dense_top(const py::handle& vectors, const py::handle& query, const py
     return hits_to_numpy(std::move(hits));
 }
 
+py::tuple dense_above(const py::handle& vectors_obj, const py::handle& codes_obj, const py::handle& scale_obj,
+                      const py::handle& slack_obj, const py::handle& norm_obj, const py::handle& query_obj,
+                      const py::handle& mask_obj, double min_score, std::int64_t depth, const std::string& simd) {
+    const py::array vectors = checked_matrix(vectors_obj, "vectors", {kNpyFloat}, "float32");
+    const py::array codes = checked_matrix(codes_obj, "codes", {kNpyInt8}, "int8");
+    const py::array query = checked_vector<float>(query_obj, "query", "float32");
+    rag::CodedRows rows;
+    rows.vectors = data_of<float>(vectors);
+    rows.n = static_cast<std::size_t>(vectors.shape(0));
+    rows.d = static_cast<std::size_t>(vectors.shape(1));
+    if (static_cast<std::size_t>(codes.shape(0)) != rows.n || static_cast<std::size_t>(codes.shape(1)) != rows.d) {
+        fail("codes must have the shape of vectors (" + std::to_string(rows.n) + ", " + std::to_string(rows.d) +
+             "), got (" + std::to_string(codes.shape(0)) + ", " + std::to_string(codes.shape(1)) + ")");
+    }
+    if (len(query) != rows.d) {
+        fail("query must have " + std::to_string(rows.d) + " entries (the columns of vectors), got " +
+             std::to_string(len(query)));
+    }
+    py::array per_row[3];
+    const char* names[3] = {"code_scale", "code_slack", "code_norm"};
+    const py::handle objs[3] = {scale_obj, slack_obj, norm_obj};
+    for (int r = 0; r < 3; ++r) {
+        per_row[r] = checked_vector<float>(objs[r], names[r], "float32");
+        if (len(per_row[r]) != rows.n) {
+            fail(std::string(names[r]) + " must have one entry per row of vectors (" + std::to_string(rows.n) +
+                 "), got " + std::to_string(len(per_row[r])));
+        }
+    }
+    rows.codes = data_of<std::int8_t>(codes);
+    rows.scale = data_of<float>(per_row[0]);
+    rows.slack = data_of<float>(per_row[1]);
+    rows.norm = data_of<float>(per_row[2]);
+    py::object mask_keep;
+    const std::uint8_t* mask = mask_arg(mask_obj, rows.n, mask_keep);
+    const rag::simd::Level level = simd_arg(simd);
+    rag::Hits hits;
+    {
+        py::gil_scoped_release release;
+        hits = rag::dense_above(rows, data_of<float>(query), mask, min_score, depth, level);
+    }
+    return hits_to_numpy(std::move(hits));
+}
+
 // retrieve()'s arguments, checked; the arrays are kept alive by the struct.
 struct FirstStageArgs {
     PostingsArgs p;
@@ -1151,6 +1194,13 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           "Top min(depth, allowed) rows of vectors float32[n, d] by inner product with query; oversample >= 1 scans\n"
           "the sq8 codes (int8[n, d], row ~ code_base + code_scale * code) for oversample * depth candidates and\n"
           "rescores them exactly. See rag_service.kernels.reference.dense_top_reference.");
+    m.def("dense_above", &dense_above, py::arg("vectors"), py::arg("codes"), py::arg("code_scale"),
+          py::arg("code_slack"), py::arg("code_norm"), py::arg("query"), py::arg("mask"), py::arg("min_score"),
+          py::arg("depth"), py::arg("simd") = "",
+          "dense_above(vectors, codes, code_scale, code_slack, code_norm, query, mask, min_score, depth, simd='')\n"
+          "-> (ids int64, scores float32): the top `depth` rows allowed by mask with inner product >= min_score,\n"
+          "scored exactly with the float rows; the per-row codes (kernels.reference.row_quantize) only rule rows\n"
+          "out. See rag_service.kernels.reference.dense_above_reference.");
     m.def("retrieve", &retrieve, py::arg("indptr"), py::arg("docs"), py::arg("weights"), py::arg("n_docs"),
           py::arg("term_ids"), py::arg("mask"), py::arg("depth"), py::arg("vectors"), py::arg("query"),
           py::arg("codes"), py::arg("code_scale"), py::arg("code_base"), py::arg("oversample"), py::arg("dense_ids"),

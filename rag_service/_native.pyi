@@ -153,6 +153,18 @@ def dense_top(
     oversample: int = 0,
     simd: str = "",
 ) -> tuple[np.ndarray, np.ndarray]: ...
+def dense_above(
+    vectors: np.ndarray,
+    codes: np.ndarray,
+    code_scale: np.ndarray,
+    code_slack: np.ndarray,
+    code_norm: np.ndarray,
+    query: np.ndarray,
+    mask: np.ndarray | None,
+    min_score: float,
+    depth: int,
+    simd: str = "",
+) -> tuple[np.ndarray, np.ndarray]: ...
 def retrieve(
     indptr: np.ndarray,
     docs: np.ndarray,

@@ -9,10 +9,13 @@ import pytest
 from rag_service.kernels import native
 from rag_service.kernels.reference import (
     Postings,
+    RowCodes,
     SQ8Codes,
     bm25_top_reference,
+    dense_above_reference,
     dense_top_reference,
     retrieve_reference,
+    row_quantize,
     sq8_quantize,
 )
 from rag_service.retrievers import dense as dense_mod
@@ -132,6 +135,82 @@ def test_dense_top_with_a_huge_depth_or_oversample_does_not_overflow():
         got = native.dense_top(vectors, query, depth, codes=codes, oversample=oversample, backend="cpp")
         assert got[0].size == min(depth, 30)
         same(got, dense_top_reference(vectors, query, None, depth, codes, oversample))
+
+
+def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    rows = rng.standard_normal((n, d)).astype(np.float32)
+    return (rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)).astype(np.float32)
+
+
+def test_row_quantize_bounds_hold():
+    rng = np.random.default_rng(11)
+    for vectors in (unit_rows(rng, 200, 384), exact_rows(rng, 50, 9), np.zeros((3, 5), np.float32),
+                    np.zeros((0, 4), np.float32), (1e-30 * unit_rows(rng, 4, 6)).astype(np.float32)):
+        c = row_quantize(vectors)
+        assert c.codes.dtype == np.int8 and c.scale.dtype == c.slack.dtype == c.norm.dtype == np.float32
+        assert len(c.codes) == len(c.scale) == len(c.slack) == len(c.norm) == len(vectors)
+        if len(vectors) and vectors.shape[1]:
+            assert (np.abs(c.codes).max(axis=1)[np.abs(vectors).max(axis=1) > 0] == 127).all()
+        decoded = c.codes.astype(np.float64) * c.scale.astype(np.float64)[:, None]
+        assert (np.linalg.norm(vectors - decoded, axis=1) <= c.slack).all()
+        assert (np.linalg.norm(decoded, axis=1) <= c.norm).all()
+    with pytest.raises(ValueError, match="finite"):
+        row_quantize(np.array([[1.0, np.inf]], np.float32))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("n", [1, 3, 64, 517])
+@pytest.mark.parametrize("d", [1, 7, 45, 130])
+def test_dense_above_equals_the_filtered_float_scan_at_every_simd_level(seed, n, d):
+    """At every SIMD level the result is the float rows' scan (dense_top) with the scores below min_score dropped,
+    bit for bit: exact rows (ties really tie; there the NumPy reference agrees bit for bit too) and unit rows with
+    near duplicates whose scores differ in the last bits, thresholds at, just above and just below real scores, so
+    a bound that cut a row by a hair would show."""
+    rng = np.random.default_rng(seed * 104729 + n * 37 + d)
+    exact = exact_rows(rng, n, d)
+    exact[n // 2 :] = exact[: n - n // 2]
+    unit = unit_rows(rng, n, d)
+    unit[n // 3 :] = unit[: n - n // 3] + np.float32(1e-6) * unit_rows(rng, n - n // 3, d)
+    for vectors, query in ((exact, exact_rows(rng, 1, d)[0]), (unit, unit_rows(rng, 1, d)[0]),
+                           (unit, np.float32(3.0) * unit[n // 2])):
+        codes = row_quantize(vectors)
+        for level in _native.simd_levels():
+            scores = np.sort(_native.dense_top(vectors, query, None, n, None, None, None, 0, level)[1])[::-1]
+            pivot = np.float32(scores[min(len(scores) - 1, 2)])
+            for min_score in (-np.inf, 0.0, float(pivot), float(np.nextafter(pivot, np.float32(np.inf))),
+                              float(np.nextafter(pivot, np.float32(-np.inf))), float(scores[0]), 2.0 * d):
+                for mask in masks(rng, n):
+                    for depth in (1, 3, n + 2):
+                        top = _native.dense_top(vectors, query, mask, depth, None, None, None, 0, level)
+                        kept = top[1].astype(np.float64) >= min_score
+                        got = _native.dense_above(vectors, *codes, query, mask, min_score, depth, level)
+                        same(got, (top[0][kept], top[1][kept]))
+                        if vectors is exact:
+                            same(got, dense_above_reference(vectors, codes, query, mask, min_score, depth))
+
+
+def test_dense_above_refuses_bad_input():
+    vectors = unit_rows(np.random.default_rng(2), 10, 4)
+    codes = row_quantize(vectors)
+    query = np.ones(4, np.float32)
+    assert native.dense_above(np.zeros((0, 4), np.float32), row_quantize(np.zeros((0, 4), np.float32)), query,
+                              0.0, 3, backend="cpp")[0].size == 0
+    for backend in ("cpp", "numpy"):
+        with pytest.raises(ValueError, match="query"):
+            native.dense_above(vectors, codes, np.ones(5, np.float32), 0.0, 3, backend=backend)
+        with pytest.raises(ValueError, match="query"):
+            native.dense_above(vectors, codes, np.array([1, np.nan, 0, 0], np.float32), 0.0, 3, backend=backend)
+        with pytest.raises(ValueError, match="depth"):
+            native.dense_above(vectors, codes, query, 0.0, 0, backend=backend)
+        with pytest.raises(ValueError, match="min_score"):
+            native.dense_above(vectors, codes, query, float("nan"), 3, backend=backend)
+        with pytest.raises(ValueError, match="mask"):
+            native.dense_above(vectors, codes, query, 0.0, 3, mask=np.ones(9, np.bool_), backend=backend)
+        with pytest.raises(ValueError, match="codes"):
+            native.dense_above(vectors, row_quantize(vectors[:9]), query, 0.0, 3, backend=backend)
+        with pytest.raises(ValueError, match="code_slack"):
+            native.dense_above(vectors, RowCodes(codes.codes, codes.scale, codes.slack[:9], codes.norm), query, 0.0,
+                               3, backend=backend)
 
 
 def test_dense_top_refuses_bad_input():

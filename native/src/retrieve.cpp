@@ -138,11 +138,12 @@ void scan_allowed(const std::uint8_t* mask, std::size_t n, const std::uint8_t* b
 
 // round(q[j] * scale[j] * 127 / max_j |q[j] * scale[j]|), every step in float32 (rounding half to even), as
 // kernels.reference.quantize_query computes it: the same candidates on every platform.
+// A null scale means 1 throughout.
 std::vector<std::int8_t> quantize_query(const float* query, const float* scale, std::size_t d) {
     std::vector<float> qs(d);
     float largest = 0.0f;
     for (std::size_t j = 0; j < d; ++j) {
-        qs[j] = query[j] * scale[j];
+        qs[j] = scale == nullptr ? query[j] : query[j] * scale[j];
         largest = std::max(largest, std::fabs(qs[j]));
     }
     const float inv = largest > 0.0f ? 127.0f / largest : 0.0f;
@@ -271,6 +272,79 @@ Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* ma
         }
         top.offer(dots.f32(query, rows.vectors + static_cast<std::size_t>(candidates[c].id) * d, d),
                   candidates[c].id);
+    }
+    return to_hits(top.take(), k);
+}
+
+Hits dense_above(const CodedRows& rows, const float* query, const std::uint8_t* mask, double min_score,
+                 std::int64_t depth, simd::Level level) {
+    if (depth < 1) fail("depth must be >= 1, got " + std::to_string(depth));
+    if (std::isnan(min_score)) fail("min_score must be a number, got NaN");
+    const std::size_t d = rows.d;
+    double q_norm2 = 0.0;
+    float largest = 0.0f;
+    for (std::size_t j = 0; j < d; ++j) {
+        if (!std::isfinite(query[j])) fail("query[" + std::to_string(j) + "] is not finite");
+        q_norm2 += static_cast<double>(query[j]) * query[j];
+        largest = std::max(largest, std::fabs(query[j]));
+    }
+    const std::vector<std::int8_t> qq = quantize_query(query, nullptr, d);
+    // The quantized query decodes as qq * q_scale; q_err is how far that lies from the query.
+    const double q_scale = static_cast<double>(largest) / 127.0;
+    double q_err2 = 0.0;
+    for (std::size_t j = 0; j < d; ++j) {
+        const double e = static_cast<double>(query[j]) - qq[j] * q_scale;
+        q_err2 += e * e;
+    }
+    const double q_norm = std::sqrt(q_norm2);
+    const double q_err = std::sqrt(q_err2);
+    // q . row = qd . cd + q . (row - cd) + (q - qd) . cd for the decoded vectors qd and cd, so
+    // |q . row - qd . cd| <= |q| slack + q_err |cd| (Cauchy-Schwarz). The float sum that gives the exact score is
+    // itself within (d + 1) 2^-24 |q| |row| of the real one, whatever its order: a generous 2^-23 (d + 2) covers it,
+    // and 1e-9 the rounding of this bound's own double arithmetic.
+    const double sum_err = std::ldexp(static_cast<double>(d) + 2.0, -23) * q_norm;
+    struct Candidate {
+        double upper, lower;
+        std::int64_t id;
+    };
+    std::vector<Candidate> candidates;
+    constexpr std::size_t kBlock = 64;
+    const std::int8_t* block[kBlock];
+    std::int64_t block_ids[kBlock];
+    std::int32_t block_dots[kBlock];
+    std::size_t count = 0;
+    const simd::Dots& dots = simd::dots(level);
+    auto flush = [&]() {
+        dots.i8i8_rows(qq.data(), block, count, d, block_dots);
+        for (std::size_t j = 0; j < count; ++j) {
+            const auto i = static_cast<std::size_t>(block_ids[j]);
+            const double approx = static_cast<double>(block_dots[j]) * q_scale * rows.scale[i];
+            const double bound = q_norm * rows.slack[i] + q_err * rows.norm[i] +
+                                 sum_err * (static_cast<double>(rows.norm[i]) + rows.slack[i]) + 1e-9;
+            if (approx + bound >= min_score) candidates.push_back({approx + bound, approx - bound, block_ids[j]});
+        }
+        count = 0;
+    };
+    scan_allowed(mask, rows.n, reinterpret_cast<const std::uint8_t*>(rows.codes), d, [&](std::size_t i) {
+        block[count] = rows.codes + i * d;
+        block_ids[count] = static_cast<std::int64_t>(i);
+        if (++count == kBlock) flush();
+    });
+    flush();
+    const auto k = static_cast<std::size_t>(depth);
+    if (candidates.size() > k) {
+        // A row whose upper bound lies below the k-th best lower bound has k rows strictly ahead of it.
+        std::nth_element(candidates.begin(), candidates.begin() + static_cast<std::ptrdiff_t>(k - 1), candidates.end(),
+                         [](const Candidate& a, const Candidate& b) { return a.lower > b.lower; });
+        const double bar = candidates[k - 1].lower;
+        candidates.erase(std::remove_if(candidates.begin(), candidates.end(),
+                                        [bar](const Candidate& c) { return c.upper < bar; }),
+                         candidates.end());
+    }
+    TopK top(std::min(k, std::max<std::size_t>(candidates.size(), 1)));
+    for (const Candidate& c : candidates) {
+        const float s = dots.f32(query, rows.vectors + static_cast<std::size_t>(c.id) * d, d);
+        if (static_cast<double>(s) >= min_score) top.offer(s, c.id);
     }
     return to_hits(top.take(), k);
 }

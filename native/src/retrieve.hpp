@@ -57,6 +57,29 @@ Hits bm25_top(const Postings& postings, const std::int64_t* term_ids, std::size_
 Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* mask, std::int64_t depth,
                std::int64_t oversample, simd::Level level);
 
+// Rows each coded with its own scale, for a matrix that grows a row at a time (the semantic cache's query
+// embeddings): row ~= scale[i] * code[i] (int8, the row's largest magnitude at 127), with slack[i] >=
+// ||row - scale[i] * code[i]|| and norm[i] >= ||scale[i] * code[i]|| (kernels.reference.row_quantize computes
+// them). Non-owning.
+struct CodedRows {
+    const float* vectors = nullptr;  // float32 [n x d]
+    std::size_t n = 0;
+    std::size_t d = 0;
+    const std::int8_t* codes = nullptr;  // [n x d]
+    const float* scale = nullptr;        // [n]
+    const float* slack = nullptr;        // [n]
+    const float* norm = nullptr;         // [n]
+};
+
+// The top min(depth, ...) rows allowed by mask whose inner product with query is >= min_score, best first (ties: id
+// ascending), scored exactly with the float rows: the result of dense_top over the float rows with the scores below
+// min_score dropped. The codes only decide which rows get an exact score: the integer dot product with the quantized
+// query, widened by a bound on the decode's error (the slack and norm above, the query's own rounding and the float
+// sum's rounding), rules out the rows that cannot reach min_score or the depth-th best. Throws
+// std::invalid_argument naming the argument for depth < 1, a NaN min_score or a non-finite query.
+Hits dense_above(const CodedRows& rows, const float* query, const std::uint8_t* mask, double min_score,
+                 std::int64_t depth, simd::Level level);
+
 struct RetrieveTimes {
     std::int64_t bm25_ns = 0;
     std::int64_t dense_ns = 0;

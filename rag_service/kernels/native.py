@@ -38,9 +38,11 @@ from rag_service.kernels.reference import (
     FusionResult,
     Postings,
     RetrieveResult,
+    RowCodes,
     SQ8Codes,
     agreement_reference,
     bm25_top_reference,
+    dense_above_reference,
     dense_top_reference,
     distinct_query_terms,
     finish_features_reference,
@@ -52,6 +54,7 @@ from rag_service.kernels.reference import (
     proximity_reference,
     rank_reference,
     retrieve_reference,
+    row_quantize,
     similarity_matrix_reference,
     sq8_quantize,
     window_maxsim_reference,
@@ -69,15 +72,18 @@ __all__ = [
 
     "Postings",
     "RetrieveResult",
+    "RowCodes",
     "SQ8Codes",
     "backend_info",
     "bm25_top",
+    "dense_above",
     "dense_top",
     "retrieve",
     "retrieve_backend",
     "search_core",
     "search_core_backend",
     "SearchCoreResult",
+    "row_quantize",
     "sq8_quantize",
     "cuda_device_status",
     "fuse",
@@ -656,6 +662,18 @@ def dense_top(vectors: np.ndarray, query: Any, depth: int, *, mask: Any = None, 
         return dense_top_reference(vectors, q, m, depth, codes, oversample)
     c = codes if codes is not None else (None, None, None)
     return _native.dense_top(vectors, q, m, operator.index(depth), c[0], c[1], c[2], operator.index(oversample))
+
+
+def dense_above(vectors: np.ndarray, codes: RowCodes, query: Any, min_score: float, depth: int, *,
+                mask: Any = None, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, scores float32) of the top min(depth, ...) rows of vectors allowed by mask whose inner product
+    with query is >= min_score, best first (ties: id ascending); `codes` = row_quantize(vectors) rule rows out
+    without changing the result. Semantics: rag_service.kernels.reference.dense_above_reference."""
+    q, m = _as_vector(query, _FLOAT32, "query"), _mask(mask)
+    if retrieve_backend(backend) == "numpy":
+        return dense_above_reference(vectors, codes, q, m, float(min_score), depth)
+    return _native.dense_above(vectors, codes.codes, codes.scale, codes.slack, codes.norm, q, m, float(min_score),
+                               operator.index(depth))
 
 
 def retrieve(postings: Postings, term_ids: Any, depth: int, *, mask: Any = None, vectors: np.ndarray | None = None,

@@ -22,6 +22,7 @@ Kernels:
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import NamedTuple
 
@@ -32,10 +33,13 @@ __all__ = [
     "FUSION_METHODS",
     "Postings",
     "RetrieveResult",
+    "RowCodes",
     "SQ8Codes",
     "bm25_top_reference",
+    "dense_above_reference",
     "dense_top_reference",
     "retrieve_reference",
+    "row_quantize",
     "sq8_quantize",
     "SOFTMAX_TEMPERATURE",
     "FusionResult",
@@ -698,6 +702,17 @@ class SQ8Codes(NamedTuple):
     base: np.ndarray   # float32[d]
 
 
+class RowCodes(NamedTuple):
+    """Each row as int8 codes with its own scale, row ~= scale * code (the row's largest magnitude at 127), and how
+    far the decode may be off: slack >= ||row - scale * code|| and norm >= ||scale * code||, rounded up to float32.
+    For a matrix that grows a row at a time, where per-dimension codes (SQ8Codes) would need refitting."""
+
+    codes: np.ndarray  # int8[n, d]
+    scale: np.ndarray  # float32[n]
+    slack: np.ndarray  # float32[n]
+    norm: np.ndarray   # float32[n]
+
+
 class RetrieveResult(NamedTuple):
     bm25: tuple[np.ndarray, np.ndarray]   # (ids int64, scores float32), best first
     dense: tuple[np.ndarray, np.ndarray]
@@ -813,6 +828,27 @@ def bm25_top_reference(postings: Postings, term_ids: np.ndarray, mask: np.ndarra
     return _ranked(ids[keep], scores[keep], depth)
 
 
+def row_quantize(vectors: np.ndarray) -> RowCodes:
+    """RowCodes of float32[n, d] rows (finite): code = rint(row * 127 / max|row|) in float32, a zero row codes to
+    zeros with scale 0; slack and norm are computed in float64 and rounded up."""
+    v = np.asarray(vectors, np.float32)
+    if v.ndim != 2:
+        raise ValueError(f"vectors must be 2-D, got {v.ndim}-D")
+    if not np.isfinite(v).all():
+        raise ValueError("vectors must be finite")
+    largest = np.abs(v).max(axis=1) if v.shape[1] else np.zeros(len(v), np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(largest > 0, np.float32(127) / largest, np.float32(0)).astype(np.float32)
+    codes = np.clip(np.rint(v * inv[:, None]), -127, 127).astype(np.int8)
+    scale = (largest / np.float32(127)).astype(np.float32)
+    decoded = codes.astype(np.float64) * scale.astype(np.float64)[:, None]
+
+    def up(x: np.ndarray) -> np.ndarray:
+        return np.nextafter(x.astype(np.float32), np.float32(np.inf))
+
+    return RowCodes(codes, scale, up(np.linalg.norm(v - decoded, axis=1)), up(np.linalg.norm(decoded, axis=1)))
+
+
 def quantize_query(query: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """query * scale as int8, symmetric with its largest magnitude at 127, every step in float32 (rounding half to
     even): the vector the sq8 scan ranks codes by. A zero query quantizes to zeros."""
@@ -852,6 +888,33 @@ def dense_top_reference(vectors: np.ndarray, query: np.ndarray, mask: np.ndarray
     wide, _ = _ranked(allowed, exact.astype(np.float32), depth * oversample)
     wide = np.sort(wide)
     return _ranked(wide, np.asarray(vectors[wide] @ q, np.float32), depth)
+
+
+def dense_above_reference(vectors: np.ndarray, codes: RowCodes, query: np.ndarray, mask: np.ndarray | None,
+                          min_score: float, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top min(depth, ...) rows of vectors (float32[n, d]) allowed by mask whose inner product with query is >=
+    min_score, as (ids int64, scores float32), best first (ties: id ascending). `codes` (row_quantize of vectors)
+    speed the native scan and never change its result: here they are only checked."""
+    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.dtype != np.float32:
+        raise ValueError("vectors must be a 2-D float32 numpy.ndarray")
+    n, d = vectors.shape
+    if codes.codes.shape != (n, d):
+        raise ValueError(f"codes must have the shape of vectors ({n}, {d}), got {codes.codes.shape}")
+    for name, column in (("code_scale", codes.scale), ("code_slack", codes.slack), ("code_norm", codes.norm)):
+        if len(column) != n:
+            raise ValueError(f"{name} must have one entry per row of vectors ({n}), got {len(column)}")
+    q = _check_vector(query, "query", np.float32)
+    if q.size != d:
+        raise ValueError(f"query must have {d} entries (the columns of vectors), got {q.size}")
+    mask = _check_mask(mask, n)
+    depth = _check_depth(depth)
+    if math.isnan(min_score):
+        raise ValueError("min_score must be a number, got NaN")
+    _check_finite(q, "query")
+    allowed = np.arange(n, dtype=np.int64) if mask is None else np.flatnonzero(mask).astype(np.int64)
+    scores = np.asarray(vectors[allowed] @ q, np.float32)
+    keep = scores.astype(np.float64) >= min_score
+    return _ranked(allowed[keep], scores[keep], depth)
 
 
 def retrieve_reference(postings: Postings, term_ids: np.ndarray, mask: np.ndarray | None, depth: int, *,

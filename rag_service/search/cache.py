@@ -215,7 +215,8 @@ def _sizeof_result(result: SearchResult) -> int:
 
 def entry_bytes(query: str, result: SearchResult, vector: np.ndarray, lexical_nbytes: int,
                 signature: tuple[str, ...], terms: dict[str, float]) -> int:
-    return (600 + sys.getsizeof(query) + _sizeof_result(result) + vector.nbytes + lexical_nbytes
+    # The vector twice (the entry's and its row in the scan matrix) and the row's codes with their three floats.
+    return (600 + sys.getsizeof(query) + _sizeof_result(result) + 2 * vector.nbytes + vector.size + 12 + lexical_nbytes
             + sum(sys.getsizeof(t) + 8 for t in signature) + sum(sys.getsizeof(t) + 100 for t in terms))
 
 
@@ -394,6 +395,9 @@ class _Matrix:
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.vectors = np.zeros((64, dim), dtype=np.float32)
+        # Each row's int8 codes and error bounds (kernels.row_quantize): the scan reads a quarter of the bytes and
+        # scores exactly only the rows the bounds cannot rule out.
+        self.codes = native.row_quantize(self.vectors)
         self.group = np.full(64, -1, dtype=np.int64)
         self.entries: list[Entry | None] = []
         self.free: list[int] = []
@@ -409,8 +413,14 @@ class _Matrix:
                 grown = np.zeros((2 * slot, self.dim), dtype=np.float32)
                 groups = np.full(len(grown), -1, dtype=np.int64)
                 grown[:slot], groups[:slot] = self.vectors[:slot], self.group[:slot]
-                self.vectors, self.group = grown, groups
+                codes = native.RowCodes(np.zeros(grown.shape, np.int8), *(np.zeros(len(grown), np.float32)
+                                                                           for _ in range(3)))
+                for new, old in zip(codes, self.codes, strict=True):
+                    new[:slot] = old[:slot]
+                self.vectors, self.group, self.codes = grown, groups, codes
         self.vectors[slot] = entry.vector
+        for column, value in zip(self.codes, native.row_quantize(self.vectors[slot:slot + 1]), strict=True):
+            column[slot] = value[0]
         self.group[slot] = gid
         self.entries[slot] = entry
         self.members[gid] = self.members.get(gid, 0) + 1
@@ -431,16 +441,18 @@ class _Matrix:
         used = len(self.entries)
         if used == 0 or k < 1:
             return []
-        # One native scan of the group's rows (the dense retriever's kernel: best first, ties by row): every miss
-        # and every semantic hit asks, right after an encode, when a chain of NumPy calls runs on cold caches.
+        # One native scan of the group's rows (best first, ties by row): every miss and every semantic hit asks,
+        # right after an encode. It reads the int8 codes and scores exactly only the rows whose bounds can reach
+        # min_cosine: the float rows' scan grew to ~2 ms at 31,000 entries (bench/README.md, "Issue 15").
         # When every row in use is this group's (one collection, one set of parameters, nothing freed: the usual
         # cache), no mask: the masked scan visits rows one by one where the unmasked one streams them, 1.45-1.7x
-        # slower over 10,000-31,000 rows (bench/README.md, "Issue 15").
+        # slower over 10,000-31,000 rows.
         mask = None if self.members.get(gid, 0) == used else self.group[:used] == gid
-        rows, sims = native.dense_top(self.vectors[:used], np.asarray(vector, np.float32), k, mask=mask)
+        codes = native.RowCodes(*(column[:used] for column in self.codes))
+        rows, sims = native.dense_above(self.vectors[:used], codes, vector, min_cosine, k, mask=mask)
         # A row of this group always holds its entry (a freed row's group is -1).
         return [(entry, float(s)) for i, s in zip(rows.tolist(), sims.tolist(), strict=True)
-                if s >= min_cosine and (entry := self.entries[i]) is not None]
+                if (entry := self.entries[i]) is not None]
 
 
 def _copy(result: SearchResult, stage_us: dict[str, int]) -> SearchResult:
