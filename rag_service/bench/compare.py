@@ -87,8 +87,8 @@ def _index_dir(index: Path) -> Path:
 
 
 def run_compare(config: CompareConfig, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Runs the comparison; torch's and faiss's thread counts are set for the run (config.threads; faiss: 1 unless
-    given) and restored after it."""
+    """Runs the comparison; torch's, faiss's and the BLAS libraries' thread counts are set for the run
+    (config.threads; faiss and BLAS: 1 unless given) and restored after it."""
     import torch
 
     previous = torch.get_num_threads()
@@ -105,8 +105,14 @@ def run_compare(config: CompareConfig, progress: Callable[[int, int], None] | No
     faiss_threads = faiss.omp_get_max_threads() if faiss is not None else 0
     if faiss is not None:
         faiss.omp_set_num_threads(config.threads or 1)
+    # Likewise NumPy's (and faiss's) BLAS pool: OpenBLAS threads spin after a call, and with the default of one per
+    # core they took the server's core between the peers' queries (interleaved with same-parts, rag-service's server
+    # time went 4.6 / 13.1 ms p50 / p99 with them, 4.5 / 9.1 without; bench/README.md, "Issue 15").
+    from threadpoolctl import threadpool_limits
+
     try:
-        return _run_compare(config, progress)
+        with threadpool_limits(limits=config.threads or 1, user_api="blas"):
+            return _run_compare(config, progress)
     finally:
         torch.set_num_threads(previous)
         if faiss is not None:
