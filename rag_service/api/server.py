@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import socket
@@ -33,6 +34,7 @@ from rag_service.api.admission import Admission
 from rag_service.api.batch import BatchSearch
 from rag_service.api.collections import SERVING, Collections, Loaders, ReloadResult, collection_specs
 from rag_service.api.loader import EncoderPool, load_searcher
+from rag_service.api.placement import PipelineExecutor, Placement
 from rag_service.api.request import search_params
 from rag_service.api.shard_service import SERVICE_NAME as SHARD_SERVICE
 from rag_service.api.shard_service import ShardServicer
@@ -61,6 +63,10 @@ from rag_service.search.searcher import Searcher
 from rag_service.search.speculate import DraftSession
 
 log = logging.getLogger(__name__)
+
+# How long after a search last had company a lone one still runs spread (placement.py): at two closed-loop clients
+# the searches overlap most of the time, and one started in a gap beside the event loop was in the way of the next.
+COMPANY_NS = 50_000_000
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
 
@@ -159,10 +165,11 @@ def add_service(server: grpc.aio.Server, service, module, servicer: object, guar
 
 
 class RetrieverServicer(pb_grpc.RetrieverServicer):
-    def __init__(self, config: ServerConfig, executor: ThreadPoolExecutor, metrics: Metrics, calls: rpc.Rpc,
+    def __init__(self, config: ServerConfig, executor: PipelineExecutor, metrics: Metrics, calls: rpc.Rpc,
                  collections: Collections) -> None:
         self.config = config
         self.executor = executor
+        self._company_ns = 0  # monotonic ns when a search last started with another in flight
         self.metrics = metrics
         self.rpc = calls
         self.collections = collections
@@ -231,6 +238,9 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             # Exact hits are answered here on the event loop; misses run on a pipeline thread via _execute.
             served = await self.cache.search(searcher, params, deadline=deadline, execute=self._execute,
                                              arrival=admitted.arrival)
+            if served.finished_ns:
+                # From the pipeline thread's last step to this coroutine running again: the wake-up of the loop.
+                served.result.stage_us["handback"] = (time.perf_counter_ns() - served.finished_ns) // 1000
         response, _ = self._respond(request, params, served, start, validated, searcher)
         return response
 
@@ -260,8 +270,18 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         """Runs the cache's miss path on a pipeline thread, counted as queued until a thread picks it up. The
         thread runs in the request's context, so its stage spans are children of the RPC's span."""
         self.admission.enqueue()
-        return self._await_work(self.executor.submit(tracing.carry(self._timed_search, work,
-                                                                   time.perf_counter_ns())))
+        return self._await_work(self.executor.submit_search(self._alone, tracing.carry(self._timed_search, work,
+                                                                                        time.perf_counter_ns())))
+
+    def _alone(self) -> bool:
+        """Whether the search a pipeline thread is starting is the only one in the server and none had company in
+        the last COMPANY_NS (so callers that come and go in turn keep to the spread placement), which lets it run
+        beside the event loop (placement.py). Read off the loop: plain reads and one write of an int."""
+        now = time.monotonic_ns()
+        if self.admission.in_flight > 1:
+            self._company_ns = now
+            return False
+        return now - self._company_ns > COMPANY_NS
 
     async def _await_work(self, future: concurrent.futures.Future) -> Served:
         try:
@@ -284,7 +304,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             self.metrics.deadline_stops.inc()
             raise
         served.result.stage_us["queue"] = queued_us
-        return served
+        return dataclasses.replace(served, finished_ns=time.perf_counter_ns())
 
     @rpc.unary
     async def SearchBatch(self, request: pb.SearchBatchRequest,
@@ -453,9 +473,12 @@ class RagServer:
         tracer = None if provider is None else tracing.tracer(provider)
         self.metrics.build_info.info({"version": _package_version(), **{k: str(v) for k, v in
                                                                         native.backend_info().items()}})
-        self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rag-pipeline")
-        # Reloads load and warm beside the serving index on their own thread, never on a pipeline thread.
-        self._reload_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rag-reload")
+        self.placement = Placement(config.placement)
+        self.executor = PipelineExecutor(config.workers, self.placement, thread_name_prefix="rag-pipeline")
+        # Reloads load and warm beside the serving index on their own thread, never on a pipeline thread; the
+        # encoders they load start their thread pools with every allowed CPU.
+        self._reload_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rag-reload",
+                                                   initializer=self.placement.spread_thread)
         self.index_root = index_root_of(config)
         # One query encoder per distinct model, shared by the collections built with it.
         self.encoders = EncoderPool(config, encoder)
@@ -578,6 +601,7 @@ class RagServer:
         serving = [c for c in self.collections.collections.values() if c.status == SERVING]
         log.info("serving %d of %d collections after %.1f s", len(serving), len(self.collections.collections),
                  time.perf_counter() - started)
+        self.placement.pin_loop()
 
     async def reload(self, path: str = "", collection: str = "") -> ReloadResult:
         """Loads the index at `path` (inside the index root; "" = the collection's configured path, CURRENT followed

@@ -140,6 +140,7 @@ class Served:
     served_from: str = MISS
     similarity: float | None = None
     origin: str = LIVE  # who computed it: a leader's origin tells coalesced followers what to report
+    finished_ns: int = 0  # perf_counter_ns when a pipeline thread finished it (0: answered on the event loop)
 
 
 class GuardInputs:

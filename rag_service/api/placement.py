@@ -1,0 +1,111 @@
+"""Which CPUs the server's threads run on.
+
+A lone search crosses threads four times: gRPC's poller thread hands the call to the event loop, the loop hands the
+search to a pipeline thread and back, and the loop hands the reply to gRPC again. Each hand-over wakes a sleeping
+thread, and when the two threads sit on different CPUs the wake-up is an inter-processor interrupt to a CPU that has
+gone idle: ~100 µs each on the 2-vCPU VMs of bench/README.md ("Issue 15", "Thread placement"), against ~20 µs when
+the woken thread runs where its waker runs. So the event loop and gRPC's poller thread share a home CPU, and a
+search that is alone in the server runs there too; a search that has company, and every other job (index loads,
+batches, shard calls), may run on any allowed CPU, which is what spreads concurrent work over the cores. The query
+encoder's own worker threads are created with every allowed CPU (by jobs placed that way) and are never pinned.
+
+Linux only (`os.sched_setaffinity` sets the calling thread's CPUs there); with one allowed CPU, or off, nothing is
+pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Literal, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Setter = Callable[[int, Iterable[int]], None]
+
+# gRPC's asyncio integration runs its completion-queue poller on a Python thread of this target's name.
+_POLLER_NAME = "_poll_wrapper"
+
+
+def _default_setter() -> Setter | None:
+    return getattr(os, "sched_setaffinity", None)
+
+
+def _default_allowed() -> frozenset[int]:
+    getter = getattr(os, "sched_getaffinity", None)
+    return frozenset(getter(0)) if getter is not None else frozenset()
+
+
+class Placement:
+    """The home CPU (the lowest allowed one) and the thread placement around it. `setter` and `allowed` are the
+    operating system's unless a test passes its own."""
+
+    def __init__(self, mode: Literal["auto", "off"] = "auto", *, setter: Setter | None = None,
+                 allowed: Iterable[int] | None = None) -> None:
+        self.setter = setter if setter is not None else _default_setter()
+        self.spread = frozenset(allowed) if allowed is not None else _default_allowed()
+        self.enabled = mode == "auto" and self.setter is not None and len(self.spread) >= 2
+        self.home = frozenset({min(self.spread)}) if self.spread else frozenset()
+        self._local = threading.local()  # the CPUs each thread was last given, so a job sets them only on change
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "off"
+        return f"event loop on CPU {min(self.home)}, a lone search beside it, other work on CPUs {sorted(self.spread)}"
+
+    def _set(self, cpus: frozenset[int], native_id: int = 0) -> None:
+        if self.setter is None:
+            return
+        self.setter(native_id, cpus)
+        if native_id == 0:
+            self._local.cpus = cpus
+
+    def pin_loop(self) -> list[str]:
+        """Called on the event loop's thread once gRPC is serving: that thread and gRPC's poller thread go to the
+        home CPU. Returns the names of the threads pinned."""
+        if not self.enabled:
+            return []
+        self._set(self.home)
+        pinned = [threading.current_thread().name]
+        for thread in threading.enumerate():
+            if _POLLER_NAME in thread.name and thread.native_id is not None:
+                self._set(self.home, thread.native_id)
+                pinned.append(thread.name)
+        log.info("thread placement: %s (pinned: %s)", self.describe(), ", ".join(pinned))
+        return pinned
+
+    def place(self, alone: bool) -> None:
+        """Called by a pipeline thread as a job starts: the home CPU for a lone search, every allowed CPU else."""
+        if not self.enabled:
+            return
+        cpus = self.home if alone else self.spread
+        if getattr(self._local, "cpus", None) != cpus:
+            self._set(cpus)
+
+    def spread_thread(self) -> None:
+        """Gives the calling thread every allowed CPU (an executor's initializer: threads started by the pinned event
+        loop inherit its one CPU, and so would the thread pools they create)."""
+        self.place(alone=False)
+
+
+class PipelineExecutor(ThreadPoolExecutor):
+    """The pipeline threads, with each job placed (Placement.place) as it starts: a search submitted with
+    submit_search runs beside the event loop when `alone()` says so then; everything else may run anywhere."""
+
+    def __init__(self, max_workers: int, placement: Placement, thread_name_prefix: str = "") -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self.placement = placement
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        return super().submit(self._placed, False, fn, *args, **kwargs)
+
+    def submit_search(self, alone: Callable[[], bool], fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        return super().submit(self._placed, alone, fn, *args, **kwargs)
+
+    def _placed(self, alone: Callable[[], bool] | bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        self.placement.place(alone() if callable(alone) else alone)
+        return fn(*args, **kwargs)

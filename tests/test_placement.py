@@ -1,0 +1,135 @@
+"""Thread placement: the event loop and gRPC's poller on a home CPU, a lone search beside them, everything else on
+any allowed CPU (rag_service/api/placement.py), with the operating system's calls recorded by a fake, then for
+real in a server."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import grpc
+import pytest
+
+from rag_service.api import placement as placement_module
+from rag_service.api.placement import PipelineExecutor, Placement
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, frozenset[int]]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, native_id: int, cpus) -> None:
+        with self.lock:
+            self.calls.append((native_id, frozenset(cpus)))
+
+
+def test_a_lone_search_goes_home_and_the_rest_spreads_with_one_call_per_change():
+    setter = Recorder()
+    placement = Placement("auto", setter=setter, allowed={3, 1, 2})
+    assert placement.enabled and placement.home == {1} and placement.spread == {1, 2, 3}
+    placement.place(alone=True)
+    placement.place(alone=True)
+    placement.place(alone=False)
+    placement.place(alone=False)
+    placement.place(alone=True)
+    assert setter.calls == [(0, frozenset({1})), (0, frozenset({1, 2, 3})), (0, frozenset({1}))]
+
+
+@pytest.mark.parametrize("mode, allowed, has_setter", [("off", {0, 1}, True), ("auto", {5}, True),
+                                                       ("auto", set(), True), ("auto", {0, 1}, False)])
+def test_nothing_is_pinned_when_off_on_one_cpu_or_without_the_call(mode, allowed, has_setter, monkeypatch):
+    setter = Recorder()
+    if not has_setter:  # a platform without os.sched_setaffinity
+        monkeypatch.setattr(placement_module, "_default_setter", lambda: None)
+    placement = Placement(mode, setter=setter if has_setter else None, allowed=allowed)
+    assert not placement.enabled
+    placement.place(alone=True)
+    placement.spread_thread()
+    assert placement.pin_loop() == []
+    assert setter.calls == []
+    assert placement.describe() == "off"
+
+
+def test_pin_loop_takes_the_calling_thread_and_grpc_poller_threads():
+    setter = Recorder()
+    placement = Placement("auto", setter=setter, allowed={0, 1})
+    stop = threading.Event()
+    poller = threading.Thread(target=stop.wait, name="Thread-99 (_poll_wrapper)", daemon=True)
+    other = threading.Thread(target=stop.wait, name="bystander", daemon=True)
+    poller.start()
+    other.start()
+    try:
+        pinned = placement.pin_loop()
+    finally:
+        stop.set()
+    assert pinned[0] == threading.current_thread().name and "Thread-99 (_poll_wrapper)" in pinned
+    assert "bystander" not in pinned
+    assert (0, frozenset({0})) in setter.calls and (poller.native_id, frozenset({0})) in setter.calls
+    assert all(cpus == {0} for _, cpus in setter.calls)
+
+
+def test_the_executor_places_each_job_as_it_starts():
+    setter = Recorder()
+    placement = Placement("auto", setter=setter, allowed={0, 1})
+    seen: list[bool] = []
+    with PipelineExecutor(1, placement, thread_name_prefix="t") as executor:
+        assert executor.submit(lambda x: x + 1, 1).result() == 2
+        assert executor.submit_search(lambda: True, lambda: "lone").result() == "lone"
+        assert executor.submit_search(lambda: seen.append(True) or False, lambda: "busy").result() == "busy"
+        with pytest.raises(ZeroDivisionError):
+            executor.submit_search(lambda: True, lambda: 1 / 0).result()
+    # One worker thread: spread (a plain job), home (lone search), spread (search with company), home again.
+    assert [cpus for _, cpus in setter.calls] == [{0, 1}, {0}, {0, 1}, {0}]
+    assert seen == [True]  # `alone` is asked once, on the worker, as the job starts
+
+
+def _affinity(native_id: int) -> set[int]:
+    return set(os.sched_getaffinity(native_id))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two or more allowed CPUs")
+@pytest.mark.parametrize("placement", ["auto", "off"])
+def test_a_server_pins_its_loop_once_loaded_and_answers(built_index, encoder, server_thread, placement):
+    from rag_service.core.config import ServerConfig
+    from rag_service.pb.rag.v1 import retrieval_pb2 as pb
+    from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
+
+    allowed = _affinity(0)
+    config = ServerConfig(index=built_index, port=0, warmup_queries=0, placement=placement)
+    with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.RetrieverStub(channel)
+        reply = stub.Search(pb.SearchRequest(query="glacier ice", debug=True, cache=pb.CACHE_BYPASS), timeout=30)
+        assert reply.contexts and "handback" in reply.stage_time_us
+        loop_cpus = _affinity(running.thread.native_id)
+        assert loop_cpus == ({min(allowed)} if placement == "auto" else allowed)
+        # The pipeline thread that ran the lone search ran beside the loop; a plain job runs anywhere.
+        workers = [t for t in threading.enumerate() if t.name.startswith("rag-pipeline")]
+        placed = [_affinity(t.native_id) for t in workers]
+        assert ({min(allowed)} in placed) if placement == "auto" else all(cpus == allowed for cpus in placed)
+        ran = running.server.executor.submit(lambda: _affinity(0)).result(timeout=30)
+        assert ran == allowed
+        reload_cpus = running.server._reload_executor.submit(lambda: _affinity(0)).result(timeout=30)
+        assert reload_cpus == allowed
+    assert _affinity(0) == allowed  # the test's own thread was never touched
+
+
+def test_a_search_counts_as_alone_only_well_after_the_last_one_with_company(monkeypatch):
+    from types import SimpleNamespace
+
+    from rag_service.api import server as server_module
+
+    clock = [10_000_000_000]
+    monkeypatch.setattr(server_module, "time", SimpleNamespace(monotonic_ns=lambda: clock[0]))
+    servicer = SimpleNamespace(admission=SimpleNamespace(in_flight=1), _company_ns=0)
+    alone = server_module.RetrieverServicer._alone
+    assert alone(servicer)
+    servicer.admission.in_flight = 2
+    assert not alone(servicer) and servicer._company_ns == clock[0]
+    servicer.admission.in_flight = 1
+    clock[0] += server_module.COMPANY_NS  # not yet: callers that take turns keep the spread placement
+    assert not alone(servicer)
+    clock[0] += 1
+    assert alone(servicer)
