@@ -37,7 +37,8 @@ def test_a_lone_search_goes_home_and_the_rest_spreads_with_one_call_per_change()
 
 
 @pytest.mark.parametrize("mode, allowed, has_setter", [("off", {0, 1}, True), ("auto", {5}, True),
-                                                       ("auto", set(), True), ("auto", {0, 1}, False)])
+                                                       ("auto", set(range(9)), True), ("auto", set(), True),
+                                                       ("auto", {0, 1}, False)])
 def test_nothing_is_pinned_when_off_on_one_cpu_or_without_the_call(mode, allowed, has_setter, monkeypatch):
     setter = Recorder()
     if not has_setter:  # a platform without os.sched_setaffinity
@@ -53,7 +54,7 @@ def test_nothing_is_pinned_when_off_on_one_cpu_or_without_the_call(mode, allowed
 
 def test_pin_loop_takes_the_calling_thread_and_grpc_poller_threads():
     setter = Recorder()
-    placement = Placement("auto", setter=setter, allowed={0, 1})
+    placement = Placement("auto", setter=setter, allowed={0, 1}, current_cpu=lambda: 1)
     stop = threading.Event()
     poller = threading.Thread(target=stop.wait, name="Thread-99 (_poll_wrapper)", daemon=True)
     other = threading.Thread(target=stop.wait, name="bystander", daemon=True)
@@ -65,8 +66,17 @@ def test_pin_loop_takes_the_calling_thread_and_grpc_poller_threads():
         stop.set()
     assert pinned[0] == threading.current_thread().name and "Thread-99 (_poll_wrapper)" in pinned
     assert "bystander" not in pinned
-    assert (0, frozenset({0})) in setter.calls and (poller.native_id, frozenset({0})) in setter.calls
-    assert all(cpus == {0} for _, cpus in setter.calls)
+    # Home is the CPU the loop runs on when pinned.
+    assert placement.home == {1}
+    assert (0, frozenset({1})) in setter.calls and (poller.native_id, frozenset({1})) in setter.calls
+    assert all(cpus == {1} for _, cpus in setter.calls)
+    placement.place(alone=True)  # already there
+    assert len(setter.calls) == 2
+    # A CPU it cannot read, or one outside the allowed set, keeps the lowest allowed CPU.
+    for cpu in (None, 7):
+        other = Placement("auto", setter=Recorder(), allowed={2, 3}, current_cpu=lambda cpu=cpu: cpu)
+        other.pin_loop()
+        assert other.home == {2}
 
 
 def test_the_executor_places_each_job_as_it_starts():
@@ -89,8 +99,8 @@ def _affinity(native_id: int) -> set[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-                    reason="needs Linux and two or more allowed CPUs")
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not 2 <= len(os.sched_getaffinity(0)) <= 8,
+                    reason="needs Linux and 2 to 8 allowed CPUs (placement's range)")
 @pytest.mark.parametrize("placement", ["auto", "off"])
 def test_a_server_pins_its_loop_once_loaded_and_answers(built_index, encoder, server_thread, placement):
     from rag_service.core.config import ServerConfig
@@ -104,11 +114,15 @@ def test_a_server_pins_its_loop_once_loaded_and_answers(built_index, encoder, se
         reply = stub.Search(pb.SearchRequest(query="glacier ice", debug=True, cache=pb.CACHE_BYPASS), timeout=30)
         assert reply.contexts and "handback" in reply.stage_time_us
         loop_cpus = _affinity(running.thread.native_id)
-        assert loop_cpus == ({min(allowed)} if placement == "auto" else allowed)
+        home = running.server.placement.home
+        if placement == "auto":
+            assert len(home) == 1 and home <= allowed and loop_cpus == home
+        else:
+            assert loop_cpus == allowed
         # The pipeline thread that ran the lone search ran beside the loop; a plain job runs anywhere.
         workers = [t for t in threading.enumerate() if t.name.startswith("rag-pipeline")]
         placed = [_affinity(t.native_id) for t in workers]
-        assert ({min(allowed)} in placed) if placement == "auto" else all(cpus == allowed for cpus in placed)
+        assert (home in placed) if placement == "auto" else all(cpus == allowed for cpus in placed)
         ran = running.server.executor.submit(lambda: _affinity(0)).result(timeout=30)
         assert ran == allowed
         reload_cpus = running.server._reload_executor.submit(lambda: _affinity(0)).result(timeout=30)

@@ -9,8 +9,10 @@ search that is alone in the server runs there too; a search that has company, an
 batches, shard calls), may run on any allowed CPU, which is what spreads concurrent work over the cores. The query
 encoder's own worker threads are created with every allowed CPU (by jobs placed that way) and are never pinned.
 
-Linux only (`os.sched_setaffinity` sets the calling thread's CPUs there); with one allowed CPU, or off, nothing is
-pinned.
+Linux only (`os.sched_setaffinity` sets the calling thread's CPUs there), and only for a process allowed 2 to
+MAX_CPUS CPUs (a VM, a container with its own CPU set, a `taskset`): on a large shared host the scheduler's freedom to
+move the loop off a busy CPU is worth more than a local wake-up. The home CPU is the one the loop runs on when it is
+pinned, the scheduler's own choice. Otherwise, or off, nothing is pinned.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ Setter = Callable[[int, Iterable[int]], None]
 
 # gRPC's asyncio integration runs its completion-queue poller on a Python thread of this target's name.
 _POLLER_NAME = "_poll_wrapper"
+MAX_CPUS = 8
+
+
+def _current_cpu() -> int | None:
+    """The CPU the calling thread runs on (field 39 of /proc/thread-self/stat), or None where it cannot be read."""
+    try:
+        with open("/proc/thread-self/stat", encoding="ascii") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _default_setter() -> Setter | None:
@@ -41,15 +53,16 @@ def _default_allowed() -> frozenset[int]:
 
 
 class Placement:
-    """The home CPU (the lowest allowed one) and the thread placement around it. `setter` and `allowed` are the
-    operating system's unless a test passes its own."""
+    """The home CPU and the thread placement around it. `setter`, `allowed` and `current_cpu` are the operating
+    system's unless a test passes its own."""
 
     def __init__(self, mode: Literal["auto", "off"] = "auto", *, setter: Setter | None = None,
-                 allowed: Iterable[int] | None = None) -> None:
+                 allowed: Iterable[int] | None = None, current_cpu: Callable[[], int | None] = _current_cpu) -> None:
         self.setter = setter if setter is not None else _default_setter()
         self.spread = frozenset(allowed) if allowed is not None else _default_allowed()
-        self.enabled = mode == "auto" and self.setter is not None and len(self.spread) >= 2
-        self.home = frozenset({min(self.spread)}) if self.spread else frozenset()
+        self.enabled = mode == "auto" and self.setter is not None and 2 <= len(self.spread) <= MAX_CPUS
+        self.current_cpu = current_cpu
+        self.home = frozenset({min(self.spread)}) if self.spread else frozenset()  # until pin_loop chooses
         self._local = threading.local()  # the CPUs each thread was last given, so a job sets them only on change
 
     def describe(self) -> str:
@@ -69,6 +82,9 @@ class Placement:
         home CPU. Returns the names of the threads pinned."""
         if not self.enabled:
             return []
+        cpu = self.current_cpu()
+        if cpu in self.spread:
+            self.home = frozenset({cpu})
         self._set(self.home)
         pinned = [threading.current_thread().name]
         for thread in threading.enumerate():

@@ -338,7 +338,7 @@ class ServerConfig(BaseSettings):
         "asyncio", description="The event loop that carries gRPC calls: Python's asyncio, or uvloop (needs the uvloop "
         "package: pip install 'rag-service[uvloop]'); bench/experiments/server_loop.py measures both.")
     placement: Literal["auto", "off"] = Field(
-        "auto", description="Thread placement (Linux, two or more CPUs): the event loop, gRPC's poller thread and a "
+        "auto", description="Thread placement (Linux, 2 to 8 allowed CPUs): the event loop, gRPC's poller thread and a "
         "search that is alone in the server share one CPU, so the hand-overs between them wake no idle CPU; other "
         "work runs on any CPU (rag_service/api/placement.py; bench/README.md \"Thread placement\"). off: the "
         "scheduler places every thread.")
