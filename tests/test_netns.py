@@ -237,7 +237,7 @@ def sharded(built_index, tmp_path_factory):
     return split_index(built_index, tmp_path_factory.mktemp("netns") / "sharded", 3)
 
 
-def test_router_and_shards_in_their_own_namespaces(lab, sharded, served_index):
+def test_router_and_shards_in_their_own_namespaces(lab, sharded, built_index):
     """Three shards and a router, each in its own namespace, a client in a fifth: replies over the real network match
     the single index; a shard killed mid-run, then another one cut off the network (no RST: the router waits for its
     per-shard timeout), yield replies marked partial that hold none of the missing shards' documents, never an error;
@@ -254,7 +254,13 @@ def test_router_and_shards_in_their_own_namespaces(lab, sharded, served_index):
     shard_procs = [netlab.rag_serve(f"s{i}", ["--index", str(sharded.root / f"shard-{i}"), "--host", h.address,
                                                "--port", str(shard_port), "--workers", "1"],
                                     host=h, log_dir=lab.log_dir, env=env) for i, h in enumerate(shards)]
-    for proc in shard_procs:
+    # The unsplit index served the same way (same query encoder as the shards: the test session's own encoder
+    # would rank near-ties differently on some CPUs).
+    single_host = lab.add_host("single")
+    single_proc = netlab.rag_serve("single", ["--index", str(built_index), "--host", single_host.address,
+                                              "--port", str(shard_port), "--workers", "1"],
+                                   host=single_host, log_dir=lab.log_dir, env=env)
+    for proc in [*shard_procs, single_proc]:
         proc.wait_serving()
     addresses = [f"{h.address}:{shard_port}" for h in shards]
     label = {i: f"{i}@{address}" for i, address in enumerate(addresses)}
@@ -265,7 +271,7 @@ def test_router_and_shards_in_their_own_namespaces(lab, sharded, served_index):
     router_address = router.wait_serving()
     # The test's own namespace reaches the lab through the bridge: the router against the single index.
     with RetrieverClient(router_address, timeout=20) as direct, \
-            RetrieverClient(f"127.0.0.1:{served_index.port}", timeout=20) as single:
+            RetrieverClient(f"{single_host.address}:{shard_port}", timeout=20) as single:
         whole = direct.search(query, top_k=5)
         assert not whole.partial and sorted(whole.shards_answered) == sorted(label.values())
         assert [c.doc_id for c in whole.contexts] == [c.doc_id for c in single.search(query, top_k=5).contexts]
