@@ -148,3 +148,14 @@ def test_a_search_counts_as_alone_only_well_after_the_last_one_with_company(monk
     assert not alone(servicer)
     clock[0] += 1
     assert alone(servicer)
+
+
+def test_a_failing_call_turns_placement_off_and_the_job_still_runs():
+    def refuse(native_id, cpus):
+        raise OSError(22, "Invalid argument")
+
+    placement = Placement("auto", setter=refuse, allowed={0, 1})
+    with PipelineExecutor(1, placement) as executor:
+        assert executor.submit_search(lambda: True, lambda: "answered").result() == "answered"
+    assert not placement.enabled
+    assert placement.pin_loop() == []

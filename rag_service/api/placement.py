@@ -73,7 +73,14 @@ class Placement:
     def _set(self, cpus: frozenset[int], native_id: int = 0) -> None:
         if self.setter is None:
             return
-        self.setter(native_id, cpus)
+        try:
+            self.setter(native_id, cpus)
+        except OSError as error:
+            # A CPU set changed under the process (a container resized, a CPU taken offline): a search must not
+            # fail for where it runs, so placement stops and the scheduler places every thread from now on.
+            self.enabled = False
+            log.warning("thread placement off: setting CPUs %s failed (%s)", sorted(cpus), error)
+            return
         if native_id == 0:
             self._local.cpus = cpus
 
