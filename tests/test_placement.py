@@ -68,11 +68,21 @@ def test_pin_loop_takes_the_calling_thread_and_grpc_poller_threads():
     assert "bystander" not in pinned
     # Home is the CPU the loop runs on when pinned.
     assert placement.home == {1}
-    assert (0, frozenset({1})) in setter.calls and (poller.native_id, frozenset({1})) in setter.calls
+    loop_id = threading.get_native_id()
+    assert (loop_id, frozenset({1})) in setter.calls
+    assert (poller.native_id, frozenset({1})) in setter.calls
     assert all(cpus == {1} for _, cpus in setter.calls)
+    # Searches with company free the loop and the pollers; alone again, they go home; one call each per change.
     calls = len(setter.calls)  # the process may hold other gRPC poller threads: each is pinned too
-    placement.place(alone=True)  # already there
+    placement.loop(alone=True)
     assert len(setter.calls) == calls
+    placement.loop(alone=False)
+    placement.loop(alone=False)
+    freed = setter.calls[calls:]
+    assert len(freed) == calls and all(cpus == {0, 1} for _, cpus in freed)
+    assert {native_id for native_id, _ in freed} == {native_id for native_id, _ in setter.calls[:calls]}
+    placement.loop(alone=True)
+    assert len(setter.calls) == 3 * calls and all(cpus == {1} for _, cpus in setter.calls[2 * calls:])
     # A CPU it cannot read, or one outside the allowed set, keeps the lowest allowed CPU.
     for cpu in (None, 7):
         other = Placement("auto", setter=Recorder(), allowed={2, 3}, current_cpu=lambda cpu=cpu: cpu)

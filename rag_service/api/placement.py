@@ -64,6 +64,8 @@ class Placement:
         self.current_cpu = current_cpu
         self.home = frozenset({min(self.spread)}) if self.spread else frozenset()  # until pin_loop chooses
         self._local = threading.local()  # the CPUs each thread was last given, so a job sets them only on change
+        self._loop_threads: list[int] = []  # native ids of the event loop's thread and gRPC's poller threads
+        self._loop_home = False  # whether those are on the home CPU now
 
     def describe(self) -> str:
         if not self.enabled:
@@ -71,7 +73,7 @@ class Placement:
         return f"event loop on CPU {min(self.home)}, a lone search beside it, other work on CPUs {sorted(self.spread)}"
 
     def _set(self, cpus: frozenset[int], native_id: int = 0) -> None:
-        if self.setter is None:
+        if self.setter is None or not self.enabled:
             return
         try:
             self.setter(native_id, cpus)
@@ -92,14 +94,28 @@ class Placement:
         cpu = self.current_cpu()
         if cpu in self.spread:
             self.home = frozenset({cpu})
-        self._set(self.home)
         pinned = [threading.current_thread().name]
+        self._loop_threads = [threading.get_native_id()]
         for thread in threading.enumerate():
             if _POLLER_NAME in thread.name and thread.native_id is not None:
-                self._set(self.home, thread.native_id)
+                self._loop_threads.append(thread.native_id)
                 pinned.append(thread.name)
+        self._loop_home = False
+        self.loop(alone=True)
         log.info("thread placement: %s (pinned: %s)", self.describe(), ", ".join(pinned))
-        return pinned
+        return pinned if self.enabled else []
+
+    def loop(self, alone: bool) -> None:
+        """Called on the event loop as a search arrives: the loop and gRPC's poller keep to the home CPU while
+        searches come alone, and may run anywhere while they have company (under load the loop's own work, refusals
+        included, needs whichever CPU is free: pinned there, goodput with callers that retry at once fell from 0.80
+        to 0.67 of capacity)."""
+        if not self.enabled or not self._loop_threads or alone == self._loop_home:
+            return
+        cpus = self.home if alone else self.spread
+        for native_id in self._loop_threads:
+            self._set(cpus, native_id)
+        self._loop_home = alone
 
     def place(self, alone: bool) -> None:
         """Called by a pipeline thread as a job starts: the home CPU for a lone search, every allowed CPU else."""

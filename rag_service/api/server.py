@@ -229,6 +229,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                      context: grpc.aio.ServicerContext) -> bytes | pb.SearchResponse:
         start = time.perf_counter_ns()
         with self.admission.search() as admitted:
+            self.executor.placement.loop(self._alone())
             # Resolved once: the whole request runs on this searcher, even across a reload or an alias swap.
             searcher, params = self.target(request)
             if request.page_token:
@@ -274,9 +275,10 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                                                                                         time.perf_counter_ns())))
 
     def _alone(self) -> bool:
-        """Whether the search a pipeline thread is starting is the only one in the server and none had company in
-        the last COMPANY_NS (so callers that come and go in turn keep to the spread placement), which lets it run
-        beside the event loop (placement.py). Read off the loop: plain reads and one write of an int."""
+        """Whether a search is the only one in the server and none had company in the last COMPANY_NS (so callers
+        that come and go in turn keep to the spread placement): asked as a search arrives (where the event loop
+        runs) and as a pipeline thread starts it (whether it runs beside the loop); placement.py. Plain reads and
+        one write of an int, from either thread."""
         now = time.monotonic_ns()
         if self.admission.in_flight > 1:
             self._company_ns = now
