@@ -4,10 +4,12 @@ A lone search crosses threads four times: gRPC's poller thread hands the call to
 search to a pipeline thread and back, and the loop hands the reply to gRPC again. Each hand-over wakes a sleeping
 thread, and when the two threads sit on different CPUs the wake-up is an inter-processor interrupt to a CPU that has
 gone idle: ~100 µs each on the 2-vCPU VMs of bench/README.md ("Issue 15", "Thread placement"), against ~20 µs when
-the woken thread runs where its waker runs. So the event loop and gRPC's poller thread share a home CPU, and a
-search that is alone in the server runs there too; a search that has company, and every other job (index loads,
-batches, shard calls), may run on any allowed CPU, which is what spreads concurrent work over the cores. The query
-encoder's own worker threads are created with every allowed CPU (by jobs placed that way) and are never pinned.
+the woken thread runs where its waker runs. So while searches come alone, the event loop and gRPC's poller thread
+share a home CPU and each search runs there too; while searches have company, the loop and the poller may run
+anywhere (under load the loop's own work needs whichever CPU is free), and so may a search that has company and
+every other job (index loads, batches, shard calls), which is what spreads concurrent work over the cores. The
+query encoder's own worker threads are created with every allowed CPU (by jobs placed that way) and are never
+pinned.
 
 Linux only (`os.sched_setaffinity` sets the calling thread's CPUs there), and only for a process allowed 2 to
 MAX_CPUS CPUs (a VM, a container with its own CPU set, a `taskset`): on a large shared host the scheduler's freedom to
