@@ -338,10 +338,10 @@ class ServerConfig(BaseSettings):
         "asyncio", description="The event loop that carries gRPC calls: Python's asyncio, or uvloop (needs the uvloop "
         "package: pip install 'rag-service[uvloop]'); bench/experiments/server_loop.py measures both.")
     placement: Literal["auto", "off"] = Field(
-        "auto", description="Thread placement (Linux, 2 to 8 allowed CPUs): the event loop, gRPC's poller thread and a "
-        "search that is alone in the server share one CPU, so the hand-overs between them wake no idle CPU; other "
-        "work runs on any CPU (rag_service/api/placement.py; bench/README.md \"Thread placement\"). off: the "
-        "scheduler places every thread.")
+        "auto", description="Thread placement (Linux, 2 to 8 allowed CPUs): while searches come alone, the event "
+        "loop, gRPC's poller thread and each search share one CPU, so the hand-overs between them wake no idle CPU; "
+        "while searches have company, every thread runs on any CPU (rag_service/api/placement.py; bench/README.md "
+        "\"Thread placement\"). off: the scheduler places every thread.")
     max_message_bytes: int = Field(1 << 20, ge=1024, description="Largest gRPC message received or sent, in bytes.")
     grace_seconds: float = Field(10.0, ge=0.0, description="On SIGTERM, calls in flight get this long to finish "
                                  "before the server stops.")
