@@ -820,6 +820,38 @@ py::tuple dense_above(const py::handle& vectors_obj, const py::handle& codes_obj
     return hits_to_numpy(std::move(hits));
 }
 
+// Writes into the caller's arrays (rows of a growing matrix's columns), so a cache entry's row costs no allocation.
+void row_quantize(const py::handle& vectors_obj, const py::handle& codes_obj, const py::handle& scale_obj,
+                  const py::handle& slack_obj, const py::handle& norm_obj) {
+    const py::array vectors = checked_matrix(vectors_obj, "vectors", {kNpyFloat}, "float32");
+    py::array codes = checked_matrix(codes_obj, "codes", {kNpyInt8}, "int8");
+    const auto n = static_cast<std::size_t>(vectors.shape(0));
+    const auto d = static_cast<std::size_t>(vectors.shape(1));
+    if (static_cast<std::size_t>(codes.shape(0)) != n || static_cast<std::size_t>(codes.shape(1)) != d) {
+        fail("codes must have the shape of vectors (" + std::to_string(n) + ", " + std::to_string(d) + "), got (" +
+             std::to_string(codes.shape(0)) + ", " + std::to_string(codes.shape(1)) + ")");
+    }
+    py::array per_row[3];
+    const char* names[3] = {"scale", "slack", "norm"};
+    const py::handle objs[3] = {scale_obj, slack_obj, norm_obj};
+    for (int r = 0; r < 3; ++r) {
+        per_row[r] = checked_vector<float>(objs[r], names[r], "float32");
+        if (len(per_row[r]) != n) {
+            fail(std::string(names[r]) + " must have one entry per row of vectors (" + std::to_string(n) + "), got " +
+                 std::to_string(len(per_row[r])));
+        }
+    }
+    const py::array* const outputs[4] = {&codes, &per_row[0], &per_row[1], &per_row[2]};
+    const char* output_names[4] = {"codes", "scale", "slack", "norm"};
+    for (int r = 0; r < 4; ++r) {
+        if (!outputs[r]->writeable()) fail(std::string(output_names[r]) + " must be writeable");
+    }
+    py::gil_scoped_release release;
+    rag::row_quantize(data_of<float>(vectors), n, d, static_cast<std::int8_t*>(codes.mutable_data()),
+                      static_cast<float*>(per_row[0].mutable_data()), static_cast<float*>(per_row[1].mutable_data()),
+                      static_cast<float*>(per_row[2].mutable_data()));
+}
+
 // retrieve()'s arguments, checked; the arrays are kept alive by the struct.
 struct FirstStageArgs {
     PostingsArgs p;
@@ -1201,6 +1233,11 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           "-> (ids int64, scores float32): the top `depth` rows allowed by mask with inner product >= min_score,\n"
           "scored exactly with the float rows; the per-row codes (kernels.reference.row_quantize) only rule rows\n"
           "out. See rag_service.kernels.reference.dense_above_reference.");
+    m.def("row_quantize", &row_quantize, py::arg("vectors"), py::arg("codes"), py::arg("scale"), py::arg("slack"),
+          py::arg("norm"),
+          "row_quantize(vectors, codes, scale, slack, norm) -> None\n\n"
+          "Writes the int8 codes (int8[n, d]) and per-row scale, slack and norm (float32[n]) of vectors float32[n, d]\n"
+          "into the given arrays. See rag_service.kernels.reference.row_quantize_reference.");
     m.def("retrieve", &retrieve, py::arg("indptr"), py::arg("docs"), py::arg("weights"), py::arg("n_docs"),
           py::arg("term_ids"), py::arg("mask"), py::arg("depth"), py::arg("vectors"), py::arg("query"),
           py::arg("codes"), py::arg("code_scale"), py::arg("code_base"), py::arg("oversample"), py::arg("dense_ids"),

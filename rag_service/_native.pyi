@@ -165,6 +165,13 @@ def dense_above(
     depth: int,
     simd: str = "",
 ) -> tuple[np.ndarray, np.ndarray]: ...
+def row_quantize(
+    vectors: np.ndarray,
+    codes: np.ndarray,
+    scale: np.ndarray,
+    slack: np.ndarray,
+    norm: np.ndarray,
+) -> None: ...
 def retrieve(
     indptr: np.ndarray,
     docs: np.ndarray,

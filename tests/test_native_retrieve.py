@@ -15,7 +15,7 @@ from rag_service.kernels.reference import (
     dense_above_reference,
     dense_top_reference,
     retrieve_reference,
-    row_quantize,
+    row_quantize_reference,
     sq8_quantize,
 )
 from rag_service.retrievers import dense as dense_mod
@@ -142,20 +142,79 @@ def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return (rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)).astype(np.float32)
 
 
-def test_row_quantize_bounds_hold():
+def quantize_cases(rng: np.random.Generator) -> list[np.ndarray]:
+    huge = unit_rows(rng, 3, 8)
+    huge[:, 0] = np.float32(3e38)  # squares overflow a float: the bounds are summed in double
+    return [unit_rows(rng, 200, 384), exact_rows(rng, 50, 9), np.zeros((3, 5), np.float32),
+            np.zeros((0, 4), np.float32), (1e-30 * unit_rows(rng, 4, 6)).astype(np.float32), huge,
+            # halves after scaling (rint rounds them to even), a row with one entry, negative-only rows
+            np.array([[127.0, 0.5, 1.5, -2.5, 63.5]], np.float32), np.array([[-3.0]], np.float32),
+            -np.abs(unit_rows(rng, 5, 17))]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numpy"])
+def test_row_quantize_bounds_hold(backend):
     rng = np.random.default_rng(11)
-    for vectors in (unit_rows(rng, 200, 384), exact_rows(rng, 50, 9), np.zeros((3, 5), np.float32),
-                    np.zeros((0, 4), np.float32), (1e-30 * unit_rows(rng, 4, 6)).astype(np.float32)):
-        c = row_quantize(vectors)
+    for vectors in quantize_cases(rng):
+        c = native.row_quantize(vectors, backend=backend)
         assert c.codes.dtype == np.int8 and c.scale.dtype == c.slack.dtype == c.norm.dtype == np.float32
         assert len(c.codes) == len(c.scale) == len(c.slack) == len(c.norm) == len(vectors)
         if len(vectors) and vectors.shape[1]:
             assert (np.abs(c.codes).max(axis=1)[np.abs(vectors).max(axis=1) > 0] == 127).all()
         decoded = c.codes.astype(np.float64) * c.scale.astype(np.float64)[:, None]
-        assert (np.linalg.norm(vectors - decoded, axis=1) <= c.slack).all()
+        assert (np.linalg.norm(vectors.astype(np.float64) - decoded, axis=1) <= c.slack).all()
         assert (np.linalg.norm(decoded, axis=1) <= c.norm).all()
     with pytest.raises(ValueError, match="finite"):
-        row_quantize(np.array([[1.0, np.inf]], np.float32))
+        native.row_quantize(np.array([[1.0, np.inf]], np.float32), backend=backend)
+
+
+def test_row_quantize_native_equals_the_reference():
+    """Codes and scales bit for bit; the bounds to the last bit of the float but for the order of the double sums."""
+    rng = np.random.default_rng(12)
+    for vectors in quantize_cases(rng):
+        got, want = native.row_quantize(vectors, backend="cpp"), row_quantize_reference(vectors)
+        np.testing.assert_array_equal(got.codes, want.codes)
+        np.testing.assert_array_equal(got.scale, want.scale)
+        for g, w in ((got.slack, want.slack), (got.norm, want.norm)):
+            assert (np.abs(g.view(np.int32).astype(np.int64) - w.view(np.int32).astype(np.int64)) <= 1).all()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numpy"])
+def test_row_quantize_writes_rows_of_out(backend):
+    rng = np.random.default_rng(13)
+    vectors = unit_rows(rng, 6, 10)
+    out = native.row_quantize(np.zeros((6, 10), np.float32), backend=backend)
+    for row in (4, 0, 5):
+        assert native.row_quantize(vectors[row:row + 1], out=out, start=row, backend=backend) is out
+    whole = native.row_quantize(vectors, backend=backend)
+    zero = native.row_quantize(np.zeros((1, 10), np.float32), backend=backend)
+    for column, full, zero_row in zip(out, whole, zero, strict=True):
+        np.testing.assert_array_equal(column[[0, 4, 5]], full[[0, 4, 5]])
+        np.testing.assert_array_equal(column[1:4], np.repeat(zero_row, 3, axis=0))  # rows never written
+    before = [column.copy() for column in out]
+    with pytest.raises(ValueError, match=r"vectors\[1, 2\]" if backend == "cpp" else "finite"):
+        bad = vectors[:2].copy()
+        bad[1, 2] = np.nan
+        native.row_quantize(bad, out=out, start=0, backend=backend)
+    for column, kept in zip(out, before, strict=True):  # checked before anything is written
+        np.testing.assert_array_equal(column, kept)
+    with pytest.raises(ValueError, match="start"):
+        native.row_quantize(vectors[:2], out=out, start=5, backend=backend)
+    with pytest.raises(ValueError, match="vectors"):
+        native.row_quantize(vectors.astype(np.float64), backend=backend)
+
+
+def test_row_quantize_refuses_bad_output_arrays():
+    vectors = unit_rows(np.random.default_rng(14), 3, 4)
+    codes = native.row_quantize(vectors)
+    with pytest.raises(ValueError, match="codes"):
+        _native.row_quantize(vectors, codes.codes[:2], codes.scale, codes.slack, codes.norm)
+    with pytest.raises(ValueError, match="slack"):
+        _native.row_quantize(vectors, codes.codes, codes.scale, codes.slack[:2], codes.norm)
+    frozen = codes.norm.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="norm must be writeable"):
+        _native.row_quantize(vectors, codes.codes, codes.scale, codes.slack, frozen)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -173,7 +232,7 @@ def test_dense_above_equals_the_filtered_float_scan_at_every_simd_level(seed, n,
     unit[n // 3 :] = unit[: n - n // 3] + np.float32(1e-6) * unit_rows(rng, n - n // 3, d)
     for vectors, query in ((exact, exact_rows(rng, 1, d)[0]), (unit, unit_rows(rng, 1, d)[0]),
                            (unit, np.float32(3.0) * unit[n // 2])):
-        codes = row_quantize(vectors)
+        codes = row_quantize_reference(vectors)
         for level in _native.simd_levels():
             scores = np.sort(_native.dense_top(vectors, query, None, n, None, None, None, 0, level)[1])[::-1]
             pivot = np.float32(scores[min(len(scores) - 1, 2)])
@@ -191,10 +250,10 @@ def test_dense_above_equals_the_filtered_float_scan_at_every_simd_level(seed, n,
 
 def test_dense_above_refuses_bad_input():
     vectors = unit_rows(np.random.default_rng(2), 10, 4)
-    codes = row_quantize(vectors)
+    codes = row_quantize_reference(vectors)
     query = np.ones(4, np.float32)
-    assert native.dense_above(np.zeros((0, 4), np.float32), row_quantize(np.zeros((0, 4), np.float32)), query,
-                              0.0, 3, backend="cpp")[0].size == 0
+    empty = np.zeros((0, 4), np.float32)
+    assert native.dense_above(empty, row_quantize_reference(empty), query, 0.0, 3, backend="cpp")[0].size == 0
     for backend in ("cpp", "numpy"):
         with pytest.raises(ValueError, match="query"):
             native.dense_above(vectors, codes, np.ones(5, np.float32), 0.0, 3, backend=backend)
@@ -207,7 +266,7 @@ def test_dense_above_refuses_bad_input():
         with pytest.raises(ValueError, match="mask"):
             native.dense_above(vectors, codes, query, 0.0, 3, mask=np.ones(9, np.bool_), backend=backend)
         with pytest.raises(ValueError, match="codes"):
-            native.dense_above(vectors, row_quantize(vectors[:9]), query, 0.0, 3, backend=backend)
+            native.dense_above(vectors, row_quantize_reference(vectors[:9]), query, 0.0, 3, backend=backend)
         with pytest.raises(ValueError, match="code_slack"):
             native.dense_above(vectors, RowCodes(codes.codes, codes.scale, codes.slack[:9], codes.norm), query, 0.0,
                                3, backend=backend)

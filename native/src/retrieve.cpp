@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -274,6 +275,37 @@ Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* ma
                   candidates[c].id);
     }
     return to_hits(top.take(), k);
+}
+
+void row_quantize(const float* rows, std::size_t n, std::size_t d, std::int8_t* codes, float* scale, float* slack,
+                  float* norm) {
+    for (std::size_t i = 0; i < n * d; ++i) {
+        if (!std::isfinite(rows[i])) {
+            fail("vectors[" + std::to_string(i / d) + ", " + std::to_string(i % d) + "] is not finite");
+        }
+    }
+    const auto up = [](double x) { return std::nextafter(static_cast<float>(x), std::numeric_limits<float>::infinity()); };
+    for (std::size_t i = 0; i < n; ++i) {
+        const float* row = rows + i * d;
+        std::int8_t* code = codes + i * d;
+        float largest = 0.0f;
+        for (std::size_t j = 0; j < d; ++j) largest = std::max(largest, std::fabs(row[j]));
+        const float inv = largest > 0.0f ? 127.0f / largest : 0.0f;
+        const float s = largest / 127.0f;
+        double err2 = 0.0;
+        double decoded2 = 0.0;
+        for (std::size_t j = 0; j < d; ++j) {
+            const float c = std::min(127.0f, std::max(-127.0f, std::nearbyint(row[j] * inv)));
+            code[j] = static_cast<std::int8_t>(c);
+            const double decoded = static_cast<double>(c) * static_cast<double>(s);
+            const double err = static_cast<double>(row[j]) - decoded;
+            err2 += err * err;
+            decoded2 += decoded * decoded;
+        }
+        scale[i] = s;
+        slack[i] = up(std::sqrt(err2));
+        norm[i] = up(std::sqrt(decoded2));
+    }
 }
 
 Hits dense_above(const CodedRows& rows, const float* query, const std::uint8_t* mask, double min_score,

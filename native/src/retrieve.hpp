@@ -71,6 +71,14 @@ struct CodedRows {
     const float* norm = nullptr;         // [n]
 };
 
+// Codes and bounds of n float32 rows of d (row-major) into codes [n x d], scale, slack and norm [n], as
+// kernels.reference.row_quantize_reference: code = rint(row * (127 / max|row|)) in float32 (half to even), scale =
+// max|row| / 127, and the two bounds summed in double and rounded up to the next float; a zero row codes to zeros
+// with scale 0. Every row is checked before any output is written: throws std::invalid_argument naming the first
+// non-finite entry.
+void row_quantize(const float* rows, std::size_t n, std::size_t d, std::int8_t* codes, float* scale, float* slack,
+                  float* norm);
+
 // The top min(depth, ...) rows allowed by mask whose inner product with query is >= min_score, best first (ties: id
 // ascending), scored exactly with the float rows: the result of dense_top over the float rows with the scores below
 // min_score dropped. The codes only decide which rows get an exact score: the integer dot product with the quantized

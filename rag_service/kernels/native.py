@@ -54,7 +54,7 @@ from rag_service.kernels.reference import (
     proximity_reference,
     rank_reference,
     retrieve_reference,
-    row_quantize,
+    row_quantize_reference,
     similarity_matrix_reference,
     sq8_quantize,
     window_maxsim_reference,
@@ -126,8 +126,8 @@ HAS_NATIVE: bool = _native is not None
 HAS_CUDA: bool = bool(_native.HAS_CUDA) if _native is not None else False  # the extension was built with CUDA
 # The rerank / context-filter kernels arrived after fusion: an extension built from older sources lacks them.
 _HAS_RERANK_KERNELS: bool = _native is not None and hasattr(_native, "window_maxsim")
-# Likewise the first-stage kernels (bm25_top, dense_top, retrieve).
-_HAS_RETRIEVE_KERNELS: bool = _native is not None and hasattr(_native, "retrieve")
+# Likewise the first-stage kernels (bm25_top, dense_top, retrieve, and the semantic cache's row_quantize).
+_HAS_RETRIEVE_KERNELS: bool = _native is not None and all(hasattr(_native, f) for f in ("retrieve", "row_quantize"))
 # And the whole ranking in one call (search_core).
 _HAS_SEARCH_CORE: bool = _native is not None and hasattr(_native, "search_core")
 # And the reply's contexts joined natively (join_contexts).
@@ -662,6 +662,30 @@ def dense_top(vectors: np.ndarray, query: Any, depth: int, *, mask: Any = None, 
         return dense_top_reference(vectors, q, m, depth, codes, oversample)
     c = codes if codes is not None else (None, None, None)
     return _native.dense_top(vectors, q, m, operator.index(depth), c[0], c[1], c[2], operator.index(oversample))
+
+
+def row_quantize(vectors: np.ndarray, *, out: RowCodes | None = None, start: int = 0,
+                 backend: str | None = None) -> RowCodes:
+    """The int8 codes and error bounds of float32[n, d] rows (finite), as RowCodes; with `out`, written into its rows
+    start .. start + n (a growing matrix's columns) and `out` returned. Semantics:
+    rag_service.kernels.reference.row_quantize_reference (the bounds may differ from it in the last bit of the float:
+    the double sums run in another order; both are upper bounds)."""
+    v = np.asarray(vectors)
+    if v.ndim != 2 or v.dtype != _FLOAT32:
+        raise ValueError(f"vectors must be a 2-D float32 array, got {v.ndim}-D {v.dtype}")
+    n, d = v.shape
+    if out is None:
+        out = RowCodes(np.empty((n, d), np.int8), *(np.empty(n, np.float32) for _ in range(3)))
+        start = 0
+    elif not 0 <= start <= len(out.codes) - n:
+        raise ValueError(f"start must leave room for {n} rows in out's {len(out.codes)}, got {start}")
+    rows = slice(start, start + n)
+    if retrieve_backend(backend) == "numpy":
+        for column, value in zip(out, row_quantize_reference(v), strict=True):
+            column[rows] = value
+        return out
+    _native.row_quantize(np.ascontiguousarray(v), *(column[rows] for column in out))
+    return out
 
 
 def dense_above(vectors: np.ndarray, codes: RowCodes, query: Any, min_score: float, depth: int, *,

@@ -39,7 +39,7 @@ __all__ = [
     "dense_above_reference",
     "dense_top_reference",
     "retrieve_reference",
-    "row_quantize",
+    "row_quantize_reference",
     "sq8_quantize",
     "SOFTMAX_TEMPERATURE",
     "FusionResult",
@@ -828,7 +828,7 @@ def bm25_top_reference(postings: Postings, term_ids: np.ndarray, mask: np.ndarra
     return _ranked(ids[keep], scores[keep], depth)
 
 
-def row_quantize(vectors: np.ndarray) -> RowCodes:
+def row_quantize_reference(vectors: np.ndarray) -> RowCodes:
     """RowCodes of float32[n, d] rows (finite): code = rint(row * 127 / max|row|) in float32, a zero row codes to
     zeros with scale 0; slack and norm are computed in float64 and rounded up."""
     v = np.asarray(vectors, np.float32)
@@ -893,8 +893,8 @@ def dense_top_reference(vectors: np.ndarray, query: np.ndarray, mask: np.ndarray
 def dense_above_reference(vectors: np.ndarray, codes: RowCodes, query: np.ndarray, mask: np.ndarray | None,
                           min_score: float, depth: int) -> tuple[np.ndarray, np.ndarray]:
     """The top min(depth, ...) rows of vectors (float32[n, d]) allowed by mask whose inner product with query is >=
-    min_score, as (ids int64, scores float32), best first (ties: id ascending). `codes` (row_quantize of vectors)
-    speed the native scan and never change its result: here they are only checked."""
+    min_score, as (ids int64, scores float32), best first (ties: id ascending). `codes` (row_quantize_reference of
+    vectors) speed the native scan and never change its result: here they are only checked."""
     if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.dtype != np.float32:
         raise ValueError("vectors must be a 2-D float32 numpy.ndarray")
     n, d = vectors.shape

@@ -420,8 +420,7 @@ class _Matrix:
                     new[:slot] = old[:slot]
                 self.vectors, self.group, self.codes = grown, groups, codes
         self.vectors[slot] = entry.vector
-        for column, value in zip(self.codes, native.row_quantize(self.vectors[slot:slot + 1]), strict=True):
-            column[slot] = value[0]
+        native.row_quantize(self.vectors[slot:slot + 1], out=self.codes, start=slot)
         self.group[slot] = gid
         self.entries[slot] = entry
         self.members[gid] = self.members.get(gid, 0) + 1
