@@ -151,6 +151,11 @@ class ServerThread:
         self.server, self.port = future.result(timeout=300)
         return self
 
+    def settle(self) -> None:
+        """Returns once the server's event loop has run every callback queued so far, such as the cache store of a
+        miss whose reply the caller has received (it runs just after the reply goes out)."""
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self.loop).result(timeout=30)
+
     def __exit__(self, *exc) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(timeout=60)
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -77,6 +77,7 @@ def chunks(response: pb.SearchResponse) -> list[str]:
 
 
 def metric(running, name: str, **labels) -> float:
+    running.settle()
     value = running.servicer.metrics.registry.get_sample_value(name, labels or None)
     return 0.0 if value is None else value
 
@@ -301,6 +302,7 @@ def test_memory_bound_holds_under_a_flood_of_distinct_queries(server_thread, enc
         peak = 0
         for q in queries:
             assert search(r.stub, q, cache=pb.CACHE_EXACT_ONLY).served_from == MISS
+            r.settle()
             peak = max(peak, store.bytes)
             assert r.servicer.metrics.registry.get_sample_value("rag_cache_bytes") == store.bytes
         assert 0 < peak <= 60_000
@@ -323,6 +325,39 @@ def test_identical_concurrent_searches_do_the_work_once(server_thread, encoder, 
         assert len({tuple(chunks(reply)) for reply in replies}) == 1
         assert metric(r, "rag_cache_hits_total", kind="coalesced") + metric(r, "rag_cache_hits_total", kind="exact") \
             == 11
+
+
+def test_a_miss_is_stored_after_its_reply_and_before_the_next_request(server_thread, encoder, built_index,
+                                                                      monkeypatch, caplog):
+    """The store of a miss's answer runs on the event loop once the reply is out: a slow store does not delay the
+    reply, and a request sent after the reply is an exact hit; a store that fails costs the hit, not the answer."""
+    with serve(server_thread, encoder, built_index) as r:
+        cache = r.servicer.cache
+        store = cache._store
+        stored = threading.Event()
+
+        def slow_store(*args, **kwargs):
+            time.sleep(1.0)
+            store(*args, **kwargs)
+            stored.set()
+
+        monkeypatch.setattr(cache, "_store", slow_store)
+        started = time.perf_counter()
+        first = search(r.stub, "how does a suspension bridge hang its deck")
+        assert first.served_from == MISS
+        assert time.perf_counter() - started < 0.9 and not stored.is_set()
+        again = search(r.stub, "how does a suspension bridge hang its deck")
+        assert stored.is_set() and again.served_from == EXACT and chunks(again) == chunks(first)
+
+        def failing_store(*args, **kwargs):
+            raise RuntimeError("no room")
+
+        monkeypatch.setattr(cache, "_store", failing_store)
+        with caplog.at_level("ERROR", logger="rag_service.search.cache"):
+            assert search(r.stub, "why do glaciers move downhill").served_from == MISS
+            r.settle()
+        assert "storing an answer in the cache failed" in caplog.text
+        assert search(r.stub, "why do glaciers move downhill").served_from == MISS
 
 
 def test_leader_past_its_deadline_does_not_fail_the_others(server_thread, encoder, built_index):

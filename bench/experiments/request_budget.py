@@ -13,6 +13,9 @@ pipeline timed). Per request:
   lookup, the hand-off to a pipeline thread not counted as `queue`, the reply);
 - "outside the server": the client's wall time minus server_time_us (serialisation, HTTP/2, the event loop, the
   interceptors, the client stub), to be compared with the empty call's whole time.
+`--cache exact` asks with the cache on (CACHE_EXACT_ONLY) instead of bypassing it: each round appends another run of
+zero-width spaces to every query (another exact key, the same tokens), so every search is still a miss, now with the
+cache's exact look-up and the store of its answer (its `cache` stage; the store is not a stage of the reply).
 `--server NAME=RAG_SERVE ...` (repeatable) runs the same for several rag-serve executables (an A/B of two builds),
 rounds alternating between them; `NAME=` is this environment's, and `--server-env NAME:KEY=VALUE` gives one of them a
 setting of its own (an A/B of two settings).
@@ -35,13 +38,15 @@ from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
 
-def run_round(target: str, requests: list[pb.SearchRequest], into: dict[str, list[float]]) -> None:
+def run_round(target: str, requests: list[pb.SearchRequest], into: dict[str, list[float]], suffix: str = "") -> None:
+    if suffix:
+        requests = [pb.SearchRequest(query=r.query + suffix, debug=r.debug, cache=r.cache) for r in requests]
     with grpc.insecure_channel(target) as channel:
         search = pb_grpc.RetrieverStub(channel).Search
         check = health_pb2_grpc.HealthStub(channel).Check
         empty = health_pb2.HealthCheckRequest()
-        for request in requests[:20]:  # warm the channel and the pipeline
-            search(request, timeout=30)
+        for request in requests[:20]:  # warm the channel and the pipeline (bypassing the cache: no key is used up)
+            search(pb.SearchRequest(query=request.query, debug=request.debug, cache=pb.CACHE_BYPASS), timeout=30)
         for request in requests:
             started = time.perf_counter_ns()
             check(empty, timeout=10)
@@ -69,13 +74,16 @@ def main() -> None:
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME:KEY=VALUE",
                         help="an environment variable for server NAME only (a setting, e.g. "
                         "RAG_ENCODER__IDLE_THREADS=1): an A/B of two settings of one build")
+    parser.add_argument("--cache", choices=["bypass", "exact"], default="bypass",
+                        help="exact: misses with the cache on (a new exact key per round), not bypassing it")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     queries = load_queries(args.queries)
     if args.qrels:
         judged = load_qrels(args.qrels)
         queries = {q: t for q, t in queries.items() if q in judged}
-    requests = [pb.SearchRequest(query=t, debug=True, cache=pb.CACHE_BYPASS) for t in queries.values()]
+    cache = pb.CACHE_EXACT_ONLY if args.cache == "exact" else pb.CACHE_BYPASS
+    requests = [pb.SearchRequest(query=t, debug=True, cache=cache) for t in queries.values()]
     servers = dict(s.split("=", 1) for s in args.server) or {"rag-serve": ""}
 
     samples: dict[str, dict[str, list[float]]] = {name: {"client total": [], "empty call": [], "server total": [],
@@ -95,8 +103,10 @@ def main() -> None:
             process.__enter__()
         names = list(servers)
         for r in range(args.rounds):
+            # A fresh key per round keeps every search a miss.
+            suffix = "\u200b" * (r + 1) if args.cache == "exact" else ""
             for name in names[r % len(names):] + names[: r % len(names)]:
-                run_round(processes[name].target, requests, samples[name])
+                run_round(processes[name].target, requests, samples[name], suffix)
     finally:
         for process in processes.values():
             process.stop()

@@ -238,7 +238,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             validated = time.perf_counter_ns()
             # Exact hits are answered here on the event loop; misses run on a pipeline thread via _execute.
             served = await self.cache.search(searcher, params, deadline=deadline, execute=self._execute,
-                                             arrival=admitted.arrival)
+                                             arrival=admitted.arrival, store_after=True)
             if served.finished_ns:
                 # From the pipeline thread's last step to this coroutine running again: the wake-up of the loop.
                 served.result.stage_us["handback"] = (time.perf_counter_ns() - served.finished_ns) // 1000
