@@ -111,6 +111,22 @@ def test_idf_formulas():
     np.testing.assert_allclose(okapi, np.where(raw < 0, 0.25 * raw.mean(), raw))
 
 
+@pytest.mark.parametrize("idf", ["lucene", "okapi"])
+def test_idf_and_ids_are_idf_of_and_the_sorted_term_ids(tmp_path, idf):
+    rng = np.random.default_rng(5)
+    corpus, vocab = random_corpus(rng, 60, 30)
+    index = make_index(tmp_path, corpus, idf=idf)
+    table = idf_values(index.df, index.corpus_chunks, idf)
+    for query in random_queries(rng, vocab):
+        weights, ids = index.idf_and_ids(query)
+        assert weights == index.idf_of(query)
+        # a known term's own idf, an unknown one the largest
+        assert all(w == (float(table[index.vocab[t]]) if t in index.vocab else float(table.max()))
+                   for t, w in weights.items())
+        assert ids.dtype == np.int64
+        np.testing.assert_array_equal(ids, np.sort(index.term_ids(query)))
+
+
 def test_empty_and_unknown_queries_find_nothing(tmp_path):
     index = make_index(tmp_path, [["a", "b"], ["b", "c"]])
     for query in ([], ["zzz"], ["zzz", "yyy"]):

@@ -120,8 +120,7 @@ class Index:
     # What the semantic cache's guard asks (search/searcher.py, LexicalGuard): this index's own view of a query.
     def guard_terms(self, query: str) -> tuple[dict[str, float], np.ndarray]:
         bm25 = self.bm25
-        tokens = bm25.analyzer.tokens(query)
-        return bm25.idf_of(tokens), np.sort(bm25.term_ids(tokens))
+        return bm25.idf_and_ids(bm25.analyzer.tokens(query))
 
     def lexical_candidates(self, lexical_input: np.ndarray, filters: Mapping[str, str], depth: int,
                            tree: flt.Node | None = None) -> np.ndarray:

@@ -397,10 +397,13 @@ class _Matrix:
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
+        # Resolved once: the environment read behind a kernel's backend costs tens of µs on the caches an encode
+        # has just flushed, and every miss and semantic hit scans.
+        self.backend = native.retrieve_backend()
         self.vectors = np.zeros((64, dim), dtype=np.float32)
         # Each row's int8 codes and error bounds (kernels.row_quantize): the scan reads a quarter of the bytes and
         # scores exactly only the rows the bounds cannot rule out.
-        self.codes = native.row_quantize(self.vectors)
+        self.codes = native.row_quantize(self.vectors, backend=self.backend)
         self.group = np.full(64, -1, dtype=np.int64)
         self.entries: list[Entry | None] = []
         self.free: list[int] = []
@@ -422,7 +425,7 @@ class _Matrix:
                     new[:slot] = old[:slot]
                 self.vectors, self.group, self.codes = grown, groups, codes
         self.vectors[slot] = entry.vector
-        native.row_quantize(self.vectors[slot:slot + 1], out=self.codes, start=slot)
+        native.row_quantize(self.vectors[slot:slot + 1], out=self.codes, start=slot, backend=self.backend)
         self.group[slot] = gid
         self.entries[slot] = entry
         self.members[gid] = self.members.get(gid, 0) + 1
@@ -451,7 +454,8 @@ class _Matrix:
         # slower over 10,000-31,000 rows.
         mask = None if self.members.get(gid, 0) == used else self.group[:used] == gid
         codes = native.RowCodes(*(column[:used] for column in self.codes))
-        rows, sims = native.dense_above(self.vectors[:used], codes, vector, min_cosine, k, mask=mask)
+        rows, sims = native.dense_above(self.vectors[:used], codes, vector, min_cosine, k, mask=mask,
+                                        backend=self.backend)
         # A row of this group always holds its entry (a freed row's group is -1).
         return [(entry, float(s)) for i, s in zip(rows.tolist(), sims.tolist(), strict=True)
                 if (entry := self.entries[i]) is not None]
