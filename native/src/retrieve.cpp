@@ -311,7 +311,9 @@ void row_quantize(const float* rows, std::size_t n, std::size_t d, std::int8_t* 
             fail("vectors[" + std::to_string(i / d) + ", " + std::to_string(i % d) + "] is not finite");
         }
     }
-    const auto up = [](double x) { return std::nextafter(static_cast<float>(x), std::numeric_limits<float>::infinity()); };
+    const auto up = [](double x) {
+        return std::nextafter(static_cast<float>(x), std::numeric_limits<float>::infinity());
+    };
     for (std::size_t i = 0; i < n; ++i) {
         const float* row = rows + i * d;
         std::int8_t* code = codes + i * d;

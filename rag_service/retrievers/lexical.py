@@ -394,24 +394,18 @@ class BM25Index:
 
     def idf_of(self, tokens: Iterable[str]) -> dict[str, float]:
         """query_terms of analysed tokens."""
-        idf, top = self._idf_list
+        idf, top = self._idf
         vocab = self.vocab
-        return {t: (idf[i] if (i := vocab.get(t)) is not None else top) for t in tokens}
+        return {t: (idf.item(i) if (i := vocab.get(t)) is not None else top) for t in tokens}
 
     def idf_and_ids(self, tokens: Sequence[str]) -> tuple[dict[str, float], np.ndarray]:
         """(idf_of(tokens), the known tokens' ids sorted, repeats kept) with one vocabulary look-up per token: the
         semantic cache's guard asks for both on every look-up that finds a near entry, on caches an encode has just
         flushed, where each look-up in a vocabulary of 10^4-10^6 terms is a miss."""
-        idf, top = self._idf_list
-        ids = list(map(self.vocab.get, tokens))
-        weights = {t: (idf[i] if i is not None else top) for t, i in zip(tokens, ids)}
-        return weights, np.array(sorted(i for i in ids if i is not None), dtype=np.int64)
-
-    @functools.cached_property
-    def _idf_list(self) -> tuple[list[float], float]:
-        # Python floats: indexing a list costs a fraction of a NumPy scalar's boxing.
         idf, top = self._idf
-        return idf.tolist(), top
+        ids = list(map(self.vocab.get, tokens))
+        weights = {t: (idf.item(i) if i is not None else top) for t, i in zip(tokens, ids)}
+        return weights, np.array(sorted(i for i in ids if i is not None), dtype=np.int64)
 
     def search(self, query: str, depth: int, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         return self.search_tokens(self.analyzer.tokens(query), depth, mask)

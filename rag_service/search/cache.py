@@ -705,7 +705,6 @@ class CachedSearch:
                 del self._flights[key]
         return served
 
-
     def _store_soon(self, served: Served) -> Served:
         """Schedules a miss's store as the event loop's next callback and returns the answer without it. The store
         (~0.2 ms of bookkeeping on SciFact: the entry's guard inputs, sizes and codes) then runs while the reply goes
