@@ -177,6 +177,7 @@ def test_stream_search_with_bypass_still_uses_its_own_speculation(running):
     query = "sourdough wild yeast starter"
     request = pb.SearchRequest(query=query, cache=pb.CACHE_BYPASS)
     drafts = [(pb.SearchRequest(query=query, cache=pb.CACHE_BYPASS), False)]
+    running.settle()  # an earlier test's last store is in
     entries = len(running.servicer.cache.store)
     started = sample(running, "rag_speculative_total", outcome="started")
 
