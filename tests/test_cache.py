@@ -337,9 +337,11 @@ def test_a_miss_is_stored_after_its_reply_and_before_the_next_request(server_thr
         cache = r.servicer.cache
         store = cache._store
         stored = threading.Event()
+        search(r.stub, "a first search warms the pipeline")
+        r.settle()
 
         def slow_store(*args, **kwargs):
-            time.sleep(1.0)
+            time.sleep(2.0)
             store(*args, **kwargs)
             stored.set()
 
@@ -347,7 +349,7 @@ def test_a_miss_is_stored_after_its_reply_and_before_the_next_request(server_thr
         started = time.perf_counter()
         first = search(r.stub, "how does a suspension bridge hang its deck")
         assert first.served_from == MISS
-        assert time.perf_counter() - started < 0.9 and not stored.is_set()
+        assert time.perf_counter() - started < 1.5 and not stored.is_set()
         again = search(r.stub, "how does a suspension bridge hang its deck")
         assert stored.is_set() and again.served_from == EXACT and chunks(again) == chunks(first)
 
