@@ -1231,8 +1231,8 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           py::arg("depth"), py::arg("simd") = "",
           "dense_above(vectors, codes, code_scale, code_slack, code_norm, query, mask, min_score, depth, simd='')\n"
           "-> (ids int64, scores float32): the top `depth` rows allowed by mask with inner product >= min_score,\n"
-          "scored exactly with the float rows; the per-row codes (kernels.reference.row_quantize) only rule rows\n"
-          "out. See rag_service.kernels.reference.dense_above_reference.");
+          "scored exactly with the float rows; the per-row codes (row_quantize) only rule rows out. See\n"
+          "rag_service.kernels.reference.dense_above_reference.");
     m.def("row_quantize", &row_quantize, py::arg("vectors"), py::arg("codes"), py::arg("scale"), py::arg("slack"),
           py::arg("norm"),
           "row_quantize(vectors, codes, scale, slack, norm) -> None\n\n"

@@ -59,8 +59,8 @@ Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* ma
 
 // Rows each coded with its own scale, for a matrix that grows a row at a time (the semantic cache's query
 // embeddings): row ~= scale[i] * code[i] (int8, the row's largest magnitude at 127), with slack[i] >=
-// ||row - scale[i] * code[i]|| and norm[i] >= ||scale[i] * code[i]|| (kernels.reference.row_quantize computes
-// them). Non-owning.
+// ||row - scale[i] * code[i]|| and norm[i] >= ||scale[i] * code[i]|| (row_quantize below;
+// kernels.reference.row_quantize_reference is its specification). Non-owning.
 struct CodedRows {
     const float* vectors = nullptr;  // float32 [n x d]
     std::size_t n = 0;

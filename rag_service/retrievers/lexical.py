@@ -394,9 +394,7 @@ class BM25Index:
 
     def idf_of(self, tokens: Iterable[str]) -> dict[str, float]:
         """query_terms of analysed tokens."""
-        idf, top = self._idf
-        vocab = self.vocab
-        return {t: (idf.item(i) if (i := vocab.get(t)) is not None else top) for t in tokens}
+        return self.idf_and_ids(list(tokens))[0]
 
     def idf_and_ids(self, tokens: Sequence[str]) -> tuple[dict[str, float], np.ndarray]:
         """(idf_of(tokens), the known tokens' ids sorted, repeats kept) with one vocabulary look-up per token: the
