@@ -15,4 +15,10 @@ inline void prefetch_bytes(const void* start, std::size_t bytes) {
     for (std::size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
+// Into L2 only: for a whole request's rows asked for at once, which would not fit in L1.
+inline void prefetch_bytes_l2(const void* start, std::size_t bytes) {
+    const char* p = static_cast<const char*>(start);
+    for (std::size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
+}
+
 }  // namespace rag

@@ -103,14 +103,6 @@ void check_candidates(const std::int64_t* offsets, std::size_t n_chunks, std::si
     }
 }
 
-std::size_t element_bytes(VectorType type) {
-    switch (type) {
-        case VectorType::kInt8: return 1;
-        case VectorType::kFloat16: return 2;
-        default: return 4;
-    }
-}
-
 float dot_row(const simd::Dots& dots, const float* query, const WindowStore& s, std::size_t row) {
     switch (s.type) {
         case VectorType::kInt8:
@@ -123,6 +115,14 @@ float dot_row(const simd::Dots& dots, const float* query, const WindowStore& s, 
 }
 
 }  // namespace
+
+std::size_t element_bytes(VectorType type) {
+    switch (type) {
+        case VectorType::kInt8: return 1;
+        case VectorType::kFloat16: return 2;
+        default: return 4;
+    }
+}
 
 void check_finite(const float* values, std::size_t rows, std::size_t cols, const char* name) {
     const std::size_t n = rows * cols;

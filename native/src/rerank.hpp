@@ -29,6 +29,9 @@ struct WindowStore {
     bool checked = false;
 };
 
+// Bytes of one stored vector element of that type.
+std::size_t element_bytes(VectorType type);
+
 // out[i * 3 + 0..2] = max, top-2 mean, soft max (temperature) of candidate i's window scores; NaN for a candidate
 // without windows. query has store.d entries. threads = 0 picks by the amount of work.
 void window_maxsim(const float* query, const WindowStore& store, const std::int64_t* candidates, std::size_t m,
