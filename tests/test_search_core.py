@@ -51,6 +51,8 @@ class Calls:
         for owner, name in ((native, "search_core"), (native, "retrieve"), (rerank_mod, "rerank")):
             real = getattr(owner, name)
             monkeypatch.setattr(owner, name, self._wrap(name, real))
+        # The pipeline's prepared form of the one call counts as it.
+        monkeypatch.setattr(native.SearchCall, "__call__", self._wrap("search_core", native.SearchCall.__call__))
 
     def _wrap(self, name, real):
         def call(*args, **kwargs):
@@ -198,6 +200,70 @@ def test_cpp_equals_the_numpy_composition(index, encoder, seed):
                 np.testing.assert_allclose(got.features, want.features, rtol=1e-4, atol=1e-5)
                 expected = 0 if got.confident else min(args["rerank_depth"], len(got.first.fused.ids))
                 assert len(got.ids) == expected
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_prepared_call_equals_search_core(index, encoder, seed):
+    pipe = Pipeline(index, encoder)
+    store, model = pipe.rerank_store, pipe.rerank_model
+    bm25, dense = index.bm25, index.dense
+    codes = native.sq8_quantize(dense.vectors)
+    rng = np.random.default_rng(seed)
+    model_args = dict(columns=model.columns, weights=model.weights, bias=model.bias)
+    for scan, oversample, by_table in ((True, 0, True), (True, 3, False), (False, 0, True), (False, 0, False)):
+        call = native.SearchCall(store.core, bm25.postings, vectors=dense.vectors if scan else None,
+                                 codes=codes if oversample else None, oversample=oversample,
+                                 idf_table=store.idf if by_table else None, **model_args)
+        for query in queries(seed, 4):
+            vector = dense.query_row(encoder.encode_queries(query)[0])
+            terms = bm25.term_ids(bm25.analyzer.tokens(query))
+            given = store.terms_of(terms)
+            for mask in (None, rng.random(index.n_chunks) < 0.5):
+                depth, top_k = int(rng.integers(1, 40)), int(rng.integers(1, 30))
+                hits = None if scan else native.dense_top(dense.vectors, vector, depth, mask=mask)
+                confidence = [None, (3, 1), (5, 99)][int(rng.integers(0, 3))]
+                fusion = dict(method=str(rng.choice(["rrf", "weighted"])), dense_weight=float(rng.random()),
+                              top_k=top_k, rrf_k=60.0)
+                rerank_depth = int(rng.integers(0, 25))
+                got = call(terms, vector, depth, mask=mask, dense=hits, rerank_depth=rerank_depth,
+                           confidence=confidence, query_terms=None if by_table else given, **fusion)
+                terms_args = dict(idf_table=store.idf) if by_table else dict(
+                    query_terms=given[0], query_counts=given[1], query_idf=given[2])
+                want = native.search_core(
+                    store.core, bm25.postings, terms, depth, mask=mask, vectors=dense.vectors if scan else None,
+                    query=vector if scan else None, codes=codes if oversample else None, oversample=oversample,
+                    dense=hits, rerank_query=vector, rerank_depth=rerank_depth, confidence=confidence,
+                    backend="cpp", **fusion, **terms_args, **model_args)
+                for a, b in zip(got.first.bm25 + got.first.dense + tuple(got.first.fused),
+                                want.first.bm25 + want.first.dense + tuple(want.first.fused), strict=True):
+                    np.testing.assert_array_equal(a, b)
+                assert (got.confident, got.agreement) == (want.confident, want.agreement)
+                for a, b in ((got.ids, want.ids), (got.scores, want.scores), (got.features, want.features),
+                             (got.order, want.order)):
+                    np.testing.assert_array_equal(a, b)
+
+
+def test_the_prepared_call_names_a_bad_argument(index, encoder):
+    pipe = Pipeline(index, encoder)
+    store, model = pipe.rerank_store, pipe.rerank_model
+    bm25, dense = index.bm25, index.dense
+    call = native.SearchCall(store.core, bm25.postings, vectors=dense.vectors, codes=None, oversample=0,
+                             idf_table=store.idf, columns=model.columns, weights=model.weights, bias=model.bias)
+    vector = dense.query_row(encoder.encode_queries("glacier ice")[0])
+    terms = bm25.term_ids(bm25.analyzer.tokens("glacier ice"))
+    fusion = dict(method="rrf", dense_weight=0.5, top_k=5, rrf_k=60.0, rerank_depth=5, confidence=None)
+    assert len(call(terms, vector, 10, **fusion).ids) == 5
+    for args, kwargs, message in (
+            ((terms.astype(np.int32), vector, 10), {}, "term_ids must have dtype int64"),
+            ((terms, vector[:5], 10), {}, "query must have"),
+            ((terms, vector.astype(np.float64), 10), {}, "query must have dtype float32"),
+            ((terms, vector, 10), {"mask": np.ones(index.n_chunks, np.uint8)}, "mask must have dtype bool"),
+            ((terms, vector, 10), {"mask": np.ones(3, bool)}, "mask must have one entry per chunk"),
+            ((terms, vector, 10), {"method": "max"}, "method")):
+        with pytest.raises(ValueError, match=message):
+            call(*args, **{**fusion, **kwargs})
+    with pytest.raises(ValueError, match="rerank_depth must be >= 0"):
+        call(terms, vector, 10, **{**fusion, "rerank_depth": -1})
 
 
 def test_bad_input_names_the_field(index, encoder):

@@ -82,6 +82,7 @@ __all__ = [
     "retrieve_backend",
     "search_core",
     "search_core_backend",
+    "SearchCall",
     "SearchCoreResult",
     "row_quantize",
     "sq8_quantize",
@@ -788,9 +789,7 @@ def search_core(core: RerankCore, postings: Postings, term_ids: Any, depth: int,
                                   operator.index(top_k), float(rrf_k), rq, None if derive else qterms,
                                   None if derive else qcounts, None if derive else qidf, cols, w, float(bias), rdepth,
                                   confidence is not None, agree_top, agree_min, "", idf_table)
-        f = out[0]
-        first = RetrieveResult((f[0], f[1]), (f[2], f[3]), FusionResult(f[4], f[5], f[6], f[7]), f[8][:3])
-        return SearchCoreResult(first, bool(out[1]), int(out[2]), out[3], out[4], out[5], out[6], int(f[8][3]))
+        return _search_core_result(out)
     if rdepth < 0:
         raise ValueError(f"rerank_depth must be >= 0, got {rdepth}")
     if confidence is not None and agree_top < 0:
@@ -814,6 +813,58 @@ def search_core(core: RerankCore, postings: Postings, term_ids: Any, depth: int,
                                                first.fused.scores[:k], first.bm25[0], first.dense[0], cols, w, bias,
                                                backend="numpy")
     return SearchCoreResult(first, False, agree, ids, scores, features, order, 0)
+
+
+def _search_core_result(out: tuple) -> SearchCoreResult:
+    """The extension's search_core tuple as a SearchCoreResult."""
+    f = out[0]
+    first = RetrieveResult((f[0], f[1]), (f[2], f[3]), FusionResult(f[4], f[5], f[6], f[7]), f[8][:3])
+    return SearchCoreResult(first, bool(out[1]), int(out[2]), out[3], out[4], out[5], out[6], int(f[8][3]))
+
+
+class SearchCall:
+    """search_core over one loaded index, on C++: the rerank core, the postings, the scanned vectors and their sq8
+    codes, the idf table and the rerank model are converted once, here, so that a request passes only its own
+    arguments. The conversions and checks of search_core's facade cost ~50 µs per request on the caches the query's
+    encode has just flushed (bench/README.md, "Issue 15"). Raises RuntimeError where search_core_backend(core)
+    is not "cpp": search_core is the call that falls back to NumPy.
+
+    `vectors` None: no scan, each call passes the dense list it found (`dense`). `idf_table` None: each call passes
+    the query's distinct terms (`query_terms`: RerankStore.terms_of's triple)."""
+
+    def __init__(self, core: RerankCore, postings: Postings, *, vectors: np.ndarray | None,
+                 codes: SQ8Codes | None, oversample: int, idf_table: np.ndarray | None, columns: Any,
+                 weights: Any, bias: float) -> None:
+        if search_core_backend(core, "cpp") != "cpp":
+            raise RuntimeError("SearchCall needs the extension's search_core")
+        self._core = core._native
+        self._postings = (postings.indptr, postings.docs, postings.weights, int(postings.n_docs))
+        self._vectors = vectors
+        self._codes = (codes.codes, codes.scale, codes.base) if codes is not None else (None, None, None)
+        self._oversample = operator.index(oversample) if vectors is not None else 0
+        self._idf = None if idf_table is None else _as_float64(idf_table, "idf_table")
+        self._columns = _as_vector(columns, _INT64, "columns")
+        self._weights = _as_vector(weights, _FLOAT32, "weights")
+        self._bias = float(bias)
+
+    def __call__(self, term_ids: np.ndarray, query: np.ndarray, depth: int, *, mask: np.ndarray | None = None,
+                 dense: tuple[np.ndarray, np.ndarray] | None = None, method: str, dense_weight: float, top_k: int,
+                 rrf_k: float, rerank_depth: int, confidence: tuple[int, int] | None,
+                 query_terms: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> SearchCoreResult:
+        """search_core(core, postings, term_ids, depth, ...) with this index's arguments; `query` (float32, the
+        index's dimension) is both the scan's query and the rerank's. The arrays go to the extension as they are:
+        it raises ValueError naming one that is not 1-D, C-contiguous and of its dtype (term_ids int64, query
+        float32, mask bool)."""
+        indptr, docs, weights, n_docs = self._postings
+        codes, scale, base = self._codes
+        d = dense if dense is not None else (None, None)
+        t = query_terms if query_terms is not None else (None, None, None)
+        agree_top, agree_min = confidence if confidence is not None else (0, 0)
+        return _search_core_result(_native.search_core(
+            self._core, indptr, docs, weights, n_docs, term_ids, mask, depth, self._vectors,
+            query if self._vectors is not None else None, codes, scale, base, self._oversample, d[0], d[1], method,
+            dense_weight, top_k, rrf_k, query, t[0], t[1], t[2], self._columns, self._weights, self._bias,
+            rerank_depth, confidence is not None, agree_top, agree_min, "", self._idf if query_terms is None else None))
 
 
 # Replies

@@ -106,6 +106,7 @@ class Pipeline(SearcherBase):
         self._first_stage_cpp = native.retrieve_backend() == "cpp"
         self._one_call_cpp = self._first_stage_cpp and self.rerank_store is not None \
             and native.search_core_backend(self.rerank_store.core) == "cpp"
+        self._search_call = self._prepare_search_call() if self._one_call_cpp else None
         # Route choice per request (budget, load, retriever agreement); see adaptive.py.
         self.policy = policy or adaptive.AdaptivePolicy()
         self._capabilities = Capabilities(rerank=self.rerank_store is not None, lexical_route=True,
@@ -113,6 +114,17 @@ class Pipeline(SearcherBase):
         # Dates of the metadata fields that hold them, for recency decays (index/dates.py).
         self.dates = DateColumns.of(index.store)
         self.tenant_key = index.tenant_key
+
+    def _prepare_search_call(self) -> native.SearchCall | None:
+        """The one native call's per-index arguments, prepared once (kernels.native.SearchCall)."""
+        store, model, dense_index = self.rerank_store, self.rerank_model, self.index.dense
+        if store is None or model is None:
+            return None
+        scan = dense_index.native_scan
+        oversample = dense_index.native_oversample if scan and dense_index.sq8 is not None else 0
+        return native.SearchCall(store.core, self.index.bm25.postings, vectors=dense_index.vectors if scan else None,
+                                 codes=dense_index.sq8 if oversample else None, oversample=oversample,
+                                 idf_table=store.idf, columns=model.columns, weights=model.weights, bias=model.bias)
 
     @property
     def version(self) -> str:
@@ -213,8 +225,8 @@ class Pipeline(SearcherBase):
         params costs ~10 µs), the confidence rule and the rerank in one native call, GIL released throughout; the
         query is analysed once, for BM25 and the rerank's terms. Same candidates, rerank and route as retrieve() +
         policy.rerank_depth + rerank.rerank; the call's parts are reported under those stages' names."""
-        store, model = self.rerank_store, self.rerank_model
-        if store is None or model is None:
+        store, call = self.rerank_store, self._search_call
+        if store is None or call is None:
             raise RuntimeError("the one-call search needs the rerank store and model")
         with timer.stage("filter"):
             mask = self.index.filter_mask(params.filters, params.filter)
@@ -227,25 +239,19 @@ class Pipeline(SearcherBase):
             terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
             # With a per-term idf table (lucene idf) the call derives the rerank's distinct terms itself: NumPy
             # calls on this path cost ~130 µs on caches the encode has just flushed.
-            query = (None, None, None) if store.idf is not None else store.terms_of(terms)
+            query_terms = None if store.idf is not None else store.terms_of(terms)
         scan = dense_index.native_scan
         hits = None
         if not scan:
             check_deadline(deadline, "dense")
             with timer.stage("dense"):
                 hits = dense_index.search(query_vector, params.depth, mask)
-        oversample = dense_index.native_oversample if dense_index.sq8 is not None else 0
         check_deadline(deadline, "lexical")
         started = time.time_ns()
-        result = native.search_core(
-            store.core, bm25_index.postings, terms, params.depth, mask=mask,
-            vectors=dense_index.vectors if scan else None, query=dense_index.query_row(query_vector) if scan else None,
-            codes=dense_index.sq8 if scan and oversample else None, oversample=oversample if scan else 0,
-            dense=hits, method=params.fusion, dense_weight=params.dense_weight, top_k=top_k,
-            rrf_k=params.rrf_k, rerank_query=query_vector, query_terms=query[0], query_counts=query[1],
-            query_idf=query[2], idf_table=store.idf if query[0] is None else None, columns=model.columns,
-            weights=model.weights, bias=model.bias,
-            rerank_depth=early.limit, confidence=early.confidence, backend="cpp")
+        result = call(terms, dense_index.query_row(query_vector), params.depth, mask=mask, dense=hits,
+                      method=params.fusion, dense_weight=params.dense_weight, top_k=top_k, rrf_k=params.rrf_k,
+                      rerank_depth=early.limit, confidence=early.confidence,
+                      query_terms=query_terms)
         returned = time.time_ns()
         first = result.first
         bm25_ns, dense_ns, fusion_ns = first.times_ns
