@@ -150,6 +150,28 @@ def test_an_idle_encode_gives_the_vector_of_a_plain_one(kind, export_dir, cache)
     assert np.allclose(batch, enc.encode_queries(QUERIES[:3]))
 
 
+def _threads() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2
+                    or not os.path.isdir("/proc/self/task"), reason="needs Linux and 2 allowed CPUs")
+def test_the_idle_encode_workers_are_held_to_the_cpus_given(export_dir):
+    allowed = sorted(os.sched_getaffinity(0))
+    before = _threads()
+    enc = OnnxEncoder(export_dir, "onnx-int8", threads=1, idle_threads=3, idle_cpus=[allowed[-1]])
+    workers = _threads() - before
+    # Two workers (the caller is the third thread), each on the one CPU given, in turn.
+    assert len(workers) == 2
+    assert all(os.sched_getaffinity(int(t)) == {allowed[-1]} for t in workers)
+    assert enc.encode_queries(QUERIES[0], idle=True).shape == (1, 384)
+    before = _threads()
+    unpinned = OnnxEncoder(export_dir, "onnx-int8", threads=1, idle_threads=2)
+    free = _threads() - before
+    assert unpinned.idle_threads == 2
+    assert len(free) == 1 and all(os.sched_getaffinity(int(t)) == set(allowed) for t in free)
+
+
 def test_without_idle_threads_there_is_one_session(export_dir):
     enc = OnnxEncoder(export_dir, "onnx-int8", threads=2, idle_threads=1)
     assert enc._idle_session is enc._session and enc.idle_threads == 2

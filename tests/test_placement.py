@@ -54,7 +54,7 @@ def test_nothing_is_pinned_when_off_on_one_cpu_or_without_the_call(mode, allowed
 
 def test_pin_loop_takes_the_calling_thread_and_grpc_poller_threads():
     setter = Recorder()
-    placement = Placement("auto", setter=setter, allowed={0, 1}, current_cpu=lambda: 1)
+    placement = Placement("auto", setter=setter, allowed={0, 1})
     stop = threading.Event()
     poller = threading.Thread(target=stop.wait, name="Thread-99 (_poll_wrapper)", daemon=True)
     other = threading.Thread(target=stop.wait, name="bystander", daemon=True)
@@ -66,12 +66,12 @@ def test_pin_loop_takes_the_calling_thread_and_grpc_poller_threads():
         stop.set()
     assert pinned[0] == threading.current_thread().name and "Thread-99 (_poll_wrapper)" in pinned
     assert "bystander" not in pinned
-    # Home is the CPU the loop runs on when pinned.
-    assert placement.home == {1}
+    # Home is the lowest allowed CPU, known before the loop is pinned (the encoder's workers go beside it).
+    assert placement.home == {0}
     loop_id = threading.get_native_id()
-    assert (loop_id, frozenset({1})) in setter.calls
-    assert (poller.native_id, frozenset({1})) in setter.calls
-    assert all(cpus == {1} for _, cpus in setter.calls)
+    assert (loop_id, frozenset({0})) in setter.calls
+    assert (poller.native_id, frozenset({0})) in setter.calls
+    assert all(cpus == {0} for _, cpus in setter.calls)
     # Searches with company free the loop and the pollers; alone again, they go home; one call each per change.
     calls = len(setter.calls)  # the process may hold other gRPC poller threads: each is pinned too
     placement.loop(alone=True)
@@ -82,12 +82,15 @@ def test_pin_loop_takes_the_calling_thread_and_grpc_poller_threads():
     assert len(freed) == calls and all(cpus == {0, 1} for _, cpus in freed)
     assert {native_id for native_id, _ in freed} == {native_id for native_id, _ in setter.calls[:calls]}
     placement.loop(alone=True)
-    assert len(setter.calls) == 3 * calls and all(cpus == {1} for _, cpus in setter.calls[2 * calls:])
-    # A CPU it cannot read, or one outside the allowed set, keeps the lowest allowed CPU.
-    for cpu in (None, 7):
-        other = Placement("auto", setter=Recorder(), allowed={2, 3}, current_cpu=lambda cpu=cpu: cpu)
-        other.pin_loop()
-        assert other.home == {2}
+    assert len(setter.calls) == 3 * calls and all(cpus == {0} for _, cpus in setter.calls[2 * calls:])
+
+
+def test_a_lone_encode_s_workers_go_beside_the_home_cpu():
+    placement = Placement("auto", setter=Recorder(), allowed={6, 2, 3, 5})
+    assert placement.home == {2} and placement.encode_cpus() == [3, 5, 6]
+    assert "workers on CPUs [3, 5, 6]" in placement.describe()
+    for off in (Placement("off", setter=Recorder(), allowed={0, 1}), Placement("auto", setter=Recorder(), allowed={4})):
+        assert off.encode_cpus() == []
 
 
 def test_the_executor_places_each_job_as_it_starts():
@@ -128,8 +131,10 @@ def test_a_server_pins_its_loop_once_loaded_and_answers(built_index, encoder, se
         home = running.server.placement.home
         if placement == "auto":
             assert len(home) == 1 and home <= allowed and loop_cpus == home
+            # The encoders this server loads hold a lone search's encode workers beside the home CPU.
+            assert running.server.encoders.idle_cpus == sorted(allowed - home)
         else:
-            assert loop_cpus == allowed
+            assert loop_cpus == allowed and running.server.encoders.idle_cpus == []
         # The pipeline thread that ran the lone search ran beside the loop; a plain job runs anywhere.
         workers = list(running.server.executor._threads)  # this server's, not another test's
         placed = [_affinity(t.native_id) for t in workers]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from rag_service.core.config import ServerConfig, index_defaults
@@ -27,11 +27,12 @@ from rag_service.shard.split import read_router
 log = logging.getLogger(__name__)
 
 
-def _query_encoder(config: ServerConfig, model_dir: Path, encoder: SearchEncoder | None) -> SearchEncoder:
+def _query_encoder(config: ServerConfig, model_dir: Path, encoder: SearchEncoder | None,
+                   idle_cpus: Sequence[int] = ()) -> SearchEncoder:
     settings = config.encoder
     idle_threads = settings.idle_threads or min(4, os.cpu_count() or 1)
     encoder = encoder or load_index_encoder(settings.backend, model_dir, settings.model_path, settings.threads,
-                                            idle_threads)
+                                            idle_threads, idle_cpus)
     if settings.micro_batch_ms > 0 and not isinstance(encoder, MicroBatcher):
         encoder = MicroBatcher(encoder, window_ms=settings.micro_batch_ms, max_batch=settings.micro_batch_max)
     return encoder
@@ -42,11 +43,14 @@ class EncoderPool:
     (a hundred collections of one model hold one encoder, bench/README.md). A model is told by what the configured
     backend runs: the checksum of the index's exported graph (encoder.onnx, from which the fused int8 graph is
     derived, or encoder-int8.onnx), or for torch the model name. `given`: an encoder already loaded (tests share
-    one), used for every index built with a model of its name. Loads run on the load threads, hence the lock."""
+    one), used for every index built with a model of its name. `idle_cpus`: the CPUs a lone search's encode workers
+    are held to (Placement.encode_cpus). Loads run on the load threads, hence the lock."""
 
-    def __init__(self, config: ServerConfig, given: SearchEncoder | None = None) -> None:
+    def __init__(self, config: ServerConfig, given: SearchEncoder | None = None,
+                 idle_cpus: Sequence[int] = ()) -> None:
         self.config = config
         self.given = given
+        self.idle_cpus = list(idle_cpus)
         self._encoders: dict[tuple, SearchEncoder] = {}
         self._lock = threading.Lock()
 
@@ -69,7 +73,8 @@ class EncoderPool:
         with self._lock:
             encoder = self._encoders.get(key)
             if encoder is None:
-                encoder = _query_encoder(self.config, index_dir, self.given if key[0] == "given" else None)
+                encoder = _query_encoder(self.config, index_dir, self.given if key[0] == "given" else None,
+                                         self.idle_cpus)
                 self._encoders[key] = encoder
                 log.info("query encoder %s for model %s (%d loaded)", encoder.name, key, len(self._encoders))
             return encoder

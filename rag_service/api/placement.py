@@ -7,14 +7,18 @@ gone idle: ~100 µs each on the 2-vCPU VMs of bench/README.md ("Issue 15", "Thre
 the woken thread runs where its waker runs. So while searches come alone, the event loop and gRPC's poller thread
 share a home CPU and each search runs there too; while searches have company, the loop and the poller may run
 anywhere (under load the loop's own work needs whichever CPU is free), and so may a search that has company and
-every other job (index loads, batches, shard calls), which is what spreads concurrent work over the cores. The
-query encoder's own worker threads are created with every allowed CPU (by jobs placed that way) and are never
-pinned.
+every other job (index loads, batches, shard calls), which is what spreads concurrent work over the cores.
+
+A lone search's encode spreads over the idle cores (the encoder's idle threads): its calling thread on the home CPU,
+each worker thread held to one of the other CPUs (encode_cpus). Left free, the workers were woken onto the busy home
+CPU: a guest kernel that packs tasks onto few vCPUs (the 2-vCPU VMs of bench/README.md) kept a worker queued there
+behind the spinning caller for 5-15 ms while the other vCPU sat idle, the compare's p99.
 
 Linux only (`os.sched_setaffinity` sets the calling thread's CPUs there), and only for a process allowed 2 to
 MAX_CPUS CPUs (a VM, a container with its own CPU set, a `taskset`): on a large shared host the scheduler's freedom to
-move the loop off a busy CPU is worth more than a local wake-up. The home CPU is the one the loop runs on when it is
-pinned, the scheduler's own choice. Otherwise, or off, nothing is pinned.
+move the loop off a busy CPU is worth more than a local wake-up. The home CPU is the lowest allowed one, known
+before anything loads, so that the encoder's workers can be created on the others. Otherwise, or off, nothing is
+pinned.
 """
 
 from __future__ import annotations
@@ -36,15 +40,6 @@ _POLLER_NAME = "_poll_wrapper"
 MAX_CPUS = 8
 
 
-def _current_cpu() -> int | None:
-    """The CPU the calling thread runs on (field 39 of /proc/thread-self/stat), or None where it cannot be read."""
-    try:
-        with open("/proc/thread-self/stat", encoding="ascii") as stat:
-            return int(stat.read().rsplit(")", 1)[1].split()[36])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _default_setter() -> Setter | None:
     return getattr(os, "sched_setaffinity", None)
 
@@ -55,16 +50,15 @@ def _default_allowed() -> frozenset[int]:
 
 
 class Placement:
-    """The home CPU and the thread placement around it. `setter`, `allowed` and `current_cpu` are the operating
-    system's unless a test passes its own."""
+    """The home CPU and the thread placement around it. `setter` and `allowed` are the operating system's unless a
+    test passes its own."""
 
     def __init__(self, mode: Literal["auto", "off"] = "auto", *, setter: Setter | None = None,
-                 allowed: Iterable[int] | None = None, current_cpu: Callable[[], int | None] = _current_cpu) -> None:
+                 allowed: Iterable[int] | None = None) -> None:
         self.setter = setter if setter is not None else _default_setter()
         self.spread = frozenset(allowed) if allowed is not None else _default_allowed()
         self.enabled = mode == "auto" and self.setter is not None and 2 <= len(self.spread) <= MAX_CPUS
-        self.current_cpu = current_cpu
-        self.home = frozenset({min(self.spread)}) if self.spread else frozenset()  # until pin_loop chooses
+        self.home = frozenset({min(self.spread)}) if self.spread else frozenset()
         self._local = threading.local()  # the CPUs each thread was last given, so a job sets them only on change
         self._loop_threads: list[int] = []  # native ids of the event loop's thread and gRPC's poller threads
         self._loop_home = False  # whether those are on the home CPU now
@@ -72,7 +66,13 @@ class Placement:
     def describe(self) -> str:
         if not self.enabled:
             return "off"
-        return f"event loop on CPU {min(self.home)}, a lone search beside it, other work on CPUs {sorted(self.spread)}"
+        return (f"event loop on CPU {min(self.home)}, a lone search beside it, its encode's workers on CPUs "
+                f"{self.encode_cpus()}, other work on CPUs {sorted(self.spread)}")
+
+    def encode_cpus(self) -> list[int]:
+        """The CPUs a lone search's encode workers are held to, one each in turn (every allowed CPU but the home
+        one, ascending); empty when placement is off: the workers then run where the scheduler puts them."""
+        return sorted(self.spread - self.home) if self.enabled else []
 
     def _set(self, cpus: frozenset[int], native_id: int = 0) -> None:
         if self.setter is None or not self.enabled:
@@ -93,9 +93,6 @@ class Placement:
         home CPU. Returns the names of the threads pinned."""
         if not self.enabled:
             return []
-        cpu = self.current_cpu()
-        if cpu in self.spread:
-            self.home = frozenset({cpu})
         pinned = [threading.current_thread().name]
         self._loop_threads = [threading.get_native_id()]
         for thread in threading.enumerate():

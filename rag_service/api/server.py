@@ -482,8 +482,9 @@ class RagServer:
         self._reload_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rag-reload",
                                                    initializer=self.placement.spread_thread)
         self.index_root = index_root_of(config)
-        # One query encoder per distinct model, shared by the collections built with it.
-        self.encoders = EncoderPool(config, encoder)
+        # One query encoder per distinct model, shared by the collections built with it; a lone search's encode
+        # workers are held to the CPUs beside the home one (placement.py).
+        self.encoders = EncoderPool(config, encoder, self.placement.encode_cpus())
         self.on_index_swap = [self._swapped]
         specs, default = collection_specs(config)
         self.collections = Collections(specs, default, self.index_root, self.metrics, Loaders(

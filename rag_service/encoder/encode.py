@@ -437,7 +437,9 @@ class OnnxEncoder(_EncoderBase):
     """
 
     def __init__(self, directory: Path | str, kind: str = "onnx-int8", threads: int = 1,
-                 idle_threads: int = 1) -> None:
+                 idle_threads: int = 1, idle_cpus: Sequence[int] = ()) -> None:
+        """`idle_cpus`: the CPUs the idle session's worker threads are held to, one each in turn (Placement's
+        encode_cpus); empty: wherever the scheduler puts them."""
         import onnxruntime as ort
 
         from rag_service.encoder import onnx_export
@@ -494,6 +496,10 @@ class OnnxEncoder(_EncoderBase):
             idle.add_session_config_entry("session.intra_op.allow_spinning", "1")
             # ... but only within a run: after it the workers sleep, and the cores go back to the rest of the search.
             idle.add_session_config_entry("session.force_spinning_stop", "1")
+            if idle_cpus:
+                # ONNX Runtime numbers processors from 1 and wants one entry per worker (the caller is not one).
+                workers = (idle_cpus[i % len(idle_cpus)] + 1 for i in range(self.idle_threads - 1))
+                idle.add_session_config_entry("session.intra_op_thread_affinities", ";".join(map(str, workers)))
             self._idle_session = ort.InferenceSession(str(self.model_file), idle,
                                                       providers=["CPUExecutionProvider"])
         self._tokens_session: object | None = None
@@ -589,9 +595,9 @@ class SearchEncoder(Protocol):
 
 
 def load_encoder(kind: str, directory: Path | str | None = None, model_path: str | None = None,
-                 threads: int = 1, idle_threads: int = 1) -> QueryEncoder:
+                 threads: int = 1, idle_threads: int = 1, idle_cpus: Sequence[int] = ()) -> QueryEncoder:
     """The encoder `kind` names (onnx_export.ENCODER_KINDS): ONNX from `directory` (an index version or an export),
-    torch from `model_path` (default: the packaged model)."""
+    torch from `model_path` (default: the packaged model). `idle_cpus`: OnnxEncoder's."""
     from rag_service.encoder import onnx_export
 
     if kind not in onnx_export.ENCODER_KINDS:
@@ -600,11 +606,11 @@ def load_encoder(kind: str, directory: Path | str | None = None, model_path: str
         return Encoder(model_path)
     if directory is None:
         raise ValueError(f"encoder {kind!r} needs the directory of an ONNX export")
-    return OnnxEncoder(directory, kind, threads=threads, idle_threads=idle_threads)
+    return OnnxEncoder(directory, kind, threads=threads, idle_threads=idle_threads, idle_cpus=idle_cpus)
 
 
 def load_index_encoder(kind: str, index_dir: Path | str, model_path: str | None = None,
-                       threads: int = 1, idle_threads: int = 1) -> QueryEncoder:
+                       threads: int = 1, idle_threads: int = 1, idle_cpus: Sequence[int] = ()) -> QueryEncoder:
     """The query encoder for a loaded index: the ONNX export inside it, or torch. An index built before exports
     existed (or with export_onnx off) falls back to torch, with a warning saying how to get the fast path."""
     from rag_service.encoder import onnx_export
@@ -615,10 +621,10 @@ def load_index_encoder(kind: str, index_dir: Path | str, model_path: str | None 
         kind = "torch"
     if kind in onnx_export.DERIVED_KINDS:
         try:
-            return load_encoder(kind, index_dir, model_path, threads, idle_threads)
+            return load_encoder(kind, index_dir, model_path, threads, idle_threads, idle_cpus)
         except (ValueError, OSError) as exc:
             # A model the optimizer cannot fuse, or a cache that cannot be written: the export's own int8 graph
             # serves the same vectors within the same tolerance, only slower.
             log.warning("%s: cannot derive the %s query encoder (%s); using onnx-int8", index_dir, kind, exc)
             kind = "onnx-int8"
-    return load_encoder(kind, index_dir, model_path, threads, idle_threads)
+    return load_encoder(kind, index_dir, model_path, threads, idle_threads, idle_cpus)
