@@ -161,15 +161,15 @@ def test_the_idle_encode_workers_are_held_to_the_cpus_given(export_dir):
     before = _threads()
     enc = OnnxEncoder(export_dir, "onnx-int8", threads=1, idle_threads=3, idle_cpus=[allowed[-1]])
     workers = _threads() - before
-    # Two workers (the caller is the third thread), each on the one CPU given, in turn.
-    assert len(workers) == 2
-    assert all(os.sched_getaffinity(int(t)) == {allowed[-1]} for t in workers)
+    # Two workers (the caller is the third thread), each on the one CPU given, in turn. (Counted among the threads
+    # that appeared, so that one another library starts meanwhile cannot fail the test.)
+    assert sum(os.sched_getaffinity(int(t)) == {allowed[-1]} for t in workers) == 2
     assert enc.encode_queries(QUERIES[0], idle=True).shape == (1, 384)
     before = _threads()
     unpinned = OnnxEncoder(export_dir, "onnx-int8", threads=1, idle_threads=2)
     free = _threads() - before
     assert unpinned.idle_threads == 2
-    assert len(free) == 1 and all(os.sched_getaffinity(int(t)) == set(allowed) for t in free)
+    assert free and all(os.sched_getaffinity(int(t)) == set(allowed) for t in free)
 
 
 def test_without_idle_threads_there_is_one_session(export_dir):
