@@ -255,7 +255,7 @@ float by_max(float value, float top) { return top > 0.0f ? value / top : 0.0f; }
 // Every candidate's tokens, window spans and window vectors (and, for the whole rerank, its dense row), asked for
 // at once into L2 before the passes that read them. They lie anywhere in the stores and are cold after the encode
 // and the dense scan; asked for only a few candidates ahead, as the passes do, most of each miss stayed exposed
-// (SciFact, plain_stages.py: rerank 281 -> 211 us p50). Candidates must be checked: their offsets are read.
+// (SciFact, plain_stages.py: rerank 288 -> 211 us p50). Candidates must be checked: their offsets are read.
 void prefetch_candidates(const LocalStore& store, const float* vectors, std::size_t d,
                          const std::int64_t* candidates, std::size_t m) {
     const WindowStore& windows = store.windows;
