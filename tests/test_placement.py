@@ -108,6 +108,41 @@ def test_the_executor_places_each_job_as_it_starts():
     assert seen == [True]  # `alone` is asked once, on the worker, as the job starts
 
 
+class ThreadRecorder(Recorder):
+    """Records the calling thread's id where the call names the calling thread (0)."""
+
+    def __call__(self, native_id: int, cpus) -> None:
+        super().__call__(native_id or threading.get_native_id(), cpus)
+
+
+@pytest.mark.parametrize("workers, settled", [(2, True), (2, False), (3, True)])
+def test_a_settled_server_keeps_each_pipeline_thread_to_its_own_cpu(workers, settled):
+    setter = ThreadRecorder()
+    placement = Placement("auto", setter=setter, allowed={4, 7})
+    started = threading.Barrier(workers)
+
+    def search() -> int:
+        started.wait(timeout=30)  # every thread takes one, so each starts
+        return threading.get_native_id()
+
+    with PipelineExecutor(workers, placement) as executor:
+        executor.settled = lambda: settled
+        ran = {f.result() for f in [executor.submit_search(lambda: False, search) for _ in range(workers)]}
+        searches = list(setter.calls)
+        plain = executor.submit(threading.get_native_id).result()
+    assert len(ran) == workers and len(searches) == workers  # one call per thread
+    placed = dict(searches)
+    assert set(placed) == ran
+    if workers == 2 and settled:
+        # One CPU each: the two threads' CPUs are the two allowed ones; a plain job afterwards spreads again.
+        assert sorted(placed.values(), key=min) == [{4}, {7}]
+        assert setter.calls[-1] == (plain, frozenset({4, 7}))
+    else:
+        # Shedding load (the event loop needs a free CPU), or more threads than CPUs (two would share one while
+        # the other idled): searches with company run anywhere.
+        assert all(cpus == {4, 7} for cpus in placed.values())
+
+
 def _affinity(native_id: int) -> set[int]:
     return set(os.sched_getaffinity(native_id))
 

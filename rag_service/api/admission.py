@@ -27,6 +27,7 @@ without pushback the client's own backoff applies.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -58,6 +59,7 @@ class Admission:
         self._queued_lock = threading.Lock()
         self.draining = False
         self.last_arrival = 0.0  # time.monotonic() of the latest search, so a drain can wait for a quiet moment
+        self.last_shed = -math.inf  # time.monotonic() of the latest refusal for load (placement's `settled`)
         self.residence = 0.0  # moving mean of the seconds an admitted search holds its slot, for the pushback
 
     def open(self) -> None:
@@ -71,9 +73,11 @@ class Admission:
         self.open()
         limit = self.config.max_in_flight
         if self.in_flight >= limit:
+            self.last_shed = arrival
             self.metrics.shed.inc()
             raise Overloaded(f"{self.in_flight} requests in flight (limit {limit}); retry later", self.pushback_ms(1))
         if self.queued >= self.config.max_queued and self.in_flight >= self.config.workers:
+            self.last_shed = arrival
             self.metrics.shed.inc()
             raise Overloaded(f"{self.queued} requests queued for a pipeline thread (limit "
                              f"{self.config.max_queued}); retry later", self.pushback_ms(self.queued + 1))

@@ -6,13 +6,18 @@ thread, and when the two threads sit on different CPUs the wake-up is an inter-p
 gone idle: ~100 µs each on the 2-vCPU VMs of bench/README.md ("Issue 15", "Thread placement"), against ~20 µs when
 the woken thread runs where its waker runs. So while searches come alone, the event loop and gRPC's poller thread
 share a home CPU and each search runs there too; while searches have company, the loop and the poller may run
-anywhere (under load the loop's own work needs whichever CPU is free), and so may a search that has company and
-every other job (index loads, batches, shard calls), which is what spreads concurrent work over the cores.
+anywhere (under load the loop's own work needs whichever CPU is free), and so may every other job (index loads,
+batches, shard calls), which is what spreads concurrent work over the cores. A search with company keeps to its
+pipeline thread's own CPU while the server is settled (it has refused nothing lately; PipelineExecutor.settled) and
+there are no more pipeline threads than CPUs: a guest kernel that packs threads onto few vCPUs queued two busy
+pipeline threads on one vCPU while the other idled. While the server sheds load those searches run anywhere too:
+held each to a CPU, they left the event loop, which refuses the excess, too little of one (admitted calls waited
+1.4-1.7 s at 4x the capacity, bench/README.md, "Pipeline threads with company").
 
 A lone search's encode spreads over the idle cores (the encoder's idle threads): its calling thread on the home CPU,
 each worker thread held to one of the other CPUs (encode_cpus). Left free, the workers were woken onto the busy home
-CPU: a guest kernel that packs tasks onto few vCPUs (the 2-vCPU VMs of bench/README.md) kept a worker queued there
-behind the spinning caller for 5-15 ms while the other vCPU sat idle, the compare's p99.
+CPU: the packing kernel (the 2-vCPU VMs of bench/README.md) kept a worker queued there behind the spinning caller
+for 5-15 ms while the other vCPU sat idle, the compare's p99.
 
 Linux only (`os.sched_setaffinity` sets the calling thread's CPUs there), and only for a process allowed 2 to
 MAX_CPUS CPUs (a VM, a container with its own CPU set, a `taskset`): on a large shared host the scheduler's freedom to
@@ -23,6 +28,7 @@ pinned.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -116,11 +122,17 @@ class Placement:
             self._set(cpus, native_id)
         self._loop_home = alone
 
-    def place(self, alone: bool) -> None:
-        """Called by a pipeline thread as a job starts: the home CPU for a lone search, every allowed CPU else."""
+    def place(self, alone: bool, own: int | None = None) -> None:
+        """Called by a pipeline thread as a job starts: the home CPU for a lone search; the `own`-th allowed CPU
+        (ascending) for one that keeps to its thread's CPU; every allowed CPU else."""
         if not self.enabled:
             return
-        cpus = self.home if alone else self.spread
+        if alone:
+            cpus = self.home
+        elif own is not None and own < len(self.spread):
+            cpus = frozenset({sorted(self.spread)[own]})
+        else:
+            cpus = self.spread
         if getattr(self._local, "cpus", None) != cpus:
             self._set(cpus)
 
@@ -132,11 +144,17 @@ class Placement:
 
 class PipelineExecutor(ThreadPoolExecutor):
     """The pipeline threads, with each job placed (Placement.place) as it starts: a search submitted with
-    submit_search runs beside the event loop when `alone()` says so then; everything else may run anywhere."""
+    submit_search runs beside the event loop when `alone()` says so then, and with company on its thread's own CPU
+    while `settled()` says so (and there are no more threads than CPUs); everything else may run anywhere.
+    `settled` is the server's to set (RetrieverServicer: nothing refused lately); until then, never."""
 
     def __init__(self, max_workers: int, placement: Placement, thread_name_prefix: str = "") -> None:
         super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
         self.placement = placement
+        self.settled: Callable[[], bool] = lambda: False
+        self._numbers = threading.local()  # each thread's number, taken at its first search
+        self._count = itertools.count()
+        self._one_cpu_each = max_workers <= len(placement.spread)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         return super().submit(self._placed, False, fn, *args, **kwargs)
@@ -145,5 +163,12 @@ class PipelineExecutor(ThreadPoolExecutor):
         return super().submit(self._placed, alone, fn, *args, **kwargs)
 
     def _placed(self, alone: Callable[[], bool] | bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        self.placement.place(alone() if callable(alone) else alone)
+        if not callable(alone):  # a plain job
+            self.placement.place(alone)
+            return fn(*args, **kwargs)
+        number = getattr(self._numbers, "value", None)
+        if number is None:
+            number = self._numbers.value = next(self._count)  # next() on a count is atomic under the GIL
+        lone = alone()
+        self.placement.place(lone, number if not lone and self._one_cpu_each and self.settled() else None)
         return fn(*args, **kwargs)

@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 # How long after a search last had company a lone one still runs spread (placement.py): at two closed-loop clients
 # the searches overlap most of the time, and one started in a gap beside the event loop was in the way of the next.
 COMPANY_NS = 50_000_000
+# How long after a refusal for load searches with company still run on any CPU (placement.py): the event loop needs
+# a CPU free for refusals while the excess lasts; 0.1 s is tens of searches' worth.
+SETTLED_SECONDS = 0.1
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
 
@@ -174,6 +177,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self.rpc = calls
         self.collections = collections
         self.admission = Admission(config, metrics)
+        executor.settled = self._settled
         # Set by RagServer: loads, validates, warms and swaps in the index at a path ("" = the configured one) as a
         # collection ("" = the default one).
         self.reloader: Callable[[str, str], Awaitable[ReloadResult]] | None = None
@@ -284,6 +288,11 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             self._company_ns = now
             return False
         return now - self._company_ns > COMPANY_NS
+
+    def _settled(self) -> bool:
+        """Whether the server has refused nothing for load in the last SETTLED_SECONDS: searches with company may
+        then keep each to its pipeline thread's CPU (placement.py). A plain read, from a pipeline thread."""
+        return time.monotonic() - self.admission.last_shed > SETTLED_SECONDS
 
     async def _await_work(self, future: concurrent.futures.Future) -> Served:
         try:
