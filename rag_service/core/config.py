@@ -341,8 +341,9 @@ class ServerConfig(BaseSettings):
         "auto", description="Thread placement (Linux, 2 to 8 allowed CPUs): while searches come alone, the event "
         "loop, gRPC's poller thread and each search share one CPU (the lowest allowed), so the hand-overs between "
         "them wake no idle CPU, and the search's encode workers are held to the other CPUs; while searches have "
-        "company, every thread runs on any CPU (rag_service/api/placement.py; bench/README.md \"Thread placement\"). "
-        "off: the scheduler places every thread.")
+        "company, each pipeline thread keeps to a CPU of its own as long as nothing is refused for load (and there "
+        "are no more of them than CPUs), and every other thread runs on any CPU (rag_service/api/placement.py; "
+        "bench/README.md \"Thread placement\"). off: the scheduler places every thread.")
     max_message_bytes: int = Field(1 << 20, ge=1024, description="Largest gRPC message received or sent, in bytes.")
     grace_seconds: float = Field(10.0, ge=0.0, description="On SIGTERM, calls in flight get this long to finish "
                                  "before the server stops.")
