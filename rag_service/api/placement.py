@@ -64,7 +64,8 @@ class Placement:
         self.setter = setter if setter is not None else _default_setter()
         self.spread = frozenset(allowed) if allowed is not None else _default_allowed()
         self.enabled = mode == "auto" and self.setter is not None and 2 <= len(self.spread) <= MAX_CPUS
-        self.home = frozenset({min(self.spread)}) if self.spread else frozenset()
+        self.order = sorted(self.spread)  # the allowed CPUs ascending: the home one first
+        self.home = frozenset(self.order[:1])
         self._local = threading.local()  # the CPUs each thread was last given, so a job sets them only on change
         self._loop_threads: list[int] = []  # native ids of the event loop's thread and gRPC's poller threads
         self._loop_home = False  # whether those are on the home CPU now
@@ -78,7 +79,7 @@ class Placement:
     def encode_cpus(self) -> list[int]:
         """The CPUs a lone search's encode workers are held to, one each in turn (every allowed CPU but the home
         one, ascending); empty when placement is off: the workers then run where the scheduler puts them."""
-        return sorted(self.spread - self.home) if self.enabled else []
+        return self.order[1:] if self.enabled else []
 
     def _set(self, cpus: frozenset[int], native_id: int = 0) -> None:
         if self.setter is None or not self.enabled:
@@ -129,8 +130,8 @@ class Placement:
             return
         if alone:
             cpus = self.home
-        elif own is not None and own < len(self.spread):
-            cpus = frozenset({sorted(self.spread)[own]})
+        elif own is not None and own < len(self.order):
+            cpus = frozenset({self.order[own]})
         else:
             cpus = self.spread
         if getattr(self._local, "cpus", None) != cpus:

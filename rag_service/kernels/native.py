@@ -825,8 +825,8 @@ def _search_core_result(out: tuple) -> SearchCoreResult:
 class SearchCall:
     """search_core over one loaded index, on C++: the rerank core, the postings, the scanned vectors and their sq8
     codes, the idf table and the rerank model are converted once, here, so that a request passes only its own
-    arguments. The conversions and checks of search_core's facade cost ~50 µs per request on the caches the query's
-    encode has just flushed (bench/README.md, "Issue 15"). Raises RuntimeError where search_core_backend(core)
+    arguments. The facade's conversions and checks cost ~50 µs per request after a sweep of the caches and ~8 µs in
+    the request path (bench/README.md, "Issue 15"). Raises RuntimeError where search_core_backend(core)
     is not "cpp": search_core is the call that falls back to NumPy.
 
     `vectors` None: no scan, each call passes the dense list it found (`dense`). `idf_table` None: each call passes

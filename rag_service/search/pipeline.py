@@ -104,9 +104,9 @@ class Pipeline(SearcherBase):
         # The kernels' backend (RAG_SERVICE_BACKEND) is read once, at load, like every other setting of an index:
         # resolved per request it cost ~25 µs on the caches the encode has just flushed.
         self._first_stage_cpp = native.retrieve_backend() == "cpp"
-        self._one_call_cpp = self._first_stage_cpp and self.rerank_store is not None \
-            and native.search_core_backend(self.rerank_store.core) == "cpp"
-        self._search_call = self._prepare_search_call() if self._one_call_cpp else None
+        # The one native call, its per-index arguments prepared once; None where it cannot run (NumPy backend, no
+        # rerank store or model).
+        self._search_call = self._prepare_search_call() if self._first_stage_cpp else None
         # Route choice per request (budget, load, retriever agreement); see adaptive.py.
         self.policy = policy or adaptive.AdaptivePolicy()
         self._capabilities = Capabilities(rerank=self.rerank_store is not None, lexical_route=True,
@@ -118,7 +118,7 @@ class Pipeline(SearcherBase):
     def _prepare_search_call(self) -> native.SearchCall | None:
         """The one native call's per-index arguments, prepared once (kernels.native.SearchCall)."""
         store, model, dense_index = self.rerank_store, self.rerank_model, self.index.dense
-        if store is None or model is None:
+        if store is None or model is None or native.search_core_backend(store.core) != "cpp":
             return None
         scan = dense_index.native_scan
         oversample = dense_index.native_oversample if scan and dense_index.sq8 is not None else 0
@@ -214,8 +214,8 @@ class Pipeline(SearcherBase):
         """Whether this request's first stage, confidence rule and rerank run as one native call: on C++, with a
         rerank store, and for a request whose rerank decision does not need the first stage's duration (no
         budget; a budgeted one decides its affordable depth in between, so it keeps two calls)."""
-        return (self.native_first_stage and self.native_one_call and self._one_call_cpp
-                and self.rerank_model is not None and not early.budgeted
+        return (self.native_first_stage and self.native_one_call and self._search_call is not None
+                and not early.budgeted
                 and (early.confidence is None or early.confidence[0] >= 0))
 
     def _search_native(self, params: SearchParams, top_k: int, early: adaptive.RerankPlan, timer: StageTimer,
