@@ -4,8 +4,10 @@ channel (served_from, strict mode, bypass, reload invalidation, TTL, memory boun
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -87,6 +89,10 @@ def metric(running, name: str, **labels) -> float:
 
 def test_normalise_folds_what_a_user_cannot_tell_apart():
     assert normalise("  What  is\tDNA?\n") == "what is dna?"
+    # ASCII takes a short way; it must fold as NFKC + casefold would.
+    for text in ("MiXeD Case 123 !?", " tabs\tand\x0bvertical\x1fseparators ", "".join(map(chr, range(128)))):
+        assert normalise(text) == re.sub(r"\s+", " ", unicodedata.normalize(
+            "NFKC", unicodedata.normalize("NFKC", text).casefold())).strip()
     assert normalise("ＤＮＡ ﬁles") == normalise("dna files")  # NFKC: full-width letters, ligatures
     assert normalise("Straße") == normalise("STRASSE")  # case folding, not just lower()
     assert normalise("dna?") != normalise("dna")  # punctuation is not normalised away: that is the semantic cache's
@@ -138,6 +144,41 @@ def test_store_evicts_least_recently_used_and_expires_by_insertion_time(served_i
     assert cache.run(pipeline, SearchParams(query="volcano lava", cache="exact_only")).served_from == "miss"
     assert cache.metrics.registry.get_sample_value("rag_cache_expired_total") >= 1
     assert cache.metrics.registry.get_sample_value("rag_cache_evictions_total", {"reason": "lru"}) >= 1
+
+
+def test_a_kept_reply_and_request_count_toward_the_budget_and_leave_with_their_entry(served_index, encoder):
+    from rag_service.index.load import load_index
+    from rag_service.search.pipeline import Pipeline
+
+    pipeline = Pipeline(load_index(served_index.root), encoder)
+    clock = FakeClock()
+    cache = CachedSearch(CacheConfig(ttl_seconds=60), Metrics(), clock)
+    params = SearchParams(query="volcano lava", cache="exact_only")
+    assert cache.run(pipeline, params).served_from == "miss"
+    hit = cache.run(pipeline, params)
+    entry = hit.entry
+    assert hit.served_from == "exact" and entry is not None and entry.reply is None
+    scope = entry.key[0]
+    request, reply = (b"wire bytes", "caller"), b"r" * 5000
+    assert cache.replay(request, scope) is None  # nothing kept yet
+    before = cache.store.bytes
+    cache.keep_reply(entry, reply, request)
+    assert entry.reply is reply and cache.store.bytes >= before + 5000
+    assert cache.replay(request, scope) == (reply, "exact")
+    # Another caller scope, or the same name now leading to another collection or version: not this entry's.
+    assert cache.replay((b"wire bytes", "another caller"), scope) is None
+    assert cache.replay(request, (scope[0], "another version")) is None
+    # Kept once: a second encoding of the same entry is not counted again.
+    counted = cache.store.bytes
+    cache.keep_reply(entry, b"s" * 5000, None)
+    assert entry.reply is reply and cache.store.bytes == counted
+    clock.now += 61  # the entry expires, and what it kept goes with it
+    assert cache.replay(request, scope) is None
+    assert cache.run(pipeline, params).served_from == "miss"
+    assert cache.store.bytes < counted
+    # An entry that has left the cache keeps nothing new.
+    cache.keep_reply(entry, reply, (b"later", "caller"))
+    assert cache.replay((b"later", "caller"), scope) is None
 
 
 def test_answers_cut_short_by_load_or_budget_are_served_but_not_kept(served_index, encoder):
@@ -203,6 +244,38 @@ def test_repeated_query_is_an_exact_hit(running):
     assert metric(running, "rag_cache_hits_total", kind="exact") >= 1
     exposed = generate_latest(running.servicer.metrics.registry).decode()
     assert 'rag_cache_hits_total{kind="exact"}' in exposed and "rag_cache_bytes" in exposed
+
+
+def test_a_repeated_request_is_replayed_without_being_validated_again(running, monkeypatch):
+    from rag_service.api import server as server_module
+
+    validated: list[str] = []
+    real = server_module.request_params
+
+    def counting(request, *args, **kwargs):
+        validated.append(request.query)
+        return real(request, *args, **kwargs)
+
+    monkeypatch.setattr(server_module, "request_params", counting)
+    query = "what keeps a glacier moving downhill"
+    first = search(running.stub, query)
+    hit = search(running.stub, query)  # encodes the entry's reply once and keeps it with the request's bytes
+    assert (first.served_from, hit.served_from, len(validated)) == (MISS, EXACT, 2)
+    replayed = search(running.stub, query)
+    assert replayed.served_from == EXACT and len(validated) == 2 and replayed.server_time_us > 0
+    for reply in (first, hit, replayed):
+        reply.server_time_us = 0
+        reply.served_from = MISS
+    assert replayed == hit == first and len(first.contexts) > 0
+    # Another spelling of the query is the same entry, found the usual way the first time.
+    assert search(running.stub, query.upper()).served_from == EXACT and len(validated) == 3
+    assert search(running.stub, query.upper()).served_from == EXACT and len(validated) == 3
+    # Debug replies carry per-call stage times: never replayed.
+    assert [search(running.stub, query, debug=True).served_from for _ in range(3)] == [MISS, EXACT, EXACT]
+    assert len(validated) == 6
+    # Nor is a request the cache bypasses.
+    assert [search(running.stub, query, cache=pb.CACHE_BYPASS).served_from for _ in range(2)] == [MISS, MISS]
+    assert len(validated) == 8
 
 
 def test_paraphrase_passing_the_guard_is_a_semantic_hit(running):
@@ -288,7 +361,8 @@ def test_ttl_expiry_with_a_controllable_clock(server_thread, encoder, built_inde
         r.settle()  # the answer is stored (at clock 0) before the clock moves
         clock.now += 99
         assert search(r.stub, query).served_from == EXACT
-        clock.now += 2  # 101 s after insertion: a hit at 99 s did not extend it
+        assert search(r.stub, query).served_from == EXACT  # replayed from the request's bytes
+        clock.now += 2  # 101 s after insertion: a hit at 99 s did not extend it, nor does a replay outlive it
         assert search(r.stub, query).served_from == MISS
         assert metric(r, "rag_cache_expired_total") == 1  # (metric() settles: stored again at 101)
         # A paraphrase of an expired entry is no semantic hit either.
@@ -398,7 +472,8 @@ def test_reload_drops_every_entry_of_the_old_version(server_thread, encoder, wri
         stub = pb_grpc.RetrieverStub(client.channel)
         cache = r.server.servicer.cache
         first = search(stub, "why does the sea rise and fall")
-        assert search(stub, "why does the sea rise and fall").served_from == EXACT
+        for _ in range(2):  # the second hit is replayed from the request's bytes
+            assert search(stub, "why does the sea rise and fall").served_from == EXACT
         assert len(cache.store) == 1
         time.sleep(1.1)  # versions are named by build time
         build_index(corpus, root, BuildConfig(), encoder=encoder, progress=False)

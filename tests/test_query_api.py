@@ -357,6 +357,54 @@ def test_a_page_ranks_the_window_it_is_cut_from():
     assert not plain.shaped and not plain.paged
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_plain_request_gets_what_the_long_way_gives(seed):
+    import random
+
+    from rag_service.api.request import PlainParams, search_params
+    from rag_service.core.config import Limits, SearchDefaults
+    from rag_service.core.errors import InvalidArgument
+
+    rng = random.Random(seed)
+    defaults = SearchDefaults(top_k=rng.randint(1, 50), depth=rng.randint(1, 300),
+                              fusion=rng.choice(["rrf", "weighted"]), dense_weight=rng.random(),
+                              rerank=rng.random() < 0.5, rerank_depth=rng.randint(1, 100), mmr_lambda=rng.random(),
+                              dedup_threshold=rng.uniform(0.5, 1.0), max_context_tokens=rng.choice([0, 500, 4000]))
+    limits = Limits()
+    plain = PlainParams()
+    for query in ("tea", "  What is DNA?  ", "ünïcode question", "x" * 300):
+        got = plain(pb.SearchRequest(query=query), defaults, limits)
+        assert got == search_params(pb.SearchRequest(query=query), defaults, limits) and got.query == query
+    first, second = plain(pb.SearchRequest(query="a"), defaults, limits), plain(pb.SearchRequest(query="b"), defaults,
+                                                                                 limits)
+    assert first.query == "a" and first.filters is not second.filters  # nothing mutable is shared
+    # The cache mode and the debug flag are part of a plain request.
+    for cache in (pb.CACHE_DEFAULT, pb.CACHE_BYPASS, pb.CACHE_EXACT_ONLY, pb.CACHE_STRICT):
+        for debug in (False, True):
+            request = pb.SearchRequest(query="tea", cache=cache, debug=debug)
+            got = plain(request, defaults, limits)
+            assert got == search_params(request, defaults, limits) and got.explain == debug
+    with pytest.raises(InvalidArgument) as caught:
+        plain(pb.SearchRequest(query="tea", cache=9), defaults, limits)
+    assert caught.value.field == "cache"
+    # A request that sets any other field takes the long way, and gets what it asks.
+    assert plain(pb.SearchRequest(query="tea", top_k=3), defaults, limits).top_k == 3
+    assert plain(pb.SearchRequest(query="tea", debug=True, filters={"a": "b"}), defaults, limits).filters == {"a": "b"}
+    # Other defaults (another collection, a tuned index) get their own parameters.
+    other = SearchDefaults(top_k=defaults.top_k % 50 + 1, rerank=not defaults.rerank)
+    got = plain(pb.SearchRequest(query="tea"), other, limits)
+    assert got == search_params(pb.SearchRequest(query="tea"), other, limits) and got.top_k != defaults.top_k
+    # Defaults the limits refuse are refused as the long way refuses them, naming the field.
+    with pytest.raises(InvalidArgument) as caught:
+        plain(pb.SearchRequest(query="tea"), SearchDefaults(top_k=limits.max_top_k + 1), limits)
+    assert caught.value.field == "top_k"
+    for bad in ("", "   ", "bad\x00byte", "x" * (limits.max_query_chars + 1)):
+        for debug in (False, True):
+            with pytest.raises(InvalidArgument) as caught:
+                plain(pb.SearchRequest(query=bad, debug=debug), defaults, limits)
+            assert caught.value.field == "query"
+
+
 def test_dates_parse_iso_strings_and_unix_seconds():
     import math
 

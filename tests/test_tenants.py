@@ -225,9 +225,11 @@ def test_prefetch_fills_only_the_tenants_cache(tenant_server, wait_for):
 def test_tenants_never_share_cache_entries(tenant_server):
     _, stub = tenant_server
     query = "gravity masses spacetime"
-    first = stub.Search(pb.SearchRequest(query=query, top_k=12), metadata=bearer(ACME), timeout=30)
-    again = stub.Search(pb.SearchRequest(query=query, top_k=12), metadata=bearer(ACME), timeout=30)
+    first, again, replayed = (stub.Search(pb.SearchRequest(query=query, top_k=12), metadata=bearer(ACME), timeout=30)
+                              for _ in range(3))
     assert first.served_from == pb.SERVED_FROM_MISS and again.served_from == pb.SERVED_FROM_EXACT
+    assert replayed.served_from == pb.SERVED_FROM_EXACT and tenants_of(replayed) == {"acme"}
+    # The same request bytes under another token: not the first token's replay.
     other = stub.Search(pb.SearchRequest(query=query, top_k=12), metadata=bearer(GLOBEX), timeout=30)
     assert other.served_from == pb.SERVED_FROM_MISS and tenants_of(other) == {"globex"}
     # A near-identical query (a semantic hit's territory) still stays within the tenant.

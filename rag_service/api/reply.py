@@ -184,21 +184,40 @@ def joined(result: SearchResult, served_from: pb.ServedFrom, similarity: float |
     """The SearchResponse `message` builds, as wire bytes. `prepared`: the static bytes of the index the contexts
     come from (their `chunk` indexes it), or None to encode their static fields here. `collection`: the collection
     that answered."""
+    parts = _body(result, debug, prepared, next_page_token, collection)
+    parts.append(call_fields(served_from, similarity, server_time_us))
+    return b"".join(parts)
+
+
+def body(result: SearchResult, prepared: ContextBytes | None, collection: str = "") -> bytes:
+    """A plain (not debug) reply of `result` without its per-call fields: what a cache entry keeps, to be sent
+    again followed by `call_fields` (a message's fields may come in any order)."""
+    return b"".join(_body(result, False, prepared, "", collection))
+
+
+def call_fields(served_from: pb.ServedFrom, similarity: float | None, server_time_us: int) -> bytes:
+    """The fields that differ between the calls one answer serves: where it came from, and the time it took."""
+    out = b""
+    if server_time_us:
+        out += _SERVER_TIME + varint(server_time_us)
+    if served_from:
+        out += _SERVED_FROM + varint(served_from)
+    if similarity is not None:
+        out += _scored(_SIMILARITY, similarity)
+    return out
+
+
+def _body(result: SearchResult, debug: bool, prepared: ContextBytes | None, next_page_token: str,
+          collection: str) -> list[bytes]:
     parts = _contexts(result.contexts, prepared, debug, result.shaped)
     append = parts.append
     if result.index_version:
         append(string_field(_INDEX_VERSION, result.index_version))
-    if server_time_us:
-        append(_SERVER_TIME + varint(server_time_us))
     if debug:
         for name, us in result.stage_us.items():
             append(field_bytes(_STAGE_TIME, string_field(_KEY, name) + _UINT_VALUE + varint(us)))
     if result.context_tokens:
         append(_CONTEXT_TOKENS + varint(result.context_tokens))
-    if served_from:
-        append(_SERVED_FROM + varint(served_from))
-    if similarity is not None:
-        append(_scored(_SIMILARITY, similarity))
     if result.route:
         append(string_field(_ROUTE, result.route))
     if result.route_reason:
@@ -217,7 +236,7 @@ def joined(result: SearchResult, served_from: pb.ServedFrom, similarity: float |
         append(_response_extras(result, next_page_token).SerializeToString())
     if collection:
         append(string_field(_COLLECTION, collection))
-    return b"".join(parts)
+    return parts
 
 
 def _legs(legs: Sequence[str]) -> bytes:

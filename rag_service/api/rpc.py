@@ -86,19 +86,22 @@ class Rpc:
             try:
                 result = await call()
             except Exception as error:
-                code, message = self._failed(method, error, span)
-                pushback = getattr(error, "retry_after_ms", None)
-                if pushback is not None:
-                    # Beside what is already there (request id, x-served-by): setting replaces the whole list.
-                    context.set_trailing_metadata((*(context.trailing_metadata() or ()),
-                                                   (PUSHBACK_HEADER, str(pushback))))
-                await context.abort(code, message)
-                raise  # unreachable: abort raises
+                await self.fail(method, context, error, span)
+                raise  # unreachable: fail aborts the call
             if count_ok:
                 self.answered(method, time.perf_counter() - started)
             if span is not None and span.is_recording():
                 span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
             return result
+
+    async def fail(self, method: str, context: grpc.aio.ServicerContext, error: Exception, span: Span | None) -> None:
+        """Aborts the call with the status of `error` (and its pushback, if it has one); counts it. Raises."""
+        code, message = self._failed(method, error, span)
+        pushback = getattr(error, "retry_after_ms", None)
+        if pushback is not None:
+            # Beside what is already there (request id, x-served-by): setting replaces the whole list.
+            context.set_trailing_metadata((*(context.trailing_metadata() or ()), (PUSHBACK_HEADER, str(pushback))))
+        await context.abort(code, message)
 
     def answered(self, method: str, seconds: float) -> None:
         """Counts one OK answer of `method` and the server time it took."""
@@ -130,7 +133,19 @@ def unary(handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]])
 
     @functools.wraps(handler)
     async def serve(servicer: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
-        return await servicer.rpc.serve(method, context, lambda: handler(servicer, request, context), count_ok=True)
+        calls: Rpc = servicer.rpc
+        if calls.tracer is not None:
+            return await calls.serve(method, context, lambda: handler(servicer, request, context), count_ok=True)
+        # Untraced, Rpc.serve's work inline: one coroutine and no closure less per call (~10 µs of an exact hit's
+        # ~40 in these wrappers, on the caches a call finds).
+        started = time.perf_counter()
+        try:
+            result = await handler(servicer, request, context)
+        except Exception as error:
+            await calls.fail(method, context, error, None)
+            raise  # unreachable: fail aborts the call
+        calls.answered(method, time.perf_counter() - started)
+        return result
 
     return serve
 

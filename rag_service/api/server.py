@@ -35,7 +35,7 @@ from rag_service.api.batch import BatchSearch
 from rag_service.api.collections import SERVING, Collections, Loaders, ReloadResult, collection_specs
 from rag_service.api.loader import EncoderPool, load_searcher
 from rag_service.api.placement import PipelineExecutor, Placement
-from rag_service.api.request import search_params
+from rag_service.api.request import PlainParams, search_params
 from rag_service.api.shard_service import SERVICE_NAME as SHARD_SERVICE
 from rag_service.api.shard_service import ShardServicer
 from rag_service.core import tracing
@@ -115,11 +115,11 @@ def searcher_defaults(searcher: Searcher | None, config: ServerConfig) -> Search
 
 
 def request_params(request: pb.SearchRequest, searcher: Searcher, config: ServerConfig,
-                   scope: auth.Scope) -> SearchParams:
+                   scope: auth.Scope, validate: Callable[..., SearchParams] = search_params) -> SearchParams:
     """A search request as the caller's token `scope` may run it on `searcher` (whose collection the scope has
-    allowed): validated with the searcher's defaults, then on a tenant-keyed collection restricted to the caller's
-    tenant (api/tenancy.py)."""
-    params = search_params(request, searcher_defaults(searcher, config), config.limits)
+    allowed): validated with the searcher's defaults (by `validate`: search_params, or a server's PlainParams), then
+    on a tenant-keyed collection restricted to the caller's tenant (api/tenancy.py)."""
+    params = validate(request, searcher_defaults(searcher, config), config.limits)
     return tenancy.apply(params, request.tenant, scope, searcher.tenant_key, config.limits)
 
 
@@ -184,6 +184,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         # Set by RagServer: stops serving a collection (and removes its folder).
         self.deleter: Callable[[str, bool], Awaitable[str]] | None = None
         self.cache = CachedSearch(config.cache, metrics)
+        self._plain = PlainParams()
         # Search replies joined from the index's prepared bytes (api/reply.py); False builds them field by field
         # (bench/experiments/reply_bytes.py compares the two).
         self.joined_replies = True
@@ -212,9 +213,13 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         as the caller's token may run it there (request_params: validated with that collection's defaults, held to
         the caller's tenant). Raises PermissionDenied (checked first, so a refusal says nothing of what exists),
         NotFound, InvalidArgument, Unavailable (still loading) or FailedPrecondition (failed to load)."""
-        scope = self.check_scope(request.collection)
-        searcher = self.collections.searcher(request.collection)
-        return searcher, request_params(request, searcher, self.config, scope)
+        scope, searcher = self.resolve(request.collection)
+        return searcher, request_params(request, searcher, self.config, scope, self._plain)
+
+    def resolve(self, collection: str) -> tuple[auth.Scope, Searcher]:
+        """The caller's scope, once it has allowed `collection`, and the searcher serving that name now."""
+        scope = self.check_scope(collection)
+        return scope, self.collections.searcher(collection)
 
     def check_scope(self, collection: str) -> auth.Scope:
         """The caller's scope, once it has allowed `collection` (as the request names it; "" is the default name)."""
@@ -235,7 +240,15 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         with self.admission.search() as admitted:
             self.executor.placement.loop(self._alone())
             # Resolved once: the whole request runs on this searcher, even across a reload or an alias swap.
-            searcher, params = self.target(request)
+            scope, searcher = self.resolve(request.collection)
+            # A repeat of a request's bytes that an entry answered exactly, under the same scope and index version,
+            # is that entry's prepared reply: nothing to validate or key (the bytes decided both the first time).
+            wire_key = (request.SerializeToString(), scope) if self.joined_replies else None
+            if wire_key is not None:
+                replayed = self.cache.replay(wire_key, (searcher.collection, searcher.version))
+                if replayed is not None:
+                    return self._replayed(*replayed, start)
+            params = request_params(request, searcher, self.config, scope, self._plain)
             if request.page_token:
                 pages.check(pages.decode(request.page_token), searcher.version, request)
             deadline = self._deadline(context)
@@ -246,12 +259,19 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             if served.finished_ns:
                 # From the pipeline thread's last step to this coroutine running again: the wake-up of the loop.
                 served.result.stage_us["handback"] = (time.perf_counter_ns() - served.finished_ns) // 1000
-        response, _ = self._respond(request, params, served, start, validated, searcher)
+        response, _ = self._respond(request, params, served, start, validated, searcher, wire_key)
         return response
 
+    def _replayed(self, body: bytes, served_from: str, start: int) -> bytes:
+        total_us = (time.perf_counter_ns() - start) // 1000
+        self.metrics.observe_stages({"cache": total_us})
+        return body + reply.call_fields(SERVED_FROM[served_from], None, total_us)
+
     def _respond(self, request: pb.SearchRequest, params: SearchParams, served: Served, start: int, validated: int,
-                 searcher: Searcher) -> tuple[bytes | pb.SearchResponse, int]:
-        """The reply and the server time it reports (µs)."""
+                 searcher: Searcher, wire_key: tuple[bytes, auth.Scope] | None = None,
+                 ) -> tuple[bytes | pb.SearchResponse, int]:
+        """The reply and the server time it reports (µs). `wire_key`: the request's bytes and the caller's scope,
+        kept with the entry of an exact hit so that a repeat of them is replayed (CachedSearch.replay)."""
         result = served.result
         result.stage_us["validate"] = (validated - start) // 1000
         total_us = (time.perf_counter_ns() - start) // 1000
@@ -268,6 +288,14 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         # Contexts index the prepared bytes of the index they came from; a result of another version (none reaches
         # here: the cache drops entries of a replaced index) is encoded field by field rather than mislabelled.
         prepared = prepared_bytes(searcher) if result.index_version == searcher.version else None
+        entry = served.entry
+        if entry is not None and not request.debug and not result.shaped:
+            # A hit: the entry's reply, encoded by its first hit and kept with it, then this call's fields.
+            body = entry.reply or reply.body(result, prepared, searcher.collection)
+            keep = wire_key if served.served_from in (EXACT, PREFETCHED) else None
+            if entry.reply is None or (keep is not None and keep not in entry.requests):
+                self.cache.keep_reply(entry, body, keep)
+            return body + reply.call_fields(served_from, served.similarity, total_us), total_us
         return reply.joined(result, served_from, served.similarity, request.debug, total_us, prepared,
                             token, searcher.collection), total_us
 

@@ -20,6 +20,11 @@ answers on top of ours, only serves near-verbatim queries: the same content word
 
 The store is thread-safe (exact lookups run on the event loop, semantic lookups and inserts on pipeline threads);
 single flight (identical concurrent requests do the work once) lives on the event loop in `CachedSearch.search`.
+
+An entry can also hold what the server sends for it (`Entry.reply`: the encoded answer less the fields that differ
+per call) and the wire bytes of the requests it answered exactly (`CacheStore.attach`). A repeat of those bytes, under
+the same caller scope and index version, is then answered by `CachedSearch.replay` without the request being
+validated or keyed again: the bytes decided both already, and the entry leaves the cache with everything it names.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +76,8 @@ _STRICT_IGNORED_STEMS = frozenset(_STRICT_ANALYZER.tokens(" ".join(sorted(_STRIC
 
 def normalise(query: str) -> str:
     """Unicode NFKC, case folded, white space collapsed: the forms a user cannot tell apart."""
+    if query.isascii():  # NFKC leaves ASCII as it is, and casefold() of ASCII is lower()
+        return _SPACE.sub(" ", query.lower()).strip()
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", query).casefold())).strip()
 
 
@@ -143,6 +151,7 @@ class Served:
     finished_ns: int = 0  # perf_counter_ns when a pipeline thread finished it (0: answered on the event loop)
     # A miss's store into the cache, left for the caller to run once the answer is on its way (run(defer_store=True)).
     store: Callable[[], None] | None = None
+    entry: Entry | None = None  # the cache entry a hit came from (its prepared reply: CacheStore.attach)
 
 
 class GuardInputs:
@@ -193,6 +202,10 @@ class Entry:
     used: bool = False
     slot: int = -1
     lexical_of: GuardInputs | None = None  # works `lexical` out when it is None
+    # What the server sends for this entry less the per-call fields, once a hit has encoded it (CacheStore.attach).
+    reply: bytes | None = None
+    # Wire requests (bytes, caller scope) this entry answered exactly: CacheStore.replay finds it by them.
+    requests: list[tuple[bytes, object]] = dataclasses.field(default_factory=list)
 
     def bm25_top(self) -> np.ndarray:
         """`lexical`, worked out (once) the first time a guard compares it."""
@@ -248,6 +261,7 @@ class CacheStore:
         self._groups: dict[tuple, int] = {}
         self._matrices: dict[int, _Matrix] = {}  # vector dimension -> the query embeddings of that size
         self._per_collection: dict[str, int] = {}  # entries held per collection
+        self._requests: dict[tuple[bytes, object], Entry] = {}  # Entry.requests of every entry, to their entry
         self.bytes = 0
         self._publish()
 
@@ -308,6 +322,8 @@ class CacheStore:
             del self._signatures[sig_key]
         if entry.slot >= 0:
             self._matrices[len(entry.vector)].release(entry.slot)
+        for request in entry.requests:
+            del self._requests[request]
         collection = entry.key[0][0]
         self._per_collection[collection] -= 1
         if not self._per_collection[collection]:
@@ -354,6 +370,43 @@ class CacheStore:
             key = self._signatures.get((group, signature))
             return None if key is None else self._lru.get(key)
 
+    def replay(self, request: tuple[bytes, object], scope: tuple[str, str]) -> Entry | None:
+        """The live entry that answered the wire request `request` (bytes, caller scope) exactly, marked recently
+        used, if it is of `scope` (collection, index version: where the request's collection name leads now)."""
+        with self._lock:
+            entry = self._requests.get(request)
+            if entry is None or entry.key[0] != scope:
+                return None
+            self._expire(self.clock())
+            if self._lru.get(entry.key) is not entry:  # expired just now
+                return None
+            self._lru.move_to_end(entry.key)
+            return entry
+
+    def attach(self, entry: Entry, reply: bytes, request: tuple[bytes, object] | None) -> None:
+        """Keeps `reply` with `entry` (the server's encoding of its answer, less the per-call fields), and, when
+        given, `request` (the wire bytes and caller scope of a request it answered exactly) for `replay`. Both count
+        toward the byte budget. Nothing is kept for an entry no longer in the cache, nor past MAX_REQUESTS per entry
+        (spellings of one query that normalise alike)."""
+        with self._lock:
+            if self._lru.get(entry.key) is not entry:
+                return
+            added = 0
+            if entry.reply is None:
+                entry.reply = reply
+                added += sys.getsizeof(reply)
+            if request is not None and request not in self._requests and len(entry.requests) < MAX_REQUESTS:
+                self._requests[request] = entry
+                entry.requests.append(request)
+                added += sys.getsizeof(request[0]) + 120  # the key's tuple and two dict slots
+            entry.nbytes += added
+            self.bytes += added
+            # The entry was just used: eviction starts with the least recently used others.
+            while self._lru and self.bytes > self.config.max_bytes:
+                self._remove(next(iter(self._lru.values())))
+                self.metrics.cache_evictions.labels("lru").inc()
+            self._publish()
+
     def touch(self, entry: Entry) -> bool:
         """Marks a semantic hit recently used; False when the entry left the cache meanwhile."""
         with self._lock:
@@ -390,6 +443,10 @@ class CacheStore:
             self._publish()
             return True
 
+
+
+# Wire spellings of one request kept per entry for replay ("What is DNA" and "what is dna" are one entry).
+MAX_REQUESTS = 4
 
 
 class _Matrix:
@@ -499,6 +556,7 @@ class CachedSearch:
         self.metrics = metrics or Metrics()
         self.store = CacheStore(config, self.metrics, clock)
         self._flights: dict[tuple, asyncio.Future] = {}  # touched only on the event loop
+        self._hit_counters: dict[str, Any] = {}  # cache_hits' child per kind
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -531,18 +589,36 @@ class CachedSearch:
         return ((searcher.collection, searcher.version), normalise(params.query), params_key(params))
 
     # -- hits ---------------------------------------------------------------------------------------------------------
-    def _hit(self, entry: Entry, kind: str, started_ns: int, similarity: float | None = None) -> Served:
+    def _count_hit(self, entry: Entry, kind: str, similarity: float | None = None) -> str:
+        """Counts a hit of `kind` on `entry`; returns what it was served from."""
         served_from = kind
         if kind == EXACT and entry.origin != LIVE:
             served_from = PREFETCHED
         if entry.origin == PREFETCH and not entry.used:
             self.metrics.prefetch_used.inc()
         entry.used = True
-        self.metrics.cache_hits.labels(served_from).inc()
+        counter = self._hit_counters.get(served_from)
+        if counter is None:  # labels() takes a lock and builds a key: once per kind, not per hit
+            counter = self._hit_counters[served_from] = self.metrics.cache_hits.labels(served_from)
+        counter.inc()
         if similarity is not None:
             self.metrics.cache_similarity.observe(similarity)
+        return served_from
+
+    def _hit(self, entry: Entry, kind: str, started_ns: int, similarity: float | None = None) -> Served:
+        served_from = self._count_hit(entry, kind, similarity)
         result = _copy(entry.result, {"cache": (time.perf_counter_ns() - started_ns) // 1000})
-        return Served(result, served_from, similarity, entry.origin)
+        return Served(result, served_from, similarity, entry.origin, entry=entry)
+
+    def replay(self, request: tuple[bytes, object], scope: tuple[str, str]) -> tuple[bytes, str] | None:
+        """An exact hit found by the wire request alone (CacheStore.replay): the entry's prepared reply and what it
+        is served from, or None (then the request takes the usual path). Cheap enough for the event loop."""
+        if not self.config.enabled:
+            return None
+        entry = self.store.replay(request, scope)
+        if entry is None or entry.reply is None:
+            return None
+        return entry.reply, self._count_hit(entry, EXACT)
 
     def lookup_exact(self, searcher: Searcher, params: SearchParams, key: tuple | None = None) -> Served | None:
         """Exact hit or None; cheap enough for the event loop."""
@@ -551,6 +627,11 @@ class CachedSearch:
             return None
         entry = self.store.get(key or self.key(searcher, params))
         return None if entry is None else self._hit(entry, EXACT, started)
+
+    def keep_reply(self, entry: Entry, reply: bytes, request: tuple[bytes, object] | None = None) -> None:
+        """Keeps the server's encoding of a hit's entry and, for an exact hit, the request's wire key, for later
+        hits and replays (CacheStore.attach)."""
+        self.store.attach(entry, reply, request)
 
     def guard_inputs(self, params: SearchParams, guard: LexicalGuard) -> GuardInputs:
         """What the fidelity guard compares of this request's query (none of it needs the query vector)."""
