@@ -116,6 +116,48 @@ def test_budget_counts_from_arrival(index, encoder):
     assert result.route == SHALLOW
 
 
+def _counting_plans(p: Pipeline) -> list[str]:
+    routes: list[str] = []
+    real = p.policy.plan
+
+    def plan(*args, **kwargs):
+        made = real(*args, **kwargs)
+        routes.append(made.route)
+        return made
+
+    p.policy.plan = plan  # type: ignore[method-assign]
+    return routes
+
+
+def test_a_plan_within_its_budget_by_far_is_not_made_again_after_the_encode(index, encoder):
+    costs = {"lexical": 2.0, "dense": 2.0, "encode": 5.0, "rerank_per_candidate": 0.01}
+    p = pipeline(index, encoder, AdaptiveConfig(confidence=False, lexical=False), **costs)
+    routes = _counting_plans(p)
+    result = p.search(SearchParams(query=QUERY, top_k=3, depth=200, budget_ms=600_000))
+    assert result.route == FULL and routes == [FULL]
+    # No budget at all: nothing to plan again either.
+    routes.clear()
+    assert p.search(SearchParams(query=QUERY, top_k=3)).route == FULL and routes == [FULL]
+
+
+def test_an_encode_that_overruns_a_close_budget_is_planned_again(index, encoder):
+    import time
+
+    costs = {"lexical": 2.0, "dense": 2.0, "encode": 5.0, "rerank_per_candidate": 0.01}
+    p = pipeline(index, encoder, AdaptiveConfig(confidence=False, lexical=False), **costs)
+    routes = _counting_plans(p)
+    real_encode = p.encode
+
+    def slow_encode(query, deadline=None):
+        time.sleep(0.06)  # 60 ms against the 5 ms the policy expects, in a budget of 40
+        return real_encode(query, deadline)
+
+    p.encode = slow_encode  # type: ignore[method-assign]
+    # The budget counts from arrival, as a server's request's does.
+    result = p.search(SearchParams(query=QUERY, top_k=3, depth=200, budget_ms=40), arrival=time.monotonic())
+    assert routes == [FULL, SHALLOW] and result.route == SHALLOW, result.route_reason
+
+
 def _no_encode(*args, **kwargs):
     pytest.fail("the lexical route encoded the query")
 

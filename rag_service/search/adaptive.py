@@ -96,6 +96,9 @@ class Plan:
     budget_end: float | None  # monotonic time the request should be done by; None: no budget
     in_flight: int
     start: float | None = None  # monotonic time the budget counts from (the arrival)
+    # The first stage's estimated ms (without the encode) that a plan within its budget was judged against; None when
+    # no budget decided the route.
+    first_ms: float | None = None
 
 
 def agreement(bm25_ids: np.ndarray, dense_ids: np.ndarray, top: int) -> int:
@@ -246,15 +249,27 @@ class AdaptivePolicy:
             return Plan(params, FULL, "no latency budget" if self.config.enabled else "adaptive routing off",
                         budget_end, in_flight, start)
         est = self.estimates()
-        first = est["lexical"] + est["dense"] + est["fusion"] + est["contexts"] + est["assemble"]
-        if not encoded:
-            first += est["encode"]
+        stage = est["lexical"] + est["dense"] + est["fusion"] + est["contexts"] + est["assemble"]
+        first = stage if encoded else stage + est["encode"]
         left_ms = (budget_end - now) * 1000.0 * _SAFETY
         if first > left_ms and params.depth > SHALLOW_DEPTH:
             shallow = replace(params, depth=SHALLOW_DEPTH, rerank_depth=min(params.rerank_depth, SHALLOW_DEPTH))
             return Plan(shallow, SHALLOW, f"{left_ms / _SAFETY:.1f} ms left, first stage needs ~{first:.1f} ms: "
                         f"depth {params.depth} -> {SHALLOW_DEPTH}, no rerank", budget_end, in_flight, start)
-        return Plan(params, FULL, "within budget", budget_end, in_flight, start)
+        return Plan(params, FULL, "within budget", budget_end, in_flight, start, first_ms=stage)
+
+    def replan_after_encode(self, plan: Plan) -> bool:
+        """Whether a plan made before the encode must be made again once the encode is paid (SearcherBase.search).
+        Not when no budget decided its route (none given, adaptive routing off, a fused route), nor when it is
+        within its budget by ten times its first stage's estimate: planned again it would be the same plan, and
+        planning costs ~17 µs on the caches an encode leaves. Most requests carry a deadline of seconds against a
+        first stage of about a millisecond. A shallow plan is made again: the encode's real cost may restore the
+        full route."""
+        if plan.budget_end is None or not self.config.enabled or plan.route == FUSED:
+            return False
+        if plan.route == FULL and plan.first_ms is not None:
+            return (plan.budget_end - time.monotonic()) * 1000.0 * _SAFETY < 10.0 * plan.first_ms
+        return True
 
     def _lexical_plan(self, params: SearchParams, budget_end: float, now: float, start: float,
                       in_flight: int) -> Plan | None:

@@ -157,8 +157,8 @@ class SearcherBase:
             if query_vector is None:
                 query_vector = self._encode_stage(params.query, deadline, timer)
                 # Planned again with the encode paid: the rest of the budget decides depth and rerank. Without a
-                # budget or deadline nothing the encode changed enters the plan, so it stands.
-                if plan.budget_end is not None:
+                # budget, or with one the encode cannot have brought into play, the plan stands.
+                if self.policy.replan_after_encode(plan):
                     plan = self.policy.plan(params, deadline, in_flight, True, caps.rerank, arrival,
                                             lexical_available=caps.lexical_route)
             if cache is not None:
