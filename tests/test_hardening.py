@@ -59,6 +59,36 @@ def test_queued_work_is_bounded_and_expired_work_is_never_run(one_worker, wait_f
     assert stub.Search(pb.SearchRequest(query="volcano"), timeout=30).contexts  # healthy afterwards
 
 
+def test_a_pipeline_thread_hands_back_its_answer_or_its_error_and_nothing_to_a_caller_gone():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rag_service.api.server import _hand_back
+    from rag_service.core.errors import DeadlineExceeded
+
+    def too_late():
+        raise DeadlineExceeded("rerank")
+
+    async def main() -> list[dict]:
+        loop = asyncio.get_running_loop()
+        problems: list[dict] = []
+        loop.set_exception_handler(lambda _, context: problems.append(context))
+        with ThreadPoolExecutor(1) as pool:
+            answer = loop.create_future()
+            pool.submit(_hand_back, loop, answer, lambda: "served")
+            assert await answer == "served"
+            failed = loop.create_future()
+            pool.submit(_hand_back, loop, failed, too_late)
+            with pytest.raises(DeadlineExceeded):
+                await failed
+            gone = loop.create_future()
+            gone.cancel()  # the caller gave up while the search ran: its late answer is dropped quietly
+            await asyncio.wrap_future(pool.submit(_hand_back, loop, gone, lambda: "late"))
+            await asyncio.sleep(0.05)
+        return problems
+
+    assert asyncio.run(main()) == []
+
+
 def test_a_deadline_passing_mid_pipeline_stops_the_remaining_stages(one_worker, wait_for):
     running, stub, _, _ = one_worker
     pipeline = running.server.servicer.pipeline
