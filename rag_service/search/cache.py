@@ -323,7 +323,7 @@ class CacheStore:
         if entry.slot >= 0:
             self._matrices[len(entry.vector)].release(entry.slot)
         for request in entry.requests:
-            del self._requests[request]
+            self._requests.pop(request, None)
         collection = entry.key[0][0]
         self._per_collection[collection] -= 1
         if not self._per_collection[collection]:
