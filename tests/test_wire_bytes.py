@@ -127,6 +127,27 @@ def test_joined_bytes_parse_to_the_field_by_field_message(seed: int) -> None:
                 assert got.HasField("cache_similarity") == expected.HasField("cache_similarity")
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_a_kept_reply_and_a_calls_fields_parse_to_the_message(seed: int) -> None:
+    # What a cache entry keeps (reply.body) followed by one call's fields is the reply of that call.
+    rng = random.Random(seed)
+    chunks = _chunks(rng, rng.randint(1, 30))
+    prepared = ContextBytes.from_fields(chunks)
+    for _ in range(5):
+        result = _result(rng, chunks)
+        if result.shaped:  # shaped replies (pages, explanations) are never kept
+            continue
+        collection = rng.choice(["", "docs"])
+        for table in (prepared, None):
+            kept = reply.body(result, table, collection)
+            for served_from in (pb.SERVED_FROM_EXACT, pb.SERVED_FROM_SEMANTIC, pb.SERVED_FROM_PREFETCHED):
+                similarity = 0.97 if served_from == pb.SERVED_FROM_SEMANTIC else None
+                time_us = rng.choice([0, 17, 1 << 40])
+                got = pb.SearchResponse.FromString(kept + reply.call_fields(served_from, similarity, time_us))
+                assert got == reply.message(result, served_from, similarity, False, time_us, "", collection)
+                assert got.HasField("cache_similarity") == (similarity is not None)
+
+
 def test_a_context_whose_score_overflows_float32_becomes_an_infinity_as_in_the_message() -> None:
     chunks = [StaticFields("d", "d#0", "", "x", {})]
     c = ContextResult(chunk=0, doc_id="d", chunk_id="d#0", title="", text="x", metadata={}, score=1e39,
