@@ -76,6 +76,32 @@ def test_bm25_top_equals_the_numba_scorer_and_the_reference(seed, n_docs):
                     assert got[0].size == 0
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_bm25_top_on_a_large_index_reads_its_sums_in_chunk_order_to_the_same_answer(seed):
+    # Past 2^17 chunks, a query whose postings cover an eighth of them has its sums read in chunk order rather than
+    # at each posting: the same top, ties and all (few distinct impacts, repeated terms, masks), and a clean buffer.
+    rng = np.random.default_rng(seed)
+    n_docs, vocab = 140_000, 8
+    indptr, docs = [0], []
+    for t in range(vocab):
+        k = int(rng.integers(n_docs // 40, n_docs // (2 + t)))
+        docs.extend(np.sort(rng.choice(n_docs, size=k, replace=False)).tolist())
+        indptr.append(len(docs))
+    weights = rng.choice(np.array([0.25, 0.5, 1.0, 1.7], np.float32), size=len(docs))
+    p = Postings(np.asarray(indptr, np.int64), np.asarray(docs, np.int32), weights.astype(np.float32), n_docs)
+    for terms in (np.arange(vocab, dtype=np.int64), np.array([0, 0, 5], np.int64), np.array([7], np.int64)):
+        covered = int(sum(p.indptr[t + 1] - p.indptr[t] for t in terms))
+        for mask in (None, rng.random(n_docs) < 0.3, np.zeros(n_docs, np.bool_)):
+            for depth in (1, 100, 5000):
+                got = native.bm25_top(p, terms, depth, mask=mask, backend="cpp")
+                same(got, numba_top(p, terms, mask, depth))
+                same(got, bm25_top_reference(p, terms, mask, depth))
+        assert covered * 8 >= n_docs or terms.size == 1
+    # Nothing left behind in the thread's sums: a small query afterwards scores from zero.
+    small = np.array([vocab - 1], np.int64)
+    same(native.bm25_top(p, small, 10, backend="cpp"), numba_top(p, small, None, 10))
+
+
 def test_bm25_top_with_no_chunks_and_bad_input():
     empty = Postings(np.zeros(4, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), 0)
     assert native.bm25_top(empty, np.array([1], np.int64), 10, backend="cpp")[0].size == 0

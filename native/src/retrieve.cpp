@@ -153,6 +153,13 @@ std::vector<std::int8_t> quantize_query(const float* query, const float* scale, 
     return out;
 }
 
+// bm25_top reads its sums in chunk order once the query's postings reach 1/kScanRatio of the chunks, on an index
+// whose sums outgrow the core's own caches (kScanMinChunks floats): there a stream of the sums costs about what that
+// many postings' random reads do (1M chunks: p50 6.4 -> 4.4 ms, p99 19.6 -> 7.5), while on a small index the
+// postings' reads hit the cache and the scan only adds work (SciFact's 10,435 chunks: 53 -> 66 µs at p50).
+constexpr std::size_t kScanRatio = 8;
+constexpr std::size_t kScanMinChunks = std::size_t{1} << 17;
+
 std::int64_t elapsed_ns(std::chrono::steady_clock::time_point since) {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - since).count();
 }
@@ -191,6 +198,36 @@ Hits bm25_top(const Postings& p, const std::int64_t* term_ids, std::size_t n_que
             }
             acc[static_cast<std::size_t>(d)] += p.weights[q];
         }
+    }
+    std::size_t total = 0;
+    for (std::size_t k = 0; k < n_query_terms; ++k) {
+        total += static_cast<std::size_t>(p.indptr[term_ids[k] + 1] - p.indptr[term_ids[k]]);
+    }
+    if (n >= kScanMinChunks && total * kScanRatio >= n) {
+        // Postings that cover much of the index: read the sums in chunk order, a stream, rather than at each
+        // posting again, a random read and write apiece (at 1M chunks, ~half of the scorer's time). Offers then come
+        // in id order; the top is the same whatever the order. Blocks left at zero are skipped, and only the blocks
+        // read nonzero are cleared.
+        float* sums = acc.data();
+        constexpr std::size_t kBlock = 16;
+        for (std::size_t base = 0; base < n; base += kBlock) {
+            const std::size_t end = std::min(n, base + kBlock);
+            std::uint32_t any = 0;
+            for (std::size_t d = base; d < end; ++d) {
+                std::uint32_t bits;
+                std::memcpy(&bits, sums + d, sizeof bits);
+                any |= bits;
+            }
+            if (any == 0) continue;
+            for (std::size_t d = base; d < end; ++d) {
+                const float s = sums[d];
+                sums[d] = 0.0f;
+                if (s <= 0.0f) continue;
+                if (mask != nullptr && mask[d] == 0) continue;
+                top.offer(s, static_cast<std::int64_t>(d));
+            }
+        }
+        return to_hits(top.take(), static_cast<std::size_t>(depth));
     }
     // Visit only the chunks a query term touches; zeroing marks a chunk as offered (a repeated term would offer it
     // again) and leaves the buffer clean.
