@@ -199,6 +199,16 @@ Hits bm25_top(const Postings& p, const std::int64_t* term_ids, std::size_t n_que
             acc[static_cast<std::size_t>(d)] += p.weights[q];
         }
     }
+    // Offers chunk d's sum, if it is a score the mask allows, and clears it: zeroing marks the chunk as offered and
+    // leaves the buffer clean for the next call.
+    float* const sums = acc.data();
+    const auto settle = [sums, mask, &top](std::size_t d) {
+        const float s = sums[d];
+        sums[d] = 0.0f;
+        if (s <= 0.0f) return;
+        if (mask != nullptr && mask[d] == 0) return;
+        top.offer(s, static_cast<std::int64_t>(d));
+    };
     std::size_t total = 0;
     for (std::size_t k = 0; k < n_query_terms; ++k) {
         total += static_cast<std::size_t>(p.indptr[term_ids[k] + 1] - p.indptr[term_ids[k]]);
@@ -208,7 +218,6 @@ Hits bm25_top(const Postings& p, const std::int64_t* term_ids, std::size_t n_que
         // posting again, a random read and write apiece (at 1M chunks, ~half of the scorer's time). Offers then come
         // in id order; the top is the same whatever the order. Blocks left at zero are skipped, and only the blocks
         // read nonzero are cleared.
-        float* sums = acc.data();
         constexpr std::size_t kBlock = 16;
         for (std::size_t base = 0; base < n; base += kBlock) {
             const std::size_t end = std::min(n, base + kBlock);
@@ -219,28 +228,14 @@ Hits bm25_top(const Postings& p, const std::int64_t* term_ids, std::size_t n_que
                 any |= bits;
             }
             if (any == 0) continue;
-            for (std::size_t d = base; d < end; ++d) {
-                const float s = sums[d];
-                sums[d] = 0.0f;
-                if (s <= 0.0f) continue;
-                if (mask != nullptr && mask[d] == 0) continue;
-                top.offer(s, static_cast<std::int64_t>(d));
-            }
+            for (std::size_t d = base; d < end; ++d) settle(d);
         }
         return to_hits(top.take(), static_cast<std::size_t>(depth));
     }
-    // Visit only the chunks a query term touches; zeroing marks a chunk as offered (a repeated term would offer it
-    // again) and leaves the buffer clean.
+    // Visit only the chunks a query term touches (a chunk met again has a zero sum by then).
     for (std::size_t k = 0; k < n_query_terms; ++k) {
         const std::int64_t t = term_ids[k];
-        for (std::int64_t q = p.indptr[t]; q < p.indptr[t + 1]; ++q) {
-            const auto d = static_cast<std::size_t>(p.docs[q]);
-            const float s = acc[d];
-            acc[d] = 0.0f;
-            if (s <= 0.0f) continue;
-            if (mask != nullptr && mask[d] == 0) continue;
-            top.offer(s, static_cast<std::int64_t>(d));
-        }
+        for (std::int64_t q = p.indptr[t]; q < p.indptr[t + 1]; ++q) settle(static_cast<std::size_t>(p.docs[q]));
     }
     return to_hits(top.take(), static_cast<std::size_t>(depth));
 }
