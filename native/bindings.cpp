@@ -860,6 +860,9 @@ struct FirstStageArgs {
     DenseArgs dense;
     py::object given[2];  // the dense list passed in (or empty) when there is no scan
     bool scan = false;
+    py::array bm25_keep[2];  // the BM25 list passed in, when it was ranked beforehand
+    rag::RankedList bm25_list;
+    const rag::RankedList* bm25_given = nullptr;
     rag::DenseSource source;
     rag::FusionParams fusion;
     rag::simd::Level level = rag::simd::Level::kScalar;
@@ -871,8 +874,16 @@ void first_stage_arg(FirstStageArgs& a, const py::handle& indptr, const py::hand
                      const py::handle& vectors, const py::handle& query, const py::handle& codes,
                      const py::handle& code_scale, const py::handle& code_base, std::int64_t oversample,
                      const py::handle& dense_ids, const py::handle& dense_scores, const std::string& method,
-                     double dense_weight, std::int64_t top_k, double rrf_k, const std::string& simd) {
+                     double dense_weight, std::int64_t top_k, double rrf_k, const std::string& simd,
+                     const py::handle& bm25_ids, const py::handle& bm25_scores) {
     a.p = postings_arg(indptr, docs, weights, n_docs);
+    if (bm25_ids.is_none() != bm25_scores.is_none()) {
+        fail("bm25_ids and bm25_scores come together (both None or both arrays)");
+    }
+    if (!bm25_ids.is_none()) {
+        a.bm25_list = ranked_list(bm25_ids, bm25_scores, "bm25_ids", "bm25_scores", a.bm25_keep[0], a.bm25_keep[1]);
+        a.bm25_given = &a.bm25_list;
+    }
     a.terms = checked_vector<std::int64_t>(term_ids_obj, "term_ids", "int64");
     a.mask_data = mask_arg(mask_obj, a.p.postings.n_docs, a.mask);
     a.scan = !vectors.is_none() || !query.is_none();
@@ -928,15 +939,17 @@ py::tuple retrieve(const py::handle& indptr, const py::handle& docs, const py::h
                    const py::handle& vectors, const py::handle& query, const py::handle& codes,
                    const py::handle& code_scale, const py::handle& code_base, std::int64_t oversample,
                    const py::handle& dense_ids, const py::handle& dense_scores, const std::string& method,
-                   double dense_weight, std::int64_t top_k, double rrf_k, const std::string& simd) {
+                   double dense_weight, std::int64_t top_k, double rrf_k, const std::string& simd,
+                   const py::handle& bm25_ids, const py::handle& bm25_scores) {
     FirstStageArgs a;
     first_stage_arg(a, indptr, docs, weights, n_docs, term_ids_obj, mask_obj, vectors, query, codes, code_scale,
-                    code_base, oversample, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k, simd);
+                    code_base, oversample, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k, simd,
+                    bm25_ids, bm25_scores);
     auto owned = std::make_unique<rag::RetrieveResult>();
     {
         py::gil_scoped_release release;
         *owned = rag::retrieve(a.p.postings, data_of<std::int64_t>(a.terms), len(a.terms), a.mask_data, depth,
-                               a.source, a.fusion, a.level);
+                               a.source, a.fusion, a.level, a.bm25_given);
     }
     rag::RetrieveResult* r = owned.get();
     const py::capsule base(r, [](void* q) noexcept { delete static_cast<rag::RetrieveResult*>(q); });
@@ -957,10 +970,12 @@ py::tuple search_core(const rerank_core::Core& core, const py::handle& indptr, c
                       const py::handle& query_terms, const py::handle& query_counts, const py::handle& query_idf,
                       const py::handle& columns, const py::handle& model_weights, double bias,
                       std::int64_t rerank_depth, bool confidence, std::int64_t agree_top, std::int64_t agree_min,
-                      const std::string& simd, const py::handle& idf_table) {
+                      const std::string& simd, const py::handle& idf_table, const py::handle& bm25_ids,
+                      const py::handle& bm25_scores) {
     FirstStageArgs a;
     first_stage_arg(a, indptr, docs, weights, n_docs, term_ids_obj, mask_obj, vectors, query, codes, code_scale,
-                    code_base, oversample, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k, simd);
+                    code_base, oversample, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k, simd,
+                    bm25_ids, bm25_scores);
     if (core.store().lexical.tokens.n_chunks != a.p.postings.n_docs) {
         fail("core must hold one token stream per chunk (n_docs = " + std::to_string(n_docs) + "), got " +
              std::to_string(core.store().lexical.tokens.n_chunks));
@@ -1000,7 +1015,7 @@ py::tuple search_core(const rerank_core::Core& core, const py::handle& indptr, c
     {
         py::gil_scoped_release release;
         *owned = rag::search_core(a.p.postings, data_of<std::int64_t>(a.terms), len(a.terms), a.mask_data, depth,
-                                  a.source, a.fusion, rule, rerank, a.level);
+                                  a.source, a.fusion, rule, rerank, a.level, a.bm25_given);
     }
     rag::SearchCoreResult* r = owned.get();
     const py::capsule base(r, [](void* q) noexcept { delete static_cast<rag::SearchCoreResult*>(q); });
@@ -1242,12 +1257,12 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           py::arg("term_ids"), py::arg("mask"), py::arg("depth"), py::arg("vectors"), py::arg("query"),
           py::arg("codes"), py::arg("code_scale"), py::arg("code_base"), py::arg("oversample"), py::arg("dense_ids"),
           py::arg("dense_scores"), py::arg("method"), py::arg("dense_weight"), py::arg("top_k"), py::arg("rrf_k"),
-          py::arg("simd") = "",
+          py::arg("simd") = "", py::arg("bm25_ids") = py::none(), py::arg("bm25_scores") = py::none(),
           "retrieve(...) -> tuple[bm25_ids, bm25_scores, dense_ids, dense_scores, fused_ids, fused, fused_bm25,\n"
           "    fused_dense, (bm25_ns, dense_ns, fusion_ns)]\n\n"
-          "bm25_top, then dense_top over vectors/query (or the given dense_ids/dense_scores, or no dense list when\n"
-          "all four are None), then fuse, in one call with the GIL released. See\n"
-          "rag_service.kernels.reference.retrieve_reference.");
+          "bm25_top (or the given bm25_ids/bm25_scores, ranked beforehand: bm25_ns 0), then dense_top over\n"
+          "vectors/query (or the given dense_ids/dense_scores, or no dense list when all four are None), then fuse,\n"
+          "in one call with the GIL released. See rag_service.kernels.reference.retrieve_reference.");
     m.def("search_core", &search_core, py::arg("core"), py::arg("indptr"), py::arg("docs"), py::arg("weights"),
           py::arg("n_docs"), py::arg("term_ids"), py::arg("mask"), py::arg("depth"), py::arg("vectors"),
           py::arg("query"), py::arg("codes"), py::arg("code_scale"), py::arg("code_base"), py::arg("oversample"),
@@ -1255,9 +1270,11 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           py::arg("rrf_k"), py::arg("rerank_query"), py::arg("query_terms"), py::arg("query_counts"),
           py::arg("query_idf"), py::arg("columns"), py::arg("model_weights"), py::arg("bias"),
           py::arg("rerank_depth"), py::arg("confidence"), py::arg("agree_top"), py::arg("agree_min"),
-          py::arg("simd") = "", py::arg("idf_table") = py::none(),
+          py::arg("simd") = "", py::arg("idf_table") = py::none(), py::arg("bm25_ids") = py::none(),
+          py::arg("bm25_scores") = py::none(),
           "search_core(core, <retrieve's arguments>, rerank_query, query_terms, query_counts, query_idf, columns,\n"
-          "            model_weights, bias, rerank_depth, confidence, agree_top, agree_min, simd='', idf_table=None)\n"
+          "            model_weights, bias, rerank_depth, confidence, agree_top, agree_min, simd='', idf_table=None,\n"
+          "            bm25_ids=None, bm25_scores=None)\n"
           "    -> tuple[retrieve's tuple (times: bm25, dense, fusion, rerank ns), confident, agreement, ids, scores,\n"
           "             features, order]\n\n"
           "retrieve, the confidence rule (skip the rerank when the top agree_top BM25 and dense ids share at least\n"

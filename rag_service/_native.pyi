@@ -193,6 +193,8 @@ def retrieve(
     top_k: int,
     rrf_k: float,
     simd: str = "",
+    bm25_ids: np.ndarray | None = None,
+    bm25_scores: np.ndarray | None = None,
 ) -> tuple[
     np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
     tuple[int, int, int],
@@ -231,6 +233,8 @@ def search_core(
     agree_min: int,
     simd: str = "",
     idf_table: np.ndarray | None = None,
+    bm25_ids: np.ndarray | None = None,
+    bm25_scores: np.ndarray | None = None,
 ) -> tuple[
     tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
           tuple[int, int, int, int]],

@@ -148,9 +148,9 @@ def test_an_encode_that_overruns_a_close_budget_is_planned_again(index, encoder)
     routes = _counting_plans(p)
     real_encode = p.encode
 
-    def slow_encode(query, deadline=None):
+    def slow_encode(query, deadline=None, idle=None):
         time.sleep(0.06)  # 60 ms against the 5 ms the policy expects, in a budget of 40
-        return real_encode(query, deadline)
+        return real_encode(query, deadline, idle)
 
     p.encode = slow_encode  # type: ignore[method-assign]
     # The budget counts from arrival, as a server's request's does.

@@ -36,6 +36,15 @@ def test_a_lone_search_goes_home_and_the_rest_spreads_with_one_call_per_change()
     assert setter.calls == [(0, frozenset({1})), (0, frozenset({1, 2, 3})), (0, frozenset({1}))]
 
 
+def test_the_beside_thread_keeps_off_the_home_cpu():
+    setter = Recorder()
+    Placement("auto", setter=setter, allowed={3, 1, 2}).beside_thread()
+    assert setter.calls == [(0, frozenset({2, 3}))]
+    off = Recorder()
+    Placement("off", setter=off, allowed={0, 1}).beside_thread()
+    assert off.calls == []
+
+
 @pytest.mark.parametrize("mode, allowed, has_setter", [("off", {0, 1}, True), ("auto", {5}, True),
                                                        ("auto", set(range(9)), True), ("auto", set(), True),
                                                        ("auto", {0, 1}, False)])

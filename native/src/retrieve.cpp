@@ -444,11 +444,16 @@ Hits dense_above(const CodedRows& rows, const float* query, const std::uint8_t* 
 
 RetrieveResult retrieve(const Postings& postings, const std::int64_t* term_ids, std::size_t n_query_terms,
                         const std::uint8_t* mask, std::int64_t depth, const DenseSource& dense,
-                        const FusionParams& fusion, simd::Level level) {
+                        const FusionParams& fusion, simd::Level level, const RankedList* bm25_given) {
     RetrieveResult out;
     auto start = std::chrono::steady_clock::now();
-    out.bm25 = bm25_top(postings, term_ids, n_query_terms, mask, depth);
-    out.times.bm25_ns = elapsed_ns(start);
+    if (bm25_given != nullptr) {
+        out.bm25.ids.assign(bm25_given->ids, bm25_given->ids + bm25_given->size);
+        out.bm25.scores.assign(bm25_given->scores, bm25_given->scores + bm25_given->size);
+    } else {
+        out.bm25 = bm25_top(postings, term_ids, n_query_terms, mask, depth);
+        out.times.bm25_ns = elapsed_ns(start);
+    }
     start = std::chrono::steady_clock::now();
     RankedList dense_list = dense.precomputed;
     if (dense.rows != nullptr) {

@@ -111,8 +111,10 @@ struct DenseSource {
 };
 
 // bm25_top + dense_top (or the precomputed dense list) + fuse, in one call; the dense depth is `depth` too.
+// `bm25_given`: the BM25 list ranked already (bm25_top on a thread beside the query's encode), taken as it is in
+// place of bm25_top (term_ids and mask are then not read for it; bm25_ns stays 0); nullptr: ranked here.
 RetrieveResult retrieve(const Postings& postings, const std::int64_t* term_ids, std::size_t n_query_terms,
                         const std::uint8_t* mask, std::int64_t depth, const DenseSource& dense,
-                        const FusionParams& fusion, simd::Level level);
+                        const FusionParams& fusion, simd::Level level, const RankedList* bm25_given = nullptr);
 
 }  // namespace rag

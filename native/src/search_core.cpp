@@ -47,7 +47,7 @@ QueryTerms distinct_query_terms(const std::int64_t* term_ids, std::size_t n, con
 SearchCoreResult search_core(const Postings& postings, const std::int64_t* term_ids, std::size_t n_query_terms,
                              const std::uint8_t* mask, std::int64_t depth, const DenseSource& dense,
                              const FusionParams& fusion, const Confidence& confidence, const RerankInput& rerank,
-                             simd::Level level) {
+                             simd::Level level, const RankedList* bm25_given) {
     if (rerank.depth < 0) throw std::invalid_argument("rerank_depth must be >= 0, got " + std::to_string(rerank.depth));
     if (confidence.enabled && confidence.top < 0) {
         throw std::invalid_argument("agree_top must be >= 0, got " + std::to_string(confidence.top));
@@ -56,7 +56,7 @@ SearchCoreResult search_core(const Postings& postings, const std::int64_t* term_
         throw std::invalid_argument("rerank_depth > 0 needs the rerank store and query");
     }
     SearchCoreResult out;
-    out.first = retrieve(postings, term_ids, n_query_terms, mask, depth, dense, fusion, level);
+    out.first = retrieve(postings, term_ids, n_query_terms, mask, depth, dense, fusion, level, bm25_given);
     const RetrieveResult& first = out.first;
     if (confidence.enabled) {
         // The dense list is the scan's, or the one passed in (the lexical route has none: it never reranks).

@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 
 from rag_service.core.config import ServerConfig, index_defaults
@@ -91,10 +92,12 @@ class EncoderPool:
 
 
 def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None,
-                  load: Callable[[], int] | None = None, encoders: EncoderPool | None = None) -> Searcher:
+                  load: Callable[[], int] | None = None, encoders: EncoderPool | None = None,
+                  beside: Executor | None = None) -> Searcher:
     """Loads, checks and warms the searcher `config` describes. `encoder`: reuse one already loaded (tests share
     one); else `encoders` gives the one for the index's model (shared by the collections built with it). `load`: the
-    server's count of admitted searches (AdaptivePolicy)."""
+    server's count of admitted searches (AdaptivePolicy). `beside`: the server's thread for a lone search's BM25
+    (Pipeline)."""
     # A misconfigured RAG_SERVICE_BACKEND must stop the start, not fail every request later.
     log.info("native backends: %s", native.backend_info())
     policy = AdaptivePolicy(AdaptiveConfig(**config.adaptive.model_dump()), load)
@@ -116,7 +119,7 @@ def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None,
         if query_encoder.name != model["name"]:
             raise IndexFormatError(f"{index.path}/manifest.json: index was built with model {model['name']!r}, "
                                    f"the server encodes queries with {query_encoder.name!r}")
-        searcher = Pipeline(index, query_encoder, policy=policy)
+        searcher = Pipeline(index, query_encoder, policy=policy, beside=beside)
         searcher.search_defaults = index_defaults(config.defaults, index.manifest.get("tuned"))
         if searcher.search_defaults is not config.defaults:
             d = searcher.search_defaults

@@ -137,6 +137,12 @@ class Placement:
         if getattr(self._local, "cpus", None) != cpus:
             self._set(cpus)
 
+    def beside_thread(self) -> None:
+        """Holds the calling thread to the CPUs beside the home one (encode_cpus), or gives it every allowed CPU when
+        placement is off (the initializer of the thread where a lone search's BM25 runs while it encodes)."""
+        if self.enabled:
+            self._set(frozenset(self.encode_cpus()))
+
     def spread_thread(self) -> None:
         """Gives the calling thread every allowed CPU (an executor's initializer: threads started by the pinned event
         loop inherit its one CPU, and so would the thread pools they create)."""

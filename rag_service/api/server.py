@@ -549,6 +549,10 @@ class RagServer:
         # One query encoder per distinct model, shared by the collections built with it; a lone search's encode
         # workers are held to the CPUs beside the home one (placement.py).
         self.encoders = EncoderPool(config, encoder, self.placement.encode_cpus())
+        # A lone search's BM25 on a large index runs here while its query is encoded (Pipeline._before_encode), held
+        # to the CPUs beside the home one, as the encode's own workers would be.
+        self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rag-beside",
+                                          initializer=self.placement.beside_thread)
         self.on_index_swap = [self._swapped]
         specs, default = collection_specs(config)
         self.collections = Collections(specs, default, self.index_root, self.metrics, Loaders(
@@ -634,7 +638,7 @@ class RagServer:
     def _load_searcher(self, path: Path, shards: tuple[str, ...]) -> Searcher:
         router = self.config.router.model_copy(update={"shards": list(shards)})
         return load_searcher(self.config.model_copy(update={"index": path, "router": router}), None, self._admitted,
-                             self.encoders)
+                             self.encoders, self._beside)
 
     def _swapped(self, collection: str, old: Searcher | None, new: Searcher | None) -> None:
         if new is None:
@@ -720,6 +724,7 @@ class RagServer:
         await self.server.stop(max(0.0, drain_until - loop.time()))
         await self.servicer.prefetcher.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self._beside.shutdown(wait=True, cancel_futures=True)
         self._reload_executor.shutdown(wait=False, cancel_futures=True)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

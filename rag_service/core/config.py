@@ -183,6 +183,10 @@ class AdaptiveSettings(BaseModel):
                            "brownout_target of the budget. Needs lexical.")
     brownout_target: float = Field(0.5, gt=0.0, le=1.0, description="The brownout's target: p95 of recent server "
                                    "time as a share of the budget. Set by bench/README.md \"Issue 5\", \"Brownout\".")
+    lexical_beside_postings: int = Field(
+        200_000, ge=0, description="A search alone in the server whose query terms have at least this many postings "
+        "ranks its BM25 on a thread beside its query encode, which then keeps to one core; below it, the encode's "
+        "idle threads save more (bench/README.md \"Issue 15\", \"BM25 beside the encode\"). 0: never.")
 
 
 class ScopedToken(BaseModel):

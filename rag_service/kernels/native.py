@@ -704,23 +704,29 @@ def dense_above(vectors: np.ndarray, codes: RowCodes, query: Any, min_score: flo
 def retrieve(postings: Postings, term_ids: Any, depth: int, *, mask: Any = None, vectors: np.ndarray | None = None,
              query: Any = None, codes: SQ8Codes | None = None, oversample: int = 0,
              dense: tuple[np.ndarray, np.ndarray] | None = None, method: str = "weighted", dense_weight: float = 0.5,
-             top_k: int = 10, rrf_k: float = 60.0, backend: str | None = None) -> RetrieveResult:
+             top_k: int = 10, rrf_k: float = 60.0, backend: str | None = None,
+             bm25: tuple[np.ndarray, np.ndarray] | None = None) -> RetrieveResult:
     """BM25 top-depth, the dense list (a scan of `vectors` with `query`, the given `dense` hits of an index scanned
-    elsewhere, or none: the lexical route) and their fusion, in one native call with the GIL released. Semantics:
-    rag_service.kernels.reference.retrieve_reference; times_ns holds the three parts' durations (C++ only)."""
+    elsewhere, or none: the lexical route) and their fusion, in one native call with the GIL released. `bm25`: the
+    BM25 list ranked beforehand (bm25_top's (ids, scores) for these term_ids, mask and depth), taken as it is.
+    Semantics: rag_service.kernels.reference.retrieve_reference; times_ns holds the three parts' durations (C++
+    only; BM25's is 0 when it was given)."""
     terms, m = _term_ids(term_ids), _mask(mask)
     q = None if query is None else _as_vector(query, _FLOAT32, "query")
     if dense is not None:
         dense = (_as_vector(dense[0], _INT64, "dense_ids"), _as_vector(dense[1], _FLOAT32, "dense_scores"))
+    if bm25 is not None:
+        bm25 = (_as_vector(bm25[0], _INT64, "bm25_ids"), _as_vector(bm25[1], _FLOAT32, "bm25_scores"))
     if retrieve_backend(backend) == "numpy":
         return retrieve_reference(postings, terms, m, depth, vectors=vectors, query=q, codes=codes,
                                   oversample=oversample, dense=dense, method=method, dense_weight=dense_weight,
-                                  top_k=top_k, rrf_k=rrf_k)
+                                  top_k=top_k, rrf_k=rrf_k, bm25=bm25)
     c = codes if codes is not None else (None, None, None)
     d = dense if dense is not None else (None, None)
+    b = bm25 if bm25 is not None else (None, None)
     out = _native.retrieve(postings.indptr, postings.docs, postings.weights, int(postings.n_docs), terms, m,
                            operator.index(depth), vectors, q, c[0], c[1], c[2], operator.index(oversample), d[0],
-                           d[1], method, float(dense_weight), operator.index(top_k), float(rrf_k))
+                           d[1], method, float(dense_weight), operator.index(top_k), float(rrf_k), "", b[0], b[1])
     return RetrieveResult((out[0], out[1]), (out[2], out[3]), FusionResult(out[4], out[5], out[6], out[7]), out[8])
 
 
@@ -758,18 +764,21 @@ def search_core(core: RerankCore, postings: Postings, term_ids: Any, depth: int,
                 dense_weight: float = 0.5, top_k: int = 10, rrf_k: float = 60.0, rerank_query: Any,
                 query_terms: Any = None, query_counts: Any = None, query_idf: Any = None, idf_table: Any = None,
                 columns: Any, weights: Any, bias: float, rerank_depth: int,
-                confidence: tuple[int, int] | None = None, backend: str | None = None) -> SearchCoreResult:
-    """retrieve() (same arguments), then the confidence rule `confidence` = (agree_top, agree_min), whatever
-    rerank_depth: skip the rerank when the BM25 and dense lists' top agree_top ids share at least agree_min; then
-    core.rerank of the fused top min(rerank_depth, fused count) with `rerank_query` (the query vector), the query's
-    distinct known terms (ids, counts, idf: RerankStore.query_terms; or, given `idf_table` instead, derived from
-    `term_ids` in the call: reference.distinct_query_terms) and the linear model (columns, weights, bias).
-    One native call with the GIL released throughout; the NumPy backend composes retrieve_reference,
+                confidence: tuple[int, int] | None = None, backend: str | None = None,
+                bm25: tuple[np.ndarray, np.ndarray] | None = None) -> SearchCoreResult:
+    """retrieve() (same arguments, `bm25` included), then the confidence rule `confidence` = (agree_top,
+    agree_min), whatever rerank_depth: skip the rerank when the BM25 and dense lists' top agree_top ids share at least
+    agree_min; then core.rerank of the fused top min(rerank_depth, fused count) with `rerank_query` (the query
+    vector), the query's distinct known terms (ids, counts, idf: RerankStore.query_terms; or, given `idf_table`
+    instead, derived from `term_ids` in the call: reference.distinct_query_terms) and the linear model (columns,
+    weights, bias). One native call with the GIL released throughout; the NumPy backend composes retrieve_reference,
     agreement_reference and the reference rerank, which is the specification."""
     terms, m = _term_ids(term_ids), _mask(mask)
     q = None if query is None else _as_vector(query, _FLOAT32, "query")
     if dense is not None:
         dense = (_as_vector(dense[0], _INT64, "dense_ids"), _as_vector(dense[1], _FLOAT32, "dense_scores"))
+    if bm25 is not None:
+        bm25 = (_as_vector(bm25[0], _INT64, "bm25_ids"), _as_vector(bm25[1], _FLOAT32, "bm25_scores"))
     rq = _as_vector(rerank_query, _FLOAT32, "rerank_query")
     derive = query_terms is None
     if derive == (idf_table is None):
@@ -783,12 +792,13 @@ def search_core(core: RerankCore, postings: Postings, term_ids: Any, depth: int,
     if search_core_backend(core, backend) == "cpp":
         c = codes if codes is not None else (None, None, None)
         d = dense if dense is not None else (None, None)
+        b = bm25 if bm25 is not None else (None, None)
         out = _native.search_core(core._native, postings.indptr, postings.docs, postings.weights,
                                   int(postings.n_docs), terms, m, operator.index(depth), vectors, q, c[0], c[1], c[2],
                                   operator.index(oversample), d[0], d[1], method, float(dense_weight),
                                   operator.index(top_k), float(rrf_k), rq, None if derive else qterms,
                                   None if derive else qcounts, None if derive else qidf, cols, w, float(bias), rdepth,
-                                  confidence is not None, agree_top, agree_min, "", idf_table)
+                                  confidence is not None, agree_top, agree_min, "", idf_table, b[0], b[1])
         return _search_core_result(out)
     if rdepth < 0:
         raise ValueError(f"rerank_depth must be >= 0, got {rdepth}")
@@ -798,7 +808,7 @@ def search_core(core: RerankCore, postings: Postings, term_ids: Any, depth: int,
         qterms, qcounts, qidf = distinct_query_terms(terms, idf_table)
     first = retrieve_reference(postings, terms, m, depth, vectors=vectors, query=q, codes=codes,
                                oversample=oversample, dense=dense, method=method, dense_weight=dense_weight,
-                               top_k=top_k, rrf_k=rrf_k)
+                               top_k=top_k, rrf_k=rrf_k, bm25=bm25)
     empty = SearchCoreResult(first, False, 0, np.zeros(0, np.int64), np.zeros(0, np.float32),
                              np.zeros((0, len(RERANK_FEATURES)), np.float32), np.zeros(0, np.int64), 0)
     agree = 0
@@ -850,21 +860,25 @@ class SearchCall:
     def __call__(self, term_ids: np.ndarray, query: np.ndarray, depth: int, *, mask: np.ndarray | None = None,
                  dense: tuple[np.ndarray, np.ndarray] | None = None, method: str, dense_weight: float, top_k: int,
                  rrf_k: float, rerank_depth: int, confidence: tuple[int, int] | None,
-                 query_terms: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> SearchCoreResult:
+                 query_terms: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                 bm25: tuple[np.ndarray, np.ndarray] | None = None) -> SearchCoreResult:
         """search_core(core, postings, term_ids, depth, ...) with this index's arguments; `query` (float32, the
-        index's dimension) is both the scan's query and the rerank's. The arrays go to the extension as they are:
-        it raises ValueError naming one that is not 1-D, C-contiguous and of its dtype (term_ids int64, query
-        float32, mask bool)."""
+        index's dimension) is both the scan's query and the rerank's; `bm25` the BM25 list ranked beforehand
+        (bm25_top's result for these terms, mask and depth). The arrays go to the extension as they are: it raises
+        ValueError naming one that is not 1-D, C-contiguous and of its dtype (term_ids int64, query float32, mask
+        bool)."""
         indptr, docs, weights, n_docs = self._postings
         codes, scale, base = self._codes
         d = dense if dense is not None else (None, None)
+        b = bm25 if bm25 is not None else (None, None)
         t = query_terms if query_terms is not None else (None, None, None)
         agree_top, agree_min = confidence if confidence is not None else (0, 0)
         return _search_core_result(_native.search_core(
             self._core, indptr, docs, weights, n_docs, term_ids, mask, depth, self._vectors,
             query if self._vectors is not None else None, codes, scale, base, self._oversample, d[0], d[1], method,
             dense_weight, top_k, rrf_k, query, t[0], t[1], t[2], self._columns, self._weights, self._bias,
-            rerank_depth, confidence is not None, agree_top, agree_min, "", self._idf if query_terms is None else None))
+            rerank_depth, confidence is not None, agree_top, agree_min, "", self._idf if query_terms is None else None,
+            b[0], b[1]))
 
 
 # Replies

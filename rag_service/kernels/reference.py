@@ -921,10 +921,15 @@ def retrieve_reference(postings: Postings, term_ids: np.ndarray, mask: np.ndarra
                        vectors: np.ndarray | None = None, query: np.ndarray | None = None,
                        codes: SQ8Codes | None = None, oversample: int = 0,
                        dense: tuple[np.ndarray, np.ndarray] | None = None, method: str = "weighted",
-                       dense_weight: float = 0.5, top_k: int = 10, rrf_k: float = 60.0) -> RetrieveResult:
-    """bm25_top_reference, then the dense list (dense_top_reference over vectors/query, or the given `dense` hits, or
-    none), then fuse_reference over the two."""
-    bm25 = bm25_top_reference(postings, term_ids, mask, depth)
+                       dense_weight: float = 0.5, top_k: int = 10, rrf_k: float = 60.0,
+                       bm25: tuple[np.ndarray, np.ndarray] | None = None) -> RetrieveResult:
+    """bm25_top_reference (or the given `bm25` list, ranked beforehand), then the dense list (dense_top_reference
+    over vectors/query, or the given `dense` hits, or none), then fuse_reference over the two."""
+    if bm25 is None:
+        bm25 = bm25_top_reference(postings, term_ids, mask, depth)
+    elif len(bm25[0]) != len(bm25[1]):
+        raise ValueError(f"bm25_ids and bm25_scores must have the same length, got {len(bm25[0])} and "
+                         f"{len(bm25[1])}")
     if (vectors is None) != (query is None):
         raise ValueError("vectors and query come together (both None or both arrays)")
     if vectors is not None:

@@ -86,6 +86,10 @@ class AdaptiveConfig:
     brownout_window: int = 40
     brownout_period: int = 10
     brownout_gain: float = 0.25
+    # A lone search whose query terms have at least this many postings ranks its BM25 on the beside thread while it
+    # encodes the query (Pipeline._before_encode); 0: never. Below it, the encode's second thread saves more than
+    # running BM25 beside it would.
+    lexical_beside_postings: int = 200_000
 
 
 @dataclass(frozen=True)

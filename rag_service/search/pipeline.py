@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -37,6 +38,7 @@ from rag_service.kernels.native import FusionResult
 from rag_service.search import adaptive, context_filter, fusion, shape
 from rag_service.search import rerank as rerank_mod
 from rag_service.search.searcher import (
+    Ahead,
     ChunkFields,
     LexicalGuard,
     SearcherBase,
@@ -63,6 +65,38 @@ def _record_stage(timer: StageTimer, name: str, start_ns: int, ns: int) -> None:
         tracer.start_span(name, start_time=start_ns).end(end_time=start_ns + ns)
 
 
+@dataclass
+class LexicalAhead:
+    """A request's query analysis and filter mask, made before its encode (Pipeline._before_encode), and its BM25
+    list when that is ranked on the beside thread meanwhile: (ids, scores, start ns, duration ns)."""
+
+    depth: int
+    terms: np.ndarray
+    mask: np.ndarray | None
+    bm25: Future[tuple[np.ndarray, np.ndarray, int, int]] | None = None
+
+    @property
+    def beside(self) -> bool:
+        return self.bm25 is not None
+
+    def hits(self, depth: int, timer: StageTimer, deadline: float | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The BM25 list ranked beside the encode, booked as the lexical stage, when it is the one a search of
+        `depth` needs (a plan made again after the encode may have lowered the depth); else None."""
+        if self.bm25 is None or depth != self.depth:
+            return None
+        check_deadline(deadline, "lexical")
+        ids, scores, start_ns, ns = self.bm25.result()
+        _record_stage(timer, "lexical", start_ns, ns)
+        return ids, scores
+
+
+def _bm25_beside(postings: native.Postings, terms: np.ndarray, depth: int,
+                 mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, int, int]:
+    started = time.time_ns()
+    ids, scores = native.bm25_top(postings, terms, depth, mask=mask, backend="cpp")
+    return ids, scores, started, time.time_ns() - started
+
+
 # Which retrievers and stages ran (SearchResult.legs).
 LEXICAL_LEGS, FUSED_LEGS, RERANKED_LEGS = ("bm25",), ("bm25", "dense"), ("bm25", "dense", "rerank")
 
@@ -87,9 +121,11 @@ class Pipeline(SearcherBase):
     native_one_call: bool = True
 
     def __init__(self, index: Index, encoder: SearchEncoder, rerank_model: rerank_mod.RerankModel | None = None,
-                 policy: adaptive.AdaptivePolicy | None = None) -> None:
+                 policy: adaptive.AdaptivePolicy | None = None, beside: Executor | None = None) -> None:
         """`rerank_model`: the combiner of the rerank stage; None takes the index's own (an index built with a
-        tuned model carries the combiner refit with it, manifest "tuned") or else the one shipped in the package."""
+        tuned model carries the combiner refit with it, manifest "tuned") or else the one shipped in the package.
+        `beside`: a thread on the cores a lone search's encode would take, where its BM25 may run meanwhile
+        (_before_encode); None: BM25 runs after the encode, in the one native call."""
         if encoder.dim != index.manifest["model"]["dim"]:
             raise ValueError(f"encoder dimension {encoder.dim} != index dimension {index.manifest['model']['dim']}")
         self.index = index
@@ -109,6 +145,7 @@ class Pipeline(SearcherBase):
         self._search_call = self._prepare_search_call() if self._first_stage_cpp else None
         # Route choice per request (budget, load, retriever agreement); see adaptive.py.
         self.policy = policy or adaptive.AdaptivePolicy()
+        self._beside = beside if self._first_stage_cpp and self.policy.config.lexical_beside_postings > 0 else None
         self._capabilities = Capabilities(rerank=self.rerank_store is not None, lexical_route=True,
                                           semantic_guard=True)
         # Dates of the metadata fields that hold them, for recency decays (index/dates.py).
@@ -147,22 +184,47 @@ class Pipeline(SearcherBase):
                                              for name, kind in sorted(index.store.metadata_schema.items())},
                             tenant_key=self.tenant_key)
 
-    def retrieve(self, params: SearchParams, timer: StageTimer | None = None,
-                 query_vector: np.ndarray | None = None, deadline: float | None = None,
-                 lexical_only: bool = False) -> Candidates:
-        """The first stage and fusion alone (evaluation reads it whole). `lexical_only`: no encode and no dense
-        retrieval; fusion sees an empty dense list, so the BM25 order stands and every candidate's dense score is
-        missing (the adaptive pipeline's lexical route)."""
-        timer = timer or StageTimer()
+    def _before_encode(self, plan: adaptive.Plan, alone: bool, timer: StageTimer) -> LexicalAhead | None:
+        """With a beside thread (and the one native call's first stage), a lone search's query analysis and filter
+        mask are made before its encode, and when its postings reach `lexical_beside_postings` its BM25 list is
+        ranked on that thread while the encode runs on the home CPU alone: on a large index BM25 is as long as the
+        encode and the dense search together (bench/README.md, "Issue 15", "BM25 beside the encode")."""
+        if self._beside is None or not alone or not self.native_first_stage:
+            return None
+        params = plan.params
+        if params.depth < 1:
+            return None  # the first stage names the field
         with timer.stage("filter"):
             mask = self.index.filter_mask(params.filters, params.filter)
+        bm25_index = self.index.bm25
+        with timer.stage("analyze"):
+            terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
+            indptr = bm25_index.postings.indptr
+            postings = int((indptr[terms + 1] - indptr[terms]).sum()) if len(terms) else 0
+        ahead = LexicalAhead(params.depth, terms, mask)
+        if postings >= self.policy.config.lexical_beside_postings:
+            ahead.bm25 = self._beside.submit(_bm25_beside, bm25_index.postings, terms, params.depth, mask)
+        return ahead
+
+    def retrieve(self, params: SearchParams, timer: StageTimer | None = None,
+                 query_vector: np.ndarray | None = None, deadline: float | None = None,
+                 lexical_only: bool = False, ahead: LexicalAhead | None = None) -> Candidates:
+        """The first stage and fusion alone (evaluation reads it whole). `lexical_only`: no encode and no dense
+        retrieval; fusion sees an empty dense list, so the BM25 order stands and every candidate's dense score is
+        missing (the adaptive pipeline's lexical route). `ahead`: what _before_encode made for this request."""
+        timer = timer or StageTimer()
+        if ahead is not None:
+            mask = ahead.mask
+        else:
+            with timer.stage("filter"):
+                mask = self.index.filter_mask(params.filters, params.filter)
         dense = (np.zeros(0, np.int64), np.zeros(0, np.float32))
         if lexical_only:
             query_vector = None
         elif query_vector is None:
             query_vector = self._encode_stage(params.query, deadline, timer)
         if self.native_first_stage and self._first_stage_cpp:
-            return self._retrieve_native(params, timer, mask, query_vector, deadline)
+            return self._retrieve_native(params, timer, mask, query_vector, deadline, ahead)
         check_deadline(deadline, "lexical")
         with timer.stage("lexical"):
             bm25 = self.index.bm25.search(params.query, params.depth, mask)
@@ -177,7 +239,8 @@ class Pipeline(SearcherBase):
         return Candidates(bm25=bm25, dense=dense, fused=fused, query_vector=None if lexical_only else query_vector)
 
     def _retrieve_native(self, params: SearchParams, timer: StageTimer, mask: np.ndarray | None,
-                         query_vector: np.ndarray | None, deadline: float | None) -> Candidates:
+                         query_vector: np.ndarray | None, deadline: float | None,
+                         ahead: LexicalAhead | None = None) -> Candidates:
         """BM25, the dense scan of a flat index and fusion in one native call (GIL released throughout); an index
         the call cannot scan (HNSW, a flat index on a GPU) is searched first and its hits passed in. Same candidates
         as the stage-by-stage path, whose stage names the call's parts are reported under."""
@@ -185,8 +248,11 @@ class Pipeline(SearcherBase):
             raise InvalidArgument("depth", f"must be >= 1, got {params.depth}")
         bm25_index, dense_index = self.index.bm25, self.index.dense
         # The query's analysis is timed on its own: the native call's parts are booked as lexical/dense/fusion.
-        with timer.stage("analyze"):
-            terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
+        if ahead is not None:
+            terms = ahead.terms
+        else:
+            with timer.stage("analyze"):
+                terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
         scan = query_vector is not None and dense_index.native_scan
         hits = None
         if query_vector is not None and not scan:
@@ -195,6 +261,7 @@ class Pipeline(SearcherBase):
                 hits = dense_index.search(query_vector, params.depth, mask)
         oversample = dense_index.native_oversample if dense_index.sq8 is not None else 0
         query = dense_index.query_row(query_vector) if scan and query_vector is not None else None
+        bm25 = ahead.hits(params.depth, timer, deadline) if ahead is not None else None
         check_deadline(deadline, "lexical")
         started = time.time_ns()
         result = native.retrieve(bm25_index.postings, terms, params.depth, mask=mask,
@@ -202,9 +269,10 @@ class Pipeline(SearcherBase):
                                  codes=dense_index.sq8 if scan and oversample else None,
                                  oversample=oversample if scan else 0, dense=hits, method=params.fusion,
                                  dense_weight=params.dense_weight, top_k=params.top_k, rrf_k=params.rrf_k,
-                                 backend="cpp")
+                                 backend="cpp", bm25=bm25)
         bm25_ns, dense_ns, fusion_ns = result.times_ns
-        _record_stage(timer, "lexical", started, bm25_ns)
+        if bm25 is None:
+            _record_stage(timer, "lexical", started, bm25_ns)
         if scan:
             _record_stage(timer, "dense", started + bm25_ns, dense_ns)
         _record_stage(timer, "fusion", started + bm25_ns + dense_ns, fusion_ns)
@@ -219,7 +287,7 @@ class Pipeline(SearcherBase):
                 and (early.confidence is None or early.confidence[0] >= 0))
 
     def _search_native(self, params: SearchParams, top_k: int, early: adaptive.RerankPlan, timer: StageTimer,
-                       query_vector: np.ndarray | None, deadline: float | None
+                       query_vector: np.ndarray | None, deadline: float | None, ahead: LexicalAhead | None = None
                        ) -> tuple[Candidates, rerank_mod.Reranked | None, tuple[int, str, str]]:
         """The first stage (as _retrieve_native, fusion keeping `top_k` in place of params.top_k: a copy of the
         params costs ~10 µs), the confidence rule and the rerank in one native call, GIL released throughout; the
@@ -228,15 +296,18 @@ class Pipeline(SearcherBase):
         store, call = self.rerank_store, self._search_call
         if store is None or call is None:
             raise RuntimeError("the one-call search needs the rerank store and model")
-        with timer.stage("filter"):
-            mask = self.index.filter_mask(params.filters, params.filter)
+        if ahead is not None:
+            mask = ahead.mask
+        else:
+            with timer.stage("filter"):
+                mask = self.index.filter_mask(params.filters, params.filter)
         if query_vector is None:
             query_vector = self._encode_stage(params.query, deadline, timer)
         if params.depth < 1:
             raise InvalidArgument("depth", f"must be >= 1, got {params.depth}")
         bm25_index, dense_index = self.index.bm25, self.index.dense
         with timer.stage("analyze"):
-            terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
+            terms = ahead.terms if ahead is not None else bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
             # With a per-term idf table (lucene idf) the call derives the rerank's distinct terms itself: NumPy
             # calls on this path cost ~130 µs on caches the encode has just flushed.
             query_terms = None if store.idf is not None else store.terms_of(terms)
@@ -246,16 +317,18 @@ class Pipeline(SearcherBase):
             check_deadline(deadline, "dense")
             with timer.stage("dense"):
                 hits = dense_index.search(query_vector, params.depth, mask)
+        bm25 = ahead.hits(params.depth, timer, deadline) if ahead is not None else None
         check_deadline(deadline, "lexical")
         started = time.time_ns()
         result = call(terms, dense_index.query_row(query_vector), params.depth, mask=mask, dense=hits,
                       method=params.fusion, dense_weight=params.dense_weight, top_k=top_k, rrf_k=params.rrf_k,
                       rerank_depth=early.limit, confidence=early.confidence,
-                      query_terms=query_terms)
+                      query_terms=query_terms, bm25=bm25)
         returned = time.time_ns()
         first = result.first
         bm25_ns, dense_ns, fusion_ns = first.times_ns
-        _record_stage(timer, "lexical", started, bm25_ns)
+        if bm25 is None:
+            _record_stage(timer, "lexical", started, bm25_ns)
         if scan:
             _record_stage(timer, "dense", started + bm25_ns, dense_ns)
         _record_stage(timer, "fusion", started + bm25_ns + dense_ns, fusion_ns)
@@ -274,7 +347,9 @@ class Pipeline(SearcherBase):
         return candidates, reranked, early.finish(result.agreement, len(first.fused.ids))
 
     def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
-              timer: StageTimer) -> SearchResult:
+              timer: StageTimer, ahead: Ahead | None = None) -> SearchResult:
+        if not isinstance(ahead, LexicalAhead):
+            ahead = None
         shaper = shape.Shaper(plan.params) if plan.params.shaped else None
         params = plan.params if shaper is None else shaper.ranking
         # A decay's field is checked before any retrieval: a request that cannot be answered costs nothing.
@@ -289,11 +364,11 @@ class Pipeline(SearcherBase):
         reranked: rerank_mod.Reranked | None = None
         if early is not None and self._one_call(early):
             candidates, reranked, (depth, route, reason) = self._search_native(
-                params, pool, early, timer, query_vector, deadline)
+                params, pool, early, timer, query_vector, deadline, ahead)
             fused = candidates.fused
         else:
             candidates = self.retrieve(replace(params, top_k=pool), timer, query_vector=query_vector,
-                                       deadline=deadline, lexical_only=lexical_only)
+                                       deadline=deadline, lexical_only=lexical_only, ahead=ahead)
             fused = candidates.fused
             depth, route, reason = (self.policy.rerank_depth(plan, candidates.bm25[0], candidates.dense[0],
                                                              len(fused.ids))

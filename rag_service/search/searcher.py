@@ -3,10 +3,12 @@
 Two searchers implement it: `Pipeline` (one local index, search/pipeline.py) and `ShardedPipeline` (a shard set
 behind a router, shard/router.py). Both derive from `SearcherBase`, which owns the front of the request path
 
-    plan (adaptive route) -> encode -> cache stage: semantic lookup -> [the searcher's ranking] -> cache stage: store
+    plan (adaptive route) -> [before the encode] -> encode -> cache stage: semantic lookup -> [the searcher's ranking]
+    -> cache stage: store
 
-and both build their reply contexts with `assemble_contexts`. A searcher supplies only `_rank` (first stage, fusion,
-rerank, context filter) and the few facts below.
+and both build their reply contexts with `assemble_contexts`. A searcher supplies `_rank` (first stage, fusion,
+rerank, context filter), optionally `_before_encode` (what needs no query vector: a large index's BM25 runs beside
+the encode), and the few facts below.
 
 The cache reaches a searcher in two places only: an exact lookup before `search` (CachedSearch, search/cache.py), and
 the `CacheStage` passed into `search`, which the searcher calls after its encode. The stage checks a semantic hit with
@@ -38,6 +40,14 @@ from rag_service.kernels.native import FusionResult
 from rag_service.search import adaptive
 from rag_service.search import rerank as rerank_mod
 from rag_service.search.context_filter import Selection
+
+
+class Ahead(Protocol):
+    """What a searcher did for a request before its encode (SearcherBase._before_encode). `beside`: part of the search
+    runs on another thread meanwhile, on the cores the encode would otherwise take."""
+
+    @property
+    def beside(self) -> bool: ...
 
 
 class LexicalGuard(Protocol):
@@ -91,7 +101,7 @@ class Searcher(Protocol):
 
     def summary(self) -> IndexSummary: ...
 
-    def encode(self, query: str, deadline: float | None = None) -> np.ndarray: ...
+    def encode(self, query: str, deadline: float | None = None, idle: bool | None = None) -> np.ndarray: ...
 
     def search(self, params: SearchParams, *, query_vector: np.ndarray | None = None,
                deadline: float | None = None, timer: StageTimer | None = None, arrival: float | None = None,
@@ -125,12 +135,13 @@ class SearcherBase:
     def close(self) -> None:
         """Releases what the searcher holds open (channels); a local index holds nothing to release."""
 
-    def encode(self, query: str, deadline: float | None = None) -> np.ndarray:
+    def encode(self, query: str, deadline: float | None = None, idle: bool | None = None) -> np.ndarray:
+        """`idle`: whether the encode may take the idle cores; None: when the search is alone in the server."""
         encode_one = getattr(self.encoder, "encode_one", None)
         if deadline is not None and encode_one is not None:  # a MicroBatcher bounds its wait by the deadline
             return encode_one(query, deadline)
         # Alone in the server, the encode, most of a search's time, may take the idle cores.
-        return self.encoder.encode_queries([query], idle=self.policy.alone())[0]
+        return self.encoder.encode_queries([query], idle=self.policy.alone() if idle is None else idle)[0]
 
     def plan(self, params: SearchParams, *, deadline: float | None = None, encoded: bool = False,
              arrival: float | None = None) -> adaptive.Plan:
@@ -154,8 +165,13 @@ class SearcherBase:
         try:
             if plan.route == adaptive.LEXICAL:
                 return self._finish(params, self._rank(plan, None, deadline, timer))
+            ahead = None
             if query_vector is None:
-                query_vector = self._encode_stage(params.query, deadline, timer)
+                alone = self.policy.alone()
+                ahead = self._before_encode(plan, alone, timer)
+                # The idle cores go to the encode unless part of the search runs on them meanwhile.
+                query_vector = self._encode_stage(params.query, deadline, timer,
+                                                  idle=alone and (ahead is None or not ahead.beside))
                 # Planned again with the encode paid: the rest of the budget decides depth and rerank. Without a
                 # budget, or with one the encode cannot have brought into play, the plan stands.
                 if self.policy.replan_after_encode(plan):
@@ -166,7 +182,7 @@ class SearcherBase:
                     hit = cache.lookup(query_vector, self.guard)
                 if hit is not None:
                     return hit
-            result = self._finish(params, self._rank(plan, query_vector, deadline, timer))
+            result = self._finish(params, self._rank(plan, query_vector, deadline, timer, ahead))
             if cache is not None:
                 with timer.stage("cache_store"):
                     cache.store(query_vector, result, self.guard)
@@ -174,15 +190,20 @@ class SearcherBase:
         finally:
             self.policy.leave(plan)
 
-    def _encode_stage(self, query: str, deadline: float | None, timer: StageTimer) -> np.ndarray:
+    def _encode_stage(self, query: str, deadline: float | None, timer: StageTimer,
+                      idle: bool | None = None) -> np.ndarray:
         check_deadline(deadline, "encode")
         with timer.stage("encode"):
-            return self.encode(query, deadline)
+            return self.encode(query, deadline, idle)
+
+    def _before_encode(self, plan: adaptive.Plan, alone: bool, timer: StageTimer) -> Ahead | None:
+        """What of the search can be done before its query is encoded (Ahead), or None: nothing here."""
+        return None
 
     def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
-              timer: StageTimer) -> SearchResult:
+              timer: StageTimer, ahead: Ahead | None = None) -> SearchResult:
         """Everything after the encode: first stage, fusion, rerank, context filter, contexts. `query_vector` is
-        None only on the lexical route."""
+        None only on the lexical route; `ahead`: what _before_encode did for this request."""
         raise NotImplementedError
 
     def _finish(self, params: SearchParams, result: SearchResult) -> SearchResult:

@@ -46,7 +46,7 @@ from rag_service.pb.rag.v1 import shard_pb2_grpc as spb_grpc
 from rag_service.retrievers.analysis import Analyzer
 from rag_service.search import adaptive, context_filter, fusion, shape
 from rag_service.search import rerank as rerank_mod
-from rag_service.search.searcher import ChunkFields, SearcherBase, assemble_contexts, quality_signals
+from rag_service.search.searcher import Ahead, ChunkFields, SearcherBase, assemble_contexts, quality_signals
 from rag_service.shard.split import read_router
 
 log = logging.getLogger(__name__)
@@ -348,7 +348,7 @@ class ShardedPipeline(SearcherBase):
 
     # -- the request path ------------------------------------------------------------------------------------------
     def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
-              timer: StageTimer) -> SearchResult:
+              timer: StageTimer, ahead: Ahead | None = None) -> SearchResult:
         shaper = shape.Shaper(plan.params) if plan.params.shaped else None
         params = plan.params if shaper is None else shaper.ranking
         filter_params = context_filter.FilterParams.of(params)
