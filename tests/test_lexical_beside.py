@@ -17,6 +17,7 @@ from rag_service.kernels import native
 from rag_service.kernels.reference import retrieve_reference
 from rag_service.search import adaptive
 from rag_service.search.adaptive import AdaptiveConfig, AdaptivePolicy, Plan
+from rag_service.search import pipeline as pipeline_module
 from rag_service.search.pipeline import LexicalAhead, Pipeline
 
 pytestmark = pytest.mark.skipif(native.retrieve_backend("auto") != "cpp", reason="needs the C++ extension")
@@ -30,6 +31,12 @@ FILTERS = (None, {"topic": "geology"}, {"topic": "no such topic"})
 @pytest.fixture(scope="module")
 def index(built_index):
     return load_index(built_index)
+
+
+@pytest.fixture(autouse=True)
+def small_indexes_qualify(monkeypatch):
+    """The test index is tiny: let it take BM25 beside the encode as a large one does."""
+    monkeypatch.setattr(pipeline_module, "BESIDE_MIN_CHUNKS", 1)
 
 
 @pytest.fixture
@@ -130,6 +137,15 @@ def test_the_threshold_and_company_keep_bm25_in_the_call(index, encoder, beside,
                  Pipeline(index, spy, policy=AdaptivePolicy(AdaptiveConfig(lexical_beside_postings=1)))):
         pipe.search(params)
     assert threads.names == []
+
+
+def test_a_small_index_makes_nothing_before_the_encode(index, encoder, beside, monkeypatch):
+    monkeypatch.setattr(pipeline_module, "BESIDE_MIN_CHUNKS", index.bm25.postings.n_docs + 1)
+    pipe = Pipeline(index, encoder, policy=AdaptivePolicy(AdaptiveConfig(lexical_beside_postings=1)), beside=beside)
+    params = SearchParams(query="glacier valley ice", top_k=5)
+    timer = StageTimer()
+    assert pipe._before_encode(pipe.policy.plan(params, None, 1, False, True), True, timer) is None
+    assert timer.us == {}  # a semantic hit then pays for no analysis it does not use
 
 
 def test_a_plan_with_another_depth_ranks_its_own_bm25(index, encoder, beside):

@@ -90,6 +90,13 @@ class LexicalAhead:
         return ids, scores
 
 
+# BM25 beside the encode is tried on indexes of at least this many chunks only: where BM25's sums outgrow the core's
+# caches (native/src/retrieve.cpp, kScanMinChunks), so that a posting costs what it does at 1M. Below, a query rarely
+# has the postings to pay for it, and making its analysis before the encode would cost every semantic hit (which needs
+# no first stage) ~60 µs for nothing.
+BESIDE_MIN_CHUNKS = 1 << 17
+
+
 def _bm25_beside(postings: native.Postings, terms: np.ndarray, depth: int,
                  mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, int, int]:
     started = time.time_ns()
@@ -145,7 +152,8 @@ class Pipeline(SearcherBase):
         self._search_call = self._prepare_search_call() if self._first_stage_cpp else None
         # Route choice per request (budget, load, retriever agreement); see adaptive.py.
         self.policy = policy or adaptive.AdaptivePolicy()
-        self._beside = beside if self._first_stage_cpp and self.policy.config.lexical_beside_postings > 0 else None
+        self._beside = beside if (self._first_stage_cpp and self.policy.config.lexical_beside_postings > 0
+                                  and index.bm25.postings.n_docs >= BESIDE_MIN_CHUNKS) else None
         self._capabilities = Capabilities(rerank=self.rerank_store is not None, lexical_route=True,
                                           semantic_guard=True)
         # Dates of the metadata fields that hold them, for recency decays (index/dates.py).
