@@ -16,8 +16,8 @@ from rag_service.index.load import load_index
 from rag_service.kernels import native
 from rag_service.kernels.reference import retrieve_reference
 from rag_service.search import adaptive
-from rag_service.search.adaptive import AdaptiveConfig, AdaptivePolicy, Plan
 from rag_service.search import pipeline as pipeline_module
+from rag_service.search.adaptive import AdaptiveConfig, AdaptivePolicy, Plan
 from rag_service.search.pipeline import LexicalAhead, Pipeline
 
 pytestmark = pytest.mark.skipif(native.retrieve_backend("auto") != "cpp", reason="needs the C++ extension")
