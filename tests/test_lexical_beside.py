@@ -148,6 +148,24 @@ def test_a_small_index_makes_nothing_before_the_encode(index, encoder, beside, m
     assert timer.us == {}  # a semantic hit then pays for no analysis it does not use
 
 
+def test_a_busy_beside_thread_leaves_bm25_in_the_call(index, encoder, beside, monkeypatch):
+    """A BM25 still running beside (a search gave up on it) is not waited for: the next search ranks its own."""
+    threads = BM25Threads(monkeypatch)
+    spy = SpyEncoder(encoder)
+    pipe = Pipeline(index, spy, policy=AdaptivePolicy(AdaptiveConfig(lexical_beside_postings=1)), beside=beside)
+    params = SearchParams(query="glacier valley ice", top_k=5)
+    release = threading.Event()
+    pipe._beside_last = beside.submit(release.wait, 30)
+    try:
+        same_result(pipe.search(params), Pipeline(index, encoder).search(params))
+        assert threads.names == [] and spy.idle == [True]
+    finally:
+        release.set()
+    pipe._beside_last.result(timeout=30)
+    pipe.search(params)
+    assert threads.names == ["test-beside_0"] and spy.idle == [True, False]
+
+
 def test_a_plan_with_another_depth_ranks_its_own_bm25(index, encoder, beside):
     config = AdaptiveConfig(lexical_beside_postings=1)
     pipe = Pipeline(index, encoder, policy=AdaptivePolicy(config), beside=beside)

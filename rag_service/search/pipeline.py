@@ -154,6 +154,7 @@ class Pipeline(SearcherBase):
         self.policy = policy or adaptive.AdaptivePolicy()
         self._beside = beside if (self._first_stage_cpp and self.policy.config.lexical_beside_postings > 0
                                   and index.bm25.postings.n_docs >= BESIDE_MIN_CHUNKS) else None
+        self._beside_last: Future | None = None  # the BM25 this pipeline last sent beside
         self._capabilities = Capabilities(rerank=self.rerank_store is not None, lexical_route=True,
                                           semantic_guard=True)
         # Dates of the metadata fields that hold them, for recency decays (index/dates.py).
@@ -210,8 +211,12 @@ class Pipeline(SearcherBase):
             indptr = bm25_index.postings.indptr
             postings = int((indptr[terms + 1] - indptr[terms]).sum()) if len(terms) else 0
         ahead = LexicalAhead(params.depth, terms, mask)
-        if postings >= self.policy.config.lexical_beside_postings:
-            ahead.bm25 = self._beside.submit(_bm25_beside, bm25_index.postings, terms, params.depth, mask)
+        last = self._beside_last
+        # A BM25 still running beside belongs to a search that gave up on it (a deadline, a semantic hit): this one
+        # would wait behind it, so it ranks its own in the call.
+        if postings >= self.policy.config.lexical_beside_postings and (last is None or last.done()):
+            ahead.bm25 = self._beside_last = self._beside.submit(_bm25_beside, bm25_index.postings, terms,
+                                                                 params.depth, mask)
         return ahead
 
     def retrieve(self, params: SearchParams, timer: StageTimer | None = None,
