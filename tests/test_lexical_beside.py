@@ -282,3 +282,20 @@ def test_through_a_server_bm25_beside_answers_as_the_call_does(built_index, enco
             if threads and placement.enabled and hasattr(os, "sched_getaffinity"):
                 assert os.sched_getaffinity(threads[0].native_id) == set(placement.encode_cpus())
     assert answers[1] == answers[0]
+
+
+def test_concurrent_searches_with_a_beside_thread_get_their_own_answers(index, encoder, beside):
+    """Searches that overlap (some alone, some with company; the beside thread taken or busy) each get the answer a
+    pipeline without the thread gives."""
+    # Routes fixed (no load-based light route), so that company changes nothing but where BM25 runs.
+    config = AdaptiveConfig(enabled=False, lexical_beside_postings=1)
+    pipe = Pipeline(index, encoder, policy=AdaptivePolicy(config), beside=beside)
+    reference = Pipeline(index, encoder, policy=AdaptivePolicy(config))
+    cases = [SearchParams(query=q, top_k=4, depth=20, filters=FILTERS[i % 2]) for i, q in enumerate(queries(5, 10))]
+    want = [reference.search(p) for p in cases]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for _ in range(3):
+            got = list(pool.map(pipe.search, cases))
+            for g, w in zip(got, want, strict=True):
+                assert [c.chunk_id for c in g.contexts] == [c.chunk_id for c in w.contexts]
+                assert [c.score for c in g.contexts] == [c.score for c in w.contexts]
