@@ -358,6 +358,29 @@ def test_hash_embed_equals_the_word_by_word_definition():
     assert np.array_equal(synthetic.hash_embed(texts), expected)
 
 
+def test_compare_times_its_systems_with_the_setup_s_objects_frozen(built_index, tmp_path, monkeypatch):
+    """The objects made before the timed loop (corpus, indexes, model) are not scanned by the collections the loop
+    starts: gc is frozen while the systems are timed, and thawed after."""
+    import gc
+
+    from rag_service.bench import peers as peers_mod
+    from rag_service.bench.compare import CompareConfig, run_compare
+
+    beir = write_beir(tmp_path / "tiny", served_corpus(built_index), QUERIES, QRELS)
+    frozen: list[int] = []
+    real = peers_mod.Bm25sPeer.search
+
+    def search(self, query, k):
+        frozen.append(gc.get_freeze_count())
+        return real(self, query, k)
+
+    monkeypatch.setattr(peers_mod.Bm25sPeer, "search", search)
+    run_compare(CompareConfig(corpus=beir, queries=QUERIES, qrels=QRELS, systems=["bm25s"], warmup=1,
+                              cache_dir=tmp_path / "cache"))
+    assert frozen and min(frozen) > 0
+    assert gc.get_freeze_count() == 0
+
+
 def test_dense_recall_compares_hnsw_with_exact_search(tmp_path):
     from rag_service.bench.scale import dense_recall
     from rag_service.retrievers import dense as dense_mod
