@@ -59,9 +59,10 @@ QueryTerms distinct_query_terms(const std::int64_t* term_ids, std::size_t n, con
 std::int64_t agreement(const std::int64_t* a, std::size_t na, const std::int64_t* b, std::size_t nb,
                        std::int64_t top);
 
-// retrieve() (with `bm25_given` as retrieve's), then the confidence rule over its BM25 and dense lists (when enabled, whatever rerank.depth), then
-// rerank() of the fused top min(rerank.depth, fused count) unless the rule was met. Throws std::invalid_argument naming the argument, as
-// retrieve() and rerank() do, and for rerank.depth < 0 or confidence.top < 0.
+// retrieve() (with `bm25_given` as retrieve's), then the confidence rule over its BM25 and dense lists (when enabled,
+// whatever rerank.depth), then rerank() of the fused top min(rerank.depth, fused count) unless the rule was met.
+// Throws std::invalid_argument naming the argument, as retrieve() and rerank() do, and for rerank.depth < 0 or
+// confidence.top < 0.
 SearchCoreResult search_core(const Postings& postings, const std::int64_t* term_ids, std::size_t n_query_terms,
                              const std::uint8_t* mask, std::int64_t depth, const DenseSource& dense,
                              const FusionParams& fusion, const Confidence& confidence, const RerankInput& rerank,
