@@ -387,8 +387,18 @@ def test_a_plain_request_gets_what_the_long_way_gives(seed):
     with pytest.raises(InvalidArgument) as caught:
         plain(pb.SearchRequest(query="tea", cache=9), defaults, limits)
     assert caught.value.field == "cache"
+    # So is its top_k: each value gets the parameters it asks, its depth following it as the long way's does.
+    for top_k in (1, 3, defaults.top_k, rng.randint(1, limits.max_top_k), limits.max_top_k, 3):
+        for cache in (pb.CACHE_DEFAULT, pb.CACHE_BYPASS):
+            request = pb.SearchRequest(query="tea cup", top_k=top_k, cache=cache)
+            got = plain(request, defaults, limits)
+            assert got == search_params(request, defaults, limits) and got.top_k == top_k
+    for bad in (0, limits.max_top_k + 1):
+        with pytest.raises(InvalidArgument) as caught:
+            plain(pb.SearchRequest(query="tea", top_k=bad), defaults, limits)
+        assert caught.value.field == "top_k"
     # A request that sets any other field takes the long way, and gets what it asks.
-    assert plain(pb.SearchRequest(query="tea", top_k=3), defaults, limits).top_k == 3
+    assert plain(pb.SearchRequest(query="tea", depth=7), defaults, limits).depth == 7
     assert plain(pb.SearchRequest(query="tea", debug=True, filters={"a": "b"}), defaults, limits).filters == {"a": "b"}
     # Other defaults (another collection, a tuned index) get their own parameters.
     other = SearchDefaults(top_k=defaults.top_k % 50 + 1, rerank=not defaults.rerank)

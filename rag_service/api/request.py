@@ -40,18 +40,18 @@ def check_query(query: str, limits: Limits) -> None:
 
 
 class PlainParams:
-    """`search_params` with a short way for a plain request, one that sets nothing but its query, its cache mode and
-    its debug flag (most requests): its parameters are those of any other such request under the same defaults,
-    limits, cache mode and debug flag, so they are validated once per combination and then copied with each query.
-    The ~20 field reads and checks of the long way cost ~30 µs a request on the caches a search leaves behind
-    (bench/README.md, "Issue 15")."""
+    """`search_params` with a short way for a plain request, one that sets nothing but its query, its top_k, its cache
+    mode and its debug flag (most requests): its parameters are those of any other such request under the same
+    defaults, limits, top_k, cache mode and debug flag, so they are validated once per combination and then copied
+    with each query. The ~20 field reads and checks of the long way cost ~30 µs a request on the caches a search
+    leaves behind (bench/README.md, "Issue 15")."""
 
-    MAX_HELD = 64  # combinations remembered: a few cache modes per defaults object (one per collection or tuned index)
+    MAX_HELD = 64  # combinations remembered: a few cache modes and top_k per defaults object (collection, tuned index)
 
     def __init__(self) -> None:
-        # (id(defaults), cache, debug) -> (defaults, limits, their params); the objects are held, so an id is never
-        # reused while its entry stands.
-        self._held: dict[tuple[int, int, bool], tuple[SearchDefaults, Limits, SearchParams]] = {}
+        # (id(defaults), cache, debug, top_k or None) -> (defaults, limits, their params); the objects are held, so an
+        # id is never reused while its entry stands.
+        self._held: dict[tuple[int, int, bool, int | None], tuple[SearchDefaults, Limits, SearchParams]] = {}
 
     def __call__(self, request: pb.SearchRequest, defaults: SearchDefaults, limits: Limits) -> SearchParams:
         fields = request.ListFields()
@@ -59,19 +59,22 @@ class PlainParams:
             return search_params(request, defaults, limits)
         query = request.query
         check_query(query, limits)
-        shape = (id(defaults), request.cache, request.debug)
+        top_k = request.top_k if request.HasField("top_k") else None
+        shape = (id(defaults), request.cache, request.debug, top_k)
         held = self._held.get(shape)
         if held is None or held[0] is not defaults or held[1] is not limits:
             if len(self._held) >= self.MAX_HELD:
                 self._held.clear()
             probe = pb.SearchRequest(query="plain", cache=request.cache, debug=request.debug)
+            if top_k is not None:
+                probe.top_k = top_k
             held = self._held[shape] = (defaults, limits, search_params(probe, defaults, limits))
         params = object.__new__(SearchParams)  # SearchParams' __init__ sets its fields and nothing else
         params.__dict__.update(held[2].__dict__, query=query, filters={})
         return params
 
 
-_PLAIN_FIELDS = frozenset({"query", "cache", "debug"})
+_PLAIN_FIELDS = frozenset({"query", "top_k", "cache", "debug"})
 
 
 def search_params(request: pb.SearchRequest, defaults: SearchDefaults, limits: Limits) -> SearchParams:
