@@ -203,11 +203,10 @@ class Pipeline(SearcherBase):
         params = plan.params
         if params.depth < 1:
             return None  # the first stage names the field
-        with timer.stage("filter"):
-            mask = self.index.filter_mask(params.filters, params.filter)
+        mask = self._mask(params, timer, None)
         bm25_index = self.index.bm25
         with timer.stage("analyze"):
-            terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
+            terms = self._term_ids(params.query)
             indptr = bm25_index.postings.indptr
             postings = int((indptr[terms + 1] - indptr[terms]).sum()) if len(terms) else 0
         ahead = LexicalAhead(params.depth, terms, mask)
@@ -219,6 +218,18 @@ class Pipeline(SearcherBase):
                                                                  params.depth, mask)
         return ahead
 
+    def _mask(self, params: SearchParams, timer: StageTimer, ahead: LexicalAhead | None) -> np.ndarray | None:
+        """The request's filter mask: the one made before the encode, else made here as the filter stage."""
+        if ahead is not None:
+            return ahead.mask
+        with timer.stage("filter"):
+            return self.index.filter_mask(params.filters, params.filter)
+
+    def _term_ids(self, query: str) -> np.ndarray:
+        """The query's BM25 input: its analysed tokens' term ids, repeats kept."""
+        bm25 = self.index.bm25
+        return bm25.term_ids(bm25.analyzer.tokens(query))
+
     def retrieve(self, params: SearchParams, timer: StageTimer | None = None,
                  query_vector: np.ndarray | None = None, deadline: float | None = None,
                  lexical_only: bool = False, ahead: LexicalAhead | None = None) -> Candidates:
@@ -226,11 +237,7 @@ class Pipeline(SearcherBase):
         retrieval; fusion sees an empty dense list, so the BM25 order stands and every candidate's dense score is
         missing (the adaptive pipeline's lexical route). `ahead`: what _before_encode made for this request."""
         timer = timer or StageTimer()
-        if ahead is not None:
-            mask = ahead.mask
-        else:
-            with timer.stage("filter"):
-                mask = self.index.filter_mask(params.filters, params.filter)
+        mask = self._mask(params, timer, ahead)
         dense = (np.zeros(0, np.int64), np.zeros(0, np.float32))
         if lexical_only:
             query_vector = None
@@ -265,7 +272,7 @@ class Pipeline(SearcherBase):
             terms = ahead.terms
         else:
             with timer.stage("analyze"):
-                terms = bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
+                terms = self._term_ids(params.query)
         scan = query_vector is not None and dense_index.native_scan
         hits = None
         if query_vector is not None and not scan:
@@ -309,18 +316,14 @@ class Pipeline(SearcherBase):
         store, call = self.rerank_store, self._search_call
         if store is None or call is None:
             raise RuntimeError("the one-call search needs the rerank store and model")
-        if ahead is not None:
-            mask = ahead.mask
-        else:
-            with timer.stage("filter"):
-                mask = self.index.filter_mask(params.filters, params.filter)
+        mask = self._mask(params, timer, ahead)
         if query_vector is None:
             query_vector = self._encode_stage(params.query, deadline, timer)
         if params.depth < 1:
             raise InvalidArgument("depth", f"must be >= 1, got {params.depth}")
-        bm25_index, dense_index = self.index.bm25, self.index.dense
+        dense_index = self.index.dense
         with timer.stage("analyze"):
-            terms = ahead.terms if ahead is not None else bm25_index.term_ids(bm25_index.analyzer.tokens(params.query))
+            terms = ahead.terms if ahead is not None else self._term_ids(params.query)
             # With a per-term idf table (lucene idf) the call derives the rerank's distinct terms itself: NumPy
             # calls on this path cost ~130 µs on caches the encode has just flushed.
             query_terms = None if store.idf is not None else store.terms_of(terms)
