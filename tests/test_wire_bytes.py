@@ -101,13 +101,18 @@ def _query_api(rng: random.Random, text: str) -> dict:
             "document_score": _optional(rng)}
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_joined_bytes_parse_to_the_field_by_field_message(seed: int) -> None:
+def _cases(seed: int, rounds: int = 5):
+    """(rng, prepared table, result) for `rounds` seeded results over one seeded set of chunks."""
     rng = random.Random(seed)
     chunks = _chunks(rng, rng.randint(1, 30))
     prepared = ContextBytes.from_fields(chunks)
-    for _ in range(5):
-        result = _result(rng, chunks)
+    for _ in range(rounds):
+        yield rng, prepared, _result(rng, chunks)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_joined_bytes_parse_to_the_field_by_field_message(seed: int) -> None:
+    for rng, prepared, result in _cases(seed):
         served_from = rng.choice([pb.SERVED_FROM_MISS, pb.SERVED_FROM_EXACT, pb.SERVED_FROM_SEMANTIC,
                                   pb.SERVED_FROM_PREFETCHED])
         similarity = rng.choice([None, 0.0, 0.973])
@@ -130,11 +135,7 @@ def test_joined_bytes_parse_to_the_field_by_field_message(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(10))
 def test_a_kept_reply_and_a_calls_fields_parse_to_the_message(seed: int) -> None:
     # What a cache entry keeps (reply.body) followed by one call's fields is the reply of that call.
-    rng = random.Random(seed)
-    chunks = _chunks(rng, rng.randint(1, 30))
-    prepared = ContextBytes.from_fields(chunks)
-    for _ in range(5):
-        result = _result(rng, chunks)
+    for rng, prepared, result in _cases(seed):
         if result.shaped:  # shaped replies (pages, explanations) are never kept
             continue
         collection = rng.choice(["", "docs"])
