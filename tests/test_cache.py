@@ -588,3 +588,82 @@ def test_a_hit_gets_a_copy_that_equals_the_dataclass_copy_and_leaves_the_entry_a
     hit.contexts.append(context)
     hit.stage_us["more"] = 1
     assert kept.contexts == [context] and kept.stage_us == {"encode": 7}
+
+
+def test_a_plain_answer_is_kept_packed_and_each_hit_unpacks_an_equal_answer_of_its_own(served_index, encoder):
+    import dataclasses
+    import gc
+
+    from rag_service.index.load import load_index
+    from rag_service.search.cache import PackedResult
+    from rag_service.search.pipeline import Pipeline
+
+    pipeline = Pipeline(load_index(served_index.root), encoder)
+    cache = CachedSearch(CacheConfig(), Metrics())
+    params = SearchParams(query="volcano lava", top_k=5, cache="exact_only")
+    miss = cache.run(pipeline, params)
+    assert miss.served_from == "miss" and len(miss.result.contexts) == 5
+    (entry,) = cache.store._lru.values()
+    assert isinstance(entry.result, PackedResult)
+    for _ in range(3):  # a pass stops tracking a tuple once the tuples inside it are no longer tracked
+        gc.collect()
+    # Numbers, strings and arrays only: the collector no longer tracks them.
+    assert not gc.is_tracked(entry.result.fields) and not gc.is_tracked(entry.result.contexts.values)
+    hits = [cache.run(pipeline, params) for _ in range(2)]
+    for hit in hits:
+        assert hit.served_from == "exact"
+        assert dataclasses.replace(hit.result, stage_us={}) == dataclasses.replace(miss.result, stage_us={})
+        assert [dict(c.features or {}) for c in hit.result.contexts] == \
+            [dict(c.features or {}) for c in miss.result.contexts]
+        assert type(hit.result.shards_answered) is list
+    assert not {id(c) for c in hits[0].result.contexts} & {id(c) for c in hits[1].result.contexts}
+    assert hits[0].result.contexts[0].title  # one hit reading its fields leaves the next hit's contexts unread
+    assert not cache.run(pipeline, params).result.contexts[0].resolved
+
+
+def test_contexts_that_hold_more_than_their_scores_are_not_packed(served_index, encoder):
+    import dataclasses
+
+    from rag_service.core.params import ContextResult
+    from rag_service.index.load import load_index
+    from rag_service.search.cache import PackedResult, _pack
+    from rag_service.search.pipeline import Pipeline
+    from rag_service.search.searcher import pack_contexts, replace_context
+
+    pipeline = Pipeline(load_index(served_index.root), encoder)
+    result = pipeline.search(SearchParams(query="volcano lava", top_k=3))
+    assert pack_contexts(result.contexts) is not None
+    assert pack_contexts([]).unpack() == []
+    plain = ContextResult(chunk=1, doc_id="d", chunk_id="d#0", title="t", text="x", metadata={}, score=1.0,
+                          bm25_score=None, dense_score=0.5)
+    other = pipeline.search(SearchParams(query="glacier ice", top_k=1)).contexts  # another reader object
+    read = pipeline.search(SearchParams(query="volcano lava", top_k=3)).contexts
+    assert read[1].title and read[1].resolved
+    for contexts in ([*result.contexts, plain], [replace_context(result.contexts[0], highlights=((0, 1, "v"),))],
+                     [*result.contexts, *other], read):
+        assert pack_contexts(contexts) is None
+    shaped = dataclasses.replace(result, shaped=True)
+    for kept_whole in (shaped, dataclasses.replace(result, groups=[]), dataclasses.replace(result, contexts=read)):
+        kept = _pack(kept_whole)
+        assert not isinstance(kept, PackedResult) and kept == dataclasses.replace(kept_whole, stage_us={})
+
+
+def test_a_cache_entry_adds_a_few_tracked_objects_to_the_heap(served_index, encoder):
+    import gc
+
+    from rag_service.index.load import load_index
+    from rag_service.search.pipeline import Pipeline
+
+    pipeline = Pipeline(load_index(served_index.root), encoder)
+    cache = CachedSearch(CacheConfig(), Metrics())
+    cache.run(pipeline, SearchParams(query="volcano lava warm up"))
+    gc.collect()
+    before = len(gc.get_objects())
+    n = 60
+    for i in range(n):  # distinct queries, distinct words: a miss and a store each
+        cache.run(pipeline, SearchParams(query=f"volcano lava eruption{i} basalt{i}x"))
+    for _ in range(3):
+        gc.collect()
+    assert len(cache.store) == n + 1
+    # Ten live contexts with their features and readers were ~50 tracked objects an entry.
+    assert (len(gc.get_objects()) - before) / n < 15

@@ -98,6 +98,10 @@ class FeatureRow(Mapping[str, float]):
     def __len__(self) -> int:
         return len(self._names)
 
+    def parts(self) -> tuple[Sequence[str], Sequence[float]]:
+        """(names, row): what this view was made of; FeatureRow(*parts) makes it again."""
+        return self._names, self._row
+
     def values(self):  # one conversion for the row instead of a look-up per name
         return [float(v) for v in self._row]
 

@@ -50,7 +50,9 @@ class Analyzer:
             return None
         stemmer = getattr(self._local, "stemmer", None)
         if stemmer is None:
-            stemmer = Stemmer.Stemmer(self.stemmer)
+            # Without PyStemmer's own stem cache (maxCacheSize 0): `_memo` keeps every stem already, and that cache
+            # holds a tracked list per word, which the collector's passes would walk (api/heap.py).
+            stemmer = Stemmer.Stemmer(self.stemmer, 0)
             self._local.stemmer = stemmer
         return stemmer
 

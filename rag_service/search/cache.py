@@ -41,7 +41,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -53,7 +53,7 @@ from rag_service.core.timing import StageTimer
 from rag_service.kernels import native
 from rag_service.retrievers.analysis import Analyzer
 from rag_service.search.guard_words import polarity_words
-from rag_service.search.searcher import LexicalGuard, Searcher, StoredContext
+from rag_service.search.searcher import LexicalGuard, PackedContexts, Searcher, StoredContext, pack_contexts
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +182,46 @@ class GuardInputs:
         return self._lexical
 
 
+_LIST_FIELDS = frozenset(f.name for f in dataclasses.fields(SearchResult) if f.default_factory is list)
+
+
+class PackedResult(NamedTuple):
+    """A SearchResult as a cache entry keeps it: the contexts packed (PackedContexts) and the other fields as one
+    tuple of (name, value), lists as tuples. An entry lives for minutes, and every tracked object it holds lengthens
+    the collector's passes over the young objects and its full ones (api/heap.py): packed, an entry holds a few of
+    them instead of ~50. A hit unpacks it into a new SearchResult."""
+
+    fields: tuple[tuple[str, Any], ...]
+    contexts: PackedContexts
+
+    def unpack(self, stage_us: dict[str, int]) -> SearchResult:
+        result = object.__new__(SearchResult)
+        state = result.__dict__
+        state.update(self.fields)
+        for name in _LIST_FIELDS:
+            state[name] = list(state[name])
+        state["contexts"] = self.contexts.unpack()
+        state["stage_us"] = stage_us
+        return result
+
+
+def _pack(result: SearchResult) -> SearchResult | PackedResult:
+    """What an entry keeps of `result`: packed when its contexts pack (unshaped and unread, as a plain search leaves
+    them), else a copy of it."""
+    if result.groups is None and not result.shaped:
+        contexts = pack_contexts(result.contexts)
+        if contexts is not None:
+            return PackedResult(tuple((name, tuple(value) if name in _LIST_FIELDS else value)
+                                      for name, value in result.__dict__.items()
+                                      if name != "contexts" and name != "stage_us"), contexts)
+    return _copy(result, {})
+
+
 @dataclass(eq=False)
 class Entry:
     key: tuple
     group: tuple  # ((collection, index version), params key): semantic hits only within a group
-    result: SearchResult
+    result: SearchResult | PackedResult  # a hit gets its own SearchResult from it (CachedSearch._hit)
     vector: np.ndarray
     # BM25 top guard_depth chunk ids, sorted: the fidelity guard compares these. None until a guard first asks
     # (bm25_top): a miss stores its entry without a BM25 search, and most entries are never compared.
@@ -607,7 +642,8 @@ class CachedSearch:
 
     def _hit(self, entry: Entry, kind: str, started_ns: int, similarity: float | None = None) -> Served:
         served_from = self._count_hit(entry, kind, similarity)
-        result = _copy(entry.result, {"cache": (time.perf_counter_ns() - started_ns) // 1000})
+        kept, stage_us = entry.result, {"cache": (time.perf_counter_ns() - started_ns) // 1000}
+        result = kept.unpack(stage_us) if isinstance(kept, PackedResult) else _copy(kept, stage_us)
         return Served(result, served_from, similarity, entry.origin, entry=entry)
 
     def replay(self, request: tuple[bytes, object], scope: tuple[str, str]) -> tuple[bytes, str] | None:
@@ -721,12 +757,12 @@ class CachedSearch:
             bm25, terms, polarity, bm25_key = np.zeros(0, np.int64), {}, (), b""
         vector = np.ascontiguousarray(vector, dtype=np.float32)
         signature = strict_signature(params.query)
-        kept = _copy(result, {})
+        kept = _pack(result)
         # Candidates not worked out yet are counted at their most: guard_depth int64 ids.
         lexical_nbytes = bm25.nbytes if bm25 is not None else 8 * self.config.guard_depth
         entry = Entry(key=key, group=(key[0], key[2]), result=kept, vector=vector, lexical=bm25, terms=terms,
                       polarity=polarity, signature=signature,
-                      nbytes=entry_bytes(key[1], kept, vector, lexical_nbytes, signature + polarity, terms)
+                      nbytes=entry_bytes(key[1], result, vector, lexical_nbytes, signature + polarity, terms)
                       + len(bm25_key),
                       inserted=self.store.clock(), origin=origin, agreement=answer_agreement(result),
                       bm25_key=bm25_key, lexical_of=query if bm25 is None else None)

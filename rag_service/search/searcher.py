@@ -18,7 +18,6 @@ the searcher's `guard` (the index's own BM25 terms and candidates), never with t
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -29,6 +28,7 @@ from rag_service.core.filter import Tree
 from rag_service.core.params import (
     Capabilities,
     ContextResult,
+    FeatureRow,
     IndexSummary,
     SearchParams,
     SearchResult,
@@ -266,7 +266,7 @@ class StoredContext(ContextResult):
         read = state.get("_read")
         if read is None or name not in _STORED:
             raise AttributeError(name)
-        for key, value in read()._asdict().items():
+        for key, value in read(state["chunk"])._asdict().items():
             state.setdefault(key, value)  # a field a copy was given (replace_context) stays
         state.pop("_read", None)
         return state[name]
@@ -294,7 +294,7 @@ _CONTEXT_FIELDS = tuple(f.name for f in dataclasses.fields(ContextResult))
 def replace_context(context: ContextResult, **changes: Any) -> ContextResult:
     """dataclasses.replace(context, **changes), without reading a StoredContext's stored fields: the copy reads
     them when it needs them, as the original would have."""
-    if not isinstance(context, StoredContext) or context.resolved:
+    if not isinstance(context, StoredContext) or context.resolved or "chunk" in changes:
         return dataclasses.replace(context, **changes)
     unknown = changes.keys() - set(_CONTEXT_FIELDS)
     if unknown:
@@ -334,7 +334,7 @@ def assemble_contexts(fused: FusionResult, order: np.ndarray, selection: Selecti
             # Built without the frozen dataclass's __init__ (one setattr per field): the defaults it would set,
             # then this context's own values.
             context = object.__new__(StoredContext)
-            context.__dict__.update(_LAZY_DEFAULTS, **own, _read=functools.partial(stored, chunk))
+            context.__dict__.update(_LAZY_DEFAULTS, **own, _read=stored)
             out.append(context)
         elif fields is not None:
             out.append(ContextResult(**fields(at)._asdict(), **own))
@@ -343,3 +343,61 @@ def assemble_contexts(fused: FusionResult, order: np.ndarray, selection: Selecti
 
 _LAZY_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ContextResult)
                   if f.name not in _STORED and f.default is not dataclasses.MISSING}
+# A packed StoredContext (pack_contexts): these values in this order, then its features' parts (or None).
+_PACKED = ("chunk", "score", "bm25_score", "dense_score", "rerank_score", "tokens", "fused_score")
+# What an unshaped StoredContext holds besides those: the query API's fields at their defaults, and its reader.
+_UNSHAPED = tuple((name, default) for name, default in _LAZY_DEFAULTS.items()
+                  if name not in _PACKED and name != "features")
+_PACKED_STATE = {*_LAZY_DEFAULTS, *_PACKED, "features", "_read"}
+
+
+class PackedContexts(NamedTuple):
+    """Unshaped, unread StoredContexts of one reader as numbers, strings and arrays only: `values` is a tuple the
+    collector stops tracking at its first pass over it, where ten live contexts are ~40 tracked objects. A cache
+    entry holds its contexts packed for minutes (api/heap.py says why that count matters)."""
+
+    read: Callable[[int], ChunkFields]
+    values: tuple[tuple, ...]
+
+    def unpack(self) -> list[ContextResult]:
+        """New StoredContexts equal to the packed ones."""
+        out: list[ContextResult] = []
+        read = self.read
+        for values in self.values:
+            context = object.__new__(StoredContext)
+            state = context.__dict__
+            state.update(_LAZY_DEFAULTS)
+            state.update(zip(_PACKED, values))
+            features = values[-1]
+            if features is not None:
+                state["features"] = FeatureRow(*features)
+            state["_read"] = read
+            out.append(context)
+        return out
+
+
+def pack_contexts(contexts: Sequence[ContextResult]) -> PackedContexts | None:
+    """`contexts` packed (PackedContexts), or None when one of them holds more than its chunk, scores and features:
+    fields already read, the query API's fields, another kind of context or another reader."""
+    read = None
+    values = []
+    for context in contexts:
+        if type(context) is not StoredContext:
+            return None
+        state = context.__dict__
+        if state.keys() != _PACKED_STATE or (read is not None and state["_read"] is not read):
+            return None
+        read = state["_read"]
+        if any(state[name] != default for name, default in _UNSHAPED):
+            return None
+        features = state["features"]
+        if features is not None and type(features) is not FeatureRow:
+            return None
+        values.append((*[state[name] for name in _PACKED], None if features is None else features.parts()))
+    if read is None:  # no contexts: nothing to read them with
+        return PackedContexts(_no_reader, ())
+    return PackedContexts(read, tuple(values))
+
+
+def _no_reader(chunk: int) -> ChunkFields:
+    raise LookupError(f"chunk {chunk}: an empty packed list has no reader")
