@@ -34,6 +34,7 @@ from rag_service.api import auth, logs, pages, reply, rpc, tenancy, wire
 from rag_service.api.admission import Admission
 from rag_service.api.batch import BatchSearch
 from rag_service.api.collections import SERVING, Collections, Loaders, ReloadResult, collection_specs
+from rag_service.api.heap import Heap
 from rag_service.api.loader import EncoderPool, load_searcher
 from rag_service.api.placement import PipelineExecutor, Placement
 from rag_service.api.request import PlainParams, search_params
@@ -554,6 +555,8 @@ class RagServer:
         self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rag-beside",
                                           initializer=self.placement.beside_thread)
         self.on_index_swap = [self._swapped]
+        # The loaded indexes stay out of the collector's full passes (api/heap.py).
+        self.heap = Heap(config.freeze_heap, lambda: self.servicer.admission.in_flight)
         specs, default = collection_specs(config)
         self.collections = Collections(specs, default, self.index_root, self.metrics, Loaders(
             load=self._load_searcher, executor=self.executor, changed=self._publish,
@@ -651,6 +654,7 @@ class RagServer:
         if old is not None:
             self.encoders.keep(c.searcher.encoder for c in self.collections.collections.values()
                                if c.searcher is not None and c.searcher is not old)
+        self.heap.swapped(old)
 
     def _admitted(self) -> int:
         """Searches admitted now, running or queued (read from the pipeline threads: a plain int read)."""
@@ -726,6 +730,7 @@ class RagServer:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self._beside.shutdown(wait=True, cancel_futures=True)
         self._reload_executor.shutdown(wait=False, cancel_futures=True)
+        self.heap.thaw()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
