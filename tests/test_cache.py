@@ -636,7 +636,7 @@ def test_contexts_that_hold_more_than_their_scores_are_not_packed(served_index, 
     assert pack_contexts([]).unpack() == []
     plain = ContextResult(chunk=1, doc_id="d", chunk_id="d#0", title="t", text="x", metadata={}, score=1.0,
                           bm25_score=None, dense_score=0.5)
-    other = pipeline.search(SearchParams(query="glacier ice", top_k=1)).contexts  # another reader object
+    other = Pipeline(pipeline.index, encoder).search(SearchParams(query="glacier ice", top_k=1)).contexts
     read = pipeline.search(SearchParams(query="volcano lava", top_k=3)).contexts
     assert read[1].title and read[1].resolved
     for contexts in ([*result.contexts, plain], [replace_context(result.contexts[0], highlights=((0, 1, "v"),))],

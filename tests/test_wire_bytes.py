@@ -236,13 +236,13 @@ def test_a_plain_search_reads_no_reply_field_from_the_store_until_asked(pipeline
     from rag_service.search.searcher import StoredContext
 
     reads: list[int] = []
-    real = pipeline.chunk_fields
+    real = pipeline.read_chunk
 
     def counted(chunk: int):
         reads.append(chunk)
         return real(chunk)
 
-    monkeypatch.setattr(pipeline, "chunk_fields", counted)
+    monkeypatch.setattr(pipeline, "read_chunk", counted)
     # Through the cache, which stores the answer (and sizes it), then the joined reply, as the server does.
     served = CachedSearch(CacheConfig()).run(pipeline, SearchParams(query="glacier ice moraines", top_k=5))
     contexts = served.result.contexts

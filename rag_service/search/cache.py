@@ -160,21 +160,27 @@ class GuardInputs:
     guard_depth chunk ids, sorted (`lexical`), worked out only when asked: a cached query with the same BM25 input
     has the same BM25 top chunks, so a hit on such a query needs no BM25 search."""
 
-    __slots__ = ("terms", "polarity", "bm25_key", "_lexical", "_candidates")
+    __slots__ = ("terms", "polarity", "bm25_key", "_input", "_lexical", "_candidates")
 
     def __init__(self, terms: dict[str, float], polarity: tuple[str, ...], bm25_input: np.ndarray,
                  candidates: Callable[[np.ndarray], np.ndarray]) -> None:
         self.terms = terms
         self.polarity = polarity
         self.bm25_key = bm25_input.tobytes()
+        self._input = bm25_input
         self._lexical: np.ndarray | None = None
-        self._candidates = functools.partial(candidates, bm25_input)
+        self._candidates = candidates
 
     @property
     def lexical(self) -> np.ndarray:
         if self._lexical is None:
-            self._lexical = self._candidates()
+            self._lexical = self._candidates(self._input)
         return self._lexical
+
+    def candidates_of(self, bm25_key: bytes) -> np.ndarray:
+        """The BM25 top chunks of another query's BM25 input (its `bm25_key`), ranked as this query's are: the
+        same index, filters and depth, which any query of this one's cache group shares."""
+        return self._candidates(np.frombuffer(bm25_key, np.int64))
 
     @property
     def known_lexical(self) -> np.ndarray | None:
@@ -236,17 +242,18 @@ class Entry:
     bm25_key: bytes = b""  # GuardInputs.bm25_key of the query: an equal key means equal BM25 top chunks
     used: bool = False
     slot: int = -1
-    lexical_of: GuardInputs | None = None  # works `lexical` out when it is None
     # What the server sends for this entry less the per-call fields, once a hit has encoded it (CacheStore.attach).
     reply: bytes | None = None
-    # Wire requests (bytes, caller scope) this entry answered exactly: CacheStore.replay finds it by them.
-    requests: list[tuple[bytes, object]] = dataclasses.field(default_factory=list)
+    # Wire requests (bytes, caller scope) this entry answered exactly: CacheStore.replay finds it by them. A tuple,
+    # as everything an entry holds for minutes, where it can be: the collector stops tracking it (api/heap.py).
+    requests: tuple[tuple[bytes, object], ...] = ()
 
-    def bm25_top(self) -> np.ndarray:
-        """`lexical`, worked out (once) the first time a guard compares it."""
+    def bm25_top(self, query: GuardInputs) -> np.ndarray:
+        """`lexical`, worked out (once) the first time a guard compares it, by the comparing `query`'s ranking:
+        semantic hits are looked for within one cache group, so the index, filters and depth are this entry's."""
         lexical = self.lexical
         if lexical is None:  # two threads may both work it out: the same ids, the same assignment
-            lexical = self.lexical = self.lexical_of.lexical if self.lexical_of is not None else np.zeros(0, np.int64)
+            lexical = self.lexical = query.candidates_of(self.bm25_key)
         return lexical
 
 
@@ -432,7 +439,7 @@ class CacheStore:
                 added += sys.getsizeof(reply)
             if request is not None and request not in self._requests and len(entry.requests) < MAX_REQUESTS:
                 self._requests[request] = entry
-                entry.requests.append(request)
+                entry.requests = (*entry.requests, request)
                 added += sys.getsizeof(request[0]) + 120  # the key's tuple and two dict slots
             entry.nbytes += added
             self.bytes += added
@@ -711,7 +718,7 @@ class CachedSearch:
                     and differing_idf(query.terms, entry.terms) < config.guard_max_differing_idf
                     and term_overlap(query.terms, entry.terms) >= config.guard_min_term_overlap
                     and (query.bm25_key == entry.bm25_key
-                         or lexical_overlap(query.lexical, entry.bm25_top()) >= config.guard_min_overlap)
+                         or lexical_overlap(query.lexical, entry.bm25_top(query)) >= config.guard_min_overlap)
                     and self.store.touch(entry)):
                 return self._hit(entry, SEMANTIC, started, similarity)
         self.metrics.cache_guard_rejections.labels("default").inc()
@@ -765,7 +772,7 @@ class CachedSearch:
                       nbytes=entry_bytes(key[1], result, vector, lexical_nbytes, signature + polarity, terms)
                       + len(bm25_key),
                       inserted=self.store.clock(), origin=origin, agreement=answer_agreement(result),
-                      bm25_key=bm25_key, lexical_of=query if bm25 is None else None)
+                      bm25_key=bm25_key)
         self.store.put(entry)
 
     def probe(self, searcher: Searcher, params: SearchParams, query_vector: np.ndarray) -> Served | None:

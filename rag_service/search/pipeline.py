@@ -11,6 +11,7 @@ server can report per-stage latency. To add a stage, add it to `Pipeline._rank` 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from concurrent.futures import Executor, Future
@@ -32,6 +33,7 @@ from rag_service.core.tracing import request_tracer
 from rag_service.encoder.encode import SearchEncoder
 from rag_service.index.dates import DateColumns
 from rag_service.index.load import Index
+from rag_service.index.store import DocStore
 from rag_service.index.windows import DEFAULT_WINDOW_SENTENCES, sentence_windows, split_sentences
 from rag_service.kernels import native
 from rag_service.kernels.native import FusionResult
@@ -144,6 +146,9 @@ class Pipeline(SearcherBase):
         # Every reply reports its contexts' tokens: stored at build time (an older index counts them here, once),
         # since tokenizing a passage per request costs ~0.1-0.7 ms.
         self._chunk_tokens = index.token_counts(encoder)
+        # One reader for every context this pipeline makes (a bound method would be a new object per request, and a
+        # cache entry keeps its contexts' reader; a method bound here would put the pipeline in a cycle).
+        self.read_chunk = functools.partial(_chunk_fields, index.store)
         # The kernels' backend (RAG_SERVICE_BACKEND) is read once, at load, like every other setting of an index:
         # resolved per request it cost ~25 µs on the caches the encode has just flushed.
         self._first_stage_cpp = native.retrieve_backend() == "cpp"
@@ -424,7 +429,7 @@ class Pipeline(SearcherBase):
                     selection = shaper.page(selection)
         check_deadline(deadline, "assemble")
         with timer.stage("assemble"):
-            contexts = assemble_contexts(fused, order, selection, reranked, ranks=rows, stored=self.chunk_fields)
+            contexts = assemble_contexts(fused, order, selection, reranked, ranks=rows, stored=self.read_chunk)
         legs = LEXICAL_LEGS if lexical_only else (RERANKED_LEGS if reranked is not None else FUSED_LEGS)
         self.policy.observe(timer.us, depth)
         result = SearchResult(contexts=contexts, index_version=self.version, stage_us=timer.us,
@@ -470,10 +475,13 @@ class Pipeline(SearcherBase):
         return highlight
 
     def chunk_fields(self, chunk: int) -> ChunkFields:
-        store = self.index.store
-        doc = store.chunk_doc(chunk)
-        return ChunkFields(doc_id=store.doc_id(doc), chunk_id=store.chunk_id(chunk), title=store.doc_title(doc),
-                           text=store.chunk_text(chunk), metadata=store.doc_metadata(doc))
+        return _chunk_fields(self.index.store, chunk)
 
     def chunk_tokens(self, chunk: int) -> int:
         return int(self._chunk_tokens[chunk])
+
+
+def _chunk_fields(store: DocStore, chunk: int) -> ChunkFields:
+    doc = store.chunk_doc(chunk)
+    return ChunkFields(doc_id=store.doc_id(doc), chunk_id=store.chunk_id(chunk), title=store.doc_title(doc),
+                       text=store.chunk_text(chunk), metadata=store.doc_metadata(doc))
