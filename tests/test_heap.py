@@ -1,6 +1,7 @@
 """The server's heap after an index swap (api/heap.py): collected, then frozen out of the collector's passes; thawed
 first on every settle, so nothing frozen that became garbage since stays; a settle after a swap waits for the
-searches running; a real server settles after its load and after a reload, and thaws on stop."""
+searches running; every collection is timed by generation while a server runs; a real server settles after its load
+and after a reload, and thaws on stop."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from rag_service.api import heap as heap_module
 from rag_service.api.heap import Heap
 from rag_service.client import RetrieverClient
 from rag_service.core.config import ServerConfig
+from rag_service.core.metrics import Metrics
 from rag_service.index.build import BuildConfig, build_index
 
 DOCS = [
@@ -48,7 +50,7 @@ def test_a_settle_collects_then_freezes_and_a_thaw_gives_everything_back():
         heap.settle()
         assert gc.is_tracked(kept) and not any(o is kept for o in gc.get_objects())  # ...until the next settle
     finally:
-        heap.thaw()
+        heap.close()
     assert gc.get_freeze_count() == 0
 
 
@@ -64,14 +66,35 @@ def test_a_settle_frees_what_the_last_one_froze_and_became_garbage_since():
         heap.settle()
         assert gone() is None
     finally:
-        heap.thaw()
+        heap.close()
+
+
+def test_every_collection_is_timed_by_generation_until_close():
+    metrics = Metrics()
+    heap = Heap(False, lambda: 0, metrics)
+
+    def count(generation: int) -> float:
+        return metrics.registry.get_sample_value("rag_gc_pause_seconds_count", {"generation": str(generation)}) or 0
+
+    heap.watch()
+    heap.watch()  # once only
+    try:
+        gc.collect()
+        gc.collect(0)
+        assert count(2) == 1 and count(0) >= 1
+        assert metrics.registry.get_sample_value("rag_gc_pause_seconds_sum", {"generation": "2"}) > 0
+    finally:
+        heap.close()
+    assert heap._timed not in gc.callbacks
+    gc.collect()
+    assert count(2) == 1
 
 
 def test_a_disabled_heap_freezes_nothing():
     before = gc.get_freeze_count()
     heap = Heap(False, lambda: 0)
     heap.settle()
-    heap.thaw()
+    heap.close()
     assert heap.settles == 0 and gc.get_freeze_count() == before
 
 
@@ -89,7 +112,7 @@ def test_a_settle_after_a_swap_waits_until_no_search_runs_and_covers_every_swap_
             await asyncio.wait_for(heap.idle(), 10)
             assert heap.settles == 1
         finally:
-            heap.thaw()
+            heap.close()
 
     asyncio.run(main())
 
@@ -110,7 +133,7 @@ def test_a_settle_after_a_swap_waits_until_the_index_let_go_is_freed():
             await asyncio.wait_for(heap.idle(), 10)
             assert heap.settles == 2 and gone() is None and gc.get_freeze_count() > 0
         finally:
-            heap.thaw()
+            heap.close()
 
     asyncio.run(main())
 
@@ -130,7 +153,7 @@ def test_an_index_let_go_that_only_cycles_hold_is_freed_by_the_settle_after_the_
             assert heap.settles == 1 and gone() is None
         finally:
             gc.enable()
-            heap.thaw()
+            heap.close()
 
     asyncio.run(main())
 
@@ -145,17 +168,17 @@ def test_a_settle_stops_waiting_after_its_limit(monkeypatch):
             await asyncio.wait_for(heap.idle(), 10)
             assert heap.settles == 1
         finally:
-            heap.thaw()
+            heap.close()
 
     asyncio.run(main())
 
 
-def test_a_thaw_drops_a_settle_still_waiting():
+def test_a_close_drops_a_settle_still_waiting():
     async def main() -> None:
         heap = Heap(True, lambda: 1)
         heap.swapped(None)
         await asyncio.sleep(0)
-        heap.thaw()
+        heap.close()
         with pytest.raises(asyncio.CancelledError):
             await heap.idle()
         assert heap.settles == 0
@@ -177,6 +200,8 @@ def test_a_server_settles_after_its_load_and_after_a_reload_and_thaws_on_stop(se
                                                                timeout=60) as client:
         _idle(r)
         assert r.server.heap.settles == 1 and gc.get_freeze_count() > 0
+        # The settle's own collection, timed.
+        assert r.server.metrics.registry.get_sample_value("rag_gc_pause_seconds_count", {"generation": "2"}) >= 1
         assert client.search("why does the sea rise and fall").contexts[0].doc_id == "tides"
         old = weakref.ref(r.server.collections.default_collection().searcher)
         time.sleep(1.1)  # versions are named by build time: a new one, whose reload drops the old one's cache entries

@@ -14,7 +14,8 @@ index that only cycles kept, and whatever else still holds one is frozen with th
 starts by thawing).
 
 The freeze is the process's, not one server's: a second server in the same process (tests) settles it again, and
-`thaw` on stop gives every object back to the collector."""
+`close` on stop gives every object back to the collector. While it runs, the server also times every collection of
+the process (`rag_gc_pause_seconds` by generation), so what the collector costs the requests stays in view."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import time
 import weakref
 from collections.abc import Callable
 
+from rag_service.core.metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.05  # how often a pending settle looks whether the searches have finished
@@ -34,12 +37,26 @@ SETTLE_WAIT_S = 30.0  # a settle waits this long at most for the searches to fin
 class Heap:
     """Settles the process heap after each index swap (`swapped`). `busy()`: searches admitted and not finished."""
 
-    def __init__(self, enabled: bool, busy: Callable[[], int]) -> None:
+    def __init__(self, enabled: bool, busy: Callable[[], int], metrics: Metrics | None = None) -> None:
         self.enabled = enabled
         self.busy = busy
         self.settles = 0
         self._retired: list[weakref.ref] = []  # the indexes let go since the last settle, until they are freed
         self._pending: asyncio.Task | None = None
+        self._pauses = [metrics.gc_pause.labels(str(g)) for g in range(3)] if metrics is not None else []
+        self._started = 0.0
+
+    def watch(self) -> None:
+        """Times every collection of the process from now until `close`."""
+        if self._pauses and self._timed not in gc.callbacks:
+            gc.callbacks.append(self._timed)
+
+    def _timed(self, phase: str, info: dict) -> None:
+        # Collections do not nest and run holding the GIL: one start time serves every thread.
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._pauses[info["generation"]].observe(time.perf_counter() - self._started)
 
     def settle(self) -> None:
         """Collects everything unreachable, then freezes what is left (~50-100 ms for a loaded index, holding the
@@ -81,10 +98,13 @@ class Heap:
         if self._pending is not None:
             await asyncio.shield(self._pending)
 
-    def thaw(self) -> None:
-        """On stop: every object goes back to the collector, and a settle still waiting is dropped."""
+    def close(self) -> None:
+        """On stop: every object goes back to the collector, a settle still waiting is dropped, and collections are
+        no longer timed."""
         if self._pending is not None:
             self._pending.cancel()
         self._retired.clear()
         if self.enabled:
             gc.unfreeze()
+        if self._timed in gc.callbacks:
+            gc.callbacks.remove(self._timed)

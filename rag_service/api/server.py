@@ -556,7 +556,7 @@ class RagServer:
                                           initializer=self.placement.beside_thread)
         self.on_index_swap = [self._swapped]
         # The loaded indexes stay out of the collector's full passes (api/heap.py).
-        self.heap = Heap(config.freeze_heap, lambda: self.servicer.admission.in_flight)
+        self.heap = Heap(config.freeze_heap, lambda: self.servicer.admission.in_flight, self.metrics)
         specs, default = collection_specs(config)
         self.collections = Collections(specs, default, self.index_root, self.metrics, Loaders(
             load=self._load_searcher, executor=self.executor, changed=self._publish,
@@ -703,6 +703,7 @@ class RagServer:
             self._metrics_http, self.metrics_port = self.metrics.serve_http(self.config.metrics.port,
                                                                             self.config.metrics.host)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics_port)
+        self.heap.watch()
         await self.listen()
         await self.load()
         return self.port
@@ -730,7 +731,7 @@ class RagServer:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self._beside.shutdown(wait=True, cancel_futures=True)
         self._reload_executor.shutdown(wait=False, cancel_futures=True)
-        self.heap.thaw()
+        self.heap.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -92,6 +92,9 @@ class Metrics:
                                registry=self.registry)
         self.build_info = Info("rag_build", "rag-service version and native backends", registry=self.registry)
         self.draining = Gauge("rag_draining", "1 while the server drains for shutdown", registry=self.registry)
+        self.gc_pause = Histogram("rag_gc_pause_seconds", "CPython's collections in this process, by generation "
+                                  "(each holds every thread until it ends)", ["generation"], buckets=STAGE_BUCKETS,
+                                  registry=self.registry)
         self._add_cache_metrics()
         self._add_quality_metrics()
         self.quality_floor: float | None = None
