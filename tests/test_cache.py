@@ -567,6 +567,87 @@ def test_nearest_in_a_cache_of_one_group_is_the_brute_force_one_before_and_after
     check(entries)
 
 
+def _vector_entry(store, where: tuple, i: int, vector: np.ndarray):
+    from rag_service.search.cache import Entry
+
+    entry = Entry(key=(where[0], f"q{i}", where[1]), group=where,
+                  result=SearchResult(contexts=[], index_version="v1", stage_us={}), vector=vector,
+                  lexical=np.zeros(0, np.int64), terms={}, polarity=(), signature=(f"q{i}",), nbytes=100,
+                  inserted=store.clock())
+    assert store.put(entry)
+    return entry
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_prefilter_finds_what_the_full_scan_finds_bit_for_bit(seed, monkeypatch):
+    """The semantic look-up's prefilter (projections on a fitted basis) against the same store's scan without it:
+    the same entries and the same scores, bit for bit, with floors drawn at random, at the kernel's own scores and a
+    hair either side, over clusters of near-duplicates, other groups' rows and freed rows."""
+    from rag_service.search import cache as cache_module
+    from rag_service.search.cache import CacheStore
+
+    monkeypatch.setattr(cache_module, "PREFILTER_ROWS", 64)
+    rng = np.random.default_rng(seed)
+    stores = {name: CacheStore(CacheConfig()) for name in ("prefilter", "full")}
+    for store in stores.values():
+        store.use_version("c", "v1")
+        store.use_version("d", "v1")
+    group, other = (("c", "v1"), (0,)), (("d", "v1"), (0,))
+    dim = 48
+    centres = rng.normal(size=(12, dim)).astype(np.float32)
+    vectors = []
+    for i in range(400):
+        v = centres[i % 12] + rng.normal(size=dim).astype(np.float32) * float(rng.choice([0.002, 0.02, 0.2]))
+        vectors.append((v / np.linalg.norm(v)).astype(np.float32))
+    for name, store in stores.items():
+        if name == "full":
+            monkeypatch.setattr(cache_module, "PREFILTER_ROWS", 10**9)
+        for i, v in enumerate(vectors):
+            _vector_entry(store, other if i % 5 == 0 else group, i, v)
+        store.drop("d")  # freed rows among the group's
+        for i, v in enumerate(vectors[:40]):  # some taken again
+            _vector_entry(store, group, 1000 + i, v)
+    assert stores["prefilter"]._matrices[dim].basis is not None and stores["full"]._matrices[dim].basis is None
+    for _ in range(60):
+        q = centres[int(rng.integers(0, 12))] + rng.normal(size=dim).astype(np.float32) * 0.01
+        q = (q / np.linalg.norm(q)).astype(np.float32)
+        k = int(rng.integers(1, 9))
+        ranked = stores["full"].nearest(group, q, -1.0, 50)
+        floors = [float(rng.uniform(0.9, 1.0)), 0.992, 0.5, -1.0]  # low floors leave too many rows to gather
+        for _, sim in ranked[:3]:  # at a score the kernel gave, and a float32 step either side
+            floors += [sim, float(np.nextafter(np.float32(sim), np.float32(2))),
+                       float(np.nextafter(np.float32(sim), np.float32(-2)))]
+        for floor in floors:
+            want = stores["full"].nearest(group, q, floor, k)
+            got = stores["prefilter"].nearest(group, q, floor, k)
+            assert [(e.key, s) for e, s in got] == [(e.key, s) for e, s in want]
+
+
+def test_the_prefilter_skips_the_scan_when_no_row_can_reach_the_floor(monkeypatch):
+    from rag_service.kernels import native
+    from rag_service.search import cache as cache_module
+    from rag_service.search.cache import CacheStore
+
+    monkeypatch.setattr(cache_module, "PREFILTER_ROWS", 64)
+    rng = np.random.default_rng(11)
+    store = CacheStore(CacheConfig())
+    store.use_version("c", "v1")
+    group = (("c", "v1"), (0,))
+    for i in range(200):
+        v = rng.normal(size=64).astype(np.float32)
+        _vector_entry(store, group, i, (v / np.linalg.norm(v)).astype(np.float32))
+    scans = []
+    real = native.dense_above
+    monkeypatch.setattr(native, "dense_above", lambda *a, **kw: scans.append(len(a[0])) or real(*a, **kw))
+    far = rng.normal(size=64).astype(np.float32)
+    assert store.nearest(group, (far / np.linalg.norm(far)).astype(np.float32), 0.992, 4) == []
+    assert scans == []  # random unit vectors in 64 dimensions are nowhere near cosine 0.992
+    near = store._matrices[64].vectors[17] + np.float32(0.001)
+    found = store.nearest(group, (near / np.linalg.norm(near)).astype(np.float32), 0.992, 4)
+    assert [e.key[1] for e, _ in found] == ["q17"]
+    assert len(scans) == 1 and scans[0] < 10  # a few rows scanned, not 200
+
+
 def test_a_hit_gets_a_copy_that_equals_the_dataclass_copy_and_leaves_the_entry_alone():
     import dataclasses
 

@@ -1,6 +1,7 @@
 """What the semantic cache's nearest-entry scan costs as the cache fills: `CacheStore.nearest` over N stored query
 vectors of one group, each call after 64 MB written (the caches as an encode leaves them), in process, interleaved
-with the float rows' scan it replaced (`native.dense_top` over the same N vectors, the top k kept at min_cosine).
+with the float rows' scan it replaced (`native.dense_top` over the same N vectors, the top k kept at min_cosine)
+and with the same store's look-up without its prefilter (a second store filled with the prefilter off).
 
     python bench/experiments/semantic_scan.py --entries 1000,10000,50000
     python bench/experiments/semantic_scan.py --entries 1000,10000,31000 --vectors /tmp/windows.npy
@@ -23,6 +24,7 @@ import numpy as np
 from rag_service.core.config import CacheConfig
 from rag_service.core.params import SearchResult
 from rag_service.kernels import native
+from rag_service.search import cache as cache_module
 from rag_service.search.cache import CacheStore, Entry
 
 
@@ -48,21 +50,27 @@ def main() -> None:
     for n in sizes:
         if n + args.calls > len(pool):
             raise SystemExit(f"--vectors has {len(pool)} rows: too few for {n} entries and {args.calls} probes")
-        store = CacheStore(config)
-        store.use_version("c", "v1")
         group = (("c", "v1"), (0,))
         vectors = np.ascontiguousarray(pool[:n])
         left_out = pool[n:n + args.calls]
-        for i in range(n):
-            store.put(Entry(key=(group[0], f"q{i}", group[1]), group=group,
-                            result=SearchResult(contexts=[], index_version="v1", stage_us={}), vector=vectors[i],
-                            lexical=np.zeros(0, np.int64), terms={}, polarity=(), signature=(f"q{i}",), nbytes=100,
-                            inserted=store.clock()))
-        times: dict[str, list[float]] = {"float rows (before)": [], "codes + bounds (now)": []}
+        stores = {}
+        for name, fit_at in (("codes", n + 1), ("prefilter", cache_module.PREFILTER_ROWS)):
+            shipped, cache_module.PREFILTER_ROWS = cache_module.PREFILTER_ROWS, fit_at
+            try:
+                store = stores[name] = CacheStore(config)
+                store.use_version("c", "v1")
+                for i in range(n):
+                    store.put(Entry(key=(group[0], f"q{i}", group[1]), group=group,
+                                    result=SearchResult(contexts=[], index_version="v1", stage_us={}),
+                                    vector=vectors[i], lexical=np.zeros(0, np.int64), terms={}, polarity=(),
+                                    signature=(f"q{i}",), nbytes=100, inserted=store.clock()))
+            finally:
+                cache_module.PREFILTER_ROWS = shipped
+        times: dict[str, list[float]] = {"float rows": [], "codes + bounds": [], "prefilter + codes": []}
         found = dict.fromkeys(times, 0)
         for call in range(2 * args.calls):
             probe = vectors[(call * 7919) % n] if call % 2 else left_out[call // 2]
-            order = list(times) if call % 4 < 2 else list(times)[::-1]
+            order = list(times) if call % 2 else list(times)[::-1]
             for name in order:
                 flush[:] = call % 200
                 started = time.perf_counter()
@@ -70,7 +78,8 @@ def main() -> None:
                     ids, sims = native.dense_top(vectors, probe, k)
                     hits = int((sims >= min_cosine).sum())
                 else:
-                    hits = len(store.nearest(group, probe, min_cosine, k))
+                    hits = len(stores["prefilter" if name.startswith("prefilter") else "codes"].nearest(
+                        group, probe, min_cosine, k))
                 times[name].append((time.perf_counter() - started) * 1e6)
                 found[name] += hits > 0
         cells = [f"{name} p50 {np.median(t):6.0f} p90 {np.percentile(t, 90):6.0f} µs ({found[name]} found)"
