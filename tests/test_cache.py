@@ -648,6 +648,39 @@ def test_the_prefilter_skips_the_scan_when_no_row_can_reach_the_floor(monkeypatc
     assert len(scans) == 1 and scans[0] < 10  # a few rows scanned, not 200
 
 
+def test_principal_directions_are_orthonormal_seeded_and_span_the_rows_best_directions():
+    from rag_service.search.cache import principal_directions
+
+    rng = np.random.default_rng(5)
+    # 300 rows in 40 dimensions, most of their spread along 6 directions.
+    spread = rng.normal(size=(6, 40))
+    rows = (rng.normal(size=(300, 6)) * 5.0) @ spread + rng.normal(size=(300, 40)) * 0.1
+    basis = principal_directions(rows.astype(np.float32), 6)
+    assert basis.shape == (6, 40) and basis.dtype == np.float64
+    np.testing.assert_allclose(basis @ basis.T, np.eye(6), atol=1e-12)
+    np.testing.assert_array_equal(basis, principal_directions(rows.astype(np.float32), 6))
+    centred = rows - rows.mean(axis=0)
+    _, _, best = np.linalg.svd(centred, full_matrices=False)
+    assert np.linalg.norm(centred @ basis.T) ** 2 >= 0.999 * np.linalg.norm(centred @ best[:6].T) ** 2
+
+
+def test_a_cache_matrix_holds_what_its_budget_allows_without_growing():
+    from rag_service.search.cache import CacheStore
+
+    # An entry counts its vector at least twice: a budget of 100 x 2 x 64 floats holds at most 100 rows of 64.
+    store = CacheStore(CacheConfig(max_bytes=100 * 2 * 64 * 4))
+    store.use_version("c", "v1")
+    rng = np.random.default_rng(2)
+    first = None
+    for i in range(100):
+        v = rng.normal(size=64).astype(np.float32)
+        _vector_entry(store, (("c", "v1"), (0,)), i, (v / np.linalg.norm(v)).astype(np.float32))
+        matrix = store._matrices[64]
+        first = first if first is not None else matrix.vectors
+        assert matrix.vectors is first  # never copied to grow
+    assert len(first) == 101
+
+
 def test_a_hit_gets_a_copy_that_equals_the_dataclass_copy_and_leaves_the_entry_alone():
     import dataclasses
 
