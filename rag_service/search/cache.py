@@ -506,7 +506,8 @@ PREFILTER_DIMS = 16
 PREFILTER_SLACK = 1e-3
 PREFILTER_GATHER = 256  # rows left at most that are gathered and scanned on their own
 
-
+# The most rows a matrix reserves at once (at 384 dimensions, 201 MB of address space, mapped only as rows are
+# written); a budget that holds more grows it by doubling past that.
 MATRIX_RESERVE_ROWS = 1 << 17
 
 
