@@ -54,6 +54,18 @@ def test_a_settle_collects_then_freezes_and_a_thaw_gives_everything_back():
     assert gc.get_freeze_count() == 0
 
 
+def test_a_settled_heap_waits_longer_between_full_passes_until_close():
+    before = gc.get_threshold()
+    heap = Heap(True, lambda: 0)
+    try:
+        heap.settle()
+        heap.settle()
+        assert gc.get_threshold() == (before[0], before[1], max(before[2], heap_module.FULL_PASS_EVERY))
+    finally:
+        heap.close()
+    assert gc.get_threshold() == before
+
+
 def test_a_settle_frees_what_the_last_one_froze_and_became_garbage_since():
     heap = Heap(True, lambda: 0)
     try:
