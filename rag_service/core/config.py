@@ -365,8 +365,8 @@ class ServerConfig(BaseSettings):
                               "user data.")
     freeze_heap: bool = Field(True, description="Once an index is loaded (and after each reload or delete, once the "
                               "searches on the index let go have finished), collect garbage and freeze what is left "
-                              "(gc.freeze), so the collector's full passes skip the loaded index's objects "
-                              "(api/heap.py says why).")
+                              "(gc.freeze), so the collector's full passes skip the loaded index's objects, and make "
+                              "those passes rarer (api/heap.py says why).")
     replica_name: str | None = Field(
         None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/+=-]+$",
         description="Names this server in every reply's trailing metadata (x-served-by) and in its request log, so "
