@@ -420,3 +420,14 @@ def test_latency_names_an_unreachable_target():
                                connect_timeout_s=1.0)
     with pytest.raises(ValueError, match="target: no gRPC server answered"):
         lat.run_latency(config)
+
+
+def test_serve_builds_starts_each_build_and_answers_through_its_stub(built_index):
+    from rag_service.bench.serve import serve_builds
+    from rag_service.pb.rag.v1 import retrieval_pb2 as pb
+
+    with serve_builds(built_index, {"a": None, "b": None}) as stubs:
+        assert list(stubs) == ["a", "b"]
+        replies = [stubs[name].Search(pb.SearchRequest(query="volcano lava", top_k=2), timeout=120) for name in stubs]
+    assert [len(r.contexts) for r in replies] == [2, 2]
+    assert replies[0].contexts[0].chunk_id == replies[1].contexts[0].chunk_id

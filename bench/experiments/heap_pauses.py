@@ -24,13 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from rag_service.bench.data import load_queries
-from rag_service.bench.serve import ServerProcess
+from rag_service.bench.serve import serve_builds
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
-from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
 
 def questions(queries: Path, corpus: Path, sentences: bool) -> list[str]:
@@ -63,14 +61,7 @@ def main() -> None:
     asked = questions(args.queries, args.corpus, args.sentences)
     if len(asked) < args.rounds * args.per_round:
         raise SystemExit(f"{len(asked)} distinct questions, fewer than {args.rounds} x {args.per_round}")
-    running, stubs = [], {}
-    try:
-        for name, executable in servers.items():
-            server = ServerProcess(args.index, executable=executable).__enter__()
-            running.append(server)
-            channel = grpc.insecure_channel(server.target)
-            grpc.channel_ready_future(channel).result(timeout=60)
-            stubs[name] = pb_grpc.RetrieverStub(channel)
+    with serve_builds(args.index, servers) as stubs:
         client: dict[str, list[float]] = {n: [] for n in stubs}
         served: dict[str, list[float]] = {n: [] for n in stubs}
         names = list(stubs)
@@ -97,9 +88,6 @@ def main() -> None:
                     f"{np.median(t[r * args.per_round:(r + 1) * args.per_round]):.2f}" for r in range(args.rounds))
                 print(f"{name:<10} {what:<7} {np.median(t):7.2f} {np.percentile(t, 99):7.2f} "
                       f"{np.percentile(t, 99.9):7.2f} {t.max():7.2f} {int((t > 20).sum()):7d}  {rounds}")
-    finally:
-        for server in running:
-            server.stop()
 
 
 if __name__ == "__main__":

@@ -17,13 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from rag_service.bench.data import load_queries
-from rag_service.bench.serve import ServerProcess
+from rag_service.bench.serve import serve_builds
 from rag_service.pb.rag.v1 import retrieval_pb2 as pb
-from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
 
 def main() -> None:
@@ -37,14 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     servers = dict(s.split("=", 1) for s in args.server)
     queries = list(load_queries(args.queries).values())
-    running, stubs = [], {}
-    try:
-        for name, executable in servers.items():
-            server = ServerProcess(args.index, executable=executable).__enter__()
-            running.append(server)
-            channel = grpc.insecure_channel(server.target)
-            grpc.channel_ready_future(channel).result(timeout=60)
-            stubs[name] = pb_grpc.RetrieverStub(channel)
+    with serve_builds(args.index, servers) as stubs:
 
         def call(name: str, query: str) -> float:
             started = time.perf_counter()
@@ -76,9 +67,6 @@ def main() -> None:
             spread = ", ".join(f"{v:.2f}" for v in round_p50[name])
             print(f"{name:<10} {p50 * 1e3:8.2f} {p99 * 1e3:8.2f} {p50 / base[50]:10.3f} {p99 / base[99]:10.3f}  "
                   f"[{spread}]", flush=True)
-    finally:
-        for server in running:
-            server.stop()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -10,8 +11,9 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 _SERVING = re.compile(r"rag-serve: SERVING .* on (?P<host>\S+):(?P<port>\d+)")
 
@@ -102,3 +104,21 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def serve_builds(index: Path, builds: Mapping[str, str | None]) -> Iterator[dict[str, Any]]:
+    """`builds`: NAME -> a rag-serve executable (another build, for an A/B; None: this environment's). Starts each on
+    `index` and yields a ready Retriever stub per name; every server stops on exit."""
+    import grpc
+
+    from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
+
+    with contextlib.ExitStack() as stack:
+        stubs = {}
+        for name, executable in builds.items():
+            server = stack.enter_context(ServerProcess(index, executable=executable))
+            channel = stack.enter_context(grpc.insecure_channel(server.target))
+            grpc.channel_ready_future(channel).result(timeout=60)
+            stubs[name] = pb_grpc.RetrieverStub(channel)
+        yield stubs
