@@ -189,21 +189,24 @@ class GuardInputs:
 
 
 _LIST_FIELDS = frozenset(f.name for f in dataclasses.fields(SearchResult) if f.default_factory is list)
+# A packed SearchResult's values, in this order (PackedResult).
+_RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(SearchResult) if f.name not in ("contexts", "stage_us"))
+_RESULT_STATE = {*_RESULT_FIELDS, "contexts", "stage_us"}
 
 
 class PackedResult(NamedTuple):
-    """A SearchResult as a cache entry keeps it: the contexts packed (PackedContexts) and the other fields as one
-    tuple of (name, value), lists as tuples. An entry lives for minutes, and every tracked object it holds lengthens
-    the collector's passes over the young objects and its full ones (api/heap.py): packed, an entry holds a few of
-    them instead of ~50. A hit unpacks it into a new SearchResult."""
+    """A SearchResult as a cache entry keeps it: the contexts packed (PackedContexts) and the other fields' values as
+    one flat tuple (_RESULT_FIELDS' order, lists as tuples). An entry lives for minutes, and every tracked object it
+    holds lengthens the collector's passes over the young objects and its full ones (api/heap.py): packed, an entry
+    holds three of them, not ~60. A hit unpacks it into a new SearchResult."""
 
-    fields: tuple[tuple[str, Any], ...]
+    values: tuple
     contexts: PackedContexts
 
     def unpack(self, stage_us: dict[str, int]) -> SearchResult:
         result = object.__new__(SearchResult)
         state = result.__dict__
-        state.update(self.fields)
+        state.update(zip(_RESULT_FIELDS, self.values))
         for name in _LIST_FIELDS:
             state[name] = list(state[name])
         state["contexts"] = self.contexts.unpack()
@@ -213,13 +216,13 @@ class PackedResult(NamedTuple):
 
 def _pack(result: SearchResult) -> SearchResult | PackedResult:
     """What an entry keeps of `result`: packed when its contexts pack (unshaped and unread, as a plain search leaves
-    them), else a copy of it."""
-    if result.groups is None and not result.shaped:
+    them) and it holds nothing but its fields, else a copy of it."""
+    state = result.__dict__
+    if result.groups is None and not result.shaped and state.keys() == _RESULT_STATE:
         contexts = pack_contexts(result.contexts)
         if contexts is not None:
-            return PackedResult(tuple((name, tuple(value) if name in _LIST_FIELDS else value)
-                                      for name, value in result.__dict__.items()
-                                      if name != "contexts" and name != "stage_us"), contexts)
+            return PackedResult(tuple(tuple(state[name]) if name in _LIST_FIELDS else state[name]
+                                      for name in _RESULT_FIELDS), contexts)
     return _copy(result, {})
 
 

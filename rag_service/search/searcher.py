@@ -343,7 +343,7 @@ def assemble_contexts(fused: FusionResult, order: np.ndarray, selection: Selecti
 
 _LAZY_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ContextResult)
                   if f.name not in _STORED and f.default is not dataclasses.MISSING}
-# A packed StoredContext (pack_contexts): these values in this order, then its features' parts (or None).
+# A packed StoredContext (pack_contexts): these values in this order, then whether it has features.
 _PACKED = ("chunk", "score", "bm25_score", "dense_score", "rerank_score", "tokens", "fused_score")
 # What an unshaped StoredContext holds besides those: the query API's fields at their defaults, and its reader.
 _UNSHAPED = tuple((name, default) for name, default in _LAZY_DEFAULTS.items()
@@ -352,25 +352,28 @@ _PACKED_STATE = {*_LAZY_DEFAULTS, *_PACKED, "features", "_read"}
 
 
 class PackedContexts(NamedTuple):
-    """Unshaped, unread StoredContexts of one reader as numbers, strings and arrays only: `values` is a tuple the
-    collector stops tracking at its first pass over it, where ten live contexts are ~40 tracked objects. A cache
-    entry holds its contexts packed for minutes (api/heap.py says why that count matters)."""
+    """Unshaped, unread StoredContexts of one reader as flat tuples of numbers and strings and one array: the
+    collector stops tracking such a tuple at its first pass over it (a nested one takes a pass per level), where ten
+    live contexts are ~40 tracked objects. A cache entry holds its contexts packed for minutes (api/heap.py says why
+    that count matters)."""
 
     read: Callable[[int], ChunkFields]
-    values: tuple[tuple, ...]
+    values: tuple  # len(_PACKED) values per context, one context after another
+    featured: tuple[bool, ...]  # per context: whether it has features (the reranker scored it)
+    names: tuple[str, ...]  # the feature names, one set for every context
+    features: np.ndarray | None  # float32 (contexts, features): a featured context's row (zeros for the others)
 
     def unpack(self) -> list[ContextResult]:
         """New StoredContexts equal to the packed ones."""
         out: list[ContextResult] = []
-        read = self.read
-        for values in self.values:
+        read, values, width = self.read, self.values, len(_PACKED)
+        for i, featured in enumerate(self.featured):
             context = object.__new__(StoredContext)
             state = context.__dict__
             state.update(_LAZY_DEFAULTS)
-            state.update(zip(_PACKED, values))
-            features = values[-1]
-            if features is not None:
-                state["features"] = FeatureRow(*features)
+            state.update(zip(_PACKED, values[i * width:(i + 1) * width]))
+            if featured and self.features is not None:
+                state["features"] = FeatureRow(self.names, self.features[i])
             state["_read"] = read
             out.append(context)
         return out
@@ -378,9 +381,13 @@ class PackedContexts(NamedTuple):
 
 def pack_contexts(contexts: Sequence[ContextResult]) -> PackedContexts | None:
     """`contexts` packed (PackedContexts), or None when one of them holds more than its chunk, scores and features:
-    fields already read, the query API's fields, another kind of context or another reader."""
+    fields already read, the query API's fields, another kind of context, another reader, features that are not a
+    float32 row or under other names."""
     read = None
-    values = []
+    values: list = []
+    featured: list[bool] = []
+    rows: list[tuple[int, np.ndarray]] = []
+    names: tuple[str, ...] = ()
     for context in contexts:
         if type(context) is not StoredContext:
             return None
@@ -390,13 +397,30 @@ def pack_contexts(contexts: Sequence[ContextResult]) -> PackedContexts | None:
         read = state["_read"]
         if any(state[name] != default for name, default in _UNSHAPED):
             return None
+        values.extend([state[name] for name in _PACKED])
         features = state["features"]
-        if features is not None and type(features) is not FeatureRow:
+        if features is None:
+            featured.append(False)
+            continue
+        if type(features) is not FeatureRow:
             return None
-        values.append((*[state[name] for name in _PACKED], None if features is None else features.parts()))
+        row_names, row = features.parts()
+        if not (isinstance(row, np.ndarray) and row.dtype == np.float32 and row.ndim == 1):
+            return None
+        if not rows:
+            names = tuple(row_names)
+        elif tuple(row_names) != names:
+            return None
+        rows.append((len(featured), row))
+        featured.append(True)
     if read is None:  # no contexts: nothing to read them with
-        return PackedContexts(_no_reader, ())
-    return PackedContexts(read, tuple(values))
+        return PackedContexts(_no_reader, (), (), (), None)
+    matrix = None
+    if rows:
+        matrix = np.zeros((len(featured), len(names)), dtype=np.float32)
+        for at, kept in rows:
+            matrix[at] = kept
+    return PackedContexts(read, tuple(values), tuple(featured), names, matrix)
 
 
 def _no_reader(chunk: int) -> ChunkFields:
