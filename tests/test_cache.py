@@ -648,7 +648,7 @@ def test_the_prefilter_skips_the_scan_when_no_row_can_reach_the_floor(monkeypatc
     assert len(scans) == 1 and scans[0] < 10  # a few rows scanned, not 200
 
 
-def test_principal_directions_are_orthonormal_seeded_and_span_the_rows_best_directions():
+def test_principal_directions_are_orthonormal_repeatable_and_span_the_rows_best_directions():
     from rag_service.search.cache import principal_directions
 
     rng = np.random.default_rng(5)
