@@ -177,6 +177,9 @@ def test_round_robin_over_dns_across_namespaces_survives_a_replica_dying(lab, bu
         added = time.monotonic()
         lab.set_hosts({SERVICE_NAME: [r.address for r in replicas.values()]})
         found = client.wait_for(lambda r: r[3] == "r3", 15, "from r3 after adding it to the name")
+        # A fresh answer from r1 first: its connection is up now. (One that aged out just before the stop would be
+        # reopened to a process that never answers the handshake, and round_robin would send r1 nothing.)
+        client.wait_for(lambda r: r[0] > found[0] and r[3] == "r1", 10, "from r1 before it hangs")
         # r1 hangs (a stopped process answers nothing): round_robin keeps picking it, so calls pile up on it ...
         served["r1"].proc.send_signal(signal.SIGSTOP)
         time.sleep(1.0)
