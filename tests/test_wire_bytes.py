@@ -198,7 +198,7 @@ def test_prepared_bytes_hold_each_chunks_reply_fields(pipeline) -> None:
     assert table is index.context_bytes()  # prepared once
     assert table.n_chunks == index.n_chunks
     for chunk in range(index.n_chunks):
-        f = pipeline.chunk_fields(chunk)
+        f = pipeline.read_chunk(chunk)
         got = pb.Context.FromString(table[chunk])
         assert got == pb.Context(doc_id=f.doc_id, chunk_id=f.chunk_id, title=f.title, text=f.text,
                                  metadata=f.metadata)

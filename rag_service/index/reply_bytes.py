@@ -129,7 +129,7 @@ class ContextBytes:
 
     @classmethod
     def for_store(cls, store: DocStore) -> ContextBytes:
-        """Every chunk of `store`, with the fields exactly as the searcher's reply takes them (Pipeline.chunk_fields;
+        """Every chunk of `store`, with the fields exactly as the searcher's reply takes them (Pipeline.read_chunk;
         tests/test_wire_bytes.py compares the two on every chunk of an index)."""
         started = time.perf_counter()
         directory = store.path

@@ -474,9 +474,6 @@ class Pipeline(SearcherBase):
 
         return highlight
 
-    def chunk_fields(self, chunk: int) -> ChunkFields:
-        return _chunk_fields(self.index.store, chunk)
-
     def chunk_tokens(self, chunk: int) -> int:
         return int(self._chunk_tokens[chunk])
 
