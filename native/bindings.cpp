@@ -137,6 +137,9 @@ py::array checked_matrix(const py::handle& obj, const char* name, std::initializ
 constexpr int kNpyInt8 = py::detail::npy_api::NPY_BYTE_;
 constexpr int kNpyHalf = 23;  // NPY_HALF (pybind11 has no constant for it)
 constexpr int kNpyFloat = py::detail::npy_api::NPY_FLOAT_;
+// uint64 is NumPy's unsigned long on LP64 platforms and unsigned long long elsewhere.
+constexpr int kNpyUint64 = sizeof(unsigned long) == 8 ? py::detail::npy_api::NPY_ULONG_
+                                                      : py::detail::npy_api::NPY_ULONGLONG_;
 
 template <typename T>
 const T* data_of(const py::array& arr) {
@@ -693,13 +696,13 @@ const std::uint8_t* mask_arg(const py::handle& mask_obj, std::size_t n, py::obje
 }
 
 struct DenseArgs {
-    py::object vectors, query, codes, scale, base;
+    py::object vectors, query, codes, scale, base, bits;
     const float* query_data = nullptr;
     rag::DenseRows rows;
 };
 
 DenseArgs dense_arg(const py::handle& vectors_obj, const py::handle& query_obj, const py::handle& codes_obj,
-                    const py::handle& scale_obj, const py::handle& base_obj) {
+                    const py::handle& scale_obj, const py::handle& base_obj, const py::handle& bits_obj) {
     DenseArgs a;
     const py::array vectors = checked_matrix(vectors_obj, "vectors", {kNpyFloat}, "float32");
     const py::array query = checked_vector<float>(query_obj, "query", "float32");
@@ -714,7 +717,10 @@ DenseArgs dense_arg(const py::handle& vectors_obj, const py::handle& query_obj, 
              std::to_string(len(query)));
     }
     const bool any = !codes_obj.is_none() || !scale_obj.is_none() || !base_obj.is_none();
-    if (!any) return a;
+    if (!any) {
+        if (!bits_obj.is_none()) fail("code_bits needs codes (the sign bits go with the sq8 codes)");
+        return a;
+    }
     if (codes_obj.is_none() || scale_obj.is_none() || base_obj.is_none()) {
         fail("codes, code_scale and code_base come together (all None or all arrays)");
     }
@@ -734,6 +740,18 @@ DenseArgs dense_arg(const py::handle& vectors_obj, const py::handle& query_obj, 
     a.rows.codes = data_of<std::int8_t>(codes);
     a.rows.scale = data_of<float>(scale);
     a.rows.base = data_of<float>(base);
+    if (!bits_obj.is_none()) {
+        const py::array bits = checked_matrix(bits_obj, "code_bits", {kNpyUint64}, "uint64");
+        const std::size_t words = (a.rows.d + 63) / 64;
+        if (static_cast<std::size_t>(bits.shape(0)) != a.rows.n || static_cast<std::size_t>(bits.shape(1)) != words) {
+            fail("code_bits must have shape (" + std::to_string(a.rows.n) + ", " + std::to_string(words) +
+                 ") (rows of vectors, ceil(d / 64) words), got (" + std::to_string(bits.shape(0)) + ", " +
+                 std::to_string(bits.shape(1)) + ")");
+        }
+        a.bits = bits;
+        a.rows.bits = data_of<std::uint64_t>(bits);
+        a.rows.words = words;
+    }
     return a;
 }
 
@@ -764,8 +782,9 @@ py::tuple bm25_top(const py::handle& indptr, const py::handle& docs, const py::h
 
 py::tuple dense_top(const py::handle& vectors, const py::handle& query, const py::handle& mask_obj,
                     std::int64_t depth, const py::handle& codes, const py::handle& code_scale,
-                    const py::handle& code_base, std::int64_t oversample, const std::string& simd) {
-    const DenseArgs a = dense_arg(vectors, query, codes, code_scale, code_base);
+                    const py::handle& code_base, std::int64_t oversample, const std::string& simd,
+                    const py::handle& code_bits) {
+    const DenseArgs a = dense_arg(vectors, query, codes, code_scale, code_base, code_bits);
     py::object mask_keep;
     const std::uint8_t* mask = mask_arg(mask_obj, a.rows.n, mask_keep);
     const rag::simd::Level level = simd_arg(simd);
@@ -875,7 +894,7 @@ void first_stage_arg(FirstStageArgs& a, const py::handle& indptr, const py::hand
                      const py::handle& code_scale, const py::handle& code_base, std::int64_t oversample,
                      const py::handle& dense_ids, const py::handle& dense_scores, const std::string& method,
                      double dense_weight, std::int64_t top_k, double rrf_k, const std::string& simd,
-                     const py::handle& bm25_ids, const py::handle& bm25_scores) {
+                     const py::handle& bm25_ids, const py::handle& bm25_scores, const py::handle& code_bits) {
     a.p = postings_arg(indptr, docs, weights, n_docs);
     if (bm25_ids.is_none() != bm25_scores.is_none()) {
         fail("bm25_ids and bm25_scores come together (both None or both arrays)");
@@ -892,7 +911,7 @@ void first_stage_arg(FirstStageArgs& a, const py::handle& indptr, const py::hand
         if (!dense_ids.is_none() || !dense_scores.is_none()) {
             fail("dense_ids and dense_scores must be None when vectors are scanned");
         }
-        a.dense = dense_arg(vectors, query, codes, code_scale, code_base);
+        a.dense = dense_arg(vectors, query, codes, code_scale, code_base, code_bits);
         if (a.dense.rows.n != a.p.postings.n_docs) {
             fail("vectors must have one row per chunk (n_docs = " + std::to_string(n_docs) + "), got " +
                  std::to_string(a.dense.rows.n));
@@ -901,6 +920,7 @@ void first_stage_arg(FirstStageArgs& a, const py::handle& indptr, const py::hand
         a.source.query = a.dense.query_data;
         a.source.oversample = oversample;
     } else {
+        if (!code_bits.is_none()) fail("code_bits needs vectors to scan");
         if (dense_ids.is_none() != dense_scores.is_none()) {
             fail("dense_ids and dense_scores come together (both None or both arrays)");
         }
@@ -940,11 +960,11 @@ py::tuple retrieve(const py::handle& indptr, const py::handle& docs, const py::h
                    const py::handle& code_scale, const py::handle& code_base, std::int64_t oversample,
                    const py::handle& dense_ids, const py::handle& dense_scores, const std::string& method,
                    double dense_weight, std::int64_t top_k, double rrf_k, const std::string& simd,
-                   const py::handle& bm25_ids, const py::handle& bm25_scores) {
+                   const py::handle& bm25_ids, const py::handle& bm25_scores, const py::handle& code_bits) {
     FirstStageArgs a;
     first_stage_arg(a, indptr, docs, weights, n_docs, term_ids_obj, mask_obj, vectors, query, codes, code_scale,
                     code_base, oversample, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k, simd,
-                    bm25_ids, bm25_scores);
+                    bm25_ids, bm25_scores, code_bits);
     auto owned = std::make_unique<rag::RetrieveResult>();
     {
         py::gil_scoped_release release;
@@ -971,11 +991,11 @@ py::tuple search_core(const rerank_core::Core& core, const py::handle& indptr, c
                       const py::handle& columns, const py::handle& model_weights, double bias,
                       std::int64_t rerank_depth, bool confidence, std::int64_t agree_top, std::int64_t agree_min,
                       const std::string& simd, const py::handle& idf_table, const py::handle& bm25_ids,
-                      const py::handle& bm25_scores) {
+                      const py::handle& bm25_scores, const py::handle& code_bits) {
     FirstStageArgs a;
     first_stage_arg(a, indptr, docs, weights, n_docs, term_ids_obj, mask_obj, vectors, query, codes, code_scale,
                     code_base, oversample, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k, simd,
-                    bm25_ids, bm25_scores);
+                    bm25_ids, bm25_scores, code_bits);
     if (core.store().lexical.tokens.n_chunks != a.p.postings.n_docs) {
         fail("core must hold one token stream per chunk (n_docs = " + std::to_string(n_docs) + "), got " +
              std::to_string(core.store().lexical.tokens.n_chunks));
@@ -1235,12 +1255,13 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           "int32, weights float32), mask bool[n_docs] or None. See rag_service.kernels.reference.bm25_top_reference.");
     m.def("dense_top", &dense_top, py::arg("vectors"), py::arg("query"), py::arg("mask"), py::arg("depth"),
           py::arg("codes") = py::none(), py::arg("code_scale") = py::none(), py::arg("code_base") = py::none(),
-          py::arg("oversample") = 0, py::arg("simd") = "",
-          "dense_top(vectors, query, mask, depth, codes=None, code_scale=None, code_base=None, oversample=0, simd='')\n"
-          "    -> tuple[ids int64[k], scores float32[k]]\n\n"
+          py::arg("oversample") = 0, py::arg("simd") = "", py::arg("code_bits") = py::none(),
+          "dense_top(vectors, query, mask, depth, codes=None, code_scale=None, code_base=None, oversample=0, simd='',\n"
+          "          code_bits=None) -> tuple[ids int64[k], scores float32[k]]\n\n"
           "Top min(depth, allowed) rows of vectors float32[n, d] by inner product with query; oversample >= 1 scans\n"
           "the sq8 codes (int8[n, d], row ~ code_base + code_scale * code) for oversample * depth candidates and\n"
-          "rescores them exactly. See rag_service.kernels.reference.dense_top_reference.");
+          "rescores them exactly; code_bits (uint64[n, ceil(d / 64)], the rows' centred signs) choose the codes read\n"
+          "on a large index. See rag_service.kernels.reference.dense_top_reference.");
     m.def("dense_above", &dense_above, py::arg("vectors"), py::arg("codes"), py::arg("code_scale"),
           py::arg("code_slack"), py::arg("code_norm"), py::arg("query"), py::arg("mask"), py::arg("min_score"),
           py::arg("depth"), py::arg("simd") = "",
@@ -1258,6 +1279,7 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           py::arg("codes"), py::arg("code_scale"), py::arg("code_base"), py::arg("oversample"), py::arg("dense_ids"),
           py::arg("dense_scores"), py::arg("method"), py::arg("dense_weight"), py::arg("top_k"), py::arg("rrf_k"),
           py::arg("simd") = "", py::arg("bm25_ids") = py::none(), py::arg("bm25_scores") = py::none(),
+          py::arg("code_bits") = py::none(),
           "retrieve(...) -> tuple[bm25_ids, bm25_scores, dense_ids, dense_scores, fused_ids, fused, fused_bm25,\n"
           "    fused_dense, (bm25_ns, dense_ns, fusion_ns)]\n\n"
           "bm25_top (or the given bm25_ids/bm25_scores, ranked beforehand: bm25_ns 0), then dense_top over\n"
@@ -1271,7 +1293,7 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           py::arg("query_idf"), py::arg("columns"), py::arg("model_weights"), py::arg("bias"),
           py::arg("rerank_depth"), py::arg("confidence"), py::arg("agree_top"), py::arg("agree_min"),
           py::arg("simd") = "", py::arg("idf_table") = py::none(), py::arg("bm25_ids") = py::none(),
-          py::arg("bm25_scores") = py::none(),
+          py::arg("bm25_scores") = py::none(), py::arg("code_bits") = py::none(),
           "search_core(core, <retrieve's arguments>, rerank_query, query_terms, query_counts, query_idf, columns,\n"
           "            model_weights, bias, rerank_depth, confidence, agree_top, agree_min, simd='', idf_table=None,\n"
           "            bm25_ids=None, bm25_scores=None)\n"

@@ -152,6 +152,7 @@ def dense_top(
     code_base: np.ndarray | None = None,
     oversample: int = 0,
     simd: str = "",
+    code_bits: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]: ...
 def dense_above(
     vectors: np.ndarray,
@@ -195,6 +196,7 @@ def retrieve(
     simd: str = "",
     bm25_ids: np.ndarray | None = None,
     bm25_scores: np.ndarray | None = None,
+    code_bits: np.ndarray | None = None,
 ) -> tuple[
     np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
     tuple[int, int, int],
@@ -235,6 +237,7 @@ def search_core(
     idf_table: np.ndarray | None = None,
     bm25_ids: np.ndarray | None = None,
     bm25_scores: np.ndarray | None = None,
+    code_bits: np.ndarray | None = None,
 ) -> tuple[
     tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
           tuple[int, int, int, int]],

@@ -16,6 +16,7 @@ from rag_service.kernels.reference import (
     dense_top_reference,
     retrieve_reference,
     row_quantize_reference,
+    sign_bits,
     sq8_quantize,
 )
 from rag_service.retrievers import dense as dense_mod
@@ -149,8 +150,8 @@ def test_dense_top_float_and_sq8_equal_the_reference_at_every_simd_level(seed, n
                 c = codes if oversample else None
                 want = dense_top_reference(vectors, query, mask, depth, c, oversample)
                 for level in _native.simd_levels():
-                    got = _native.dense_top(vectors, query, mask, depth, *(c or (None, None, None)), oversample,
-                                            level)
+                    parts = c[:3] if c else (None, None, None)
+                    got = _native.dense_top(vectors, query, mask, depth, *parts, oversample, level)
                     same(got, want)
 
 
@@ -528,3 +529,136 @@ def test_the_cache_guards_lexical_candidates_are_the_bm25_retrievers_top_depth(b
         assert terms == bm25.query_terms(query)
         np.testing.assert_array_equal(bm25_input, np.sort(bm25.term_ids(bm25.analyzer.tokens(query))))
         assert bm25_input.dtype == np.int64
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The sign bits read before the codes
+# --------------------------------------------------------------------------------------------------------------------
+
+def coded(rng: np.random.Generator, n: int, d: int) -> tuple[np.ndarray, SQ8Codes]:
+    """Exact rows (duplicated, for ties) with random sq8 codes and the rows' sign bits."""
+    vectors = exact_rows(rng, n, d)
+    vectors[n // 2 :] = vectors[: n - n // 2]
+    codes = exact_codes(rng, n, d)
+    codes.codes[n // 3 :] = codes.codes[: n - n // 3]
+    return vectors, codes._replace(bits=sign_bits(vectors))
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("n,d", [(4096, 7), (4500, 64), (5000, 130), (6000, 384), (4100, 600)])
+def test_dense_top_with_sign_bits_equals_the_reference_at_every_simd_level(seed, n, d):
+    """Rows of 1 to 10 words (600: wider than the VNNI kernel's fixed widths), bit sums with many ties (d = 7), keeps
+    at the floor (1,024 rows) and above it (depth 250 x oversample 3 x 5 = 3,750 of 4,096-6,000 rows: the bits
+    are then not read, as the reference has it)."""
+    rng = np.random.default_rng(seed * 101 + n + d)
+    vectors, codes = coded(rng, n, d)
+    plain = codes._replace(bits=None)
+    decided = 0
+    for query in exact_rows(rng, 3, d):
+        for depth in (1, 10, 250):
+            for oversample in (1, 2, 3):
+                want = dense_top_reference(vectors, query, None, depth, codes, oversample)
+                for level in _native.simd_levels():
+                    same(_native.dense_top(vectors, query, None, depth, codes.codes, codes.scale, codes.base,
+                                           oversample, level, code_bits=codes.bits), want)
+                decided += not np.array_equal(want[0], dense_top_reference(vectors, query, None, depth, plain,
+                                                                           oversample)[0])
+    assert decided > 0  # the bits changed some answer, so they were read
+
+
+def test_sign_bits_rule_rows_out_only_on_a_large_unfiltered_scan():
+    rng = np.random.default_rng(11)
+    n, d = 4096, 64
+    vectors = rng.standard_normal((n, d)).astype(np.float32)
+    query = np.ones(d, np.float32)
+    codes = sq8_quantize(vectors)._replace(bits=sign_bits(vectors))
+    # Row 5 the best by far, but with every sign negative: its bit sum is the lowest of all.
+    vectors[5] = -0.01
+    vectors[5, 0] = 100.0
+    codes.codes[5] = 127
+    codes.bits[5] = 0
+    ids, _ = native.dense_top(vectors, query, 10, codes=codes, oversample=2, backend="cpp")
+    assert 5 not in ids
+    assert 5 not in native.dense_top(vectors, query, 10, codes=codes, oversample=2, backend="numpy")[0]
+    assert native.dense_top(vectors, query, 10, codes=codes._replace(bits=None), oversample=2,
+                            backend="cpp")[0][0] == 5
+    # A mask, or a keep above a quarter of the rows, scans every code.
+    assert native.dense_top(vectors, query, 10, codes=codes, oversample=2, mask=np.ones(n, np.bool_),
+                            backend="cpp")[0][0] == 5
+    assert native.dense_top(vectors[:4095], query, 10, codes=SQ8Codes(codes.codes[:4095], codes.scale, codes.base,
+                                                                      codes.bits[:4095]),
+                            oversample=2, backend="cpp")[0][0] == 5
+
+
+def test_sign_bits_layout():
+    vectors = np.zeros((3, 70), np.float32)
+    vectors[0, [0, 63, 64, 69]] = 1.0
+    vectors[1, 1] = 1.0
+    bits = sign_bits(vectors, mean=np.zeros(70, np.float32))
+    assert bits.dtype == np.uint64 and bits.shape == (3, 2)
+    assert bits[0].tolist() == [1 | (1 << 63), 1 | (1 << 5)]
+    assert bits[1].tolist() == [2, 0] and bits[2].tolist() == [0, 0]
+    # The column means centre the signs unless a mean is given.
+    assert sign_bits(vectors)[2].tolist() == [0, 0] and sign_bits(vectors)[1].tolist() == [2, 0]
+
+
+def test_dense_top_refuses_bad_sign_bits():
+    rng = np.random.default_rng(5)
+    vectors, codes = coded(rng, 40, 70)
+    q = vectors[0]
+    with pytest.raises(ValueError, match="code_bits"):
+        _native.dense_top(vectors, q, None, 5, codes.codes, codes.scale, codes.base, 2, code_bits=codes.bits[:, :1])
+    with pytest.raises(ValueError, match="code_bits"):
+        _native.dense_top(vectors, q, None, 5, codes.codes, codes.scale, codes.base, 2,
+                          code_bits=codes.bits.astype(np.int64))
+    with pytest.raises(ValueError, match="code_bits"):
+        _native.dense_top(vectors, q, None, 5, None, None, None, 0, code_bits=codes.bits)
+
+
+def bunched(n: int, dim: int, seed: int) -> np.ndarray:
+    """Rows close to one mean, their ranking carried by four dimensions of wide spread: each row's signs in the
+    other dimensions are noise, so its bit sum says little about its inner product."""
+    rng = np.random.default_rng(seed)
+    v = 1.0 + 0.01 * rng.standard_normal((n, dim))
+    v[:, :4] += 0.5 * rng.standard_normal((n, 4))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_a_flat_index_reads_sign_bits_only_where_they_agree_with_its_codes(tmp_path):
+    spread = clustered(6000, 64, seed=4)
+    bunch = bunched(6000, 64, seed=4)
+    small = clustered(4000, 64, seed=4)
+    indexes = {}
+    for name, vectors in (("spread", spread), ("bunched", bunch), ("small", small)):
+        path = tmp_path / name
+        path.mkdir()
+        dense_mod.write_dense(path, dense_mod.build_dense_index(vectors, "flat"), vectors, "flat")
+        indexes[name] = dense_mod.DenseIndex.load(path, use_gpu=False)
+    assert indexes["spread"].sq8.bits is not None and indexes["spread"].bits_agreement >= 0.99
+    assert indexes["bunched"].sq8.bits is None and indexes["bunched"].bits_agreement < 0.9
+    assert indexes["small"].sq8.bits is None and indexes["small"].bits_agreement is None  # below 4 x 1,024 rows
+    # Searched through the index, the bits give the reference's answer (the same rule, the same rows kept).
+    index = indexes["spread"]
+    for query in spread[[3, 700, 5999]]:
+        ids, scores = index.search(query[None, :], 20)
+        want = dense_top_reference(spread, query, None, 20, index.sq8, index.native_oversample)
+        np.testing.assert_array_equal(ids, want[0])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_retrieve_reads_the_sign_bits_as_dense_top_does(seed):
+    rng = np.random.default_rng(seed)
+    n, d = 4500, 64
+    p = random_postings(rng, n, vocab=40, per_term=300)
+    vectors, codes = coded(rng, n, d)
+    terms = rng.integers(0, 40, size=5).astype(np.int64)
+    fusion = {"method": "weighted", "dense_weight": 0.5, "top_k": 20, "rrf_k": 60.0}
+    for query in exact_rows(rng, 3, d):
+        got = native.retrieve(p, terms, 100, vectors=vectors, query=query, codes=codes, oversample=2,
+                              backend="cpp", **fusion)
+        want = retrieve_reference(p, terms, None, 100, vectors=vectors, query=query, codes=codes, oversample=2,
+                                  **fusion)
+        same(got.dense, want.dense)
+        same(got.dense, native.dense_top(vectors, query, 100, codes=codes, oversample=2, backend="cpp"))
+        for a, b in zip(got.fused, want.fused, strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -264,6 +264,18 @@ def test_the_prepared_call_names_a_bad_argument(index, encoder):
             call(*args, **{**fusion, **kwargs})
     with pytest.raises(ValueError, match="rerank_depth must be >= 0"):
         call(terms, vector, 10, **{**fusion, "rerank_depth": -1})
+    # The codes' sign bits reach the call (checked there: these have a word too few per row).
+    codes = native.sq8_quantize(dense.vectors)
+    codes = codes._replace(bits=native.sign_bits(dense.vectors)[:, :0])
+    for bad in (native.SearchCall(store.core, bm25.postings, vectors=dense.vectors, codes=codes, oversample=2,
+                                  idf_table=store.idf, columns=model.columns, weights=model.weights,
+                                  bias=model.bias),
+                lambda *a, **k: native.search_core(store.core, bm25.postings, a[0], a[2], vectors=dense.vectors,
+                                                   query=a[1], codes=codes, oversample=2, rerank_query=a[1],
+                                                   idf_table=store.idf, columns=model.columns,
+                                                   weights=model.weights, bias=model.bias, backend="cpp", **k)):
+        with pytest.raises(ValueError, match="code_bits must have shape"):
+            bad(terms, vector, 10, **fusion)
 
 
 def test_bad_input_names_the_field(index, encoder):

@@ -6,8 +6,9 @@ them (as the encode does between two requests).
 
 Queries are the data set's own, encoded by the index's query encoder. Recall: per depth and oversample, the share of
 the exact float top-depth that the scan returns, for the int8 query the native scan ranks codes by
-(`reference.quantize_query`) and for the float query the codes were ranked by before (`codes @ (q * scale)`).
-Times: p50 / p99 µs per call, `oversample` 0 (the float rows scanned) and the index's own oversample (the sq8 codes).
+(`reference.quantize_query`), with and without the sign bits read first (where the loaded index keeps them), and for
+the float query the codes were ranked by before (`codes @ (q * scale)`). Times: p50 / p99 µs per call of the float
+rows' scan, the codes' scan and the codes' scan after the sign bits, alternating query by query.
 """
 
 from __future__ import annotations
@@ -50,36 +51,44 @@ def main() -> None:
     print(f"{args.index}: {vectors.shape[0]} rows x {vectors.shape[1]}, {len(queries)} queries, "
           f"SIMD {native.simd_level()}")
 
+    c = dense.sq8
+    plain = c._replace(bits=None)
+    scans = {"sq8": plain, "sq8 + bits": c} if c.bits is not None else {"sq8": plain}
     print("\nrecall of the exact float top-depth")
     for depth in (10, args.depth):
         for oversample in (1, 2):
-            got_int, got_float = [], []
+            got = {name: [] for name in scans}
+            got_float = []
             for q in queries:
                 exact = set(np.argsort(-(vectors @ q), kind="stable")[:depth].tolist())
-                ids, _ = native.dense_top(vectors, q, depth, codes=dense.sq8, oversample=oversample, backend="cpp")
-                got_int.append(len(exact & set(ids.tolist())) / depth)
-                got_float.append(len(exact & set(float_ranked(vectors, dense.sq8, q, depth, oversample).tolist()))
-                                 / depth)
-            print(f"  depth {depth:4d} oversample {oversample}: int8 query {np.mean(got_int):.4f}, "
+                for name, codes in scans.items():
+                    ids, _ = native.dense_top(vectors, q, depth, codes=codes, oversample=oversample, backend="cpp")
+                    got[name].append(len(exact & set(ids.tolist())) / depth)
+                got_float.append(len(exact & set(float_ranked(vectors, c, q, depth, oversample).tolist())) / depth)
+            shown = ", ".join(f"{name} {np.mean(values):.4f}" for name, values in got.items())
+            print(f"  depth {depth:4d} oversample {oversample}: int8 query: {shown}; "
                   f"float query {np.mean(got_float):.4f}")
 
     flush = np.zeros(64 << 20, np.uint8)
-    c = dense.sq8
-    print(f"\ndense_top, depth {args.depth}: p50 / p99 µs per call")
+    oversample = dense.native_oversample or 2
+    variants = [("float", None, 0)] + [(name, codes, oversample) for name, codes in scans.items()]
+    print(f"\ndense_top, depth {args.depth}: p50 / p99 µs per call (sq8: oversample {oversample})")
     for level in native._native.simd_levels():
-        for oversample in (0, dense.native_oversample or 2):
-            for cold in (False, True):
-                times = []
-                for i, q in enumerate(queries):
+        for cold in (False, True):
+            times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+            # The variants alternate query by query, so a drift of the machine touches them alike.
+            for i, q in enumerate(queries):
+                for name, codes, ov in variants:
                     if cold:
                         flush[:] = i & 0xFF
+                    parts = (codes.codes, codes.scale, codes.base) if codes is not None else (None, None, None)
+                    bits = codes.bits if codes is not None else None
                     started = time.perf_counter_ns()
-                    native._native.dense_top(vectors, q, None, args.depth, *((c.codes, c.scale, c.base) if oversample
-                                                                             else (None, None, None)),
-                                             oversample, level)
-                    times.append((time.perf_counter_ns() - started) / 1e3)
-                t = np.asarray(times[10:])
-                print(f"  {level:7s} oversample {oversample} {'cold' if cold else 'warm'}: "
+                    native._native.dense_top(vectors, q, None, args.depth, *parts, ov, level, code_bits=bits)
+                    times[name].append((time.perf_counter_ns() - started) / 1e3)
+            for name, values in times.items():
+                t = np.asarray(values[10:])
+                print(f"  {level:7s} {name:11s} {'cold' if cold else 'warm'}: "
                       f"{np.percentile(t, 50):7.1f} / {np.percentile(t, 99):7.1f}")
 
 

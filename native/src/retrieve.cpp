@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -150,6 +151,65 @@ std::vector<std::int8_t> quantize_query(const float* query, const float* scale, 
     const float inv = largest > 0.0f ? 127.0f / largest : 0.0f;
     std::vector<std::int8_t> out(d);
     for (std::size_t j = 0; j < d; ++j) out[j] = static_cast<std::int8_t>(std::nearbyint(qs[j] * inv));
+    return out;
+}
+
+// The `keep` rows (keep < rows.n) with the largest sum of the int8 query's entries over their set sign bits, ties
+// by id ascending, in ascending id order. The query is quantized as the codes' query is, without the codes' scale:
+// the bits stand for the centred row's signs, and the centring adds the same q . mean to every row. Selection by
+// counting: the sums lie within +-127 * d, so a histogram of their top bits finds the bucket that holds the keep-th
+// largest, and only that bucket is sorted to find it exactly.
+std::vector<std::int64_t> bits_top(const DenseRows& rows, const float* query, std::size_t keep,
+                                   const simd::Dots& dots) {
+    const std::size_t n = rows.n;
+    const std::size_t words = rows.words;
+    std::vector<std::int8_t> q(words * 64, 0);
+    const std::vector<std::int8_t> qq = quantize_query(query, nullptr, rows.d);
+    std::copy(qq.begin(), qq.end(), q.begin());
+    std::vector<std::int32_t> sum_buffer(n);
+    std::int32_t* const sums = sum_buffer.data();
+    dots.bits_rows(q.data(), rows.bits, n, words, sums);
+    // |sum| <= 127 * d, so the sums offset by that bound fit the histogram after a fixed shift.
+    const auto bound = static_cast<std::int32_t>(127 * rows.d);
+    constexpr std::size_t kBuckets = 4096;
+    unsigned shift = 0;
+    while ((static_cast<std::uint32_t>(2 * bound) >> shift) >= kBuckets) ++shift;
+    std::uint32_t counts[kBuckets] = {};
+    for (std::size_t i = 0; i < n; ++i) ++counts[static_cast<std::uint32_t>(sums[i] + bound) >> shift];
+    // The bucket holding the keep-th largest sum, and how many sums lie above it.
+    std::size_t above = 0;
+    std::size_t bucket = kBuckets;
+    while (bucket > 0) {
+        --bucket;
+        if (above + counts[bucket] >= keep) break;
+        above += counts[bucket];
+    }
+    std::vector<std::int32_t> inside(counts[bucket]);
+    std::size_t m = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        const std::int32_t x = sums[i];
+        inside[m] = x;  // written always, kept only when in the bucket: no branch per sum
+        m += (static_cast<std::uint32_t>(x + bound) >> shift) == bucket ? 1 : 0;
+        if (m == inside.size()) break;
+    }
+    // The keep-th largest sum overall is the (keep - above)-th largest inside the bucket.
+    const std::size_t rank = keep - above - 1;
+    std::nth_element(inside.begin(), inside.begin() + static_cast<std::ptrdiff_t>(rank), inside.end(),
+                     std::greater<>());
+    const std::int32_t bar = inside[rank];
+    // Sums equal to bar that are kept: bar's own place and those above it inside the bucket.
+    std::size_t ties = 1;
+    for (std::size_t i = 0; i < rank; ++i) ties += inside[i] == bar ? 1 : 0;
+    std::vector<std::int64_t> out(keep);
+    std::int64_t* const kept = out.data();
+    std::size_t k = 0;
+    for (std::size_t i = 0; i < n && k < keep; ++i) {
+        const std::int32_t x = sums[i];
+        kept[k] = static_cast<std::int64_t>(i);
+        const bool tie = x == bar && ties > 0;
+        ties -= tie ? 1 : 0;
+        k += (x > bar || tie) ? 1 : 0;
+    }
     return out;
 }
 
@@ -302,7 +362,22 @@ Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* ma
         }
         count = 0;
     };
-    if (mask == nullptr) {
+    const std::size_t keep = bits_keep(wide_k);
+    if (mask == nullptr && rows.bits != nullptr && keep * kBitsMinRatio <= n) {
+        // The codes of the rows the sign bits keep, in id order (so offers come in the order of a full scan, and
+        // ties fall the same way).
+        const std::vector<std::int64_t> kept = bits_top(rows, query, keep, dots);
+        for (std::size_t r = 0; r < kept.size(); ++r) {
+            // Rows apart from each other: the hardware prefetcher does not follow them.
+            if (r + kPrefetchAhead < kept.size()) {
+                prefetch_bytes(rows.codes + static_cast<std::size_t>(kept[r + kPrefetchAhead]) * d, d);
+            }
+            block[count] = rows.codes + static_cast<std::size_t>(kept[r]) * d;
+            block_ids[count] = kept[r];
+            if (++count == kBlock) flush();
+        }
+        flush();
+    } else if (mask == nullptr) {
         // Every row, a block at a time: no per-row visit (the rows are read in order, which the hardware
         // prefetches itself).
         for (std::size_t start = 0; start < n; start += kBlock) {

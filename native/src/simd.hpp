@@ -48,6 +48,12 @@ struct Dots {
     // hide the multiply-add latency; with AVX-512 VNNI one instruction multiplies and adds 64 byte pairs.
     void (*i8i8_rows)(const std::int8_t* q, const std::int8_t* const* rows, std::size_t count, std::size_t d,
                       std::int32_t* out);
+    // out[r] = the sum of q[j] over the set bits j of row r, for count rows of `words` uint64 each, stored one after
+    // the other (bit j of a row: bit j % 64 of its word j / 64); q has 64 * words entries. Exact integer sums: every
+    // level returns the same values. With AVX-512 a row's word selects its 64 query bytes (a masked move) and VNNI
+    // adds them, so a row of 384 bits costs six instructions' worth of work.
+    void (*bits_rows)(const std::int8_t* q, const std::uint64_t* bits, std::size_t count, std::size_t words,
+                      std::int32_t* out);
 };
 
 const Dots& dots(Level level) noexcept;

@@ -55,6 +55,7 @@ from rag_service.kernels.reference import (
     rank_reference,
     retrieve_reference,
     row_quantize_reference,
+    sign_bits,
     similarity_matrix_reference,
     sq8_quantize,
     window_maxsim_reference,
@@ -85,6 +86,7 @@ __all__ = [
     "SearchCall",
     "SearchCoreResult",
     "row_quantize",
+    "sign_bits",
     "sq8_quantize",
     "cuda_device_status",
     "fuse",
@@ -662,7 +664,8 @@ def dense_top(vectors: np.ndarray, query: Any, depth: int, *, mask: Any = None, 
     if retrieve_backend(backend) == "numpy":
         return dense_top_reference(vectors, q, m, depth, codes, oversample)
     c = codes if codes is not None else (None, None, None)
-    return _native.dense_top(vectors, q, m, operator.index(depth), c[0], c[1], c[2], operator.index(oversample))
+    return _native.dense_top(vectors, q, m, operator.index(depth), c[0], c[1], c[2], operator.index(oversample),
+                             code_bits=None if codes is None else codes.bits)
 
 
 def row_quantize(vectors: np.ndarray, *, out: RowCodes | None = None, start: int = 0,
@@ -726,7 +729,8 @@ def retrieve(postings: Postings, term_ids: Any, depth: int, *, mask: Any = None,
     b = bm25 if bm25 is not None else (None, None)
     out = _native.retrieve(postings.indptr, postings.docs, postings.weights, int(postings.n_docs), terms, m,
                            operator.index(depth), vectors, q, c[0], c[1], c[2], operator.index(oversample), d[0],
-                           d[1], method, float(dense_weight), operator.index(top_k), float(rrf_k), "", b[0], b[1])
+                           d[1], method, float(dense_weight), operator.index(top_k), float(rrf_k), "", b[0], b[1],
+                           None if codes is None else codes.bits)
     return RetrieveResult((out[0], out[1]), (out[2], out[3]), FusionResult(out[4], out[5], out[6], out[7]), out[8])
 
 
@@ -798,7 +802,8 @@ def search_core(core: RerankCore, postings: Postings, term_ids: Any, depth: int,
                                   operator.index(oversample), d[0], d[1], method, float(dense_weight),
                                   operator.index(top_k), float(rrf_k), rq, None if derive else qterms,
                                   None if derive else qcounts, None if derive else qidf, cols, w, float(bias), rdepth,
-                                  confidence is not None, agree_top, agree_min, "", idf_table, b[0], b[1])
+                                  confidence is not None, agree_top, agree_min, "", idf_table, b[0], b[1],
+                                  None if codes is None else codes.bits)
         return _search_core_result(out)
     if rdepth < 0:
         raise ValueError(f"rerank_depth must be >= 0, got {rdepth}")
@@ -851,6 +856,7 @@ class SearchCall:
         self._postings = (postings.indptr, postings.docs, postings.weights, int(postings.n_docs))
         self._vectors = vectors
         self._codes = (codes.codes, codes.scale, codes.base) if codes is not None else (None, None, None)
+        self._bits = codes.bits if codes is not None and vectors is not None else None
         self._oversample = operator.index(oversample) if vectors is not None else 0
         self._idf = None if idf_table is None else _as_float64(idf_table, "idf_table")
         self._columns = _as_vector(columns, _INT64, "columns")
@@ -878,7 +884,7 @@ class SearchCall:
             query if self._vectors is not None else None, codes, scale, base, self._oversample, d[0], d[1], method,
             dense_weight, top_k, rrf_k, query, t[0], t[1], t[2], self._columns, self._weights, self._bias,
             rerank_depth, confidence is not None, agree_top, agree_min, "", self._idf if query_terms is None else None,
-            b[0], b[1]))
+            b[0], b[1], self._bits))
 
 
 # Replies

@@ -695,11 +695,53 @@ class Postings(NamedTuple):
 
 
 class SQ8Codes(NamedTuple):
-    """One signed byte per dimension: row ~= base + scale * code (per dimension)."""
+    """One signed byte per dimension: row ~= base + scale * code (per dimension); optionally the rows' centred sign
+    bits (`sign_bits`), which choose the rows whose codes an unfiltered scan of a large index reads."""
 
     codes: np.ndarray  # int8[n, d]
     scale: np.ndarray  # float32[d]
     base: np.ndarray   # float32[d]
+    bits: np.ndarray | None = None  # uint64[n, ceil(d / 64)]
+
+
+# How many rows the sign bits keep for a scan that takes wide_k candidates from the codes, and from what index size
+# they are read: native/src/retrieve.hpp (kBitsFactor, kBitsMinKeep, kBitsMinRatio) says why.
+BITS_FACTOR = 5
+BITS_MIN_KEEP = 1024
+BITS_MIN_RATIO = 4
+
+
+def bits_keep(wide_k: int) -> int:
+    return wide_k * BITS_FACTOR if wide_k > BITS_MIN_KEEP // BITS_FACTOR else BITS_MIN_KEEP
+
+
+def sign_bits(vectors: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+    """uint64[n, ceil(d / 64)]: bit j of row i set where vectors[i, j] > mean[j] (the column means, float32, unless
+    given), bit j in word j // 64 at bit j % 64; the padding bits are clear."""
+    v = np.asarray(vectors, np.float32)
+    if v.ndim != 2:
+        raise ValueError(f"vectors must be 2-D, got {v.ndim}-D")
+    n, d = v.shape
+    centre = v.mean(axis=0, dtype=np.float64).astype(np.float32) if mean is None else np.asarray(mean, np.float32)
+    words = (d + 63) // 64
+    out = np.zeros((n, words * 8), np.uint8)
+    # A block of rows at a time: the comparison's boolean matrix of a large index stays small.
+    for start in range(0, n, 65536):
+        block = v[start:start + 65536] > centre
+        out[start:start + len(block), :(d + 7) // 8] = np.packbits(block, axis=1, bitorder="little")
+    return out.view("<u8").astype(np.uint64, copy=False)
+
+
+def bits_top_reference(bits: np.ndarray, query: np.ndarray, keep: int) -> np.ndarray:
+    """The `keep` rows with the largest sum of the int8 query (`quantize_query` without a scale) over their set sign
+    bits, ties by id ascending, in ascending id order."""
+    n, words = bits.shape
+    d = query.size
+    unpacked = np.unpackbits(bits.astype("<u8").view(np.uint8), axis=1, bitorder="little")[:, :d].astype(bool)
+    q = quantize_query(query, np.ones(d, np.float32)).astype(np.int64)
+    sums = np.where(unpacked, q, 0).sum(axis=1)
+    kept, _ = _ranked(np.arange(n, dtype=np.int64), sums.astype(np.float64), keep)
+    return np.sort(kept)
 
 
 class RowCodes(NamedTuple):
@@ -864,7 +906,8 @@ def dense_top_reference(vectors: np.ndarray, query: np.ndarray, mask: np.ndarray
     (ids int64, scores float32). oversample >= 1 first takes the best oversample * depth rows by the integer inner
     product of their codes with the quantized query (`quantize_query`), which ranks them as the decoded codes' inner
     product would up to the query's rounding, then ranks those by the exact one (so only recall, never a score,
-    depends on the codes).
+    depends on the codes). With the codes' sign bits, no mask and at least BITS_MIN_RATIO * bits_keep(...) rows,
+    only the codes of `bits_top_reference`'s rows are ranked.
     Scores are float32 dot products: the summation order (and so the last bit) is the implementation's own."""
     if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.dtype != np.float32:
         raise ValueError("vectors must be a 2-D float32 numpy.ndarray")
@@ -883,6 +926,9 @@ def dense_top_reference(vectors: np.ndarray, query: np.ndarray, mask: np.ndarray
     allowed = np.arange(n, dtype=np.int64) if mask is None else np.flatnonzero(mask).astype(np.int64)
     if oversample == 0 or codes is None:
         return _ranked(allowed, np.asarray(vectors[allowed] @ q, np.float32), depth)
+    wide_k = min(depth * oversample, max(n, 1))
+    if mask is None and codes.bits is not None and bits_keep(wide_k) * BITS_MIN_RATIO <= n:
+        allowed = bits_top_reference(codes.bits, q, bits_keep(wide_k))
     # float32 of the exact integer dot products with the int8 query: exact below d = 1032, as the native scan has it.
     exact = codes.codes[allowed].astype(np.int64) @ quantize_query(q, codes.scale).astype(np.int64)
     wide, _ = _ranked(allowed, exact.astype(np.float32), depth * oversample)
