@@ -551,7 +551,7 @@ public:
     py::tuple rerank(const py::handle& query_obj, const py::handle& terms, const py::handle& counts,
                      const py::handle& idf, const py::handle& candidates_obj, const py::handle& fused_obj,
                      const py::handle& bm25_obj, const py::handle& dense_obj, const py::handle& columns,
-                     const py::handle& weights, double bias) const {
+                     const py::handle& weights, double bias, bool helper) const {
         py::array keep_query[3];
         py::array keep_model[2];
         const py::array query = query_of(query_obj);
@@ -577,7 +577,7 @@ public:
             py::gil_scoped_release release;
             rag::rerank(store_, data_of<float>(keep_[7]), static_cast<std::size_t>(keep_[7].shape(0)),
                         data_of<float>(query), q, data_of<std::int64_t>(candidates), data_of<float>(fused), m,
-                        id_list(bm25), id_list(dense), model, level_, out);
+                        id_list(bm25), id_list(dense), model, level_, out, helper ? &helper_ : nullptr);
         }
         return py::make_tuple(ids, scores, features, order);
     }
@@ -585,6 +585,8 @@ public:
     // For search_core, which reranks with what this object holds.
     const rag::LocalStore& store() const { return store_; }
     const py::array& dense_vectors() const { return keep_[7]; }
+    // The worker that takes half of a lone search's rerank (a thread started on first use, one per loaded index).
+    rag::Helper& helper() const { return helper_; }
 
     py::array query_of(const py::handle& obj, const char* name = "query") const {
         py::array query = checked_vector<float>(obj, name, "float32");
@@ -601,6 +603,7 @@ private:
     py::array keep_[8];
     rag::LocalStore store_;
     rag::simd::Level level_;
+    mutable rag::Helper helper_;
 };
 
 py::tuple names(const char* const* columns, std::size_t n) {
@@ -648,10 +651,12 @@ void bind(py::module_& m) {
         .def("rerank", &Core::rerank, py::arg("query"), py::arg("query_terms"), py::arg("query_counts"),
              py::arg("query_idf"), py::arg("candidates"), py::arg("fused_scores"), py::arg("bm25_ranked"),
              py::arg("dense_ranked"), py::arg("columns"), py::arg("weights"), py::arg("bias"),
+             py::arg("helper") = false,
              "rerank(query, query_terms, query_counts, query_idf, candidates, fused_scores, bm25_ranked,\n"
-             "       dense_ranked, columns, weights, bias)\n"
+             "       dense_ranked, columns, weights, bias, helper=False)\n"
              "    -> tuple[ids int64[m], scores float32[m], features float32[m, 13], order int64[m]]\n\n"
-             "local_features, finish_features and rank_features in one call, GIL released throughout.");
+             "local_features, finish_features and rank_features in one call, GIL released throughout; helper:\n"
+             "half of the candidates' local features on this core's worker thread (the same result).");
 }
 
 }  // namespace rerank_core
@@ -991,7 +996,7 @@ py::tuple search_core(const rerank_core::Core& core, const py::handle& indptr, c
                       const py::handle& columns, const py::handle& model_weights, double bias,
                       std::int64_t rerank_depth, bool confidence, std::int64_t agree_top, std::int64_t agree_min,
                       const std::string& simd, const py::handle& idf_table, const py::handle& bm25_ids,
-                      const py::handle& bm25_scores, const py::handle& code_bits) {
+                      const py::handle& bm25_scores, const py::handle& code_bits, bool helper) {
     FirstStageArgs a;
     first_stage_arg(a, indptr, docs, weights, n_docs, term_ids_obj, mask_obj, vectors, query, codes, code_scale,
                     code_base, oversample, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k, simd,
@@ -1030,6 +1035,7 @@ py::tuple search_core(const rerank_core::Core& core, const py::handle& indptr, c
     }
     rerank.model = rerank_core::linear_model(columns, model_weights, bias, keep_model);
     rerank.depth = rerank_depth;
+    rerank.helper = helper ? &core.helper() : nullptr;
     const rag::Confidence rule{confidence, agree_top, agree_min};
     auto owned = std::make_unique<rag::SearchCoreResult>();
     {
@@ -1293,14 +1299,15 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           py::arg("query_idf"), py::arg("columns"), py::arg("model_weights"), py::arg("bias"),
           py::arg("rerank_depth"), py::arg("confidence"), py::arg("agree_top"), py::arg("agree_min"),
           py::arg("simd") = "", py::arg("idf_table") = py::none(), py::arg("bm25_ids") = py::none(),
-          py::arg("bm25_scores") = py::none(), py::arg("code_bits") = py::none(),
+          py::arg("bm25_scores") = py::none(), py::arg("code_bits") = py::none(), py::arg("helper") = false,
           "search_core(core, <retrieve's arguments>, rerank_query, query_terms, query_counts, query_idf, columns,\n"
           "            model_weights, bias, rerank_depth, confidence, agree_top, agree_min, simd='', idf_table=None,\n"
-          "            bm25_ids=None, bm25_scores=None)\n"
+          "            bm25_ids=None, bm25_scores=None, code_bits=None, helper=False)\n"
           "    -> tuple[retrieve's tuple (times: bm25, dense, fusion, rerank ns), confident, agreement, ids, scores,\n"
           "             features, order]\n\n"
           "retrieve, the confidence rule (skip the rerank when the top agree_top BM25 and dense ids share at least\n"
-          "agree_min) and core.rerank of the fused top rerank_depth, in one call with the GIL released. With\n"
+          "agree_min) and core.rerank of the fused top rerank_depth, in one call with the GIL released (helper: half\n"
+          "of the rerank's candidates on core's worker thread, for a search alone in the server). With\n"
           "query_terms None, the rerank's terms are term_ids' distinct ids, their counts and idf_table[id]. See\n"
           "rag_service.kernels.native.search_core.");
 }

@@ -131,6 +131,7 @@ class RerankCore:
         columns: np.ndarray,
         weights: np.ndarray,
         bias: float,
+        helper: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
 
 def bm25_top(
@@ -238,6 +239,7 @@ def search_core(
     bm25_ids: np.ndarray | None = None,
     bm25_scores: np.ndarray | None = None,
     code_bits: np.ndarray | None = None,
+    helper: bool = False,
 ) -> tuple[
     tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
           tuple[int, int, int, int]],

@@ -4,6 +4,8 @@ or tokens, queries without known terms or with one; and the wiring in rag_servic
 
 from __future__ import annotations
 
+import os
+import threading
 from collections import Counter
 from dataclasses import dataclass, replace
 
@@ -374,3 +376,82 @@ def test_rerank_equals_compute_features_then_rank(pipeline):
     empty = rerank_mod.rerank(store, model, query, cand.query_vector, cand.fused.ids[:0], cand.fused.scores[:0],
                               cand.bm25[0], cand.dense[0])
     assert len(empty.ids) == 0 and empty.features.shape == (0, len(RERANK_FEATURES))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Half of the candidates on the core's worker thread
+# --------------------------------------------------------------------------------------------------------------------
+
+def helper_case(seed: int, m: int):
+    rng = np.random.default_rng(900 + seed)
+    store = random_store(rng, n_chunks=200)
+    q, terms, counts, idf = random_query(rng, 6)
+    cands = rng.choice(200, m, replace=False).astype(np.int64)
+    fused = np.sort(rng.random(m).astype(np.float32))[::-1].copy()
+    model = rerank_mod.RerankModel.load()
+    args = (q, terms, counts, idf, cands, fused, ranked(rng, 200, cands), ranked(rng, 200, cands), model.columns,
+            model.weights, model.bias)
+    return store, args
+
+
+@pytest.mark.parametrize(("seed", "m"), [(0, 1), (1, 15), (2, 16), (3, 17), (4, 100), (5, 150)])
+def test_the_worker_thread_gives_the_same_rerank(seed, m):
+    store, args = helper_case(seed, m)
+    core = store.core()
+    alone = core.rerank(*args)
+    for _ in range(3):  # the worker's first job starts its thread; the next ones find it spinning or asleep
+        for got, want in zip(core.rerank(*args, helper=True), alone, strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_an_error_on_the_worker_thread_reaches_the_caller_and_frees_the_worker():
+    store, args = helper_case(6, 40)
+    core = store.core()
+    bad = args[4].copy()
+    bad[-1] = 10_000  # in the worker's half only
+    with pytest.raises(ValueError, match="candidates"):
+        core.rerank(*args[:4], bad, *args[5:], helper=True)
+    bad = args[4].copy()
+    bad[0] = -1  # in the caller's half: the worker's half is waited for before the error leaves
+    with pytest.raises(ValueError, match="candidates"):
+        core.rerank(*args[:4], bad, *args[5:], helper=True)
+    for got, want in zip(core.rerank(*args, helper=True), core.rerank(*args), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_callers_at_once_share_the_worker_or_work_alone():
+    store, args = helper_case(7, 60)
+    core = store.core()
+    want = core.rerank(*args)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(50):
+                for got, expected in zip(core.rerank(*args, helper=True), want, strict=True):
+                    np.testing.assert_array_equal(got, expected)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_its_rerank_alone():
+    store, args = helper_case(8, 60)
+    core = store.core()
+    want = core.rerank(*args, helper=True)  # the worker runs in this process now
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the worker has no thread; the call must not wait for one
+        try:
+            got = core.rerank(*args, helper=True)
+            ok = all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

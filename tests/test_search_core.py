@@ -241,6 +241,13 @@ def test_the_prepared_call_equals_search_core(index, encoder, seed):
                 for a, b in ((got.ids, want.ids), (got.scores, want.scores), (got.features, want.features),
                              (got.order, want.order)):
                     np.testing.assert_array_equal(a, b)
+                # Half of the rerank on the core's worker thread changes nothing.
+                halved = call(terms, vector, depth, mask=mask, dense=hits, rerank_depth=rerank_depth,
+                              confidence=confidence, query_terms=None if by_table else given, helper=True,
+                              **fusion)
+                for a, b in ((halved.ids, got.ids), (halved.scores, got.scores),
+                             (halved.features, got.features), (halved.order, got.order)):
+                    np.testing.assert_array_equal(a, b)
 
 
 def test_the_prepared_call_names_a_bad_argument(index, encoder):
@@ -365,3 +372,25 @@ def test_derived_query_terms_check_their_inputs(index, encoder):
     with pytest.raises(ValueError, match="idf_table must have dtype float64"):
         native.search_core(store.core, bm25.postings, terms, 10, idf_table=store.idf.astype(np.float32),
                            backend="cpp", **args)
+
+
+def test_a_search_alone_in_the_server_hands_half_its_rerank_to_the_worker(index, encoder, monkeypatch):
+    pipe = Pipeline(index, encoder)
+    helpers: list[bool] = []
+    real = native.SearchCall.__call__
+
+    def spy(self, *args, **kwargs):
+        helpers.append(kwargs.get("helper", False))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(native.SearchCall, "__call__", spy)
+    params = SearchParams(query="glacier ice valley", top_k=5, rerank_depth=30)
+    alone = pipe.search(params)  # encoded here: the policy says whether the search is alone (it is)
+    assert helpers == [True]
+    monkeypatch.setattr(pipe.policy, "alone", lambda: False)
+    with_company = pipe.search(params)
+    assert helpers == [True, False]
+    same_result(alone, with_company)
+    # A caller that brings its own vector (a batch, a benchmark) keeps the search on its thread.
+    pipe.search(params, query_vector=encoder.encode_queries(params.query)[0])
+    assert helpers[-1] is False

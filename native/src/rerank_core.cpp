@@ -248,6 +248,8 @@ void ranks_in(const IdList& ranked, const std::int64_t* candidates, std::size_t 
 }
 
 constexpr double kRankK = 10.0;
+// Fewer candidates than this stay on one thread: handing half to the helper costs more than it saves.
+constexpr std::size_t kSplitCandidates = 16;
 constexpr std::size_t kPrfTop = 3;
 
 float by_max(float value, float top) { return top > 0.0f ? value / top : 0.0f; }
@@ -439,10 +441,29 @@ void rank(const float* features, std::size_t m, const LinearModel& model, float*
 void rerank(const LocalStore& store, const float* dense_vectors, std::size_t n_dense, const float* query,
             const QueryTerms& terms, const std::int64_t* candidates, const float* fused, std::size_t m,
             const IdList& bm25_ranked, const IdList& dense_ranked, const LinearModel& model, simd::Level level,
-            RerankOutput out) {
+            RerankOutput out, Helper* helper) {
     std::vector<float> local(m * kLocalColumns);
-    local_features_prefetching(store, query, terms, candidates, m, level, local.data(), dense_vectors,
-                               store.windows.d);
+    const std::size_t d = store.windows.d;
+    // The second half of the candidates on the helper, when it is free: its reads of their tokens and window
+    // vectors then wait beside the caller's, on another core.
+    const std::size_t half = helper != nullptr && m >= kSplitCandidates ? m / 2 : m;
+    const bool split = half < m && helper->start([&, half] {
+        local_features_prefetching(store, query, terms, candidates + half, m - half, level,
+                                   local.data() + half * kLocalColumns, dense_vectors, d);
+    });
+    try {
+        local_features_prefetching(store, query, terms, candidates, split ? half : m, level, local.data(),
+                                   dense_vectors, d);
+    } catch (...) {
+        if (split) {
+            try {
+                helper->wait();  // its job writes into `local`: it must end before the stack unwinds
+            } catch (...) {
+            }
+        }
+        throw;
+    }
+    if (split) helper->wait();
     FinishInput in;
     in.local = local.data();
     in.vectors = dense_vectors;

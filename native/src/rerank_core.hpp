@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "rerank.hpp"
+#include "helper.hpp"
 #include "simd.hpp"
 
 namespace rag {
@@ -117,9 +118,11 @@ struct RerankOutput {
 };
 
 // local_features, finish_features (vectors: the store's dense rows of the candidates) and rank in one call.
+// `helper`: a worker that may take half of the candidates' local features (nullptr: all on the caller's thread);
+// the results are the same either way, each candidate's features being its own.
 void rerank(const LocalStore& store, const float* dense_vectors, std::size_t n_dense, const float* query,
             const QueryTerms& terms, const std::int64_t* candidates, const float* fused, std::size_t m,
             const IdList& bm25_ranked, const IdList& dense_ranked, const LinearModel& model, simd::Level level,
-            RerankOutput out);
+            RerankOutput out, Helper* helper = nullptr);
 
 }  // namespace rag

@@ -593,10 +593,12 @@ class RerankCore:
 
     def rerank(self, query: Any, query_terms: Any, query_counts: Any, query_idf: Any, candidates: Any,
                fused_scores: Any, bm25_ranked: Any, dense_ranked: Any, columns: Any, weights: Any, bias: float,
-               *, backend: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+               *, backend: str | None = None, helper: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(ids int64[m], scores float32[m], features float32[m, len(RERANK_FEATURES)], order int64[m]) in rank
         order: local features, finish_features over the candidates' dense vectors, the linear model over
-        features[:, columns] and the stable sort by score, in one call with the GIL released."""
+        features[:, columns] and the stable sort by score, in one call with the GIL released. `helper` (C++): half
+        of the candidates' local features on the core's worker thread, the same result."""
         q = _as_vector(query, _FLOAT32, "query")
         terms, counts, idf = _query_terms(query_terms, query_counts, query_idf)
         ids = _as_vector(candidates, _INT64, "candidates")
@@ -606,7 +608,7 @@ class RerankCore:
         cols = _as_vector(columns, _INT64, "columns")
         w = _as_vector(weights, _FLOAT32, "weights")
         if self._backend(backend) == "cpp":
-            return self._native.rerank(q, terms, counts, idf, ids, fused, bm25, dense, cols, w, float(bias))
+            return self._native.rerank(q, terms, counts, idf, ids, fused, bm25, dense, cols, w, float(bias), helper)
         if len(fused) != len(ids):
             raise ValueError(f"fused_scores must have one entry per candidate ({len(ids)}), got {len(fused)}")
         local = self._local_reference(q, terms, counts, idf, ids)
@@ -867,10 +869,12 @@ class SearchCall:
                  dense: tuple[np.ndarray, np.ndarray] | None = None, method: str, dense_weight: float, top_k: int,
                  rrf_k: float, rerank_depth: int, confidence: tuple[int, int] | None,
                  query_terms: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-                 bm25: tuple[np.ndarray, np.ndarray] | None = None) -> SearchCoreResult:
+                 bm25: tuple[np.ndarray, np.ndarray] | None = None, helper: bool = False) -> SearchCoreResult:
         """search_core(core, postings, term_ids, depth, ...) with this index's arguments; `query` (float32, the
         index's dimension) is both the scan's query and the rerank's; `bm25` the BM25 list ranked beforehand
-        (bm25_top's result for these terms, mask and depth). The arrays go to the extension as they are: it raises
+        (bm25_top's result for these terms, mask and depth). `helper`: half of the rerank's candidates go to the
+        core's worker thread, on the core a search alone in the server leaves idle (the same result either way). The
+        arrays go to the extension as they are: it raises
         ValueError naming one that is not 1-D, C-contiguous and of its dtype (term_ids int64, query float32, mask
         bool)."""
         indptr, docs, weights, n_docs = self._postings
@@ -884,7 +888,7 @@ class SearchCall:
             query if self._vectors is not None else None, codes, scale, base, self._oversample, d[0], d[1], method,
             dense_weight, top_k, rrf_k, query, t[0], t[1], t[2], self._columns, self._weights, self._bias,
             rerank_depth, confidence is not None, agree_top, agree_min, "", self._idf if query_terms is None else None,
-            b[0], b[1], self._bits))
+            b[0], b[1], self._bits, helper))
 
 
 # Replies

@@ -312,8 +312,8 @@ class Pipeline(SearcherBase):
                 and (early.confidence is None or early.confidence[0] >= 0))
 
     def _search_native(self, params: SearchParams, top_k: int, early: adaptive.RerankPlan, timer: StageTimer,
-                       query_vector: np.ndarray | None, deadline: float | None, ahead: LexicalAhead | None = None
-                       ) -> tuple[Candidates, rerank_mod.Reranked | None, tuple[int, str, str]]:
+                       query_vector: np.ndarray | None, deadline: float | None, ahead: LexicalAhead | None = None,
+                       alone: bool = False) -> tuple[Candidates, rerank_mod.Reranked | None, tuple[int, str, str]]:
         """The first stage (as _retrieve_native, fusion keeping `top_k` in place of params.top_k: a copy of the
         params costs ~10 µs), the confidence rule and the rerank in one native call, GIL released throughout; the
         query is analysed once, for BM25 and the rerank's terms. Same candidates, rerank and route as retrieve() +
@@ -344,7 +344,7 @@ class Pipeline(SearcherBase):
         result = call(terms, dense_index.query_row(query_vector), params.depth, mask=mask, dense=hits,
                       method=params.fusion, dense_weight=params.dense_weight, top_k=top_k, rrf_k=params.rrf_k,
                       rerank_depth=early.limit, confidence=early.confidence,
-                      query_terms=query_terms, bm25=bm25)
+                      query_terms=query_terms, bm25=bm25, helper=alone)
         returned = time.time_ns()
         first = result.first
         bm25_ns, dense_ns, fusion_ns = first.times_ns
@@ -368,7 +368,7 @@ class Pipeline(SearcherBase):
         return candidates, reranked, early.finish(result.agreement, len(first.fused.ids))
 
     def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
-              timer: StageTimer, ahead: Ahead | None = None) -> SearchResult:
+              timer: StageTimer, ahead: Ahead | None = None, alone: bool = False) -> SearchResult:
         if not isinstance(ahead, LexicalAhead):
             ahead = None
         shaper = shape.Shaper(plan.params) if plan.params.shaped else None
@@ -385,7 +385,7 @@ class Pipeline(SearcherBase):
         reranked: rerank_mod.Reranked | None = None
         if early is not None and self._one_call(early):
             candidates, reranked, (depth, route, reason) = self._search_native(
-                params, pool, early, timer, query_vector, deadline, ahead)
+                params, pool, early, timer, query_vector, deadline, ahead, alone)
             fused = candidates.fused
         else:
             candidates = self.retrieve(replace(params, top_k=pool), timer, query_vector=query_vector,

@@ -166,6 +166,7 @@ class SearcherBase:
             if plan.route == adaptive.LEXICAL:
                 return self._finish(params, self._rank(plan, None, deadline, timer))
             ahead = None
+            alone = False
             if query_vector is None:
                 alone = self.policy.alone()
                 ahead = self._before_encode(plan, alone, timer)
@@ -182,7 +183,7 @@ class SearcherBase:
                     hit = cache.lookup(query_vector, self.guard)
                 if hit is not None:
                     return hit
-            result = self._finish(params, self._rank(plan, query_vector, deadline, timer, ahead))
+            result = self._finish(params, self._rank(plan, query_vector, deadline, timer, ahead, alone))
             if cache is not None:
                 with timer.stage("cache_store"):
                     cache.store(query_vector, result, self.guard)
@@ -201,9 +202,10 @@ class SearcherBase:
         return None
 
     def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
-              timer: StageTimer, ahead: Ahead | None = None) -> SearchResult:
+              timer: StageTimer, ahead: Ahead | None = None, alone: bool = False) -> SearchResult:
         """Everything after the encode: first stage, fusion, rerank, context filter, contexts. `query_vector` is
-        None only on the lexical route; `ahead`: what _before_encode did for this request."""
+        None only on the lexical route; `ahead`: what _before_encode did for this request; `alone`: the search is
+        alone in the server (AdaptivePolicy.alone, asked before its encode), so it may use the idle cores."""
         raise NotImplementedError
 
     def _finish(self, params: SearchParams, result: SearchResult) -> SearchResult:

@@ -348,7 +348,8 @@ class ShardedPipeline(SearcherBase):
 
     # -- the request path ------------------------------------------------------------------------------------------
     def _rank(self, plan: adaptive.Plan, query_vector: np.ndarray | None, deadline: float | None,
-              timer: StageTimer, ahead: Ahead | None = None) -> SearchResult:
+              timer: StageTimer, ahead: Ahead | None = None, alone: bool = False) -> SearchResult:
+        # `alone` is not read: the shards, each a server of its own, decide their own use of idle cores.
         shaper = shape.Shaper(plan.params) if plan.params.shaped else None
         params = plan.params if shaper is None else shaper.ranking
         filter_params = context_filter.FilterParams.of(params)

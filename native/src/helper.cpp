@@ -1,0 +1,108 @@
+#include "helper.hpp"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <utility>
+
+namespace rag {
+namespace {
+
+std::int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+
+inline void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+}  // namespace
+
+Helper::~Helper() {
+    stop_.store(true);
+    {
+        const std::lock_guard<std::mutex> hold(lock_);
+    }
+    wake_.notify_one();
+    if (thread_.joinable()) {
+        if (owner_ == getpid()) {
+            thread_.join();
+        } else {
+            thread_.detach();  // a forked child's copy names a thread that only ran in the parent
+        }
+    }
+}
+
+bool Helper::ensure_thread() {
+    const std::lock_guard<std::mutex> hold(start_);
+    if (thread_.joinable()) return owner_ == getpid();
+    owner_ = getpid();
+    thread_ = std::thread([this] { loop(); });
+    return true;
+}
+
+void Helper::rouse(std::int64_t spin_ns) {
+    if (!ensure_thread()) return;
+    spin_until_.store(now_ns() + spin_ns);
+    if (sleeping_.load()) {
+        // Taken and released so that a worker between its check and its sleep cannot miss the notification.
+        { const std::lock_guard<std::mutex> hold(lock_); }
+        wake_.notify_one();
+    }
+}
+
+bool Helper::start(std::function<void()> job) {
+    if (!claim_.try_lock()) return false;
+    if (!ensure_thread()) {
+        claim_.unlock();
+        return false;
+    }
+    job_ = std::move(job);
+    error_ = nullptr;
+    done_.store(false);
+    posted_.store(true);
+    if (sleeping_.load()) {
+        { const std::lock_guard<std::mutex> hold(lock_); }
+        wake_.notify_one();
+    }
+    return true;
+}
+
+void Helper::wait() {
+    while (!done_.load(std::memory_order_acquire)) relax();
+    job_ = nullptr;
+    const std::exception_ptr error = std::exchange(error_, nullptr);
+    claim_.unlock();
+    if (error) std::rethrow_exception(error);
+}
+
+void Helper::loop() {
+    for (;;) {
+        while (!posted_.load(std::memory_order_acquire)) {
+            if (stop_.load()) return;
+            if (now_ns() < spin_until_.load(std::memory_order_relaxed)) {
+                relax();
+                continue;
+            }
+            std::unique_lock<std::mutex> hold(lock_);
+            sleeping_.store(true);
+            wake_.wait(hold, [this] {
+                return stop_.load() || posted_.load() || now_ns() < spin_until_.load();
+            });
+            sleeping_.store(false);
+        }
+        try {
+            job_();
+        } catch (...) {
+            error_ = std::current_exception();
+        }
+        posted_.store(false);
+        done_.store(true, std::memory_order_release);
+    }
+}
+
+}  // namespace rag
