@@ -648,6 +648,16 @@ void bind(py::module_& m) {
              py::arg("query_counts"), py::arg("query_idf"), py::arg("candidates"),
              "local_features(query, query_terms, query_counts, query_idf, candidates)\n"
              "    -> float32[m, len(RERANK_LOCAL_FEATURES)]")
+        .def("place_helper",
+             [](const Core& core, const py::iterable& cpus) {
+                 std::vector<int> list;
+                 for (const py::handle cpu : cpus) list.push_back(cpu.cast<int>());
+                 core.helper().place(list);
+             },
+             py::arg("cpus"),
+             "place_helper(cpus) -> None\n\n"
+             "Holds the worker thread that takes half of a lone search's rerank (helper=True) to these CPUs from its\n"
+             "next job on (Linux; empty: anywhere).")
         .def("rerank", &Core::rerank, py::arg("query"), py::arg("query_terms"), py::arg("query_counts"),
              py::arg("query_idf"), py::arg("candidates"), py::arg("fused_scores"), py::arg("bm25_ranked"),
              py::arg("dense_ranked"), py::arg("columns"), py::arg("weights"), py::arg("bias"),

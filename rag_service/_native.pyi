@@ -118,6 +118,7 @@ class RerankCore:
         query_idf: np.ndarray,
         candidates: np.ndarray,
     ) -> np.ndarray: ...
+    def place_helper(self, cpus: list[int]) -> None: ...
     def rerank(
         self,
         query: np.ndarray,

@@ -455,3 +455,34 @@ def test_a_forked_child_does_its_rerank_alone():
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def helper_cpus() -> dict[str, str]:
+    """The CPUs each thread named rag-helper may run on (Linux /proc)."""
+    found = {}
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                if f.read().strip() != "rag-helper":
+                    continue
+            with open(f"/proc/self/task/{task}/status") as f:
+                found[task] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("Cpus_allowed_list"))
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two CPUs")
+def test_the_worker_runs_on_the_cpus_it_is_placed_on():
+    store, args = helper_case(9, 60)
+    core = store.core()
+    before = set(helper_cpus())
+    cpu = max(os.sched_getaffinity(0))
+    core.place_helper([cpu])
+    core.rerank(*args, helper=True)
+    mine = {task: cpus for task, cpus in helper_cpus().items() if task not in before}
+    assert list(mine.values()) == [str(cpu)]
+    core.place_helper([])  # no CPUs: it stays where it is
+    core.rerank(*args, helper=True)
+    assert [cpus for task, cpus in helper_cpus().items() if task in mine] == [str(cpu)]

@@ -1,5 +1,7 @@
 #include "helper.hpp"
 
+#include <pthread.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -80,8 +82,30 @@ void Helper::wait() {
     if (error) std::rethrow_exception(error);
 }
 
+void Helper::place(const std::vector<int>& cpus) {
+    const std::lock_guard<std::mutex> hold(place_);
+    cpus_ = cpus;
+    placed_.fetch_add(1);
+}
+
 void Helper::loop() {
+#if defined(__linux__)
+    pthread_setname_np(pthread_self(), "rag-helper");  // as py-spy, top -H and /proc name it
+#endif
     for (;;) {
+        if (placed_.load() != applied_) {
+            const std::lock_guard<std::mutex> hold(place_);
+            applied_ = placed_.load();
+#if defined(__linux__)
+            cpu_set_t set;
+            CPU_ZERO(&set);
+            for (const int cpu : cpus_) {
+                if (cpu >= 0 && cpu < CPU_SETSIZE) CPU_SET(cpu, &set);
+            }
+            // A CPU set the process may not use leaves the worker where it is: it still computes the same.
+            if (CPU_COUNT(&set) > 0) sched_setaffinity(0, sizeof set, &set);
+#endif
+        }
         while (!posted_.load(std::memory_order_acquire)) {
             if (stop_.load()) return;
             if (now_ns() < spin_until_.load(std::memory_order_relaxed)) {

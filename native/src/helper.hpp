@@ -16,6 +16,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 namespace rag {
 
@@ -34,6 +35,10 @@ public:
     bool start(std::function<void()> job);
     // Waits for the job that start() handed over and rethrows what it threw.
     void wait();
+    // Holds the worker to these CPUs from its next job on (Linux; empty: wherever the scheduler puts it). A lone
+    // search runs on one CPU with its encode's workers held to the others (rag_service/api/placement.py); the
+    // worker belongs with them, not with the thread that happened to start it, whose CPU it would inherit.
+    void place(const std::vector<int>& cpus);
 
 private:
     void loop();
@@ -52,6 +57,10 @@ private:
     std::atomic<std::int64_t> spin_until_{0};  // steady clock, ns
     std::thread thread_;
     pid_t owner_ = 0;  // the process that started the thread
+    std::mutex place_;
+    std::vector<int> cpus_;
+    std::atomic<std::uint64_t> placed_{0};  // bumped by place(); the worker applies it when it differs from its own
+    std::uint64_t applied_ = 0;             // the worker's
 };
 
 }  // namespace rag

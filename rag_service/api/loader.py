@@ -119,7 +119,8 @@ def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None,
         if query_encoder.name != model["name"]:
             raise IndexFormatError(f"{index.path}/manifest.json: index was built with model {model['name']!r}, "
                                    f"the server encodes queries with {query_encoder.name!r}")
-        searcher = Pipeline(index, query_encoder, policy=policy, beside=beside)
+        searcher = Pipeline(index, query_encoder, policy=policy, beside=beside,
+                            helper_cpus=encoders.idle_cpus if encoders is not None else ())
         searcher.search_defaults = index_defaults(config.defaults, index.manifest.get("tuned"))
         if searcher.search_defaults is not config.defaults:
             d = searcher.search_defaults

@@ -26,6 +26,7 @@ import functools
 import logging
 import operator
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -572,6 +573,13 @@ class RerankCore:
     def _backend(self, backend: str | None) -> str:
         chosen = rerank_core_backend(backend)
         return "numpy" if self._native is None else chosen
+
+    def place_helper(self, cpus: Sequence[int]) -> None:
+        """Holds the worker thread that takes half of a lone search's rerank (`helper=True`) to `cpus` (Linux; empty:
+        anywhere): those of the lone search's encode workers (api/placement.py), not the CPU of the thread that
+        started it. Nothing without the extension."""
+        if self._native is not None:
+            self._native.place_helper([int(c) for c in cpus])
 
     def _local_reference(self, q: np.ndarray, terms: np.ndarray, counts: np.ndarray, idf: np.ndarray,
                          ids: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, replace
 
@@ -130,11 +131,13 @@ class Pipeline(SearcherBase):
     native_one_call: bool = True
 
     def __init__(self, index: Index, encoder: SearchEncoder, rerank_model: rerank_mod.RerankModel | None = None,
-                 policy: adaptive.AdaptivePolicy | None = None, beside: Executor | None = None) -> None:
+                 policy: adaptive.AdaptivePolicy | None = None, beside: Executor | None = None,
+                 helper_cpus: Sequence[int] = ()) -> None:
         """`rerank_model`: the combiner of the rerank stage; None takes the index's own (an index built with a
         tuned model carries the combiner refit with it, manifest "tuned") or else the one shipped in the package.
         `beside`: a thread on the cores a lone search's encode would take, where its BM25 may run meanwhile
-        (_before_encode); None: BM25 runs after the encode, in the one native call."""
+        (_before_encode); None: BM25 runs after the encode, in the one native call. `helper_cpus`: the CPUs of
+        the worker thread that takes half of a lone search's rerank (Placement.encode_cpus; empty: anywhere)."""
         if encoder.dim != index.manifest["model"]["dim"]:
             raise ValueError(f"encoder dimension {encoder.dim} != index dimension {index.manifest['model']['dim']}")
         self.index = index
@@ -143,6 +146,8 @@ class Pipeline(SearcherBase):
         self.rerank_store = (rerank_mod.RerankStore.create(index.windows, index.bm25, index.dense.vectors)
                              if index.windows is not None else None)
         self.rerank_model = rerank_model or (index_rerank_model(index) if self.rerank_store is not None else None)
+        if self.rerank_store is not None:
+            self.rerank_store.core.place_helper(helper_cpus)
         # Every reply reports its contexts' tokens: stored at build time (an older index counts them here, once),
         # since tokenizing a passage per request costs ~0.1-0.7 ms.
         self._chunk_tokens = index.token_counts(encoder)
