@@ -573,6 +573,7 @@ public:
         py::array_t<std::int64_t> order(rows);
         const rag::RerankOutput out{ids.mutable_data(), scores.mutable_data(), features.mutable_data(),
                                     order.mutable_data()};
+        if (helper) helper_.rouse(rag::kSearchSpinNs);
         {
             py::gil_scoped_release release;
             rag::rerank(store_, data_of<float>(keep_[7]), static_cast<std::size_t>(keep_[7].shape(0)),
@@ -656,8 +657,10 @@ void bind(py::module_& m) {
              },
              py::arg("cpus"),
              "place_helper(cpus) -> None\n\n"
-             "Holds the worker thread that takes half of a lone search's rerank (helper=True) to these CPUs from its\n"
+             "Holds the worker thread that takes part of a lone search's work (helper=True) to these CPUs from its\n"
              "next job on (Linux; empty: anywhere).")
+        .def_property_readonly("helper_jobs", [](const Core& core) { return core.helper().jobs(); },
+                               "Jobs the worker thread has taken part in (a diagnostic: how often work was shared).")
         .def("rerank", &Core::rerank, py::arg("query"), py::arg("query_terms"), py::arg("query_counts"),
              py::arg("query_idf"), py::arg("candidates"), py::arg("fused_scores"), py::arg("bm25_ranked"),
              py::arg("dense_ranked"), py::arg("columns"), py::arg("weights"), py::arg("bias"),
@@ -666,7 +669,7 @@ void bind(py::module_& m) {
              "       dense_ranked, columns, weights, bias, helper=False)\n"
              "    -> tuple[ids int64[m], scores float32[m], features float32[m, 13], order int64[m]]\n\n"
              "local_features, finish_features and rank_features in one call, GIL released throughout; helper:\n"
-             "half of the candidates' local features on this core's worker thread (the same result).");
+             "part of the candidates' local features on this core's worker thread (the same result).");
 }
 
 }  // namespace rerank_core
@@ -1046,6 +1049,7 @@ py::tuple search_core(const rerank_core::Core& core, const py::handle& indptr, c
     rerank.model = rerank_core::linear_model(columns, model_weights, bias, keep_model);
     rerank.depth = rerank_depth;
     rerank.helper = helper ? &core.helper() : nullptr;
+    a.source.helper = rerank.helper;
     const rag::Confidence rule{confidence, agree_top, agree_min};
     auto owned = std::make_unique<rag::SearchCoreResult>();
     {
@@ -1316,8 +1320,8 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           "    -> tuple[retrieve's tuple (times: bm25, dense, fusion, rerank ns), confident, agreement, ids, scores,\n"
           "             features, order]\n\n"
           "retrieve, the confidence rule (skip the rerank when the top agree_top BM25 and dense ids share at least\n"
-          "agree_min) and core.rerank of the fused top rerank_depth, in one call with the GIL released (helper: half\n"
-          "of the rerank's candidates on core's worker thread, for a search alone in the server). With\n"
+          "agree_min) and core.rerank of the fused top rerank_depth, in one call with the GIL released (helper: part\n"
+          "of the scan and the rerank on core's worker thread, for a search alone in the server). With\n"
           "query_terms None, the rerank's terms are term_ids' distinct ids, their counts and idf_table[id]. See\n"
           "rag_service.kernels.native.search_core.");
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 
@@ -394,14 +395,24 @@ def helper_case(seed: int, m: int):
     return store, args
 
 
+def shared_until_taken(core, args, want, calls: int = 500) -> int:
+    """Calls core.rerank(helper=True) until its worker has taken part (it wakes some time after the first call
+    starts it, then spins between calls), each answer checked against `want`; returns the jobs it took."""
+    for _ in range(calls):
+        for got, expected in zip(core.rerank(*args, helper=True), want, strict=True):
+            np.testing.assert_array_equal(got, expected)
+        if core.helper_jobs:
+            break
+    return core.helper_jobs
+
+
 @pytest.mark.parametrize(("seed", "m"), [(0, 1), (1, 15), (2, 16), (3, 17), (4, 100), (5, 150)])
 def test_the_worker_thread_gives_the_same_rerank(seed, m):
     store, args = helper_case(seed, m)
     core = store.core()
     alone = core.rerank(*args)
-    for _ in range(3):  # the worker's first job starts its thread; the next ones find it spinning or asleep
-        for got, want in zip(core.rerank(*args, helper=True), alone, strict=True):
-            np.testing.assert_array_equal(got, want)
+    jobs = shared_until_taken(core, args, alone, calls=500 if m >= 16 else 20)
+    assert (jobs > 0) == (m >= 16)  # fewer than 16 candidates are never shared
 
 
 def test_an_error_on_the_worker_thread_reaches_the_caller_and_frees_the_worker():
@@ -415,8 +426,7 @@ def test_an_error_on_the_worker_thread_reaches_the_caller_and_frees_the_worker()
     bad[0] = -1  # in the caller's half: the worker's half is waited for before the error leaves
     with pytest.raises(ValueError, match="candidates"):
         core.rerank(*args[:4], bad, *args[5:], helper=True)
-    for got, want in zip(core.rerank(*args, helper=True), core.rerank(*args), strict=True):
-        np.testing.assert_array_equal(got, want)
+    assert shared_until_taken(core, args, core.rerank(*args)) > 0  # the worker is free again
 
 
 def test_callers_at_once_share_the_worker_or_work_alone():
@@ -480,9 +490,46 @@ def test_the_worker_runs_on_the_cpus_it_is_placed_on():
     before = set(helper_cpus())
     cpu = max(os.sched_getaffinity(0))
     core.place_helper([cpu])
-    core.rerank(*args, helper=True)
-    mine = {task: cpus for task, cpus in helper_cpus().items() if task not in before}
+    core.rerank(*args, helper=True)  # starts the worker, which names and places itself as it begins
+    deadline = time.monotonic() + 5
+    while True:
+        mine = {task: cpus for task, cpus in helper_cpus().items() if task not in before}
+        if list(mine.values()) == [str(cpu)] or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert list(mine.values()) == [str(cpu)]
     core.place_helper([])  # no CPUs: it stays where it is
     core.rerank(*args, helper=True)
     assert [cpus for task, cpus in helper_cpus().items() if task in mine] == [str(cpu)]
+
+
+def test_a_lone_search_shares_its_scan_and_rerank_with_the_worker():
+    """search_core with helper=True on an index large enough for the sign bits (4,500 rows): the scan's bits, codes
+    and float rows and the rerank's candidates are shared in chunks; every answer equals the one-thread answer."""
+    from rag_service.kernels.reference import Postings, sign_bits, sq8_quantize
+
+    rng = np.random.default_rng(31)
+    n = 4500
+    store = random_store(rng, n_chunks=n)
+    core = store.core()
+    docs = np.sort(rng.choice(n, 900, replace=False)).astype(np.int32)
+    indptr = np.asarray([0, 300, 600, 900], np.int64)
+    postings = Postings(indptr, docs, rng.choice([0.5, 1.0, 2.0], 900).astype(np.float32), n)
+    codes = sq8_quantize(store.dense)._replace(bits=sign_bits(store.dense))
+    model = rerank_mod.RerankModel.load()
+    terms = np.asarray([0, 2], np.int64)
+    q, qt, qc, qi = random_query(rng, 3)
+    call = native.SearchCall(core, postings, vectors=store.dense, codes=codes, oversample=2, idf_table=None,
+                             columns=model.columns, weights=model.weights, bias=model.bias)
+    args = dict(method="weighted", dense_weight=0.5, top_k=60, rrf_k=60.0, rerank_depth=60, confidence=None,
+                query_terms=(qt, qc, qi))
+    want = call(terms, q, 200, **args)
+    for _ in range(500):
+        got = call(terms, q, 200, helper=True, **args)
+        for a, b in zip(got.first.dense + got.first.bm25 + (got.ids, got.scores, got.features, got.order),
+                        want.first.dense + want.first.bm25 + (want.ids, want.scores, want.features, want.order),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+        if core.helper_jobs >= 3:  # the worker took part in several of the shares
+            break
+    assert core.helper_jobs >= 3

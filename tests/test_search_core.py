@@ -241,7 +241,7 @@ def test_the_prepared_call_equals_search_core(index, encoder, seed):
                 for a, b in ((got.ids, want.ids), (got.scores, want.scores), (got.features, want.features),
                              (got.order, want.order)):
                     np.testing.assert_array_equal(a, b)
-                # Half of the rerank on the core's worker thread changes nothing.
+                # Part of the scan and the rerank on the core's worker thread changes nothing.
                 halved = call(terms, vector, depth, mask=mask, dense=hits, rerank_depth=rerank_depth,
                               confidence=confidence, query_terms=None if by_table else given, helper=True,
                               **fusion)

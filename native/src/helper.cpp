@@ -65,8 +65,7 @@ bool Helper::start(std::function<void()> job) {
     }
     job_ = std::move(job);
     error_ = nullptr;
-    done_.store(false);
-    posted_.store(true);
+    state_.store(kPosted, std::memory_order_release);
     if (sleeping_.load()) {
         { const std::lock_guard<std::mutex> hold(lock_); }
         wake_.notify_one();
@@ -74,12 +73,24 @@ bool Helper::start(std::function<void()> job) {
     return true;
 }
 
-void Helper::wait() {
-    while (!done_.load(std::memory_order_acquire)) relax();
+void Helper::finish() {
+    int posted = kPosted;
+    // Not begun: withdrawn, and the worker will never read it.
+    if (!state_.compare_exchange_strong(posted, kIdle)) {
+        while (state_.load(std::memory_order_acquire) != kDone) relax();
+        state_.store(kIdle);
+    }
     job_ = nullptr;
     const std::exception_ptr error = std::exchange(error_, nullptr);
     claim_.unlock();
     if (error) std::rethrow_exception(error);
+}
+
+void Helper::finish_quietly() noexcept {
+    try {
+        finish();
+    } catch (...) {
+    }
 }
 
 void Helper::place(const std::vector<int>& cpus) {
@@ -106,7 +117,13 @@ void Helper::loop() {
             if (CPU_COUNT(&set) > 0) sched_setaffinity(0, sizeof set, &set);
 #endif
         }
-        while (!posted_.load(std::memory_order_acquire)) {
+        for (;;) {
+            // Read before the exchange is tried: a spinning worker must not write the line the caller posts to.
+            if (state_.load(std::memory_order_relaxed) == kPosted) {
+                int posted = kPosted;
+                if (state_.compare_exchange_strong(posted, kRunning, std::memory_order_acquire)) break;
+                continue;  // withdrawn meanwhile
+            }
             if (stop_.load()) return;
             if (now_ns() < spin_until_.load(std::memory_order_relaxed)) {
                 relax();
@@ -115,17 +132,17 @@ void Helper::loop() {
             std::unique_lock<std::mutex> hold(lock_);
             sleeping_.store(true);
             wake_.wait(hold, [this] {
-                return stop_.load() || posted_.load() || now_ns() < spin_until_.load();
+                return stop_.load() || state_.load() == kPosted || now_ns() < spin_until_.load();
             });
             sleeping_.store(false);
         }
+        jobs_.fetch_add(1, std::memory_order_relaxed);
         try {
             job_();
         } catch (...) {
             error_ = std::current_exception();
         }
-        posted_.store(false);
-        done_.store(true, std::memory_order_release);
+        state_.store(kDone, std::memory_order_release);
     }
 }
 

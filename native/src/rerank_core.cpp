@@ -248,7 +248,7 @@ void ranks_in(const IdList& ranked, const std::int64_t* candidates, std::size_t 
 }
 
 constexpr double kRankK = 10.0;
-// Fewer candidates than this stay on one thread: handing half to the helper costs more than it saves.
+// Fewer candidates than this stay on one thread: sharing them with the helper costs more than it saves.
 constexpr std::size_t kSplitCandidates = 16;
 constexpr std::size_t kPrfTop = 3;
 
@@ -444,26 +444,12 @@ void rerank(const LocalStore& store, const float* dense_vectors, std::size_t n_d
             RerankOutput out, Helper* helper) {
     std::vector<float> local(m * kLocalColumns);
     const std::size_t d = store.windows.d;
-    // The second half of the candidates on the helper, when it is free: its reads of their tokens and window
-    // vectors then wait beside the caller's, on another core.
-    const std::size_t half = helper != nullptr && m >= kSplitCandidates ? m / 2 : m;
-    const bool split = half < m && helper->start([&, half] {
-        local_features_prefetching(store, query, terms, candidates + half, m - half, level,
-                                   local.data() + half * kLocalColumns, dense_vectors, d);
+    // Shared with the helper a quarter at a time, when it is free: its reads of the candidates' tokens and window
+    // vectors then wait beside the caller's, on another core. Fewer candidates stay with the caller.
+    share(m >= kSplitCandidates ? helper : nullptr, m, (m + 3) / 4, [&](std::size_t begin, std::size_t end) {
+        local_features_prefetching(store, query, terms, candidates + begin, end - begin, level,
+                                   local.data() + begin * kLocalColumns, dense_vectors, d);
     });
-    try {
-        local_features_prefetching(store, query, terms, candidates, split ? half : m, level, local.data(),
-                                   dense_vectors, d);
-    } catch (...) {
-        if (split) {
-            try {
-                helper->wait();  // its job writes into `local`: it must end before the stack unwinds
-            } catch (...) {
-            }
-        }
-        throw;
-    }
-    if (split) helper->wait();
     FinishInput in;
     in.local = local.data();
     in.vectors = dense_vectors;

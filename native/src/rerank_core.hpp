@@ -118,7 +118,7 @@ struct RerankOutput {
 };
 
 // local_features, finish_features (vectors: the store's dense rows of the candidates) and rank in one call.
-// `helper`: a worker that may take half of the candidates' local features (nullptr: all on the caller's thread);
+// `helper`: a worker that may take part of the candidates' local features (nullptr: all on the caller's thread);
 // the results are the same either way, each candidate's features being its own.
 void rerank(const LocalStore& store, const float* dense_vectors, std::size_t n_dense, const float* query,
             const QueryTerms& terms, const std::int64_t* candidates, const float* fused, std::size_t m,

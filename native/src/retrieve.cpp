@@ -154,13 +154,19 @@ std::vector<std::int8_t> quantize_query(const float* query, const float* scale, 
     return out;
 }
 
+// Chunks in which a dense scan shares its work with the helper (share): rows of sign bits, kept rows' codes, float
+// rows rescored.
+constexpr std::size_t kShareBits = 2048;
+constexpr std::size_t kShareCodes = 256;
+constexpr std::size_t kShareRows = 32;
+
 // The `keep` rows (keep < rows.n) with the largest sum of the int8 query's entries over their set sign bits, ties
 // by id ascending, in ascending id order. The query is quantized as the codes' query is, without the codes' scale:
 // the bits stand for the centred row's signs, and the centring adds the same q . mean to every row. Selection by
 // counting: the sums lie within +-127 * d, so a histogram of their top bits finds the bucket that holds the keep-th
 // largest, and only that bucket is sorted to find it exactly.
 std::vector<std::int64_t> bits_top(const DenseRows& rows, const float* query, std::size_t keep,
-                                   const simd::Dots& dots) {
+                                   const simd::Dots& dots, Helper* helper) {
     const std::size_t n = rows.n;
     const std::size_t words = rows.words;
     std::vector<std::int8_t> q(words * 64, 0);
@@ -168,7 +174,9 @@ std::vector<std::int64_t> bits_top(const DenseRows& rows, const float* query, st
     std::copy(qq.begin(), qq.end(), q.begin());
     std::vector<std::int32_t> sum_buffer(n);
     std::int32_t* const sums = sum_buffer.data();
-    dots.bits_rows(q.data(), rows.bits, n, words, sums);
+    share(helper, n, kShareBits, [&](std::size_t begin, std::size_t end) {
+        dots.bits_rows(q.data(), rows.bits + begin * words, end - begin, words, sums + begin);
+    });
     // |sum| <= 127 * d, so the sums offset by that bound fit the histogram after a fixed shift.
     const auto bound = static_cast<std::int32_t>(127 * rows.d);
     constexpr std::size_t kBuckets = 4096;
@@ -301,7 +309,7 @@ Hits bm25_top(const Postings& p, const std::int64_t* term_ids, std::size_t n_que
 }
 
 Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* mask, std::int64_t depth,
-               std::int64_t oversample, simd::Level level) {
+               std::int64_t oversample, simd::Level level, Helper* helper) {
     if (depth < 1) fail("depth must be >= 1, got " + std::to_string(depth));
     if (oversample < 0) fail("oversample must be >= 0, got " + std::to_string(oversample));
     if (oversample > 0 && rows.codes == nullptr) fail("oversample > 0 needs codes (the sq8 codes of the vectors)");
@@ -343,8 +351,8 @@ Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* ma
     // Once the bar is set, most rows fall below it: the block's rows that beat it are listed without a branch per
     // row (a compare and a conditional count), and only those are offered. Offering row by row behind a branch
     // cost as much as the kernel itself on SciFact (10,435 rows into a top 200).
-    auto flush = [&]() {
-        dots.i8i8_rows(qq.data(), block, count, d, block_scores);
+    // Offers the block's scored rows (block_ids, block_scores) in their order.
+    auto offer_block = [&]() {
         // Exact in a float below d = 1032 (|s| <= 127 * 128 * d); above, rounded as the reference rounds it.
         if (!wide.full()) {
             for (std::size_t j = 0; j < count; ++j) wide.offer(static_cast<float>(block_scores[j]), block_ids[j]);
@@ -362,21 +370,38 @@ Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* ma
         }
         count = 0;
     };
+    auto flush = [&]() {
+        dots.i8i8_rows(qq.data(), block, count, d, block_scores);
+        offer_block();
+    };
     const std::size_t keep = bits_keep(wide_k);
     if (mask == nullptr && rows.bits != nullptr && keep * kBitsMinRatio <= n) {
         // The codes of the rows the sign bits keep, in id order (so offers come in the order of a full scan, and
         // ties fall the same way).
-        const std::vector<std::int64_t> kept = bits_top(rows, query, keep, dots);
-        for (std::size_t r = 0; r < kept.size(); ++r) {
-            // Rows apart from each other: the hardware prefetcher does not follow them.
-            if (r + kPrefetchAhead < kept.size()) {
-                prefetch_bytes(rows.codes + static_cast<std::size_t>(kept[r + kPrefetchAhead]) * d, d);
+        const std::vector<std::int64_t> kept = bits_top(rows, query, keep, dots, helper);
+        // Their codes scored first (shared with the helper: the rows lie apart, each a wait on memory), then offered
+        // in id order as a scan would.
+        std::vector<std::int32_t> kept_scores(kept.size());
+        share(helper, kept.size(), kShareCodes, [&](std::size_t begin, std::size_t end) {
+            const std::int8_t* rows_of[kBlock];
+            for (std::size_t b = begin; b < end; b += kBlock) {
+                const std::size_t n_block = std::min(kBlock, end - b);
+                for (std::size_t j = 0; j < n_block; ++j) {
+                    // Rows apart from each other: the hardware prefetcher does not follow them.
+                    if (b + j + kPrefetchAhead < end) {
+                        prefetch_bytes(rows.codes + static_cast<std::size_t>(kept[b + j + kPrefetchAhead]) * d, d);
+                    }
+                    rows_of[j] = rows.codes + static_cast<std::size_t>(kept[b + j]) * d;
+                }
+                dots.i8i8_rows(qq.data(), rows_of, n_block, d, kept_scores.data() + b);
             }
-            block[count] = rows.codes + static_cast<std::size_t>(kept[r]) * d;
-            block_ids[count] = kept[r];
-            if (++count == kBlock) flush();
+        });
+        for (std::size_t r = 0; r < kept.size(); r += kBlock) {
+            count = std::min(kBlock, kept.size() - r);
+            std::copy_n(kept.data() + r, count, block_ids);
+            std::copy_n(kept_scores.data() + r, count, block_scores);
+            offer_block();
         }
-        flush();
     } else if (mask == nullptr) {
         // Every row, a block at a time: no per-row visit (the rows are read in order, which the hardware
         // prefetches itself).
@@ -401,13 +426,18 @@ Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* ma
     std::sort(candidates.begin(), candidates.end(), [](const Hit& a, const Hit& b) { return a.id < b.id; });
     TopK top(std::min(k, std::max<std::size_t>(candidates.size(), 1)));
     const std::size_t row_bytes = d * sizeof(float);
-    for (std::size_t c = 0; c < candidates.size(); ++c) {
-        if (c + kPrefetchAhead < candidates.size()) {
-            prefetch_bytes(rows.vectors + static_cast<std::size_t>(candidates[c + kPrefetchAhead].id) * d, row_bytes);
+    // Exact scores (shared with the helper, as the codes were), then offered in id order.
+    std::vector<float> exact(candidates.size());
+    share(helper, candidates.size(), kShareRows, [&](std::size_t begin, std::size_t end) {
+        for (std::size_t c = begin; c < end; ++c) {
+            if (c + kPrefetchAhead < end) {
+                prefetch_bytes(rows.vectors + static_cast<std::size_t>(candidates[c + kPrefetchAhead].id) * d,
+                               row_bytes);
+            }
+            exact[c] = dots.f32(query, rows.vectors + static_cast<std::size_t>(candidates[c].id) * d, d);
         }
-        top.offer(dots.f32(query, rows.vectors + static_cast<std::size_t>(candidates[c].id) * d, d),
-                  candidates[c].id);
-    }
+    });
+    for (std::size_t c = 0; c < candidates.size(); ++c) top.offer(exact[c], candidates[c].id);
     return to_hits(top.take(), k);
 }
 
@@ -532,7 +562,7 @@ RetrieveResult retrieve(const Postings& postings, const std::int64_t* term_ids, 
     start = std::chrono::steady_clock::now();
     RankedList dense_list = dense.precomputed;
     if (dense.rows != nullptr) {
-        out.dense = dense_top(*dense.rows, dense.query, mask, depth, dense.oversample, level);
+        out.dense = dense_top(*dense.rows, dense.query, mask, depth, dense.oversample, level, dense.helper);
         dense_list = RankedList{out.dense.ids.data(), out.dense.scores.data(), out.dense.ids.size()};
     }
     out.times.dense_ns = elapsed_ns(start);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "fusion.hpp"
+#include "helper.hpp"
 #include "simd.hpp"
 
 namespace rag {
@@ -61,8 +62,10 @@ Hits bm25_top(const Postings& postings, const std::int64_t* term_ids, std::size_
 // either way). With sign bits, no mask and at least kBitsMinRatio times bits_keep(...) rows, the codes read are only
 // those of the bits_keep rows with the best sum of the int8 query's entries over their set bits (ties: id ascending). Throws std::invalid_argument naming the argument for depth < 1, oversample > 0 without codes or a
 // non-finite query.
+// `helper`: a worker that may take part of the scan's reads (nullptr: all on the caller's thread); the result is
+// the same either way.
 Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* mask, std::int64_t depth,
-               std::int64_t oversample, simd::Level level);
+               std::int64_t oversample, simd::Level level, Helper* helper = nullptr);
 
 // How many rows the sign bits keep for a scan that takes wide_k candidates from the codes: kBitsFactor of them, at
 // least kBitsMinKeep. The bits' ranking is coarse (a row's 384 signs against the query), so they keep five times what
@@ -126,6 +129,7 @@ struct DenseSource {
     const DenseRows* rows = nullptr;  // scan when set
     const float* query = nullptr;
     std::int64_t oversample = 0;
+    Helper* helper = nullptr;  // a worker on an idle core for part of the scan (dense_top)
     RankedList precomputed;  // used when rows is nullptr (size 0 = no dense list)
 };
 

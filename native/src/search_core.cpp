@@ -7,12 +7,6 @@
 #include <string>
 
 namespace rag {
-namespace {
-
-// How long the helper spins once a search starts: its first stage and rerank take ~0.2-1 ms on SciFact.
-constexpr std::int64_t kHelperSpinNs = 2'000'000;
-
-}  // namespace
 
 std::int64_t agreement(const std::int64_t* a, std::size_t na, const std::int64_t* b, std::size_t nb,
                        std::int64_t top) {
@@ -62,8 +56,10 @@ SearchCoreResult search_core(const Postings& postings, const std::int64_t* term_
         throw std::invalid_argument("rerank_depth > 0 needs the rerank store and query");
     }
     SearchCoreResult out;
-    // Spinning from now, the helper takes its half of the rerank without a wake-up; it sleeps again soon after.
-    if (rerank.helper != nullptr && rerank.depth > 0) rerank.helper->rouse(kHelperSpinNs);
+    // Spinning from now, the helper takes its share of the scan and the rerank without a wake-up once it is up; it
+    // sleeps again soon after.
+    if (rerank.helper != nullptr) rerank.helper->rouse(kSearchSpinNs);
+    if (dense.helper != nullptr && dense.helper != rerank.helper) dense.helper->rouse(kSearchSpinNs);
     out.first = retrieve(postings, term_ids, n_query_terms, mask, depth, dense, fusion, level, bm25_given);
     const RetrieveResult& first = out.first;
     if (confidence.enabled) {

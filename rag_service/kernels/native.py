@@ -581,6 +581,11 @@ class RerankCore:
         if self._native is not None:
             self._native.place_helper([int(c) for c in cpus])
 
+    @property
+    def helper_jobs(self) -> int:
+        """Jobs the worker thread has taken part in (a diagnostic: how often a search's work was shared)."""
+        return int(self._native.helper_jobs) if self._native is not None else 0
+
     def _local_reference(self, q: np.ndarray, terms: np.ndarray, counts: np.ndarray, idf: np.ndarray,
                          ids: np.ndarray) -> np.ndarray:
         return local_features_reference(self.window_offsets, self.window_vectors, self.window_scales,
