@@ -399,6 +399,8 @@ def shared_until_taken(core, args, want, calls: int = 500) -> int:
     """Calls core.rerank(helper=True) until its worker has taken part (it wakes some time after the first call
     starts it, then spins between calls), each answer checked against `want`; returns the jobs it took."""
     for _ in range(calls):
+        core.rouse_helper()  # as a lone search does before its call: the worker is up when the call begins
+        time.sleep(0.0005)
         for got, expected in zip(core.rerank(*args, helper=True), want, strict=True):
             np.testing.assert_array_equal(got, expected)
         if core.helper_jobs:
@@ -418,14 +420,14 @@ def test_the_worker_thread_gives_the_same_rerank(seed, m):
 def test_an_error_on_the_worker_thread_reaches_the_caller_and_frees_the_worker():
     store, args = helper_case(6, 40)
     core = store.core()
-    bad = args[4].copy()
-    bad[-1] = 10_000  # in the worker's half only
-    with pytest.raises(ValueError, match="candidates"):
-        core.rerank(*args[:4], bad, *args[5:], helper=True)
-    bad = args[4].copy()
-    bad[0] = -1  # in the caller's half: the worker's half is waited for before the error leaves
-    with pytest.raises(ValueError, match="candidates"):
-        core.rerank(*args[:4], bad, *args[5:], helper=True)
+    for at in (-1, 0):  # the last chunk (the worker's, when it is up) and the first (always the caller's)
+        bad = args[4].copy()
+        bad[at] = 10_000
+        for _ in range(20):
+            core.rouse_helper()
+            time.sleep(0.0005)
+            with pytest.raises(ValueError, match="candidates"):
+                core.rerank(*args[:4], bad, *args[5:], helper=True)
     assert shared_until_taken(core, args, core.rerank(*args)) > 0  # the worker is free again
 
 
@@ -525,6 +527,8 @@ def test_a_lone_search_shares_its_scan_and_rerank_with_the_worker():
                 query_terms=(qt, qc, qi))
     want = call(terms, q, 200, **args)
     for _ in range(500):
+        core.rouse_helper()
+        time.sleep(0.0005)
         got = call(terms, q, 200, helper=True, **args)
         for a, b in zip(got.first.dense + got.first.bm25 + (got.ids, got.scores, got.features, got.order),
                         want.first.dense + want.first.bm25 + (want.ids, want.scores, want.features, want.order),

@@ -24,10 +24,6 @@
 
 namespace rag {
 
-// How long the worker spins once a search (or a rerank) starts: the work after the encode takes ~0.2-1 ms on
-// SciFact, and a worker that slept costs a wake-up of ~0.1 ms on the VMs of bench/README.md.
-inline constexpr std::int64_t kSearchSpinNs = 2'000'000;
-
 class Helper {
 public:
     Helper() = default;
@@ -37,6 +33,9 @@ public:
 
     // Keeps the worker spinning, ready for work, for the next spin_ns (starting its thread on first use).
     void rouse(std::int64_t spin_ns);
+    // Ends the spin (the search is done): the worker sleeps once its job, if any, ends. Spinning on, it would take a
+    // core from the next search's encode.
+    void rest() { spin_until_.store(0); }
     // Offers `job` to the worker; the caller must call finish() before offering another. Returns false, offering
     // nothing, when another caller holds the worker, or in a child process forked after the worker started (the
     // thread did not survive the fork).
@@ -74,6 +73,27 @@ private:
     std::vector<int> cpus_;
     std::atomic<std::uint64_t> placed_{0};  // bumped by place(); the worker applies it when it differs from its own
     std::uint64_t applied_ = 0;             // the worker's
+};
+
+// How long at most the worker spins once a search (or a rerank) starts, unless the search ends first (rest): the
+// work after the encode takes ~0.2-1 ms on SciFact, and a worker that slept costs a wake-up of ~0.1 ms on the VMs of
+// bench/README.md.
+inline constexpr std::int64_t kSearchSpinNs = 2'000'000;
+
+// Rouses `helper` (if any) for the scope's work and lets it rest when the scope ends, however it ends.
+class Roused {
+public:
+    explicit Roused(Helper* helper) : helper_(helper) {
+        if (helper_ != nullptr) helper_->rouse(kSearchSpinNs);
+    }
+    ~Roused() {
+        if (helper_ != nullptr) helper_->rest();
+    }
+    Roused(const Roused&) = delete;
+    Roused& operator=(const Roused&) = delete;
+
+private:
+    Helper* helper_;
 };
 
 // body(begin, end) over [0, n) in chunks of `chunk`, claimed in turn by the caller and (when `helper` is given and

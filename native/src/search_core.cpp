@@ -56,10 +56,10 @@ SearchCoreResult search_core(const Postings& postings, const std::int64_t* term_
         throw std::invalid_argument("rerank_depth > 0 needs the rerank store and query");
     }
     SearchCoreResult out;
-    // Spinning from now, the helper takes its share of the scan and the rerank without a wake-up once it is up; it
-    // sleeps again soon after.
-    if (rerank.helper != nullptr) rerank.helper->rouse(kSearchSpinNs);
-    if (dense.helper != nullptr && dense.helper != rerank.helper) dense.helper->rouse(kSearchSpinNs);
+    // Spinning from now until the call ends, the helper takes its share of the scan and the rerank without a
+    // wake-up once it is up.
+    const Roused roused(rerank.helper);
+    const Roused roused_dense(dense.helper != rerank.helper ? dense.helper : nullptr);
     out.first = retrieve(postings, term_ids, n_query_terms, mask, depth, dense, fusion, level, bm25_given);
     const RetrieveResult& first = out.first;
     if (confidence.enabled) {
