@@ -1241,6 +1241,9 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           "A plain reply's contexts as wire bytes: per context, context_tag, the length, the chunk's prepared static\n"
           "bytes blob[offsets[c]:offsets[c + 1]], score_tag and its score as float32, and tokens_tag with its token\n"
           "count when nonzero. rag_service.api.reply._contexts is the reference.");
+    m.def("sign_bits_pay", [] { return rag::simd::bits_pay(rag::simd::best_level()); },
+          "sign_bits_pay() -> bool\n\nWhether a dense scan gains from reading sign bits before the sq8 codes on this CPU\n"
+          "(AVX-512 with VNNI).");
     m.def("simd_levels", &simd_levels,
           "simd_levels() -> list[str]\n\nEvery SIMD level this CPU can run (for forcing one with simd=..., in tests).");
 

@@ -624,6 +624,7 @@ def bunched(n: int, dim: int, seed: int) -> np.ndarray:
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
+@pytest.mark.skipif(not native.sign_bits_pay(), reason="the sign bits are read only with AVX-512 VNNI")
 def test_a_flat_index_reads_sign_bits_only_where_they_agree_with_its_codes(tmp_path):
     spread = clustered(6000, 64, seed=4)
     bunch = bunched(6000, 64, seed=4)
@@ -662,3 +663,11 @@ def test_retrieve_reads_the_sign_bits_as_dense_top_does(seed):
         same(got.dense, native.dense_top(vectors, query, 100, codes=codes, oversample=2, backend="cpp"))
         for a, b in zip(got.fused, want.fused, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_flat_index_reads_no_sign_bits_where_their_kernel_does_not_pay(tmp_path, monkeypatch):
+    vectors = clustered(6000, 64, seed=4)
+    dense_mod.write_dense(tmp_path, dense_mod.build_dense_index(vectors, "flat"), vectors, "flat")
+    monkeypatch.setattr(native, "sign_bits_pay", lambda: False)
+    index = dense_mod.DenseIndex.load(tmp_path, use_gpu=False)
+    assert index.sq8 is not None and index.sq8.bits is None and index.bits_agreement is None

@@ -2,7 +2,8 @@
 time of one `dense_top` call per SIMD level, with the caches warm and after a 64 MB write has pushed the index out of
 them (as the encode does between two requests).
 
-    python bench/experiments/dense_scan.py --index /tmp/lead/sf --queries ../shared/data/scifact/queries.jsonl
+    python bench/experiments/dense_scan.py --index /tmp/lead/sf --queries ../shared/data/scifact/queries.jsonl \
+        --qrels ../shared/data/scifact/qrels/test.tsv --qrels ../shared/data/scifact/qrels/train.tsv
 
 Queries are the data set's own, encoded by the index's query encoder. Recall: per depth and oversample, the share of
 the exact float top-depth that the scan returns, for the int8 query the native scan ranks codes by
@@ -28,12 +29,49 @@ def float_ranked(vectors: np.ndarray, codes, query: np.ndarray, depth: int, over
     return wide[np.argsort(-exact, kind="stable")[:depth]]
 
 
+def pipeline_ndcg(searcher, index: Path, queries_path: Path, qrels_paths: list[Path]) -> None:
+    """nDCG@10 of the documents of the server's default search (top 10 contexts), for the loaded index and for a
+    second load of it whose check keeps no sign bits."""
+    import ir_measures
+
+    from rag_service.api.loader import load_searcher
+    from rag_service.api.request import search_params
+    from rag_service.bench.data import load_qrels, load_queries
+    from rag_service.bench.quality import doc_run
+    from rag_service.core.config import ServerConfig
+    from rag_service.pb.rag.v1 import retrieval_pb2 as pb
+    from rag_service.retrievers import dense as dense_mod
+
+    config = ServerConfig(index=index)
+    saved = dense_mod.BITS_MIN_AGREEMENT
+    dense_mod.BITS_MIN_AGREEMENT = 2.0  # no agreement reaches it: the codes are scanned whole
+    try:
+        plain = load_searcher(config)
+    finally:
+        dense_mod.BITS_MIN_AGREEMENT = saved
+    texts = load_queries(queries_path)
+    for path in qrels_paths:
+        qrels = load_qrels(path)
+        asked = {qid: text for qid, text in texts.items() if qid in qrels}
+        vectors = dict(zip(asked, searcher.encoder.encode_queries(list(asked.values())), strict=True))
+        for name, which in (("codes whole", plain), ("sign bits first", searcher)):
+            run = {}
+            for qid, text in asked.items():
+                params = search_params(pb.SearchRequest(query=text, top_k=10), config.defaults, config.limits)
+                result = which.search(params, query_vector=vectors[qid])
+                run[qid] = doc_run(c.doc_id for c in result.contexts)
+            ndcg = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], qrels, run)[ir_measures.nDCG @ 10]
+            print(f"  {path.name}: {len(asked)} queries, nDCG@10 {name}: {ndcg:.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index", type=Path, required=True)
     parser.add_argument("--queries", type=Path, required=True)
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--depth", type=int, default=100)
+    parser.add_argument("--qrels", type=Path, action="append", default=[],
+                        help="qrels TSV (repeatable): nDCG@10 of the whole pipeline with and without the sign bits")
     args = parser.parse_args()
 
     from rag_service.api.loader import load_searcher
@@ -49,7 +87,10 @@ def main() -> None:
     texts = list(load_queries(args.queries).values())[: args.limit]
     queries = [dense.query_row(q) for q in searcher.encoder.encode_queries(texts)]
     print(f"{args.index}: {vectors.shape[0]} rows x {vectors.shape[1]}, {len(queries)} queries, "
-          f"SIMD {native.simd_level()}")
+          f"SIMD {native.simd_level()}; sign bits {'read' if dense.sq8.bits is not None else 'not read'} "
+          f"(agreement at load {dense.bits_agreement})")
+    if args.qrels:
+        pipeline_ndcg(searcher, args.index, args.queries, args.qrels)
 
     c = dense.sq8
     plain = c._replace(bits=None)

@@ -682,6 +682,16 @@ Level parse(std::string_view text) {
     return level;
 }
 
+bool bits_pay(Level level) noexcept {
+#if defined(RAG_X86_SIMD)
+    static const bool vnni = has_vnni();
+    return level == Level::kAvx512 && vnni;
+#else
+    (void)level;
+    return false;
+#endif
+}
+
 const Dots& dots(Level level) noexcept {
 #if defined(RAG_X86_SIMD)
     if (level == Level::kAvx512) {

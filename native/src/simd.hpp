@@ -58,6 +58,11 @@ struct Dots {
 
 const Dots& dots(Level level) noexcept;
 
+// Whether reading sign bits before sq8 codes pays at `level`: only where bits_rows has its AVX-512 VNNI kernel (a
+// masked move and a multiply-add per 64 dimensions). The AVX2 and scalar kernels cost about what the codes' own dot
+// products do, so the bits would only add a pass (bench/README.md, "The dense scan's sign bits").
+bool bits_pay(Level level) noexcept;
+
 // IEEE binary16 -> binary32 (exact), for the scalar path and tests.
 float half_to_float(std::uint16_t bits) noexcept;
 

@@ -88,6 +88,7 @@ __all__ = [
     "SearchCoreResult",
     "row_quantize",
     "sign_bits",
+    "sign_bits_pay",
     "sq8_quantize",
     "cuda_device_status",
     "fuse",
@@ -332,6 +333,13 @@ def simd_level() -> str:
     """The widest SIMD instruction set the C++ kernels use on this CPU: "avx512", "avx2" or "scalar" ("none" when
     the native extension or its rerank kernels are missing)."""
     return str(_native.simd_level()) if _HAS_RERANK_KERNELS else "none"
+
+
+def sign_bits_pay() -> bool:
+    """Whether a flat dense scan gains from reading the rows' sign bits before their sq8 codes on this CPU: only
+    with AVX-512 VNNI, where the bits' kernel is a masked move and a multiply-add per 64 dimensions (False without
+    the extension)."""
+    return bool(_native.sign_bits_pay()) if _HAS_RETRIEVE_KERNELS and hasattr(_native, "sign_bits_pay") else False
 
 
 def _as_float32_matrix(values: Any, name: str) -> np.ndarray:

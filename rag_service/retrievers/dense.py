@@ -306,9 +306,11 @@ class DenseIndex:
         # A flat scan of a large index first reads the rows' sign bits (an eighth of the codes' bytes) and then only
         # the codes of the rows they keep: the scan of SciFact's 10,435 codes read 4 MB, which no core's cache
         # holds after the query's encode (bench/README.md, "The dense scan's sign bits"). Made here, once per load,
-        # and kept only where they pass the check of _sign_bits.
+        # on a CPU whose bits kernel is cheap (AVX-512 VNNI; elsewhere it costs what the codes' scan saves), and
+        # kept only where they pass the check of _sign_bits.
         self.bits_agreement: float | None = None
-        if self.native_scan and self.sq8 is not None and self.n >= BITS_MIN_RATIO * BITS_MIN_KEEP:
+        if self.native_scan and self.sq8 is not None and self.n >= BITS_MIN_RATIO * BITS_MIN_KEEP \
+                and native.sign_bits_pay():
             self.sq8 = self._sign_bits(self.sq8)
         if hnsw_sq8:
             self.codes = None
