@@ -586,7 +586,8 @@ public:
     // For search_core, which reranks with what this object holds.
     const rag::LocalStore& store() const { return store_; }
     const py::array& dense_vectors() const { return keep_[7]; }
-    // The worker that takes half of a lone search's rerank (a thread started on first use, one per loaded index).
+    // The worker that takes part of a lone search's scan and rerank (a thread started on first use, one per loaded
+    // index).
     rag::Helper& helper() const { return helper_; }
 
     py::array query_of(const py::handle& obj, const char* name = "query") const {

@@ -94,9 +94,29 @@ void Helper::finish_quietly() noexcept {
 }
 
 void Helper::place(const std::vector<int>& cpus) {
+    {
+        const std::lock_guard<std::mutex> hold(place_);
+        cpus_ = cpus;
+        placed_.fetch_add(1);
+    }
+    if (sleeping_.load()) {
+        { const std::lock_guard<std::mutex> hold(lock_); }
+        wake_.notify_one();
+    }
+}
+
+void Helper::apply_placement() {
     const std::lock_guard<std::mutex> hold(place_);
-    cpus_ = cpus;
-    placed_.fetch_add(1);
+    applied_ = placed_.load();
+#if defined(__linux__)
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (const int cpu : cpus_) {
+        if (cpu >= 0 && cpu < CPU_SETSIZE) CPU_SET(cpu, &set);
+    }
+    // A CPU set the process may not use leaves the worker where it is: it still computes the same.
+    if (CPU_COUNT(&set) > 0) sched_setaffinity(0, sizeof set, &set);
+#endif
 }
 
 void Helper::loop() {
@@ -104,20 +124,10 @@ void Helper::loop() {
     pthread_setname_np(pthread_self(), "rag-helper");  // as py-spy, top -H and /proc name it
 #endif
     for (;;) {
-        if (placed_.load() != applied_) {
-            const std::lock_guard<std::mutex> hold(place_);
-            applied_ = placed_.load();
-#if defined(__linux__)
-            cpu_set_t set;
-            CPU_ZERO(&set);
-            for (const int cpu : cpus_) {
-                if (cpu >= 0 && cpu < CPU_SETSIZE) CPU_SET(cpu, &set);
-            }
-            // A CPU set the process may not use leaves the worker where it is: it still computes the same.
-            if (CPU_COUNT(&set) > 0) sched_setaffinity(0, sizeof set, &set);
-#endif
-        }
         for (;;) {
+            // Placed anew as soon as it is told, asleep or not: left on the caller's CPU it might never get a turn
+            // during a call, and so never take the job after which it would look.
+            if (placed_.load(std::memory_order_relaxed) != applied_) apply_placement();
             // Read before the exchange is tried: a spinning worker must not write the line the caller posts to.
             if (state_.load(std::memory_order_relaxed) == kPosted) {
                 int posted = kPosted;
@@ -132,7 +142,8 @@ void Helper::loop() {
             std::unique_lock<std::mutex> hold(lock_);
             sleeping_.store(true);
             wake_.wait(hold, [this] {
-                return stop_.load() || state_.load() == kPosted || now_ns() < spin_until_.load();
+                return stop_.load() || state_.load() == kPosted || now_ns() < spin_until_.load() ||
+                       placed_.load() != applied_;
             });
             sleeping_.store(false);
         }

@@ -55,6 +55,7 @@ private:
     enum State : int { kIdle = 0, kPosted = 1, kRunning = 2, kDone = 3 };
     void loop();
     bool ensure_thread();
+    void apply_placement();
 
     std::mutex claim_;  // held by a caller from start() to finish()
     std::mutex lock_;   // the worker's sleep
@@ -72,7 +73,7 @@ private:
     std::mutex place_;
     std::vector<int> cpus_;
     std::atomic<std::uint64_t> placed_{0};  // bumped by place(); the worker applies it when it differs from its own
-    std::uint64_t applied_ = 0;             // the worker's
+    std::uint64_t applied_ = 0;             // the worker's own: read and written by it alone
 };
 
 // How long at most the worker spins once a search (or a rerank) starts, unless the search ends first (rest): the

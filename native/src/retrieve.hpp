@@ -60,7 +60,8 @@ Hits bm25_top(const Postings& postings, const std::int64_t* term_ids, std::size_
 // scans the float rows; oversample >= 1 (needs codes) scans the codes for the best oversample * depth rows by the
 // decoded inner product and returns those rescored exactly with the float rows (scores are float inner products
 // either way). With sign bits, no mask and at least kBitsMinRatio times bits_keep(...) rows, the codes read are only
-// those of the bits_keep rows with the best sum of the int8 query's entries over their set bits (ties: id ascending). Throws std::invalid_argument naming the argument for depth < 1, oversample > 0 without codes or a
+// those of the bits_keep rows with the best sum of the int8 query's entries over their set bits (ties: id
+// ascending). Throws std::invalid_argument naming the argument for depth < 1, oversample > 0 without codes or a
 // non-finite query.
 // `helper`: a worker that may take part of the scan's reads (nullptr: all on the caller's thread); the result is
 // the same either way.
@@ -69,9 +70,9 @@ Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* ma
 
 // How many rows the sign bits keep for a scan that takes wide_k candidates from the codes: kBitsFactor of them, at
 // least kBitsMinKeep. The bits' ranking is coarse (a row's 384 signs against the query), so they keep five times what
-// the codes pass on and never fewer than a thousand rows: on SciFact and Cranfield with all-MiniLM-L6-v2, the exact
-// top 100 is within a thousand rows by the bits 99.9% of the time and the exact top 10 always (bench/README.md,
-// "The dense scan's sign bits"). The bits are read only where they keep at most a kBitsMinRatio-th of the rows.
+// the codes pass on and never fewer than a thousand rows: on SciFact's chunks with all-MiniLM-L6-v2 the scan then
+// returns 99.9% of the exact top 100 and all of the top 10 (bench/README.md, "The dense scan's sign bits"). The bits
+// are read only where they keep at most a kBitsMinRatio-th of the rows.
 constexpr std::size_t kBitsFactor = 5;
 constexpr std::size_t kBitsMinKeep = 1024;
 constexpr std::size_t kBitsMinRatio = 4;

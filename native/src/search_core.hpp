@@ -33,7 +33,7 @@ struct RerankInput {
     QueryTerms terms;
     LinearModel model;
     std::int64_t depth = 0;  // most fused candidates to rerank (0: none); the fused list may hold fewer
-    // A worker on an idle core for half of the rerank's candidates (a search alone in the server); nullptr: none.
+    // A worker on an idle core for part of the scan and the rerank (a search alone in the server); nullptr: none.
     Helper* helper = nullptr;
 };
 

@@ -583,7 +583,7 @@ class RerankCore:
         return "numpy" if self._native is None else chosen
 
     def place_helper(self, cpus: Sequence[int]) -> None:
-        """Holds the worker thread that takes half of a lone search's rerank (`helper=True`) to `cpus` (Linux; empty:
+        """Holds the worker thread that takes part of a lone search's work (`helper=True`) to `cpus` (Linux; empty:
         anywhere): those of the lone search's encode workers (api/placement.py), not the CPU of the thread that
         started it. Nothing without the extension."""
         if self._native is not None:
@@ -625,7 +625,7 @@ class RerankCore:
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(ids int64[m], scores float32[m], features float32[m, len(RERANK_FEATURES)], order int64[m]) in rank
         order: local features, finish_features over the candidates' dense vectors, the linear model over
-        features[:, columns] and the stable sort by score, in one call with the GIL released. `helper` (C++): half
+        features[:, columns] and the stable sort by score, in one call with the GIL released. `helper` (C++): part
         of the candidates' local features on the core's worker thread, the same result."""
         q = _as_vector(query, _FLOAT32, "query")
         terms, counts, idf = _query_terms(query_terms, query_counts, query_idf)
@@ -900,9 +900,9 @@ class SearchCall:
                  bm25: tuple[np.ndarray, np.ndarray] | None = None, helper: bool = False) -> SearchCoreResult:
         """search_core(core, postings, term_ids, depth, ...) with this index's arguments; `query` (float32, the
         index's dimension) is both the scan's query and the rerank's; `bm25` the BM25 list ranked beforehand
-        (bm25_top's result for these terms, mask and depth). `helper`: half of the rerank's candidates go to the
-        core's worker thread, on the core a search alone in the server leaves idle (the same result either way). The
-        arrays go to the extension as they are: it raises
+        (bm25_top's result for these terms, mask and depth). `helper`: part of the dense scan and of the rerank
+        go to the core's worker thread, on the core a search alone in the server leaves idle (the same result either
+        way). The arrays go to the extension as they are: it raises
         ValueError naming one that is not 1-D, C-contiguous and of its dtype (term_ids int64, query float32, mask
         bool)."""
         indptr, docs, weights, n_docs = self._postings

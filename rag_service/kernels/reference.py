@@ -712,6 +712,7 @@ BITS_MIN_RATIO = 4
 
 
 def bits_keep(wide_k: int) -> int:
+    """Rows the sign bits keep when the codes are to pass on wide_k candidates."""
     return wide_k * BITS_FACTOR if wide_k > BITS_MIN_KEEP // BITS_FACTOR else BITS_MIN_KEEP
 
 

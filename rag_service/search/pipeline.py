@@ -137,7 +137,8 @@ class Pipeline(SearcherBase):
         tuned model carries the combiner refit with it, manifest "tuned") or else the one shipped in the package.
         `beside`: a thread on the cores a lone search's encode would take, where its BM25 may run meanwhile
         (_before_encode); None: BM25 runs after the encode, in the one native call. `helper_cpus`: the CPUs of
-        the worker thread that takes half of a lone search's rerank (Placement.encode_cpus; empty: anywhere)."""
+        the worker thread that takes part of a lone search's scan and rerank (Placement.encode_cpus; empty:
+        anywhere)."""
         if encoder.dim != index.manifest["model"]["dim"]:
             raise ValueError(f"encoder dimension {encoder.dim} != index dimension {index.manifest['model']['dim']}")
         self.index = index
@@ -326,12 +327,13 @@ class Pipeline(SearcherBase):
         store, call = self.rerank_store, self._search_call
         if store is None or call is None:
             raise RuntimeError("the one-call search needs the rerank store and model")
-        if alone:
-            # The worker that takes part of the call's work wakes meanwhile (~0.1 ms on a VM), not in the call.
-            store.core.rouse_helper()
         mask = self._mask(params, timer, ahead)
         if query_vector is None:
             query_vector = self._encode_stage(params.query, deadline, timer)
+        if alone:
+            # The worker that takes part of the call's work wakes meanwhile (~0.1 ms on a VM), not in the call; not
+            # before the encode, whose own workers have that core.
+            store.core.rouse_helper()
         if params.depth < 1:
             raise InvalidArgument("depth", f"must be >= 1, got {params.depth}")
         dense_index = self.index.dense
