@@ -18,10 +18,13 @@ from rag_service.kernels import native
 from rag_service.kernels.reference import (
     RERANK_FEATURES,
     RERANK_LOCAL_FEATURES,
+    Postings,
     finish_features_reference,
     lexical_features_reference,
     local_features_reference,
     rank_reference,
+    sign_bits,
+    sq8_quantize,
 )
 from rag_service.retrievers.lexical import idf_values
 from rag_service.search import rerank as rerank_mod
@@ -534,8 +537,6 @@ def test_the_worker_runs_on_the_cpus_it_is_placed_on():
 def test_a_lone_search_shares_its_scan_and_rerank_with_the_worker():
     """search_core with helper=True on an index large enough for the sign bits (4,500 rows): the scan's bits, codes
     and float rows and the rerank's candidates are shared in chunks; every answer equals the one-thread answer."""
-    from rag_service.kernels.reference import Postings, sign_bits, sq8_quantize
-
     rng = np.random.default_rng(31)
     n = 4500
     store = random_store(rng, n_chunks=n)
