@@ -726,9 +726,15 @@ def test_a_plain_answer_is_kept_packed_and_each_hit_unpacks_an_equal_answer_of_i
     assert len(packed.contexts.values) == 5 * 7 and packed.contexts.features.shape[0] == 5
     gc.collect(1)  # the result's values hold tuples of their own (legs, signals): a pass later
     assert not gc.is_tracked(packed.values)
+    # A hit's contexts are unpacked when first read: a plain reply to a hit sends the bytes kept with its entry.
+    unread = cache.run(pipeline, params).result
+    assert "contexts" not in vars(unread)
+    assert dataclasses.replace(unread, stage_us={}) == dataclasses.replace(miss.result, stage_us={})
+    assert "contexts" in vars(unread) and len(unread.contexts) == 5
     hits = [cache.run(pipeline, params) for _ in range(2)]
     for hit in hits:
         assert hit.served_from == "exact"
+        assert hit.result == dataclasses.replace(miss.result, stage_us=hit.result.stage_us)
         assert dataclasses.replace(hit.result, stage_us={}) == dataclasses.replace(miss.result, stage_us={})
         assert [dict(c.features or {}) for c in hit.result.contexts] == \
             [dict(c.features or {}) for c in miss.result.contexts]

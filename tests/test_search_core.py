@@ -374,7 +374,7 @@ def test_derived_query_terms_check_their_inputs(index, encoder):
                            backend="cpp", **args)
 
 
-def test_a_search_alone_in_the_server_hands_half_its_rerank_to_the_worker(index, encoder, monkeypatch):
+def test_a_search_alone_in_the_server_hands_part_of_its_work_to_the_worker(index, encoder, monkeypatch):
     pipe = Pipeline(index, encoder)
     helpers: list[bool] = []
     real = native.SearchCall.__call__
@@ -387,9 +387,12 @@ def test_a_search_alone_in_the_server_hands_half_its_rerank_to_the_worker(index,
     params = SearchParams(query="glacier ice valley", top_k=5, rerank_depth=30)
     alone = pipe.search(params)  # encoded here: the policy says whether the search is alone (it is)
     assert helpers == [True]
+    # The worker's wake-up is a stage of its own, so the stages still add up to the request.
+    assert "rouse" in alone.stage_us
     monkeypatch.setattr(pipe.policy, "alone", lambda: False)
     with_company = pipe.search(params)
     assert helpers == [True, False]
+    assert "rouse" not in with_company.stage_us
     same_result(alone, with_company)
     # A caller that brings its own vector (a batch, a benchmark) keeps the search on its thread.
     pipe.search(params, query_vector=encoder.encode_queries(params.query)[0])

@@ -192,26 +192,50 @@ _LIST_FIELDS = frozenset(f.name for f in dataclasses.fields(SearchResult) if f.d
 # A packed SearchResult's values, in this order (PackedResult).
 _RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(SearchResult) if f.name not in ("contexts", "stage_us"))
 _RESULT_STATE = {*_RESULT_FIELDS, "contexts", "stage_us"}
+_ALL_FIELDS = tuple(f.name for f in dataclasses.fields(SearchResult))
 
 
 class PackedResult(NamedTuple):
     """A SearchResult as a cache entry keeps it: the contexts packed (PackedContexts) and the other fields' values as
     one flat tuple (_RESULT_FIELDS' order, lists as tuples). An entry lives for minutes, and every tracked object it
     holds lengthens the collector's passes over the young objects and its full ones (api/heap.py): packed, an entry
-    holds three of them, not ~60. A hit unpacks it into a new SearchResult."""
+    holds three of them, not ~60. A hit gets a new SearchResult from it (`result`)."""
 
     values: tuple
     contexts: PackedContexts
 
-    def unpack(self, stage_us: dict[str, int]) -> SearchResult:
-        result = object.__new__(SearchResult)
+    def result(self, stage_us: dict[str, int]) -> SearchResult:
+        """A new SearchResult equal to the packed one, its contexts unpacked when first read (_HitResult)."""
+        result = object.__new__(_HitResult)
         state = result.__dict__
         state.update(zip(_RESULT_FIELDS, self.values))
         for name in _LIST_FIELDS:
             state[name] = list(state[name])
-        state["contexts"] = self.contexts.unpack()
         state["stage_us"] = stage_us
+        state["_packed"] = self.contexts
         return result
+
+
+class _HitResult(SearchResult):
+    """A hit's SearchResult whose contexts are unpacked from its entry when first read. A plain reply to a hit is
+    the bytes kept with the entry (CachedSearch.keep_reply) and never reads them, where unpacking ten of them cost
+    ~25 µs of every hit on the caches an encode leaves. Its fields are those of the SearchResult it stands for."""
+
+    __hash__ = None  # type: ignore[assignment]  # as SearchResult's: mutable, compared by value
+
+    def __eq__(self, other: object) -> bool:
+        # SearchResult's own __eq__ compares objects of one class only; this one equals the SearchResult it stands for.
+        if not isinstance(other, SearchResult):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in _ALL_FIELDS)
+
+    def __getattr__(self, name: str) -> Any:
+        # Asked only for an attribute the object lacks: the contexts, until their first read.
+        if name != "contexts":
+            raise AttributeError(name)
+        contexts = self.__dict__["_packed"].unpack()
+        self.__dict__["contexts"] = contexts
+        return contexts
 
 
 def _pack(result: SearchResult) -> SearchResult | PackedResult:
@@ -553,6 +577,9 @@ class _Matrix:
         # one vector-matrix product gives every row's side of the bound.
         self.basis: np.ndarray | None = None
         self.projected = np.zeros((PREFILTER_DIMS + 1, rows), dtype=np.float32)
+        # The rows in use as nearest() scans them: (count, vectors, codes), views made again only when the count
+        # or the arrays change (~10 µs of slicing and a RowCodes per look-up otherwise).
+        self._in_use: tuple[int, np.ndarray, native.RowCodes] | None = None
 
     def add(self, entry: Entry, gid: int) -> int:
         if self.free:
@@ -569,6 +596,7 @@ class _Matrix:
                 for new, old in zip(codes, self.codes, strict=True):
                     new[:slot] = old[:slot]
                 self.vectors, self.group, self.codes = grown, groups, codes
+                self._in_use = None
                 projected = np.zeros((PREFILTER_DIMS + 1, len(grown)), dtype=np.float32)
                 projected[:, :slot] = self.projected[:, :slot]
                 self.projected = projected
@@ -648,9 +676,10 @@ class _Matrix:
                 return self._found(rows[at], sims)
             if in_group is not None or 4 * len(rows) < used:  # else (a low floor) the unmasked scan streams faster
                 mask = near
-        codes = native.RowCodes(*(column[:used] for column in self.codes))
-        found, sims = native.dense_above(self.vectors[:used], codes, vector, min_cosine, k, mask=mask,
-                                         backend=self.backend)
+        in_use = self._in_use
+        if in_use is None or in_use[0] != used:
+            in_use = self._in_use = (used, self.vectors[:used], native.RowCodes(*(c[:used] for c in self.codes)))
+        found, sims = native.dense_above(in_use[1], in_use[2], vector, min_cosine, k, mask=mask, backend=self.backend)
         return self._found(found, sims)
 
     def _found(self, rows: np.ndarray, sims: np.ndarray) -> list[tuple[Entry, float]]:
@@ -697,7 +726,7 @@ class CachedSearch:
         self.metrics = metrics or Metrics()
         self.store = CacheStore(config, self.metrics, clock)
         self._flights: dict[tuple, asyncio.Future] = {}  # touched only on the event loop
-        self._hit_counters: dict[str, Any] = {}  # cache_hits' child per kind
+        self._children: dict[tuple[str, str], Any] = {}  # (counter, label) -> that counter's child (_count)
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -729,6 +758,14 @@ class CachedSearch:
     def key(searcher: Searcher, params: SearchParams) -> tuple:
         return ((searcher.collection, searcher.version), normalise(params.query), params_key(params))
 
+    def _count(self, counter: str, label: str) -> None:
+        """Adds one to the child of the labelled counter `counter` (a Metrics attribute) for `label`. labels() takes
+        a lock and builds a key (~10 µs on the caches an encode leaves): once per label, not per request."""
+        child = self._children.get((counter, label))
+        if child is None:
+            child = self._children[(counter, label)] = getattr(self.metrics, counter).labels(label)
+        child.inc()
+
     # -- hits ---------------------------------------------------------------------------------------------------------
     def _count_hit(self, entry: Entry, kind: str, similarity: float | None = None) -> str:
         """Counts a hit of `kind` on `entry`; returns what it was served from."""
@@ -738,10 +775,7 @@ class CachedSearch:
         if entry.origin == PREFETCH and not entry.used:
             self.metrics.prefetch_used.inc()
         entry.used = True
-        counter = self._hit_counters.get(served_from)
-        if counter is None:  # labels() takes a lock and builds a key: once per kind, not per hit
-            counter = self._hit_counters[served_from] = self.metrics.cache_hits.labels(served_from)
-        counter.inc()
+        self._count("cache_hits", served_from)
         if similarity is not None:
             self.metrics.cache_similarity.observe(similarity)
         return served_from
@@ -749,7 +783,7 @@ class CachedSearch:
     def _hit(self, entry: Entry, kind: str, started_ns: int, similarity: float | None = None) -> Served:
         served_from = self._count_hit(entry, kind, similarity)
         kept, stage_us = entry.result, {"cache": (time.perf_counter_ns() - started_ns) // 1000}
-        result = kept.unpack(stage_us) if isinstance(kept, PackedResult) else _copy(kept, stage_us)
+        result = kept.result(stage_us) if isinstance(kept, PackedResult) else _copy(kept, stage_us)
         return Served(result, served_from, similarity, entry.origin, entry=entry)
 
     def replay(self, request: tuple[bytes, object], scope: tuple[str, str]) -> tuple[bytes, str] | None:
@@ -798,7 +832,7 @@ class CachedSearch:
                 return None
             similarity = float(entry.vector @ vector)
             if similarity < config.strict_min_cosine:
-                self.metrics.cache_guard_rejections.labels("strict").inc()
+                self._count("cache_guard_rejections", "strict")
                 return None
             if self.store.touch(entry):
                 return self._hit(entry, SEMANTIC, started, similarity)
@@ -820,7 +854,7 @@ class CachedSearch:
                          or lexical_overlap(query.lexical, entry.bm25_top(query)) >= config.guard_min_overlap)
                     and self.store.touch(entry)):
                 return self._hit(entry, SEMANTIC, started, similarity)
-        self.metrics.cache_guard_rejections.labels("default").inc()
+        self._count("cache_guard_rejections", "default")
         return None
 
     # -- the synchronous path -----------------------------------------------------------------------------------------
@@ -834,7 +868,7 @@ class CachedSearch:
         mode = self.mode(params, searcher)
         timer = StageTimer()
         if mode == "bypass":
-            self.metrics.cache_misses.labels(mode).inc()
+            self._count("cache_misses", mode)
             return Served(searcher.search(params, query_vector=query_vector, deadline=deadline, timer=timer,
                                           arrival=arrival))
         with timer.stage("cache"):
@@ -848,7 +882,7 @@ class CachedSearch:
         if stage.hit is not None:
             stage.hit.result.stage_us.update(timer.us)
             return stage.hit
-        self.metrics.cache_misses.labels(mode).inc()
+        self._count("cache_misses", mode)
         return Served(result, MISS, None, origin, store=stage.pending)
 
     def _store(self, params: SearchParams, key: tuple, vector: np.ndarray, result: SearchResult,
