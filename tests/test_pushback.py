@@ -139,3 +139,52 @@ def test_a_drain_refusal_sends_no_pushback_and_the_retry_goes_to_another_replica
             gate.set()
             assert in_flight.result().contexts
             stopping.result(timeout=30)
+
+
+def test_a_caller_that_comes_back_before_its_pushback_ends_is_answered_when_it_ends(full):
+    running, stub, _ = full
+    # Admitted searches held their slot 0.1 s each, one ahead: each refusal says 50 to 150 ms.
+    running.server.servicer.admission.residence = 0.1
+
+    def refused(call_stub) -> tuple[float, dict[str, str]]:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            call_stub.Search(pb.SearchRequest(query="volcano"), timeout=5)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return time.monotonic() - started, dict(info.value.trailing_metadata())
+
+    def held() -> float:
+        return running.server.metrics.registry.get_sample_value("rag_refusals_held_total") or 0.0
+
+    _, first = refused(stub)  # the connection's first refusal: at once, with its pushback
+    told = int(first[PUSHBACK])
+    assert 50 <= told < 150 and held() == 0
+    # Back at once: answered no sooner than the new pushback it is given, and told the wait is over.
+    elapsed, again = refused(stub)
+    assert elapsed >= 0.045 and again[PUSHBACK] == "0" and held() == 1
+    # Another connection, refused for the first time, is answered at once with a pushback of its own.
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.use_local_subchannel_pool", 1)]) as other:
+        elapsed, fresh = refused(pb_grpc.RetrieverStub(other))
+    assert elapsed < 0.045 and int(fresh[PUSHBACK]) >= 50 and held() == 1
+
+
+def test_early_returns_are_held_until_the_pushback_ends_within_the_deadline_and_the_memory_is_bounded():
+    from rag_service.api.admission import EARLY_PEERS, HOLD_MARGIN_S, HOLD_MAX_MS, EarlyReturns
+
+    now = [100.0]
+    early = EarlyReturns(clock=lambda: now[0])
+    assert early.hold_s("a", 40, None) == 0.0  # first refusal: at once
+    now[0] += 0.010
+    assert early.hold_s("a", 30, None) == pytest.approx(0.030)  # back 10 ms into a 40 ms pushback: held 30 ms
+    assert early.hold_s("b", 30, None) == 0.0  # another connection
+    now[0] += 0.015
+    assert early.hold_s("a", 30, 0.012) == pytest.approx(0.012 - HOLD_MARGIN_S)  # within the deadline
+    assert early.hold_s("a", 30, 0.001) == 0.0  # no time left to hold
+    assert early.hold_s("a", HOLD_MAX_MS + 1, None) == 0.0  # too long to hold: answered at once as before
+    now[0] += 10.0  # every pushback over
+    assert early.hold_s("a", 30, None) == 0.0
+    for i in range(EARLY_PEERS + 1):
+        early.hold_s(f"peer-{i}", 5, None)
+    now[0] += 1.0
+    early.hold_s("late", 5, None)  # past the bound: the connections whose pushback has ended are forgotten
+    assert len(early._back_at) == 1

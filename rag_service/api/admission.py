@@ -23,6 +23,14 @@ retry could find room, no later than a stale estimate should keep a caller away.
 refusal; nothing is logged. UNAVAILABLE (draining, loading) carries no pushback on purpose: gRFC A6 reads a negative
 pushback as "do not retry at all", which would also stop the retry that round_robin sends to another replica, and
 without pushback the client's own backoff applies.
+
+A caller that comes back before its pushback ends is answered when it ends (`EarlyReturns`). A connection refused for
+load is remembered until the end of the pushback it was told, and a refusal on it before then is held that long (a
+timer on the event loop: no pipeline thread, no slot) and carries a pushback of 0, its wait being over. Clients that
+retry a refusal at once would otherwise spend the cores on refusals, theirs and the server's (bench/README.md,
+"Issue 15", "Refusals held for callers that come back early"). A connection refused for the first time, or whose
+callers honour the pushback, is refused at once as before; a caller sharing its connection with one that came back
+early may wait up to one pushback for its refusal, which honouring the pushback would cost it anyway.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -41,6 +49,9 @@ from rag_service.core.metrics import Metrics
 
 PUSHBACK_MIN_MS = 5
 PUSHBACK_MAX_MS = 1000
+HOLD_MAX_MS = 250  # an early return's refusal is held this long at most: past it, answered at once as before
+HOLD_MARGIN_S = 0.005  # a held refusal still reaches its caller this long before the call's deadline
+EARLY_PEERS = 4096  # connections remembered at most; past it, those whose pushback has ended are forgotten
 RESIDENCE_WEIGHT = 0.05  # of the latest search in the moving mean: about the last 20 searches count
 
 
@@ -106,3 +117,27 @@ class Admission:
         with self._queued_lock:
             self.queued -= 1
         self.metrics.queued.dec()
+
+
+class EarlyReturns:
+    """The connections refused for load and when their pushback ends, so that a refusal to one of them before then
+    is held until then (module docstring). Touched only on the event loop thread."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._back_at: dict[str, float] = {}  # peer -> clock() when its latest pushback ends
+
+    def hold_s(self, peer: str, pushback_ms: int, remaining_s: float | None) -> float:
+        """Seconds to hold this refusal of `peer`, told to come back in `pushback_ms` (0: answer at once), within the
+        call's `remaining_s` (None: no deadline)."""
+        now = self.clock()
+        early = now < self._back_at.get(peer, -math.inf)
+        self._back_at[peer] = max(self._back_at.get(peer, -math.inf), now + pushback_ms / 1000.0)
+        if len(self._back_at) > EARLY_PEERS:
+            self._back_at = {p: t for p, t in self._back_at.items() if t > now}
+        if not early or pushback_ms > HOLD_MAX_MS:
+            return 0.0
+        hold = pushback_ms / 1000.0
+        if remaining_s is not None:
+            hold = min(hold, remaining_s - HOLD_MARGIN_S)
+        return max(hold, 0.0)

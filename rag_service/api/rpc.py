@@ -6,11 +6,13 @@ into a status (a RagError into its code and message; anything else into INTERNAL
 in the log) and counts the call in rag_requests (method, code) and rag_request_seconds. Handlers hold only their own
 logic: they raise domain errors and return replies. A refusal for load that knows when to come back
 (`Overloaded.retry_after_ms`) adds it to the trailing metadata as `grpc-retry-pushback-ms` (gRFC A6), which gRPC's
-client-side retries honour in place of their own backoff.
+client-side retries honour in place of their own backoff; a caller that comes back before its pushback ends is
+answered when it ends (api/admission.py, EarlyReturns).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -21,6 +23,7 @@ from typing import Any, TypeVar
 import grpc
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
+from rag_service.api.admission import EarlyReturns
 from rag_service.core import tracing
 from rag_service.core.errors import (
     DeadlineExceeded,
@@ -74,6 +77,7 @@ class Rpc:
         # Per method, its OK counter and server-time histogram: labels() takes a lock and builds a key, twice per
         # answer on the event loop otherwise.
         self._answered: dict[str, tuple] = {}
+        self.early = EarlyReturns()
 
     async def serve(self, method: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]], *,
                     count_ok: bool) -> T:
@@ -99,6 +103,11 @@ class Rpc:
         code, message = self._failed(method, error, span)
         pushback = getattr(error, "retry_after_ms", None)
         if pushback is not None:
+            held = self.early.hold_s(context.peer(), pushback, context.time_remaining())
+            if held > 0.0:
+                self.metrics.refusals_held.inc()
+                await asyncio.sleep(held)
+                pushback = max(pushback - round(held * 1000.0), 0)
             # Beside what is already there (request id, x-served-by): setting replaces the whole list.
             context.set_trailing_metadata((*(context.trailing_metadata() or ()), (PUSHBACK_HEADER, str(pushback))))
         await context.abort(code, message)

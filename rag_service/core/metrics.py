@@ -73,6 +73,9 @@ class Metrics:
                                registry=self.registry)
         self.shed = Counter("rag_requests_shed", "Requests refused by admission control (in-flight or queue bound)",
                             registry=self.registry)
+        self.refusals_held = Counter("rag_refusals_held", "Refusals for load answered only once their pushback ended, "
+                                     "to callers that came back before the pushback they were given",
+                                     registry=self.registry)
         self.queued = Gauge("rag_requests_queued", "Admitted requests waiting for a pipeline thread",
                             registry=self.registry)
         self.full_share = Gauge("rag_adaptive_full_share", "Share of budgeted requests the brownout dimmer lets take "
