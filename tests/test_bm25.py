@@ -196,6 +196,40 @@ def test_search_analyzes_the_query_like_the_documents(tmp_path):
     assert index.search("and the of", depth=5)[0].tolist() == []  # stop words only
 
 
+def test_query_term_ids_are_the_term_ids_of_the_analysed_query_each_time(tmp_path, monkeypatch):
+    """The per-word memo gives what the analyser and the vocabulary give, the first time a word is seen (filled in)
+    and after (read); stop words, unknown words, repeats, case, other scripts, and a full memo that starts over."""
+    import rag_service.retrievers.lexical as lexical
+
+    analyzer = Analyzer()
+    rng = np.random.default_rng(11)
+    words = ["volcano", "Volcanoes", "erupted", "lava", "the", "and", "not", "ocean", "deep", "blue", "Straße",
+             "İstanbul", "naïve", "東京", "x_1", "42", "zzzunknown", "running", "RUNS", "ﬁne", "ǅemal"]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(0, 12)))) + rng.choice(["", "!", " ?", "--"])
+             for _ in range(300)]
+    index = make_index(tmp_path, [analyzer.tokens(t) for t in texts[:40]], analyzer=analyzer)
+    monkeypatch.setattr(lexical, "WORD_IDS_LIMIT", 8)  # the memo starts over several times along the way
+    for _ in range(2):
+        for text in texts:
+            got = index.query_term_ids(text)
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, index.term_ids(analyzer.tokens(text)))
+    assert index.query_term_ids("").tolist() == [] and index.query_term_ids("the and of").tolist() == []
+
+    class Splitting(Analyzer):
+        """An analyser that makes two terms of one word: such a word is never remembered."""
+
+        def tokens(self, text: str) -> list[str]:
+            return super().tokens(text.replace("volcano", "volcano lava"))
+
+    index.analyzer = Splitting()
+    index._word_ids.clear()
+    for _ in range(2):
+        for text in ("volcano erupted", "lava volcano the volcano", "ocean"):
+            np.testing.assert_array_equal(index.query_term_ids(text), index.term_ids(index.analyzer.tokens(text)))
+    assert "volcano" not in index._word_ids and "ocean" in index._word_ids
+
+
 def test_on_disk_layout(tmp_path):
     corpus = [["b", "a", "b"], ["c"], ["a", "c", "c"]]
     make_index(tmp_path, corpus, k1=1.2, b=0.75)

@@ -56,6 +56,10 @@ class Analyzer:
             self._local.stemmer = stemmer
         return stemmer
 
+    def words(self, text: str) -> list[str]:
+        """The text's words as `tokens` splits them, before stop words and stemming."""
+        return _WORD.findall(text.lower())
+
     def tokens(self, text: str) -> list[str]:
         words = _WORD.findall(text.lower())
         # A build analyses millions of chunks over a vocabulary of some 10^5 words: one dict look-up per word (its

@@ -238,8 +238,7 @@ class Pipeline(SearcherBase):
 
     def _term_ids(self, query: str) -> np.ndarray:
         """The query's BM25 input: its analysed tokens' term ids, repeats kept."""
-        bm25 = self.index.bm25
-        return bm25.term_ids(bm25.analyzer.tokens(query))
+        return self.index.bm25.query_term_ids(query)
 
     def retrieve(self, params: SearchParams, timer: StageTimer | None = None,
                  query_vector: np.ndarray | None = None, deadline: float | None = None,

@@ -158,7 +158,7 @@ class RerankStore:
 
     def query_terms(self, query: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(distinct term ids int32 ascending, count in the query float64, idf float64) of the query's known terms."""
-        return self.terms_of(self.bm25.term_ids(self.bm25.analyzer.tokens(query)))
+        return self.terms_of(self.bm25.query_term_ids(query))
 
     def terms_of(self, term_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """query_terms from the query's known term ids with repeats (BM25's input), so one analysis serves both."""
