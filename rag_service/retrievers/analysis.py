@@ -68,7 +68,20 @@ class Analyzer:
         try:
             return [m for m in map(memo.__getitem__, words) if m is not None]
         except KeyError:
-            pass
+            self._learn(words, memo)
+        return [m for m in map(memo.__getitem__, words) if m is not None]
+
+    def stems(self, words: list[str]) -> list[str | None]:
+        """Each of `words`' term (None for a stop word): `tokens(text)` is the terms of `words(text)`, in order."""
+        memo = self._memo()
+        try:
+            return list(map(memo.__getitem__, words))
+        except KeyError:
+            self._learn(words, memo)
+        return list(map(memo.__getitem__, words))
+
+    def _learn(self, words: list[str], memo: dict[str, str | None]) -> None:
+        """Adds `words`' stems (None for a stop word) to this thread's memo."""
         if len(memo) > _MEMO_LIMIT:  # a long-running server sees unbounded query vocabularies
             memo.clear()
         new = [w for w in set(words) if w not in memo]
@@ -76,7 +89,6 @@ class Analyzer:
         stemmer = self._stemmer()
         memo.update(dict.fromkeys(new))
         memo.update(zip(keep, stemmer.stemWords(keep) if stemmer is not None else keep))
-        return [m for m in map(memo.__getitem__, words) if m is not None]
 
     def _memo(self) -> dict[str, str | None]:
         memo = getattr(self._local, "memo", None)

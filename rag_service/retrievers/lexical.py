@@ -362,28 +362,23 @@ class BM25Index:
     def query_term_ids(self, text: str) -> np.ndarray:
         """term_ids(analyzer.tokens(text)), with one look-up per word of a word seen before: its term id, where the
         analyser's stem and then the vocabulary are two look-ups, each a miss on the caches an encode has just
-        flushed (45 -> 33 µs per SciFact query at p50, bench/README.md, "Issue 15")."""
+        flushed. SciFact queries, p50: 38 -> 29 µs with their words seen before, 57 -> 66 µs the first time
+        (bench/README.md, "Issue 15"); a server's queries mostly repeat words it has seen."""
         words = self.analyzer.words(text)
         try:
             return np.array([i for i in map(self._word_ids.__getitem__, words) if i >= 0], dtype=np.int64)
         except KeyError:
-            return self._remember_ids(words, text)
+            return self._remember_ids(words)
 
-    def _remember_ids(self, words: list[str], text: str) -> np.ndarray:
-        """query_term_ids for a text with words not seen before: theirs are worked out and remembered."""
+    def _remember_ids(self, words: list[str]) -> np.ndarray:
+        """query_term_ids for words not all seen before: their ids are worked out and remembered."""
+        vocab = self.vocab
+        ids = [-1 if term is None else vocab.get(term, -1) for term in self.analyzer.stems(words)]
         memo = self._word_ids
         if len(memo) > WORD_IDS_LIMIT:  # a long-running server sees unbounded query vocabularies
             memo.clear()
-        ids: dict[str, int] = {}
-        for word in set(words):
-            known = memo.get(word)
-            if known is None:
-                tokens = self.analyzer.tokens(word)
-                if len(tokens) > 1:  # never seen (lowercasing is idempotent); such a word is not remembered
-                    return self.term_ids(self.analyzer.tokens(text))
-                known = memo[word] = self.vocab.get(tokens[0], -1) if tokens else -1
-            ids[word] = known
-        return np.array([i for i in map(ids.__getitem__, words) if i >= 0], dtype=np.int64)
+        memo.update(zip(words, ids))
+        return np.array([i for i in ids if i >= 0], dtype=np.int64)
 
     def term_ids(self, tokens: Iterable[str]) -> np.ndarray:
         """Ids of the known tokens, duplicates kept; unknown tokens contribute nothing, so they are dropped."""
