@@ -183,8 +183,14 @@ def test_early_returns_are_held_until_the_pushback_ends_within_the_deadline_and_
     assert early.hold_s("a", HOLD_MAX_MS + 1, None) == 0.0  # too long to hold: answered at once as before
     now[0] += 10.0  # every pushback over
     assert early.hold_s("a", 30, None) == 0.0
-    for i in range(EARLY_PEERS + 1):
-        early.hold_s(f"peer-{i}", 5, None)
+    bounded = EarlyReturns(clock=lambda: now[0])
+    for i in range(EARLY_PEERS):
+        bounded.hold_s(f"peer-{i}", 5, None)
+    assert len(bounded._back_at) == EARLY_PEERS
     now[0] += 1.0
-    early.hold_s("late", 5, None)  # past the bound: the connections whose pushback has ended are forgotten
-    assert len(early._back_at) == 1
+    bounded.hold_s("late", 5, None)  # at the bound: the connections whose pushback has ended are forgotten
+    assert list(bounded._back_at) == ["late"]
+    for i in range(EARLY_PEERS):  # a flood of connections all within their pushback: at the bound, all are forgotten
+        bounded.hold_s(f"flood-{i}", 200, None)
+    assert len(bounded._back_at) <= EARLY_PEERS // 2 + 1
+    assert bounded.hold_s("flood-1", 200, None) == 0.0  # forgotten: refused at once, as a first refusal is

@@ -51,7 +51,7 @@ PUSHBACK_MIN_MS = 5
 PUSHBACK_MAX_MS = 1000
 HOLD_MAX_MS = 250  # an early return's refusal is held this long at most: past it, answered at once as before
 HOLD_MARGIN_S = 0.005  # a held refusal still reaches its caller this long before the call's deadline
-EARLY_PEERS = 4096  # connections remembered at most; past it, those whose pushback has ended are forgotten
+EARLY_PEERS = 4096  # connections remembered at most (EarlyReturns.hold_s)
 RESIDENCE_WEIGHT = 0.05  # of the latest search in the moving mean: about the last 20 searches count
 
 
@@ -131,10 +131,14 @@ class EarlyReturns:
         """Seconds to hold this refusal of `peer`, told to come back in `pushback_ms` (0: answer at once), within the
         call's `remaining_s` (None: no deadline)."""
         now = self.clock()
-        early = now < self._back_at.get(peer, -math.inf)
-        self._back_at[peer] = max(self._back_at.get(peer, -math.inf), now + pushback_ms / 1000.0)
-        if len(self._back_at) > EARLY_PEERS:
-            self._back_at = {p: t for p, t in self._back_at.items() if t > now}
+        back_at = self._back_at.get(peer, -math.inf)
+        early = now < back_at
+        if len(self._back_at) >= EARLY_PEERS:
+            # Those whose pushback has ended are forgotten; if most have not (a flood of connections), all are, so
+            # that this pass comes at most once per EARLY_PEERS / 2 new connections.
+            live = {p: t for p, t in self._back_at.items() if t > now}
+            self._back_at = live if len(live) <= EARLY_PEERS // 2 else {}
+        self._back_at[peer] = max(back_at, now + pushback_ms / 1000.0)
         if not early or pushback_ms > HOLD_MAX_MS:
             return 0.0
         hold = pushback_ms / 1000.0
