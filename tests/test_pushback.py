@@ -141,56 +141,73 @@ def test_a_drain_refusal_sends_no_pushback_and_the_retry_goes_to_another_replica
             stopping.result(timeout=30)
 
 
-def test_a_caller_that_comes_back_before_its_pushback_ends_is_answered_when_it_ends(full):
+def test_a_request_sent_again_before_its_pushback_ends_is_answered_when_it_ends(full):
     running, stub, _ = full
     # Admitted searches held their slot 0.1 s each, one ahead: each refusal says 50 to 150 ms.
     running.server.servicer.admission.residence = 0.1
 
-    def refused(call_stub) -> tuple[float, dict[str, str]]:
+    def refused(call_stub, query: str = "volcano") -> tuple[float, dict[str, str]]:
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
-            call_stub.Search(pb.SearchRequest(query="volcano"), timeout=5)
+            call_stub.Search(pb.SearchRequest(query=query), timeout=5)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         return time.monotonic() - started, dict(info.value.trailing_metadata())
 
     def held() -> float:
         return running.server.metrics.registry.get_sample_value("rag_refusals_held_total") or 0.0
 
-    _, first = refused(stub)  # the connection's first refusal: at once, with its pushback
-    told = int(first[PUSHBACK])
-    assert 50 <= told < 150 and held() == 0
-    # Back at once: answered no sooner than the new pushback it is given, and told the wait is over.
-    elapsed, again = refused(stub)
-    assert elapsed >= 0.045 and again[PUSHBACK] == "0" and held() == 1
-    # Another connection, refused for the first time, is answered at once with a pushback of its own.
+    _, first = refused(stub)  # the request's first refusal: at once, with its pushback
+    assert 50 <= int(first[PUSHBACK]) < 150 and held() == 0
+    # Another request on the same connection (a caller that fails fast beside it): at once too.
+    elapsed, other = refused(stub, "glacier")
+    assert elapsed < 0.045 and int(other[PUSHBACK]) >= 50 and held() == 0
+    # The first request again at once: answered no sooner than the new pushback it is given, and told the wait is
+    # over; and while it is held, any request on that connection (which has shown that it retries early) is too.
+    started = time.monotonic()
+    again = stub.Search.future(pb.SearchRequest(query="volcano"), timeout=5)
+    time.sleep(0.01)
+    elapsed, sibling = refused(stub, "coral reef")
+    assert elapsed >= 0.045 and sibling[PUSHBACK] == "0"
+    with pytest.raises(grpc.RpcError) as retried:
+        again.result()
+    assert time.monotonic() - started >= 0.045 and dict(retried.value.trailing_metadata())[PUSHBACK] == "0"
+    assert held() == 2
+    # The same request on another connection, refused there for the first time, is answered at once.
     with grpc.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.use_local_subchannel_pool", 1)]) as other:
         elapsed, fresh = refused(pb_grpc.RetrieverStub(other))
-    assert elapsed < 0.045 and int(fresh[PUSHBACK]) >= 50 and held() == 1
+    assert elapsed < 0.045 and int(fresh[PUSHBACK]) >= 50 and held() == 2
+    # The first connection is still taken to retry early: a new request's refusal there is held as well.
+    elapsed, later = refused(stub, "tide pools")
+    assert elapsed >= 0.045 and later[PUSHBACK] == "0" and held() == 3
 
 
 def test_early_returns_are_held_until_the_pushback_ends_within_the_deadline_and_the_memory_is_bounded():
-    from rag_service.api.admission import EARLY_PEERS, HOLD_MARGIN_S, HOLD_MAX_MS, EarlyReturns
+    from rag_service.api.admission import EARLY_CALLERS, HOLD_MARGIN_S, HOLD_MAX_MS, RETRYING_S, EarlyReturns
 
     now = [100.0]
     early = EarlyReturns(clock=lambda: now[0])
-    assert early.hold_s("a", 40, None) == 0.0  # first refusal: at once
+    assert early.hold_s("a", "r1", 40, None) == 0.0  # first refusal: at once
+    assert early.hold_s("a", "r2", 40, None) == 0.0  # another request on the connection: at once
     now[0] += 0.010
-    assert early.hold_s("a", 30, None) == pytest.approx(0.030)  # back 10 ms into a 40 ms pushback: held 30 ms
-    assert early.hold_s("b", 30, None) == 0.0  # another connection
+    assert early.hold_s("a", "r1", 30, None) == pytest.approx(0.030)  # r1 again 10 ms in: held its new 30 ms
+    assert early.hold_s("a", "r3", 30, None) == pytest.approx(0.030)  # the connection retried early: any request
+    assert early.hold_s("b", "r1", 30, None) == 0.0  # another connection
     now[0] += 0.015
-    assert early.hold_s("a", 30, 0.012) == pytest.approx(0.012 - HOLD_MARGIN_S)  # within the deadline
-    assert early.hold_s("a", 30, 0.001) == 0.0  # no time left to hold
-    assert early.hold_s("a", HOLD_MAX_MS + 1, None) == 0.0  # too long to hold: answered at once as before
-    now[0] += 10.0  # every pushback over
-    assert early.hold_s("a", 30, None) == 0.0
+    assert early.hold_s("a", "r1", 30, 0.012) == pytest.approx(0.012 - HOLD_MARGIN_S)  # within the deadline
+    assert early.hold_s("a", "r1", 30, 0.001) == 0.0  # no time left to hold
+    assert early.hold_s("a", "r1", HOLD_MAX_MS + 1, None) == 0.0  # too long to hold: answered at once as before
+    now[0] += 0.5  # every pushback over, but "a" retried early less than RETRYING_S ago
+    assert early.hold_s("a", "r4", 30, None) == pytest.approx(0.030)
+    now[0] += RETRYING_S
+    assert early.hold_s("a", "r5", 30, None) == 0.0 and early.hold_s("b", "r6", 30, None) == 0.0
     bounded = EarlyReturns(clock=lambda: now[0])
-    for i in range(EARLY_PEERS):
-        bounded.hold_s(f"peer-{i}", 5, None)
-    assert len(bounded._back_at) == EARLY_PEERS
+    for i in range(EARLY_CALLERS):
+        bounded.hold_s("c", f"request-{i}", 5, None)
+    assert len(bounded._requests) == EARLY_CALLERS
     now[0] += 1.0
-    bounded.hold_s("late", 5, None)  # at the bound: the connections whose pushback has ended are forgotten
-    assert list(bounded._back_at) == ["late"]
-    for i in range(EARLY_PEERS):  # a flood of connections all within their pushback: at the bound, all are forgotten
-        bounded.hold_s(f"flood-{i}", 200, None)
-    assert len(bounded._back_at) <= EARLY_PEERS // 2 + 1
-    assert bounded.hold_s("flood-1", 200, None) == 0.0  # forgotten: refused at once, as a first refusal is
+    bounded.hold_s("c", "late", 5, None)  # at the bound: the requests whose pushback has ended are forgotten
+    assert list(bounded._requests) == [("c", "late")]
+    for i in range(EARLY_CALLERS):  # a flood of requests all within their pushback: at the bound, all are forgotten
+        bounded.hold_s("c", f"flood-{i}", 200, None)
+    assert len(bounded._requests) <= EARLY_CALLERS // 2 + 1
+    assert bounded.hold_s("c", "flood-1", 200, None) == 0.0  # forgotten: refused at once, as a first refusal is

@@ -24,13 +24,15 @@ refusal; nothing is logged. UNAVAILABLE (draining, loading) carries no pushback 
 pushback as "do not retry at all", which would also stop the retry that round_robin sends to another replica, and
 without pushback the client's own backoff applies.
 
-A caller that comes back before its pushback ends is answered when it ends (`EarlyReturns`). A connection refused for
-load is remembered until the end of the pushback it was told, and a refusal on it before then is held that long (a
-timer on the event loop: no pipeline thread, no slot) and carries a pushback of 0, its wait being over. Clients that
-retry a refusal at once would otherwise spend the cores on refusals, theirs and the server's (bench/README.md,
-"Issue 15", "Refusals held for callers that come back early"). A connection refused for the first time, or whose
-callers honour the pushback, is refused at once as before; a caller sharing its connection with one that came back
-early may wait up to one pushback for its refusal, which honouring the pushback would cost it anyway.
+A caller that sends the same request again before its pushback ends is answered when it ends (`EarlyReturns`). A
+request refused for load (its connection, method and bytes) is remembered until the end of the pushback it was told.
+Sent again on that connection before then, its refusal is held that long (a timer on the event loop: no pipeline
+thread, no slot) and carries a pushback of 0, its wait being over; and for the next second (RETRYING_S), so is the
+refusal of any request on that connection, which has shown that its callers retry at once. Clients that do would
+otherwise spend the cores on refusals, theirs and the server's (bench/README.md, "Issue 15", "Refusals held for
+callers that come back early"). On a connection that has not retried early, every refusal comes at once as before:
+a caller that fails fast on a refusal, or that honours the pushback, sees no change. The same request from two
+callers of one connection within one pushback is taken for a retry.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -51,7 +53,8 @@ PUSHBACK_MIN_MS = 5
 PUSHBACK_MAX_MS = 1000
 HOLD_MAX_MS = 250  # an early return's refusal is held this long at most: past it, answered at once as before
 HOLD_MARGIN_S = 0.005  # a held refusal still reaches its caller this long before the call's deadline
-EARLY_PEERS = 4096  # connections remembered at most (EarlyReturns.hold_s)
+RETRYING_S = 1.0  # a connection that sent a request again too soon is taken to keep doing so this long
+EARLY_CALLERS = 4096  # refused requests, and connections that retried early, remembered at most (EarlyReturns)
 RESIDENCE_WEIGHT = 0.05  # of the latest search in the moving mean: about the last 20 searches count
 
 
@@ -120,28 +123,41 @@ class Admission:
 
 
 class EarlyReturns:
-    """The connections refused for load and when their pushback ends, so that a refusal to one of them before then
-    is held until then (module docstring). Touched only on the event loop thread."""
+    """The requests refused for load and the connections that sent one again too soon, each with when its pushback
+    ends, so that a refusal of a request sent again before then, or of any request on a connection that did that, is
+    held until then (module docstring). Touched only on the event loop thread."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._back_at: dict[str, float] = {}  # peer -> clock() when its latest pushback ends
+        self._requests: dict[Hashable, float] = {}  # (connection, request) -> clock() when its pushback ends
+        self._retrying: dict[Hashable, float] = {}  # connection -> clock() until which it is taken to retry early
 
-    def hold_s(self, peer: str, pushback_ms: int, remaining_s: float | None) -> float:
-        """Seconds to hold this refusal of `peer`, told to come back in `pushback_ms` (0: answer at once), within the
-        call's `remaining_s` (None: no deadline)."""
+    def hold_s(self, connection: Hashable, request: Hashable, pushback_ms: int, remaining_s: float | None) -> float:
+        """Seconds to hold this refusal of `request` (what tells its retries: its method and bytes) on `connection`,
+        told to come back in `pushback_ms` (0: answer at once), within the call's `remaining_s` (None: no
+        deadline)."""
         now = self.clock()
-        back_at = self._back_at.get(peer, -math.inf)
-        early = now < back_at
-        if len(self._back_at) >= EARLY_PEERS:
-            # Those whose pushback has ended are forgotten; if most have not (a flood of connections), all are, so
-            # that this pass comes at most once per EARLY_PEERS / 2 new connections.
-            live = {p: t for p, t in self._back_at.items() if t > now}
-            self._back_at = live if len(live) <= EARLY_PEERS // 2 else {}
-        self._back_at[peer] = max(back_at, now + pushback_ms / 1000.0)
+        ends = now + pushback_ms / 1000.0
+        key = (connection, request)
+        retried = now < self._requests.get(key, -math.inf)
+        if retried:
+            self._retrying = _bounded(self._retrying, now)
+            self._retrying[connection] = now + RETRYING_S
+        early = retried or now < self._retrying.get(connection, -math.inf)
+        self._requests = _bounded(self._requests, now)
+        self._requests[key] = max(self._requests.get(key, -math.inf), ends)
         if not early or pushback_ms > HOLD_MAX_MS:
             return 0.0
         hold = pushback_ms / 1000.0
         if remaining_s is not None:
             hold = min(hold, remaining_s - HOLD_MARGIN_S)
         return max(hold, 0.0)
+
+
+def _bounded(ends: dict[Hashable, float], now: float) -> dict[Hashable, float]:
+    """`ends` with room for one more: at EARLY_CALLERS entries, those whose pushback has ended are forgotten, and if
+    most have not (a flood of callers), all are, so that this pass comes at most once per EARLY_CALLERS / 2 new ones."""
+    if len(ends) < EARLY_CALLERS:
+        return ends
+    live = {key: end for key, end in ends.items() if end > now}
+    return live if len(live) <= EARLY_CALLERS // 2 else {}

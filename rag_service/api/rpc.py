@@ -6,8 +6,8 @@ into a status (a RagError into its code and message; anything else into INTERNAL
 in the log) and counts the call in rag_requests (method, code) and rag_request_seconds. Handlers hold only their own
 logic: they raise domain errors and return replies. A refusal for load that knows when to come back
 (`Overloaded.retry_after_ms`) adds it to the trailing metadata as `grpc-retry-pushback-ms` (gRFC A6), which gRPC's
-client-side retries honour in place of their own backoff; a caller that comes back before its pushback ends is
-answered when it ends (api/admission.py, EarlyReturns).
+client-side retries honour in place of their own backoff; a caller that sends the same request again before its
+pushback ends is answered when it ends (api/admission.py, EarlyReturns).
 """
 
 from __future__ import annotations
@@ -80,9 +80,10 @@ class Rpc:
         self.early = EarlyReturns()
 
     async def serve(self, method: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]], *,
-                    count_ok: bool) -> T:
+                    count_ok: bool, request: Any = None) -> T:
         """Runs `call` in the RPC's span; a failure aborts the call with its status. `count_ok`: the call counts as one
-        answer when it returns (a stream counts each answer itself with `answered`)."""
+        answer when it returns (a stream counts each answer itself with `answered`). `request`: a unary call's
+        request (fail)."""
         started = time.perf_counter()
         scope = _UNTRACED if self.tracer is None else \
             tracing.server_span(self.tracer, self.service, method, context.invocation_metadata())
@@ -90,7 +91,7 @@ class Rpc:
             try:
                 result = await call()
             except Exception as error:
-                await self.fail(method, context, error, span)
+                await self.fail(method, context, error, span, request)
                 raise  # unreachable: fail aborts the call
             if count_ok:
                 self.answered(method, time.perf_counter() - started)
@@ -98,12 +99,15 @@ class Rpc:
                 span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
             return result
 
-    async def fail(self, method: str, context: grpc.aio.ServicerContext, error: Exception, span: Span | None) -> None:
-        """Aborts the call with the status of `error` (and its pushback, if it has one); counts it. Raises."""
+    async def fail(self, method: str, context: grpc.aio.ServicerContext, error: Exception, span: Span | None,
+                   request: Any = None) -> None:
+        """Aborts the call with the status of `error` (and its pushback, if it has one); counts it. Raises.
+        `request`: a unary call's request, whose bytes tell a retry (the same bytes again) from another request."""
         code, message = self._failed(method, error, span)
         pushback = getattr(error, "retry_after_ms", None)
         if pushback is not None:
-            held = self.early.hold_s(context.peer(), pushback, context.time_remaining())
+            sent = (method, b"" if request is None else request.SerializeToString())
+            held = self.early.hold_s(context.peer(), sent, pushback, context.time_remaining())
             if held > 0.0:
                 self.metrics.refusals_held.inc()
                 await asyncio.sleep(held)
@@ -144,14 +148,15 @@ def unary(handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]])
     async def serve(servicer: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         calls: Rpc = servicer.rpc
         if calls.tracer is not None:
-            return await calls.serve(method, context, lambda: handler(servicer, request, context), count_ok=True)
+            return await calls.serve(method, context, lambda: handler(servicer, request, context), count_ok=True,
+                                     request=request)
         # Untraced, Rpc.serve's work inline: one coroutine and no closure less per call (~10 µs of an exact hit's
         # ~40 in these wrappers, on the caches a call finds).
         started = time.perf_counter()
         try:
             result = await handler(servicer, request, context)
         except Exception as error:
-            await calls.fail(method, context, error, None)
+            await calls.fail(method, context, error, None, request)
             raise  # unreachable: fail aborts the call
         calls.answered(method, time.perf_counter() - started)
         return result
