@@ -20,10 +20,11 @@ Prefetch; never ReloadIndex) are sent again up to N more times, all attempts wit
 UNAVAILABLE (a replica down, draining or still loading: after exponential backoff with jitter, 50 ms doubling up to
 1 s, to the next replica under round_robin) and, unless `retry_overloaded=False`, on RESOURCE_EXHAUSTED (a server
 shedding load: after the delay that server sends as `grpc-retry-pushback-ms`, its estimate of when there will be
-room, which a server holds a refusal back for when the same request comes back sooner, then sending 0; a request
-over the server's max_message_bytes is RESOURCE_EXHAUSTED too, and is retried to no avail after the
-client's own backoff). Once a reply has started streaming, a StreamSearch is not retried. Without retries a refused
-call raises RetrieverError with `retry_after_ms` set from that pushback, for callers that retry themselves.
+room; a server holds back the refusal of a request sent again sooner, and for a second any refusal on that
+connection, then sends 0; a request over the server's max_message_bytes is RESOURCE_EXHAUSTED too, and is retried
+to no avail after the client's own backoff). Once a reply has started streaming, a StreamSearch is not retried.
+Without retries a refused call raises RetrieverError with `retry_after_ms` set from that pushback, for callers that
+retry themselves.
 """
 
 from __future__ import annotations
