@@ -220,7 +220,6 @@ def test_query_term_ids_are_the_term_ids_of_the_analysed_query_each_time(tmp_pat
         assert analyzer.tokens(text) == [t for t in analyzer.stems(analyzer.words(text)) if t is not None]
 
 
-
 def test_on_disk_layout(tmp_path):
     corpus = [["b", "a", "b"], ["c"], ["a", "c", "c"]]
     make_index(tmp_path, corpus, k1=1.2, b=0.75)
