@@ -683,12 +683,18 @@ void bind(py::module_& m) {
 
 // The checked arrays are kept as plain objects: a default-constructed py::array allocates an empty array.
 struct PostingsArgs {
-    py::object indptr, docs, weights;
+    py::object indptr, docs, weights, blocks;
     rag::Postings postings;
 };
 
+// A BlockBounds as Python holds it: the bounds and the arrays they were made from.
+struct BlockBoundsObject {
+    py::object indptr, docs, weights;
+    rag::BlockBounds bounds;
+};
+
 PostingsArgs postings_arg(const py::handle& indptr_obj, const py::handle& docs_obj, const py::handle& weights_obj,
-                          std::int64_t n_docs) {
+                          std::int64_t n_docs, const py::handle& blocks_obj = py::none()) {
     const py::array indptr = checked_vector<std::int64_t>(indptr_obj, "indptr", "int64");
     const py::array docs = checked_vector<std::int32_t>(docs_obj, "docs", "int32");
     const py::array weights = checked_vector<float>(weights_obj, "weights", "float32");
@@ -704,7 +710,33 @@ PostingsArgs postings_arg(const py::handle& indptr_obj, const py::handle& docs_o
     a.weights = weights;
     a.postings = rag::Postings{data_of<std::int64_t>(indptr), len(indptr) - 1, data_of<std::int32_t>(docs),
                                data_of<float>(weights), len(docs), static_cast<std::size_t>(n_docs)};
+    if (!blocks_obj.is_none()) {
+        if (!py::isinstance<BlockBoundsObject>(blocks_obj)) fail("blocks must be a BlockBounds or None");
+        a.blocks = py::reinterpret_borrow<py::object>(blocks_obj);
+        a.postings.blocks = &blocks_obj.cast<const BlockBoundsObject&>().bounds;
+    }
     return a;
+}
+
+std::unique_ptr<BlockBoundsObject> make_block_bounds(const py::handle& indptr, const py::handle& docs,
+                                                     const py::handle& weights, std::int64_t n_docs,
+                                                     std::int64_t shift, std::int64_t min_postings) {
+    if (shift < 0 || shift > static_cast<std::int64_t>(rag::kBlocksMaxShift)) {
+        fail("shift must be in [0, " + std::to_string(rag::kBlocksMaxShift) + "], got " + std::to_string(shift));
+    }
+    PostingsArgs p = postings_arg(indptr, docs, weights, n_docs);
+    auto out = std::make_unique<BlockBoundsObject>();
+    out->indptr = p.indptr;
+    out->docs = p.docs;
+    out->weights = p.weights;
+    {
+        py::gil_scoped_release release;
+        const std::size_t width = std::size_t{1} << shift;
+        const std::size_t blocks = (p.postings.n_docs + width - 1) / width;
+        out->bounds = rag::block_bounds(p.postings, static_cast<unsigned>(shift),
+                                        min_postings < 0 ? blocks : static_cast<std::size_t>(min_postings));
+    }
+    return out;
 }
 
 // A bool[n] mask as bytes, or nullptr for None.
@@ -790,8 +822,9 @@ py::tuple hits_to_numpy(rag::Hits&& hits) {
 }
 
 py::tuple bm25_top(const py::handle& indptr, const py::handle& docs, const py::handle& weights, std::int64_t n_docs,
-                   const py::handle& term_ids_obj, const py::handle& mask_obj, std::int64_t depth) {
-    const PostingsArgs p = postings_arg(indptr, docs, weights, n_docs);
+                   const py::handle& term_ids_obj, const py::handle& mask_obj, std::int64_t depth,
+                   const py::handle& blocks) {
+    const PostingsArgs p = postings_arg(indptr, docs, weights, n_docs, blocks);
     const py::array terms = checked_vector<std::int64_t>(term_ids_obj, "term_ids", "int64");
     py::object mask_keep;
     const std::uint8_t* mask = mask_arg(mask_obj, p.postings.n_docs, mask_keep);
@@ -917,8 +950,9 @@ void first_stage_arg(FirstStageArgs& a, const py::handle& indptr, const py::hand
                      const py::handle& code_scale, const py::handle& code_base, std::int64_t oversample,
                      const py::handle& dense_ids, const py::handle& dense_scores, const std::string& method,
                      double dense_weight, std::int64_t top_k, double rrf_k, const std::string& simd,
-                     const py::handle& bm25_ids, const py::handle& bm25_scores, const py::handle& code_bits) {
-    a.p = postings_arg(indptr, docs, weights, n_docs);
+                     const py::handle& bm25_ids, const py::handle& bm25_scores, const py::handle& code_bits,
+                     const py::handle& blocks) {
+    a.p = postings_arg(indptr, docs, weights, n_docs, blocks);
     if (bm25_ids.is_none() != bm25_scores.is_none()) {
         fail("bm25_ids and bm25_scores come together (both None or both arrays)");
     }
@@ -983,11 +1017,12 @@ py::tuple retrieve(const py::handle& indptr, const py::handle& docs, const py::h
                    const py::handle& code_scale, const py::handle& code_base, std::int64_t oversample,
                    const py::handle& dense_ids, const py::handle& dense_scores, const std::string& method,
                    double dense_weight, std::int64_t top_k, double rrf_k, const std::string& simd,
-                   const py::handle& bm25_ids, const py::handle& bm25_scores, const py::handle& code_bits) {
+                   const py::handle& bm25_ids, const py::handle& bm25_scores, const py::handle& code_bits,
+                   const py::handle& blocks) {
     FirstStageArgs a;
     first_stage_arg(a, indptr, docs, weights, n_docs, term_ids_obj, mask_obj, vectors, query, codes, code_scale,
                     code_base, oversample, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k, simd,
-                    bm25_ids, bm25_scores, code_bits);
+                    bm25_ids, bm25_scores, code_bits, blocks);
     auto owned = std::make_unique<rag::RetrieveResult>();
     {
         py::gil_scoped_release release;
@@ -1014,11 +1049,12 @@ py::tuple search_core(const rerank_core::Core& core, const py::handle& indptr, c
                       const py::handle& columns, const py::handle& model_weights, double bias,
                       std::int64_t rerank_depth, bool confidence, std::int64_t agree_top, std::int64_t agree_min,
                       const std::string& simd, const py::handle& idf_table, const py::handle& bm25_ids,
-                      const py::handle& bm25_scores, const py::handle& code_bits, bool helper) {
+                      const py::handle& bm25_scores, const py::handle& code_bits, bool helper,
+                      const py::handle& blocks) {
     FirstStageArgs a;
     first_stage_arg(a, indptr, docs, weights, n_docs, term_ids_obj, mask_obj, vectors, query, codes, code_scale,
                     code_base, oversample, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k, simd,
-                    bm25_ids, bm25_scores, code_bits);
+                    bm25_ids, bm25_scores, code_bits, blocks);
     if (core.store().lexical.tokens.n_chunks != a.p.postings.n_docs) {
         fail("core must hold one token stream per chunk (n_docs = " + std::to_string(n_docs) + "), got " +
              std::to_string(core.store().lexical.tokens.n_chunks));
@@ -1276,11 +1312,31 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
     rerank_core::bind(m);
 
     // ---- first stage in one call ----
+    py::class_<BlockBoundsObject>(m, "BlockBounds",
+                                  "Each long posting list's largest weight per block of 2^shift chunks, and where its\n"
+                                  "postings of each block begin, made from one index's postings (lists in ascending\n"
+                                  "chunk order). Passed as `blocks` with those same arrays, bm25_top ranks a query\n"
+                                  "of long lists block by block, best bound first, with the answer it gives without.")
+        .def(py::init(&make_block_bounds), py::arg("indptr"), py::arg("docs"), py::arg("weights"),
+             py::arg("n_docs"), py::arg("shift") = 6, py::arg("min_postings") = -1,
+             "BlockBounds(indptr, docs, weights, n_docs, shift=6, min_postings=-1): rows for the lists of at least\n"
+             "min_postings postings (-1: as many as there are blocks). Raises ValueError naming the first posting\n"
+             "out of ascending order or range.")
+        .def_property_readonly("shift", [](const BlockBoundsObject& o) { return o.bounds.shift; })
+        .def_property_readonly("n_blocks", [](const BlockBoundsObject& o) { return o.bounds.n_blocks; })
+        .def_property_readonly("rows", [](const BlockBoundsObject& o) { return o.bounds.rows; },
+                               "How many lists have bounds stored (the others are bounded per query).")
+        .def_property_readonly("nbytes", [](const BlockBoundsObject& o) {
+            return o.bounds.row.size() * sizeof(std::int32_t) + o.bounds.max.size() * sizeof(float) +
+                   o.bounds.start.size() * sizeof(std::uint32_t);
+        });
     m.def("bm25_top", &bm25_top, py::arg("indptr"), py::arg("docs"), py::arg("weights"), py::arg("n_docs"),
-          py::arg("term_ids"), py::arg("mask"), py::arg("depth"),
-          "bm25_top(indptr, docs, weights, n_docs, term_ids, mask, depth) -> tuple[ids int64[k], scores float32[k]]\n\n"
+          py::arg("term_ids"), py::arg("mask"), py::arg("depth"), py::arg("blocks") = py::none(),
+          "bm25_top(indptr, docs, weights, n_docs, term_ids, mask, depth, blocks=None)\n"
+          "    -> tuple[ids int64[k], scores float32[k]]\n\n"
           "Top min(depth, n_docs) chunks with a BM25 score > 0 over impact postings (indptr int64[vocab + 1], docs\n"
-          "int32, weights float32), mask bool[n_docs] or None. See rag_service.kernels.reference.bm25_top_reference.");
+          "int32, weights float32), mask bool[n_docs] or None; blocks: these postings' BlockBounds (the same answer,\n"
+          "fewer postings read). See rag_service.kernels.reference.bm25_top_reference.");
     m.def("dense_top", &dense_top, py::arg("vectors"), py::arg("query"), py::arg("mask"), py::arg("depth"),
           py::arg("codes") = py::none(), py::arg("code_scale") = py::none(), py::arg("code_base") = py::none(),
           py::arg("oversample") = 0, py::arg("simd") = "", py::arg("code_bits") = py::none(),
@@ -1307,7 +1363,7 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           py::arg("codes"), py::arg("code_scale"), py::arg("code_base"), py::arg("oversample"), py::arg("dense_ids"),
           py::arg("dense_scores"), py::arg("method"), py::arg("dense_weight"), py::arg("top_k"), py::arg("rrf_k"),
           py::arg("simd") = "", py::arg("bm25_ids") = py::none(), py::arg("bm25_scores") = py::none(),
-          py::arg("code_bits") = py::none(),
+          py::arg("code_bits") = py::none(), py::arg("blocks") = py::none(),
           "retrieve(...) -> tuple[bm25_ids, bm25_scores, dense_ids, dense_scores, fused_ids, fused, fused_bm25,\n"
           "    fused_dense, (bm25_ns, dense_ns, fusion_ns)]\n\n"
           "bm25_top (or the given bm25_ids/bm25_scores, ranked beforehand: bm25_ns 0), then dense_top over\n"
@@ -1322,9 +1378,10 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           py::arg("rerank_depth"), py::arg("confidence"), py::arg("agree_top"), py::arg("agree_min"),
           py::arg("simd") = "", py::arg("idf_table") = py::none(), py::arg("bm25_ids") = py::none(),
           py::arg("bm25_scores") = py::none(), py::arg("code_bits") = py::none(), py::arg("helper") = false,
+          py::arg("blocks") = py::none(),
           "search_core(core, <retrieve's arguments>, rerank_query, query_terms, query_counts, query_idf, columns,\n"
           "            model_weights, bias, rerank_depth, confidence, agree_top, agree_min, simd='', idf_table=None,\n"
-          "            bm25_ids=None, bm25_scores=None, code_bits=None, helper=False)\n"
+          "            bm25_ids=None, bm25_scores=None, code_bits=None, helper=False, blocks=None)\n"
           "    -> tuple[retrieve's tuple (times: bm25, dense, fusion, rerank ns), confident, agreement, ids, scores,\n"
           "             features, order]\n\n"
           "retrieve, the confidence rule (skip the rerank when the top agree_top BM25 and dense ids share at least\n"

@@ -139,6 +139,25 @@ class RerankCore:
         helper: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
 
+class BlockBounds:
+    def __init__(
+        self,
+        indptr: np.ndarray,
+        docs: np.ndarray,
+        weights: np.ndarray,
+        n_docs: int,
+        shift: int = 6,
+        min_postings: int = -1,
+    ) -> None: ...
+    @property
+    def shift(self) -> int: ...
+    @property
+    def n_blocks(self) -> int: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+
 def bm25_top(
     indptr: np.ndarray,
     docs: np.ndarray,
@@ -147,6 +166,7 @@ def bm25_top(
     term_ids: np.ndarray,
     mask: np.ndarray | None,
     depth: int,
+    blocks: BlockBounds | None = None,
 ) -> tuple[np.ndarray, np.ndarray]: ...
 def dense_top(
     vectors: np.ndarray,
@@ -203,6 +223,7 @@ def retrieve(
     bm25_ids: np.ndarray | None = None,
     bm25_scores: np.ndarray | None = None,
     code_bits: np.ndarray | None = None,
+    blocks: BlockBounds | None = None,
 ) -> tuple[
     np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
     tuple[int, int, int],
@@ -245,6 +266,7 @@ def search_core(
     bm25_scores: np.ndarray | None = None,
     code_bits: np.ndarray | None = None,
     helper: bool = False,
+    blocks: BlockBounds | None = None,
 ) -> tuple[
     tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
           tuple[int, int, int, int]],

@@ -176,6 +176,19 @@ def built_index(tmp_path_factory, encoder) -> Path:
 
 
 @pytest.fixture(scope="session")
+def built_graph_index(tmp_path_factory, encoder) -> Path:
+    """built_index's corpus and chunks, its dense rows searched by an HNSW graph as a large index's are."""
+    from rag_service.index.build import BuildConfig, build_index
+
+    work = tmp_path_factory.mktemp("graph")
+    corpus = write_server_corpus(work / "corpus.jsonl")
+    root = work / "graphidx"
+    build_index(corpus, root, BuildConfig(chunk_tokens=64, chunk_overlap=16, dense_index="hnsw"), encoder=encoder,
+                progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
 def server_thread():
     """`server_thread(config, encoder)`: a context manager running a RagServer in a background thread."""
     return ServerThread

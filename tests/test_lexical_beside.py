@@ -299,3 +299,83 @@ def test_concurrent_searches_with_a_beside_thread_get_their_own_answers(index, e
             for g, w in zip(got, want, strict=True):
                 assert [c.chunk_id for c in g.contexts] == [c.chunk_id for c in w.contexts]
                 assert [c.score for c in g.contexts] == [c.score for c in w.contexts]
+
+
+@pytest.fixture(scope="module")
+def graph_index(built_graph_index):
+    index = load_index(built_graph_index)
+    assert not index.dense.native_scan
+    return index
+
+
+class Timeline:
+    """When each query encode ended and each bm25_top began (perf_counter), and on which thread BM25 ran."""
+
+    def __init__(self, encoder, monkeypatch) -> None:
+        import time
+
+        self.events: list[tuple[str, float, str]] = []
+        self.idle: list[bool] = []
+        self._encoder = encoder
+        real = native.bm25_top
+
+        def spy(*args, **kwargs):
+            self.events.append(("bm25", time.perf_counter(), threading.current_thread().name))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(native, "bm25_top", spy)
+        self._clock = time.perf_counter
+
+    def __getattr__(self, name):
+        return getattr(self._encoder, name)
+
+    def encode_queries(self, texts, idle=False):
+        self.idle.append(idle)
+        out = self._encoder.encode_queries(texts)
+        self.events.append(("encoded", self._clock(), threading.current_thread().name))
+        return out
+
+
+def test_on_a_graph_index_bm25_runs_beside_the_graph_search_after_a_two_core_encode(graph_index, encoder, beside,
+                                                                                     monkeypatch):
+    spy = Timeline(encoder, monkeypatch)
+    config = AdaptiveConfig(lexical_beside_postings=1)
+    with_beside = Pipeline(graph_index, spy, policy=AdaptivePolicy(config), beside=beside)
+    without = Pipeline(graph_index, encoder, policy=AdaptivePolicy(config))
+    ran_beside = 0
+    for i, query in enumerate(queries(5, 8)):
+        for filt in FILTERS:
+            params = SearchParams(query=query, top_k=5, depth=30, rerank_depth=10, filters=filt,
+                                  fusion="rrf" if i % 2 else "weighted", rerank=i % 3 != 2)
+            spy.events.clear()
+            got = with_beside.search(params)
+            events = list(spy.events)
+            same_result(got, without.search(params))
+            postings = graph_index.bm25.search(query, 30, None)[0].size > 0
+            # The encode keeps both cores; BM25 starts on the beside thread once the encode is done.
+            assert spy.idle.pop() is True
+            if postings:
+                ran_beside += 1
+                assert [e[0] for e in events] == ["encoded", "bm25"] and events[1][2] == "test-beside_0"
+                assert events[1][1] >= events[0][1]
+            else:
+                assert [e[0] for e in events] == ["encoded"]
+    assert ran_beside > 10
+
+
+def test_on_a_graph_index_a_busy_beside_thread_leaves_bm25_in_the_call(graph_index, encoder, beside, monkeypatch):
+    spy = Timeline(encoder, monkeypatch)
+    pipe = Pipeline(graph_index, spy, policy=AdaptivePolicy(AdaptiveConfig(lexical_beside_postings=1)),
+                    beside=beside)
+    params = SearchParams(query="glacier valley ice", top_k=5)
+    release = threading.Event()
+    pipe._beside_last = beside.submit(release.wait, 30)
+    try:
+        same_result(pipe.search(params), Pipeline(graph_index, encoder).search(params))
+        assert [e[0] for e in spy.events] == ["encoded"]  # ranked in the call, which the spy does not see
+    finally:
+        release.set()
+    pipe._beside_last.result(timeout=30)
+    spy.events.clear()
+    pipe.search(params)
+    assert [(e[0], e[2]) for e in spy.events][1:] == [("bm25", "test-beside_0")]

@@ -228,6 +228,170 @@ std::vector<std::int64_t> bits_top(const DenseRows& rows, const float* query, st
 constexpr std::size_t kScanRatio = 8;
 constexpr std::size_t kScanMinChunks = std::size_t{1} << 17;
 
+// With bounds, bm25_top ranks block by block once the query's postings reach kBlocksRatio per block: below that the
+// postings pass costs less than the bounds' sweep over every block.
+constexpr std::size_t kBlocksRatio = 2;
+// Blocks are taken best bound first by a counting sort of their bounds into this many ranges.
+constexpr std::size_t kBlockBuckets = 1024;
+
+// Blocks scored best bound first before the rest are taken in chunk order: enough to set a bar near the final
+// depth-th score, few enough that their scattered reads cost little.
+constexpr std::size_t kBestFirstBlocks = 32;
+
+// bm25_top with bounds. A block's bound is the sum, in query-term order and in float32 like the scores, of each
+// term's largest weight in it; float addition rounds monotonically, so no chunk of the block sums to more. Each
+// chunk's sum is made in query-term order, as the postings pass makes it. The blocks with the best bounds are
+// scored first, until the top has a bar (the depth-th score so far) and kBestFirstBlocks are done; then the others
+// in chunk order (the lists' postings read as a stream), skipping every block whose bound is below the bar. A block
+// skipped holds no chunk that could enter the top, so the top is the postings pass's.
+Hits bm25_top_blocks(const Postings& p, const std::int64_t* term_ids, std::size_t n_query_terms,
+                     const std::uint8_t* mask, std::size_t depth) {
+    const BlockBounds& bb = *p.blocks;
+    const std::size_t nb = bb.n_blocks;
+    const std::size_t n = p.n_docs;
+    const unsigned shift = bb.shift;
+    const std::size_t width = std::size_t{1} << shift;
+    struct Scratch {
+        std::vector<float> bound, sums, top_of;
+        std::vector<std::uint32_t> count, order, starts;
+        std::vector<const std::uint32_t*> first;  // per query term: offsets of its blocks' first postings
+    };
+    thread_local Scratch w;
+    w.bound.assign(nb, 0.0f);
+    float* const bound = w.bound.data();
+    // A short list's offsets per block are made here (its length plus a pass over the blocks), once per term.
+    std::size_t short_lists = 0;
+    for (std::size_t k = 0; k < n_query_terms; ++k) short_lists += bb.row[static_cast<std::size_t>(term_ids[k])] < 0;
+    w.starts.resize(short_lists * (nb + 1));
+    w.first.assign(n_query_terms, nullptr);
+    std::size_t made = 0;
+    for (std::size_t k = 0; k < n_query_terms; ++k) {
+        const std::int64_t t = term_ids[k];
+        const std::int32_t r = bb.row[static_cast<std::size_t>(t)];
+        if (r >= 0) {
+            w.first[k] = bb.start.data() + static_cast<std::size_t>(r) * (nb + 1);
+            const float* mx = bb.max.data() + static_cast<std::size_t>(r) * nb;
+            for (std::size_t b = 0; b < nb; ++b) bound[b] += mx[b];
+            continue;
+        }
+        const std::int64_t lo = p.indptr[t];
+        const auto len = static_cast<std::uint32_t>(p.indptr[t + 1] - lo);
+        for (std::size_t e = 0; e < k; ++e) {
+            if (term_ids[e] == t) w.first[k] = w.first[e];
+        }
+        std::uint32_t* first = nullptr;
+        if (w.first[k] == nullptr) {
+            first = w.starts.data() + (made++) * (nb + 1);
+            w.first[k] = first;
+        }
+        std::uint32_t q = 0;
+        std::size_t b = 0;
+        while (q < len) {
+            const std::size_t here = static_cast<std::size_t>(p.docs[lo + q]) >> shift;
+            if (first != nullptr) {
+                for (; b <= here; ++b) first[b] = q;
+            }
+            // At least 0: a chunk without the term adds nothing to its sum (as the rows' bounds, made from 0).
+            float best = 0.0f;
+            while (q < len && (static_cast<std::size_t>(p.docs[lo + q]) >> shift) == here) {
+                best = std::max(best, p.weights[lo + q++]);
+            }
+            bound[here] += best;
+        }
+        if (first != nullptr) {
+            for (; b <= nb; ++b) first[b] = len;
+        }
+    }
+    if (mask != nullptr) {
+        // A block the mask shuts entirely offers nothing.
+        for (std::size_t b = 0; b < nb; ++b) {
+            if (bound[b] <= 0.0f) continue;
+            const std::size_t lo = b << shift;
+            const std::size_t hi = std::min(n, lo + width);
+            if (next_allowed(mask, lo, hi) >= hi) bound[b] = 0.0f;
+        }
+    }
+    float highest = 0.0f;
+    for (std::size_t b = 0; b < nb; ++b) highest = std::max(highest, bound[b]);
+    TopK top(std::min(depth, n));
+    if (!(highest > 0.0f)) return to_hits(top.take(), depth);
+
+    w.sums.assign(width, 0.0f);
+    float* const sums = w.sums.data();
+    // Scores block b's chunks and offers them; its bound is then set to 0, which marks it done.
+    const auto score = [&](std::size_t b) {
+        const auto lo = static_cast<std::int32_t>(b << shift);
+        const auto span = static_cast<std::uint32_t>(std::min(n, (b << shift) + width) - (b << shift));
+        for (std::size_t k = 0; k < n_query_terms; ++k) {
+            const std::int64_t base = p.indptr[term_ids[k]];
+            const std::uint32_t* first = w.first[k];
+            for (std::int64_t q = base + first[b]; q < base + first[b + 1]; ++q) {
+                const auto u = static_cast<std::uint32_t>(p.docs[q] - lo);
+                if (u >= span) {
+                    std::fill(sums, sums + width, 0.0f);
+                    fail("docs[" + std::to_string(q) + "] = " + std::to_string(p.docs[q]) +
+                         " is not in the block its bounds place it in: the postings changed after the bounds were "
+                         "made");
+                }
+                sums[u] += p.weights[q];
+            }
+        }
+        // Only a sum that reaches the bar (and is > 0) can get in: one comparison per chunk, a branch the predictor
+        // gets right once the bar is near the final one (most of a block's chunks fall below it).
+        const float least = std::numeric_limits<float>::denorm_min();
+        const float bar = top.full() ? std::max(top.worst().score, least) : least;
+        for (std::uint32_t u = 0; u < span; ++u) {
+            if (sums[u] >= bar && (mask == nullptr || mask[static_cast<std::size_t>(lo) + u] != 0)) {
+                top.offer(sums[u], lo + static_cast<std::int64_t>(u));
+            }
+        }
+        std::fill(sums, sums + span, 0.0f);
+        bound[b] = 0.0f;
+    };
+
+    // Best first: a counting sort of the blocks by range of bound; top_of[j] is the largest bound in ranges j and
+    // below, so that the loop can stop without trusting the ranges' edges.
+    const float per = static_cast<float>(kBlockBuckets - 1) / highest;
+    const auto bucket = [per](float v) { return std::min(kBlockBuckets - 1, static_cast<std::size_t>(v * per)); };
+    w.count.assign(kBlockBuckets + 1, 0);
+    w.top_of.assign(kBlockBuckets, 0.0f);
+    for (std::size_t b = 0; b < nb; ++b) {
+        if (bound[b] <= 0.0f) continue;
+        const std::size_t j = bucket(bound[b]);
+        ++w.count[j + 1];
+        w.top_of[j] = std::max(w.top_of[j], bound[b]);
+    }
+    for (std::size_t j = 1; j < kBlockBuckets; ++j) w.top_of[j] = std::max(w.top_of[j], w.top_of[j - 1]);
+    for (std::size_t j = 0; j < kBlockBuckets; ++j) w.count[j + 1] += w.count[j];  // count[j]: range j's first slot
+    w.order.resize(w.count[kBlockBuckets]);
+    {
+        std::vector<std::uint32_t> next(w.count.begin(), w.count.end() - 1);
+        for (std::size_t b = 0; b < nb; ++b) {
+            if (bound[b] > 0.0f) w.order[next[bucket(bound[b])]++] = static_cast<std::uint32_t>(b);
+        }
+    }
+    std::size_t done = 0;
+    bool rest = false;
+    for (std::size_t j = kBlockBuckets; j-- > 0 && !rest;) {
+        if (top.full() && w.top_of[j] < top.worst().score) return to_hits(top.take(), depth);
+        for (std::uint32_t slot = w.count[j]; slot < w.count[j + 1]; ++slot) {
+            const std::size_t b = w.order[slot];
+            if (top.full() && bound[b] < top.worst().score) continue;
+            score(b);
+            if (top.full() && ++done >= kBestFirstBlocks) {
+                rest = true;
+                break;
+            }
+        }
+    }
+    if (rest) {
+        for (std::size_t b = 0; b < nb; ++b) {
+            if (bound[b] > 0.0f && !(bound[b] < top.worst().score)) score(b);
+        }
+    }
+    return to_hits(top.take(), depth);
+}
+
 std::int64_t elapsed_ns(std::chrono::steady_clock::time_point since) {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - since).count();
 }
@@ -253,6 +417,20 @@ Hits bm25_top(const Postings& p, const std::int64_t* term_ids, std::size_t n_que
     const std::size_t n = p.n_docs;
     TopK top(std::min(static_cast<std::size_t>(depth), std::max<std::size_t>(n, 1)));
     if (n == 0 || n_query_terms == 0) return to_hits(top.take(), static_cast<std::size_t>(depth));
+    std::size_t total = 0;
+    for (std::size_t k = 0; k < n_query_terms; ++k) {
+        total += static_cast<std::size_t>(p.indptr[term_ids[k] + 1] - p.indptr[term_ids[k]]);
+    }
+    if (p.blocks != nullptr) {
+        const BlockBounds& bb = *p.blocks;
+        if (bb.indptr != p.indptr || bb.docs != p.docs || bb.weights != p.weights || bb.n_terms != p.n_terms ||
+            bb.n_docs != n) {
+            fail("blocks were made from other postings");
+        }
+        if (total >= kBlocksRatio * bb.n_blocks) {
+            return bm25_top_blocks(p, term_ids, n_query_terms, mask, static_cast<std::size_t>(depth));
+        }
+    }
     std::vector<float>& acc = accumulator(n);
     // Same additions in the same order as the numba scorer: float32, query term by query term, postings in order.
     for (std::size_t k = 0; k < n_query_terms; ++k) {
@@ -277,10 +455,6 @@ Hits bm25_top(const Postings& p, const std::int64_t* term_ids, std::size_t n_que
         if (mask != nullptr && mask[d] == 0) return;
         top.offer(s, static_cast<std::int64_t>(d));
     };
-    std::size_t total = 0;
-    for (std::size_t k = 0; k < n_query_terms; ++k) {
-        total += static_cast<std::size_t>(p.indptr[term_ids[k] + 1] - p.indptr[term_ids[k]]);
-    }
     if (n >= kScanMinChunks && total * kScanRatio >= n) {
         // Postings that cover much of the index: read the sums in chunk order, a stream, rather than at each
         // posting again, a random read and write apiece (at 1M chunks, ~half of the scorer's time). Offers then come
@@ -306,6 +480,65 @@ Hits bm25_top(const Postings& p, const std::int64_t* term_ids, std::size_t n_que
         for (std::int64_t q = p.indptr[t]; q < p.indptr[t + 1]; ++q) settle(static_cast<std::size_t>(p.docs[q]));
     }
     return to_hits(top.take(), static_cast<std::size_t>(depth));
+}
+
+BlockBounds block_bounds(const Postings& p, unsigned shift, std::size_t min_postings) {
+    if (shift > kBlocksMaxShift) {
+        fail("shift must be in [0, " + std::to_string(kBlocksMaxShift) + "], got " + std::to_string(shift));
+    }
+    const std::size_t n = p.n_docs;
+    BlockBounds bb;
+    bb.shift = shift;
+    bb.n_blocks = (n + (std::size_t{1} << shift) - 1) >> shift;
+    bb.indptr = p.indptr;
+    bb.docs = p.docs;
+    bb.weights = p.weights;
+    bb.n_terms = p.n_terms;
+    bb.n_docs = n;
+    bb.row.assign(p.n_terms, -1);
+    if (p.indptr[0] < 0) fail("indptr[0] = " + std::to_string(p.indptr[0]) + " is negative");
+    for (std::size_t t = 0; t < p.n_terms; ++t) {
+        const std::int64_t lo = p.indptr[t];
+        const std::int64_t hi = p.indptr[t + 1];
+        if (hi < lo || static_cast<std::size_t>(hi) > p.n_postings) {
+            fail("indptr[" + std::to_string(t) + ":" + std::to_string(t + 2) + "] = [" + std::to_string(lo) + ", " +
+                 std::to_string(hi) + "] is not a range of the " + std::to_string(p.n_postings) + " postings");
+        }
+        for (std::int64_t q = lo; q < hi; ++q) {
+            const std::int32_t d = p.docs[q];
+            if (d < 0 || static_cast<std::size_t>(d) >= n || (q > lo && d <= p.docs[q - 1])) {
+                fail("docs[" + std::to_string(q) + "] = " + std::to_string(d) + " is not in [0, " +
+                     std::to_string(n) + ") after the list's previous chunk: bounds need each list in ascending "
+                     "chunk order");
+            }
+        }
+        if (hi - lo >= static_cast<std::int64_t>(std::max<std::size_t>(min_postings, 1))) {
+            bb.row[t] = static_cast<std::int32_t>(bb.rows++);
+        }
+    }
+    const std::size_t nb = bb.n_blocks;
+    bb.max.assign(bb.rows * nb, 0.0f);
+    bb.start.assign(bb.rows * (nb + 1), 0);
+    for (std::size_t t = 0; t < p.n_terms; ++t) {
+        const std::int32_t r = bb.row[t];
+        if (r < 0) continue;
+        float* mx = bb.max.data() + static_cast<std::size_t>(r) * nb;
+        std::uint32_t* first = bb.start.data() + static_cast<std::size_t>(r) * (nb + 1);
+        const std::int64_t lo = p.indptr[t];
+        const auto len = static_cast<std::uint32_t>(p.indptr[t + 1] - lo);
+        std::uint32_t q = 0;
+        for (std::size_t b = 0; b < nb; ++b) {
+            first[b] = q;
+            float best = 0.0f;
+            while (q < len && (static_cast<std::size_t>(p.docs[lo + q]) >> shift) == b) {
+                best = std::max(best, p.weights[lo + q]);
+                ++q;
+            }
+            mx[b] = best;
+        }
+        first[nb] = len;
+    }
+    return bb;
 }
 
 Hits dense_top(const DenseRows& rows, const float* query, const std::uint8_t* mask, std::int64_t depth,

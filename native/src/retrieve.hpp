@@ -17,6 +17,8 @@
 
 namespace rag {
 
+struct BlockBounds;
+
 // Impact postings (CSC): the postings of term t are [indptr[t], indptr[t + 1]) in docs / weights. Non-owning.
 struct Postings {
     const std::int64_t* indptr = nullptr;
@@ -25,7 +27,37 @@ struct Postings {
     const float* weights = nullptr;
     std::size_t n_postings = 0;
     std::size_t n_docs = 0;
+    // Bounds per block of chunks made from these postings (block_bounds below), or nullptr: bm25_top then scores
+    // every posting of the query's terms.
+    const BlockBounds* blocks = nullptr;
 };
+
+// Each long list's largest weight per block of 2^shift consecutive chunks, and where the list's postings of each
+// block begin, made once from a loaded index's postings (block_bounds). With them bm25_top ranks a query whose
+// lists cover much of the index block by block, best bound first, and stops where no block left can reach its
+// depth-th score: at 1M chunks a query of common words touches a few percent of its postings. A list shorter than
+// min_postings gets no row: its bounds are found per query from its own postings.
+struct BlockBounds {
+    unsigned shift = 0;
+    std::size_t n_blocks = 0;  // ceil(n_docs / 2^shift)
+    std::size_t rows = 0;      // lists with a row
+    // The postings these were made from: bm25_top refuses bounds made from other arrays.
+    const std::int64_t* indptr = nullptr;
+    const std::int32_t* docs = nullptr;
+    const float* weights = nullptr;
+    std::size_t n_terms = 0;
+    std::size_t n_docs = 0;
+    std::vector<std::int32_t> row;     // per term: its row, -1 for a list without one
+    std::vector<float> max;            // [rows x n_blocks]: max(0, the row's weights in the block)
+    std::vector<std::uint32_t> start;  // [rows x (n_blocks + 1)]: offset in the list of the block's first posting
+};
+
+constexpr unsigned kBlocksMaxShift = 12;
+
+// The bounds of `postings` in blocks of 2^shift chunks (shift in [0, kBlocksMaxShift]), with rows for the lists of at least
+// min_postings postings. Every list must be in ascending chunk order without repeats, each chunk in [0, n_docs):
+// throws std::invalid_argument naming the first posting that is not.
+BlockBounds block_bounds(const Postings& postings, unsigned shift, std::size_t min_postings);
 
 // Dense rows, float32 [n x d], and optionally their sq8 codes: int8 [n x d] with a per-dimension affine decode
 // x[j] ~= base[j] + scale[j] * code[j]. Non-owning.
@@ -52,7 +84,8 @@ struct Hits {
 // The top min(depth, n_docs) chunks with a BM25 score > 0 (the sum, in query-term order, of each query term's impact;
 // a repeated term counts twice), allowed by mask (one byte per chunk, nonzero = allowed; nullptr = all). Throws
 // std::invalid_argument naming the argument for a term id outside [0, n_terms), a posting range outside the
-// postings, a chunk id outside [0, n_docs) or depth < 1.
+// postings, a chunk id outside [0, n_docs), depth < 1, or bounds (postings.blocks) made from other postings.
+// The answer is the same with bounds and without: they only decide which postings are read.
 Hits bm25_top(const Postings& postings, const std::int64_t* term_ids, std::size_t n_query_terms,
               const std::uint8_t* mask, std::int64_t depth);
 

@@ -185,8 +185,9 @@ class AdaptiveSettings(BaseModel):
                                    "time as a share of the budget. Set by bench/README.md \"Issue 5\", \"Brownout\".")
     lexical_beside_postings: int = Field(
         200_000, ge=0, description="A search alone in the server whose query terms have at least this many postings "
-        "ranks its BM25 on a thread beside its query encode, which then keeps to one core; below it, the encode's "
-        "idle threads save more (bench/README.md \"Issue 15\", \"BM25 beside the encode\"). 0: never.")
+        "ranks its BM25 on a thread beside the rest: on an HNSW index beside the graph's search, after the encode; "
+        "on a flat one beside its query encode, which then keeps to one core (bench/README.md \"Issue 15\", \"BM25 "
+        "block by block\", \"BM25 beside the encode\"). 0: never.")
 
 
 class ScopedToken(BaseModel):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from numba import njit
@@ -686,12 +686,15 @@ def rank_reference(features: np.ndarray, columns: np.ndarray, weights: np.ndarra
 
 class Postings(NamedTuple):
     """BM25 impact postings (rag_service/retrievers/lexical.py's layout): the postings of term t are
-    [indptr[t], indptr[t + 1]) of docs / weights."""
+    [indptr[t], indptr[t + 1]) of docs / weights. `blocks`: the extension's bounds per block of chunks, made from
+    these arrays (kernels.native.block_bounds), which only decide which postings the C++ bm25_top reads; the
+    references ignore them."""
 
     indptr: np.ndarray   # int64[vocab + 1]
     docs: np.ndarray     # int32[postings]
     weights: np.ndarray  # float32[postings], idf folded in
     n_docs: int
+    blocks: Any = None
 
 
 class SQ8Codes(NamedTuple):

@@ -71,12 +71,14 @@ def _record_stage(timer: StageTimer, name: str, start_ns: int, ns: int) -> None:
 @dataclass
 class LexicalAhead:
     """A request's query analysis and filter mask, made before its encode (Pipeline._before_encode), and its BM25
-    list when that is ranked on the beside thread meanwhile: (ids, scores, start ns, duration ns)."""
+    list when that is ranked on the beside thread: (ids, scores, start ns, duration ns). `later`: BM25 goes to that
+    thread after the encode, beside the dense index's search (Pipeline._lexical_beside)."""
 
     depth: int
     terms: np.ndarray
     mask: np.ndarray | None
     bm25: Future[tuple[np.ndarray, np.ndarray, int, int]] | None = None
+    later: bool = False
 
     @property
     def beside(self) -> bool:
@@ -207,8 +209,10 @@ class Pipeline(SearcherBase):
     def _before_encode(self, plan: adaptive.Plan, alone: bool, timer: StageTimer) -> LexicalAhead | None:
         """With a beside thread (and the one native call's first stage), a lone search's query analysis and filter
         mask are made before its encode, and when its postings reach `lexical_beside_postings` its BM25 list is
-        ranked on that thread while the encode runs on the home CPU alone: on a large index BM25 is as long as the
-        encode and the dense search together (bench/README.md, "Issue 15", "BM25 beside the encode")."""
+        ranked on that thread: on an index searched by its graph (HNSW), after the encode, which keeps both CPUs,
+        while the graph is searched on the home one (BM25 read block by block takes about what the graph search
+        does: bench/README.md, "BM25 block by block"); on a scanned index, while the encode runs on the home CPU
+        alone (the scan takes the other CPU's worker in the call: "BM25 beside the encode")."""
         if self._beside is None or not alone or not self.native_first_stage:
             return None
         params = plan.params
@@ -225,9 +229,23 @@ class Pipeline(SearcherBase):
         # A BM25 still running beside belongs to a search that gave up on it (a deadline, a semantic hit): this one
         # would wait behind it, so it ranks its own in the call.
         if postings >= self.policy.config.lexical_beside_postings and (last is None or last.done()):
-            ahead.bm25 = self._beside_last = self._beside.submit(_bm25_beside, bm25_index.postings, terms,
-                                                                 params.depth, mask)
+            if self.index.dense.native_scan:
+                ahead.bm25 = self._beside_last = self._beside.submit(_bm25_beside, bm25_index.postings, terms,
+                                                                     params.depth, mask)
+            else:
+                ahead.later = True
         return ahead
+
+    def _lexical_beside(self, ahead: LexicalAhead | None) -> None:
+        """Sends a BM25 list that _before_encode kept for later to the beside thread, before the dense index's
+        search (unless a BM25 that a search gave up on holds the thread: the call then ranks its own)."""
+        if ahead is None or not ahead.later or self._beside is None:
+            return
+        ahead.later = False
+        last = self._beside_last
+        if last is None or last.done():
+            ahead.bm25 = self._beside_last = self._beside.submit(_bm25_beside, self.index.bm25.postings, ahead.terms,
+                                                                 ahead.depth, ahead.mask)
 
     def _mask(self, params: SearchParams, timer: StageTimer, ahead: LexicalAhead | None) -> np.ndarray | None:
         """The request's filter mask: the one made before the encode, else made here as the filter stage."""
@@ -287,6 +305,7 @@ class Pipeline(SearcherBase):
         hits = None
         if query_vector is not None and not scan:
             check_deadline(deadline, "dense")
+            self._lexical_beside(ahead)
             with timer.stage("dense"):
                 hits = dense_index.search(query_vector, params.depth, mask)
         oversample = dense_index.native_oversample if dense_index.sq8 is not None else 0
@@ -329,10 +348,11 @@ class Pipeline(SearcherBase):
         mask = self._mask(params, timer, ahead)
         if query_vector is None:
             query_vector = self._encode_stage(params.query, deadline, timer)
-        if alone:
+        if alone and (ahead is None or not ahead.later):
             # The worker that takes part of the call's work wakes meanwhile (~0.1 ms on a VM), not in the call; not
-            # before the encode, whose own workers have that core. Its own stage: waking a thread on a vCPU that has
-            # halted costs the caller 20-45 µs here (the interrupt to another CPU is a VM exit).
+            # before the encode, whose own workers have that core, nor while BM25 runs there beside the dense search
+            # (it would spin beside it). Its own stage: waking a thread on a vCPU that has halted costs the caller
+            # 20-45 µs here (the interrupt to another CPU is a VM exit).
             with timer.stage("rouse"):
                 store.core.rouse_helper()
         if params.depth < 1:
@@ -347,6 +367,7 @@ class Pipeline(SearcherBase):
         hits = None
         if not scan:
             check_deadline(deadline, "dense")
+            self._lexical_beside(ahead)
             with timer.stage("dense"):
                 hits = dense_index.search(query_vector, params.depth, mask)
         bm25 = ahead.hits(params.depth, timer, deadline) if ahead is not None else None
