@@ -18,6 +18,7 @@ from rag_service.encoder.batching import MicroBatcher
 from rag_service.encoder.encode import SearchEncoder, load_index_encoder
 from rag_service.index.load import load_index
 from rag_service.index.manifest import sha256_file
+from rag_service.index.resident import make_resident
 from rag_service.kernels import native
 from rag_service.search.adaptive import AdaptiveConfig, AdaptivePolicy
 from rag_service.search.pipeline import Pipeline
@@ -136,6 +137,14 @@ def load_searcher(config: ServerConfig, encoder: SearchEncoder | None = None,
         searcher.close()
         raise
     summary = searcher.summary()
+    if config.resident_index and not shards:
+        # After the warm-up, which maps what is mapped on first use.
+        residency = make_resident(summary.path)
+        if residency.skipped:
+            log.info("index %s pages left to the kernel: %s", summary.name, residency.skipped)
+        else:
+            log.info("index %s pages resident: %d MiB mapped, in %.2f s", summary.name,
+                     residency.resident_bytes >> 20, residency.seconds)
     log.info("loaded %s version %s (%d chunks)%s", summary.name, summary.version, summary.n_chunks,
              f" over {len(shards)} shards: {', '.join(shards)}" if shards else "")
     return searcher

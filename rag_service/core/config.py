@@ -359,6 +359,10 @@ class ServerConfig(BaseSettings):
                                    "when loading it.")
     warmup_queries: int = Field(8, ge=0, description="Built-in queries searched after loading an index, before "
                                 "serving, so the first real requests do not pay for cold caches.")
+    resident_index: bool = Field(True, description="Once an index is loaded (and warmed), fault in every page of "
+                                 "its memory-mapped files (Linux madvise MADV_POPULATE_READ) when they take at most "
+                                 "half the available memory, so that no search pays a page fault, nor a read from "
+                                 "disk for a page the kernel had dropped (rag_service/index/resident.py).")
     index_root: Path | None = Field(None, description="ReloadIndex paths must resolve inside this directory, and "
                                     "aliases.json lives here; unset: collections_root, else the index root of "
                                     "`index`.")
