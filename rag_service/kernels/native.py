@@ -140,8 +140,9 @@ _HAS_SEARCH_CORE: bool = _native is not None and hasattr(_native, "search_core")
 # And the reply's contexts joined natively (join_contexts).
 _HAS_JOIN: bool = _native is not None and hasattr(_native, "join_contexts")
 
-# Blocks of 64 chunks: at 1M chunks a query of common words then reads ~1-3% of its postings (bench/README.md,
-# "BM25 block by block"), and the bounds of the lists longer than the blocks take ~1.5% of the postings' bytes.
+# Blocks of 64 chunks: at 1M chunks BM25 then reads a few percent of a query's postings at p50 (bench/README.md,
+# "BM25 block by block"; 16 and 32 bound tighter but cost more per query), and the bounds of the lists longer than
+# the blocks take ~10% of the postings' bytes.
 BLOCK_SHIFT = 6
 if _native is not None and not _HAS_RERANK_KERNELS:
     logger.warning("rag_service._native predates the rerank kernels; they run on the NumPy references until it is "
