@@ -780,6 +780,19 @@ def test_block_bounds_refuse_bad_postings():
             native.block_bounds(p._replace(docs=np.array([0, 2, 4, 1, 3], np.int32)), shift=shift)
     with pytest.raises(ValueError, match="blocks must be a BlockBounds"):
         native._native.bm25_top(p.indptr, p.docs, p.weights, 6, np.array([0], np.int64), None, 3, blocks=object())
+    # Postings changed in place after their bounds were made: refused, never read out of bounds.
+    good = Postings(p.indptr, np.array([0, 2, 4, 1, 3], np.int32), p.weights.copy(), 6)
+    for min_postings, at, value, problem in ((10, 3, 99, "outside"), (0, 1, 5, "not in the block")):
+        docs = good.docs.copy()
+        changed = good._replace(docs=docs)
+        changed = changed._replace(blocks=native.block_bounds(changed, shift=1, min_postings=min_postings))
+        docs[at] = value
+        with pytest.raises(ValueError, match=rf"docs\[{at}\] = {value} .*{problem}.*changed after the bounds"):
+            native.bm25_top(changed, np.array([0, 1, 0, 1], np.int64), 3, backend="cpp")
+    # A failed call leaves the thread's buffers clean.
+    bounded = good._replace(blocks=native.block_bounds(good, shift=1, min_postings=0))
+    same(native.bm25_top(bounded, np.array([0, 1], np.int64), 6, backend="cpp"),
+         bm25_top_reference(good, np.array([0, 1], np.int64), None, 6))
 
 
 def test_a_large_index_reads_its_bounds_through_the_pipeline(built_index, encoder, monkeypatch):

@@ -288,6 +288,10 @@ Hits bm25_top_blocks(const Postings& p, const std::int64_t* term_ids, std::size_
         std::size_t b = 0;
         while (q < len) {
             const std::size_t here = static_cast<std::size_t>(p.docs[lo + q]) >> shift;
+            if (here >= nb) {
+                fail("docs[" + std::to_string(lo + q) + "] = " + std::to_string(p.docs[lo + q]) + " is outside [0, " +
+                     std::to_string(n) + "): the postings changed after the bounds were made");
+            }
             if (first != nullptr) {
                 for (; b <= here; ++b) first[b] = q;
             }
