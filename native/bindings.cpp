@@ -721,9 +721,6 @@ PostingsArgs postings_arg(const py::handle& indptr_obj, const py::handle& docs_o
 std::unique_ptr<BlockBoundsObject> make_block_bounds(const py::handle& indptr, const py::handle& docs,
                                                      const py::handle& weights, std::int64_t n_docs,
                                                      std::int64_t shift, std::int64_t min_postings) {
-    if (shift < 0 || shift > static_cast<std::int64_t>(rag::kBlocksMaxShift)) {
-        fail("shift must be in [0, " + std::to_string(rag::kBlocksMaxShift) + "], got " + std::to_string(shift));
-    }
     PostingsArgs p = postings_arg(indptr, docs, weights, n_docs);
     auto out = std::make_unique<BlockBoundsObject>();
     out->indptr = p.indptr;
@@ -731,10 +728,8 @@ std::unique_ptr<BlockBoundsObject> make_block_bounds(const py::handle& indptr, c
     out->weights = p.weights;
     {
         py::gil_scoped_release release;
-        const std::size_t width = std::size_t{1} << shift;
-        const std::size_t blocks = (p.postings.n_docs + width - 1) / width;
-        out->bounds = rag::block_bounds(p.postings, static_cast<unsigned>(shift),
-                                        min_postings < 0 ? blocks : static_cast<std::size_t>(min_postings));
+        out->bounds = rag::block_bounds(p.postings, shift,
+                                        min_postings < 0 ? rag::kRowsPerBlock : static_cast<std::size_t>(min_postings));
     }
     return out;
 }

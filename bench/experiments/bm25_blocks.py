@@ -20,13 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from rag_service.bench.data import load_queries
+from rag_service.index.load import resolve_version_dir
 from rag_service.kernels import native
 from rag_service.retrievers.lexical import BM25Index
-
-
-def version_dir(root: Path) -> Path:
-    current = root / "CURRENT"
-    return current.resolve() if current.exists() else root
 
 
 def oracle(index: BM25Index, terms: np.ndarray, depth: int, shift: int) -> tuple[int, int]:
@@ -61,7 +57,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    index = BM25Index.load(version_dir(args.index), warmup=False)
+    index = BM25Index.load(resolve_version_dir(args.index), warmup=False)
     plain = index.postings._replace(blocks=None)
     started = time.perf_counter()
     bounds = native.block_bounds(plain, shift=args.shift)

@@ -4,7 +4,7 @@
 
 Starts `rag-serve` on the index and a bare `grpc.aio` server (the health service alone, in a child process), then
 sends each kind of call `--calls` times in a row from one client, `--rounds` times, and reads the server process's
-CPU time (user + system, /proc/PID/stat) before and after each batch: the CPU one call costs the server, beside its
+CPU time (user + system, psutil) before and after each batch: the CPU one call costs the server, beside its
 wall time at the client. The refused Search asks for a `top_k` past the server's limit (INVALID_ARGUMENT), which
 takes the same path out as a refusal for load (the status, its message, the abort) without needing load.
 """
@@ -12,7 +12,6 @@ takes the same path out as a refusal for load (the status, its message, the abor
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rag_service.bench.serve import ServerProcess
@@ -44,8 +44,8 @@ asyncio.run(main())
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def measure(name: str, pid: int, call: Callable[[], object], calls: int, rounds: int) -> None:

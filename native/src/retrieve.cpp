@@ -486,13 +486,13 @@ Hits bm25_top(const Postings& p, const std::int64_t* term_ids, std::size_t n_que
     return to_hits(top.take(), static_cast<std::size_t>(depth));
 }
 
-BlockBounds block_bounds(const Postings& p, unsigned shift, std::size_t min_postings) {
-    if (shift > kBlocksMaxShift) {
+BlockBounds block_bounds(const Postings& p, std::int64_t shift, std::size_t min_postings) {
+    if (shift < 0 || shift > static_cast<std::int64_t>(kBlocksMaxShift)) {
         fail("shift must be in [0, " + std::to_string(kBlocksMaxShift) + "], got " + std::to_string(shift));
     }
     const std::size_t n = p.n_docs;
     BlockBounds bb;
-    bb.shift = shift;
+    bb.shift = static_cast<unsigned>(shift);
     bb.n_blocks = (n + (std::size_t{1} << shift) - 1) >> shift;
     bb.indptr = p.indptr;
     bb.docs = p.docs;
@@ -500,6 +500,7 @@ BlockBounds block_bounds(const Postings& p, unsigned shift, std::size_t min_post
     bb.n_terms = p.n_terms;
     bb.n_docs = n;
     bb.row.assign(p.n_terms, -1);
+    const std::size_t least = std::max<std::size_t>(min_postings == kRowsPerBlock ? bb.n_blocks : min_postings, 1);
     if (p.indptr[0] < 0) fail("indptr[0] = " + std::to_string(p.indptr[0]) + " is negative");
     for (std::size_t t = 0; t < p.n_terms; ++t) {
         const std::int64_t lo = p.indptr[t];
@@ -516,7 +517,7 @@ BlockBounds block_bounds(const Postings& p, unsigned shift, std::size_t min_post
                      "chunk order");
             }
         }
-        if (hi - lo >= static_cast<std::int64_t>(std::max<std::size_t>(min_postings, 1))) {
+        if (static_cast<std::size_t>(hi - lo) >= least) {
             bb.row[t] = static_cast<std::int32_t>(bb.rows++);
         }
     }

@@ -53,11 +53,14 @@ struct BlockBounds {
 };
 
 constexpr unsigned kBlocksMaxShift = 12;
+// block_bounds' min_postings that gives rows to the lists of at least as many postings as there are blocks.
+constexpr std::size_t kRowsPerBlock = static_cast<std::size_t>(-1);
 
-// The bounds of `postings` in blocks of 2^shift chunks (shift in [0, kBlocksMaxShift]), with rows for the lists of at least
-// min_postings postings. Every list must be in ascending chunk order without repeats, each chunk in [0, n_docs):
-// throws std::invalid_argument naming the first posting that is not.
-BlockBounds block_bounds(const Postings& postings, unsigned shift, std::size_t min_postings);
+// The bounds of `postings` in blocks of 2^shift chunks (shift in [0, kBlocksMaxShift]), with rows for the lists of
+// at least min_postings postings (kRowsPerBlock: as many as there are blocks). Every list must be in ascending chunk
+// order without repeats, each chunk in [0, n_docs): throws std::invalid_argument naming the first posting that is
+// not, or a shift out of range.
+BlockBounds block_bounds(const Postings& postings, std::int64_t shift, std::size_t min_postings);
 
 // Dense rows, float32 [n x d], and optionally their sq8 codes: int8 [n x d] with a per-dimension affine decode
 // x[j] ~= base[j] + scale[j] * code[j]. Non-owning.

@@ -61,7 +61,7 @@ class Analyzer:
         return _WORD.findall(text.lower())
 
     def tokens(self, text: str) -> list[str]:
-        words = _WORD.findall(text.lower())
+        words = self.words(text)
         # A build analyses millions of chunks over a vocabulary of some 10^5 words: one dict look-up per word (its
         # stem, or None for a stop word) replaces the stop-word filter and the stemmer call (1.9x faster warm).
         memo = self._memo()

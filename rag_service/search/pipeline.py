@@ -229,16 +229,15 @@ class Pipeline(SearcherBase):
         # A BM25 still running beside belongs to a search that gave up on it (a deadline, a semantic hit): this one
         # would wait behind it, so it ranks its own in the call.
         if postings >= self.policy.config.lexical_beside_postings and (last is None or last.done()):
+            ahead.later = True
             if self.index.dense.native_scan:
-                ahead.bm25 = self._beside_last = self._beside.submit(_bm25_beside, bm25_index.postings, terms,
-                                                                     params.depth, mask)
-            else:
-                ahead.later = True
+                self._lexical_beside(ahead)
         return ahead
 
     def _lexical_beside(self, ahead: LexicalAhead | None) -> None:
-        """Sends a BM25 list that _before_encode kept for later to the beside thread, before the dense index's
-        search (unless a BM25 that a search gave up on holds the thread: the call then ranks its own)."""
+        """Sends the BM25 list that _before_encode chose to rank beside to the beside thread: before the encode
+        (a scanned index), or before the graph's search (unless a BM25 that a search gave up on holds the thread
+        meanwhile: the call then ranks its own)."""
         if ahead is None or not ahead.later or self._beside is None:
             return
         ahead.later = False
