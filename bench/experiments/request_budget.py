@@ -16,6 +16,13 @@ pipeline timed). Per request:
 `--cache exact` asks with the cache on (CACHE_EXACT_ONLY) instead of bypassing it: each round appends another run of
 zero-width spaces to every query (another exact key, the same tokens), so every search is still a miss, now with the
 cache's exact look-up and the store of its answer (its `cache` stage; the store is not a stage of the reply).
+`--cache semantic` times semantic hits: each round first asks every query as it is, untimed, with the cache on (its
+answer is stored, or found there), then, timed, each query with a run of zero-width spaces appended (another run per
+round: a new exact key, the same tokens, a vector close to the query's) with the cache on; only the replies served
+from the semantic cache count (the rest are printed as a number). "server minus encode" is each request's
+server time minus its own `encode` stage: for a semantic hit, what the look-up, its guard and the reply add to the
+encode, which the issue holds to 0.5 ms (the appended spaces make the variant's encode slower than the query's, so
+the misses' encode is not the baseline to subtract).
 `--server NAME=RAG_SERVE ...` (repeatable) runs the same for several rag-serve executables (an A/B of two builds),
 rounds alternating between them; `NAME=` is this environment's, and `--server-env NAME:KEY=VALUE` gives one of them a
 setting of its own (an A/B of two settings).
@@ -38,7 +45,11 @@ from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
 
-def run_round(target: str, requests: list[pb.SearchRequest], into: dict[str, list[float]], suffix: str = "") -> None:
+def run_round(target: str, requests: list[pb.SearchRequest], into: dict[str, list[float]], suffix: str = "",
+              semantic: bool = False) -> None:
+    """One pass over `requests` (each with `suffix` appended to its query), the samples added to `into`. `semantic`:
+    every query is asked as it is first, untimed, and only the timed replies served from the semantic cache count."""
+    bases = [r.query for r in requests]
     if suffix:
         requests = [pb.SearchRequest(query=r.query + suffix, debug=r.debug, cache=r.cache) for r in requests]
     with grpc.insecure_channel(target) as channel:
@@ -47,6 +58,9 @@ def run_round(target: str, requests: list[pb.SearchRequest], into: dict[str, lis
         empty = health_pb2.HealthCheckRequest()
         for request in requests[:20]:  # warm the channel and the pipeline (bypassing the cache: no key is used up)
             search(pb.SearchRequest(query=request.query, debug=request.debug, cache=pb.CACHE_BYPASS), timeout=30)
+        if semantic:
+            for base in bases:
+                search(pb.SearchRequest(query=base), timeout=30)
         for request in requests:
             started = time.perf_counter_ns()
             check(empty, timeout=10)
@@ -54,11 +68,16 @@ def run_round(target: str, requests: list[pb.SearchRequest], into: dict[str, lis
             started = time.perf_counter_ns()
             reply = search(request, timeout=30)
             client_us = (time.perf_counter_ns() - started) / 1e3
+            if semantic and reply.served_from != pb.SERVED_FROM_SEMANTIC:
+                into["not semantic hits"].append(client_us)
+                into["empty call"].pop()
+                continue
             stages = dict(reply.stage_time_us)
             into["client total"].append(client_us)
             into["server total"].append(reply.server_time_us)
             into["outside the server"].append(client_us - reply.server_time_us)
             into["server outside the stages"].append(reply.server_time_us - sum(stages.values()))
+            into["server minus encode"].append(reply.server_time_us - stages.get("encode", 0))
             for name, us in stages.items():
                 into.setdefault(f"stage {name}", []).append(us)
 
@@ -74,20 +93,22 @@ def main() -> None:
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME:KEY=VALUE",
                         help="an environment variable for server NAME only (a setting, e.g. "
                         "RAG_ENCODER__IDLE_THREADS=1): an A/B of two settings of one build")
-    parser.add_argument("--cache", choices=["bypass", "exact"], default="bypass",
-                        help="exact: misses with the cache on (a new exact key per round), not bypassing it")
+    parser.add_argument("--cache", choices=["bypass", "exact", "semantic"], default="bypass",
+                        help="exact: misses with the cache on (a new exact key per round), not bypassing it; "
+                             "semantic: semantic hits (each query asked first, then a variant of it, timed)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     queries = load_queries(args.queries)
     if args.qrels:
         judged = load_qrels(args.qrels)
         queries = {q: t for q, t in queries.items() if q in judged}
-    cache = pb.CACHE_EXACT_ONLY if args.cache == "exact" else pb.CACHE_BYPASS
+    cache = {"exact": pb.CACHE_EXACT_ONLY, "semantic": pb.CACHE_DEFAULT}.get(args.cache, pb.CACHE_BYPASS)
     requests = [pb.SearchRequest(query=t, debug=True, cache=cache) for t in queries.values()]
     servers = dict(s.split("=", 1) for s in args.server) or {"rag-serve": ""}
 
     samples: dict[str, dict[str, list[float]]] = {name: {"client total": [], "empty call": [], "server total": [],
-                                                         "outside the server": [], "server outside the stages": []}
+                                                         "outside the server": [], "server outside the stages": [],
+                                                         "server minus encode": [], "not semantic hits": []}
                                                   for name in servers}
     env: dict[str, dict[str, str]] = {name: {} for name in servers}
     for item in args.server_env:
@@ -104,19 +125,22 @@ def main() -> None:
         names = list(servers)
         for r in range(args.rounds):
             # A fresh key per round keeps every search a miss.
-            suffix = "\u200b" * (r + 1) if args.cache == "exact" else ""
+            suffix = "\u200b" * (r + 1) if args.cache != "bypass" else ""
             for name in names[r % len(names):] + names[: r % len(names)]:
-                run_round(processes[name].target, requests, samples[name], suffix)
+                run_round(processes[name].target, requests, samples[name], suffix, semantic=args.cache == "semantic")
     finally:
         for process in processes.values():
             process.stop()
 
     report = {}
     for name, rows in samples.items():
-        print(f"\n{name}: {len(rows['client total'])} searches")
+        missed = len(rows.pop("not semantic hits"))
+        print(f"\n{name}: {len(rows['client total'])} searches" + (f" ({missed} variants were not semantic hits)"
+                                                                     if args.cache == "semantic" else ""))
         print(f"{'part':<28} {'p50 µs':>9} {'p99 µs':>9} {'mean µs':>9}")
         report[name] = {}
-        order = ["client total", "outside the server", "empty call", "server total", "server outside the stages"]
+        order = ["client total", "outside the server", "empty call", "server total", "server minus encode",
+                 "server outside the stages"]
         order += sorted((k for k in rows if k.startswith("stage ")), key=lambda k: -float(np.median(rows[k])))
         for key in order:
             values = np.asarray(rows[key], dtype=np.float64)
