@@ -21,8 +21,8 @@ answer is stored, or found there), then, timed, each query with a run of zero-wi
 round: a new exact key, the same tokens, a vector close to the query's) with the cache on; only the replies served
 from the semantic cache count (the rest are printed as a number). "server minus encode" is each request's
 server time minus its own `encode` stage: for a semantic hit, what the look-up, its guard and the reply add to the
-encode, which the issue holds to 0.5 ms (the appended spaces make the variant's encode slower than the query's, so
-the misses' encode is not the baseline to subtract).
+encode, which the issue holds to 0.5 ms (a median of the misses' encode is other requests' and moves by ~0.1 ms
+between runs, so each hit is held against its own).
 `--server NAME=RAG_SERVE ...` (repeatable) runs the same for several rag-serve executables (an A/B of two builds),
 rounds alternating between them; `NAME=` is this environment's, and `--server-env NAME:KEY=VALUE` gives one of them a
 setting of its own (an A/B of two settings).
@@ -124,7 +124,7 @@ def main() -> None:
             process.__enter__()
         names = list(servers)
         for r in range(args.rounds):
-            # A fresh key per round keeps every search a miss.
+            # A fresh key per round keeps every search off the exact cache: a miss, or (semantic) a semantic hit.
             suffix = "\u200b" * (r + 1) if args.cache != "bypass" else ""
             for name in names[r % len(names):] + names[: r % len(names)]:
                 run_round(processes[name].target, requests, samples[name], suffix, semantic=args.cache == "semantic")
