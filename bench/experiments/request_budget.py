@@ -16,13 +16,13 @@ pipeline timed). Per request:
 `--cache exact` asks with the cache on (CACHE_EXACT_ONLY) instead of bypassing it: each round appends another run of
 zero-width spaces to every query (another exact key, the same tokens), so every search is still a miss, now with the
 cache's exact look-up and the store of its answer (its `cache` stage; the store is not a stage of the reply).
-`--cache semantic` times semantic hits: each round first asks every query as it is, untimed, with the cache on (its
-answer is stored, or found there), then, timed, each query with a run of zero-width spaces appended (another run per
-round: a new exact key, the same tokens, a vector close to the query's) with the cache on; only the replies served
-from the semantic cache count (the rest are printed as a number). "server minus encode" is each request's
-server time minus its own `encode` stage: for a semantic hit, what the look-up, its guard and the reply add to the
-encode, which the issue holds to 0.5 ms (a median of the misses' encode is other requests' and moves by ~0.1 ms
-between runs, so each hit is held against its own).
+`--cache semantic` times semantic hits: each round first asks every query as it is, untimed, with the cache on and
+the timed requests' options (its answer is stored, or found there), then, timed, each query with a run of zero-width
+spaces appended (another run per round: a new exact key, the same tokens, a vector close to the query's) with the
+cache on; only the replies served from the semantic cache count (the rest are printed as a number). "server minus
+encode" is each request's server time minus its own `encode` stage: for a semantic hit, what the look-up, its guard
+and the reply add to the encode, which the issue holds to 0.5 ms (a median of the misses' encode is other requests'
+and moves by ~0.1 ms between runs, so each hit is held against its own).
 `--server NAME=RAG_SERVE ...` (repeatable) runs the same for several rag-serve executables (an A/B of two builds),
 rounds alternating between them; `NAME=` is this environment's, and `--server-env NAME:KEY=VALUE` gives one of them a
 setting of its own (an A/B of two settings).
@@ -59,20 +59,21 @@ def run_round(target: str, requests: list[pb.SearchRequest], into: dict[str, lis
         for request in requests[:20]:  # warm the channel and the pipeline (bypassing the cache: no key is used up)
             search(pb.SearchRequest(query=request.query, debug=request.debug, cache=pb.CACHE_BYPASS), timeout=30)
         if semantic:
-            for base in bases:
-                search(pb.SearchRequest(query=base), timeout=30)
+            # With the timed requests' options (`debug`): the cache keeps each set of options' answers apart.
+            for base, request in zip(bases, requests):
+                search(pb.SearchRequest(query=base, debug=request.debug, cache=request.cache), timeout=30)
         for request in requests:
             started = time.perf_counter_ns()
             check(empty, timeout=10)
-            into["empty call"].append((time.perf_counter_ns() - started) / 1e3)
+            empty_us = (time.perf_counter_ns() - started) / 1e3
             started = time.perf_counter_ns()
             reply = search(request, timeout=30)
             client_us = (time.perf_counter_ns() - started) / 1e3
             if semantic and reply.served_from != pb.SERVED_FROM_SEMANTIC:
                 into["not semantic hits"].append(client_us)
-                into["empty call"].pop()
                 continue
             stages = dict(reply.stage_time_us)
+            into["empty call"].append(empty_us)
             into["client total"].append(client_us)
             into["server total"].append(reply.server_time_us)
             into["outside the server"].append(client_us - reply.server_time_us)
@@ -143,6 +144,8 @@ def main() -> None:
                  "server outside the stages"]
         order += sorted((k for k in rows if k.startswith("stage ")), key=lambda k: -float(np.median(rows[k])))
         for key in order:
+            if not rows[key]:
+                continue
             values = np.asarray(rows[key], dtype=np.float64)
             p50, p99 = np.percentile(values, [50, 99])
             report[name][key] = {"p50_us": p50, "p99_us": p99, "mean_us": float(values.mean())}
