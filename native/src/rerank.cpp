@@ -31,10 +31,18 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // costs ~20-50 us, about what one core does with 1-2 M multiply-adds.
 constexpr std::size_t kWorkPerThread = std::size_t{1} << 21;
 
+// glibc answers hardware_concurrency by opening and parsing /sys/devices/system/cpu/online: three system calls that
+// cost more than a small call's whole work, so it is read once.
+unsigned hardware_threads() {
+    static const unsigned hardware = std::max(1u, std::thread::hardware_concurrency());
+    return hardware;
+}
+
 unsigned pick_threads(unsigned requested, std::size_t work, std::size_t items) {
     if (requested != 0) return static_cast<unsigned>(std::max<std::size_t>(1, std::min<std::size_t>(requested, items)));
-    const unsigned hardware = std::max(1u, std::thread::hardware_concurrency());
     const std::size_t by_work = work / kWorkPerThread;
+    if (by_work <= 1 || items <= 1) return 1;
+    const unsigned hardware = hardware_threads();
     return static_cast<unsigned>(std::max<std::size_t>(1, std::min<std::size_t>({hardware, by_work, items})));
 }
 
