@@ -751,21 +751,16 @@ struct DenseArgs {
     rag::DenseRows rows;
 };
 
-DenseArgs dense_arg(const py::handle& vectors_obj, const py::handle& query_obj, const py::handle& codes_obj,
-                    const py::handle& scale_obj, const py::handle& base_obj, const py::handle& bits_obj) {
+// The scanned rows: vectors and, when given, their sq8 codes and sign bits (an index's, checked once per index by
+// PreparedSearch). The query is dense_query's.
+DenseArgs dense_rows(const py::handle& vectors_obj, const py::handle& codes_obj, const py::handle& scale_obj,
+                     const py::handle& base_obj, const py::handle& bits_obj) {
     DenseArgs a;
     const py::array vectors = checked_matrix(vectors_obj, "vectors", {kNpyFloat}, "float32");
-    const py::array query = checked_vector<float>(query_obj, "query", "float32");
     a.vectors = vectors;
-    a.query = query;
-    a.query_data = data_of<float>(query);
     a.rows.vectors = data_of<float>(vectors);
     a.rows.n = static_cast<std::size_t>(vectors.shape(0));
     a.rows.d = static_cast<std::size_t>(vectors.shape(1));
-    if (len(query) != a.rows.d) {
-        fail("query must have " + std::to_string(a.rows.d) + " entries (the columns of vectors), got " +
-             std::to_string(len(query)));
-    }
     const bool any = !codes_obj.is_none() || !scale_obj.is_none() || !base_obj.is_none();
     if (!any) {
         if (!bits_obj.is_none()) fail("code_bits needs codes (the sign bits go with the sq8 codes)");
@@ -802,6 +797,24 @@ DenseArgs dense_arg(const py::handle& vectors_obj, const py::handle& query_obj, 
         a.rows.bits = data_of<std::uint64_t>(bits);
         a.rows.words = words;
     }
+    return a;
+}
+
+// A request's query for the rows of `a` (float32, one entry per column).
+void dense_query(DenseArgs& a, const py::handle& query_obj) {
+    const py::array query = checked_vector<float>(query_obj, "query", "float32");
+    if (len(query) != a.rows.d) {
+        fail("query must have " + std::to_string(a.rows.d) + " entries (the columns of vectors), got " +
+             std::to_string(len(query)));
+    }
+    a.query = query;
+    a.query_data = data_of<float>(query);
+}
+
+DenseArgs dense_arg(const py::handle& vectors_obj, const py::handle& query_obj, const py::handle& codes_obj,
+                    const py::handle& scale_obj, const py::handle& base_obj, const py::handle& bits_obj) {
+    DenseArgs a = dense_rows(vectors_obj, codes_obj, scale_obj, base_obj, bits_obj);
+    dense_query(a, query_obj);
     return a;
 }
 
@@ -938,16 +951,30 @@ struct FirstStageArgs {
     rag::simd::Level level = rag::simd::Level::kScalar;
 };
 
-// Filled in place: source.rows points into dense.
-void first_stage_arg(FirstStageArgs& a, const py::handle& indptr, const py::handle& docs, const py::handle& weights,
-                     std::int64_t n_docs, const py::handle& term_ids_obj, const py::handle& mask_obj,
-                     const py::handle& vectors, const py::handle& query, const py::handle& codes,
-                     const py::handle& code_scale, const py::handle& code_base, std::int64_t oversample,
-                     const py::handle& dense_ids, const py::handle& dense_scores, const std::string& method,
-                     double dense_weight, std::int64_t top_k, double rrf_k, const std::string& simd,
-                     const py::handle& bm25_ids, const py::handle& bm25_scores, const py::handle& code_bits,
-                     const py::handle& blocks) {
+// The index's part of the first stage's arguments: the postings and, for a scan (vectors given), the rows.
+void first_stage_index(FirstStageArgs& a, const py::handle& indptr, const py::handle& docs, const py::handle& weights,
+                       std::int64_t n_docs, const py::handle& vectors, const py::handle& codes,
+                       const py::handle& code_scale, const py::handle& code_base, const py::handle& code_bits,
+                       std::int64_t oversample, const py::handle& blocks) {
     a.p = postings_arg(indptr, docs, weights, n_docs, blocks);
+    a.scan = !vectors.is_none();
+    if (a.scan) {
+        a.dense = dense_rows(vectors, codes, code_scale, code_base, code_bits);
+        if (a.dense.rows.n != a.p.postings.n_docs) {
+            fail("vectors must have one row per chunk (n_docs = " + std::to_string(n_docs) + "), got " +
+                 std::to_string(a.dense.rows.n));
+        }
+        a.source.oversample = oversample;
+    } else if (!code_bits.is_none()) {
+        fail("code_bits needs vectors to scan");
+    }
+}
+
+// The request's part, on an `a` that first_stage_index filled; in place: source.rows points into a.dense.
+void first_stage_request(FirstStageArgs& a, const py::handle& term_ids_obj, const py::handle& mask_obj,
+                         const py::handle& query, const py::handle& dense_ids, const py::handle& dense_scores,
+                         const std::string& method, double dense_weight, std::int64_t top_k, double rrf_k,
+                         rag::simd::Level level, const py::handle& bm25_ids, const py::handle& bm25_scores) {
     if (bm25_ids.is_none() != bm25_scores.is_none()) {
         fail("bm25_ids and bm25_scores come together (both None or both arrays)");
     }
@@ -957,22 +984,15 @@ void first_stage_arg(FirstStageArgs& a, const py::handle& indptr, const py::hand
     }
     a.terms = checked_vector<std::int64_t>(term_ids_obj, "term_ids", "int64");
     a.mask_data = mask_arg(mask_obj, a.p.postings.n_docs, a.mask);
-    a.scan = !vectors.is_none() || !query.is_none();
+    if (a.scan != !query.is_none()) fail("vectors and query come together (both None or both arrays)");
     if (a.scan) {
-        if (vectors.is_none() || query.is_none()) fail("vectors and query come together (both None or both arrays)");
         if (!dense_ids.is_none() || !dense_scores.is_none()) {
             fail("dense_ids and dense_scores must be None when vectors are scanned");
         }
-        a.dense = dense_arg(vectors, query, codes, code_scale, code_base, code_bits);
-        if (a.dense.rows.n != a.p.postings.n_docs) {
-            fail("vectors must have one row per chunk (n_docs = " + std::to_string(n_docs) + "), got " +
-                 std::to_string(a.dense.rows.n));
-        }
+        dense_query(a.dense, query);
         a.source.rows = &a.dense.rows;
         a.source.query = a.dense.query_data;
-        a.source.oversample = oversample;
     } else {
-        if (!code_bits.is_none()) fail("code_bits needs vectors to scan");
         if (dense_ids.is_none() != dense_scores.is_none()) {
             fail("dense_ids and dense_scores come together (both None or both arrays)");
         }
@@ -988,7 +1008,7 @@ void first_stage_arg(FirstStageArgs& a, const py::handle& indptr, const py::hand
         }
     }
     a.fusion = rag::FusionParams{rag::parse_fusion_method(method), dense_weight, top_k, rrf_k};
-    a.level = simd_arg(simd);
+    a.level = level;
 }
 
 // The first stage's nine outputs (retrieve()'s tuple, times last) as arrays over r, owned by base.
@@ -1015,9 +1035,10 @@ py::tuple retrieve(const py::handle& indptr, const py::handle& docs, const py::h
                    const py::handle& bm25_ids, const py::handle& bm25_scores, const py::handle& code_bits,
                    const py::handle& blocks) {
     FirstStageArgs a;
-    first_stage_arg(a, indptr, docs, weights, n_docs, term_ids_obj, mask_obj, vectors, query, codes, code_scale,
-                    code_base, oversample, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k, simd,
-                    bm25_ids, bm25_scores, code_bits, blocks);
+    first_stage_index(a, indptr, docs, weights, n_docs, vectors, codes, code_scale, code_base, code_bits, oversample,
+                      blocks);
+    first_stage_request(a, term_ids_obj, mask_obj, query, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k,
+                        simd_arg(simd), bm25_ids, bm25_scores);
     auto owned = std::make_unique<rag::RetrieveResult>();
     {
         py::gil_scoped_release release;
@@ -1033,35 +1054,59 @@ py::tuple retrieve(const py::handle& indptr, const py::handle& docs, const py::h
 
 // ---- one request's ranking in one call: first stage, confidence rule, rerank (native/src/search_core.hpp) ----
 
-py::tuple search_core(const rerank_core::Core& core, const py::handle& indptr, const py::handle& docs,
-                      const py::handle& weights, std::int64_t n_docs, const py::handle& term_ids_obj,
-                      const py::handle& mask_obj, std::int64_t depth, const py::handle& vectors,
-                      const py::handle& query, const py::handle& codes, const py::handle& code_scale,
-                      const py::handle& code_base, std::int64_t oversample, const py::handle& dense_ids,
+// search_core's per-index arguments: the first stage's (first_stage_index), the rerank core, the linear model and
+// the idf table. Checked once by a PreparedSearch, per call by search_core.
+struct SearchIndexArgs {
+    FirstStageArgs first;
+    py::object core_keep;
+    const rerank_core::Core* core = nullptr;
+    py::array model_keep[2];
+    rag::LinearModel model;
+    py::array idf_table;  // float64 idf by term id, when has_idf
+    bool has_idf = false;
+    rag::simd::Level level = rag::simd::Level::kScalar;
+};
+
+void search_index_args(SearchIndexArgs& s, const py::handle& core_obj, const py::handle& indptr,
+                       const py::handle& docs, const py::handle& weights, std::int64_t n_docs,
+                       const py::handle& vectors, const py::handle& codes, const py::handle& code_scale,
+                       const py::handle& code_base, const py::handle& code_bits, std::int64_t oversample,
+                       const py::handle& columns, const py::handle& model_weights, double bias,
+                       const py::handle& idf_table, const py::handle& blocks, const std::string& simd) {
+    if (!py::isinstance<rerank_core::Core>(core_obj)) fail("core must be a RerankCore");
+    s.core_keep = py::reinterpret_borrow<py::object>(core_obj);
+    s.core = &core_obj.cast<const rerank_core::Core&>();
+    first_stage_index(s.first, indptr, docs, weights, n_docs, vectors, codes, code_scale, code_base, code_bits,
+                      oversample, blocks);
+    if (s.core->store().lexical.tokens.n_chunks != s.first.p.postings.n_docs) {
+        fail("core must hold one token stream per chunk (n_docs = " + std::to_string(n_docs) + "), got " +
+             std::to_string(s.core->store().lexical.tokens.n_chunks));
+    }
+    if (static_cast<std::size_t>(s.core->dense_vectors().shape(0)) != s.first.p.postings.n_docs) {
+        fail("core's dense_vectors must have one row per chunk (n_docs = " + std::to_string(n_docs) + "), got " +
+             std::to_string(s.core->dense_vectors().shape(0)));
+    }
+    s.model = rerank_core::linear_model(columns, model_weights, bias, s.model_keep);
+    s.has_idf = !idf_table.is_none();
+    if (s.has_idf) s.idf_table = checked_vector<double>(idf_table, "idf_table", "float64");
+    s.level = simd_arg(simd);
+}
+
+// One request's search_core over the index arguments `s` (`query`: the scan's, None without a scan).
+py::tuple search_with(const SearchIndexArgs& s, const py::handle& term_ids_obj, const py::handle& mask_obj,
+                      std::int64_t depth, const py::handle& query, const py::handle& dense_ids,
                       const py::handle& dense_scores, const std::string& method, double dense_weight,
                       std::int64_t top_k, double rrf_k, const py::handle& rerank_query_obj,
                       const py::handle& query_terms, const py::handle& query_counts, const py::handle& query_idf,
-                      const py::handle& columns, const py::handle& model_weights, double bias,
                       std::int64_t rerank_depth, bool confidence, std::int64_t agree_top, std::int64_t agree_min,
-                      const std::string& simd, const py::handle& idf_table, const py::handle& bm25_ids,
-                      const py::handle& bm25_scores, const py::handle& code_bits, bool helper,
-                      const py::handle& blocks) {
-    FirstStageArgs a;
-    first_stage_arg(a, indptr, docs, weights, n_docs, term_ids_obj, mask_obj, vectors, query, codes, code_scale,
-                    code_base, oversample, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k, simd,
-                    bm25_ids, bm25_scores, code_bits, blocks);
-    if (core.store().lexical.tokens.n_chunks != a.p.postings.n_docs) {
-        fail("core must hold one token stream per chunk (n_docs = " + std::to_string(n_docs) + "), got " +
-             std::to_string(core.store().lexical.tokens.n_chunks));
-    }
-    if (static_cast<std::size_t>(core.dense_vectors().shape(0)) != a.p.postings.n_docs) {
-        fail("core's dense_vectors must have one row per chunk (n_docs = " + std::to_string(n_docs) + "), got " +
-             std::to_string(core.dense_vectors().shape(0)));
-    }
+                      const py::handle& bm25_ids, const py::handle& bm25_scores, bool helper) {
+    FirstStageArgs a = s.first;
+    first_stage_request(a, term_ids_obj, mask_obj, query, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k,
+                        s.level, bm25_ids, bm25_scores);
     if (rerank_depth < 0) fail("rerank_depth must be >= 0, got " + std::to_string(rerank_depth));
     if (confidence && agree_top < 0) fail("agree_top must be >= 0, got " + std::to_string(agree_top));
+    const rerank_core::Core& core = *s.core;
     py::array keep_query[3];
-    py::array keep_model[2];
     const py::array rerank_query = core.query_of(rerank_query_obj, "rerank_query");
     rag::RerankInput rerank;
     rerank.store = &core.store();
@@ -1072,17 +1117,15 @@ py::tuple search_core(const rerank_core::Core& core, const py::handle& indptr, c
     // the table), which costs the request no NumPy calls of its own.
     std::vector<std::int32_t> own_terms;
     std::vector<double> own_counts, own_idf;
-    py::array keep_table;
     if (query_terms.is_none()) {
-        if (idf_table.is_none()) fail("search_core needs query_terms, query_counts and query_idf, or idf_table");
-        keep_table = checked_vector<double>(idf_table, "idf_table", "float64");
+        if (!s.has_idf) fail("search_core needs query_terms, query_counts and query_idf, or idf_table");
         rerank.terms = rag::distinct_query_terms(data_of<std::int64_t>(a.terms), len(a.terms),
-                                                 data_of<double>(keep_table), len(keep_table), own_terms, own_counts,
-                                                 own_idf);
+                                                 data_of<double>(s.idf_table), len(s.idf_table), own_terms,
+                                                 own_counts, own_idf);
     } else {
         rerank.terms = rerank_core::query_terms_of(query_terms, query_counts, query_idf, keep_query);
     }
-    rerank.model = rerank_core::linear_model(columns, model_weights, bias, keep_model);
+    rerank.model = s.model;
     rerank.depth = rerank_depth;
     rerank.helper = helper ? &core.helper() : nullptr;
     a.source.helper = rerank.helper;
@@ -1106,6 +1149,60 @@ py::tuple search_core(const rerank_core::Core& core, const py::handle& indptr, c
                                              base),
                           py::array_t<std::int64_t>(m, r->order.data(), base));
 }
+
+py::tuple search_core(const py::handle& core, const py::handle& indptr, const py::handle& docs,
+                      const py::handle& weights, std::int64_t n_docs, const py::handle& term_ids_obj,
+                      const py::handle& mask_obj, std::int64_t depth, const py::handle& vectors,
+                      const py::handle& query, const py::handle& codes, const py::handle& code_scale,
+                      const py::handle& code_base, std::int64_t oversample, const py::handle& dense_ids,
+                      const py::handle& dense_scores, const std::string& method, double dense_weight,
+                      std::int64_t top_k, double rrf_k, const py::handle& rerank_query_obj,
+                      const py::handle& query_terms, const py::handle& query_counts, const py::handle& query_idf,
+                      const py::handle& columns, const py::handle& model_weights, double bias,
+                      std::int64_t rerank_depth, bool confidence, std::int64_t agree_top, std::int64_t agree_min,
+                      const std::string& simd, const py::handle& idf_table, const py::handle& bm25_ids,
+                      const py::handle& bm25_scores, const py::handle& code_bits, bool helper,
+                      const py::handle& blocks) {
+    SearchIndexArgs s;
+    // The idf table is the rerank's only where query_terms are not given (checked where it is read).
+    search_index_args(s, core, indptr, docs, weights, n_docs, vectors, codes, code_scale, code_base, code_bits,
+                      oversample, columns, model_weights, bias, query_terms.is_none() ? idf_table : py::handle(Py_None),
+                      blocks, simd);
+    return search_with(s, term_ids_obj, mask_obj, depth, query, dense_ids, dense_scores, method, dense_weight, top_k,
+                       rrf_k, rerank_query_obj, query_terms, query_counts, query_idf, rerank_depth, confidence,
+                       agree_top, agree_min, bm25_ids, bm25_scores, helper);
+}
+
+// search_core with an index's arguments checked once, at load (kernels.native.SearchCall): a request passes only
+// its own, which spares it a dozen array checks on caches that its encode has just flushed.
+class PreparedSearch {
+public:
+    PreparedSearch(const py::handle& core, const py::handle& indptr, const py::handle& docs,
+                   const py::handle& weights, std::int64_t n_docs, const py::handle& vectors, const py::handle& codes,
+                   const py::handle& code_scale, const py::handle& code_base, const py::handle& code_bits,
+                   std::int64_t oversample, const py::handle& columns, const py::handle& model_weights, double bias,
+                   const py::handle& idf_table, const py::handle& blocks) {
+        search_index_args(args_, core, indptr, docs, weights, n_docs, vectors, codes, code_scale, code_base,
+                          code_bits, oversample, columns, model_weights, bias, idf_table, blocks, "");
+    }
+
+    // `query`: the scan's (when the index is scanned) and the rerank's.
+    py::tuple call(const py::handle& term_ids, const py::handle& query, const py::handle& mask, std::int64_t depth,
+                   const py::handle& dense_ids, const py::handle& dense_scores, const std::string& method,
+                   double dense_weight, std::int64_t top_k, double rrf_k, const py::handle& query_terms,
+                   const py::handle& query_counts, const py::handle& query_idf, std::int64_t rerank_depth,
+                   bool confidence, std::int64_t agree_top, std::int64_t agree_min, const py::handle& bm25_ids,
+                   const py::handle& bm25_scores, bool helper) const {
+        return search_with(args_, term_ids, mask, depth, args_.first.scan ? query : py::handle(Py_None), dense_ids,
+                           dense_scores, method, dense_weight, top_k, rrf_k, query, query_terms, query_counts,
+                           query_idf, rerank_depth, confidence, agree_top, agree_min, bm25_ids, bm25_scores, helper);
+    }
+
+    bool scan() const { return args_.first.scan; }
+
+private:
+    SearchIndexArgs args_;
+};
 
 py::list simd_levels() {
     py::list levels;
@@ -1364,6 +1461,32 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           "bm25_top (or the given bm25_ids/bm25_scores, ranked beforehand: bm25_ns 0), then dense_top over\n"
           "vectors/query (or the given dense_ids/dense_scores, or no dense list when all four are None), then fuse,\n"
           "in one call with the GIL released. See rag_service.kernels.reference.retrieve_reference.");
+    py::class_<PreparedSearch>(m, "PreparedSearch",
+                               "PreparedSearch(core, indptr, docs, weights, n_docs, vectors, codes, code_scale,\n"
+                               "               code_base, code_bits, oversample, columns, model_weights, bias,\n"
+                               "               idf_table, blocks)\n\n"
+                               "search_core's per-index arguments, checked once (each raises ValueError naming it).\n"
+                               "vectors None: no scan, each call passes its dense list. Calling it runs search_core\n"
+                               "with a request's own arguments; the same tuple.")
+        .def(py::init<const py::handle&, const py::handle&, const py::handle&, const py::handle&, std::int64_t,
+                      const py::handle&, const py::handle&, const py::handle&, const py::handle&, const py::handle&,
+                      std::int64_t, const py::handle&, const py::handle&, double, const py::handle&,
+                      const py::handle&>(),
+             py::arg("core"), py::arg("indptr"), py::arg("docs"), py::arg("weights"), py::arg("n_docs"),
+             py::arg("vectors"), py::arg("codes"), py::arg("code_scale"), py::arg("code_base"), py::arg("code_bits"),
+             py::arg("oversample"), py::arg("columns"), py::arg("model_weights"), py::arg("bias"),
+             py::arg("idf_table"), py::arg("blocks"))
+        .def("__call__", &PreparedSearch::call, py::arg("term_ids"), py::arg("query"), py::arg("mask"),
+             py::arg("depth"), py::arg("dense_ids"), py::arg("dense_scores"), py::arg("method"),
+             py::arg("dense_weight"), py::arg("top_k"), py::arg("rrf_k"), py::arg("query_terms"),
+             py::arg("query_counts"), py::arg("query_idf"), py::arg("rerank_depth"), py::arg("confidence"),
+             py::arg("agree_top"), py::arg("agree_min"), py::arg("bm25_ids"), py::arg("bm25_scores"),
+             py::arg("helper"),
+             "(term_ids, query, mask, depth, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k,\n"
+             " query_terms, query_counts, query_idf, rerank_depth, confidence, agree_top, agree_min, bm25_ids,\n"
+             " bm25_scores, helper) -> search_core's tuple. query: the scan's (a scanned index) and the rerank's;\n"
+             "query_terms None: the rerank's terms come from the idf table.")
+        .def_property_readonly("scan", &PreparedSearch::scan, "Whether calls scan the index's vectors.");
     m.def("search_core", &search_core, py::arg("core"), py::arg("indptr"), py::arg("docs"), py::arg("weights"),
           py::arg("n_docs"), py::arg("term_ids"), py::arg("mask"), py::arg("depth"), py::arg("vectors"),
           py::arg("query"), py::arg("codes"), py::arg("code_scale"), py::arg("code_base"), py::arg("oversample"),

@@ -228,6 +228,14 @@ def retrieve(
     np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
     tuple[int, int, int],
 ]: ...
+# search_core's result: retrieve's tuple (times: bm25, dense, fusion, rerank ns), confident, agreement, ids, scores,
+# features, order.
+SearchCoreTuple = tuple[
+    tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+          tuple[int, int, int, int]],
+    bool, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+]
+
 def search_core(
     core: RerankCore,
     indptr: np.ndarray,
@@ -267,8 +275,23 @@ def search_core(
     code_bits: np.ndarray | None = None,
     helper: bool = False,
     blocks: BlockBounds | None = None,
-) -> tuple[
-    tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-          tuple[int, int, int, int]],
-    bool, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-]: ...
+) -> SearchCoreTuple: ...
+
+class PreparedSearch:
+    """search_core's per-index arguments, checked once; calling it runs search_core with a request's own."""
+
+    def __init__(
+        self, core: RerankCore, indptr: np.ndarray, docs: np.ndarray, weights: np.ndarray, n_docs: int,
+        vectors: np.ndarray | None, codes: np.ndarray | None, code_scale: np.ndarray | None,
+        code_base: np.ndarray | None, code_bits: np.ndarray | None, oversample: int, columns: np.ndarray,
+        model_weights: np.ndarray, bias: float, idf_table: np.ndarray | None, blocks: BlockBounds | None,
+    ) -> None: ...
+    def __call__(
+        self, term_ids: np.ndarray, query: np.ndarray, mask: np.ndarray | None, depth: int,
+        dense_ids: np.ndarray | None, dense_scores: np.ndarray | None, method: str, dense_weight: float, top_k: int,
+        rrf_k: float, query_terms: np.ndarray | None, query_counts: np.ndarray | None, query_idf: np.ndarray | None,
+        rerank_depth: int, confidence: bool, agree_top: int, agree_min: int, bm25_ids: np.ndarray | None,
+        bm25_scores: np.ndarray | None, helper: bool,
+    ) -> SearchCoreTuple: ...
+    @property
+    def scan(self) -> bool: ...

@@ -802,23 +802,30 @@ def test_a_large_index_reads_its_bounds_through_the_pipeline(built_index, encode
     from rag_service.retrievers import lexical
     from rag_service.search.pipeline import Pipeline
 
+    # The one native call takes the index's bounds once, as it is prepared (the last argument of PreparedSearch);
+    # every search of a pipeline goes through its own prepared call.
+    prepared: list = []
+    real_prepared = native._native.PreparedSearch
+    monkeypatch.setattr(native._native, "PreparedSearch", lambda *a: prepared.append(a[-1]) or real_prepared(*a))
     plain = Pipeline(load_index(built_index), encoder)
     assert plain.index.bm25.postings.blocks is None
     monkeypatch.setattr(lexical, "BLOCK_BOUNDS_MIN_CHUNKS", 1)
     bounded = Pipeline(load_index(built_index), encoder)
     blocks = bounded.index.bm25.postings.blocks
     assert blocks is not None and blocks.shift == native.BLOCK_SHIFT
+    assert len(prepared) == 2 and prepared[0] is None and prepared[1] is blocks
     seen: list = []
-    real = native._native.search_core
-    monkeypatch.setattr(native._native, "search_core", lambda *a, **k: seen.append(k.get("blocks")) or real(*a, **k))
+    real_call = native.SearchCall.__call__
+    monkeypatch.setattr(native.SearchCall, "__call__",
+                        lambda self, *a, **k: seen.append(self) or real_call(self, *a, **k))
     for query in ["how do glaciers carve valleys", "volcano eruption ash", "glacier", "zzzz unknown words"]:
         for filt in (None, {"topic": "geology"}):
             params = SearchParams(query=query, top_k=5, filters=filt)
             seen.clear()
             got = bounded.search(params)
-            assert seen and all(b is blocks for b in seen)
+            assert seen and all(call is bounded._search_call for call in seen)
             seen.clear()
             want = plain.search(params)
-            assert seen and all(b is None for b in seen)
+            assert seen and all(call is plain._search_call for call in seen)
             assert [(c.chunk, c.score, c.bm25_score) for c in got.contexts] == \
                 [(c.chunk, c.score, c.bm25_score) for c in want.contexts]

@@ -271,18 +271,34 @@ def test_the_prepared_call_names_a_bad_argument(index, encoder):
             call(*args, **{**fusion, **kwargs})
     with pytest.raises(ValueError, match="rerank_depth must be >= 0"):
         call(terms, vector, 10, **{**fusion, "rerank_depth": -1})
-    # The codes' sign bits reach the call (checked there: these have a word too few per row).
+    # The codes' sign bits reach the extension (these have a word too few per row): the prepared call refuses them
+    # as it is made, at load, search_core per call.
     codes = native.sq8_quantize(dense.vectors)
     codes = codes._replace(bits=native.sign_bits(dense.vectors)[:, :0])
-    for bad in (native.SearchCall(store.core, bm25.postings, vectors=dense.vectors, codes=codes, oversample=2,
-                                  idf_table=store.idf, columns=model.columns, weights=model.weights,
-                                  bias=model.bias),
-                lambda *a, **k: native.search_core(store.core, bm25.postings, a[0], a[2], vectors=dense.vectors,
-                                                   query=a[1], codes=codes, oversample=2, rerank_query=a[1],
-                                                   idf_table=store.idf, columns=model.columns,
-                                                   weights=model.weights, bias=model.bias, backend="cpp", **k)):
-        with pytest.raises(ValueError, match="code_bits must have shape"):
-            bad(terms, vector, 10, **fusion)
+    index_args = dict(idf_table=store.idf, columns=model.columns, weights=model.weights, bias=model.bias)
+    with pytest.raises(ValueError, match="code_bits must have shape"):
+        native.SearchCall(store.core, bm25.postings, vectors=dense.vectors, codes=codes, oversample=2, **index_args)
+    with pytest.raises(ValueError, match="code_bits must have shape"):
+        native.search_core(store.core, bm25.postings, terms, 10, vectors=dense.vectors, query=vector, codes=codes,
+                           oversample=2, rerank_query=vector, backend="cpp", **fusion, **index_args)
+    # The index's other arguments are named as the call is prepared too.
+    postings = bm25.postings
+    for changed, message in (
+            (dict(vectors=dense.vectors[:-1]), "vectors must have one row per chunk"),
+            (dict(vectors=dense.vectors.astype(np.float64)), "vectors must have dtype float32"),
+            (dict(weights=model.weights[:-1]), "columns and weights must have the same length"),
+            (dict(idf_table=store.idf[:, None]), "idf_table must be 1-D"),
+            (dict(postings=postings._replace(n_docs=postings.n_docs + 1), vectors=None), "one token stream per chunk")):
+        args = dict(postings=postings, vectors=dense.vectors, codes=None, oversample=0, **index_args)
+        args.update(changed)
+        with pytest.raises(ValueError, match=message):
+            native.SearchCall(store.core, args.pop("postings"), **args)
+    # A prepared call without a table needs the query's terms.
+    no_table = native.SearchCall(store.core, postings, vectors=dense.vectors, codes=None, oversample=0,
+                                 **{**index_args, "idf_table": None})
+    with pytest.raises(ValueError, match="needs query_terms"):
+        no_table(terms, vector, 10, **fusion)
+    assert len(no_table(terms, vector, 10, query_terms=store.terms_of(terms), **fusion).ids) == 5
 
 
 def test_bad_input_names_the_field(index, encoder):

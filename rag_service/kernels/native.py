@@ -887,10 +887,11 @@ def _search_core_result(out: tuple) -> SearchCoreResult:
 
 class SearchCall:
     """search_core over one loaded index, on C++: the rerank core, the postings, the scanned vectors and their sq8
-    codes, the idf table and the rerank model are converted once, here, so that a request passes only its own
-    arguments. The facade's conversions and checks cost ~50 µs per request after a sweep of the caches and ~8 µs in
-    the request path (bench/README.md, "Issue 15"). Raises RuntimeError where search_core_backend(core)
-    is not "cpp": search_core is the call that falls back to NumPy.
+    codes, the idf table and the rerank model are checked and converted once, here (the extension's PreparedSearch,
+    which raises ValueError naming a bad one), so that a request passes and checks only its own arguments: the
+    index's checks cost a request ~20 µs on caches that its encode has just flushed (bench/README.md, "Issue 15").
+    Raises RuntimeError where search_core_backend(core) is not "cpp": search_core is the call that falls back to
+    NumPy.
 
     `vectors` None: no scan, each call passes the dense list it found (`dense`). `idf_table` None: each call passes
     the query's distinct terms (`query_terms`: RerankStore.terms_of's triple)."""
@@ -900,17 +901,14 @@ class SearchCall:
                  weights: Any, bias: float) -> None:
         if search_core_backend(core, "cpp") != "cpp":
             raise RuntimeError("SearchCall needs the extension's search_core")
-        self._core = core._native
-        self._postings = (postings.indptr, postings.docs, postings.weights, int(postings.n_docs))
-        self._blocks = postings.blocks
-        self._vectors = vectors
-        self._codes = (codes.codes, codes.scale, codes.base) if codes is not None else (None, None, None)
-        self._bits = codes.bits if codes is not None and vectors is not None else None
-        self._oversample = operator.index(oversample) if vectors is not None else 0
-        self._idf = None if idf_table is None else _as_float64(idf_table, "idf_table")
-        self._columns = _as_vector(columns, _INT64, "columns")
-        self._weights = _as_vector(weights, _FLOAT32, "weights")
-        self._bias = float(bias)
+        scan = vectors is not None
+        c = (codes.codes, codes.scale, codes.base) if codes is not None and scan else (None, None, None)
+        self._prepared = _native.PreparedSearch(
+            core._native, postings.indptr, postings.docs, postings.weights, int(postings.n_docs), vectors,
+            c[0], c[1], c[2], codes.bits if codes is not None and scan else None,
+            operator.index(oversample) if scan else 0, _as_vector(columns, _INT64, "columns"),
+            _as_vector(weights, _FLOAT32, "weights"), float(bias),
+            None if idf_table is None else _as_float64(idf_table, "idf_table"), postings.blocks)
 
     def __call__(self, term_ids: np.ndarray, query: np.ndarray, depth: int, *, mask: np.ndarray | None = None,
                  dense: tuple[np.ndarray, np.ndarray] | None = None, method: str, dense_weight: float, top_k: int,
@@ -924,18 +922,13 @@ class SearchCall:
         way). The arrays go to the extension as they are: it raises
         ValueError naming one that is not 1-D, C-contiguous and of its dtype (term_ids int64, query float32, mask
         bool)."""
-        indptr, docs, weights, n_docs = self._postings
-        codes, scale, base = self._codes
         d = dense if dense is not None else (None, None)
         b = bm25 if bm25 is not None else (None, None)
         t = query_terms if query_terms is not None else (None, None, None)
         agree_top, agree_min = confidence if confidence is not None else (0, 0)
-        return _search_core_result(_native.search_core(
-            self._core, indptr, docs, weights, n_docs, term_ids, mask, depth, self._vectors,
-            query if self._vectors is not None else None, codes, scale, base, self._oversample, d[0], d[1], method,
-            dense_weight, top_k, rrf_k, query, t[0], t[1], t[2], self._columns, self._weights, self._bias,
-            rerank_depth, confidence is not None, agree_top, agree_min, "", self._idf if query_terms is None else None,
-            b[0], b[1], self._bits, helper, blocks=self._blocks))
+        return _search_core_result(self._prepared(
+            term_ids, query, mask, depth, d[0], d[1], method, dense_weight, top_k, rrf_k, t[0], t[1], t[2],
+            rerank_depth, confidence is not None, agree_top, agree_min, b[0], b[1], helper))
 
 
 # Replies
