@@ -204,12 +204,15 @@ def main() -> None:
                    "server_cpu_ms": server_ms, "client_cpu_ms": client_cpu / answered * 1e3,
                    "threads_cpu_ms": {g: s / answered * 1e3 for g, s in sorted(groups.items())}}
             report["phases"][phase] = row
-            print(f"\n{phase}: {row['answers_per_s']:.1f} answers/s, {counts['refused']} refused, "
-                  f"{args.clients} callers, {wall:.1f} s")
+            print(f"\n{phase}: {row['answers_per_s']:.1f} answers/s ({row['answers_per_s'] / encoder_rps:.0%} of the "
+                  f"encoder alone), {counts['refused']} refused, {args.clients} callers, {wall:.1f} s")
             print("  CPU ms per answer")
             for group, ms in sorted(row["threads_cpu_ms"].items(), key=lambda item: -item[1]):
                 print(f"  server: {group:<34} {ms:8.3f}")
-            print(f"  server, all threads{'':<23} {server_ms:8.3f}")
+            # What an encode costs the cores when `workers` run at once (sharing caches and the memory bus).
+            encode_ms = args.workers * 1e3 / encoder_rps
+            print(f"  server, all threads{'':<23} {server_ms:8.3f}  (an encode with {args.workers} at once: "
+                  f"{encode_ms:.3f}, {encode_ms / server_ms:.0%} of it)")
             print(f"  client process{'':<28} {row['client_cpu_ms']:8.3f}")
             total = server_ms + row["client_cpu_ms"]
             print(f"  together{'':<34} {total:8.3f}  (at most {2000 / total:.0f} answers/s on 2 cores)")
