@@ -14,8 +14,10 @@
 #include <initializer_list>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -1342,6 +1344,77 @@ std::string build_info() {
 
 }  // namespace
 
+// ---- an ASCII query's BM25 term ids in one call (rag_service.retrievers.lexical.BM25Index.query_term_ids) ----
+
+// word -> term id (-1: a stop word or a term the index lacks), for the words of ASCII queries seen before. For an
+// ASCII string Python's `text.lower()` and `\w+` are ASCII's lower case and runs of [a-z0-9_], so this split gives
+// the words the analyser's does; a query with another character, or with a word not held yet, is answered None and
+// goes the Python way, which adds what it learns.
+class WordIds {
+public:
+    // The ids >= 0 of `text`'s words in order (int64), or None.
+    py::object lookup(const py::str& text) const {
+        PyObject* obj = text.ptr();
+        if (!PyUnicode_IS_ASCII(obj)) return py::none();
+        const auto* data = static_cast<const char*>(PyUnicode_DATA(obj));
+        const auto n = static_cast<std::size_t>(PyUnicode_GET_LENGTH(obj));
+        std::vector<std::int64_t> ids;
+        std::string word;
+        {
+            const std::lock_guard<std::mutex> hold(lock_);
+            for (std::size_t i = 0; i <= n; ++i) {
+                const char c = i < n ? data[i] : ' ';
+                if (is_word(c)) {
+                    word.push_back(c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c);
+                    continue;
+                }
+                if (word.empty()) continue;
+                const auto found = ids_.find(word);
+                if (found == ids_.end()) return py::none();
+                if (found->second >= 0) ids.push_back(found->second);
+                word.clear();
+            }
+        }
+        py::array_t<std::int64_t> out(static_cast<py::ssize_t>(ids.size()));
+        if (!ids.empty()) std::memcpy(out.mutable_data(), ids.data(), ids.size() * sizeof(std::int64_t));
+        return std::move(out);
+    }
+
+    // Holds words[i] -> ids[i] for the ASCII words among them (as the analyser split and lower-cased them).
+    void add(const py::sequence& words, const py::sequence& ids) {
+        const std::size_t n = py::len(words);
+        if (n != py::len(ids)) {
+            fail("words and ids must have the same length, got " + std::to_string(n) + " and " +
+                 std::to_string(py::len(ids)));
+        }
+        const std::lock_guard<std::mutex> hold(lock_);
+        for (std::size_t i = 0; i < n; ++i) {
+            const py::handle w = words[i];
+            if (!PyUnicode_Check(w.ptr())) fail("words[" + std::to_string(i) + "] must be a str");
+            if (!PyUnicode_IS_ASCII(w.ptr())) continue;
+            ids_[w.cast<std::string>()] = ids[i].cast<std::int64_t>();
+        }
+    }
+
+    void clear() {
+        const std::lock_guard<std::mutex> hold(lock_);
+        ids_.clear();
+    }
+
+    std::size_t size() const {
+        const std::lock_guard<std::mutex> hold(lock_);
+        return ids_.size();
+    }
+
+private:
+    static bool is_word(char c) {
+        return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+    }
+
+    mutable std::mutex lock_;
+    std::unordered_map<std::string, std::int64_t> ids_;
+};
+
 PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
     m.doc() = "rag-service native kernels (C++17, optional CUDA). Use rag_service.native, not this module directly.";
     m.attr("__version__") = RAG_STRINGIFY(RAG_NATIVE_VERSION);
@@ -1461,6 +1534,18 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           "bm25_top (or the given bm25_ids/bm25_scores, ranked beforehand: bm25_ns 0), then dense_top over\n"
           "vectors/query (or the given dense_ids/dense_scores, or no dense list when all four are None), then fuse,\n"
           "in one call with the GIL released. See rag_service.kernels.reference.retrieve_reference.");
+    py::class_<WordIds>(m, "WordIds",
+                        "WordIds()\n\nword -> BM25 term id (-1: a stop word or an unknown term) for the words of\n"
+                        "ASCII queries seen before (BM25Index.query_term_ids' memo, in C++).")
+        .def(py::init<>())
+        .def("lookup", &WordIds::lookup, py::arg("text"),
+             "lookup(text) -> int64 array | None\n\nThe term ids >= 0 of an ASCII text's words, in order (its\n"
+             "lower-cased runs of [A-Za-z0-9_]); None when the text has another character or a word not held.")
+        .def("add", &WordIds::add, py::arg("words"), py::arg("ids"),
+             "add(words, ids) -> None\n\nHolds words[i] -> ids[i] for the ASCII words (lower-cased, as the\n"
+             "analyser's words); raises ValueError when the lengths differ.")
+        .def("clear", &WordIds::clear)
+        .def("__len__", &WordIds::size);
     py::class_<PreparedSearch>(m, "PreparedSearch",
                                "PreparedSearch(core, indptr, docs, weights, n_docs, vectors, codes, code_scale,\n"
                                "               code_base, code_bits, oversample, columns, model_weights, bias,\n"

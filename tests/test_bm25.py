@@ -8,6 +8,7 @@ import pytest
 from rank_bm25 import BM25Okapi
 
 from rag_service.core.errors import InvalidArgument
+from rag_service.kernels.native import word_ids_memo
 from rag_service.retrievers.analysis import Analyzer
 from rag_service.retrievers.lexical import (
     DOCS_FILE,
@@ -218,6 +219,65 @@ def test_query_term_ids_are_the_term_ids_of_the_analysed_query_each_time(tmp_pat
     # What the memo rests on: the analyser's tokens are the terms of its words, in order.
     for text in texts:
         assert analyzer.tokens(text) == [t for t in analyzer.stems(analyzer.words(text)) if t is not None]
+
+
+@pytest.mark.skipif(word_ids_memo() is None, reason="needs rag_service._native")
+def test_an_ascii_query_seen_before_takes_its_term_ids_from_the_native_memo(tmp_path, monkeypatch):
+    """Once its words are held, an ASCII query's ids come from the C++ memo without the analyser; they equal the
+    analyser's for every seeded query, with case, digits, underscores, punctuation and stop words; a query with
+    another character, or a word not held, goes the Python way; a full memo starts over in both."""
+    import rag_service.retrievers.lexical as lexical
+
+    analyzer = Analyzer()
+    rng = np.random.default_rng(5)
+    words = ["Volcano", "volcanoes", "ERUPTED", "lava", "the", "and", "not", "x_1", "42", "deep-sea", "zzzunknown",
+             "running", "café", "it's", "U.S.A", "__init__", "ocean"]
+    texts = [rng.choice([" ", ", ", "!", "\t", "--"]).join(rng.choice(words, size=int(rng.integers(0, 10))))
+             for _ in range(200)]
+    index = make_index(tmp_path, [analyzer.tokens(t) for t in texts[:30]], analyzer=analyzer)
+    held = index._native_word_ids
+    assert held is not None and len(held) == 0
+    for text in texts:  # the first pass fills both memos
+        np.testing.assert_array_equal(index.query_term_ids(text), index.term_ids(analyzer.tokens(text)))
+    assert len(held) == sum(w.isascii() for w in index._word_ids)
+    want = [index.term_ids(analyzer.tokens(text)) for text in texts]
+    unseen = "volcano brandnewword"
+    want_unseen = index.term_ids(analyzer.tokens(unseen))
+    real_words = index.analyzer.words
+    python_way: list[str] = []
+    monkeypatch.setattr(index.analyzer, "words", lambda text: python_way.append(text) or real_words(text))
+    for text, ids in zip(texts, want, strict=True):
+        got = index.query_term_ids(text)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, ids)
+    asked = set(python_way)
+    assert all(not t.isascii() for t in asked if t in texts)  # an ASCII query seen before never took the Python way
+    assert any(not t.isascii() for t in texts) and any(t in asked for t in texts if not t.isascii())
+    python_way.clear()
+    np.testing.assert_array_equal(index.query_term_ids(unseen), want_unseen)
+    assert unseen in python_way  # a word not held yet: learned the Python way, then held
+    python_way.clear()
+    index.query_term_ids(unseen)
+    assert unseen not in python_way
+    monkeypatch.setattr(lexical, "WORD_IDS_LIMIT", 0)
+    index.query_term_ids("another brandnewword2")  # over the limit: both memos start over with its words only
+    assert len(held) == sum(w.isascii() for w in index._word_ids) == 2
+
+
+@pytest.mark.skipif(word_ids_memo() is None, reason="needs rag_service._native")
+def test_the_native_word_memo_splits_as_the_analyser_and_checks_its_input():
+    held = word_ids_memo()
+    assert held.lookup("anything") is None and held.lookup("") is not None and len(held.lookup("")) == 0
+    held.add(["hello", "world", "the", "x_1", "42", "naïve"], [3, 7, -1, 5, 8, 9])
+    assert len(held) == 5  # the non-ASCII word is not held: a query with it never asks the memo
+    assert held.lookup("Hello, WORLD! the x_1 (42)").tolist() == [3, 7, 5, 8]
+    assert held.lookup("the the").tolist() == []
+    assert held.lookup("hello naïve") is None and held.lookup("hello planet") is None
+    assert held.lookup("hello_world") is None  # one word here, as `\w+` has it
+    with pytest.raises(ValueError, match="words and ids must have the same length"):
+        held.add(["a", "b"], [1])
+    held.clear()
+    assert len(held) == 0 and held.lookup("hello") is None
 
 
 def test_on_disk_layout(tmp_path):

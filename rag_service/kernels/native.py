@@ -139,6 +139,8 @@ _HAS_RETRIEVE_KERNELS: bool = _native is not None and all(hasattr(_native, f) fo
 _HAS_SEARCH_CORE: bool = _native is not None and hasattr(_native, "search_core")
 # And the reply's contexts joined natively (join_contexts).
 _HAS_JOIN: bool = _native is not None and hasattr(_native, "join_contexts")
+# And an ASCII query's term ids in one call (WordIds).
+_HAS_WORD_IDS: bool = _native is not None and hasattr(_native, "WordIds")
 
 # Blocks of 64 chunks: at 1M chunks BM25 then reads a few percent of a query's postings at p50 (bench/README.md,
 # "BM25 block by block"; 16 and 32 bound tighter but cost more per query), and the bounds of the lists longer than
@@ -929,6 +931,16 @@ class SearchCall:
         return _search_core_result(self._prepared(
             term_ids, query, mask, depth, d[0], d[1], method, dense_weight, top_k, rrf_k, t[0], t[1], t[2],
             rerank_depth, confidence is not None, agree_top, agree_min, b[0], b[1], helper))
+
+
+# Query analysis
+# --------------------------------------------------------------------------------------------------------------------
+
+def word_ids_memo() -> Any | None:
+    """A new C++ memo of word -> BM25 term id for ASCII queries (the extension's WordIds: `lookup(text)` gives an
+    ASCII text's term ids in one call, or None; `add(words, ids)`, `clear()`, `len()`), or None without the extension
+    (retrievers.lexical.BM25Index.query_term_ids then keeps to its Python memo, the reference)."""
+    return _native.WordIds() if _HAS_WORD_IDS else None
 
 
 # Replies

@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit
 
 from rag_service.core.errors import IndexFormatError, InvalidArgument
-from rag_service.kernels.native import Postings, block_bounds
+from rag_service.kernels.native import Postings, block_bounds, word_ids_memo
 from rag_service.retrievers.analysis import Analyzer
 
 IDF_KINDS = ("lucene", "okapi")
@@ -306,6 +306,9 @@ class BM25Index:
         # word -> the id of its analysed term, -1 for a stop word or a term the index lacks (query_term_ids). Plain
         # dict reads and writes from any thread: two threads that fill in one word write the same id.
         self._word_ids: dict[str, int] = {}
+        # The same for ASCII words, in C++ (None without the extension): an ASCII query whose words are all held is
+        # answered in one call.
+        self._native_word_ids = word_ids_memo()
 
     @functools.cached_property
     def postings(self) -> Postings:
@@ -375,7 +378,14 @@ class BM25Index:
         """term_ids(analyzer.tokens(text)), with one look-up per word of a word seen before: its term id, where the
         analyser's stem and then the vocabulary are two look-ups, each a miss on the caches an encode has just
         flushed. SciFact queries, p50: 38 -> 29 µs with their words seen before, 57 -> 66 µs the first time
-        (bench/README.md, "Issue 15"); a server's queries mostly repeat words it has seen."""
+        (bench/README.md, "Issue 15"); a server's queries mostly repeat words it has seen. An ASCII query whose words
+        are all held is answered by the C++ memo in one call (bench/README.md, "Issue 15", "An ASCII query's term
+        ids in one call")."""
+        held = self._native_word_ids
+        if held is not None:
+            ids = held.lookup(text)
+            if ids is not None:
+                return ids
         words = self.analyzer.words(text)
         try:
             return np.array([i for i in map(self._word_ids.__getitem__, words) if i >= 0], dtype=np.int64)
@@ -386,10 +396,14 @@ class BM25Index:
         """query_term_ids for words not all seen before: their ids are worked out and remembered."""
         vocab = self.vocab
         ids = [-1 if term is None else vocab.get(term, -1) for term in self.analyzer.stems(words)]
-        memo = self._word_ids
+        memo, held = self._word_ids, self._native_word_ids
         if len(memo) > WORD_IDS_LIMIT:  # a long-running server sees unbounded query vocabularies
             memo.clear()
+            if held is not None:
+                held.clear()
         memo.update(zip(words, ids))
+        if held is not None:
+            held.add(words, ids)
         return np.array([i for i in ids if i >= 0], dtype=np.int64)
 
     def term_ids(self, tokens: Iterable[str]) -> np.ndarray:
