@@ -379,8 +379,8 @@ class BM25Index:
         analyser's stem and then the vocabulary are two look-ups, each a miss on the caches an encode has just
         flushed. SciFact queries, p50: 38 -> 29 µs with their words seen before, 57 -> 66 µs the first time
         (bench/README.md, "Issue 15"); a server's queries mostly repeat words it has seen. An ASCII query whose words
-        are all held is answered by the C++ memo in one call (bench/README.md, "Issue 15", "An ASCII query's term
-        ids in one call")."""
+        are all held is answered by the C++ memo in one call (bench/README.md, "Issue 15", "The one call's index
+        arguments checked at load; the CPU count read once")."""
         held = self._native_word_ids
         if held is not None:
             ids = held.lookup(text)
