@@ -1200,8 +1200,6 @@ public:
                            query_idf, rerank_depth, confidence, agree_top, agree_min, bm25_ids, bm25_scores, helper);
     }
 
-    bool scan() const { return args_.first.scan; }
-
 private:
     SearchIndexArgs args_;
 };
@@ -1570,8 +1568,7 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
              "(term_ids, query, mask, depth, dense_ids, dense_scores, method, dense_weight, top_k, rrf_k,\n"
              " query_terms, query_counts, query_idf, rerank_depth, confidence, agree_top, agree_min, bm25_ids,\n"
              " bm25_scores, helper) -> search_core's tuple. query: the scan's (a scanned index) and the rerank's;\n"
-             "query_terms None: the rerank's terms come from the idf table.")
-        .def_property_readonly("scan", &PreparedSearch::scan, "Whether calls scan the index's vectors.");
+             "query_terms None: the rerank's terms come from the idf table.");
     m.def("search_core", &search_core, py::arg("core"), py::arg("indptr"), py::arg("docs"), py::arg("weights"),
           py::arg("n_docs"), py::arg("term_ids"), py::arg("mask"), py::arg("depth"), py::arg("vectors"),
           py::arg("query"), py::arg("codes"), py::arg("code_scale"), py::arg("code_base"), py::arg("oversample"),

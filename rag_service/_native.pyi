@@ -294,8 +294,6 @@ class PreparedSearch:
         rerank_depth: int, confidence: bool, agree_top: int, agree_min: int, bm25_ids: np.ndarray | None,
         bm25_scores: np.ndarray | None, helper: bool,
     ) -> SearchCoreTuple: ...
-    @property
-    def scan(self) -> bool: ...
 
 class WordIds:
     """word -> BM25 term id for the words of ASCII queries seen before."""
