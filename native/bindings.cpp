@@ -1344,10 +1344,11 @@ std::string build_info() {
 
 // ---- an ASCII query's BM25 term ids in one call (rag_service.retrievers.lexical.BM25Index.query_term_ids) ----
 
-// word -> term id (-1: a stop word or a term the index lacks), for the words of ASCII queries seen before. For an
-// ASCII string Python's `text.lower()` and `\w+` are ASCII's lower case and runs of [a-z0-9_], so this split gives
-// the words the analyser's does; a query with another character, or with a word not held yet, is answered None and
-// goes the Python way, which adds what it learns.
+// word -> term id (-1: a stop word or a term the index lacks), for the words of ASCII queries: those the index's
+// build saw in its corpus (seeded at load, kept for good) and those of queries seen since (learned, cleared at the
+// caller's limit). For an ASCII string Python's `text.lower()` and `\w+` are ASCII's lower case and runs of
+// [a-z0-9_], so this split gives the words the analyser's does; a query with another character, or with a word not
+// held, is answered None and goes the Python way, which adds what it learns.
 class WordIds {
 public:
     // The ids >= 0 of `text`'s words in order (int64), or None.
@@ -1367,8 +1368,11 @@ public:
                     continue;
                 }
                 if (word.empty()) continue;
-                const auto found = ids_.find(word);
-                if (found == ids_.end()) return py::none();
+                auto found = seeded_.find(word);
+                if (found == seeded_.end()) {
+                    found = learned_.find(word);
+                    if (found == learned_.end()) return py::none();
+                }
                 if (found->second >= 0) ids.push_back(found->second);
                 word.clear();
             }
@@ -1378,8 +1382,37 @@ public:
         return std::move(out);
     }
 
-    // Holds words[i] -> ids[i] for the ASCII words among them (as the analyser split and lower-cased them).
-    void add(const py::sequence& words, const py::sequence& ids) {
+    // Learns words[i] -> ids[i] for the ASCII words among them (as the analyser split and lower-cased them).
+    void add(const py::sequence& words, const py::sequence& ids) { put(learned_, words, ids); }
+
+    // Holds words[i] -> ids[i] for the ASCII words among them for good: `clear` keeps them.
+    void seed(const py::sequence& words, const py::sequence& ids) { put(seeded_, words, ids); }
+
+    // Forgets the learned words.
+    void clear() {
+        const std::lock_guard<std::mutex> hold(lock_);
+        learned_.clear();
+    }
+
+    // How many words were learned (the seeded ones not counted: `seeded`).
+    std::size_t size() const {
+        const std::lock_guard<std::mutex> hold(lock_);
+        return learned_.size();
+    }
+
+    std::size_t seeded() const {
+        const std::lock_guard<std::mutex> hold(lock_);
+        return seeded_.size();
+    }
+
+private:
+    using Map = std::unordered_map<std::string, std::int64_t>;
+
+    static bool is_word(char c) {
+        return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+    }
+
+    void put(Map& into, const py::sequence& words, const py::sequence& ids) {
         const std::size_t n = py::len(words);
         if (n != py::len(ids)) {
             fail("words and ids must have the same length, got " + std::to_string(n) + " and " +
@@ -1390,27 +1423,13 @@ public:
             const py::handle w = words[i];
             if (!PyUnicode_Check(w.ptr())) fail("words[" + std::to_string(i) + "] must be a str");
             if (!PyUnicode_IS_ASCII(w.ptr())) continue;
-            ids_[w.cast<std::string>()] = ids[i].cast<std::int64_t>();
+            into[w.cast<std::string>()] = ids[i].cast<std::int64_t>();
         }
     }
 
-    void clear() {
-        const std::lock_guard<std::mutex> hold(lock_);
-        ids_.clear();
-    }
-
-    std::size_t size() const {
-        const std::lock_guard<std::mutex> hold(lock_);
-        return ids_.size();
-    }
-
-private:
-    static bool is_word(char c) {
-        return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
-    }
-
     mutable std::mutex lock_;
-    std::unordered_map<std::string, std::int64_t> ids_;
+    Map seeded_;
+    Map learned_;
 };
 
 PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
@@ -1534,16 +1553,20 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
           "in one call with the GIL released. See rag_service.kernels.reference.retrieve_reference.");
     py::class_<WordIds>(m, "WordIds",
                         "WordIds()\n\nword -> BM25 term id (-1: a stop word or an unknown term) for the words of\n"
-                        "ASCII queries seen before (BM25Index.query_term_ids' memo, in C++).")
+                        "ASCII queries: the index corpus's words (seeded) and those of queries seen since\n"
+                        "(learned): BM25Index.query_term_ids' memo, in C++.")
         .def(py::init<>())
         .def("lookup", &WordIds::lookup, py::arg("text"),
              "lookup(text) -> int64 array | None\n\nThe term ids >= 0 of an ASCII text's words, in order (its\n"
              "lower-cased runs of [A-Za-z0-9_]); None when the text has another character or a word not held.")
         .def("add", &WordIds::add, py::arg("words"), py::arg("ids"),
-             "add(words, ids) -> None\n\nHolds words[i] -> ids[i] for the ASCII words (lower-cased, as the\n"
+             "add(words, ids) -> None\n\nLearns words[i] -> ids[i] for the ASCII words (lower-cased, as the\n"
              "analyser's words); raises ValueError when the lengths differ.")
-        .def("clear", &WordIds::clear)
-        .def("__len__", &WordIds::size);
+        .def("seed", &WordIds::seed, py::arg("words"), py::arg("ids"),
+             "seed(words, ids) -> None\n\nAs add, but held for good: clear() keeps them.")
+        .def("clear", &WordIds::clear, "clear() -> None\n\nForgets the learned words (the seeded ones stay).")
+        .def_property_readonly("seeded", &WordIds::seeded, "How many words were seeded.")
+        .def("__len__", &WordIds::size, "How many words were learned.");
     py::class_<PreparedSearch>(m, "PreparedSearch",
                                "PreparedSearch(core, indptr, docs, weights, n_docs, vectors, codes, code_scale,\n"
                                "               code_base, code_bits, oversample, columns, model_weights, bias,\n"

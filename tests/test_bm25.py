@@ -15,6 +15,7 @@ from rag_service.retrievers.lexical import (
     INDPTR_FILE,
     VOCAB_FILE,
     WEIGHTS_FILE,
+    WORDS_FILE,
     BM25Index,
     BM25Params,
     build_postings,
@@ -278,6 +279,108 @@ def test_the_native_word_memo_splits_as_the_analyser_and_checks_its_input():
         held.add(["a", "b"], [1])
     held.clear()
     assert len(held) == 0 and held.lookup("hello") is None
+
+
+@pytest.mark.skipif(word_ids_memo() is None, reason="needs rag_service._native")
+def test_the_native_word_memo_keeps_seeded_words_through_a_clear():
+    held = word_ids_memo()
+    held.seed(["hello", "the", "naïve"], [3, -1, 4])
+    held.add(["world"], [7])
+    assert (held.seeded, len(held)) == (2, 1)
+    assert held.lookup("Hello the WORLD").tolist() == [3, 7]
+    held.clear()
+    assert (held.seeded, len(held)) == (2, 0)
+    assert held.lookup("hello the").tolist() == [3] and held.lookup("hello world") is None
+    held.add(["hello"], [9])  # a learned word never hides a seeded one: both come from the same analyser
+    assert held.lookup("hello").tolist() == [3]
+    with pytest.raises(ValueError, match="words and ids must have the same length"):
+        held.seed(["a"], [])
+
+
+def _corpus_index(tmp_path, texts, analyzer=None):
+    """An index over `texts` as a build makes it: the analyser that made the postings writes the corpus's words."""
+    analyzer = analyzer or Analyzer()
+    return make_index(tmp_path, [analyzer.tokens(t) for t in texts], analyzer=analyzer)
+
+
+def test_the_build_writes_the_corpus_words_with_the_term_ids_the_analyser_gives(tmp_path):
+    texts = ["Volcanoes ERUPTED lava, and the magma flows", "The ocean is deep: 42 metres_deep", "Café naïve x_1"]
+    index = _corpus_index(tmp_path, texts)
+    words = json.loads((tmp_path / WORDS_FILE).read_text())
+    analyzer = Analyzer()
+    expected = {w for t in texts for w in analyzer.words(t) if w.isascii()}
+    assert set(words) == expected and "café" not in words  # ASCII words only: the only ones the C++ memo holds
+    for word, i in words.items():
+        np.testing.assert_array_equal(index.term_ids(analyzer.tokens(word)), [i] if i >= 0 else [])
+    assert words["the"] == -1 and words["and"] == -1
+
+
+@pytest.mark.skipif(word_ids_memo() is None, reason="needs rag_service._native")
+@pytest.mark.parametrize("seed", range(3))
+def test_a_query_of_corpus_words_gets_its_term_ids_without_the_analyser_the_first_time(tmp_path, monkeypatch,
+                                                                                         seed):
+    """A fresh index answers an ASCII query made of its corpus's words from the seeded memo on first sight, with the
+    analyser's ids; a query with any other word goes the Python way; the seeds outlive the learned memo's limit."""
+    import rag_service.retrievers.lexical as lexical
+
+    rng = np.random.default_rng(seed)
+    corpus_words = ["Volcano", "volcanoes", "ERUPTED", "lava", "the", "and", "not", "x_1", "42", "deep", "running",
+                    "ocean", "Blue", "of"]
+    other = ["zzzunknown", "brandnew", "café"]
+    texts = [" ".join(rng.choice(corpus_words, size=int(rng.integers(1, 12)))) for _ in range(40)]
+    _corpus_index(tmp_path, texts)
+    index = BM25Index.load(tmp_path)  # what a server loads: nothing learned yet
+    analyzer = Analyzer()
+    held = index._native_word_ids
+    assert held is not None and held.seeded == len({w.lower() for w in corpus_words}) and len(held) == 0
+    real_words = index.analyzer.words
+    python_way: list[str] = []
+    monkeypatch.setattr(index.analyzer, "words", lambda text: python_way.append(text) or real_words(text))
+    queries = [rng.choice([" ", ", ", "? ", "--"]).join(rng.choice(corpus_words + other, size=int(rng.integers(0, 8))))
+               for _ in range(200)]
+    monkeypatch.setattr(lexical, "WORD_IDS_LIMIT", 2)  # the learned memo starts over again and again
+    for query in queries:
+        np.testing.assert_array_equal(index.query_term_ids(query), index.term_ids(analyzer.tokens(query)))
+    of_corpus = [q for q in queries if not any(w in q for w in other)]
+    assert of_corpus and not set(of_corpus) & set(python_way)
+    assert any(w in q for q in python_way for w in other)
+    assert held.seeded == len({w.lower() for w in corpus_words})
+
+
+def test_an_index_without_the_corpus_words_or_with_another_analyser_learns_from_queries(tmp_path):
+    texts = ["volcanoes erupted", "the deep ocean", "running lava"]
+    _corpus_index(tmp_path, texts)
+    (tmp_path / WORDS_FILE).unlink()
+    index = BM25Index.load(tmp_path)
+    analyzer = Analyzer()
+    for query in ["volcano ocean", "lava the running", "nothing here"]:
+        np.testing.assert_array_equal(index.query_term_ids(query), index.term_ids(analyzer.tokens(query)))
+    if index._native_word_ids is not None:
+        assert index._native_word_ids.seeded == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    _corpus_index(other, texts)
+    unstemmed = BM25Index.load(other, analyzer=Analyzer(stemmer=None))
+    if unstemmed._native_word_ids is not None:
+        assert unstemmed._native_word_ids.seeded == 0  # the build's words say what another analyser would not
+
+
+@pytest.mark.parametrize("body,match", [
+    ("[1, 2]", "expected an object of word -> term id"),
+    ('{"lava": 99}', "word 'lava' has term id 99"),
+    ('{"lava": -2}', "word 'lava' has term id -2"),
+    ('{"lava": "3"}', "word 'lava' has term id '3'"),
+    ('{"lava": 1.0}', "word 'lava' has term id 1.0"),
+    ("{not json", "cannot read"),
+])
+def test_a_damaged_words_file_fails_the_load_naming_it(tmp_path, body, match):
+    from rag_service.core.errors import IndexFormatError
+
+    _corpus_index(tmp_path, ["volcanoes erupted", "the deep ocean"])
+    (tmp_path / WORDS_FILE).write_text(body)
+    with pytest.raises(IndexFormatError, match=WORDS_FILE) as raised:
+        BM25Index.load(tmp_path)
+    assert match in str(raised.value)
 
 
 def test_on_disk_layout(tmp_path):

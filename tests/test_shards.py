@@ -29,6 +29,7 @@ from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 from rag_service.pb.rag.v1 import shard_pb2 as spb
 from rag_service.pb.rag.v1 import shard_pb2_grpc as spb_grpc
+from rag_service.retrievers import lexical
 
 REPO = Path(__file__).resolve().parent.parent
 N_SHARDS = 3
@@ -126,6 +127,9 @@ def test_shards_are_normal_indexes_with_global_statistics(sharded):
         for query in queries():
             tokens = single.analyzer.tokens(query)
             np.testing.assert_array_equal(shard.bm25.score_all(tokens), single.bm25.score_all(tokens)[ids])
+            # The corpus's words and their ids come along with the vocabulary they index.
+            np.testing.assert_array_equal(shard.bm25.query_term_ids(query), single.bm25.query_term_ids(query))
+        assert (shard.path / lexical.WORDS_FILE).read_bytes() == (single.path / lexical.WORDS_FILE).read_bytes()
         store = rerank.RerankStore.create(shard.windows, shard.bm25, shard.dense.vectors)
         assert (store.avg_title, store.avg_window) == (store_s.avg_title, store_s.avg_window)
         for query in queries()[:6]:

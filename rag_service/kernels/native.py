@@ -938,7 +938,8 @@ class SearchCall:
 
 def word_ids_memo() -> Any | None:
     """A new C++ memo of word -> BM25 term id for ASCII queries (the extension's WordIds: `lookup(text)` gives an
-    ASCII text's term ids in one call, or None; `add(words, ids)`, `clear()`, `len()`), or None without the extension
+    ASCII text's term ids in one call, or None; `add(words, ids)` learns, `seed(words, ids)` holds for good,
+    `clear()` forgets what was learned, `len()` counts it), or None without the extension
     (retrievers.lexical.BM25Index.query_term_ids then keeps to its Python memo, the reference)."""
     return _native.WordIds() if _HAS_WORD_IDS else None
 

@@ -90,6 +90,11 @@ class Analyzer:
         memo.update(dict.fromkeys(new))
         memo.update(zip(keep, stemmer.stemWords(keep) if stemmer is not None else keep))
 
+    def seen_words(self) -> dict[str, str | None]:
+        """The words this thread has analysed (since its memo last started over), each with its term (None for a
+        stop word): a build's corpus vocabulary as its queries would meet it (retrievers/lexical.WORDS_FILE)."""
+        return dict(self._memo())
+
     def _memo(self) -> dict[str, str | None]:
         memo = getattr(self._local, "memo", None)
         if memo is None:

@@ -7,6 +7,8 @@ Layout on disk (CSC-style, one posting list per term, chunk ids ascending within
     bm25_doc_lengths.npy  int32 (chunks)      analysed tokens per chunk
     bm25_vocab.json       {term: term id}
     bm25_params.json      k1, b, idf kind, avgdl, counts, analyzer settings
+    bm25_words.json       {word: term id, -1 for a stop word}: the corpus's ASCII words as the analyser split them
+                          (optional), so that a query made of them gets its term ids in one look-up each
 
 Because impacts are precomputed, a query's score for a chunk is the sum, over query tokens (duplicates counted, as
 rank-bm25 does), of that term's impact in the chunk; k1 and b cannot change without a rebuild.
@@ -51,6 +53,8 @@ FILES = (INDPTR_FILE, DOCS_FILE, WEIGHTS_FILE, DOC_LENGTHS_FILE, VOCAB_FILE, PAR
 # so every statistic that reads df or N (idf of the reranker's features, the cache's term weights) means the same as
 # in one index of the whole corpus.
 DF_FILE = "bm25_df.npy"
+# Optional (an index built before it has none): the corpus's ASCII words and their term ids (module docstring).
+WORDS_FILE = "bm25_words.json"
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,13 @@ class BM25Postings:
         np.save(directory / DOC_LENGTHS_FILE, self.doc_lengths)
         with open(directory / VOCAB_FILE, "w", encoding="utf-8") as f:
             json.dump({term: i for i, term in enumerate(self.vocab)}, f, ensure_ascii=False, separators=(",", ":"))
+        # What the analyser learned of the corpus's words while it made the postings: the stems a query's words
+        # would otherwise need at request time (query_term_ids).
+        term_id = {term: i for i, term in enumerate(self.vocab)}
+        words = {word: -1 if stem is None else term_id.get(stem, -1)
+                 for word, stem in analyzer.seen_words().items() if word.isascii()}
+        with open(directory / WORDS_FILE, "w", encoding="utf-8") as f:
+            json.dump(words, f, separators=(",", ":"))
         with open(directory / PARAMS_FILE, "w", encoding="utf-8") as f:
             json.dump(
                 {
@@ -128,7 +139,22 @@ class BM25Postings:
                 f,
                 indent=2,
             )
-        return [directory / name for name in FILES]
+        return [directory / name for name in (*FILES, WORDS_FILE)]
+
+
+def _read_words(path: Path, vocabulary: int) -> dict[str, int]:
+    """WORDS_FILE's map, checked: str -> int in [-1, vocabulary)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            words = json.load(f)
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise IndexFormatError(f"{path}: cannot read: {e}") from e
+    if not isinstance(words, dict):
+        raise IndexFormatError(f"{path}: expected an object of word -> term id, got {type(words).__name__}")
+    for word, i in words.items():
+        if type(i) is not int or not -1 <= i < vocabulary:
+            raise IndexFormatError(f"{path}: word {word!r} has term id {i!r}, not an int in [-1, {vocabulary})")
+    return words
 
 
 def build_postings(token_lists: Iterable[Sequence[str]], params: BM25Params = BM25Params()) -> BM25Postings:
@@ -365,22 +391,31 @@ class BM25Index:
             if df.dtype != np.int64 or df.shape != (len(vocab),):
                 raise IndexFormatError(f"{directory / DF_FILE}: expected int64 ({len(vocab)},), got {df.dtype} "
                                        f"{df.shape}")
-        if analyzer is None:
-            analyzer = Analyzer.from_settings(params["analyzer"])
-        index = cls(indptr, docs, weights, doc_lengths, vocab, params, analyzer, df=df)
+        built_with = Analyzer.from_settings(params["analyzer"])
+        index = cls(indptr, docs, weights, doc_lengths, vocab, params, analyzer or built_with, df=df)
+        # The corpus's words stand for what this analyser would make of them only if it is the build's.
+        if (directory / WORDS_FILE).is_file() and index.analyzer.settings() == built_with.settings():
+            index.seed_words(_read_words(directory / WORDS_FILE, len(vocab)))
         if warmup:
             # Compiles (or loads from numba's cache) both kernel variants before the first real query.
             index.search_tokens([], 1)
             index.search_tokens([], 1, mask=np.ones(index.n_chunks, dtype=np.bool_))
         return index
 
+    def seed_words(self, words: dict[str, int]) -> None:
+        """Holds `words` (word -> term id, -1 for a stop word or a term the index lacks) in the C++ memo for good:
+        an ASCII query made of them gets its term ids without the analyser the first time it is asked. Without
+        the extension the Python memo learns them only from queries, as before."""
+        if self._native_word_ids is not None:
+            self._native_word_ids.seed(list(words), list(words.values()))
+
     def query_term_ids(self, text: str) -> np.ndarray:
         """term_ids(analyzer.tokens(text)), with one look-up per word of a word seen before: its term id, where the
         analyser's stem and then the vocabulary are two look-ups, each a miss on the caches an encode has just
         flushed. SciFact queries, p50: 38 -> 29 µs with their words seen before, 57 -> 66 µs the first time
         (bench/README.md, "Issue 15"); a server's queries mostly repeat words it has seen. An ASCII query whose words
-        are all held is answered by the C++ memo in one call (bench/README.md, "Issue 15", "The one call's index
-        arguments checked at load; the CPU count read once")."""
+        are all held (the corpus's, seeded at load, or learned from queries) is answered by the C++ memo in one
+        call (bench/README.md, "Issue 15", "A query's term ids from the corpus's words")."""
         held = self._native_word_ids
         if held is not None:
             ids = held.lookup(text)

@@ -181,6 +181,8 @@ def split_index(source: Path | str, out: Path | str, count: int, *, keep: int = 
             np.save(tmp / lexical.DOC_LENGTHS_FILE, np.ascontiguousarray(np.asarray(bm25.doc_lengths)[chunks_g]))
             np.save(tmp / lexical.DF_FILE, global_df)
             _link_or_copy(vocab_file, tmp / lexical.VOCAB_FILE)
+            if (src / lexical.WORDS_FILE).is_file():  # the corpus's word -> term id, as the vocabulary: the same
+                _link_or_copy(src / lexical.WORDS_FILE, tmp / lexical.WORDS_FILE)
             bm25_params = {**bm25.params, "n_docs": int(len(chunks_g)), "postings": int(keep_post.sum()),
                            "corpus_chunks": int(n_chunks)}
             (tmp / lexical.PARAMS_FILE).write_text(json.dumps(bm25_params, indent=2), encoding="utf-8")
