@@ -17,6 +17,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -28,6 +29,7 @@
 #include "src/retrieve.hpp"
 #include "src/search_core.hpp"
 #include "src/simd.hpp"
+#include "src/wordpiece.hpp"
 #if defined(RAG_HAS_CUDA)
 #include "cuda/device.hpp"
 #include "cuda/rerank.hpp"
@@ -1432,6 +1434,45 @@ private:
     Map learned_;
 };
 
+// ---- the query encoder's token ids for ASCII text (rag_service.encoder.encode.OnnxEncoder) ----
+
+// rag::WordPiece behind Python: `encode` answers a str's ids as an int64 array, or None for text the Hugging Face
+// tokenizer must take (non-ASCII first of all, told without a copy).
+class PyWordPiece {
+public:
+    PyWordPiece(const py::sequence& vocab, std::int64_t unk_id, std::int64_t cls_id, std::int64_t sep_id,
+                std::size_t max_chars, std::size_t max_tokens, const py::sequence& added)
+        : core_(strings(vocab, "vocab"), unk_id, cls_id, sep_id, max_chars, max_tokens, strings(added, "added")) {}
+
+    py::object encode(const py::str& text) const {
+        PyObject* obj = text.ptr();
+        if (!PyUnicode_IS_ASCII(obj)) return py::none();
+        const std::string_view view(static_cast<const char*>(PyUnicode_DATA(obj)),
+                                    static_cast<std::size_t>(PyUnicode_GET_LENGTH(obj)));
+        std::vector<std::int64_t> ids;
+        if (!core_.encode(view, ids)) return py::none();
+        py::array_t<std::int64_t> out(static_cast<py::ssize_t>(ids.size()));
+        std::memcpy(out.mutable_data(), ids.data(), ids.size() * sizeof(std::int64_t));
+        return std::move(out);
+    }
+
+    std::size_t size() const { return core_.size(); }
+
+private:
+    static std::vector<std::string> strings(const py::sequence& items, const char* name) {
+        std::vector<std::string> out;
+        out.reserve(py::len(items));
+        for (std::size_t i = 0; i < py::len(items); ++i) {
+            const py::handle item = items[i];
+            if (!PyUnicode_Check(item.ptr())) fail(std::string(name) + "[" + std::to_string(i) + "] must be a str");
+            out.push_back(item.cast<std::string>());
+        }
+        return out;
+    }
+
+    rag::WordPiece core_;
+};
+
 PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
     m.doc() = "rag-service native kernels (C++17, optional CUDA). Use rag_service.native, not this module directly.";
     m.attr("__version__") = RAG_STRINGIFY(RAG_NATIVE_VERSION);
@@ -1567,6 +1608,20 @@ PYBIND11_MODULE(_native, m, py::mod_gil_not_used()) {
         .def("clear", &WordIds::clear, "clear() -> None\n\nForgets the learned words (the seeded ones stay).")
         .def_property_readonly("seeded", &WordIds::seeded, "How many words were seeded.")
         .def("__len__", &WordIds::size, "How many words were learned.");
+    py::class_<PyWordPiece>(m, "WordPiece",
+                            "WordPiece(vocab, unk_id, cls_id, sep_id, max_chars, max_tokens, added)\n\n"
+                            "A BERT WordPiece tokenizer for ASCII text (lower-cased; whitespace and punctuation split;\n"
+                            "greedy longest pieces, '##' inside a word): vocab[i] is the piece of id i; a word over\n"
+                            "max_chars characters is unknown; at most max_tokens pieces, then [CLS] ... [SEP];\n"
+                            "`added`: lower-cased added-token texts, text holding one is not handled.")
+        .def(py::init<const py::sequence&, std::int64_t, std::int64_t, std::int64_t, std::size_t, std::size_t,
+                      const py::sequence&>(),
+             py::arg("vocab"), py::arg("unk_id"), py::arg("cls_id"), py::arg("sep_id"), py::arg("max_chars"),
+             py::arg("max_tokens"), py::arg("added"))
+        .def("encode", &PyWordPiece::encode, py::arg("text"),
+             "encode(text) -> int64 array | None\n\n[CLS], the text's piece ids, [SEP]; None for text with a\n"
+             "character outside printable ASCII, tab, newline and carriage return, or holding an added token.")
+        .def("__len__", &PyWordPiece::size, "The vocabulary's size.");
     py::class_<PreparedSearch>(m, "PreparedSearch",
                                "PreparedSearch(core, indptr, docs, weights, n_docs, vectors, codes, code_scale,\n"
                                "               code_base, code_bits, oversample, columns, model_weights, bias,\n"

@@ -295,6 +295,14 @@ class PreparedSearch:
         bm25_scores: np.ndarray | None, helper: bool,
     ) -> SearchCoreTuple: ...
 
+class WordPiece:
+    """A BERT WordPiece tokenizer for ASCII text: the query encoder's token ids in one call."""
+
+    def __init__(self, vocab: Sequence[str], unk_id: int, cls_id: int, sep_id: int, max_chars: int, max_tokens: int,
+                 added: Sequence[str]) -> None: ...
+    def encode(self, text: str) -> np.ndarray | None: ...
+    def __len__(self) -> int: ...
+
 class WordIds:
     """word -> BM25 term id for the words of ASCII queries: the index corpus's (seeded) and queries' (learned)."""
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -37,6 +37,35 @@ DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 _QUERY_BATCH = 64
 # Serialises changes to torch's per-process thread count (Encoder._embed_batches).
 _THREADS_LOCK = threading.Lock()
+
+
+# Texts a native WordPiece must tokenize as its tokenizer does before a query encoder uses it (checked_wordpiece):
+# case, digits, every kind of ASCII punctuation, runs of whitespace, pieces inside a word, a word with no pieces, a
+# word past the longest a word may be, an added token's text.
+WORDPIECE_PROBES = (
+    "", "   ", "Hello, World!", "0-dimensional biomaterials show inductive properties.",
+    "What's the p53 (TP53) gene's role in DNA-repair? [see: ref #12]", "a\tb\nc\rd  e",
+    "unaffable XYZZYQ jjjjjjjjjjjjq_x", "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", "x" * 150, "[MASK] and [cls]",
+    "CD4+ T-cells; IL-2/IL-15 signaling (≥ 5 µM)",
+)
+
+
+def checked_wordpiece(tokenizer: Tokenizer) -> Any | None:
+    """The extension's WordPiece for `tokenizer` (kernels.native.wordpiece) if it gives the tokenizer's own ids on
+    every probe it takes, else None (logged: the tokenizer then takes every text)."""
+    from rag_service.kernels import native
+
+    wordpiece, why = native.wordpiece(tokenizer.to_str())
+    if wordpiece is None:
+        log.info("query tokens from the Hugging Face tokenizer alone: %s", why)
+        return None
+    for text in WORDPIECE_PROBES:
+        ids = wordpiece.encode(text)
+        if ids is not None and ids.tolist() != tokenizer.encode(text).ids:
+            log.warning("query tokens from the Hugging Face tokenizer alone: the native WordPiece gives %s for %r, "
+                        "the tokenizer %s", ids.tolist(), text, tokenizer.encode(text).ids)
+            return None
+    return wordpiece
 
 
 def default_model_path() -> str:
@@ -475,6 +504,9 @@ class OnnxEncoder(_EncoderBase):
         self._tokenizer = Tokenizer.from_file(tokenizer_file)
         self._tokenizer.enable_truncation(max_length=self.max_seq_length)
         self._tokenizer.enable_padding()
+        # A lone query's ids in one native call where its text is ASCII (the tokenizer takes ~100 µs on the caches
+        # the encode before it leaves: bench/README.md, "Issue 15", "The query's token ids in one call").
+        self._wordpiece = checked_wordpiece(self._tokenizer)
         self._inputs = tuple(config["inputs"])
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -522,7 +554,9 @@ class OnnxEncoder(_EncoderBase):
         pads to its longest text. Type ids are zeros: the tokenizer's single-sequence template gives every token type
         0 (tests/test_encoder_backends.py checks it against the tokenizer's own arrays)."""
         if len(texts) == 1:
-            ids = np.array(self._tokenizer.encode(texts[0]).ids, dtype=np.int64)[None, :]
+            found = self._wordpiece.encode(texts[0]) if self._wordpiece is not None else None
+            ids = (found if found is not None
+                   else np.array(self._tokenizer.encode(texts[0]).ids, dtype=np.int64))[None, :]
             mask = np.ones_like(ids)
             types = np.zeros_like(ids)
         else:

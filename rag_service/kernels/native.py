@@ -141,6 +141,8 @@ _HAS_SEARCH_CORE: bool = _native is not None and hasattr(_native, "search_core")
 _HAS_JOIN: bool = _native is not None and hasattr(_native, "join_contexts")
 # And an ASCII query's term ids in one call (WordIds).
 _HAS_WORD_IDS: bool = _native is not None and hasattr(_native, "WordIds")
+# And the query encoder's token ids for ASCII text (WordPiece).
+_HAS_WORDPIECE: bool = _native is not None and hasattr(_native, "WordPiece")
 
 # Blocks of 64 chunks: at 1M chunks BM25 then reads a few percent of a query's postings at p50 (bench/README.md,
 # "BM25 block by block"; 16 and 32 bound tighter but cost more per query), and the bounds of the lists longer than
@@ -959,3 +961,63 @@ def join_contexts(blob: bytes, offsets: Any, chunks: list[int], scores: list[flo
     if not _HAS_JOIN:
         raise RuntimeError(f"join_contexts needs rag_service._native; {_BUILD_HINT}")
     return _native.join_contexts(blob, offsets, chunks, scores, tokens, context_tag, score_tag, tokens_tag)
+
+
+# The query encoder's tokenizer
+# --------------------------------------------------------------------------------------------------------------------
+
+def wordpiece(tokenizer_json: str) -> tuple[Any | None, str]:
+    """The extension's WordPiece for a Hugging Face tokenizer (its `to_str()`, truncation and padding as it will
+    run), or None, with why, where it is not the BERT pipeline that class reproduces for ASCII text: BertNormalizer
+    lower-casing and cleaning, BertPreTokenizer, WordPiece with "##" pieces, [CLS] $A [SEP], truncation from the
+    right and no fixed-length padding. The caller checks its answers against the tokenizer before it uses them
+    (encoder/encode.py)."""
+    import json
+
+    if not _HAS_WORDPIECE:
+        return None, "the extension has no WordPiece"
+    spec = json.loads(tokenizer_json)
+    normalizer, pre, model = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+    if normalizer.get("type") != "BertNormalizer" or not normalizer.get("lowercase") \
+            or not normalizer.get("clean_text"):
+        return None, f"normalizer {normalizer.get('type')!r} is not a lower-casing, cleaning BertNormalizer"
+    if pre.get("type") != "BertPreTokenizer":
+        return None, f"pre-tokenizer {pre.get('type')!r} is not BertPreTokenizer"
+    if model.get("type") != "WordPiece" or model.get("continuing_subword_prefix") != "##":
+        return None, f"model {model.get('type')!r} is not a WordPiece with '##' pieces"
+    vocab: dict[str, int] = model.get("vocab") or {}
+    pieces = sorted(vocab, key=vocab.__getitem__)
+    if [vocab[p] for p in pieces] != list(range(len(pieces))):
+        return None, "the vocabulary's ids are not 0..n-1"
+    special = _cls_sep(spec.get("post_processor") or {})
+    if special is None or model.get("unk_token") not in vocab:
+        return None, "the post-processor is not [CLS] $A [SEP], or the unknown token is not in the vocabulary"
+    truncation, padding = spec.get("truncation"), spec.get("padding")
+    if truncation is not None and (truncation.get("direction", "Right") != "Right" or truncation.get("stride", 0)):
+        return None, "truncation is not from the right without stride"
+    if padding is not None and padding.get("strategy") != "BatchLongest":
+        return None, "padding is to a fixed length"
+    max_tokens = max(int(truncation["max_length"]) - 2, 0) if truncation is not None else 1 << 62
+    added = sorted({t["content"].lower() for t in spec.get("added_tokens") or () if t.get("content")})
+    return _native.WordPiece(pieces, vocab[model["unk_token"]], special[0], special[1],
+                             int(model.get("max_input_chars_per_word", 100)), max_tokens, added), ""
+
+
+def _cls_sep(processor: dict) -> tuple[int, int] | None:
+    """The ids of the two tokens a single-sequence post-processor puts around the text ([CLS] $A [SEP]), or None
+    for one that does anything else."""
+    if processor.get("type") == "BertProcessing":
+        return int(processor["cls"][1]), int(processor["sep"][1])
+    if processor.get("type") != "TemplateProcessing":
+        return None
+    single = processor.get("single") or []
+    if len(single) != 3 or "Sequence" not in single[1] or single[1]["Sequence"].get("id") != "A":
+        return None
+    ids = []
+    for item in (single[0], single[2]):
+        name = (item.get("SpecialToken") or {}).get("id")
+        token_ids = ((processor.get("special_tokens") or {}).get(name) or {}).get("ids")
+        if not isinstance(token_ids, list) or len(token_ids) != 1:
+            return None
+        ids.append(int(token_ids[0]))
+    return ids[0], ids[1]
