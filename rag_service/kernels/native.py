@@ -23,6 +23,7 @@ rag_service.kernels.reference.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import operator
 import os
@@ -972,8 +973,6 @@ def wordpiece(tokenizer_json: str) -> tuple[Any | None, str]:
     lower-casing and cleaning, BertPreTokenizer, WordPiece with "##" pieces, [CLS] $A [SEP], truncation from the
     right and no fixed-length padding. The caller checks its answers against the tokenizer before it uses them
     (encoder/encode.py)."""
-    import json
-
     if not _HAS_WORDPIECE:
         return None, "the extension has no WordPiece"
     spec = json.loads(tokenizer_json)
