@@ -24,8 +24,9 @@ encode" is each request's server time minus its own `encode` stage: for a semant
 and the reply add to the encode, which the issue holds to 0.5 ms (a median of the misses' encode is other requests'
 and moves by ~0.1 ms between runs, so each hit is held against its own).
 `--server NAME=RAG_SERVE ...` (repeatable) runs the same for several rag-serve executables (an A/B of two builds),
-rounds alternating between them; `NAME=` is this environment's, and `--server-env NAME:KEY=VALUE` gives one of them a
-setting of its own (an A/B of two settings).
+rounds alternating between them (`--by call`: every round on all of them, request by request, their order
+alternating, so that the machine's drift during a round weighs on each alike); `NAME=` is this environment's, and
+`--server-env NAME:KEY=VALUE` gives one of them a setting of its own (an A/B of two settings).
 """
 
 from __future__ import annotations
@@ -45,42 +46,81 @@ from rag_service.pb.rag.v1 import retrieval_pb2 as pb
 from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
 
-def run_round(target: str, requests: list[pb.SearchRequest], into: dict[str, list[float]], suffix: str = "",
-              semantic: bool = False) -> None:
-    """One pass over `requests` (each with `suffix` appended to its query), the samples added to `into`. `semantic`:
-    every query is asked as it is first, untimed, and only the timed replies served from the semantic cache count."""
-    bases = [r.query for r in requests]
-    if suffix:
-        requests = [pb.SearchRequest(query=r.query + suffix, debug=r.debug, cache=r.cache) for r in requests]
-    with grpc.insecure_channel(target) as channel:
-        search = pb_grpc.RetrieverStub(channel).Search
-        check = health_pb2_grpc.HealthStub(channel).Check
-        empty = health_pb2.HealthCheckRequest()
-        for request in requests[:20]:  # warm the channel and the pipeline (bypassing the cache: no key is used up)
-            search(pb.SearchRequest(query=request.query, debug=request.debug, cache=pb.CACHE_BYPASS), timeout=30)
+class Client:
+    """One server's channel and stubs, for a round of `requests` (each with `suffix` appended to its query)."""
+
+    def __init__(self, target: str, requests: list[pb.SearchRequest], suffix: str = "") -> None:
+        self.bases = [r.query for r in requests]
+        self.requests = [pb.SearchRequest(query=r.query + suffix, debug=r.debug, cache=r.cache) for r in requests] \
+            if suffix else requests
+        self.channel = grpc.insecure_channel(target)
+        self.search = pb_grpc.RetrieverStub(self.channel).Search
+        self.check = health_pb2_grpc.HealthStub(self.channel).Check
+        self.empty = health_pb2.HealthCheckRequest()
+
+    def warm(self, semantic: bool) -> None:
+        """Warms the channel and the pipeline (bypassing the cache: no key is used up); `semantic`: every query is
+        then asked as it is, untimed, so that its variant can be a semantic hit."""
+        for request in self.requests[:20]:
+            self.search(pb.SearchRequest(query=request.query, debug=request.debug, cache=pb.CACHE_BYPASS), timeout=30)
         if semantic:
             # With the timed requests' options (`debug`): the cache keeps each set of options' answers apart.
-            for base, request in zip(bases, requests):
-                search(pb.SearchRequest(query=base, debug=request.debug, cache=request.cache), timeout=30)
-        for request in requests:
-            started = time.perf_counter_ns()
-            check(empty, timeout=10)
-            empty_us = (time.perf_counter_ns() - started) / 1e3
-            started = time.perf_counter_ns()
-            reply = search(request, timeout=30)
-            client_us = (time.perf_counter_ns() - started) / 1e3
-            if semantic and reply.served_from != pb.SERVED_FROM_SEMANTIC:
-                into["not semantic hits"].append(client_us)
-                continue
-            stages = dict(reply.stage_time_us)
-            into["empty call"].append(empty_us)
-            into["client total"].append(client_us)
-            into["server total"].append(reply.server_time_us)
-            into["outside the server"].append(client_us - reply.server_time_us)
-            into["server outside the stages"].append(reply.server_time_us - sum(stages.values()))
-            into["server minus encode"].append(reply.server_time_us - stages.get("encode", 0))
-            for name, us in stages.items():
-                into.setdefault(f"stage {name}", []).append(us)
+            for base, request in zip(self.bases, self.requests, strict=True):
+                self.search(pb.SearchRequest(query=base, debug=request.debug, cache=request.cache), timeout=30)
+
+    def one(self, i: int, into: dict[str, list[float]], semantic: bool) -> None:
+        """The i-th request, after an empty call; its samples added to `into` (`semantic`: only a semantic hit's)."""
+        started = time.perf_counter_ns()
+        self.check(self.empty, timeout=10)
+        empty_us = (time.perf_counter_ns() - started) / 1e3
+        started = time.perf_counter_ns()
+        reply = self.search(self.requests[i], timeout=30)
+        client_us = (time.perf_counter_ns() - started) / 1e3
+        if semantic and reply.served_from != pb.SERVED_FROM_SEMANTIC:
+            into["not semantic hits"].append(client_us)
+            return
+        stages = dict(reply.stage_time_us)
+        into["empty call"].append(empty_us)
+        into["client total"].append(client_us)
+        into["server total"].append(reply.server_time_us)
+        into["outside the server"].append(client_us - reply.server_time_us)
+        into["server outside the stages"].append(reply.server_time_us - sum(stages.values()))
+        into["server minus encode"].append(reply.server_time_us - stages.get("encode", 0))
+        for name, us in stages.items():
+            into.setdefault(f"stage {name}", []).append(us)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def run_round(target: str, requests: list[pb.SearchRequest], into: dict[str, list[float]], suffix: str = "",
+              semantic: bool = False) -> None:
+    """One pass over `requests` on one server, the samples added to `into`. `semantic`: every query is asked as it
+    is first, untimed, and only the timed replies served from the semantic cache count."""
+    client = Client(target, requests, suffix)
+    try:
+        client.warm(semantic)
+        for i in range(len(client.requests)):
+            client.one(i, into, semantic)
+    finally:
+        client.close()
+
+
+def run_round_by_call(targets: dict[str, str], requests: list[pb.SearchRequest],
+                      into: dict[str, dict[str, list[float]]], suffix: str = "", semantic: bool = False) -> None:
+    """One pass over `requests` on every server at once, request by request, the servers' order alternating from
+    one request to the next: a drift of the machine over the pass then weighs on each server alike."""
+    clients = {name: Client(target, requests, suffix) for name, target in targets.items()}
+    try:
+        for client in clients.values():
+            client.warm(semantic)
+        names = list(clients)
+        for i in range(len(requests)):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                clients[name].one(i, into[name], semantic)
+    finally:
+        for client in clients.values():
+            client.close()
 
 
 def main() -> None:
@@ -97,6 +137,9 @@ def main() -> None:
     parser.add_argument("--cache", choices=["bypass", "exact", "semantic"], default="bypass",
                         help="exact: misses with the cache on (a new exact key per round), not bypassing it; "
                              "semantic: semantic hits (each query asked first, then a variant of it, timed)")
+    parser.add_argument("--by", choices=["round", "call"], default="round",
+                        help="with several servers: alternate them round by round (default), or request by request "
+                             "within each round (call), which spreads the machine's drift over all of them alike")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     queries = load_queries(args.queries)
@@ -127,6 +170,10 @@ def main() -> None:
         for r in range(args.rounds):
             # A fresh key per round keeps every search off the exact cache: a miss, or (semantic) a semantic hit.
             suffix = "\u200b" * (r + 1) if args.cache != "bypass" else ""
+            if args.by == "call":
+                run_round_by_call({name: processes[name].target for name in names}, requests, samples, suffix,
+                                  semantic=args.cache == "semantic")
+                continue
             for name in names[r % len(names):] + names[: r % len(names)]:
                 run_round(processes[name].target, requests, samples[name], suffix, semantic=args.cache == "semantic")
     finally:
