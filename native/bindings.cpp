@@ -1342,6 +1342,13 @@ std::string build_info() {
     return info;
 }
 
+// A new int64 array holding `values` (a short result: a copy costs less than handing the vector over).
+py::object int64_array(const std::vector<std::int64_t>& values) {
+    py::array_t<std::int64_t> out(static_cast<py::ssize_t>(values.size()));
+    if (!values.empty()) std::memcpy(out.mutable_data(), values.data(), values.size() * sizeof(std::int64_t));
+    return std::move(out);
+}
+
 }  // namespace
 
 // ---- an ASCII query's BM25 term ids in one call (rag_service.retrievers.lexical.BM25Index.query_term_ids) ----
@@ -1379,9 +1386,7 @@ public:
                 word.clear();
             }
         }
-        py::array_t<std::int64_t> out(static_cast<py::ssize_t>(ids.size()));
-        if (!ids.empty()) std::memcpy(out.mutable_data(), ids.data(), ids.size() * sizeof(std::int64_t));
-        return std::move(out);
+        return int64_array(ids);
     }
 
     // Learns words[i] -> ids[i] for the ASCII words among them (as the analyser split and lower-cased them).
@@ -1451,9 +1456,7 @@ public:
                                     static_cast<std::size_t>(PyUnicode_GET_LENGTH(obj)));
         std::vector<std::int64_t> ids;
         if (!core_.encode(view, ids)) return py::none();
-        py::array_t<std::int64_t> out(static_cast<py::ssize_t>(ids.size()));
-        std::memcpy(out.mutable_data(), ids.data(), ids.size() * sizeof(std::int64_t));
-        return std::move(out);
+        return int64_array(ids);
     }
 
     std::size_t size() const { return core_.size(); }

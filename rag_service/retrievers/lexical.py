@@ -114,11 +114,11 @@ class BM25Postings:
         np.save(directory / DOCS_FILE, self.docs)
         np.save(directory / WEIGHTS_FILE, self.weights)
         np.save(directory / DOC_LENGTHS_FILE, self.doc_lengths)
+        term_id = {term: i for i, term in enumerate(self.vocab)}
         with open(directory / VOCAB_FILE, "w", encoding="utf-8") as f:
-            json.dump({term: i for i, term in enumerate(self.vocab)}, f, ensure_ascii=False, separators=(",", ":"))
+            json.dump(term_id, f, ensure_ascii=False, separators=(",", ":"))
         # What the analyser learned of the corpus's words while it made the postings: the stems a query's words
         # would otherwise need at request time (query_term_ids).
-        term_id = {term: i for i, term in enumerate(self.vocab)}
         words = {word: -1 if stem is None else term_id.get(stem, -1)
                  for word, stem in analyzer.seen_words().items() if word.isascii()}
         with open(directory / WORDS_FILE, "w", encoding="utf-8") as f:
@@ -391,10 +391,11 @@ class BM25Index:
             if df.dtype != np.int64 or df.shape != (len(vocab),):
                 raise IndexFormatError(f"{directory / DF_FILE}: expected int64 ({len(vocab)},), got {df.dtype} "
                                        f"{df.shape}")
-        built_with = Analyzer.from_settings(params["analyzer"])
-        index = cls(indptr, docs, weights, doc_lengths, vocab, params, analyzer or built_with, df=df)
+        if analyzer is None:
+            analyzer = Analyzer.from_settings(params["analyzer"])
+        index = cls(indptr, docs, weights, doc_lengths, vocab, params, analyzer, df=df)
         # The corpus's words stand for what this analyser would make of them only if it is the build's.
-        if (directory / WORDS_FILE).is_file() and index.analyzer.settings() == built_with.settings():
+        if (directory / WORDS_FILE).is_file() and analyzer.settings() == params["analyzer"]:
             index.seed_words(_read_words(directory / WORDS_FILE, len(vocab)))
         if warmup:
             # Compiles (or loads from numba's cache) both kernel variants before the first real query.
