@@ -278,13 +278,14 @@ def search_request(query: str, *, top_k: int | None = None, depth: int | None = 
                    require_complete: bool = False, group_by_doc: bool = False, group_size: int | None = None,
                    offset: int | None = None, page_token: str | None = None, min_score: float | None = None,
                    decay: Decay | None = None, highlight: bool = False,
-                   tenant: str | None = None, collection: str = "") -> pb.SearchRequest:
+                   tenant: str | None = None, collection: str = "", profile: bool = False) -> pb.SearchRequest:
     """None leaves a parameter to the server's default. `collection`: the collection or alias to search ("": the
     server's default). `tenant`: the tenant to search as, in a collection built
     with a tenant key (a token scoped to a tenant sets it; naming another is refused). `require_complete` (routers
     over shards): fail rather than answer from the shards that did answer. The query API: `group_by_doc` (top_k
     counts documents, each with up to `group_size` chunks), pages (`offset`, or the previous reply's
-    `next_page_token` as `page_token`), `min_score`, a recency `decay` and `highlight`; `debug` adds explanations.
+    `next_page_token` as `page_token`), `min_score`, a recency `decay` and `highlight`; `debug` adds explanations;
+    `profile` adds the server's stage timings (`stage_time_us`) alone.
     `filter`: a structured filter (rag.v1.Filter), as the message or its JSON form as a dict, e.g.
     {"must": [{"key": "year", "range": {"gte": 2015}}]}, ANDed with the equality `filters`; see also the
     builders `must`, `match`, `any_of`, `range_of`, ... below."""
@@ -295,7 +296,7 @@ def search_request(query: str, *, top_k: int | None = None, depth: int | None = 
     request = pb.SearchRequest(query=query, fusion=FUSION[fusion], filters=filters or {}, debug=debug,
                                cache=CACHE[cache], require_complete=require_complete, group_by_doc=group_by_doc,
                                page_token=page_token or "", highlight=highlight, tenant=tenant or "",
-                               collection=collection)
+                               collection=collection, profile=profile)
     if decay is not None:
         request.decay.CopyFrom(decay.message())
     if filter is not None:
@@ -482,14 +483,15 @@ class RetrieverClient:
                require_complete: bool = False, group_by_doc: bool = False, group_size: int | None = None,
                offset: int | None = None, page_token: str | None = None, min_score: float | None = None,
                decay: Decay | None = None, highlight: bool = False, tenant: str | None = None,
-               collection: str = "", timeout: float | None = None) -> SearchResult:
+               collection: str = "", profile: bool = False, timeout: float | None = None) -> SearchResult:
         """None leaves a parameter to the server's default; the parameters are those of `search_request`."""
         request = search_request(
             query, top_k=top_k, depth=depth, fusion=fusion, dense_weight=dense_weight, filters=filters, filter=filter,
             debug=debug, cache=cache, rerank=rerank, rerank_depth=rerank_depth, max_context_tokens=max_context_tokens,
             mmr_lambda=mmr_lambda, dedup_threshold=dedup_threshold, require_complete=require_complete,
             group_by_doc=group_by_doc, group_size=group_size, offset=offset, page_token=page_token,
-            min_score=min_score, decay=decay, highlight=highlight, tenant=tenant, collection=collection)
+            min_score=min_score, decay=decay, highlight=highlight, tenant=tenant, collection=collection,
+            profile=profile)
         return _result(*self._call_with_served_by(self._stub.Search, request, timeout))
 
     def search_batch(self, queries: Iterable[str | pb.SearchRequest], *, timeout: float | None = None,

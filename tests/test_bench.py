@@ -133,6 +133,9 @@ def test_latency_requests_carry_the_budget_only_when_given():
 
     assert all(r.HasField("budget_ms") and r.budget_ms == 25 for r in requests(budget_ms=25))
     assert not any(r.HasField("budget_ms") for r in requests())
+    # Stage timings by default, without debug's per-context work; debug only when asked.
+    assert all(r.profile and not r.debug for r in requests())
+    assert all(r.debug and not r.profile for r in requests(debug=True, profile=False))
 
 
 # Latency against a real server ------------------------------------------------------------------------------------

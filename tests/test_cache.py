@@ -273,9 +273,20 @@ def test_a_repeated_request_is_replayed_without_being_validated_again(running, m
     # Debug replies carry per-call stage times: never replayed.
     assert [search(running.stub, query, debug=True).served_from for _ in range(3)] == [MISS, EXACT, EXACT]
     assert len(validated) == 6
+    # A profiled request is the plain request's entry, and each of its replies carries its own stage timings:
+    # a replay too, whose one stage is the cache's.
+    profiled = [search(running.stub, query, profile=True) for _ in range(3)]
+    assert [r.served_from for r in profiled] == [EXACT, EXACT, EXACT] and len(validated) == 7
+    assert all(set(r.stage_time_us) >= {"cache"} and r.stage_time_us["cache"] > 0 for r in profiled)
+    assert set(profiled[2].stage_time_us) == {"cache"} and "validate" in profiled[0].stage_time_us
+    for r in profiled:
+        r.stage_time_us.clear()
+        r.server_time_us = 0
+        r.served_from = MISS
+    assert profiled[0] == profiled[2] == first
     # Nor is a request the cache bypasses.
     assert [search(running.stub, query, cache=pb.CACHE_BYPASS).served_from for _ in range(2)] == [MISS, MISS]
-    assert len(validated) == 8
+    assert len(validated) == 9
 
 
 def test_paraphrase_passing_the_guard_is_a_semantic_hit(running):

@@ -58,6 +58,22 @@ def test_debug_reports_scores_and_stage_timings(client):
     assert sum(result.stage_time_us.values()) <= result.server_time_us + 1000 * len(result.stage_time_us)
 
 
+def test_profile_reports_stage_timings_and_nothing_else_of_debug(client):
+    query = "glaciers carve valleys and move downhill"
+    plain = client.search(query, top_k=4, cache="bypass")
+    profiled = client.search(query, top_k=4, cache="bypass", profile=True)
+    debugged = client.search(query, top_k=4, cache="bypass", debug=True)
+    assert [(c.chunk_id, c.score, c.text) for c in profiled.contexts] == [
+        (c.chunk_id, c.score, c.text) for c in plain.contexts]
+    assert all(c.bm25_score is None and c.fused_score is None and c.rerank_score is None for c in profiled.contexts)
+    stages = set(profiled.stage_time_us)
+    assert {"validate", "queue", "encode", "lexical", "dense", "fusion", "rerank", "assemble", "handback"} <= stages
+    # Debug's own work (explanations) is a stage of its own that a profiled request does not run.
+    assert stages < set(debugged.stage_time_us)
+    assert sum(profiled.stage_time_us.values()) <= profiled.server_time_us + 1000 * len(stages)
+    assert plain.stage_time_us == {}
+
+
 def test_dense_weight_extremes_follow_one_retriever(client):
     # rerank off and no MMR/dedup: the contexts are fusion's ranking as it is
     plain = {"rerank": False, "mmr_lambda": 1.0, "dedup_threshold": 1.0}

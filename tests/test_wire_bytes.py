@@ -117,13 +117,14 @@ def test_joined_bytes_parse_to_the_field_by_field_message(seed: int) -> None:
                                   pb.SERVED_FROM_PREFETCHED])
         similarity = rng.choice([None, 0.0, 0.973])
         time_us = rng.choice([0, 17, 1 << 40])
-        for debug in (False, True):
+        for debug, profile in ((False, False), (True, False), (False, True), (True, True)):
             token = rng.choice(["", "eyJ2IjoidiJ9"]) if result.shaped else ""
-            expected = reply.message(result, served_from, similarity, debug, time_us, token)
+            expected = reply.message(result, served_from, similarity, debug, time_us, token, profile=profile)
+            assert bool(expected.stage_time_us) == ((debug or profile) and bool(result.stage_us))
             for table in (prepared, None):
                 got = pb.SearchResponse.FromString(reply.joined(result, served_from, similarity, debug, time_us,
-                                                                table, token))
-                assert got == expected, (seed, debug, table is not None)
+                                                                table, token, profile=profile))
+                assert got == expected, (seed, debug, profile, table is not None)
                 # Presence too: an optional field set to 0.0 differs from one left unset.
                 for g, e in zip(got.contexts, expected.contexts, strict=True):
                     for name in ("bm25_score", "dense_score", "fused_score", "rerank_score", "best_window",
@@ -147,6 +148,10 @@ def test_a_kept_reply_and_a_calls_fields_parse_to_the_message(seed: int) -> None
                 got = pb.SearchResponse.FromString(kept + reply.call_fields(served_from, similarity, time_us))
                 assert got == reply.message(result, served_from, similarity, False, time_us, "", collection)
                 assert got.HasField("cache_similarity") == (similarity is not None)
+                # A profile request's hit: the same, with the hit's stage timings after the call's fields.
+                timed = kept + reply.call_fields(served_from, similarity, time_us) + reply.stage_fields(result.stage_us)
+                assert pb.SearchResponse.FromString(timed) == reply.message(result, served_from, similarity, False,
+                                                                            time_us, "", collection, profile=True)
 
 
 def test_a_context_whose_score_overflows_float32_becomes_an_infinity_as_in_the_message() -> None:

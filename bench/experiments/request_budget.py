@@ -5,7 +5,8 @@ and the call's time outside the server, beside an empty call.
         --queries ../shared/data/scifact/queries.jsonl --qrels ../shared/data/scifact/qrels/test.tsv --rounds 3
 
 Starts `rag-serve` on the index (defaults: the full pipeline) and sends, from one client, every judged query with
-`debug` and `CACHE_BYPASS`, so each is a miss through every stage; between searches, a health Check (the empty
+`profile` (the stage timings, and nothing else of `debug`: a plain request's work) and `CACHE_BYPASS`, so each is a
+miss through every stage; between searches, a health Check (the empty
 call). Each reply carries `server_time_us` (handler entry to reply built) and `stage_time_us` (each stage the
 pipeline timed). Per request:
 - each stage's µs;
@@ -26,7 +27,9 @@ and moves by ~0.1 ms between runs, so each hit is held against its own).
 `--server NAME=RAG_SERVE ...` (repeatable) runs the same for several rag-serve executables (an A/B of two builds),
 rounds alternating between them (`--by call`: every round on all of them, request by request, their order
 alternating, so that the machine's drift during a round weighs on each alike); `NAME=` is this environment's, and
-`--server-env NAME:KEY=VALUE` gives one of them a setting of its own (an A/B of two settings).
+`--server-env NAME:KEY=VALUE` gives one of them a setting of its own (an A/B of two settings). `--debug-server NAME`:
+that server is asked with `debug` instead (its per-context scores and explanations built too), e.g. two servers of
+this environment, one of them asked with debug, for what debug's own work adds.
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ class Client:
 
     def __init__(self, target: str, requests: list[pb.SearchRequest], suffix: str = "") -> None:
         self.bases = [r.query for r in requests]
-        self.requests = [pb.SearchRequest(query=r.query + suffix, debug=r.debug, cache=r.cache) for r in requests] \
-            if suffix else requests
+        self.requests = [pb.SearchRequest(query=r.query + suffix, debug=r.debug, profile=r.profile, cache=r.cache)
+                         for r in requests] if suffix else requests
         self.channel = grpc.insecure_channel(target)
         self.search = pb_grpc.RetrieverStub(self.channel).Search
         self.check = health_pb2_grpc.HealthStub(self.channel).Check
@@ -62,11 +65,13 @@ class Client:
         """Warms the channel and the pipeline (bypassing the cache: no key is used up); `semantic`: every query is
         then asked as it is, untimed, so that its variant can be a semantic hit."""
         for request in self.requests[:20]:
-            self.search(pb.SearchRequest(query=request.query, debug=request.debug, cache=pb.CACHE_BYPASS), timeout=30)
+            self.search(pb.SearchRequest(query=request.query, debug=request.debug, profile=request.profile,
+                                         cache=pb.CACHE_BYPASS), timeout=30)
         if semantic:
             # With the timed requests' options (`debug`): the cache keeps each set of options' answers apart.
             for base, request in zip(self.bases, self.requests, strict=True):
-                self.search(pb.SearchRequest(query=base, debug=request.debug, cache=request.cache), timeout=30)
+                self.search(pb.SearchRequest(query=base, debug=request.debug, profile=request.profile,
+                                             cache=request.cache), timeout=30)
 
     def one(self, i: int, into: dict[str, list[float]], semantic: bool) -> None:
         """The i-th request, after an empty call; its samples added to `into` (`semantic`: only a semantic hit's)."""
@@ -106,16 +111,17 @@ def run_round(target: str, requests: list[pb.SearchRequest], into: dict[str, lis
         client.close()
 
 
-def run_round_by_call(targets: dict[str, str], requests: list[pb.SearchRequest],
+def run_round_by_call(targets: dict[str, str], requests: dict[str, list[pb.SearchRequest]],
                       into: dict[str, dict[str, list[float]]], suffix: str = "", semantic: bool = False) -> None:
-    """One pass over `requests` on every server at once, request by request, the servers' order alternating from
-    one request to the next: a drift of the machine over the pass then weighs on each server alike."""
-    clients = {name: Client(target, requests, suffix) for name, target in targets.items()}
+    """One pass over each server's `requests` (the same queries) on every server at once, request by request, the
+    servers' order alternating from one request to the next: a drift of the machine over the pass then weighs on
+    each server alike."""
+    clients = {name: Client(target, requests[name], suffix) for name, target in targets.items()}
     try:
         for client in clients.values():
             client.warm(semantic)
         names = list(clients)
-        for i in range(len(requests)):
+        for i in range(len(next(iter(requests.values())))):
             for name in (names if i % 2 == 0 else names[::-1]):
                 clients[name].one(i, into[name], semantic)
     finally:
@@ -140,6 +146,8 @@ def main() -> None:
     parser.add_argument("--by", choices=["round", "call"], default="round",
                         help="with several servers: alternate them round by round (default), or request by request "
                              "within each round (call), which spreads the machine's drift over all of them alike")
+    parser.add_argument("--debug-server", action="append", default=[], metavar="NAME",
+                        help="ask server NAME with debug instead of profile")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     queries = load_queries(args.queries)
@@ -147,8 +155,13 @@ def main() -> None:
         judged = load_qrels(args.qrels)
         queries = {q: t for q, t in queries.items() if q in judged}
     cache = {"exact": pb.CACHE_EXACT_ONLY, "semantic": pb.CACHE_DEFAULT}.get(args.cache, pb.CACHE_BYPASS)
-    requests = [pb.SearchRequest(query=t, debug=True, cache=cache) for t in queries.values()]
     servers = dict(s.split("=", 1) for s in args.server) or {"rag-serve": ""}
+    for name in args.debug_server:
+        if name not in servers:
+            parser.error(f"--debug-server {name!r}: not one of {', '.join(servers)}")
+    requests = {name: [pb.SearchRequest(query=t, debug=name in args.debug_server,
+                                        profile=name not in args.debug_server, cache=cache) for t in queries.values()]
+                for name in servers}
 
     samples: dict[str, dict[str, list[float]]] = {name: {"client total": [], "empty call": [], "server total": [],
                                                          "outside the server": [], "server outside the stages": [],
@@ -175,7 +188,8 @@ def main() -> None:
                                   semantic=args.cache == "semantic")
                 continue
             for name in names[r % len(names):] + names[: r % len(names)]:
-                run_round(processes[name].target, requests, samples[name], suffix, semantic=args.cache == "semantic")
+                run_round(processes[name].target, requests[name], samples[name], suffix,
+                          semantic=args.cache == "semantic")
     finally:
         for process in processes.values():
             process.stop()

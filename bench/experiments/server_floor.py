@@ -100,7 +100,7 @@ def measure(bare_target: str, targets: dict[str, str], queries: list[str], round
     # terms are the query's own and the guard lets the hit through: this measures what a semantic hit costs, not how
     # often the guard allows one (bench/experiments/guard_families.py measures that).
     variants = [pb.SearchRequest(query=q + "\u200b") for q in queries]
-    misses = [pb.SearchRequest(query=q, debug=True, cache=pb.CACHE_BYPASS) for q in queries]
+    misses = [pb.SearchRequest(query=q, profile=True, cache=pb.CACHE_BYPASS) for q in queries]
     # Server time (µs) per server and Search kind, and the encode stage of the misses.
     server_us: dict[str, dict[str, list[int]]] = {}
     not_semantic = dict.fromkeys(targets, 0)

@@ -180,11 +180,13 @@ def _contexts_python(contexts: Sequence[ContextResult], prepared: ContextBytes |
 
 def joined(result: SearchResult, served_from: pb.ServedFrom, similarity: float | None, debug: bool,
            server_time_us: int, prepared: ContextBytes | None, next_page_token: str = "",
-           collection: str = "") -> bytes:
+           collection: str = "", profile: bool = False) -> bytes:
     """The SearchResponse `message` builds, as wire bytes. `prepared`: the static bytes of the index the contexts
     come from (their `chunk` indexes it), or None to encode their static fields here. `collection`: the collection
     that answered."""
     parts = _body(result, debug, prepared, next_page_token, collection)
+    if profile and not debug:
+        parts.append(stage_fields(result.stage_us))
     parts.append(call_fields(served_from, similarity, server_time_us))
     return b"".join(parts)
 
@@ -193,6 +195,12 @@ def body(result: SearchResult, prepared: ContextBytes | None, collection: str = 
     """A plain (not debug) reply of `result` without its per-call fields: what a cache entry keeps, to be sent
     again followed by `call_fields` (a message's fields may come in any order)."""
     return b"".join(_body(result, False, prepared, "", collection))
+
+
+def stage_fields(stage_us: Mapping[str, int]) -> bytes:
+    """The stage_time_us map's entries (a map's entries may come anywhere in a message, as any repeated field)."""
+    return b"".join(field_bytes(_STAGE_TIME, string_field(_KEY, name) + _UINT_VALUE + varint(us))
+                    for name, us in stage_us.items())
 
 
 def call_fields(served_from: pb.ServedFrom, similarity: float | None, server_time_us: int) -> bytes:
@@ -214,8 +222,7 @@ def _body(result: SearchResult, debug: bool, prepared: ContextBytes | None, next
     if result.index_version:
         append(string_field(_INDEX_VERSION, result.index_version))
     if debug:
-        for name, us in result.stage_us.items():
-            append(field_bytes(_STAGE_TIME, string_field(_KEY, name) + _UINT_VALUE + varint(us)))
+        append(stage_fields(result.stage_us))
     if result.context_tokens:
         append(_CONTEXT_TOKENS + varint(result.context_tokens))
     if result.route:
@@ -277,7 +284,8 @@ def to_context(context: ContextResult, debug: bool, shaped: bool = False) -> pb.
 
 
 def message(result: SearchResult, served_from: pb.ServedFrom, similarity: float | None, debug: bool,
-            server_time_us: int, next_page_token: str = "", collection: str = "") -> pb.SearchResponse:
+            server_time_us: int, next_page_token: str = "", collection: str = "",
+            profile: bool = False) -> pb.SearchResponse:
     """The SearchResponse of `result`, built field by field."""
     response = pb.SearchResponse(contexts=[to_context(c, debug, result.shaped) for c in result.contexts],
                                  index_version=result.index_version, server_time_us=server_time_us,
@@ -290,7 +298,7 @@ def message(result: SearchResult, served_from: pb.ServedFrom, similarity: float 
         response.MergeFrom(_response_extras(result, next_page_token))
     if similarity is not None:
         response.cache_similarity = similarity
-    if debug:
+    if debug or profile:
         response.stage_time_us.update(result.stage_us)
     return response
 

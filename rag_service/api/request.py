@@ -74,7 +74,8 @@ class PlainParams:
         return params
 
 
-_PLAIN_FIELDS = frozenset({"query", "top_k", "cache", "debug"})
+# profile asks for the stage timings in the reply: the search, hence its parameters, are those without it.
+_PLAIN_FIELDS = frozenset({"query", "top_k", "cache", "debug", "profile"})
 
 
 def search_params(request: pb.SearchRequest, defaults: SearchDefaults, limits: Limits) -> SearchParams:

@@ -270,7 +270,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             if wire_key is not None:
                 replayed = self.cache.replay(wire_key, (searcher.collection, searcher.version))
                 if replayed is not None:
-                    return self._replayed(*replayed, start)
+                    return self._replayed(*replayed, start, request.profile)
             params = request_params(request, searcher, self.config, scope, self._plain)
             if request.page_token:
                 pages.check(pages.decode(request.page_token), searcher.version, request)
@@ -285,10 +285,12 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         response, _ = self._respond(request, params, served, start, validated, searcher, wire_key)
         return response
 
-    def _replayed(self, body: bytes, served_from: str, start: int) -> bytes:
+    def _replayed(self, body: bytes, served_from: str, start: int, profile: bool) -> bytes:
         total_us = (time.perf_counter_ns() - start) // 1000
-        self.metrics.observe_stages({"cache": total_us})
-        return body + reply.call_fields(SERVED_FROM[served_from], None, total_us)
+        stage_us = {"cache": total_us}
+        self.metrics.observe_stages(stage_us)
+        out = body + reply.call_fields(SERVED_FROM[served_from], None, total_us)
+        return out + reply.stage_fields(stage_us) if profile else out
 
     def _respond(self, request: pb.SearchRequest, params: SearchParams, served: Served, start: int, validated: int,
                  searcher: Searcher, wire_key: tuple[bytes, auth.Scope] | None = None,
@@ -307,7 +309,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             token = pages.encode(result.index_version, params.offset + params.top_k, request, params)
         if not self.joined_replies:
             return reply.message(result, served_from, served.similarity, request.debug, total_us, token,
-                                 searcher.collection), total_us
+                                 searcher.collection, request.profile), total_us
         # Contexts index the prepared bytes of the index they came from; a result of another version (none reaches
         # here: the cache drops entries of a replaced index) is encoded field by field rather than mislabelled.
         prepared = prepared_bytes(searcher) if result.index_version == searcher.version else None
@@ -318,9 +320,10 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             keep = wire_key if served.served_from in (EXACT, PREFETCHED) else None
             if entry.reply is None or (keep is not None and keep not in entry.requests):
                 self.cache.keep_reply(entry, body, keep)
-            return body + reply.call_fields(served_from, served.similarity, total_us), total_us
+            out = body + reply.call_fields(served_from, served.similarity, total_us)
+            return (out + reply.stage_fields(result.stage_us) if request.profile else out), total_us
         return reply.joined(result, served_from, served.similarity, request.debug, total_us, prepared,
-                            token, searcher.collection), total_us
+                            token, searcher.collection, request.profile), total_us
 
     def _execute(self, work: Callable[[], Served]) -> Awaitable[Served]:
         """Runs the cache's miss path on a pipeline thread, counted as queued until a thread picks it up. The

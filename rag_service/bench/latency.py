@@ -62,7 +62,8 @@ def summarize(histogram: HdrHistogram) -> dict[str, float]:
 class RequestOptions:
     top_k: int = 10
     depth: int | None = None
-    debug: bool = True  # the server returns stage_time_us only with debug
+    profile: bool = True  # the server's stage timings (stage_time_us), and nothing else of debug
+    debug: bool = False  # debug's per-context scores and explanations too: work a plain request does not do
     cache: str = "bypass"  # every request does the full work unless the caller allows the cache
     rerank: bool | None = None  # None: the server's default
     timeout_s: float = 10.0
@@ -113,7 +114,7 @@ def _search_requests(task: WorkerTask) -> list:
     for q in task.query_ids:
         if q not in made:
             request = pb.SearchRequest(query=task.queries[q], top_k=options.top_k, debug=options.debug,
-                                       cache=CACHE_MODES[options.cache])
+                                       profile=options.profile, cache=CACHE_MODES[options.cache])
             if options.depth is not None:
                 request.depth = options.depth
             if options.rerank is not None:

@@ -292,7 +292,10 @@ def _load_query_texts(path: Path, limit: int | None, seed: int) -> list[str]:
 @click.option("--rerank", type=click.Choice(["server", "on", "off"]), default="server")
 @click.option("--cache", type=click.Choice(["bypass", "default", "exact_only", "strict"]), default="bypass",
               help="The requests' cache mode: bypass makes every request do the full work.")
-@click.option("--debug/--no-debug", default=True, help="Ask for stage_time_us (server-side stage timings).")
+@click.option("--stages/--no-stages", default=True,
+              help="Ask for stage_time_us (the server's stage timings, request field profile).")
+@click.option("--debug/--no-debug", default=False,
+              help="Ask for debug replies: stage timings, and per-context scores and explanations the server builds.")
 @click.option("--timeout", type=float, default=10.0, help="Per-request deadline, seconds.")
 @click.option("--budget-ms", type=click.IntRange(min=1), default=None,
               help="Latency budget per request for the adaptive pipeline (budget_ms); unset: the deadline's.")
@@ -301,7 +304,7 @@ def _load_query_texts(path: Path, limit: int | None, seed: int) -> list[str]:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--plots", "plot_dir", type=click.Path(file_okay=False, path_type=Path), help="PNG figures here.")
 def latency(target, index_path, queries, qps, duration, warmup, processes, arrival, seed, limit, top_k, depth, rerank,
-            cache, debug, timeout, budget_ms, max_lag_ms, floor, json_out, plot_dir) -> None:
+            cache, stages, debug, timeout, budget_ms, max_lag_ms, floor, json_out, plot_dir) -> None:
     """Open-loop latency at fixed arrival rates, beside the empty-call floor."""
     import contextlib
 
@@ -310,7 +313,7 @@ def latency(target, index_path, queries, qps, duration, warmup, processes, arriv
 
     if (target is None) == (index_path is None):
         raise click.UsageError("give exactly one of --target and --index")
-    options = RequestOptions(top_k=top_k, depth=depth, debug=debug, cache=cache,
+    options = RequestOptions(top_k=top_k, depth=depth, profile=stages, debug=debug, cache=cache,
                              rerank=None if rerank == "server" else rerank == "on", timeout_s=timeout,
                              budget_ms=budget_ms)
     texts = _load_query_texts(queries, limit, seed)
