@@ -187,7 +187,33 @@ def test_a_server_pins_its_loop_once_loaded_and_answers(built_index, encoder, se
         assert ran == allowed
         reload_cpus = running.server._reload_executor.submit(lambda: _affinity(0)).result(timeout=30)
         assert reload_cpus == allowed
+        if _LINUX:  # the pipeline threads at the configured lower priority; the event loop at the process's
+            base = os.getpriority(os.PRIO_PROCESS, 0)
+            expected = min(19, base + running.server.config.pipeline_nice)
+            assert running.server.config.pipeline_nice > 0  # the default
+            assert [_nice(t.native_id) for t in workers] == [expected] * len(workers)
+            assert _nice(running.thread.native_id) == base
     assert _affinity(0) == allowed  # the test's own thread was never touched
+
+
+_LINUX = os.uname().sysname == "Linux"
+
+
+def _nice(native_id: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, native_id)
+
+
+@pytest.mark.skipif(not _LINUX, reason="a thread's own niceness is Linux's")
+@pytest.mark.parametrize("nice", [0, 3, 40])
+def test_pipeline_threads_lower_their_own_priority_and_no_other_threads(nice):
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    placement = Placement("off")
+    with PipelineExecutor(2, placement, nice=nice) as executor:
+        seen = {executor.submit(lambda: (threading.get_native_id(), _nice(0))).result(timeout=30) for _ in range(8)}
+        assert {n for _, n in seen} == {min(19, base + nice)}
+        # Each thread lowered its own priority once, as it started: a thread that ran many jobs is not lowered again.
+        assert all(_nice(t.native_id) == min(19, base + nice) for t in executor._threads)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the caller's thread keeps its priority
 
 
 def test_a_search_counts_as_alone_only_well_after_the_last_one_with_company(monkeypatch):

@@ -14,7 +14,11 @@ Phases, against one `rag-serve` process (its own PID, so its RSS is measured alo
   0. with `--encoder-ceiling`, before the server starts: what the query encoder alone sustains on `--workers`
      threads in this process (the same index's query encoder and threads setting), the ceiling the server's goodput
      is read against.
-Every request bypasses the result cache (CACHE_BYPASS), so every admitted request runs the whole pipeline.
+Every request bypasses the result cache (CACHE_BYPASS), so every admitted request runs the whole pipeline, and asks
+for the server's stage timings (`profile`, which changes nothing else), so each phase also says where an admitted
+answer's time went (`parts`, p50 / p99 ms): the wait for a pipeline thread (`queue`), the server's time
+(`server_time_us`) less that wait (`served`: the search itself, with its encode), and the client's time outside the
+server (`outside`: the call, the event loops of both processes).
 `--factor` takes a list (2,4): one open-loop phase per factor.
 
     python bench/experiments/overload.py --index /tmp/lead/scifact_full --queries ../shared/data/scifact/queries.jsonl \
@@ -54,6 +58,27 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def search_request(query: str) -> pb.SearchRequest:
+    return pb.SearchRequest(query=query, cache=pb.CACHE_BYPASS, profile=True)
+
+
+class Parts:
+    """Where admitted answers' time went: per answer, its wait for a pipeline thread, the rest of its server time,
+    and the client's time outside the server (ms)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[float]] = {"queue": [], "served": [], "outside": []}
+
+    def add(self, reply: pb.SearchResponse, client_s: float) -> None:
+        queue_us = reply.stage_time_us.get("queue", 0)
+        self.rows["queue"].append(queue_us / 1e3)
+        self.rows["served"].append((reply.server_time_us - queue_us) / 1e3)
+        self.rows["outside"].append(client_s * 1e3 - reply.server_time_us / 1e3)
+
+    def summary(self) -> dict[str, list[float]]:
+        return {name: [round(pct(v, 50), 2), round(pct(v, 99), 2)] for name, v in self.rows.items()}
+
+
 class RssSampler(threading.Thread):
     def __init__(self, pid: int, every: float = 0.2) -> None:
         super().__init__(daemon=True)
@@ -68,18 +93,21 @@ class RssSampler(threading.Thread):
             self.stop.wait(self.every)
 
 
-async def closed_loop(stub, queries: list[str], concurrency: int, seconds: float, rng: random.Random):
+async def closed_loop(stub, queries: list[str], concurrency: int, seconds: float, rng: random.Random,
+                      parts: Parts | None = None):
     latencies: list[float] = []
     codes: dict[str, int] = {}
     end = time.perf_counter() + seconds
 
     async def caller() -> None:
         while time.perf_counter() < end:
-            request = pb.SearchRequest(query=rng.choice(queries), cache=pb.CACHE_BYPASS)
+            request = search_request(rng.choice(queries))
             started = time.perf_counter()
             try:
-                await stub.Search(request, timeout=10)
+                reply = await stub.Search(request, timeout=10)
                 latencies.append(time.perf_counter() - started)
+                if parts is not None:
+                    parts.add(reply, latencies[-1])
                 codes["OK"] = codes.get("OK", 0) + 1
             except grpc.aio.AioRpcError as error:
                 codes[error.code().name] = codes.get(error.code().name, 0) + 1
@@ -89,7 +117,7 @@ async def closed_loop(stub, queries: list[str], concurrency: int, seconds: float
     return latencies, codes, time.perf_counter() - started
 
 
-async def open_loop(stub, queries: list[str], rate: float, seconds: float, rng: random.Random):
+async def open_loop(stub, queries: list[str], rate: float, seconds: float, rng: random.Random, parts: Parts):
     ok: list[float] = []
     refused: list[float] = []
     codes: dict[str, int] = {}
@@ -98,8 +126,9 @@ async def open_loop(stub, queries: list[str], rate: float, seconds: float, rng: 
     async def one(query: str) -> None:
         started = time.perf_counter()
         try:
-            await stub.Search(pb.SearchRequest(query=query, cache=pb.CACHE_BYPASS), timeout=10)
+            reply = await stub.Search(search_request(query), timeout=10)
             ok.append(time.perf_counter() - started)
+            parts.add(reply, ok[-1])
             codes["OK"] = codes.get("OK", 0) + 1
         except grpc.aio.AioRpcError as error:
             refused.append(time.perf_counter() - started)
@@ -126,7 +155,7 @@ def pushback_seconds(error: grpc.aio.AioRpcError) -> float | None:
 
 
 async def retry_storm(stub, queries: list[str], clients: int, seconds: float, rng: random.Random,
-                      honour_pushback: bool):
+                      honour_pushback: bool, parts: Parts):
     """`clients` closed-loop callers; a refused call is sent again at once (or after the server's pushback) until it
     is answered. Latency is the answered call's own, refusals are counted."""
     latencies: list[float] = []
@@ -136,12 +165,13 @@ async def retry_storm(stub, queries: list[str], clients: int, seconds: float, rn
     async def caller() -> None:
         nonlocal refusals
         while time.perf_counter() < end:
-            request = pb.SearchRequest(query=rng.choice(queries), cache=pb.CACHE_BYPASS)
+            request = search_request(rng.choice(queries))
             while time.perf_counter() < end:
                 started = time.perf_counter()
                 try:
-                    await stub.Search(request, timeout=10)
+                    reply = await stub.Search(request, timeout=10)
                     latencies.append(time.perf_counter() - started)
+                    parts.add(reply, latencies[-1])
                     break
                 except grpc.aio.AioRpcError as error:
                     if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -194,37 +224,43 @@ async def run(args: argparse.Namespace, port: int, pid: int) -> dict:
         stub = pb_grpc.RetrieverStub(channel)
         await closed_loop(stub, queries, args.workers, 5, rng)  # warm every stage and the OS page cache
         rss_start = rss.samples[-1]
-        latencies, codes, elapsed = await closed_loop(stub, queries, args.workers, args.seconds, rng)
+        parts = Parts()
+        latencies, codes, elapsed = await closed_loop(stub, queries, args.workers, args.seconds, rng, parts)
         capacity = len(latencies) / elapsed
         nominal = {"capacity_rps": capacity, "p50_ms": pct(latencies, 50) * 1e3, "p99_ms": pct(latencies, 99) * 1e3,
-                   "codes": codes}
-        print(f"capacity {capacity:.1f} req/s; nominal p50 {nominal['p50_ms']:.1f} ms p99 {nominal['p99_ms']:.1f} ms",
+                   "codes": codes, "parts": parts.summary()}
+        print(f"capacity {capacity:.1f} req/s; nominal p50 {nominal['p50_ms']:.1f} ms p99 {nominal['p99_ms']:.1f} ms; "
+              f"parts {nominal['parts']}",
               flush=True)
         overloads = {}
         for factor in args.factor:
-            ok, refused, codes, offered = await open_loop(stub, queries, factor * capacity, args.seconds, rng)
+            parts = Parts()
+            ok, refused, codes, offered = await open_loop(stub, queries, factor * capacity, args.seconds, rng, parts)
             overload = {"offered_rps": offered, "ok_rps": len(ok) / args.seconds, "codes": codes,
                         "goodput_over_capacity": len(ok) / args.seconds / capacity,
                         "shed_fraction": codes.get("RESOURCE_EXHAUSTED", 0) / max(sum(codes.values()), 1),
                         "admitted_p50_ms": pct(ok, 50) * 1e3, "admitted_p99_ms": pct(ok, 99) * 1e3,
                         "refused_p50_ms": pct(refused, 50) * 1e3, "refused_p99_ms": pct(refused, 99) * 1e3}
             overload["admitted_p99_over_nominal"] = overload["admitted_p99_ms"] / nominal["p99_ms"]
+            overload["parts"] = parts.summary()
             overloads[f"{factor:g}x"] = overload
             print(f"{factor:g}x:", json.dumps(overload, indent=1), flush=True)
         storms = {}
         if args.retry_clients:
             for mode, honour in (("retry at once", False), ("retry after pushback", True)):
+                parts = Parts()
                 latencies, refusals, elapsed = await retry_storm(stub, queries, args.retry_clients, args.seconds, rng,
-                                                                 honour)
+                                                                 honour, parts)
                 storm = {"clients": args.retry_clients, "ok_rps": len(latencies) / elapsed,
                          "goodput_over_capacity": len(latencies) / elapsed / capacity,
                          "refusals_per_answer": refusals / max(len(latencies), 1),
                          "admitted_p50_ms": pct(latencies, 50) * 1e3, "admitted_p99_ms": pct(latencies, 99) * 1e3}
                 storm["admitted_p99_over_nominal"] = storm["admitted_p99_ms"] / nominal["p99_ms"]
+                storm["parts"] = parts.summary()
                 storms[mode] = storm
                 print(f"{mode}:", json.dumps(storm, indent=1), flush=True)
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-        probe = await stub.Search(pb.SearchRequest(query=queries[0], cache=pb.CACHE_BYPASS), timeout=10)
+        probe = await stub.Search(search_request(queries[0]), timeout=10)
     rss.stop.set()
     rss.join()
     return {"nominal": nominal, "overload": overloads, "retry": storms,

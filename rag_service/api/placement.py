@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -149,14 +150,31 @@ class Placement:
         self.place(alone=False)
 
 
+def lower_priority(nice: int) -> None:
+    """Adds `nice` to the calling thread's niceness (at most 19), so that the threads at the process's own priority
+    (the event loop, which admits, refuses and replies; gRPC's poller) run as soon as they have work while this one
+    computes, instead of waiting for their share of a CPU behind it (bench/README.md, "Issue 15", "The pipeline
+    threads at a lower priority"). Linux only: there a thread is a task of its own, and PRIO_PROCESS 0 names the
+    calling one; elsewhere it would name the whole process, so nothing is changed. An unprivileged thread may lower
+    its priority, never raise it again: the thread keeps it for its life."""
+    if not sys.platform.startswith("linux") or nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+    except OSError as error:  # a sandbox that forbids it: the thread runs at the process's priority
+        log.warning("could not lower a pipeline thread's priority: %s", error)
+
+
 class PipelineExecutor(ThreadPoolExecutor):
     """The pipeline threads, with each job placed (Placement.place) as it starts: a search submitted with
     submit_search runs beside the event loop when `alone()` says so then, and with company on its thread's own CPU
     while `settled()` says so (and there are no more threads than CPUs); everything else may run anywhere.
-    `settled` is the server's to set (RetrieverServicer: nothing refused lately); until then, never."""
+    `settled` is the server's to set (RetrieverServicer: nothing refused lately); until then, never. `nice`: added to
+    each pipeline thread's niceness as it starts (Linux; lower_priority)."""
 
-    def __init__(self, max_workers: int, placement: Placement, thread_name_prefix: str = "") -> None:
-        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+    def __init__(self, max_workers: int, placement: Placement, thread_name_prefix: str = "", nice: int = 0) -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix,
+                         initializer=lower_priority, initargs=(nice,))
         self.placement = placement
         self.settled: Callable[[], bool] = lambda: False
         self._numbers = threading.local()  # each thread's number, taken at its first search

@@ -544,7 +544,8 @@ class RagServer:
         self.metrics.build_info.info({"version": _package_version(), **{k: str(v) for k, v in
                                                                         native.backend_info().items()}})
         self.placement = Placement(config.placement)
-        self.executor = PipelineExecutor(config.workers, self.placement, thread_name_prefix="rag-pipeline")
+        self.executor = PipelineExecutor(config.workers, self.placement, thread_name_prefix="rag-pipeline",
+                                         nice=config.pipeline_nice)
         # Reloads load and warm beside the serving index on their own thread, never on a pipeline thread; the
         # encoders they load start their thread pools with every allowed CPU.
         self._reload_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rag-reload",
