@@ -207,14 +207,14 @@ def served_index(built_index, encoder):
 @pytest.fixture
 def one_worker(built_index, encoder, server_thread):
     """A server with one pipeline thread and room for one queued request; `hold()` occupies the thread until `gate`
-    is set."""
+    is set. A request queued meanwhile waits as long as a test takes (max_queue_wait off: not refused for its wait)."""
     import grpc
 
     from rag_service.core.config import ServerConfig
     from rag_service.pb.rag.v1 import retrieval_pb2 as pb
     from rag_service.pb.rag.v1 import retrieval_pb2_grpc as pb_grpc
 
-    config = ServerConfig(index=built_index, port=0, workers=1, max_queued=1, warmup_queries=0)
+    config = ServerConfig(index=built_index, port=0, workers=1, max_queued=1, warmup_queries=0, max_queue_wait=0.0)
     with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = pb_grpc.RetrieverStub(channel)
         stub.Search(pb.SearchRequest(query="warm up"), timeout=30)

@@ -203,7 +203,8 @@ def test_a_batch_needs_the_search_token(server_thread, encoder, built_index):
 
 def test_overload_refuses_a_batch_at_once_and_the_deadline_stops_one(server_thread, encoder, built_index,
                                                                          wait_for):
-    with serve(server_thread, encoder, built_index, workers=1, max_queued=1) as busy:
+    # The queued Search waits behind the held thread as long as the test takes: not refused for its wait.
+    with serve(server_thread, encoder, built_index, workers=1, max_queued=1, max_queue_wait=0.0) as busy:
         admission = busy.server.servicer.admission
         gate = threading.Event()
         busy.server.executor.submit(gate.wait, 60)  # the one pipeline thread is taken

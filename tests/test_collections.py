@@ -367,10 +367,13 @@ def test_a_request_in_flight_finishes_on_the_collection_it_resolved(serving):
     gate, entered = threading.Event(), threading.Event()
     original = servicer._timed_search
 
-    def held(*args, **kwargs):
-        entered.set()
-        gate.wait(60)
-        return original(*args, **kwargs)
+    def held(work, submitted_ns):
+        def late():  # taken by a thread at once (not a stale wait), then held there across the swap
+            entered.set()
+            gate.wait(60)
+            return work()
+
+        return original(late, submitted_ns)
 
     servicer._timed_search = held
     try:

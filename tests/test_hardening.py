@@ -114,7 +114,8 @@ def test_a_deadline_passing_mid_pipeline_stops_the_remaining_stages(one_worker, 
 
 
 def test_drain_reports_not_serving_and_finishes_in_flight_work(built_index, encoder, server_thread, wait_for):
-    config = ServerConfig(index=built_index, port=0, workers=1, warmup_queries=0)
+    # The search in flight waits behind the held thread as long as the test takes: not refused for its wait.
+    config = ServerConfig(index=built_index, port=0, workers=1, warmup_queries=0, max_queue_wait=0.0)
     with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = pb_grpc.RetrieverStub(channel)
         health = health_pb2_grpc.HealthStub(channel)

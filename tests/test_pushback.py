@@ -28,9 +28,10 @@ def _shed(running) -> float:
 @pytest.fixture
 def full(built_index, encoder, server_thread, wait_for):
     """A server with one pipeline thread and one search in flight at most, that search admitted and stuck behind a
-    blocked pipeline thread: every further Search is refused for load until `gate` is set."""
+    blocked pipeline thread: every further Search is refused for load until `gate` is set. The stuck search waits as
+    long as a test takes, and is answered then (max_queue_wait off: not refused for its wait)."""
     config = ServerConfig(index=built_index, port=0, workers=1, max_in_flight=1, max_queued=0, warmup_queries=0,
-                          replica_name="full-replica")
+                          replica_name="full-replica", max_queue_wait=0.0)
     with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = pb_grpc.RetrieverStub(channel)
         stub.Search(pb.SearchRequest(query="warm up"), timeout=30)
@@ -65,6 +66,47 @@ def test_a_refusal_for_load_carries_a_bounded_pushback_beside_the_other_trailers
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert refused.value.served_by == "full-replica"
     assert refused.value.retry_after_ms is not None and 100 <= refused.value.retry_after_ms < 300
+
+
+@pytest.mark.parametrize("max_queue_wait", [ServerConfig().max_queue_wait, 0.0])
+def test_a_search_that_waited_too_long_for_a_thread_is_refused_and_not_run(built_index, encoder, server_thread,
+                                                                            wait_for, max_queue_wait):
+    config = ServerConfig(index=built_index, port=0, workers=1, max_in_flight=4, max_queued=2, warmup_queries=0,
+                          max_queue_wait=max_queue_wait)
+    with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.RetrieverStub(channel)
+        admission = running.server.servicer.admission
+        for query in ("warm up", "glacier", "volcano"):
+            stub.Search(pb.SearchRequest(query=query, cache=pb.CACHE_BYPASS), timeout=30)
+        assert admission.service > 0.0  # the mean search, from the searches so far (the first, cold, weighs long)
+        admission.service = 0.05  # as if the searches had taken 50 ms each
+        gate = threading.Event()
+        running.server.executor.submit(gate.wait, 60)
+        queued = stub.Search.future(pb.SearchRequest(query="coffee", cache=pb.CACHE_BYPASS), timeout=60)
+        assert wait_for(lambda: admission.queued == 1)
+        time.sleep(0.3)  # six mean searches: stale once a thread takes it (the default allows 1.5)
+        shed = _shed(running)
+        ran: list[str] = []
+        real_search = running.server.servicer.pipeline.search
+
+        def counting(params, **kwargs):
+            ran.append(params.query)
+            return real_search(params, **kwargs)
+
+        running.server.servicer.pipeline.search = counting
+        gate.set()
+        if max_queue_wait == 0.0:  # never refused for its wait
+            assert queued.result().contexts and _shed(running) == shed and ran == ["coffee"]
+            return
+        with pytest.raises(grpc.RpcError) as info:
+            queued.result()
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "for a pipeline thread" in info.value.details() and "max_queue_wait" in info.value.details()
+        assert PUSHBACK_MIN_MS <= int(dict(info.value.trailing_metadata())[PUSHBACK]) <= PUSHBACK_MAX_MS
+        assert _shed(running) == shed + 1 and admission.queued == 0 and admission.in_flight == 0
+        assert ran == []  # no pipeline work for it
+        # The thread moved on: the next search is answered, and the mean search did not count the refusal.
+        assert stub.Search(pb.SearchRequest(query="coffee", cache=pb.CACHE_BYPASS), timeout=30).contexts
 
 
 def test_the_pushback_is_spread_and_bounded(full):
@@ -211,3 +253,25 @@ def test_early_returns_are_held_until_the_pushback_ends_within_the_deadline_and_
         bounded.hold_s("c", f"flood-{i}", 200, None)
     assert len(bounded._requests) <= EARLY_CALLERS // 2 + 1
     assert bounded.hold_s("c", "flood-1", 200, None) == 0.0  # forgotten: refused at once, as a first refusal is
+
+
+def test_the_queue_wait_is_held_to_the_mean_search_only_when_set():
+    from rag_service.api.admission import Admission
+    from rag_service.core.errors import Overloaded
+    from rag_service.core.metrics import Metrics
+
+    for setting in (0.0, 1.5):
+        admission = Admission(ServerConfig(max_queue_wait=setting), Metrics())
+        admission.check_wait(10.0)  # no search yet: no mean to hold a wait to
+        admission.served(0.010)
+        assert admission.service == pytest.approx(0.010)  # the first search sets the mean
+        admission.served(0.030)
+        assert admission.service == pytest.approx(0.011)  # then each weighs 1/20
+        admission.check_wait(0.016)  # within 1.5 mean searches
+        if setting == 0.0:
+            admission.check_wait(10.0)  # off: never refused for its wait
+            continue
+        with pytest.raises(Overloaded) as refused:
+            admission.check_wait(0.017)
+        assert refused.value.retry_after_ms >= PUSHBACK_MIN_MS and admission.last_shed > 0
+        assert "max_queue_wait 1.5" in str(refused.value)

@@ -109,10 +109,13 @@ def test_in_flight_requests_finish_on_the_index_they_started_on(reloading, two_v
     gate, entered = threading.Event(), threading.Event()
     original = servicer._timed_search
 
-    def held(*args, **kwargs):
-        entered.set()
-        gate.wait(60)
-        return original(*args, **kwargs)
+    def held(work, submitted_ns):
+        def late():  # taken by a thread at once (not a stale wait), then held there across the swap
+            entered.set()
+            gate.wait(60)
+            return work()
+
+        return original(late, submitted_ns)
 
     stub.ReloadIndex(pb.ReloadIndexRequest(path=a.name), metadata=AUTH, timeout=120)
     servicer._timed_search = held

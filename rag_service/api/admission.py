@@ -6,6 +6,13 @@
 - A search holds an in-flight slot while it runs (`search`): Search, and the final request of a StreamSearch. Past
   `max_in_flight` searches in flight, or with `max_queued` searches waiting for a pipeline thread while every thread is
   busy, it is refused at once with RESOURCE_EXHAUSTED and counted in rag_requests_shed.
+- A search admitted to the queue that waited there longer than `max_queue_wait` mean search times (a moving mean of
+  a pipeline thread's time per search) is refused with RESOURCE_EXHAUSTED when a thread takes it, rather than run:
+  the controlled delay of CoDel and of Facebook's RPC queues. The queue's bound absorbs bursts; this bounds what an
+  admitted search waits when the queue stays full, where the bound alone lets one wait about two searches. Its time
+  in the queue is lost to that caller, but no pipeline thread works for it: the thread takes the next search. Too
+  tight a bound trades answers for latency (bench/README.md, "Issue 15", "A queue that refuses its stale
+  searches").
 - A StreamSearch final counts against the queue like a Search: unless its speculation already answered it, it runs on
   the same pipeline threads, so letting it past a full queue would lengthen the wait of every admitted request. Drafts
   (non-final requests) are not admitted as searches: they only start speculation, which runs while fewer than
@@ -56,6 +63,7 @@ HOLD_MARGIN_S = 0.005  # a held refusal still reaches its caller this long befor
 RETRYING_S = 1.0  # a connection that sent a request again too soon is taken to keep doing so this long
 EARLY_CALLERS = 4096  # refused requests, and connections that retried early, remembered at most (EarlyReturns)
 RESIDENCE_WEIGHT = 0.05  # of the latest search in the moving mean: about the last 20 searches count
+SERVICE_WEIGHT = 0.05  # likewise for a pipeline thread's time per search (`service`)
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,9 @@ class Admission:
         self.last_arrival = 0.0  # time.monotonic() of the latest search, so a drain can wait for a quiet moment
         self.last_shed = -math.inf  # time.monotonic() of the latest refusal for load (placement's `settled`)
         self.residence = 0.0  # moving mean of the seconds an admitted search holds its slot, for the pushback
+        # Moving mean of the seconds a pipeline thread takes over a search, for the queue's wait (check_wait); 0.0
+        # until the first search. Written by the pipeline threads: a lost update of a mean costs nothing.
+        self.service = 0.0
 
     def open(self) -> None:
         if self.draining:
@@ -108,6 +119,22 @@ class Admission:
         """Milliseconds until a request refused behind `ahead` others may find room (module docstring)."""
         estimate = self.residence * 1000.0 * ahead / max(self.in_flight, 1) * (0.5 + random.random())
         return int(min(max(estimate, PUSHBACK_MIN_MS), PUSHBACK_MAX_MS))
+
+    def served(self, seconds: float) -> None:
+        """A pipeline thread took `seconds` over a search."""
+        self.service = self.service + (seconds - self.service) * SERVICE_WEIGHT if self.service else seconds
+
+    def check_wait(self, waited: float) -> None:
+        """Refuses (Overloaded, with a pushback) a search that a pipeline thread takes after it waited `waited` seconds
+        for one, longer than `max_queue_wait` mean search times (module docstring); called by that thread."""
+        limit = self.config.max_queue_wait * self.service
+        if limit <= 0.0 or waited <= limit:
+            return
+        self.last_shed = time.monotonic()
+        self.metrics.shed.inc()
+        raise Overloaded(f"waited {waited * 1000:.1f} ms for a pipeline thread, past {limit * 1000:.1f} ms "
+                         f"(max_queue_wait {self.config.max_queue_wait:g} x the mean search); retry later",
+                         self.pushback_ms(self.queued + 1))
 
     def enqueue(self) -> None:
         """Work was submitted to the pipeline threads."""

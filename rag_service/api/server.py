@@ -367,14 +367,18 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     def _timed_search(self, work: Callable[[], Served], submitted_ns: int) -> Served:
         self.admission.dequeue()
         # Time spent waiting for a worker thread is latency too; report it as its own stage.
-        queued_us = (time.perf_counter_ns() - submitted_ns) // 1000
+        picked = time.perf_counter_ns()
+        queued_us = (picked - submitted_ns) // 1000
+        self.admission.check_wait(queued_us / 1e6)  # a search that waited too long is refused, not run
         try:
             served = work()  # CachedSearch.run: checks the deadline first (stage "queue")
         except DeadlineExceeded:
             self.metrics.deadline_stops.inc()
             raise
+        finished = time.perf_counter_ns()
+        self.admission.served((finished - picked) / 1e9)
         served.result.stage_us["queue"] = queued_us
-        return dataclasses.replace(served, finished_ns=time.perf_counter_ns())
+        return dataclasses.replace(served, finished_ns=finished)
 
     @rpc.unary
     async def SearchBatch(self, request: pb.SearchBatchRequest,
