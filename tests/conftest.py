@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -225,3 +226,34 @@ def one_worker(built_index, encoder, server_thread):
 
         yield running, stub, hold, gate
         gate.set()
+
+
+@pytest.fixture
+def hold_next_search():
+    """`hold_next_search(servicer)`: a block in which the servicer's next search, taken by a pipeline thread at once
+    (its wait in the queue is not stale), is held on that thread until the block ends; it yields the Event set once
+    that search is held. The searches after it run as usual."""
+
+    @contextlib.contextmanager
+    def hold(servicer):
+        gate, entered = threading.Event(), threading.Event()
+        original = servicer._timed_search
+
+        def held(work, submitted_ns):
+            servicer._timed_search = original  # the next search only
+
+            def late():
+                entered.set()
+                gate.wait(60)
+                return work()
+
+            return original(late, submitted_ns)
+
+        servicer._timed_search = held
+        try:
+            yield entered
+        finally:
+            servicer._timed_search = original
+            gate.set()
+
+    return hold

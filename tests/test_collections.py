@@ -360,33 +360,16 @@ def test_an_alias_swap_under_load_fails_no_request(serving):
         assert version == versions[collection] and (top == "zeppelin") == (collection == "manuals-v2")
 
 
-def test_a_request_in_flight_finishes_on_the_collection_it_resolved(serving):
+def test_a_request_in_flight_finishes_on_the_collection_it_resolved(serving, hold_next_search):
     running, client = serving
-    servicer = running.server.servicer
     client.set_alias("held", "manuals-v1")
-    gate, entered = threading.Event(), threading.Event()
-    original = servicer._timed_search
-
-    def held(work, submitted_ns):
-        def late():  # taken by a thread at once (not a stale wait), then held there across the swap
-            entered.set()
-            gate.wait(60)
-            return work()
-
-        return original(late, submitted_ns)
-
-    servicer._timed_search = held
-    try:
-        stub_client = RetrieverClient(f"127.0.0.1:{running.port}", timeout=60)
+    stub_client = RetrieverClient(f"127.0.0.1:{running.port}", timeout=60)
+    with hold_next_search(running.server.servicer) as entered:
         future = stub_client._stub.Search.future(pb.SearchRequest(query=PROBE + " held", collection="held"),
                                                   timeout=60)
         assert entered.wait(30)
-        servicer._timed_search = original
         client.set_alias("held", "manuals-v2")
         assert client.search(PROBE + " after", collection="held").collection == "manuals-v2"
-    finally:
-        servicer._timed_search = original
-        gate.set()
     assert future.result().collection == "manuals-v1"
     stub_client.close()
     client.delete_alias("held")

@@ -101,33 +101,16 @@ def test_reload_under_continuous_load_fails_no_request(reloading, two_versions):
     assert stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=30).version == versions[a.name]
 
 
-def test_in_flight_requests_finish_on_the_index_they_started_on(reloading, two_versions):
+def test_in_flight_requests_finish_on_the_index_they_started_on(reloading, two_versions, hold_next_search):
     """A request that picked its pipeline before the swap is answered by that pipeline even if it runs after."""
     running, stub = reloading
     _, a, b, versions = two_versions
-    servicer = running.server.servicer
-    gate, entered = threading.Event(), threading.Event()
-    original = servicer._timed_search
-
-    def held(work, submitted_ns):
-        def late():  # taken by a thread at once (not a stale wait), then held there across the swap
-            entered.set()
-            gate.wait(60)
-            return work()
-
-        return original(late, submitted_ns)
-
     stub.ReloadIndex(pb.ReloadIndexRequest(path=a.name), metadata=AUTH, timeout=120)
-    servicer._timed_search = held
-    try:
+    with hold_next_search(running.server.servicer) as entered:
         future = stub.Search.future(pb.SearchRequest(query=PROBE), timeout=60)
         assert entered.wait(30)
-        servicer._timed_search = original
         reply = stub.ReloadIndex(pb.ReloadIndexRequest(path=b.name), metadata=AUTH, timeout=120)
         assert reply.version == versions[b.name]
-    finally:
-        servicer._timed_search = original
-        gate.set()
     assert future.result().index_version == versions[a.name]
     assert stub.Search(pb.SearchRequest(query=PROBE), timeout=30).index_version == versions[b.name]
 
