@@ -68,14 +68,16 @@ def test_a_refusal_for_load_carries_a_bounded_pushback_beside_the_other_trailers
     assert refused.value.retry_after_ms is not None and 100 <= refused.value.retry_after_ms < 300
 
 
-@pytest.mark.parametrize("max_queue_wait", [ServerConfig().max_queue_wait, 0.0])
-def test_a_search_that_waited_too_long_for_a_thread_is_refused_and_not_run(built_index, encoder, server_thread,
-                                                                            wait_for, max_queue_wait):
-    config = ServerConfig(index=built_index, port=0, workers=1, max_in_flight=4, max_queued=2, warmup_queries=0,
+@pytest.mark.parametrize(("max_queue_wait", "overflowing"),
+                         [(ServerConfig().max_queue_wait, True), (ServerConfig().max_queue_wait, False), (0.0, True)])
+def test_a_search_that_waited_too_long_in_an_overflowing_queue_is_refused_and_not_run(
+        built_index, encoder, server_thread, wait_for, max_queue_wait, overflowing):
+    config = ServerConfig(index=built_index, port=0, workers=1, max_in_flight=4, max_queued=1, warmup_queries=0,
                           max_queue_wait=max_queue_wait)
     with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = pb_grpc.RetrieverStub(channel)
-        admission = running.server.servicer.admission
+        servicer = running.server.servicer
+        admission = servicer.admission
         for query in ("warm up", "glacier", "volcano"):
             stub.Search(pb.SearchRequest(query=query, cache=pb.CACHE_BYPASS), timeout=30)
         assert admission.service > 0.0  # the mean search, from the searches so far (the first, cold, weighs long)
@@ -84,18 +86,22 @@ def test_a_search_that_waited_too_long_for_a_thread_is_refused_and_not_run(built
         running.server.executor.submit(gate.wait, 60)
         queued = stub.Search.future(pb.SearchRequest(query="coffee", cache=pb.CACHE_BYPASS), timeout=60)
         assert wait_for(lambda: admission.queued == 1)
+        if overflowing:  # the queue is full: the next search is refused at the gate
+            with pytest.raises(grpc.RpcError) as at_gate:
+                stub.Search(pb.SearchRequest(query="bread", cache=pb.CACHE_BYPASS), timeout=5)
+            assert at_gate.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         time.sleep(0.3)  # six mean searches: stale once a thread takes it (the default allows 1.5)
         shed = _shed(running)
         ran: list[str] = []
-        real_search = running.server.servicer.pipeline.search
+        real_search = servicer.pipeline.search
 
         def counting(params, **kwargs):
             ran.append(params.query)
             return real_search(params, **kwargs)
 
-        running.server.servicer.pipeline.search = counting
+        servicer.pipeline.search = counting
         gate.set()
-        if max_queue_wait == 0.0:  # never refused for its wait
+        if max_queue_wait == 0.0 or not overflowing:  # off, or a queue with room: never refused for its wait
             assert queued.result().contexts and _shed(running) == shed and ran == ["coffee"]
             return
         with pytest.raises(grpc.RpcError) as info:
@@ -105,7 +111,7 @@ def test_a_search_that_waited_too_long_for_a_thread_is_refused_and_not_run(built
         assert PUSHBACK_MIN_MS <= int(dict(info.value.trailing_metadata())[PUSHBACK]) <= PUSHBACK_MAX_MS
         assert _shed(running) == shed + 1 and admission.queued == 0 and admission.in_flight == 0
         assert ran == []  # no pipeline work for it
-        # The thread moved on: the next search is answered, and the mean search did not count the refusal.
+        # The thread moved on: the next search is answered.
         assert stub.Search(pb.SearchRequest(query="coffee", cache=pb.CACHE_BYPASS), timeout=30).contexts
 
 
@@ -262,6 +268,7 @@ def test_the_queue_wait_is_held_to_the_mean_search_only_when_set():
 
     for setting in (0.0, 1.5):
         admission = Admission(ServerConfig(max_queue_wait=setting), Metrics())
+        admission.last_full = time.monotonic()  # a search was just refused at the gate: the queue overflows
         admission.check_wait(10.0)  # no search yet: no mean to hold a wait to
         admission.served(0.010)
         assert admission.service == pytest.approx(0.010)  # the first search sets the mean
@@ -275,3 +282,5 @@ def test_the_queue_wait_is_held_to_the_mean_search_only_when_set():
             admission.check_wait(0.017)
         assert refused.value.retry_after_ms >= PUSHBACK_MIN_MS and admission.last_shed > 0
         assert "max_queue_wait 1.5" in str(refused.value)
+        admission.last_full = time.monotonic() - 1.5  # no refusal at the gate for a while: the queue has room
+        admission.check_wait(10.0)

@@ -6,13 +6,15 @@
 - A search holds an in-flight slot while it runs (`search`): Search, and the final request of a StreamSearch. Past
   `max_in_flight` searches in flight, or with `max_queued` searches waiting for a pipeline thread while every thread is
   busy, it is refused at once with RESOURCE_EXHAUSTED and counted in rag_requests_shed.
-- A search admitted to the queue that waited there longer than `max_queue_wait` mean search times (a moving mean of
-  a pipeline thread's time per search) is refused with RESOURCE_EXHAUSTED when a thread takes it, rather than run:
-  the controlled delay of CoDel and of Facebook's RPC queues. The queue's bound absorbs bursts; this bounds what an
-  admitted search waits when the queue stays full, where the bound alone lets one wait about two searches. Its time
-  in the queue is lost to that caller, but no pipeline thread works for it: the thread takes the next search. Too
-  tight a bound trades answers for latency (bench/README.md, "Issue 15", "A queue that refuses its stale
-  searches").
+- While the queue overflows (a search was refused at the gate within the last FULL_S), a search that waited in it
+  longer than `max_queue_wait` mean search times (a moving mean of a pipeline thread's time per search) is refused
+  with RESOURCE_EXHAUSTED when a thread takes it, rather than run: the controlled delay of CoDel and of Facebook's
+  RPC queues, which act on a standing queue, not on a burst. This bounds what an admitted search waits while more
+  comes than the server can serve, where the queue's bound alone lets one wait about two searches. Its time in the
+  queue is lost to that caller, but no pipeline thread works for it: the thread takes the next search. A queue that
+  has room (callers no more than the threads and the queue hold, however long a search takes) refuses nothing for
+  its wait. Too tight a bound trades answers for latency (bench/README.md, "Issue 15", "A queue that refuses its
+  stale searches").
 - A StreamSearch final counts against the queue like a Search: unless its speculation already answered it, it runs on
   the same pipeline threads, so letting it past a full queue would lengthen the wait of every admitted request. Drafts
   (non-final requests) are not admitted as searches: they only start speculation, which runs while fewer than
@@ -64,6 +66,7 @@ RETRYING_S = 1.0  # a connection that sent a request again too soon is taken to 
 EARLY_CALLERS = 4096  # refused requests, and connections that retried early, remembered at most (EarlyReturns)
 RESIDENCE_WEIGHT = 0.05  # of the latest search in the moving mean: about the last 20 searches count
 SERVICE_WEIGHT = 0.05  # likewise for a pipeline thread's time per search (`service`)
+FULL_S = 1.0  # a gate refusal this recent means the queue overflows: its stale searches are refused (check_wait)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class Admission:
         self.draining = False
         self.last_arrival = 0.0  # time.monotonic() of the latest search, so a drain can wait for a quiet moment
         self.last_shed = -math.inf  # time.monotonic() of the latest refusal for load (placement's `settled`)
+        self.last_full = -math.inf  # time.monotonic() of the latest refusal at the gate (check_wait)
         self.residence = 0.0  # moving mean of the seconds an admitted search holds its slot, for the pushback
         # Moving mean of the seconds a pipeline thread takes over a search, for the queue's wait (check_wait); 0.0
         # until the first search. Written by the pipeline threads: a lost update of a mean costs nothing.
@@ -98,11 +102,11 @@ class Admission:
         self.open()
         limit = self.config.max_in_flight
         if self.in_flight >= limit:
-            self.last_shed = arrival
+            self.last_shed = self.last_full = arrival
             self.metrics.shed.inc()
             raise Overloaded(f"{self.in_flight} requests in flight (limit {limit}); retry later", self.pushback_ms(1))
         if self.queued >= self.config.max_queued and self.in_flight >= self.config.workers:
-            self.last_shed = arrival
+            self.last_shed = self.last_full = arrival
             self.metrics.shed.inc()
             raise Overloaded(f"{self.queued} requests queued for a pipeline thread (limit "
                              f"{self.config.max_queued}); retry later", self.pushback_ms(self.queued + 1))
@@ -126,11 +130,15 @@ class Admission:
 
     def check_wait(self, waited: float) -> None:
         """Refuses (Overloaded, with a pushback) a search that a pipeline thread takes after it waited `waited` seconds
-        for one, longer than `max_queue_wait` mean search times (module docstring); called by that thread."""
+        for one, longer than `max_queue_wait` mean search times, while the queue overflows (module docstring); called
+        by that thread."""
         limit = self.config.max_queue_wait * self.service
         if limit <= 0.0 or waited <= limit:
             return
-        self.last_shed = time.monotonic()
+        now = time.monotonic()
+        if now - self.last_full > FULL_S:
+            return
+        self.last_shed = now
         self.metrics.shed.inc()
         raise Overloaded(f"waited {waited * 1000:.1f} ms for a pipeline thread, past {limit * 1000:.1f} ms "
                          f"(max_queue_wait {self.config.max_queue_wait:g} x the mean search); retry later",
