@@ -65,6 +65,14 @@ def test_answers_come_in_request_order_with_per_query_errors_inside(running):
     assert sample(running, "rag_batch_queries_total", code="INVALID_ARGUMENT") >= 1
 
 
+def test_a_profiled_query_of_a_batch_carries_its_own_stage_timings(running):
+    reply = batch(running, pb.SearchRequest(query="how do glaciers carve valleys", cache=pb.CACHE_BYPASS, profile=True),
+                  pb.SearchRequest(query="how do glaciers carve valleys", cache=pb.CACHE_BYPASS))
+    profiled, plain = (r.response for r in reply.results)
+    assert {"encode", "dense", "rerank"} <= set(profiled.stage_time_us) and not plain.stage_time_us
+    assert ranked(profiled) == ranked(plain) and not any(c.HasField("fused_score") for c in profiled.contexts)
+
+
 def test_every_kind_of_bad_request_is_its_own_status(running):
     reply = batch(running, pb.SearchRequest(query="   "), pb.SearchRequest(query="ok", depth=10**6),
                   pb.SearchRequest(query="ok", page_token="not a token"),

@@ -172,6 +172,14 @@ def test_stream_search_answers_each_final_and_skips_blank_drafts(running):
     assert same(results[1].contexts, plain(client, "green plants chlorophyll", top_k=2).contexts)
 
 
+def test_a_profiled_stream_final_carries_its_stage_timings(running):
+    drafts = [("tectonic plates", False),
+              (pb.SearchRequest(query="tectonic plates drift apart", cache=pb.CACHE_BYPASS, profile=True), True)]
+    (result,) = running.client.stream_search(drafts)
+    assert {"encode", "dense", "validate"} <= set(result.stage_time_us)
+    assert same(result.contexts, plain(running.client, "tectonic plates drift apart").contexts)
+
+
 def test_stream_search_with_bypass_still_uses_its_own_speculation(running):
     client = running.client
     query = "sourdough wild yeast starter"
