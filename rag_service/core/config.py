@@ -349,9 +349,9 @@ class ServerConfig(BaseSettings):
         1.5, ge=0.0, description="While the queue overflows (a search refused at the gate within the last second), a "
         "search that waited for a pipeline thread longer than this many mean search times (a moving mean of a "
         "thread's time per search) is refused with RESOURCE_EXHAUSTED and a pushback when a thread takes it, not run "
-        "(CoDel's controlled delay): under 2x and 4x the capacity offered, the queue's p99 wait fell from 12 to 10 "
-        "and from 21 to 15 ms with as many answers; at 1, callers that retry got 8-9% fewer answers "
-        "(bench/README.md). A queue with room refuses nothing for its wait. 0: never.")
+        "(CoDel's controlled delay): under 2x and 4x the capacity offered, the queue's p99 wait fell from 12 to 9-10 "
+        "and from 21-23 to 15-16 ms, answers per second within the runs' spread; at 1, callers that retry got 8-9% "
+        "fewer answers (bench/README.md). A queue with room refuses nothing for its wait. 0: never.")
     event_loop: Literal["asyncio", "uvloop"] = Field(
         "asyncio", description="The event loop that carries gRPC calls: Python's asyncio, or uvloop (needs the uvloop "
         "package: pip install 'rag-service[uvloop]'); bench/experiments/server_loop.py measures both.")
