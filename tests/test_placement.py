@@ -117,6 +117,35 @@ def test_the_executor_places_each_job_as_it_starts():
     assert seen == [True]  # `alone` is asked once, on the worker, as the job starts
 
 
+def test_the_executor_counts_its_busy_threads_and_a_job_may_free_its_own_before_it_ends():
+    placement = Placement("off")
+    started, released, finish = threading.Event(), threading.Event(), threading.Event()
+    with PipelineExecutor(2, placement, thread_name_prefix="t") as executor:
+        assert executor.busy == 0
+
+        def job() -> str:
+            started.set()
+            finish.wait(10)
+            return "done"
+
+        def search() -> str:
+            executor.release()  # all that is left is the hand-back
+            executor.release()  # once per job: a second call changes nothing
+            released.set()
+            finish.wait(10)
+            return "handed back"
+
+        first = executor.submit(job)
+        assert started.wait(10) and executor.busy == 1
+        second = executor.submit_search(lambda: False, search)
+        assert released.wait(10) and executor.busy == 1  # the search's thread counts as free already
+        finish.set()
+        assert first.result() == "done" and second.result() == "handed back"
+        with pytest.raises(ZeroDivisionError):
+            executor.submit_search(lambda: False, lambda: 1 / 0).result()
+        assert executor.busy == 0  # every job's end frees its thread, a failed one's too
+
+
 class ThreadRecorder(Recorder):
     """Records the calling thread's id where the call names the calling thread (0)."""
 

@@ -30,7 +30,7 @@ def full(built_index, encoder, server_thread, wait_for):
     """A server with one pipeline thread and one search in flight at most, that search admitted and stuck behind a
     blocked pipeline thread: every further Search is refused for load until `gate` is set. The stuck search waits as
     long as a test takes, and is answered then (max_queue_wait off: not refused for its wait)."""
-    config = ServerConfig(index=built_index, port=0, workers=1, max_in_flight=1, max_queued=0, warmup_queries=0,
+    config = ServerConfig(index=built_index, port=0, workers=1, max_in_flight=1, max_queued=1, warmup_queries=0,
                           replica_name="full-replica", max_queue_wait=0.0)
     with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = pb_grpc.RetrieverStub(channel)
@@ -259,6 +259,86 @@ def test_early_returns_are_held_until_the_pushback_ends_within_the_deadline_and_
         bounded.hold_s("c", f"flood-{i}", 200, None)
     assert len(bounded._requests) <= EARLY_CALLERS // 2 + 1
     assert bounded.hold_s("c", "flood-1", 200, None) == 0.0  # forgotten: refused at once, as a first refusal is
+
+
+def test_the_gate_counts_free_threads_not_searches_in_flight():
+    from rag_service.api.admission import Admission
+    from rag_service.core.errors import Overloaded
+    from rag_service.core.metrics import Metrics
+
+    busy = [2]
+    admission = Admission(ServerConfig(workers=2, max_queued=2, max_in_flight=64), Metrics(), lambda: busy[0])
+    admission.queued = 2
+    with pytest.raises(Overloaded) as refused, admission.search():  # both threads busy, two waiting: full
+        pass
+    assert "2 requests queued" in str(refused.value) and refused.value.retry_after_ms >= PUSHBACK_MIN_MS
+    busy[0] = 1  # a thread finished its search and is about to take the next queued one
+    with admission.search():
+        assert admission.in_flight == 1
+    admission.queued = 0
+    busy[0] = 2
+    for queued in (0, 1):  # room in the queue while every thread is busy
+        admission.queued = queued
+        with admission.search():
+            pass
+    # Without the executor's count every thread is taken to be busy: the queue's bound alone.
+    alone = Admission(ServerConfig(workers=2, max_queued=1), Metrics())
+    alone.queued = 1
+    with pytest.raises(Overloaded), alone.search():
+        pass
+
+
+@pytest.mark.parametrize("rule", ["free threads", "searches in flight"])
+def test_a_search_done_on_its_thread_frees_it_for_the_gate_before_its_reply(
+        built_index, encoder, server_thread, wait_for, monkeypatch, rule):
+    """One pipeline thread, room for one queued search. While a search's thread hands its answer back (held here),
+    two more searches are admitted: the one the thread takes next, and one that waits. Counted as in flight, the
+    handing-back search would have kept its thread busy and the second of them would have been refused."""
+    from rag_service.api import server as server_module
+
+    config = ServerConfig(index=built_index, port=0, workers=1, max_in_flight=8, max_queued=1, warmup_queries=0,
+                          max_queue_wait=0.0)
+    with server_thread(config, encoder) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.RetrieverStub(channel)
+        admission = running.server.servicer.admission
+        stub.Search(pb.SearchRequest(query="warm up", cache=pb.CACHE_BYPASS), timeout=30)
+        if rule == "searches in flight":  # the thread counted busy while its search is in flight, as it once was
+            monkeypatch.setattr(admission, "busy", lambda: min(admission.in_flight - admission.queued, 1))
+        handing_back, gate = threading.Event(), threading.Event()
+        real = server_module._hand_back
+
+        def held(loop, answer, job):
+            def search_then_wait():
+                served = job()  # the search, its thread released
+                handing_back.set()
+                gate.wait(60)
+                return served
+            monkeypatch.setattr(server_module, "_hand_back", real)  # the first search only
+            real(loop, answer, search_then_wait)
+
+        monkeypatch.setattr(server_module, "_hand_back", held)
+        first = stub.Search.future(pb.SearchRequest(query="coffee", cache=pb.CACHE_BYPASS), timeout=60)
+        assert handing_back.wait(30) and running.server.executor.busy == 0
+        second = stub.Search.future(pb.SearchRequest(query="bread", cache=pb.CACHE_BYPASS), timeout=60)
+        assert wait_for(lambda: admission.queued == 1)
+        try:
+            if rule == "searches in flight":
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Search(pb.SearchRequest(query="glacier", cache=pb.CACHE_BYPASS), timeout=5)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                return
+            third = stub.Search.future(pb.SearchRequest(query="glacier", cache=pb.CACHE_BYPASS), timeout=60)
+            assert wait_for(lambda: admission.queued == 2)
+            # Now the thread's one free place is taken: the next is refused.
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Search(pb.SearchRequest(query="volcano", cache=pb.CACHE_BYPASS), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            gate.set()
+            assert first.result().contexts and second.result().contexts and third.result().contexts
+        finally:
+            gate.set()
+            first.result()
+            second.result()
 
 
 def test_the_queue_wait_is_held_to_the_mean_search_only_when_set():

@@ -5,7 +5,12 @@
   for the whole server, whatever collection a request names: they share the pipeline threads.
 - A search holds an in-flight slot while it runs (`search`): Search, and the final request of a StreamSearch. Past
   `max_in_flight` searches in flight, or with `max_queued` searches waiting for a pipeline thread while every thread is
-  busy, it is refused at once with RESOURCE_EXHAUSTED and counted in rag_requests_shed.
+  busy, it is refused at once with RESOURCE_EXHAUSTED and counted in rag_requests_shed. A thread is busy while it runs
+  a job, and a search's thread is free again once the search is done, before the event loop replies (`busy`, the
+  executor's count; PipelineExecutor.release): counted by the searches in flight instead, a thread that had just
+  finished and was about to take the next queued search looked busy and that search still waiting, and callers no
+  more than the threads and the queue hold were refused (bench/README.md, "Issue 15", "A gate that counts a finished
+  search's thread as free").
 - While the queue overflows (a search was refused at the gate within the last FULL_S), a search that waited in it
   longer than `max_queue_wait` mean search times (a moving mean of a pipeline thread's time per search) is refused
   with RESOURCE_EXHAUSTED when a thread takes it, rather than run: the controlled delay of CoDel and of Facebook's
@@ -75,9 +80,11 @@ class Admitted:
 
 
 class Admission:
-    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(self, config: ServerConfig, metrics: Metrics, busy: Callable[[], int] | None = None) -> None:
+        """`busy`: how many pipeline threads are running a job now (the executor's count); None: all of them."""
         self.config = config
         self.metrics = metrics
+        self.busy = busy if busy is not None else (lambda: config.workers)
         self.in_flight = 0  # touched only on the event loop thread
         # Admitted work not yet picked up by a pipeline thread; the workers decrement it, hence the lock.
         self.queued = 0
@@ -105,11 +112,13 @@ class Admission:
             self.last_shed = self.last_full = arrival
             self.metrics.shed.inc()
             raise Overloaded(f"{self.in_flight} requests in flight (limit {limit}); retry later", self.pushback_ms(1))
-        if self.queued >= self.config.max_queued and self.in_flight >= self.config.workers:
+        # The searches that would wait for a thread, this one included, once each free thread has taken one.
+        waiting = self.queued + 1 - max(self.config.workers - self.busy(), 0)
+        if waiting > self.config.max_queued:
             self.last_shed = self.last_full = arrival
             self.metrics.shed.inc()
             raise Overloaded(f"{self.queued} requests queued for a pipeline thread (limit "
-                             f"{self.config.max_queued}); retry later", self.pushback_ms(self.queued + 1))
+                             f"{self.config.max_queued}); retry later", self.pushback_ms(waiting))
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:

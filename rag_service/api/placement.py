@@ -170,7 +170,8 @@ class PipelineExecutor(ThreadPoolExecutor):
     submit_search runs beside the event loop when `alone()` says so then, and with company on its thread's own CPU
     while `settled()` says so (and there are no more threads than CPUs); everything else may run anywhere.
     `settled` is the server's to set (RetrieverServicer: nothing refused lately); until then, never. `nice`: added to
-    each pipeline thread's niceness as it starts (Linux; lower_priority)."""
+    each pipeline thread's niceness as it starts (Linux; lower_priority). `busy`: how many threads run a job now, for
+    the admission gate; a job that has only its hand-back left calls `release` first."""
 
     def __init__(self, max_workers: int, placement: Placement, thread_name_prefix: str = "", nice: int = 0) -> None:
         super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix,
@@ -180,6 +181,9 @@ class PipelineExecutor(ThreadPoolExecutor):
         self._numbers = threading.local()  # each thread's number, taken at its first search
         self._count = itertools.count()
         self._one_cpu_each = max_workers <= len(placement.spread)
+        self.busy = 0
+        self._busy_lock = threading.Lock()
+        self._held = threading.local()  # whether this thread's job still counts in `busy`
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         return super().submit(self._placed, False, fn, *args, **kwargs)
@@ -187,13 +191,27 @@ class PipelineExecutor(ThreadPoolExecutor):
     def submit_search(self, alone: Callable[[], bool], fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         return super().submit(self._placed, alone, fn, *args, **kwargs)
 
+    def release(self) -> None:
+        """Called by a job on its pipeline thread when all it has left is to hand its answer back: the thread no
+        longer counts in `busy`. Once per job at most; the job's end releases it otherwise."""
+        if getattr(self._held, "value", False):
+            self._held.value = False
+            with self._busy_lock:
+                self.busy -= 1
+
     def _placed(self, alone: Callable[[], bool] | bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if not callable(alone):  # a plain job
-            self.placement.place(alone)
+        with self._busy_lock:
+            self.busy += 1
+        self._held.value = True
+        try:
+            if not callable(alone):  # a plain job
+                self.placement.place(alone)
+                return fn(*args, **kwargs)
+            number = getattr(self._numbers, "value", None)
+            if number is None:
+                number = self._numbers.value = next(self._count)  # next() on a count is atomic under the GIL
+            lone = alone()
+            self.placement.place(lone, number if not lone and self._one_cpu_each and self.settled() else None)
             return fn(*args, **kwargs)
-        number = getattr(self._numbers, "value", None)
-        if number is None:
-            number = self._numbers.value = next(self._count)  # next() on a count is atomic under the GIL
-        lone = alone()
-        self.placement.place(lone, number if not lone and self._one_cpu_each and self.settled() else None)
-        return fn(*args, **kwargs)
+        finally:
+            self.release()

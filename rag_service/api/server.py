@@ -199,7 +199,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self.metrics = metrics
         self.rpc = calls
         self.collections = collections
-        self.admission = Admission(config, metrics)
+        self.admission = Admission(config, metrics, lambda: executor.busy)
         executor.settled = self._settled
         # Set by RagServer: loads, validates, warms and swaps in the index at a path ("" = the configured one) as a
         # collection ("" = the default one).
@@ -369,12 +369,15 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         # Time spent waiting for a worker thread is latency too; report it as its own stage.
         picked = time.perf_counter_ns()
         queued_us = (picked - submitted_ns) // 1000
-        self.admission.check_wait(queued_us / 1e6)  # a search that waited too long is refused, not run
         try:
+            self.admission.check_wait(queued_us / 1e6)  # a search that waited too long is refused, not run
             served = work()  # CachedSearch.run: checks the deadline first (stage "queue")
         except DeadlineExceeded:
             self.metrics.deadline_stops.inc()
             raise
+        finally:
+            # Free before the hand-back: a search that arrives while the loop replies to this one may take it.
+            self.executor.release()
         finished = time.perf_counter_ns()
         self.admission.served((finished - picked) / 1e9)
         served.result.stage_us["queue"] = queued_us
