@@ -154,6 +154,7 @@ def test_metrics_endpoint_serves_prometheus_text(built_index, encoder, server_th
     assert samples[("rag_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "Search")))] == 1
     for stage in ("encode", "lexical", "dense", "fusion", "queue"):
         assert samples[("rag_stage_seconds_count", (("stage", stage),))] == 3
+    assert samples[("rag_pipeline_threads_busy", ())] == 0  # nothing runs between requests
     assert {"rag_requests_in_flight", "rag_requests_queued", "rag_requests_shed_total", "rag_index_documents",
             "rag_index_chunks", "rag_index_info", "rag_build_info", "rag_deadline_stops_total",
             "rag_request_seconds_bucket"} <= names

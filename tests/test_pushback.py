@@ -47,6 +47,9 @@ def full(built_index, encoder, server_thread, wait_for):
 def test_a_refusal_for_load_carries_a_bounded_pushback_beside_the_other_trailers(full):
     running, stub, _ = full
     servicer = running.server.servicer
+    # The blocked job holds the one thread: the gate and the gauge see it busy.
+    assert running.server.executor.busy == 1
+    assert running.server.metrics.registry.get_sample_value("rag_pipeline_threads_busy") == 1
     # Nothing refused yet: searches with company may keep to their pipeline threads' CPUs (placement.py).
     assert servicer._settled() and running.server.executor.settled == servicer._settled
     with pytest.raises(grpc.RpcError) as info:
@@ -319,6 +322,7 @@ def test_a_search_done_on_its_thread_frees_it_for_the_gate_before_its_reply(
         monkeypatch.setattr(server_module, "_hand_back", held)
         first = stub.Search.future(pb.SearchRequest(query="coffee", cache=pb.CACHE_BYPASS), timeout=60)
         assert handing_back.wait(30) and running.server.executor.busy == 0
+        assert running.server.metrics.registry.get_sample_value("rag_pipeline_threads_busy") == 0
         second = stub.Search.future(pb.SearchRequest(query="bread", cache=pb.CACHE_BYPASS), timeout=60)
         assert wait_for(lambda: admission.queued == 1)
         try:

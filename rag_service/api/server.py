@@ -214,6 +214,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self.prefetcher = Prefetcher(self.cache, config.cache, metrics, pipeline=collections.serving,
                                      live=lambda: self.admission.in_flight)
         self.batch = BatchSearch(config, executor, metrics, self.admission, self.cache, self.target, self._respond)
+        metrics.threads_busy.set_function(lambda: executor.busy)  # read at scrape time, nothing per request
         # Read at scrape time from whichever pipeline serves the default collection (a reload swaps in a new policy).
         metrics.full_share.set_function(
             lambda: self.pipeline.policy.brownout_level() if self.pipeline is not None else 1.0)

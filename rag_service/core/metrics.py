@@ -78,6 +78,9 @@ class Metrics:
                                      registry=self.registry)
         self.queued = Gauge("rag_requests_queued", "Admitted requests waiting for a pipeline thread",
                             registry=self.registry)
+        self.threads_busy = Gauge("rag_pipeline_threads_busy", "Pipeline threads running a job (a search's thread "
+                                  "counts until the search is done, not while its reply is sent)",
+                                  registry=self.registry)
         self.full_share = Gauge("rag_adaptive_full_share", "Share of budgeted requests the brownout dimmer lets take "
                                 "the full pipeline (the rest take the lexical route)", registry=self.registry)
         self.deadline_stops = Counter("rag_deadline_stops", "Requests whose pipeline work was stopped or dropped "
