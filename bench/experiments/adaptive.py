@@ -113,6 +113,7 @@ def main() -> None:
         for row in report.values():
             row.pop("per_query", None)
         if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2))
         return
     # Confidence: nDCG with and without the rerank, by top-5 agreement of the two retrievers.
@@ -134,6 +135,7 @@ def main() -> None:
     for row in report.values():
         row.pop("per_query", None)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
 
 

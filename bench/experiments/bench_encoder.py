@@ -268,6 +268,7 @@ def main() -> None:
         report["document_quality"] = document_quality(index, judged, qrels, export, args.doc_cache)
 
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
 
 

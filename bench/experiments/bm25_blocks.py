@@ -100,6 +100,7 @@ def main() -> None:
             print(f"blocks of {1 << shift}: postings read told the bar, p50/p90/p99 {read.astype(int).tolist()} of "
                   f"{total.astype(int).tolist()}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
 
 

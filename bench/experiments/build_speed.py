@@ -131,6 +131,7 @@ def main() -> None:
               + " | ".join(f"{r[s]:.1f}" for s in STAGES)
               + f" | {r['total']:.1f} | {r['ndcg10']['fused']:.4f} | {r['ndcg10']['pipeline']:.4f} |")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 

@@ -315,6 +315,7 @@ def main() -> None:
         for f, text, sim in r["low_fidelity_examples"]:
             print(f"  low fidelity ({r['mode']}): {f:.1f} at cosine {sim:.3f}: {text!r}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"grid": table, "runs": runs}, indent=1, default=str))
 
 

@@ -151,6 +151,7 @@ def main() -> None:
             print(f"   {json.dumps(r['method'])}: recall {r['recall']:.4f} redundancy {r['redundancy']:.3f} "
                   f"tokens {r['tokens']:.0f} passages {r['passages']:.2f}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 

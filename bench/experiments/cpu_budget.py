@@ -217,6 +217,7 @@ def main() -> None:
             total = server_ms + row["client_cpu_ms"]
             print(f"  together{'':<34} {total:8.3f}  (at most {2000 / total:.0f} answers/s on 2 cores)")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
 
 

@@ -321,6 +321,7 @@ def main() -> None:
         out["hnsw"] = hnsw(args)
         print(json.dumps(out["hnsw"], indent=1))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))
 
 

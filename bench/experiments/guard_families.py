@@ -535,6 +535,7 @@ def main() -> None:
               f"{config.guard_depth}: p50 {cost['existing_p50_us']:.0f} µs, p99 {cost['existing_p99_us']:.0f} µs")
     report["streams"] = streams
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1, default=str))
 
 

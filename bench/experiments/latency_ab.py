@@ -174,6 +174,7 @@ def main() -> None:
                   f"p99 {s['p99_median']:8.1f} [{s['p99_min']:.1f}-{s['p99_max']:.1f}]  failed {failed}/{s['sent']} "
                   f"{s['errors'] or ''}  {within}routes {s['routes']}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"variants": dict(args.variant), "rates": rates, "extra": extra,
                                          "summary": summary}, indent=2))
 

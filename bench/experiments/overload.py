@@ -319,6 +319,7 @@ def main() -> None:
     report["config"] = {k: str(v) for k, v in vars(args).items()}
     print(json.dumps(report, indent=1))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
 
 

@@ -80,6 +80,7 @@ def main() -> None:
                                          codes_params=params, oversample=factor, use_gpu=False)
             report[f"{kind} x{factor}"] = measure(f"{kind} oversample {factor}", dense)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
 
 

@@ -178,6 +178,7 @@ def main() -> None:
         print(f"{key:45s} matched {report['signals']['matched'][key]:8.4f}   mismatched "
               f"{report['signals']['mismatched'][key]:8.4f}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 

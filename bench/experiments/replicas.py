@@ -125,6 +125,7 @@ def main() -> None:
         print(f"{name:8} {end - begin:7.1f} {len(phase):6d} {sum(failed.values()):6d} {rate:8.1f} "
               f"{figures['p50_ms']:7.1f} {figures['p99_ms']:7.1f}  {spread}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
 
 

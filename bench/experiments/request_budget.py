@@ -212,6 +212,7 @@ def main() -> None:
             report[name][key] = {"p50_us": p50, "p99_us": p99, "mean_us": float(values.mean())}
             print(f"{key:<28} {p50:9.0f} {p99:9.0f} {values.mean():9.0f}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
 
 

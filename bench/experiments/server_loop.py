@@ -217,6 +217,7 @@ def main() -> None:
             print(f"{name:<16} {f'{c} clients':<12} {rate:7.1f} {p50:8.2f} {p99:8.2f} {p50 / b50:6.2f} "
                   f"{p99 / b99:6.2f}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
 
 

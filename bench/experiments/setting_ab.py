@@ -92,6 +92,7 @@ def main() -> None:
             print(f"{name:<14} {c:7d} {rate:7.1f} {p50:8.2f} {p99:8.2f} {rate / base_rate:7.2f} {p50 / base[0]:6.2f} "
                   f"{p99 / base[1]:6.2f}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
 
 

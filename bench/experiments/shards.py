@@ -242,6 +242,7 @@ def main() -> None:
             report["latency"][f"{n}"] = result
     text = json.dumps(report, indent=2)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
     print(text)
 

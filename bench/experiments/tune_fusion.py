@@ -72,6 +72,7 @@ def main() -> None:
     best = next(r for r in rows if r["method"] in ("weighted", "rrf"))
     print("best:", best)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": rows, "best": best}, indent=2) + "\n")
 
 
