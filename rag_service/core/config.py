@@ -342,9 +342,9 @@ class ServerConfig(BaseSettings):
     pipeline_nice: int = Field(
         8, ge=0, le=19, description="Added to the pipeline threads' niceness (Linux), so that the event loop, which "
         "admits, refuses and replies, runs as soon as it has work while they compute: at 4x the capacity offered the "
-        "admitted p99 fell from 8-43x to 3.6-3.8x nominal, goodput unchanged, and a lone search is as fast "
-        "(bench/README.md). The pipeline threads then also yield to other processes' threads on their CPUs. 0: the "
-        "process's own priority.")
+        "admitted p99 fell from 6.7-43x to 3.6-6.9x nominal in four runs each, goodput unchanged, and a lone search "
+        "is as fast (bench/README.md). The pipeline threads then also yield to other processes' threads on their "
+        "CPUs. 0: the process's own priority.")
     max_queue_wait: float = Field(
         1.5, ge=0.0, description="While the queue overflows (a search refused at the gate within the last second), a "
         "search that waited for a pipeline thread longer than this many mean search times (a moving mean of a "
